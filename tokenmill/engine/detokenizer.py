@@ -1,0 +1,51 @@
+"""Incremental detokenization with stop strings that never leak, even partially, into a stream."""
+
+from tokenmill.loader.tokenizer import Tokenizer
+
+# Prompt tokens decoded ahead of the output so the first output token keeps its leading space.
+_PROMPT_CONTEXT_TOKENS = 5
+
+
+class IncrementalDetokenizer:
+    """Turns one sequence's output tokens into text as they arrive and finds stop strings."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int], stop: list[str], include_stop: bool) -> None:
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.include_stop = include_stop
+        # Text may end in the first characters of a stop string; hold those back from streams.
+        self.holdback = max((len(s) for s in stop), default=1) - 1
+        self.ids = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+        self.text = ""
+        self.finished = False
+
+    def add(self, token_id: int) -> str | None:
+        """Append a token; return the stop string if the text now contains one."""
+        self.ids.append(token_id)
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self.tokenizer.decode(self.ids[self.prefix_offset :])
+        if full.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its remaining bytes
+            return None
+        searched_from = max(0, len(self.text) - self.holdback)
+        self.text += full[len(prefix) :]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        found = [(at, stop) for stop in self.stop if (at := self.text.find(stop, searched_from)) != -1]
+        if not found:
+            return None
+        at, stop = min(found)
+        self.text = self.text[: at + len(stop)] if self.include_stop else self.text[:at]
+        self.finished = True
+        return stop
+
+    def finish(self) -> None:
+        """Mark the text complete so nothing is held back any more."""
+        self.finished = True
+
+    @property
+    def stream_text(self) -> str:
+        """Text that is safe to show now: final once finished, else minus a possible partial stop."""
+        if self.finished or not self.holdback:
+            return self.text
+        return self.text[: max(0, len(self.text) - self.holdback)]

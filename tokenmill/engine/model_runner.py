@@ -1,0 +1,106 @@
+"""ModelRunner: loads the model, owns the KV pool, turns a schedule into a flat batch and logits."""
+
+import logging
+
+import torch
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.sequence import Sequence
+from tokenmill.layers.attention import Attention, AttentionMetadata, PrefillChunk, attention_metadata
+from tokenmill.loader.source import ModelSource
+from tokenmill.models.registry import model_class
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_GIB = 1 << 30
+
+
+class ModelRunner:
+    """Runs one forward pass per engine step over the paged KV pool."""
+
+    def __init__(self, config: EngineConfig, source: ModelSource) -> None:
+        self.config = config
+        self.model_config = source.config
+        self.device = torch.device(config.device)
+        self.dtype = _DTYPES[config.dtype]
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.model = model_class(source.config)(source.config)
+        self.model.load_weights(source.weights(self.dtype))
+        self.model.to(device=self.device, dtype=self.dtype).eval()
+        self.block_size = config.block_size
+        self.num_blocks = self._num_kv_blocks()
+        self._allocate_kv_pool()
+
+    def _num_kv_blocks(self) -> int:
+        c = self.model_config
+        bytes_per_block = 2 * c.num_layers * self.block_size * c.num_kv_heads * c.head_dim * self.dtype.itemsize
+        budget = self.config.kv_cache_memory
+        if budget is None and self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = free * self.config.kv_cache_fraction / _GIB
+        return max(1, int((budget if budget is not None else 1.0) * _GIB // bytes_per_block))
+
+    def _allocate_kv_pool(self) -> None:
+        c = self.model_config
+        shape = (2, c.num_layers, self.num_blocks, self.block_size, c.num_kv_heads, c.head_dim)
+        self.kv_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        for i, layer in enumerate(layers):
+            layer.k_cache, layer.v_cache = self.kv_pool[0, i], self.kv_pool[1, i]
+        logger.info(
+            "KV pool: %d blocks of %d tokens = %d tokens (%.2f GiB)",
+            self.num_blocks, self.block_size, self.num_blocks * self.block_size,
+            self.kv_pool.numel() * self.dtype.itemsize / _GIB,
+        )
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
+        """Run the scheduled tokens; return the sequences that reached their last token and their logits."""
+        # Decodes first: the attention layer batches them and handles prompt chunks one by one.
+        batch = sorted(scheduled, key=lambda item: item[1] > 1)
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        sample_seqs: list[Sequence] = []
+        prefills: list[PrefillChunk] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        for seq, n in batch:
+            start = seq.num_computed_tokens
+            query_start = len(input_ids)
+            input_ids += seq.token_ids[start : start + n]
+            positions += range(start, start + n)
+            slots += [seq.block_table[p // self.block_size] * self.block_size + p % self.block_size
+                      for p in range(start, start + n)]
+            if n == 1:
+                decode_tables.append(seq.block_table)
+                decode_lens.append(start + 1)
+            else:
+                table = torch.tensor(seq.block_table, dtype=torch.long, device=self.device)
+                prefills.append(PrefillChunk(query_start, n, start + n, table))
+            if start + n == seq.num_tokens:
+                sample_rows.append(len(input_ids) - 1)
+                sample_seqs.append(seq)
+        metadata = AttentionMetadata(
+            slot_mapping=self._tensor(slots),
+            num_decodes=len(decode_lens),
+            decode_block_tables=self._tensor(_pad(decode_tables)),
+            decode_seq_lens=self._tensor(decode_lens),
+            prefills=prefills,
+        )
+        with attention_metadata(metadata):
+            hidden = self.model(self._tensor(input_ids), self._tensor(positions))
+        logits = self.model.compute_logits(hidden[self._tensor(sample_rows)]).float()
+        return sample_seqs, logits
+
+    def _tensor(self, values: list) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+
+def _pad(tables: list[list[int]]) -> list[list[int]]:
+    # Padding points at block 0; the sequence-length mask keeps those keys out of attention.
+    width = max((len(t) for t in tables), default=0)
+    return [t + [0] * (width - len(t)) for t in tables]

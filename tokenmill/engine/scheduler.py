@@ -1,0 +1,114 @@
+"""Scheduler: each step, pick which sequences run and how many tokens each computes."""
+
+import bisect
+from dataclasses import dataclass, field
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.block_manager import BlockManager
+from tokenmill.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's work: (sequence, tokens to compute) pairs, and who was preempted to make room."""
+
+    scheduled: list[tuple[Sequence, int]] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in this step's flat batch."""
+        return sum(n for _, n in self.scheduled)
+
+
+class Scheduler:
+    """One token-budget loop: running sequences first (decodes before prompt chunks), then admissions."""
+
+    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.block_manager = block_manager
+        self.waiting: list[Sequence] = []  # kept sorted by Sequence.sort_key
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new (or preempted) sequence in priority, then arrival, order."""
+        seq.status = SequenceStatus.WAITING
+        bisect.insort(self.waiting, seq, key=Sequence.sort_key)
+
+    def has_unfinished(self) -> bool:
+        """True while any sequence waits or runs."""
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        """Fill this step's token budget."""
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        # Decodes (one token) go before prompt chunks so a long prompt never delays them.
+        for seq in sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1):
+            if budget == 0:
+                break
+            if seq.status != SequenceStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(seq.num_uncomputed_tokens, budget)
+            while not self.block_manager.can_allocate(seq, n):
+                victim = max(self.running, key=Sequence.sort_key)
+                budget += self._preempt(victim, out)
+                if victim is seq:
+                    break
+            else:
+                self.block_manager.allocate(seq, n)
+                out.scheduled.append((seq, n))
+                budget -= n
+        # Admitting while others were just preempted would only thrash the pool.
+        if not out.preempted:
+            self._admit(out, budget)
+        return out
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        for seq in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.max_num_seqs:
+                break
+            if seq.parent is not None and not _prefilled(seq.parent):
+                continue  # wait to share the sibling's prompt blocks instead of computing them again
+            self.block_manager.allocate_prefix(seq)
+            n = min(seq.num_uncomputed_tokens, budget)
+            if not self.block_manager.can_allocate(seq, n):
+                self.block_manager.free(seq)
+                break
+            self.block_manager.allocate(seq, n)
+            self.waiting.remove(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append((seq, n))
+            budget -= n
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> int:
+        """Free seq's blocks and requeue it for recompute; return the budget it had been given."""
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.add(seq)
+        out.preempted.append(seq)
+        returned = 0
+        for i, (s, n) in enumerate(out.scheduled):
+            if s is seq:
+                del out.scheduled[i]
+                returned = n
+                break
+        return returned
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a finished or aborted sequence and release its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+
+
+def _prefilled(seq: Sequence) -> bool:
+    return seq.is_finished or seq.num_computed_tokens >= seq.num_prompt_tokens

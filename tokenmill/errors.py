@@ -1,0 +1,25 @@
+"""Typed errors for mistakes a user can fix; the CLI and server turn them into one-line messages."""
+
+
+class TokenmillError(Exception):
+    """Base class for every error caused by user input rather than a bug."""
+
+
+class ModelNotFoundError(TokenmillError):
+    """A model name or path that names nothing loadable."""
+
+
+class ModelLoadError(TokenmillError):
+    """A model file that exists but cannot be read (corrupt, truncated, missing tensors)."""
+
+
+class UnsupportedArchitectureError(TokenmillError):
+    """A model whose architecture this engine does not implement."""
+
+
+class InvalidRequestError(TokenmillError):
+    """A request whose parameters are out of range or inconsistent."""
+
+
+class PromptTooLongError(InvalidRequestError):
+    """A prompt (plus requested tokens) that does not fit the model's context or the KV pool."""

@@ -1,0 +1,120 @@
+"""Paged attention: the per-step metadata the runner sets, and the layer that reads it."""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class PrefillChunk:
+    """One sequence's prompt chunk inside the flat batch."""
+
+    query_start: int
+    query_len: int
+    # Tokens of this sequence in the KV cache once this chunk is written (cached prefix + chunk).
+    context_len: int
+    block_table: torch.Tensor
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each token's K/V goes and what each query attends to, for one model step."""
+
+    # NOTE: the runner orders the flat batch decodes first (one token each), then prefill chunks.
+    slot_mapping: torch.Tensor  # [tokens] index into the flattened [blocks * block_size] pool
+    num_decodes: int
+    decode_block_tables: torch.Tensor  # [num_decodes, max_blocks]
+    decode_seq_lens: torch.Tensor  # [num_decodes]
+    prefills: list[PrefillChunk]
+
+
+_metadata: AttentionMetadata | None = None
+
+
+@contextmanager
+def attention_metadata(metadata: AttentionMetadata) -> Iterator[None]:
+    """Make metadata visible to every Attention layer for the duration of one forward."""
+    global _metadata
+    _metadata = metadata
+    try:
+        yield
+    finally:
+        _metadata = None
+
+
+class Attention(nn.Module):
+    """Writes this step's K/V into the paged pool and attends over each sequence's cached context."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim**-0.5
+        # Views into the runner's KV pool: [num_blocks, block_size, kv_heads, head_dim]; set by the runner.
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim]
+        meta = _metadata
+        assert meta is not None, "Attention called outside attention_metadata()"
+        k_flat = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)
+        v_flat = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
+        k_flat.index_copy_(0, meta.slot_mapping, k)
+        v_flat.index_copy_(0, meta.slot_mapping, v)
+        out = torch.empty_like(q)
+        if meta.num_decodes:
+            out[: meta.num_decodes] = self._decode(q[: meta.num_decodes], meta)
+        # Prefill chunks are few per step (the token budget bounds them), so a loop here is cheap,
+        # while padding them into one batch would multiply attention work by the longest chunk.
+        for chunk in meta.prefills:
+            rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
+            out[rows] = self._prefill(q[rows], k[rows], v[rows], chunk)
+        return out
+
+    def _grouped(self, q: torch.Tensor) -> torch.Tensor:
+        # [tokens, heads, d] -> [kv_heads, group * tokens, d]: each KV head serves its query group
+        # as extra query rows, so no K/V is repeated for grouped-query attention.
+        tokens, group = q.shape[0], self.num_heads // self.num_kv_heads
+        return q.view(tokens, self.num_kv_heads, group, self.head_dim).permute(1, 2, 0, 3).reshape(
+            self.num_kv_heads, group * tokens, self.head_dim
+        )
+
+    def _ungrouped(self, o: torch.Tensor, tokens: int) -> torch.Tensor:
+        group = self.num_heads // self.num_kv_heads
+        return o.view(self.num_kv_heads, group, tokens, self.head_dim).permute(2, 0, 1, 3).reshape(
+            tokens, self.num_heads, self.head_dim
+        )
+
+    def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        batch, group = q.shape[0], self.num_heads // self.num_kv_heads
+        # Gather only the blocks these sequences use: [batch, kv_heads, max_len, d].
+        k = self.k_cache[meta.decode_block_tables].flatten(1, 2).transpose(1, 2)
+        v = self.v_cache[meta.decode_block_tables].flatten(1, 2).transpose(1, 2)
+        mask = torch.arange(k.shape[2], device=q.device) < meta.decode_seq_lens[:, None]  # [batch, max_len]
+        qg = q.view(batch, self.num_kv_heads, group, self.head_dim)
+        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask[:, None, None, :], scale=self.scale)
+        return o.reshape(batch, self.num_heads, self.head_dim)
+
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: PrefillChunk) -> torch.Tensor:
+        n = chunk.query_len
+        qg = self._grouped(q)
+        if chunk.context_len == n:  # nothing cached before this chunk: attend to the chunk itself
+            kg, vg = k.transpose(0, 1), v.transpose(0, 1)
+            group = self.num_heads // self.num_kv_heads
+            mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril().repeat(group, 1)
+        else:
+            num_blocks = -(-chunk.context_len // self.k_cache.shape[1])
+            blocks = chunk.block_table[:num_blocks]
+            kg = self.k_cache[blocks].flatten(0, 1)[: chunk.context_len].transpose(0, 1)
+            vg = self.v_cache[blocks].flatten(0, 1)[: chunk.context_len].transpose(0, 1)
+            # Query i sits at absolute position context_len - n + i and sees keys up to it.
+            q_pos = torch.arange(chunk.context_len - n, chunk.context_len, device=q.device)
+            mask = (torch.arange(chunk.context_len, device=q.device)[None, :] <= q_pos[:, None]).repeat(
+                self.num_heads // self.num_kv_heads, 1
+            )
+        o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=self.scale)
+        return self._ungrouped(o, n)

@@ -1,0 +1,95 @@
+"""LLM: the offline API, `LLM(model).generate(prompts, params)` as in vLLM."""
+
+import itertools
+from dataclasses import fields
+from typing import Any
+
+from tqdm import tqdm
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.llm_engine import LLMEngine, RequestOutput
+from tokenmill.errors import InvalidRequestError
+from tokenmill.loader.tokenizer import Tokenizer
+from tokenmill.sampling import SamplingParams
+
+Prompt = str | list[int] | dict[str, Any]
+
+
+class LLM:
+    """Load a model once and generate for batches of prompts."""
+
+    def __init__(self, model: str = EngineConfig.model, **engine_options: Any) -> None:
+        known = {f.name for f in fields(EngineConfig)}
+        unknown = set(engine_options) - known
+        if unknown:
+            raise InvalidRequestError(f"unknown engine options {sorted(unknown)}; known: {sorted(known)}")
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_options))
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The model's tokenizer (encode / decode / apply_chat_template)."""
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | list[Prompt],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt together (continuous batching); outputs in prompt order."""
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise InvalidRequestError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        ids = [f"offline-{next(self._ids)}" for _ in prompts]
+        try:
+            for request_id, prompt, p in zip(ids, prompts, params):
+                self.engine.add_request(request_id, _prompt_input(prompt), p or SamplingParams())
+        except Exception:
+            for request_id in ids:
+                self.engine.abort(request_id)
+            raise
+        return self._run(ids, use_tqdm if use_tqdm is not None else len(ids) >= 16)
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: SamplingParams | None = None,
+        use_tqdm: bool | None = None,
+    ) -> list[RequestOutput]:
+        """Render one conversation (or a list of them) with the chat template and generate replies."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [
+            {"prompt_token_ids": self.tokenizer.encode(self.tokenizer.apply_chat_template(c), add_special_tokens=False)}
+            for c in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="generating", disable=not use_tqdm) as bar:
+            try:
+                while self.engine.has_unfinished():
+                    for output in self.engine.step():
+                        if output.finished:
+                            finished[output.request_id] = output
+                            bar.update(1)
+            except BaseException:  # Ctrl-C or a bug: leave the engine clean for the next call
+                for request_id in ids:
+                    self.engine.abort(request_id)
+                raise
+        return [finished[i] for i in ids]
+
+
+def _prompt_input(prompt: Prompt) -> str | list[int]:
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            return list(prompt["prompt_token_ids"])
+        if "prompt" in prompt:
+            return prompt["prompt"]
+        raise InvalidRequestError("a dict prompt needs 'prompt' or 'prompt_token_ids'")
+    if isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)):
+        return prompt
+    raise InvalidRequestError(f"a prompt must be a string, a list of token ids or a dict, not {type(prompt).__name__}")

@@ -1,0 +1,1 @@
+"""Loading weights, configs and tokenizers from GGUF files and Hugging Face directories."""

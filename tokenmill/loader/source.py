@@ -1,0 +1,54 @@
+"""Resolve a model name or path to its config, tokenizer and weight stream."""
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tokenmill.config import ModelConfig
+from tokenmill.errors import ModelNotFoundError
+from tokenmill.loader import catalog
+from tokenmill.loader.gguf import GGUFFile
+from tokenmill.loader.hf import HFDirectory
+from tokenmill.loader.tokenizer import Tokenizer
+
+
+@dataclass
+class ModelSource:
+    """Everything needed to build a model, before any weight is read."""
+
+    name: str
+    path: Path
+    config: ModelConfig
+    tokenizer: Tokenizer
+    files: GGUFFile | HFDirectory
+
+    def weights(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        """Stream (Hugging Face name, tensor) pairs in the given dtype."""
+        return self.files.weights(self.config, dtype)
+
+
+def open_model(name_or_path: str, pull_if_missing: bool = True) -> ModelSource:
+    """Open a catalog name (pulling it if needed), a .gguf file, or a Hugging Face directory."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} is a directory without config.json; not a Hugging Face model")
+        files = HFDirectory(path)
+        config = files.model_config()
+        tokenizer = Tokenizer.from_hf_dir(path, config.eos_token_ids)
+        return ModelSource(path.name, path, config, tokenizer, files)
+    if path.is_file():
+        gguf = GGUFFile(path)
+        config = gguf.model_config()
+        tokenizer = Tokenizer.from_gguf(gguf.metadata, config.eos_token_ids)
+        return ModelSource(path.stem, path, config, tokenizer, gguf)
+    if "/" in name_or_path or name_or_path.endswith(".gguf"):
+        raise ModelNotFoundError(f"no such file or directory: {name_or_path}")
+    catalog.entry_for(name_or_path)  # raises ModelNotFoundError listing the known names
+    if not catalog.is_pulled(name_or_path) and not pull_if_missing:
+        raise ModelNotFoundError(f"{name_or_path} is not pulled yet; run `tokenmill pull {name_or_path}`")
+    source = open_model(str(catalog.pull(name_or_path)))
+    source.name = name_or_path
+    return source

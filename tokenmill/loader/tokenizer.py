@@ -1,0 +1,151 @@
+"""Tokenizer: text <-> token ids and chat templates, from tokenizer.json or GGUF metadata."""
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer as BackendTokenizer
+
+from tokenmill.errors import InvalidRequestError, ModelLoadError
+
+# GGUF token_type values (llama.cpp's llama_token_type).
+_CONTROL, _USER_DEFINED = 3, 4
+
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# llama.cpp's `tokenizer.ggml.pre` names to the split regex the vocabulary was trained with.
+_PRE_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}
+
+
+class Tokenizer:
+    """Encodes and decodes text and renders chat templates for one model."""
+
+    def __init__(
+        self,
+        backend: BackendTokenizer,
+        eos_token_ids: list[int],
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        chat_template: str | None = None,
+    ) -> None:
+        self.backend = backend
+        self.eos_token_ids = eos_token_ids
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.chat_template = chat_template
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids for text; add_special_tokens adds the model's BOS where it wants one."""
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Text for token ids."""
+        return self.backend.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str:
+        """The vocabulary entry for one id, as the model file spells it."""
+        return self.backend.id_to_token(token_id) or ""
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """Render messages with the model's chat template into one prompt string."""
+        if not self.chat_template:
+            raise InvalidRequestError("this model has no chat template; use a plain completion prompt instead")
+        try:
+            template = _jinja_env().from_string(self.chat_template)
+            return template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except jinja2.TemplateError as exc:
+            raise InvalidRequestError(f"chat template failed on these messages: {exc}") from exc
+
+    @classmethod
+    def from_hf_dir(cls, path: Path, eos_token_ids: list[int]) -> "Tokenizer":
+        """Load tokenizer.json plus the chat template and special tokens from tokenizer_config.json."""
+        try:
+            backend = BackendTokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as exc:  # tokenizers raises a bare Exception on a missing or bad file
+            raise ModelLoadError(f"cannot read {path / 'tokenizer.json'}: {exc}") from exc
+        config_file = path / "tokenizer_config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        bos, eos = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
+        if not eos_token_ids and eos is not None and backend.token_to_id(eos) is not None:
+            eos_token_ids = [backend.token_to_id(eos)]
+        return cls(backend, eos_token_ids, bos, eos, config.get("chat_template"))
+
+    @classmethod
+    def from_gguf(cls, metadata: dict[str, Any], eos_token_ids: list[int]) -> "Tokenizer":
+        """Rebuild the tokenizer a GGUF file describes in its tokenizer.ggml.* metadata."""
+        kind = metadata.get("tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise ModelLoadError(
+                f"GGUF tokenizer model {kind!r} is not supported yet; supported: 'gpt2' (byte-level BPE)"
+            )
+        tokens: list[str] = metadata["tokenizer.ggml.tokens"]
+        merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
+        backend = BackendTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
+        backend.pre_tokenizer = _byte_level_pre_tokenizer(metadata.get("tokenizer.ggml.pre"))
+        backend.decoder = decoders.ByteLevel()
+        types = metadata.get("tokenizer.ggml.token_type") or []
+        backend.add_special_tokens(
+            [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == _CONTROL]
+        )
+        backend.add_tokens(
+            [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED]
+        )
+        bos_id = metadata.get("tokenizer.ggml.bos_token_id")
+        eos_id = metadata.get("tokenizer.ggml.eos_token_id")
+        bos = tokens[bos_id] if bos_id is not None else None
+        if metadata.get("tokenizer.ggml.add_bos_token") and bos is not None:
+            backend.post_processor = processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+            )
+        eos = tokens[eos_id] if eos_id is not None else None
+        return cls(backend, eos_token_ids, bos, eos, metadata.get("tokenizer.chat_template"))
+
+
+def _byte_level_pre_tokenizer(pre: str | None) -> pre_tokenizers.PreTokenizer:
+    if pre in _PRE_SPLITS:
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_PRE_SPLITS[pre]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    if pre == "smollm":
+        # SmolLM's own tokenizer.json splits every digit, then applies GPT-2's regex (so does llama.cpp).
+        return pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        )
+    return pre_tokenizers.ByteLevel(add_prefix_space=False)
+
+
+def _token_text(token: Any) -> str | None:
+    # tokenizer_config.json writes special tokens either as strings or as AddedToken dicts.
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+def _jinja_env() -> ImmutableSandboxedEnvironment:
+    # The same settings Hugging Face uses, so templates written for it render identically.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env

@@ -1,0 +1,27 @@
+"""Maps GGUF and Hugging Face architecture names to model classes."""
+
+from torch import nn
+
+from tokenmill.config import ModelConfig
+from tokenmill.errors import UnsupportedArchitectureError
+from tokenmill.models.llama import LlamaForCausalLM
+
+MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    # GGUF general.architecture values
+    "llama": LlamaForCausalLM,
+    "mistral": LlamaForCausalLM,
+    "qwen2": LlamaForCausalLM,
+    # Hugging Face config.json architectures
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+}
+
+
+def model_class(config: ModelConfig) -> type[nn.Module]:
+    """The class implementing config.architecture, or an error naming the supported ones."""
+    if config.architecture not in MODEL_REGISTRY:
+        raise UnsupportedArchitectureError(
+            f"architecture {config.architecture!r} is not supported; supported: {', '.join(MODEL_REGISTRY)}"
+        )
+    return MODEL_REGISTRY[config.architecture]
