@@ -22,6 +22,7 @@ class SamplerOutput:
 class Sampler:
     """Turns one step's logits [sequences, vocab] into one token per sequence."""
 
+    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         # Logprobs report the model's own distribution, before penalties and truncation (as vLLM).
         want_logprobs = [s.params.logprobs is not None for s in seqs]

@@ -1,0 +1,26 @@
+# Two commands on a fresh machine: `make serve` and `make test`. Both install what they need.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel; a bare `torch` requirement would pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+MODEL ?= smollm2-135m
+
+.PHONY: install serve chat test clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+serve: install
+	$(VENV)/bin/tokenmill pull $(MODEL)
+	$(VENV)/bin/tokenmill chat --model $(MODEL)
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,38 @@
+"""Shared fixtures: the real default model (pulled once into $TOKENMILL_HOME) and tiny random models."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from tokenmill.loader import catalog  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The SmolLM2-135M GGUF, pulled through the catalog if the cache lacks it."""
+    return catalog.pull("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_source(smollm2_path: Path):
+    """The opened SmolLM2 model source (config, tokenizer, weight stream)."""
+    from tokenmill.loader.source import open_model
+
+    return open_model(str(smollm2_path))
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_path: Path):
+    """Hugging Face transformers' own load of the same GGUF: the reference implementation."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(smollm2_path.parent), gguf_file=smollm2_path.name, dtype=torch.float32
+    )
+    return model.eval()

@@ -1,0 +1,48 @@
+"""Hugging Face safetensors directories load and agree with transformers (Llama and Qwen2 layouts)."""
+
+import pytest
+import torch
+import transformers
+
+from tokenmill import LLM, SamplingParams
+
+
+def _save_random_model(path, smollm2_source, config) -> None:
+    torch.manual_seed(0)
+    model_cls = getattr(transformers, config.architectures[0])
+    model_cls(config).eval().save_pretrained(path)
+    smollm2_source.tokenizer.backend.save(str(path / "tokenizer.json"))
+
+
+def _tiny(kind: str, vocab_size: int):
+    common = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        initializer_range=0.2,  # large weights give peaked logits, so greedy choices are not near-ties
+        eos_token_id=2, bos_token_id=1,
+    )
+    if kind == "llama":
+        return transformers.LlamaConfig(architectures=["LlamaForCausalLM"], rope_theta=10000.0, **common)
+    return transformers.Qwen2Config(architectures=["Qwen2ForCausalLM"], tie_word_embeddings=False, **common)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_hf_directory_matches_transformers(kind, tmp_path, smollm2_source):
+    config = _tiny(kind, smollm2_source.config.vocab_size)
+    _save_random_model(tmp_path, smollm2_source, config)
+    ref = getattr(transformers, config.architectures[0]).from_pretrained(tmp_path, dtype=torch.float32).eval()
+    llm = LLM(str(tmp_path), kv_cache_memory=0.05)
+    prompts = [[1, 42, 7, 99, 1000], list(range(100, 140)), [5] * 9, [31, 415, 926, 535, 8, 979, 32, 38, 46, 26, 43]]
+    for ids in prompts:
+        llm.engine.add_request("p", ids, SamplingParams(temperature=0, max_tokens=1))
+        _, logits = llm.engine.runner.execute(llm.engine.scheduler.schedule().scheduled)
+        llm.engine.abort("p")
+        with torch.no_grad():
+            expected = ref(torch.tensor([ids])).logits[0, -1]
+        assert (logits[0] - expected).abs().max().item() < 1e-3
+    params = SamplingParams(temperature=0, max_tokens=64, min_tokens=64)
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params)
+    for ids, out in zip(prompts, outputs):
+        with torch.no_grad():
+            greedy = ref.generate(torch.tensor([ids]), max_new_tokens=64, min_new_tokens=64, do_sample=False)
+        assert out.outputs[0].token_ids == greedy[0, len(ids) :].tolist()

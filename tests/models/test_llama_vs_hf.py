@@ -1,0 +1,50 @@
+"""The Llama model agrees with Hugging Face transformers on the same weights."""
+
+import pytest
+import torch
+
+from tokenmill import LLM, SamplingParams
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a land far away,",
+    "Water boils at a temperature of",
+    "<|im_start|>user\nList three primary colors.<|im_end|>\n<|im_start|>assistant\n",
+    "1, 2, 3, 5, 8, 13,",
+]
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_path):
+    return LLM(str(smollm2_path))
+
+
+def _last_logits(llm: LLM, token_ids: list[int]) -> torch.Tensor:
+    # One full prefill through the engine's runner, as a single sequence of the flat batch.
+    engine = llm.engine
+    engine.add_request("logits", token_ids, SamplingParams(temperature=0, max_tokens=1))
+    plan = engine.scheduler.schedule()
+    _, logits = engine.runner.execute(plan.scheduled)
+    engine.abort("logits")
+    return logits[0]
+
+
+def test_last_position_logits_match_transformers(llm, hf_smollm2):
+    for prompt in PROMPTS:
+        ids = llm.tokenizer.encode(prompt)
+        ours = _last_logits(llm, ids)
+        with torch.no_grad():
+            ref = hf_smollm2(torch.tensor([ids])).logits[0, -1]
+        assert (ours - ref).abs().max().item() < 1e-3, prompt
+
+
+def test_64_greedy_tokens_match_transformers(llm, hf_smollm2):
+    # min_tokens masks EOS exactly as transformers' min_new_tokens does.
+    params = SamplingParams(temperature=0, max_tokens=64, min_tokens=64)
+    prompt_ids = [llm.tokenizer.encode(p) for p in PROMPTS]
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params)
+    for ids, out in zip(prompt_ids, outputs):
+        with torch.no_grad():
+            ref = hf_smollm2.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False, min_new_tokens=64)
+        assert out.outputs[0].token_ids == ref[0, len(ids) :].tolist()

@@ -1,0 +1,121 @@
+"""Command line: `tokenmill models | pull | generate | chat`."""
+
+import argparse
+import itertools
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from tokenmill.config import EngineConfig
+from tokenmill.errors import TokenmillError
+from tokenmill.sampling import SamplingParams
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except TokenmillError as exc:
+        print(f"tokenmill: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenmill", description="LLM inference with latency and cost measured.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log engine start-up details")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    _command(commands, "models", "list the named models and whether they are pulled", _models)
+    pull = _command(commands, "pull", "download a named model into $TOKENMILL_HOME", _pull)
+    pull.add_argument("name")
+    pull.add_argument("--force", action="store_true", help="download again even if present")
+
+    generate = _command(commands, "generate", "complete one prompt and print only the completion", _generate)
+    generate.add_argument("prompt")
+    _sampling_flags(generate, max_tokens=64)
+    chat = _command(commands, "chat", "interactive chat that streams tokens", _chat)
+    chat.add_argument("--system", help="system prompt")
+    _sampling_flags(chat, max_tokens=256)
+    return parser
+
+
+def _command(commands: argparse._SubParsersAction, name: str, help: str, func: Callable) -> argparse.ArgumentParser:
+    sub = commands.add_parser(name, help=help, description=help)
+    sub.set_defaults(func=func)
+    return sub
+
+
+def _sampling_flags(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    parser.add_argument("--model", default=EngineConfig.model, help="catalog name, .gguf file or HF directory")
+    parser.add_argument("--max-tokens", type=int, default=max_tokens)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=-1)
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def _params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, max_tokens=args.max_tokens
+    )
+
+
+def _models(args: argparse.Namespace) -> int:
+    from tokenmill.loader import catalog
+
+    for entry in catalog.CATALOG.values():
+        state = f"pulled at {catalog.model_path(entry.name)}" if catalog.is_pulled(entry.name) else "not pulled"
+        print(f"{entry.name:16} {entry.description} ({state})")
+    return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from tokenmill.loader import catalog
+
+    print(catalog.pull(args.name, force=args.force))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from tokenmill.llm import LLM
+
+    params = _params(args)  # validate flags before the slow model load
+    output = LLM(args.model).generate([args.prompt], params, use_tqdm=False)[0]
+    print(output.outputs[0].text)
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from tokenmill.engine.llm_engine import LLMEngine
+
+    params = _params(args)
+    engine = LLMEngine(EngineConfig(model=args.model))
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    for turn in itertools.count():
+        try:
+            user = input("> " if interactive else "")
+        except EOFError:
+            break
+        if not user.strip():
+            continue
+        messages.append({"role": "user", "content": user})
+        prompt = engine.tokenizer.apply_chat_template(messages)
+        engine.add_request(f"chat-{turn}", engine.tokenizer.encode(prompt, add_special_tokens=False), params)
+        reply = ""
+        while engine.has_unfinished():
+            for output in engine.step():
+                text = output.outputs[0].text
+                print(text[len(reply):], end="", flush=True)
+                reply = text
+        print()
+        messages.append({"role": "assistant", "content": reply})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
