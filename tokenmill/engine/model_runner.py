@@ -26,7 +26,7 @@ class ModelRunner:
         self.dtype = _DTYPES[config.dtype]
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        self.model = model_class(source.config)(source.config)
+        self.model = model_class(source.config.architecture)(source.config)
         self.model.load_weights(source.weights(self.dtype))
         self.model.to(device=self.device, dtype=self.dtype).eval()
         self.block_size = config.block_size

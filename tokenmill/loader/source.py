@@ -12,6 +12,7 @@ from tokenmill.loader import catalog
 from tokenmill.loader.gguf import GGUFFile
 from tokenmill.loader.hf import HFDirectory
 from tokenmill.loader.tokenizer import Tokenizer
+from tokenmill.models.registry import model_class
 
 
 @dataclass
@@ -36,11 +37,13 @@ def open_model(name_or_path: str, pull_if_missing: bool = True) -> ModelSource:
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"{path} is a directory without config.json; not a Hugging Face model")
         files = HFDirectory(path)
+        model_class(files.architecture)  # fail on an unsupported model before reading anything else
         config = files.model_config()
         tokenizer = Tokenizer.from_hf_dir(path, config.eos_token_ids)
         return ModelSource(path.name, path, config, tokenizer, files)
     if path.is_file():
         gguf = GGUFFile(path)
+        model_class(gguf.architecture)
         config = gguf.model_config()
         tokenizer = Tokenizer.from_gguf(gguf.metadata, config.eos_token_ids)
         return ModelSource(path.stem, path, config, tokenizer, gguf)

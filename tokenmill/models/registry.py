@@ -2,7 +2,6 @@
 
 from torch import nn
 
-from tokenmill.config import ModelConfig
 from tokenmill.errors import UnsupportedArchitectureError
 from tokenmill.models.llama import LlamaForCausalLM
 
@@ -18,10 +17,10 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
 }
 
 
-def model_class(config: ModelConfig) -> type[nn.Module]:
-    """The class implementing config.architecture, or an error naming the supported ones."""
-    if config.architecture not in MODEL_REGISTRY:
+def model_class(architecture: str) -> type[nn.Module]:
+    """The class implementing an architecture, or an error naming the supported ones."""
+    if architecture not in MODEL_REGISTRY:
         raise UnsupportedArchitectureError(
-            f"architecture {config.architecture!r} is not supported; supported: {', '.join(MODEL_REGISTRY)}"
+            f"architecture {architecture!r} is not supported; supported: {', '.join(MODEL_REGISTRY)}"
         )
-    return MODEL_REGISTRY[config.architecture]
+    return MODEL_REGISTRY[architecture]

@@ -1,0 +1,108 @@
+"""Every user mistake in naming or supplying a model gives a typed error with an actionable message."""
+
+import pytest
+from gguf import GGUFWriter
+
+from tokenmill import LLM, SamplingParams
+from tokenmill.errors import (
+    InvalidRequestError,
+    ModelLoadError,
+    ModelNotFoundError,
+    PromptTooLongError,
+    UnsupportedArchitectureError,
+)
+from tokenmill.loader.source import open_model
+
+
+def test_missing_path_is_model_not_found(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="no such file"):
+        open_model(str(tmp_path / "absent.gguf"))
+
+
+def test_unknown_catalog_name_lists_known_models():
+    with pytest.raises(ModelNotFoundError, match="smollm2-135m, gemma3-270m"):
+        open_model("no-such-model")
+
+
+def test_directory_without_config_is_rejected(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="config.json"):
+        open_model(str(tmp_path))
+
+
+def test_unreadable_hf_config_is_a_load_error(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="config.json"):
+        open_model(str(tmp_path))
+
+
+def test_random_bytes_are_not_a_gguf(tmp_path):
+    path = tmp_path / "junk.gguf"
+    path.write_bytes(b"\x00" * 4096)
+    with pytest.raises(ModelLoadError, match="corrupt or truncated"):
+        open_model(str(path))
+
+
+@pytest.mark.parametrize("size", [2_000, 3_000_000])
+def test_truncated_gguf_is_a_load_error(tmp_path, smollm2_path, size):
+    path = tmp_path / "truncated.gguf"
+    with open(smollm2_path, "rb") as src:
+        path.write_bytes(src.read(size))
+    with pytest.raises(ModelLoadError, match="truncated"):
+        open_model(str(path))
+
+
+def test_unsupported_architecture_names_the_supported_ones(tmp_path):
+    path = tmp_path / "mamba.gguf"
+    writer = GGUFWriter(str(path), "mamba")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UnsupportedArchitectureError, match="'mamba'.*supported: llama"):
+        open_model(str(path))
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_path):
+    return LLM(str(smollm2_path))
+
+
+def test_prompt_longer_than_context_is_rejected_and_engine_keeps_working(llm):
+    free = llm.engine.block_manager.num_free_blocks
+    with pytest.raises(PromptTooLongError, match="8200 tokens.*context is 8192"):
+        llm.generate([{"prompt_token_ids": [1] * 8200}])
+    with pytest.raises(PromptTooLongError):
+        llm.generate([{"prompt_token_ids": [1] * 8000}], SamplingParams(max_tokens=500))
+    # A bad prompt in a batch rejects the batch without leaving the good ones queued.
+    with pytest.raises(PromptTooLongError):
+        llm.generate(["fine", {"prompt_token_ids": [1] * 9000}])
+    assert not llm.engine.has_unfinished()
+    assert llm.engine.block_manager.num_free_blocks == free
+    out = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=4))
+    assert "Paris" in out[0].outputs[0].text
+
+
+def test_bad_prompts_and_options_are_invalid_requests(llm):
+    with pytest.raises(InvalidRequestError, match="empty"):
+        llm.generate([""])
+    with pytest.raises(InvalidRequestError, match="token ids"):
+        llm.generate([{"prompt_token_ids": [10**9]}])
+    with pytest.raises(InvalidRequestError, match="unknown engine options"):
+        LLM("smollm2-135m", block_sise=8)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"n": 0}, "n"),
+     ({"max_tokens": 0}, "max_tokens"), ({"top_k": 0}, "top_k"), ({"logprobs": 50}, "logprobs")],
+)
+def test_out_of_range_sampling_params_name_the_field(kwargs, field):
+    with pytest.raises(InvalidRequestError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_hf_directory_without_weights_is_a_load_error(tmp_path, smollm2_source):
+    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    smollm2_source.tokenizer.backend.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        open_model(str(tmp_path))

