@@ -36,3 +36,15 @@ def hf_smollm2(smollm2_path: Path):
         str(smollm2_path.parent), gguf_file=smollm2_path.name, dtype=torch.float32
     )
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def make_engine(smollm2_source):
+    """Build an LLMEngine on the real SmolLM2 weights with the given EngineConfig options."""
+    from tokenmill.config import EngineConfig
+    from tokenmill.engine.llm_engine import LLMEngine
+
+    def make(**options):
+        return LLMEngine(EngineConfig(model=str(smollm2_source.path), **options), smollm2_source)
+
+    return make

@@ -4,7 +4,6 @@ import random
 
 import pytest
 
-from tokenmill.config import EngineConfig
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.sampling import SamplingParams
 
@@ -31,14 +30,6 @@ def _run(engine: LLMEngine, prompts: list[str], params: SamplingParams = GREEDY)
 
 def _alone(engine: LLMEngine, prompts: list[str]) -> list[list[int]]:
     return [_run(engine, [p])[0] for p in prompts]
-
-
-@pytest.fixture(scope="module")
-def make_engine(smollm2_source):
-    def make(**options) -> LLMEngine:
-        return LLMEngine(EngineConfig(model=str(smollm2_source.path), **options), smollm2_source)
-
-    return make
 
 
 @pytest.fixture(scope="module")

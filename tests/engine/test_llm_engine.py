@@ -1,0 +1,90 @@
+"""LLMEngine behaviour on the real model: aborts free blocks, stops, parallel samples, logprobs, limits."""
+
+import pytest
+
+from tokenmill.errors import PromptTooLongError
+from tokenmill.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def engine(make_engine):
+    return make_engine(max_num_batched_tokens=64)
+
+
+def _drain(engine) -> dict:
+    finals = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+    return finals
+
+
+def test_abort_mid_prefill_and_mid_decode_returns_every_block(engine):
+    bm = engine.block_manager
+    start = bm.num_free_blocks
+    long_prompt = list(range(300, 600))  # 300 tokens: five chunks of 64
+    engine.add_request("prefilling", long_prompt, SamplingParams(max_tokens=50))
+    engine.add_request("decoding", "Hello there", SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.step()
+    engine.abort("prefilling")  # only its first chunk was computed
+    for _ in range(3):
+        engine.step()
+    engine.abort("decoding")
+    assert not engine.has_unfinished()
+    assert bm.num_free_blocks == start
+    assert all(b.ref_count == 0 for b in bm.blocks)
+
+
+def test_stop_string_ends_output_and_never_leaks_into_the_stream(engine):
+    params = SamplingParams(temperature=0, max_tokens=64, stop=["Paris"])
+    engine.add_request("s", "Q: What is the capital of France?\nA: The capital of France is", params)
+    seen = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            seen.append(out.outputs[0].text)
+    final = seen[-1]
+    assert out.outputs[0].finish_reason == "stop" and out.outputs[0].stop_reason == "Paris"
+    assert "Paris" not in final
+    # Every streamed text is a prefix of the final one, so no partial "P", "Pa"... ever showed.
+    assert all(final.startswith(t) for t in seen)
+
+
+def test_parallel_samples_share_prompt_blocks_and_follow_their_seeds(engine):
+    prompt = "Write one sentence about autumn leaves falling in a quiet park near the river."
+    base = dict(temperature=1.0, max_tokens=12, ignore_eos=True)
+    engine.add_request("n3", prompt, SamplingParams(n=3, seed=10, **base))
+    finals = _drain(engine)
+    samples = [o.token_ids for o in finals["n3"].outputs]
+    assert len(samples) == 3 and len({tuple(s) for s in samples}) == 3
+    for i in range(3):  # sample i uses seed + i, exactly as a separate request would
+        engine.add_request(f"single{i}", prompt, SamplingParams(seed=10 + i, **base))
+    singles = _drain(engine)
+    assert [singles[f"single{i}"].outputs[0].token_ids for i in range(3)] == samples
+
+
+def test_logprobs_are_returned_per_token(engine):
+    engine.add_request("lp", "The capital of France is", SamplingParams(temperature=0, max_tokens=4, logprobs=3))
+    out = _drain(engine)["lp"].outputs[0]
+    assert len(out.logprobs) == 4
+    for token_id, lp in zip(out.token_ids, out.logprobs):
+        assert lp.token_id == token_id and lp.top[0][0] == token_id and len(lp.top) == 3
+        assert lp.logprob <= 0
+    assert out.cumulative_logprob == pytest.approx(sum(lp.logprob for lp in out.logprobs))
+
+
+def test_request_that_cannot_fit_the_pool_is_rejected_at_admission(make_engine):
+    small = make_engine(kv_cache_memory=20 * 737_280 / 2**30)  # 20 blocks = 320 tokens
+    assert small.max_model_len == 320
+    with pytest.raises(PromptTooLongError, match="context is 320"):
+        small.add_request("big", list(range(100, 400)), SamplingParams(max_tokens=100))
+    assert not small.has_unfinished()
+
+
+def test_higher_priority_request_is_admitted_first(make_engine):
+    engine = make_engine(max_num_seqs=1)
+    engine.add_request("low", "first come", SamplingParams(max_tokens=2), priority=5)
+    engine.add_request("high", "second come", SamplingParams(max_tokens=2), priority=0)
+    first_out = engine.step()
+    assert [o.request_id for o in first_out] == ["high"]
+    _drain(engine)
