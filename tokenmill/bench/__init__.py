@@ -1,0 +1,1 @@
+"""Benchmarks: throughput and latency of tokenmill against peers measured in the same run."""
