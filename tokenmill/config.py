@@ -2,6 +2,12 @@
 
 from dataclasses import dataclass, field
 
+import torch
+
+from tokenmill.errors import InvalidRequestError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 @dataclass
 class ModelConfig:
@@ -50,3 +56,17 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     # Torch intra-op threads on CPU; None leaves torch's default (one per core).
     num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise InvalidRequestError(f"dtype={self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise InvalidRequestError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            # Otherwise decodes late in the running list would never fit a step's budget.
+            raise InvalidRequestError(
+                f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= max_num_seqs={self.max_num_seqs}"
+            )
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise InvalidRequestError(f"kv_cache_memory={self.kv_cache_memory} GiB must be positive")

@@ -46,7 +46,7 @@ def test_32_prompts_batched_match_alone(make_engine, reference):
 
 def test_chunked_prefill_matches_alone(make_engine, reference):
     prompts, alone = reference
-    engine = make_engine(enable_prefix_caching=False, max_num_batched_tokens=24)
+    engine = make_engine(enable_prefix_caching=False, max_num_batched_tokens=24, max_num_seqs=16)
     assert _run(engine, prompts) == alone
 
 

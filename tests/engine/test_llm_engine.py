@@ -50,6 +50,18 @@ def test_stop_string_ends_output_and_never_leaks_into_the_stream(engine):
     assert all(final.startswith(t) for t in seen)
 
 
+def test_stop_strings_wait_for_min_tokens(engine):
+    prompt = "List the numbers one per line:\n1\n2\n3\n"
+    engine.add_request("early", prompt, SamplingParams(temperature=0, max_tokens=30, stop=["\n"]))
+    engine.add_request("late", prompt, SamplingParams(temperature=0, max_tokens=30, stop=["\n"], min_tokens=6))
+    finals = _drain(engine)
+    early, late = finals["early"].outputs[0], finals["late"].outputs[0]
+    assert early.finish_reason == late.finish_reason == "stop"
+    assert len(early.token_ids) < 6 <= len(late.token_ids)
+    # Newlines before min_tokens stay in the text; the first one after it ends the output.
+    assert "\n" in late.text and late.text.startswith(early.text) and not late.text.endswith("\n")
+
+
 def test_parallel_samples_share_prompt_blocks_and_follow_their_seeds(engine):
     prompt = "Write one sentence about autumn leaves falling in a quiet park near the river."
     base = dict(temperature=1.0, max_tokens=12, ignore_eos=True)

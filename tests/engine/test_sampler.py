@@ -62,6 +62,16 @@ def test_same_seed_and_position_draw_the_same_token_whatever_the_batch():
     assert alone == batched and len(set(alone)) > 1
 
 
+def test_a_top_p_neighbour_does_not_change_a_seeded_row():
+    logits = torch.randn(1, 50_000) * 3
+    params = SamplingParams(temperature=1.0, seed=3)
+    alone = [Sampler()(logits.clone(), [_seq(params, seed=3, outputs=k)]).token_ids[0] for k in range(30)]
+    neighbour = _seq(SamplingParams(temperature=1.0, top_p=0.5))
+    mixed = [Sampler()(torch.cat([logits, logits]), [_seq(params, seed=3, outputs=k), neighbour]).token_ids[0]
+             for k in range(30)]
+    assert alone == mixed
+
+
 def test_logprobs_report_the_chosen_token_and_top_alternatives():
     out = Sampler()(LOGITS.clone(), [_seq(SamplingParams(temperature=0, logprobs=2))])
     lp = out.logprobs[0]

@@ -4,6 +4,7 @@ import pytest
 from gguf import GGUFWriter
 
 from tokenmill import LLM, SamplingParams
+from tokenmill.config import EngineConfig
 from tokenmill.errors import (
     InvalidRequestError,
     ModelLoadError,
@@ -82,11 +83,24 @@ def test_prompt_longer_than_context_is_rejected_and_engine_keeps_working(llm):
     assert "Paris" in out[0].outputs[0].text
 
 
+@pytest.mark.parametrize(
+    "options, field",
+    [({"max_num_seqs": 0}, "max_num_seqs"), ({"max_num_batched_tokens": 8}, "max_num_batched_tokens"),
+     ({"dtype": "float8"}, "dtype"), ({"kv_cache_memory": -1}, "kv_cache_memory")],
+)
+def test_bad_engine_options_are_rejected_before_loading(options, field):
+    with pytest.raises(InvalidRequestError, match=field):
+        EngineConfig(**options)
+
+
 def test_bad_prompts_and_options_are_invalid_requests(llm):
     with pytest.raises(InvalidRequestError, match="empty"):
         llm.generate([""])
     with pytest.raises(InvalidRequestError, match="token ids"):
         llm.generate([{"prompt_token_ids": [10**9]}])
+    with pytest.raises(InvalidRequestError, match="stop_token_ids"):
+        llm.generate(["hi"], SamplingParams(stop_token_ids=[10**6], min_tokens=1))
+    assert not llm.engine.has_unfinished()
     with pytest.raises(InvalidRequestError, match="unknown engine options"):
         LLM("smollm2-135m", block_sise=8)
 
@@ -94,7 +108,8 @@ def test_bad_prompts_and_options_are_invalid_requests(llm):
 @pytest.mark.parametrize(
     "kwargs, field",
     [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"n": 0}, "n"),
-     ({"max_tokens": 0}, "max_tokens"), ({"top_k": 0}, "top_k"), ({"logprobs": 50}, "logprobs")],
+     ({"max_tokens": 0}, "max_tokens"), ({"top_k": 0}, "top_k"), ({"logprobs": 50}, "logprobs"),
+     ({"seed": 10**13}, "seed"), ({"seed": 1.5}, "seed")],
 )
 def test_out_of_range_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(InvalidRequestError, match=field):

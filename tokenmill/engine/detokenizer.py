@@ -19,18 +19,23 @@ class IncrementalDetokenizer:
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
         self.text = ""
+        self.stop_search_start = 0
         self.finished = False
 
-    def add(self, token_id: int) -> str | None:
-        """Append a token; return the stop string if the text now contains one."""
+    def add(self, token_id: int, check_stop: bool = True) -> str | None:
+        """Append a token; return the stop string if the text now contains one and check_stop is set."""
         self.ids.append(token_id)
         prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
         full = self.tokenizer.decode(self.ids[self.prefix_offset :])
         if full.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its remaining bytes
             return None
-        searched_from = max(0, len(self.text) - self.holdback)
+        # Stop strings may only start in text produced once checking began (min_tokens honoured).
+        searched_from = max(self.stop_search_start, len(self.text) - self.holdback)
         self.text += full[len(prefix) :]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        if not check_stop:
+            self.stop_search_start = len(self.text)
+            return None
         found = [(at, stop) for stop in self.stop if (at := self.text.find(stop, searched_from)) != -1]
         if not found:
             return None

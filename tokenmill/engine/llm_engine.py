@@ -125,6 +125,8 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in token_ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab}) for this model")
+        if any(not 0 <= t < vocab for t in params.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab}) for this model")
         wanted = len(token_ids) + (params.max_tokens or 1)
         if wanted > self.max_model_len:
             raise PromptTooLongError(
@@ -157,10 +159,11 @@ class LLMEngine:
             metrics = self.requests[seq.request_id].metrics
             metrics.first_scheduled_time = metrics.first_scheduled_time or now
         seqs, logits = self.runner.execute(plan.scheduled)
+        # NOTE: sample before recording progress, so a failure leaves every sequence as it was.
+        sampled = self.sampler(logits, seqs)
         for seq, n in plan.scheduled:
             seq.num_computed_tokens += n
             self.block_manager.cache_full_blocks(seq)
-        sampled = self.sampler(logits, seqs)
         now = time.perf_counter()
         touched: dict[str, _Request] = {}
         for seq, token_id, logprob in zip(seqs, sampled.token_ids, sampled.logprobs):
@@ -180,7 +183,7 @@ class LLMEngine:
         metrics.first_token_time = metrics.first_token_time or now
         metrics.token_times.append(now)
         # NOTE: the sampler masks EOS and stop ids until min_tokens, so any seen here ends the sequence.
-        stop_str = seq.detokenizer.add(token_id)
+        stop_str = seq.detokenizer.add(token_id, check_stop=seq.num_output_tokens >= seq.params.min_tokens)
         if stop_str is not None:
             self._finish(request, seq, "stop", stop_str)
         elif token_id in seq.eos_token_ids:

@@ -4,7 +4,7 @@ import logging
 
 import torch
 
-from tokenmill.config import EngineConfig
+from tokenmill.config import DTYPES, EngineConfig
 from tokenmill.engine.sequence import Sequence
 from tokenmill.layers.attention import Attention, AttentionMetadata, PrefillChunk, attention_metadata
 from tokenmill.loader.source import ModelSource
@@ -12,7 +12,6 @@ from tokenmill.models.registry import model_class
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _GIB = 1 << 30
 
 
@@ -23,7 +22,7 @@ class ModelRunner:
         self.config = config
         self.model_config = source.config
         self.device = torch.device(config.device)
-        self.dtype = _DTYPES[config.dtype]
+        self.dtype = DTYPES[config.dtype]
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.model = model_class(source.config.architecture)(source.config)

@@ -97,7 +97,8 @@ def _truncate(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     # Keep a token if the mass strictly before it is below top_p (so the top token always stays).
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     p = torch.tensor(top_p, device=probs.device, dtype=probs.dtype)[:, None]
-    drop_sorted = (ranks >= k) | (mass_before >= p)
+    # Rows with top_p == 1 keep everything: float32 cumsum can reach 1.0 before the tail ends.
+    drop_sorted = (ranks >= k) | ((mass_before >= p) & (p < 1.0))
     drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
     return probs.masked_fill(drop, 0.0)
 

@@ -59,7 +59,10 @@ class HFDirectory:
         eos = self.raw_config.get("eos_token_id")
         generation = self.path / "generation_config.json"
         if generation.is_file():
-            eos = json.loads(generation.read_text()).get("eos_token_id", eos)
+            try:
+                eos = json.loads(generation.read_text()).get("eos_token_id", eos)
+            except (OSError, json.JSONDecodeError) as exc:
+                raise ModelLoadError(f"cannot read {generation}: {exc}") from exc
         if eos is None:
             return []
         return sorted(set(eos)) if isinstance(eos, list) else [int(eos)]

@@ -80,7 +80,10 @@ class Tokenizer:
         except Exception as exc:  # tokenizers raises a bare Exception on a missing or bad file
             raise ModelLoadError(f"cannot read {path / 'tokenizer.json'}: {exc}") from exc
         config_file = path / "tokenizer_config.json"
-        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        try:
+            config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ModelLoadError(f"cannot read {config_file}: {exc}") from exc
         bos, eos = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
         if not eos_token_ids and eos is not None and backend.token_to_id(eos) is not None:
             eos_token_ids = [backend.token_to_id(eos)]
