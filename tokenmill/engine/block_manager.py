@@ -40,11 +40,6 @@ class BlockManager:
         """Blocks no sequence holds (cached ones included: they can be evicted)."""
         return len(self.free_blocks)
 
-    @property
-    def usage(self) -> float:
-        """Fraction of blocks held by sequences."""
-        return 1.0 - len(self.free_blocks) / self.num_blocks
-
     def blocks_needed(self, num_tokens: int) -> int:
         """Blocks that hold num_tokens tokens."""
         return -(-num_tokens // self.block_size)
@@ -74,13 +69,11 @@ class BlockManager:
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         """True if the pool can back num_new_tokens more computed tokens for seq."""
-        needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
-        return needed <= len(self.free_blocks)
+        return self._missing_blocks(seq, num_new_tokens) <= len(self.free_blocks)
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
         """Extend seq's block table to cover num_new_tokens more computed tokens."""
-        needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
-        for _ in range(needed):
+        for _ in range(self._missing_blocks(seq, num_new_tokens)):
             block_id, _ = self.free_blocks.popitem(last=False)
             block = self.blocks[block_id]
             if block.hash is not None:  # evict: its contents are about to be overwritten
@@ -115,6 +108,9 @@ class BlockManager:
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0
+
+    def _missing_blocks(self, seq: Sequence, num_new_tokens: int) -> int:
+        return self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
 
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]

@@ -15,11 +15,6 @@ class SchedulerOutput:
     scheduled: list[tuple[Sequence, int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
 
-    @property
-    def num_tokens(self) -> int:
-        """Tokens in this step's flat batch."""
-        return sum(n for _, n in self.scheduled)
-
 
 class Scheduler:
     """One token-budget loop: running sequences first (decodes before prompt chunks), then admissions."""

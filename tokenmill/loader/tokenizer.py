@@ -53,10 +53,6 @@ class Tokenizer:
         """Text for token ids."""
         return self.backend.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
-    def id_to_token(self, token_id: int) -> str:
-        """The vocabulary entry for one id, as the model file spells it."""
-        return self.backend.id_to_token(token_id) or ""
-
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         """Render messages with the model's chat template into one prompt string."""
         if not self.chat_template:
