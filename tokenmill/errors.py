@@ -20,6 +20,11 @@ class UnsupportedArchitectureError(TokenmillError):
 class InvalidRequestError(TokenmillError):
     """A request whose parameters are out of range or inconsistent."""
 
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        # The offending field, reported as OpenAI's error `param` by the server.
+        self.param = param
+
 
 class PromptTooLongError(InvalidRequestError):
     """A prompt (plus requested tokens) that does not fit the model's context or the KV pool."""

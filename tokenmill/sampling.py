@@ -58,4 +58,4 @@ class SamplingParams:
 
 def _check(ok: bool, name: str, value: object, rule: str) -> None:
     if not ok:
-        raise InvalidRequestError(f"{name}={value!r} {rule}")
+        raise InvalidRequestError(f"{name}={value!r} {rule}", param=name)

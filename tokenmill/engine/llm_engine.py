@@ -57,6 +57,24 @@ class RequestOutput:
 
 
 @dataclass
+class EngineStats:
+    """A snapshot of the engine's load and cumulative counters, for gauges and back-pressure."""
+
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_blocks: int
+    prefix_queries: int
+    prefix_hits: int
+    num_preemptions: int
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of KV blocks held by sequences (cached but unheld blocks count as free)."""
+        return 1 - self.num_free_blocks / self.num_blocks
+
+
+@dataclass
 class _Request:
     request_id: str
     prompt: str | None
@@ -121,33 +139,49 @@ class LLMEngine:
 
     def _check_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
         if not token_ids:
-            raise InvalidRequestError("prompt is empty; give at least one token")
+            raise InvalidRequestError("prompt is empty; give at least one token", param="prompt")
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in token_ids):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab}) for this model")
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab}) for this model", param="prompt")
         if any(not 0 <= t < vocab for t in params.stop_token_ids):
-            raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab}) for this model")
+            raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab}) for this model", param="stop_token_ids")
         wanted = len(token_ids) + (params.max_tokens or 1)
         if wanted > self.max_model_len:
+            asked = f" and max_tokens is {params.max_tokens}, {wanted} in all" if params.max_tokens else ""
             raise PromptTooLongError(
-                f"prompt is {len(token_ids)} tokens and max_tokens is {params.max_tokens}, "
-                f"{wanted} in all; this engine's context is {self.max_model_len} tokens; "
-                "shorten the prompt or lower max_tokens"
+                f"prompt is {len(token_ids)} tokens{asked}; this engine's context is {self.max_model_len} tokens; "
+                "shorten the prompt or lower max_tokens",
+                param="prompt",
             )
 
-    def abort(self, request_id: str) -> None:
-        """Stop a request now and return its KV blocks to the pool."""
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and return its KV blocks to the pool; returns its final output if it was live."""
         request = self.requests.pop(request_id, None)
         if request is None:
-            return
+            return None
         for seq in request.seqs:
             if not seq.is_finished:
                 seq.finish_reason = "abort"
                 self.scheduler.finish(seq)
+        request.metrics.finished_time = time.perf_counter()
+        return self._output(request)
 
     def has_unfinished(self) -> bool:
         """True while any request is queued or running."""
         return self.scheduler.has_unfinished()
+
+    def stats(self) -> EngineStats:
+        """Current load (requests, not samples) and the cumulative cache and preemption counters."""
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len({s.request_id for s in self.scheduler.running}),
+            num_waiting=len({s.request_id for s in self.scheduler.waiting} - {s.request_id for s in self.scheduler.running}),
+            num_free_blocks=bm.num_free_blocks,
+            num_blocks=bm.num_blocks,
+            prefix_queries=bm.prefix_queries,
+            prefix_hits=bm.prefix_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled model step; return outputs of requests that produced tokens."""
@@ -210,7 +244,8 @@ class LLMEngine:
                 token_ids=seq.output_token_ids,
                 finish_reason=seq.finish_reason,
                 stop_reason=request.stop_reasons.get(seq.index),
-                logprobs=seq.logprobs if seq.params.logprobs is not None else None,
+                # A copy: outputs cross to the server's thread while this one keeps appending.
+                logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
                 cumulative_logprob=seq.cumulative_logprob,
             )
             for seq in request.seqs
