@@ -1,0 +1,230 @@
+"""AsyncEngine: the asyncio front; one background thread owns the LLMEngine, requests talk to it through queues."""
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tokenmill.engine.llm_engine import EngineStats, LLMEngine, RequestOutput
+from tokenmill.errors import TokenmillError
+from tokenmill.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineStepError(TokenmillError):
+    """The engine failed while running a step; the requests in it were aborted."""
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    priority: int
+    accepted: asyncio.Future
+    outputs: asyncio.Queue
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class _Stop:
+    pass
+
+
+class AsyncEngine:
+    """Runs LLMEngine.step in a loop on its own thread; every call here is safe from the event loop."""
+
+    def __init__(
+        self,
+        engine: LLMEngine,
+        on_stats: Callable[[EngineStats], None] | None = None,
+        on_finished: Callable[[RequestOutput], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.on_stats = on_stats
+        self.on_finished = on_finished
+        self.stats = engine.stats()
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._queues: dict[str, asyncio.Queue] = {}  # touched only by the engine thread
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._pending_lock = threading.Lock()
+        self._pending = 0  # adds sent but not yet taken by the engine thread
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests not yet running: queued in the engine or on their way to it."""
+        return self.stats.num_waiting + self._pending
+
+    @property
+    def is_running(self) -> bool:
+        """True while the engine thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        """Start the engine thread; call from the event loop that will consume outputs."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="tokenmill-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Abort whatever is still in flight and wait for the engine thread to exit."""
+        if self._thread is None:
+            return
+        self._commands.put(_Stop())
+        await asyncio.to_thread(self._thread.join)
+
+    async def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float,
+        priority: int = 0,
+    ) -> "RequestStream":
+        """Queue a request; its validation error is raised here, before any output is streamed."""
+        loop = asyncio.get_running_loop()
+        add = _Add(request_id, prompt_token_ids, params, arrival_time, priority, loop.create_future(), asyncio.Queue())
+        with self._pending_lock:
+            self._pending += 1
+        self._commands.put(add)
+        try:
+            await add.accepted
+        except asyncio.CancelledError:
+            self.abort(request_id)
+            raise
+        return RequestStream(self, request_id, add.outputs)
+
+    def abort(self, request_id: str) -> None:
+        """Ask the engine thread to abort a request; it happens before the next step."""
+        self._commands.put(_Abort(request_id))
+
+    # --- everything below runs on the engine thread ---
+
+    def _run(self) -> None:
+        while True:
+            idle = not self.engine.has_unfinished()
+            if not self._apply_commands(block=idle):
+                break
+            if self.engine.has_unfinished():
+                self._step()
+            self._publish_stats()
+        for request_id in list(self._queues):
+            self._abort(request_id)
+        self._publish_stats()
+
+    def _apply_commands(self, block: bool) -> bool:
+        """Apply every queued command (waiting for one when idle); False once asked to stop."""
+        try:
+            command = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            if isinstance(command, _Stop):
+                return False
+            if isinstance(command, _Add):
+                self._add(command)
+            else:
+                self._abort(command.request_id)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _add(self, add: _Add) -> None:
+        try:
+            self.engine.add_request(add.request_id, add.prompt_token_ids, add.params, add.arrival_time, add.priority)
+        except Exception as exc:  # validation errors go back to the caller, never up this thread
+            self._call(_resolve, add.accepted, exc)
+        else:
+            self._queues[add.request_id] = add.outputs
+            self._call(_resolve, add.accepted, None)
+        # NOTE: count it as waiting in the engine before it stops counting as pending, so num_waiting never dips.
+        self.stats = self.engine.stats()
+        with self._pending_lock:
+            self._pending -= 1
+
+    def _abort(self, request_id: str) -> None:
+        output = self.engine.abort(request_id)
+        if output is not None:
+            self._deliver(output)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:
+            # NOTE: a bug in one step must not kill the server; fail the requests it held and go on.
+            logger.exception("engine step failed; aborting %d requests", len(self._queues))
+            for request_id, outputs_queue in list(self._queues.items()):
+                self.engine.abort(request_id)
+                del self._queues[request_id]
+                self._call(outputs_queue.put_nowait, EngineStepError(f"the engine failed: {exc}"))
+            return
+        for output in outputs:
+            self._deliver(output)
+
+    def _deliver(self, output: RequestOutput) -> None:
+        outputs_queue = self._queues.get(output.request_id)
+        if output.finished:
+            self._queues.pop(output.request_id, None)
+            if self.on_finished is not None:
+                self.on_finished(output)
+        if outputs_queue is not None:
+            self._call(outputs_queue.put_nowait, output)
+
+    def _publish_stats(self) -> None:
+        self.stats = self.engine.stats()
+        if self.on_stats is not None:
+            self.on_stats(self.stats)
+
+    def _call(self, fn: Callable, *args: object) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the event loop is closed: nobody is left to read this
+            pass
+
+
+class RequestStream:
+    """One request's outputs as they arrive; closing it before the last one aborts the request."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, outputs: asyncio.Queue) -> None:
+        self.request_id = request_id
+        self._engine = engine
+        self._outputs = outputs
+        self._done = False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        item = await self._outputs.get()
+        if isinstance(item, Exception):
+            self._done = True
+            raise item
+        self._done = item.finished
+        return item
+
+    def close(self) -> None:
+        """Abort the request unless it already finished; safe to call more than once, and never blocks."""
+        if not self._done:
+            self._done = True
+            self._engine.abort(self.request_id)
+
+
+def _resolve(future: asyncio.Future, exc: Exception | None) -> None:
+    if future.cancelled():
+        return
+    if exc is None:
+        future.set_result(None)
+    else:
+        future.set_exception(exc)
