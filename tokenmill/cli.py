@@ -1,12 +1,13 @@
-"""Command line: `tokenmill models | pull | generate | chat`."""
+"""Command line: `tokenmill models | pull | generate | chat | serve`."""
 
 import argparse
 import itertools
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
-from tokenmill.config import EngineConfig
+from tokenmill.config import EngineConfig, ServerConfig
 from tokenmill.errors import TokenmillError
 from tokenmill.sampling import SamplingParams
 
@@ -40,6 +41,20 @@ def _parser() -> argparse.ArgumentParser:
     chat = _command(commands, "chat", "interactive chat that streams tokens", _chat)
     chat.add_argument("--system", help="system prompt")
     _sampling_flags(chat, max_tokens=256)
+
+    serve = _command(commands, "serve", "OpenAI-compatible HTTP server (pulls the model first if needed)", _serve)
+    serve.add_argument("--model", default=EngineConfig.model, help="catalog name, .gguf file or HF directory")
+    serve.add_argument("--host", default=ServerConfig.host)
+    serve.add_argument("--port", type=int, default=ServerConfig.port)
+    serve.add_argument("--api-key", default=os.environ.get("TOKENMILL_API_KEY"),
+                       help="require `Authorization: Bearer KEY` on /v1 (default: $TOKENMILL_API_KEY, else none)")
+    serve.add_argument("--max-waiting", type=int, default=ServerConfig.max_waiting,
+                       help="answer 429 when this many requests already wait")
+    serve.add_argument("--max-body-bytes", type=int, default=ServerConfig.max_body_bytes,
+                       help="answer 413 to larger request bodies")
+    serve.add_argument("--shutdown-timeout", type=float, default=ServerConfig.shutdown_timeout,
+                       help="seconds in-flight requests get to finish on SIGTERM/SIGINT")
+    _engine_flags(serve)
     return parser
 
 
@@ -56,6 +71,30 @@ def _sampling_flags(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=-1)
     parser.add_argument("--seed", type=int, default=None)
+
+
+def _engine_flags(parser: argparse.ArgumentParser) -> None:
+    d = EngineConfig
+    parser.add_argument("--dtype", default=d.dtype, help="float32 | bfloat16 | float16")
+    parser.add_argument("--device", default=d.device)
+    parser.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV block")
+    parser.add_argument("--kv-cache-memory", type=float, default=d.kv_cache_memory,
+                        help="KV pool in GiB (default: 1 on CPU, a fraction of free memory on GPU)")
+    parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="sequences decoded together")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                        help="tokens per engine step; longer prompts are prefilled in chunks")
+    parser.add_argument("--max-model-len", type=int, default=d.max_model_len, help="context length cap")
+    parser.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV of shared prefixes")
+    parser.add_argument("--num-threads", type=int, default=d.num_threads, help="CPU threads (default: one per core)")
+
+
+def _engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
+        kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        enable_prefix_caching=not args.no_prefix_caching, num_threads=args.num_threads,
+    )
 
 
 def _params(args: argparse.Namespace) -> SamplingParams:
@@ -114,6 +153,16 @@ def _chat(args: argparse.Namespace) -> int:
                 reply = text
         print()
         messages.append({"role": "assistant", "content": reply})
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from tokenmill.server.app import serve
+
+    logging.getLogger("tokenmill").setLevel(logging.INFO)  # the start-up lines say model, KV capacity and URL
+    config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key, max_waiting=args.max_waiting,
+                          max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout)
+    serve(_engine_config(args), config)
     return 0
 
 

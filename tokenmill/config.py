@@ -70,3 +70,26 @@ class EngineConfig:
             )
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise InvalidRequestError(f"kv_cache_memory={self.kv_cache_memory} GiB must be positive")
+
+
+@dataclass
+class ServerConfig:
+    """Settings of the HTTP server in front of one engine."""
+
+    # Loopback by default: exposing a server to the network should be a deliberate choice.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # When set, every /v1 request needs `Authorization: Bearer <api_key>`.
+    api_key: str | None = None
+    # More waiting requests than this get 429 rather than an ever longer queue.
+    max_waiting: int = 256
+    # Larger bodies get 413; 8 MiB holds any prompt that fits a 128K context several times over.
+    max_body_bytes: int = 8 * 1024 * 1024
+    # Seconds in-flight requests get to finish on SIGTERM/SIGINT before they are aborted.
+    shutdown_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_waiting < 0:
+            raise InvalidRequestError(f"max_waiting={self.max_waiting} must be >= 0")
+        if not 0 <= self.port < 65536:
+            raise InvalidRequestError(f"port={self.port} must be in [0, 65535]")

@@ -1,0 +1,133 @@
+"""The FastAPI app: routes, auth, body limit and engine lifetime; `serve` runs it under uvicorn."""
+
+import logging
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import version
+
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tokenmill.config import EngineConfig, ServerConfig
+from tokenmill.engine.async_engine import AsyncEngine
+from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.server.auth import require_api_key
+from tokenmill.server.chat import create_chat_completion
+from tokenmill.server.completions import create_completion
+from tokenmill.server.errors import APIError, install_handlers
+from tokenmill.server.metrics import Metrics
+from tokenmill.server.serving import ServerState, state_of
+
+logger = logging.getLogger(__name__)
+
+
+def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
+    """An app serving one engine; the engine thread starts and stops with the app's lifespan."""
+    metrics = Metrics(engine.source.name)
+    front = AsyncEngine(engine, on_stats=metrics.observe_stats, on_finished=metrics.observe_finished)
+    state = ServerState(front, engine.tokenizer, engine.source.name, engine.max_model_len, config, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        front.start()
+        yield
+        await front.stop()
+
+    app = FastAPI(title="tokenmill", version=version("tokenmill"), lifespan=lifespan)
+    app.state.tokenmill = state
+    install_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key(config.api_key))])
+    v1.add_api_route("/models", list_models, methods=["GET"])
+    v1.add_api_route("/completions", create_completion, methods=["POST"])
+    v1.add_api_route("/chat/completions", create_chat_completion, methods=["POST"])
+    app.include_router(v1)
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/version", get_version, methods=["GET"])
+    app.add_api_route("/metrics", get_metrics, methods=["GET"])
+    return app
+
+
+async def list_models(request: Request) -> dict:
+    """The one model this server serves."""
+    state = state_of(request)
+    return {"object": "list", "data": [
+        {"id": state.model_name, "object": "model", "created": 0, "owned_by": "tokenmill",
+         "max_model_len": state.max_model_len}
+    ]}
+
+
+async def health(request: Request) -> Response:
+    """200 while the engine thread runs, 503 otherwise; never behind auth."""
+    if state_of(request).engine.is_running:
+        return JSONResponse({"status": "ok"})
+    return APIError(503, "the engine is not running", type="server_error").response()
+
+
+async def get_version() -> dict:
+    """The tokenmill package version."""
+    return {"version": version("tokenmill")}
+
+
+async def get_metrics(request: Request) -> Response:
+    """Prometheus text exposition."""
+    return Response(state_of(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+class BodyLimit:
+    """Answer 413 to request bodies over max_bytes, whether or not they declare a Content-Length."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._too_large(scope, receive, send)
+            return
+        seen = 0
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                # An HTTPException, because FastAPI turns any other error while reading a body into a 400.
+                raise HTTPException(413, self._message())
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+    def _message(self) -> str:
+        return f"request body is larger than {self.max_bytes} bytes"
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = APIError(413, self._message(), code="request_too_large").response()
+        await response(scope, receive, send)
+
+
+def serve(engine_config: EngineConfig, config: ServerConfig) -> None:
+    """Load the model, then serve until SIGTERM or SIGINT; in-flight requests get shutdown_timeout to finish."""
+    engine = LLMEngine(engine_config)
+    app = build_app(engine, config)
+    logger.info("serving %s (KV cache %d tokens, context %d) at http://%s:%d/v1",
+                engine.source.name, engine.runner.num_blocks * engine_config.block_size, engine.max_model_len,
+                config.host, config.port)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=config.host, port=config.port, timeout_graceful_shutdown=config.shutdown_timeout,
+        log_level="info", access_log=False,
+    ))
+    # NOTE: uvicorn re-raises the signal it stopped on once it is done; with these handlers in place that
+    # re-raise is a no-op, so a graceful stop exits 0 instead of dying by the signal.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    server.run()

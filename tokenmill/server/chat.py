@@ -1,0 +1,88 @@
+"""POST /v1/chat/completions: messages rendered with the model's chat template, answered whole or streamed."""
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from tokenmill.engine.async_engine import RequestStream
+from tokenmill.engine.sequence import TokenLogprob
+from tokenmill.loader.tokenizer import Tokenizer
+from tokenmill.server.protocol import ChatCompletionRequest
+from tokenmill.server.serving import ChoiceDeltas, collect, merged, new_id, sse, state_of, submit, usage
+
+
+async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+    """Answer one conversation with n choices."""
+    state = state_of(request)
+    state.check_model(body.model)
+    params = body.sampling_params()
+    tokenizer = state.tokenizer
+    prompt = tokenizer.encode(tokenizer.apply_chat_template(body.conversation()), add_special_tokens=False)
+    response_id = new_id("chatcmpl")
+    streams = await submit(state, [prompt], params, body.priority, response_id)
+    created = int(time.time())
+    if body.stream:
+        chunks = _chunks(body, streams[0], tokenizer, response_id, created, state.model_name)
+        return StreamingResponse(sse(chunks), media_type="text/event-stream")
+    (output,) = await collect(request, streams)
+    choices = [
+        {
+            "index": sample.index,
+            "message": {"role": "assistant", "content": sample.text},
+            "logprobs": None if sample.logprobs is None else chat_logprobs(sample.token_ids, sample.logprobs, tokenizer),
+            "finish_reason": sample.finish_reason,
+        }
+        for sample in output.outputs
+    ]
+    return {
+        "id": response_id, "object": "chat.completion", "created": created, "model": state.model_name,
+        "choices": choices, "usage": usage([output]),
+    }
+
+
+async def _chunks(body: ChatCompletionRequest, stream: RequestStream, tokenizer: Tokenizer, response_id: str,
+                  created: int, model: str) -> AsyncIterator[dict]:
+    head = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model}
+    # As OpenAI: each choice opens with a chunk that only names the role.
+    yield {**head, "choices": [
+        {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        for i in range(body.n)
+    ]}
+    deltas = ChoiceDeltas()
+    final = None
+    async with aclosing(merged([stream])) as outputs:
+        async for _, output in outputs:
+            final = output
+            choices = []
+            for sample in output.outputs:
+                new = deltas.new(sample.index, sample.text, len(sample.token_ids), sample.finish_reason)
+                if new is None:
+                    continue
+                text, tokens, finishing = new
+                logprobs = None
+                if sample.logprobs is not None:
+                    logprobs = chat_logprobs(sample.token_ids[tokens], sample.logprobs[tokens], tokenizer)
+                choices.append({"index": sample.index, "delta": {"content": text} if text else {},
+                                "logprobs": logprobs, "finish_reason": sample.finish_reason if finishing else None})
+            if choices:
+                yield {**head, "choices": choices}
+    if body.include_usage and final is not None:
+        yield {**head, "choices": [], "usage": usage([final])}
+
+
+def chat_logprobs(token_ids: list[int], logprobs: list[TokenLogprob], tokenizer: Tokenizer) -> dict:
+    """The chat logprobs block: per token its text, logprob, UTF-8 bytes and top alternatives."""
+
+    def entry(token_id: int, logprob: float) -> dict:
+        token = tokenizer.decode([token_id])
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {
+        "content": [
+            {**entry(t, lp.logprob), "top_logprobs": [entry(alt, p) for alt, p in lp.top]}
+            for t, lp in zip(token_ids, logprobs)
+        ]
+    }

@@ -1,0 +1,117 @@
+"""POST /v1/completions: text completion of one or more prompts, whole or streamed."""
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from tokenmill.engine.llm_engine import CompletionOutput, RequestOutput
+from tokenmill.engine.sequence import TokenLogprob
+from tokenmill.errors import InvalidRequestError
+from tokenmill.loader.tokenizer import Tokenizer
+from tokenmill.server.protocol import CompletionRequest
+from tokenmill.server.serving import ChoiceDeltas, RequestStream, collect, merged, new_id, sse, state_of, submit, usage
+
+
+async def create_completion(body: CompletionRequest, request: Request):
+    """Complete each prompt; choices are numbered prompt by prompt, n per prompt."""
+    state = state_of(request)
+    state.check_model(body.model)
+    params = body.sampling_params()
+    if body.echo and body.logprobs is not None:
+        raise InvalidRequestError("echo with logprobs needs prompt logprobs, which are not supported yet", param="echo")
+    prompts = _prompt_token_ids(body.prompt, state.tokenizer)
+    response_id = new_id("cmpl")
+    streams = await submit(state, prompts, params, body.priority, response_id)
+    created = int(time.time())
+    if body.stream:
+        chunks = _chunks(body, streams, state.tokenizer, response_id, created, state.model_name)
+        return StreamingResponse(sse(chunks), media_type="text/event-stream")
+    outputs = await collect(request, streams)
+    choices = [
+        _choice(body, output, sample, state.tokenizer, i * params.n + sample.index)
+        for i, output in enumerate(outputs)
+        for sample in output.outputs
+    ]
+    return {
+        "id": response_id, "object": "text_completion", "created": created, "model": state.model_name,
+        "choices": choices, "usage": usage(outputs),
+    }
+
+
+def _prompt_token_ids(prompt: str | list, tokenizer: Tokenizer) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [tokenizer.encode(prompt)]
+    if not prompt:
+        raise InvalidRequestError("prompt is an empty list; give a string, strings, or token ids", param="prompt")
+    if isinstance(prompt[0], int):
+        return [list(prompt)]
+    return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+
+
+def _echo(body: CompletionRequest, output: RequestOutput, tokenizer: Tokenizer) -> str:
+    if not body.echo:
+        return ""
+    return output.prompt if output.prompt is not None else tokenizer.decode(output.prompt_token_ids)
+
+
+def _choice(body: CompletionRequest, output: RequestOutput, sample: CompletionOutput, tokenizer: Tokenizer,
+            index: int) -> dict:
+    echo = _echo(body, output, tokenizer)
+    logprobs = None
+    if sample.logprobs is not None:
+        logprobs = completion_logprobs(sample.token_ids, sample.logprobs, tokenizer, len(echo))
+    return {"index": index, "text": echo + sample.text, "logprobs": logprobs, "finish_reason": sample.finish_reason}
+
+
+async def _chunks(body: CompletionRequest, streams: list[RequestStream], tokenizer: Tokenizer, response_id: str,
+                  created: int, model: str) -> AsyncIterator[dict]:
+    n = body.n
+    deltas = ChoiceDeltas()
+    offsets: dict[int, int] = {}
+    finals: dict[int, RequestOutput] = {}
+    async with aclosing(merged(streams)) as outputs:
+        async for i, output in outputs:
+            finals[i] = output
+            choices = []
+            for sample in output.outputs:
+                index = i * n + sample.index
+                new = deltas.new(index, sample.text, len(sample.token_ids), sample.finish_reason)
+                if new is None:
+                    continue
+                text, tokens, finishing = new
+                if index not in offsets:
+                    echo = _echo(body, output, tokenizer)
+                    text, offsets[index] = echo + text, len(echo)
+                logprobs = None
+                if sample.logprobs is not None:
+                    logprobs = completion_logprobs(
+                        sample.token_ids[tokens], sample.logprobs[tokens], tokenizer, offsets[index]
+                    )
+                    offsets[index] += sum(len(t) for t in logprobs["tokens"])
+                choices.append({"index": index, "text": text, "logprobs": logprobs,
+                                "finish_reason": sample.finish_reason if finishing else None})
+            if choices:
+                yield {"id": response_id, "object": "text_completion", "created": created, "model": model,
+                       "choices": choices}
+    if body.include_usage:
+        yield {"id": response_id, "object": "text_completion", "created": created, "model": model, "choices": [],
+               "usage": usage([finals[i] for i in range(len(streams))])}
+
+
+def completion_logprobs(token_ids: list[int], logprobs: list[TokenLogprob], tokenizer: Tokenizer,
+                        text_offset: int) -> dict:
+    """The legacy completions logprobs block: tokens, their logprobs, top alternatives, text offsets."""
+    tokens = [tokenizer.decode([t]) for t in token_ids]
+    offsets = []
+    for token in tokens:
+        offsets.append(text_offset)
+        text_offset += len(token)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp.logprob for lp in logprobs],
+        "top_logprobs": [{tokenizer.decode([t]): p for t, p in lp.top} for lp in logprobs],
+        "text_offset": offsets,
+    }

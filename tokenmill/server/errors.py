@@ -1,0 +1,86 @@
+"""Every error leaves the server in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from tokenmill.engine.async_engine import EngineStepError
+from tokenmill.errors import InvalidRequestError
+
+logger = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """An error with the HTTP status and OpenAI fields to answer with."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        """The JSON response for this error."""
+        return JSONResponse(self.body, status_code=self.status, headers=self.headers)
+
+
+def from_exception(exc: Exception) -> APIError:
+    """Map an engine or validation exception to the error a client should see."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, InvalidRequestError):
+        return APIError(400, str(exc), param=exc.param)
+    if isinstance(exc, EngineStepError):
+        return APIError(500, str(exc), type="server_error")
+    logger.exception("unexpected error while serving a request", exc_info=exc)
+    return APIError(500, "internal server error; see the server log", type="server_error")
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Answer every failure, including FastAPI's own, in OpenAI's error shape."""
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        if first.get("type") == "json_invalid":
+            return APIError(400, f"request body is not valid JSON: {first.get('msg')}").response()
+        param = _param(first.get("loc", ()))
+        where = f"{param}: " if param else ""
+        return APIError(400, f"{where}{first.get('msg')}", param=param).response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
+        return APIError(exc.status_code, str(exc.detail), code=code, headers=exc.headers).response()
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return from_exception(exc).response()
+
+
+def _param(loc: tuple) -> str | None:
+    """The field path of a pydantic error location, without "body" and without union member tags."""
+    parts = []
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, str) and ("[" in part or part in _TYPE_TAGS):
+            break  # pydantic names the union member it tried, e.g. "str" or "list[int]"
+        parts.append(str(part))
+    return ".".join(parts) or None
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}

@@ -1,0 +1,89 @@
+"""Prometheus metrics, derived off the hot path from the engine's per-request timestamps and stats."""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from tokenmill.engine.llm_engine import EngineStats, RequestOutput
+
+# Bucket edges in seconds, spanning a fast GPU (milliseconds) to a busy 2-core CPU (minutes).
+_TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80, 160)
+_TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 2.5, 5, 10, 20, 40)
+_REQUEST_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 40, 60, 120, 240, 480, 960, 1920)
+
+
+class Metrics:
+    """The server's metrics, in their own registry, named under `tokenmill:`."""
+
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        r = self.registry
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(f"tokenmill:{name}", doc, labels, buckets=buckets, registry=r).labels(model_name)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(f"tokenmill:{name}", doc, labels, registry=r).labels(model_name)
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(f"tokenmill:{name}", doc, labels, registry=r).labels(model_name)
+
+        self.ttft = histogram("time_to_first_token_seconds", "Arrival to first output token.", _TTFT_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds", "Time between consecutive output tokens.", _TOKEN_BUCKETS)
+        self.tpot = histogram(
+            "time_per_output_token_seconds", "Mean time per output token after the first, per request.", _TOKEN_BUCKETS
+        )
+        self.e2e = histogram("e2e_request_latency_seconds", "Arrival to finish.", _REQUEST_BUCKETS)
+        self.queue = histogram("request_queue_time_seconds", "Arrival to first scheduled step.", _REQUEST_BUCKETS)
+        self.running = gauge("num_requests_running", "Requests with sequences in the running batch.")
+        self.waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
+        self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV cache blocks held by sequences (0 to 1).")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests.")
+        self.generation_tokens = counter("generation_tokens", "Output tokens of finished requests.")
+        self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self.preemptions = counter("num_preemptions", "Sequences preempted to free KV blocks.")
+        self._finished = Counter(
+            "tokenmill:request_finished", "Finished requests by the reason the first sample ended.",
+            [*labels, "finished_reason"], registry=r,
+        )
+        for reason in ("stop", "length", "abort"):  # export zeros, so rates work from the first request
+            self._finished.labels(model_name, reason)
+        self.model_name = model_name
+        self._last: EngineStats | None = None
+
+    def observe_stats(self, stats: EngineStats) -> None:
+        """Set the load gauges and advance the cumulative counters by what changed since last time."""
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        self.kv_usage.set(stats.kv_cache_usage)
+        last = self._last
+        self.prefix_queries.inc(stats.prefix_queries - (last.prefix_queries if last else 0))
+        self.prefix_hits.inc(stats.prefix_hits - (last.prefix_hits if last else 0))
+        self.preemptions.inc(stats.num_preemptions - (last.num_preemptions if last else 0))
+        self._last = stats
+
+    def observe_finished(self, output: RequestOutput) -> None:
+        """Record one finished (or aborted) request's latencies and token counts."""
+        m = output.metrics
+        num_output = sum(len(o.token_ids) for o in output.outputs)
+        self.prompt_tokens.inc(len(output.prompt_token_ids))
+        self.generation_tokens.inc(num_output)
+        reason = output.outputs[0].finish_reason or "abort"
+        self._finished.labels(self.model_name, reason).inc()
+        if m.finished_time is not None:
+            self.e2e.observe(m.finished_time - m.arrival_time)
+        if m.first_scheduled_time is not None:
+            self.queue.observe(m.first_scheduled_time - m.arrival_time)
+        if m.first_token_time is None:
+            return
+        self.ttft.observe(m.first_token_time - m.arrival_time)
+        # n > 1 samples share steps, so consecutive steps (not samples) define the gaps.
+        steps = sorted(set(m.token_times))
+        for earlier, later in zip(steps, steps[1:]):
+            self.itl.observe(later - earlier)
+        if len(steps) > 1:
+            self.tpot.observe((steps[-1] - steps[0]) / (len(steps) - 1))
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)

@@ -1,0 +1,167 @@
+"""What completions and chat share: admission with back-pressure, stream merging, disconnects, usage, SSE."""
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from tokenmill.config import ServerConfig
+from tokenmill.engine.async_engine import AsyncEngine, RequestStream
+from tokenmill.engine.llm_engine import RequestOutput
+from tokenmill.loader.tokenizer import Tokenizer
+from tokenmill.sampling import SamplingParams
+from tokenmill.server.errors import APIError, from_exception
+from tokenmill.server.metrics import Metrics
+
+
+@dataclass
+class ServerState:
+    """What every route needs: the engine front, the tokenizer, the served name and settings."""
+
+    engine: AsyncEngine
+    tokenizer: Tokenizer
+    model_name: str
+    max_model_len: int
+    config: ServerConfig
+    metrics: Metrics
+
+    def check_model(self, model: str | None) -> None:
+        """404 unless the request names the served model (or none)."""
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+
+
+def state_of(request: Request) -> ServerState:
+    """The ServerState the app was built with."""
+    return request.app.state.tokenmill
+
+
+def new_id(prefix: str) -> str:
+    """An OpenAI-style response id."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+async def submit(
+    state: ServerState, prompts: list[list[int]], params: SamplingParams, priority: int, id_prefix: str
+) -> list[RequestStream]:
+    """Queue one engine request per prompt, all or none; 429 when too many already wait."""
+    if state.engine.num_waiting >= state.config.max_waiting:
+        raise APIError(429, f"{state.engine.num_waiting} requests are already waiting (limit "
+                       f"{state.config.max_waiting}); retry shortly", type="rate_limit_error",
+                       code="too_many_waiting_requests", headers={"Retry-After": "1"})
+    arrival = time.perf_counter()
+    streams: list[RequestStream] = []
+    try:
+        for i, prompt in enumerate(prompts):
+            streams.append(await state.engine.add_request(f"{id_prefix}-{i}", prompt, params, arrival, priority))
+    except BaseException:
+        for stream in streams:
+            stream.close()  # NOTE: closing an unfinished stream aborts its request
+        raise
+    return streams
+
+
+async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several streams as (stream index, output), as they arrive; closing this aborts them all."""
+    arrivals: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: RequestStream) -> None:
+        try:
+            async for output in stream:
+                arrivals.put_nowait((i, output))
+        except Exception as exc:
+            arrivals.put_nowait((i, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        unfinished = len(streams)
+        while unfinished:
+            i, item = await arrivals.get()
+            if isinstance(item, Exception):
+                raise item
+            unfinished -= item.finished
+            yield i, item
+    finally:
+        # NOTE: no awaits here: under a cancelled (anyio) scope every await raises again at once.
+        for stream in streams:
+            stream.close()
+        for task in tasks:
+            task.cancel()
+
+
+async def collect(request: Request, streams: list[RequestStream]) -> list[RequestOutput]:
+    """Final outputs in prompt order; if the client goes away first, abort everything and raise."""
+
+    async def consume() -> list[RequestOutput]:
+        final: dict[int, RequestOutput] = {}
+        async with aclosing(merged(streams)) as outputs:
+            async for i, output in outputs:
+                final[i] = output
+        return [final[i] for i in range(len(streams))]
+
+    work = asyncio.ensure_future(consume())
+    gone = asyncio.ensure_future(_disconnected(request))
+    await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    gone.cancel()
+    if not work.done():
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        raise APIError(499, "client closed the request", code="client_closed_request")
+    return work.result()
+
+
+async def _disconnected(request: Request) -> None:
+    # The body is already read, so the next ASGI message can only be the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def usage(outputs: list[RequestOutput]) -> dict:
+    """OpenAI's usage block, with the prompt tokens served from the prefix cache."""
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outputs)},
+    }
+
+
+async def sse(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
+    """Server-sent events: one `data:` line per chunk, an error event if the engine fails, then [DONE]."""
+    try:
+        async with aclosing(chunks):
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk)}\n\n"
+    except Exception as exc:
+        yield f"data: {json.dumps(from_exception(exc).body)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+class ChoiceDeltas:
+    """Tracks what each choice has already been sent, so streamed chunks carry only what is new."""
+
+    def __init__(self) -> None:
+        self.text_sent: dict[int, int] = {}
+        self.tokens_sent: dict[int, int] = {}
+        self.finished: set[int] = set()
+
+    def new(self, index: int, text: str, num_tokens: int, finish_reason: str | None) -> tuple[str, slice, bool] | None:
+        """(new text, slice of new tokens, just finished) for a choice, or None when nothing changed."""
+        sent_text = self.text_sent.get(index, 0)
+        sent_tokens = self.tokens_sent.get(index, 0)
+        finishing = finish_reason is not None and index not in self.finished
+        if len(text) == sent_text and num_tokens == sent_tokens and not finishing:
+            return None
+        self.text_sent[index] = len(text)
+        self.tokens_sent[index] = num_tokens
+        if finishing:
+            self.finished.add(index)
+        return text[sent_text:], slice(sent_tokens, num_tokens), finishing
