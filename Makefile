@@ -16,7 +16,9 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 serve: install
-	$(VENV)/bin/tokenmill pull $(MODEL)
+	$(VENV)/bin/tokenmill serve --model $(MODEL)
+
+chat: install
 	$(VENV)/bin/tokenmill chat --model $(MODEL)
 
 test: install

@@ -1,0 +1,91 @@
+"""Bad input gets the right 4xx in OpenAI's error shape, and the server keeps serving."""
+
+import httpx
+import pytest
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def _assert_error(response: httpx.Response, status: int, *words: str) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    for word in words:
+        assert word in error["message"]
+    return error
+
+
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        (COMPLETIONS, {"max_tokens": 4}, "prompt"),  # missing field
+        (CHAT, {"max_tokens": 4}, "messages"),
+        (CHAT, {"messages": []}, "messages"),
+        (COMPLETIONS, {"prompt": "hi", "max_tokens": "ten"}, "max_tokens"),  # wrong type
+        (COMPLETIONS, {"prompt": 42}, "prompt"),
+        (CHAT, {"messages": "hi"}, "messages"),
+        (CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+        (COMPLETIONS, {"prompt": "hi", "max_tokens": -1}, "max_tokens"),  # out of range
+        (COMPLETIONS, {"prompt": "hi", "temperature": -0.5}, "temperature"),
+        (CHAT, {"messages": MESSAGES, "top_p": 0}, "top_p"),
+        (CHAT, {"messages": MESSAGES, "top_p": 1.5}, "top_p"),
+        (COMPLETIONS, {"prompt": "hi", "n": 0}, "n"),
+        (CHAT, {"messages": MESSAGES, "max_completion_tokens": 0}, "max_tokens"),
+        (CHAT, {"messages": MESSAGES, "top_logprobs": 3}, "top_logprobs"),
+        (COMPLETIONS, {"prompt": "hi", "logprobs": 21}, "logprobs"),
+        (COMPLETIONS, {"prompt": []}, "prompt"),
+        (COMPLETIONS, {"prompt": [-5, 3]}, "prompt"),
+        (COMPLETIONS, {"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
+        (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages"),
+    ],
+)
+def test_invalid_request_is_400_with_param(server, path, body, param):
+    error = _assert_error(httpx.post(server.url + path, json=body), 400)
+    assert error["param"] == param
+    assert error["type"] == "invalid_request_error"
+
+
+def test_malformed_json_is_400(server):
+    response = httpx.post(server.url + COMPLETIONS, content=b'{"prompt": "hi",', headers={"content-type": "application/json"})
+    _assert_error(response, 400, "not valid JSON")
+
+
+def test_unknown_model_is_404(server):
+    error = _assert_error(httpx.post(server.url + CHAT, json={"model": "gpt-9", "messages": MESSAGES}), 404, "gpt-9")
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+
+
+def test_unknown_route_is_404_in_openai_shape(server):
+    _assert_error(httpx.get(server.url + "/v1/embeddings-nope"), 404)
+
+
+def test_prompt_longer_than_context_states_both_counts(server):
+    response = httpx.post(server.url + COMPLETIONS, json={"prompt": [504] * 9000, "max_tokens": 1})
+    _assert_error(response, 400, "prompt is 9000 tokens", "context is 8192 tokens")
+    response = httpx.post(server.url + COMPLETIONS, json={"prompt": "hi", "max_tokens": 10_000})
+    _assert_error(response, 400, "max_tokens is 10000", "context is 8192 tokens")
+
+
+def test_streaming_request_fails_before_the_stream_starts(server):
+    body = {"messages": MESSAGES, "stream": True, "temperature": -1}
+    with httpx.stream("POST", server.url + CHAT, json=body) as response:
+        response.read()
+    assert response.headers["content-type"].startswith("application/json")
+    _assert_error(response, 400, "temperature")
+
+
+def test_body_over_the_limit_is_413(server):
+    body = b'{"prompt": "' + b"a" * (9 * 1024 * 1024) + b'"}'
+    _assert_error(httpx.post(server.url + COMPLETIONS, content=body, headers={"content-type": "application/json"}), 413)
+
+
+def test_server_keeps_serving_after_bad_requests(server):
+    httpx.post(server.url + COMPLETIONS, content=b"nonsense")
+    httpx.post(server.url + COMPLETIONS, json={"prompt": "hi", "temperature": -1, "stream": True})
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    response = httpx.post(server.url + COMPLETIONS, json={"prompt": "The capital of France is", "max_tokens": 3,
+                                                          "temperature": 0})
+    assert response.status_code == 200 and response.json()["choices"][0]["text"].startswith(" Paris")

@@ -1,0 +1,143 @@
+"""The official openai client against a real server: completions and chat, whole and streamed, sync and async."""
+
+import asyncio
+
+import pytest
+from openai import AsyncOpenAI, OpenAI
+
+
+@pytest.fixture(scope="module")
+def client(server) -> OpenAI:
+    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture()
+def async_client(server) -> AsyncOpenAI:
+    return AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def test_models_lists_the_served_model(client):
+    models = client.models.list().data
+    assert [m.id for m in models] == ["smollm2-135m"]
+
+
+def test_greedy_completion_names_paris_with_usage(client, smollm2_source):
+    prompt = "The capital of France is"
+    result = client.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=8, temperature=0)
+    assert result.choices[0].text.startswith(" Paris")
+    assert result.choices[0].finish_reason == "length"
+    assert result.usage.prompt_tokens == len(smollm2_source.tokenizer.encode(prompt))
+    assert result.usage.completion_tokens == 8
+    assert result.usage.total_tokens == result.usage.prompt_tokens + 8
+
+
+def test_streamed_completion_equals_whole_for_same_seed(client):
+    args = dict(model="smollm2-135m", prompt="Once upon a time", max_tokens=40, temperature=1.0, seed=11)
+    whole = client.completions.create(**args)
+    chunks = list(client.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert streamed == whole.choices[0].text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+
+
+def test_async_streamed_chat_equals_whole_for_same_seed(async_client):
+    messages = [{"role": "user", "content": "Write one sentence about the sea."}]
+
+    async def run():
+        args = dict(model="smollm2-135m", messages=messages, max_completion_tokens=40, temperature=0.8, seed=5)
+        whole = await async_client.chat.completions.create(**args)
+        stream = await async_client.chat.completions.create(**args, stream=True,
+                                                            stream_options={"include_usage": True})
+        chunks = [c async for c in stream]
+        return whole, chunks
+
+    whole, chunks = asyncio.run(run())
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole.choices[0].message.content and streamed
+    usage_chunk = chunks[-1]
+    assert usage_chunk.choices == []
+    assert usage_chunk.usage.completion_tokens == whole.usage.completion_tokens
+    assert usage_chunk.usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_sync_chat_answers_with_the_chat_template(client):
+    result = client.chat.completions.create(
+        model="smollm2-135m", messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=30, temperature=0, user="tester",
+    )
+    assert "Paris" in result.choices[0].message.content
+    assert result.choices[0].message.role == "assistant"
+
+
+def test_several_prompts_and_n_number_choices_prompt_by_prompt(client):
+    prompts = ["The capital of France is", [504, 3575, 314]]
+    result = client.completions.create(model="smollm2-135m", prompt=prompts, n=2, max_tokens=4, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in result.choices) == [0, 1, 2, 3]
+    by_index = {c.index: c.text for c in result.choices}
+    assert by_index[0] == by_index[1] and by_index[2] == by_index[3]  # greedy samples agree
+    assert by_index[0] != by_index[2]
+    assert result.usage.completion_tokens == 16
+
+
+def test_stop_string_is_not_returned_and_ends_with_stop(client):
+    result = client.completions.create(model="smollm2-135m", prompt="The capital of France is", max_tokens=16,
+                                       temperature=0, stop=["."])
+    assert result.choices[0].text == " Paris"
+    assert result.choices[0].finish_reason == "stop"
+
+
+def test_echo_prepends_the_prompt(client):
+    result = client.completions.create(model="smollm2-135m", prompt="The capital of France is", max_tokens=2,
+                                       temperature=0, echo=True)
+    assert result.choices[0].text.startswith("The capital of France is Paris")
+
+
+def test_completion_logprobs_have_top_alternatives(client):
+    result = client.completions.create(model="smollm2-135m", prompt="The capital of France is", max_tokens=3,
+                                       temperature=0, logprobs=2)
+    lp = result.choices[0].logprobs
+    assert "".join(lp.tokens) == result.choices[0].text
+    assert len(lp.token_logprobs) == 3 and all(p <= 0 for p in lp.token_logprobs)
+    assert all(len(top) == 2 for top in lp.top_logprobs)
+    # Greedy: the chosen token is the most likely one.
+    assert max(lp.top_logprobs[0].values()) == pytest.approx(lp.token_logprobs[0], abs=1e-4)
+    assert lp.text_offset[0] == 0 and lp.text_offset[1] == len(lp.tokens[0])
+
+
+def test_streamed_chat_logprobs_match_whole(client):
+    args = dict(model="smollm2-135m", messages=[{"role": "user", "content": "Say hi."}], max_tokens=6,
+                temperature=0, logprobs=True, top_logprobs=3)
+    whole = client.chat.completions.create(**args)
+    streamed = [e for c in client.chat.completions.create(**args, stream=True)
+                if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    content = whole.choices[0].logprobs.content
+    assert len(content) == whole.usage.completion_tokens
+    assert all(len(e.top_logprobs) == 3 for e in content)
+    assert [e.token for e in streamed] == [e.token for e in content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-5)
+
+
+def test_32_concurrent_streams_complete_with_correct_usage(client, async_client, smollm2_source):
+    prompts = [f"Count from {i} to {i + 20}:" for i in range(32)]
+    args = dict(model="smollm2-135m", max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+
+    async def one(prompt: str):
+        stream = await async_client.completions.create(prompt=prompt, stream=True,
+                                                       stream_options={"include_usage": True}, **args)
+        return [c async for c in stream]
+
+    async def run():
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    results = asyncio.run(run())
+    for prompt, chunks in zip(prompts, results):
+        usage = chunks[-1].usage
+        assert usage.prompt_tokens == len(smollm2_source.tokenizer.encode(prompt))
+        assert usage.completion_tokens == 12
+    # Batched greedy text equals each request served alone.
+    for prompt, chunks in list(zip(prompts, results))[:3]:
+        alone = client.completions.create(prompt=prompt, **args).choices[0].text
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == alone

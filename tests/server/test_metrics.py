@@ -1,0 +1,65 @@
+"""Latency metrics come out right from hand-built engine timestamps."""
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tokenmill.engine.llm_engine import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
+from tokenmill.server.metrics import Metrics
+
+
+def _samples(metrics: Metrics) -> dict[str, float]:
+    """Sample values by name, with `[reason]` for finished_reason and `<le` for histogram buckets."""
+    out = {}
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for sample in family.samples:
+            key = sample.name
+            if "finished_reason" in sample.labels:
+                key += f"[{sample.labels['finished_reason']}]"
+            if "le" in sample.labels:
+                key += f"<{sample.labels['le']}"
+            out[key] = sample.value
+    return out
+
+
+def test_finished_request_gives_ttft_tpot_itl_queue_and_e2e():
+    timing = RequestMetrics(arrival_time=10.0, first_scheduled_time=10.5, first_token_time=11.0,
+                            token_times=[11.0, 11.1, 11.3, 11.6], finished_time=11.7)
+    output = RequestOutput("r", "p", [1, 2, 3], [CompletionOutput(0, "abcd", [4, 5, 6, 7], "length")],
+                           finished=True, num_cached_tokens=0, metrics=timing)
+    metrics = Metrics("m")
+    metrics.observe_finished(output)
+    s = _samples(metrics)
+    assert s["tokenmill:time_to_first_token_seconds_sum"] == 1.0
+    assert s["tokenmill:request_queue_time_seconds_sum"] == 0.5
+    assert abs(s["tokenmill:e2e_request_latency_seconds_sum"] - 1.7) < 1e-9
+    # TPOT = (last token - first token) / (tokens - 1) = 0.6 / 3
+    assert abs(s["tokenmill:time_per_output_token_seconds_sum"] - 0.2) < 1e-9
+    # ITL: three gaps, 0.1 + 0.2 + 0.3
+    assert s["tokenmill:inter_token_latency_seconds_count"] == 3
+    assert abs(s["tokenmill:inter_token_latency_seconds_sum"] - 0.6) < 1e-9
+    assert s["tokenmill:inter_token_latency_seconds_bucket<0.1"] == 1
+    assert s["tokenmill:prompt_tokens_total"] == 3 and s["tokenmill:generation_tokens_total"] == 4
+    assert s["tokenmill:request_finished_total[length]"] == 1 and s["tokenmill:request_finished_total[abort]"] == 0
+
+
+def test_request_aborted_before_its_first_token_counts_as_abort_without_ttft():
+    timing = RequestMetrics(arrival_time=1.0, finished_time=3.0)
+    output = RequestOutput("r", None, [1], [CompletionOutput(0, "", [], "abort")], True, 0, timing)
+    metrics = Metrics("m")
+    metrics.observe_finished(output)
+    s = _samples(metrics)
+    assert s["tokenmill:request_finished_total[abort]"] == 1
+    assert s["tokenmill:time_to_first_token_seconds_count"] == 0
+    assert s["tokenmill:e2e_request_latency_seconds_sum"] == 2.0
+
+
+def test_stats_set_gauges_and_advance_counters_by_their_change():
+    metrics = Metrics("m")
+    metrics.observe_stats(EngineStats(2, 3, num_free_blocks=75, num_blocks=100, prefix_queries=64, prefix_hits=32,
+                                      num_preemptions=1))
+    metrics.observe_stats(EngineStats(1, 0, num_free_blocks=90, num_blocks=100, prefix_queries=96, prefix_hits=48,
+                                      num_preemptions=1))
+    s = _samples(metrics)
+    assert s["tokenmill:num_requests_running"] == 1 and s["tokenmill:num_requests_waiting"] == 0
+    assert abs(s["tokenmill:kv_cache_usage_perc"] - 0.1) < 1e-9
+    assert s["tokenmill:prefix_cache_queries_total"] == 96 and s["tokenmill:prefix_cache_hits_total"] == 48
+    assert s["tokenmill:num_preemptions_total"] == 1
