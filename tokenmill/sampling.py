@@ -26,6 +26,9 @@ class SamplingParams:
     ignore_eos: bool = False
     # Number of top alternatives to return per generated token; None returns no logprobs.
     logprobs: int | None = None
+    # Number of top alternatives per prompt token; None skips prompt logprobs (they cost a full LM head
+    # per prompt token and bypass the prefix cache, since cached tokens are never computed).
+    prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
@@ -48,6 +51,8 @@ class SamplingParams:
         )
         _check(self.min_tokens >= 0, "min_tokens", self.min_tokens, "must be >= 0")
         _check(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", self.logprobs, "must be in [0, 20]")
+        _check(self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs",
+               self.prompt_logprobs, "must be in [0, 20]")
         _check(all(s for s in self.stop), "stop", self.stop, "must not contain empty strings")
 
     @property

@@ -95,6 +95,25 @@ def test_echo_prepends_the_prompt(client):
     assert result.choices[0].text.startswith("The capital of France is Paris")
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_with_logprobs_scores_the_prompt_too(client, stream):
+    args = dict(model="smollm2-135m", prompt="The capital of France is", max_tokens=3, temperature=0, logprobs=1)
+    plain = client.completions.create(**args).choices[0].logprobs
+    result = client.completions.create(**args, echo=True, stream=stream)
+    if stream:
+        parts = [c.choices[0].logprobs for c in result if c.choices and c.choices[0].logprobs]
+        tokens = [t for p in parts for t in p.tokens]
+        token_logprobs = [lp for p in parts for lp in p.token_logprobs]
+        offsets = [o for p in parts for o in p.text_offset]
+    else:
+        lp = result.choices[0].logprobs
+        tokens, token_logprobs, offsets = lp.tokens, lp.token_logprobs, lp.text_offset
+    assert "".join(tokens) == "The capital of France is" + "".join(plain.tokens)
+    assert token_logprobs[0] is None and all(p < 0 for p in token_logprobs[1:5])
+    assert token_logprobs[-3:] == pytest.approx(plain.token_logprobs, abs=1e-4)
+    assert offsets == [len("".join(tokens[:i])) for i in range(len(tokens))]
+
+
 def test_completion_logprobs_have_top_alternatives(client):
     result = client.completions.create(model="smollm2-135m", prompt="The capital of France is", max_tokens=3,
                                        temperature=0, logprobs=2)

@@ -35,7 +35,7 @@ def test_hf_directory_matches_transformers(kind, tmp_path, smollm2_source):
     prompts = [[1, 42, 7, 99, 1000], list(range(100, 140)), [5] * 9, [31, 415, 926, 535, 8, 979, 32, 38, 46, 26, 43]]
     for ids in prompts:
         llm.engine.add_request("p", ids, SamplingParams(temperature=0, max_tokens=1))
-        _, logits = llm.engine.runner.execute(llm.engine.scheduler.schedule().scheduled)
+        logits = llm.engine.runner.execute(llm.engine.scheduler.schedule().scheduled).logits
         llm.engine.abort("p")
         with torch.no_grad():
             expected = ref(torch.tensor([ids])).logits[0, -1]

@@ -25,7 +25,7 @@ def _last_logits(llm: LLM, token_ids: list[int]) -> torch.Tensor:
     engine = llm.engine
     engine.add_request("logits", token_ids, SamplingParams(temperature=0, max_tokens=1))
     plan = engine.scheduler.schedule()
-    _, logits = engine.runner.execute(plan.scheduled)
+    logits = engine.runner.execute(plan.scheduled).logits
     engine.abort("logits")
     return logits[0]
 
@@ -48,3 +48,20 @@ def test_64_greedy_tokens_match_transformers(llm, hf_smollm2):
         with torch.no_grad():
             ref = hf_smollm2.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False, min_new_tokens=64)
         assert out.outputs[0].token_ids == ref[0, len(ids) :].tolist()
+
+
+def test_prompt_logprobs_match_transformers_across_chunks(make_engine, hf_smollm2):
+    # A 16-token budget splits each prompt into chunks, so rows from several steps are stitched together.
+    engine = make_engine(max_num_batched_tokens=16, max_num_seqs=16)
+    ids = engine.tokenizer.encode(" ".join(PROMPTS))
+    engine.add_request("p", ids, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=3))
+    outputs = []
+    while engine.has_unfinished():
+        outputs += engine.step()
+    ours = outputs[-1].prompt_logprobs
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_smollm2(torch.tensor([ids])).logits[0, :-1], dim=-1)
+    assert [lp.token_id for lp in ours] == ids[1:]
+    expected = ref.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    assert torch.allclose(torch.tensor([lp.logprob for lp in ours]), expected, atol=1e-3)
+    assert [[t for t, _ in lp.top] for lp in ours] == ref.topk(3).indices.tolist()

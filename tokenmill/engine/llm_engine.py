@@ -54,6 +54,8 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int
     metrics: RequestMetrics
+    # With SamplingParams.prompt_logprobs: entry i is prompt token i + 1 (complete once prefill is done).
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -192,15 +194,21 @@ class LLMEngine:
         for seq, _ in plan.scheduled:
             metrics = self.requests[seq.request_id].metrics
             metrics.first_scheduled_time = metrics.first_scheduled_time or now
-        seqs, logits = self.runner.execute(plan.scheduled)
+        out = self.runner.execute(plan.scheduled)
         # NOTE: sample before recording progress, so a failure leaves every sequence as it was.
-        sampled = self.sampler(logits, seqs)
+        sampled = self.sampler(out.logits, out.sample_seqs)
+        for seq, start, logits in out.prompt_logits:
+            targets = seq.token_ids[start + 1 : start + 1 + logits.shape[0]]
+            # Slice assignment: a preempted sequence recomputes its prompt and rewrites equal values.
+            seq.prompt_logprobs[start : start + len(targets)] = self.sampler.prompt_logprobs(
+                logits, targets, seq.params.prompt_logprobs or 0
+            )
         for seq, n in plan.scheduled:
             seq.num_computed_tokens += n
             self.block_manager.cache_full_blocks(seq)
         now = time.perf_counter()
         touched: dict[str, _Request] = {}
-        for seq, token_id, logprob in zip(seqs, sampled.token_ids, sampled.logprobs):
+        for seq, token_id, logprob in zip(out.sample_seqs, sampled.token_ids, sampled.logprobs):
             request = self.requests[seq.request_id]
             self._append_token(request, seq, token_id, logprob, now)
             touched[seq.request_id] = request
@@ -255,4 +263,5 @@ class LLMEngine:
             finished=all(s.is_finished for s in request.seqs),
             num_cached_tokens=request.seqs[0].num_cached_tokens,
             metrics=request.metrics,
+            prompt_logprobs=request.seqs[0].prompt_logprobs if request.params.prompt_logprobs is not None else None,
         )

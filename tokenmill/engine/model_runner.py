@@ -1,6 +1,7 @@
 """ModelRunner: loads the model, owns the KV pool, turns a schedule into a flat batch and logits."""
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -13,6 +14,16 @@ from tokenmill.models.registry import model_class
 logger = logging.getLogger(__name__)
 
 _GIB = 1 << 30
+
+
+@dataclass
+class RunnerOutput:
+    """One step's logits: the last row of each sequence that reached its end, and prompt rows where asked."""
+
+    sample_seqs: list[Sequence]
+    logits: torch.Tensor  # [len(sample_seqs), vocab]
+    # (sequence, first position, logits [rows, vocab]): row j predicts prompt token first + j + 1.
+    prompt_logits: list[tuple[Sequence, int, torch.Tensor]]
 
 
 class ModelRunner:
@@ -55,8 +66,8 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
-        """Run the scheduled tokens; return the sequences that reached their last token and their logits."""
+    def execute(self, scheduled: list[tuple[Sequence, int]]) -> RunnerOutput:
+        """Run the scheduled tokens; return logits of sequences that reached their last token (and prompt rows)."""
         # Decodes first: the attention layer batches them and handles prompt chunks one by one.
         batch = sorted(scheduled, key=lambda item: item[1] > 1)
         input_ids: list[int] = []
@@ -67,6 +78,7 @@ class ModelRunner:
         prefills: list[PrefillChunk] = []
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
+        prompt_rows: list[tuple[Sequence, int, int, int]] = []  # seq, first position, first row, rows
         for seq, n in batch:
             start = seq.num_computed_tokens
             query_start = len(input_ids)
@@ -83,6 +95,9 @@ class ModelRunner:
             if start + n == seq.num_tokens:
                 sample_rows.append(len(input_ids) - 1)
                 sample_seqs.append(seq)
+            last_prompt_row = min(start + n, seq.num_prompt_tokens - 1)
+            if seq.params.prompt_logprobs is not None and start < last_prompt_row:
+                prompt_rows.append((seq, start, query_start, last_prompt_row - start))
         metadata = AttentionMetadata(
             slot_mapping=self._tensor(slots),
             num_decodes=len(decode_lens),
@@ -93,7 +108,11 @@ class ModelRunner:
         with attention_metadata(metadata):
             hidden = self.model(self._tensor(input_ids), self._tensor(positions))
         logits = self.model.compute_logits(hidden[self._tensor(sample_rows)]).float()
-        return sample_seqs, logits
+        prompt_logits = [
+            (seq, start, self.model.compute_logits(hidden[row : row + count]).float())
+            for seq, start, row, count in prompt_rows
+        ]
+        return RunnerOutput(sample_seqs, logits, prompt_logits)
 
     def _tensor(self, values: list) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

@@ -42,6 +42,19 @@ class Sampler:
                     logprobs[i] = _token_logprob(raw_logprobs[i], token_ids[i], seq.params.logprobs or 0)
         return SamplerOutput(token_ids, logprobs)
 
+    @torch.inference_mode()
+    def prompt_logprobs(self, logits: torch.Tensor, targets: list[int], top_n: int) -> list[TokenLogprob]:
+        """Logprob of each target token under its row of logits [rows, vocab], with top_n alternatives."""
+        logprobs = torch.log_softmax(logits, dim=-1)
+        chosen = logprobs.gather(1, torch.tensor(targets, device=logits.device)[:, None])[:, 0].tolist()
+        if not top_n:
+            return [TokenLogprob(t, lp) for t, lp in zip(targets, chosen)]
+        values, ids = logprobs.topk(top_n, dim=-1)
+        return [
+            TokenLogprob(t, lp, list(zip(i, v)))
+            for t, lp, i, v in zip(targets, chosen, ids.tolist(), values.tolist())
+        ]
+
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         for i, seq in enumerate(seqs):
             p = seq.params

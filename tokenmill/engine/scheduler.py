@@ -67,7 +67,8 @@ class Scheduler:
                 break
             if seq.parent is not None and not _prefilled(seq.parent):
                 continue  # wait to share the sibling's prompt blocks instead of computing them again
-            self.block_manager.allocate_prefix(seq)
+            if seq.params.prompt_logprobs is None:  # prompt logprobs need every prompt token computed
+                self.block_manager.allocate_prefix(seq)
             n = min(seq.num_uncomputed_tokens, budget)
             if not self.block_manager.can_allocate(seq, n):
                 self.block_manager.free(seq)

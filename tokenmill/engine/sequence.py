@@ -63,6 +63,8 @@ class Sequence:
         self.block_hashes: list[int] = []
         self.finish_reason: str | None = None
         self.logprobs: list[TokenLogprob] = []
+        # Entry i is prompt token i + 1 given the tokens before it (the first token has no logprob).
+        self.prompt_logprobs: list[TokenLogprob] = []
         self.cumulative_logprob = 0.0
         self.num_preemptions = 0
 

@@ -7,12 +7,13 @@ from contextlib import aclosing
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from tokenmill.engine.async_engine import RequestStream
 from tokenmill.engine.llm_engine import CompletionOutput, RequestOutput
 from tokenmill.engine.sequence import TokenLogprob
 from tokenmill.errors import InvalidRequestError
 from tokenmill.loader.tokenizer import Tokenizer
 from tokenmill.server.protocol import CompletionRequest
-from tokenmill.server.serving import ChoiceDeltas, RequestStream, collect, merged, new_id, sse, state_of, submit, usage
+from tokenmill.server.serving import ChoiceDeltas, collect, merged, new_id, sse, state_of, submit, usage
 
 
 async def create_completion(body: CompletionRequest, request: Request):
@@ -20,8 +21,6 @@ async def create_completion(body: CompletionRequest, request: Request):
     state = state_of(request)
     state.check_model(body.model)
     params = body.sampling_params()
-    if body.echo and body.logprobs is not None:
-        raise InvalidRequestError("echo with logprobs needs prompt logprobs, which are not supported yet", param="echo")
     prompts = _prompt_token_ids(body.prompt, state.tokenizer)
     response_id = new_id("cmpl")
     streams = await submit(state, prompts, params, body.priority, response_id)
@@ -57,12 +56,22 @@ def _echo(body: CompletionRequest, output: RequestOutput, tokenizer: Tokenizer) 
     return output.prompt if output.prompt is not None else tokenizer.decode(output.prompt_token_ids)
 
 
+def _echo_logprobs(output: RequestOutput) -> tuple[list[int], list[TokenLogprob | None]]:
+    """The prompt's tokens and logprobs, to lead an echoed choice (the first token has none)."""
+    assert output.prompt_logprobs is not None
+    return output.prompt_token_ids, [None, *output.prompt_logprobs]
+
+
 def _choice(body: CompletionRequest, output: RequestOutput, sample: CompletionOutput, tokenizer: Tokenizer,
             index: int) -> dict:
     echo = _echo(body, output, tokenizer)
     logprobs = None
     if sample.logprobs is not None:
-        logprobs = completion_logprobs(sample.token_ids, sample.logprobs, tokenizer, len(echo))
+        token_ids, token_logprobs = list(sample.token_ids), list(sample.logprobs)
+        if body.echo:
+            prompt_ids, prompt_logprobs = _echo_logprobs(output)
+            token_ids, token_logprobs = prompt_ids + token_ids, prompt_logprobs + token_logprobs
+        logprobs = completion_logprobs(token_ids, token_logprobs, tokenizer, 0)
     return {"index": index, "text": echo + sample.text, "logprobs": logprobs, "finish_reason": sample.finish_reason}
 
 
@@ -82,14 +91,16 @@ async def _chunks(body: CompletionRequest, streams: list[RequestStream], tokeniz
                 if new is None:
                     continue
                 text, tokens, finishing = new
+                token_ids, token_logprobs = sample.token_ids[tokens], (sample.logprobs or [])[tokens]
                 if index not in offsets:
-                    echo = _echo(body, output, tokenizer)
-                    text, offsets[index] = echo + text, len(echo)
+                    offsets[index] = 0
+                    text = _echo(body, output, tokenizer) + text
+                    if body.echo and sample.logprobs is not None:
+                        prompt_ids, prompt_logprobs = _echo_logprobs(output)
+                        token_ids, token_logprobs = prompt_ids + token_ids, prompt_logprobs + token_logprobs
                 logprobs = None
                 if sample.logprobs is not None:
-                    logprobs = completion_logprobs(
-                        sample.token_ids[tokens], sample.logprobs[tokens], tokenizer, offsets[index]
-                    )
+                    logprobs = completion_logprobs(token_ids, token_logprobs, tokenizer, offsets[index])
                     offsets[index] += sum(len(t) for t in logprobs["tokens"])
                 choices.append({"index": index, "text": text, "logprobs": logprobs,
                                 "finish_reason": sample.finish_reason if finishing else None})
@@ -101,7 +112,7 @@ async def _chunks(body: CompletionRequest, streams: list[RequestStream], tokeniz
                "usage": usage([finals[i] for i in range(len(streams))])}
 
 
-def completion_logprobs(token_ids: list[int], logprobs: list[TokenLogprob], tokenizer: Tokenizer,
+def completion_logprobs(token_ids: list[int], logprobs: list[TokenLogprob | None], tokenizer: Tokenizer,
                         text_offset: int) -> dict:
     """The legacy completions logprobs block: tokens, their logprobs, top alternatives, text offsets."""
     tokens = [tokenizer.decode([t]) for t in token_ids]
@@ -111,7 +122,7 @@ def completion_logprobs(token_ids: list[int], logprobs: list[TokenLogprob], toke
         text_offset += len(token)
     return {
         "tokens": tokens,
-        "token_logprobs": [lp.logprob for lp in logprobs],
-        "top_logprobs": [{tokenizer.decode([t]): p for t, p in lp.top} for lp in logprobs],
+        "token_logprobs": [None if lp is None else lp.logprob for lp in logprobs],
+        "top_logprobs": [None if lp is None else {tokenizer.decode([t]): p for t, p in lp.top} for lp in logprobs],
         "text_offset": offsets,
     }

@@ -47,6 +47,7 @@ class _GenerationRequest(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        """SamplingParams from the shared fields; raises InvalidRequestError naming the bad field."""
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options is only allowed when stream is true", param="stream_options")
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -72,7 +73,10 @@ class CompletionRequest(_GenerationRequest):
         """Validated sampling settings for every prompt of this request."""
         if self.suffix:
             raise InvalidRequestError("suffix (fill-in-the-middle) is not supported", param="suffix")
-        return self._sampling_params(self.max_tokens, self.logprobs)
+        params = self._sampling_params(self.max_tokens, self.logprobs)
+        if self.echo and self.logprobs is not None:
+            params.prompt_logprobs = self.logprobs  # echoed prompt tokens carry logprobs too
+        return params
 
 
 class ChatMessage(BaseModel):
