@@ -89,7 +89,10 @@ class ServerConfig:
     shutdown_timeout: float = 30.0
 
     def __post_init__(self) -> None:
-        if self.max_waiting < 0:
-            raise InvalidRequestError(f"max_waiting={self.max_waiting} must be >= 0")
+        for name in ("max_waiting", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise InvalidRequestError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.shutdown_timeout < 0:
+            raise InvalidRequestError(f"shutdown_timeout={self.shutdown_timeout} must be >= 0")
         if not 0 <= self.port < 65536:
             raise InvalidRequestError(f"port={self.port} must be in [0, 65535]")

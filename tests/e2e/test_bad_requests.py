@@ -40,6 +40,11 @@ def _assert_error(response: httpx.Response, status: int, *words: str) -> dict:
         (COMPLETIONS, {"prompt": [-5, 3]}, "prompt"),
         (COMPLETIONS, {"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
         (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages"),
+        (CHAT, {"messages": MESSAGES, "n": 129}, "n"),
+        (CHAT, {"messages": MESSAGES, "logit_bias": {"42": 5}}, "logit_bias"),  # refused, not ignored
+        (CHAT, {"messages": MESSAGES, "response_format": {"type": "json_object"}}, "response_format"),
+        (CHAT, {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        (CHAT, {"messages": [{"role": "user", "content": "hi " * 9000}]}, "messages"),  # too long
     ],
 )
 def test_invalid_request_is_400_with_param(server, path, body, param):
@@ -51,6 +56,20 @@ def test_invalid_request_is_400_with_param(server, path, body, param):
 def test_malformed_json_is_400(server):
     response = httpx.post(server.url + COMPLETIONS, content=b'{"prompt": "hi",', headers={"content-type": "application/json"})
     _assert_error(response, 400, "not valid JSON")
+
+
+def test_body_that_is_not_a_json_object_says_so(server):
+    response = httpx.post(server.url + COMPLETIONS, content=b"prompt=hi",
+                          headers={"content-type": "application/x-www-form-urlencoded"})
+    _assert_error(response, 400, "JSON object")
+
+
+def test_null_means_default_as_in_openai(server):
+    body = {"messages": MESSAGES, "max_tokens": 2, "temperature": None, "top_p": None, "n": None, "stream": None,
+            "logprobs": None, "presence_penalty": None, "frequency_penalty": None}
+    response = httpx.post(server.url + CHAT, json=body)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["choices"]) == 1
 
 
 def test_unknown_model_is_404(server):

@@ -3,7 +3,7 @@
 import asyncio
 
 import pytest
-from openai import AsyncOpenAI, OpenAI
+from openai import AsyncOpenAI, NotFoundError, OpenAI
 
 
 @pytest.fixture(scope="module")
@@ -16,9 +16,12 @@ def async_client(server) -> AsyncOpenAI:
     return AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
 
 
-def test_models_lists_the_served_model(client):
+def test_models_lists_and_retrieves_the_served_model(client):
     models = client.models.list().data
     assert [m.id for m in models] == ["smollm2-135m"]
+    assert client.models.retrieve("smollm2-135m").id == "smollm2-135m"
+    with pytest.raises(NotFoundError):
+        client.models.retrieve("gpt-9")
 
 
 def test_greedy_completion_names_paris_with_usage(client, smollm2_source):
@@ -80,6 +83,18 @@ def test_several_prompts_and_n_number_choices_prompt_by_prompt(client):
     assert by_index[0] == by_index[1] and by_index[2] == by_index[3]  # greedy samples agree
     assert by_index[0] != by_index[2]
     assert result.usage.completion_tokens == 16
+
+
+def test_stream_never_sends_empty_deltas_while_a_stop_string_is_held_back(client):
+    # Greedy, this reply is "The capital of France is Paris." and the stop string straddles several tokens.
+    chunks = list(client.chat.completions.create(
+        model="smollm2-135m", messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=30, temperature=0, stop=["France is Paris"], stream=True,
+    ))
+    deltas = [c.choices[0].delta.content for c in chunks[1:]]
+    assert all(deltas[:-1])  # after the role chunk, only the finishing chunk may be empty
+    assert "".join(d or "" for d in deltas) == "The capital of "
+    assert chunks[-1].choices[0].finish_reason == "stop"
 
 
 def test_stop_string_is_not_returned_and_ends_with_stop(client):

@@ -15,7 +15,7 @@ logger = logging.getLogger(__name__)
 
 
 class EngineStepError(TokenmillError):
-    """The engine failed while running a step; the requests in it were aborted."""
+    """The engine failed while running a request, or is not running; the request was aborted."""
 
 
 @dataclass
@@ -57,6 +57,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._pending_lock = threading.Lock()
         self._pending = 0  # adds sent but not yet taken by the engine thread
+        self._dead = False  # set, under _pending_lock, once the engine thread can take no more commands
 
     @property
     def num_waiting(self) -> int:
@@ -93,8 +94,10 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         add = _Add(request_id, prompt_token_ids, params, arrival_time, priority, loop.create_future(), asyncio.Queue())
         with self._pending_lock:
+            if self._dead or self._thread is None:
+                raise EngineStepError("the engine is not running; see the server log")
             self._pending += 1
-        self._commands.put(add)
+            self._commands.put(add)
         try:
             await add.accepted
         except asyncio.CancelledError:
@@ -109,16 +112,37 @@ class AsyncEngine:
     # --- everything below runs on the engine thread ---
 
     def _run(self) -> None:
-        while True:
-            idle = not self.engine.has_unfinished()
-            if not self._apply_commands(block=idle):
-                break
-            if self.engine.has_unfinished():
-                self._step()
+        try:
+            while True:
+                idle = not self.engine.has_unfinished()
+                if not self._apply_commands(block=idle):
+                    break
+                if self.engine.has_unfinished():
+                    self._step()
+                self._publish_stats()
+            for request_id in list(self._queues):
+                self._abort(request_id)
             self._publish_stats()
-        for request_id in list(self._queues):
-            self._abort(request_id)
-        self._publish_stats()
+        except Exception:
+            logger.exception("the engine loop died; /health now answers 503")
+        finally:
+            self._fail_everything()
+
+    def _fail_everything(self) -> None:
+        """Leave no caller waiting once this thread ends: fail live streams and adds not yet taken."""
+        with self._pending_lock:
+            self._dead = True
+        error = EngineStepError("the engine stopped while serving this request; see the server log")
+        for outputs_queue in self._queues.values():
+            self._call(outputs_queue.put_nowait, error)
+        self._queues.clear()
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, _Add):
+                self._call(_resolve, command.accepted, error)
 
     def _apply_commands(self, block: bool) -> bool:
         """Apply every queued command (waiting for one when idle); False once asked to stop."""
@@ -159,30 +183,32 @@ class AsyncEngine:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception as exc:
+        except Exception:
             # NOTE: a bug in one step must not kill the server; fail the requests it held and go on.
             logger.exception("engine step failed; aborting %d requests", len(self._queues))
+            error = EngineStepError("the engine failed while running this request; see the server log")
             for request_id, outputs_queue in list(self._queues.items()):
-                self.engine.abort(request_id)
                 del self._queues[request_id]
-                self._call(outputs_queue.put_nowait, EngineStepError(f"the engine failed: {exc}"))
+                self._call(outputs_queue.put_nowait, error)
+                try:
+                    self.engine.abort(request_id)
+                except Exception:
+                    logger.exception("abort of %s failed too", request_id)
             return
         for output in outputs:
             self._deliver(output)
 
     def _deliver(self, output: RequestOutput) -> None:
         outputs_queue = self._queues.get(output.request_id)
-        if output.finished:
-            self._queues.pop(output.request_id, None)
-            if self.on_finished is not None:
-                self.on_finished(output)
         if outputs_queue is not None:
             self._call(outputs_queue.put_nowait, output)
+        if output.finished:
+            self._queues.pop(output.request_id, None)
+            _observe(self.on_finished, output)
 
     def _publish_stats(self) -> None:
         self.stats = self.engine.stats()
-        if self.on_stats is not None:
-            self.on_stats(self.stats)
+        _observe(self.on_stats, self.stats)
 
     def _call(self, fn: Callable, *args: object) -> None:
         assert self._loop is not None
@@ -219,6 +245,16 @@ class RequestStream:
         if not self._done:
             self._done = True
             self._engine.abort(self.request_id)
+
+
+def _observe(callback: Callable | None, value: object) -> None:
+    """Run a metrics callback; a failing one is logged, never allowed to stop the engine."""
+    if callback is None:
+        return
+    try:
+        callback(value)
+    except Exception:
+        logger.exception("metrics callback failed")
 
 
 def _resolve(future: asyncio.Future, exc: Exception | None) -> None:

@@ -42,24 +42,34 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
     install_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
 
+    # response_model=None: handlers build OpenAI's JSON themselves; FastAPI need not re-validate it.
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key(config.api_key))])
-    v1.add_api_route("/models", list_models, methods=["GET"])
-    v1.add_api_route("/completions", create_completion, methods=["POST"])
-    v1.add_api_route("/chat/completions", create_chat_completion, methods=["POST"])
+    v1.add_api_route("/models", list_models, methods=["GET"], response_model=None)
+    v1.add_api_route("/models/{model_id}", get_model, methods=["GET"], response_model=None)
+    v1.add_api_route("/completions", create_completion, methods=["POST"], response_model=None)
+    v1.add_api_route("/chat/completions", create_chat_completion, methods=["POST"], response_model=None)
     app.include_router(v1)
-    app.add_api_route("/health", health, methods=["GET"])
-    app.add_api_route("/version", get_version, methods=["GET"])
-    app.add_api_route("/metrics", get_metrics, methods=["GET"])
+    app.add_api_route("/health", health, methods=["GET"], response_model=None)
+    app.add_api_route("/version", get_version, methods=["GET"], response_model=None)
+    app.add_api_route("/metrics", get_metrics, methods=["GET"], response_model=None)
     return app
 
 
 async def list_models(request: Request) -> dict:
     """The one model this server serves."""
+    return {"object": "list", "data": [_model_card(state_of(request))]}
+
+
+async def get_model(model_id: str, request: Request) -> dict:
+    """The served model by its id; 404 for any other."""
     state = state_of(request)
-    return {"object": "list", "data": [
-        {"id": state.model_name, "object": "model", "created": 0, "owned_by": "tokenmill",
-         "max_model_len": state.max_model_len}
-    ]}
+    state.check_model(model_id)
+    return _model_card(state)
+
+
+def _model_card(state: ServerState) -> dict:
+    return {"id": state.model_name, "object": "model", "created": 0, "owned_by": "tokenmill",
+            "max_model_len": state.max_model_len}
 
 
 async def health(request: Request) -> Response:

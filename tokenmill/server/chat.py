@@ -1,5 +1,6 @@
 """POST /v1/chat/completions: messages rendered with the model's chat template, answered whole or streamed."""
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -9,23 +10,30 @@ from fastapi.responses import StreamingResponse
 
 from tokenmill.engine.async_engine import RequestStream
 from tokenmill.engine.sequence import TokenLogprob
+from tokenmill.errors import InvalidRequestError
 from tokenmill.loader.tokenizer import Tokenizer
 from tokenmill.server.protocol import ChatCompletionRequest
 from tokenmill.server.serving import ChoiceDeltas, collect, merged, new_id, sse, state_of, submit, usage
 
 
-async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> dict | StreamingResponse:
     """Answer one conversation with n choices."""
     state = state_of(request)
     state.check_model(body.model)
     params = body.sampling_params()
     tokenizer = state.tokenizer
-    prompt = tokenizer.encode(tokenizer.apply_chat_template(body.conversation()), add_special_tokens=False)
+    # Off the event loop: rendering and tokenizing a long conversation must not stall other streams.
+    prompt = await asyncio.to_thread(_prompt_token_ids, tokenizer, body.conversation())
     response_id = new_id("chatcmpl")
-    streams = await submit(state, [prompt], params, body.priority, response_id)
+    try:
+        streams = await submit(state, [prompt], params, body.priority, response_id)
+    except InvalidRequestError as exc:
+        if exc.param == "prompt":  # chat requests have messages, not a prompt
+            exc.param = "messages"
+        raise
     created = int(time.time())
     if body.stream:
-        chunks = _chunks(body, streams[0], tokenizer, response_id, created, state.model_name)
+        chunks = _chunks(body, params.n, streams[0], tokenizer, response_id, created, state.model_name)
         return StreamingResponse(sse(chunks), media_type="text/event-stream")
     (output,) = await collect(request, streams)
     choices = [
@@ -43,13 +51,17 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     }
 
 
-async def _chunks(body: ChatCompletionRequest, stream: RequestStream, tokenizer: Tokenizer, response_id: str,
-                  created: int, model: str) -> AsyncIterator[dict]:
+def _prompt_token_ids(tokenizer: Tokenizer, conversation: list[dict[str, str]]) -> list[int]:
+    return tokenizer.encode(tokenizer.apply_chat_template(conversation), add_special_tokens=False)
+
+
+async def _chunks(body: ChatCompletionRequest, n: int, stream: RequestStream, tokenizer: Tokenizer,
+                  response_id: str, created: int, model: str) -> AsyncIterator[dict]:
     head = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model}
     # As OpenAI: each choice opens with a chunk that only names the role.
     yield {**head, "choices": [
         {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-        for i in range(body.n)
+        for i in range(n)
     ]}
     deltas = ChoiceDeltas()
     final = None

@@ -1,5 +1,6 @@
 """POST /v1/completions: text completion of one or more prompts, whole or streamed."""
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -16,17 +17,18 @@ from tokenmill.server.protocol import CompletionRequest
 from tokenmill.server.serving import ChoiceDeltas, collect, merged, new_id, sse, state_of, submit, usage
 
 
-async def create_completion(body: CompletionRequest, request: Request):
+async def create_completion(body: CompletionRequest, request: Request) -> dict | StreamingResponse:
     """Complete each prompt; choices are numbered prompt by prompt, n per prompt."""
     state = state_of(request)
     state.check_model(body.model)
     params = body.sampling_params()
-    prompts = _prompt_token_ids(body.prompt, state.tokenizer)
+    # Off the event loop: a long prompt takes a while to tokenize and must not stall other streams.
+    prompts = await asyncio.to_thread(_prompt_token_ids, body.prompt, state.tokenizer)
     response_id = new_id("cmpl")
     streams = await submit(state, prompts, params, body.priority, response_id)
     created = int(time.time())
     if body.stream:
-        chunks = _chunks(body, streams, state.tokenizer, response_id, created, state.model_name)
+        chunks = _chunks(body, params.n, streams, state.tokenizer, response_id, created, state.model_name)
         return StreamingResponse(sse(chunks), media_type="text/event-stream")
     outputs = await collect(request, streams)
     choices = [
@@ -75,9 +77,8 @@ def _choice(body: CompletionRequest, output: RequestOutput, sample: CompletionOu
     return {"index": index, "text": echo + sample.text, "logprobs": logprobs, "finish_reason": sample.finish_reason}
 
 
-async def _chunks(body: CompletionRequest, streams: list[RequestStream], tokenizer: Tokenizer, response_id: str,
-                  created: int, model: str) -> AsyncIterator[dict]:
-    n = body.n
+async def _chunks(body: CompletionRequest, n: int, streams: list[RequestStream], tokenizer: Tokenizer,
+                  response_id: str, created: int, model: str) -> AsyncIterator[dict]:
     deltas = ChoiceDeltas()
     offsets: dict[int, int] = {}
     finals: dict[int, RequestOutput] = {}

@@ -59,6 +59,9 @@ def install_handlers(app: FastAPI) -> None:
         first = exc.errors()[0]
         if first.get("type") == "json_invalid":
             return APIError(400, f"request body is not valid JSON: {first.get('msg')}").response()
+        if tuple(first.get("loc", ())) == ("body",):
+            return APIError(400, "request body must be a JSON object, sent with Content-Type: application/json"
+                            ).response()
         param = _param(first.get("loc", ()))
         where = f"{param}: " if param else ""
         return APIError(400, f"{where}{first.get('msg')}", param=param).response()

@@ -1,11 +1,21 @@
 """OpenAI request bodies as pydantic models, and their translation to SamplingParams."""
 
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from tokenmill.errors import InvalidRequestError
 from tokenmill.sampling import SamplingParams
+
+
+T = TypeVar("T")
+
+# OpenAI's own limit on choices per request; more would let one request fill the whole batch.
+MAX_N = 128
+
+
+def _or(value: T | None, default: T) -> T:
+    return default if value is None else value
 
 
 class StreamOptions(BaseModel):
@@ -20,17 +30,23 @@ class _GenerationRequest(BaseModel):
     # Unknown fields are ignored, as OpenAI does, so clients that send newer fields keep working.
     model_config = ConfigDict(extra="ignore")
 
+    # OpenAI marks these nullable; None means the default, as there.
     model: str | None = None
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
+    n: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    stream: bool = False
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # Accepted so they can be refused by name rather than silently ignored.
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
     # Extensions named as in vLLM.
     top_k: int = -1
     min_p: float = 0.0
@@ -50,14 +66,27 @@ class _GenerationRequest(BaseModel):
         """SamplingParams from the shared fields; raises InvalidRequestError naming the bad field."""
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options is only allowed when stream is true", param="stream_options")
+        if self.n is not None and self.n > MAX_N:
+            raise InvalidRequestError(f"n={self.n} must be at most {MAX_N}", param="n")
+        self._refuse_unsupported()
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return SamplingParams(
-            n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty, seed=self.seed, max_tokens=max_tokens,
+            n=_or(self.n, 1), temperature=_or(self.temperature, 1.0), top_p=_or(self.top_p, 1.0), top_k=self.top_k,
+            min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+            presence_penalty=_or(self.presence_penalty, 0.0), frequency_penalty=_or(self.frequency_penalty, 0.0),
+            seed=self.seed, max_tokens=max_tokens,
             min_tokens=self.min_tokens, stop=stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
             logprobs=logprobs, include_stop_str_in_output=self.include_stop_str_in_output,
         )
+
+    def _refuse_unsupported(self) -> None:
+        if self.logit_bias:
+            raise InvalidRequestError("logit_bias is not supported", param="logit_bias")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise InvalidRequestError("response_format other than text (JSON mode) is not supported",
+                                      param="response_format")
+        if self.tools or self.tool_choice not in (None, "none"):
+            raise InvalidRequestError("tools and tool_choice (function calling) are not supported", param="tools")
 
 
 class CompletionRequest(_GenerationRequest):
@@ -109,7 +138,7 @@ class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    logprobs: bool = False
+    logprobs: bool | None = None
     top_logprobs: int | None = None
 
     def sampling_params(self) -> SamplingParams:
@@ -121,5 +150,11 @@ class ChatCompletionRequest(_GenerationRequest):
         return self._sampling_params(max_tokens, logprobs)
 
     def conversation(self) -> list[dict[str, str]]:
-        """Messages as plain dicts for the chat template."""
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+        """Messages as plain dicts for the chat template; `developer` is OpenAI's newer name for `system`."""
+        messages = []
+        for m in self.messages:
+            message = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            if m.name is not None:
+                message["name"] = m.name
+            messages.append(message)
+        return messages

@@ -51,6 +51,8 @@ async def submit(
     state: ServerState, prompts: list[list[int]], params: SamplingParams, priority: int, id_prefix: str
 ) -> list[RequestStream]:
     """Queue one engine request per prompt, all or none; 429 when too many already wait."""
+    if not state.engine.is_running:
+        raise APIError(503, "the engine is not running; see the server log", type="server_error")
     if state.engine.num_waiting >= state.config.max_waiting:
         raise APIError(429, f"{state.engine.num_waiting} requests are already waiting (limit "
                        f"{state.config.max_waiting}); retry shortly", type="rate_limit_error",
@@ -107,11 +109,16 @@ async def collect(request: Request, streams: list[RequestStream]) -> list[Reques
 
     work = asyncio.ensure_future(consume())
     gone = asyncio.ensure_future(_disconnected(request))
-    await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-    gone.cancel()
-    if not work.done():
-        work.cancel()
-        await asyncio.gather(work, return_exceptions=True)
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        disconnected = not work.done()
+        if disconnected:
+            work.cancel()
+            for stream in streams:
+                stream.close()  # aborts the requests, even if `work` never got to run
+    if disconnected:
         raise APIError(499, "client closed the request", code="client_closed_request")
     return work.result()
 
@@ -154,11 +161,13 @@ class ChoiceDeltas:
         self.finished: set[int] = set()
 
     def new(self, index: int, text: str, num_tokens: int, finish_reason: str | None) -> tuple[str, slice, bool] | None:
-        """(new text, slice of new tokens, just finished) for a choice, or None when nothing changed."""
+        """(new text, slice of new tokens, just finished) for a choice, or None when there is nothing to send."""
         sent_text = self.text_sent.get(index, 0)
         sent_tokens = self.tokens_sent.get(index, 0)
         finishing = finish_reason is not None and index not in self.finished
-        if len(text) == sent_text and num_tokens == sent_tokens and not finishing:
+        # Tokens whose text is held back (a possible stop string, half a UTF-8 character) wait for it,
+        # so no chunk ever carries an empty delta; their logprobs go out with that text.
+        if len(text) == sent_text and not finishing:
             return None
         self.text_sent[index] = len(text)
         self.tokens_sent[index] = num_tokens

@@ -1,0 +1,142 @@
+"""AsyncEngine: validation errors before streaming, aborts on close, and no caller left hanging by a failure."""
+
+import asyncio
+
+import pytest
+
+from tokenmill.engine.async_engine import AsyncEngine, EngineStepError
+from tokenmill.engine.llm_engine import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
+from tokenmill.errors import InvalidRequestError
+from tokenmill.sampling import SamplingParams
+
+
+class StubEngine:
+    """Emits token 7 once per step per request until max_tokens; can be told to fail."""
+
+    def __init__(self) -> None:
+        self.requests: dict[str, tuple[list[int], int]] = {}
+        self.aborted: list[str] = []
+        self.fail_step = False
+        self.fail_loop = False
+
+    def add_request(self, request_id, prompt, params, arrival_time, priority) -> None:
+        if not prompt:
+            raise InvalidRequestError("prompt is empty", param="prompt")
+        self.requests[request_id] = ([], params.max_tokens)
+
+    def has_unfinished(self) -> bool:
+        if self.fail_loop:
+            raise RuntimeError("loop bug")
+        return bool(self.requests)
+
+    def step(self) -> list[RequestOutput]:
+        if self.fail_step:
+            raise RuntimeError("step bug")
+        outputs = []
+        for request_id, (tokens, max_tokens) in list(self.requests.items()):
+            tokens.append(7)
+            done = len(tokens) == max_tokens
+            if done:
+                del self.requests[request_id]
+            outputs.append(_output(request_id, tokens, "length" if done else None))
+        return outputs
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        if request_id not in self.requests:
+            return None
+        tokens, _ = self.requests.pop(request_id)
+        self.aborted.append(request_id)
+        return _output(request_id, tokens, "abort")
+
+    def stats(self) -> EngineStats:
+        return EngineStats(len(self.requests), 0, 10, 10, 0, 0, 0)
+
+
+def _output(request_id: str, tokens: list[int], reason: str | None) -> RequestOutput:
+    sample = CompletionOutput(0, "x" * len(tokens), list(tokens), reason)
+    return RequestOutput(request_id, None, [1], [sample], reason is not None, 0, RequestMetrics(0.0))
+
+
+def _run(stub: StubEngine, scenario) -> list[RequestOutput]:
+    finished: list[RequestOutput] = []
+
+    async def main():
+        front = AsyncEngine(stub, on_finished=finished.append)
+        front.start()
+        try:
+            return await scenario(front)
+        finally:
+            await front.stop()
+
+    return asyncio.run(main()), finished
+
+
+def test_outputs_stream_until_finished():
+    async def scenario(front):
+        stream = await front.add_request("a", [1, 2], SamplingParams(max_tokens=3), 0.0)
+        return [o.outputs[0].token_ids async for o in stream]
+
+    tokens, finished = _run(StubEngine(), scenario)
+    assert tokens == [[7], [7, 7], [7, 7, 7]]
+    assert [o.outputs[0].finish_reason for o in finished] == ["length"]
+
+
+def test_validation_error_is_raised_before_any_output():
+    async def scenario(front):
+        with pytest.raises(InvalidRequestError, match="prompt is empty"):
+            await front.add_request("a", [], SamplingParams(), 0.0)
+        return front.num_waiting
+
+    assert _run(StubEngine(), scenario)[0] == 0
+
+
+def test_closing_a_stream_early_aborts_its_request():
+    stub = StubEngine()
+
+    async def scenario(front):
+        stream = await front.add_request("a", [1], SamplingParams(max_tokens=1000), 0.0)
+        await stream.__anext__()
+        stream.close()
+        while not stub.aborted:
+            await asyncio.sleep(0.01)
+
+    _, finished = _run(stub, scenario)
+    assert stub.aborted == ["a"] and not stub.requests
+    assert [o.outputs[0].finish_reason for o in finished] == ["abort"]
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on():
+    stub = StubEngine()
+
+    async def scenario(front):
+        stream = await front.add_request("a", [1], SamplingParams(max_tokens=1000), 0.0)
+        await stream.__anext__()
+        stub.fail_step = True
+        with pytest.raises(EngineStepError):
+            async for _ in stream:
+                pass
+        stub.fail_step = False
+        again = await front.add_request("b", [1], SamplingParams(max_tokens=2), 0.0)
+        return [o.finished async for o in again], front.is_running
+
+    (finished_flags, running), _ = _run(stub, scenario)
+    assert stub.aborted == ["a"]
+    assert finished_flags == [False, True] and running
+
+
+def test_a_dead_engine_thread_leaves_no_caller_waiting():
+    stub = StubEngine()
+
+    async def scenario(front):
+        stream = await front.add_request("a", [1], SamplingParams(max_tokens=1000), 0.0)
+        await stream.__anext__()
+        stub.fail_loop = True
+        with pytest.raises(EngineStepError):
+            async for _ in stream:
+                pass
+        while front.is_running:
+            await asyncio.sleep(0.01)
+        with pytest.raises(EngineStepError, match="not running"):
+            await front.add_request("b", [1], SamplingParams(), 0.0)
+
+    _run(stub, scenario)
