@@ -71,6 +71,19 @@ def _run(stub: StubEngine, scenario) -> list[RequestOutput]:
     return asyncio.run(main()), finished
 
 
+async def _started(front: AsyncEngine):
+    """A long request that has produced its first output."""
+    stream = await front.add_request("a", [1], SamplingParams(max_tokens=1000), 0.0)
+    await stream.__anext__()
+    return stream
+
+
+async def _drain_expecting_failure(stream) -> None:
+    with pytest.raises(EngineStepError):
+        async for _ in stream:
+            pass
+
+
 def test_outputs_stream_until_finished():
     async def scenario(front):
         stream = await front.add_request("a", [1, 2], SamplingParams(max_tokens=3), 0.0)
@@ -94,8 +107,7 @@ def test_closing_a_stream_early_aborts_its_request():
     stub = StubEngine()
 
     async def scenario(front):
-        stream = await front.add_request("a", [1], SamplingParams(max_tokens=1000), 0.0)
-        await stream.__anext__()
+        stream = await _started(front)
         stream.close()
         while not stub.aborted:
             await asyncio.sleep(0.01)
@@ -109,12 +121,9 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on():
     stub = StubEngine()
 
     async def scenario(front):
-        stream = await front.add_request("a", [1], SamplingParams(max_tokens=1000), 0.0)
-        await stream.__anext__()
+        stream = await _started(front)
         stub.fail_step = True
-        with pytest.raises(EngineStepError):
-            async for _ in stream:
-                pass
+        await _drain_expecting_failure(stream)
         stub.fail_step = False
         again = await front.add_request("b", [1], SamplingParams(max_tokens=2), 0.0)
         return [o.finished async for o in again], front.is_running
@@ -128,12 +137,9 @@ def test_a_dead_engine_thread_leaves_no_caller_waiting():
     stub = StubEngine()
 
     async def scenario(front):
-        stream = await front.add_request("a", [1], SamplingParams(max_tokens=1000), 0.0)
-        await stream.__anext__()
+        stream = await _started(front)
         stub.fail_loop = True
-        with pytest.raises(EngineStepError):
-            async for _ in stream:
-                pass
+        await _drain_expecting_failure(stream)
         while front.is_running:
             await asyncio.sleep(0.01)
         with pytest.raises(EngineStepError, match="not running"):
