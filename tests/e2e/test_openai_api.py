@@ -175,3 +175,12 @@ def test_32_concurrent_streams_complete_with_correct_usage(client, async_client,
     for prompt, chunks in list(zip(prompts, results))[:3]:
         alone = client.completions.create(prompt=prompt, **args).choices[0].text
         assert "".join(c.choices[0].text for c in chunks if c.choices) == alone
+
+
+def test_chat_logprob_bytes_rebuild_the_reply(client):
+    result = client.chat.completions.create(
+        model="smollm2-135m", messages=[{"role": "user", "content": "Reply with three emoji."}],
+        max_tokens=12, temperature=0, logprobs=True, extra_body={"ignore_eos": True},
+    )
+    content = result.choices[0].logprobs.content
+    assert bytes(b for entry in content for b in entry.bytes).decode() == result.choices[0].message.content

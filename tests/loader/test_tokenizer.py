@@ -49,3 +49,11 @@ def test_chat_template_renders_like_transformers(smollm2_source, hf_tokenizer):
     theirs = hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert ours == theirs
     assert ours.endswith("<|im_start|>assistant\n")
+
+
+def test_token_bytes_rebuild_characters_split_across_tokens(smollm2_source):
+    tokenizer = smollm2_source.tokenizer
+    text = "Hello wörld 🎉 日本語 <|im_start|>"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert "\ufffd" in tokenizer.decode([ids[5]])  # the emoji is split: its tokens alone decode to nothing useful
+    assert b"".join(tokenizer.token_bytes(i) for i in ids) == text.encode()

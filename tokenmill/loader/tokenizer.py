@@ -1,6 +1,7 @@
 """Tokenizer: text <-> token ids and chat templates, from tokenizer.json or GGUF metadata."""
 
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,9 @@ class Tokenizer:
         self.eos_token = eos_token
         self.chat_template = chat_template
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        # Byte-level BPE (GPT-2 style) spells each byte as one printable character; SentencePiece does not.
+        self._byte_level = '"ByteLevel"' in json.dumps(json.loads(backend.to_str()).get("decoder"))
+        self._added = {i: t.content for i, t in backend.get_added_tokens_decoder().items()}
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids for text; add_special_tokens adds the model's BOS where it wants one."""
@@ -52,6 +56,18 @@ class Tokenizer:
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         """Text for token ids."""
         return self.backend.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes one token stands for; a token may hold just part of a UTF-8 character."""
+        if token_id in self._added:
+            return self._added[token_id].encode()
+        piece = self.backend.id_to_token(token_id) or ""
+        if self._byte_level and all(c in _BYTE_OF_CHAR for c in piece):
+            return bytes(_BYTE_OF_CHAR[c] for c in piece)
+        byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)  # SentencePiece byte fallback
+        if byte:
+            return bytes([int(byte.group(1), 16)])
+        return piece.replace("\u2581", " ").encode()
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         """Render messages with the model's chat template into one prompt string."""
@@ -114,6 +130,22 @@ class Tokenizer:
             )
         eos = tokens[eos_id] if eos_id is not None else None
         return cls(backend, eos_token_ids, bos, eos, metadata.get("tokenizer.chat_template"))
+
+
+def _gpt2_byte_chars() -> dict[str, int]:
+    """GPT-2's map from the printable stand-in character of each byte back to the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF_CHAR = _gpt2_byte_chars()
 
 
 def _byte_level_pre_tokenizer(pre: str | None) -> pre_tokenizers.PreTokenizer:

@@ -89,8 +89,8 @@ def chat_logprobs(token_ids: list[int], logprobs: list[TokenLogprob], tokenizer:
     """The chat logprobs block: per token its text, logprob, UTF-8 bytes and top alternatives."""
 
     def entry(token_id: int, logprob: float) -> dict:
-        token = tokenizer.decode([token_id])
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+        # `bytes` are the token's own bytes, so a client can rebuild characters split across tokens.
+        return {"token": tokenizer.decode([token_id]), "logprob": logprob, "bytes": list(tokenizer.token_bytes(token_id))}
 
     return {
         "content": [
