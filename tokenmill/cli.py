@@ -55,6 +55,18 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--shutdown-timeout", type=float, default=ServerConfig.shutdown_timeout,
                        help="seconds in-flight requests get to finish on SIGTERM/SIGINT")
     _engine_flags(serve)
+
+    bench = commands.add_parser("bench", help="measure latency, throughput and cost against peers")
+    kinds = bench.add_subparsers(required=True, metavar="KIND")
+    from tokenmill.bench import compare, offline
+    from tokenmill.bench import serve as bench_serve
+
+    bench_serve.add_arguments(_command(kinds, "serve", "streaming load against an OpenAI-compatible server",
+                                       bench_serve.main))
+    offline.add_arguments(_command(kinds, "offline", "engine throughput without HTTP, single-stream speeds, memory",
+                                   offline.main))
+    compare.add_arguments(_command(kinds, "compare", "the same workloads on tokenmill and a peer, with ratios",
+                                   compare.main))
     return parser
 
 

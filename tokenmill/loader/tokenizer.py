@@ -57,6 +57,10 @@ class Tokenizer:
         """Text for token ids."""
         return self.backend.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
+    def special_token_ids(self) -> list[int]:
+        """Ids of added tokens (control and user-defined), which ordinary text never produces."""
+        return sorted(self._added)
+
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes one token stands for; a token may hold just part of a UTF-8 character."""
         if token_id in self._added:

@@ -1,0 +1,53 @@
+"""`tokenmill bench offline`: engine throughput without HTTP, single-stream speeds, and memory."""
+
+import argparse
+import resource
+import time
+
+import numpy as np
+
+from tokenmill import SamplingParams
+from tokenmill.bench.datasets import lengths, ordinary_tokens
+from tokenmill.bench.peers import TokenmillRunner, decode_speed, prefill_speed
+from tokenmill.config import EngineConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `bench offline` flags; the defaults are nano-vllm's benchmark."""
+    parser.add_argument("--model", default=EngineConfig.model)
+    parser.add_argument("--num-seqs", type=int, default=256, help="sequences submitted together")
+    parser.add_argument("--min-len", type=int, default=100, help="input and output lengths are uniform in")
+    parser.add_argument("--max-len", type=int, default=1024, help="[min-len, max-len], as nano-vllm's benchmark")
+    parser.add_argument("--decode-len", type=int, default=128, help="tokens for the single-stream decode figure")
+    parser.add_argument("--prefill-len", type=int, default=512, help="prompt tokens for the prefill figure")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the three measurements and print them."""
+    runner = TokenmillRunner(args.model)
+    llm = runner.llm
+    rng = np.random.default_rng(args.seed)
+    ordinary = ordinary_tokens(llm.tokenizer)
+    mean, spread = (args.min_len + args.max_len) / 2, (args.max_len - args.min_len) / (args.max_len + args.min_len)
+    input_lens = lengths(rng, args.num_seqs, round(mean), spread)
+    output_lens = lengths(rng, args.num_seqs, round(mean), spread)
+    prompts = [rng.choice(ordinary, n).tolist() for n in input_lens]
+
+    runner.generate(prompts[:1], 4)  # warm-up
+    decode = decode_speed(runner, prompts[0], args.decode_len)
+    prefill = prefill_speed(runner, rng.choice(ordinary, args.prefill_len).tolist())
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in output_lens]
+    start = time.perf_counter()
+    llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=True)
+    elapsed = time.perf_counter() - start
+    weights = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    print(f"model {llm.engine.source.name}, {args.num_seqs} sequences, lengths uniform in "
+          f"[{args.min_len}, {args.max_len}], EOS ignored")
+    print(f"throughput: {sum(output_lens)} output tokens in {elapsed:.1f} s = {sum(output_lens) / elapsed:.1f} tokens/s "
+          f"({(sum(output_lens) + sum(input_lens)) / elapsed:.1f} tokens/s with prompts)")
+    print(f"single-stream decode: {decode:.1f} tokens/s; prefill of {args.prefill_len} tokens: {prefill:.1f} tokens/s")
+    print(f"memory: weights {weights / 2**20:.0f} MiB, KV pool {llm.engine.runner.kv_pool.nbytes / 2**20:.0f} MiB, "
+          f"process peak RSS {peak_rss / 2**20:.0f} MiB")
+    return 0

@@ -1,0 +1,93 @@
+"""The engines we measure against, and tokenmill itself, behind one small timing interface."""
+
+import time
+from pathlib import Path
+
+import torch
+
+from tokenmill import LLM, SamplingParams
+from tokenmill.errors import InvalidRequestError
+
+
+def decode_speed(runner: "Runner", prompt: list[int], n: int) -> float:
+    """Single-stream decode tokens/s: a run of n tokens minus a run of one, so the prefill cancels out."""
+    return (n - 1) / (runner.generate([prompt], n) - runner.generate([prompt], 1))
+
+
+def prefill_speed(runner: "Runner", prompt: list[int]) -> float:
+    """Prompt tokens/s of a one-token run on a (long) prompt."""
+    return len(prompt) / runner.generate([prompt], 1)
+
+
+class TokenmillRunner:
+    """tokenmill in process: continuous batching over the engine."""
+
+    name = "tokenmill"
+
+    def __init__(self, model: str, **engine_options) -> None:
+        self.llm = LLM(model, **engine_options)
+
+    def generate(self, prompts: list[list[int]], output_len: int) -> float:
+        """Seconds to generate exactly output_len tokens for every prompt, all submitted together."""
+        params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+        start = time.perf_counter()
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+        assert all(len(o.outputs[0].token_ids) == output_len for o in outputs)
+        return elapsed
+
+
+class TransformersRunner:
+    """Hugging Face transformers `generate` on the same GGUF weights, one left-padded static batch."""
+
+    name = "transformers"
+
+    def __init__(self, gguf: Path) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                          dtype=torch.float32).eval()
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], output_len: int) -> float:
+        """Seconds for greedy `generate` of exactly output_len tokens on the padded batch."""
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        start = time.perf_counter()
+        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=output_len,
+                                  min_new_tokens=output_len, do_sample=False, pad_token_id=0)
+        elapsed = time.perf_counter() - start
+        assert out.shape[1] == width + output_len
+        return elapsed
+
+
+class LlamaCppRunner:
+    """llama.cpp through llama-cpp-python on the same GGUF file, serving prompts one after another."""
+
+    name = "llama.cpp"
+
+    def __init__(self, gguf: Path, threads: int) -> None:
+        try:
+            from llama_cpp import Llama
+        except ImportError as exc:
+            raise InvalidRequestError(
+                "the llama.cpp peer needs llama-cpp-python: `pip install llama-cpp-python` (builds from source)"
+            ) from exc
+        self.llm = Llama(model_path=str(gguf), n_ctx=4096, n_threads=threads, n_batch=512, verbose=False)
+
+    def generate(self, prompts: list[list[int]], output_len: int) -> float:
+        """Seconds to generate output_len tokens (EOS ignored) for each prompt in turn."""
+        start = time.perf_counter()
+        for prompt in prompts:
+            self.llm.reset()
+            produced = 0
+            for token in self.llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+                produced += 1
+                if produced == output_len:
+                    break
+            assert produced == output_len and token is not None
+        return time.perf_counter() - start
+
+
+Runner = TokenmillRunner | TransformersRunner | LlamaCppRunner

@@ -1,0 +1,192 @@
+"""`tokenmill bench serve`: a streaming load generator for any OpenAI-compatible server."""
+
+import argparse
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from tqdm import tqdm
+
+from tokenmill.bench.datasets import BenchRequest, file_requests, prompt_requests, random_requests
+from tokenmill.bench.metrics import SLO, RequestResult, summarize
+from tokenmill.config import EngineConfig
+from tokenmill.errors import InvalidRequestError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `bench serve` flags."""
+    parser.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root, without /v1")
+    parser.add_argument("--model", default=EngineConfig.model, help="model name to request")
+    parser.add_argument("--tokenizer", help="model whose tokenizer builds prompts (default: --model)")
+    parser.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
+    parser.add_argument("--dataset", default="random", help="random | prompts | FILE.jsonl")
+    parser.add_argument("--num-prompts", type=int, default=32)
+    parser.add_argument("--input-len", type=int, default=128, help="mean prompt tokens (random dataset)")
+    parser.add_argument("--output-len", type=int, default=64, help="mean tokens to generate")
+    parser.add_argument("--range-ratio", type=float, default=0.0, help="lengths uniform in mean * (1 +- r)")
+    pacing = parser.add_mutually_exclusive_group()
+    pacing.add_argument("--request-rate", type=float, default=float("inf"), help="mean arrivals per second")
+    pacing.add_argument("--max-concurrency", type=int, help="requests in flight at once, sent back to back")
+    parser.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of gaps; 1 = Poisson")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warmup", type=int, default=1, help="requests sent first and not counted")
+    parser.add_argument("--goodput", nargs="+", default=[], metavar="NAME:MS", help="SLOs: ttft, tpot, e2el")
+    parser.add_argument("--cost-per-hour", type=float, help="hardware price in USD per hour")
+    parser.add_argument("--api-key", help="sent as a bearer token")
+    parser.add_argument("--out", type=Path, help="write the JSON report here")
+    parser.add_argument("--plot", type=Path, help="write a PNG of latencies and throughput here")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Build the workload, run it, print the table, write JSON and the plot."""
+    from tokenmill.loader.source import open_model
+
+    if args.num_prompts < 1 or args.burstiness <= 0 or not 0 <= args.range_ratio < 1:
+        raise InvalidRequestError("need --num-prompts >= 1, --burstiness > 0 and 0 <= --range-ratio < 1")
+    slo = SLO.parse(args.goodput) if args.goodput else None
+    tokenizer = open_model(args.tokenizer or args.model).tokenizer
+    requests = build_requests(args, tokenizer)
+    if args.endpoint == "chat":  # chat needs text: random token ids go as their decoded text
+        requests = [BenchRequest(r.prompt if isinstance(r.prompt, str) else tokenizer.decode(r.prompt),
+                                 r.prompt_tokens, r.output_tokens) for r in requests]
+    results, duration = asyncio.run(run(args, requests))
+    report = summarize(results, duration, slo, args.cost_per_hour)
+    report["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}
+    print(format_report(report))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2, default=str))
+    if args.plot:
+        from tokenmill.bench.plot import plot_run
+
+        plot_run(results, duration, args.plot)
+    return 0
+
+
+def build_requests(args: argparse.Namespace, tokenizer) -> list[BenchRequest]:
+    """The workload the flags describe."""
+    if args.dataset == "random":
+        return random_requests(tokenizer, args.num_prompts, args.input_len, args.output_len, args.range_ratio,
+                               args.seed)
+    if args.dataset == "prompts":
+        return prompt_requests(tokenizer, args.num_prompts, args.output_len, args.range_ratio, args.seed)
+    return file_requests(tokenizer, Path(args.dataset), args.num_prompts, args.output_len)
+
+
+async def run(args: argparse.Namespace, requests: list[BenchRequest]) -> tuple[list[RequestResult], float]:
+    """Send the warm-up, then every request on its schedule; return results and the run's duration."""
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=args.base_url, headers=headers, timeout=None, limits=limits) as client:
+        for request in requests[: args.warmup]:
+            await send(client, args, request, time.perf_counter())
+        gate = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
+        gaps = arrival_gaps(len(requests), args.request_rate, args.burstiness, args.seed)
+        bar = tqdm(total=len(requests), desc="requests", unit="req")
+        t0 = time.perf_counter()
+
+        async def one(request: BenchRequest) -> RequestResult:
+            if gate is None:
+                result = await send(client, args, request, t0)
+            else:
+                async with gate:
+                    result = await send(client, args, request, t0)
+            bar.update(1)
+            return result
+
+        tasks = []
+        for request, gap in zip(requests, gaps):
+            await asyncio.sleep(gap)
+            tasks.append(asyncio.ensure_future(one(request)))
+        results = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - t0
+        bar.close()
+    return list(results), duration
+
+
+def arrival_gaps(count: int, rate: float, burstiness: float, seed: int) -> list[float]:
+    """Seconds to wait before each request: gamma gaps with mean 1/rate (Poisson at burstiness 1), or none."""
+    if rate == float("inf"):
+        return [0.0] * count
+    rng = np.random.default_rng(seed)
+    return rng.gamma(burstiness, 1 / (rate * burstiness), count).tolist()
+
+
+async def send(client: httpx.AsyncClient, args: argparse.Namespace, request: BenchRequest,
+               t0: float) -> RequestResult:
+    """Stream one request and time every chunk that carries text."""
+    body: dict = {"model": args.model, "max_tokens": request.output_tokens, "stream": True, "temperature": 0,
+                  "stream_options": {"include_usage": True}, "ignore_eos": True}
+    if args.endpoint == "chat":
+        path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": request.prompt}]
+    else:
+        path, body["prompt"] = "/v1/completions", request.prompt
+    result = RequestResult(prompt_tokens=request.prompt_tokens, start=time.perf_counter() - t0)
+    try:
+        async with client.stream("POST", path, json=body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                result.error = f"HTTP {response.status_code}: {response.text[:200]}"
+                return result
+            chunks = 0
+            async for line in response.aiter_lines():
+                if not line.startswith("data:") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[5:])
+                if "error" in chunk:
+                    result.error = chunk["error"].get("message", "error event in the stream")
+                    return result
+                now = time.perf_counter() - t0
+                if _chunk_text(chunk):
+                    result.first_token = result.first_token if result.first_token is not None else now
+                    result.chunk_times.append(now)
+                    chunks += 1
+                if chunk.get("usage"):
+                    result.output_tokens = chunk["usage"]["completion_tokens"]
+                    result.prompt_tokens = chunk["usage"]["prompt_tokens"]
+            result.output_tokens = result.output_tokens or chunks  # servers that send no usage
+    except httpx.HTTPError as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+        return result
+    finally:
+        result.end = time.perf_counter() - t0
+    result.success = result.first_token is not None
+    if not result.success:
+        result.error = "the stream carried no text"
+    return result
+
+
+def _chunk_text(chunk: dict) -> str:
+    choices = chunk.get("choices") or []
+    if not choices:
+        return ""
+    return choices[0].get("text") or (choices[0].get("delta") or {}).get("content") or ""
+
+
+def format_report(report: dict) -> str:
+    """The human-readable table."""
+    rows = [
+        ("completed / failed requests", f"{report['completed']} / {report['failed']}"),
+        ("duration (s)", f"{report['duration_s']:.2f}"),
+        ("peak concurrency", report["peak_concurrency"]),
+        ("request throughput (req/s)", f"{report['request_throughput']:.3f}"),
+        ("input tokens/s", f"{report['input_throughput']:.1f}"),
+        ("output tokens/s", f"{report['output_throughput']:.1f}"),
+        ("total tokens/s", f"{report['total_token_throughput']:.1f}"),
+    ]
+    if report["goodput"] is not None:
+        rows.append(("goodput (req/s)", f"{report['goodput']:.3f}"))
+    for name in ("ttft", "tpot", "itl", "e2el"):
+        d = report[f"{name}_ms"]
+        if d["mean"] is not None:
+            rows.append((f"{name.upper()} ms mean / median / p90 / p99",
+                         " / ".join(f"{d[k]:.1f}" for k in ("mean", "median", "p90", "p99"))))
+    if report["cost_per_1m_output_tokens"] is not None:
+        rows.append(("cost per 1M output tokens (USD)", f"{report['cost_per_1m_output_tokens']:.4f}"))
+        rows.append(("cost per request (USD)", f"{report['cost_per_request']:.6f}"))
+    for error in report["errors"][:3]:
+        rows.append(("error", error))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
