@@ -6,9 +6,10 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from tokenmill.config import EngineConfig, ServerConfig
-from tokenmill.errors import TokenmillError
+from tokenmill.errors import InvalidRequestError, TokenmillError
 from tokenmill.sampling import SamplingParams
 
 
@@ -55,6 +56,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--shutdown-timeout", type=float, default=ServerConfig.shutdown_timeout,
                        help="seconds in-flight requests get to finish on SIGTERM/SIGINT")
     _engine_flags(serve)
+
+    evaluate = commands.add_parser("eval", help="measure accuracy")
+    metrics = evaluate.add_subparsers(required=True, metavar="METRIC")
+    ppl = _command(metrics, "perplexity", "perplexity of a text file through the engine", _perplexity)
+    ppl.add_argument("--model", default=EngineConfig.model, help="catalog name, .gguf file or HF directory")
+    ppl.add_argument("--file", required=True, type=Path, help="UTF-8 text to score")
+    ppl.add_argument("--context", type=int, default=512, help="tokens per window")
+    ppl.add_argument("--stride", type=int, default=256, help="tokens between window starts")
 
     bench = commands.add_parser("bench", help="measure latency, throughput and cost against peers")
     kinds = bench.add_subparsers(required=True, metavar="KIND")
@@ -165,6 +174,21 @@ def _chat(args: argparse.Namespace) -> int:
                 reply = text
         print()
         messages.append({"role": "assistant", "content": reply})
+    return 0
+
+
+def _perplexity(args: argparse.Namespace) -> int:
+    from tokenmill.llm import LLM
+    from tokenmill.perplexity import perplexity
+
+    try:
+        text = args.file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(f"cannot read {args.file}: {exc}") from exc
+    llm = LLM(args.model)
+    result = perplexity(llm, llm.tokenizer.encode(text), args.context, args.stride)
+    print(f"perplexity {result.perplexity:.4f} (mean NLL {result.nll:.4f}) over {result.num_tokens} tokens "
+          f"in {result.num_windows} windows of {args.context} (stride {args.stride})")
     return 0
 
 
