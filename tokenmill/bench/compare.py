@@ -4,6 +4,7 @@ import argparse
 import platform
 import statistics
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-len", type=int, default=128, help="new tokens per request")
     parser.add_argument("--prefill-len", type=int, default=512, help="prompt tokens for the prefill figure")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; the median is reported")
+    parser.add_argument("--mix", type=int, nargs=3, metavar=("SEQS", "MIN", "MAX"),
+                        help="also run nano-vllm's offline mix: SEQS random prompts, input and output lengths "
+                             "uniform in [MIN, MAX] (nano-vllm: 256 100 1024)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads for both")
 
 
@@ -36,15 +40,16 @@ def main(args: argparse.Namespace) -> int:
     source = open_model(args.model)
     if source.path.suffix != ".gguf":
         raise InvalidRequestError("bench compare loads the same GGUF file in both engines; give a .gguf model")
-    ours = TokenmillRunner(args.model, num_threads=args.threads)
+    # No prefix cache: the rounds repeat prompts, and a cache hit would skip the very work being timed.
+    ours = TokenmillRunner(args.model, num_threads=args.threads, enable_prefix_caching=False)
     peer = TransformersRunner(source.path) if args.peer == "transformers" else LlamaCppRunner(source.path, args.threads)
-    prompts, long_prompt = _prompts(ours.llm.tokenizer, args)
+    workload = _workload(ours.llm.tokenizer, args)
     for runner in (ours, peer):  # warm-up: first-call allocations and kernel selection
-        runner.generate(prompts[:1], 4)
+        runner.generate(workload.prompts[:1], 4)
     samples: dict[str, dict[str, list[float]]] = {ours.name: {}, peer.name: {}}
     for _ in range(args.rounds):  # alternate, so machine noise hits both alike
         for runner in (ours, peer):
-            for label, measure in _measures(runner, prompts, long_prompt, args):
+            for label, measure in _measures(runner, workload, args):
                 samples[runner.name].setdefault(label, []).append(measure())
     print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}; "
           f"model {source.name}; peer {peer.name}; median of {args.rounds} rounds")
@@ -56,22 +61,43 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prompts(tokenizer: Tokenizer, args: argparse.Namespace) -> tuple[list[list[int]], list[int]]:
-    """Instruction prompts, one per concurrent request, and one long random prompt for prefill."""
-    prompts = [tokenizer.encode(t) for t in topic_prompts(max(args.concurrency))]
-    long_prompt = np.random.default_rng(0).choice(ordinary_tokens(tokenizer), args.prefill_len).tolist()
-    return prompts, long_prompt
+@dataclass
+class Workload:
+    """Prompts shared by both engines: short instructions, one long prompt, and the optional offline mix."""
+
+    prompts: list[list[int]]
+    long_prompt: list[int]
+    mix_prompts: list[list[int]] = field(default_factory=list)
+    mix_lens: list[int] = field(default_factory=list)
 
 
-def _measures(runner: Runner, prompts: list[list[int]], long_prompt: list[int],
-              args: argparse.Namespace) -> list[tuple[str, Callable[[], float]]]:
-    n = args.output_len
+def _workload(tokenizer: Tokenizer, args: argparse.Namespace) -> Workload:
+    rng = np.random.default_rng(0)
+    ordinary = ordinary_tokens(tokenizer)
+    workload = Workload([tokenizer.encode(t) for t in topic_prompts(max(args.concurrency))],
+                        rng.choice(ordinary, args.prefill_len).tolist())
+    if args.mix:
+        seqs, low, high = args.mix
+        workload.mix_prompts = [rng.choice(ordinary, n).tolist() for n in rng.integers(low, high + 1, seqs)]
+        workload.mix_lens = rng.integers(low, high + 1, seqs).tolist()
+    return workload
+
+
+def _measures(runner: Runner, workload: Workload, args: argparse.Namespace) -> list[tuple[str, Callable[[], float]]]:
+    prompts, n = workload.prompts, args.output_len
 
     def batch(c: int) -> Callable[[], float]:
         return lambda: c * n / runner.generate(prompts[:c], n)
 
+    mix = []
+    if workload.mix_prompts:
+        seqs, low, high = args.mix
+        label = f"offline mix {seqs} seqs, lengths U[{low}, {high}], output tokens/s"
+        total = sum(workload.mix_lens)
+        mix = [(label, lambda: total / runner.generate(workload.mix_prompts, workload.mix_lens))]
     return [
         ("single-stream decode, tokens/s", lambda: decode_speed(runner, prompts[0], n)),
-        (f"prefill of {args.prefill_len} tokens, tokens/s", lambda: prefill_speed(runner, long_prompt)),
+        (f"prefill of {args.prefill_len} tokens, tokens/s", lambda: prefill_speed(runner, workload.long_prompt)),
         *((f"{c} concurrent x {n} tokens, output tokens/s", batch(c)) for c in args.concurrency),
+        *mix,
     ]

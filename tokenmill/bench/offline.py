@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the three measurements and print them."""
-    runner = TokenmillRunner(args.model)
+    # No prefix cache: the speed runs repeat a prompt, and a cache hit would skip the work being timed.
+    runner = TokenmillRunner(args.model, enable_prefix_caching=False)
     llm = runner.llm
     rng = np.random.default_rng(args.seed)
     ordinary = ordinary_tokens(llm.tokenizer)

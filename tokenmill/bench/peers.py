@@ -27,13 +27,14 @@ class TokenmillRunner:
     def __init__(self, model: str, **engine_options) -> None:
         self.llm = LLM(model, **engine_options)
 
-    def generate(self, prompts: list[list[int]], output_len: int) -> float:
-        """Seconds to generate exactly output_len tokens for every prompt, all submitted together."""
-        params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    def generate(self, prompts: list[list[int]], output_len: int | list[int]) -> float:
+        """Seconds to generate exactly output_len tokens (one for all, or one per prompt), all submitted together."""
+        lens = _per_prompt(prompts, output_len)
+        params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lens]
         start = time.perf_counter()
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         elapsed = time.perf_counter() - start
-        assert all(len(o.outputs[0].token_ids) == output_len for o in outputs)
+        assert [len(o.outputs[0].token_ids) for o in outputs] == lens
         return elapsed
 
 
@@ -49,8 +50,9 @@ class TransformersRunner:
                                                           dtype=torch.float32).eval()
 
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], output_len: int) -> float:
-        """Seconds for greedy `generate` of exactly output_len tokens on the padded batch."""
+    def generate(self, prompts: list[list[int]], output_len: int | list[int]) -> float:
+        """Seconds for greedy `generate` on the padded batch; a static batch runs to the longest output_len."""
+        output_len = max(_per_prompt(prompts, output_len))
         width = max(len(p) for p in prompts)
         ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
@@ -76,10 +78,10 @@ class LlamaCppRunner:
             ) from exc
         self.llm = Llama(model_path=str(gguf), n_ctx=4096, n_threads=threads, n_batch=512, verbose=False)
 
-    def generate(self, prompts: list[list[int]], output_len: int) -> float:
+    def generate(self, prompts: list[list[int]], output_len: int | list[int]) -> float:
         """Seconds to generate output_len tokens (EOS ignored) for each prompt in turn."""
         start = time.perf_counter()
-        for prompt in prompts:
+        for prompt, output_len in zip(prompts, _per_prompt(prompts, output_len)):
             self.llm.reset()
             produced = 0
             for token in self.llm.generate(prompt, temp=0.0, top_k=1, reset=True):
@@ -88,6 +90,10 @@ class LlamaCppRunner:
                     break
             assert produced == output_len and token is not None
         return time.perf_counter() - start
+
+
+def _per_prompt(prompts: list[list[int]], output_len: int | list[int]) -> list[int]:
+    return [output_len] * len(prompts) if isinstance(output_len, int) else list(output_len)
 
 
 Runner = TokenmillRunner | TransformersRunner | LlamaCppRunner

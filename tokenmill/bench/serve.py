@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-len", type=int, default=128, help="mean prompt tokens (random dataset)")
     parser.add_argument("--output-len", type=int, default=64, help="mean tokens to generate")
     parser.add_argument("--range-ratio", type=float, default=0.0, help="lengths uniform in mean * (1 +- r)")
+    parser.add_argument("--send-text", action="store_true",
+                        help="send random prompts as decoded text, for servers that take no token ids")
     pacing = parser.add_mutually_exclusive_group()
     pacing.add_argument("--request-rate", type=float, default=float("inf"), help="mean arrivals per second")
     pacing.add_argument("--max-concurrency", type=int, help="requests in flight at once, sent back to back")
@@ -49,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
     slo = SLO.parse(args.goodput) if args.goodput else None
     tokenizer = open_model(args.tokenizer or args.model).tokenizer
     requests = build_requests(args, tokenizer)
-    if args.endpoint == "chat":  # chat needs text: random token ids go as their decoded text
+    if args.endpoint == "chat" or args.send_text:  # random token ids go as their decoded text
         requests = [BenchRequest(r.prompt if isinstance(r.prompt, str) else tokenizer.decode(r.prompt),
                                  r.prompt_tokens, r.output_tokens) for r in requests]
     results, duration = asyncio.run(run(args, requests))

@@ -1,0 +1,46 @@
+"""Benchmark workloads: lengths in range, no special tokens, paced arrivals, clear errors for bad files."""
+
+import numpy as np
+import pytest
+
+from tokenmill.bench.datasets import file_requests, random_requests
+from tokenmill.bench.serve import arrival_gaps
+from tokenmill.errors import InvalidRequestError
+
+
+def test_random_requests_have_exact_lengths_in_range_and_no_special_tokens(smollm2_source):
+    tokenizer = smollm2_source.tokenizer
+    requests = random_requests(tokenizer, 50, input_len=100, output_len=20, range_ratio=0.5, seed=3)
+    special = set(tokenizer.special_token_ids())
+    assert special  # SmolLM2 has control tokens, so the check below means something
+    for r in requests:
+        assert len(r.prompt) == r.prompt_tokens and 50 <= r.prompt_tokens <= 150
+        assert 10 <= r.output_tokens <= 30
+        assert not special & set(r.prompt)
+    assert len({r.prompt_tokens for r in requests}) > 10  # lengths really vary
+    again = random_requests(tokenizer, 50, input_len=100, output_len=20, range_ratio=0.5, seed=3)
+    assert [r.prompt for r in again] == [r.prompt for r in requests]  # a seed fixes the workload
+
+
+def test_arrival_gaps_have_the_requested_rate_and_burstiness():
+    assert arrival_gaps(5, float("inf"), 1.0, 0) == [0.0] * 5
+    poisson = np.array(arrival_gaps(20000, 4.0, 1.0, 0))
+    bursty = np.array(arrival_gaps(20000, 4.0, 0.25, 0))
+    assert poisson.mean() == pytest.approx(0.25, rel=0.03) and bursty.mean() == pytest.approx(0.25, rel=0.05)
+    # Gamma with shape k has coefficient of variation 1 / sqrt(k): 1 for Poisson, 2 at burstiness 0.25.
+    assert poisson.std() / poisson.mean() == pytest.approx(1.0, rel=0.05)
+    assert bursty.std() / bursty.mean() == pytest.approx(2.0, rel=0.1)
+
+
+def test_file_dataset_cycles_rows_and_rejects_bad_files(smollm2_source, tmp_path):
+    tokenizer = smollm2_source.tokenizer
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "Hello there", "output_len": 7}\n{"prompt": "Bye"}\n')
+    requests = file_requests(tokenizer, good, 3, output_len=5)
+    assert [(r.prompt, r.output_tokens) for r in requests] == [("Hello there", 7), ("Bye", 5), ("Hello there", 7)]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no prompt field"}\n')
+    with pytest.raises(InvalidRequestError, match="string 'prompt'"):
+        file_requests(tokenizer, bad, 1, 5)
+    with pytest.raises(InvalidRequestError, match="cannot read"):
+        file_requests(tokenizer, tmp_path / "missing.jsonl", 1, 5)
