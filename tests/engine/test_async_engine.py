@@ -72,8 +72,9 @@ def _run(stub: StubEngine, scenario) -> list[RequestOutput]:
 
 
 async def _started(front: AsyncEngine):
-    """A long request that has produced its first output."""
-    stream = await front.add_request("a", [1], SamplingParams(max_tokens=1000), 0.0)
+    """A request that has produced its first output and never ends by itself."""
+    # A finite length could run out on the stub's fast steps before the test acts on a loaded machine.
+    stream = await front.add_request("a", [1], SamplingParams(max_tokens=10**9), 0.0)
     await stream.__anext__()
     return stream
 
