@@ -6,6 +6,8 @@ import torch
 
 from tokenmill.errors import InvalidRequestError
 
+QUANTIZATIONS = ("none", "int8", "int4")
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -56,6 +58,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     # Torch intra-op threads on CPU; None leaves torch's default (one per core).
     num_threads: int | None = None
+    # Weight-only quantization of the linear layers after loading: none | int8 | int4.
+    quantization: str = "none"
+    # int4 weights per scale/minimum pair; 32 matches GGUF's Q4 blocks, so Q4 files re-quantize exactly.
+    quant_group_size: int = 32
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -68,6 +74,12 @@ class EngineConfig:
             raise InvalidRequestError(
                 f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= max_num_seqs={self.max_num_seqs}"
             )
+        if self.quantization not in QUANTIZATIONS:
+            raise InvalidRequestError(
+                f"quantization={self.quantization!r} is not supported; choose one of {', '.join(QUANTIZATIONS)}"
+            )
+        if self.quant_group_size < 8 or self.quant_group_size % 8:
+            raise InvalidRequestError(f"quant_group_size={self.quant_group_size} must be a positive multiple of 8")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise InvalidRequestError(f"kv_cache_memory={self.kv_cache_memory} GiB must be positive")
 

@@ -9,6 +9,7 @@ import numpy as np
 from tokenmill import SamplingParams
 from tokenmill.bench.datasets import lengths, ordinary_tokens
 from tokenmill.bench.peers import TokenmillRunner, decode_speed, prefill_speed
+from tokenmill.cli import quantization_flags
 from tokenmill.config import EngineConfig
 
 
@@ -21,12 +22,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-len", type=int, default=128, help="tokens for the single-stream decode figure")
     parser.add_argument("--prefill-len", type=int, default=512, help="prompt tokens for the prefill figure")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kv-cache-memory", type=float, default=EngineConfig.kv_cache_memory, help="KV pool in GiB")
+    quantization_flags(parser)
 
 
 def main(args: argparse.Namespace) -> int:
     """Run the three measurements and print them."""
     # No prefix cache: the speed runs repeat a prompt, and a cache hit would skip the work being timed.
-    runner = TokenmillRunner(args.model, enable_prefix_caching=False)
+    runner = TokenmillRunner(args.model, enable_prefix_caching=False, kv_cache_memory=args.kv_cache_memory,
+                             quantization=args.quantization, quant_group_size=args.quant_group_size)
     llm = runner.llm
     rng = np.random.default_rng(args.seed)
     ordinary = ordinary_tokens(llm.tokenizer)
@@ -42,9 +46,11 @@ def main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=True)
     elapsed = time.perf_counter() - start
-    weights = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
+    model = llm.engine.runner.model
+    tensors = {t.data_ptr(): t.nbytes for t in [*model.parameters(), *model.buffers()]}  # tied weights once
+    weights = sum(tensors.values())
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    print(f"model {llm.engine.source.name}, {args.num_seqs} sequences, lengths uniform in "
+    print(f"model {llm.engine.source.name} (quantization {args.quantization}), {args.num_seqs} sequences, lengths uniform in "
           f"[{args.min_len}, {args.max_len}], EOS ignored")
     print(f"throughput: {sum(output_lens)} output tokens in {elapsed:.1f} s = {sum(output_lens) / elapsed:.1f} tokens/s "
           f"({(sum(output_lens) + sum(input_lens)) / elapsed:.1f} tokens/s with prompts)")

@@ -1,8 +1,10 @@
 """ModelRunner: loads the model, owns the KV pool, turns a schedule into a flat batch and logits."""
 
 import logging
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from tokenmill.config import DTYPES, EngineConfig
@@ -10,6 +12,7 @@ from tokenmill.engine.sequence import Sequence
 from tokenmill.layers.attention import Attention, AttentionMetadata, PrefillChunk, attention_metadata
 from tokenmill.loader.source import ModelSource
 from tokenmill.models.registry import model_class
+from tokenmill.quant import quantize_model
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +42,7 @@ class ModelRunner:
         self.model = model_class(source.config.architecture)(source.config)
         self.model.load_weights(source.weights(self.dtype))
         self.model.to(device=self.device, dtype=self.dtype).eval()
+        quantize_model(self.model, config.quantization, config.quant_group_size)
         self.block_size = config.block_size
         self.num_blocks = self._num_kv_blocks()
         self._allocate_kv_pool()
@@ -55,7 +59,13 @@ class ModelRunner:
     def _allocate_kv_pool(self) -> None:
         c = self.model_config
         shape = (2, c.num_layers, self.num_blocks, self.block_size, c.num_kv_heads, c.head_dim)
-        self.kv_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        if self.device.type == "cpu":
+            # calloc'd pages stay unmapped until a block is first written, so the process holds only
+            # the KV memory it has used rather than the whole budget from the start.
+            nbytes = math.prod(shape) * self.dtype.itemsize
+            self.kv_pool = torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(self.dtype).view(shape)
+        else:
+            self.kv_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         for i, layer in enumerate(layers):
             layer.k_cache, layer.v_cache = self.kv_pool[0, i], self.kv_pool[1, i]

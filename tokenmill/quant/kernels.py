@@ -1,0 +1,85 @@
+"""Numba CPU kernels for weight-only int8 and int4 matmuls at small batch, and dequantization.
+
+Why numba: on this CPU class (AVX2, no VNNI) PyTorch's stock weight-only ops and compiled
+dequantize-then-matmul run 2-9x slower than the float32 matmul at batch 1, while these loops,
+which widen int8 to float32 inside an FMA reduction, read the 49152x576 LM head in about 1 ms
+(float32: 9 ms). A C++ extension would need a compiler on every user's machine; numba ships
+as a wheel. Measurements are in docs/benchmarks.md.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+# Output rows each int4 task unpacks into a float32 buffer before dotting with every input row.
+_INT4_ROWS = 16
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def int8_matmul(x: np.ndarray, q: np.ndarray, scale: np.ndarray, out: np.ndarray) -> None:
+    """out[m, n] = scale[n] * sum_k x[m, k] * q[n, k]; x float32 [M, K], q int8 [N, K]."""
+    rows, k_dim = x.shape
+    for n in prange(q.shape[0]):
+        w = q[n]
+        for m in range(rows):
+            xm = x[m]
+            acc = np.float32(0.0)
+            for k in range(k_dim):
+                acc += xm[k] * np.float32(w[k])
+            out[m, n] = acc * scale[n]
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def int8_dequantize(q: np.ndarray, scale: np.ndarray, start: int, out: np.ndarray) -> None:
+    """out[i] = q[start + i] * scale[start + i], for as many rows as out has."""
+    for i in prange(out.shape[0]):
+        s = scale[start + i]
+        w, o = q[start + i], out[i]
+        for k in range(o.shape[0]):
+            o[k] = np.float32(w[k]) * s
+
+
+@njit(fastmath=True, cache=True)
+def _unpack_int4_row(packed: np.ndarray, scale: np.ndarray, low: np.ndarray, out: np.ndarray) -> None:
+    # packed: one row as uint32 words; byte j of group g holds element j (low nibble) and
+    # element j + group/2 (high nibble). Masking whole words keeps the unpacking vectorized.
+    high = np.empty_like(low)
+    for i in range(packed.shape[0]):
+        low[i] = packed[i] & np.uint32(0x0F0F0F0F)
+        high[i] = (packed[i] >> np.uint32(4)) & np.uint32(0x0F0F0F0F)
+    low8, high8 = low.view(np.uint8), high.view(np.uint8)
+    groups = scale.shape[0]
+    group = out.shape[0] // groups
+    half = group // 2
+    for g in range(groups):
+        s, mn = scale[g, 0], scale[g, 1]
+        lo, hi = low8[g * half : (g + 1) * half], high8[g * half : (g + 1) * half]
+        out_lo, out_hi = out[g * group : g * group + half], out[g * group + half : (g + 1) * group]
+        for j in range(half):
+            out_lo[j] = np.float32(lo[j]) * s + mn
+            out_hi[j] = np.float32(hi[j]) * s + mn
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def int4_matmul(x: np.ndarray, packed: np.ndarray, scale: np.ndarray, out: np.ndarray) -> None:
+    """out = x @ dequantized(packed).T; packed uint32 [N, K/8], scale float32 [N, groups, 2] (scale, min)."""
+    rows, k_dim = x.shape
+    n_dim = packed.shape[0]
+    for task in prange((n_dim + _INT4_ROWS - 1) // _INT4_ROWS):
+        low = np.empty(packed.shape[1], np.uint32)
+        w = np.empty(k_dim, np.float32)
+        for n in range(task * _INT4_ROWS, min(n_dim, (task + 1) * _INT4_ROWS)):
+            _unpack_int4_row(packed[n], scale[n], low, w)
+            for m in range(rows):
+                xm = x[m]
+                acc = np.float32(0.0)
+                for k in range(k_dim):
+                    acc += xm[k] * w[k]
+                out[m, n] = acc
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def int4_dequantize(packed: np.ndarray, scale: np.ndarray, start: int, out: np.ndarray) -> None:
+    """out[i] = dequantized row start + i, for as many rows as out has."""
+    for i in prange(out.shape[0]):
+        low = np.empty(packed.shape[1], np.uint32)
+        _unpack_int4_row(packed[start + i], scale[start + i], low, out[i])
