@@ -39,10 +39,12 @@ def int8_dequantize(q: np.ndarray, scale: np.ndarray, start: int, out: np.ndarra
 
 
 @njit(fastmath=True, cache=True)
-def _unpack_int4_row(packed: np.ndarray, scale: np.ndarray, low: np.ndarray, out: np.ndarray) -> None:
+def _unpack_int4_row(
+    packed: np.ndarray, scale: np.ndarray, low: np.ndarray, high: np.ndarray, out: np.ndarray
+) -> None:
     # packed: one row as uint32 words; byte j of group g holds element j (low nibble) and
-    # element j + group/2 (high nibble). Masking whole words keeps the unpacking vectorized.
-    high = np.empty_like(low)
+    # element j + group/2 (high nibble). Masking whole words keeps the unpacking vectorized;
+    # low and high are the caller's scratch words, so no row allocates.
     for i in range(packed.shape[0]):
         low[i] = packed[i] & np.uint32(0x0F0F0F0F)
         high[i] = (packed[i] >> np.uint32(4)) & np.uint32(0x0F0F0F0F)
@@ -65,10 +67,10 @@ def int4_matmul(x: np.ndarray, packed: np.ndarray, scale: np.ndarray, out: np.nd
     rows, k_dim = x.shape
     n_dim = packed.shape[0]
     for task in prange((n_dim + _INT4_ROWS - 1) // _INT4_ROWS):
-        low = np.empty(packed.shape[1], np.uint32)
+        low, high = np.empty(packed.shape[1], np.uint32), np.empty(packed.shape[1], np.uint32)
         w = np.empty(k_dim, np.float32)
         for n in range(task * _INT4_ROWS, min(n_dim, (task + 1) * _INT4_ROWS)):
-            _unpack_int4_row(packed[n], scale[n], low, w)
+            _unpack_int4_row(packed[n], scale[n], low, high, w)
             for m in range(rows):
                 xm = x[m]
                 acc = np.float32(0.0)
@@ -81,5 +83,5 @@ def int4_matmul(x: np.ndarray, packed: np.ndarray, scale: np.ndarray, out: np.nd
 def int4_dequantize(packed: np.ndarray, scale: np.ndarray, start: int, out: np.ndarray) -> None:
     """out[i] = dequantized row start + i, for as many rows as out has."""
     for i in prange(out.shape[0]):
-        low = np.empty(packed.shape[1], np.uint32)
-        _unpack_int4_row(packed[start + i], scale[start + i], low, out[i])
+        low, high = np.empty(packed.shape[1], np.uint32), np.empty(packed.shape[1], np.uint32)
+        _unpack_int4_row(packed[start + i], scale[start + i], low, high, out[i])
