@@ -120,7 +120,8 @@ def quantization_flags(parser: argparse.ArgumentParser) -> None:
                         help="int4 weights per scale and minimum (default: %(default)s)")
 
 
-def _quantization(args: argparse.Namespace) -> dict:
+def quantization_options(args: argparse.Namespace) -> dict:
+    """The engine options those two flags set."""
     return {"quantization": args.quantization, "quant_group_size": args.quant_group_size}
 
 
@@ -129,7 +130,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        enable_prefix_caching=not args.no_prefix_caching, num_threads=args.num_threads, **_quantization(args),
+        enable_prefix_caching=not args.no_prefix_caching, num_threads=args.num_threads, **quantization_options(args),
     )
 
 
@@ -159,7 +160,7 @@ def _generate(args: argparse.Namespace) -> int:
     from tokenmill.llm import LLM
 
     params = _params(args)  # validate flags before the slow model load
-    output = LLM(args.model, **_quantization(args)).generate([args.prompt], params, use_tqdm=False)[0]
+    output = LLM(args.model, **quantization_options(args)).generate([args.prompt], params, use_tqdm=False)[0]
     print(output.outputs[0].text)
     return 0
 
@@ -168,7 +169,7 @@ def _chat(args: argparse.Namespace) -> int:
     from tokenmill.engine.llm_engine import LLMEngine
 
     params = _params(args)
-    engine = LLMEngine(EngineConfig(model=args.model, **_quantization(args)))
+    engine = LLMEngine(EngineConfig(model=args.model, **quantization_options(args)))
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
     for turn in itertools.count():
@@ -200,7 +201,7 @@ def _perplexity(args: argparse.Namespace) -> int:
         text = args.file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidRequestError(f"cannot read {args.file}: {exc}") from exc
-    llm = LLM(args.model, **_quantization(args))
+    llm = LLM(args.model, **quantization_options(args))
     result = perplexity(llm, llm.tokenizer.encode(text), args.context, args.stride)
     print(f"perplexity {result.perplexity:.4f} (mean NLL {result.nll:.4f}) over {result.num_tokens} tokens "
           f"in {result.num_windows} windows of {args.context} (stride {args.stride})")

@@ -13,7 +13,7 @@ from tokenmill.bench.datasets import ordinary_tokens, topic_prompts
 from tokenmill.bench.peers import (
     LlamaCppRunner, Runner, TokenmillRunner, TransformersRunner, decode_speed, prefill_speed,
 )
-from tokenmill.cli import quantization_flags
+from tokenmill.cli import quantization_flags, quantization_options
 from tokenmill.config import EngineConfig
 from tokenmill.errors import InvalidRequestError
 from tokenmill.loader.tokenizer import Tokenizer
@@ -44,7 +44,7 @@ def main(args: argparse.Namespace) -> int:
         raise InvalidRequestError("bench compare loads the same GGUF file in both engines; give a .gguf model")
     # No prefix cache: the rounds repeat prompts, and a cache hit would skip the very work being timed.
     ours = TokenmillRunner(args.model, num_threads=args.threads, enable_prefix_caching=False,
-                           quantization=args.quantization, quant_group_size=args.quant_group_size)
+                           **quantization_options(args))
     peer = TransformersRunner(source.path) if args.peer == "transformers" else LlamaCppRunner(source.path, args.threads)
     workload = _workload(ours.llm.tokenizer, args)
     for runner in (ours, peer):  # warm-up: first-call allocations and kernel selection

@@ -9,7 +9,7 @@ import numpy as np
 from tokenmill import SamplingParams
 from tokenmill.bench.datasets import lengths, ordinary_tokens
 from tokenmill.bench.peers import TokenmillRunner, decode_speed, prefill_speed
-from tokenmill.cli import quantization_flags
+from tokenmill.cli import quantization_flags, quantization_options
 from tokenmill.config import EngineConfig
 
 
@@ -30,7 +30,7 @@ def main(args: argparse.Namespace) -> int:
     """Run the three measurements and print them."""
     # No prefix cache: the speed runs repeat a prompt, and a cache hit would skip the work being timed.
     runner = TokenmillRunner(args.model, enable_prefix_caching=False, kv_cache_memory=args.kv_cache_memory,
-                             quantization=args.quantization, quant_group_size=args.quant_group_size)
+                             **quantization_options(args))
     llm = runner.llm
     rng = np.random.default_rng(args.seed)
     ordinary = ordinary_tokens(llm.tokenizer)
