@@ -117,7 +117,7 @@ def quantization_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantization", default=EngineConfig.quantization, choices=QUANTIZATIONS,
                         help="weight-only quantization of the linear layers (default: %(default)s)")
     parser.add_argument("--quant-group-size", type=int, default=EngineConfig.quant_group_size,
-                        help="int4 weights per scale and minimum (default: %(default)s)")
+                        help="weights per quantization step and offset (default: %(default)s)")
 
 
 def quantization_options(args: argparse.Namespace) -> dict:

@@ -60,7 +60,7 @@ class EngineConfig:
     num_threads: int | None = None
     # Weight-only quantization of the linear layers after loading: none | int8 | int4.
     quantization: str = "none"
-    # int4 weights per scale/minimum pair; 32 matches GGUF's Q4 blocks, so Q4 files re-quantize exactly.
+    # Weights per quantization step/offset pair; 32 matches GGUF's Q4/Q8 blocks, so those files re-quantize exactly.
     quant_group_size: int = 32
 
     def __post_init__(self) -> None:

@@ -13,8 +13,20 @@ def _weight(out_features: int = 96, in_features: int = 64) -> torch.Tensor:
     return torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(0))
 
 
+def _int8(w: torch.Tensor, bias: bool = False, group_size: int = 16) -> Int8Linear:
+    layer = Int8Linear(w.shape[1], w.shape[0], group_size, bias)
+    layer.load_rows(slice(None), w, "w")
+    return layer
+
+
+def _int4(w: torch.Tensor, group_size: int) -> Int4Linear:
+    layer = Int4Linear(w.shape[1], w.shape[0], group_size)
+    layer.load_rows(slice(None), w, "w")
+    return layer
+
+
 @pytest.mark.parametrize("rows", [1, 5, 31, 32, 200])  # both sides of each layer's large-batch switch
-@pytest.mark.parametrize("make", [lambda w: Int8Linear(w), lambda w: Int4Linear(w, group_size=16)])
+@pytest.mark.parametrize("make", [_int8, lambda w: _int4(w, group_size=16)])
 def test_forward_equals_float_matmul_of_dequantized_weight(make, rows):
     layer = make(_weight())
     x = torch.randn(rows, 64)
@@ -22,28 +34,58 @@ def test_forward_equals_float_matmul_of_dequantized_weight(make, rows):
     torch.testing.assert_close(layer(x), reference, rtol=1e-4, atol=1e-4)
 
 
-def test_int8_round_trip_error_is_within_half_a_step_per_row():
+def test_int8_round_trip_error_is_within_half_a_step_per_group():
     w = _weight()
-    layer = Int8Linear(w)
-    error = (layer.dequantize(0, 96) - w).abs().amax(dim=1)
-    assert torch.all(error <= layer.scale / 2 + 1e-6)
-    assert layer.qweight.dtype == torch.int8 and layer.qweight.abs().max() == 127
+    layer = _int8(w)
+    error = (layer.dequantize(0, 96) - w).view(96, 4, 16).abs().amax(dim=-1)
+    assert torch.all(error <= layer.scale[..., 0] / 2 + 1e-6)
+    assert layer.qweight.dtype == torch.int8 and layer.scale.shape == (96, 4, 2)
 
 
-def test_int4_reproduces_weights_already_on_its_grid_exactly():
-    # A GGUF Q4_1 tensor dequantized to float: each group of 32 is min + step * q with q in 0..15.
+def _on_grid(q: torch.Tensor, step: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    # Rows of groups of 32: offset + step * q, as a GGUF block stores them.
+    return (offset + step * q).view(len(q), -1)
+
+
+def test_int8_reproduces_gguf_q8_0_and_q4_1_blocks_exactly():
+    gen = torch.Generator().manual_seed(2)
+    q8 = torch.randint(-127, 128, (8, 4, 32), generator=gen).float()
+    q8[..., 0] = 127  # Q8_0's quantizer maps each block's absmax to +-127
+    q4 = torch.randint(0, 16, (8, 4, 32), generator=gen).float()
+    q4[..., 0], q4[..., 1] = 0, 15  # Q4_1's maps each block's min to 0 and max to 15
+    step = torch.rand(8, 4, 1, generator=gen) + 0.1
+    for w in (_on_grid(q8, step, 0.0), _on_grid(q4, step, torch.randn(8, 4, 1, generator=gen))):
+        layer = _int8(w, group_size=32)
+        torch.testing.assert_close(layer.dequantize(0, 8), w, rtol=0, atol=1e-5)
+
+
+def test_int4_reproduces_gguf_q4_1_blocks_exactly():
     q = torch.randint(0, 16, (8, 4, 32), generator=torch.Generator().manual_seed(1)).float()
-    q[..., 0], q[..., 1] = 0, 15  # every group spans the full range, as Q4_1's quantizer makes it
-    step, low = torch.rand(8, 4, 1) + 0.1, torch.randn(8, 4, 1)
-    w = (low + step * q).view(8, 128)
-    layer = Int4Linear(w, group_size=32)
+    q[..., 0], q[..., 1] = 0, 15
+    w = _on_grid(q, torch.rand(8, 4, 1) + 0.1, torch.randn(8, 4, 1))
+    layer = _int4(w, group_size=32)
     torch.testing.assert_close(layer.dequantize(0, 8), w, rtol=0, atol=1e-5)
     assert layer.qweight.numel() * 4 == w.numel() // 2  # two weights per byte
 
 
+def test_streamed_shards_quantize_as_the_whole_weight_does():
+    w = _weight()
+    whole = _int8(w)
+    streamed = Int8Linear(64, 96, 16)
+    for rows in (slice(0, 40), slice(40, 96)):  # as a fused QKV layer receives q, k and v
+        streamed.load_rows(rows, w[rows], "w")
+    assert torch.equal(streamed.qweight, whole.qweight) and torch.equal(streamed.scale, whole.scale)
+
+
+def test_shard_of_the_wrong_shape_is_a_load_error_naming_it():
+    with pytest.raises(ModelLoadError, match=r"blk\.0\.q has shape \(40, 32\), expected \(40, 64\)"):
+        Int8Linear(64, 96, 16).load_rows(slice(0, 40), torch.zeros(40, 32), "blk.0.q")
+
+
 def test_bias_and_leading_dimensions_are_kept():
     bias = torch.randn(96)
-    layer = Int8Linear(_weight(), bias)
+    layer = _int8(_weight(), bias=True)
+    layer.bias.copy_(bias)
     x = torch.randn(2, 3, 64)
     out = layer(x)
     assert out.shape == (2, 3, 96)
@@ -51,7 +93,7 @@ def test_bias_and_leading_dimensions_are_kept():
 
 
 def test_bfloat16_input_takes_the_dequantizing_fallback():
-    layer = Int4Linear(_weight(), group_size=32)
+    layer = _int4(_weight(), group_size=32)
     x = torch.randn(4, 64)
     out = layer(x.bfloat16())
     assert out.dtype == torch.bfloat16
@@ -75,11 +117,11 @@ def test_int4_model_keeps_lm_head_int8_and_shares_it_with_the_tied_embedding():
     assert isinstance(model.embed_tokens, Int8Embedding) and model.embed_tokens.table is model.lm_head
     ids = torch.tensor([0, 5, 95])
     rows = model.embed_tokens(ids)
-    assert torch.all((rows - embedding[ids]).abs() <= model.lm_head.scale[ids, None] / 2 + 1e-6)
+    assert torch.all((rows - embedding[ids]).abs() <= model.lm_head.scale[ids, :, :1].amax(1) / 2 + 1e-6)
 
 
 def test_group_size_that_does_not_divide_a_layer_is_a_load_error_naming_it():
-    with pytest.raises(ModelLoadError, match="proj: int4 group size 48"):
+    with pytest.raises(ModelLoadError, match="proj: int4 group size 48 must be a multiple of 8 dividing"):
         quantize_model(_Tied(), "int4", group_size=48)
 
 

@@ -1,6 +1,5 @@
 """The accuracy cost of quantizing SmolLM2-135M: perplexity on the shipped text and greedy agreement."""
 
-import statistics
 from pathlib import Path
 
 import pytest
@@ -43,9 +42,10 @@ def test_perplexity_stays_within_tolerance_and_greedy_tokens_start_the_same(
     ppl, tokens = _run(smollm2_path, quantization)
     assert abs(ppl - float_ppl) / float_ppl <= tolerance
     agreed = [_common_prefix(a, b) for a, b in zip(tokens, float_tokens, strict=True)]
-    # This small model has many near-tied logits, so greedy paths part after a few tokens (measured
-    # int8: 19, 32, 5, 13, 3, 1, 7, 7 of 32); a broken kernel parts at the very first token.
-    assert min(agreed) >= 1 and statistics.median(agreed) >= 5, agreed
+    # Groups of 32 hold this Q4_1/Q8_0 file's blocks exactly, so all 8 agree for 32 tokens (measured);
+    # the acceptance asks for most. A grid that misses the blocks (int8 with one scale per row, or
+    # int8 in groups of 64) parted within 32 tokens on 5 to 7 of the 8.
+    assert sum(n == len(a) for n, a in zip(agreed, float_tokens)) >= 6, agreed
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -39,10 +39,13 @@ class ModelRunner:
         self.dtype = DTYPES[config.dtype]
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        self.model = model_class(source.config.architecture)(source.config)
+        # Built on the meta device, so no weight is initialized only to be overwritten and a layer
+        # to be quantized never holds a float copy: each takes its rows as they stream in.
+        with torch.device("meta"):
+            self.model = model_class(source.config.architecture)(source.config).to(self.dtype)
+            quantize_model(self.model, config.quantization, config.quant_group_size)
+        self.model.to_empty(device=self.device).eval()
         self.model.load_weights(source.weights(self.dtype))
-        self.model.to(device=self.device, dtype=self.dtype).eval()
-        quantize_model(self.model, config.quantization, config.quant_group_size)
         self.block_size = config.block_size
         self.num_blocks = self._num_kv_blocks()
         self._allocate_kv_pool()

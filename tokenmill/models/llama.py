@@ -1,6 +1,7 @@
 """Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2) over a flat batch of tokens."""
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -110,32 +111,51 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy checkpoint tensors (Hugging Face names) into parameters, fusing QKV and gate/up."""
-        params = dict(self.named_parameters())
+        """Fill a model whose storage is allocated but unset (see to_empty): weights, ties and rotary tables.
+
+        Checkpoint tensors (Hugging Face names) go into parameters, or into quantized layers'
+        load_rows, with Q/K/V and gate/up fused.
+        """
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
+            self.lm_head.weight = self.embed_tokens.weight  # to_empty() allocates tied parameters apart
+        targets = self._load_targets()
         loaded: set[str] = set()
+        freq_factors = None
         for name, tensor in weights:
             name = name.removeprefix("model.")
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
             if name == "rope_freqs":  # GGUF stores Llama 3.1 rope scaling as per-frequency factors
-                self.rotary = self._rotary(tensor.float())
+                freq_factors = tensor.float()
                 continue
             parts = name.split(".")
             if len(parts) >= 2 and parts[-2] in self.stacked_params:
                 fused, shard = self.stacked_params[parts[-2]]
                 target = ".".join(parts[:-2] + [fused, parts[-1]])
-                _copy(self._param(params, target).data[self._shard_rows(fused, shard)], tensor, name)
+                if target not in targets:
+                    raise ModelLoadError(f"checkpoint tensor {name} has no matching parameter")
+                targets[target](self._shard_rows(fused, shard), tensor, name)
                 loaded.add(f"{target}#{shard}")
-            elif name in params:
-                _copy(params[name].data, tensor, name)
+            elif name in targets:
+                targets[name](slice(None), tensor, name)
                 loaded.add(name)
+        # The tables are derived, not stored: build them on the weights' device, after any rope_freqs.
+        self.rotary = self._rotary(freq_factors).to(self.norm.weight.device)
         expected: set[str] = set()
-        for n in params:
+        for n in targets:
             shards = self.fused_shards.get(n.split(".")[-2], 0)
             expected |= {f"{n}#{i}" for i in range(shards)} if shards else {n}
         missing = sorted(expected - loaded)
         if missing:
             raise ModelLoadError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
+
+    def _load_targets(self) -> dict[str, Callable[[slice, torch.Tensor, str], None]]:
+        # Quantized layers hold no float weight: they take rows through load_rows.
+        targets = {name: partial(_copy_rows, param) for name, param in self.named_parameters()}
+        targets |= {f"{n}.weight": m.load_rows for n, m in self.named_modules() if hasattr(m, "load_rows")}
+        if self.config.tie_word_embeddings:
+            targets.pop("lm_head.weight", None)  # filled through the embedding it shares
+        return targets
 
     def _shard_rows(self, fused: str, shard: int) -> slice:
         c = self.config
@@ -144,14 +164,9 @@ class LlamaForCausalLM(nn.Module):
             return [slice(0, q), slice(q, q + kv), slice(q + kv, q + 2 * kv)][shard]
         return slice(shard * c.intermediate_size, (shard + 1) * c.intermediate_size)
 
-    @staticmethod
-    def _param(params: dict[str, nn.Parameter], name: str) -> nn.Parameter:
-        if name not in params:
-            raise ModelLoadError(f"checkpoint tensor {name} has no matching parameter")
-        return params[name]
 
-
-def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+def _copy_rows(param: nn.Parameter, rows: slice, src: torch.Tensor, name: str) -> None:
+    dst = param.data[rows]
     if dst.shape != src.shape:
         raise ModelLoadError(f"checkpoint tensor {name} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
     dst.copy_(src)

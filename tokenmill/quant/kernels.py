@@ -16,26 +16,40 @@ _INT4_ROWS = 16
 
 @njit(parallel=True, fastmath=True, cache=True)
 def int8_matmul(x: np.ndarray, q: np.ndarray, scale: np.ndarray, out: np.ndarray) -> None:
-    """out[m, n] = scale[n] * sum_k x[m, k] * q[n, k]; x float32 [M, K], q int8 [N, K]."""
+    """out = x @ dequantized(q).T; q int8 [N, K], scale float32 [N, groups, 2] (step, offset)."""
     rows, k_dim = x.shape
+    groups = scale.shape[1]
+    group = k_dim // groups
+    # w = step * q + offset, so each group's dot is step * (x . q) + offset * sum(x): the sums are
+    # shared by every output row.
+    x_sums = np.empty((rows, groups), np.float32)
+    for m in range(rows):
+        for g in range(groups):
+            x_sums[m, g] = x[m, g * group : (g + 1) * group].sum()
     for n in prange(q.shape[0]):
-        w = q[n]
+        w, s = q[n], scale[n]
         for m in range(rows):
-            xm = x[m]
-            acc = np.float32(0.0)
-            for k in range(k_dim):
-                acc += xm[k] * np.float32(w[k])
-            out[m, n] = acc * scale[n]
+            xm, xs = x[m], x_sums[m]
+            total = np.float32(0.0)
+            for g in range(groups):
+                acc = np.float32(0.0)
+                for k in range(g * group, (g + 1) * group):
+                    acc += xm[k] * np.float32(w[k])
+                total += acc * s[g, 0] + xs[g] * s[g, 1]
+            out[m, n] = total
 
 
 @njit(parallel=True, fastmath=True, cache=True)
 def int8_dequantize(q: np.ndarray, scale: np.ndarray, start: int, out: np.ndarray) -> None:
-    """out[i] = q[start + i] * scale[start + i], for as many rows as out has."""
+    """out[i] = dequantized row start + i, for as many rows as out has."""
+    groups = scale.shape[1]
+    group = out.shape[1] // groups
     for i in prange(out.shape[0]):
-        s = scale[start + i]
-        w, o = q[start + i], out[i]
-        for k in range(o.shape[0]):
-            o[k] = np.float32(w[k]) * s
+        w, s, o = q[start + i], scale[start + i], out[i]
+        for g in range(groups):
+            step, offset = s[g, 0], s[g, 1]
+            for k in range(g * group, (g + 1) * group):
+                o[k] = np.float32(w[k]) * step + offset
 
 
 @njit(fastmath=True, cache=True)

@@ -1,10 +1,11 @@
-"""Weight-only quantized linear and embedding layers: int8 per output row, int4 per group."""
+"""Weight-only quantized linear and embedding layers: int8 and int4, with a step and offset per group."""
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmill.errors import ModelLoadError
 from tokenmill.quant import kernels
 
 # Dequantized weight rows per tile on the large-batch path: 8 MiB of float32, cache-sized.
@@ -18,10 +19,21 @@ class QuantizedLinear(nn.Module):
     # quantized kernel (measured on the 2-core AVX2 machine, docs/benchmarks.md).
     large_batch: int
 
-    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, device: torch.device | None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
+
+    def load_rows(self, rows: slice, weight: torch.Tensor, name: str) -> None:
+        """Quantize float weight rows into rows [rows] of this layer (a checkpoint shard, or all of it)."""
+        start, stop, _ = rows.indices(self.out_features)
+        if tuple(weight.shape) != (stop - start, self.in_features):
+            raise ModelLoadError(
+                f"checkpoint tensor {name} has shape {tuple(weight.shape)}, expected {(stop - start, self.in_features)}"
+            )
+        weight = weight.to(self.qweight.device)
+        for chunk in _row_chunks(stop - start, self.in_features):  # bounds the float temporaries
+            self._quantize(start + chunk.start, weight[chunk].float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
@@ -47,28 +59,52 @@ class QuantizedLinear(nn.Module):
         """Float32 weight rows [start, end)."""
         raise NotImplementedError
 
+    def _quantize(self, start: int, w: torch.Tensor) -> None:
+        raise NotImplementedError
+
     def _kernel(self, x: np.ndarray, out: np.ndarray) -> None:
         raise NotImplementedError
 
 
 class Int8Linear(QuantizedLinear):
-    """int8 weights with one float32 scale per output row (symmetric, absmax / 127)."""
+    """int8 weights in groups along the input, each with a float32 step and offset: w = step * q + offset."""
 
     large_batch = 32
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        super().__init__(weight.shape[1], weight.shape[0], bias)
-        self.register_buffer("qweight", torch.empty(weight.shape, dtype=torch.int8, device=weight.device))
-        self.register_buffer("scale", torch.empty(self.out_features, device=weight.device))
-        for rows in _row_chunks(self.out_features, self.in_features):  # bounds the float temporaries
-            w = weight[rows].detach().float()
-            scale = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
-            self.qweight[rows] = torch.round(w / scale[:, None]).clamp(-127, 127)
-            self.scale[rows] = scale
+    def __init__(
+        self, in_features: int, out_features: int, group_size: int, bias: bool = False, device: torch.device | None = None
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device)
+        self.group_size = _checked_group(group_size, in_features)
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.empty(out_features, in_features // group_size, 2, device=device))
+
+    def _quantize(self, start: int, w: torch.Tensor) -> None:
+        # Per group, the closer of two grids: symmetric (step absmax / 127, GGUF Q8_0's) and min-max
+        # (256 levels from min to max, which hold GGUF Q4_1's 16: q8 = 17 * q4). Weights read from
+        # such a file are reproduced exactly, so int8 adds no error to a Q8_0/Q4_1 model; one scale
+        # per output row instead parted greedy output from float32 within 32 tokens on 7 of 8
+        # prompts (docs/benchmarks.md).
+        w = w.reshape(len(w), -1, self.group_size)
+        tiny = torch.finfo(torch.float32).tiny
+        sym_step = (w.abs().amax(-1) / 127).clamp(min=tiny)
+        sym_q = torch.round(w / sym_step[..., None]).clamp(-127, 127)
+        low = w.amin(-1)
+        mm_step = ((w.amax(-1) - low) / 255).clamp(min=tiny)
+        mm_q = torch.round((w - low[..., None]) / mm_step[..., None]).clamp(0, 255) - 128
+        mm_offset = low + 128 * mm_step
+        sym_error = (sym_q * sym_step[..., None] - w).abs().amax(-1)
+        mm_error = (mm_q * mm_step[..., None] + mm_offset[..., None] - w).abs().amax(-1)
+        symmetric = sym_error <= mm_error
+        rows = slice(start, start + len(w))
+        self.qweight[rows] = torch.where(symmetric[..., None], sym_q, mm_q).to(torch.int8).view(len(w), -1)
+        self.scale[rows] = torch.stack(
+            [torch.where(symmetric, sym_step, mm_step), torch.where(symmetric, 0.0, mm_offset)], dim=-1
+        )
 
     def dequantize(self, start: int, end: int) -> torch.Tensor:
         if self.qweight.device.type != "cpu":
-            return self.qweight[start:end].float() * self.scale[start:end, None]
+            return _dequantize_groups(self.qweight[start:end].float(), self.scale[start:end])
         out = torch.empty(end - start, self.in_features)
         kernels.int8_dequantize(self.qweight.numpy(), self.scale.numpy(), start, out.numpy())
         return out
@@ -82,28 +118,29 @@ class Int4Linear(QuantizedLinear):
 
     large_batch = 8
 
-    def __init__(self, weight: torch.Tensor, group_size: int, bias: torch.Tensor | None = None) -> None:
-        super().__init__(weight.shape[1], weight.shape[0], bias)
-        if group_size % 8 or self.in_features % group_size:
-            raise ValueError(
-                f"int4 group size {group_size} must be a multiple of 8 dividing the input width {self.in_features}"
-            )
-        self.group_size = group_size
-        w = weight.detach().float().view(self.out_features, -1, group_size)
+    def __init__(
+        self, in_features: int, out_features: int, group_size: int, bias: bool = False, device: torch.device | None = None
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device)
+        self.group_size = _checked_group(group_size, in_features)
+        # Two weights per byte, kept as int32 words: the kernel masks whole uint32 words.
+        self.register_buffer("qweight", torch.empty(out_features, in_features // 8, dtype=torch.int32, device=device))
+        self.register_buffer("scale", torch.empty(out_features, in_features // group_size, 2, device=device))
+
+    def _quantize(self, start: int, w: torch.Tensor) -> None:
+        w = w.view(len(w), -1, self.group_size)
         low, high = w.amin(dim=-1), w.amax(dim=-1)
         step = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
         q = torch.round((w - low[..., None]) / step[..., None]).clamp(0, 15).to(torch.uint8)
-        half = group_size // 2
-        packed = (q[..., :half] | (q[..., half:] << 4)).reshape(self.out_features, -1)
-        self.register_buffer("qweight", packed.view(torch.int32))  # uint32 words for the kernel
-        self.register_buffer("scale", torch.stack([step, low], dim=-1))  # [out, groups, 2]
+        half = self.group_size // 2
+        packed = (q[..., :half] | (q[..., half:] << 4)).reshape(len(w), -1)
+        self.qweight[start : start + len(w)] = packed.view(torch.int32)
+        self.scale[start : start + len(w)] = torch.stack([step, low], dim=-1)
 
     def dequantize(self, start: int, end: int) -> torch.Tensor:
         if self.qweight.device.type != "cpu":
             q = self.qweight[start:end].view(torch.uint8).view(end - start, -1, self.group_size // 2)
-            q = torch.cat([q & 15, q >> 4], dim=-1).float()
-            s = self.scale[start:end]
-            return (q * s[..., :1] + s[..., 1:]).view(end - start, self.in_features)
+            return _dequantize_groups(torch.cat([q & 15, q >> 4], dim=-1).float(), self.scale[start:end])
         out = torch.empty(end - start, self.in_features)
         kernels.int4_dequantize(self._words(), self.scale.numpy(), start, out.numpy())
         return out
@@ -113,6 +150,19 @@ class Int4Linear(QuantizedLinear):
 
     def _words(self) -> np.ndarray:
         return self.qweight.numpy().view("uint32")
+
+
+def _checked_group(group_size: int, in_features: int) -> int:
+    # Multiples of 8 keep int4's half groups in whole uint32 words.
+    if group_size % 8 or in_features % group_size:
+        raise ValueError(f"group size {group_size} must be a multiple of 8 dividing the input width {in_features}")
+    return group_size
+
+
+def _dequantize_groups(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    # q: float levels [rows, in] or [rows, groups, group]; scale [rows, groups, 2] (step, offset).
+    grouped = q.reshape(*scale.shape[:2], -1)
+    return (grouped * scale[..., :1] + scale[..., 1:]).reshape(len(q), -1)
 
 
 def _row_chunks(rows: int, width: int) -> list[slice]:
@@ -125,7 +175,15 @@ class Int8Embedding(nn.Module):
 
     def __init__(self, table: Int8Linear, dtype: torch.dtype) -> None:
         super().__init__()
-        self.table, self.dtype = table, dtype
+        # Borrowed, not a submodule: the LM head owns the rows, so they are loaded and moved once.
+        self.__dict__["table"] = table
+        self.dtype = dtype
+
+    def load_rows(self, rows: slice, weight: torch.Tensor, name: str) -> None:
+        """Quantize embedding rows into the shared table."""
+        self.table.load_rows(rows, weight, name)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return (self.table.qweight[ids].float() * self.table.scale[ids, None]).to(self.dtype)
+        flat = ids.reshape(-1)
+        rows = _dequantize_groups(self.table.qweight[flat].float(), self.table.scale[flat])
+        return rows.view(*ids.shape, -1).to(self.dtype)

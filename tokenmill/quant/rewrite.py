@@ -13,7 +13,11 @@ logger = logging.getLogger(__name__)
 
 
 def quantize_model(model: nn.Module, method: str, group_size: int) -> None:
-    """Quantize every nn.Linear: int8 per row, or int4 in groups with the LM head kept int8."""
+    """Quantize every nn.Linear to int8 or int4 in groups along the input, with the LM head kept int8.
+
+    On a model built on the meta device this only swaps in empty quantized layers, which load
+    their rows as the checkpoint streams in; otherwise the current weights are quantized.
+    """
     if method == "none":
         return
     # The kernels run on numba's thread pool; give it the threads torch was given.
@@ -24,19 +28,22 @@ def quantize_model(model: nn.Module, method: str, group_size: int) -> None:
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
             continue
-        if method == "int8" or name.endswith("lm_head"):
-            quantized: QuantizedLinear = Int8Linear(module.weight, module.bias)
-        else:
-            try:
-                quantized = Int4Linear(module.weight, group_size, module.bias)
-            except ValueError as e:
-                raise ModelLoadError(f"{name}: {e}") from None
+        shape, bias, device = (module.in_features, module.out_features), module.bias is not None, module.weight.device
+        layer = Int8Linear if method == "int8" or name.endswith("lm_head") else Int4Linear
+        try:
+            quantized: QuantizedLinear = layer(*shape, group_size, bias, device)
+        except ValueError as e:
+            raise ModelLoadError(f"{name}: {method} {e}") from None
+        if not module.weight.is_meta:
+            quantized.load_rows(slice(None), module.weight.detach(), name)
+            if bias:
+                quantized.bias.copy_(module.bias.detach())
         tied = embeddings.get(id(module.weight))
         if tied is not None and isinstance(quantized, Int8Linear):
             # A tied embedding reads the LM head's int8 rows rather than keeping a float copy.
             _replace(model, tied[0], Int8Embedding(quantized, module.weight.dtype))
         _replace(model, name, quantized)
-    logger.info("quantized linear layers to %s%s", method, f" (group size {group_size})" if method == "int4" else "")
+    logger.info("quantized linear layers to %s (group size %d)", method, group_size)
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
