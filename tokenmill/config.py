@@ -6,7 +6,7 @@ import torch
 
 from tokenmill.errors import InvalidRequestError
 
-QUANTIZATIONS = ("auto", "none", "int8", "int4")
+QUANTIZATIONS = ("none", "int8", "int4")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -58,9 +58,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     # Torch intra-op threads on CPU; None leaves torch's default (one per core).
     num_threads: int | None = None
-    # Weight-only quantization of the linear layers after loading: auto | none | int8 | int4. auto is
-    # int8 on CPU in float32 when the checkpoint stores quantized weights (GGUF), otherwise none.
-    quantization: str = "auto"
+    # Weight-only quantization of the linear layers after loading: none | int8 | int4.
+    quantization: str = "none"
     # Weights per quantization step/offset pair; 32 matches GGUF's Q4/Q8 blocks, so those files re-quantize exactly.
     quant_group_size: int = 32
 

@@ -6,7 +6,6 @@ import pytest
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.perplexity import perplexity
-from tokenmill.quant.linear import Int8Linear
 
 SAMPLE = Path(__file__).parents[1] / "data" / "sample.txt"
 PROMPTS = [
@@ -51,8 +50,3 @@ def test_perplexity_stays_within_tolerance_and_greedy_tokens_start_the_same(
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
-def test_auto_keeps_a_quantized_gguf_quantized_on_cpu(make_engine):
-    runner = make_engine(kv_cache_memory=0.05).runner
-    assert runner.quantization == "int8" and isinstance(runner.model.layers[0].mlp.down_proj, Int8Linear)

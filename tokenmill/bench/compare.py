@@ -55,7 +55,7 @@ def main(args: argparse.Namespace) -> int:
             for label, measure in _measures(runner, workload, args):
                 samples[runner.name].setdefault(label, []).append(measure())
     print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}; "
-          f"model {source.name}, tokenmill quantization {ours.llm.engine.runner.quantization}; peer {peer.name}; median of {args.rounds} rounds")
+          f"model {source.name}, tokenmill quantization {args.quantization}; peer {peer.name}; median of {args.rounds} rounds")
     print(f"| workload | tokenmill | {peer.name} | tokenmill / {peer.name} |")
     print("|---|---|---|---|")
     for label in samples[ours.name]:

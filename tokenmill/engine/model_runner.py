@@ -39,25 +39,16 @@ class ModelRunner:
         self.dtype = DTYPES[config.dtype]
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        self.quantization = self._quantization(source)
         # Built on the meta device, so no weight is initialized only to be overwritten and a layer
         # to be quantized never holds a float copy: each takes its rows as they stream in.
         with torch.device("meta"):
             self.model = model_class(source.config.architecture)(source.config).to(self.dtype)
-            quantize_model(self.model, self.quantization, config.quant_group_size)
+            quantize_model(self.model, config.quantization, config.quant_group_size)
         self.model.to_empty(device=self.device).eval()
         self.model.load_weights(source.weights(self.dtype))
         self.block_size = config.block_size
         self.num_blocks = self._num_kv_blocks()
         self._allocate_kv_pool()
-
-    def _quantization(self, source: ModelSource) -> str:
-        if self.config.quantization != "auto":
-            return self.config.quantization
-        # A quantized GGUF stays quantized where the int8 kernels run: int8 groups hold its Q8_0 and
-        # Q4_1 blocks exactly, so it decodes over twice as fast as float32 with the same tokens.
-        cpu_float32 = self.device.type == "cpu" and self.dtype == torch.float32
-        return "int8" if cpu_float32 and source.files.quantized else "none"
 
     def _num_kv_blocks(self) -> int:
         c = self.model_config

@@ -33,8 +33,6 @@ _GLOBAL_NAMES = {
 }
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
-_FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
-
 # Float32 elements dequantized per slice of rows.
 _DEQUANTIZE_ELEMENTS = 1 << 20
 
@@ -66,8 +64,6 @@ class GGUFFile:
         reader = self._open()
         self.metadata: dict[str, Any] = {name: _field_value(f) for name, f in reader.fields.items()}
         self.tensor_names = {t.name for t in reader.tensors}
-        # Whether any matrix is stored in a quantized block format rather than as floats.
-        self.quantized = any(t.tensor_type not in _FLOAT_TYPES for t in reader.tensors if len(t.shape) > 1)
         self.architecture = str(self.metadata.get("general.architecture", ""))
 
     def _open(self) -> _Reader:

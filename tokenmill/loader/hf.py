@@ -14,8 +14,6 @@ from tokenmill.errors import ModelLoadError
 class HFDirectory:
     """A directory holding config.json, *.safetensors and tokenizer.json."""
 
-    quantized = False  # safetensors checkpoints read here hold float weights
-
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         try:
