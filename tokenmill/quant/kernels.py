@@ -103,11 +103,13 @@ def int4_dequantize(packed: np.ndarray, scale: np.ndarray, start: int, out: np.n
         _unpack_int4_row(packed[start + i], scale[start + i], low, high, out[i])
 
 
-def warm_up() -> None:
-    """Compile every kernel (or load it from numba's disk cache) now, so no request waits on the JIT."""
+def warm_up(int4: bool) -> None:
+    """Compile the int8 (and int4) kernels, or load them from numba's disk cache, so no request waits on the JIT."""
+    # Only what the model uses: each loaded kernel holds tens of MiB of LLVM state.
     x, out = np.zeros((1, 8), np.float32), np.zeros((1, 8), np.float32)
     q8, q4, scale = np.zeros((8, 8), np.int8), np.zeros((8, 1), np.uint32), np.zeros((8, 1, 2), np.float32)
     int8_matmul(x, q8, scale, out)
     int8_dequantize(q8, scale, 0, out)
-    int4_matmul(x, q4, scale, out)
-    int4_dequantize(q4, scale, 0, out)
+    if int4:
+        int4_matmul(x, q4, scale, out)
+        int4_dequantize(q4, scale, 0, out)

@@ -69,7 +69,9 @@ class QuantizedLinear(nn.Module):
 class Int8Linear(QuantizedLinear):
     """int8 weights in groups along the input, each with a float32 step and offset: w = step * q + offset."""
 
-    large_batch = 32
+    # The grouped kernel redoes its int8 widening for every input row: on the AVX-512 machine the
+    # float32 GEMM on dequantized tiles was as fast from 2 rows and faster from 4 (docs/benchmarks.md).
+    large_batch = 4
 
     def __init__(
         self, in_features: int, out_features: int, group_size: int, bias: bool = False, device: torch.device | None = None

@@ -44,7 +44,7 @@ def quantize_model(model: nn.Module, method: str, group_size: int) -> None:
             # A tied embedding reads the LM head's int8 rows rather than keeping a float copy.
             _replace(model, tied[0], Int8Embedding(quantized, module.weight.dtype))
         _replace(model, name, quantized)
-    kernels.warm_up()  # a cold numba cache compiles for seconds: at load, not in the first request
+    kernels.warm_up(int4=method == "int4")  # a cold numba cache compiles for seconds: at load, not in the first request
     logger.info("quantized linear layers to %s (group size %d)", method, group_size)
 
 
