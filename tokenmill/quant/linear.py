@@ -16,7 +16,7 @@ class QuantizedLinear(nn.Module):
     """y = x @ W.T + b with W stored quantized; the kernel is chosen by batch size and device."""
 
     # Rows at or above which dequantizing tiles and calling the float32 GEMM beats the
-    # quantized kernel (measured on the 2-core AVX2 machine, docs/benchmarks.md).
+    # quantized kernel; each subclass sets its own from measurements in docs/benchmarks.md.
     large_batch: int
 
     def __init__(self, in_features: int, out_features: int, bias: bool, device: torch.device | None) -> None:
