@@ -19,10 +19,16 @@ class QuantizedLinear(nn.Module):
     # quantized kernel; each subclass sets its own from measurements in docs/benchmarks.md.
     large_batch: int
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, device: torch.device | None) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, group_size: int, bias: bool = False, device: torch.device | None = None
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.group_size = _checked_group(group_size, in_features)
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
+        self.register_buffer("qweight", self._empty_levels(device))
+        # One (step, offset) pair per group: w = step * q + offset.
+        self.register_buffer("scale", torch.empty(out_features, in_features // group_size, 2, device=device))
 
     def load_rows(self, rows: slice, weight: torch.Tensor, name: str) -> None:
         """Quantize float weight rows into rows [rows] of this layer (a checkpoint shard, or all of it)."""
@@ -59,6 +65,9 @@ class QuantizedLinear(nn.Module):
         """Float32 weight rows [start, end)."""
         raise NotImplementedError
 
+    def _empty_levels(self, device: torch.device | None) -> torch.Tensor:
+        raise NotImplementedError
+
     def _quantize(self, start: int, w: torch.Tensor) -> None:
         raise NotImplementedError
 
@@ -73,13 +82,8 @@ class Int8Linear(QuantizedLinear):
     # float32 GEMM on dequantized tiles was as fast from 2 rows and faster from 4 (docs/benchmarks.md).
     large_batch = 4
 
-    def __init__(
-        self, in_features: int, out_features: int, group_size: int, bias: bool = False, device: torch.device | None = None
-    ) -> None:
-        super().__init__(in_features, out_features, bias, device)
-        self.group_size = _checked_group(group_size, in_features)
-        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scale", torch.empty(out_features, in_features // group_size, 2, device=device))
+    def _empty_levels(self, device: torch.device | None) -> torch.Tensor:
+        return torch.empty(self.out_features, self.in_features, dtype=torch.int8, device=device)
 
     def _quantize(self, start: int, w: torch.Tensor) -> None:
         # Per group, the closer of two grids: symmetric (step absmax / 127, GGUF Q8_0's) and min-max
@@ -120,14 +124,9 @@ class Int4Linear(QuantizedLinear):
 
     large_batch = 8
 
-    def __init__(
-        self, in_features: int, out_features: int, group_size: int, bias: bool = False, device: torch.device | None = None
-    ) -> None:
-        super().__init__(in_features, out_features, bias, device)
-        self.group_size = _checked_group(group_size, in_features)
+    def _empty_levels(self, device: torch.device | None) -> torch.Tensor:
         # Two weights per byte, kept as int32 words: the kernel masks whole uint32 words.
-        self.register_buffer("qweight", torch.empty(out_features, in_features // 8, dtype=torch.int32, device=device))
-        self.register_buffer("scale", torch.empty(out_features, in_features // group_size, 2, device=device))
+        return torch.empty(self.out_features, self.in_features // 8, dtype=torch.int32, device=device)
 
     def _quantize(self, start: int, w: torch.Tensor) -> None:
         w = w.view(len(w), -1, self.group_size)
