@@ -95,10 +95,8 @@ class Int8Linear(QuantizedLinear):
         tiny = torch.finfo(torch.float32).tiny
         sym_step = (w.abs().amax(-1) / 127).clamp(min=tiny)
         sym_q = torch.round(w / sym_step[..., None]).clamp(-127, 127)
-        low = w.amin(-1)
-        mm_step = ((w.amax(-1) - low) / 255).clamp(min=tiny)
-        mm_q = torch.round((w - low[..., None]) / mm_step[..., None]).clamp(0, 255) - 128
-        mm_offset = low + 128 * mm_step
+        mm_q, mm_step, low = _min_max_grid(w, 255)
+        mm_q, mm_offset = mm_q - 128, low + 128 * mm_step  # centred on int8's range
         sym_error = (sym_q * sym_step[..., None] - w).abs().amax(-1)
         mm_error = (mm_q * mm_step[..., None] + mm_offset[..., None] - w).abs().amax(-1)
         symmetric = sym_error <= mm_error
@@ -129,10 +127,8 @@ class Int4Linear(QuantizedLinear):
         return torch.empty(self.out_features, self.in_features // 8, dtype=torch.int32, device=device)
 
     def _quantize(self, start: int, w: torch.Tensor) -> None:
-        w = w.view(len(w), -1, self.group_size)
-        low, high = w.amin(dim=-1), w.amax(dim=-1)
-        step = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
-        q = torch.round((w - low[..., None]) / step[..., None]).clamp(0, 15).to(torch.uint8)
+        q, step, low = _min_max_grid(w.view(len(w), -1, self.group_size), 15)
+        q = q.to(torch.uint8)
         half = self.group_size // 2
         packed = (q[..., :half] | (q[..., half:] << 4)).reshape(len(w), -1)
         self.qweight[start : start + len(w)] = packed.view(torch.int32)
@@ -158,6 +154,13 @@ def _checked_group(group_size: int, in_features: int) -> int:
     if group_size % 8 or in_features % group_size:
         raise ValueError(f"group size {group_size} must be a multiple of 8 dividing the input width {in_features}")
     return group_size
+
+
+def _min_max_grid(w: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each group's weights on levels + 1 evenly spaced values from its min to its max: (q, step, min)."""
+    low = w.amin(-1)
+    step = ((w.amax(-1) - low) / levels).clamp(min=torch.finfo(torch.float32).tiny)
+    return torch.round((w - low[..., None]) / step[..., None]).clamp(0, levels), step, low
 
 
 def _dequantize_groups(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
