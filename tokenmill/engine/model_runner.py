@@ -10,6 +10,7 @@ import torch
 from tokenmill.config import DTYPES, EngineConfig
 from tokenmill.engine.sequence import Sequence
 from tokenmill.layers.attention import Attention, AttentionMetadata, PrefillChunk, attention_metadata
+from tokenmill.layers.packed_linear import can_pack, pack_linears
 from tokenmill.loader.source import ModelSource
 from tokenmill.models.registry import model_class
 from tokenmill.quant import quantize_model
@@ -46,6 +47,8 @@ class ModelRunner:
             quantize_model(self.model, config.quantization, config.quant_group_size)
         self.model.to_empty(device=self.device).eval()
         self.model.load_weights(source.weights(self.dtype))
+        if config.quantization == "none" and can_pack(self.device, self.dtype):
+            pack_linears(self.model)
         self.block_size = config.block_size
         self.num_blocks = self._num_kv_blocks()
         self._allocate_kv_pool()
@@ -114,8 +117,8 @@ class ModelRunner:
         metadata = AttentionMetadata(
             slot_mapping=self._tensor(slots),
             num_decodes=len(decode_lens),
-            decode_block_tables=self._tensor(_pad(decode_tables)),
-            decode_seq_lens=self._tensor(decode_lens),
+            decode_blocks=self._tensor(_pad(decode_tables)).flatten(),
+            decode_mask=self._decode_mask(decode_tables, decode_lens),
             prefills=prefills,
         )
         with attention_metadata(metadata):
@@ -126,6 +129,12 @@ class ModelRunner:
             for seq, start, row, count in prompt_rows
         ]
         return RunnerOutput(sample_seqs, logits, prompt_logits)
+
+    def _decode_mask(self, tables: list[list[int]], lens: list[int]) -> torch.Tensor:
+        # Built once per step rather than in each layer; padded keys (block 0) stay masked out.
+        width = max((len(t) for t in tables), default=0) * self.block_size
+        keys = torch.arange(width, device=self.device)
+        return (keys < self._tensor(lens)[:, None])[:, None, None, :]
 
     def _tensor(self, values: list) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
