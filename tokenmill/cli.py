@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from tokenmill.config import QUANTIZATIONS, EngineConfig, ServerConfig
+from tokenmill.config import DTYPES, QUANTIZATIONS, EngineConfig, ServerConfig
 from tokenmill.errors import InvalidRequestError, TokenmillError
 from tokenmill.sampling import SamplingParams
 
@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     ppl.add_argument("--file", required=True, type=Path, help="UTF-8 text to score")
     ppl.add_argument("--context", type=int, default=512, help="tokens per window")
     ppl.add_argument("--stride", type=int, default=256, help="tokens between window starts")
-    quantization_flags(ppl)
+    precision_flags(ppl)
 
     bench = commands.add_parser("bench", help="measure latency, throughput and cost against peers")
     kinds = bench.add_subparsers(required=True, metavar="KIND")
@@ -93,12 +93,11 @@ def _sampling_flags(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=-1)
     parser.add_argument("--seed", type=int, default=None)
-    quantization_flags(parser)
+    precision_flags(parser)
 
 
 def _engine_flags(parser: argparse.ArgumentParser) -> None:
     d = EngineConfig
-    parser.add_argument("--dtype", default=d.dtype, help="float32 | bfloat16 | float16")
     parser.add_argument("--device", default=d.device)
     parser.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV block")
     parser.add_argument("--kv-cache-memory", type=float, default=d.kv_cache_memory,
@@ -109,28 +108,30 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=d.max_model_len, help="context length cap")
     parser.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV of shared prefixes")
     parser.add_argument("--num-threads", type=int, default=d.num_threads, help="CPU threads (default: one per core)")
-    quantization_flags(parser)
+    precision_flags(parser)
 
 
-def quantization_flags(parser: argparse.ArgumentParser) -> None:
-    """--quantization and --quant-group-size, for every command that loads a model."""
+def precision_flags(parser: argparse.ArgumentParser) -> None:
+    """--dtype, --quantization and --quant-group-size, for every command that loads a model."""
+    parser.add_argument("--dtype", default=EngineConfig.dtype, choices=list(DTYPES),
+                        help="activation and unquantized weight type (default: %(default)s)")
     parser.add_argument("--quantization", default=EngineConfig.quantization, choices=QUANTIZATIONS,
                         help="weight-only quantization of the linear layers (default: %(default)s)")
     parser.add_argument("--quant-group-size", type=int, default=EngineConfig.quant_group_size,
                         help="weights per quantization step and offset (default: %(default)s)")
 
 
-def quantization_options(args: argparse.Namespace) -> dict:
-    """The engine options those two flags set."""
-    return {"quantization": args.quantization, "quant_group_size": args.quant_group_size}
+def precision_options(args: argparse.Namespace) -> dict:
+    """The engine options those flags set."""
+    return {"dtype": args.dtype, "quantization": args.quantization, "quant_group_size": args.quant_group_size}
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
-        model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
+        model=args.model, device=args.device, block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        enable_prefix_caching=not args.no_prefix_caching, num_threads=args.num_threads, **quantization_options(args),
+        enable_prefix_caching=not args.no_prefix_caching, num_threads=args.num_threads, **precision_options(args),
     )
 
 
@@ -160,7 +161,7 @@ def _generate(args: argparse.Namespace) -> int:
     from tokenmill.llm import LLM
 
     params = _params(args)  # validate flags before the slow model load
-    output = LLM(args.model, **quantization_options(args)).generate([args.prompt], params, use_tqdm=False)[0]
+    output = LLM(args.model, **precision_options(args)).generate([args.prompt], params, use_tqdm=False)[0]
     print(output.outputs[0].text)
     return 0
 
@@ -169,7 +170,7 @@ def _chat(args: argparse.Namespace) -> int:
     from tokenmill.engine.llm_engine import LLMEngine
 
     params = _params(args)
-    engine = LLMEngine(EngineConfig(model=args.model, **quantization_options(args)))
+    engine = LLMEngine(EngineConfig(model=args.model, **precision_options(args)))
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
     for turn in itertools.count():
@@ -201,7 +202,7 @@ def _perplexity(args: argparse.Namespace) -> int:
         text = args.file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidRequestError(f"cannot read {args.file}: {exc}") from exc
-    llm = LLM(args.model, **quantization_options(args))
+    llm = LLM(args.model, **precision_options(args))
     result = perplexity(llm, llm.tokenizer.encode(text), args.context, args.stride)
     print(f"perplexity {result.perplexity:.4f} (mean NLL {result.nll:.4f}) over {result.num_tokens} tokens "
           f"in {result.num_windows} windows of {args.context} (stride {args.stride})")

@@ -13,8 +13,8 @@ from tokenmill.bench.datasets import ordinary_tokens, topic_prompts
 from tokenmill.bench.peers import (
     LlamaCppRunner, Runner, TokenmillRunner, TransformersRunner, decode_speed, prefill_speed,
 )
-from tokenmill.cli import quantization_flags, quantization_options
-from tokenmill.config import EngineConfig
+from tokenmill.cli import precision_flags, precision_options
+from tokenmill.config import DTYPES, EngineConfig
 from tokenmill.errors import InvalidRequestError
 from tokenmill.loader.tokenizer import Tokenizer
 
@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also run nano-vllm's offline mix: SEQS random prompts, input and output lengths "
                              "uniform in [MIN, MAX] (nano-vllm: 256 100 1024)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads for both")
-    quantization_flags(parser)
+    precision_flags(parser)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -44,8 +44,9 @@ def main(args: argparse.Namespace) -> int:
         raise InvalidRequestError("bench compare loads the same GGUF file in both engines; give a .gguf model")
     # No prefix cache: the rounds repeat prompts, and a cache hit would skip the very work being timed.
     ours = TokenmillRunner(args.model, num_threads=args.threads, enable_prefix_caching=False,
-                           **quantization_options(args))
-    peer = TransformersRunner(source.path) if args.peer == "transformers" else LlamaCppRunner(source.path, args.threads)
+                           **precision_options(args))
+    peer = (TransformersRunner(source.path, DTYPES[args.dtype]) if args.peer == "transformers"
+            else LlamaCppRunner(source.path, args.threads))
     workload = _workload(ours.llm.tokenizer, args)
     for runner in (ours, peer):  # warm-up: first-call allocations and kernel selection
         runner.generate(workload.prompts[:1], 4)
@@ -55,7 +56,8 @@ def main(args: argparse.Namespace) -> int:
             for label, measure in _measures(runner, workload, args):
                 samples[runner.name].setdefault(label, []).append(measure())
     print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}; "
-          f"model {source.name}, tokenmill quantization {args.quantization}; peer {peer.name}; median of {args.rounds} rounds")
+          f"model {source.name}, tokenmill {args.dtype} quantization {args.quantization}; peer {peer.name}; "
+          f"median of {args.rounds} rounds")
     print(f"| workload | tokenmill | {peer.name} | tokenmill / {peer.name} |")
     print("|---|---|---|---|")
     for label in samples[ours.name]:

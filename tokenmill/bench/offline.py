@@ -9,7 +9,7 @@ import numpy as np
 from tokenmill import SamplingParams
 from tokenmill.bench.datasets import lengths, ordinary_tokens
 from tokenmill.bench.peers import TokenmillRunner, decode_speed, prefill_speed
-from tokenmill.cli import quantization_flags, quantization_options
+from tokenmill.cli import precision_flags, precision_options
 from tokenmill.config import EngineConfig
 
 
@@ -23,14 +23,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-len", type=int, default=512, help="prompt tokens for the prefill figure")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kv-cache-memory", type=float, default=EngineConfig.kv_cache_memory, help="KV pool in GiB")
-    quantization_flags(parser)
+    precision_flags(parser)
 
 
 def main(args: argparse.Namespace) -> int:
     """Run the three measurements and print them."""
     # No prefix cache: the speed runs repeat a prompt, and a cache hit would skip the work being timed.
     runner = TokenmillRunner(args.model, enable_prefix_caching=False, kv_cache_memory=args.kv_cache_memory,
-                             **quantization_options(args))
+                             **precision_options(args))
     llm = runner.llm
     rng = np.random.default_rng(args.seed)
     ordinary = ordinary_tokens(llm.tokenizer)

@@ -43,11 +43,10 @@ class TransformersRunner:
 
     name = "transformers"
 
-    def __init__(self, gguf: Path) -> None:
+    def __init__(self, gguf: Path, dtype: torch.dtype) -> None:
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                          dtype=torch.float32).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype).eval()
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], output_len: int | list[int]) -> float:

@@ -1,0 +1,55 @@
+"""bfloat16 linear layers packed for oneDNN compute what F.linear does, for any number of rows."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenmill.layers.packed_linear import PackedLinear, can_pack, pack_linears
+
+pytestmark = pytest.mark.skipif(
+    not can_pack(torch.device("cpu"), torch.bfloat16), reason="this CPU has no native bfloat16 matmul in oneDNN"
+)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_packed_linear_matches_f_linear(rows):
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 160, bias=True).to(torch.bfloat16)
+    x = torch.randn(rows, 96, dtype=torch.bfloat16)
+    expected = F.linear(x.float(), linear.weight.float(), linear.bias.float())
+    out = PackedLinear(linear)(x)
+    assert out.shape == (rows, 160) and out.dtype == torch.bfloat16
+    # Both sides hold the same bfloat16 weights; only the output's rounding to bfloat16 differs.
+    torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
+
+
+class _Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(96, 64)
+        self.proj = nn.Linear(64, 64)
+        self.lm_head = nn.Linear(64, 96, bias=False)
+        self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.proj(self.embed_tokens(ids)))
+
+
+def test_pack_linears_swaps_every_linear_and_keeps_the_outputs():
+    torch.manual_seed(0)
+    model = _Tied().to(torch.bfloat16)
+    ids = torch.tensor([0, 7, 95])
+    with torch.no_grad():
+        before = model(ids).float()
+        pack_linears(model)
+        after = model(ids).float()
+    assert isinstance(model.proj, PackedLinear) and isinstance(model.lm_head, PackedLinear)
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    assert isinstance(model.embed_tokens, nn.Embedding)  # the tied table stays for lookups
+    torch.testing.assert_close(after, before, rtol=2e-2, atol=2e-2)
+
+
+def test_only_bfloat16_on_cpu_is_packed():
+    assert not can_pack(torch.device("cpu"), torch.float32)
+    assert not can_pack(torch.device("meta"), torch.bfloat16)
