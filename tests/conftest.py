@@ -8,8 +8,30 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from tokenmill.loader import catalog  # noqa: E402
+
+
+class TiedLM(torch.nn.Module):
+    """A tiny LM whose head shares the embedding's weight, as SmolLM2's does: rewrites must keep the tie."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed_tokens = torch.nn.Embedding(96, 64)
+        self.proj = torch.nn.Linear(64, 64)
+        self.lm_head = torch.nn.Linear(64, 96, bias=False)
+        self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.proj(self.embed_tokens(ids)))
+
+
+@pytest.fixture
+def tied_lm() -> TiedLM:
+    """A fresh TiedLM with seeded random weights."""
+    torch.manual_seed(0)
+    return TiedLM()
 
 
 @pytest.fixture(scope="session")

@@ -24,21 +24,8 @@ def test_packed_linear_matches_f_linear(rows):
     torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
 
 
-class _Tied(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(96, 64)
-        self.proj = nn.Linear(64, 64)
-        self.lm_head = nn.Linear(64, 96, bias=False)
-        self.lm_head.weight = self.embed_tokens.weight
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.proj(self.embed_tokens(ids)))
-
-
-def test_pack_linears_swaps_every_linear_and_keeps_the_outputs():
-    torch.manual_seed(0)
-    model = _Tied().to(torch.bfloat16)
+def test_pack_linears_swaps_every_linear_and_keeps_the_outputs(tied_lm):
+    model = tied_lm.to(torch.bfloat16)
     ids = torch.tensor([0, 7, 95])
     with torch.no_grad():
         before = model(ids).float()

@@ -100,17 +100,8 @@ def test_bfloat16_input_takes_the_dequantizing_fallback():
     torch.testing.assert_close(out.float(), x @ layer.dequantize(0, 96).T, rtol=0.05, atol=0.1)
 
 
-class _Tied(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(96, 64)
-        self.proj = nn.Linear(64, 64)
-        self.lm_head = nn.Linear(64, 96, bias=False)
-        self.lm_head.weight = self.embed_tokens.weight
-
-
-def test_int4_model_keeps_lm_head_int8_and_shares_it_with_the_tied_embedding():
-    model = _Tied()
+def test_int4_model_keeps_lm_head_int8_and_shares_it_with_the_tied_embedding(tied_lm):
+    model = tied_lm
     embedding = model.embed_tokens.weight.detach().clone()
     quantize_model(model, "int4", group_size=32)
     assert isinstance(model.proj, Int4Linear) and isinstance(model.lm_head, Int8Linear)
@@ -120,12 +111,12 @@ def test_int4_model_keeps_lm_head_int8_and_shares_it_with_the_tied_embedding():
     assert torch.all((rows - embedding[ids]).abs() <= model.lm_head.scale[ids, :, :1].amax(1) / 2 + 1e-6)
 
 
-def test_group_size_that_does_not_divide_a_layer_is_a_load_error_naming_it():
+def test_group_size_that_does_not_divide_a_layer_is_a_load_error_naming_it(tied_lm):
     with pytest.raises(ModelLoadError, match="proj: int4 group size 48 must be a multiple of 8 dividing"):
-        quantize_model(_Tied(), "int4", group_size=48)
+        quantize_model(tied_lm, "int4", group_size=48)
 
 
-def test_none_leaves_the_model_alone():
-    model = _Tied()
+def test_none_leaves_the_model_alone(tied_lm):
+    model = tied_lm
     quantize_model(model, "none", group_size=32)
     assert type(model.proj) is nn.Linear and type(model.embed_tokens) is nn.Embedding
