@@ -108,3 +108,11 @@ def test_server_keeps_serving_after_bad_requests(server):
     response = httpx.post(server.url + COMPLETIONS, json={"prompt": "The capital of France is", "max_tokens": 3,
                                                           "temperature": 0})
     assert response.status_code == 200 and response.json()["choices"][0]["text"].startswith(" Paris")
+
+
+def test_bad_requests_leave_no_traceback_in_the_server_log(server):
+    seen = len(server.log.read_text())
+    for body in ({"prompt": "hi", "max_tokens": -1}, {"prompt": "hi", "temperature": -1, "stream": True},
+                 {"prompt": [504] * 9000, "max_tokens": 1}, {"prompt": "hi", "logprobs": 21}):
+        assert httpx.post(server.url + COMPLETIONS, json=body).status_code == 400
+    assert "Traceback" not in server.log.read_text()[seen:]

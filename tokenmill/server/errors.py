@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from tokenmill.engine.async_engine import EngineStepError
-from tokenmill.errors import InvalidRequestError
+from tokenmill.errors import InvalidRequestError, TokenmillError
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,12 @@ def install_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
         return APIError(exc.status_code, str(exc.detail), code=code, headers=exc.headers).response()
+
+    # NOTE: our own errors need their own handler: Starlette answers a bare Exception handler's
+    # response and then re-raises, so every 400 from engine validation logged a traceback.
+    @app.exception_handler(TokenmillError)
+    async def engine_error(request: Request, exc: TokenmillError) -> JSONResponse:
+        return from_exception(exc).response()
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
