@@ -23,7 +23,7 @@ class PackedLinear(nn.Module):
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
-    """True where oneDNN runs bfloat16 matmuls natively (AVX-512-BF16 or AMX) on this CPU."""
+    """True for bfloat16 on a CPU where oneDNN has bfloat16 kernels (AVX-512 and newer; AMX is the fast case)."""
     return (
         device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
         and torch.ops.mkldnn._is_mkldnn_bf16_supported()
