@@ -39,6 +39,5 @@ def pack_linears(model: nn.Module) -> None:
     """
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, PackedLinear(module))
+            model.set_submodule(name, PackedLinear(module))
     logger.info("packed linear weights for oneDNN bfloat16 matmuls")

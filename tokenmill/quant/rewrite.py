@@ -42,12 +42,8 @@ def quantize_model(model: nn.Module, method: str, group_size: int) -> None:
         tied = embeddings.get(id(module.weight))
         if tied is not None and isinstance(quantized, Int8Linear):
             # A tied embedding reads the LM head's int8 rows rather than keeping a float copy.
-            _replace(model, tied[0], Int8Embedding(quantized, module.weight.dtype))
-        _replace(model, name, quantized)
+            model.set_submodule(tied[0], Int8Embedding(quantized, module.weight.dtype))
+        model.set_submodule(name, quantized)
     kernels.warm_up(int4=method == "int4")  # a cold numba cache compiles for seconds: at load, not in the first request
     logger.info("quantized linear layers to %s (group size %d)", method, group_size)
 
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
