@@ -114,11 +114,12 @@ class ModelRunner:
             last_prompt_row = min(start + n, seq.num_prompt_tokens - 1)
             if seq.params.prompt_logprobs is not None and start < last_prompt_row:
                 prompt_rows.append((seq, start, query_start, last_prompt_row - start))
+        decode_blocks, decode_mask = self._decode_gather(decode_tables, decode_lens)
         metadata = AttentionMetadata(
             slot_mapping=self._tensor(slots),
             num_decodes=len(decode_lens),
-            decode_blocks=self._tensor(_pad(decode_tables)).flatten(),
-            decode_mask=self._decode_mask(decode_tables, decode_lens),
+            decode_blocks=decode_blocks,
+            decode_mask=decode_mask,
             prefills=prefills,
         )
         with attention_metadata(metadata):
@@ -130,17 +131,15 @@ class ModelRunner:
         ]
         return RunnerOutput(sample_seqs, logits, prompt_logits)
 
-    def _decode_mask(self, tables: list[list[int]], lens: list[int]) -> torch.Tensor:
-        # Built once per step rather than in each layer; padded keys (block 0) stay masked out.
-        width = max((len(t) for t in tables), default=0) * self.block_size
-        keys = torch.arange(width, device=self.device)
-        return (keys < self._tensor(lens)[:, None])[:, None, None, :]
+    def _decode_gather(self, tables: list[list[int]], lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decodes' block tables padded to one width and laid end to end, and the mask of real keys."""
+        # Built once per step rather than in each layer. Padding points at block 0; the mask keeps
+        # those keys, and any past a sequence's length, out of attention.
+        width = max((len(t) for t in tables), default=0)
+        blocks = self._tensor([block for t in tables for block in t + [0] * (width - len(t))])
+        keys = torch.arange(width * self.block_size, device=self.device)
+        return blocks, (keys < self._tensor(lens)[:, None])[:, None, None, :]
 
     def _tensor(self, values: list) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
-
-def _pad(tables: list[list[int]]) -> list[list[int]]:
-    # Padding points at block 0; the sequence-length mask keeps those keys out of attention.
-    width = max((len(t) for t in tables), default=0)
-    return [t + [0] * (width - len(t)) for t in tables]
