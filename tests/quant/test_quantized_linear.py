@@ -25,13 +25,20 @@ def _int4(w: torch.Tensor, group_size: int) -> Int4Linear:
     return layer
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 7, 8, 200])  # both sides of each layer's large-batch switch
-@pytest.mark.parametrize("make", [_int8, lambda w: _int4(w, group_size=16)])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 7, 15, 16, 33, 200])  # tile remainders, both sides of the large-batch switch
+@pytest.mark.parametrize("make", [_int8, lambda w: _int4(w, group_size=32)])
 def test_forward_equals_float_matmul_of_dequantized_weight(make, rows):
     layer = make(_weight())
     x = torch.randn(rows, 64)
     reference = x @ layer.dequantize(0, 96).T
     torch.testing.assert_close(layer(x), reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("make", [_int8, lambda w: _int4(w, group_size=32)])
+def test_output_rows_past_the_last_full_pass_of_four_are_computed(make):
+    layer = make(_weight(out_features=99))  # the kernels take output rows four at a time
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(layer(x), x @ layer.dequantize(0, 99).T, rtol=1e-4, atol=1e-4)
 
 
 def test_int8_round_trip_error_is_within_half_a_step_per_group():
@@ -112,7 +119,7 @@ def test_int4_model_keeps_lm_head_int8_and_shares_it_with_the_tied_embedding(tie
 
 
 def test_group_size_that_does_not_divide_a_layer_is_a_load_error_naming_it(tied_lm):
-    with pytest.raises(ModelLoadError, match="proj: int4 group size 48 must be a multiple of 8 dividing"):
+    with pytest.raises(ModelLoadError, match="proj: int4 group size 48 must be a multiple of 32 dividing"):
         quantize_model(tied_lm, "int4", group_size=48)
 
 

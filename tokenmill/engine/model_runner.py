@@ -13,7 +13,7 @@ from tokenmill.layers.attention import Attention, AttentionMetadata, PrefillChun
 from tokenmill.layers.packed_linear import can_pack, pack_linears
 from tokenmill.loader.source import ModelSource
 from tokenmill.models.registry import model_class
-from tokenmill.quant import quantize_model
+from tokenmill.quant import kernels, quantize_model
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ class ModelRunner:
         self.model.load_weights(source.weights(self.dtype))
         if config.quantization == "none" and can_pack(self.device, self.dtype):
             pack_linears(self.model)
+        if config.quantization != "none" and self.device.type == "cpu":
+            kernels.ops()  # a first build compiles for seconds: at load, not in a client's first request
         self.block_size = config.block_size
         self.num_blocks = self._num_kv_blocks()
         self._allocate_kv_pool()

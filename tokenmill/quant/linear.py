@@ -1,6 +1,5 @@
 """Weight-only quantized linear and embedding layers: int8 and int4, with a step and offset per group."""
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,13 +17,15 @@ class QuantizedLinear(nn.Module):
     # Rows at or above which dequantizing tiles and calling the float32 GEMM beats the
     # quantized kernel; each subclass sets its own from measurements in docs/benchmarks.md.
     large_batch: int
+    # The kernels dequantize 16 bytes of a group at a time.
+    group_multiple: int
 
     def __init__(
         self, in_features: int, out_features: int, group_size: int, bias: bool = False, device: torch.device | None = None
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.group_size = _checked_group(group_size, in_features)
+        self.group_size = _checked_group(group_size, self.group_multiple, in_features)
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
         self.register_buffer("qweight", self._empty_levels(device))
         # One (step, offset) pair per group: w = step * q + offset.
@@ -47,7 +48,7 @@ class QuantizedLinear(nn.Module):
             out = F.linear(rows, self.dequantize(0, self.out_features).to(x.dtype))
         elif rows.shape[0] < self.large_batch:
             out = torch.empty(rows.shape[0], self.out_features)
-            self._kernel(rows.contiguous().numpy(), out.numpy())
+            self._kernel(rows.contiguous(), out)
         else:
             out = self._tiled(rows)
         if self.bias is not None:
@@ -71,16 +72,17 @@ class QuantizedLinear(nn.Module):
     def _quantize(self, start: int, w: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def _kernel(self, x: np.ndarray, out: np.ndarray) -> None:
+    def _kernel(self, x: torch.Tensor, out: torch.Tensor) -> None:
         raise NotImplementedError
 
 
 class Int8Linear(QuantizedLinear):
     """int8 weights in groups along the input, each with a float32 step and offset: w = step * q + offset."""
 
-    # The grouped kernel redoes its int8 widening for every input row: on the AVX-512 machine the
-    # float32 GEMM on dequantized tiles was as fast from 2 rows and faster from 4 (docs/benchmarks.md).
-    large_batch = 4
+    # 121 SmolLM2 layers, cache-cold: the kernel beats float32 `linear` 2.9x at 1 row and 1.7x at 16;
+    # they meet near 32, where tiles and the float32 GEMM take over (docs/benchmarks.md).
+    large_batch = 32
+    group_multiple = 16
 
     def _empty_levels(self, device: torch.device | None) -> torch.Tensor:
         return torch.empty(self.out_features, self.in_features, dtype=torch.int8, device=device)
@@ -110,20 +112,24 @@ class Int8Linear(QuantizedLinear):
         if self.qweight.device.type != "cpu":
             return _dequantize_groups(self.qweight[start:end].float(), self.scale[start:end])
         out = torch.empty(end - start, self.in_features)
-        kernels.int8_dequantize(self.qweight.numpy(), self.scale.numpy(), start, out.numpy())
+        kernels.ops().int8_dequantize(self.qweight, self.scale, start, out)
         return out
 
-    def _kernel(self, x: np.ndarray, out: np.ndarray) -> None:
-        kernels.int8_matmul(x, self.qweight.numpy(), self.scale.numpy(), out)
+    def _kernel(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        kernels.ops().int8_matmul(x, self.qweight, self.scale, out)
 
 
 class Int4Linear(QuantizedLinear):
     """4-bit weights in groups along the input, each with a float32 scale and minimum (as GGUF Q4_1)."""
 
-    large_batch = 8
+    # It unpacks nibbles again for every 2 input rows, so it loses to tiles sooner than int8 (1.2x
+    # float32 at 16 rows, 0.7x at 32).
+    large_batch = 16
+    # 16 bytes hold 32 weights: one 16-byte chunk is a group's low nibbles and high nibbles.
+    group_multiple = 32
 
     def _empty_levels(self, device: torch.device | None) -> torch.Tensor:
-        # Two weights per byte, kept as int32 words: the kernel masks whole uint32 words.
+        # Two weights per byte, kept as int32 words (the kernel reads bytes).
         return torch.empty(self.out_features, self.in_features // 8, dtype=torch.int32, device=device)
 
     def _quantize(self, start: int, w: torch.Tensor) -> None:
@@ -139,20 +145,18 @@ class Int4Linear(QuantizedLinear):
             q = self.qweight[start:end].view(torch.uint8).view(end - start, -1, self.group_size // 2)
             return _dequantize_groups(torch.cat([q & 15, q >> 4], dim=-1).float(), self.scale[start:end])
         out = torch.empty(end - start, self.in_features)
-        kernels.int4_dequantize(self._words(), self.scale.numpy(), start, out.numpy())
+        kernels.ops().int4_dequantize(self.qweight, self.scale, start, out)
         return out
 
-    def _kernel(self, x: np.ndarray, out: np.ndarray) -> None:
-        kernels.int4_matmul(x, self._words(), self.scale.numpy(), out)
-
-    def _words(self) -> np.ndarray:
-        return self.qweight.numpy().view("uint32")
+    def _kernel(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        kernels.ops().int4_matmul(x, self.qweight, self.scale, out)
 
 
-def _checked_group(group_size: int, in_features: int) -> int:
-    # Multiples of 8 keep int4's half groups in whole uint32 words.
-    if group_size % 8 or in_features % group_size:
-        raise ValueError(f"group size {group_size} must be a multiple of 8 dividing the input width {in_features}")
+def _checked_group(group_size: int, multiple: int, in_features: int) -> int:
+    if group_size % multiple or in_features % group_size:
+        raise ValueError(
+            f"group size {group_size} must be a multiple of {multiple} dividing the input width {in_features}"
+        )
     return group_size
 
 

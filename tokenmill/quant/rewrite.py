@@ -2,12 +2,9 @@
 
 import logging
 
-import numba
-import torch
 from torch import nn
 
 from tokenmill.errors import ModelLoadError
-from tokenmill.quant import kernels
 from tokenmill.quant.linear import Int4Linear, Int8Embedding, Int8Linear, QuantizedLinear
 
 logger = logging.getLogger(__name__)
@@ -21,8 +18,6 @@ def quantize_model(model: nn.Module, method: str, group_size: int) -> None:
     """
     if method == "none":
         return
-    # The kernels run on numba's thread pool; give it the threads torch was given.
-    numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     # The LM head stays int8 under int4: its errors land directly on the logits, and it is the
     # one matrix an int8 kernel reads as fast as an int4 one here (docs/benchmarks.md).
     embeddings = {id(m.weight): (name, m) for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
@@ -44,6 +39,5 @@ def quantize_model(model: nn.Module, method: str, group_size: int) -> None:
             # A tied embedding reads the LM head's int8 rows rather than keeping a float copy.
             model.set_submodule(tied[0], Int8Embedding(quantized, module.weight.dtype))
         model.set_submodule(name, quantized)
-    kernels.warm_up(int4=method == "int4")  # a cold numba cache compiles for seconds: at load, not in the first request
     logger.info("quantized linear layers to %s (group size %d)", method, group_size)
 
