@@ -203,7 +203,7 @@ void int4_dequantize(const at::Tensor& q, const at::Tensor& scale, int64_t start
 
 }  // namespace
 
-TORCH_LIBRARY(tokenmill, m) {
+TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
   m.def("int8_matmul(Tensor x, Tensor q, Tensor scale, Tensor(a!) out) -> ()");
   m.def("int4_matmul(Tensor x, Tensor q, Tensor scale, Tensor(a!) out) -> ()");
   m.def("int8_dequantize(Tensor q, Tensor scale, int start, Tensor(a!) out) -> ()");

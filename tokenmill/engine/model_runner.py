@@ -13,7 +13,8 @@ from tokenmill.layers.attention import Attention, AttentionMetadata, PrefillChun
 from tokenmill.layers.packed_linear import can_pack, pack_linears
 from tokenmill.loader.source import ModelSource
 from tokenmill.models.registry import model_class
-from tokenmill.quant import kernels, quantize_model
+from tokenmill import ops
+from tokenmill.quant import quantize_model
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +50,11 @@ class ModelRunner:
         self.model.load_weights(source.weights(self.dtype))
         if config.quantization == "none" and can_pack(self.device, self.dtype):
             pack_linears(self.model)
-        if config.quantization != "none" and self.device.type == "cpu":
-            kernels.ops()  # a first build compiles for seconds: at load, not in a client's first request
+        # The C++ ops' first build compiles for seconds: at load, not in a client's first request.
+        if self.device.type == "cpu" and config.quantization != "none":
+            ops.require()
+        elif self.device.type == "cpu":
+            ops.available()
         self.block_size = config.block_size
         self.num_blocks = self._num_kv_blocks()
         self._allocate_kv_pool()
@@ -116,11 +120,12 @@ class ModelRunner:
             last_prompt_row = min(start + n, seq.num_prompt_tokens - 1)
             if seq.params.prompt_logprobs is not None and start < last_prompt_row:
                 prompt_rows.append((seq, start, query_start, last_prompt_row - start))
-        decode_blocks, decode_mask = self._decode_gather(decode_tables, decode_lens)
+        decode_tables_padded, decode_mask = self._decode_gather(decode_tables, decode_lens)
         metadata = AttentionMetadata(
             slot_mapping=self._tensor(slots),
             num_decodes=len(decode_lens),
-            decode_blocks=decode_blocks,
+            decode_tables=decode_tables_padded,
+            decode_lens=self._tensor(decode_lens),
             decode_mask=decode_mask,
             prefills=prefills,
         )
@@ -134,11 +139,11 @@ class ModelRunner:
         return RunnerOutput(sample_seqs, logits, prompt_logits)
 
     def _decode_gather(self, tables: list[list[int]], lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The decodes' block tables padded to one width and laid end to end, and the mask of real keys."""
+        """The decodes' block tables padded to one width, and the mask of real keys."""
         # Built once per step rather than in each layer. Padding points at block 0; the mask keeps
         # those keys, and any past a sequence's length, out of attention.
         width = max((len(t) for t in tables), default=0)
-        blocks = self._tensor([block for t in tables for block in t + [0] * (width - len(t))])
+        blocks = self._tensor([t + [0] * (width - len(t)) for t in tables]).view(len(tables), width)
         keys = torch.arange(width * self.block_size, device=self.device)
         return blocks, (keys < self._tensor(lens)[:, None])[:, None, None, :]
 

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmill import ops
+
 
 @dataclass
 class PrefillChunk:
@@ -27,7 +29,8 @@ class AttentionMetadata:
     # NOTE: the runner orders the flat batch decodes first (one token each), then prefill chunks.
     slot_mapping: torch.Tensor  # [tokens] index into the flattened [blocks * block_size] pool
     num_decodes: int
-    decode_blocks: torch.Tensor  # [num_decodes * max_blocks] each decode's block table, padded, end to end
+    decode_tables: torch.Tensor  # [num_decodes, max_blocks] each decode's block table, padded with block 0
+    decode_lens: torch.Tensor  # [num_decodes] tokens in each decode's cache, this step's included
     decode_mask: torch.Tensor  # [num_decodes, 1, 1, max_blocks * block_size] True for keys within the sequence
     prefills: list[PrefillChunk]
 
@@ -58,15 +61,20 @@ class Attention(nn.Module):
         self.v_cache = torch.empty(0)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim]
+        # q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim]; views into the QKV output
         meta = _metadata
         assert meta is not None, "Attention called outside attention_metadata()"
         k_flat = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)
         v_flat = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
         k_flat.index_copy_(0, meta.slot_mapping, k)
         v_flat.index_copy_(0, meta.slot_mapping, v)
-        out = torch.empty_like(q)
-        if meta.num_decodes:
+        out = q.new_empty(q.shape)
+        if meta.num_decodes and q.device.type == "cpu" and ops.available():
+            torch.ops.tokenmill.paged_decode_attention(
+                q[: meta.num_decodes], self.k_cache, self.v_cache, meta.decode_tables, meta.decode_lens, self.scale,
+                out[: meta.num_decodes],
+            )
+        elif meta.num_decodes:
             out[: meta.num_decodes] = self._decode(q[: meta.num_decodes], meta)
         # Prefill chunks are few per step (the token budget bounds them), so a loop here is cheap,
         # while padding them into one batch would multiply attention work by the longest chunk.
@@ -94,8 +102,9 @@ class Attention(nn.Module):
         # Gather only the blocks these sequences use: [batch, kv_heads, max_len, d]. index_select on a
         # flat block list is 5x faster here than indexing with the 2-D table.
         shape = (batch, meta.decode_mask.shape[-1], self.num_kv_heads, self.head_dim)
-        k = self.k_cache.index_select(0, meta.decode_blocks).view(shape).transpose(1, 2)
-        v = self.v_cache.index_select(0, meta.decode_blocks).view(shape).transpose(1, 2)
+        blocks = meta.decode_tables.view(-1)
+        k = self.k_cache.index_select(0, blocks).view(shape).transpose(1, 2)
+        v = self.v_cache.index_select(0, blocks).view(shape).transpose(1, 2)
         qg = q.view(batch, self.num_kv_heads, group, self.head_dim)
         o = F.scaled_dot_product_attention(qg, k, v, attn_mask=meta.decode_mask, scale=self.scale)
         return o.reshape(batch, self.num_heads, self.head_dim)

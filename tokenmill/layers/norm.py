@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmill import ops
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm; with a residual, adds it first and returns the new residual too."""
@@ -18,5 +20,10 @@ class RMSNorm(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        if x.device.type == "cpu" and ops.available():
+            # NOTE: in place on both, so neither may be a tensor the caller still reads: x is a
+            # layer's fresh output and the residual stream is only ever the one from the previous norm.
+            torch.ops.tokenmill.fused_add_rms_norm(x, residual, self.weight, self.eps)
+            return x, residual
         x = x + residual
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps), x

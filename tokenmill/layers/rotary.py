@@ -5,6 +5,7 @@ import math
 import torch
 from torch import nn
 
+from tokenmill import ops
 from tokenmill.errors import ModelLoadError
 
 
@@ -37,6 +38,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate x: [tokens, heads, head_dim] by the angles in cos/sin: [tokens, 1, head_dim // 2]."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate x: [tokens, heads, head_dim], a view whose heads lie side by side, in place."""
+    if x.device.type == "cpu" and ops.available():
+        torch.ops.tokenmill.rotary_(x, cos, sin)
+    else:
+        x.copy_(apply_rotary(x, cos, sin))
 
 
 def _scale(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Tensor:

@@ -11,7 +11,7 @@ from tokenmill.config import ModelConfig
 from tokenmill.errors import ModelLoadError
 from tokenmill.layers.attention import Attention
 from tokenmill.layers.norm import RMSNorm
-from tokenmill.layers.rotary import RotaryEmbedding, apply_rotary
+from tokenmill.layers.rotary import RotaryEmbedding, apply_rotary_
 
 
 class LlamaAttention(nn.Module):
@@ -26,10 +26,13 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
-        o = self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_dim))
+        qkv = self.qkv_proj(x)
+        # Query and key heads lie side by side in each row: one in-place rotation covers both.
+        qk = qkv[:, : self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads, self.head_dim)
+        apply_rotary_(qk, cos, sin)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        kv_shape = (-1, self.num_kv_heads, self.head_dim)
+        o = self.attn(q.view(-1, self.num_heads, self.head_dim), k.view(kv_shape), v.view(kv_shape))
         return self.o_proj(o.view(-1, self.q_size))
 
 

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.errors import ModelLoadError
-from tokenmill.quant import kernels
+from tokenmill import ops
 
 # Dequantized weight rows per tile on the large-batch path: 8 MiB of float32, cache-sized.
 _TILE_ELEMENTS = 1 << 21
@@ -112,11 +112,11 @@ class Int8Linear(QuantizedLinear):
         if self.qweight.device.type != "cpu":
             return _dequantize_groups(self.qweight[start:end].float(), self.scale[start:end])
         out = torch.empty(end - start, self.in_features)
-        kernels.ops().int8_dequantize(self.qweight, self.scale, start, out)
+        ops.require().int8_dequantize(self.qweight, self.scale, start, out)
         return out
 
     def _kernel(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        kernels.ops().int8_matmul(x, self.qweight, self.scale, out)
+        ops.require().int8_matmul(x, self.qweight, self.scale, out)
 
 
 class Int4Linear(QuantizedLinear):
@@ -145,11 +145,11 @@ class Int4Linear(QuantizedLinear):
             q = self.qweight[start:end].view(torch.uint8).view(end - start, -1, self.group_size // 2)
             return _dequantize_groups(torch.cat([q & 15, q >> 4], dim=-1).float(), self.scale[start:end])
         out = torch.empty(end - start, self.in_features)
-        kernels.ops().int4_dequantize(self.qweight, self.scale, start, out)
+        ops.require().int4_dequantize(self.qweight, self.scale, start, out)
         return out
 
     def _kernel(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        kernels.ops().int4_matmul(x, self.qweight, self.scale, out)
+        ops.require().int4_matmul(x, self.qweight, self.scale, out)
 
 
 def _checked_group(group_size: int, multiple: int, in_features: int) -> int:

@@ -1,0 +1,22 @@
+"""In-place rotary on the fused QKV output: the C++ op matches apply_rotary and leaves the V columns alone."""
+
+import pytest
+import torch
+
+from tokenmill import ops
+from tokenmill.layers.rotary import RotaryEmbedding, apply_rotary, apply_rotary_
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_in_place_rotary_on_qkv_view_matches_apply_rotary(dtype, tolerance):
+    assert ops.available(), "the C++ ops must build on the test machine"
+    rotary = RotaryEmbedding(head_dim=32, max_position=64, theta=10000.0)
+    positions = torch.tensor([0, 7, 63, 5])
+    cos, sin = rotary.cos_sin(positions, dtype)
+    qkv = torch.randn(4, 6 * 32).to(dtype)  # 3 query heads, 1 key head, 2 value heads
+    qk = qkv[:, : 4 * 32].view(4, 4, 32)
+    expected = apply_rotary(qk.clone(), cos, sin)
+    untouched = qkv[:, 4 * 32 :].clone()
+    apply_rotary_(qk, cos, sin)
+    torch.testing.assert_close(qk, expected, rtol=tolerance, atol=tolerance)
+    assert torch.equal(qkv[:, 4 * 32 :], untouched)

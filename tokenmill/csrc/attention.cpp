@@ -1,0 +1,100 @@
+// Paged decode attention on CPU: each query token attends over its sequence's blocks where they lie
+// in the KV pool, so no step gathers the cache into a padded copy or builds a mask (one op replaces
+// two gathers, the mask and SDPA: docs/benchmarks.md).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int kLanes = 16;
+typedef float f32x16 __attribute__((vector_size(64)));
+
+inline f32x16 load(const float* p) { f32x16 v; std::memcpy(&v, p, sizeof v); return v; }
+inline f32x16 load(const at::BFloat16* p) {
+  f32x16 v;
+  for (int l = 0; l < kLanes; ++l) v[l] = float(p[l]);
+  return v;
+}
+inline float sum(f32x16 v) { float s = 0.f; for (int l = 0; l < kLanes; ++l) s += v[l]; return s; }
+
+// q: [batch, heads, D], heads side by side (a token's row may hold more, as in the fused QKV output);
+// out: [batch, heads, D]; caches: [blocks, block_size, kv_heads, D]; block_tables: [batch, width];
+// seq_lens: [batch], the tokens of each sequence in the cache, this step's included.
+template <typename T>
+void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_tables,
+            const at::Tensor& seq_lens, double scale, at::Tensor& out) {
+  const int64_t batch = q.size(0), heads = q.size(1), D = q.size(2);
+  const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2), group = heads / kv_heads;
+  const int64_t width = block_tables.size(1), vectors = D / kLanes;
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k_cache.data_ptr<T>();
+  const T* vp = v_cache.data_ptr<T>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  T* op = out.data_ptr<T>();
+  const int64_t token_stride = kv_heads * D, block_stride = block_size * token_stride, q_stride = q.stride(0);
+  // One task per (sequence, KV head): the K and V rows it reads serve its whole query group.
+  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, qf(group * D), acc(group * D);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / kv_heads, h = task % kv_heads, len = lens[b];
+      const int64_t* table = tables + b * width;
+      for (int64_t i = 0; i < group * D; ++i) qf[i] = float(qp[b * q_stride + h * group * D + i]) * float(scale);
+      scores.assign(group * len, 0.f);
+      for (int64_t t = 0; t < len; ++t) {
+        const T* k = kp + table[t / block_size] * block_stride + (t % block_size) * token_stride + h * D;
+        for (int64_t g = 0; g < group; ++g) {
+          f32x16 dot = {};
+          for (int64_t c = 0; c < vectors; ++c) dot += load(qf.data() + g * D + c * kLanes) * load(k + c * kLanes);
+          scores[g * len + t] = sum(dot);
+        }
+      }
+      std::vector<float> total(group);
+      for (int64_t g = 0; g < group; ++g) {
+        float* s = scores.data() + g * len;
+        float top = -std::numeric_limits<float>::infinity();
+        for (int64_t t = 0; t < len; ++t) top = std::max(top, s[t]);
+        for (int64_t t = 0; t < len; ++t) { s[t] = std::exp(s[t] - top); total[g] += s[t]; }
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t = 0; t < len; ++t) {
+        const T* v = vp + table[t / block_size] * block_stride + (t % block_size) * token_stride + h * D;
+        for (int64_t c = 0; c < vectors; ++c) {
+          const f32x16 vv = load(v + c * kLanes);
+          for (int64_t g = 0; g < group; ++g) {
+            f32x16 a = load(acc.data() + g * D + c * kLanes) + scores[g * len + t] * vv;
+            std::memcpy(acc.data() + g * D + c * kLanes, &a, sizeof a);
+          }
+        }
+      }
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t d = 0; d < D; ++d) op[(b * heads + h * group + g) * D + d] = T(acc[g * D + d] / total[g]);
+    }
+  });
+}
+
+void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, at::Tensor& out) {
+  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2) && out.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous());
+  TORCH_CHECK(block_tables.is_contiguous() && seq_lens.is_contiguous() && q.size(2) % kLanes == 0);
+  if (q.scalar_type() == at::kFloat) decode<float>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
+  else if (q.scalar_type() == at::kBFloat16) decode<at::BFloat16>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
+  else TORCH_CHECK(false, "paged_decode_attention takes float32 or bfloat16, not ", q.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
+  m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
+        "float scale, Tensor(a!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
+  m.impl("paged_decode_attention", paged_decode_attention);
+}

@@ -1,0 +1,51 @@
+// Rotary position embedding applied in place to the query and key heads of the fused QKV output, for
+// the CPU decode path: one op instead of the ten (chunk, four multiplies, add, subtract, cat, for q and k).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+namespace {
+
+// x: [tokens, heads, D] with unit stride within a head (the token stride may span the V columns too);
+// cos, sin: [tokens, 1, D / 2]. Half-split layout, as Hugging Face: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s).
+template <typename T>
+void rotate(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  const int64_t tokens = x.size(0), heads = x.size(1), half = x.size(2) / 2;
+  const int64_t token_stride = x.stride(0), head_stride = x.stride(1);
+  T* xp = x.data_ptr<T>();
+  const T* cp = cos.data_ptr<T>();
+  const T* sp = sin.data_ptr<T>();
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const T* c = cp + t * half;
+      const T* s = sp + t * half;
+      for (int64_t h = 0; h < heads; ++h) {
+        T* x1 = xp + t * token_stride + h * head_stride;
+        T* x2 = x1 + half;
+        for (int64_t d = 0; d < half; ++d) {
+          const float a = float(x1[d]), b = float(x2[d]), cd = float(c[d]), sd = float(s[d]);
+          x1[d] = T(a * cd - b * sd);
+          x2[d] = T(b * cd + a * sd);
+        }
+      }
+    }
+  });
+}
+
+void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2) && cos.is_contiguous() && sin.is_contiguous());
+  TORCH_CHECK(cos.numel() == x.size(0) * x.size(2) / 2 && cos.scalar_type() == x.scalar_type());
+  if (x.scalar_type() == at::kFloat) rotate<float>(x, cos, sin);
+  else if (x.scalar_type() == at::kBFloat16) rotate<at::BFloat16>(x, cos, sin);
+  else TORCH_CHECK(false, "rotary_ takes float32 or bfloat16, not ", x.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
+  m.def("rotary_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
+  m.impl("rotary_", rotary_);
+}
