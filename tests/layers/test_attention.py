@@ -58,3 +58,14 @@ def test_cpp_decode_attention_ignores_keys_past_each_length():
     with attention_metadata(meta):
         after = layer(q, k, v)
     torch.testing.assert_close(before, after, rtol=0, atol=0)
+
+
+def test_forward_stores_each_token_in_its_slot():
+    layer = _layer(torch.float32)
+    meta = _decode_metadata([[3, 9, 1], [12]], [11, 1])  # slots 1 * 4 + 2 and 12 * 4 + 0
+    qkv = torch.randn(2, 10 * 32)  # k and v as views into a fused row, as the model passes them
+    q, k, v = qkv[:, : 6 * 32].view(2, 6, 32), qkv[:, 6 * 32 : 8 * 32].view(2, 2, 32), qkv[:, 8 * 32 :].view(2, 2, 32)
+    with attention_metadata(meta):
+        layer(q, k, v)
+    assert torch.equal(layer.k_cache[1, 2], k[0]) and torch.equal(layer.v_cache[1, 2], v[0])
+    assert torch.equal(layer.k_cache[12, 0], k[1]) and torch.equal(layer.v_cache[12, 0], v[1])

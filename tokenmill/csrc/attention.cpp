@@ -1,6 +1,6 @@
-// Paged decode attention on CPU: each query token attends over its sequence's blocks where they lie
-// in the KV pool, so no step gathers the cache into a padded copy or builds a mask (one op replaces
-// two gathers, the mask and SDPA: docs/benchmarks.md).
+// The paged KV pool on CPU: writing a step's keys and values into their slots, and decode attention,
+// where each query token attends over its sequence's blocks where they lie in the pool, so no step
+// gathers the cache into a padded copy or builds a mask (one op replaces two gathers, the mask and SDPA).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -88,13 +88,36 @@ void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   else TORCH_CHECK(false, "paged_decode_attention takes float32 or bfloat16, not ", q.scalar_type());
 }
 
+// k, v: [tokens, kv_heads, D] (views into the fused QKV output); token i goes to slot slots[i] of the
+// caches, each seen as [slots, kv_heads, D]. One op for both caches instead of two index_copy_ calls.
+void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
+              const at::Tensor& slots) {
+  TORCH_CHECK(k.stride(2) == 1 && k.stride(1) == k.size(2) && v.stride(2) == 1 && v.stride(1) == v.size(2));
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && slots.is_contiguous() &&
+              k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == v_cache.scalar_type());
+  const int64_t tokens = k.size(0), row = k.size(1) * k.size(2), capacity = k_cache.numel() / row;
+  const int64_t bytes = row * k.element_size();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  char* kc = static_cast<char*>(k_cache.data_ptr());
+  char* vc = static_cast<char*>(v_cache.data_ptr());
+  const char* kp = static_cast<const char*>(k.data_ptr());
+  const char* vp = static_cast<const char*>(v.data_ptr());
+  for (int64_t i = 0; i < tokens; ++i) {
+    TORCH_CHECK(sp[i] >= 0 && sp[i] < capacity, "slot ", sp[i], " is outside the KV cache");
+    std::memcpy(kc + sp[i] * bytes, kp + i * k.stride(0) * k.element_size(), bytes);
+    std::memcpy(vc + sp[i] * bytes, vp + i * v.stride(0) * v.element_size(), bytes);
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
+  m.def("store_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots) -> ()");
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
         "float scale, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
   m.impl("paged_decode_attention", paged_decode_attention);
+  m.impl("store_kv", store_kv);
 }

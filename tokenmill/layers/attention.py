@@ -64,12 +64,14 @@ class Attention(nn.Module):
         # q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim]; views into the QKV output
         meta = _metadata
         assert meta is not None, "Attention called outside attention_metadata()"
-        k_flat = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)
-        v_flat = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
-        k_flat.index_copy_(0, meta.slot_mapping, k)
-        v_flat.index_copy_(0, meta.slot_mapping, v)
+        native = q.device.type == "cpu" and ops.available()
+        if native:
+            torch.ops.tokenmill.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        else:
+            self.k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k)
+            self.v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v)
         out = q.new_empty(q.shape)
-        if meta.num_decodes and q.device.type == "cpu" and ops.available():
+        if meta.num_decodes and native:
             torch.ops.tokenmill.paged_decode_attention(
                 q[: meta.num_decodes], self.k_cache, self.v_cache, meta.decode_tables, meta.decode_lens, self.scale,
                 out[: meta.num_decodes],
