@@ -25,6 +25,8 @@ _FLAGS = [
     "-ffp-contract=fast", "-mprefer-vector-width=512",
     "-fopenmp",  # at::parallel_for is an OpenMP region compiled into the caller
 ]
+# The ops work on 16 float32 lanes at a time: a row, head or group they take must be a multiple of it.
+LANES = 16
 _built: bool | None = None  # None until the first call tries
 
 

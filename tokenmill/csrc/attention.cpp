@@ -10,18 +10,15 @@
 #include <limits>
 #include <vector>
 
+#include "vec.h"
+
 namespace {
 
-constexpr int kLanes = 16;
-typedef float f32x16 __attribute__((vector_size(64)));
-
-inline f32x16 load(const float* p) { f32x16 v; std::memcpy(&v, p, sizeof v); return v; }
-inline f32x16 load(const at::BFloat16* p) {
-  f32x16 v;
-  for (int l = 0; l < kLanes; ++l) v[l] = float(p[l]);
-  return v;
-}
-inline float sum(f32x16 v) { float s = 0.f; for (int l = 0; l < kLanes; ++l) s += v[l]; return s; }
+using tokenmill::f32x16;
+using tokenmill::kLanes;
+using tokenmill::load;
+using tokenmill::store;
+using tokenmill::sum;
 
 // q: [batch, heads, D], heads side by side (a token's row may hold more, as in the fused QKV output);
 // out: [batch, heads, D]; caches: [blocks, block_size, kv_heads, D]; block_tables: [batch, width];
@@ -41,7 +38,7 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   const int64_t token_stride = kv_heads * D, block_stride = block_size * token_stride, q_stride = q.stride(0);
   // One task per (sequence, KV head): the K and V rows it reads serve its whole query group.
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, qf(group * D), acc(group * D);
+    std::vector<float> scores, qf(group * D), acc(group * D), total(group);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / kv_heads, h = task % kv_heads, len = lens[b];
       const int64_t* table = tables + b * width;
@@ -55,7 +52,7 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
           scores[g * len + t] = sum(dot);
         }
       }
-      std::vector<float> total(group);
+      std::fill(total.begin(), total.end(), 0.f);
       for (int64_t g = 0; g < group; ++g) {
         float* s = scores.data() + g * len;
         float top = -std::numeric_limits<float>::infinity();
@@ -68,13 +65,14 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
         for (int64_t c = 0; c < vectors; ++c) {
           const f32x16 vv = load(v + c * kLanes);
           for (int64_t g = 0; g < group; ++g) {
-            f32x16 a = load(acc.data() + g * D + c * kLanes) + scores[g * len + t] * vv;
-            std::memcpy(acc.data() + g * D + c * kLanes, &a, sizeof a);
+            float* a = acc.data() + g * D + c * kLanes;
+            store(a, load(a) + scores[g * len + t] * vv);
           }
         }
       }
       for (int64_t g = 0; g < group; ++g)
-        for (int64_t d = 0; d < D; ++d) op[(b * heads + h * group + g) * D + d] = T(acc[g * D + d] / total[g]);
+        for (int64_t c = 0; c < vectors; ++c)
+          store(op + (b * heads + h * group + g) * D + c * kLanes, load(acc.data() + g * D + c * kLanes) / total[g]);
     }
   });
 }

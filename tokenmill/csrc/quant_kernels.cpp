@@ -14,19 +14,20 @@
 
 #include <cstring>
 
+#include "vec.h"
+
 namespace {
 
-constexpr int kLanes = 16;
+using tokenmill::f32x16;
+using tokenmill::kLanes;
+using tokenmill::load;
+using tokenmill::splat;
+using tokenmill::sum;
+
 constexpr int kRows = 4;          // output rows per pass: independent FMA chains, one input load for all
 // How far ahead of the current chunk to prefetch weights and scales: rows are read in address order,
 // so this is a few rows ahead (4 KiB measured best of 1-8 KiB for int4 decode).
 constexpr int64_t kPrefetchBytes = 4096, kPrefetchScaleBytes = 1024;
-
-typedef float f32x16 __attribute__((vector_size(64)));
-
-inline f32x16 load(const float* p) { f32x16 v; std::memcpy(&v, p, sizeof v); return v; }
-inline f32x16 splat(float s) { return f32x16{} + s; }
-inline float sum(f32x16 v) { float s = 0.f; for (int l = 0; l < kLanes; ++l) s += v[l]; return s; }
 
 inline f32x16 from_halves(__m256 lo, __m256 hi) {
   f32x16 out;

@@ -4,7 +4,14 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "vec.h"
+
 namespace {
+
+using tokenmill::f32x16;
+using tokenmill::kLanes;
+using tokenmill::load;
+using tokenmill::store;
 
 // x: [tokens, heads, D] with unit stride within a head (the token stride may span the V columns too);
 // cos, sin: [tokens, 1, D / 2]. Half-split layout, as Hugging Face: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s).
@@ -17,15 +24,13 @@ void rotate(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   const T* sp = sin.data_ptr<T>();
   at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const T* c = cp + t * half;
-      const T* s = sp + t * half;
-      for (int64_t h = 0; h < heads; ++h) {
-        T* x1 = xp + t * token_stride + h * head_stride;
-        T* x2 = x1 + half;
-        for (int64_t d = 0; d < half; ++d) {
-          const float a = float(x1[d]), b = float(x2[d]), cd = float(c[d]), sd = float(s[d]);
-          x1[d] = T(a * cd - b * sd);
-          x2[d] = T(b * cd + a * sd);
+      for (int64_t d = 0; d < half; d += kLanes) {
+        const f32x16 c = load(cp + t * half + d), s = load(sp + t * half + d);
+        for (int64_t h = 0; h < heads; ++h) {
+          T* x1 = xp + t * token_stride + h * head_stride + d;
+          const f32x16 a = load(x1), b = load(x1 + half);
+          store(x1, a * c - b * s);
+          store(x1 + half, b * c + a * s);
         }
       }
     }
@@ -34,7 +39,8 @@ void rotate(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
 
 void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2) && cos.is_contiguous() && sin.is_contiguous());
-  TORCH_CHECK(cos.numel() == x.size(0) * x.size(2) / 2 && cos.scalar_type() == x.scalar_type());
+  TORCH_CHECK(cos.numel() == x.size(0) * x.size(2) / 2 && cos.scalar_type() == x.scalar_type() &&
+              x.size(2) % (2 * kLanes) == 0);
   if (x.scalar_type() == at::kFloat) rotate<float>(x, cos, sin);
   else if (x.scalar_type() == at::kBFloat16) rotate<at::BFloat16>(x, cos, sin);
   else TORCH_CHECK(false, "rotary_ takes float32 or bfloat16, not ", x.scalar_type());

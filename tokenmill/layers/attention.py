@@ -64,7 +64,7 @@ class Attention(nn.Module):
         # q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim]; views into the QKV output
         meta = _metadata
         assert meta is not None, "Attention called outside attention_metadata()"
-        native = q.device.type == "cpu" and ops.available()
+        native = q.device.type == "cpu" and self.head_dim % ops.LANES == 0 and ops.available()
         if native:
             torch.ops.tokenmill.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         else:

@@ -20,7 +20,7 @@ class RMSNorm(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        if x.device.type == "cpu" and ops.available():
+        if x.device.type == "cpu" and x.shape[-1] % ops.LANES == 0 and ops.available():
             # NOTE: in place on both, so neither may be a tensor the caller still reads: x is a
             # layer's fresh output and the residual stream is only ever the one from the previous norm.
             torch.ops.tokenmill.fused_add_rms_norm(x, residual, self.weight, self.eps)
