@@ -82,3 +82,20 @@ def test_different_parents_do_not_share_equal_blocks():
     b = _seq([9, 9, 3, 4, 0])  # same second block, different first block
     bm.allocate_prefix(b)
     assert b.num_cached_tokens == 0
+
+
+def test_freed_uncached_blocks_are_reused_before_untouched_or_cached_ones():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    cached = _seq(list(range(8)))  # two full blocks, published in the prefix cache
+    _compute_all(bm, cached)
+    partial = _seq([50, 51, 52])  # one partial block: nothing to cache
+    _compute_all(bm, partial)
+    cached_blocks, reused_block = set(cached.block_table), partial.block_table[0]
+    bm.free(cached)
+    bm.free(partial)
+    nxt = _seq([60, 61])
+    bm.allocate(nxt, 2)
+    assert nxt.block_table == [reused_block]  # warm, and worth nothing to the cache
+    later = _seq(list(range(100, 152)))
+    bm.allocate(later, 52)  # 13 blocks: exactly the untouched ones, so the cached prefix survives
+    assert not cached_blocks & set(later.block_table) and len(bm.cached) == 2

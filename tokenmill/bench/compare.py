@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also run nano-vllm's offline mix: SEQS random prompts, input and output lengths "
                              "uniform in [MIN, MAX] (nano-vllm: 256 100 1024)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads for both")
+    parser.add_argument("--peer-dtype", choices=list(DTYPES),
+                        help="dtype transformers loads the weights in (default: tokenmill's --dtype)")
     precision_flags(parser)
 
 
@@ -45,8 +47,10 @@ def main(args: argparse.Namespace) -> int:
     # No prefix cache: the rounds repeat prompts, and a cache hit would skip the very work being timed.
     ours = TokenmillRunner(args.model, num_threads=args.threads, enable_prefix_caching=False,
                            **precision_options(args))
-    peer = (TransformersRunner(source.path, DTYPES[args.dtype]) if args.peer == "transformers"
+    peer_dtype = args.peer_dtype or args.dtype
+    peer = (TransformersRunner(source.path, DTYPES[peer_dtype]) if args.peer == "transformers"
             else LlamaCppRunner(source.path, args.threads))
+    peer_desc = f"{peer.name} {peer_dtype}" if args.peer == "transformers" else peer.name
     workload = _workload(ours.llm.tokenizer, args)
     for runner in (ours, peer):  # warm-up: first-call allocations and kernel selection
         runner.generate(workload.prompts[:1], 4)
@@ -56,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
             for label, measure in _measures(runner, workload, args):
                 samples[runner.name].setdefault(label, []).append(measure())
     print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}; "
-          f"model {source.name}, tokenmill {args.dtype} quantization {args.quantization}; peer {peer.name}; "
+          f"model {source.name}, tokenmill {args.dtype} quantization {args.quantization}; peer {peer_desc}; "
           f"median of {args.rounds} rounds")
     print(f"| workload | tokenmill | {peer.name} | tokenmill / {peer.name} |")
     print("|---|---|---|---|")

@@ -105,6 +105,10 @@ class BlockManager:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free_blocks[block_id] = None
+                if block.hash is None:
+                    # Nothing cached to keep: hand it out first, while its pages are mapped and warm,
+                    # rather than after every untouched block (a fresh page costs a fault to write).
+                    self.free_blocks.move_to_end(block_id, last=False)
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0
