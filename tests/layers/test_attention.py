@@ -34,8 +34,9 @@ def _decode_metadata(tables: list[list[int]], lens: list[int]) -> AttentionMetad
 def test_cpp_decode_attention_matches_gather_and_sdpa(dtype):
     assert ops.available(), "the C++ ops must build on the test machine"
     layer = _layer(dtype)
-    # Scattered, out-of-order blocks and lengths that end mid-block, one of them a single token.
-    meta = _decode_metadata([[3, 9, 1], [12], [5, 0, 14, 7]], [11, 1, 16])
+    # Scattered, out-of-order blocks; lengths that end mid-block, a single token, and one past two
+    # 16-key vectors of scores.
+    meta = _decode_metadata([[3, 9, 1], [12], [5, 0, 14, 7, 2, 4, 6, 8, 10]], [11, 1, 35])
     gen = torch.Generator().manual_seed(1)
     q = torch.randn(3, 6, 32, generator=gen).to(dtype)
     k, v = torch.randn(3, 2, 32, generator=gen).to(dtype), torch.randn(3, 2, 32, generator=gen).to(dtype)

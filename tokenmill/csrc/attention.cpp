@@ -57,7 +57,13 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
         float* s = scores.data() + g * len;
         float top = -std::numeric_limits<float>::infinity();
         for (int64_t t = 0; t < len; ++t) top = std::max(top, s[t]);
-        for (int64_t t = 0; t < len; ++t) { s[t] = std::exp(s[t] - top); total[g] += s[t]; }
+        int64_t t = 0;
+        for (; t + kLanes <= len; t += kLanes) {
+          const f32x16 e = tokenmill::exp(load(s + t) - top);
+          store(s + t, e);
+          total[g] += sum(e);
+        }
+        for (; t < len; ++t) { s[t] = std::exp(s[t] - top); total[g] += s[t]; }
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = 0; t < len; ++t) {

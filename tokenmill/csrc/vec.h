@@ -11,13 +11,35 @@ namespace tokenmill {
 
 constexpr int kLanes = 16;
 typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
 
 inline f32x16 splat(float s) { return f32x16{} + s; }
 
 inline float sum(f32x16 v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps((__m512)v);
+#else
   float s = 0.f;
   for (int l = 0; l < kLanes; ++l) s += v[l];
   return s;
+#endif
+}
+
+// e^x to about 1 ulp: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor series to r^6, and 2^n put
+// straight into the exponent bits. Inputs below -87 give about 1e-38 rather than 0.
+inline f32x16 exp(f32x16 x) {
+  x = x < -87.f ? splat(-87.f) : (x > 88.f ? splat(88.f) : x);
+  // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer.
+  const f32x16 n = (x * 1.44269504f + 12582912.f) - 12582912.f;
+  const f32x16 r = x - n * 0.693145752f - n * 1.42860677e-6f;  // ln 2 in two parts, so r stays exact
+  f32x16 p = splat(1.f / 720);
+  p = p * r + 1.f / 120;
+  p = p * r + 1.f / 24;
+  p = p * r + 1.f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  return (f32x16)((i32x16)p + (__builtin_convertvector(n, i32x16) << 23));
 }
 
 inline f32x16 load(const float* p) {
