@@ -32,6 +32,7 @@ def test_hf_directory_matches_transformers(kind, tmp_path, smollm2_source):
     _save_random_model(tmp_path, smollm2_source, config)
     ref = getattr(transformers, config.architectures[0]).from_pretrained(tmp_path, dtype=torch.float32).eval()
     llm = LLM(str(tmp_path), kv_cache_memory=0.05)
+    assert llm.engine.runner.quantization == "none"  # auto leaves a float checkpoint in float
     prompts = [[1, 42, 7, 99, 1000], list(range(100, 140)), [5] * 9, [31, 415, 926, 535, 8, 979, 32, 38, 46, 26, 43]]
     for ids in prompts:
         llm.engine.add_request("p", ids, SamplingParams(temperature=0, max_tokens=1))

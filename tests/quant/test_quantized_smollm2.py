@@ -6,6 +6,7 @@ import pytest
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.perplexity import perplexity
+from tokenmill.quant.linear import Int4Linear
 
 SAMPLE = Path(__file__).parents[1] / "data" / "sample.txt"
 PROMPTS = [
@@ -54,6 +55,13 @@ def test_bfloat16_perplexity_stays_within_one_percent(smollm2_path, float_run):
     float_ppl, _ = float_run
     ppl, _ = _run(smollm2_path, "none", dtype="bfloat16")
     assert abs(ppl - float_ppl) / float_ppl <= 0.01
+
+
+@pytest.mark.parametrize(("dtype", "expected"), [("float32", "int4"), ("bfloat16", "none")])
+def test_auto_keeps_the_q4_1_gguf_in_int4_where_the_kernels_run(make_engine, dtype, expected):
+    runner = make_engine(kv_cache_memory=0.05, dtype=dtype).runner
+    assert runner.quantization == expected
+    assert isinstance(runner.model.layers[0].mlp.down_proj, Int4Linear) == (expected == "int4")
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -60,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
             for label, measure in _measures(runner, workload, args):
                 samples[runner.name].setdefault(label, []).append(measure())
     print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}; "
-          f"model {source.name}, tokenmill {args.dtype} quantization {args.quantization}; peer {peer_desc}; "
+          f"model {source.name}, tokenmill {args.dtype} quantization {ours.llm.engine.runner.quantization}; peer {peer_desc}; "
           f"median of {args.rounds} rounds")
     print(f"| workload | tokenmill | {peer.name} | tokenmill / {peer.name} |")
     print("|---|---|---|---|")

@@ -50,7 +50,7 @@ def main(args: argparse.Namespace) -> int:
     tensors = {t.data_ptr(): t.nbytes for t in [*model.parameters(), *model.buffers()]}  # tied weights once
     weights = sum(tensors.values())
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    print(f"model {llm.engine.source.name} (quantization {args.quantization}), {args.num_seqs} sequences, lengths uniform in "
+    print(f"model {llm.engine.source.name} (quantization {llm.engine.runner.quantization}), {args.num_seqs} sequences, lengths uniform in "
           f"[{args.min_len}, {args.max_len}], EOS ignored")
     print(f"throughput: {sum(output_lens)} output tokens in {elapsed:.1f} s = {sum(output_lens) / elapsed:.1f} tokens/s "
           f"({(sum(output_lens) + sum(input_lens)) / elapsed:.1f} tokens/s with prompts)")

@@ -43,21 +43,30 @@ class ModelRunner:
             torch.set_num_threads(config.num_threads)
         # Built on the meta device, so no weight is initialized only to be overwritten and a layer
         # to be quantized never holds a float copy: each takes its rows as they stream in.
+        self.quantization = self._quantization(source)
         with torch.device("meta"):
             self.model = model_class(source.config.architecture)(source.config).to(self.dtype)
-            quantize_model(self.model, config.quantization, config.quant_group_size)
+            quantize_model(self.model, self.quantization, config.quant_group_size)
         self.model.to_empty(device=self.device).eval()
         self.model.load_weights(source.weights(self.dtype))
-        if config.quantization == "none" and can_pack(self.device, self.dtype):
+        if self.quantization == "none" and can_pack(self.device, self.dtype):
             pack_linears(self.model)
         # The C++ ops' first build compiles for seconds: at load, not in a client's first request.
-        if self.device.type == "cpu" and config.quantization != "none":
+        if self.device.type == "cpu" and self.quantization != "none":
             ops.require()
         elif self.device.type == "cpu":
             ops.available()
         self.block_size = config.block_size
         self.num_blocks = self._num_kv_blocks()
         self._allocate_kv_pool()
+
+    def _quantization(self, source: ModelSource) -> str:
+        if self.config.quantization != "auto":
+            return self.config.quantization
+        # The int8/int4 kernels run on CPU in float32; elsewhere quantized layers only dequantize.
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            return source.files.native_quantization()
+        return "none"
 
     def _num_kv_blocks(self) -> int:
         c = self.model_config

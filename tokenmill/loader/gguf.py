@@ -32,6 +32,8 @@ _GLOBAL_NAMES = {
     "rope_freqs.weight": "rope_freqs",
 }
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+_LINEAR_PARTS = {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"}
+_FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
 
 # Float32 elements dequantized per slice of rows.
 _DEQUANTIZE_ELEMENTS = 1 << 20
@@ -64,6 +66,10 @@ class GGUFFile:
         reader = self._open()
         self.metadata: dict[str, Any] = {name: _field_value(f) for name, f in reader.fields.items()}
         self.tensor_names = {t.name for t in reader.tensors}
+        self.linear_types = {
+            GGMLQuantizationType(t.tensor_type) for t in reader.tensors
+            if (m := _LAYER_RE.match(t.name)) and m.group(2) in _LINEAR_PARTS and m.group(3) == "weight"
+        }
         self.architecture = str(self.metadata.get("general.architecture", ""))
 
     def _open(self) -> _Reader:
@@ -71,6 +77,16 @@ class GGUFFile:
             return _Reader(self.path)
         except Exception as exc:  # the reader raises bare ValueError/IndexError on bad bytes
             raise ModelLoadError(f"cannot read GGUF file {self.path}: {exc} (corrupt or truncated?)") from exc
+
+    def native_quantization(self) -> str:
+        """The weight-only quantization closest to how the file stores its linear layers.
+
+        int4 for Q4_1 (int4 groups of 32 hold its blocks exactly), int8 for any other quantized
+        type (exact for Q8_0, within an int8 step otherwise), none for float layers.
+        """
+        if self.linear_types <= _FLOAT_TYPES:
+            return "none"
+        return "int4" if self.linear_types == {GGMLQuantizationType.Q4_1} else "int8"
 
     def model_config(self) -> ModelConfig:
         """Build the ModelConfig from the `<arch>.*` metadata keys."""

@@ -26,6 +26,10 @@ class HFDirectory:
         archs = self.raw_config.get("architectures") or [self.raw_config.get("model_type", "")]
         self.architecture = str(archs[0])
 
+    def native_quantization(self) -> str:
+        """none: safetensors checkpoints here hold float weights, which int8/int4 would round."""
+        return "none"
+
     def model_config(self) -> ModelConfig:
         """Build the ModelConfig from config.json (and generation_config.json for stop tokens)."""
         c = self.raw_config
