@@ -8,10 +8,7 @@
 
 namespace {
 
-using tokenmill::f32x16;
-using tokenmill::kLanes;
-using tokenmill::load;
-using tokenmill::store;
+using namespace tokenmill;
 
 // gate_up: [tokens, 2 * dim], gate then up; out: [tokens, dim].
 template <typename T>
@@ -34,9 +31,7 @@ void silu_and_mul(const at::Tensor& gate_up, at::Tensor& out) {
   TORCH_CHECK(gate_up.is_contiguous() && out.is_contiguous() && gate_up.dim() == 2 && out.dim() == 2);
   TORCH_CHECK(gate_up.size(0) == out.size(0) && gate_up.size(1) == 2 * out.size(1) && out.size(1) % kLanes == 0 &&
               gate_up.scalar_type() == out.scalar_type());
-  if (out.scalar_type() == at::kFloat) silu_mul<float>(gate_up, out);
-  else if (out.scalar_type() == at::kBFloat16) silu_mul<at::BFloat16>(gate_up, out);
-  else TORCH_CHECK(false, "silu_and_mul takes float32 or bfloat16, not ", out.scalar_type());
+  dispatch_float(out, "silu_and_mul", [&](auto type) { silu_mul<decltype(type)>(gate_up, out); });
 }
 
 }  // namespace

@@ -14,11 +14,7 @@
 
 namespace {
 
-using tokenmill::f32x16;
-using tokenmill::kLanes;
-using tokenmill::load;
-using tokenmill::store;
-using tokenmill::sum;
+using namespace tokenmill;
 
 // q: [batch, heads, D], heads side by side (a token's row may hold more, as in the fused QKV output);
 // out: [batch, heads, D]; caches: [blocks, block_size, kv_heads, D]; block_tables: [batch, width];
@@ -87,9 +83,9 @@ void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
                             const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, at::Tensor& out) {
   TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2) && out.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous());
   TORCH_CHECK(block_tables.is_contiguous() && seq_lens.is_contiguous() && q.size(2) % kLanes == 0);
-  if (q.scalar_type() == at::kFloat) decode<float>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
-  else if (q.scalar_type() == at::kBFloat16) decode<at::BFloat16>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
-  else TORCH_CHECK(false, "paged_decode_attention takes float32 or bfloat16, not ", q.scalar_type());
+  dispatch_float(q, "paged_decode_attention", [&](auto type) {
+    decode<decltype(type)>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
+  });
 }
 
 // k, v: [tokens, kv_heads, D] (views into the fused QKV output); token i goes to slot slots[i] of the

@@ -10,11 +10,7 @@
 
 namespace {
 
-using tokenmill::f32x16;
-using tokenmill::kLanes;
-using tokenmill::load;
-using tokenmill::store;
-using tokenmill::sum;
+using namespace tokenmill;
 
 // residual += x, then x = residual / rms(residual) * weight, row by row, both in place. The sum is
 // rounded to the residual's dtype before it is squared, as the unfused add then norm would see it.
@@ -45,9 +41,7 @@ void fused_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& w
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && residual.is_contiguous() && weight.is_contiguous());
   TORCH_CHECK(x.sizes() == residual.sizes() && x.scalar_type() == residual.scalar_type() &&
               x.scalar_type() == weight.scalar_type() && x.size(1) % kLanes == 0);
-  if (x.scalar_type() == at::kFloat) add_rms_norm<float>(x, residual, weight, eps);
-  else if (x.scalar_type() == at::kBFloat16) add_rms_norm<at::BFloat16>(x, residual, weight, eps);
-  else TORCH_CHECK(false, "fused_add_rms_norm takes float32 or bfloat16, not ", x.scalar_type());
+  dispatch_float(x, "fused_add_rms_norm", [&](auto type) { add_rms_norm<decltype(type)>(x, residual, weight, eps); });
 }
 
 }  // namespace

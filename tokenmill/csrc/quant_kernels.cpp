@@ -18,11 +18,7 @@
 
 namespace {
 
-using tokenmill::f32x16;
-using tokenmill::kLanes;
-using tokenmill::load;
-using tokenmill::splat;
-using tokenmill::sum;
+using namespace tokenmill;
 
 constexpr int kRows = 4;          // output rows per pass: independent FMA chains, one input load for all
 // How far ahead of the current chunk to prefetch weights and scales: rows are read in address order,

@@ -8,10 +8,7 @@
 
 namespace {
 
-using tokenmill::f32x16;
-using tokenmill::kLanes;
-using tokenmill::load;
-using tokenmill::store;
+using namespace tokenmill;
 
 // x: [tokens, heads, D] with unit stride within a head (the token stride may span the V columns too);
 // cos, sin: [tokens, 1, D / 2]. Half-split layout, as Hugging Face: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s).
@@ -41,9 +38,7 @@ void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2) && cos.is_contiguous() && sin.is_contiguous());
   TORCH_CHECK(cos.numel() == x.size(0) * x.size(2) / 2 && cos.scalar_type() == x.scalar_type() &&
               x.size(2) % (2 * kLanes) == 0);
-  if (x.scalar_type() == at::kFloat) rotate<float>(x, cos, sin);
-  else if (x.scalar_type() == at::kBFloat16) rotate<at::BFloat16>(x, cos, sin);
-  else TORCH_CHECK(false, "rotary_ takes float32 or bfloat16, not ", x.scalar_type());
+  dispatch_float(x, "rotary_", [&](auto type) { rotate<decltype(type)>(x, cos, sin); });
 }
 
 }  // namespace

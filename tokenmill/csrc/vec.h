@@ -71,4 +71,12 @@ inline void store(at::BFloat16* p, f32x16 v) {
 #endif
 }
 
+// Calls f with a value of the tensor's element type, float32 or bfloat16, the two the ops take.
+template <typename F>
+inline void dispatch_float(const at::Tensor& t, const char* op, F&& f) {
+  if (t.scalar_type() == at::kFloat) f(float{});
+  else if (t.scalar_type() == at::kBFloat16) f(at::BFloat16{});
+  else TORCH_CHECK(false, op, " takes float32 or bfloat16, not ", t.scalar_type());
+}
+
 }  // namespace tokenmill

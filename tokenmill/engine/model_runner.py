@@ -64,8 +64,9 @@ class ModelRunner:
     def _quantization(self, source: ModelSource) -> str:
         if self.config.quantization != "auto":
             return self.config.quantization
-        # The int8/int4 kernels run on CPU in float32; elsewhere quantized layers only dequantize.
-        if self.device.type == "cpu" and self.dtype == torch.float32:
+        # The int8/int4 kernels run on CPU in float32 where they could be built; elsewhere quantized
+        # layers would only dequantize.
+        if self.device.type == "cpu" and self.dtype == torch.float32 and ops.available():
             return source.files.native_quantization()
         return "none"
 
