@@ -27,6 +27,8 @@ _FLAGS = [
 ]
 # The ops work on 16 float32 lanes at a time: a row, head or group they take must be a multiple of it.
 LANES = 16
+# Decode attention keeps one key in registers: head_dim up to 16 vectors of them.
+MAX_HEAD_DIM = 256
 _built: bool | None = None  # None until the first call tries
 
 

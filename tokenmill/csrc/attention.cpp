@@ -16,6 +16,8 @@ namespace {
 
 using namespace tokenmill;
 
+constexpr int64_t kMaxVectors = 16;  // head_dim up to 256
+
 // q: [batch, heads, D], heads side by side (a token's row may hold more, as in the fused QKV output);
 // out: [batch, heads, D]; caches: [blocks, block_size, kv_heads, D]; block_tables: [batch, width];
 // seq_lens: [batch], the tokens of each sequence in the cache, this step's included.
@@ -40,13 +42,17 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
       const int64_t* table = tables + b * width;
       for (int64_t i = 0; i < group * D; ++i) qf[i] = float(qp[b * q_stride + h * group * D + i]) * float(scale);
       scores.assign(group * len, 0.f);
-      for (int64_t t = 0; t < len; ++t) {
-        const T* k = kp + table[t / block_size] * block_stride + (t % block_size) * token_stride + h * D;
+      // Rows are walked block by block: dividing each position by the block size cost as much as the math.
+      for (int64_t t = 0, block = 0, slot = 0; t < len; ++t) {
+        const T* k = kp + table[block] * block_stride + slot * token_stride + h * D;
+        f32x16 key[kMaxVectors];  // widened once for the whole query group
+        for (int64_t c = 0; c < vectors; ++c) key[c] = load(k + c * kLanes);
         for (int64_t g = 0; g < group; ++g) {
           f32x16 dot = {};
-          for (int64_t c = 0; c < vectors; ++c) dot += load(qf.data() + g * D + c * kLanes) * load(k + c * kLanes);
+          for (int64_t c = 0; c < vectors; ++c) dot += load(qf.data() + g * D + c * kLanes) * key[c];
           scores[g * len + t] = sum(dot);
         }
+        if (++slot == block_size) slot = 0, ++block;
       }
       std::fill(total.begin(), total.end(), 0.f);
       for (int64_t g = 0; g < group; ++g) {
@@ -62,8 +68,8 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
         for (; t < len; ++t) { s[t] = std::exp(s[t] - top); total[g] += s[t]; }
       }
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t < len; ++t) {
-        const T* v = vp + table[t / block_size] * block_stride + (t % block_size) * token_stride + h * D;
+      for (int64_t t = 0, block = 0, slot = 0; t < len; ++t) {
+        const T* v = vp + table[block] * block_stride + slot * token_stride + h * D;
         for (int64_t c = 0; c < vectors; ++c) {
           const f32x16 vv = load(v + c * kLanes);
           for (int64_t g = 0; g < group; ++g) {
@@ -71,6 +77,7 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
             store(a, load(a) + scores[g * len + t] * vv);
           }
         }
+        if (++slot == block_size) slot = 0, ++block;
       }
       for (int64_t g = 0; g < group; ++g)
         for (int64_t c = 0; c < vectors; ++c)
@@ -82,7 +89,8 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
 void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, at::Tensor& out) {
   TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2) && out.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous());
-  TORCH_CHECK(block_tables.is_contiguous() && seq_lens.is_contiguous() && q.size(2) % kLanes == 0);
+  TORCH_CHECK(block_tables.is_contiguous() && seq_lens.is_contiguous() && q.size(2) % kLanes == 0 &&
+              q.size(2) <= kMaxVectors * kLanes);
   dispatch_float(q, "paged_decode_attention", [&](auto type) {
     decode<decltype(type)>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
   });

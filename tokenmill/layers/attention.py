@@ -56,6 +56,7 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim**-0.5
+        self.native_shape = head_dim % ops.LANES == 0 and head_dim <= ops.MAX_HEAD_DIM  # what the C++ ops take
         # Views into the runner's KV pool: [num_blocks, block_size, kv_heads, head_dim]; set by the runner.
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
@@ -64,7 +65,7 @@ class Attention(nn.Module):
         # q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim]; views into the QKV output
         meta = _metadata
         assert meta is not None, "Attention called outside attention_metadata()"
-        native = q.device.type == "cpu" and self.head_dim % ops.LANES == 0 and ops.available()
+        native = q.device.type == "cpu" and self.native_shape and ops.available()
         if native:
             torch.ops.tokenmill.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         else:
