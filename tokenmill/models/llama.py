@@ -30,7 +30,7 @@ class LlamaAttention(nn.Module):
         # Query and key heads lie side by side in each row: one in-place rotation covers both.
         qk = qkv[:, : self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads, self.head_dim)
         apply_rotary_(qk, cos, sin)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = qkv.split_with_sizes([self.q_size, self.kv_size, self.kv_size], dim=-1)  # no Python wrapper
         kv_shape = (-1, self.num_kv_heads, self.head_dim)
         o = self.attn(q.view(-1, self.num_heads, self.head_dim), k.view(kv_shape), v.view(kv_shape))
         return self.o_proj(o.view(-1, self.q_size))
