@@ -5,16 +5,15 @@ import math
 import mmap
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
+from tokenmill import ops
 from tokenmill.config import DTYPES, EngineConfig
 from tokenmill.engine.sequence import Sequence
 from tokenmill.layers.attention import Attention, AttentionMetadata, PrefillChunk, attention_metadata
 from tokenmill.layers.packed_linear import can_pack, pack_linears
 from tokenmill.loader.source import ModelSource
 from tokenmill.models.registry import model_class
-from tokenmill import ops
 from tokenmill.quant import quantize_model
 
 logger = logging.getLogger(__name__)
