@@ -61,9 +61,9 @@ class GGUFFile:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        # The reader is not kept: its parsed fields are about 80 MiB for a 49k vocabulary. The
-        # tensors' views into the file's mapping are: a page counts as resident only once read,
-        # and weights() gives each tensor's pages back after reading it.
+        # The reader is not kept (its parsed fields are about 80 MiB for a 49k vocabulary), only the
+        # tensors' views into the file's mapping: a mapped page counts as resident once read, and
+        # weights() gives each tensor's pages back after reading it.
         reader = self._open()
         self.metadata: dict[str, Any] = {name: _field_value(f) for name, f in reader.fields.items()}
         self._map = reader.data
