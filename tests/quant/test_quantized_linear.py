@@ -1,4 +1,4 @@
-"""Quantized linear layers against the float matmul of their own dequantized weights, on both kernel paths."""
+"""Quantized linear layers against the float matmul of their own dequantized weights and int8-quantized inputs."""
 
 import pytest
 import torch
@@ -13,7 +13,7 @@ def _weight(out_features: int = 96, in_features: int = 64) -> torch.Tensor:
     return torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(0))
 
 
-def _int8(w: torch.Tensor, bias: bool = False, group_size: int = 16) -> Int8Linear:
+def _int8(w: torch.Tensor, bias: bool = False, group_size: int = 32) -> Int8Linear:
     layer = Int8Linear(w.shape[1], w.shape[0], group_size, bias)
     layer.load_rows(slice(None), w, "w")
     return layer
@@ -25,28 +25,52 @@ def _int4(w: torch.Tensor, group_size: int) -> Int4Linear:
     return layer
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 7, 15, 16, 33, 200])  # tile remainders, both sides of the large-batch switch
+def _quantized_inputs(x: torch.Tensor) -> torch.Tensor:
+    # What the kernel multiplies: each row's blocks of 32 rounded to levels of step absmax / 32639.
+    blocks = x.view(len(x), -1, 32)
+    step = blocks.abs().amax(-1, keepdim=True) / 32639
+    return (torch.round(blocks / step) * step).view_as(x)
+
+
+def _steps(layer) -> torch.Tensor:
+    # Each output row's step per group: [out, groups]
+    steps = layer.scale[:, :, 0, :].float().permute(0, 2, 1)
+    return steps.reshape(-1, steps.shape[-1])[: layer.out_features]
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 7, 16, 33, 200])  # remainders of the 4-row tiles
 @pytest.mark.parametrize("make", [_int8, lambda w: _int4(w, group_size=32)])
-def test_forward_equals_float_matmul_of_dequantized_weight(make, rows):
+def test_forward_equals_float_matmul_of_dequantized_weight_and_quantized_inputs(make, rows):
     layer = make(_weight())
     x = torch.randn(rows, 64)
-    reference = x @ layer.dequantize(0, 96).T
-    torch.testing.assert_close(layer(x), reference, rtol=1e-4, atol=1e-4)
+    reference = _quantized_inputs(x) @ layer.dequantize().T
+    torch.testing.assert_close(layer(x), reference, rtol=1e-4, atol=3e-4)
 
 
 @pytest.mark.parametrize("make", [_int8, lambda w: _int4(w, group_size=32)])
-def test_output_rows_past_the_last_full_pass_of_four_are_computed(make):
-    layer = make(_weight(out_features=99))  # the kernels take output rows four at a time
+def test_output_rows_past_the_last_full_block_of_sixteen_are_computed(make):
+    layer = make(_weight(out_features=99))  # the kernel takes output rows sixteen at a time
     x = torch.randn(5, 64)
-    torch.testing.assert_close(layer(x), x @ layer.dequantize(0, 99).T, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layer(x), _quantized_inputs(x) @ layer.dequantize().T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("make", [_int8, lambda w: _int4(w, group_size=64)])
+def test_a_row_gets_the_same_bits_alone_and_inside_a_batch(make):
+    # The engine's batched and single-request greedy tokens agree only if this holds exactly.
+    layer = make(_weight(in_features=128))
+    x = torch.randn(7, 128)
+    batched = layer(x)
+    for i in range(len(x)):
+        assert torch.equal(layer(x[i : i + 1]), batched[i : i + 1])
 
 
 def test_int8_round_trip_error_is_within_half_a_step_per_group():
     w = _weight()
     layer = _int8(w)
-    error = (layer.dequantize(0, 96) - w).view(96, 4, 16).abs().amax(dim=-1)
-    assert torch.all(error <= layer.scale[..., 0] / 2 + 1e-6)
-    assert layer.qweight.dtype == torch.int8 and layer.scale.shape == (96, 4, 2)
+    error = (layer.dequantize() - w).view(96, 2, 32).abs().amax(dim=-1)
+    assert torch.all(error <= _steps(layer) / 2 + 1e-6)
+    assert layer.qweight.dtype == torch.uint8 and layer.qweight.shape == (6, 16, 64)  # 16 rows x 4 inputs a chunk
+    assert layer.scale.dtype == torch.float16 and layer.scale.shape == (6, 2, 2, 16)
 
 
 def _on_grid(q: torch.Tensor, step: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
@@ -54,31 +78,39 @@ def _on_grid(q: torch.Tensor, step: torch.Tensor, offset: torch.Tensor) -> torch
     return (offset + step * q).view(len(q), -1)
 
 
-def test_int8_reproduces_gguf_q8_0_and_q4_1_blocks_exactly():
+def _half(t: torch.Tensor) -> torch.Tensor:
+    return t.half().float()  # GGUF blocks store their scales in float16
+
+
+def test_int8_reproduces_gguf_q8_0_blocks_exactly_and_q4_1_blocks_to_float16_rounding():
     gen = torch.Generator().manual_seed(2)
     q8 = torch.randint(-127, 128, (8, 4, 32), generator=gen).float()
     q8[..., 0] = 127  # Q8_0's quantizer maps each block's absmax to +-127
     q4 = torch.randint(0, 16, (8, 4, 32), generator=gen).float()
     q4[..., 0], q4[..., 1] = 0, 15  # Q4_1's maps each block's min to 0 and max to 15
-    step = torch.rand(8, 4, 1, generator=gen) + 0.1
-    for w in (_on_grid(q8, step, 0.0), _on_grid(q4, step, torch.randn(8, 4, 1, generator=gen))):
-        layer = _int8(w, group_size=32)
-        torch.testing.assert_close(layer.dequantize(0, 8), w, rtol=0, atol=1e-5)
+    step = _half(torch.rand(8, 4, 1, generator=gen) + 0.1)
+    w = _on_grid(q8, step, 0.0)
+    torch.testing.assert_close(_int8(w).dequantize(), w, rtol=0, atol=1e-5)
+    # On 256 levels a Q4_1 block's step is step / 17, which float16 holds only to 2^-11.
+    w = _on_grid(q4, step, _half(torch.randn(8, 4, 1, generator=gen)))
+    error = (_int8(w).dequantize() - w).view(8, 4, 32).abs().amax(-1)
+    assert torch.all(error <= step[..., 0] * 255 / 17 * 2**-11)
 
 
 def test_int4_reproduces_gguf_q4_1_blocks_exactly():
-    q = torch.randint(0, 16, (8, 4, 32), generator=torch.Generator().manual_seed(1)).float()
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randint(0, 16, (8, 4, 32), generator=gen).float()
     q[..., 0], q[..., 1] = 0, 15
-    w = _on_grid(q, torch.rand(8, 4, 1) + 0.1, torch.randn(8, 4, 1))
+    w = _on_grid(q, _half(torch.rand(8, 4, 1, generator=gen) + 0.1), _half(torch.randn(8, 4, 1, generator=gen)))
     layer = _int4(w, group_size=32)
-    torch.testing.assert_close(layer.dequantize(0, 8), w, rtol=0, atol=1e-5)
-    assert layer.qweight.numel() * 4 == w.numel() // 2  # two weights per byte
+    torch.testing.assert_close(layer.dequantize(), w, rtol=0, atol=1e-5)
+    assert layer.qweight.numel() == 16 * 128 // 2  # two weights per byte, the 8 rows padded to a block of 16
 
 
 def test_streamed_shards_quantize_as_the_whole_weight_does():
     w = _weight()
     whole = _int8(w)
-    streamed = Int8Linear(64, 96, 16)
+    streamed = Int8Linear(64, 96, 32)
     for rows in (slice(0, 40), slice(40, 96)):  # as a fused QKV layer receives q, k and v
         streamed.load_rows(rows, w[rows], "w")
     assert torch.equal(streamed.qweight, whole.qweight) and torch.equal(streamed.scale, whole.scale)
@@ -86,7 +118,7 @@ def test_streamed_shards_quantize_as_the_whole_weight_does():
 
 def test_shard_of_the_wrong_shape_is_a_load_error_naming_it():
     with pytest.raises(ModelLoadError, match=r"blk\.0\.q has shape \(40, 32\), expected \(40, 64\)"):
-        Int8Linear(64, 96, 16).load_rows(slice(0, 40), torch.zeros(40, 32), "blk.0.q")
+        Int8Linear(64, 96, 32).load_rows(slice(0, 40), torch.zeros(40, 32), "blk.0.q")
 
 
 def test_bias_and_leading_dimensions_are_kept():
@@ -96,7 +128,8 @@ def test_bias_and_leading_dimensions_are_kept():
     x = torch.randn(2, 3, 64)
     out = layer(x)
     assert out.shape == (2, 3, 96)
-    torch.testing.assert_close(out, x @ layer.dequantize(0, 96).T + bias, rtol=1e-4, atol=1e-4)
+    reference = _quantized_inputs(x.view(6, 64)) @ layer.dequantize().T + bias
+    torch.testing.assert_close(out, reference.view(2, 3, 96), rtol=1e-4, atol=1e-4)
 
 
 def test_bfloat16_input_takes_the_dequantizing_fallback():
@@ -104,7 +137,7 @@ def test_bfloat16_input_takes_the_dequantizing_fallback():
     x = torch.randn(4, 64)
     out = layer(x.bfloat16())
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), x @ layer.dequantize(0, 96).T, rtol=0.05, atol=0.1)
+    torch.testing.assert_close(out.float(), x @ layer.dequantize().T, rtol=0.05, atol=0.1)
 
 
 def test_int4_model_keeps_lm_head_int8_and_shares_it_with_the_tied_embedding(tied_lm):
@@ -115,7 +148,7 @@ def test_int4_model_keeps_lm_head_int8_and_shares_it_with_the_tied_embedding(tie
     assert isinstance(model.embed_tokens, Int8Embedding) and model.embed_tokens.table is model.lm_head
     ids = torch.tensor([0, 5, 95])
     rows = model.embed_tokens(ids)
-    assert torch.all((rows - embedding[ids]).abs() <= model.lm_head.scale[ids, :, :1].amax(1) / 2 + 1e-6)
+    assert torch.all((rows - embedding[ids]).abs() <= _steps(model.lm_head)[ids].amax(1, keepdim=True) / 2 + 1e-6)
 
 
 def test_group_size_that_does_not_divide_a_layer_is_a_load_error_naming_it(tied_lm):

@@ -66,3 +66,10 @@ def test_auto_keeps_the_q4_1_gguf_in_int4_where_the_kernels_run(make_engine, dty
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def test_auto_stays_unquantized_where_the_kernel_would_run_portable_loops(make_engine, monkeypatch):
+    from tokenmill import ops
+
+    monkeypatch.setattr(ops, "fast_quantized_matmul", lambda: False)
+    assert make_engine(kv_cache_memory=0.05).runner.quantization == "none"

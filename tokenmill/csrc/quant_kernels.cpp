@@ -1,224 +1,222 @@
-// Weight-only int8 / int4 matmuls for the CPU decode path, and dequantization for the GEMM path.
+// int8 / int4 weights times 16-bit integer inputs: the CPU matmul of quantized layers, for every batch size.
 //
-// Weights are stored in groups along the input, each with a float32 (step, offset): w = step * q + offset.
-// int8: q is int8 [N, K]. int4: q is uint8 [N, K / 2]; within a group of G weights, byte j holds weight j
-// in its low nibble and weight j + G / 2 in its high nibble, so 16 bytes unpack to two 16-lane vectors.
+// Layout, in blocks of 16 output rows, each weight an unsigned level with a (step, offset) per group
+// along the input: w = step * level + offset. q is uint8 [blocks, chunks, 64]. int8: byte r * 4 + i of
+// chunk c is row r's level at input 4c + i. int4: chunk c covers inputs 8c to 8c + 7, byte r * 4 + i
+// holding row r's level at 8c + i in its low nibble and at 8c + 4 + i in its high one. scale is float16
+// [blocks, groups, 2, 16]: each row's step, then each row's offset.
+// With a row per vector lane, one VPDPBUSD multiplies 4 inputs into 16 rows and adds them up in int32,
+// so products need no horizontal sum and the float work comes once per 32 inputs: about 3x fewer
+// instructions per weight than widening weights to float32.
 //
-// Decode reads every weight once per step, so these kernels are built to run at memory bandwidth: each
-// pass dequantizes 16 weights of R output rows into registers and multiplies them with up to 4 input
-// rows at once, and prefetches rows ahead (cache-cold weights ran 1.7x slower without).
+// Inputs are quantized per row in blocks of 32 to 16 bits, x = dx * (256 * hi + lo) with hi and lo int8,
+// and each half is multiplied as int8: twice the multiplies of int8 inputs (llama.cpp's Q8_1 route), for
+// inputs 256x finer. With int8 inputs SmolLM2's greedy tokens parted from float32 within 32 tokens on 6
+// of 8 prompts (perplexity unchanged); with 16 bits they agree as float32's own kernel did
+// (docs/benchmarks.md). The offsets ride on sx = dx * sum(levels): sum(w * x) = step * dx *
+// sum(level * x16) + offset * sx. The integer sums are exact, so a row's result does not depend on the
+// batch around it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstring>
-
-#include "vec.h"
 
 namespace {
 
-using namespace tokenmill;
+constexpr int kBlockRows = 16, kChunkBytes = 64, kInputBlock = 32;
+// Level vectors per 32 inputs: each holds 4 inputs of all 16 rows.
+constexpr int kLevelVectors = kInputBlock / 4;
+constexpr int kTile = 4;  // input rows per pass over a block's weights: each level vector serves them all
 
-constexpr int kRows = 4;          // output rows per pass: independent FMA chains, one input load for all
-// How far ahead of the current chunk to prefetch weights and scales: rows are read in address order,
-// so this is a few rows ahead (4 KiB measured best of 1-8 KiB for int4 decode).
-constexpr int64_t kPrefetchBytes = 4096, kPrefetchScaleBytes = 1024;
+// Chunks of 64 bytes per 32 inputs of a block.
+constexpr int chunks_per_input_block(int bits) { return kInputBlock * bits / 32; }
 
-inline f32x16 from_halves(__m256 lo, __m256 hi) {
-  f32x16 out;
-  std::memcpy(&out, &lo, 32);
-  std::memcpy(reinterpret_cast<char*>(&out) + 32, &hi, 32);
-  return out;
-}
-
-// 16 int8 weights as float32. gcc 12 scalarizes __builtin_convertvector from 8-bit lanes, so intrinsics.
-inline f32x16 widen_int8(const uint8_t* p) {
-#if defined(__AVX512F__)
-  return (f32x16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
-#elif defined(__AVX2__)
-  const __m128i v = _mm_loadu_si128((const __m128i*)p);
-  return from_halves(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)),
-                     _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))));
-#else
-  f32x16 out;
-  for (int l = 0; l < kLanes; ++l) out[l] = float(int8_t(p[l]));
-  return out;
-#endif
-}
-
-// 16 bytes of int4 pairs as two vectors of weights, step * level + offset: the low nibbles, then the
-// high ones. With AVX-512 the group's 16 possible weights sit in one register and a permute picks each
-// (the permute reads only an index's low 4 bits, so the low nibbles need no mask): 5 instructions per 32
-// weights instead of 7, and the int4 kernel is compute-bound.
-inline void dequantize_int4(const uint8_t* p, f32x16 step, f32x16 offset, f32x16& low, f32x16& high) {
-#if defined(__AVX512F__)
-  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
-  const f32x16 iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  const __m512 table = (__m512)(iota * step + offset);
-  low = (f32x16)_mm512_permutexvar_ps(v, table);
-  high = (f32x16)_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
-#elif defined(__AVX2__)
-  const __m128i v = _mm_loadu_si128((const __m128i*)p);
-  const __m256i a = _mm256_cvtepu8_epi32(v), b = _mm256_cvtepu8_epi32(_mm_srli_si128(v, 8)), m = _mm256_set1_epi32(15);
-  low = from_halves(_mm256_cvtepi32_ps(_mm256_and_si256(a, m)), _mm256_cvtepi32_ps(_mm256_and_si256(b, m)));
-  high = from_halves(_mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4)), _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)));
-  low = low * step + offset;
-  high = high * step + offset;
-#else
-  for (int l = 0; l < kLanes; ++l) {
-    low[l] = float(p[l] & 15) * step[l] + offset[l];
-    high[l] = float(p[l] >> 4) * step[l] + offset[l];
-  }
-#endif
-}
-
-// Where a layer's weights live and how they are laid out.
-struct Weights {
-  const uint8_t* q;
-  const float* scale;  // [N, groups, 2]
-  int64_t K, groups, group, row_bytes;
-  bool int4;
+// The input rows quantized: 16-bit levels as int8 halves hi and lo [M, K], and per row and block of 32
+// its step dx and dx * sum(levels).
+struct QuantizedRows {
+  const int8_t* hi;
+  const int8_t* lo;
+  const float* dx;
+  const float* sx;
+  int64_t K;
 };
 
-// Bytes of one group in a row.
-inline int64_t group_bytes(const Weights& W) { return W.int4 ? W.group / 2 : W.group; }
+// The largest level: 256 * 127 + 127, so both halves stay within int8.
+constexpr float kMaxLevel = 32639.f;
 
-// out[m, n + r] = x[m] . w[n + r] for R output rows and M input rows. Each 16-byte chunk of a group is
-// dequantized in registers once and used for all M input rows, and each input load serves all R rows.
-template <bool Int4, int R, int M>
-inline void tile(const Weights& W, int64_t n, const float* x, float* out, int64_t N) {
-  const int64_t gb = group_bytes(W), half = W.group / 2;
-  f32x16 acc[R][M] = {};
-  for (int64_t g = 0; g < W.groups; ++g) {
-    f32x16 step[R], offset[R];
-    for (int r = 0; r < R; ++r) {
-      __builtin_prefetch(reinterpret_cast<const char*>(W.scale + ((n + r) * W.groups + g) * 2) + kPrefetchScaleBytes);
-      step[r] = splat(W.scale[((n + r) * W.groups + g) * 2]);
-      offset[r] = splat(W.scale[((n + r) * W.groups + g) * 2 + 1]);
-    }
-    for (int64_t c = 0; c < gb; c += kLanes) {
-      const int64_t k = g * W.group + c;
-      for (int r = 0; r < R; ++r) __builtin_prefetch(W.q + (n + r) * W.row_bytes + g * gb + c + kPrefetchBytes);
-      f32x16 x_low[M], x_high[M];
-      for (int m = 0; m < M; ++m) {
-        x_low[m] = load(x + m * W.K + k);
-        if constexpr (Int4) x_high[m] = load(x + m * W.K + k + half);
+void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* hi, int8_t* lo, float* dx, float* sx) {
+  at::parallel_for(0, M * (K / kInputBlock), 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float* xp = x + i * kInputBlock;
+      float amax = 0.f;
+      for (int j = 0; j < kInputBlock; ++j) amax = std::fmax(amax, std::fabs(xp[j]));
+      const float inv = amax > 0.f ? kMaxLevel / amax : 0.f;
+      int32_t total = 0;
+      for (int j = 0; j < kInputBlock; ++j) {
+        const int32_t level = static_cast<int32_t>(std::nearbyint(xp[j] * inv));
+        const int32_t low = ((level + 128) & 255) - 128;  // level = 256 * high + low, low in [-128, 127]
+        hi[i * kInputBlock + j] = static_cast<int8_t>((level - low) / 256);
+        lo[i * kInputBlock + j] = static_cast<int8_t>(low);
+        total += level;
       }
-      for (int r = 0; r < R; ++r) {
-        const uint8_t* bytes = W.q + (n + r) * W.row_bytes + g * gb + c;
-        if constexpr (Int4) {
-          f32x16 low, high;
-          dequantize_int4(bytes, step[r], offset[r], low, high);
-          for (int m = 0; m < M; ++m) acc[r][m] += low * x_low[m] + high * x_high[m];
-        } else {
-          const f32x16 w = widen_int8(bytes) * step[r] + offset[r];
-          for (int m = 0; m < M; ++m) acc[r][m] += w * x_low[m];
-        }
-      }
+      dx[i] = amax / kMaxLevel;
+      sx[i] = dx[i] * float(total);
     }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) out[m * N + n + r] = sum(acc[r][m]);
+  });
 }
 
-// All M input rows against R output rows, in tiles of up to 4 input rows (2 for int4, whose two
-// vectors per chunk would otherwise spill registers).
-template <bool Int4, int R>
-inline void rows_pass(const Weights& W, int64_t n, const float* x, int64_t M, float* out, int64_t N) {
-  constexpr int kTile = Int4 ? 2 : 4;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+inline __m512 load_half(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+
+// The 8 level vectors of inputs [32 kb, 32 kb + 32) of a block: vector j holds inputs 4j to 4j + 3.
+template <int Bits>
+inline void load_levels(const uint8_t* q, int64_t kb, __m512i (&levels)[kLevelVectors]) {
+  const uint8_t* p = q + kb * chunks_per_input_block(Bits) * kChunkBytes;
+  if constexpr (Bits == 8) {
+    for (int j = 0; j < kLevelVectors; ++j) levels[j] = _mm512_loadu_si512(p + j * kChunkBytes);
+  } else {
+    const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
+    for (int c = 0; c < kLevelVectors / 2; ++c) {
+      const __m512i v = _mm512_loadu_si512(p + c * kChunkBytes);
+      levels[2 * c] = _mm512_and_si512(v, low_nibbles);
+      levels[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low_nibbles);
+    }
+  }
+}
+
+// out[t, 16 rows of the block] for T input rows; `valid` masks the last block's rows past N.
+template <int Bits, int T>
+void block_tile(const uint8_t* q, const at::Half* scale, int64_t group, const QuantizedRows& x, float* out,
+                int64_t ldo, __mmask16 valid) {
+  const int64_t blocks = x.K / kInputBlock;
+  __m512 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t kb = 0; kb < blocks; ++kb) {
+    const int64_t g = kb * kInputBlock / group;
+    const __m512 step = load_half(scale + g * 2 * kBlockRows), offset = load_half(scale + (g * 2 + 1) * kBlockRows);
+    __m512i levels[kLevelVectors];
+    load_levels<Bits>(q, kb, levels);
+    for (int t = 0; t < T; ++t) {
+      const int64_t at = t * x.K + kb * kInputBlock;
+      __m512i high = _mm512_setzero_si512(), low = _mm512_setzero_si512();
+      for (int j = 0; j < kLevelVectors; ++j) {
+        int32_t four_high, four_low;
+        std::memcpy(&four_high, x.hi + at + 4 * j, 4);
+        std::memcpy(&four_low, x.lo + at + 4 * j, 4);
+        high = _mm512_dpbusd_epi32(high, levels[j], _mm512_set1_epi32(four_high));
+        low = _mm512_dpbusd_epi32(low, levels[j], _mm512_set1_epi32(four_low));
+      }
+      // Exact in int32: |high| <= 32 * 255 * 128, so high * 256 stays below 2^31.
+      const __m512 dots = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(high, 8), low));
+      acc[t] = _mm512_fmadd_ps(dots, _mm512_mul_ps(step, _mm512_set1_ps(x.dx[t * blocks + kb])), acc[t]);
+      acc[t] = _mm512_fmadd_ps(offset, _mm512_set1_ps(x.sx[t * blocks + kb]), acc[t]);
+    }
+  }
+  for (int t = 0; t < T; ++t) _mm512_mask_storeu_ps(out + t * ldo, valid, acc[t]);
+}
+
+template <int Bits>
+void block_rows(const uint8_t* q, const at::Half* scale, int64_t group, const QuantizedRows& x, int64_t M,
+                float* out, int64_t N, int64_t n0) {
+  const __mmask16 valid = N - n0 >= kBlockRows ? __mmask16(0xFFFF) : __mmask16((1u << (N - n0)) - 1);
+  const int64_t blocks = x.K / kInputBlock;
+  auto rows = [&](int64_t m) {
+    return QuantizedRows{x.hi + m * x.K, x.lo + m * x.K, x.dx + m * blocks, x.sx + m * blocks, x.K};
+  };
   int64_t m = 0;
-  for (; m + kTile <= M; m += kTile) tile<Int4, R, kTile>(W, n, x + m * W.K, out + m * N, N);
+  for (; m + kTile <= M; m += kTile) block_tile<Bits, kTile>(q, scale, group, rows(m), out + m * N + n0, N, valid);
   switch (M - m) {
-    case 3: tile<Int4, R, 3>(W, n, x + m * W.K, out + m * N, N); break;
-    case 2: tile<Int4, R, 2>(W, n, x + m * W.K, out + m * N, N); break;
-    case 1: tile<Int4, R, 1>(W, n, x + m * W.K, out + m * N, N); break;
+    case 3: block_tile<Bits, 3>(q, scale, group, rows(m), out + m * N + n0, N, valid); break;
+    case 2: block_tile<Bits, 2>(q, scale, group, rows(m), out + m * N + n0, N, valid); break;
+    case 1: block_tile<Bits, 1>(q, scale, group, rows(m), out + m * N + n0, N, valid); break;
   }
 }
-
-template <bool Int4>
-void matmul_rows(const Weights& W, const float* x, int64_t M, float* out, int64_t N) {
-  at::parallel_for(0, (N + kRows - 1) / kRows, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t n = b * kRows;
-      if (n + kRows <= N) rows_pass<Int4, kRows>(W, n, x, M, out, N);
-      else for (int64_t r = n; r < N; ++r) rows_pass<Int4, 1>(W, r, x, M, out, N);
-    }
-  });
+#else
+// Row r's level at input k of a block's weights.
+template <int Bits>
+inline int32_t level(const uint8_t* q, int r, int64_t k) {
+  if constexpr (Bits == 8) return q[(k / 4) * kChunkBytes + r * 4 + k % 4];
+  const uint8_t byte = q[(k / 8) * kChunkBytes + r * 4 + k % 4];
+  return k % 8 < 4 ? byte & 15 : byte >> 4;
 }
 
-// Row n of the weight, dequantized into out[K].
-inline void dequantize_row(const Weights& W, int64_t n, float* out) {
-  const int64_t gb = group_bytes(W), half = W.group / 2;
-  for (int64_t g = 0; g < W.groups; ++g) {
-    const f32x16 step = splat(W.scale[(n * W.groups + g) * 2]), offset = splat(W.scale[(n * W.groups + g) * 2 + 1]);
-    for (int64_t c = 0; c < gb; c += kLanes) {
-      const uint8_t* bytes = W.q + n * W.row_bytes + g * gb + c;
-      const int64_t k = g * W.group + c;
-      f32x16 low, high;
-      if (W.int4) {
-        dequantize_int4(bytes, step, offset, low, high);
-        std::memcpy(out + k + half, &high, sizeof high);
-      } else {
-        low = widen_int8(bytes) * step + offset;
+// The same sums without VNNI: slower, for CPUs the fast path does not cover.
+template <int Bits>
+void block_rows(const uint8_t* q, const at::Half* scale, int64_t group, const QuantizedRows& x, int64_t M,
+                float* out, int64_t N, int64_t n0) {
+  const int64_t blocks = x.K / kInputBlock;
+  for (int64_t m = 0; m < M; ++m) {
+    for (int r = 0; r < kBlockRows && n0 + r < N; ++r) {
+      float acc = 0.f;
+      for (int64_t kb = 0; kb < blocks; ++kb) {
+        const int64_t g = kb * kInputBlock / group;
+        int32_t high = 0, low = 0;
+        for (int64_t k = kb * kInputBlock; k < (kb + 1) * kInputBlock; ++k) {
+          high += level<Bits>(q, r, k) * x.hi[m * x.K + k];
+          low += level<Bits>(q, r, k) * x.lo[m * x.K + k];
+        }
+        const int32_t dot = high * 256 + low;
+        const float step = float(scale[g * 2 * kBlockRows + r]), offset = float(scale[(g * 2 + 1) * kBlockRows + r]);
+        acc = std::fma(float(dot), step * x.dx[m * blocks + kb], acc);
+        acc = std::fma(offset, x.sx[m * blocks + kb], acc);
       }
-      std::memcpy(out + k, &low, sizeof low);
+      out[m * N + n0 + r] = acc;
     }
   }
 }
+#endif
 
-Weights weights_of(const at::Tensor& q, const at::Tensor& scale, int64_t K, bool int4) {
-  TORCH_CHECK(q.is_contiguous() && scale.is_contiguous() && scale.scalar_type() == at::kFloat);
-  const int64_t groups = scale.size(1), group = K / groups;
-  TORCH_CHECK(group * groups == K && group % (int4 ? 2 * kLanes : kLanes) == 0, "unsupported group size ", group);
-  return {reinterpret_cast<const uint8_t*>(q.data_ptr()), scale.data_ptr<float>(), K, groups, group,
-          q.size(1) * q.element_size(), int4};
+int64_t check_layout(const at::Tensor& q, const at::Tensor& scale, int64_t K, int64_t bits) {
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  TORCH_CHECK(q.is_contiguous() && scale.is_contiguous() && q.scalar_type() == at::kByte && scale.scalar_type() == at::kHalf);
+  TORCH_CHECK(q.dim() == 3 && q.size(1) * 32 / bits == K && q.size(2) == kChunkBytes && scale.dim() == 4 &&
+              scale.size(0) == q.size(0) && K % scale.size(1) == 0 && (K / scale.size(1)) % kInputBlock == 0,
+              "int", bits, " weights and scales do not match an input width of ", K);
+  return K / scale.size(1);
 }
 
-void matmul(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, at::Tensor& out, bool int4) {
-  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat && out.is_contiguous());
-  const int64_t M = x.size(0), N = q.size(0);
-  const Weights W = weights_of(q, scale, x.size(1), int4);
-  const float* xp = x.data_ptr<float>();
+// x: float32 [M, K]; out: float32 [M, N].
+void quantized_matmul(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, int64_t bits, at::Tensor& out) {
+  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat && out.is_contiguous() && out.scalar_type() == at::kFloat);
+  const int64_t M = x.size(0), K = x.size(1), N = out.size(1), group = check_layout(q, scale, K, bits);
+  TORCH_CHECK(out.size(0) == M && (N + kBlockRows - 1) / kBlockRows == q.size(0));
+  at::Tensor xq = at::empty({2, M, K}, x.options().dtype(at::kChar));
+  at::Tensor xs = at::empty({2, M, K / kInputBlock}, x.options());
+  int8_t* hi = xq[0].data_ptr<int8_t>();
+  int8_t* lo = xq[1].data_ptr<int8_t>();
+  quantize_rows(x.data_ptr<float>(), M, K, hi, lo, xs[0].data_ptr<float>(), xs[1].data_ptr<float>());
+  const QuantizedRows rows{hi, lo, xs[0].data_ptr<float>(), xs[1].data_ptr<float>(), K};
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const at::Half* sp = scale.data_ptr<at::Half>();
   float* op = out.data_ptr<float>();
-  if (int4) matmul_rows<true>(W, xp, M, op, N);
-  else matmul_rows<false>(W, xp, M, op, N);
-}
-
-void dequantize(const at::Tensor& q, const at::Tensor& scale, int64_t start, at::Tensor& out, bool int4) {
-  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat);
-  const Weights W = weights_of(q, scale, out.size(1), int4);
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, out.size(0), 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) dequantize_row(W, start + i, op + i * W.K);
+  const int64_t block_bytes = q.size(1) * kChunkBytes, block_scales = scale.size(1) * 2 * kBlockRows;
+  at::parallel_for(0, q.size(0), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      if (bits == 8) block_rows<8>(qp + b * block_bytes, sp + b * block_scales, group, rows, M, op, N, b * kBlockRows);
+      else block_rows<4>(qp + b * block_bytes, sp + b * block_scales, group, rows, M, op, N, b * kBlockRows);
+    }
   });
 }
 
-void int8_matmul(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, at::Tensor& out) {
-  matmul(x, q, scale, out, false);
-}
-void int4_matmul(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, at::Tensor& out) {
-  matmul(x, q, scale, out, true);
-}
-void int8_dequantize(const at::Tensor& q, const at::Tensor& scale, int64_t start, at::Tensor& out) {
-  dequantize(q, scale, start, out, false);
-}
-void int4_dequantize(const at::Tensor& q, const at::Tensor& scale, int64_t start, at::Tensor& out) {
-  dequantize(q, scale, start, out, true);
+// Whether quantized_matmul runs the VNNI kernel on this build; without it the portable loops are slow.
+bool quantized_matmul_is_fast() {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  return true;
+#else
+  return false;
+#endif
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
-  m.def("int8_matmul(Tensor x, Tensor q, Tensor scale, Tensor(a!) out) -> ()");
-  m.def("int4_matmul(Tensor x, Tensor q, Tensor scale, Tensor(a!) out) -> ()");
-  m.def("int8_dequantize(Tensor q, Tensor scale, int start, Tensor(a!) out) -> ()");
-  m.def("int4_dequantize(Tensor q, Tensor scale, int start, Tensor(a!) out) -> ()");
+  m.def("quantized_matmul(Tensor x, Tensor q, Tensor scale, int bits, Tensor(a!) out) -> ()");
+  m.def("quantized_matmul_is_fast() -> bool", &quantized_matmul_is_fast);  // no tensors: for every backend
 }
 
 TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
-  m.impl("int8_matmul", int8_matmul);
-  m.impl("int4_matmul", int4_matmul);
-  m.impl("int8_dequantize", int8_dequantize);
-  m.impl("int4_dequantize", int4_dequantize);
+  m.impl("quantized_matmul", quantized_matmul);
 }

@@ -61,13 +61,14 @@ class ModelRunner:
         self._allocate_kv_pool()
 
     def _quantization(self, source: ModelSource) -> str:
+        fast = self.device.type == "cpu" and self.dtype == torch.float32 and ops.fast_quantized_matmul()
         if self.config.quantization != "auto":
+            if self.config.quantization != "none" and not fast:
+                logger.warning("%s layers run without the VNNI kernel here (slow)", self.config.quantization)
             return self.config.quantization
-        # The int8/int4 kernels run on CPU in float32 where they could be built; elsewhere quantized
-        # layers would only dequantize.
-        if self.device.type == "cpu" and self.dtype == torch.float32 and ops.available():
-            return source.files.native_quantization()
-        return "none"
+        # The int8/int4 kernel runs fast on CPU in float32 where it was built with VNNI; elsewhere
+        # quantized layers would dequantize or run portable loops.
+        return source.files.native_quantization() if fast else "none"
 
     def _num_kv_blocks(self) -> int:
         c = self.model_config
