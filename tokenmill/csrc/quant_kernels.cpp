@@ -174,7 +174,8 @@ int64_t check_layout(const at::Tensor& q, const at::Tensor& scale, int64_t K, in
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
   TORCH_CHECK(q.is_contiguous() && scale.is_contiguous() && q.scalar_type() == at::kByte && scale.scalar_type() == at::kHalf);
   TORCH_CHECK(q.dim() == 3 && q.size(1) * 32 / bits == K && q.size(2) == kChunkBytes && scale.dim() == 4 &&
-              scale.size(0) == q.size(0) && K % scale.size(1) == 0 && (K / scale.size(1)) % kInputBlock == 0,
+              scale.size(0) == q.size(0) && scale.size(2) == 2 && scale.size(3) == kBlockRows &&
+              K % scale.size(1) == 0 && (K / scale.size(1)) % kInputBlock == 0,
               "int", bits, " weights and scales do not match an input width of ", K);
   return K / scale.size(1);
 }

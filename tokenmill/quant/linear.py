@@ -12,11 +12,11 @@ _LOAD_ELEMENTS = 1 << 21
 
 
 class QuantizedLinear(nn.Module):
-    """y = x @ W.T + b with W stored quantized; the kernel is chosen by batch size and device.
+    """y = x @ W.T + b with W stored quantized: the C++ kernel on CPU in float32, dequantized elsewhere.
 
     Weights are unsigned levels in groups along the input, each group with a float16 step and
     offset: w = step * level + offset. They are stored for the CPU kernel (tokenmill/csrc/
-    quant_kernels.cpp), which multiplies int8-quantized inputs into 16 output rows per vector: in
+    quant_kernels.cpp), which multiplies 16-bit integer inputs into 16 output rows per vector: in
     blocks of 16 rows, qweight [blocks, chunks, 64] where each 64-byte chunk holds 4 inputs (int8)
     or 8 (int4, low nibbles then high) of each row; scale [blocks, groups, 2, 16].
     """
@@ -89,8 +89,9 @@ class QuantizedLinear(nn.Module):
             quads = levels.view(n, -1, 2, 4)
             levels = quads[:, :, 0] | (quads[:, :, 1] << 4)
         ids = torch.arange(start, start + n, device=levels.device)
-        self._lanes()[ids // _BLOCK_ROWS, :, ids % _BLOCK_ROWS] = levels.view(n, -1, 4)
-        self.scale[ids // _BLOCK_ROWS, :, :, ids % _BLOCK_ROWS] = torch.stack([step, offset], -1).half()
+        block, lane = ids // _BLOCK_ROWS, ids % _BLOCK_ROWS
+        self._lanes()[block, :, lane] = levels.view(n, -1, 4)
+        self.scale[block, :, :, lane] = torch.stack([step, offset], -1).half()
 
     def _lanes(self) -> torch.Tensor:
         # [blocks, chunks, row in block, 4 bytes]
