@@ -36,7 +36,7 @@ _LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _LINEAR_PARTS = {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"}
 _FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
 
-# Float32 elements dequantized per slice of rows.
+# Float32 elements dequantized per slice of rows, and per piece of a tensor handed to the model.
 _DEQUANTIZE_ELEMENTS = 1 << 20
 
 # llama.cpp's converter interleaves the rotary halves of Q and K rows for these architectures only.
@@ -128,41 +128,50 @@ class GGUFFile:
             eos_token_ids=sorted({int(e) for e in eos}),
         )
 
-    def weights(self, config: ModelConfig, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (Hugging Face name, dequantized tensor) for every tensor in the file."""
+    def weights(self, config: ModelConfig, dtype: torch.dtype) -> Iterator[tuple[str, slice, torch.Tensor]]:
+        """Yield (Hugging Face name, rows, dequantized rows) for every tensor in the file, large ones in pieces."""
         for tensor in self._tensors:
             name = _hf_name(tensor.name)
             if name is None:
                 continue
+            heads = None
+            if self.architecture in _PERMUTED_ARCHITECTURES:
+                if name.endswith(("q_proj.weight", "q_proj.bias")):
+                    heads = config.num_heads
+                elif name.endswith(("k_proj.weight", "k_proj.bias")):
+                    heads = config.num_kv_heads
             try:
-                array = _dequantize(tensor)
+                # The permutation moves rows within a head: those tensors come whole.
+                for rows, array in _dequantized(tensor, whole=heads is not None):
+                    yield name, rows, torch.from_numpy(_unpermute(array, heads) if heads else array).to(dtype)
                 _release(self._map, tensor)
             except NotImplementedError as exc:
                 qtype = GGMLQuantizationType(tensor.tensor_type).name
                 raise ModelLoadError(f"tensor {tensor.name} uses unsupported type {qtype}") from exc
             except Exception as exc:
                 raise ModelLoadError(f"cannot read tensor {tensor.name} from {self.path}: {exc}") from exc
-            if self.architecture in _PERMUTED_ARCHITECTURES:
-                if name.endswith(("q_proj.weight", "q_proj.bias")):
-                    array = _unpermute(array, config.num_heads)
-                elif name.endswith(("k_proj.weight", "k_proj.bias")):
-                    array = _unpermute(array, config.num_kv_heads)
-            yield name, torch.from_numpy(array).to(dtype)
 
 
-def _dequantize(tensor: ReaderTensor) -> np.ndarray:
-    """The tensor as a new float32 array (out of the read-only map), a few MiB of rows at a time.
+def _dequantized(tensor: ReaderTensor, whole: bool) -> Iterator[tuple[slice, np.ndarray]]:
+    """The tensor as new float32 arrays (out of the read-only map): (rows, array) pieces of a few MiB.
 
-    Whole-tensor dequantization holds several float temporaries at once: 250 MiB of peak for a
-    108 MiB embedding.
+    Whole-tensor dequantization held a 108 MiB float32 embedding on top of every weight already
+    loaded: the load's peak. whole=True gives one piece, still filled a few MiB of rows at a time.
     """
     shape = tuple(int(d) for d in reversed(tensor.shape))
-    out = np.empty(shape, np.float32)
-    rows, flat = tensor.data.reshape(-1, tensor.data.shape[-1]), out.reshape(-1, shape[-1])
+    rows = tensor.data.reshape(-1, tensor.data.shape[-1])
     step = max(1, _DEQUANTIZE_ELEMENTS // shape[-1])
+    if whole or len(shape) != 2:
+        out = np.empty(shape, np.float32)
+        flat = out.reshape(-1, shape[-1])
+        for start in range(0, len(rows), step):
+            flat[start : start + step] = dequantize(rows[start : start + step], tensor.tensor_type)
+        yield slice(None), out
+        return
     for start in range(0, len(rows), step):
-        flat[start : start + step] = dequantize(rows[start : start + step], tensor.tensor_type)
-    return out
+        # np.array copies: float32 tensors dequantize to a view of the map, which _release drops.
+        piece = np.array(dequantize(rows[start : start + step], tensor.tensor_type), np.float32)
+        yield slice(start, start + len(piece)), piece
 
 
 def _release(file_map: np.memmap, tensor: ReaderTensor) -> None:

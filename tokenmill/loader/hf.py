@@ -71,12 +71,12 @@ class HFDirectory:
             return []
         return sorted(set(eos)) if isinstance(eos, list) else [int(eos)]
 
-    def weights(self, config: ModelConfig, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (name, tensor) for every tensor in every safetensors file."""
+    def weights(self, config: ModelConfig, dtype: torch.dtype) -> Iterator[tuple[str, slice, torch.Tensor]]:
+        """Yield (name, rows, tensor) for every tensor in every safetensors file, each whole."""
         for file in self.files:
             try:
                 with safe_open(file, framework="pt") as f:
                     for name in f.keys():
-                        yield name, f.get_tensor(name).to(dtype)
+                        yield name, slice(None), f.get_tensor(name).to(dtype)
             except Exception as exc:  # safetensors raises its own SafetensorError on bad bytes
                 raise ModelLoadError(f"cannot read {file}: {exc}") from exc

@@ -25,8 +25,8 @@ class ModelSource:
     tokenizer: Tokenizer
     files: GGUFFile | HFDirectory
 
-    def weights(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-        """Stream (Hugging Face name, tensor) pairs in the given dtype."""
+    def weights(self, dtype: torch.dtype) -> Iterator[tuple[str, slice, torch.Tensor]]:
+        """Stream (Hugging Face name, rows, tensor) in the given dtype: rows of the named tensor, often all."""
         return self.files.weights(self.config, dtype)
 
 

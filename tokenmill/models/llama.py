@@ -86,13 +86,17 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Built on the meta device (ModelRunner) and filled by load_weights: initial values are never
+        # read, and a random init on meta runs torch's Python reference ops, which import torch._dynamo
+        # (73 MiB of peak RSS, 0.7 s). _weight skips the init; the rotary tables come with the weights.
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.rotary = self._rotary()
+        self.rotary: RotaryEmbedding | None = None
 
     def _rotary(self, freq_factors: torch.Tensor | None = None) -> RotaryEmbedding:
         c = self.config
@@ -112,18 +116,18 @@ class LlamaForCausalLM(nn.Module):
         """Logits [rows, vocab] for the hidden states of the rows that need sampling."""
         return self.lm_head(hidden)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, slice, torch.Tensor]]) -> None:
         """Fill a model whose storage is allocated but unset (see to_empty): weights, ties and rotary tables.
 
-        Checkpoint tensors (Hugging Face names) go into parameters, or into quantized layers'
-        load_rows, with Q/K/V and gate/up fused.
+        Checkpoint tensors (Hugging Face names, whole or in pieces of rows) go into parameters, or into
+        quantized layers' load_rows, with Q/K/V and gate/up fused.
         """
         if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
             self.lm_head.weight = self.embed_tokens.weight  # to_empty() allocates tied parameters apart
         targets = self._load_targets()
         loaded: set[str] = set()
         freq_factors = None
-        for name, tensor in weights:
+        for name, rows, tensor in weights:
             name = name.removeprefix("model.")
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
@@ -136,10 +140,10 @@ class LlamaForCausalLM(nn.Module):
                 target = ".".join(parts[:-2] + [fused, parts[-1]])
                 if target not in targets:
                     raise ModelLoadError(f"checkpoint tensor {name} has no matching parameter")
-                targets[target](self._shard_rows(fused, shard), tensor, name)
+                targets[target](_within(self._shard_rows(fused, shard), rows, name), tensor, name)
                 loaded.add(f"{target}#{shard}")
             elif name in targets:
-                targets[name](slice(None), tensor, name)
+                targets[name](rows, tensor, name)
                 loaded.add(name)
         # The tables are derived, not stored: build them on the weights' device, after any rope_freqs.
         self.rotary = self._rotary(freq_factors).to(self.norm.weight.device)
@@ -165,6 +169,15 @@ class LlamaForCausalLM(nn.Module):
             q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
             return [slice(0, q), slice(q, q + kv), slice(q + kv, q + 2 * kv)][shard]
         return slice(shard * c.intermediate_size, (shard + 1) * c.intermediate_size)
+
+
+def _within(shard: slice, rows: slice, name: str) -> slice:
+    """Rows [rows] of checkpoint tensor `name`, which fills rows [shard] of a fused parameter."""
+    if rows.stop is None:
+        return slice(shard.start + (rows.start or 0), shard.stop)
+    if shard.start + rows.stop > shard.stop:  # else a piece would spill into the next shard unchecked
+        raise ModelLoadError(f"checkpoint tensor {name} has more than the {shard.stop - shard.start} rows expected")
+    return slice(shard.start + (rows.start or 0), shard.start + rows.stop)
 
 
 def _copy_rows(param: nn.Parameter, rows: slice, src: torch.Tensor, name: str) -> None:
