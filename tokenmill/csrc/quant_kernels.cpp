@@ -128,6 +128,20 @@ inline void load_levels(const uint8_t* q, int64_t kb, __m512i (&levels)[kLevelVe
   }
 }
 
+// The float work on one input row's exact sums over 32 inputs, shared by the VNNI and AMX paths so that
+// both give the same bits: acc += step * dx * (256 * high + low) + offset * sx.
+inline __m512 accumulate(__m512 acc, __m512i high, __m512i low, __m512 step, __m512 offset, float dx, float sx) {
+  // Exact in int32: |high| <= 32 * 255 * 128, so high * 256 stays below 2^31.
+  const __m512 dots = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(high, 8), low));
+  acc = _mm512_fmadd_ps(dots, _mm512_mul_ps(step, _mm512_set1_ps(dx)), acc);
+  return _mm512_fmadd_ps(offset, _mm512_set1_ps(sx), acc);
+}
+
+// The lanes of block rows n0 .. n0 + 15 that exist: the last block may hold fewer than 16 of N rows.
+inline __mmask16 valid_rows(int64_t N, int64_t n0) {
+  return N - n0 >= kBlockRows ? __mmask16(0xFFFF) : __mmask16((1u << (N - n0)) - 1);
+}
+
 // out[t, 16 rows of the block] for T input rows; `valid` masks the last block's rows past N.
 template <int Bits, int T>
 void block_tile(const uint8_t* q, const at::Half* scale, int64_t group, const QuantizedRows& x, float* out,
@@ -150,10 +164,7 @@ void block_tile(const uint8_t* q, const at::Half* scale, int64_t group, const Qu
         high = _mm512_dpbusd_epi32(high, levels[j], _mm512_set1_epi32(four_high));
         low = _mm512_dpbusd_epi32(low, levels[j], _mm512_set1_epi32(four_low));
       }
-      // Exact in int32: |high| <= 32 * 255 * 128, so high * 256 stays below 2^31.
-      const __m512 dots = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(high, 8), low));
-      acc[t] = _mm512_fmadd_ps(dots, _mm512_mul_ps(step, _mm512_set1_ps(x.dx[t * blocks + kb])), acc[t]);
-      acc[t] = _mm512_fmadd_ps(offset, _mm512_set1_ps(x.sx[t * blocks + kb]), acc[t]);
+      acc[t] = accumulate(acc[t], high, low, step, offset, x.dx[t * blocks + kb], x.sx[t * blocks + kb]);
     }
   }
   for (int t = 0; t < T; ++t) _mm512_mask_storeu_ps(out + t * ldo, valid, acc[t]);
@@ -162,7 +173,7 @@ void block_tile(const uint8_t* q, const at::Half* scale, int64_t group, const Qu
 template <int Bits>
 void block_rows(const uint8_t* q, const at::Half* scale, int64_t group, const QuantizedRows& x, int64_t M,
                 float* out, int64_t N, int64_t n0) {
-  const __mmask16 valid = N - n0 >= kBlockRows ? __mmask16(0xFFFF) : __mmask16((1u << (N - n0)) - 1);
+  const __mmask16 valid = valid_rows(N, n0);
   const int64_t blocks = x.K / kInputBlock;
   auto rows = [&](int64_t m) {
     return QuantizedRows{x.hi + m * x.K, x.lo + m * x.K, x.dx + m * blocks, x.sx + m * blocks, x.K};
@@ -207,8 +218,8 @@ void configure_tiles(uint8_t input_rows) {
   _tile_loadconfig(&config);
 }
 
-// Multiplies 16 input rows' halves by a block's weights over 32 inputs, into tiles 3 (high) and 4 (low):
-// [16 input rows, 16 weight rows]. The tiles are throughput-bound (two dots and two stores, about 45
+// Multiplies up to 16 input rows' halves by a block's weights over 32 inputs, into tiles 3 (high) and 4
+// (low): [input rows, 16 weight rows]. The tiles are throughput-bound (two dots and two stores, about 45
 // cycles), so the caller post-processes the previous 32 inputs' sums between this and store_sums (10% faster
 // at 16 rows than storing at once).
 inline void tile_sums(const uint8_t* w, const int8_t* hi, const int8_t* lo, int64_t stride) {
@@ -234,11 +245,10 @@ int64_t tile_rows(int64_t M) {
 }
 
 // As block_rows, with tiles of tile_rows(M) rows; x's buffers hold M rounded up to whole tiles (the
-// extra rows are ignored).
-// w is the block's weights as int8 levels in the tile layout (int4 blocks unpacked by the caller).
+// extra rows are ignored). w is the block's weights as int8 levels (int4 blocks unpacked by the caller).
 void block_rows_amx(const uint8_t* w, const at::Half* scale, int64_t group, const QuantizedRows& x, int64_t M,
                     float* out, int64_t N, int64_t n0) {
-  const __mmask16 valid = N - n0 >= kBlockRows ? __mmask16(0xFFFF) : __mmask16((1u << (N - n0)) - 1);
+  const __mmask16 valid = valid_rows(N, n0);
   const int64_t blocks = x.K / kInputBlock, group_bytes = kLevelVectors * kChunkBytes;
   alignas(64) int32_t high[2][kTileRows][kBlockRows], low[2][kTileRows][kBlockRows];
   const int64_t per_tile = tile_rows(M);
@@ -257,10 +267,8 @@ void block_rows_amx(const uint8_t* w, const at::Half* scale, int64_t group, cons
       const __m512 step = load_half(scale + g * 2 * kBlockRows), offset = load_half(scale + (g * 2 + 1) * kBlockRows);
       for (int t = 0; t < rows; ++t) {
         const int64_t at = (m0 + t) * blocks + kb;
-        const __m512i sums = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(high[buffer][t]), 8),
-                                              _mm512_load_si512(low[buffer][t]));
-        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(step, _mm512_set1_ps(x.dx[at])), acc[t]);
-        acc[t] = _mm512_fmadd_ps(offset, _mm512_set1_ps(x.sx[at]), acc[t]);
+        acc[t] = accumulate(acc[t], _mm512_load_si512(high[buffer][t]), _mm512_load_si512(low[buffer][t]), step, offset,
+                            x.dx[at], x.sx[at]);
       }
       if (more) store_sums(high[!buffer][0], low[!buffer][0]);
     }
@@ -319,7 +327,7 @@ int64_t check_layout(const at::Tensor& q, const at::Tensor& scale, int64_t K, in
 void tile_blocks(int64_t bits, const uint8_t* qp, const at::Half* sp, int64_t block_bytes, int64_t block_scales,
                  int64_t group, const QuantizedRows& rows, int64_t M, float* op, int64_t N, int64_t begin, int64_t end) {
   thread_local std::vector<uint8_t> unpacked;
-  unpacked.resize(rows.K / 4 * kChunkBytes);
+  if (bits == 4) unpacked.resize(rows.K / 4 * kChunkBytes);
   configure_tiles(static_cast<uint8_t>(tile_rows(M)));
   for (int64_t b = begin; b < end; ++b) {
     const uint8_t* w = qp + b * block_bytes;
@@ -345,7 +353,7 @@ void quantized_matmul(const at::Tensor& x, const at::Tensor& q, const at::Tensor
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__)
   const bool tiles = M >= kAmxMinRows && amx_permitted();
   // Tiles read whole tiles of input rows: the buffers round M up (the extra rows are ignored).
-  const int64_t rows_held = tiles ? (M + tile_rows(M) - 1) / tile_rows(M) * tile_rows(M) : M;
+  const int64_t per_tile = tiles ? tile_rows(M) : 1, rows_held = (M + per_tile - 1) / per_tile * per_tile;
 #else
   const int64_t rows_held = M;
 #endif
