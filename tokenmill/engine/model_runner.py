@@ -6,6 +6,7 @@ import mmap
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from tokenmill import ops
 from tokenmill.config import DTYPES, EngineConfig
@@ -47,7 +48,8 @@ class ModelRunner:
         with torch.device("meta"):
             self.model = model_class(source.config.architecture)(source.config).to(self.dtype)
             quantize_model(self.model, self.quantization, config.quant_group_size)
-        self.model.to_empty(device=self.device).eval()
+        _allocate(self.model, self.device)
+        self.model.eval()
         self.model.load_weights(source.weights(self.dtype))
         if self.quantization == "none" and can_pack(self.device, self.dtype):
             pack_linears(self.model)
@@ -163,3 +165,16 @@ class ModelRunner:
     def _tensor(self, values: list) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
+
+def _allocate(model: nn.Module, device: torch.device) -> None:
+    """Give each meta parameter and buffer uninitialized storage on device, as Module.to_empty does.
+
+    to_empty's empty_like runs torch's Python reference op on meta tensors, which imports sympy and
+    about 480 other modules: 13 MiB of memory and 0.5 s of load for nothing.
+    """
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            empty = torch.empty(param.shape, dtype=param.dtype, device=device)
+            setattr(module, name, nn.Parameter(empty, requires_grad=param.requires_grad))
+        for name, buffer in module.named_buffers(recurse=False):
+            setattr(module, name, torch.empty(buffer.shape, dtype=buffer.dtype, device=device))

@@ -36,8 +36,9 @@ _LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _LINEAR_PARTS = {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"}
 _FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
 
-# Float32 elements dequantized per slice of rows, and per piece of a tensor handed to the model.
-_DEQUANTIZE_ELEMENTS = 1 << 20
+# Float32 elements dequantized per slice of rows, and per piece of a tensor handed to the model
+# (1 MiB: each piece is alive beside the loaded weights, at the load's peak memory).
+_DEQUANTIZE_ELEMENTS = 1 << 18
 
 # llama.cpp's converter interleaves the rotary halves of Q and K rows for these architectures only.
 _PERMUTED_ARCHITECTURES = {"llama"}
@@ -74,6 +75,12 @@ class GGUFFile:
             if (m := _LAYER_RE.match(t.name)) and m.group(2) in _LINEAR_PARTS and m.group(3) == "weight"
         }
         self.architecture = str(self.metadata.get("general.architecture", ""))
+        if self._tensors:  # the header's pages (8 MiB for SmolLM2's vocabulary) are parsed now
+            _release(self._map, 0, min(t.data_offset for t in self._tensors))
+
+    def drop_vocabulary(self) -> None:
+        """Forget the tokenizer's lists (about 20 MiB of Python strings for 49k tokens) once a Tokenizer holds them."""
+        self.metadata = {k: v for k, v in self.metadata.items() if not (k.startswith("tokenizer.") and isinstance(v, list))}
 
     def _open(self) -> _Reader:
         try:
@@ -144,7 +151,8 @@ class GGUFFile:
                 # The permutation moves rows within a head: those tensors come whole.
                 for rows, array in _dequantized(tensor, whole=heads is not None):
                     yield name, rows, torch.from_numpy(_unpermute(array, heads) if heads else array).to(dtype)
-                _release(self._map, tensor)
+                # From the file's start: a page fault maps its neighbours too, some before this tensor.
+                _release(self._map, 0, tensor.data_offset + tensor.n_bytes)
             except NotImplementedError as exc:
                 qtype = GGMLQuantizationType(tensor.tensor_type).name
                 raise ModelLoadError(f"tensor {tensor.name} uses unsupported type {qtype}") from exc
@@ -174,14 +182,14 @@ def _dequantized(tensor: ReaderTensor, whole: bool) -> Iterator[tuple[slice, np.
         yield slice(start, start + len(piece)), piece
 
 
-def _release(file_map: np.memmap, tensor: ReaderTensor) -> None:
-    """Drop a read tensor's file pages from this process: mapped pages count as resident until unmapped,
-    and the whole file (98 MiB for SmolLM2) otherwise sat on top of the loaded weights at the peak."""
+def _release(file_map: np.memmap, start: int, stop: int) -> None:
+    """Drop bytes [start, stop) of the file from this process once read: mapped pages count as resident
+    until unmapped, and the whole file (98 MiB for SmolLM2) otherwise sat on top of the loaded weights."""
     mapping = getattr(file_map, "_mmap", None)  # np.memmap's own mmap object
     if mapping is None:
         return
-    start = tensor.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
-    mapping.madvise(mmap.MADV_DONTNEED, start, tensor.data_offset + tensor.n_bytes - start)
+    start = start // mmap.PAGESIZE * mmap.PAGESIZE
+    mapping.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
 
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:

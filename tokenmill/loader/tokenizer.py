@@ -46,7 +46,8 @@ class Tokenizer:
         self.chat_template = chat_template
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
         # Byte-level BPE (GPT-2 style) spells each byte as one printable character; SentencePiece does not.
-        self._byte_level = '"ByteLevel"' in json.dumps(json.loads(backend.to_str()).get("decoder"))
+        # The decoder's own JSON, not the whole tokenizer's (megabytes of vocabulary and merges).
+        self._byte_level = backend.decoder is not None and b'"ByteLevel"' in backend.decoder.__getstate__()
         self._added = {i: t.content for i, t in backend.get_added_tokens_decoder().items()}
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

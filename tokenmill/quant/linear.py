@@ -7,8 +7,9 @@ from torch import nn
 from tokenmill.errors import ModelLoadError
 from tokenmill import ops
 
-# Weight rows quantized at a time while loading: bounds the float32 temporaries to 8 MiB.
-_LOAD_ELEMENTS = 1 << 21
+# Weight elements quantized at a time while loading. int8's two grids make about ten float32
+# temporaries of this size: at 2M elements they raised int8's load peak by 22 MiB, at 256K by 4.
+_LOAD_ELEMENTS = 1 << 18
 
 
 class QuantizedLinear(nn.Module):

@@ -1,0 +1,36 @@
+"""What a model load leaves in the process besides the weights: no file pages, vocabulary lists or sympy."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+# A fresh process: other tests import sympy (transformers) and read the file themselves.
+_LOAD = """
+import json, sys
+from tokenmill import LLM
+
+llm = LLM(sys.argv[1], quantization="int8")
+resident_kib, in_file = 0, False
+for line in open("/proc/self/smaps"):
+    fields = line.split()
+    if "-" in fields[0] and not fields[0].endswith(":"):
+        in_file = fields[-1] == sys.argv[1]
+    elif in_file and fields[0] == "Rss:":
+        resident_kib += int(fields[1])
+print(json.dumps({
+    "file_resident_kib": resident_kib,
+    "sympy": "sympy" in sys.modules,
+    "vocabulary": [k for k, v in llm.engine.source.files.metadata.items() if k.startswith("tokenizer.") and isinstance(v, list)],
+    "hello": llm.tokenizer.encode("Hello world"),
+}))
+"""
+
+
+def test_loading_smollm2_leaves_no_file_pages_vocabulary_lists_or_sympy(smollm2_path: Path):
+    out = subprocess.run([sys.executable, "-c", _LOAD, str(smollm2_path)], capture_output=True, text=True, check=True)
+    found = json.loads(out.stdout.splitlines()[-1])
+    assert found["file_resident_kib"] == 0  # each tensor's pages, and the header's, are given back once read
+    assert not found["sympy"]  # torch's meta-device reference ops import it: 13 MiB
+    assert found["vocabulary"] == []  # the tokenizer holds the vocabulary: about 20 MiB of strings
+    assert found["hello"] == [19556, 905]
