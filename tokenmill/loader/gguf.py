@@ -1,14 +1,15 @@
 """Read a GGUF file: metadata to ModelConfig, tensors dequantized and renamed to Hugging Face names."""
 
+import math
 import mmap
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
+from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
 from tokenmill.config import ModelConfig
@@ -62,21 +63,25 @@ class GGUFFile:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        # The reader is not kept (its parsed fields are about 80 MiB for a 49k vocabulary), only the
-        # tensors' views into the file's mapping: a mapped page counts as resident once read, and
-        # weights() gives each tensor's pages back after reading it.
+        # Nothing the reader made is kept: its parsed fields are about 80 MiB for a 49k vocabulary,
+        # and any of its objects that stayed (its tensor records held 9 MiB) pinned memory around them.
         reader = self._open()
+        if reader.byte_order == "S":
+            raise ModelLoadError(f"{self.path} is in the other byte order from this machine's; not supported")
         self.metadata: dict[str, Any] = {name: _field_value(f) for name, f in reader.fields.items()}
         self._map = reader.data
-        self._tensors = [t._replace(field=None) for t in reader.tensors]
-        self.tensor_names = {t.name for t in reader.tensors}
+        self._tensors = [
+            _Tensor(t.name, GGMLQuantizationType(t.tensor_type), tuple(reversed(t.shape.tolist())), t.data_offset, t.n_bytes)
+            for t in reader.tensors
+        ]
+        self.tensor_names = {t.name for t in self._tensors}
         self.linear_types = {
-            GGMLQuantizationType(t.tensor_type) for t in reader.tensors
+            t.qtype for t in self._tensors
             if (m := _LAYER_RE.match(t.name)) and m.group(2) in _LINEAR_PARTS and m.group(3) == "weight"
         }
         self.architecture = str(self.metadata.get("general.architecture", ""))
         if self._tensors:  # the header's pages (8 MiB for SmolLM2's vocabulary) are parsed now
-            _release(self._map, 0, min(t.data_offset for t in self._tensors))
+            _release(self._map, 0, min(t.offset for t in self._tensors))
 
     def drop_vocabulary(self) -> None:
         """Forget the tokenizer's lists (about 20 MiB of Python strings for 49k tokens) once a Tokenizer holds them."""
@@ -137,6 +142,7 @@ class GGUFFile:
 
     def weights(self, config: ModelConfig, dtype: torch.dtype) -> Iterator[tuple[str, slice, torch.Tensor]]:
         """Yield (Hugging Face name, rows, dequantized rows) for every tensor in the file, large ones in pieces."""
+        data = self._map.view(np.ndarray)  # slicing np.memmap itself costs bookkeeping on every slice
         for tensor in self._tensors:
             name = _hf_name(tensor.name)
             if name is None:
@@ -149,36 +155,45 @@ class GGUFFile:
                     heads = config.num_kv_heads
             try:
                 # The permutation moves rows within a head: those tensors come whole.
-                for rows, array in _dequantized(tensor, whole=heads is not None):
+                for rows, array in _dequantized(tensor, data, whole=heads is not None):
                     yield name, rows, torch.from_numpy(_unpermute(array, heads) if heads else array).to(dtype)
                 # From the file's start: a page fault maps its neighbours too, some before this tensor.
-                _release(self._map, 0, tensor.data_offset + tensor.n_bytes)
+                _release(self._map, 0, tensor.offset + tensor.n_bytes)
             except NotImplementedError as exc:
-                qtype = GGMLQuantizationType(tensor.tensor_type).name
-                raise ModelLoadError(f"tensor {tensor.name} uses unsupported type {qtype}") from exc
+                raise ModelLoadError(f"tensor {tensor.name} uses unsupported type {tensor.qtype.name}") from exc
             except Exception as exc:
                 raise ModelLoadError(f"cannot read tensor {tensor.name} from {self.path}: {exc}") from exc
 
 
-def _dequantized(tensor: ReaderTensor, whole: bool) -> Iterator[tuple[slice, np.ndarray]]:
+class _Tensor(NamedTuple):
+    """Where one tensor lies in the file."""
+
+    name: str
+    qtype: GGMLQuantizationType
+    shape: tuple[int, ...]  # outermost dimension first, as torch orders it
+    offset: int
+    n_bytes: int
+
+
+def _dequantized(tensor: _Tensor, data: np.ndarray, whole: bool) -> Iterator[tuple[slice, np.ndarray]]:
     """The tensor as new float32 arrays (out of the read-only map): (rows, array) pieces of a few MiB.
 
     Whole-tensor dequantization held a 108 MiB float32 embedding on top of every weight already
     loaded: the load's peak. whole=True gives one piece, still filled a few MiB of rows at a time.
     """
-    shape = tuple(int(d) for d in reversed(tensor.shape))
-    rows = tensor.data.reshape(-1, tensor.data.shape[-1])
+    shape = tensor.shape
+    rows = data[tensor.offset : tensor.offset + tensor.n_bytes].reshape(math.prod(shape[:-1]), -1)  # bytes per row
     step = max(1, _DEQUANTIZE_ELEMENTS // shape[-1])
     if whole or len(shape) != 2:
         out = np.empty(shape, np.float32)
         flat = out.reshape(-1, shape[-1])
         for start in range(0, len(rows), step):
-            flat[start : start + step] = dequantize(rows[start : start + step], tensor.tensor_type)
+            flat[start : start + step] = dequantize(rows[start : start + step], tensor.qtype)
         yield slice(None), out
         return
     for start in range(0, len(rows), step):
         # np.array copies: float32 tensors dequantize to a view of the map, which _release drops.
-        piece = np.array(dequantize(rows[start : start + step], tensor.tensor_type), np.float32)
+        piece = np.array(dequantize(rows[start : start + step], tensor.qtype), np.float32)
         yield slice(start, start + len(piece)), piece
 
 
