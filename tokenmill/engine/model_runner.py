@@ -1,5 +1,6 @@
 """ModelRunner: loads the model, owns the KV pool, turns a schedule into a flat batch and logits."""
 
+import ctypes
 import logging
 import math
 import mmap
@@ -48,16 +49,17 @@ class ModelRunner:
         with torch.device("meta"):
             self.model = model_class(source.config.architecture)(source.config).to(self.dtype)
             quantize_model(self.model, self.quantization, config.quant_group_size)
-        _allocate(self.model, self.device)
-        self.model.eval()
+        # Quantized layers are filled by a CPU op (quantize_weight_rows): they load on CPU and move after.
+        _allocate(self.model, torch.device("cpu") if self.quantization != "none" else self.device)
         self.model.load_weights(source.weights(self.dtype))
+        self.model.to(self.device).eval()
         if self.quantization == "none" and can_pack(self.device, self.dtype):
             pack_linears(self.model)
-        # The C++ ops' first build compiles for seconds: at load, not in a client's first request.
-        if self.device.type == "cpu" and self.quantization != "none":
-            ops.require()
-        elif self.device.type == "cpu":
+        # The C++ ops' first build compiles for seconds: at load, not in a client's first request (a
+        # quantized model's load has built them already).
+        if self.device.type == "cpu":
             ops.available()
+        _return_freed_heap()
         self.block_size = config.block_size
         self.num_blocks = self._num_kv_blocks()
         self._allocate_kv_pool()
@@ -178,3 +180,11 @@ def _allocate(model: nn.Module, device: torch.device) -> None:
             setattr(module, name, nn.Parameter(empty, requires_grad=param.requires_grad))
         for name, buffer in module.named_buffers(recurse=False):
             setattr(module, name, torch.empty(buffer.shape, dtype=buffer.dtype, device=device))
+
+
+def _return_freed_heap() -> None:
+    """Hand the load's freed heap back to the OS, which glibc otherwise keeps for reuse (6 MiB for SmolLM2)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

@@ -7,10 +7,6 @@ from torch import nn
 from tokenmill.errors import ModelLoadError
 from tokenmill import ops
 
-# Weight elements quantized at a time while loading. int8's two grids make about ten float32
-# temporaries of this size: at 2M elements they raised int8's load peak by 22 MiB, at 256K by 4.
-_LOAD_ELEMENTS = 1 << 18
-
 
 class QuantizedLinear(nn.Module):
     """y = x @ W.T + b with W stored quantized: the C++ kernel on CPU in float32, dequantized elsewhere.
@@ -46,11 +42,8 @@ class QuantizedLinear(nn.Module):
             raise ModelLoadError(
                 f"checkpoint tensor {name} has shape {tuple(weight.shape)}, expected {(stop - start, self.in_features)}"
             )
-        weight = weight.to(self.qweight.device)
-        for chunk in _row_chunks(stop - start, self.in_features):  # bounds the float temporaries
-            w = weight[chunk].float().view(-1, self.in_features // self.group_size, self.group_size)
-            levels, step, offset = self._quantize(w)
-            self._store(start + chunk.start, levels.view(len(w), -1), step, offset)
+        # A CPU op (tokenmill/csrc/quantize_weights.cpp): layers for another device are loaded on CPU first.
+        ops.require().quantize_weight_rows(weight.float().contiguous(), self.bits, self.qweight, self.scale, start)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Runs 121 times a step for SmolLM2: the model's 2-D input skips the reshape and view, about
@@ -82,56 +75,21 @@ class QuantizedLinear(nn.Module):
         scale = self.scale[block, :, :, lane].float()  # [rows, groups, (step, offset)]
         return _dequantize_groups(packed.reshape(len(ids), -1).float(), scale)
 
-    def _store(self, start: int, levels: torch.Tensor, step: torch.Tensor, offset: torch.Tensor) -> None:
-        # levels: [rows, in] integers in [0, 2 ** bits); step, offset: [rows, groups] on the float16 grid.
-        n = len(levels)
-        levels = levels.to(torch.uint8)
-        if self.bits == 4:
-            quads = levels.view(n, -1, 2, 4)
-            levels = quads[:, :, 0] | (quads[:, :, 1] << 4)
-        ids = torch.arange(start, start + n, device=levels.device)
-        block, lane = ids // _BLOCK_ROWS, ids % _BLOCK_ROWS
-        self._lanes()[block, :, lane] = levels.view(n, -1, 4)
-        self.scale[block, :, :, lane] = torch.stack([step, offset], -1).half()
-
     def _lanes(self) -> torch.Tensor:
         # [blocks, chunks, row in block, 4 bytes]
         return self.qweight.view(*self.qweight.shape[:2], _BLOCK_ROWS, 4)
 
-    def _quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Levels, step and offset for weight groups w: [rows, groups, group]."""
-        raise NotImplementedError
-
 
 class Int8Linear(QuantizedLinear):
-    """int8 weights: 256 levels per group."""
+    """int8 weights: 256 levels per group, on the closer of a symmetric and a min-max grid (as GGUF Q8_0, Q4_1)."""
 
     bits = 8
-
-    def _quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # Per group, the closer of two grids: symmetric (step absmax / 127, GGUF Q8_0's) and min-max
-        # (256 levels from min to max, which hold GGUF Q4_1's 16: level = 17 * q4). Weights read from a
-        # Q8_0 file are reproduced exactly, a Q4_1 file's up to float16 rounding of step / 17; one scale
-        # per output row instead parted greedy output from float32 within 32 tokens on 7 of 8 prompts
-        # (docs/benchmarks.md).
-        sym_step = _half(w.abs().amax(-1) / 127)
-        sym = torch.round(w / sym_step[..., None]).clamp(-127, 127) + 128
-        sym_offset = -128 * sym_step
-        mm, mm_step, low = _min_max_grid(w, 255)
-        sym_error = (sym * sym_step[..., None] + sym_offset[..., None] - w).abs().amax(-1)
-        mm_error = (mm * mm_step[..., None] + low[..., None] - w).abs().amax(-1)
-        symmetric = sym_error <= mm_error
-        levels = torch.where(symmetric[..., None], sym, mm)
-        return levels, torch.where(symmetric, sym_step, mm_step), torch.where(symmetric, sym_offset, low)
 
 
 class Int4Linear(QuantizedLinear):
     """4-bit weights: 16 levels per group from its min to its max (as GGUF Q4_1)."""
 
     bits = 4
-
-    def _quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _min_max_grid(w, 15)
 
 
 # Output rows the layout interleaves: one per lane of a 512-bit int32 vector.
@@ -146,29 +104,10 @@ def _checked_group(group_size: int, multiple: int, in_features: int) -> int:
     return group_size
 
 
-def _min_max_grid(w: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each group's weights on levels + 1 evenly spaced values from its min to its max: (levels, step, min)."""
-    # Levels are fitted to the float16 step and min that are stored: a GGUF block's come back exactly.
-    low = _half(w.amin(-1), tiny=False)
-    step = _half((w.amax(-1) - low) / levels)
-    return torch.round((w - low[..., None]) / step[..., None]).clamp(0, levels), step, low
-
-
-def _half(t: torch.Tensor, tiny: bool = True) -> torch.Tensor:
-    """t rounded to float16 (kept float32); with tiny, at least float16's smallest normal, a usable step."""
-    t = t.clamp(min=torch.finfo(torch.float16).tiny) if tiny else t
-    return t.half().float()
-
-
 def _dequantize_groups(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     # q: float levels [rows, in] or [rows, groups, group]; scale [rows, groups, 2] (step, offset).
     grouped = q.reshape(*scale.shape[:2], -1)
     return (grouped * scale[..., :1] + scale[..., 1:]).reshape(len(q), -1)
-
-
-def _row_chunks(rows: int, width: int) -> list[slice]:
-    step = max(1, _LOAD_ELEMENTS // width)
-    return [slice(start, min(rows, start + step)) for start in range(0, rows, step)]
 
 
 class Int8Embedding(nn.Module):

@@ -1,0 +1,124 @@
+// Float weight rows to the int8 / int4 layout that quant_kernels.cpp multiplies (its header describes
+// it): per group along the input, unsigned levels and a float16 step and offset, w = step * level + offset.
+// Run at load, once per piece of a checkpoint tensor. The same in PyTorch ops took 1.5 s of SmolLM2's
+// 3.8 s int8 load, and its ~20 kernels touched 9 MiB of libtorch's code pages (docs/benchmarks.md).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+// The choice between two grids compares their rounding errors, as written: a fused multiply-add
+// (-ffp-contract=fast) would round differently and could flip it.
+#pragma GCC optimize("fp-contract=off")
+
+namespace {
+
+constexpr int kBlockRows = 16, kChunkBytes = 64;
+// float16's smallest normal: the least step, so a group of equal weights still has one.
+constexpr float kMinStep = 6.103515625e-05f;
+
+float to_half(float x) { return static_cast<float>(at::Half(x)); }
+
+struct Grid {
+  float step, offset, error;
+};
+
+// The group on levels + 1 evenly spaced values from its min to its max (GGUF Q4_1's grid at 15 levels),
+// fitted to the float16 step and min that are stored, so a GGUF block's come back exactly.
+Grid min_max_grid(const float* w, int64_t n, int levels, float* out) {
+  float lo = w[0], hi = w[0];
+  for (int64_t i = 1; i < n; ++i) lo = std::min(lo, w[i]), hi = std::max(hi, w[i]);
+  const float low = to_half(lo), step = to_half(std::max((hi - low) / levels, kMinStep));
+  float error = 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = std::clamp(std::nearbyint((w[i] - low) / step), 0.f, float(levels));
+    error = std::max(error, std::fabs(out[i] * step + low - w[i]));
+  }
+  return {step, low, error};
+}
+
+// Symmetric around zero with step absmax / 127 (GGUF Q8_0's grid), its levels shifted by 128.
+Grid symmetric_grid(const float* w, int64_t n, float* out) {
+  float absmax = 0.f;
+  for (int64_t i = 0; i < n; ++i) absmax = std::max(absmax, std::fabs(w[i]));
+  const float step = to_half(std::max(absmax / 127, kMinStep)), offset = -128 * step;
+  float error = 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = std::clamp(std::nearbyint(w[i] / step), -127.f, 127.f) + 128;
+    error = std::max(error, std::fabs(out[i] * step + offset - w[i]));
+  }
+  return {step, offset, error};
+}
+
+// One row's levels [K] and (step, offset) per group. int8 takes the closer of the two grids per group:
+// weights from a Q8_0 file come back exactly, a Q4_1 file's up to float16 rounding of step / 17 (256
+// levels hold its 16 as level = 17 * q4). One scale per output row instead parted greedy output from
+// float32 within 32 tokens on 7 of 8 prompts (docs/benchmarks.md).
+void quantize_row(const float* w, int64_t K, int64_t group, int64_t bits, float* levels, Grid* grids) {
+  std::vector<float> other(bits == 8 ? group : 0);
+  for (int64_t g = 0; g < K / group; ++g) {
+    const float* wg = w + g * group;
+    float* lg = levels + g * group;
+    if (bits == 4) {
+      grids[g] = min_max_grid(wg, group, 15, lg);
+      continue;
+    }
+    grids[g] = symmetric_grid(wg, group, lg);
+    const Grid min_max = min_max_grid(wg, group, 255, other.data());
+    if (min_max.error < grids[g].error) {
+      grids[g] = min_max;
+      std::copy(other.begin(), other.end(), lg);
+    }
+  }
+}
+
+// w: float32 [n, K] becomes rows [start, start + n) of q: uint8 [blocks, chunks, 64] and scale: float16
+// [blocks, groups, 2, 16].
+void quantize_weight_rows(const at::Tensor& w, int64_t bits, at::Tensor& q, at::Tensor& scale, int64_t start) {
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kFloat, "weights must be contiguous float32 rows");
+  TORCH_CHECK(q.is_contiguous() && scale.is_contiguous() && q.scalar_type() == at::kByte && scale.scalar_type() == at::kHalf);
+  const int64_t n = w.size(0), K = w.size(1), groups = scale.size(1), group = K / groups;
+  TORCH_CHECK(q.dim() == 3 && q.size(1) * 32 / bits == K && q.size(2) == kChunkBytes && scale.dim() == 4 &&
+              scale.size(0) == q.size(0) && scale.size(2) == 2 && scale.size(3) == kBlockRows && K % groups == 0,
+              "int", bits, " weights and scales do not match an input width of ", K);
+  TORCH_CHECK(start >= 0 && start + n <= q.size(0) * kBlockRows, "rows ", start, " to ", start + n, " are out of range");
+  const float* wp = w.data_ptr<float>();
+  uint8_t* qp = q.data_ptr<uint8_t>();
+  at::Half* sp = scale.data_ptr<at::Half>();
+  const int64_t block_bytes = q.size(1) * kChunkBytes;
+  // Each row writes only its own bytes and scales, so rows run in parallel.
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> levels(K);
+    std::vector<Grid> grids(groups);
+    for (int64_t i = begin; i < end; ++i) {
+      quantize_row(wp + i * K, K, group, bits, levels.data(), grids.data());
+      const int64_t block = (start + i) / kBlockRows, lane = (start + i) % kBlockRows;
+      uint8_t* row = qp + block * block_bytes + lane * 4;
+      for (int64_t k = 0; k < K; ++k) {
+        if (bits == 8) {  // chunk k / 4 holds inputs 4c to 4c + 3
+          row[k / 4 * kChunkBytes + k % 4] = static_cast<uint8_t>(levels[k]);
+        } else if (k % 8 < 4) {  // chunk k / 8: inputs 8c to 8c + 3 in low nibbles, 8c + 4 to 8c + 7 in high
+          row[k / 8 * kChunkBytes + k % 8] = static_cast<uint8_t>(levels[k]) | static_cast<uint8_t>(levels[k + 4]) << 4;
+        }
+      }
+      for (int64_t g = 0; g < groups; ++g) {
+        sp[((block * groups + g) * 2) * kBlockRows + lane] = at::Half(grids[g].step);
+        sp[((block * groups + g) * 2 + 1) * kBlockRows + lane] = at::Half(grids[g].offset);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
+  m.def("quantize_weight_rows(Tensor w, int bits, Tensor(a!) q, Tensor(b!) scale, int start) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
+  m.impl("quantize_weight_rows", quantize_weight_rows);
+}
