@@ -1,7 +1,7 @@
 // Float weight rows to the int8 / int4 layout that quant_kernels.cpp multiplies (its header describes
 // it): per group along the input, unsigned levels and a float16 step and offset, w = step * level + offset.
-// Run at load, once per piece of a checkpoint tensor. The same in PyTorch ops took 1.5 s of SmolLM2's
-// 3.8 s int8 load, and its ~20 kernels touched 9 MiB of libtorch's code pages (docs/benchmarks.md).
+// Run at load, once per piece of a checkpoint tensor. The same in ~20 PyTorch ops per piece, with float
+// temporaries as large as the piece, made SmolLM2's int8 load 2.8 s against 1.8 s (docs/benchmarks.md).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -172,7 +172,7 @@ def _allocate(model: nn.Module, device: torch.device) -> None:
     """Give each meta parameter and buffer uninitialized storage on device, as Module.to_empty does.
 
     to_empty's empty_like runs torch's Python reference op on meta tensors, which imports sympy and
-    about 480 other modules: 13 MiB of memory and 0.5 s of load for nothing.
+    about 480 other modules: 0.33 s of load, and int8's peak memory fell 26 MiB without them.
     """
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):

@@ -176,10 +176,10 @@ class _Tensor(NamedTuple):
 
 
 def _dequantized(tensor: _Tensor, data: np.ndarray, whole: bool) -> Iterator[tuple[slice, np.ndarray]]:
-    """The tensor as new float32 arrays (out of the read-only map): (rows, array) pieces of a few MiB.
+    """The tensor as new float32 arrays (out of the read-only map): (rows, array) pieces of about 1 MiB.
 
     Whole-tensor dequantization held a 108 MiB float32 embedding on top of every weight already
-    loaded: the load's peak. whole=True gives one piece, still filled a few MiB of rows at a time.
+    loaded: the load's peak. whole=True gives one piece, still filled 1 MiB of rows at a time.
     """
     shape = tensor.shape
     rows = data[tensor.offset : tensor.offset + tensor.n_bytes].reshape(math.prod(shape[:-1]), -1)  # bytes per row
