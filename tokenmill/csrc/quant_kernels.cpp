@@ -29,6 +29,8 @@
 #include <cstring>
 #include <vector>
 
+#include "quant_layout.h"
+
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__)
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -36,7 +38,8 @@
 
 namespace {
 
-constexpr int kBlockRows = 16, kChunkBytes = 64, kInputBlock = 32;
+using namespace tokenmill;
+
 // Level vectors per 32 inputs: each holds 4 inputs of all 16 rows.
 constexpr int kLevelVectors = kInputBlock / 4;
 constexpr int kTile = 4;  // input rows per pass over a block's weights: each level vector serves them all
@@ -310,16 +313,6 @@ void block_rows(const uint8_t* q, const at::Half* scale, int64_t group, const Qu
   }
 }
 #endif
-
-int64_t check_layout(const at::Tensor& q, const at::Tensor& scale, int64_t K, int64_t bits) {
-  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
-  TORCH_CHECK(q.is_contiguous() && scale.is_contiguous() && q.scalar_type() == at::kByte && scale.scalar_type() == at::kHalf);
-  TORCH_CHECK(q.dim() == 3 && q.size(1) * 32 / bits == K && q.size(2) == kChunkBytes && scale.dim() == 4 &&
-              scale.size(0) == q.size(0) && scale.size(2) == 2 && scale.size(3) == kBlockRows &&
-              K % scale.size(1) == 0 && (K / scale.size(1)) % kInputBlock == 0,
-              "int", bits, " weights and scales do not match an input width of ", K);
-  return K / scale.size(1);
-}
 
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__)
 // Blocks [begin, end) with tiles, configured for this thread and released after. An int4 block is unpacked

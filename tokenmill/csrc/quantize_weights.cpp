@@ -10,13 +10,16 @@
 #include <cmath>
 #include <vector>
 
+#include "quant_layout.h"
+
 // The choice between two grids compares their rounding errors, as written: a fused multiply-add
 // (-ffp-contract=fast) would round differently and could flip it.
 #pragma GCC optimize("fp-contract=off")
 
 namespace {
 
-constexpr int kBlockRows = 16, kChunkBytes = 64;
+using namespace tokenmill;
+
 // float16's smallest normal: the least step, so a group of equal weights still has one.
 constexpr float kMinStep = 6.103515625e-05f;
 
@@ -78,13 +81,8 @@ void quantize_row(const float* w, int64_t K, int64_t group, int64_t bits, float*
 // w: float32 [n, K] becomes rows [start, start + n) of q: uint8 [blocks, chunks, 64] and scale: float16
 // [blocks, groups, 2, 16].
 void quantize_weight_rows(const at::Tensor& w, int64_t bits, at::Tensor& q, at::Tensor& scale, int64_t start) {
-  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kFloat, "weights must be contiguous float32 rows");
-  TORCH_CHECK(q.is_contiguous() && scale.is_contiguous() && q.scalar_type() == at::kByte && scale.scalar_type() == at::kHalf);
-  const int64_t n = w.size(0), K = w.size(1), groups = scale.size(1), group = K / groups;
-  TORCH_CHECK(q.dim() == 3 && q.size(1) * 32 / bits == K && q.size(2) == kChunkBytes && scale.dim() == 4 &&
-              scale.size(0) == q.size(0) && scale.size(2) == 2 && scale.size(3) == kBlockRows && K % groups == 0,
-              "int", bits, " weights and scales do not match an input width of ", K);
+  const int64_t n = w.size(0), K = w.size(1), group = check_layout(q, scale, K, bits), groups = K / group;
   TORCH_CHECK(start >= 0 && start + n <= q.size(0) * kBlockRows, "rows ", start, " to ", start + n, " are out of range");
   const float* wp = w.data_ptr<float>();
   uint8_t* qp = q.data_ptr<uint8_t>();
