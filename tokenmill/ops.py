@@ -8,8 +8,12 @@ against torch's own OpenMP runtime, so the ops share torch's thread pool rather 
 second one. Where no compiler is found, layers fall back to PyTorch; int8/int4 cannot.
 """
 
+import hashlib
 import logging
+import platform
+from functools import cache
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -17,19 +21,45 @@ from tokenmill.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = sorted(str(p) for p in (Path(__file__).parent / "csrc").glob("*.cpp"))
-_FLAGS = [
-    "-O3", "-march=native",
-    # Contract a * b + c into FMAs (ISO C++ mode turns contraction off) and use 512-bit registers
-    # where the CPU has them (gcc otherwise prefers 256-bit on AVX-512 machines).
-    "-ffp-contract=fast", "-mprefer-vector-width=512",
-    "-fopenmp",  # at::parallel_for is an OpenMP region compiled into the caller
-]
+_CSRC = Path(__file__).parent / "csrc"
+# Kernels written for one CPU family live in csrc/arch/<family>/ (as llama.cpp's ggml-cpu/arch/); the
+# rest, the portable int8/int4 loops among them, build on every CPU.
+ARCH = {"x86_64": "x86", "AMD64": "x86", "aarch64": "arm", "arm64": "arm"}.get(platform.machine(), "other")
 # The ops work on 16 float32 lanes at a time: a row, head or group they take must be a multiple of it.
 LANES = 16
 # Decode attention keeps one key in registers: head_dim up to 16 vectors of them.
 MAX_HEAD_DIM = 256
 _built: bool | None = None  # None until the first call tries
+
+
+def sources(arch: str = ARCH) -> list[str]:
+    """The C++ files of the extension for a CPU family."""
+    return sorted(str(p) for p in [*_CSRC.glob("*.cpp"), *(_CSRC / "arch" / arch).glob("*.cpp")])
+
+
+def compile_flags(arch: str = ARCH) -> list[str]:
+    """Compiler flags: built for this machine's CPU, against torch's OpenMP (at::parallel_for is an OpenMP region)."""
+    # Contract a * b + c into FMAs (ISO C++ mode turns contraction off).
+    flags = ["-O3", "-ffp-contract=fast", "-fopenmp"]
+    if arch == "x86":
+        # gcc otherwise prefers 256-bit registers on AVX-512 machines. The int8/int4 kernels for each
+        # instruction set build whatever the CPU (target pragmas) and are picked at run time.
+        return [*flags, "-march=native", "-mprefer-vector-width=512"]
+    return [*flags, "-mcpu=native"] if arch == "arm" else flags
+
+
+def _cpu_tag() -> str:
+    """A short name for this CPU's instruction sets: torch caches a build by name and sources, not by CPU.
+
+    Without it a home directory shared between machines, or a disk moved to another CPU family, reuses a
+    -march=native build that the new CPU cannot run.
+    """
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        features = next((line for line in info.splitlines() if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        features = platform.processor()
+    return hashlib.sha1(f"{platform.machine()} {features}".encode()).hexdigest()[:10]
 
 
 def available() -> bool:
@@ -39,7 +69,8 @@ def available() -> bool:
         from torch.utils.cpp_extension import load
 
         try:
-            load("tokenmill_cpu_ops", _SOURCES, extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
+            load(f"tokenmill_cpu_ops_{_cpu_tag()}", sources(), extra_cflags=compile_flags(),
+                 extra_ldflags=["-fopenmp"], is_python_module=False)
             _built = True
         except (OSError, RuntimeError) as e:
             logger.warning("tokenmill's C++ CPU ops could not be built (%s); using PyTorch fallbacks", e)
@@ -47,9 +78,28 @@ def available() -> bool:
     return _built
 
 
+def quantized_matmul_kernels() -> list[str]:
+    """The int8/int4 matmul kernels this CPU runs, fastest (the one used) first; empty without the ops."""
+    return list(torch.ops.tokenmill.quantized_matmul_kernels()) if available() else []
+
+
 def fast_quantized_matmul() -> bool:
-    """True where the int8/int4 matmul has its AVX512-VNNI kernel; elsewhere it runs portable loops, slowly."""
-    return available() and torch.ops.tokenmill.quantized_matmul_is_fast()
+    """True where the int8/int4 matmul has a vector kernel for this CPU; elsewhere it runs portable loops, slowly."""
+    return quantized_matmul_kernels()[:1] not in ([], ["portable"])
+
+
+class QuantLayout(NamedTuple):
+    """The int8/int4 weight layout's constants, as the C++ kernels define them (csrc/quant_kernel.h)."""
+
+    block_rows: int  # output rows interleaved per block
+    chunk_bytes: int
+    input_block: int  # inputs per quantized input block
+
+
+@cache
+def quant_layout() -> QuantLayout:
+    """The layout constants, read from the built ops."""
+    return QuantLayout(*require().quant_layout())
 
 
 def require() -> object:

@@ -1,12 +1,12 @@
-// The int8 / int4 weight layout (described at the top of quant_kernels.cpp) and its shape check, shared
-// by the matmul that reads it and the quantizer that writes it.
+// The int8 / int4 weight layout's shape check (the layout is described in quant_kernel.h), shared by the
+// matmul that reads it and the quantizer that writes it.
 #pragma once
 
 #include <ATen/ATen.h>
 
-namespace tokenmill {
+#include "quant_kernel.h"
 
-constexpr int kBlockRows = 16, kChunkBytes = 64, kInputBlock = 32;
+namespace tokenmill {
 
 // Checks q: uint8 [blocks, chunks, 64] and scale: float16 [blocks, groups, 2, 16] against an input width
 // of K; returns the group size.

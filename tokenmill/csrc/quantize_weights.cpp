@@ -1,4 +1,4 @@
-// Float weight rows to the int8 / int4 layout that quant_kernels.cpp multiplies (its header describes
+// Float weight rows to the int8 / int4 layout that the quantized matmul multiplies (quant_kernel.h describes
 // it): per group along the input, unsigned levels and a float16 step and offset, w = step * level + offset.
 // Run at load, once per piece of a checkpoint tensor. The same in ~20 PyTorch ops per piece, with float
 // temporaries as large as the piece, made SmolLM2's int8 load 2.8 s against 1.8 s (docs/benchmarks.md).

@@ -3,7 +3,9 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#if defined(__x86_64__)
 #include <immintrin.h>
+#endif
 
 #include <cstring>
 

@@ -12,8 +12,8 @@ class QuantizedLinear(nn.Module):
     """y = x @ W.T + b with W stored quantized: the C++ kernel on CPU in float32, dequantized elsewhere.
 
     Weights are unsigned levels in groups along the input, each group with a float16 step and
-    offset: w = step * level + offset. They are stored for the CPU kernel (tokenmill/csrc/
-    quant_kernels.cpp), which multiplies 16-bit integer inputs into 16 output rows per vector: in
+    offset: w = step * level + offset. They are stored for the CPU kernels (tokenmill/csrc/
+    quant_kernel.h), which multiply 16-bit integer inputs into 16 output rows per vector: in
     blocks of 16 rows, qweight [blocks, chunks, 64] where each 64-byte chunk holds 4 inputs (int8)
     or 8 (int4, low nibbles then high) of each row; scale [blocks, groups, 2, 16].
     """
@@ -29,11 +29,14 @@ class QuantizedLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.group_size = _checked_group(group_size, self.group_multiple, in_features)
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
-        blocks = -(-out_features // _BLOCK_ROWS)
+        layout = ops.quant_layout()
+        self.block_rows = layout.block_rows
+        blocks = -(-out_features // self.block_rows)
+        # A chunk holds 4 bytes of each of the block's rows: 4 int8 levels or 8 int4 ones.
         chunks = in_features * self.bits // 32
-        self.register_buffer("qweight", torch.empty(blocks, chunks, 64, dtype=torch.uint8, device=device))
+        self.register_buffer("qweight", torch.empty(blocks, chunks, layout.chunk_bytes, dtype=torch.uint8, device=device))
         groups = in_features // group_size
-        self.register_buffer("scale", torch.empty(blocks, groups, 2, _BLOCK_ROWS, dtype=torch.float16, device=device))
+        self.register_buffer("scale", torch.empty(blocks, groups, 2, self.block_rows, dtype=torch.float16, device=device))
 
     def load_rows(self, rows: slice, weight: torch.Tensor, name: str) -> None:
         """Quantize float weight rows into rows [rows] of this layer (a checkpoint shard, or all of it)."""
@@ -68,7 +71,7 @@ class QuantizedLinear(nn.Module):
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Float32 weight rows [ids] (any order, repeats allowed), in plain tensor ops."""
-        block, lane = ids // _BLOCK_ROWS, ids % _BLOCK_ROWS
+        block, lane = ids // self.block_rows, ids % self.block_rows
         packed = self._lanes()[block, :, lane]  # [rows, chunks, 4]
         if self.bits == 4:
             packed = torch.stack([packed & 15, packed >> 4], dim=2)  # inputs 8c..8c+3, then 8c+4..8c+7
@@ -77,7 +80,7 @@ class QuantizedLinear(nn.Module):
 
     def _lanes(self) -> torch.Tensor:
         # [blocks, chunks, row in block, 4 bytes]
-        return self.qweight.view(*self.qweight.shape[:2], _BLOCK_ROWS, 4)
+        return self.qweight.view(*self.qweight.shape[:2], self.block_rows, 4)
 
 
 class Int8Linear(QuantizedLinear):
@@ -90,10 +93,6 @@ class Int4Linear(QuantizedLinear):
     """4-bit weights: 16 levels per group from its min to its max (as GGUF Q4_1)."""
 
     bits = 4
-
-
-# Output rows the layout interleaves: one per lane of a 512-bit int32 vector.
-_BLOCK_ROWS = 16
 
 
 def _checked_group(group_size: int, multiple: int, in_features: int) -> int:

@@ -1,0 +1,77 @@
+"""Every int8/int4 matmul kernel this CPU runs gives the portable loops' bits (quant_kernel.h's NOTE)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tokenmill import ops
+from tokenmill.quant.linear import Int4Linear, Int8Linear
+
+# Every vector kernel the build holds, on any x86 machine that runs it: an AVX-512 CPU checks the AVX2
+# paths too. A kernel this CPU lacks is not in quantized_matmul_kernels() and is not parametrized.
+_KERNELS = [k for k in ops.quantized_matmul_kernels() if k != "portable"]
+
+
+def _layer(cls, in_features: int, out_features: int, group: int):
+    layer = cls(in_features, out_features, group)
+    weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(0))
+    layer.load_rows(slice(None), weight, "w")
+    return layer
+
+
+def _run(kernel: str, layer, x: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(len(x), layer.out_features)
+    torch.ops.tokenmill.quantized_matmul_with(kernel, x, layer.qweight, layer.scale, layer.bits, out)
+    return out
+
+
+def test_the_kernels_offered_are_those_the_cpu_reports():
+    # The dispatch's own feature checks against what Linux reports for this machine, whichever it is.
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    expected = ["portable"]
+    if ops.ARCH == "x86" and {"avx2", "fma", "f16c"} <= flags:
+        expected.insert(0, "avx2")
+        if "avx_vnni" in flags:
+            expected.insert(0, "avx_vnni")
+        if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"} <= flags:
+            expected.insert(0, "avx512_vnni")
+            if {"amx_tile", "amx_int8"} <= flags:
+                expected.insert(0, "amx")
+    assert ops.quantized_matmul_kernels() == expected
+    assert ops.fast_quantized_matmul() == (expected != ["portable"])
+
+
+@pytest.mark.parametrize("kernel", _KERNELS)
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+# 1 row; 3 and 7 (a partial tile on 256-bit kernels, one AMX tile); 23 (two AMX tiles, whole tiles and a rest).
+@pytest.mark.parametrize("rows", [1, 3, 7, 23])
+def test_kernel_gives_the_portable_loops_bits(kernel, cls, rows):
+    # 99 output rows: the last block holds 3, so the second half of a 256-bit kernel's block is empty.
+    layer = _layer(cls, 128, 99, 64)
+    x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(rows)) * 3
+    assert torch.equal(_run(kernel, layer, x), _run("portable", layer, x))
+
+
+@pytest.mark.parametrize("kernel", _KERNELS)
+def test_kernel_holds_extreme_inputs_and_levels_exactly(kernel):
+    # Inputs at the largest level in both signs and weights spanning a wide group: the int16 sums of the
+    # AVX2 kernel come closest to saturating here.
+    for cls in (Int8Linear, Int4Linear):
+        layer = _layer(cls, 256, 40, 256)
+        x = torch.where(torch.arange(256) % 3 == 0, -1.0, 1.0).repeat(5, 1)
+        x[1] = -x[1]
+        x[2, ::2] = 0.0
+        assert torch.equal(_run(kernel, layer, x), _run("portable", layer, x))
+
+
+def test_the_layer_runs_the_fastest_kernel():
+    layer = _layer(Int4Linear, 128, 99, 32)
+    x = torch.randn(5, 128)
+    assert torch.equal(layer(x), _run(ops.quantized_matmul_kernels()[0], layer, x))
+
+
+def test_an_unknown_kernel_is_refused():
+    layer = _layer(Int8Linear, 64, 16, 32)
+    with pytest.raises(RuntimeError, match="does not run on this CPU"):
+        _run("sve2", layer, torch.randn(1, 64))

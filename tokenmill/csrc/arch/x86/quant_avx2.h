@@ -1,0 +1,196 @@
+// The int8 / int4 matmul on 256-bit vectors, included by quant_avx2.cpp (AVX2: VPMADDUBSW) and
+// quant_avxvnni.cpp (AVX-VNNI: VPDPBUSD on 256 bits), each under its own target pragma with kVnni set.
+//
+// A block's 16 rows are two vectors of 8 int32 lanes, a row per lane as in the AVX-512 kernel; each half
+// is a pass over the block's bytes of those 8 rows, for up to kTile input rows at once. The sums are the
+// exact sums of quant_kernel.h, so the bits are the portable loops'.
+//
+// Without VNNI, VPMADDUBSW multiplies unsigned levels by signed int8 inputs into int16 pairs and
+// saturates past 32767. int4 levels (at most 15) against inputs of at most 128 in size give pairs of at
+// most 3,840, so the 8 level vectors of 32 inputs add up in int16 (at most 30,720) before one VPMADDWD
+// widens them. int8 levels (up to 255) would saturate, so they are split into nibbles, each summed as
+// int4, and joined as 16 * high nibble + low nibble: twice the multiplies of int4.
+//
+// NOTE: only intrinsics and this file's own functions: a library template instantiated here would be
+// built for this target, and the linker may keep that copy for the whole extension.
+#include <immintrin.h>
+
+namespace tokenmill {
+namespace {
+
+constexpr int kHalfRows = 8;
+
+// Input rows per pass: accumulators for each must fit the 16 registers with the levels and inputs.
+constexpr int tile_rows(int bits) { return bits == 8 && !kVnni ? 2 : 4; }
+
+// Inputs xp[0, 32) as 16-bit levels split into hi and lo; returns the sum of the levels.
+inline int32_t quantize_block(const float* xp, float inv, int8_t* hi, int8_t* lo) {
+  __m256i high[4], low[4], total = _mm256_setzero_si256();
+  for (int j = 0; j < 4; ++j) {
+    // cvtps rounds half to even, as nearbyint does in the portable loop: both give the same levels.
+    const __m256i level = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xp + 8 * j), _mm256_set1_ps(inv)));
+    low[j] = _mm256_sub_epi32(_mm256_and_si256(_mm256_add_epi32(level, _mm256_set1_epi32(128)), _mm256_set1_epi32(255)),
+                              _mm256_set1_epi32(128));
+    high[j] = _mm256_srai_epi32(_mm256_sub_epi32(level, low[j]), 8);
+    total = _mm256_add_epi32(total, level);
+  }
+  // int32 to int8 in order: the packs interleave 128-bit lanes, the permutation puts them back.
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  auto narrow = [&](const __m256i (&v)[4]) {
+    const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+    return _mm256_permutevar8x32_epi32(packed, order);
+  };
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi), narrow(high));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo), narrow(low));
+  const __m128i sum4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+  const __m128i sum2 = _mm_add_epi32(sum4, _mm_unpackhi_epi64(sum4, sum4));
+  return _mm_cvtsi128_si32(_mm_add_epi32(sum2, _mm_shuffle_epi32(sum2, 1)));
+}
+
+inline float abs_max(const float* xp) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 m = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(xp)), _mm256_andnot_ps(sign, _mm256_loadu_ps(xp + 8)));
+  m = _mm256_max_ps(m, _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(xp + 16)),
+                                     _mm256_andnot_ps(sign, _mm256_loadu_ps(xp + 24))));
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  return _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
+}
+
+void quantize(const float* x, int64_t begin, int64_t end, int8_t* hi, int8_t* lo, float* dx, float* sx) {
+  for (int64_t i = begin; i < end; ++i) {
+    const float* xp = x + i * kInputBlock;
+    const float amax = abs_max(xp);
+    const float inv = amax > 0.f ? kMaxLevel / amax : 0.f;
+    const int32_t total = quantize_block(xp, inv, hi + i * kInputBlock, lo + i * kInputBlock);
+    dx[i] = amax / kMaxLevel;
+    sx[i] = dx[i] * float(total);
+  }
+}
+
+inline __m256 load_half(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+// Level vector j (inputs 4j to 4j + 3) of inputs [32 kb, 32 kb + 32), for the 8 rows of half h.
+template <int Bits>
+inline __m256i load_levels(const uint8_t* q, int64_t kb, int j, int h) {
+  const uint8_t* p = q + kb * chunks_per_input_block(Bits) * kChunkBytes + h * 32;
+  if constexpr (Bits == 8) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + j * kChunkBytes));
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + (j / 2) * kChunkBytes));
+  return _mm256_and_si256(j % 2 ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0x0F));
+}
+
+inline __m256i broadcast4(const int8_t* p) {
+  int32_t four;
+  std::memcpy(&four, p, 4);
+  return _mm256_set1_epi32(four);
+}
+
+// The exact int32 sums over 32 inputs of each of T input rows against 8 rows' levels: high[t] of the hi
+// halves, low[t] of the lo halves.
+template <int Bits, int T>
+inline void sums(const uint8_t* q, int64_t kb, int h, const int8_t* const (&hi)[T], const int8_t* const (&lo)[T],
+                 __m256i (&high)[T], __m256i (&low)[T]) {
+  if constexpr (kVnni) {
+    for (int t = 0; t < T; ++t) high[t] = low[t] = _mm256_setzero_si256();
+    for (int j = 0; j < kLevelVectors; ++j) {
+      const __m256i levels = load_levels<Bits>(q, kb, j, h);
+      for (int t = 0; t < T; ++t) {
+        high[t] = _mm256_dpbusd_avx_epi32(high[t], levels, broadcast4(hi[t] + 4 * j));
+        low[t] = _mm256_dpbusd_avx_epi32(low[t], levels, broadcast4(lo[t] + 4 * j));
+      }
+    }
+  } else {
+    const __m256i ones = _mm256_set1_epi16(1), nibble = _mm256_set1_epi8(0x0F);
+    // int16 sums per nibble (int4: one; int8: low and high nibbles), hi and lo inputs.
+    constexpr int kNibbles = Bits / 4;
+    __m256i h16[T][kNibbles], l16[T][kNibbles];
+    for (int t = 0; t < T; ++t)
+      for (int n = 0; n < kNibbles; ++n) h16[t][n] = l16[t][n] = _mm256_setzero_si256();
+    for (int j = 0; j < kLevelVectors; ++j) {
+      const __m256i levels = load_levels<Bits>(q, kb, j, h);
+      __m256i nibbles[kNibbles];
+      if constexpr (Bits == 8) {
+        nibbles[0] = _mm256_and_si256(levels, nibble);
+        nibbles[1] = _mm256_and_si256(_mm256_srli_epi16(levels, 4), nibble);
+      } else {
+        nibbles[0] = levels;
+      }
+      for (int t = 0; t < T; ++t) {
+        const __m256i x_high = broadcast4(hi[t] + 4 * j), x_low = broadcast4(lo[t] + 4 * j);
+        for (int n = 0; n < kNibbles; ++n) {
+          h16[t][n] = _mm256_add_epi16(h16[t][n], _mm256_maddubs_epi16(nibbles[n], x_high));
+          l16[t][n] = _mm256_add_epi16(l16[t][n], _mm256_maddubs_epi16(nibbles[n], x_low));
+        }
+      }
+    }
+    for (int t = 0; t < T; ++t) {
+      high[t] = _mm256_madd_epi16(h16[t][0], ones);
+      low[t] = _mm256_madd_epi16(l16[t][0], ones);
+      if constexpr (Bits == 8) {
+        const __m256i sixteen = _mm256_set1_epi16(16);
+        high[t] = _mm256_add_epi32(high[t], _mm256_madd_epi16(h16[t][1], sixteen));
+        low[t] = _mm256_add_epi32(low[t], _mm256_madd_epi16(l16[t][1], sixteen));
+      }
+    }
+  }
+}
+
+// out[t, rows 8h .. 8h + 7 of the block] for T input rows starting at row m; `valid` masks rows past N.
+template <int Bits, int T>
+void half_tile(const uint8_t* q, const uint16_t* scale, int64_t group, const QuantizedRows& x, int64_t m, int h,
+               float* out, int64_t ldo, __m256i valid) {
+  const int64_t blocks = x.K / kInputBlock;
+  __m256 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t kb = 0; kb < blocks; ++kb) {
+    const int64_t g = kb * kInputBlock / group;
+    const __m256 step = load_half(scale + g * 2 * kBlockRows + h * kHalfRows);
+    const __m256 offset = load_half(scale + (g * 2 + 1) * kBlockRows + h * kHalfRows);
+    const int8_t* hi[T];
+    const int8_t* lo[T];
+    for (int t = 0; t < T; ++t) hi[t] = x.hi + (m + t) * x.K + kb * kInputBlock, lo[t] = x.lo + (m + t) * x.K + kb * kInputBlock;
+    __m256i high[T], low[T];
+    sums<Bits, T>(q, kb, h, hi, lo, high, low);
+    for (int t = 0; t < T; ++t) {
+      // Exact in int32: |high| <= 32 * 255 * 128, so high * 256 stays below 2^31.
+      const __m256 dots = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_slli_epi32(high[t], 8), low[t]));
+      const int64_t at = (m + t) * blocks + kb;
+      acc[t] = _mm256_fmadd_ps(dots, _mm256_mul_ps(step, _mm256_set1_ps(x.dx[at])), acc[t]);
+      acc[t] = _mm256_fmadd_ps(offset, _mm256_set1_ps(x.sx[at]), acc[t]);
+    }
+  }
+  for (int t = 0; t < T; ++t) _mm256_maskstore_ps(out + t * ldo, valid, acc[t]);
+}
+
+template <int Bits>
+void block_rows(const uint8_t* q, const uint16_t* scale, int64_t group, const QuantizedRows& x, int64_t M,
+                float* out, int64_t N, int64_t n0) {
+  constexpr int kTile = tile_rows(Bits);
+  for (int h = 0; h < 2 && n0 + h * kHalfRows < N; ++h) {
+    // The last block may hold fewer than 16 of N rows: lanes past N are not stored.
+    const int64_t rows = N - n0 - h * kHalfRows;
+    const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(rows < kHalfRows ? rows : kHalfRows)),
+                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    float* o = out + n0 + h * kHalfRows;
+    int64_t m = 0;
+    for (; m + kTile <= M; m += kTile) half_tile<Bits, kTile>(q, scale, group, x, m, h, o + m * N, N, valid);
+    switch (M - m) {
+      case 3: half_tile<Bits, 3>(q, scale, group, x, m, h, o + m * N, N, valid); break;
+      case 2: half_tile<Bits, 2>(q, scale, group, x, m, h, o + m * N, N, valid); break;
+      case 1: half_tile<Bits, 1>(q, scale, group, x, m, h, o + m * N, N, valid); break;
+    }
+  }
+}
+
+void matmul(const QuantizedWeights& w, const QuantizedRows& x, int64_t M, float* out, int64_t begin, int64_t end,
+            uint8_t*) {
+  for (int64_t b = begin; b < end; ++b) {
+    const uint8_t* q = w.q + b * w.block_bytes;
+    const uint16_t* scale = w.scale + b * w.block_scales;
+    if (w.bits == 8) block_rows<8>(q, scale, w.group, x, M, out, w.N, b * kBlockRows);
+    else block_rows<4>(q, scale, w.group, x, M, out, w.N, b * kBlockRows);
+  }
+}
+
+}  // namespace
+}  // namespace tokenmill

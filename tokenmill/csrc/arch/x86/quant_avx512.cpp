@@ -1,0 +1,267 @@
+// The int8 / int4 matmul on AVX512-VNNI, and on AMX tiles from 6 input rows where the CPU has them.
+//
+// With a row per vector lane, one VPDPBUSD multiplies 4 inputs into 16 rows and adds them up in int32, so
+// products need no horizontal sum and the float work comes once per 32 inputs: about 3x fewer
+// instructions per weight than widening weights to float32.
+//
+// NOTE: only intrinsics and this file's own functions below the target pragma: a library template
+// instantiated here would be built for AVX-512, and the linker may keep that copy for the whole extension.
+#include "../../quant_kernel.h"
+
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")
+#include <immintrin.h>
+
+namespace tokenmill {
+namespace {
+
+constexpr int kTile = 4;  // input rows per pass over a block's weights: each level vector serves them all
+
+// Inputs xp[0, 32) as 16-bit levels split into hi and lo; returns the sum of the levels.
+inline int32_t quantize_block(const float* xp, float inv, int8_t* hi, int8_t* lo) {
+  __m512i total = _mm512_setzero_si512();
+  for (int j = 0; j < kInputBlock; j += 16) {
+    // cvtps rounds half to even, as nearbyint does in the portable loop: both give the same levels.
+    const __m512i level = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xp + j), _mm512_set1_ps(inv)));
+    const __m512i low = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(level, _mm512_set1_epi32(128)), _mm512_set1_epi32(255)),
+                                         _mm512_set1_epi32(128));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + j), _mm512_cvtepi32_epi8(_mm512_srai_epi32(_mm512_sub_epi32(level, low), 8)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + j), _mm512_cvtepi32_epi8(low));
+    total = _mm512_add_epi32(total, level);
+  }
+  return _mm512_reduce_add_epi32(total);
+}
+
+void quantize(const float* x, int64_t begin, int64_t end, int8_t* hi, int8_t* lo, float* dx, float* sx) {
+  for (int64_t i = begin; i < end; ++i) {
+    const float* xp = x + i * kInputBlock;
+    const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(xp)), b = _mm512_abs_ps(_mm512_loadu_ps(xp + 16));
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(a, b));
+    const float inv = amax > 0.f ? kMaxLevel / amax : 0.f;
+    const int32_t total = quantize_block(xp, inv, hi + i * kInputBlock, lo + i * kInputBlock);
+    dx[i] = amax / kMaxLevel;
+    sx[i] = dx[i] * float(total);
+  }
+}
+
+inline __m512 load_half(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+
+// The 8 level vectors of inputs [32 kb, 32 kb + 32) of a block: vector j holds inputs 4j to 4j + 3.
+template <int Bits>
+inline void load_levels(const uint8_t* q, int64_t kb, __m512i (&levels)[kLevelVectors]) {
+  const uint8_t* p = q + kb * chunks_per_input_block(Bits) * kChunkBytes;
+  if constexpr (Bits == 8) {
+    for (int j = 0; j < kLevelVectors; ++j) levels[j] = _mm512_loadu_si512(p + j * kChunkBytes);
+  } else {
+    const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
+    for (int c = 0; c < kLevelVectors / 2; ++c) {
+      const __m512i v = _mm512_loadu_si512(p + c * kChunkBytes);
+      levels[2 * c] = _mm512_and_si512(v, low_nibbles);
+      levels[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low_nibbles);
+    }
+  }
+}
+
+// The float work on one input row's exact sums over 32 inputs, shared by the VNNI and AMX paths so that
+// both give the same bits: acc += step * dx * (256 * high + low) + offset * sx.
+inline __m512 accumulate(__m512 acc, __m512i high, __m512i low, __m512 step, __m512 offset, float dx, float sx) {
+  // Exact in int32: |high| <= 32 * 255 * 128, so high * 256 stays below 2^31.
+  const __m512 dots = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(high, 8), low));
+  acc = _mm512_fmadd_ps(dots, _mm512_mul_ps(step, _mm512_set1_ps(dx)), acc);
+  return _mm512_fmadd_ps(offset, _mm512_set1_ps(sx), acc);
+}
+
+// The lanes of block rows n0 .. n0 + 15 that exist: the last block may hold fewer than 16 of N rows.
+inline __mmask16 valid_rows(int64_t N, int64_t n0) {
+  return N - n0 >= kBlockRows ? __mmask16(0xFFFF) : __mmask16((1u << (N - n0)) - 1);
+}
+
+// out[t, 16 rows of the block] for T input rows; `valid` masks the last block's rows past N.
+template <int Bits, int T>
+void block_tile(const uint8_t* q, const uint16_t* scale, int64_t group, const QuantizedRows& x, float* out,
+                int64_t ldo, __mmask16 valid) {
+  const int64_t blocks = x.K / kInputBlock;
+  __m512 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t kb = 0; kb < blocks; ++kb) {
+    const int64_t g = kb * kInputBlock / group;
+    const __m512 step = load_half(scale + g * 2 * kBlockRows), offset = load_half(scale + (g * 2 + 1) * kBlockRows);
+    __m512i levels[kLevelVectors];
+    load_levels<Bits>(q, kb, levels);
+    for (int t = 0; t < T; ++t) {
+      const int64_t at = t * x.K + kb * kInputBlock;
+      __m512i high = _mm512_setzero_si512(), low = _mm512_setzero_si512();
+      for (int j = 0; j < kLevelVectors; ++j) {
+        int32_t four_high, four_low;
+        std::memcpy(&four_high, x.hi + at + 4 * j, 4);
+        std::memcpy(&four_low, x.lo + at + 4 * j, 4);
+        high = _mm512_dpbusd_epi32(high, levels[j], _mm512_set1_epi32(four_high));
+        low = _mm512_dpbusd_epi32(low, levels[j], _mm512_set1_epi32(four_low));
+      }
+      acc[t] = accumulate(acc[t], high, low, step, offset, x.dx[t * blocks + kb], x.sx[t * blocks + kb]);
+    }
+  }
+  for (int t = 0; t < T; ++t) _mm512_mask_storeu_ps(out + t * ldo, valid, acc[t]);
+}
+
+template <int Bits>
+void block_rows(const uint8_t* q, const uint16_t* scale, int64_t group, const QuantizedRows& x, int64_t M,
+                float* out, int64_t N, int64_t n0) {
+  const __mmask16 valid = valid_rows(N, n0);
+  const int64_t blocks = x.K / kInputBlock;
+  auto rows = [&](int64_t m) {
+    return QuantizedRows{x.hi + m * x.K, x.lo + m * x.K, x.dx + m * blocks, x.sx + m * blocks, x.K};
+  };
+  int64_t m = 0;
+  for (; m + kTile <= M; m += kTile) block_tile<Bits, kTile>(q, scale, group, rows(m), out + m * N + n0, N, valid);
+  switch (M - m) {
+    case 3: block_tile<Bits, 3>(q, scale, group, rows(m), out + m * N + n0, N, valid); break;
+    case 2: block_tile<Bits, 2>(q, scale, group, rows(m), out + m * N + n0, N, valid); break;
+    case 1: block_tile<Bits, 1>(q, scale, group, rows(m), out + m * N + n0, N, valid); break;
+  }
+}
+
+void vnni_matmul(const QuantizedWeights& w, const QuantizedRows& x, int64_t M, float* out, int64_t begin, int64_t end,
+                 uint8_t*) {
+  for (int64_t b = begin; b < end; ++b) {
+    const uint8_t* q = w.q + b * w.block_bytes;
+    const uint16_t* scale = w.scale + b * w.block_scales;
+    if (w.bits == 8) block_rows<8>(q, scale, w.group, x, M, out, w.N, b * kBlockRows);
+    else block_rows<4>(q, scale, w.group, x, M, out, w.N, b * kBlockRows);
+  }
+}
+
+#pragma GCC push_options
+#pragma GCC target("amx-tile,amx-int8")
+
+// AMX: one TDPBSUD multiplies 16 input rows by a block's 16 weight rows over 32 inputs, 16x the work of a
+// VPDPBUSD, so batches (decode of many sequences, prefill) stop being compute-bound. The weights are
+// already in the tile's layout (4 inputs of 16 rows per 64 bytes); the int32 sums are the same exact
+// sums, and the float work after them is the VNNI kernel's, in the same order: a row's result is the
+// same bits whichever path ran it.
+constexpr int kTileRows = 16;  // the most input rows a tile holds
+// From this many input rows on, the tiles win (at 1 row the VNNI kernel reads the weights once, faster).
+constexpr int64_t kAmxMinRows = 6;
+
+// Linux hands AMX's 8 KB of tile registers only to processes that ask for them, once.
+bool amx_permitted() {
+  constexpr int kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  static const bool permitted = syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  return permitted;
+}
+
+// Tile 0: a block's weights over 32 inputs; tiles 1 and 2: up to 16 input rows' hi and lo halves over
+// the same 32 inputs; tiles 3 and 4: their int32 sums [input rows, 16 weight rows]. Dots and stores take
+// a cycle per input row, so fewer rows than 16 are configured as such rather than padded.
+void configure_tiles(uint8_t input_rows) {
+  struct {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t bytes_per_row[16] = {kChunkBytes, kInputBlock, kInputBlock, kBlockRows * 4, kBlockRows * 4};
+    uint8_t rows[16] = {kLevelVectors};
+  } config;
+  for (int t = 1; t <= 4; ++t) config.rows[t] = input_rows;
+  static_assert(sizeof(config) == 64);
+  _tile_loadconfig(&config);
+}
+
+// Multiplies up to 16 input rows' halves by a block's weights over 32 inputs, into tiles 3 (high) and 4
+// (low): [input rows, 16 weight rows]. The tiles are throughput-bound (two dots and two stores, about 45
+// cycles), so the caller post-processes the previous 32 inputs' sums between this and store_sums (10% faster
+// at 16 rows than storing at once).
+inline void tile_sums(const uint8_t* w, const int8_t* hi, const int8_t* lo, int64_t stride) {
+  _tile_loadd(0, w, kChunkBytes);
+  _tile_loadd(1, hi, stride);
+  _tile_loadd(2, lo, stride);
+  _tile_zero(3);
+  _tile_zero(4);
+  _tile_dpbsud(3, 1, 0);
+  _tile_dpbsud(4, 2, 0);
+}
+
+inline void store_sums(int32_t* high, int32_t* low) {
+  _tile_stored(3, high, kBlockRows * 4);
+  _tile_stored(4, low, kBlockRows * 4);
+}
+
+// Input rows per tile for M rows: as many as evenly fill the fewest tiles, so every tile takes one
+// configuration (a reconfiguration costs about 120 cycles) and at most a row per tile is padding.
+int64_t tile_rows(int64_t M) {
+  const int64_t tiles = (M + kTileRows - 1) / kTileRows;
+  return (M + tiles - 1) / tiles;
+}
+
+bool use_tiles(int64_t M) { return M >= kAmxMinRows && amx_permitted(); }
+
+// Tiles read whole tiles of input rows: the buffers round M up.
+int64_t amx_rows_held(int64_t M) {
+  if (!use_tiles(M)) return M;
+  const int64_t per_tile = tile_rows(M);
+  return (M + per_tile - 1) / per_tile * per_tile;
+}
+
+// As block_rows, with tiles of tile_rows(M) rows; x's buffers hold M rounded up to whole tiles (the
+// extra rows are ignored). w is the block's weights as int8 levels (int4 blocks unpacked by the caller).
+void block_rows_amx(const uint8_t* w, const uint16_t* scale, int64_t group, const QuantizedRows& x, int64_t M,
+                    float* out, int64_t N, int64_t n0) {
+  const __mmask16 valid = valid_rows(N, n0);
+  const int64_t blocks = x.K / kInputBlock, group_bytes = kLevelVectors * kChunkBytes;
+  alignas(64) int32_t high[2][kTileRows][kBlockRows], low[2][kTileRows][kBlockRows];
+  const int64_t per_tile = tile_rows(M);
+  for (int64_t m0 = 0; m0 < M; m0 += per_tile) {
+    const int rows = static_cast<int>(M - m0 < per_tile ? M - m0 : per_tile);
+    const int8_t *hi = x.hi + m0 * x.K, *lo = x.lo + m0 * x.K;
+    __m512 acc[kTileRows];
+    for (int t = 0; t < rows; ++t) acc[t] = _mm512_setzero_ps();
+    tile_sums(w, hi, lo, x.K);
+    store_sums(high[0][0], low[0][0]);
+    for (int64_t kb = 0; kb < blocks; ++kb) {
+      const int buffer = kb & 1;
+      const bool more = kb + 1 < blocks;
+      if (more) tile_sums(w + (kb + 1) * group_bytes, hi + (kb + 1) * kInputBlock, lo + (kb + 1) * kInputBlock, x.K);
+      const int64_t g = kb * kInputBlock / group;
+      const __m512 step = load_half(scale + g * 2 * kBlockRows), offset = load_half(scale + (g * 2 + 1) * kBlockRows);
+      for (int t = 0; t < rows; ++t) {
+        const int64_t at = (m0 + t) * blocks + kb;
+        acc[t] = accumulate(acc[t], _mm512_load_si512(high[buffer][t]), _mm512_load_si512(low[buffer][t]), step, offset,
+                            x.dx[at], x.sx[at]);
+      }
+      if (more) store_sums(high[!buffer][0], low[!buffer][0]);
+    }
+    for (int t = 0; t < rows; ++t) _mm512_mask_storeu_ps(out + (m0 + t) * N + n0, valid, acc[t]);
+  }
+}
+
+// Below kAmxMinRows rows, or where Linux refuses the tiles, the VNNI kernel. Tiles are configured for this
+// thread and released after; an int4 block is unpacked to int8 levels in scratch once, for all its input rows.
+void amx_matmul(const QuantizedWeights& w, const QuantizedRows& x, int64_t M, float* out, int64_t begin, int64_t end,
+                uint8_t* scratch) {
+  if (!use_tiles(M)) return vnni_matmul(w, x, M, out, begin, end, scratch);
+  configure_tiles(static_cast<uint8_t>(tile_rows(M)));
+  for (int64_t b = begin; b < end; ++b) {
+    const uint8_t* weights = w.q + b * w.block_bytes;
+    if (w.bits == 4) {
+      for (int64_t kb = 0; kb < x.K / kInputBlock; ++kb) {
+        __m512i levels[kLevelVectors];
+        load_levels<4>(weights, kb, levels);
+        for (int j = 0; j < kLevelVectors; ++j) _mm512_storeu_si512(scratch + (kb * kLevelVectors + j) * kChunkBytes, levels[j]);
+      }
+      weights = scratch;
+    }
+    block_rows_amx(weights, w.scale + b * w.block_scales, w.group, x, M, out, w.N, b * kBlockRows);
+  }
+  _tile_release();
+}
+
+#pragma GCC pop_options
+
+}  // namespace
+
+const QuantKernel kAvx512VnniKernel{"avx512_vnni", rows_as_given, quantize, vnni_matmul};
+const QuantKernel kAmxKernel{"amx", amx_rows_held, quantize, amx_matmul};
+
+}  // namespace tokenmill
+
+#pragma GCC pop_options
