@@ -45,6 +45,7 @@ def test_chat_answers_a_simple_question(smollm2_path):
         (("generate", "--model", "/no/such/file.gguf", "hi"), "no such file"),
         (("generate", "--temperature", "-2", "hi"), "temperature=-2.0 must be >= 0"),
         (("pull", "nope"), "unknown model 'nope'"),
+        (("env", "--model", "/no/such/file.gguf"), "no such file"),
     ],
 )
 def test_user_mistakes_exit_nonzero_with_one_line(args, message):
@@ -68,3 +69,16 @@ def test_prompt_too_long_exits_nonzero(smollm2_path):
     result = _run("generate", "--model", str(smollm2_path), "--max-tokens", "10", "word " * 9000)
     assert result.returncode == 1
     assert "context is 8192 tokens" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_env_names_the_kernel_and_what_auto_picks(smollm2_path):
+    from tokenmill import ops
+
+    result = _run("env", "--model", str(smollm2_path))
+    assert result.returncode == 0, result.stderr
+    fields = dict(line.split(None, 1) for line in result.stdout.splitlines())
+    kernels = ops.quantized_matmul_kernels()
+    assert fields["int8/int4"].startswith(f"{kernels[0]} kernel (this CPU runs: {', '.join(kernels)})")
+    # SmolLM2's GGUF is Q4_1: int4 wherever a vector kernel runs, else float.
+    expected = "int4" if ops.fast_quantized_matmul() else "none"
+    assert fields["auto"].startswith(f"{smollm2_path}: quantization {expected} (auto: ")

@@ -1,4 +1,4 @@
-"""Command line: `tokenmill models | pull | generate | chat | serve`."""
+"""Command line: `tokenmill models | pull | env | generate | chat | serve | eval | bench`."""
 
 import argparse
 import itertools
@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     pull = _command(commands, "pull", "download a named model into $TOKENMILL_HOME", _pull)
     pull.add_argument("name")
     pull.add_argument("--force", action="store_true", help="download again even if present")
+    env = _command(commands, "env", "CPU features, the kernel each op runs, and what auto picks and why", _env)
+    env.add_argument("--model", default=EngineConfig.model, help="catalog name, .gguf file or HF directory")
+    env.add_argument("--dtype", default=EngineConfig.dtype, choices=list(DTYPES))
 
     generate = _command(commands, "generate", "complete one prompt and print only the completion", _generate)
     generate.add_argument("prompt")
@@ -154,6 +157,13 @@ def _pull(args: argparse.Namespace) -> int:
     from tokenmill.loader import catalog
 
     print(catalog.pull(args.name, force=args.force))
+    return 0
+
+
+def _env(args: argparse.Namespace) -> int:
+    from tokenmill import env
+
+    env.main(args.model, args.dtype)
     return 0
 
 

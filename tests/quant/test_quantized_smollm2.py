@@ -57,8 +57,13 @@ def test_bfloat16_perplexity_stays_within_one_percent(smollm2_path, float_run):
     assert abs(ppl - float_ppl) / float_ppl <= 0.01
 
 
-@pytest.mark.parametrize(("dtype", "expected"), [("float32", "int4"), ("bfloat16", "none")])
-def test_auto_keeps_the_q4_1_gguf_in_int4_where_the_kernels_run(make_engine, dtype, expected):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_auto_keeps_the_q4_1_gguf_in_int4_where_a_vector_kernel_runs(make_engine, dtype):
+    from tokenmill import ops
+
+    # What holds on the machine the suite runs on: x86 with AVX2 or newer has a vector kernel; a CPU
+    # with only the portable loops (or bfloat16 activations, which no int kernel takes) stays float.
+    expected = "int4" if dtype == "float32" and ops.fast_quantized_matmul() else "none"
     runner = make_engine(kv_cache_memory=0.05, dtype=dtype).runner
     assert runner.quantization == expected
     assert isinstance(runner.model.layers[0].mlp.down_proj, Int4Linear) == (expected == "int4")

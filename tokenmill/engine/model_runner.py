@@ -17,6 +17,7 @@ from tokenmill.layers.packed_linear import can_pack, pack_linears
 from tokenmill.loader.source import ModelSource
 from tokenmill.models.registry import model_class
 from tokenmill.quant import quantize_model
+from tokenmill.quant.policy import choose_quantization
 
 logger = logging.getLogger(__name__)
 
@@ -65,14 +66,9 @@ class ModelRunner:
         self._allocate_kv_pool()
 
     def _quantization(self, source: ModelSource) -> str:
-        fast = self.device.type == "cpu" and self.dtype == torch.float32 and ops.fast_quantized_matmul()
-        if self.config.quantization != "auto":
-            if self.config.quantization != "none" and not fast:
-                logger.warning("%s layers run without the VNNI kernel here (slow)", self.config.quantization)
-            return self.config.quantization
-        # The int8/int4 kernel runs fast on CPU in float32 where it was built with VNNI; elsewhere
-        # quantized layers would dequantize or run portable loops.
-        return source.files.native_quantization() if fast else "none"
+        choice = choose_quantization(self.config.quantization, source.files.native_quantization(), self.device, self.dtype)
+        (logger.warning if choice.slow else logger.info)("quantization %s (%s)", choice.method, choice.reason)
+        return choice.method
 
     def _num_kv_blocks(self) -> int:
         c = self.model_config

@@ -1,0 +1,69 @@
+"""`tokenmill env`: what this machine's CPU has, which kernel each op runs, and what `auto` picks and why."""
+
+import platform
+from pathlib import Path
+
+import torch
+
+from tokenmill import ops
+from tokenmill.config import DTYPES, EngineConfig
+from tokenmill.layers.packed_linear import can_pack
+from tokenmill.quant.policy import choose_quantization
+
+# The instruction sets the kernels and torch's own ops care about, as Linux names them.
+_FEATURES = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+             "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp", "sve", "i8mm", "bf16")
+
+
+def cpu_features() -> tuple[str, list[str]]:
+    """The CPU's model name and which of the features above it reports (empty where /proc/cpuinfo is absent)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine(), []
+    field = lambda key: next((line.split(":", 1)[1].strip() for line in lines if line.startswith(key)), "")
+    flags = set((field("flags") or field("Features")).split())
+    return field("model name") or platform.machine(), [f for f in _FEATURES if f in flags]
+
+
+def report(model: str, dtype: str) -> list[tuple[str, str]]:
+    """(label, value) lines for `tokenmill env`."""
+    name, features = cpu_features()
+    lines = [
+        ("cpu", f"{name} ({platform.machine()}, {ops.ARCH} kernels), {torch.get_num_threads()} torch threads"),
+        ("features", " ".join(features) or "none of the ones tokenmill uses"),
+        ("torch", torch.__version__),
+    ]
+    if not ops.available():
+        lines.append(("kernels", "C++ ops not built (no compiler?): PyTorch fallbacks, no int8/int4"))
+    else:
+        kernels = ops.quantized_matmul_kernels()
+        lines.append(("int8/int4", f"{kernels[0]} kernel (this CPU runs: {', '.join(kernels)})"))
+        lines.append(("other ops", "attention, norm, rotary, activation: C++ built with " + " ".join(ops.compile_flags())))
+    device, torch_dtype = torch.device("cpu"), DTYPES[dtype]
+    packed = "packs linears for oneDNN here" if can_pack(device, torch.bfloat16) else "runs unpacked here"
+    lines.append(("dtype", f"{dtype} (--dtype bfloat16 {packed})"))
+    native = _native_quantization(model)
+    if native is None:
+        lines.append(("auto", f"{model} is not pulled: for a Q4_1 GGUF, "
+                      + choose_quantization("auto", "int4", device, torch_dtype).reason))
+    else:
+        choice = choose_quantization("auto", native, device, torch_dtype)
+        lines.append(("auto", f"{model}: quantization {choice.method} ({choice.reason})"))
+    return lines
+
+
+def _native_quantization(model: str) -> str | None:
+    """How the model stores its linear layers; None for a catalog model not pulled yet (nothing is downloaded)."""
+    from tokenmill.loader import catalog
+    from tokenmill.loader.source import open_model
+
+    if model in catalog.CATALOG and not catalog.is_pulled(model):
+        return None
+    return open_model(model, pull_if_missing=False).files.native_quantization()
+
+
+def main(model: str = EngineConfig.model, dtype: str = EngineConfig.dtype) -> None:
+    """Print the report."""
+    for label, value in report(model, dtype):
+        print(f"{label:10} {value}")
