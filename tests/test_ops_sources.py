@@ -1,0 +1,39 @@
+"""The C++ ops' sources compile for CPUs other than this one: aarch64, and x86 without AVX."""
+
+import os
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from torch.utils.cpp_extension import include_paths
+
+from tokenmill import ops
+
+_CROSS = "aarch64-linux-gnu-g++"
+
+
+def _syntax_errors(compiler: str, flags: list[str], sources: list[str]) -> list[str]:
+    """Each source checked with -fsyntax-only against torch's headers; the compiler's errors, if any."""
+    command = [compiler, "-fsyntax-only", "-std=c++17", *flags, *(f"-I{p}" for p in include_paths())]
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        runs = pool.map(lambda s: subprocess.run([*command, s], capture_output=True, text=True), sources)
+    return [f"{run.args[-1]}:\n{run.stderr}" for run in runs if run.returncode != 0]
+
+
+@pytest.mark.skipif(shutil.which(_CROSS) is None and not os.environ.get("CI"),
+                    reason=f"{_CROSS} is not installed here (.ci/run installs it, so CI always runs this)")
+def test_sources_compile_for_aarch64():
+    # No x86 header or intrinsic outside csrc/arch/x86/, which an aarch64 build does not take.
+    sources = ops.sources("arm")
+    assert not any("/arch/x86/" in s for s in sources)
+    assert _syntax_errors(_CROSS, ["-march=armv8-a", "-fopenmp"], sources) == []
+
+
+@pytest.mark.skipif(ops.ARCH != "x86", reason="checks the x86 kernels")
+def test_x86_kernels_compile_without_any_vector_extension_enabled():
+    # Each kernel file sets its own target, so the build does not depend on the machine's -march=native:
+    # an AVX2-only or older machine builds the AVX-512 and AMX kernels too (and never runs them).
+    kernels = [s for s in ops.sources("x86") if "/arch/x86/" in s]
+    assert len(kernels) == 3
+    assert _syntax_errors("g++", ["-march=x86-64"], kernels) == []
