@@ -7,10 +7,10 @@ import sys
 import pytest
 
 
-def _run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+def _run(*args: str, stdin: str | None = None, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "tokenmill.cli", *args],
-        input=stdin, capture_output=True, text=True, timeout=300, env=os.environ.copy(),
+        input=stdin, capture_output=True, text=True, timeout=300, env={**os.environ, **(env_extra or {})},
     )
 
 
@@ -78,7 +78,20 @@ def test_env_names_the_kernel_and_what_auto_picks(smollm2_path):
     assert result.returncode == 0, result.stderr
     fields = dict(line.split(None, 1) for line in result.stdout.splitlines())
     kernels = ops.quantized_matmul_kernels()
-    assert fields["int8/int4"].startswith(f"{kernels[0]} kernel (this CPU runs: {', '.join(kernels)})")
+    assert fields["int8/int4"].startswith(f"{kernels[0]} kernel (this CPU runs: {', '.join(kernels)};")
     # SmolLM2's GGUF is Q4_1: int4 wherever a vector kernel runs, else float.
     expected = "int4" if ops.fast_quantized_matmul() else "none"
     assert fields["auto"].startswith(f"{smollm2_path}: quantization {expected} (auto: ")
+
+
+def test_the_kernel_named_in_the_environment_is_the_one_used():
+    from tokenmill import ops
+
+    result = subprocess.run(
+        [sys.executable, "-c", "from tokenmill import ops; print(ops.quantized_matmul_kernel())"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "TOKENMILL_QUANT_KERNEL": "portable"},
+    )
+    assert result.stdout.strip() == "portable", result.stderr
+    assert ops.quantized_matmul_kernel() == ops.quantized_matmul_kernels()[0]  # this process: the fastest
+    bad = _run("env", "--model", "/no/such/file.gguf", env_extra={"TOKENMILL_QUANT_KERNEL": "sve9"})
+    assert bad.returncode == 1 and "TOKENMILL_QUANT_KERNEL=sve9" in bad.stderr and "Traceback" not in bad.stderr

@@ -38,7 +38,8 @@ def report(model: str, dtype: str) -> list[tuple[str, str]]:
         lines.append(("kernels", "C++ ops not built (no compiler?): PyTorch fallbacks, no int8/int4"))
     else:
         kernels = ops.quantized_matmul_kernels()
-        lines.append(("int8/int4", f"{kernels[0]} kernel (this CPU runs: {', '.join(kernels)})"))
+        lines.append(("int8/int4", f"{ops.quantized_matmul_kernel()} kernel (this CPU runs: {', '.join(kernels)}; "
+                                   "TOKENMILL_QUANT_KERNEL picks one)"))
         lines.append(("other ops", "attention, norm, rotary, activation: C++ built with " + " ".join(ops.compile_flags())))
     device, torch_dtype = torch.device("cpu"), DTYPES[dtype]
     packed = "packs linears for oneDNN here" if can_pack(device, torch.bfloat16) else "runs unpacked here"

@@ -10,6 +10,7 @@ second one. Where no compiler is found, layers fall back to PyTorch; int8/int4 c
 
 import hashlib
 import logging
+import os
 import platform
 from functools import cache
 from pathlib import Path
@@ -83,9 +84,19 @@ def quantized_matmul_kernels() -> list[str]:
     return list(torch.ops.tokenmill.quantized_matmul_kernels()) if available() else []
 
 
+def quantized_matmul_kernel() -> str | None:
+    """The kernel quantized layers run: the fastest, or the one $TOKENMILL_QUANT_KERNEL names; None without the ops."""
+    if not available():
+        return None
+    try:
+        return str(torch.ops.tokenmill.quantized_matmul_kernel())
+    except RuntimeError as e:  # an unknown or unrunnable name in the variable
+        raise ModelLoadError(f"TOKENMILL_QUANT_KERNEL={os.environ.get('TOKENMILL_QUANT_KERNEL')}: {e}".split("\n")[0]) from None
+
+
 def fast_quantized_matmul() -> bool:
-    """True where the int8/int4 matmul has a vector kernel for this CPU; elsewhere it runs portable loops, slowly."""
-    return quantized_matmul_kernels()[:1] not in ([], ["portable"])
+    """True where the int8/int4 matmul runs a vector kernel; the portable loops are slow."""
+    return quantized_matmul_kernel() not in (None, "portable")
 
 
 class QuantLayout(NamedTuple):

@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -83,8 +84,18 @@ void run(const QuantKernel& kernel, const at::Tensor& x, const at::Tensor& q, co
   });
 }
 
+// The fastest kernel, or the one TOKENMILL_QUANT_KERNEL names (to measure one path against another on a
+// machine that runs both).
+const QuantKernel& chosen() {
+  static const QuantKernel& kernel = [&]() -> const QuantKernel& {
+    const char* name = std::getenv("TOKENMILL_QUANT_KERNEL");
+    return name && *name ? kernel_named(name) : *runnable().front();
+  }();
+  return kernel;
+}
+
 void quantized_matmul(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, int64_t bits, at::Tensor& out) {
-  run(*runnable().front(), x, q, scale, bits, out);
+  run(chosen(), x, q, scale, bits, out);
 }
 
 // The same with a named kernel: for tests and benchmarks that compare the paths on one machine.
@@ -99,6 +110,8 @@ std::vector<std::string> quantized_matmul_kernels() {
   return names;
 }
 
+std::string quantized_matmul_kernel() { return chosen().name; }
+
 std::vector<int64_t> quant_layout() { return {kBlockRows, kChunkBytes, kInputBlock}; }
 
 }  // namespace
@@ -108,6 +121,7 @@ TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
   m.def("quantized_matmul_with(str kernel, Tensor x, Tensor q, Tensor scale, int bits, Tensor(a!) out) -> ()");
   // No tensors: registered for every backend.
   m.def("quantized_matmul_kernels() -> str[]", &quantized_matmul_kernels);
+  m.def("quantized_matmul_kernel() -> str", &quantized_matmul_kernel);
   m.def("quant_layout() -> int[]", &quant_layout);
 }
 

@@ -17,8 +17,7 @@ class Choice(NamedTuple):
 
 def choose_quantization(requested: str, native: str, device: torch.device, dtype: torch.dtype) -> Choice:
     """Resolve `requested` (auto, none, int8 or int4) for a checkpoint whose layers are stored as `native`."""
-    kernels = ops.quantized_matmul_kernels() if device.type == "cpu" else []
-    kernel = kernels[0] if kernels else None
+    kernel = ops.quantized_matmul_kernel() if device.type == "cpu" else None
     fast = device.type == "cpu" and dtype == torch.float32 and ops.fast_quantized_matmul()
     if requested != "auto":
         if requested != "none" and not fast:
