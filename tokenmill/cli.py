@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from tokenmill.config import DTYPES, QUANTIZATIONS, EngineConfig, ServerConfig
+from tokenmill.config import DTYPES, KV_CACHE_DTYPES, QUANTIZATIONS, EngineConfig, ServerConfig
 from tokenmill.errors import InvalidRequestError, TokenmillError
 from tokenmill.sampling import SamplingParams
 
@@ -115,9 +115,11 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def precision_flags(parser: argparse.ArgumentParser) -> None:
-    """--dtype, --quantization and --quant-group-size, for every command that loads a model."""
+    """--dtype, --kv-cache-dtype, --quantization and --quant-group-size, for every command that loads a model."""
     parser.add_argument("--dtype", default=EngineConfig.dtype, choices=list(DTYPES),
                         help="activation and unquantized weight type (default: %(default)s)")
+    parser.add_argument("--kv-cache-dtype", default=EngineConfig.kv_cache_dtype, choices=KV_CACHE_DTYPES,
+                        help="KV pool element type (default: %(default)s, the model's dtype)")
     parser.add_argument("--quantization", default=EngineConfig.quantization, choices=QUANTIZATIONS,
                         help="weight-only quantization of the linear layers (default: %(default)s)")
     parser.add_argument("--quant-group-size", type=int, default=EngineConfig.quant_group_size,
@@ -126,7 +128,8 @@ def precision_flags(parser: argparse.ArgumentParser) -> None:
 
 def precision_options(args: argparse.Namespace) -> dict:
     """The engine options those flags set."""
-    return {"dtype": args.dtype, "quantization": args.quantization, "quant_group_size": args.quant_group_size}
+    return {"dtype": args.dtype, "kv_cache_dtype": args.kv_cache_dtype, "quantization": args.quantization,
+            "quant_group_size": args.quant_group_size}
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:

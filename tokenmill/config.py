@@ -10,6 +10,8 @@ QUANTIZATIONS = ("auto", "none", "int8", "int4")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+KV_CACHE_DTYPES = ("auto", *DTYPES)
+
 
 @dataclass
 class ModelConfig:
@@ -48,6 +50,9 @@ class EngineConfig:
     # KV pool size in GiB; None means 1 GiB on CPU or kv_cache_fraction of free GPU memory.
     kv_cache_memory: float | None = None
     kv_cache_fraction: float = 0.8
+    # Element type of the KV pool; auto is the model's dtype. 16 bits halve the pool's memory (llama.cpp
+    # keeps float16) at a perplexity cost measured in docs/benchmarks.md.
+    kv_cache_dtype: str = "auto"
     # Upper bound on sequences decoded together; bounds per-step latency and sampler work.
     max_num_seqs: int = 64
     # Tokens per step; long prompts are split into chunks of at most this, so decodes never stall.
@@ -75,6 +80,10 @@ class EngineConfig:
             # Otherwise decodes late in the running list would never fit a step's budget.
             raise InvalidRequestError(
                 f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= max_num_seqs={self.max_num_seqs}"
+            )
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise InvalidRequestError(
+                f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported; choose one of {', '.join(KV_CACHE_DTYPES)}"
             )
         if self.quantization not in QUANTIZATIONS:
             raise InvalidRequestError(

@@ -3,6 +3,7 @@
 import random
 
 import pytest
+import torch
 
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.sampling import SamplingParams
@@ -64,6 +65,18 @@ def test_prefix_cached_runs_match_alone(make_engine):
     prompts = _prompts(12, seed=2, shared_prefix=prefix)
     alone = _alone(make_engine(enable_prefix_caching=False), prompts)
     engine = make_engine(enable_prefix_caching=True)
+    assert _run(engine, prompts) == alone
+    assert engine.block_manager.prefix_hits > 0
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["bfloat16", "float16"])
+def test_16_bit_kv_batched_chunked_and_cached_runs_match_alone(make_engine, kv_cache_dtype):
+    # A prompt's own keys go through the cache's rounding in prefill too, so chunking and prefix hits,
+    # which read earlier keys back from the cache, see the values a whole prefill saw.
+    prompts = _prompts(8, seed=3, shared_prefix="You are a careful assistant. Answer in plain words. " * 4)
+    alone = _alone(make_engine(enable_prefix_caching=False, kv_cache_dtype=kv_cache_dtype), prompts)
+    engine = make_engine(kv_cache_dtype=kv_cache_dtype, max_num_batched_tokens=24, max_num_seqs=16)
+    assert engine.runner.kv_pool.dtype == getattr(torch, kv_cache_dtype)
     assert _run(engine, prompts) == alone
     assert engine.block_manager.prefix_hits > 0
 

@@ -9,11 +9,11 @@ from tokenmill.layers.attention import Attention, AttentionMetadata, attention_m
 BLOCK_SIZE = 4
 
 
-def _layer(dtype: torch.dtype, num_blocks: int = 16) -> Attention:
+def _layer(dtype: torch.dtype, num_blocks: int = 16, kv_dtype: torch.dtype | None = None) -> Attention:
     layer = Attention(num_heads=6, num_kv_heads=2, head_dim=32)
     gen = torch.Generator().manual_seed(0)
-    layer.k_cache = torch.randn(num_blocks, BLOCK_SIZE, 2, 32, generator=gen).to(dtype)
-    layer.v_cache = torch.randn(num_blocks, BLOCK_SIZE, 2, 32, generator=gen).to(dtype)
+    layer.k_cache = torch.randn(num_blocks, BLOCK_SIZE, 2, 32, generator=gen).to(kv_dtype or dtype)
+    layer.v_cache = torch.randn(num_blocks, BLOCK_SIZE, 2, 32, generator=gen).to(kv_dtype or dtype)
     return layer
 
 
@@ -45,6 +45,20 @@ def test_cpp_decode_attention_matches_gather_and_sdpa(dtype):
     expected = layer._decode(q, meta)  # the PyTorch path, over the cache the forward just wrote
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float16])
+def test_cpp_decode_attention_reads_a_16_bit_cache_as_the_pytorch_path_does(kv_dtype):
+    layer = _layer(torch.float32, kv_dtype=kv_dtype)
+    meta = _decode_metadata([[3, 9, 1], [12], [5, 0, 14, 7, 2, 4, 6, 8, 10]], [11, 1, 35])
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(3, 6, 32, generator=gen), torch.randn(3, 2, 32, generator=gen), torch.randn(3, 2, 32, generator=gen)
+    with attention_metadata(meta):
+        out = layer(q, k, v)
+    # The new keys were rounded into the cache the way a tensor conversion rounds them.
+    assert torch.equal(layer.k_cache[1, 2], k[0].to(kv_dtype)) and torch.equal(layer.v_cache[12, 0], v[1].to(kv_dtype))
+    torch.testing.assert_close(out, layer._decode(q, meta), rtol=1e-5, atol=1e-5)
+    assert out.dtype == torch.float32
 
 
 def test_cpp_decode_attention_ignores_keys_past_each_length():

@@ -73,12 +73,38 @@ inline void store(at::BFloat16* p, f32x16 v) {
 #endif
 }
 
+inline f32x16 load(const at::Half* p) {
+#if defined(__AVX512F__)
+  return (f32x16)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#else
+  f32x16 v;
+  for (int l = 0; l < kLanes; ++l) v[l] = float(p[l]);
+  return v;
+#endif
+}
+
+// Rounds to nearest even, as at::Half(float) does.
+inline void store(at::Half* p, f32x16 v) {
+#if defined(__AVX512F__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT));
+#else
+  for (int l = 0; l < kLanes; ++l) p[l] = at::Half(v[l]);
+#endif
+}
+
 // Calls f with a value of the tensor's element type, float32 or bfloat16, the two the ops take.
 template <typename F>
 inline void dispatch_float(const at::Tensor& t, const char* op, F&& f) {
   if (t.scalar_type() == at::kFloat) f(float{});
   else if (t.scalar_type() == at::kBFloat16) f(at::BFloat16{});
   else TORCH_CHECK(false, op, " takes float32 or bfloat16, not ", t.scalar_type());
+}
+
+// The same with float16 too: a KV cache's types, and the activations' on CPU.
+template <typename F>
+inline void dispatch_kv(const at::Tensor& t, const char* op, F&& f) {
+  if (t.scalar_type() == at::kHalf) f(at::Half{});
+  else dispatch_float(t, op, f);
 }
 
 }  // namespace tokenmill

@@ -42,6 +42,7 @@ class ModelRunner:
         self.model_config = source.config
         self.device = torch.device(config.device)
         self.dtype = DTYPES[config.dtype]
+        self.kv_dtype = self.dtype if config.kv_cache_dtype == "auto" else DTYPES[config.kv_cache_dtype]
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         # Built on the meta device, so no weight is initialized only to be overwritten and a layer
@@ -72,7 +73,7 @@ class ModelRunner:
 
     def _num_kv_blocks(self) -> int:
         c = self.model_config
-        bytes_per_block = 2 * c.num_layers * self.block_size * c.num_kv_heads * c.head_dim * self.dtype.itemsize
+        bytes_per_block = 2 * c.num_layers * self.block_size * c.num_kv_heads * c.head_dim * self.kv_dtype.itemsize
         budget = self.config.kv_cache_memory
         if budget is None and self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
@@ -87,17 +88,17 @@ class ModelRunner:
             # the KV memory it has used rather than the whole budget from the start. Not np.zeros: numpy
             # advises huge pages for large arrays, and the first token then mapped a 2 MiB page for
             # each layer's K and V (120 MiB of RSS for SmolLM2 where 4 KiB pages map 240 KiB).
-            nbytes = math.prod(shape) * self.dtype.itemsize
-            self.kv_pool = torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8).view(self.dtype).view(shape)
+            nbytes = math.prod(shape) * self.kv_dtype.itemsize
+            self.kv_pool = torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8).view(self.kv_dtype).view(shape)
         else:
-            self.kv_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.kv_pool = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         for i, layer in enumerate(layers):
             layer.k_cache, layer.v_cache = self.kv_pool[0, i], self.kv_pool[1, i]
         logger.info(
-            "KV pool: %d blocks of %d tokens = %d tokens (%.2f GiB)",
+            "KV pool: %d blocks of %d tokens = %d tokens (%.2f GiB of %s)",
             self.num_blocks, self.block_size, self.num_blocks * self.block_size,
-            self.kv_pool.numel() * self.dtype.itemsize / _GIB,
+            self.kv_pool.numel() * self.kv_dtype.itemsize / _GIB, str(self.kv_dtype).removeprefix("torch."),
         )
 
     @torch.inference_mode()

@@ -69,8 +69,12 @@ class Attention(nn.Module):
         if native:
             torch.ops.tokenmill.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         else:
-            self.k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k)
-            self.v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v)
+            self.k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k.to(self.k_cache.dtype))
+            self.v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v.to(self.v_cache.dtype))
+        if self.k_cache.dtype != q.dtype and meta.prefills:
+            # NOTE: a prompt's own keys and values go through the cache's rounding too, so a prompt
+            # prefilled whole, in chunks or after a cached prefix attends over the same values.
+            k, v = k.to(self.k_cache.dtype).to(q.dtype), v.to(self.v_cache.dtype).to(q.dtype)
         out = q.new_empty(q.shape)
         if meta.num_decodes and native:
             torch.ops.tokenmill.paged_decode_attention(
@@ -106,8 +110,8 @@ class Attention(nn.Module):
         # flat block list is 5x faster here than indexing with the 2-D table.
         shape = (batch, meta.decode_mask.shape[-1], self.num_kv_heads, self.head_dim)
         blocks = meta.decode_tables.view(-1)
-        k = self.k_cache.index_select(0, blocks).view(shape).transpose(1, 2)
-        v = self.v_cache.index_select(0, blocks).view(shape).transpose(1, 2)
+        k = self.k_cache.index_select(0, blocks).view(shape).transpose(1, 2).to(q.dtype)
+        v = self.v_cache.index_select(0, blocks).view(shape).transpose(1, 2).to(q.dtype)
         qg = q.view(batch, self.num_kv_heads, group, self.head_dim)
         o = F.scaled_dot_product_attention(qg, k, v, attn_mask=meta.decode_mask, scale=self.scale)
         return o.reshape(batch, self.num_heads, self.head_dim)
@@ -124,8 +128,8 @@ class Attention(nn.Module):
             return o[0].transpose(0, 1)
         num_blocks = -(-chunk.context_len // self.k_cache.shape[1])
         blocks = chunk.block_table[:num_blocks]
-        kg = self.k_cache[blocks].flatten(0, 1)[: chunk.context_len].transpose(0, 1)
-        vg = self.v_cache[blocks].flatten(0, 1)[: chunk.context_len].transpose(0, 1)
+        kg = self.k_cache[blocks].flatten(0, 1)[: chunk.context_len].transpose(0, 1).to(q.dtype)
+        vg = self.v_cache[blocks].flatten(0, 1)[: chunk.context_len].transpose(0, 1).to(q.dtype)
         # Query i sits at absolute position context_len - n + i and sees keys up to it: is_causal would
         # align the diagonal to the first key instead, so this case keeps an explicit mask.
         q_pos = torch.arange(chunk.context_len - n, chunk.context_len, device=q.device)
