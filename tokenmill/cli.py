@@ -118,8 +118,8 @@ def precision_flags(parser: argparse.ArgumentParser) -> None:
     """--dtype, --kv-cache-dtype, --quantization and --quant-group-size, for every command that loads a model."""
     parser.add_argument("--dtype", default=EngineConfig.dtype, choices=list(DTYPES),
                         help="activation and unquantized weight type (default: %(default)s)")
-    parser.add_argument("--kv-cache-dtype", default=EngineConfig.kv_cache_dtype, choices=KV_CACHE_DTYPES,
-                        help="KV pool element type (default: %(default)s, the model's dtype)")
+    parser.add_argument("--kv-cache-dtype", default=EngineConfig.kv_cache_dtype, choices=["auto", *KV_CACHE_DTYPES],
+                        help="KV pool element type (default: %(default)s: float16 on CPU, else the model's dtype)")
     parser.add_argument("--quantization", default=EngineConfig.quantization, choices=QUANTIZATIONS,
                         help="weight-only quantization of the linear layers (default: %(default)s)")
     parser.add_argument("--quant-group-size", type=int, default=EngineConfig.quant_group_size,

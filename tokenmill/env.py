@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from tokenmill import ops
-from tokenmill.config import DTYPES, EngineConfig
+from tokenmill.config import DTYPES, EngineConfig, resolve_kv_cache_dtype
 from tokenmill.layers.packed_linear import can_pack
 from tokenmill.quant.policy import choose_quantization
 
@@ -44,6 +44,8 @@ def report(model: str, dtype: str) -> list[tuple[str, str]]:
     device, torch_dtype = torch.device("cpu"), DTYPES[dtype]
     packed = "packs linears for oneDNN here" if can_pack(device, torch.bfloat16) else "runs unpacked here"
     lines.append(("dtype", f"{dtype} (--dtype bfloat16 {packed})"))
+    kv = resolve_kv_cache_dtype("auto", device, torch_dtype)
+    lines.append(("kv cache", f"auto: {str(kv).removeprefix('torch.')} for {dtype} on CPU"))
     native = _native_quantization(model)
     if native is None:
         lines.append(("auto", f"{model} is not pulled: for a Q4_1 GGUF, "

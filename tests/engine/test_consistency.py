@@ -54,7 +54,8 @@ def test_chunked_prefill_matches_alone(make_engine, reference):
 def test_preempted_sequences_resume_with_same_tokens(make_engine, reference):
     prompts, alone = reference
     # 48 blocks of 16 tokens: room for a handful of these sequences at once, not 32.
-    engine = make_engine(enable_prefix_caching=False, kv_cache_memory=48 * 737_280 / 2**30)
+    block_bytes = make_engine(kv_cache_memory=0.01).runner.kv_block_bytes
+    engine = make_engine(enable_prefix_caching=False, kv_cache_memory=48 * block_bytes / 2**30)
     assert engine.block_manager.num_blocks == 48
     assert _run(engine, prompts) == alone
     assert engine.scheduler.num_preemptions > 0
@@ -69,8 +70,8 @@ def test_prefix_cached_runs_match_alone(make_engine):
     assert engine.block_manager.prefix_hits > 0
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["bfloat16", "float16"])
-def test_16_bit_kv_batched_chunked_and_cached_runs_match_alone(make_engine, kv_cache_dtype):
+@pytest.mark.parametrize("kv_cache_dtype", ["bfloat16", "float16", "int8"])
+def test_narrow_kv_batched_chunked_and_cached_runs_match_alone(make_engine, kv_cache_dtype):
     # A prompt's own keys go through the cache's rounding in prefill too, so chunking and prefix hits,
     # which read earlier keys back from the cache, see the values a whole prefill saw.
     prompts = _prompts(8, seed=3, shared_prefix="You are a careful assistant. Answer in plain words. " * 4)

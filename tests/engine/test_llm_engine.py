@@ -86,7 +86,8 @@ def test_logprobs_are_returned_per_token(engine):
 
 
 def test_request_that_cannot_fit_the_pool_is_rejected_at_admission(make_engine):
-    small = make_engine(kv_cache_memory=20 * 737_280 / 2**30)  # 20 blocks = 320 tokens
+    block_bytes = make_engine(kv_cache_memory=0.01).runner.kv_block_bytes
+    small = make_engine(kv_cache_memory=20 * block_bytes / 2**30)  # 20 blocks = 320 tokens
     assert small.max_model_len == 320
     with pytest.raises(PromptTooLongError, match="context is 320"):
         small.add_request("big", list(range(100, 400)), SamplingParams(max_tokens=100))

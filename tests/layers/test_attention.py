@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from tokenmill import ops
-from tokenmill.layers.attention import Attention, AttentionMetadata, attention_metadata
+from tokenmill.layers import attention
+from tokenmill.layers.attention import Attention, AttentionMetadata, PrefillChunk, _narrow, attention_metadata
 
 BLOCK_SIZE = 4
 
@@ -12,21 +13,26 @@ BLOCK_SIZE = 4
 def _layer(dtype: torch.dtype, num_blocks: int = 16, kv_dtype: torch.dtype | None = None) -> Attention:
     layer = Attention(num_heads=6, num_kv_heads=2, head_dim=32)
     gen = torch.Generator().manual_seed(0)
-    layer.k_cache = torch.randn(num_blocks, BLOCK_SIZE, 2, 32, generator=gen).to(kv_dtype or dtype)
-    layer.v_cache = torch.randn(num_blocks, BLOCK_SIZE, 2, 32, generator=gen).to(kv_dtype or dtype)
+    kv_dtype = kv_dtype or dtype
+    for name in ("k", "v"):
+        values = torch.randn(num_blocks, BLOCK_SIZE, 2, 32, generator=gen)
+        if kv_dtype == torch.int8:
+            levels, scale = _narrow(values, torch.int8)
+            setattr(layer, f"{name}_cache", levels)
+            setattr(layer, f"{name}_scale", scale)
+        else:
+            setattr(layer, f"{name}_cache", values.to(kv_dtype))
     return layer
 
 
 def _decode_metadata(tables: list[list[int]], lens: list[int]) -> AttentionMetadata:
     width = max(len(t) for t in tables)
     padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
-    keys = torch.arange(width * BLOCK_SIZE)
-    lens_t = torch.tensor(lens)
     # Each decode's new token goes to its last position.
     slots = [t[(n - 1) // BLOCK_SIZE] * BLOCK_SIZE + (n - 1) % BLOCK_SIZE for t, n in zip(tables, lens)]
     return AttentionMetadata(
-        slot_mapping=torch.tensor(slots), num_decodes=len(lens), decode_tables=padded, decode_lens=lens_t,
-        decode_mask=(keys < lens_t[:, None])[:, None, None, :], prefills=[],
+        slot_mapping=torch.tensor(slots), row_tables=padded, row_lens=torch.tensor(lens), block_size=BLOCK_SIZE,
+        num_decodes=len(lens), prefills=[],
     )
 
 
@@ -47,17 +53,21 @@ def test_cpp_decode_attention_matches_gather_and_sdpa(dtype):
     torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float16])
-def test_cpp_decode_attention_reads_a_16_bit_cache_as_the_pytorch_path_does(kv_dtype):
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float16, torch.int8])
+def test_cpp_decode_attention_reads_a_narrow_cache_as_the_pytorch_path_does(kv_dtype):
     layer = _layer(torch.float32, kv_dtype=kv_dtype)
     meta = _decode_metadata([[3, 9, 1], [12], [5, 0, 14, 7, 2, 4, 6, 8, 10]], [11, 1, 35])
     gen = torch.Generator().manual_seed(1)
     q, k, v = torch.randn(3, 6, 32, generator=gen), torch.randn(3, 2, 32, generator=gen), torch.randn(3, 2, 32, generator=gen)
     with attention_metadata(meta):
         out = layer(q, k, v)
-    # The new keys were rounded into the cache the way a tensor conversion rounds them.
-    assert torch.equal(layer.k_cache[1, 2], k[0].to(kv_dtype)) and torch.equal(layer.v_cache[12, 0], v[1].to(kv_dtype))
-    torch.testing.assert_close(out, layer._decode(q, meta), rtol=1e-5, atol=1e-5)
+    # The new keys were rounded into the cache as the PyTorch path rounds them (int8: levels and scale).
+    levels, scale = _narrow(k[0], kv_dtype)
+    assert torch.equal(layer.k_cache[1, 2], levels)
+    if scale is not None:
+        assert torch.equal(layer.k_scale[1, 2], scale)
+    # int8 applies each scale to a dot product, the PyTorch path to each element: rounding apart.
+    torch.testing.assert_close(out, layer._decode(q, meta), rtol=1e-5, atol=1e-5 if scale is None else 1e-4)
     assert out.dtype == torch.float32
 
 
@@ -84,3 +94,43 @@ def test_forward_stores_each_token_in_its_slot():
         layer(q, k, v)
     assert torch.equal(layer.k_cache[1, 2], k[0]) and torch.equal(layer.v_cache[1, 2], v[0])
     assert torch.equal(layer.k_cache[12, 0], k[1]) and torch.equal(layer.v_cache[12, 0], v[1])
+
+
+def test_int8_cache_keeps_each_value_within_half_a_step_and_stores_zeros_exactly():
+    x = torch.randn(5, 2, 32)
+    x[1, 0] = 0.0  # a head of zeros: scale 0, levels 0, no division by zero
+    levels, scale = _narrow(x, torch.int8)
+    assert levels.dtype == torch.int8 and scale.shape == (5, 2)
+    assert torch.equal(levels[1, 0], torch.zeros(32, dtype=torch.int8)) and scale[1, 0] == 0
+    assert levels.abs().amax() == 127  # each head's largest value takes the top level
+    assert ((levels.float() * scale[..., None] - x).abs() <= scale[..., None] / 2 + 1e-7).all()
+
+
+def _prompt_metadata(table: list[int], start: int, stop: int) -> AttentionMetadata:
+    """Metadata for prompt positions [start, stop) of one sequence, as the runner builds it."""
+    positions = torch.arange(start, stop)
+    slots = torch.tensor([table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(start, stop)])
+    chunk = PrefillChunk(0, stop - start, stop, torch.tensor(table))
+    return AttentionMetadata(
+        slot_mapping=slots, row_tables=torch.tensor([table] * (stop - start)), row_lens=positions + 1,
+        block_size=BLOCK_SIZE, num_decodes=0, prefills=[chunk],
+    )
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.int8])
+def test_prompt_rows_are_the_same_bits_whole_or_in_chunks(kv_dtype):
+    table, n = [3, 9, 1, 12, 5], 18
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = torch.randn(n, 6, 32, generator=gen), torch.randn(n, 2, 32, generator=gen), torch.randn(n, 2, 32, generator=gen)
+    whole_layer, chunked_layer = _layer(torch.float32, kv_dtype=kv_dtype), _layer(torch.float32, kv_dtype=kv_dtype)
+    with attention_metadata(_prompt_metadata(table, 0, n)):
+        whole = whole_layer(q, k, v)
+    chunks = []
+    for start, stop in [(0, 7), (7, 8), (8, 18)]:
+        with attention_metadata(_prompt_metadata(table, start, stop)):
+            chunks.append(chunked_layer(q[start:stop], k[start:stop], v[start:stop]))
+    assert torch.equal(whole, torch.cat(chunks))
+    # And it is causal attention: the PyTorch path's SDPA over the same cached keys and values.
+    with attention_metadata(_prompt_metadata(table, 0, n)):
+        reference = whole_layer._forward_pytorch(q, k, v, attention._metadata)
+    torch.testing.assert_close(whole, reference, rtol=1e-4, atol=1e-4)

@@ -17,13 +17,14 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def llm(smollm2_path):
-    """The default engine: int4 weights for this Q4_1 file where the CPU kernel runs."""
+    """The default engine: int4 weights for this Q4_1 file where the CPU kernel runs, float16 KV on CPU."""
     return LLM(str(smollm2_path))
 
 
 @pytest.fixture(scope="module")
 def float_llm(smollm2_path):
-    return LLM(str(smollm2_path), quantization="none")
+    """Nothing rounded that transformers keeps in float32: the model's math alone."""
+    return LLM(str(smollm2_path), quantization="none", kv_cache_dtype="float32")
 
 
 def _last_logits(llm: LLM, token_ids: list[int]) -> torch.Tensor:
@@ -42,8 +43,9 @@ def test_last_position_logits_match_transformers(llm, float_llm, hf_smollm2):
         with torch.no_grad():
             ref = hf_smollm2(torch.tensor([ids])).logits[0, -1]
         assert (_last_logits(float_llm, ids) - ref).abs().max().item() < 1e-3, prompt
-        # The int4 kernel rounds its inputs to 16-bit levels: 0.004 at most on these prompts (measured).
-        assert (_last_logits(llm, ids) - ref).abs().max().item() < 1e-2, prompt
+        # The int4 kernel rounds its inputs to 16-bit levels, 0.0048 at most on these prompts with a float32
+        # KV cache, and the default float16 KV rounds keys and values, 0.0116 together (measured).
+        assert (_last_logits(llm, ids) - ref).abs().max().item() < 2e-2, prompt
 
 
 def test_64_greedy_tokens_match_transformers(llm, hf_smollm2):
@@ -59,7 +61,7 @@ def test_64_greedy_tokens_match_transformers(llm, hf_smollm2):
 
 def test_prompt_logprobs_match_transformers_across_chunks(make_engine, hf_smollm2):
     # A 16-token budget splits each prompt into chunks, so rows from several steps are stitched together.
-    engine = make_engine(max_num_batched_tokens=16, max_num_seqs=16, quantization="none")
+    engine = make_engine(max_num_batched_tokens=16, max_num_seqs=16, quantization="none", kv_cache_dtype="float32")
     ids = engine.tokenizer.encode(" ".join(PROMPTS))
     engine.add_request("p", ids, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=3))
     outputs = []

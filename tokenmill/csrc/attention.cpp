@@ -1,13 +1,19 @@
-// The paged KV pool on CPU: writing a step's keys and values into their slots, and decode attention,
-// where each query token attends over its sequence's blocks where they lie in the pool, so no step
-// gathers the cache into a padded copy or builds a mask (one op replaces two gathers, the mask and SDPA).
+// The paged KV pool on CPU: writing a step's keys and values into their slots, and attention, where each
+// query token attends over its sequence's blocks where they lie in the pool, so no step gathers the cache
+// into a padded copy or builds a mask (one op replaces two gathers, the mask and SDPA).
+//
+// NOTE: every query row, decode or prompt, is computed alone by the same loop over its own keys: a row's
+// result is the same bits whether its prompt was prefilled whole, in chunks, after a cached prefix or
+// again after preemption, and whatever else shares the step.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -17,50 +23,92 @@ namespace {
 
 using namespace tokenmill;
 
-constexpr int64_t kMaxVectors = 16;  // head_dim up to 256
+// The horizontal sums of 16 vectors: lane j holds sum(a[j]). Every lane's sum takes the same tree (lanes
+// l and l + 8, then + 4, + 2, + 1) whatever the other vectors hold, so a key's score does not depend on
+// the keys beside it or on zeros padding the last 16. 46 shuffles and adds against 128 for 16 reductions.
+inline f32x16 sums16(const f32x16 (&a)[16]) {
+  f32x16 b[8], c[4], d[2];
+  for (int j = 0; j < 8; ++j)  // lanes 0-7: a[2j]'s 8 partial sums; 8-15: a[2j + 1]'s
+    b[j] = __builtin_shufflevector(a[2 * j], a[2 * j + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a[2 * j], a[2 * j + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int j = 0; j < 4; ++j)  // 4 partials each of vectors 4j, 4j + 2, 4j + 1, 4j + 3
+    c[j] = __builtin_shufflevector(b[2 * j], b[2 * j + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+           __builtin_shufflevector(b[2 * j], b[2 * j + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int j = 0; j < 2; ++j)  // 2 partials each of vectors 8j + {0, 4, 2, 6, 1, 5, 3, 7}
+    d[j] = __builtin_shufflevector(c[2 * j], c[2 * j + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+           __builtin_shufflevector(c[2 * j], c[2 * j + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  // The sums of vectors {0, 4, 2, 6, 1, 5, 3, 7, 8, 12, 10, 14, 9, 13, 11, 15}, put back in order.
+  const f32x16 e = __builtin_shufflevector(d[0], d[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+                   __builtin_shufflevector(d[0], d[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  return __builtin_shufflevector(e, e, 0, 4, 2, 6, 1, 5, 3, 7, 8, 12, 10, 14, 9, 13, 11, 15);
+}
 
-// q: [batch, heads, D], heads side by side (a token's row may hold more, as in the fused QKV output);
-// out: [batch, heads, D]; caches: [blocks, block_size, kv_heads, D]; block_tables: [batch, width];
-// seq_lens: [batch], the tokens of each sequence in the cache, this step's included. The caches may hold
-// a narrower type (KV) than the queries (T): keys and values are widened as they are read.
-template <typename T, typename KV>
-void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_tables,
-            const at::Tensor& seq_lens, double scale, at::Tensor& out) {
-  const int64_t batch = q.size(0), heads = q.size(1), D = q.size(2);
+// q: [rows, heads, D], heads side by side (a token's row may hold more, as in the fused QKV output);
+// out: [rows, heads, D]; caches: [blocks, block_size, kv_heads, D]; block_tables: [rows, width], each row's
+// sequence's table; seq_lens: [rows], the keys each row sees (its position + 1). The caches may hold
+// a narrower type (KV) than the queries (T): keys and values are widened as they are read. int8 caches
+// come with scales [blocks, block_size, kv_heads], applied to each key's dot product and each value's
+// weight rather than to every element. D = 16 V: V vectors a head, kept in registers.
+template <typename T, typename KV, int V>
+void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_tables,
+            const at::Tensor& seq_lens, double scale, at::Tensor& out, const float* k_scales, const float* v_scales) {
+  constexpr int64_t D = V * kLanes;
+  constexpr bool kScaled = std::is_same_v<KV, int8_t>;
+  const int64_t rows = q.size(0), heads = q.size(1);
   const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2), group = heads / kv_heads;
-  const int64_t width = block_tables.size(1), vectors = D / kLanes;
+  const int64_t width = block_tables.size(1);
   const T* qp = q.data_ptr<T>();
   const KV* kp = k_cache.data_ptr<KV>();
   const KV* vp = v_cache.data_ptr<KV>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = seq_lens.data_ptr<int64_t>();
   T* op = out.data_ptr<T>();
-  const int64_t token_stride = kv_heads * D, block_stride = block_size * token_stride, q_stride = q.stride(0);
-  // One task per (sequence, KV head): the K and V rows it reads serve its whole query group.
-  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, qf(group * D), acc(group * D), total(group);
+  const int64_t q_stride = q.stride(0);
+  // One task per (row, KV head): the K and V rows it reads serve its whole query group. A prompt's rows
+  // see 1 to n keys, and threads take contiguous ranges of tasks, so tasks alternate between the first
+  // and the last rows: each range then holds short and long rows alike.
+  at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, qf(group * D), total(group);
+    std::vector<int64_t> at;  // each key's token-head index into the caches
+    std::vector<f32x16> parts(group * kLanes);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / kv_heads, h = task % kv_heads, len = lens[b];
+      const int64_t i = task / kv_heads, b = i % 2 ? rows - 1 - i / 2 : i / 2, h = task % kv_heads, len = lens[b];
+      const int64_t padded = (len + kLanes - 1) / kLanes * kLanes;
       const int64_t* table = tables + b * width;
-      for (int64_t i = 0; i < group * D; ++i) qf[i] = float(qp[b * q_stride + h * group * D + i]) * float(scale);
-      scores.assign(group * len, 0.f);
+      for (int64_t j = 0; j < group * D; ++j) qf[j] = float(qp[b * q_stride + h * group * D + j]) * float(scale);
       // Rows are walked block by block: dividing each position by the block size cost as much as the math.
+      at.resize(len);
       for (int64_t t = 0, block = 0, slot = 0; t < len; ++t) {
-        const KV* k = kp + table[block] * block_stride + slot * token_stride + h * D;
-        f32x16 key[kMaxVectors];  // widened once for the whole query group
-        for (int64_t c = 0; c < vectors; ++c) key[c] = load(k + c * kLanes);
-        for (int64_t g = 0; g < group; ++g) {
-          f32x16 dot = {};
-          for (int64_t c = 0; c < vectors; ++c) dot += load(qf.data() + g * D + c * kLanes) * key[c];
-          scores[g * len + t] = sum(dot);
-        }
+        at[t] = (table[block] * block_size + slot) * kv_heads + h;
         if (++slot == block_size) slot = 0, ++block;
       }
-      std::fill(total.begin(), total.end(), 0.f);
+      scores.resize(group * padded);
+      for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
+        f32x16 k_scale = splat(1.f);
+        for (int64_t j = 0; j < kLanes; ++j) {
+          if (t0 + j >= len) {
+            for (int64_t g = 0; g < group; ++g) parts[g * kLanes + j] = f32x16{};
+            continue;
+          }
+          f32x16 key[V];  // widened once for the whole query group
+          for (int c = 0; c < V; ++c) key[c] = load(kp + at[t0 + j] * D + c * kLanes);
+          if constexpr (kScaled) k_scale[j] = k_scales[at[t0 + j]];
+          for (int64_t g = 0; g < group; ++g) {
+            f32x16 dot = {};
+            for (int c = 0; c < V; ++c) dot += load(qf.data() + g * D + c * kLanes) * key[c];
+            parts[g * kLanes + j] = dot;
+          }
+        }
+        for (int64_t g = 0; g < group; ++g) {
+          const f32x16(&group_parts)[kLanes] = *reinterpret_cast<const f32x16(*)[kLanes]>(parts.data() + g * kLanes);
+          store(scores.data() + g * padded + t0, kScaled ? sums16(group_parts) * k_scale : sums16(group_parts));
+        }
+      }
       for (int64_t g = 0; g < group; ++g) {
-        float* s = scores.data() + g * len;
+        float* s = scores.data() + g * padded;
         float top = -std::numeric_limits<float>::infinity();
         for (int64_t t = 0; t < len; ++t) top = std::max(top, s[t]);
+        total[g] = 0.f;
         int64_t t = 0;
         for (; t + kLanes <= len; t += kLanes) {
           const f32x16 e = tokenmill::exp(load(s + t) - top);
@@ -69,41 +117,56 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
         }
         for (; t < len; ++t) { s[t] = std::exp(s[t] - top); total[g] += s[t]; }
       }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0, block = 0, slot = 0; t < len; ++t) {
-        const KV* v = vp + table[block] * block_stride + slot * token_stride + h * D;
-        for (int64_t c = 0; c < vectors; ++c) {
-          const f32x16 vv = load(v + c * kLanes);
-          for (int64_t g = 0; g < group; ++g) {
-            float* a = acc.data() + g * D + c * kLanes;
-            store(a, load(a) + scores[g * len + t] * vv);
-          }
+      for (int64_t g = 0; g < group; ++g) {
+        const float* s = scores.data() + g * padded;
+        f32x16 acc[V] = {};
+        for (int64_t t = 0; t < len; ++t) {
+          const float w = kScaled ? s[t] * v_scales[at[t]] : s[t];
+          for (int c = 0; c < V; ++c) acc[c] += w * load(vp + at[t] * D + c * kLanes);
         }
-        if (++slot == block_size) slot = 0, ++block;
+        for (int c = 0; c < V; ++c) store(op + (b * heads + h * group + g) * D + c * kLanes, acc[c] / total[g]);
       }
-      for (int64_t g = 0; g < group; ++g)
-        for (int64_t c = 0; c < vectors; ++c)
-          store(op + (b * heads + h * group + g) * D + c * kLanes, load(acc.data() + g * D + c * kLanes) / total[g]);
     }
   });
 }
 
-void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, at::Tensor& out) {
+// The scales of an int8 cache, checked against it: [blocks, block_size, kv_heads] float32; null otherwise.
+const float* scales_of(const at::Tensor& cache, const std::optional<at::Tensor>& scales) {
+  if (cache.scalar_type() != at::kChar) return nullptr;
+  TORCH_CHECK(scales.has_value() && scales->is_contiguous() && scales->scalar_type() == at::kFloat &&
+              scales->numel() * cache.size(-1) == cache.numel(), "an int8 KV cache needs float32 scales per token and head");
+  return scales->data_ptr<float>();
+}
+
+void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, at::Tensor& out,
+                            const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
   TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2) && out.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous());
-  TORCH_CHECK(block_tables.is_contiguous() && seq_lens.is_contiguous() && q.size(2) % kLanes == 0 &&
-              q.size(2) <= kMaxVectors * kLanes);
+  TORCH_CHECK(block_tables.is_contiguous() && seq_lens.is_contiguous());
   TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type() && out.scalar_type() == q.scalar_type());
-  dispatch_kv(q, "paged_decode_attention", [&](auto type) {
-    dispatch_kv(k_cache, "paged_decode_attention", [&](auto kv) {
-      decode<decltype(type), decltype(kv)>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
+  const float *ks = scales_of(k_cache, k_scale), *vs = scales_of(v_cache, v_scale);
+  TORCH_CHECK(block_tables.size(0) == q.size(0) && seq_lens.size(0) == q.size(0), "a block table and length per row");
+  dispatch_activation(q, "paged_attention", [&](auto type) {
+    dispatch_kv(k_cache, "paged_attention", [&](auto kv) {
+      using Q = decltype(type);
+      using KV = decltype(kv);
+      switch (q.size(2)) {
+        case 32: return attend<Q, KV, 2>(q, k_cache, v_cache, block_tables, seq_lens, scale, out, ks, vs);
+        case 64: return attend<Q, KV, 4>(q, k_cache, v_cache, block_tables, seq_lens, scale, out, ks, vs);
+        case 128: return attend<Q, KV, 8>(q, k_cache, v_cache, block_tables, seq_lens, scale, out, ks, vs);
+        case 256: return attend<Q, KV, 16>(q, k_cache, v_cache, block_tables, seq_lens, scale, out, ks, vs);
+        default: TORCH_CHECK(false, "paged_attention takes head_dim 32, 64, 128 or 256, not ", q.size(2));
+      }
     });
   });
 }
 
-// Token i's row of src to slot slots[i] of cache, converted to the cache's type where it differs.
+// Token i's row of src ([kv_heads, D]) to slot slots[i] of cache, converted to the cache's type where it
+// differs. Into int8, each head's D values get the scale max|x| / 127 and levels round(x / scale): the same
+// float operations as the PyTorch path (layers/attention.py), so both store the same levels.
 template <typename T, typename KV>
-void store_rows(const at::Tensor& src, at::Tensor& cache, const int64_t* slots, int64_t tokens, int64_t row) {
+void store_rows(const at::Tensor& src, at::Tensor& cache, float* scales, const int64_t* slots, int64_t tokens) {
+  const int64_t heads = src.size(1), D = src.size(2), row = heads * D;
   const T* sp = src.data_ptr<T>();
   KV* cp = cache.data_ptr<KV>();
   for (int64_t i = 0; i < tokens; ++i) {
@@ -111,6 +174,14 @@ void store_rows(const at::Tensor& src, at::Tensor& cache, const int64_t* slots, 
     KV* to = cp + slots[i] * row;
     if constexpr (std::is_same_v<T, KV>) {
       std::memcpy(to, from, row * sizeof(T));
+    } else if constexpr (std::is_same_v<KV, int8_t>) {
+      for (int64_t h = 0; h < heads; ++h) {
+        float amax = 0.f;
+        for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(float(from[h * D + d])));
+        const float step = amax / 127.f, divisor = step > 0.f ? step : 1.f;
+        for (int64_t d = 0; d < D; ++d) to[h * D + d] = static_cast<int8_t>(std::nearbyint(float(from[h * D + d]) / divisor));
+        scales[slots[i] * heads + h] = step;
+      }
     } else {
       for (int64_t c = 0; c < row; c += kLanes) store(to + c, load(from + c));
     }
@@ -120,7 +191,7 @@ void store_rows(const at::Tensor& src, at::Tensor& cache, const int64_t* slots, 
 // k, v: [tokens, kv_heads, D] (views into the fused QKV output); token i goes to slot slots[i] of the
 // caches, each seen as [slots, kv_heads, D]. One op for both caches instead of two index_copy_ calls.
 void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
-              const at::Tensor& slots) {
+              const at::Tensor& slots, const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
   TORCH_CHECK(k.stride(2) == 1 && k.stride(1) == k.size(2) && v.stride(2) == 1 && v.stride(1) == v.size(2));
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && slots.is_contiguous() &&
               k.scalar_type() == v.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type());
@@ -128,10 +199,12 @@ void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at:
   TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() || row % kLanes == 0);
   const int64_t* sp = slots.data_ptr<int64_t>();
   for (int64_t i = 0; i < tokens; ++i) TORCH_CHECK(sp[i] >= 0 && sp[i] < capacity, "slot ", sp[i], " is outside the KV cache");
-  dispatch_kv(k, "store_kv", [&](auto type) {
+  // Written through the op's mutable scale arguments: const here is the optional's, not the data's.
+  float *ks = const_cast<float*>(scales_of(k_cache, k_scale)), *vs = const_cast<float*>(scales_of(v_cache, v_scale));
+  dispatch_activation(k, "store_kv", [&](auto type) {
     dispatch_kv(k_cache, "store_kv", [&](auto kv) {
-      store_rows<decltype(type), decltype(kv)>(k, k_cache, sp, tokens, row);
-      store_rows<decltype(type), decltype(kv)>(v, v_cache, sp, tokens, row);
+      store_rows<decltype(type), decltype(kv)>(k, k_cache, ks, sp, tokens);
+      store_rows<decltype(type), decltype(kv)>(v, v_cache, vs, sp, tokens);
     });
   });
 }
@@ -139,12 +212,13 @@ void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at:
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
-  m.def("store_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots) -> ()");
-  m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
-        "float scale, Tensor(a!) out) -> ()");
+  m.def("store_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, Tensor(c!)? k_scale=None, "
+        "Tensor(d!)? v_scale=None) -> ()");
+  m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
+        "float scale, Tensor(a!) out, Tensor? k_scale=None, Tensor? v_scale=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
-  m.impl("paged_decode_attention", paged_decode_attention);
+  m.impl("paged_attention", paged_attention);
   m.impl("store_kv", store_kv);
 }

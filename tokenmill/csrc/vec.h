@@ -76,6 +76,12 @@ inline void store(at::BFloat16* p, f32x16 v) {
 inline f32x16 load(const at::Half* p) {
 #if defined(__AVX512F__)
   return (f32x16)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(__F16C__)
+  const __m256 halves[2] = {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+                            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
+  f32x16 v;
+  std::memcpy(&v, halves, sizeof v);
+  return v;
 #else
   f32x16 v;
   for (int l = 0; l < kLanes; ++l) v[l] = float(p[l]);
@@ -87,8 +93,24 @@ inline f32x16 load(const at::Half* p) {
 inline void store(at::Half* p, f32x16 v) {
 #if defined(__AVX512F__)
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT));
+#elif defined(__F16C__)
+  __m256 halves[2];
+  std::memcpy(halves, &v, sizeof v);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(halves[0], _MM_FROUND_TO_NEAREST_INT));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8), _mm256_cvtps_ph(halves[1], _MM_FROUND_TO_NEAREST_INT));
 #else
   for (int l = 0; l < kLanes; ++l) p[l] = at::Half(v[l]);
+#endif
+}
+
+// int8 levels of a quantized KV cache, as floats (the caller applies the scale).
+inline f32x16 load(const int8_t* p) {
+#if defined(__AVX512F__)
+  return (f32x16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
+  f32x16 v;
+  for (int l = 0; l < kLanes; ++l) v[l] = float(p[l]);
+  return v;
 #endif
 }
 
@@ -100,11 +122,18 @@ inline void dispatch_float(const at::Tensor& t, const char* op, F&& f) {
   else TORCH_CHECK(false, op, " takes float32 or bfloat16, not ", t.scalar_type());
 }
 
-// The same with float16 too: a KV cache's types, and the activations' on CPU.
+// The same with float16 too: the activations' types on CPU.
 template <typename F>
-inline void dispatch_kv(const at::Tensor& t, const char* op, F&& f) {
+inline void dispatch_activation(const at::Tensor& t, const char* op, F&& f) {
   if (t.scalar_type() == at::kHalf) f(at::Half{});
   else dispatch_float(t, op, f);
+}
+
+// A KV cache's types: those, and int8 levels with a scale per token and head.
+template <typename F>
+inline void dispatch_kv(const at::Tensor& t, const char* op, F&& f) {
+  if (t.scalar_type() == at::kChar) f(int8_t{});
+  else dispatch_activation(t, op, f);
 }
 
 }  // namespace tokenmill

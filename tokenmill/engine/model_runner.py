@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from tokenmill import ops
-from tokenmill.config import DTYPES, EngineConfig
+from tokenmill.config import DTYPES, EngineConfig, resolve_kv_cache_dtype
 from tokenmill.engine.sequence import Sequence
 from tokenmill.layers.attention import Attention, AttentionMetadata, PrefillChunk, attention_metadata
 from tokenmill.layers.packed_linear import can_pack, pack_linears
@@ -42,7 +42,7 @@ class ModelRunner:
         self.model_config = source.config
         self.device = torch.device(config.device)
         self.dtype = DTYPES[config.dtype]
-        self.kv_dtype = self.dtype if config.kv_cache_dtype == "auto" else DTYPES[config.kv_cache_dtype]
+        self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.device, self.dtype)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         # Built on the meta device, so no weight is initialized only to be overwritten and a layer
@@ -73,38 +73,45 @@ class ModelRunner:
 
     def _num_kv_blocks(self) -> int:
         c = self.model_config
-        bytes_per_block = 2 * c.num_layers * self.block_size * c.num_kv_heads * c.head_dim * self.kv_dtype.itemsize
+        # int8 keeps a float32 scale per token and head beside its head_dim levels.
+        token_head_bytes = c.head_dim * self.kv_dtype.itemsize + (4 if self.kv_dtype == torch.int8 else 0)
+        self.kv_block_bytes = 2 * c.num_layers * self.block_size * c.num_kv_heads * token_head_bytes
         budget = self.config.kv_cache_memory
         if budget is None and self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = free * self.config.kv_cache_fraction / _GIB
-        return max(1, int((budget if budget is not None else 1.0) * _GIB // bytes_per_block))
+        return max(1, int((budget if budget is not None else 1.0) * _GIB // self.kv_block_bytes))
 
     def _allocate_kv_pool(self) -> None:
         c = self.model_config
-        shape = (2, c.num_layers, self.num_blocks, self.block_size, c.num_kv_heads, c.head_dim)
-        if self.device.type == "cpu":
-            # Anonymous pages stay unmapped until a block is first written, so the process holds only
-            # the KV memory it has used rather than the whole budget from the start. Not np.zeros: numpy
-            # advises huge pages for large arrays, and the first token then mapped a 2 MiB page for
-            # each layer's K and V (120 MiB of RSS for SmolLM2 where 4 KiB pages map 240 KiB).
-            nbytes = math.prod(shape) * self.kv_dtype.itemsize
-            self.kv_pool = torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8).view(self.kv_dtype).view(shape)
-        else:
-            self.kv_pool = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+        shape = (2, c.num_layers, self.num_blocks, self.block_size, c.num_kv_heads)
+        self.kv_pool = self._pool((*shape, c.head_dim), self.kv_dtype)
+        self.kv_scales = self._pool(shape, torch.float32) if self.kv_dtype == torch.int8 else None
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         for i, layer in enumerate(layers):
             layer.k_cache, layer.v_cache = self.kv_pool[0, i], self.kv_pool[1, i]
+            if self.kv_scales is not None:
+                layer.k_scale, layer.v_scale = self.kv_scales[0, i], self.kv_scales[1, i]
+        nbytes = self.kv_pool.nbytes + (self.kv_scales.nbytes if self.kv_scales is not None else 0)
         logger.info(
-            "KV pool: %d blocks of %d tokens = %d tokens (%.2f GiB of %s)",
-            self.num_blocks, self.block_size, self.num_blocks * self.block_size,
-            self.kv_pool.numel() * self.kv_dtype.itemsize / _GIB, str(self.kv_dtype).removeprefix("torch."),
+            "KV pool: %d blocks of %d tokens = %d tokens (%.2f GiB of %s)", self.num_blocks, self.block_size,
+            self.num_blocks * self.block_size, nbytes / _GIB, str(self.kv_dtype).removeprefix("torch."),
         )
+
+    def _pool(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if self.device.type != "cpu":
+            return torch.zeros(shape, dtype=dtype, device=self.device)
+        # Anonymous pages stay unmapped until a block is first written, so the process holds only the
+        # KV memory it has used rather than the whole budget from the start. Not np.zeros: numpy advises
+        # huge pages for large arrays, and the first token then mapped a 2 MiB page for each layer's K
+        # and V (120 MiB of RSS for SmolLM2 where 4 KiB pages map 240 KiB).
+        nbytes = math.prod(shape) * dtype.itemsize
+        return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8).view(dtype).view(shape)
 
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Sequence, int]]) -> RunnerOutput:
         """Run the scheduled tokens; return logits of sequences that reached their last token (and prompt rows)."""
-        # Decodes first: the attention layer batches them and handles prompt chunks one by one.
+        # Decodes first: the PyTorch attention path batches them and handles prompt chunks one by one.
         batch = sorted(scheduled, key=lambda item: item[1] > 1)
         input_ids: list[int] = []
         positions: list[int] = []
@@ -112,8 +119,8 @@ class ModelRunner:
         sample_rows: list[int] = []
         sample_seqs: list[Sequence] = []
         prefills: list[PrefillChunk] = []
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
+        tables: list[list[int]] = []  # each scheduled sequence's block table
+        row_seqs: list[int] = []  # each token's index into tables
         prompt_rows: list[tuple[Sequence, int, int, int]] = []  # seq, first position, first row, rows
         for seq, n in batch:
             start = seq.num_computed_tokens
@@ -122,10 +129,9 @@ class ModelRunner:
             positions += range(start, start + n)
             slots += [seq.block_table[p // self.block_size] * self.block_size + p % self.block_size
                       for p in range(start, start + n)]
-            if n == 1:
-                decode_tables.append(seq.block_table)
-                decode_lens.append(start + 1)
-            else:
+            row_seqs += [len(tables)] * n
+            tables.append(seq.block_table)
+            if n > 1:
                 table = torch.tensor(seq.block_table, dtype=torch.long, device=self.device)
                 prefills.append(PrefillChunk(query_start, n, start + n, table))
             if start + n == seq.num_tokens:
@@ -134,32 +140,26 @@ class ModelRunner:
             last_prompt_row = min(start + n, seq.num_prompt_tokens - 1)
             if seq.params.prompt_logprobs is not None and start < last_prompt_row:
                 prompt_rows.append((seq, start, query_start, last_prompt_row - start))
-        decode_tables_padded, decode_mask = self._decode_gather(decode_tables, decode_lens)
+        # Built once per step rather than in each layer; padding points at block 0, past every row's keys.
+        width = max(len(t) for t in tables)
+        padded = self._tensor([t + [0] * (width - len(t)) for t in tables]).view(len(tables), width)
+        position_ids = self._tensor(positions)
         metadata = AttentionMetadata(
             slot_mapping=self._tensor(slots),
-            num_decodes=len(decode_lens),
-            decode_tables=decode_tables_padded,
-            decode_lens=self._tensor(decode_lens),
-            decode_mask=decode_mask,
+            row_tables=padded.index_select(0, self._tensor(row_seqs)),
+            row_lens=position_ids + 1,
+            block_size=self.block_size,
+            num_decodes=sum(n == 1 for _, n in batch),
             prefills=prefills,
         )
         with attention_metadata(metadata):
-            hidden = self.model(self._tensor(input_ids), self._tensor(positions))
+            hidden = self.model(self._tensor(input_ids), position_ids)
         logits = self.model.compute_logits(hidden[self._tensor(sample_rows)]).float()
         prompt_logits = [
             (seq, start, self.model.compute_logits(hidden[row : row + count]).float())
             for seq, start, row, count in prompt_rows
         ]
         return RunnerOutput(sample_seqs, logits, prompt_logits)
-
-    def _decode_gather(self, tables: list[list[int]], lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The decodes' block tables padded to one width, and the mask of real keys."""
-        # Built once per step rather than in each layer. Padding points at block 0; the mask keeps
-        # those keys, and any past a sequence's length, out of attention.
-        width = max((len(t) for t in tables), default=0)
-        blocks = self._tensor([t + [0] * (width - len(t)) for t in tables]).view(len(tables), width)
-        keys = torch.arange(width * self.block_size, device=self.device)
-        return blocks, (keys < self._tensor(lens)[:, None])[:, None, None, :]
 
     def _tensor(self, values: list) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

@@ -3,6 +3,7 @@
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -26,13 +27,21 @@ class PrefillChunk:
 class AttentionMetadata:
     """Where each token's K/V goes and what each query attends to, for one model step."""
 
-    # NOTE: the runner orders the flat batch decodes first (one token each), then prefill chunks.
     slot_mapping: torch.Tensor  # [tokens] index into the flattened [blocks * block_size] pool
+    # Every token's sequence's block table, padded with block 0, and the keys it sees (its position + 1):
+    # what the C++ op attends each row over, alone.
+    row_tables: torch.Tensor  # [tokens, max_blocks]
+    row_lens: torch.Tensor  # [tokens]
+    block_size: int
+    # For the PyTorch path: decodes (one token each) come first in the flat batch, then prefill chunks.
     num_decodes: int
-    decode_tables: torch.Tensor  # [num_decodes, max_blocks] each decode's block table, padded with block 0
-    decode_lens: torch.Tensor  # [num_decodes] tokens in each decode's cache, this step's included
-    decode_mask: torch.Tensor  # [num_decodes, 1, 1, max_blocks * block_size] True for keys within the sequence
     prefills: list[PrefillChunk]
+
+    @cached_property
+    def decode_mask(self) -> torch.Tensor:
+        """[num_decodes, 1, 1, max_blocks * block_size]: True for the keys each decode sees; once per step."""
+        keys = torch.arange(self.row_tables.shape[1] * self.block_size, device=self.row_lens.device)
+        return (keys < self.row_lens[: self.num_decodes, None])[:, None, None, :]
 
 
 _metadata: AttentionMetadata | None = None
@@ -56,32 +65,37 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim**-0.5
-        self.native_shape = head_dim % ops.LANES == 0 and head_dim <= ops.MAX_HEAD_DIM  # what the C++ ops take
+        self.native_shape = head_dim in ops.ATTENTION_HEAD_DIMS  # what the C++ op takes
         # Views into the runner's KV pool: [num_blocks, block_size, kv_heads, head_dim]; set by the runner.
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        # For an int8 pool, the scale of each token and head: [num_blocks, block_size, kv_heads] float32.
+        self.k_scale: torch.Tensor | None = None
+        self.v_scale: torch.Tensor | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim]; views into the QKV output
         meta = _metadata
         assert meta is not None, "Attention called outside attention_metadata()"
-        native = q.device.type == "cpu" and self.native_shape and ops.available()
-        if native:
-            torch.ops.tokenmill.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        else:
-            self.k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k.to(self.k_cache.dtype))
-            self.v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v.to(self.v_cache.dtype))
-        if self.k_cache.dtype != q.dtype and meta.prefills:
-            # NOTE: a prompt's own keys and values go through the cache's rounding too, so a prompt
-            # prefilled whole, in chunks or after a cached prefix attends over the same values.
-            k, v = k.to(self.k_cache.dtype).to(q.dtype), v.to(self.v_cache.dtype).to(q.dtype)
-        out = q.new_empty(q.shape)
-        if meta.num_decodes and native:
-            torch.ops.tokenmill.paged_decode_attention(
-                q[: meta.num_decodes], self.k_cache, self.v_cache, meta.decode_tables, meta.decode_lens, self.scale,
-                out[: meta.num_decodes],
+        if q.device.type == "cpu" and self.native_shape and ops.available():
+            torch.ops.tokenmill.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
+            out = q.new_empty(q.shape)
+            torch.ops.tokenmill.paged_attention(
+                q, self.k_cache, self.v_cache, meta.row_tables, meta.row_lens, self.scale, out, self.k_scale, self.v_scale
             )
-        elif meta.num_decodes:
+            return out
+        return self._forward_pytorch(q, k, v, meta)
+
+    def _forward_pytorch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Without the C++ ops (GPU, no compiler, an odd head_dim): SDPA over gathered decodes and each chunk."""
+        _store(self.k_cache, self.k_scale, k, meta.slot_mapping)
+        _store(self.v_cache, self.v_scale, v, meta.slot_mapping)
+        if self.k_cache.dtype != q.dtype and meta.prefills:
+            # A prompt's own keys and values go through the cache's rounding too, so a prompt prefilled
+            # whole, in chunks or after a cached prefix attends over the same values.
+            k, v = _widen(*_narrow(k, self.k_cache.dtype), q.dtype), _widen(*_narrow(v, self.v_cache.dtype), q.dtype)
+        out = q.new_empty(q.shape)
+        if meta.num_decodes:
             out[: meta.num_decodes] = self._decode(q[: meta.num_decodes], meta)
         # Prefill chunks are few per step (the token budget bounds them), so a loop here is cheap,
         # while padding them into one batch would multiply attention work by the longest chunk.
@@ -109,9 +123,9 @@ class Attention(nn.Module):
         # Gather only the blocks these sequences use: [batch, kv_heads, max_len, d]. index_select on a
         # flat block list is 5x faster here than indexing with the 2-D table.
         shape = (batch, meta.decode_mask.shape[-1], self.num_kv_heads, self.head_dim)
-        blocks = meta.decode_tables.view(-1)
-        k = self.k_cache.index_select(0, blocks).view(shape).transpose(1, 2).to(q.dtype)
-        v = self.v_cache.index_select(0, blocks).view(shape).transpose(1, 2).to(q.dtype)
+        blocks = meta.row_tables[:batch].reshape(-1)
+        k = self._read(self.k_cache, self.k_scale, blocks, q.dtype).view(shape).transpose(1, 2)
+        v = self._read(self.v_cache, self.v_scale, blocks, q.dtype).view(shape).transpose(1, 2)
         qg = q.view(batch, self.num_kv_heads, group, self.head_dim)
         o = F.scaled_dot_product_attention(qg, k, v, attn_mask=meta.decode_mask, scale=self.scale)
         return o.reshape(batch, self.num_heads, self.head_dim)
@@ -128,8 +142,8 @@ class Attention(nn.Module):
             return o[0].transpose(0, 1)
         num_blocks = -(-chunk.context_len // self.k_cache.shape[1])
         blocks = chunk.block_table[:num_blocks]
-        kg = self.k_cache[blocks].flatten(0, 1)[: chunk.context_len].transpose(0, 1).to(q.dtype)
-        vg = self.v_cache[blocks].flatten(0, 1)[: chunk.context_len].transpose(0, 1).to(q.dtype)
+        kg = self._read(self.k_cache, self.k_scale, blocks, q.dtype).flatten(0, 1)[: chunk.context_len].transpose(0, 1)
+        vg = self._read(self.v_cache, self.v_scale, blocks, q.dtype).flatten(0, 1)[: chunk.context_len].transpose(0, 1)
         # Query i sits at absolute position context_len - n + i and sees keys up to it: is_causal would
         # align the diagonal to the first key instead, so this case keeps an explicit mask.
         q_pos = torch.arange(chunk.context_len - n, chunk.context_len, device=q.device)
@@ -138,3 +152,28 @@ class Attention(nn.Module):
         )
         o = F.scaled_dot_product_attention(self._grouped(q), kg, vg, attn_mask=mask, scale=self.scale)
         return self._ungrouped(o, n)
+
+    @staticmethod
+    def _read(cache: torch.Tensor, scale: torch.Tensor | None, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Blocks of a cache [len(blocks), block_size, kv_heads, head_dim], widened to dtype."""
+        return _widen(cache.index_select(0, blocks), None if scale is None else scale.index_select(0, blocks), dtype)
+
+
+def _narrow(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x [..., head_dim] in a cache's type, with int8's scale per row: max|x| / 127 (as store_kv in C++)."""
+    if dtype != torch.int8:
+        return x.to(dtype), None
+    scale = x.float().abs().amax(-1) / 127
+    levels = torch.round(x.float() / torch.where(scale > 0, scale, 1.0)[..., None]).to(torch.int8)
+    return levels, scale
+
+
+def _widen(values: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    return (values.float() * scale[..., None]).to(dtype) if scale is not None else values.to(dtype)
+
+
+def _store(cache: torch.Tensor, scale: torch.Tensor | None, x: torch.Tensor, slots: torch.Tensor) -> None:
+    values, row_scale = _narrow(x, cache.dtype)
+    cache.view(-1, *x.shape[1:]).index_copy_(0, slots, values)
+    if scale is not None:
+        scale.view(-1, x.shape[1]).index_copy_(0, slots, row_scale)
