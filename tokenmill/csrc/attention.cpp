@@ -23,12 +23,13 @@ namespace {
 
 using namespace tokenmill;
 
-// The horizontal sums of 16 vectors: lane j holds sum(a[j]). Every lane's sum takes the same tree (lanes
+// The horizontal sums of 16 vectors (16 x 16 floats): lane j holds the sum of vector j. Every lane's sum takes the same tree (lanes
 // l and l + 8, then + 4, + 2, + 1) whatever the other vectors hold, so a key's score does not depend on
 // the keys beside it or on zeros padding the last 16. 46 shuffles and adds against 128 for 16 reductions.
-inline f32x16 sums16(const f32x16 (&a)[16]) {
+inline void sums16(const float* vectors, float* out) {
 #if defined(__AVX512F__)
-  f32x16 b[8], c[4], d[2];
+  f32x16 a[16], b[8], c[4], d[2];
+  for (int j = 0; j < 16; ++j) a[j] = load(vectors + j * kLanes);
   for (int j = 0; j < 8; ++j)  // lanes 0-7: a[2j]'s 8 partial sums; 8-15: a[2j + 1]'s
     b[j] = __builtin_shufflevector(a[2 * j], a[2 * j + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
            __builtin_shufflevector(a[2 * j], a[2 * j + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
@@ -41,20 +42,66 @@ inline f32x16 sums16(const f32x16 (&a)[16]) {
   // The sums of vectors {0, 4, 2, 6, 1, 5, 3, 7, 8, 12, 10, 14, 9, 13, 11, 15}, put back in order.
   const f32x16 e = __builtin_shufflevector(d[0], d[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
                    __builtin_shufflevector(d[0], d[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-  return __builtin_shufflevector(e, e, 0, 4, 2, 6, 1, 5, 3, 7, 8, 12, 10, 14, 9, 13, 11, 15);
+  store(out, __builtin_shufflevector(e, e, 0, 4, 2, 6, 1, 5, 3, 7, 8, 12, 10, 14, 9, 13, 11, 15));
 #else
   // The same tree a lane at a time, where 16 lanes do not fit one register. NOTE: on AVX2 builds this op
   // is still 8x slower than on AVX-512 (39 against 4.9 ms, one thread, a 512-token prompt's layer): perf
   // shows stores of single lanes reloaded as vectors in GCC's code for 16-lane vectors; an AVX2 path in
   // 8-lane intrinsics is the fix.
-  f32x16 out;
   for (int j = 0; j < 16; ++j) {
     float h[8];
-    for (int l = 0; l < 8; ++l) h[l] = a[j][l] + a[j][l + 8];
+    for (int l = 0; l < 8; ++l) h[l] = vectors[j * kLanes + l] + vectors[j * kLanes + l + 8];
     for (int l = 0; l < 4; ++l) h[l] += h[l + 4];
     out[j] = (h[0] + h[2]) + (h[1] + h[3]);
   }
-  return out;
+#endif
+}
+
+// The two loop-carried sums of attention, per lane: a query's dot products with one key, and a head's
+// values weighted over all keys. NOTE: where 16 lanes are two 256-bit registers (AVX2) they are written
+// on the two halves: GCC kept a loop-carried 16-lane vector on the stack and moved it through general
+// registers, and the op ran 8x slower than on AVX-512.
+// Both write their 16 lanes to out rather than return them: a returned 16-lane vector was stored lane by
+// lane there too.
+template <int V, typename KV>
+inline void dot_lanes(const float* q, const KV* k, float* out) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  __m256 low = _mm256_setzero_ps(), high = _mm256_setzero_ps();
+  for (int c = 0; c < V; ++c) {
+    const f32x16 key = load(k + c * kLanes);
+    low = _mm256_fmadd_ps(_mm256_loadu_ps(q + c * kLanes), half_of(key, 0), low);
+    high = _mm256_fmadd_ps(_mm256_loadu_ps(q + c * kLanes + 8), half_of(key, 1), high);
+  }
+  _mm256_storeu_ps(out, low);
+  _mm256_storeu_ps(out + 8, high);
+#else
+  f32x16 dot = {};
+  for (int c = 0; c < V; ++c) dot += load(q + c * kLanes) * load(k + c * kLanes);
+  store(out, dot);
+#endif
+}
+
+// sum over t < len of weight(t) * values[at[t]]: a head's D = 16 V lanes, one accumulator per vector.
+template <int V, typename KV, typename Weight>
+inline void weighted_sum(int64_t len, const Weight& weight, const KV* values, const int64_t* at, float* out) {
+  constexpr int64_t D = V * kLanes;
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  __m256 acc[2 * V];
+  for (int c = 0; c < 2 * V; ++c) acc[c] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < len; ++t) {
+    const __m256 w = _mm256_set1_ps(weight(t));
+    for (int c = 0; c < V; ++c) {
+      const f32x16 x = load(values + at[t] * D + c * kLanes);
+      acc[2 * c] = _mm256_fmadd_ps(w, half_of(x, 0), acc[2 * c]);
+      acc[2 * c + 1] = _mm256_fmadd_ps(w, half_of(x, 1), acc[2 * c + 1]);
+    }
+  }
+  for (int c = 0; c < 2 * V; ++c) _mm256_storeu_ps(out + c * 8, acc[c]);
+#else
+  f32x16 acc[V] = {};
+  for (int64_t t = 0; t < len; ++t)
+    for (int c = 0; c < V; ++c) acc[c] += weight(t) * load(values + at[t] * D + c * kLanes);
+  for (int c = 0; c < V; ++c) store(out + c * kLanes, acc[c]);
 #endif
 }
 
@@ -63,7 +110,7 @@ inline f32x16 sums16(const f32x16 (&a)[16]) {
 // sequence's table; seq_lens: [rows], the keys each row sees (its position + 1). The caches may hold
 // a narrower type (KV) than the queries (T): keys and values are widened as they are read. int8 caches
 // come with scales [blocks, block_size, kv_heads], applied to each key's dot product and each value's
-// weight rather than to every element. D = 16 V: V vectors a head, kept in registers.
+// weight rather than to every element. D = 16 V: V vectors a head.
 template <typename T, typename KV, int V>
 void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_tables,
             const at::Tensor& seq_lens, double scale, at::Tensor& out, const float* k_scales, const float* v_scales) {
@@ -85,7 +132,7 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, qf(group * D), total(group);
     std::vector<int64_t> at;  // each key's token-head index into the caches
-    std::vector<f32x16> parts(group * kLanes);
+    std::vector<float> parts(group * kLanes * kLanes), sums(D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / kv_heads, b = i % 2 ? rows - 1 - i / 2 : i / 2, h = task % kv_heads, len = lens[b];
       const int64_t padded = (len + kLanes - 1) / kLanes * kLanes;
@@ -99,24 +146,19 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
       }
       scores.resize(group * padded);
       for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
-        f32x16 k_scale = splat(1.f);
         for (int64_t j = 0; j < kLanes; ++j) {
           if (t0 + j >= len) {
-            for (int64_t g = 0; g < group; ++g) parts[g * kLanes + j] = f32x16{};
+            for (int64_t g = 0; g < group; ++g) std::fill_n(parts.data() + (g * kLanes + j) * kLanes, kLanes, 0.f);
             continue;
           }
-          f32x16 key[V];  // widened once for the whole query group
-          for (int c = 0; c < V; ++c) key[c] = load(kp + at[t0 + j] * D + c * kLanes);
-          if constexpr (kScaled) k_scale[j] = k_scales[at[t0 + j]];
-          for (int64_t g = 0; g < group; ++g) {
-            f32x16 dot = {};
-            for (int c = 0; c < V; ++c) dot += load(qf.data() + g * D + c * kLanes) * key[c];
-            parts[g * kLanes + j] = dot;
-          }
+          const KV* key = kp + at[t0 + j] * D;
+          for (int64_t g = 0; g < group; ++g) dot_lanes<V>(qf.data() + g * D, key, parts.data() + (g * kLanes + j) * kLanes);
         }
         for (int64_t g = 0; g < group; ++g) {
-          const f32x16(&group_parts)[kLanes] = *reinterpret_cast<const f32x16(*)[kLanes]>(parts.data() + g * kLanes);
-          store(scores.data() + g * padded + t0, kScaled ? sums16(group_parts) * k_scale : sums16(group_parts));
+          float* s = scores.data() + g * padded + t0;
+          sums16(parts.data() + g * kLanes * kLanes, s);
+          if constexpr (kScaled)
+            for (int64_t j = 0; j < kLanes && t0 + j < len; ++j) s[j] *= k_scales[at[t0 + j]];
         }
       }
       for (int64_t g = 0; g < group; ++g) {
@@ -134,12 +176,9 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
       }
       for (int64_t g = 0; g < group; ++g) {
         const float* s = scores.data() + g * padded;
-        f32x16 acc[V] = {};
-        for (int64_t t = 0; t < len; ++t) {
-          const float w = kScaled ? s[t] * v_scales[at[t]] : s[t];
-          for (int c = 0; c < V; ++c) acc[c] += w * load(vp + at[t] * D + c * kLanes);
-        }
-        for (int c = 0; c < V; ++c) store(op + (b * heads + h * group + g) * D + c * kLanes, acc[c] / total[g]);
+        auto weight = [&](int64_t t) { return kScaled ? s[t] * v_scales[at[t]] : s[t]; };
+        weighted_sum<V>(len, weight, vp, at.data(), sums.data());
+        for (int c = 0; c < V; ++c) store(op + (b * heads + h * group + g) * D + c * kLanes, load(sums.data() + c * kLanes) / total[g]);
       }
     }
   });

@@ -15,7 +15,28 @@ constexpr int kLanes = 16;
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 
-inline f32x16 splat(float s) { return f32x16{} + s; }
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// Where 16 lanes are two 256-bit registers, vectors are loaded or broadcast a half at a time and joined: a
+// vector built lane by lane went through the stack, and the wide loads after the narrow stores stalled.
+typedef float f32x8 __attribute__((vector_size(32)));
+
+inline f32x16 join(__m256 low, __m256 high) {
+  return __builtin_shufflevector((f32x8)low, (f32x8)high, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+
+inline __m256 half_of(f32x16 v, int h) {
+  return (__m256)(h ? __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15)
+                    : __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7));
+}
+#endif
+
+inline f32x16 splat(float s) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  return join(_mm256_set1_ps(s), _mm256_set1_ps(s));
+#else
+  return f32x16{} + s;
+#endif
+}
 
 inline float sum(f32x16 v) {
 #if defined(__AVX512F__)
@@ -57,6 +78,11 @@ inline f32x16 load(const at::BFloat16* p) {
 #if defined(__AVX512F__)
   const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return (f32x16)_mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+#elif defined(__AVX2__)
+  auto widen = [](const at::BFloat16* q) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))), 16));
+  };
+  return join(widen(p), widen(p + 8));
 #else
   f32x16 v;
   for (int l = 0; l < kLanes; ++l) v[l] = float(p[l]);
@@ -76,12 +102,9 @@ inline void store(at::BFloat16* p, f32x16 v) {
 inline f32x16 load(const at::Half* p) {
 #if defined(__AVX512F__)
   return (f32x16)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-#elif defined(__F16C__)
-  const __m256 halves[2] = {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
-                            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
-  f32x16 v;
-  std::memcpy(&v, halves, sizeof v);
-  return v;
+#elif defined(__AVX2__) && defined(__F16C__)
+  return join(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+              _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8))));
 #else
   f32x16 v;
   for (int l = 0; l < kLanes; ++l) v[l] = float(p[l]);
@@ -93,11 +116,9 @@ inline f32x16 load(const at::Half* p) {
 inline void store(at::Half* p, f32x16 v) {
 #if defined(__AVX512F__)
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT));
-#elif defined(__F16C__)
-  __m256 halves[2];
-  std::memcpy(halves, &v, sizeof v);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(halves[0], _MM_FROUND_TO_NEAREST_INT));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8), _mm256_cvtps_ph(halves[1], _MM_FROUND_TO_NEAREST_INT));
+#elif defined(__AVX2__) && defined(__F16C__)
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(half_of(v, 0), _MM_FROUND_TO_NEAREST_INT));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8), _mm256_cvtps_ph(half_of(v, 1), _MM_FROUND_TO_NEAREST_INT));
 #else
   for (int l = 0; l < kLanes; ++l) p[l] = at::Half(v[l]);
 #endif
@@ -107,6 +128,9 @@ inline void store(at::Half* p, f32x16 v) {
 inline f32x16 load(const int8_t* p) {
 #if defined(__AVX512F__)
   return (f32x16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif defined(__AVX2__)
+  auto widen = [](const int8_t* q) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)))); };
+  return join(widen(p), widen(p + 8));
 #else
   f32x16 v;
   for (int l = 0; l < kLanes; ++l) v[l] = float(p[l]);
