@@ -37,3 +37,17 @@ def test_x86_kernels_compile_without_any_vector_extension_enabled():
     kernels = [s for s in ops.sources("x86") if "/arch/x86/" in s]
     assert len(kernels) == 3
     assert _syntax_errors("g++", ["-march=x86-64"], kernels) == []
+
+
+@pytest.mark.skipif(ops.ARCH != "x86" or shutil.which("nm") is None, reason="checks the x86 kernels' objects")
+def test_x86_kernel_files_share_no_code_built_for_their_target(tmp_path):
+    # A weak symbol (an inline function or template instantiation shared across files) built under a
+    # kernel file's AVX-512 target could be the copy the linker keeps for every file, and then run on a CPU
+    # without it. Only the header's functions, defined before the target pragma, may be shared.
+    for source in (s for s in ops.sources("x86") if "/arch/x86/" in s):
+        obj = tmp_path / "kernel.o"
+        subprocess.run(["g++", "-c", "-O3", "-std=c++17", "-march=x86-64", source, "-o", str(obj)], check=True)
+        symbols = subprocess.run(["nm", "-C", str(obj)], capture_output=True, text=True, check=True).stdout
+        defined = [line.split(None, 2) for line in symbols.splitlines() if not line.startswith(" ")]
+        weak = {name for _, kind, name in defined if kind in ("W", "V", "u")}
+        assert weak <= {"tokenmill::rows_as_given(long)"}, (source, weak)

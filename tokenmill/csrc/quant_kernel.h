@@ -74,6 +74,40 @@ extern const QuantKernel kAvx2Kernel, kAvxVnniKernel, kAvx512VnniKernel, kAmxKer
 
 inline int64_t rows_as_given(int64_t M) { return M; }
 
+// The loops every kernel shares around its own per-block code, which it passes in as lambdas: each
+// instantiation is then local to its kernel's file and built under that file's target.
+
+// Input blocks [begin, end): abs_max(x) of 32 inputs, then levels(x, kMaxLevel / abs_max, hi, lo), which
+// writes their levels and returns the levels' sum.
+template <typename AbsMax, typename Levels>
+inline void quantize_input_blocks(const float* x, int64_t begin, int64_t end, int8_t* hi, int8_t* lo, float* dx,
+                                  float* sx, const AbsMax& abs_max, const Levels& levels) {
+  for (int64_t i = begin; i < end; ++i) {
+    const float* xp = x + i * kInputBlock;
+    const float amax = abs_max(xp);
+    const float inv = amax > 0.f ? kMaxLevel / amax : 0.f;
+    const int32_t total = levels(xp, inv, hi + i * kInputBlock, lo + i * kInputBlock);
+    dx[i] = amax / kMaxLevel;
+    sx[i] = dx[i] * float(total);
+  }
+}
+
+template <int Bits>
+struct BitsTag {
+  static constexpr int kBits = Bits;
+};
+
+// Weight blocks [begin, end): block_rows(BitsTag<8 or 4>, block's levels, block's scales, first output row).
+template <typename BlockRows>
+inline void for_weight_blocks(const QuantizedWeights& w, int64_t begin, int64_t end, const BlockRows& block_rows) {
+  for (int64_t b = begin; b < end; ++b) {
+    const uint8_t* q = w.q + b * w.block_bytes;
+    const uint16_t* scale = w.scale + b * w.block_scales;
+    if (w.bits == 8) block_rows(BitsTag<8>{}, q, scale, b * kBlockRows);
+    else block_rows(BitsTag<4>{}, q, scale, b * kBlockRows);
+  }
+}
+
 // float16 bits to float32, exactly (every float16 is a float32).
 inline float half_to_float(uint16_t h) {
   const uint32_t sign = uint32_t(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;

@@ -8,22 +8,23 @@ namespace tokenmill {
 namespace {
 
 void quantize(const float* x, int64_t begin, int64_t end, int8_t* hi, int8_t* lo, float* dx, float* sx) {
-  for (int64_t i = begin; i < end; ++i) {
-    const float* xp = x + i * kInputBlock;
+  auto abs_max = [](const float* xp) {
     float amax = 0.f;
     for (int j = 0; j < kInputBlock; ++j) amax = std::fmax(amax, std::fabs(xp[j]));
-    const float inv = amax > 0.f ? kMaxLevel / amax : 0.f;
+    return amax;
+  };
+  auto levels = [](const float* xp, float inv, int8_t* high, int8_t* low) {
     int32_t total = 0;
     for (int j = 0; j < kInputBlock; ++j) {
       const int32_t level = static_cast<int32_t>(std::nearbyint(xp[j] * inv));
-      const int32_t low = ((level + 128) & 255) - 128;  // level = 256 * high + low, low in [-128, 127]
-      hi[i * kInputBlock + j] = static_cast<int8_t>((level - low) / 256);
-      lo[i * kInputBlock + j] = static_cast<int8_t>(low);
+      const int32_t rest = ((level + 128) & 255) - 128;  // level = 256 * high + rest, rest in [-128, 127]
+      high[j] = static_cast<int8_t>((level - rest) / 256);
+      low[j] = static_cast<int8_t>(rest);
       total += level;
     }
-    dx[i] = amax / kMaxLevel;
-    sx[i] = dx[i] * float(total);
-  }
+    return total;
+  };
+  quantize_input_blocks(x, begin, end, hi, lo, dx, sx, abs_max, levels);
 }
 
 // Row r's level at input k of a block's weights.
@@ -61,12 +62,9 @@ void block_rows(const uint8_t* q, const uint16_t* scale, int64_t group, const Qu
 
 void matmul(const QuantizedWeights& w, const QuantizedRows& x, int64_t M, float* out, int64_t begin, int64_t end,
             uint8_t*) {
-  for (int64_t b = begin; b < end; ++b) {
-    const uint8_t* q = w.q + b * w.block_bytes;
-    const uint16_t* scale = w.scale + b * w.block_scales;
-    if (w.bits == 8) block_rows<8>(q, scale, w.group, x, M, out, w.N, b * kBlockRows);
-    else block_rows<4>(q, scale, w.group, x, M, out, w.N, b * kBlockRows);
-  }
+  for_weight_blocks(w, begin, end, [&](auto bits, const uint8_t* q, const uint16_t* scale, int64_t n0) {
+    block_rows<decltype(bits)::kBits>(q, scale, w.group, x, M, out, w.N, n0);
+  });
 }
 
 }  // namespace

@@ -73,6 +73,14 @@ inline f32x16 load(const float* p) {
 
 inline void store(float* p, f32x16 v) { std::memcpy(p, &v, sizeof v); }
 
+// The portable widening, one lane at a time, for the types below where no vector instruction is built in.
+template <typename T>
+inline f32x16 widen_each(const T* p) {
+  f32x16 v;
+  for (int l = 0; l < kLanes; ++l) v[l] = float(p[l]);
+  return v;
+}
+
 // bfloat16 is the top half of a float32, so widening is a shift.
 inline f32x16 load(const at::BFloat16* p) {
 #if defined(__AVX512F__)
@@ -84,9 +92,7 @@ inline f32x16 load(const at::BFloat16* p) {
   };
   return join(widen(p), widen(p + 8));
 #else
-  f32x16 v;
-  for (int l = 0; l < kLanes; ++l) v[l] = float(p[l]);
-  return v;
+  return widen_each(p);
 #endif
 }
 
@@ -106,9 +112,7 @@ inline f32x16 load(const at::Half* p) {
   return join(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
               _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8))));
 #else
-  f32x16 v;
-  for (int l = 0; l < kLanes; ++l) v[l] = float(p[l]);
-  return v;
+  return widen_each(p);
 #endif
 }
 
@@ -132,9 +136,7 @@ inline f32x16 load(const int8_t* p) {
   auto widen = [](const int8_t* q) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)))); };
   return join(widen(p), widen(p + 8));
 #else
-  f32x16 v;
-  for (int l = 0; l < kLanes; ++l) v[l] = float(p[l]);
-  return v;
+  return widen_each(p);
 #endif
 }
 

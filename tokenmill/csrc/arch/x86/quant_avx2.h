@@ -58,14 +58,10 @@ inline float abs_max(const float* xp) {
 }
 
 void quantize(const float* x, int64_t begin, int64_t end, int8_t* hi, int8_t* lo, float* dx, float* sx) {
-  for (int64_t i = begin; i < end; ++i) {
-    const float* xp = x + i * kInputBlock;
-    const float amax = abs_max(xp);
-    const float inv = amax > 0.f ? kMaxLevel / amax : 0.f;
-    const int32_t total = quantize_block(xp, inv, hi + i * kInputBlock, lo + i * kInputBlock);
-    dx[i] = amax / kMaxLevel;
-    sx[i] = dx[i] * float(total);
-  }
+  // Lambdas, not the functions themselves: an instantiation over function pointer types would be one
+  // symbol for every kernel's file, and the linker could keep another target's copy.
+  quantize_input_blocks(x, begin, end, hi, lo, dx, sx, [](const float* xp) { return abs_max(xp); },
+                        [](const float* xp, float inv, int8_t* h, int8_t* l) { return quantize_block(xp, inv, h, l); });
 }
 
 inline __m256 load_half(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
@@ -184,12 +180,9 @@ void block_rows(const uint8_t* q, const uint16_t* scale, int64_t group, const Qu
 
 void matmul(const QuantizedWeights& w, const QuantizedRows& x, int64_t M, float* out, int64_t begin, int64_t end,
             uint8_t*) {
-  for (int64_t b = begin; b < end; ++b) {
-    const uint8_t* q = w.q + b * w.block_bytes;
-    const uint16_t* scale = w.scale + b * w.block_scales;
-    if (w.bits == 8) block_rows<8>(q, scale, w.group, x, M, out, w.N, b * kBlockRows);
-    else block_rows<4>(q, scale, w.group, x, M, out, w.N, b * kBlockRows);
-  }
+  for_weight_blocks(w, begin, end, [&](auto bits, const uint8_t* q, const uint16_t* scale, int64_t n0) {
+    block_rows<decltype(bits)::kBits>(q, scale, w.group, x, M, out, w.N, n0);
+  });
 }
 
 }  // namespace

@@ -35,16 +35,16 @@ inline int32_t quantize_block(const float* xp, float inv, int8_t* hi, int8_t* lo
   return _mm512_reduce_add_epi32(total);
 }
 
+inline float abs_max(const float* xp) {
+  const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(xp)), b = _mm512_abs_ps(_mm512_loadu_ps(xp + 16));
+  return _mm512_reduce_max_ps(_mm512_max_ps(a, b));
+}
+
 void quantize(const float* x, int64_t begin, int64_t end, int8_t* hi, int8_t* lo, float* dx, float* sx) {
-  for (int64_t i = begin; i < end; ++i) {
-    const float* xp = x + i * kInputBlock;
-    const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(xp)), b = _mm512_abs_ps(_mm512_loadu_ps(xp + 16));
-    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(a, b));
-    const float inv = amax > 0.f ? kMaxLevel / amax : 0.f;
-    const int32_t total = quantize_block(xp, inv, hi + i * kInputBlock, lo + i * kInputBlock);
-    dx[i] = amax / kMaxLevel;
-    sx[i] = dx[i] * float(total);
-  }
+  // Lambdas, not the functions themselves: an instantiation over function pointer types would be one
+  // symbol for every kernel's file, and the linker could keep another target's copy.
+  quantize_input_blocks(x, begin, end, hi, lo, dx, sx, [](const float* xp) { return abs_max(xp); },
+                        [](const float* xp, float inv, int8_t* h, int8_t* l) { return quantize_block(xp, inv, h, l); });
 }
 
 inline __m512 load_half(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
@@ -126,12 +126,9 @@ void block_rows(const uint8_t* q, const uint16_t* scale, int64_t group, const Qu
 
 void vnni_matmul(const QuantizedWeights& w, const QuantizedRows& x, int64_t M, float* out, int64_t begin, int64_t end,
                  uint8_t*) {
-  for (int64_t b = begin; b < end; ++b) {
-    const uint8_t* q = w.q + b * w.block_bytes;
-    const uint16_t* scale = w.scale + b * w.block_scales;
-    if (w.bits == 8) block_rows<8>(q, scale, w.group, x, M, out, w.N, b * kBlockRows);
-    else block_rows<4>(q, scale, w.group, x, M, out, w.N, b * kBlockRows);
-  }
+  for_weight_blocks(w, begin, end, [&](auto bits, const uint8_t* q, const uint16_t* scale, int64_t n0) {
+    block_rows<decltype(bits)::kBits>(q, scale, w.group, x, M, out, w.N, n0);
+  });
 }
 
 #pragma GCC push_options
