@@ -71,11 +71,15 @@ class ModelRunner:
         (logger.warning if choice.slow else logger.info)("quantization %s (%s)", choice.method, choice.reason)
         return choice.method
 
-    def _num_kv_blocks(self) -> int:
+    @property
+    def kv_block_bytes(self) -> int:
+        """Bytes of one KV block: keys and values of every layer (int8: with their scales)."""
         c = self.model_config
         # int8 keeps a float32 scale per token and head beside its head_dim levels.
         token_head_bytes = c.head_dim * self.kv_dtype.itemsize + (4 if self.kv_dtype == torch.int8 else 0)
-        self.kv_block_bytes = 2 * c.num_layers * self.block_size * c.num_kv_heads * token_head_bytes
+        return 2 * c.num_layers * self.block_size * c.num_kv_heads * token_head_bytes
+
+    def _num_kv_blocks(self) -> int:
         budget = self.config.kv_cache_memory
         if budget is None and self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
