@@ -3,6 +3,7 @@
 import argparse
 import asyncio
 import json
+import math
 import time
 from pathlib import Path
 
@@ -56,15 +57,23 @@ def main(args: argparse.Namespace) -> int:
                                  r.prompt_tokens, r.output_tokens) for r in requests]
     results, duration = asyncio.run(run(args, requests))
     report = summarize(results, duration, slo, args.cost_per_hour)
-    report["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}
+    report["config"] = {k: _plain(v) for k, v in vars(args).items() if k != "func"}
     print(format_report(report))
     if args.out:
-        args.out.write_text(json.dumps(report, indent=2, default=str))
+        # Standard JSON: jq, browsers and strict parsers refuse Infinity and NaN.
+        args.out.write_text(json.dumps(report, indent=2, default=str, allow_nan=False))
     if args.plot:
         from tokenmill.bench.plot import plot_run
 
         plot_run(results, duration, args.plot)
     return 0
+
+
+def _plain(value: object) -> object:
+    """A flag's value as JSON holds it: paths as text, the default unbounded request rate as null."""
+    if isinstance(value, Path):
+        return str(value)
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def build_requests(args: argparse.Namespace, tokenizer) -> list[BenchRequest]:
