@@ -110,7 +110,7 @@ def _prompt_metadata(table: list[int], start: int, stop: int) -> AttentionMetada
     """Metadata for prompt positions [start, stop) of one sequence, as the runner builds it."""
     positions = torch.arange(start, stop)
     slots = torch.tensor([table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(start, stop)])
-    chunk = PrefillChunk(0, stop - start, stop, torch.tensor(table))
+    chunk = PrefillChunk(0, stop - start, stop)
     return AttentionMetadata(
         slot_mapping=slots, row_tables=torch.tensor([table] * (stop - start)), row_lens=positions + 1,
         block_size=BLOCK_SIZE, num_decodes=0, prefills=[chunk],

@@ -136,8 +136,7 @@ class ModelRunner:
             row_seqs += [len(tables)] * n
             tables.append(seq.block_table)
             if n > 1:
-                table = torch.tensor(seq.block_table, dtype=torch.long, device=self.device)
-                prefills.append(PrefillChunk(query_start, n, start + n, table))
+                prefills.append(PrefillChunk(query_start, n, start + n))
             if start + n == seq.num_tokens:
                 sample_rows.append(len(input_ids) - 1)
                 sample_seqs.append(seq)

@@ -20,7 +20,6 @@ class PrefillChunk:
     query_len: int
     # Tokens of this sequence in the KV cache once this chunk is written (cached prefix + chunk).
     context_len: int
-    block_table: torch.Tensor
 
 
 @dataclass
@@ -101,7 +100,7 @@ class Attention(nn.Module):
         # while padding them into one batch would multiply attention work by the longest chunk.
         for chunk in meta.prefills:
             rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
-            out[rows] = self._prefill(q[rows], k[rows], v[rows], chunk)
+            out[rows] = self._prefill(q[rows], k[rows], v[rows], chunk, meta.row_tables[chunk.query_start])
         return out
 
     def _grouped(self, q: torch.Tensor) -> torch.Tensor:
@@ -130,7 +129,9 @@ class Attention(nn.Module):
         o = F.scaled_dot_product_attention(qg, k, v, attn_mask=meta.decode_mask, scale=self.scale)
         return o.reshape(batch, self.num_heads, self.head_dim)
 
-    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: PrefillChunk) -> torch.Tensor:
+    def _prefill(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: PrefillChunk, block_table: torch.Tensor
+    ) -> torch.Tensor:
         n = chunk.query_len
         if chunk.context_len == n:
             # Nothing cached before this chunk: plain causal attention over it. 4-D with is_causal takes
@@ -141,7 +142,7 @@ class Attention(nn.Module):
             )
             return o[0].transpose(0, 1)
         num_blocks = -(-chunk.context_len // self.k_cache.shape[1])
-        blocks = chunk.block_table[:num_blocks]
+        blocks = block_table[:num_blocks]
         kg = self._read(self.k_cache, self.k_scale, blocks, q.dtype).flatten(0, 1)[: chunk.context_len].transpose(0, 1)
         vg = self._read(self.v_cache, self.v_scale, blocks, q.dtype).flatten(0, 1)[: chunk.context_len].transpose(0, 1)
         # Query i sits at absolute position context_len - n + i and sees keys up to it: is_causal would
