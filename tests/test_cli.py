@@ -95,3 +95,30 @@ def test_the_kernel_named_in_the_environment_is_the_one_used():
     assert ops.quantized_matmul_kernel() == ops.quantized_matmul_kernels()[0]  # this process: the fastest
     bad = _run("env", "--model", "/no/such/file.gguf", env_extra={"TOKENMILL_QUANT_KERNEL": "sve9"})
     assert bad.returncode == 1 and "TOKENMILL_QUANT_KERNEL=sve9" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["models"], ["pull", "smollm2-135m"], ["bench", "compare", "--help"]])
+def test_commands_that_need_no_engine_do_not_import_torch(argv, smollm2_path):
+    probe = ("import sys\nfrom tokenmill import cli\n"
+             f"try:\n    code = cli.main({argv!r})\nexcept SystemExit as exc:\n    code = exc.code\n"
+             "print('torch' in sys.modules, code)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.stdout.splitlines()[-1] == "False 0", result.stderr
+
+
+@pytest.mark.parametrize("command", [["serve"], ["generate", "hi"], ["chat"], ["eval", "perplexity", "--file", "x"],
+                                     ["bench", "offline"], ["bench", "compare"], ["env"]])
+def test_every_engine_command_takes_every_engine_option_by_the_same_flag(command):
+    from dataclasses import fields
+
+    from tokenmill import cli
+    from tokenmill.config import EngineConfig
+    from tokenmill.flags import engine_options
+
+    args = cli._parser().parse_args([*command, "--model", "m.gguf", "--num-threads", "3", "--kv-cache-fraction", "0.5",
+                                     "--kv-cache-dtype", "int8", "--max-model-len", "256", "--no-prefix-caching"])
+    options = engine_options(args)
+    assert set(options) == {f.name for f in fields(EngineConfig)}
+    assert options == {**{f.name: f.default for f in fields(EngineConfig)}, "model": "m.gguf", "num_threads": 3,
+                       "kv_cache_fraction": 0.5, "kv_cache_dtype": "int8", "max_model_len": 256,
+                       "enable_prefix_caching": False}

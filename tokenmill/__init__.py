@@ -1,6 +1,7 @@
 """tokenmill: an LLM inference engine with latency and cost measured."""
 
-from tokenmill.engine.llm_engine import CompletionOutput, LLMEngine, RequestOutput
+from typing import TYPE_CHECKING
+
 from tokenmill.errors import (
     InvalidRequestError,
     ModelLoadError,
@@ -9,8 +10,12 @@ from tokenmill.errors import (
     TokenmillError,
     UnsupportedArchitectureError,
 )
-from tokenmill.llm import LLM
+from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from tokenmill.engine.llm_engine import LLMEngine
+    from tokenmill.llm import LLM
 
 __all__ = [
     "LLM",
@@ -25,3 +30,16 @@ __all__ = [
     "PromptTooLongError",
     "UnsupportedArchitectureError",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """LLM and LLMEngine on first use: they import torch, which `tokenmill --help` and `models` never need."""
+    if name == "LLM":
+        from tokenmill.llm import LLM
+
+        return LLM
+    if name == "LLMEngine":
+        from tokenmill.engine.llm_engine import LLMEngine
+
+        return LLMEngine
+    raise AttributeError(f"module 'tokenmill' has no attribute {name!r}")

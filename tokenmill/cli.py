@@ -8,8 +8,11 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from tokenmill.config import DTYPES, KV_CACHE_DTYPES, QUANTIZATIONS, EngineConfig, ServerConfig
+from tokenmill.bench import compare, offline
+from tokenmill.bench import serve as bench_serve
+from tokenmill.config import ServerConfig
 from tokenmill.errors import InvalidRequestError, TokenmillError
+from tokenmill.flags import add_engine_flags, engine_config, engine_options
 from tokenmill.sampling import SamplingParams
 
 
@@ -35,9 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     pull = _command(commands, "pull", "download a named model into $TOKENMILL_HOME", _pull)
     pull.add_argument("name")
     pull.add_argument("--force", action="store_true", help="download again even if present")
-    env = _command(commands, "env", "CPU features, the kernel each op runs, and what auto picks and why", _env)
-    env.add_argument("--model", default=EngineConfig.model, help="catalog name, .gguf file or HF directory")
-    env.add_argument("--dtype", default=EngineConfig.dtype, choices=list(DTYPES))
+    add_engine_flags(_command(commands, "env", "CPU features, the kernel each op runs, and what auto picks and why",
+                              _env))
 
     generate = _command(commands, "generate", "complete one prompt and print only the completion", _generate)
     generate.add_argument("prompt")
@@ -47,7 +49,6 @@ def _parser() -> argparse.ArgumentParser:
     _sampling_flags(chat, max_tokens=256)
 
     serve = _command(commands, "serve", "OpenAI-compatible HTTP server (pulls the model first if needed)", _serve)
-    serve.add_argument("--model", default=EngineConfig.model, help="catalog name, .gguf file or HF directory")
     serve.add_argument("--host", default=ServerConfig.host)
     serve.add_argument("--port", type=int, default=ServerConfig.port)
     serve.add_argument("--api-key", default=os.environ.get("TOKENMILL_API_KEY"),
@@ -58,22 +59,18 @@ def _parser() -> argparse.ArgumentParser:
                        help="answer 413 to larger request bodies")
     serve.add_argument("--shutdown-timeout", type=float, default=ServerConfig.shutdown_timeout,
                        help="seconds in-flight requests get to finish on SIGTERM/SIGINT")
-    _engine_flags(serve)
+    add_engine_flags(serve)
 
     evaluate = commands.add_parser("eval", help="measure accuracy")
     metrics = evaluate.add_subparsers(required=True, metavar="METRIC")
     ppl = _command(metrics, "perplexity", "perplexity of a text file through the engine", _perplexity)
-    ppl.add_argument("--model", default=EngineConfig.model, help="catalog name, .gguf file or HF directory")
     ppl.add_argument("--file", required=True, type=Path, help="UTF-8 text to score")
     ppl.add_argument("--context", type=int, default=512, help="tokens per window")
     ppl.add_argument("--stride", type=int, default=256, help="tokens between window starts")
-    precision_flags(ppl)
+    add_engine_flags(ppl)
 
     bench = commands.add_parser("bench", help="measure latency, throughput and cost against peers")
     kinds = bench.add_subparsers(required=True, metavar="KIND")
-    from tokenmill.bench import compare, offline
-    from tokenmill.bench import serve as bench_serve
-
     bench_serve.add_arguments(_command(kinds, "serve", "streaming load against an OpenAI-compatible server",
                                        bench_serve.main))
     offline.add_arguments(_command(kinds, "offline", "engine throughput without HTTP, single-stream speeds, memory",
@@ -90,55 +87,12 @@ def _command(commands: argparse._SubParsersAction, name: str, help: str, func: C
 
 
 def _sampling_flags(parser: argparse.ArgumentParser, max_tokens: int) -> None:
-    parser.add_argument("--model", default=EngineConfig.model, help="catalog name, .gguf file or HF directory")
     parser.add_argument("--max-tokens", type=int, default=max_tokens)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=-1)
     parser.add_argument("--seed", type=int, default=None)
-    precision_flags(parser)
-
-
-def _engine_flags(parser: argparse.ArgumentParser) -> None:
-    d = EngineConfig
-    parser.add_argument("--device", default=d.device)
-    parser.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV block")
-    parser.add_argument("--kv-cache-memory", type=float, default=d.kv_cache_memory,
-                        help="KV pool in GiB (default: 1 on CPU, a fraction of free memory on GPU)")
-    parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="sequences decoded together")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
-                        help="tokens per engine step; longer prompts are prefilled in chunks")
-    parser.add_argument("--max-model-len", type=int, default=d.max_model_len, help="context length cap")
-    parser.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV of shared prefixes")
-    parser.add_argument("--num-threads", type=int, default=d.num_threads, help="CPU threads (default: one per core)")
-    precision_flags(parser)
-
-
-def precision_flags(parser: argparse.ArgumentParser) -> None:
-    """--dtype, --kv-cache-dtype, --quantization and --quant-group-size, for every command that loads a model."""
-    parser.add_argument("--dtype", default=EngineConfig.dtype, choices=list(DTYPES),
-                        help="activation and unquantized weight type (default: %(default)s)")
-    parser.add_argument("--kv-cache-dtype", default=EngineConfig.kv_cache_dtype, choices=["auto", *KV_CACHE_DTYPES],
-                        help="KV pool element type (default: %(default)s: float16 on CPU, else the model's dtype)")
-    parser.add_argument("--quantization", default=EngineConfig.quantization, choices=QUANTIZATIONS,
-                        help="weight-only quantization of the linear layers (default: %(default)s)")
-    parser.add_argument("--quant-group-size", type=int, default=EngineConfig.quant_group_size,
-                        help="weights per quantization step and offset (default: %(default)s)")
-
-
-def precision_options(args: argparse.Namespace) -> dict:
-    """The engine options those flags set."""
-    return {"dtype": args.dtype, "kv_cache_dtype": args.kv_cache_dtype, "quantization": args.quantization,
-            "quant_group_size": args.quant_group_size}
-
-
-def _engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(
-        model=args.model, device=args.device, block_size=args.block_size,
-        kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        enable_prefix_caching=not args.no_prefix_caching, num_threads=args.num_threads, **precision_options(args),
-    )
+    add_engine_flags(parser)
 
 
 def _params(args: argparse.Namespace) -> SamplingParams:
@@ -174,7 +128,7 @@ def _generate(args: argparse.Namespace) -> int:
     from tokenmill.llm import LLM
 
     params = _params(args)  # validate flags before the slow model load
-    output = LLM(args.model, **precision_options(args)).generate([args.prompt], params, use_tqdm=False)[0]
+    output = LLM(**engine_options(args)).generate([args.prompt], params, use_tqdm=False)[0]
     print(output.outputs[0].text)
     return 0
 
@@ -183,7 +137,7 @@ def _chat(args: argparse.Namespace) -> int:
     from tokenmill.engine.llm_engine import LLMEngine
 
     params = _params(args)
-    engine = LLMEngine(EngineConfig(model=args.model, **precision_options(args)))
+    engine = LLMEngine(engine_config(args))
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
     for turn in itertools.count():
@@ -194,16 +148,15 @@ def _chat(args: argparse.Namespace) -> int:
         if not user.strip():
             continue
         messages.append({"role": "user", "content": user})
-        prompt = engine.tokenizer.apply_chat_template(messages)
-        engine.add_request(f"chat-{turn}", engine.tokenizer.encode(prompt, add_special_tokens=False), params)
-        reply = ""
+        engine.add_request(f"chat-{turn}", engine.tokenizer.encode_chat(messages), params)
+        reply = []
         while engine.has_unfinished():
             for output in engine.step():
                 text = output.outputs[0].text
-                print(text[len(reply):], end="", flush=True)
-                reply = text
+                print(text, end="", flush=True)
+                reply.append(text)
         print()
-        messages.append({"role": "assistant", "content": reply})
+        messages.append({"role": "assistant", "content": "".join(reply)})
     return 0
 
 
@@ -215,7 +168,7 @@ def _perplexity(args: argparse.Namespace) -> int:
         text = args.file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidRequestError(f"cannot read {args.file}: {exc}") from exc
-    llm = LLM(args.model, **precision_options(args))
+    llm = LLM(**engine_options(args))
     result = perplexity(llm, llm.tokenizer.encode(text), args.context, args.stride)
     print(f"perplexity {result.perplexity:.4f} (mean NLL {result.nll:.4f}) over {result.num_tokens} tokens "
           f"in {result.num_windows} windows of {args.context} (stride {args.stride})")
@@ -228,7 +181,7 @@ def _serve(args: argparse.Namespace) -> int:
     logging.getLogger("tokenmill").setLevel(logging.INFO)  # the start-up lines say model, KV capacity and URL
     config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key, max_waiting=args.max_waiting,
                           max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout)
-    serve(_engine_config(args), config)
+    serve(engine_config(args), config)
     return 0
 
 

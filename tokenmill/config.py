@@ -2,26 +2,15 @@
 
 from dataclasses import dataclass, field
 
-import torch
-
 from tokenmill.errors import InvalidRequestError
 
+# Names only: torch stays unimported until an engine is built (tokenmill/dtypes.py maps them to torch types).
 QUANTIZATIONS = ("auto", "none", "int8", "int4")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 # int8: levels with a float32 scale per token and head (max|x| / 127).
-KV_CACHE_DTYPES = {**DTYPES, "int8": torch.int8}
-
-
-def resolve_kv_cache_dtype(name: str, device: torch.device, dtype: torch.dtype) -> torch.dtype:
-    """The KV pool's element type for --kv-cache-dtype `name` with the model in `dtype` on `device`."""
-    if name != "auto":
-        return KV_CACHE_DTYPES[name]
-    # float16 on CPU under float32 activations: perplexity within 0.004% of a float32 pool, 16 x 1,000-token
-    # throughput 3-5% higher and peak memory 742 against 1,078 MiB (docs/benchmarks.md). Elsewhere the
-    # model's own 16-bit type.
-    return torch.float16 if device.type == "cpu" and dtype == torch.float32 else dtype
+KV_CACHE_DTYPE_NAMES = (*DTYPE_NAMES, "int8")
 
 
 @dataclass
@@ -60,8 +49,9 @@ class EngineConfig:
     block_size: int = 16
     # KV pool size in GiB; None means 1 GiB on CPU or kv_cache_fraction of free GPU memory.
     kv_cache_memory: float | None = None
+    # On GPU, the share of free memory (after loading) the KV pool takes when kv_cache_memory is unset.
     kv_cache_fraction: float = 0.8
-    # Element type of the KV pool: auto (resolve_kv_cache_dtype: float16 on CPU) or a KV_CACHE_DTYPES name.
+    # Element type of the KV pool: auto (dtypes.resolve_kv_cache_dtype: float16 on CPU) or a KV_CACHE_DTYPE_NAMES name.
     # 16 bits halve float32's memory (llama.cpp keeps float16), int8 quarters it.
     kv_cache_dtype: str = "auto"
     # Upper bound on sequences decoded together; bounds per-step latency and sampler work.
@@ -82,8 +72,8 @@ class EngineConfig:
     quant_group_size: int = 32
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise InvalidRequestError(f"dtype={self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+        if self.dtype not in DTYPE_NAMES:
+            raise InvalidRequestError(f"dtype={self.dtype!r} is not supported; choose one of {', '.join(DTYPE_NAMES)}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name}={getattr(self, name)} must be at least 1")
@@ -92,9 +82,10 @@ class EngineConfig:
             raise InvalidRequestError(
                 f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= max_num_seqs={self.max_num_seqs}"
             )
-        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in KV_CACHE_DTYPES:
+        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in KV_CACHE_DTYPE_NAMES:
             raise InvalidRequestError(
-                f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported; choose auto or one of {', '.join(KV_CACHE_DTYPES)}"
+                f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported; "
+                f"choose auto or one of {', '.join(KV_CACHE_DTYPE_NAMES)}"
             )
         if self.quantization not in QUANTIZATIONS:
             raise InvalidRequestError(
@@ -105,6 +96,10 @@ class EngineConfig:
             raise InvalidRequestError(f"quant_group_size={self.quant_group_size} must be a positive multiple of 32")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise InvalidRequestError(f"kv_cache_memory={self.kv_cache_memory} GiB must be positive")
+        if not 0 < self.kv_cache_fraction <= 1:
+            raise InvalidRequestError(f"kv_cache_fraction={self.kv_cache_fraction} must be in (0, 1]")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise InvalidRequestError(f"num_threads={self.num_threads} must be at least 1")
 
 
 @dataclass

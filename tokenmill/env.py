@@ -6,7 +6,8 @@ from pathlib import Path
 import torch
 
 from tokenmill import ops
-from tokenmill.config import DTYPES, EngineConfig, resolve_kv_cache_dtype
+from tokenmill.config import EngineConfig
+from tokenmill.dtypes import DTYPES, resolve_kv_cache_dtype
 from tokenmill.layers.packed_linear import can_pack
 from tokenmill.quant.policy import choose_quantization
 

@@ -7,9 +7,10 @@ from typing import Any
 from tqdm import tqdm
 
 from tokenmill.config import EngineConfig
-from tokenmill.engine.llm_engine import LLMEngine, RequestOutput
+from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.errors import InvalidRequestError
 from tokenmill.loader.tokenizer import Tokenizer
+from tokenmill.outputs import RequestOutput, accumulate
 from tokenmill.sampling import SamplingParams
 
 Prompt = str | list[int] | dict[str, Any]
@@ -28,7 +29,7 @@ class LLM:
 
     @property
     def tokenizer(self) -> Tokenizer:
-        """The model's tokenizer (encode / decode / apply_chat_template)."""
+        """The model's tokenizer (encode / decode / encode_chat)."""
         return self.engine.tokenizer
 
     def generate(
@@ -37,7 +38,7 @@ class LLM:
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt together (continuous batching); outputs in prompt order."""
+        """Generate for every prompt together (continuous batching); whole outputs in prompt order."""
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
@@ -61,26 +62,22 @@ class LLM:
     ) -> list[RequestOutput]:
         """Render one conversation (or a list of them) with the chat template and generate replies."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [
-            {"prompt_token_ids": self.tokenizer.encode(self.tokenizer.apply_chat_template(c), add_special_tokens=False)}
-            for c in conversations
-        ]
+        prompts = [{"prompt_token_ids": self.tokenizer.encode_chat(c)} for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
-        finished: dict[str, RequestOutput] = {}
+        whole: dict[str, RequestOutput] = {}
         with tqdm(total=len(ids), desc="generating", disable=not use_tqdm) as bar:
             try:
                 while self.engine.has_unfinished():
                     for output in self.engine.step():
-                        if output.finished:
-                            finished[output.request_id] = output
-                            bar.update(1)
+                        whole[output.request_id] = accumulate(whole.get(output.request_id), output)
+                        bar.update(output.finished)
             except BaseException:  # Ctrl-C or a bug: leave the engine clean for the next call
                 for request_id in ids:
                     self.engine.abort(request_id)
                 raise
-        return [finished[i] for i in ids]
+        return [whole[i] for i in ids]
 
 
 def _prompt_input(prompt: Prompt) -> str | list[int]:

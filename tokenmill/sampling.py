@@ -30,6 +30,8 @@ class SamplingParams:
     # per prompt token and bypass the prefix cache, since cached tokens are never computed).
     prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
+    # Scheduling order: a lower value is admitted (and kept through preemption) first, as vLLM's priority.
+    priority: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -54,6 +56,7 @@ class SamplingParams:
         _check(self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs",
                self.prompt_logprobs, "must be in [0, 20]")
         _check(all(s for s in self.stop), "stop", self.stop, "must not contain empty strings")
+        _check(isinstance(self.priority, int), "priority", self.priority, "must be an integer")
 
     @property
     def greedy(self) -> bool:

@@ -156,6 +156,33 @@ def test_streamed_chat_logprobs_match_whole(client):
     assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=2e-3)
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        dict(n=3, temperature=0.9, seed=5, max_tokens=24),
+        # Greedy, the reply is "The capital of France is Paris."; the stop string spans three tokens.
+        dict(n=2, temperature=0, max_tokens=30, stop=["France is Paris"]),
+    ],
+    ids=["seeded-n3", "greedy-n2-stop-across-tokens"],
+)
+def test_streamed_chat_deltas_concatenate_to_the_whole_response(client, args):
+    args = dict(model="smollm2-135m", messages=[{"role": "user", "content": "What is the capital of France?"}],
+                logprobs=True, top_logprobs=2, **args)
+    whole = client.chat.completions.create(**args)
+    chunks = list(client.chat.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    for choice in whole.choices:
+        mine = [c for chunk in chunks for c in chunk.choices if c.index == choice.index][1:]  # after the role chunk
+        assert "".join(c.delta.content or "" for c in mine) == choice.message.content
+        streamed = [e for c in mine if c.logprobs for e in c.logprobs.content]
+        assert [(e.token, e.bytes) for e in streamed] == [(e.token, e.bytes) for e in choice.logprobs.content]
+        # The streamed request reuses the first one's cached prompt blocks (see test_streamed_chat_logprobs_match_whole).
+        assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in choice.logprobs.content], abs=2e-3)
+        assert [c.finish_reason for c in mine] == [None] * (len(mine) - 1) + [choice.finish_reason]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    if "stop" in args:
+        assert [c.message.content for c in whole.choices] == ["The capital of "] * 2
+
+
 def test_32_concurrent_streams_complete_with_correct_usage(client, async_client, smollm2_source):
     prompts = [f"Count from {i} to {i + 20}:" for i in range(32)]
     args = dict(model="smollm2-135m", max_tokens=12, temperature=0, extra_body={"ignore_eos": True})

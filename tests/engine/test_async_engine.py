@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from tokenmill.engine.async_engine import AsyncEngine, EngineStepError
-from tokenmill.engine.llm_engine import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
+from tokenmill.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
 from tokenmill.errors import InvalidRequestError
 from tokenmill.sampling import SamplingParams
 
@@ -19,7 +19,7 @@ class StubEngine:
         self.fail_step = False
         self.fail_loop = False
 
-    def add_request(self, request_id, prompt, params, arrival_time, priority) -> None:
+    def add_request(self, request_id, prompt, params, arrival_time) -> None:
         if not prompt:
             raise InvalidRequestError("prompt is empty", param="prompt")
         self.requests[request_id] = ([], params.max_tokens)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.outputs import accumulate
 from tokenmill.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -23,8 +24,7 @@ def _run(engine: LLMEngine, prompts: list[str], params: SamplingParams = GREEDY)
     done: dict[str, list[int]] = {}
     while engine.has_unfinished():
         for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.outputs[0].token_ids
+            done[out.request_id] = done.get(out.request_id, []) + out.outputs[0].token_ids
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks  # nothing leaked
     return [done[str(i)] for i in range(len(prompts))]
 
@@ -54,7 +54,7 @@ def test_chunked_prefill_matches_alone(make_engine, reference):
 def test_preempted_sequences_resume_with_same_tokens(make_engine, reference):
     prompts, alone = reference
     # 48 blocks of 16 tokens: room for a handful of these sequences at once, not 32.
-    block_bytes = make_engine(kv_cache_memory=0.01).runner.kv_block_bytes
+    block_bytes = make_engine(kv_cache_memory=0.01).runner.kv_cache.block_bytes
     engine = make_engine(enable_prefix_caching=False, kv_cache_memory=48 * block_bytes / 2**30)
     assert engine.block_manager.num_blocks == 48
     assert _run(engine, prompts) == alone
@@ -77,7 +77,7 @@ def test_narrow_kv_batched_chunked_and_cached_runs_match_alone(make_engine, kv_c
     prompts = _prompts(8, seed=3, shared_prefix="You are a careful assistant. Answer in plain words. " * 4)
     alone = _alone(make_engine(enable_prefix_caching=False, kv_cache_dtype=kv_cache_dtype), prompts)
     engine = make_engine(kv_cache_dtype=kv_cache_dtype, max_num_batched_tokens=24, max_num_seqs=16)
-    assert engine.runner.kv_pool.dtype == getattr(torch, kv_cache_dtype)
+    assert engine.runner.kv_cache.pool.dtype == getattr(torch, kv_cache_dtype)
     assert _run(engine, prompts) == alone
     assert engine.block_manager.prefix_hits > 0
 
@@ -97,7 +97,7 @@ def _run_ids(engine: LLMEngine, request_id: str, ids: list[int]):
     final = None
     while engine.has_unfinished():
         for out in engine.step():
-            final = out
+            final = accumulate(final, out)
     return final
 
 
@@ -108,11 +108,11 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_batch(make_engine):
     others = [SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True)] * 7
     for i, params in enumerate([seeded] + others):
         engine.add_request(f"b{i}", "Tell me a story about a fox." if i == 0 else f"Other prompt {i}", params)
-    batched = None
+    batched = []
     while engine.has_unfinished():
         for out in engine.step():
-            if out.request_id == "b0" and out.finished:
-                batched = out.outputs[0].token_ids
+            if out.request_id == "b0":
+                batched += out.outputs[0].token_ids
     assert batched == alone
     # And a different seed samples something else, so the seed is what fixed the result.
     other = _run(engine, ["Tell me a story about a fox."], SamplingParams(temperature=0.9, top_p=0.95, seed=43,

@@ -3,6 +3,7 @@
 import pytest
 
 from tokenmill.errors import PromptTooLongError
+from tokenmill.outputs import accumulate
 from tokenmill.sampling import SamplingParams
 
 
@@ -12,11 +13,11 @@ def engine(make_engine):
 
 
 def _drain(engine) -> dict:
+    """Each request's whole output, accumulated from the engine's deltas."""
     finals = {}
     while engine.has_unfinished():
         for out in engine.step():
-            if out.finished:
-                finals[out.request_id] = out
+            finals[out.request_id] = accumulate(finals.get(out.request_id), out)
     return finals
 
 
@@ -39,10 +40,11 @@ def test_abort_mid_prefill_and_mid_decode_returns_every_block(engine):
 def test_stop_string_ends_output_and_never_leaks_into_the_stream(engine):
     params = SamplingParams(temperature=0, max_tokens=64, stop=["Paris"])
     engine.add_request("s", "Q: What is the capital of France?\nA: The capital of France is", params)
-    seen = []
+    seen, whole = [], None
     while engine.has_unfinished():
         for out in engine.step():
-            seen.append(out.outputs[0].text)
+            whole = accumulate(whole, out)
+            seen.append(whole.outputs[0].text)
     final = seen[-1]
     assert out.outputs[0].finish_reason == "stop" and out.outputs[0].stop_reason == "Paris"
     assert "Paris" not in final
@@ -86,7 +88,7 @@ def test_logprobs_are_returned_per_token(engine):
 
 
 def test_request_that_cannot_fit_the_pool_is_rejected_at_admission(make_engine):
-    block_bytes = make_engine(kv_cache_memory=0.01).runner.kv_block_bytes
+    block_bytes = make_engine(kv_cache_memory=0.01).runner.kv_cache.block_bytes
     small = make_engine(kv_cache_memory=20 * block_bytes / 2**30)  # 20 blocks = 320 tokens
     assert small.max_model_len == 320
     with pytest.raises(PromptTooLongError, match="context is 320"):
@@ -96,8 +98,8 @@ def test_request_that_cannot_fit_the_pool_is_rejected_at_admission(make_engine):
 
 def test_higher_priority_request_is_admitted_first(make_engine):
     engine = make_engine(max_num_seqs=1)
-    engine.add_request("low", "first come", SamplingParams(max_tokens=2), priority=5)
-    engine.add_request("high", "second come", SamplingParams(max_tokens=2), priority=0)
+    engine.add_request("low", "first come", SamplingParams(max_tokens=2, priority=5))
+    engine.add_request("high", "second come", SamplingParams(max_tokens=2, priority=0))
     first_out = engine.step()
     assert [o.request_id for o in first_out] == ["high"]
     _drain(engine)

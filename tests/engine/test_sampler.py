@@ -11,7 +11,7 @@ from tokenmill.sampling import SamplingParams
 def _seq(params: SamplingParams, tokens=(0,), outputs=0, seed=None) -> SimpleNamespace:
     tokens = list(tokens)
     return SimpleNamespace(params=params, token_ids=tokens, output_token_ids=tokens[len(tokens) - outputs:],
-                           num_output_tokens=outputs, seed=seed, eos_token_ids=[0])
+                           num_output_tokens=outputs, seed=seed, stop_token_ids=params.stop_token_ids + [0])
 
 
 LOGITS = torch.tensor([[0.0, 1.0, 3.0, 2.9, -1.0, 0.5]])

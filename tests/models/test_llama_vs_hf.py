@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tokenmill import LLM, SamplingParams
+from tokenmill.outputs import accumulate
 
 PROMPTS = [
     "The capital of France is",
@@ -64,10 +65,11 @@ def test_prompt_logprobs_match_transformers_across_chunks(make_engine, hf_smollm
     engine = make_engine(max_num_batched_tokens=16, max_num_seqs=16, quantization="none", kv_cache_dtype="float32")
     ids = engine.tokenizer.encode(" ".join(PROMPTS))
     engine.add_request("p", ids, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=3))
-    outputs = []
+    whole = None
     while engine.has_unfinished():
-        outputs += engine.step()
-    ours = outputs[-1].prompt_logprobs
+        for out in engine.step():
+            whole = accumulate(whole, out)
+    ours = whole.prompt_logprobs
     with torch.no_grad():
         ref = torch.log_softmax(hf_smollm2(torch.tensor([ids])).logits[0, :-1], dim=-1)
     assert [lp.token_id for lp in ours] == ids[1:]

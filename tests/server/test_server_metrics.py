@@ -2,7 +2,7 @@
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tokenmill.engine.llm_engine import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
+from tokenmill.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
 from tokenmill.server.metrics import Metrics
 
 

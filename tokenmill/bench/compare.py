@@ -5,23 +5,22 @@ import platform
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from tokenmill.bench.datasets import ordinary_tokens, topic_prompts
-from tokenmill.bench.peers import (
-    LlamaCppRunner, Runner, TokenmillRunner, TransformersRunner, decode_speed, prefill_speed,
-)
-from tokenmill.cli import precision_flags, precision_options
-from tokenmill.config import DTYPES, EngineConfig
+from tokenmill.config import DTYPE_NAMES
 from tokenmill.errors import InvalidRequestError
+from tokenmill.flags import add_engine_flags, engine_options
 from tokenmill.loader.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # the peers import torch, which `tokenmill --help` must not pay for
+    from tokenmill.bench.peers import Runner
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `bench compare` flags."""
-    parser.add_argument("--model", default=EngineConfig.model, help="a catalog name or a .gguf file")
+    """The `bench compare` flags: the workload, the peer, and the engine flags (--model must be a .gguf)."""
     parser.add_argument("--peer", choices=["transformers", "llama.cpp"], default="transformers")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], help="batch sizes to run")
     parser.add_argument("--output-len", type=int, default=128, help="new tokens per request")
@@ -30,26 +29,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mix", type=int, nargs=3, metavar=("SEQS", "MIN", "MAX"),
                         help="also run nano-vllm's offline mix: SEQS random prompts, input and output lengths "
                              "uniform in [MIN, MAX] (nano-vllm: 256 100 1024)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads for both")
-    parser.add_argument("--peer-dtype", choices=list(DTYPES),
+    parser.add_argument("--peer-dtype", choices=DTYPE_NAMES,
                         help="dtype transformers loads the weights in (default: tokenmill's --dtype)")
-    precision_flags(parser)
+    add_engine_flags(parser)  # --num-threads is the peer's thread count too
 
 
 def main(args: argparse.Namespace) -> int:
     """Measure and print a markdown table."""
+    import torch
+
+    from tokenmill.bench.peers import LlamaCppRunner, TokenmillRunner, TransformersRunner
+    from tokenmill.dtypes import DTYPES
     from tokenmill.loader.source import open_model
 
-    torch.set_num_threads(args.threads)
+    threads = args.num_threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
     source = open_model(args.model)
     if source.path.suffix != ".gguf":
         raise InvalidRequestError("bench compare loads the same GGUF file in both engines; give a .gguf model")
     # No prefix cache: the rounds repeat prompts, and a cache hit would skip the very work being timed.
-    ours = TokenmillRunner(args.model, num_threads=args.threads, enable_prefix_caching=False,
-                           **precision_options(args))
+    ours = TokenmillRunner(**engine_options(args, num_threads=threads, enable_prefix_caching=False))
     peer_dtype = args.peer_dtype or args.dtype
     peer = (TransformersRunner(source.path, DTYPES[peer_dtype]) if args.peer == "transformers"
-            else LlamaCppRunner(source.path, args.threads))
+            else LlamaCppRunner(source.path, threads))
     peer_desc = f"{peer.name} {peer_dtype}" if args.peer == "transformers" else peer.name
     workload = _workload(ours.llm.tokenizer, args)
     for runner in (ours, peer):  # warm-up: first-call allocations and kernel selection
@@ -59,7 +61,7 @@ def main(args: argparse.Namespace) -> int:
         for runner in (ours, peer):
             for label, measure in _measures(runner, workload, args):
                 samples[runner.name].setdefault(label, []).append(measure())
-    print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}; "
+    print(f"machine: {platform.processor() or platform.machine()}, {threads} threads, torch {torch.__version__}; "
           f"model {source.name}, tokenmill {args.dtype} quantization {ours.llm.engine.runner.quantization}; peer {peer_desc}; "
           f"median of {args.rounds} rounds")
     print(f"| workload | tokenmill | {peer.name} | tokenmill / {peer.name} |")
@@ -92,7 +94,7 @@ def _workload(tokenizer: Tokenizer, args: argparse.Namespace) -> Workload:
     return workload
 
 
-def _measures(runner: Runner, workload: Workload, args: argparse.Namespace) -> list[tuple[str, Callable[[], float]]]:
+def _measures(runner: "Runner", workload: Workload, args: argparse.Namespace) -> list[tuple[str, Callable[[], float]]]:
     prompts, n = workload.prompts, args.output_len
 
     def batch(c: int) -> Callable[[], float]:
@@ -104,6 +106,8 @@ def _measures(runner: Runner, workload: Workload, args: argparse.Namespace) -> l
         label = f"offline mix {seqs} seqs, lengths U[{low}, {high}], output tokens/s"
         total = sum(workload.mix_lens)
         mix = [(label, lambda: total / runner.generate(workload.mix_prompts, workload.mix_lens))]
+    from tokenmill.bench.peers import decode_speed, prefill_speed
+
     return [
         ("single-stream decode, tokens/s", lambda: decode_speed(runner, prompts[0], n)),
         (f"prefill of {args.prefill_len} tokens, tokens/s", lambda: prefill_speed(runner, workload.long_prompt)),

@@ -6,31 +6,28 @@ import time
 
 import numpy as np
 
-from tokenmill import SamplingParams
 from tokenmill.bench.datasets import lengths, ordinary_tokens
-from tokenmill.bench.peers import TokenmillRunner, decode_speed, prefill_speed
-from tokenmill.cli import precision_flags, precision_options
-from tokenmill.config import EngineConfig
+from tokenmill.flags import add_engine_flags, engine_options
+from tokenmill.sampling import SamplingParams
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `bench offline` flags; the defaults are nano-vllm's benchmark."""
-    parser.add_argument("--model", default=EngineConfig.model)
+    """The `bench offline` flags (the workload's defaults are nano-vllm's benchmark) and the engine flags."""
     parser.add_argument("--num-seqs", type=int, default=256, help="sequences submitted together")
     parser.add_argument("--min-len", type=int, default=100, help="input and output lengths are uniform in")
     parser.add_argument("--max-len", type=int, default=1024, help="[min-len, max-len], as nano-vllm's benchmark")
     parser.add_argument("--decode-len", type=int, default=128, help="tokens for the single-stream decode figure")
     parser.add_argument("--prefill-len", type=int, default=512, help="prompt tokens for the prefill figure")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--kv-cache-memory", type=float, default=EngineConfig.kv_cache_memory, help="KV pool in GiB")
-    precision_flags(parser)
+    add_engine_flags(parser)
 
 
 def main(args: argparse.Namespace) -> int:
     """Run the three measurements and print them."""
+    from tokenmill.bench.peers import TokenmillRunner, decode_speed, prefill_speed
+
     # No prefix cache: the speed runs repeat a prompt, and a cache hit would skip the work being timed.
-    runner = TokenmillRunner(args.model, enable_prefix_caching=False, kv_cache_memory=args.kv_cache_memory,
-                             **precision_options(args))
+    runner = TokenmillRunner(**engine_options(args, enable_prefix_caching=False))
     llm = runner.llm
     rng = np.random.default_rng(args.seed)
     ordinary = ordinary_tokens(llm.tokenizer)
@@ -55,6 +52,6 @@ def main(args: argparse.Namespace) -> int:
     print(f"throughput: {sum(output_lens)} output tokens in {elapsed:.1f} s = {sum(output_lens) / elapsed:.1f} tokens/s "
           f"({(sum(output_lens) + sum(input_lens)) / elapsed:.1f} tokens/s with prompts)")
     print(f"single-stream decode: {decode:.1f} tokens/s; prefill of {args.prefill_len} tokens: {prefill:.1f} tokens/s")
-    print(f"memory: weights {weights / 2**20:.0f} MiB, KV pool {llm.engine.runner.kv_pool.nbytes / 2**20:.0f} MiB, "
+    print(f"memory: weights {weights / 2**20:.0f} MiB, KV pool {llm.engine.runner.kv_cache.pool.nbytes / 2**20:.0f} MiB, "
           f"process peak RSS {peak_rss / 2**20:.0f} MiB")
     return 0

@@ -24,8 +24,8 @@ class TokenmillRunner:
 
     name = "tokenmill"
 
-    def __init__(self, model: str, **engine_options) -> None:
-        self.llm = LLM(model, **engine_options)
+    def __init__(self, **engine_options) -> None:
+        self.llm = LLM(**engine_options)
 
     def generate(self, prompts: list[list[int]], output_len: int | list[int]) -> float:
         """Seconds to generate exactly output_len tokens (one for all, or one per prompt), all submitted together."""

@@ -7,8 +7,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tokenmill.engine.llm_engine import EngineStats, LLMEngine, RequestOutput
+from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.errors import TokenmillError
+from tokenmill.outputs import EngineStats, RequestOutput
 from tokenmill.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -24,7 +25,6 @@ class _Add:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float
-    priority: int
     accepted: asyncio.Future
     outputs: asyncio.Queue
 
@@ -88,11 +88,10 @@ class AsyncEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         arrival_time: float,
-        priority: int = 0,
     ) -> "RequestStream":
         """Queue a request; its validation error is raised here, before any output is streamed."""
         loop = asyncio.get_running_loop()
-        add = _Add(request_id, prompt_token_ids, params, arrival_time, priority, loop.create_future(), asyncio.Queue())
+        add = _Add(request_id, prompt_token_ids, params, arrival_time, loop.create_future(), asyncio.Queue())
         with self._pending_lock:
             if self._dead or self._thread is None:
                 raise EngineStepError("the engine is not running; see the server log")
@@ -164,7 +163,7 @@ class AsyncEngine:
 
     def _add(self, add: _Add) -> None:
         try:
-            self.engine.add_request(add.request_id, add.prompt_token_ids, add.params, add.arrival_time, add.priority)
+            self.engine.add_request(add.request_id, add.prompt_token_ids, add.params, add.arrival_time)
         except Exception as exc:  # validation errors go back to the caller, never up this thread
             self._call(_resolve, add.accepted, exc)
         else:
@@ -219,7 +218,7 @@ class AsyncEngine:
 
 
 class RequestStream:
-    """One request's outputs as they arrive; closing it before the last one aborts the request."""
+    """One request's output deltas as they arrive; closing it before the last one aborts the request."""
 
     def __init__(self, engine: AsyncEngine, request_id: str, outputs: asyncio.Queue) -> None:
         self.request_id = request_id

@@ -4,7 +4,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenmill.engine.sequence import Sequence, TokenLogprob
+from tokenmill.engine.sequence import Sequence
+from tokenmill.outputs import TokenLogprob
 
 # Mixes a request's seed with its output position so each draw is fixed by (seed, position) alone,
 # independent of batch composition and of preemption.
@@ -72,10 +73,8 @@ class Sampler:
 
     def _mask_early_stops(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         for i, seq in enumerate(seqs):
-            if seq.num_output_tokens < seq.params.min_tokens:
-                stops = seq.params.stop_token_ids + ([] if seq.params.ignore_eos else seq.eos_token_ids)
-                if stops:
-                    logits[i, stops] = float("-inf")
+            if seq.num_output_tokens < seq.params.min_tokens and seq.stop_token_ids:
+                logits[i, seq.stop_token_ids] = float("-inf")
         return logits
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

@@ -6,14 +6,22 @@ from dataclasses import dataclass, field
 from tokenmill.config import EngineConfig
 from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.sequence import Sequence, SequenceStatus
+from tokenmill.outputs import TokenLogprob
 
 
 @dataclass
 class SchedulerOutput:
     """One step's work: (sequence, tokens to compute) pairs, and who was preempted to make room."""
 
+    # NOTE: single-token rows (decodes) come first, then prompt chunks; the runner and the PyTorch
+    # attention path rely on it (AttentionMetadata checks it).
     scheduled: list[tuple[Sequence, int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_decodes(self) -> int:
+        """How many leading entries compute one token each."""
+        return sum(n == 1 for _, n in self.scheduled)
 
 
 class Scheduler:
@@ -59,7 +67,21 @@ class Scheduler:
         # Admitting while others were just preempted would only thrash the pool.
         if not out.preempted:
             self._admit(out, budget)
+        # The batch order, set here once: an admission can be a single token too (its prefix was cached).
+        out.scheduled.sort(key=lambda item: item[1] > 1)
         return out
+
+    def update(
+        self, out: SchedulerOutput, sampled_seqs: list[Sequence], token_ids: list[int], logprobs: list[TokenLogprob | None]
+    ) -> None:
+        """Record a step's progress: computed tokens, newly full blocks, sampled tokens, and who finished."""
+        for seq, n in out.scheduled:
+            seq.num_computed_tokens += n
+            self.block_manager.cache_full_blocks(seq)
+        for seq, token_id, logprob in zip(sampled_seqs, token_ids, logprobs):
+            seq.append_token(token_id, logprob)
+            if seq.finish_reason is not None:
+                self.finish(seq)
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         for seq in list(self.waiting):

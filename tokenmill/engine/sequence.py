@@ -1,9 +1,9 @@
 """Sequence: one stream of tokens being generated, with its KV blocks and progress."""
 
 import enum
-from dataclasses import dataclass, field
 
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
+from tokenmill.outputs import CompletionOutput, TokenLogprob
 from tokenmill.sampling import SamplingParams
 
 
@@ -13,15 +13,6 @@ class SequenceStatus(enum.Enum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
     FINISHED = enum.auto()
-
-
-@dataclass
-class TokenLogprob:
-    """The chosen token's log-probability and the top alternatives at that position."""
-
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 class Sequence:
@@ -38,7 +29,6 @@ class Sequence:
         eos_token_ids: list[int],
         detokenizer: IncrementalDetokenizer,
         arrival_time: float,
-        priority: int = 0,
         seed: int | None = None,
         parent: "Sequence | None" = None,
     ) -> None:
@@ -49,10 +39,10 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
         self.max_tokens = max_tokens
-        self.eos_token_ids = eos_token_ids
+        # The one place ignore_eos applies: with it set, EOS is an ordinary token.
+        self.eos_token_ids = [] if params.ignore_eos else eos_token_ids
         self.detokenizer = detokenizer
         self.arrival_time = arrival_time
-        self.priority = priority
         self.seed = seed
         # Parallel samples (n > 1) wait for their first sibling's prefill, then share its cached blocks.
         self.parent = parent
@@ -62,11 +52,16 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []
         self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
         self.logprobs: list[TokenLogprob] = []
         # Entry i is prompt token i + 1 given the tokens before it (the first token has no logprob).
         self.prompt_logprobs: list[TokenLogprob] = []
         self.cumulative_logprob = 0.0
         self.num_preemptions = 0
+        # What take_delta has handed out already.
+        self._text_sent = 0
+        self._tokens_sent = 0
+        self._finish_sent = False
 
     @property
     def num_tokens(self) -> int:
@@ -89,10 +84,59 @@ class Sequence:
         return len(self.token_ids) - self.num_computed_tokens
 
     @property
+    def stop_token_ids(self) -> list[int]:
+        """Token ids that end this sequence (and that the sampler masks until min_tokens)."""
+        return self.params.stop_token_ids + self.eos_token_ids
+
+    def set_prompt_logprobs(self, start: int, logprobs: list[TokenLogprob]) -> None:
+        """Record the logprobs of prompt tokens start + 1 onwards, computed by one prompt chunk."""
+        # Slice assignment: a preempted sequence recomputes its prompt and rewrites equal values.
+        self.prompt_logprobs[start : start + len(logprobs)] = logprobs
+
+    def append_token(self, token_id: int, logprob: TokenLogprob | None) -> None:
+        """Add a sampled token; set finish_reason (and stop_reason) if it ends the sequence."""
+        self.token_ids.append(token_id)
+        if logprob is not None:
+            self.logprobs.append(logprob)
+            self.cumulative_logprob += logprob.logprob
+        # NOTE: the sampler masks stop ids until min_tokens, so any seen here ends the sequence.
+        stop_str = self.detokenizer.add(token_id, check_stop=self.num_output_tokens >= self.params.min_tokens)
+        if stop_str is not None:
+            self.end("stop", stop_str)
+        elif token_id in self.eos_token_ids:
+            self.end("stop")
+        elif token_id in self.params.stop_token_ids:
+            self.end("stop", token_id)
+        elif self.num_output_tokens >= self.max_tokens:
+            self.end("length")
+
+    def end(self, reason: str, stop_reason: str | int | None = None) -> None:
+        """Record why the sequence ends; its text is complete from here on."""
+        self.finish_reason, self.stop_reason = reason, stop_reason
+        self.detokenizer.finish()
+
+    def take_delta(self) -> CompletionOutput | None:
+        """What is new since the last call (stop-safe text, its tokens, the finish), or None if nothing is."""
+        text = self.detokenizer.stream_text
+        finishing = self.finish_reason is not None and not self._finish_sent
+        # Tokens whose text is held back (a possible stop string, half a UTF-8 character) wait for it,
+        # so no delta is empty and logprobs go out with their text.
+        if len(text) == self._text_sent and not finishing:
+            return None
+        first, self._tokens_sent = self._tokens_sent, self.num_output_tokens
+        new_text, self._text_sent = text[self._text_sent :], len(text)
+        self._finish_sent = self.finish_reason is not None
+        return CompletionOutput(
+            self.index, new_text, self.token_ids[self.num_prompt_tokens + first :], self.finish_reason,
+            self.stop_reason, self.logprobs[first:] if self.params.logprobs is not None else None,
+            self.cumulative_logprob,
+        )
+
+    @property
     def is_finished(self) -> bool:
         """True once a stop condition or an abort ended it."""
         return self.status == SequenceStatus.FINISHED
 
     def sort_key(self) -> tuple[int, float, int]:
         """Scheduling order: lower priority value first, then earlier arrival."""
-        return (self.priority, self.arrival_time, self.seq_id)
+        return (self.params.priority, self.arrival_time, self.seq_id)

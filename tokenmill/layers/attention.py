@@ -36,6 +36,11 @@ class AttentionMetadata:
     num_decodes: int
     prefills: list[PrefillChunk]
 
+    def __post_init__(self) -> None:
+        # NOTE: the PyTorch path reads the first num_decodes rows as one decode batch; a prompt chunk among
+        # them would attend wrongly, so the scheduler's order is checked where it is relied on.
+        assert all(c.query_start >= self.num_decodes for c in self.prefills), "decodes must precede prompt chunks"
+
     @cached_property
     def decode_mask(self) -> torch.Tensor:
         """[num_decodes, 1, 1, max_blocks * block_size]: True for the keys each decode sees; once per step."""

@@ -89,6 +89,11 @@ class Tokenizer:
         except jinja2.TemplateError as exc:
             raise InvalidRequestError(f"chat template failed on these messages: {exc}") from exc
 
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Prompt token ids of a conversation awaiting the assistant's reply."""
+        # The template writes BOS itself where the model wants one; adding it again would double it.
+        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+
     @classmethod
     def from_hf_dir(cls, path: Path, eos_token_ids: list[int]) -> "Tokenizer":
         """Load tokenizer.json plus the chat template and special tokens from tokenizer_config.json."""

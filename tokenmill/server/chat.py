@@ -9,11 +9,11 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from tokenmill.engine.async_engine import RequestStream
-from tokenmill.engine.sequence import TokenLogprob
 from tokenmill.errors import InvalidRequestError
 from tokenmill.loader.tokenizer import Tokenizer
+from tokenmill.outputs import TokenLogprob
 from tokenmill.server.protocol import ChatCompletionRequest
-from tokenmill.server.serving import ChoiceDeltas, collect, merged, new_id, sse, state_of, submit, usage
+from tokenmill.server.serving import Usage, collect, merged, new_id, sse, state_of, submit, usage
 
 
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> dict | StreamingResponse:
@@ -23,10 +23,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     params = body.sampling_params()
     tokenizer = state.tokenizer
     # Off the event loop: rendering and tokenizing a long conversation must not stall other streams.
-    prompt = await asyncio.to_thread(_prompt_token_ids, tokenizer, body.conversation())
+    prompt = await asyncio.to_thread(tokenizer.encode_chat, body.conversation())
     response_id = new_id("chatcmpl")
     try:
-        streams = await submit(state, [prompt], params, body.priority, response_id)
+        streams = await submit(state, [prompt], params, response_id)
     except InvalidRequestError as exc:
         if exc.param == "prompt":  # chat requests have messages, not a prompt
             exc.param = "messages"
@@ -51,10 +51,6 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     }
 
 
-def _prompt_token_ids(tokenizer: Tokenizer, conversation: list[dict[str, str]]) -> list[int]:
-    return tokenizer.encode(tokenizer.apply_chat_template(conversation), add_special_tokens=False)
-
-
 async def _chunks(body: ChatCompletionRequest, n: int, stream: RequestStream, tokenizer: Tokenizer,
                   response_id: str, created: int, model: str) -> AsyncIterator[dict]:
     head = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model}
@@ -63,26 +59,23 @@ async def _chunks(body: ChatCompletionRequest, n: int, stream: RequestStream, to
         {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
         for i in range(n)
     ]}
-    deltas = ChoiceDeltas()
-    final = None
+    counted = Usage()
     async with aclosing(merged([stream])) as outputs:
         async for _, output in outputs:
-            final = output
-            choices = []
-            for sample in output.outputs:
-                new = deltas.new(sample.index, sample.text, len(sample.token_ids), sample.finish_reason)
-                if new is None:
-                    continue
-                text, tokens, finishing = new
-                logprobs = None
-                if sample.logprobs is not None:
-                    logprobs = chat_logprobs(sample.token_ids[tokens], sample.logprobs[tokens], tokenizer)
-                choices.append({"index": sample.index, "delta": {"content": text} if text else {},
-                                "logprobs": logprobs, "finish_reason": sample.finish_reason if finishing else None})
-            if choices:
-                yield {**head, "choices": choices}
-    if body.include_usage and final is not None:
-        yield {**head, "choices": [], "usage": usage([final])}
+            counted.add(0, output)
+            choices = [
+                {
+                    "index": sample.index,
+                    "delta": {"content": sample.text} if sample.text else {},
+                    "logprobs": None if sample.logprobs is None else chat_logprobs(sample.token_ids, sample.logprobs,
+                                                                                   tokenizer),
+                    "finish_reason": sample.finish_reason,
+                }
+                for sample in output.outputs
+            ]
+            yield {**head, "choices": choices}
+    if body.include_usage:
+        yield {**head, "choices": [], "usage": counted.block()}
 
 
 def chat_logprobs(token_ids: list[int], logprobs: list[TokenLogprob], tokenizer: Tokenizer) -> dict:

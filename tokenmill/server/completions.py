@@ -9,12 +9,11 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from tokenmill.engine.async_engine import RequestStream
-from tokenmill.engine.llm_engine import CompletionOutput, RequestOutput
-from tokenmill.engine.sequence import TokenLogprob
 from tokenmill.errors import InvalidRequestError
 from tokenmill.loader.tokenizer import Tokenizer
+from tokenmill.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from tokenmill.server.protocol import CompletionRequest
-from tokenmill.server.serving import ChoiceDeltas, collect, merged, new_id, sse, state_of, submit, usage
+from tokenmill.server.serving import Usage, collect, merged, new_id, sse, state_of, submit, usage
 
 
 async def create_completion(body: CompletionRequest, request: Request) -> dict | StreamingResponse:
@@ -25,7 +24,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> dict |
     # Off the event loop: a long prompt takes a while to tokenize and must not stall other streams.
     prompts = await asyncio.to_thread(_prompt_token_ids, body.prompt, state.tokenizer)
     response_id = new_id("cmpl")
-    streams = await submit(state, prompts, params, body.priority, response_id)
+    streams = await submit(state, prompts, params, response_id)
     created = int(time.time())
     if body.stream:
         chunks = _chunks(body, params.n, streams, state.tokenizer, response_id, created, state.model_name)
@@ -79,38 +78,33 @@ def _choice(body: CompletionRequest, output: RequestOutput, sample: CompletionOu
 
 async def _chunks(body: CompletionRequest, n: int, streams: list[RequestStream], tokenizer: Tokenizer,
                   response_id: str, created: int, model: str) -> AsyncIterator[dict]:
-    deltas = ChoiceDeltas()
-    offsets: dict[int, int] = {}
-    finals: dict[int, RequestOutput] = {}
+    head = {"id": response_id, "object": "text_completion", "created": created, "model": model}
+    counted = Usage()
+    firsts: dict[int, RequestOutput] = {}  # each request's first output: the one with its prompt logprobs
+    offsets: dict[int, int] = {}  # text offset reached by each choice's logprobs
     async with aclosing(merged(streams)) as outputs:
         async for i, output in outputs:
-            finals[i] = output
+            counted.add(i, output)
+            first = firsts.setdefault(i, output)
             choices = []
             for sample in output.outputs:
                 index = i * n + sample.index
-                new = deltas.new(index, sample.text, len(sample.token_ids), sample.finish_reason)
-                if new is None:
-                    continue
-                text, tokens, finishing = new
-                token_ids, token_logprobs = sample.token_ids[tokens], (sample.logprobs or [])[tokens]
-                if index not in offsets:
+                text, token_ids, token_logprobs = sample.text, sample.token_ids, sample.logprobs or []
+                if index not in offsets:  # a choice's first chunk leads with the echoed prompt
                     offsets[index] = 0
                     text = _echo(body, output, tokenizer) + text
                     if body.echo and sample.logprobs is not None:
-                        prompt_ids, prompt_logprobs = _echo_logprobs(output)
+                        prompt_ids, prompt_logprobs = _echo_logprobs(first)
                         token_ids, token_logprobs = prompt_ids + token_ids, prompt_logprobs + token_logprobs
                 logprobs = None
                 if sample.logprobs is not None:
                     logprobs = completion_logprobs(token_ids, token_logprobs, tokenizer, offsets[index])
                     offsets[index] += sum(len(t) for t in logprobs["tokens"])
                 choices.append({"index": index, "text": text, "logprobs": logprobs,
-                                "finish_reason": sample.finish_reason if finishing else None})
-            if choices:
-                yield {"id": response_id, "object": "text_completion", "created": created, "model": model,
-                       "choices": choices}
+                                "finish_reason": sample.finish_reason})
+            yield {**head, "choices": choices}
     if body.include_usage:
-        yield {"id": response_id, "object": "text_completion", "created": created, "model": model, "choices": [],
-               "usage": usage([finals[i] for i in range(len(streams))])}
+        yield {**head, "choices": [], "usage": counted.block()}
 
 
 def completion_logprobs(token_ids: list[int], logprobs: list[TokenLogprob | None], tokenizer: Tokenizer,

@@ -2,7 +2,7 @@
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from tokenmill.engine.llm_engine import EngineStats, RequestOutput
+from tokenmill.outputs import EngineStats, RequestOutput
 
 # Bucket edges in seconds, spanning a fast GPU (milliseconds) to a busy 2-core CPU (minutes).
 _TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80, 160)
@@ -43,7 +43,7 @@ class Metrics:
         self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
         self.preemptions = counter("num_preemptions", "Sequences preempted to free KV blocks.")
         self._finished = Counter(
-            "tokenmill:request_finished", "Finished requests by the reason the first sample ended.",
+            "tokenmill:request_finished", "Finished requests by the reason their last sample ended.",
             [*labels, "finished_reason"], registry=r,
         )
         for reason in ("stop", "length", "abort"):  # export zeros, so rates work from the first request
@@ -63,11 +63,10 @@ class Metrics:
         self._last = stats
 
     def observe_finished(self, output: RequestOutput) -> None:
-        """Record one finished (or aborted) request's latencies and token counts."""
+        """Record one finished (or aborted) request's latencies and token counts from its last output."""
         m = output.metrics
-        num_output = sum(len(o.token_ids) for o in output.outputs)
         self.prompt_tokens.inc(len(output.prompt_token_ids))
-        self.generation_tokens.inc(num_output)
+        self.generation_tokens.inc(len(m.token_times))  # the output is the last delta; the timestamps are whole
         reason = output.outputs[0].finish_reason or "abort"
         self._finished.labels(self.model_name, reason).inc()
         if m.finished_time is not None:

@@ -76,7 +76,7 @@ class _GenerationRequest(BaseModel):
             presence_penalty=_or(self.presence_penalty, 0.0), frequency_penalty=_or(self.frequency_penalty, 0.0),
             seed=self.seed, max_tokens=max_tokens,
             min_tokens=self.min_tokens, stop=stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
-            logprobs=logprobs, include_stop_str_in_output=self.include_stop_str_in_output,
+            logprobs=logprobs, include_stop_str_in_output=self.include_stop_str_in_output, priority=self.priority,
         )
 
     def _refuse_unsupported(self) -> None:

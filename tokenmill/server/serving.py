@@ -12,8 +12,8 @@ from fastapi import Request
 
 from tokenmill.config import ServerConfig
 from tokenmill.engine.async_engine import AsyncEngine, RequestStream
-from tokenmill.engine.llm_engine import RequestOutput
 from tokenmill.loader.tokenizer import Tokenizer
+from tokenmill.outputs import RequestOutput, accumulate
 from tokenmill.sampling import SamplingParams
 from tokenmill.server.errors import APIError, from_exception
 from tokenmill.server.metrics import Metrics
@@ -47,9 +47,7 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-async def submit(
-    state: ServerState, prompts: list[list[int]], params: SamplingParams, priority: int, id_prefix: str
-) -> list[RequestStream]:
+async def submit(state: ServerState, prompts: list[list[int]], params: SamplingParams, id_prefix: str) -> list[RequestStream]:
     """Queue one engine request per prompt, all or none; 429 when too many already wait."""
     if not state.engine.is_running:
         raise APIError(503, "the engine is not running; see the server log", type="server_error")
@@ -61,7 +59,7 @@ async def submit(
     streams: list[RequestStream] = []
     try:
         for i, prompt in enumerate(prompts):
-            streams.append(await state.engine.add_request(f"{id_prefix}-{i}", prompt, params, arrival, priority))
+            streams.append(await state.engine.add_request(f"{id_prefix}-{i}", prompt, params, arrival))
     except BaseException:
         for stream in streams:
             stream.close()  # NOTE: closing an unfinished stream aborts its request
@@ -70,7 +68,7 @@ async def submit(
 
 
 async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Outputs of several streams as (stream index, output), as they arrive; closing this aborts them all."""
+    """Output deltas of several streams as (stream index, delta), as they arrive; closing this aborts them all."""
     arrivals: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, stream: RequestStream) -> None:
@@ -98,14 +96,14 @@ async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reque
 
 
 async def collect(request: Request, streams: list[RequestStream]) -> list[RequestOutput]:
-    """Final outputs in prompt order; if the client goes away first, abort everything and raise."""
+    """Whole outputs in prompt order; if the client goes away first, abort everything and raise."""
 
     async def consume() -> list[RequestOutput]:
-        final: dict[int, RequestOutput] = {}
+        whole: dict[int, RequestOutput] = {}
         async with aclosing(merged(streams)) as outputs:
             async for i, output in outputs:
-                final[i] = output
-        return [final[i] for i in range(len(streams))]
+                whole[i] = accumulate(whole.get(i), output)
+        return [whole[i] for i in range(len(streams))]
 
     work = asyncio.ensure_future(consume())
     gone = asyncio.ensure_future(_disconnected(request))
@@ -129,16 +127,37 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+class Usage:
+    """OpenAI's usage block, counted output by output, with the prompt tokens served from the prefix cache."""
+
+    def __init__(self) -> None:
+        self.prompt_tokens: dict[int, int] = {}
+        self.cached_tokens: dict[int, int] = {}
+        self.completion_tokens = 0
+
+    def add(self, i: int, output: RequestOutput) -> None:
+        """Count an output (a delta, or a whole output once) of the request in stream i."""
+        self.prompt_tokens[i] = len(output.prompt_token_ids)
+        self.cached_tokens[i] = output.num_cached_tokens
+        self.completion_tokens += sum(len(c.token_ids) for c in output.outputs)
+
+    def block(self) -> dict:
+        """The `usage` object of a response."""
+        prompt = sum(self.prompt_tokens.values())
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": prompt + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": sum(self.cached_tokens.values())},
+        }
+
+
 def usage(outputs: list[RequestOutput]) -> dict:
-    """OpenAI's usage block, with the prompt tokens served from the prefix cache."""
-    prompt = sum(len(o.prompt_token_ids) for o in outputs)
-    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outputs)},
-    }
+    """The usage block of whole outputs."""
+    counted = Usage()
+    for i, output in enumerate(outputs):
+        counted.add(i, output)
+    return counted.block()
 
 
 async def sse(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
@@ -150,27 +169,3 @@ async def sse(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
     except Exception as exc:
         yield f"data: {json.dumps(from_exception(exc).body)}\n\n"
     yield "data: [DONE]\n\n"
-
-
-class ChoiceDeltas:
-    """Tracks what each choice has already been sent, so streamed chunks carry only what is new."""
-
-    def __init__(self) -> None:
-        self.text_sent: dict[int, int] = {}
-        self.tokens_sent: dict[int, int] = {}
-        self.finished: set[int] = set()
-
-    def new(self, index: int, text: str, num_tokens: int, finish_reason: str | None) -> tuple[str, slice, bool] | None:
-        """(new text, slice of new tokens, just finished) for a choice, or None when there is nothing to send."""
-        sent_text = self.text_sent.get(index, 0)
-        sent_tokens = self.tokens_sent.get(index, 0)
-        finishing = finish_reason is not None and index not in self.finished
-        # Tokens whose text is held back (a possible stop string, half a UTF-8 character) wait for it,
-        # so no chunk ever carries an empty delta; their logprobs go out with that text.
-        if len(text) == sent_text and not finishing:
-            return None
-        self.text_sent[index] = len(text)
-        self.tokens_sent[index] = num_tokens
-        if finishing:
-            self.finished.add(index)
-        return text[sent_text:], slice(sent_tokens, num_tokens), finishing

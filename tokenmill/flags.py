@@ -1,0 +1,53 @@
+"""The engine's command-line flags, defined once for every command that builds an engine."""
+
+import argparse
+from typing import Any
+
+from tokenmill.config import DTYPE_NAMES, KV_CACHE_DTYPE_NAMES, QUANTIZATIONS, EngineConfig
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """--model and one flag per EngineConfig option, named after its field, with its default."""
+    d = EngineConfig
+    parser.add_argument("--model", default=d.model, help="catalog name, .gguf file or HF directory (default: %(default)s)")
+    parser.add_argument("--device", default=d.device, help="cpu or cuda (default: %(default)s)")
+    parser.add_argument("--dtype", default=d.dtype, choices=DTYPE_NAMES,
+                        help="activation and unquantized weight type (default: %(default)s)")
+    parser.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=["auto", *KV_CACHE_DTYPE_NAMES],
+                        help="KV pool element type (default: %(default)s: float16 on CPU, else the model's dtype)")
+    parser.add_argument("--quantization", default=d.quantization, choices=QUANTIZATIONS,
+                        help="weight-only quantization of the linear layers (default: %(default)s)")
+    parser.add_argument("--quant-group-size", type=int, default=d.quant_group_size,
+                        help="weights per quantization step and offset (default: %(default)s)")
+    parser.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV block (default: %(default)s)")
+    parser.add_argument("--kv-cache-memory", type=float, default=d.kv_cache_memory,
+                        help="KV pool in GiB (default: 1 on CPU, --kv-cache-fraction of free memory on GPU)")
+    parser.add_argument("--kv-cache-fraction", type=float, default=d.kv_cache_fraction,
+                        help="share of free GPU memory for the KV pool when --kv-cache-memory is unset "
+                             "(default: %(default)s)")
+    parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
+                        help="sequences decoded together (default: %(default)s)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                        help="tokens per engine step; longer prompts are prefilled in chunks (default: %(default)s)")
+    parser.add_argument("--max-model-len", type=int, default=d.max_model_len,
+                        help="context length cap (default: the model's, within the KV pool)")
+    parser.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV of shared prefixes")
+    parser.add_argument("--num-threads", type=int, default=d.num_threads, help="CPU threads (default: one per core)")
+
+
+def engine_options(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
+    """The EngineConfig fields those flags set, as keyword arguments for EngineConfig or LLM, with overrides."""
+    options = {
+        "model": args.model, "device": args.device, "dtype": args.dtype, "kv_cache_dtype": args.kv_cache_dtype,
+        "quantization": args.quantization, "quant_group_size": args.quant_group_size, "block_size": args.block_size,
+        "kv_cache_memory": args.kv_cache_memory, "kv_cache_fraction": args.kv_cache_fraction,
+        "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+        "max_model_len": args.max_model_len, "enable_prefix_caching": not args.no_prefix_caching,
+        "num_threads": args.num_threads,
+    }
+    return {**options, **overrides}
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The EngineConfig those flags describe; raises InvalidRequestError for a bad value."""
+    return EngineConfig(**engine_options(args))

@@ -1,0 +1,108 @@
+"""What the engine hands back: per-step output deltas, their logprobs and timestamps, and load stats."""
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TokenLogprob:
+    """The chosen token's log-probability and the top alternatives at that position."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class RequestMetrics:
+    """Timestamps (time.perf_counter) from which latency metrics are derived off the hot path."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    # One entry per generated token of every sample, so its length is the request's output tokens.
+    token_times: list[float] = field(default_factory=list)
+    finished_time: float | None = None
+
+
+@dataclass
+class CompletionOutput:
+    """One sample of a request: from the engine, what is new since its last output; after add(), all of it."""
+
+    index: int
+    # Stop-safe: text that might begin a stop string (or half a UTF-8 character) waits for a later output.
+    text: str
+    # Tokens whose text is out (held-back text holds its tokens back too, so a delta never carries logprobs
+    # of text it lacks).
+    token_ids: list[int]
+    finish_reason: str | None
+    stop_reason: str | int | None = None
+    logprobs: list[TokenLogprob] | None = None
+    cumulative_logprob: float = 0.0
+
+    def add(self, delta: "CompletionOutput") -> None:
+        """Append a later delta of the same sample."""
+        self.text += delta.text
+        self.token_ids.extend(delta.token_ids)
+        if delta.logprobs is not None:
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(delta.logprobs)
+        self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
+        self.cumulative_logprob = delta.cumulative_logprob
+
+
+@dataclass
+class RequestOutput:
+    """One request's news after a step: only the samples that have something new, each as a delta."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int
+    metrics: RequestMetrics
+    # With SamplingParams.prompt_logprobs, in the request's first output: entry i is prompt token i + 1.
+    prompt_logprobs: list[TokenLogprob] | None = None
+
+    def add(self, delta: "RequestOutput") -> None:
+        """Fold a later output of the same request into this one, so this one holds everything so far."""
+        samples = {sample.index: sample for sample in self.outputs}
+        for sample in delta.outputs:
+            if sample.index in samples:
+                samples[sample.index].add(sample)
+            else:
+                samples[sample.index] = CompletionOutput(sample.index, "", [], None)
+                samples[sample.index].add(sample)
+        self.outputs = sorted(samples.values(), key=lambda s: s.index)
+        self.finished = delta.finished
+        self.num_cached_tokens = delta.num_cached_tokens
+        self.metrics = delta.metrics
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
+
+
+def accumulate(whole: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
+    """The request's output so far: the first delta becomes the whole (and is changed in place) as later ones are added."""
+    if whole is None:
+        return delta
+    whole.add(delta)
+    return whole
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the engine's load and cumulative counters, for gauges and back-pressure."""
+
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_blocks: int
+    prefix_queries: int
+    prefix_hits: int
+    num_preemptions: int
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of KV blocks held by sequences (cached but unheld blocks count as free)."""
+        return 1 - self.num_free_blocks / self.num_blocks
