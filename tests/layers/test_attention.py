@@ -134,3 +134,49 @@ def test_prompt_rows_are_the_same_bits_whole_or_in_chunks(kv_dtype):
     with attention_metadata(_prompt_metadata(table, 0, n)):
         reference = whole_layer._forward_pytorch(q, k, v, attention._metadata)
     torch.testing.assert_close(whole, reference, rtol=1e-4, atol=1e-4)
+
+
+def _naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+    """Causal attention of a whole prompt where query i sees keys i - window + 1 .. i (grouped heads)."""
+    k, v = k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1)  # 6 heads over 2 KV heads
+    i, j = torch.arange(len(q))[:, None], torch.arange(len(q))[None, :]
+    scores = torch.einsum("qhd,khd->hqk", q, k) * 32**-0.5
+    scores = scores.masked_fill(~((j <= i) & (j > i - window)), float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+
+
+@pytest.mark.parametrize("window", [1, 5, 16])
+def test_sliding_window_prompt_rows_see_only_their_last_keys_on_both_paths(window):
+    table, n = [3, 9, 1, 12, 5], 18
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(n, 6, 32, generator=gen), torch.randn(n, 2, 32, generator=gen), torch.randn(n, 2, 32, generator=gen)
+    layer = _layer(torch.float32)
+    layer.sliding_window = window
+    expected = _naive(q, k, v, window)
+    with attention_metadata(_prompt_metadata(table, 0, n)):
+        torch.testing.assert_close(layer(q, k, v), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer._forward_pytorch(q, k, v, attention._metadata), expected, rtol=1e-5, atol=1e-5)
+    chunked = _layer(torch.float32)  # a chunk after cached rows takes the masked SDPA path
+    chunked.sliding_window = window
+    for start, stop in [(0, 7), (7, 18)]:
+        with attention_metadata(_prompt_metadata(table, start, stop)):
+            rows = chunked._forward_pytorch(q[start:stop], k[start:stop], v[start:stop], attention._metadata)
+    torch.testing.assert_close(rows, expected[7:], rtol=1e-5, atol=1e-5)
+
+
+def test_sliding_window_decodes_ignore_keys_before_the_window_on_both_paths():
+    layer = _layer(torch.float32)
+    layer.sliding_window = 6
+    meta = _decode_metadata([[3, 9, 1], [12], [5, 0, 14, 7, 2, 4, 6, 8, 10]], [11, 1, 35])
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(3, 6, 32, generator=gen), torch.randn(3, 2, 32, generator=gen), torch.randn(3, 2, 32, generator=gen)
+    with attention_metadata(meta):
+        before = layer(q, k, v)
+    torch.testing.assert_close(before, layer._decode(q, meta), rtol=1e-5, atol=1e-5)
+    layer.k_cache[3], layer.k_cache[9, 0] = 1e4, 1e4  # positions 0-4 of the first row (its window: 5-10)
+    layer.v_cache[3], layer.v_cache[9, 0] = 1e4, 1e4
+    layer.k_cache[8, 0] = -1e4  # and position 28 of the third (its window: 29-34)
+    with attention_metadata(meta):
+        after = layer(q, k, v)
+    torch.testing.assert_close(before, after, rtol=0, atol=0)
+    torch.testing.assert_close(after, layer._decode(q, meta), rtol=1e-5, atol=1e-5)

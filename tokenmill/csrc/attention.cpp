@@ -124,13 +124,15 @@ inline void weighted_sum(int64_t len, const Weight& weight, const KV* values, co
 
 // q: [rows, heads, D], heads side by side (a token's row may hold more, as in the fused QKV output);
 // out: [rows, heads, D]; caches: [blocks, block_size, kv_heads, D]; block_tables: [rows, width], each row's
-// sequence's table; seq_lens: [rows], the keys each row sees (its position + 1). The caches may hold
+// sequence's table; seq_lens: [rows], each row's position + 1: it sees the keys before that, or with a
+// window > 0 only the last `window` of them (sliding-window attention). The caches may hold
 // a narrower type (KV) than the queries (T): keys and values are widened as they are read. int8 caches
 // come with scales [blocks, block_size, kv_heads], applied to each key's dot product and each value's
 // weight rather than to every element. D = 16 V: V vectors a head.
 template <typename T, typename KV, int V>
 void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_tables,
-            const at::Tensor& seq_lens, double scale, at::Tensor& out, const float* k_scales, const float* v_scales) {
+            const at::Tensor& seq_lens, double scale, int64_t window, at::Tensor& out, const float* k_scales,
+            const float* v_scales) {
   constexpr int64_t D = V * kLanes;
   constexpr bool kScaled = std::is_same_v<KV, int8_t>;
   const int64_t rows = q.size(0), heads = q.size(1);
@@ -151,13 +153,14 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
     std::vector<int64_t> at;  // each key's token-head index into the caches
     std::vector<float> parts(group * kLanes * kLanes), sums(D);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t i = task / kv_heads, b = i % 2 ? rows - 1 - i / 2 : i / 2, h = task % kv_heads, len = lens[b];
+      const int64_t i = task / kv_heads, b = i % 2 ? rows - 1 - i / 2 : i / 2, h = task % kv_heads;
+      const int64_t first = window > 0 ? std::max<int64_t>(0, lens[b] - window) : 0, len = lens[b] - first;
       const int64_t padded = (len + kLanes - 1) / kLanes * kLanes;
       const int64_t* table = tables + b * width;
       for (int64_t j = 0; j < group * D; ++j) qf[j] = float(qp[b * q_stride + h * group * D + j]) * float(scale);
       // Rows are walked block by block: dividing each position by the block size cost as much as the math.
       at.resize(len);
-      for (int64_t t = 0, block = 0, slot = 0; t < len; ++t) {
+      for (int64_t t = 0, block = first / block_size, slot = first % block_size; t < len; ++t) {
         at[t] = (table[block] * block_size + slot) * kv_heads + h;
         if (++slot == block_size) slot = 0, ++block;
       }
@@ -210,8 +213,9 @@ const float* scales_of(const at::Tensor& cache, const std::optional<at::Tensor>&
 }
 
 void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, at::Tensor& out,
-                            const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
+                            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t window,
+                            at::Tensor& out, const std::optional<at::Tensor>& k_scale,
+                            const std::optional<at::Tensor>& v_scale) {
   TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2) && out.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous());
   TORCH_CHECK(block_tables.is_contiguous() && seq_lens.is_contiguous());
   TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type() && out.scalar_type() == q.scalar_type());
@@ -222,10 +226,10 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
       using Q = decltype(type);
       using KV = decltype(kv);
       switch (q.size(2)) {
-        case 32: return attend<Q, KV, 2>(q, k_cache, v_cache, block_tables, seq_lens, scale, out, ks, vs);
-        case 64: return attend<Q, KV, 4>(q, k_cache, v_cache, block_tables, seq_lens, scale, out, ks, vs);
-        case 128: return attend<Q, KV, 8>(q, k_cache, v_cache, block_tables, seq_lens, scale, out, ks, vs);
-        case 256: return attend<Q, KV, 16>(q, k_cache, v_cache, block_tables, seq_lens, scale, out, ks, vs);
+        case 32: return attend<Q, KV, 2>(q, k_cache, v_cache, block_tables, seq_lens, scale, window, out, ks, vs);
+        case 64: return attend<Q, KV, 4>(q, k_cache, v_cache, block_tables, seq_lens, scale, window, out, ks, vs);
+        case 128: return attend<Q, KV, 8>(q, k_cache, v_cache, block_tables, seq_lens, scale, window, out, ks, vs);
+        case 256: return attend<Q, KV, 16>(q, k_cache, v_cache, block_tables, seq_lens, scale, window, out, ks, vs);
         default: TORCH_CHECK(false, "paged_attention takes head_dim 32, 64, 128 or 256, not ", q.size(2));
       }
     });
@@ -286,7 +290,7 @@ TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
   m.def("store_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, Tensor(c!)? k_scale=None, "
         "Tensor(d!)? v_scale=None) -> ()");
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
-        "float scale, Tensor(a!) out, Tensor? k_scale=None, Tensor? v_scale=None) -> ()");
+        "float scale, int window, Tensor(a!) out, Tensor? k_scale=None, Tensor? v_scale=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {

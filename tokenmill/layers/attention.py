@@ -2,8 +2,7 @@
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -41,11 +40,19 @@ class AttentionMetadata:
         # them would attend wrongly, so the scheduler's order is checked where it is relied on.
         assert all(c.query_start >= self.num_decodes for c in self.prefills), "decodes must precede prompt chunks"
 
-    @cached_property
-    def decode_mask(self) -> torch.Tensor:
-        """[num_decodes, 1, 1, max_blocks * block_size]: True for the keys each decode sees; once per step."""
-        keys = torch.arange(self.row_tables.shape[1] * self.block_size, device=self.row_lens.device)
-        return (keys < self.row_lens[: self.num_decodes, None])[:, None, None, :]
+    # decode_mask's results by window, so layers that share a window build it once per step.
+    _decode_masks: dict[int | None, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
+
+    def decode_mask(self, window: int | None) -> torch.Tensor:
+        """[num_decodes, 1, 1, max_blocks * block_size]: True for the keys each decode sees (the last `window`)."""
+        if window not in self._decode_masks:
+            keys = torch.arange(self.row_tables.shape[1] * self.block_size, device=self.row_lens.device)
+            lens = self.row_lens[: self.num_decodes, None]
+            mask = keys < lens
+            if window is not None:
+                mask &= keys >= lens - window
+            self._decode_masks[window] = mask[:, None, None, :]
+        return self._decode_masks[window]
 
 
 _metadata: AttentionMetadata | None = None
@@ -65,10 +72,15 @@ def attention_metadata(metadata: AttentionMetadata) -> Iterator[None]:
 class Attention(nn.Module):
     """Writes this step's K/V into the paged pool and attends over each sequence's cached context."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None = None,
+        scale: float | None = None,
+    ) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.scale = head_dim**-0.5
+        # With a sliding window a query sees only the last `sliding_window` keys, itself included (as HF).
+        self.sliding_window = sliding_window
+        self.scale = head_dim**-0.5 if scale is None else scale
         self.native_shape = head_dim in ops.ATTENTION_HEAD_DIMS  # what the C++ op takes
         # Views into the runner's KV pool: [num_blocks, block_size, kv_heads, head_dim]; set by the runner.
         self.k_cache = torch.empty(0)
@@ -85,7 +97,8 @@ class Attention(nn.Module):
             torch.ops.tokenmill.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
             out = q.new_empty(q.shape)
             torch.ops.tokenmill.paged_attention(
-                q, self.k_cache, self.v_cache, meta.row_tables, meta.row_lens, self.scale, out, self.k_scale, self.v_scale
+                q, self.k_cache, self.v_cache, meta.row_tables, meta.row_lens, self.scale, self.sliding_window or 0, out,
+                self.k_scale, self.v_scale,
             )
             return out
         return self._forward_pytorch(q, k, v, meta)
@@ -126,19 +139,20 @@ class Attention(nn.Module):
         batch, group = q.shape[0], self.num_heads // self.num_kv_heads
         # Gather only the blocks these sequences use: [batch, kv_heads, max_len, d]. index_select on a
         # flat block list is 5x faster here than indexing with the 2-D table.
-        shape = (batch, meta.decode_mask.shape[-1], self.num_kv_heads, self.head_dim)
+        mask = meta.decode_mask(self.sliding_window)
+        shape = (batch, mask.shape[-1], self.num_kv_heads, self.head_dim)
         blocks = meta.row_tables[:batch].reshape(-1)
         k = self._read(self.k_cache, self.k_scale, blocks, q.dtype).view(shape).transpose(1, 2)
         v = self._read(self.v_cache, self.v_scale, blocks, q.dtype).view(shape).transpose(1, 2)
         qg = q.view(batch, self.num_kv_heads, group, self.head_dim)
-        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=meta.decode_mask, scale=self.scale)
+        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=self.scale)
         return o.reshape(batch, self.num_heads, self.head_dim)
 
     def _prefill(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: PrefillChunk, block_table: torch.Tensor
     ) -> torch.Tensor:
-        n = chunk.query_len
-        if chunk.context_len == n:
+        n, window = chunk.query_len, self.sliding_window
+        if chunk.context_len == n and (window is None or n <= window):
             # Nothing cached before this chunk: plain causal attention over it. 4-D with is_causal takes
             # SDPA's flash kernel: 3.1 ms against 6.9 with the grouped boolean mask (512 tokens, CPU).
             o = F.scaled_dot_product_attention(
@@ -152,10 +166,12 @@ class Attention(nn.Module):
         vg = self._read(self.v_cache, self.v_scale, blocks, q.dtype).flatten(0, 1)[: chunk.context_len].transpose(0, 1)
         # Query i sits at absolute position context_len - n + i and sees keys up to it: is_causal would
         # align the diagonal to the first key instead, so this case keeps an explicit mask.
-        q_pos = torch.arange(chunk.context_len - n, chunk.context_len, device=q.device)
-        mask = (torch.arange(chunk.context_len, device=q.device)[None, :] <= q_pos[:, None]).repeat(
-            self.num_heads // self.num_kv_heads, 1
-        )
+        q_pos = torch.arange(chunk.context_len - n, chunk.context_len, device=q.device)[:, None]
+        keys = torch.arange(chunk.context_len, device=q.device)[None, :]
+        mask = keys <= q_pos
+        if window is not None:
+            mask &= keys > q_pos - window
+        mask = mask.repeat(self.num_heads // self.num_kv_heads, 1)
         o = F.scaled_dot_product_attention(self._grouped(q), kg, vg, attn_mask=mask, scale=self.scale)
         return self._ungrouped(o, n)
 
