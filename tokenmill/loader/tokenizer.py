@@ -14,7 +14,9 @@ from tokenizers import Tokenizer as BackendTokenizer
 from tokenmill.errors import InvalidRequestError, ModelLoadError
 
 # GGUF token_type values (llama.cpp's llama_token_type).
-_CONTROL, _USER_DEFINED = 3, 4
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED = 1, 2, 3, 4
+# SentencePiece writes a space inside its pieces as this character.
+_SPM_SPACE = "\u2581"
 
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -115,31 +117,46 @@ class Tokenizer:
     def from_gguf(cls, metadata: dict[str, Any], eos_token_ids: list[int]) -> "Tokenizer":
         """Rebuild the tokenizer a GGUF file describes in its tokenizer.ggml.* metadata."""
         kind = metadata.get("tokenizer.ggml.model")
-        if kind != "gpt2":
+        if kind not in _GGUF_BACKENDS:
             raise ModelLoadError(
-                f"GGUF tokenizer model {kind!r} is not supported yet; supported: 'gpt2' (byte-level BPE)"
+                f"GGUF tokenizer model {kind!r} is not supported yet; supported: 'gpt2' (byte-level BPE), "
+                "'llama' (SentencePiece BPE)"
             )
         tokens: list[str] = metadata["tokenizer.ggml.tokens"]
-        merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
-        backend = BackendTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
-        backend.pre_tokenizer = _byte_level_pre_tokenizer(metadata.get("tokenizer.ggml.pre"))
-        backend.decoder = decoders.ByteLevel()
+        backend = _GGUF_BACKENDS[kind](metadata)
         types = metadata.get("tokenizer.ggml.token_type") or []
+        # llama.cpp matches unknown-type tokens (SentencePiece's <unk>) whole too, as transformers does.
         backend.add_special_tokens(
-            [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == _CONTROL]
+            [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k in (_UNKNOWN, _CONTROL)]
         )
+        # A run of spaces the SentencePiece backend respelled is an ordinary piece, reached by merges.
         backend.add_tokens(
-            [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED]
+            [
+                AddedToken(t, special=False, normalized=False)
+                for t, k in zip(tokens, types)
+                if k == _USER_DEFINED and backend.token_to_id(t) is not None
+            ]
         )
         bos_id = metadata.get("tokenizer.ggml.bos_token_id")
         eos_id = metadata.get("tokenizer.ggml.eos_token_id")
         bos = tokens[bos_id] if bos_id is not None else None
-        if metadata.get("tokenizer.ggml.add_bos_token") and bos is not None:
+        # llama.cpp adds BOS to a SentencePiece vocabulary whose file does not say otherwise.
+        if metadata.get("tokenizer.ggml.add_bos_token", kind == "llama") and bos is not None:
             backend.post_processor = processors.TemplateProcessing(
                 single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
             )
         eos = tokens[eos_id] if eos_id is not None else None
         return cls(backend, eos_token_ids, bos, eos, metadata.get("tokenizer.chat_template"))
+
+
+def _byte_level_backend(metadata: dict[str, Any]) -> BackendTokenizer:
+    """Byte-level BPE (GPT-2 style) from the file's vocabulary and merges."""
+    tokens: list[str] = metadata["tokenizer.ggml.tokens"]
+    merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
+    backend = BackendTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
+    backend.pre_tokenizer = _byte_level_pre_tokenizer(metadata.get("tokenizer.ggml.pre"))
+    backend.decoder = decoders.ByteLevel()
+    return backend
 
 
 def _gpt2_byte_chars() -> dict[str, int]:
@@ -172,6 +189,51 @@ def _byte_level_pre_tokenizer(pre: str | None) -> pre_tokenizers.PreTokenizer:
             [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
         )
     return pre_tokenizers.ByteLevel(add_prefix_space=False)
+
+
+def _sentencepiece_backend(metadata: dict[str, Any]) -> BackendTokenizer:
+    """SentencePiece BPE: merges implied by the pieces' ranks, characters outside the vocabulary as <0xNN> bytes."""
+    tokens: list[str] = metadata["tokenizer.ggml.tokens"]
+    # Gemma's file spells its runs of spaces with real spaces, but text reaches the pieces with each space as U+2581.
+    pieces = [_SPM_SPACE * len(t) if t and not t.strip(" ") else t for t in tokens]
+    types = metadata.get("tokenizer.ggml.token_type") or [_NORMAL] * len(pieces)
+    unk_id = metadata.get("tokenizer.ggml.unknown_token_id")
+    model = models.BPE(
+        {p: i for i, p in enumerate(pieces)},
+        _sentencepiece_merges(pieces, metadata["tokenizer.ggml.scores"], types),
+        unk_token=pieces[unk_id] if unk_id is not None else None,
+        fuse_unk=True,
+        byte_fallback=True,
+    )
+    backend = BackendTokenizer(model)
+    # llama.cpp's default where the file does not say: the text's first word is marked as a word start too.
+    prefix = metadata.get("tokenizer.ggml.add_space_prefix", True)
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(
+        _SPM_SPACE, prepend_scheme="first" if prefix else "never", split=False
+    )
+    steps = [decoders.Replace(_SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    # The space the encoder put before the text is not the text's own.
+    backend.decoder = decoders.Sequence([*steps, decoders.Strip(" ", 1, 0)] if prefix else steps)
+    return backend
+
+
+def _sentencepiece_merges(pieces: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
+    """BPE merges that make SentencePiece's choices: every split of a piece into two pieces, best piece first."""
+    known = set(pieces)
+    # SentencePiece merges the pair that forms the highest-scored piece. Pieces it never builds by merging
+    # (control, user-defined, bytes) carry placeholder scores, -1000 on Gemma's runs of spaces; it matches
+    # user-defined ones whole before merging anything, so their merges rank first, in file order.
+    order = sorted(range(len(pieces)), key=lambda i: (True, -scores[i]) if types[i] == _NORMAL else (False, i))
+    merges = []
+    for i in order:
+        piece = pieces[i]
+        for cut in range(len(piece) - 1, 0, -1):  # longer left part first, as transformers orders them
+            if piece[:cut] in known and piece[cut:] in known:
+                merges.append((piece[:cut], piece[cut:]))
+    return merges
+
+
+_GGUF_BACKENDS = {"gpt2": _byte_level_backend, "llama": _sentencepiece_backend}
 
 
 def _token_text(token: Any) -> str | None:
