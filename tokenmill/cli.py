@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="answer 413 to larger request bodies")
     serve.add_argument("--shutdown-timeout", type=float, default=ServerConfig.shutdown_timeout,
                        help="seconds in-flight requests get to finish on SIGTERM/SIGINT")
-    add_engine_flags(serve)
+    add_engine_flags(serve, repeat_model=True)
 
     evaluate = commands.add_parser("eval", help="measure accuracy")
     metrics = evaluate.add_subparsers(required=True, metavar="METRIC")
@@ -178,10 +178,10 @@ def _perplexity(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from tokenmill.server.app import serve
 
-    logging.getLogger("tokenmill").setLevel(logging.INFO)  # the start-up lines say model, KV capacity and URL
+    logging.getLogger("tokenmill").setLevel(logging.INFO)  # the start-up lines say models, KV capacity and URL
     config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key, max_waiting=args.max_waiting,
                           max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout)
-    serve(engine_config(args), config)
+    serve(engine_config(args), config, args.models or [args.model])
     return 0
 
 

@@ -6,10 +6,20 @@ from typing import Any
 from tokenmill.config import DTYPE_NAMES, KV_CACHE_DTYPE_NAMES, QUANTIZATIONS, EngineConfig
 
 
-def add_engine_flags(parser: argparse.ArgumentParser) -> None:
-    """--model and one flag per EngineConfig option, named after its field, with its default."""
+def add_engine_flags(parser: argparse.ArgumentParser, repeat_model: bool = False) -> None:
+    """--model and one flag per EngineConfig option, named after its field, with its default.
+
+    With repeat_model, --model may repeat (as on `serve`): every value lands in `models`, the first in `model`.
+    """
     d = EngineConfig
-    parser.add_argument("--model", default=d.model, help="catalog name, .gguf file or HF directory (default: %(default)s)")
+    if repeat_model:
+        parser.set_defaults(models=[])
+        parser.add_argument("--model", default=d.model, action=_RepeatedModel,
+                            help="catalog name, .gguf file or HF directory; repeat it to serve several models, "
+                                 "NAME=MODEL serves one as NAME (default: %(default)s)")
+    else:
+        parser.add_argument("--model", default=d.model,
+                            help="catalog name, .gguf file or HF directory (default: %(default)s)")
     parser.add_argument("--device", default=d.device, help="cpu or cuda (default: %(default)s)")
     parser.add_argument("--dtype", default=d.dtype, choices=DTYPE_NAMES,
                         help="activation and unquantized weight type (default: %(default)s)")
@@ -33,6 +43,15 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
                         help="context length cap (default: the model's, within the KV pool)")
     parser.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV of shared prefixes")
     parser.add_argument("--num-threads", type=int, default=d.num_threads, help="CPU threads (default: one per core)")
+
+
+class _RepeatedModel(argparse.Action):
+    """--model that may repeat: `models` collects every value, `model` keeps the first for engine_options."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        namespace.models = [*namespace.models, values]  # a new list: the parser's default must stay empty
+        setattr(namespace, self.dest, namespace.models[0])
 
 
 def engine_options(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:

@@ -132,7 +132,7 @@ def test_prompt_rows_are_the_same_bits_whole_or_in_chunks(kv_dtype):
     assert torch.equal(whole, torch.cat(chunks))
     # And it is causal attention: the PyTorch path's SDPA over the same cached keys and values.
     with attention_metadata(_prompt_metadata(table, 0, n)):
-        reference = whole_layer._forward_pytorch(q, k, v, attention._metadata)
+        reference = whole_layer._forward_pytorch(q, k, v, attention.current_metadata())
     torch.testing.assert_close(whole, reference, rtol=1e-4, atol=1e-4)
 
 
@@ -155,12 +155,12 @@ def test_sliding_window_prompt_rows_see_only_their_last_keys_on_both_paths(windo
     expected = _naive(q, k, v, window)
     with attention_metadata(_prompt_metadata(table, 0, n)):
         torch.testing.assert_close(layer(q, k, v), expected, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(layer._forward_pytorch(q, k, v, attention._metadata), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer._forward_pytorch(q, k, v, attention.current_metadata()), expected, rtol=1e-5, atol=1e-5)
     chunked = _layer(torch.float32)  # a chunk after cached rows takes the masked SDPA path
     chunked.sliding_window = window
     for start, stop in [(0, 7), (7, 18)]:
         with attention_metadata(_prompt_metadata(table, start, stop)):
-            rows = chunked._forward_pytorch(q[start:stop], k[start:stop], v[start:stop], attention._metadata)
+            rows = chunked._forward_pytorch(q[start:stop], k[start:stop], v[start:stop], attention.current_metadata())
     torch.testing.assert_close(rows, expected[7:], rtol=1e-5, atol=1e-5)
 
 

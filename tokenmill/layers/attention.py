@@ -1,5 +1,6 @@
 """Paged attention: the per-step metadata the runner sets, and the layer that reads it."""
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -55,18 +56,25 @@ class AttentionMetadata:
         return self._decode_masks[window]
 
 
-_metadata: AttentionMetadata | None = None
+# Per thread: a server runs one engine per model, each on its own thread.
+_current = threading.local()
 
 
 @contextmanager
 def attention_metadata(metadata: AttentionMetadata) -> Iterator[None]:
-    """Make metadata visible to every Attention layer for the duration of one forward."""
-    global _metadata
-    _metadata = metadata
+    """Make metadata visible to every Attention layer this thread runs for the duration of one forward."""
+    _current.metadata = metadata
     try:
         yield
     finally:
-        _metadata = None
+        _current.metadata = None
+
+
+def current_metadata() -> AttentionMetadata:
+    """The metadata of the forward this thread is running."""
+    meta = getattr(_current, "metadata", None)
+    assert meta is not None, "Attention called outside attention_metadata()"
+    return meta
 
 
 class Attention(nn.Module):
@@ -91,8 +99,7 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim]; views into the QKV output
-        meta = _metadata
-        assert meta is not None, "Attention called outside attention_metadata()"
+        meta = current_metadata()
         if q.device.type == "cpu" and self.native_shape and ops.available():
             torch.ops.tokenmill.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
             out = q.new_empty(q.shape)

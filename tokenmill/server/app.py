@@ -1,5 +1,6 @@
 """The FastAPI app: routes, auth, body limit and engine lifetime; `serve` runs it under uvicorn."""
 
+import asyncio
 import logging
 import signal
 from collections.abc import AsyncIterator
@@ -21,22 +22,29 @@ from tokenmill.server.chat import create_chat_completion
 from tokenmill.server.completions import create_completion
 from tokenmill.server.errors import APIError, install_handlers
 from tokenmill.server.metrics import Metrics
-from tokenmill.server.serving import ServerState, state_of
+from tokenmill.server.served_models import ModelSpec, describe_kv_split, load_engines
+from tokenmill.server.serving import ServedModel, ServerState, state_of
 
 logger = logging.getLogger(__name__)
 
 
-def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
-    """An app serving one engine; the engine thread starts and stops with the app's lifespan."""
-    metrics = Metrics(engine.source.name)
-    front = AsyncEngine(engine, on_stats=metrics.observe_stats, on_finished=metrics.observe_finished)
-    state = ServerState(front, engine.tokenizer, engine.source.name, engine.max_model_len, config, metrics)
+def build_app(engines: dict[str, LLMEngine], config: ServerConfig) -> FastAPI:
+    """An app serving each engine by its name, the first by default; engine threads start and stop with the app."""
+    first = next(iter(engines))
+    metrics = Metrics(first)  # the other models' series join its registry, so it renders them all
+    models: dict[str, ServedModel] = {}
+    for name, engine in engines.items():
+        series = metrics if name == first else metrics.for_model(name)
+        front = AsyncEngine(engine, on_stats=series.observe_stats, on_finished=series.observe_finished)
+        models[name] = ServedModel(name, front, engine.tokenizer, engine.max_model_len)
+    state = ServerState(models, config, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        front.start()
+        for model in models.values():
+            model.engine.start()
         yield
-        await front.stop()
+        await asyncio.gather(*(model.engine.stop() for model in models.values()))
 
     app = FastAPI(title="tokenmill", version=version("tokenmill"), lifespan=lifespan)
     app.state.tokenmill = state
@@ -46,7 +54,8 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
     # response_model=None: handlers build OpenAI's JSON themselves; FastAPI need not re-validate it.
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key(config.api_key))])
     v1.add_api_route("/models", list_models, methods=["GET"], response_model=None)
-    v1.add_api_route("/models/{model_id}", get_model, methods=["GET"], response_model=None)
+    # :path, because a served name may hold a slash (`--model org/name=...`).
+    v1.add_api_route("/models/{model_id:path}", get_model, methods=["GET"], response_model=None)
     v1.add_api_route("/completions", create_completion, methods=["POST"], response_model=None)
     v1.add_api_route("/chat/completions", create_chat_completion, methods=["POST"], response_model=None)
     app.include_router(v1)
@@ -57,27 +66,27 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
 
 
 async def list_models(request: Request) -> dict:
-    """The one model this server serves."""
-    return {"object": "list", "data": [_model_card(state_of(request))]}
+    """Every served model, in --model order."""
+    return {"object": "list", "data": [_model_card(model) for model in state_of(request).models.values()]}
 
 
 async def get_model(model_id: str, request: Request) -> dict:
-    """The served model by its id; 404 for any other."""
-    state = state_of(request)
-    state.check_model(model_id)
-    return _model_card(state)
+    """A served model by its id; 404 for any other."""
+    return _model_card(state_of(request).model(model_id))
 
 
-def _model_card(state: ServerState) -> dict:
-    return {"id": state.model_name, "object": "model", "created": 0, "owned_by": "tokenmill",
-            "max_model_len": state.max_model_len}
+def _model_card(model: ServedModel) -> dict:
+    return {"id": model.name, "object": "model", "created": 0, "owned_by": "tokenmill",
+            "max_model_len": model.max_model_len}
 
 
 async def health(request: Request) -> Response:
-    """200 while the engine thread runs, 503 otherwise; never behind auth."""
-    if state_of(request).engine.is_running:
+    """200 while every engine thread runs, 503 naming those that do not; never behind auth."""
+    stopped = [repr(model.name) for model in state_of(request).models.values() if not model.engine.is_running]
+    if not stopped:
         return JSONResponse({"status": "ok"})
-    return APIError(503, "the engine is not running", type="server_error").response()
+    return APIError(503, f"the engine of {', '.join(stopped)} is not running; see the server log",
+                    type="server_error").response()
 
 
 async def get_version() -> dict:
@@ -126,17 +135,22 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
-def serve(engine_config: EngineConfig, config: ServerConfig) -> None:
-    """Load the model, then serve until SIGTERM or SIGINT; in-flight requests get shutdown_timeout to finish."""
-    # Loaded on a thread that then exits, so the engine thread is the only one that ever ran an OpenMP
-    # region: each such thread keeps a worker pool, and a second live pool left every op waking
-    # sleeping workers (decode 1.7x slower in float32, 7x with the int8 kernels; docs/benchmarks.md).
+def serve(engine_config: EngineConfig, config: ServerConfig, models: list[str]) -> None:
+    """Load each model (MODEL or NAME=MODEL), serve until SIGTERM/SIGINT; in-flight requests get shutdown_timeout."""
+    specs = [ModelSpec.parse(value) for value in models]  # a bad spec fails before any model loads
+    if len(specs) > 1:
+        logger.info(describe_kv_split(engine_config, len(specs)))
+    # Loaded on a thread that then exits, so only engine threads ever run an OpenMP region: each such thread
+    # keeps a worker pool, and a second live pool left every op waking sleeping workers (decode 1.7x slower
+    # in float32, 7x with the int8 kernels; docs/benchmarks.md). NOTE: several models mean one pool each.
     with ThreadPoolExecutor(1) as loader:
-        engine = loader.submit(LLMEngine, engine_config).result()
-    app = build_app(engine, config)
-    logger.info("serving %s (KV cache %d tokens, context %d) at http://%s:%d/v1",
-                engine.source.name, engine.runner.num_blocks * engine_config.block_size, engine.max_model_len,
-                config.host, config.port)
+        engines = loader.submit(load_engines, engine_config, specs).result()
+    app = build_app(engines, config)
+    for name, engine in engines.items():
+        served = name if name == engine.source.name else f"{name} = {engine.source.name}"
+        logger.info("serving %s (KV cache %d tokens, context %d) at http://%s:%d/v1",
+                    served, engine.runner.num_blocks * engine_config.block_size, engine.max_model_len,
+                    config.host, config.port)
     server = uvicorn.Server(uvicorn.Config(
         app, host=config.host, port=config.port, timeout_graceful_shutdown=config.shutdown_timeout,
         log_level="info", access_log=False,

@@ -19,21 +19,21 @@ from tokenmill.server.serving import Usage, collect, merged, new_id, sse, state_
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> dict | StreamingResponse:
     """Answer one conversation with n choices."""
     state = state_of(request)
-    state.check_model(body.model)
+    model = state.model(body.model)
     params = body.sampling_params()
-    tokenizer = state.tokenizer
+    tokenizer = model.tokenizer
     # Off the event loop: rendering and tokenizing a long conversation must not stall other streams.
     prompt = await asyncio.to_thread(tokenizer.encode_chat, body.conversation())
     response_id = new_id("chatcmpl")
     try:
-        streams = await submit(state, [prompt], params, response_id)
+        streams = await submit(state, model, [prompt], params, response_id)
     except InvalidRequestError as exc:
         if exc.param == "prompt":  # chat requests have messages, not a prompt
             exc.param = "messages"
         raise
     created = int(time.time())
     if body.stream:
-        chunks = _chunks(body, params.n, streams[0], tokenizer, response_id, created, state.model_name)
+        chunks = _chunks(body, params.n, streams[0], tokenizer, response_id, created, model.name)
         return StreamingResponse(sse(chunks), media_type="text/event-stream")
     (output,) = await collect(request, streams)
     choices = [
@@ -46,7 +46,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         for sample in output.outputs
     ]
     return {
-        "id": response_id, "object": "chat.completion", "created": created, "model": state.model_name,
+        "id": response_id, "object": "chat.completion", "created": created, "model": model.name,
         "choices": choices, "usage": usage([output]),
     }
 

@@ -19,24 +19,24 @@ from tokenmill.server.serving import Usage, collect, merged, new_id, sse, state_
 async def create_completion(body: CompletionRequest, request: Request) -> dict | StreamingResponse:
     """Complete each prompt; choices are numbered prompt by prompt, n per prompt."""
     state = state_of(request)
-    state.check_model(body.model)
+    model = state.model(body.model)
     params = body.sampling_params()
     # Off the event loop: a long prompt takes a while to tokenize and must not stall other streams.
-    prompts = await asyncio.to_thread(_prompt_token_ids, body.prompt, state.tokenizer)
+    prompts = await asyncio.to_thread(_prompt_token_ids, body.prompt, model.tokenizer)
     response_id = new_id("cmpl")
-    streams = await submit(state, prompts, params, response_id)
+    streams = await submit(state, model, prompts, params, response_id)
     created = int(time.time())
     if body.stream:
-        chunks = _chunks(body, params.n, streams, state.tokenizer, response_id, created, state.model_name)
+        chunks = _chunks(body, params.n, streams, model.tokenizer, response_id, created, model.name)
         return StreamingResponse(sse(chunks), media_type="text/event-stream")
     outputs = await collect(request, streams)
     choices = [
-        _choice(body, output, sample, state.tokenizer, i * params.n + sample.index)
+        _choice(body, output, sample, model.tokenizer, i * params.n + sample.index)
         for i, output in enumerate(outputs)
         for sample in output.outputs
     ]
     return {
-        "id": response_id, "object": "text_completion", "created": created, "model": state.model_name,
+        "id": response_id, "object": "text_completion", "created": created, "model": model.name,
         "choices": choices, "usage": usage(outputs),
     }
 

@@ -1,6 +1,9 @@
 """Prometheus metrics, derived off the hot path from the engine's per-request timestamps and stats."""
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics import MetricWrapperBase as Metric
 
 from tokenmill.outputs import EngineStats, RequestOutput
 
@@ -11,21 +14,28 @@ _REQUEST_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 40, 6
 
 
 class Metrics:
-    """The server's metrics, in their own registry, named under `tokenmill:`."""
+    """One model's series of the server's metrics, named under `tokenmill:` and labelled with its model_name."""
 
-    def __init__(self, model_name: str) -> None:
-        self.registry = CollectorRegistry()
+    def __init__(self, model_name: str, shared: "Metrics | None" = None) -> None:
+        # A prometheus registry takes each metric name once, so every model's series hang off the same families.
+        self.registry = shared.registry if shared else CollectorRegistry()
+        self._families: dict[str, Metric] = shared._families if shared else {}
         labels = ["model_name"]
-        r = self.registry
+
+        def family(kind: type[Metric], name: str, doc: str, extra_labels: tuple[str, ...] = (), **kw: Any) -> Metric:
+            if name not in self._families:
+                self._families[name] = kind(f"tokenmill:{name}", doc, [*labels, *extra_labels],
+                                            registry=self.registry, **kw)
+            return self._families[name]
 
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(f"tokenmill:{name}", doc, labels, buckets=buckets, registry=r).labels(model_name)
+            return family(Histogram, name, doc, buckets=buckets).labels(model_name)
 
         def counter(name: str, doc: str) -> Counter:
-            return Counter(f"tokenmill:{name}", doc, labels, registry=r).labels(model_name)
+            return family(Counter, name, doc).labels(model_name)
 
         def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(f"tokenmill:{name}", doc, labels, registry=r).labels(model_name)
+            return family(Gauge, name, doc).labels(model_name)
 
         self.ttft = histogram("time_to_first_token_seconds", "Arrival to first output token.", _TTFT_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "Time between consecutive output tokens.", _TOKEN_BUCKETS)
@@ -42,14 +52,16 @@ class Metrics:
         self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
         self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
         self.preemptions = counter("num_preemptions", "Sequences preempted to free KV blocks.")
-        self._finished = Counter(
-            "tokenmill:request_finished", "Finished requests by the reason their last sample ended.",
-            [*labels, "finished_reason"], registry=r,
-        )
+        self._finished = family(Counter, "request_finished", "Finished requests by the reason their last sample ended.",
+                                ("finished_reason",))
         for reason in ("stop", "length", "abort"):  # export zeros, so rates work from the first request
             self._finished.labels(model_name, reason)
         self.model_name = model_name
         self._last: EngineStats | None = None
+
+    def for_model(self, model_name: str) -> "Metrics":
+        """Another model's series in this registry, so that one /metrics shows every model."""
+        return Metrics(model_name, shared=self)
 
     def observe_stats(self, stats: EngineStats) -> None:
         """Set the load gauges and advance the cumulative counters by what changed since last time."""
@@ -84,5 +96,5 @@ class Metrics:
             self.tpot.observe((steps[-1] - steps[0]) / (len(steps) - 1))
 
     def render(self) -> bytes:
-        """The Prometheus text exposition of every metric."""
+        """The Prometheus text exposition of every metric, for every model sharing this registry."""
         return generate_latest(self.registry)

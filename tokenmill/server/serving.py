@@ -20,21 +20,32 @@ from tokenmill.server.metrics import Metrics
 
 
 @dataclass
-class ServerState:
-    """What every route needs: the engine front, the tokenizer, the served name and settings."""
+class ServedModel:
+    """One model behind the server: the name requests use, its engine front, tokenizer and context length."""
 
+    name: str
     engine: AsyncEngine
     tokenizer: Tokenizer
-    model_name: str
     max_model_len: int
-    config: ServerConfig
-    metrics: Metrics
 
-    def check_model(self, model: str | None) -> None:
-        """404 unless the request names the served model (or none)."""
-        if model is not None and model != self.model_name:
-            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+
+@dataclass
+class ServerState:
+    """What every route needs: the served models, the settings and the metrics."""
+
+    models: dict[str, ServedModel]  # in --model order; the first answers requests that name no model
+    config: ServerConfig
+    metrics: Metrics  # renders every model's series: they share its registry
+
+    def model(self, name: str | None) -> ServedModel:
+        """The model a request names, or the first when it names none; 404 for a name not served."""
+        if name is None:
+            return next(iter(self.models.values()))
+        if name not in self.models:
+            served = ", ".join(repr(n) for n in self.models)
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {served}",
                            param="model", code="model_not_found")
+        return self.models[name]
 
 
 def state_of(request: Request) -> ServerState:
@@ -47,19 +58,22 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-async def submit(state: ServerState, prompts: list[list[int]], params: SamplingParams, id_prefix: str) -> list[RequestStream]:
-    """Queue one engine request per prompt, all or none; 429 when too many already wait."""
-    if not state.engine.is_running:
-        raise APIError(503, "the engine is not running; see the server log", type="server_error")
-    if state.engine.num_waiting >= state.config.max_waiting:
-        raise APIError(429, f"{state.engine.num_waiting} requests are already waiting (limit "
+async def submit(state: ServerState, model: ServedModel, prompts: list[list[int]], params: SamplingParams,
+                 id_prefix: str) -> list[RequestStream]:
+    """Queue one request per prompt on the model's engine, all or none; 429 when too many already wait for it."""
+    engine = model.engine
+    if not engine.is_running:
+        raise APIError(503, f"the engine of {model.name!r} is not running; see the server log", type="server_error")
+    # Each model has its own queue, so the limit is per model: a busy one does not turn away the others' requests.
+    if engine.num_waiting >= state.config.max_waiting:
+        raise APIError(429, f"{engine.num_waiting} requests are already waiting for {model.name!r} (limit "
                        f"{state.config.max_waiting}); retry shortly", type="rate_limit_error",
                        code="too_many_waiting_requests", headers={"Retry-After": "1"})
     arrival = time.perf_counter()
     streams: list[RequestStream] = []
     try:
         for i, prompt in enumerate(prompts):
-            streams.append(await state.engine.add_request(f"{id_prefix}-{i}", prompt, params, arrival))
+            streams.append(await engine.add_request(f"{id_prefix}-{i}", prompt, params, arrival))
     except BaseException:
         for stream in streams:
             stream.close()  # NOTE: closing an unfinished stream aborts its request
