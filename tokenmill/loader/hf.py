@@ -37,6 +37,7 @@ class HFDirectory:
             num_heads = int(c["num_attention_heads"])
             hidden = int(c["hidden_size"])
             rope = c.get("rope_parameters") or {}
+            rope = rope.get("full_attention", rope)  # Gemma 3 keeps one set per layer type
             scaling = c.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
             return ModelConfig(
                 architecture=self.architecture,
@@ -52,7 +53,20 @@ class HFDirectory:
                 max_position_embeddings=int(c.get("max_position_embeddings", 2048)),
                 tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
                 rope_scaling=scaling,
-                attention_bias=bool(c.get("attention_bias", self.architecture.startswith("Qwen2"))),
+                # Qwen2-MoE configs name it qkv_bias.
+                attention_bias=bool(c.get("attention_bias", c.get("qkv_bias", self.architecture.startswith("Qwen2")))),
+                # Qwen2 configs carry a sliding_window that use_sliding_window switches off.
+                sliding_window=c.get("sliding_window") if c.get("use_sliding_window", True) else None,
+                layer_types=c.get("layer_types"),
+                rope_local_theta=_local_theta(c),
+                attention_scale=c["query_pre_attn_scalar"] ** -0.5 if c.get("query_pre_attn_scalar") else None,
+                num_experts=int(c.get("num_local_experts") or c.get("num_experts") or 0),
+                num_experts_per_tok=int(c.get("num_experts_per_tok") or 0),
+                moe_intermediate_size=int(c.get("moe_intermediate_size") or 0),
+                shared_expert_intermediate_size=int(c.get("shared_expert_intermediate_size") or 0),
+                norm_topk_prob=bool(c.get("norm_topk_prob", False)),
+                decoder_sparse_step=int(c.get("decoder_sparse_step") or 1),
+                mlp_only_layers=[int(i) for i in c.get("mlp_only_layers") or []],
                 bos_token_id=c.get("bos_token_id"),
                 eos_token_ids=self._eos_token_ids(),
             )
@@ -80,3 +94,10 @@ class HFDirectory:
                         yield name, slice(None), f.get_tensor(name).to(dtype)
             except Exception as exc:  # safetensors raises its own SafetensorError on bad bytes
                 raise ModelLoadError(f"cannot read {file}: {exc}") from exc
+
+
+def _local_theta(config: dict) -> float | None:
+    """Gemma 3's rotary base for sliding-window layers: rope_local_base_freq, or in rope_parameters by layer type."""
+    local = (config.get("rope_parameters") or {}).get("sliding_attention") or {}
+    theta = config.get("rope_local_base_freq") or local.get("rope_theta")
+    return float(theta) if theta else None

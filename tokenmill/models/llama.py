@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2) over a flat batch of tokens."""
+"""Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2, Qwen3) over a flat batch of tokens."""
 
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -15,20 +15,26 @@ from tokenmill.layers.rotary import RotaryEmbedding, apply_rotary_
 
 
 class LlamaAttention(nn.Module):
-    """Grouped-query self-attention with a fused QKV projection."""
+    """Grouped-query self-attention with a fused QKV projection; qk_norm adds Qwen3's per-head norms."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int, qk_norm: bool = False) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, config.layer_window(layer))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         # Query and key heads lie side by side in each row: one in-place rotation covers both.
         qk = qkv[:, : self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            # Normalized heads go back into the QKV rows, so the one rotation still covers them.
+            qk[:, : self.num_heads] = self.q_norm(qk[:, : self.num_heads])
+            qk[:, self.num_heads :] = self.k_norm(qk[:, self.num_heads :])
         apply_rotary_(qk, cos, sin)
         q, k, v = qkv.split_with_sizes([self.q_size, self.kv_size, self.kv_size], dim=-1)  # no Python wrapper
         kv_shape = (-1, self.num_kv_heads, self.head_dim)
@@ -51,10 +57,10 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm attention and MLP blocks with the residual carried between them."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int, qk_norm: bool = False, mlp: nn.Module | None = None) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, layer, qk_norm)
+        self.mlp = mlp if mlp is not None else LlamaMLP(config)  # a mixture of experts in MoE families
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -82,6 +88,8 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
     fused_shards = {"qkv_proj": 3, "gate_up_proj": 2}
+    # Whether each query and key head is RMS-normalized before rotary (Qwen3).
+    qk_norm = False
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -91,12 +99,16 @@ class LlamaForCausalLM(nn.Module):
         # (73 MiB of peak RSS, 0.7 s). _weight skips the init; the rotary tables come with the weights.
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
                                          _weight=torch.empty(config.vocab_size, config.hidden_size))
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(self._decoder_layer(i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary: RotaryEmbedding | None = None
+
+    def _decoder_layer(self, layer: int) -> nn.Module:
+        """Decoder layer `layer`; MoE families override it to give some layers a mixture of experts."""
+        return LlamaDecoderLayer(self.config, layer, self.qk_norm)
 
     def _rotary(self, freq_factors: torch.Tensor | None = None) -> RotaryEmbedding:
         c = self.config
@@ -127,33 +139,54 @@ class LlamaForCausalLM(nn.Module):
         targets = self._load_targets()
         loaded: set[str] = set()
         freq_factors = None
-        for name, rows, tensor in weights:
-            name = name.removeprefix("model.")
+        for checkpoint_name, rows, tensor in weights:
+            name = checkpoint_name.removeprefix("model.")
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
             if name == "rope_freqs":  # GGUF stores Llama 3.1 rope scaling as per-frequency factors
                 freq_factors = tensor.float()
                 continue
             parts = name.split(".")
+            target, shard = name, None
             if len(parts) >= 2 and parts[-2] in self.stacked_params:
                 fused, shard = self.stacked_params[parts[-2]]
                 target = ".".join(parts[:-2] + [fused, parts[-1]])
-                if target not in targets:
-                    raise ModelLoadError(f"checkpoint tensor {name} has no matching parameter")
-                targets[target](_within(self._shard_rows(fused, shard), rows, name), tensor, name)
+            if target not in targets:
+                if name.endswith("rotary_emb.inv_freq"):  # older checkpoints saved this derived table
+                    continue
+                # A tensor this model has no place for means the checkpoint is another architecture
+                # (or a variant of it); loading around it would run with part of the model left out.
+                raise ModelLoadError(
+                    f"checkpoint tensor {checkpoint_name} has no parameter in a {self.config.architecture} model; "
+                    "is the checkpoint's architecture name right?"
+                )
+            if shard is None:
+                targets[target](rows, tensor, checkpoint_name)
+                loaded.add(target)
+            else:
+                shard_rows = self._shard_rows(target, fused, shard)
+                targets[target](_within(shard_rows, rows, checkpoint_name), tensor, checkpoint_name)
                 loaded.add(f"{target}#{shard}")
-            elif name in targets:
-                targets[name](rows, tensor, name)
-                loaded.add(name)
         # The tables are derived, not stored: build them on the weights' device, after any rope_freqs.
         self.rotary = self._rotary(freq_factors).to(self.norm.weight.device)
-        expected: set[str] = set()
-        for n in targets:
-            shards = self.fused_shards.get(n.split(".")[-2], 0)
-            expected |= {f"{n}#{i}" for i in range(shards)} if shards else {n}
-        missing = sorted(expected - loaded)
+        missing = sorted(name for key, name in self._expected_tensors(targets).items() if key not in loaded)
         if missing:
-            raise ModelLoadError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
+            raise ModelLoadError(
+                f"checkpoint lacks {len(missing)} tensors a {self.config.architecture} model needs, "
+                f"e.g. {', '.join(missing[:3])}"
+            )
+
+    def _expected_tensors(self, targets: Iterable[str]) -> dict[str, str]:
+        """Each load target (a fused parameter once per shard, as `name#shard`) -> its checkpoint tensor name."""
+        unfused = {fused_shard: proj for proj, fused_shard in self.stacked_params.items()}
+        expected = {}
+        for n in targets:
+            parts = n.split(".")
+            for shard in range(self.fused_shards.get(parts[-2], 0)):
+                expected[f"{n}#{shard}"] = "model." + ".".join(parts[:-2] + [unfused[parts[-2], shard], parts[-1]])
+            if parts[-2] not in self.fused_shards:
+                expected[n] = n if n.startswith("lm_head.") else f"model.{n}"
+        return expected
 
     def _load_targets(self) -> dict[str, Callable[[slice, torch.Tensor, str], None]]:
         # Quantized layers hold no float weight: they take rows through load_rows.
@@ -163,12 +196,20 @@ class LlamaForCausalLM(nn.Module):
             targets.pop("lm_head.weight", None)  # filled through the embedding it shares
         return targets
 
-    def _shard_rows(self, fused: str, shard: int) -> slice:
+    def _shard_rows(self, target: str, fused: str, shard: int) -> slice:
         c = self.config
         if fused == "qkv_proj":
             q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
             return [slice(0, q), slice(q, q + kv), slice(q + kv, q + 2 * kv)][shard]
-        return slice(shard * c.intermediate_size, (shard + 1) * c.intermediate_size)
+        # Equal shards of the layer's own rows: MoE experts and shared experts have widths of their own.
+        size = self.get_submodule(target.rpartition(".")[0]).out_features // self.fused_shards[fused]
+        return slice(shard * size, (shard + 1) * size)
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    """Qwen3: Llama's decoder with RMSNorm over each query and key head before rotary."""
+
+    qk_norm = True
 
 
 def _within(shard: slice, rows: slice, name: str) -> slice:

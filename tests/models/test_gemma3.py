@@ -1,0 +1,91 @@
+"""Gemma 3 agrees with transformers: a tiny random model from a Hugging Face directory, and the real 270M GGUF."""
+
+import pytest
+import torch
+import transformers
+
+from tokenmill import LLM, SamplingParams
+from tokenmill.loader import catalog
+
+PROMPTS = [list(range(100, 130)), [1, 42, 7, 99, 1000], [5] * 9 + list(range(300, 321)), [31, 415, 926, 535, 8, 979]]
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3(tmp_path_factory, smollm2_source):
+    """A random 3-layer Gemma 3 (two sliding layers with a window of 8, one global) saved as an HF directory."""
+    path = tmp_path_factory.mktemp("gemma3")
+    config = transformers.Gemma3TextConfig(
+        architectures=["Gemma3ForCausalLM"], vocab_size=smollm2_source.config.vocab_size, hidden_size=64,
+        intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"], sliding_window=8,
+        rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, query_pre_attn_scalar=24, max_position_embeddings=512,
+        initializer_range=0.2, eos_token_id=2, bos_token_id=1, pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():  # Gemma initializes its norms to zero (a scale of 1); random ones test the 1 + w
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(0, 0.3)
+    model.save_pretrained(path)
+    smollm2_source.tokenizer.backend.save(str(path / "tokenizer.json"))
+    return path, model
+
+
+def _greedy(model, ids: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(ids) :].tolist()
+
+
+def test_tiny_gemma3_logits_match_transformers_past_the_sliding_window(tiny_gemma3):
+    path, ref = tiny_gemma3
+    llm = LLM(str(path), kv_cache_memory=0.05, kv_cache_dtype="float32")
+    for ids in PROMPTS:
+        llm.engine.add_request("p", ids, SamplingParams(temperature=0, max_tokens=1))
+        logits = llm.engine.runner.execute(llm.engine.scheduler.schedule().scheduled).logits
+        llm.engine.abort("p")
+        with torch.no_grad():
+            expected = ref(torch.tensor([ids])).logits[0, -1]
+        assert (logits[0] - expected).abs().max().item() < 1e-3
+
+
+# Six float32 blocks (K and V, 3 layers, 16 tokens, 2 KV heads of 32): room for the longest sequence alone.
+SIX_BLOCKS = 6 * 2 * 3 * 16 * 2 * 32 * 4 / 2**30
+
+
+@pytest.mark.parametrize("options", [{}, {"max_num_batched_tokens": 16, "max_num_seqs": 4}, {"kv_cache_memory": SIX_BLOCKS}],
+                         ids=["batched", "chunked", "preempted"])
+def test_tiny_gemma3_greedy_tokens_match_transformers(tiny_gemma3, options):
+    path, ref = tiny_gemma3
+    llm = LLM(str(path), kv_cache_dtype="float32", **{"kv_cache_memory": 0.05, **options})
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in PROMPTS], params)
+    assert [o.outputs[0].token_ids for o in outputs] == [_greedy(ref, ids, 24) for ids in PROMPTS]
+    if "kv_cache_memory" in options:
+        assert llm.engine.scheduler.num_preemptions > 0
+
+
+GEMMA_PROMPTS = [
+    "The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
+    "The three primary colors are", "Water boils at", "1, 2, 3, 4, 5,", "The largest planet in the solar system",
+    "To make a cup of tea, first",
+]
+
+
+@pytest.fixture(scope="module")
+def gemma3_gguf():
+    """The Gemma 3 270M Q4_K_M GGUF and transformers' own float32 load of it (which dequantizes every tensor)."""
+    path = catalog.pull("gemma3-270m")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    return path, ref.eval()
+
+
+def test_gemma3_270m_gguf_greedy_tokens_match_transformers(gemma3_gguf):
+    path, ref = gemma3_gguf
+    # Unquantized: the GGUF's blocks dequantized by the gguf package, as transformers does, so this checks the model.
+    llm = LLM(str(path), quantization="none", kv_cache_dtype="float32", kv_cache_memory=0.1)
+    prompts = [llm.tokenizer.encode(p) for p in GEMMA_PROMPTS]
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts],
+                           SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in outputs] == [_greedy(ref, ids, 32) for ids in prompts]
