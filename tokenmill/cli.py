@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     ppl.add_argument("--file", required=True, type=Path, help="UTF-8 text to score")
     ppl.add_argument("--context", type=int, default=512, help="tokens per window")
     ppl.add_argument("--stride", type=int, default=256, help="tokens between window starts")
+    ppl.add_argument("--peer", choices=["llama.cpp"],
+                     help="also score the same windows with llama.cpp on the same GGUF file, and give the ratio")
     add_engine_flags(ppl)
 
     bench = commands.add_parser("bench", help="measure latency, throughput and cost against peers")
@@ -162,16 +164,21 @@ def _chat(args: argparse.Namespace) -> int:
 
 def _perplexity(args: argparse.Namespace) -> int:
     from tokenmill.llm import LLM
-    from tokenmill.perplexity import perplexity
+    from tokenmill.perplexity import llama_cpp_perplexity, perplexity
 
     try:
         text = args.file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidRequestError(f"cannot read {args.file}: {exc}") from exc
     llm = LLM(**engine_options(args))
-    result = perplexity(llm, llm.tokenizer.encode(text), args.context, args.stride)
+    token_ids = llm.tokenizer.encode(text)
+    result = perplexity(llm, token_ids, args.context, args.stride)
     print(f"perplexity {result.perplexity:.4f} (mean NLL {result.nll:.4f}) over {result.num_tokens} tokens "
           f"in {result.num_windows} windows of {args.context} (stride {args.stride})")
+    if args.peer:
+        peer = llama_cpp_perplexity(llm.engine.source.path, token_ids, args.context, args.stride, args.num_threads)
+        print(f"llama.cpp perplexity {peer.perplexity:.4f} (mean NLL {peer.nll:.4f}) on the same windows; "
+              f"tokenmill / llama.cpp {result.perplexity / peer.perplexity:.4f}")
     return 0
 
 

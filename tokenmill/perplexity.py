@@ -2,6 +2,10 @@
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
 
 from tokenmill.errors import InvalidRequestError
 from tokenmill.llm import LLM
@@ -46,4 +50,29 @@ def perplexity(llm: LLM, token_ids: list[int], context: int, stride: int) -> Per
         for lp in output.prompt_logprobs[first - begin - 1 :]:
             nll -= lp.logprob
             count += 1
+    return PerplexityResult(math.exp(nll / count), nll / count, count, len(spans))
+
+
+def llama_cpp_perplexity(
+    gguf: Path, token_ids: list[int], context: int, stride: int, threads: int | None
+) -> PerplexityResult:
+    """The same windows scored by llama.cpp on the same GGUF file (through llama-cpp-python), as a reference."""
+    if gguf.suffix != ".gguf":
+        raise InvalidRequestError("--peer llama.cpp scores the same GGUF file; give a .gguf model")
+    try:
+        from llama_cpp import Llama
+    except ImportError as exc:
+        raise InvalidRequestError("--peer llama.cpp needs llama-cpp-python: `pip install llama-cpp-python`") from exc
+    llm = Llama(model_path=str(gguf), n_ctx=context, n_batch=context, n_ubatch=context, logits_all=True,
+                n_threads=threads or torch.get_num_threads(), verbose=False)
+    spans = windows(len(token_ids), context, stride)
+    nll, count = 0.0, 0
+    for begin, end, first in spans:
+        llm.reset()
+        llm.eval(token_ids[begin:end])
+        # Row i of the scores follows token begin + i, so it predicts token begin + i + 1.
+        rows = torch.from_numpy(np.asarray(llm.scores[first - begin - 1 : end - begin - 1]))
+        targets = torch.tensor(token_ids[first:end])[:, None]
+        nll -= torch.log_softmax(rows.float(), dim=-1).gather(1, targets).sum().item()
+        count += end - first
     return PerplexityResult(math.exp(nll / count), nll / count, count, len(spans))
