@@ -5,46 +5,9 @@ from torch import nn
 
 from tokenmill.config import ModelConfig
 from tokenmill.layers.activation import gelu_tanh_and_mul
-from tokenmill.layers.attention import Attention
 from tokenmill.layers.norm import RMSNorm
-from tokenmill.layers.rotary import RotaryEmbedding, apply_rotary_
-from tokenmill.models.llama import LlamaForCausalLM
-
-
-class Gemma3Attention(nn.Module):
-    """Grouped-query attention with RMSNorm over each query and key head before rotary."""
-
-    def __init__(self, config: ModelConfig, layer: int) -> None:
-        super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, config.layer_window(layer),
-                              config.attention_scale)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split_with_sizes([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.q_norm(q.view(-1, self.num_heads, self.head_dim))
-        k = self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim))
-        apply_rotary_(q, cos, sin)
-        apply_rotary_(k, cos, sin)
-        o = self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_dim))
-        return self.o_proj(o.view(-1, self.q_size))
-
-
-class Gemma3MLP(nn.Module):
-    """GeGLU feed-forward (tanh GELU) with a fused gate/up projection."""
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gelu_tanh_and_mul(self.gate_up_proj(x)))
+from tokenmill.layers.rotary import RotaryEmbedding
+from tokenmill.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
 
 
 class Gemma3DecoderLayer(nn.Module):
@@ -53,8 +16,8 @@ class Gemma3DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.sliding = config.layer_window(layer) is not None
-        self.self_attn = Gemma3Attention(config, layer)
-        self.mlp = Gemma3MLP(config)
+        self.self_attn = LlamaAttention(config, layer, qk_norm=True)  # Qwen3's q/k norms, Gemma's scale
+        self.mlp = LlamaMLP(config, gelu_tanh_and_mul)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
