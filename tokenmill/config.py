@@ -107,6 +107,9 @@ class EngineConfig:
     quantization: str = "auto"
     # Weights per quantization step/offset pair; 32 matches GGUF's Q4/Q8 blocks, so those files re-quantize exactly.
     quant_group_size: int = 32
+    # USD per hour of the machine, which each request's cost is billed at; None: a typical cloud price for
+    # this device (tokenmill/cost/prices.py), stated at start-up.
+    price_per_hour: float | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_NAMES:
@@ -137,6 +140,8 @@ class EngineConfig:
             raise InvalidRequestError(f"kv_cache_fraction={self.kv_cache_fraction} must be in (0, 1]")
         if self.num_threads is not None and self.num_threads < 1:
             raise InvalidRequestError(f"num_threads={self.num_threads} must be at least 1")
+        if self.price_per_hour is not None and not 0 <= self.price_per_hour < float("inf"):
+            raise InvalidRequestError(f"price_per_hour={self.price_per_hour} must be a USD amount >= 0")
 
 
 @dataclass

@@ -43,6 +43,9 @@ def add_engine_flags(parser: argparse.ArgumentParser, repeat_model: bool = False
                         help="context length cap (default: the model's, within the KV pool)")
     parser.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV of shared prefixes")
     parser.add_argument("--num-threads", type=int, default=d.num_threads, help="CPU threads (default: one per core)")
+    parser.add_argument("--price-per-hour", type=float, default=d.price_per_hour, metavar="USD",
+                        help="what the machine costs per hour, to price each request's compute time (default: a "
+                             "typical cloud price for this CPU or GPU, stated at start-up)")
 
 
 class _RepeatedModel(argparse.Action):
@@ -62,7 +65,7 @@ def engine_options(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]
         "kv_cache_memory": args.kv_cache_memory, "kv_cache_fraction": args.kv_cache_fraction,
         "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
         "max_model_len": args.max_model_len, "enable_prefix_caching": not args.no_prefix_caching,
-        "num_threads": args.num_threads,
+        "num_threads": args.num_threads, "price_per_hour": args.price_per_hour,
     }
     return {**options, **overrides}
 

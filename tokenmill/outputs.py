@@ -22,6 +22,22 @@ class RequestMetrics:
     # One entry per generated token of every sample, so its length is the request's output tokens.
     token_times: list[float] = field(default_factory=list)
     finished_time: float | None = None
+    # The request's share of the busy seconds of the steps it ran in (tokenmill/cost/accounting.py): for its
+    # prompt (whose last step also yields each sample's first token), and for its decodes.
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    # USD per hour of the machine those seconds are billed at.
+    price_per_hour: float = 0.0
+
+    @property
+    def compute_seconds(self) -> float:
+        """The request's share of the engine's busy time."""
+        return self.prefill_seconds + self.decode_seconds
+
+    @property
+    def cost_usd(self) -> float:
+        """What the request's compute seconds cost at the machine's price."""
+        return self.compute_seconds * self.price_per_hour / 3600
 
 
 @dataclass
@@ -101,6 +117,11 @@ class EngineStats:
     prefix_queries: int
     prefix_hits: int
     num_preemptions: int
+    # The engine's steps' measured seconds so far, the seconds since it started (billed whether busy or idle),
+    # and the machine's USD per hour.
+    busy_seconds: float = 0.0
+    uptime_seconds: float = 0.0
+    price_per_hour: float = 0.0
 
     @property
     def kv_cache_usage(self) -> float:

@@ -86,7 +86,8 @@ def test_prompt_longer_than_context_is_rejected_and_engine_keeps_working(llm):
 @pytest.mark.parametrize(
     "options, field",
     [({"max_num_seqs": 0}, "max_num_seqs"), ({"max_num_batched_tokens": 8}, "max_num_batched_tokens"),
-     ({"dtype": "float8"}, "dtype"), ({"kv_cache_memory": -1}, "kv_cache_memory")],
+     ({"dtype": "float8"}, "dtype"), ({"kv_cache_memory": -1}, "kv_cache_memory"),
+     ({"price_per_hour": -0.5}, "price_per_hour")],
 )
 def test_bad_engine_options_are_rejected_before_loading(options, field):
     with pytest.raises(InvalidRequestError, match=field):

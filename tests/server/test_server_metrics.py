@@ -63,3 +63,29 @@ def test_stats_set_gauges_and_advance_counters_by_their_change():
     assert abs(s["tokenmill:kv_cache_usage_perc"] - 0.1) < 1e-9
     assert s["tokenmill:prefix_cache_queries_total"] == 96 and s["tokenmill:prefix_cache_hits_total"] == 48
     assert s["tokenmill:num_preemptions_total"] == 1
+
+
+def test_cost_counters_and_per_token_gauges_follow_busy_time_and_finished_requests():
+    # 3.6 USD per hour is 0.001 USD per second.
+    timing = RequestMetrics(arrival_time=0.0, token_times=[1.0, 1.1, 1.2, 1.3], finished_time=1.3,
+                            prefill_seconds=0.3, decode_seconds=0.9, price_per_hour=3.6)
+    output = RequestOutput("r", "p", [1, 2, 3], [CompletionOutput(0, "abcd", [4, 5, 6, 7], "length")],
+                           finished=True, num_cached_tokens=0, metrics=timing)
+    metrics = Metrics("m")
+    metrics.observe_finished(output)
+    for busy, uptime in ((0.5, 2.0), (2.0, 8.0)):
+        metrics.observe_stats(EngineStats(0, 0, 10, 10, 0, 0, 0, busy_seconds=busy, uptime_seconds=uptime,
+                                          price_per_hour=3.6))
+    s = {}
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for sample in family.samples:
+            s[sample.name + (f"[{sample.labels['utilization']}]" if "utilization" in sample.labels else "")] = (
+                sample.value)
+    assert s["tokenmill:busy_seconds_total"] == 2.0
+    assert abs(s["tokenmill:cost_usd_total"] - 0.002) < 1e-12
+    # Busy 2 s of 8 billed: a quarter of the bill paid for work, so the current cost is four times the full one.
+    assert s["tokenmill:idle_cost_fraction"] == 0.75
+    assert abs(s["tokenmill:cost_per_1m_prompt_tokens_usd[full]"] - 0.3 * 0.001 / 3 * 1e6) < 1e-6
+    assert abs(s["tokenmill:cost_per_1m_prompt_tokens_usd[current]"] - 4 * 0.3 * 0.001 / 3 * 1e6) < 1e-6
+    assert abs(s["tokenmill:cost_per_1m_completion_tokens_usd[full]"] - 0.9 * 0.001 / 4 * 1e6) < 1e-6
+    assert abs(s["tokenmill:cost_per_1m_completion_tokens_usd[current]"] - 4 * 0.9 * 0.001 / 4 * 1e6) < 1e-6

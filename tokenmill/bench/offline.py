@@ -7,6 +7,7 @@ import time
 import numpy as np
 
 from tokenmill.bench.datasets import lengths, ordinary_tokens
+from tokenmill.cost.accounting import usd_per_million_tokens
 from tokenmill.flags import add_engine_flags, engine_options
 from tokenmill.sampling import SamplingParams
 
@@ -41,7 +42,7 @@ def main(args: argparse.Namespace) -> int:
     prefill = prefill_speed(runner, rng.choice(ordinary, args.prefill_len).tolist())
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in output_lens]
     start = time.perf_counter()
-    llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=True)
     elapsed = time.perf_counter() - start
     model = llm.engine.runner.model
     tensors = {t.data_ptr(): t.nbytes for t in [*model.parameters(), *model.buffers()]}  # tied weights once
@@ -54,4 +55,10 @@ def main(args: argparse.Namespace) -> int:
     print(f"single-stream decode: {decode:.1f} tokens/s; prefill of {args.prefill_len} tokens: {prefill:.1f} tokens/s")
     print(f"memory: weights {weights / 2**20:.0f} MiB, KV pool {llm.engine.runner.kv_cache.pool.nbytes / 2**20:.0f} MiB, "
           f"process peak RSS {peak_rss / 2**20:.0f} MiB")
+    price = llm.engine.cost.price_per_hour
+    prompt_s, decode_s = (sum(getattr(o.metrics, part) for o in outputs) for part in ("prefill_seconds", "decode_seconds"))
+    print(f"cost at ${price:g}/h (--price-per-hour), busy time only: "
+          f"${usd_per_million_tokens(prompt_s + decode_s, sum(output_lens), price):.4f} per 1M output tokens; "
+          f"split by the fitted step times, ${usd_per_million_tokens(prompt_s, sum(input_lens), price):.4f} per 1M "
+          f"prompt tokens and ${usd_per_million_tokens(decode_s, sum(output_lens), price):.4f} per 1M completion tokens")
     return 0

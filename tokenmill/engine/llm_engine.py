@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass
 
 from tokenmill.config import EngineConfig
+from tokenmill.cost.accounting import CostAccountant
+from tokenmill.cost.prices import machine_price
 from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.model_runner import ModelRunner
@@ -49,8 +51,11 @@ class LLMEngine:
                                  self.model_config.max_position_embeddings, pool_tokens)
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
+        price = machine_price(config.price_per_hour, config.device)  # after the runner has set torch's threads
+        self.cost = CostAccountant(price.usd_per_hour)
         logger.info("engine ready: %s, KV capacity %d tokens, max_model_len %d",
                     self.source.name, pool_tokens, self.max_model_len)
+        logger.info("pricing compute time at %s", price.basis)
 
     def add_request(
         self,
@@ -69,7 +74,8 @@ class LLMEngine:
         room = self.max_model_len - len(token_ids)
         max_tokens = room if params.max_tokens is None else params.max_tokens
         arrival = time.perf_counter() if arrival_time is None else arrival_time
-        request = _Request(request_id, text, token_ids, params, [], RequestMetrics(arrival))
+        metrics = RequestMetrics(arrival, price_per_hour=self.cost.price_per_hour)
+        request = _Request(request_id, text, token_ids, params, [], metrics)
         for index in range(params.n):
             seq = Sequence(
                 next(self._seq_ids), request_id, index, token_ids, params, max_tokens, self.tokenizer.eos_token_ids,
@@ -126,13 +132,18 @@ class LLMEngine:
             prefix_queries=bm.prefix_queries,
             prefix_hits=bm.prefix_hits,
             num_preemptions=self.scheduler.num_preemptions,
+            busy_seconds=self.cost.busy_seconds,
+            uptime_seconds=self.cost.uptime(),
+            price_per_hour=self.cost.price_per_hour,
         )
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled model step; return what is new for each request that made visible progress."""
+        started = time.perf_counter()
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return []
+        work = plan.work()
         now = time.perf_counter()
         for seq, _ in plan.scheduled:
             metrics = self.requests[seq.request_id].metrics
@@ -145,6 +156,7 @@ class LLMEngine:
             seq.set_prompt_logprobs(start, self.sampler.prompt_logprobs(logits, targets, seq.params.prompt_logprobs or 0))
         self.scheduler.update(plan, out.sample_seqs, sampled.token_ids, sampled.logprobs)
         now = time.perf_counter()
+        self._charge(work, now - started)
         touched: dict[str, _Request] = {}
         for seq in out.sample_seqs:
             request = self.requests[seq.request_id]
@@ -159,6 +171,14 @@ class LLMEngine:
             if (output := self._output(request)) is not None:
                 outputs.append(output)
         return outputs
+
+    def _charge(self, work: list[tuple[Sequence, int, int]], seconds: float) -> None:
+        """Split a step's measured seconds among the requests in it, by the work each sequence did."""
+        shares = self.cost.charge([(prefill, decode) for _, prefill, decode in work], seconds)
+        for (seq, _, _), (prefill_seconds, decode_seconds) in zip(work, shares):
+            metrics = self.requests[seq.request_id].metrics
+            metrics.prefill_seconds += prefill_seconds
+            metrics.decode_seconds += decode_seconds
 
     def _output(self, request: _Request) -> RequestOutput | None:
         samples = [delta for seq in request.seqs if (delta := seq.take_delta()) is not None]

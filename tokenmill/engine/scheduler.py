@@ -23,6 +23,13 @@ class SchedulerOutput:
         """How many leading entries compute one token each."""
         return sum(n == 1 for _, n in self.scheduled)
 
+    def work(self) -> list[tuple[Sequence, int, int]]:
+        """(sequence, prefill tokens, decode tokens) of each row; read it before update() records the progress."""
+        # A decode computes the one token sampled last; every other row (a prompt chunk, a recompute after
+        # preemption) is prefill work.
+        return [(seq, 0, 1) if n == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens else (seq, n, 0)
+                for seq, n in self.scheduled]
+
 
 class Scheduler:
     """One token-budget loop: running sequences first (decodes before prompt chunks), then admissions."""

@@ -5,7 +5,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
-from fastapi import Request
+from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
 from tokenmill.engine.async_engine import RequestStream
@@ -13,10 +13,11 @@ from tokenmill.errors import InvalidRequestError
 from tokenmill.loader.tokenizer import Tokenizer
 from tokenmill.outputs import TokenLogprob
 from tokenmill.server.protocol import ChatCompletionRequest
-from tokenmill.server.serving import Usage, collect, merged, new_id, sse, state_of, submit, usage
+from tokenmill.server.serving import COST_HEADER, Usage, collect, merged, new_id, sse, state_of, submit, usage
 
 
-async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> dict | StreamingResponse:
+async def create_chat_completion(body: ChatCompletionRequest, request: Request,
+                                 response: Response) -> dict | StreamingResponse:
     """Answer one conversation with n choices."""
     state = state_of(request)
     model = state.model(body.model)
@@ -45,9 +46,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         }
         for sample in output.outputs
     ]
+    usage_block = usage([output])
+    response.headers[COST_HEADER] = repr(usage_block["cost"])
     return {
         "id": response_id, "object": "chat.completion", "created": created, "model": model.name,
-        "choices": choices, "usage": usage([output]),
+        "choices": choices, "usage": usage_block,
     }
 
 

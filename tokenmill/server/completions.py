@@ -5,7 +5,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
-from fastapi import Request
+from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
 from tokenmill.engine.async_engine import RequestStream
@@ -13,10 +13,11 @@ from tokenmill.errors import InvalidRequestError
 from tokenmill.loader.tokenizer import Tokenizer
 from tokenmill.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from tokenmill.server.protocol import CompletionRequest
-from tokenmill.server.serving import Usage, collect, merged, new_id, sse, state_of, submit, usage
+from tokenmill.server.serving import COST_HEADER, Usage, collect, merged, new_id, sse, state_of, submit, usage
 
 
-async def create_completion(body: CompletionRequest, request: Request) -> dict | StreamingResponse:
+async def create_completion(body: CompletionRequest, request: Request,
+                            response: Response) -> dict | StreamingResponse:
     """Complete each prompt; choices are numbered prompt by prompt, n per prompt."""
     state = state_of(request)
     model = state.model(body.model)
@@ -35,9 +36,11 @@ async def create_completion(body: CompletionRequest, request: Request) -> dict |
         for i, output in enumerate(outputs)
         for sample in output.outputs
     ]
+    usage_block = usage(outputs)
+    response.headers[COST_HEADER] = repr(usage_block["cost"])
     return {
         "id": response_id, "object": "text_completion", "created": created, "model": model.name,
-        "choices": choices, "usage": usage(outputs),
+        "choices": choices, "usage": usage_block,
     }
 
 

@@ -1,10 +1,12 @@
 """Prometheus metrics, derived off the hot path from the engine's per-request timestamps and stats."""
 
+import math
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics import MetricWrapperBase as Metric
 
+from tokenmill.cost.accounting import usd, usd_per_million_tokens
 from tokenmill.outputs import EngineStats, RequestOutput
 
 # Bucket edges in seconds, spanning a fast GPU (milliseconds) to a busy 2-core CPU (minutes).
@@ -56,6 +58,20 @@ class Metrics:
                                 ("finished_reason",))
         for reason in ("stop", "length", "abort"):  # export zeros, so rates work from the first request
             self._finished.labels(model_name, reason)
+        self.busy = counter("busy_seconds", "Seconds the engine spent running steps (its measured busy time).")
+        self.cost = counter("cost_usd", "Busy seconds priced at the machine's price per hour, in USD; the requests' "
+                                        "costs add up to it.")
+        utilization = ("utilization",)
+        self._prompt_cost = family(Gauge, "cost_per_1m_prompt_tokens_usd", "USD per 1M prompt tokens of finished "
+                                   "requests (their prefill steps), at full utilization (busy time only) or at the "
+                                   "current one (the whole bill since start, idle included).", utilization)
+        self._completion_cost = family(Gauge, "cost_per_1m_completion_tokens_usd", "USD per 1M completion tokens of "
+                                       "finished requests (their decode steps), at full or current utilization.",
+                                       utilization)
+        self.idle_fraction = gauge("idle_cost_fraction", "Share of the bill since start that paid for idle time.")
+        # Finished requests' compute seconds and tokens, prompt side and completion side, for the cost gauges.
+        self._prompt_seconds = self._completion_seconds = 0.0
+        self._prompt_token_count = self._completion_token_count = 0
         self.model_name = model_name
         self._last: EngineStats | None = None
 
@@ -72,13 +88,32 @@ class Metrics:
         self.prefix_queries.inc(stats.prefix_queries - (last.prefix_queries if last else 0))
         self.prefix_hits.inc(stats.prefix_hits - (last.prefix_hits if last else 0))
         self.preemptions.inc(stats.num_preemptions - (last.num_preemptions if last else 0))
+        busy = stats.busy_seconds - (last.busy_seconds if last else 0)
+        self.busy.inc(busy)
+        self.cost.inc(usd(busy, stats.price_per_hour))
+        self._set_cost_gauges(stats)
         self._last = stats
+
+    def _set_cost_gauges(self, stats: EngineStats) -> None:
+        # At the current utilization every busy second also carries its part of the idle time billed.
+        bill_per_busy_second = stats.uptime_seconds / stats.busy_seconds if stats.busy_seconds else math.nan
+        for family, seconds, tokens in ((self._prompt_cost, self._prompt_seconds, self._prompt_token_count),
+                                        (self._completion_cost, self._completion_seconds,
+                                         self._completion_token_count)):
+            full = usd_per_million_tokens(seconds, tokens, stats.price_per_hour)
+            family.labels(self.model_name, "full").set(full)
+            family.labels(self.model_name, "current").set(full * bill_per_busy_second)
+        self.idle_fraction.set(1 - stats.busy_seconds / stats.uptime_seconds if stats.uptime_seconds else 0.0)
 
     def observe_finished(self, output: RequestOutput) -> None:
         """Record one finished (or aborted) request's latencies and token counts from its last output."""
         m = output.metrics
         self.prompt_tokens.inc(len(output.prompt_token_ids))
         self.generation_tokens.inc(len(m.token_times))  # the output is the last delta; the timestamps are whole
+        self._prompt_seconds += m.prefill_seconds
+        self._completion_seconds += m.decode_seconds
+        self._prompt_token_count += len(output.prompt_token_ids)
+        self._completion_token_count += len(m.token_times)
         reason = output.outputs[0].finish_reason or "abort"
         self._finished.labels(self.model_name, reason).inc()
         if m.finished_time is not None:

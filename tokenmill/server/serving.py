@@ -13,7 +13,7 @@ from fastapi import Request
 from tokenmill.config import ServerConfig
 from tokenmill.engine.async_engine import AsyncEngine, RequestStream
 from tokenmill.loader.tokenizer import Tokenizer
-from tokenmill.outputs import RequestOutput, accumulate
+from tokenmill.outputs import RequestMetrics, RequestOutput, accumulate
 from tokenmill.sampling import SamplingParams
 from tokenmill.server.errors import APIError, from_exception
 from tokenmill.server.metrics import Metrics
@@ -141,28 +141,40 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+# Non-streamed responses carry their cost in this header too, for proxies that read no bodies.
+COST_HEADER = "x-tokenmill-cost-usd"
+
+
 class Usage:
-    """OpenAI's usage block, counted output by output, with the prompt tokens served from the prefix cache."""
+    """OpenAI's usage block, counted output by output: prompt tokens served from the prefix cache, and the cost."""
 
     def __init__(self) -> None:
         self.prompt_tokens: dict[int, int] = {}
         self.cached_tokens: dict[int, int] = {}
         self.completion_tokens = 0
+        self.metrics: dict[int, RequestMetrics] = {}
 
     def add(self, i: int, output: RequestOutput) -> None:
         """Count an output (a delta, or a whole output once) of the request in stream i."""
         self.prompt_tokens[i] = len(output.prompt_token_ids)
         self.cached_tokens[i] = output.num_cached_tokens
         self.completion_tokens += sum(len(c.token_ids) for c in output.outputs)
+        self.metrics[i] = output.metrics  # the request's running totals: the last output's are the whole
 
     def block(self) -> dict:
-        """The `usage` object of a response."""
+        """The `usage` object of a response; its cost sums every engine request (prompts, n samples) behind it."""
         prompt = sum(self.prompt_tokens.values())
+        requests = list(self.metrics.values())
         return {
             "prompt_tokens": prompt,
             "completion_tokens": self.completion_tokens,
             "total_tokens": prompt + self.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": sum(self.cached_tokens.values())},
+            "cost": sum(m.cost_usd for m in requests),
+            "cost_details": {
+                "compute_seconds": sum(m.compute_seconds for m in requests),
+                "price_per_hour": requests[0].price_per_hour if requests else 0.0,
+            },
         }
 
 
