@@ -1,4 +1,4 @@
-"""Command line: `tokenmill models | pull | env | generate | chat | serve | eval | bench`."""
+"""Command line: `tokenmill models | pull | env | generate | chat | serve | eval | plan | bench`."""
 
 import argparse
 import itertools
@@ -9,8 +9,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tokenmill.bench import compare, offline
+from tokenmill.bench import profile as bench_profile
 from tokenmill.bench import serve as bench_serve
 from tokenmill.config import ServerConfig
+from tokenmill.cost import planner
 from tokenmill.errors import InvalidRequestError, TokenmillError
 from tokenmill.flags import add_engine_flags, engine_config, engine_options
 from tokenmill.sampling import SamplingParams
@@ -71,6 +73,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="also score the same windows with llama.cpp on the same GGUF file, and give the ratio")
     add_engine_flags(ppl)
 
+    planner.add_arguments(_command(commands, "plan", "the request rate one replica sustains within latency "
+                                   "targets, replicas and monthly bill, simulated from `bench profile` JSON",
+                                   planner.main))
+
     bench = commands.add_parser("bench", help="measure latency, throughput and cost against peers")
     kinds = bench.add_subparsers(required=True, metavar="KIND")
     bench_serve.add_arguments(_command(kinds, "serve", "streaming load against an OpenAI-compatible server",
@@ -79,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
                                    offline.main))
     compare.add_arguments(_command(kinds, "compare", "the same workloads on tokenmill and a peer, with ratios",
                                    compare.main))
+    bench_profile.add_arguments(_command(kinds, "profile", "this machine's engine step time by batch composition, "
+                                         "for `tokenmill plan`", bench_profile.main))
     return parser
 
 

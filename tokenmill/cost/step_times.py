@@ -1,0 +1,113 @@
+"""A `bench profile` JSON read back: the engine's settings and the seconds a step of any composition takes."""
+
+import bisect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenmill.errors import InvalidRequestError
+
+PROFILE_VERSION = 1  # the layout tokenmill/bench/profile.py writes
+
+
+class StepTimes:
+    """The profiled grid, interpolated (linearly, and extrapolated beyond its edges) over prompt tokens and decodes."""
+
+    def __init__(self, grid: list[dict], context: int, sweep: list[dict]) -> None:
+        rows: dict[int, dict[int, float]] = {}
+        for cell in grid:
+            rows.setdefault(cell["decode_seqs"], {})[cell["prefill_tokens"]] = cell["ms"] / 1000
+        # Per decode count: the prompt sizes timed and their seconds, sorted for interpolation.
+        self._rows = {d: (sorted(r), [r[p] for p in sorted(r)]) for d, r in rows.items()}
+        self._decodes = sorted(rows)
+        self.context = context
+        self.per_context_token = _context_slope(sweep)
+        self._base: dict[tuple[int, int], float] = {}  # a simulation asks for the same compositions again and again
+
+    def seconds(self, prefill_tokens: int, decode_seqs: int, decode_context: int = 0,
+                prefill_context: int = 0) -> float:
+        """One step that prefills prefill_tokens and decodes decode_seqs sequences.
+
+        decode_context: the tokens those decodes attend to, in all; prefill_context: for each prompt chunk,
+        its tokens times the tokens before it (a chunk after the first attends to the earlier ones).
+        """
+        key = (prefill_tokens, decode_seqs)
+        base = self._base.get(key)
+        if base is None:
+            base = self._base[key] = self._interpolate(prefill_tokens, decode_seqs)
+        # The grid's decodes held `context` tokens each; attention reads grow with the keys actually held.
+        extra = decode_context - decode_seqs * self.context + prefill_context
+        return max(base + self.per_context_token * extra, 0.0)
+
+    def _interpolate(self, prefill_tokens: int, decode_seqs: int) -> float:
+        if len(self._decodes) == 1:
+            return _piecewise(prefill_tokens, *self._rows[self._decodes[0]])
+        i = _upper(self._decodes, decode_seqs)
+        lo, hi = self._decodes[i - 1], self._decodes[i]
+        return _line(decode_seqs, lo, hi, _piecewise(prefill_tokens, *self._rows[lo]),
+                     _piecewise(prefill_tokens, *self._rows[hi]))
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One profiled engine: its label, the settings the scheduler ran with, its step times and its price."""
+
+    path: Path
+    label: str
+    settings: dict
+    times: StepTimes
+    price_per_hour: float
+    price_basis: str
+
+
+def load_profile(path: Path) -> Profile:
+    """Read and check a profile; raises InvalidRequestError naming what to do about a bad file."""
+    remedy = "make one with `tokenmill bench profile --out FILE`"
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InvalidRequestError(f"cannot read profile {path}: {exc}; {remedy}") from exc
+    keys = {"version", "model", "settings", "context", "grid", "context_sweep", "price"}
+    missing = keys - set(report) if isinstance(report, dict) else keys
+    if missing:
+        raise InvalidRequestError(f"{path} is not a tokenmill profile (missing {sorted(missing)}); {remedy}")
+    if report["version"] != PROFILE_VERSION:
+        raise InvalidRequestError(f"{path} is profile version {report['version']}, this tokenmill reads "
+                                  f"{PROFILE_VERSION}; {remedy}")
+    grid = report["grid"]
+    if not any(c["decode_seqs"] == 0 for c in grid) or not any(c["prefill_tokens"] == 0 for c in grid):
+        raise InvalidRequestError(f"{path} needs prompt-only and decode-only steps (0 in --decode-seqs and "
+                                  f"--prefill-tokens); {remedy}")
+    s = report["settings"]
+    label = (f"{report['model']} {s['quantization']} {s['dtype']} seqs={s['max_num_seqs']} "
+             f"tokens={s['max_num_batched_tokens']}")
+    times = StepTimes(grid, report["context"], report["context_sweep"])
+    return Profile(path, label, s, times, report["price"]["usd_per_hour"], report["price"]["basis"])
+
+
+def _context_slope(sweep: list[dict]) -> float:
+    """Seconds per decode per context token, least squares over the sweep; 0 without two contexts."""
+    points = [(c["decode_seqs"] * c["decode_context"], c["ms"] / 1000) for c in sweep]
+    if len({x for x, _ in points}) < 2:
+        return 0.0
+    mx = sum(x for x, _ in points) / len(points)
+    my = sum(y for _, y in points) / len(points)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    return max(slope, 0.0)  # longer contexts never make a step faster; a negative fit is noise
+
+
+def _upper(xs: list[int], x: float) -> int:
+    """Index of the right end of the segment of xs that holds x (the first or last segment beyond the ends)."""
+    return min(max(bisect.bisect_left(xs, x), 1), len(xs) - 1)
+
+
+def _piecewise(x: float, xs: list[int], ys: list[float]) -> float:
+    """Piecewise-linear through (xs, ys), continued linearly beyond both ends."""
+    if len(xs) == 1:
+        return ys[0]
+    i = _upper(xs, x)
+    return _line(x, xs[i - 1], xs[i], ys[i - 1], ys[i])
+
+
+def _line(x: float, x0: float, x1: float, y0: float, y1: float) -> float:
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
