@@ -8,7 +8,7 @@ FIELDS = {
     "duration_s", "completed", "failed", "total_input_tokens", "total_output_tokens", "request_throughput",
     "input_throughput", "output_throughput", "total_token_throughput", "ttft_ms", "tpot_ms", "itl_ms", "e2el_ms",
     "peak_concurrency", "goodput", "cost_per_hour", "cost_per_1m_output_tokens", "cost_per_request", "errors",
-    "config",
+    "config", "server_cost_usd", "server_compute_seconds", "server_busy_seconds",
 }
 
 
@@ -45,6 +45,9 @@ def test_bench_serve_reports_every_field_and_counts_add_up(server, tmp_path):
     run_cost = 2.0 * report["duration_s"] / 3600
     assert abs(report["cost_per_request"] - run_cost / 6) < 1e-12
     assert "output tokens/s" in result.stdout and "TTFT ms" in result.stdout
+    # The responses' costs account for all of the server's busy time over the run, and no more.
+    assert report["server_cost_usd"] > 0
+    assert abs(report["server_compute_seconds"] / report["server_busy_seconds"] - 1) < 0.01
     assert (tmp_path / "result.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

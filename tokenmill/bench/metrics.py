@@ -21,6 +21,9 @@ class RequestResult:
     chunk_times: list[float] = field(default_factory=list)  # arrival of every chunk that carried text
     end: float | None = None
     error: str | None = None
+    # What the server said the request cost (usage.cost) and the compute seconds behind it, where it says.
+    cost: float | None = None
+    compute_seconds: float | None = None
 
     @property
     def ttft(self) -> float:
@@ -98,7 +101,7 @@ def peak_concurrency(results: list[RequestResult]) -> int:
 
 
 def summarize(results: list[RequestResult], duration: float, slo: SLO | None = None,
-              cost_per_hour: float | None = None) -> dict:
+              cost_per_hour: float | None = None, server_busy_seconds: float | None = None) -> dict:
     """The run's report: counts, throughput, latency distributions (ms), goodput, concurrency and cost."""
     ok = [r for r in results if r.success]
     input_tokens = sum(r.prompt_tokens for r in ok)
@@ -122,6 +125,11 @@ def summarize(results: list[RequestResult], duration: float, slo: SLO | None = N
         "cost_per_hour": cost_per_hour,
         "cost_per_1m_output_tokens": None,
         "cost_per_request": None,
+        # tokenmill servers: the sum of the responses' usage.cost and compute seconds, and the busy seconds
+        # its /metrics counted over the run; the compute seconds should add up to the busy ones.
+        "server_cost_usd": _sum_reported([r.cost for r in ok]),
+        "server_compute_seconds": _sum_reported([r.compute_seconds for r in ok]),
+        "server_busy_seconds": server_busy_seconds,
         "errors": sorted({r.error for r in results if r.error}),
     }
     if slo is not None:
@@ -131,3 +139,8 @@ def summarize(results: list[RequestResult], duration: float, slo: SLO | None = N
         report["cost_per_1m_output_tokens"] = run_cost / output_tokens * 1e6 if output_tokens else None
         report["cost_per_request"] = run_cost / len(ok) if ok else None
     return report
+
+
+def _sum_reported(values: list[float | None]) -> float | None:
+    """The sum of what every response reported, or None where any did not (a server without cost)."""
+    return None if not values or any(v is None for v in values) else sum(values)

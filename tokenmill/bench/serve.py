@@ -55,8 +55,8 @@ def main(args: argparse.Namespace) -> int:
     if args.endpoint == "chat" or args.send_text:  # random token ids go as their decoded text
         requests = [BenchRequest(r.prompt if isinstance(r.prompt, str) else tokenizer.decode(r.prompt),
                                  r.prompt_tokens, r.output_tokens) for r in requests]
-    results, duration = asyncio.run(run(args, requests))
-    report = summarize(results, duration, slo, args.cost_per_hour)
+    results, duration, busy = asyncio.run(run(args, requests))
+    report = summarize(results, duration, slo, args.cost_per_hour, busy)
     report["config"] = {k: _plain(v) for k, v in vars(args).items() if k != "func"}
     print(format_report(report))
     if args.out:
@@ -86,13 +86,17 @@ def build_requests(args: argparse.Namespace, tokenizer) -> list[BenchRequest]:
     return file_requests(tokenizer, Path(args.dataset), args.num_prompts, args.output_len)
 
 
-async def run(args: argparse.Namespace, requests: list[BenchRequest]) -> tuple[list[RequestResult], float]:
-    """Send the warm-up, then every request on its schedule; return results and the run's duration."""
+async def run(
+    args: argparse.Namespace, requests: list[BenchRequest]
+) -> tuple[list[RequestResult], float, float | None]:
+    """Send the warm-up, then every request on its schedule; return results, the run's duration and the busy
+    seconds the server's /metrics counted meanwhile (None for servers without tokenmill's metrics)."""
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(base_url=args.base_url, headers=headers, timeout=None, limits=limits) as client:
         for request in requests[: args.warmup]:
             await send(client, args, request, time.perf_counter())
+        busy_before = await _settled_busy_seconds(client)
         gate = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
         gaps = arrival_gaps(len(requests), args.request_rate, args.burstiness, args.seed)
         bar = tqdm(total=len(requests), desc="requests", unit="req")
@@ -114,7 +118,29 @@ async def run(args: argparse.Namespace, requests: list[BenchRequest]) -> tuple[l
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - t0
         bar.close()
-    return list(results), duration
+        busy_after = await _settled_busy_seconds(client)
+    busy = None if busy_before is None or busy_after is None else busy_after - busy_before
+    return list(results), duration, busy
+
+
+async def _settled_busy_seconds(client: httpx.AsyncClient) -> float | None:
+    """tokenmill:busy_seconds_total summed over models, once two reads 0.1 s apart agree (the engine publishes
+    a step's time just after the step's outputs go out); None where the server has no such metric."""
+    last = None
+    for _ in range(50):
+        try:
+            response = await client.get("/metrics")
+        except httpx.HTTPError:
+            return None
+        values = [float(line.rsplit(" ", 1)[1]) for line in response.text.splitlines()
+                  if response.status_code == 200 and line.startswith("tokenmill:busy_seconds_total")]
+        if not values:
+            return None
+        if last is not None and sum(values) == last:
+            return last
+        last = sum(values)
+        await asyncio.sleep(0.1)
+    return last
 
 
 def arrival_gaps(count: int, rate: float, burstiness: float, seed: int) -> list[float]:
@@ -157,6 +183,8 @@ async def send(client: httpx.AsyncClient, args: argparse.Namespace, request: Ben
                 if chunk.get("usage"):
                     result.output_tokens = chunk["usage"]["completion_tokens"]
                     result.prompt_tokens = chunk["usage"]["prompt_tokens"]
+                    result.cost = chunk["usage"].get("cost")
+                    result.compute_seconds = (chunk["usage"].get("cost_details") or {}).get("compute_seconds")
             result.output_tokens = result.output_tokens or chunks  # servers that send no usage
     except httpx.HTTPError as exc:
         result.error = f"{type(exc).__name__}: {exc}"
@@ -197,6 +225,11 @@ def format_report(report: dict) -> str:
     if report["cost_per_1m_output_tokens"] is not None:
         rows.append(("cost per 1M output tokens (USD)", f"{report['cost_per_1m_output_tokens']:.4f}"))
         rows.append(("cost per request (USD)", f"{report['cost_per_request']:.6f}"))
+    if report["server_cost_usd"] is not None:
+        rows.append(("server-reported cost, all requests (USD)", f"{report['server_cost_usd']:.6f}"))
+    if report["server_compute_seconds"] is not None and report["server_busy_seconds"]:
+        rows.append(("requests' compute s / server busy s", f"{report['server_compute_seconds']:.3f} / "
+                     f"{report['server_busy_seconds']:.3f}"))
     for error in report["errors"][:3]:
         rows.append(("error", error))
     width = max(len(name) for name, _ in rows)
