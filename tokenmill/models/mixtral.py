@@ -1,6 +1,5 @@
 """Mixtral: Llama's attention with a sparse mixture of SwiGLU experts as every layer's feed-forward."""
 
-import torch
 from torch import nn
 
 from tokenmill.config import ModelConfig
@@ -21,16 +20,10 @@ class MixtralDecoderLayer(LlamaDecoderLayer):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            x, residual = self.input_layernorm(x), x
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, cos, sin)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.block_sparse_moe(x), residual
+    @property
+    def mlp(self) -> nn.Module:
+        """The experts, where Llama's layer forward looks for its feed-forward."""
+        return self.block_sparse_moe
 
 
 class MixtralForCausalLM(LlamaForCausalLM):
