@@ -61,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="answer 413 to larger request bodies")
     serve.add_argument("--shutdown-timeout", type=float, default=ServerConfig.shutdown_timeout,
                        help="seconds in-flight requests get to finish on SIGTERM/SIGINT")
+    serve.add_argument("--router", choices=("cheapest", "cascade"), default=ServerConfig.router,
+                       help="how `model: auto` picks among the --model values, given cheap to strong: the first "
+                            "whose context fits (cheapest), or that one re-run on the next when unsure (cascade, "
+                            "non-streamed requests only)")
+    serve.add_argument("--cascade-threshold", type=float, default=ServerConfig.cascade_threshold,
+                       help="under --router cascade, escalate when the answer's mean token logprob is below this")
     add_engine_flags(serve, repeat_model=True)
 
     evaluate = commands.add_parser("eval", help="measure accuracy")
@@ -195,7 +201,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     logging.getLogger("tokenmill").setLevel(logging.INFO)  # the start-up lines say models, KV capacity and URL
     config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key, max_waiting=args.max_waiting,
-                          max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout)
+                          max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
+                          router=args.router, cascade_threshold=args.cascade_threshold)
     serve(engine_config(args), config, args.models or [args.model])
     return 0
 

@@ -159,8 +159,15 @@ class ServerConfig:
     max_body_bytes: int = 8 * 1024 * 1024
     # Seconds in-flight requests get to finish on SIGTERM/SIGINT before they are aborted.
     shutdown_timeout: float = 30.0
+    # How `model: "auto"` picks among several models (tokenmill/router): `cheapest` or `cascade`.
+    router: str = "cheapest"
+    # Under cascade, a cheap answer whose mean token logprob is below this is re-run on the next model;
+    # -1.0 keeps answers whose tokens average at least e^-1 (about 0.37) in probability.
+    cascade_threshold: float = -1.0
 
     def __post_init__(self) -> None:
+        if self.router not in ("cheapest", "cascade"):
+            raise InvalidRequestError(f"router={self.router!r} must be 'cheapest' or 'cascade'")
         for name in ("max_waiting", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name}={getattr(self, name)} must be at least 1")

@@ -28,9 +28,9 @@ def _wait_for(condition, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def test_models_lists_both_in_flag_order(pair):
+def test_models_lists_both_in_flag_order_then_auto(pair):
     client = OpenAI(base_url=f"{pair.url}/v1", api_key="unused", max_retries=0)
-    assert [m.id for m in client.models.list().data] == NAMES
+    assert [m.id for m in client.models.list().data] == [*NAMES, "auto"]
     assert client.models.retrieve("other").id == "other"
 
 

@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tokenmill.config import EngineConfig, ServerConfig
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.router import AUTO
 from tokenmill.server.auth import require_api_key
 from tokenmill.server.chat import create_chat_completion
 from tokenmill.server.completions import create_completion
@@ -66,13 +67,26 @@ def build_app(engines: dict[str, LLMEngine], config: ServerConfig) -> FastAPI:
 
 
 async def list_models(request: Request) -> dict:
-    """Every served model, in --model order."""
-    return {"object": "list", "data": [_model_card(model) for model in state_of(request).models.values()]}
+    """Every served model, in --model order, then `auto` when the server chooses among several."""
+    state = state_of(request)
+    cards = [_model_card(model) for model in state.models.values()]
+    if len(state.models) > 1 and AUTO not in state.models:
+        cards.append(_auto_card(state))
+    return {"object": "list", "data": cards}
 
 
 async def get_model(model_id: str, request: Request) -> dict:
-    """A served model by its id; 404 for any other."""
-    return _model_card(state_of(request).model(model_id))
+    """A served model (or `auto`) by its id; 404 for any other."""
+    state = state_of(request)
+    if model_id == AUTO and AUTO not in state.models:
+        return _auto_card(state)
+    return _model_card(state.model(model_id))
+
+
+def _auto_card(state: ServerState) -> dict:
+    # The longest context, since `auto` can send a request to any served model that fits it.
+    return {"id": AUTO, "object": "model", "created": 0, "owned_by": "tokenmill",
+            "max_model_len": max(model.max_model_len for model in state.models.values())}
 
 
 def _model_card(model: ServedModel) -> dict:

@@ -1,6 +1,5 @@
 """POST /v1/chat/completions: messages rendered with the model's chat template, answered whole or streamed."""
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -12,22 +11,24 @@ from tokenmill.engine.async_engine import RequestStream
 from tokenmill.errors import InvalidRequestError
 from tokenmill.loader.tokenizer import Tokenizer
 from tokenmill.outputs import TokenLogprob
+from tokenmill.router.serving import route
 from tokenmill.server.protocol import ChatCompletionRequest
-from tokenmill.server.serving import COST_HEADER, Usage, collect, merged, new_id, sse, state_of, submit, usage
+from tokenmill.server.serving import COST_HEADER, Usage, merged, new_id, sse, state_of, submit
 
 
 async def create_chat_completion(body: ChatCompletionRequest, request: Request,
                                  response: Response) -> dict | StreamingResponse:
     """Answer one conversation with n choices."""
     state = state_of(request)
-    model = state.model(body.model)
     params = body.sampling_params()
-    tokenizer = model.tokenizer
-    # Off the event loop: rendering and tokenizing a long conversation must not stall other streams.
-    prompt = await asyncio.to_thread(tokenizer.encode_chat, body.conversation())
+    conversation = body.conversation()
+    # `route` renders and tokenizes off the event loop: a long conversation must not stall other streams.
+    routed = await route(state, body.model, lambda tokenizer: [tokenizer.encode_chat(conversation)], params,
+                         bool(body.stream))
+    model, tokenizer = routed.model, routed.model.tokenizer
     response_id = new_id("chatcmpl")
     try:
-        streams = await submit(state, model, [prompt], params, response_id)
+        streams = await submit(state, model, routed.prompts, routed.params, response_id)
     except InvalidRequestError as exc:
         if exc.param == "prompt":  # chat requests have messages, not a prompt
             exc.param = "messages"
@@ -35,8 +36,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     created = int(time.time())
     if body.stream:
         chunks = _chunks(body, params.n, streams[0], tokenizer, response_id, created, model.name)
-        return StreamingResponse(sse(chunks), media_type="text/event-stream")
-    (output,) = await collect(request, streams)
+        return StreamingResponse(sse(chunks), media_type="text/event-stream", headers=routed.headers())
+    (output,), usage_block = await routed.finish(state, request, streams, response_id)
+    model, tokenizer = routed.model, routed.model.tokenizer  # cascade may have moved it to a stronger model
     choices = [
         {
             "index": sample.index,
@@ -46,8 +48,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
         }
         for sample in output.outputs
     ]
-    usage_block = usage([output])
     response.headers[COST_HEADER] = repr(usage_block["cost"])
+    response.headers.update(routed.headers())
     return {
         "id": response_id, "object": "chat.completion", "created": created, "model": model.name,
         "choices": choices, "usage": usage_block,

@@ -1,6 +1,5 @@
 """POST /v1/completions: text completion of one or more prompts, whole or streamed."""
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -12,32 +11,35 @@ from tokenmill.engine.async_engine import RequestStream
 from tokenmill.errors import InvalidRequestError
 from tokenmill.loader.tokenizer import Tokenizer
 from tokenmill.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from tokenmill.router.serving import route
 from tokenmill.server.protocol import CompletionRequest
-from tokenmill.server.serving import COST_HEADER, Usage, collect, merged, new_id, sse, state_of, submit, usage
+from tokenmill.server.serving import COST_HEADER, Usage, merged, new_id, sse, state_of, submit
 
 
 async def create_completion(body: CompletionRequest, request: Request,
                             response: Response) -> dict | StreamingResponse:
     """Complete each prompt; choices are numbered prompt by prompt, n per prompt."""
     state = state_of(request)
-    model = state.model(body.model)
     params = body.sampling_params()
-    # Off the event loop: a long prompt takes a while to tokenize and must not stall other streams.
-    prompts = await asyncio.to_thread(_prompt_token_ids, body.prompt, model.tokenizer)
+    # `route` tokenizes off the event loop: a long prompt takes a while and must not stall other streams.
+    routed = await route(state, body.model, lambda tokenizer: _prompt_token_ids(body.prompt, tokenizer), params,
+                         bool(body.stream))
+    model = routed.model
     response_id = new_id("cmpl")
-    streams = await submit(state, model, prompts, params, response_id)
+    streams = await submit(state, model, routed.prompts, routed.params, response_id)
     created = int(time.time())
     if body.stream:
         chunks = _chunks(body, params.n, streams, model.tokenizer, response_id, created, model.name)
-        return StreamingResponse(sse(chunks), media_type="text/event-stream")
-    outputs = await collect(request, streams)
+        return StreamingResponse(sse(chunks), media_type="text/event-stream", headers=routed.headers())
+    outputs, usage_block = await routed.finish(state, request, streams, response_id)
+    model = routed.model  # cascade may have moved it to a stronger model
     choices = [
         _choice(body, output, sample, model.tokenizer, i * params.n + sample.index)
         for i, output in enumerate(outputs)
         for sample in output.outputs
     ]
-    usage_block = usage(outputs)
     response.headers[COST_HEADER] = repr(usage_block["cost"])
+    response.headers.update(routed.headers())
     return {
         "id": response_id, "object": "text_completion", "created": created, "model": model.name,
         "choices": choices, "usage": usage_block,

@@ -68,6 +68,8 @@ class Metrics:
         self._completion_cost = family(Gauge, "cost_per_1m_completion_tokens_usd", "USD per 1M completion tokens of "
                                        "finished requests (their decode steps), at full or current utilization.",
                                        utilization)
+        self._routed = family(Counter, "routed_requests", "Requests for model `auto`, by the model that answered, the "
+                              "--router policy and the kind of reason it chose that model.", ("policy", "reason"))
         self.idle_fraction = gauge("idle_cost_fraction", "Share of the bill since start that paid for idle time.")
         # Finished requests' compute seconds and tokens, prompt side and completion side, for the cost gauges.
         self._prompt_seconds = self._completion_seconds = 0.0
@@ -78,6 +80,10 @@ class Metrics:
     def for_model(self, model_name: str) -> "Metrics":
         """Another model's series in this registry, so that one /metrics shows every model."""
         return Metrics(model_name, shared=self)
+
+    def observe_route(self, model_name: str, policy: str, reason: str) -> None:
+        """Count one `auto` request answered by model_name (any served model: the family is shared)."""
+        self._routed.labels(model_name, policy, reason).inc()
 
     def observe_stats(self, stats: EngineStats) -> None:
         """Set the load gauges and advance the cumulative counters by what changed since last time."""

@@ -1,0 +1,104 @@
+"""`auto` in the server: choose a request's model; under cascade, re-run an unsure answer on a stronger one."""
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from fastapi import Request
+
+from tokenmill.engine.async_engine import RequestStream
+from tokenmill.loader.tokenizer import Tokenizer
+from tokenmill.outputs import RequestOutput
+from tokenmill.router.policies import AUTO, Route, cheapest, escalate_to, fits, mean_logprob
+from tokenmill.sampling import SamplingParams
+from tokenmill.server.errors import APIError
+from tokenmill.server.serving import ServedModel, ServerState, collect, submit, usage
+
+# Non-streamed routed responses name the model that answered and why, for clients that read no bodies.
+ROUTED_MODEL_HEADER = "x-tokenmill-routed-model"
+ROUTE_REASON_HEADER = "x-tokenmill-route-reason"
+
+
+@dataclass
+class Routed:
+    """The model a request runs on, its prompts in that model's tokens and the params it runs with; why, for `auto`."""
+
+    model: ServedModel
+    prompts: list[list[int]]
+    params: SamplingParams  # under cascade, with logprobs the client may not have asked for
+    asked: SamplingParams  # the client's own params
+    route: Route | None = None  # None: the request named its model
+    policy: str = ""  # the --router policy that chose the model (auto only)
+    encoded: list[list[list[int]]] | None = None  # every model's prompts, in --model order (cascade only)
+    fitting: list[int] | None = None  # the models whose context fits the request (cascade only)
+
+    def headers(self) -> dict[str, str]:
+        """The routing headers: empty unless the server chose the model."""
+        if self.route is None:
+            return {}
+        return {ROUTED_MODEL_HEADER: self.model.name, ROUTE_REASON_HEADER: self.route.reason}
+
+    async def finish(self, state: ServerState, request: Request, streams: list[RequestStream],
+                     response_id: str) -> tuple[list[RequestOutput], dict]:
+        """Whole outputs and their usage; under cascade an unsure answer is discarded and the next model answers."""
+        outputs = await collect(request, streams)
+        block = usage(outputs)
+        if self.route is None or self.encoded is None or self.fitting is None:  # not a cascade
+            return outputs, block
+        answered = self.route.index
+        self.route = escalate_to(mean_logprob(outputs), state.config.cascade_threshold, answered, self.fitting)
+        if self.route.index == answered:
+            if self.asked.logprobs is None:  # asked for by the router only, so not the client's to see
+                for output in outputs:
+                    for sample in output.outputs:
+                        sample.logprobs = None
+        else:
+            discarded = block
+            self.model = list(state.models.values())[self.route.index]
+            self.prompts, self.params = self.encoded[self.route.index], self.asked
+            streams = await submit(state, self.model, self.prompts, self.params, f"{response_id}-escalated")
+            outputs = await collect(request, streams)
+            block = usage(outputs)
+            # Both runs were paid for, so the cost says so; the tokens are those of the answer the client gets.
+            block["cost"] += discarded["cost"]
+            block["cost_details"]["compute_seconds"] += discarded["cost_details"]["compute_seconds"]
+        state.metrics.observe_route(self.model.name, self.policy, self.route.kind)
+        return outputs, block
+
+
+async def route(state: ServerState, requested: str | None, encode: Callable[[Tokenizer], list[list[int]]],
+                params: SamplingParams, stream: bool) -> Routed:
+    """The model a request runs on: the one it names, or for `auto` the one the server's policy picks."""
+    if requested != AUTO or AUTO in state.models:  # a model served under the name `auto` is just a model
+        model = state.model(requested)
+        # Off the event loop: a long prompt takes a while to tokenize and must not stall other streams.
+        return Routed(model, await asyncio.to_thread(encode, model.tokenizer), params, params)
+    models = list(state.models.values())
+    policy = state.config.router
+    if len(models) == 1:
+        routed = Routed(models[0], await asyncio.to_thread(encode, models[0].tokenizer), params, params,
+                        Route(0, "only model", "only_model"), policy)
+        state.metrics.observe_route(routed.model.name, policy, "only_model")
+        return routed
+    if policy == "cascade" and stream:
+        raise APIError(400, "model 'auto' under --router cascade answers only non-streamed requests in this version; "
+                       "set stream to false or name a model", param="stream", code="unsupported_stream")
+    # Each model's own tokens: served models need not share a tokenizer, and contexts are counted in them.
+    encoded = [await asyncio.to_thread(encode, model.tokenizer) for model in models]
+    longest = [max(len(p) for p in prompts) for prompts in encoded]
+    chosen = cheapest(longest, params.max_tokens, [model.max_model_len for model in models])
+    if chosen is None:
+        largest = max(model.max_model_len for model in models)
+        raise APIError(400, f"the prompt ({min(longest)} tokens at least) and max_tokens ({params.max_tokens}) fit no "
+                       f"served model's context (the largest is {largest} tokens); shorten the prompt or lower "
+                       f"max_tokens", param="model", code="context_length_exceeded")
+    routed = Routed(models[chosen.index], encoded[chosen.index], params, params, chosen, policy)
+    if policy == "cheapest":
+        state.metrics.observe_route(routed.model.name, policy, chosen.kind)
+        return routed
+    routed.encoded = encoded
+    routed.fitting = [i for i, (n, model) in enumerate(zip(longest, models))
+                      if fits(n, params.max_tokens, model.max_model_len)]
+    if params.logprobs is None:  # the cascade judges the answer by its token logprobs
+        routed.params = replace(params, logprobs=0)
+    return routed
