@@ -40,19 +40,13 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
     """Token ids and positions of a flat batch in, hidden states out; Llama's weight loading and LM head."""
 
     def __init__(self, config: ModelConfig) -> None:
-        nn.Module.__init__(self)  # Llama's layers are not built only to be replaced
-        self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
-                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
+        super().__init__(config)
         # Gemma scales the embeddings by sqrt(hidden); the tied LM head reads them unscaled.
         self.embed_scale = config.hidden_size**0.5
-        self.layers = nn.ModuleList(Gemma3DecoderLayer(config, i) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
-        self.rotary: RotaryEmbedding | None = None
         self.local_rotary: RotaryEmbedding | None = None
+
+    def _decoder_layer(self, layer: int) -> nn.Module:
+        return Gemma3DecoderLayer(self.config, layer)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # input_ids, positions: [tokens]; returns hidden states [tokens, hidden]
