@@ -162,17 +162,19 @@ class AsyncEngine:
                 return True
 
     def _add(self, add: _Add) -> None:
+        error = None
         try:
             self.engine.add_request(add.request_id, add.prompt_token_ids, add.params, add.arrival_time)
         except Exception as exc:  # validation errors go back to the caller, never up this thread
-            self._call(_resolve, add.accepted, exc)
+            error = exc
         else:
             self._queues[add.request_id] = add.outputs
-            self._call(_resolve, add.accepted, None)
-        # NOTE: count it as waiting in the engine before it stops counting as pending, so num_waiting never dips.
+        # NOTE: count it as waiting in the engine before it stops counting as pending, so num_waiting never dips;
+        # and both before the caller hears back, so what it reads next already counts it (or not).
         self.stats = self.engine.stats()
         with self._pending_lock:
             self._pending -= 1
+        self._call(_resolve, add.accepted, error)
 
     def _abort(self, request_id: str) -> None:
         output = self.engine.abort(request_id)
