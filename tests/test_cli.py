@@ -46,6 +46,9 @@ def test_chat_answers_a_simple_question(smollm2_path):
         (("generate", "--temperature", "-2", "hi"), "temperature=-2.0 must be >= 0"),
         (("pull", "nope"), "unknown model 'nope'"),
         (("env", "--model", "/no/such/file.gguf"), "no such file"),
+        (("generate", "--speculative-config", '{"method": "eagle"}', "hi"), "speculative method 'eagle'"),
+        (("generate", "--speculative-config", "{method", "hi"), "speculative config is not valid JSON"),
+        (("generate", "--speculative-config", '{"k": 4}', "hi"), "unknown speculative config keys ['k']"),
     ],
 )
 def test_user_mistakes_exit_nonzero_with_one_line(args, message):

@@ -3,6 +3,7 @@
 from dataclasses import dataclass, field
 
 from tokenmill.errors import InvalidRequestError
+from tokenmill.spec_decode.config import SpeculativeConfig
 
 # Names only: torch stays unimported until an engine is built (tokenmill/dtypes.py maps them to torch types).
 QUANTIZATIONS = ("auto", "none", "int8", "int4")
@@ -110,8 +111,13 @@ class EngineConfig:
     # USD per hour of the machine, which each request's cost is billed at; None: a typical cloud price for
     # this device (tokenmill/cost/prices.py), stated at start-up.
     price_per_hour: float | None = None
+    # Speculative decoding (tokenmill/spec_decode): a SpeculativeConfig, or its JSON / dict as
+    # `--speculative-config` and `LLM(speculative_config=...)` give it; None drafts only for predicted outputs.
+    speculative_config: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.speculative_config is not None:
+            self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
         if self.dtype not in DTYPE_NAMES:
             raise InvalidRequestError(f"dtype={self.dtype!r} is not supported; choose one of {', '.join(DTYPE_NAMES)}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):

@@ -46,6 +46,10 @@ def add_engine_flags(parser: argparse.ArgumentParser, repeat_model: bool = False
     parser.add_argument("--price-per-hour", type=float, default=d.price_per_hour, metavar="USD",
                         help="what the machine costs per hour, to price each request's compute time (default: a "
                              "typical cloud price for this CPU or GPU, stated at start-up)")
+    parser.add_argument("--speculative-config", default=None, metavar="JSON",
+                        help='speculative decoding, as vLLM: \'{"method": "ngram", "num_speculative_tokens": 4, '
+                             '"prompt_lookup_min": 2, "prompt_lookup_max": 5}\' (default: off; a request\'s '
+                             'predicted output drafts anyway)')
 
 
 class _RepeatedModel(argparse.Action):
@@ -66,6 +70,7 @@ def engine_options(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]
         "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
         "max_model_len": args.max_model_len, "enable_prefix_caching": not args.no_prefix_caching,
         "num_threads": args.num_threads, "price_per_hour": args.price_per_hour,
+        "speculative_config": args.speculative_config,
     }
     return {**options, **overrides}
 

@@ -28,6 +28,11 @@ class RequestMetrics:
     decode_seconds: float = 0.0
     # USD per hour of the machine those seconds are billed at.
     price_per_hour: float = 0.0
+    # Speculative decoding: draft tokens verified and accepted, over all samples; and the predicted output's
+    # length times the samples, from which OpenAI's rejected_prediction_tokens is counted.
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
+    prediction_tokens: int = 0
 
     @property
     def compute_seconds(self) -> float:
@@ -107,6 +112,22 @@ def accumulate(whole: RequestOutput | None, delta: RequestOutput) -> RequestOutp
 
 
 @dataclass
+class DraftCounters:
+    """Speculative decoding's cumulative counts, named as vLLM's spec_decode metrics."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    # Entry i: drafts whose token i was accepted.
+    accepted_per_pos: list[int] = field(default_factory=list)
+
+    def copy(self) -> "DraftCounters":
+        """A snapshot that later counting leaves alone."""
+        return DraftCounters(self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens,
+                             list(self.accepted_per_pos))
+
+
+@dataclass
 class EngineStats:
     """A snapshot of the engine's load and cumulative counters, for gauges and back-pressure."""
 
@@ -122,6 +143,8 @@ class EngineStats:
     busy_seconds: float = 0.0
     uptime_seconds: float = 0.0
     price_per_hour: float = 0.0
+    # Speculative decoding's cumulative counts (tokenmill/spec_decode/drafter.py).
+    drafts: DraftCounters = field(default_factory=DraftCounters)
 
     @property
     def kv_cache_usage(self) -> float:

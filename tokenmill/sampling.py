@@ -32,6 +32,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     # Scheduling order: a lower value is admitted (and kept through preemption) first, as vLLM's priority.
     priority: int = 0
+    # OpenAI's predicted output: text the answer is expected to mostly repeat (an edit of it), drafted from
+    # and verified, so the output is the same as without it, only sooner.
+    prediction: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -57,6 +60,11 @@ class SamplingParams:
                self.prompt_logprobs, "must be in [0, 20]")
         _check(all(s for s in self.stop), "stop", self.stop, "must not contain empty strings")
         _check(isinstance(self.priority, int), "priority", self.priority, "must be an integer")
+
+    @property
+    def has_penalties(self) -> bool:
+        """Whether penalties apply: they depend on every token before a position, so drafts are not verified under them."""
+        return self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
 
     @property
     def greedy(self) -> bool:

@@ -96,7 +96,7 @@ def simulate(times: StepTimes, settings: dict, requests: list[tuple[float, int, 
                                       f"profile's KV pool of {pool} tokens; profile with a larger --kv-cache-memory")
         now += step_seconds(times, plan)
         sampled = [seq for seq, n in plan.scheduled if seq.num_computed_tokens + n == seq.num_tokens]
-        scheduler.update(plan, sampled, [0] * len(sampled), [None] * len(sampled))
+        scheduler.update(plan, sampled, [[0]] * len(sampled), [None] * len(sampled))
         for seq in sampled:
             timings[seq.seq_id].token_times.append(now)  # seq_id is the request's index
     return timings

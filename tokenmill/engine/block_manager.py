@@ -97,6 +97,16 @@ class BlockManager:
                 self.cached[h] = block.block_id
                 block.hash, block.token_ids = h, tokens
 
+    def trim(self, seq: Sequence) -> None:
+        """Give back the blocks past seq's tokens: those that only held its rejected drafts."""
+        keep = self.blocks_needed(seq.num_tokens)
+        for block_id in reversed(seq.block_table[keep:]):
+            # Draft blocks are never full of computed tokens, so never cached: first out again, like any free one.
+            self.blocks[block_id].ref_count -= 1
+            self.free_blocks[block_id] = None
+            self.free_blocks.move_to_end(block_id, last=False)
+        del seq.block_table[keep:]
+
     def free(self, seq: Sequence) -> None:
         """Release all of seq's blocks; cached ones stay findable until evicted."""
         # Tail blocks are freed first so they are evicted before the shared prefix blocks.

@@ -18,6 +18,7 @@ from tokenmill.errors import InvalidRequestError, PromptTooLongError
 from tokenmill.loader.source import ModelSource, open_model
 from tokenmill.outputs import EngineStats, RequestMetrics, RequestOutput
 from tokenmill.sampling import SamplingParams
+from tokenmill.spec_decode.drafter import Drafter
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         price = machine_price(config.price_per_hour, config.device)  # after the runner has set torch's threads
         self.cost = CostAccountant(price.usd_per_hour)
+        self.drafter = Drafter(config.speculative_config)
         logger.info("engine ready: %s, KV capacity %d tokens, max_model_len %d",
                     self.source.name, pool_tokens, self.max_model_len)
         logger.info("pricing compute time at %s", price.basis)
@@ -74,7 +76,9 @@ class LLMEngine:
         room = self.max_model_len - len(token_ids)
         max_tokens = room if params.max_tokens is None else params.max_tokens
         arrival = time.perf_counter() if arrival_time is None else arrival_time
-        metrics = RequestMetrics(arrival, price_per_hour=self.cost.price_per_hour)
+        prediction = self.tokenizer.encode(params.prediction, add_special_tokens=False) if params.prediction else []
+        metrics = RequestMetrics(arrival, price_per_hour=self.cost.price_per_hour,
+                                 prediction_tokens=len(prediction) * params.n)
         request = _Request(request_id, text, token_ids, params, [], metrics)
         for index in range(params.n):
             seq = Sequence(
@@ -84,6 +88,7 @@ class LLMEngine:
                 seed=None if params.seed is None else params.seed + index,
                 parent=request.seqs[0] if index and self.config.enable_prefix_caching else None,
             )
+            seq.prediction_token_ids = prediction
             request.seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = request
@@ -133,6 +138,7 @@ class LLMEngine:
             prefix_hits=bm.prefix_hits,
             num_preemptions=self.scheduler.num_preemptions,
             busy_seconds=self.cost.busy_seconds,
+            drafts=self.drafter.counters.copy(),
             uptime_seconds=self.cost.uptime(),
             price_per_hour=self.cost.price_per_hour,
         )
@@ -140,6 +146,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduled model step; return what is new for each request that made visible progress."""
         started = time.perf_counter()
+        self.drafter.propose(self.scheduler.running)
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return []
@@ -150,18 +157,25 @@ class LLMEngine:
             metrics.first_scheduled_time = metrics.first_scheduled_time or now
         out = self.runner.execute(plan.scheduled)
         # NOTE: sample before recording progress, so a failure leaves every sequence as it was.
-        sampled = self.sampler(out.logits, out.sample_seqs)
+        drafts = [seq.draft_token_ids for seq in out.sample_seqs]
+        sampled = self.sampler(out.logits, out.sample_seqs, drafts)
+        self.drafter.record(out.sample_seqs, sampled.token_ids)
         for seq, start, logits in out.prompt_logits:
             targets = seq.token_ids[start + 1 : start + 1 + logits.shape[0]]
             seq.set_prompt_logprobs(start, self.sampler.prompt_logprobs(logits, targets, seq.params.prompt_logprobs or 0))
+        before = [seq.num_output_tokens for seq in out.sample_seqs]
         self.scheduler.update(plan, out.sample_seqs, sampled.token_ids, sampled.logprobs)
         now = time.perf_counter()
         self._charge(work, now - started)
+        self.drafter.observe(work, now - started)
         touched: dict[str, _Request] = {}
-        for seq in out.sample_seqs:
+        for seq, draft, tokens, had in zip(out.sample_seqs, drafts, sampled.token_ids, before):
             request = self.requests[seq.request_id]
-            request.metrics.first_token_time = request.metrics.first_token_time or now
-            request.metrics.token_times.append(now)
+            metrics = request.metrics
+            metrics.first_token_time = metrics.first_token_time or now
+            metrics.token_times += [now] * (seq.num_output_tokens - had)
+            metrics.draft_tokens += len(draft)
+            metrics.accepted_draft_tokens += len(tokens) - 1
             touched[seq.request_id] = request
         outputs = []
         for request in touched.values():

@@ -14,10 +14,10 @@ from tokenmill.loader.source import ModelSource
 
 @dataclass
 class RunnerOutput:
-    """One step's logits: the last row of each sequence that reached its end, and prompt rows where asked."""
+    """One step's logits: the last row of each sequence that reached its end (and its drafts' rows), and prompt rows."""
 
     sample_seqs: list[Sequence]
-    logits: torch.Tensor  # [len(sample_seqs), vocab]
+    logits: torch.Tensor  # [rows, vocab]: per sample sequence, 1 + len(seq.draft_token_ids) rows
     # (sequence, first position, logits [rows, vocab]): row j predicts prompt token first + j + 1.
     prompt_logits: list[tuple[Sequence, int, torch.Tensor]]
 
@@ -29,7 +29,7 @@ class Batch:
     input_ids: torch.Tensor  # [tokens]
     positions: torch.Tensor  # [tokens]
     metadata: AttentionMetadata
-    sample_rows: torch.Tensor  # the last row of each sequence that reached its end
+    sample_rows: torch.Tensor  # the last token's row of each sequence that reached its end, then its drafts' rows
     sample_seqs: list[Sequence]
     # (sequence, first position, first row, rows) of prompt rows whose logprobs were asked for.
     prompt_rows: list[tuple[Sequence, int, int, int]]
@@ -74,7 +74,10 @@ class ModelRunner:
         for seq, n in scheduled:
             start = seq.num_computed_tokens
             query_start = len(input_ids)
-            input_ids += seq.token_ids[start : start + n]
+            drafts = seq.draft_token_ids
+            # A speculating sequence computes its last token and its drafts: a verification chunk, attended
+            # causally like a prompt chunk.
+            input_ids += seq.token_ids[start : start + n - len(drafts)] + drafts
             positions += range(start, start + n)
             slots += [seq.block_table[p // self.block_size] * self.block_size + p % self.block_size
                       for p in range(start, start + n)]
@@ -82,8 +85,8 @@ class ModelRunner:
             tables.append(seq.block_table)
             if n > 1:
                 prefills.append(PrefillChunk(query_start, n, start + n))
-            if start + n == seq.num_tokens:
-                sample_rows.append(len(input_ids) - 1)
+            if start + n == seq.num_tokens + len(drafts):
+                sample_rows += range(len(input_ids) - 1 - len(drafts), len(input_ids))
                 sample_seqs.append(seq)
             last_prompt_row = min(start + n, seq.num_prompt_tokens - 1)
             if seq.params.prompt_logprobs is not None and start < last_prompt_row:

@@ -14,34 +14,85 @@ _SEED_STRIDE = 1_000_003
 
 @dataclass
 class SamplerOutput:
-    """Chosen token per sequence, with logprobs where requested."""
+    """The tokens each sequence emits this step (one, or with drafts up to all of them plus one), with logprobs."""
 
-    token_ids: list[int]
-    logprobs: list[TokenLogprob | None]
+    token_ids: list[list[int]]
+    logprobs: list[list[TokenLogprob] | None]
 
 
 class Sampler:
-    """Turns one step's logits [sequences, vocab] into one token per sequence."""
+    """Turns one step's logits into tokens: one row per sequence, or 1 + its drafts' rows where it speculated."""
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+    def __call__(
+        self, logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]] | None = None
+    ) -> SamplerOutput:
+        # logits: [rows, vocab]; sequence i owns 1 + len(drafts[i]) consecutive rows, row j predicting the token
+        # after its draft j - 1 (row 0: after its last token).
+        drafts = drafts or [[] for _ in seqs]
+        row_seqs = [seq for seq, draft in zip(seqs, drafts) for _ in range(len(draft) + 1)]
+        offsets = [j for draft in drafts for j in range(len(draft) + 1)]
         # Logprobs report the model's own distribution, before penalties and truncation (as vLLM).
-        want_logprobs = [s.params.logprobs is not None for s in seqs]
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
-        logits = self._apply_penalties(logits, seqs)
-        logits = self._mask_early_stops(logits, seqs)
-        tokens = _argmax(logits)
-        sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        want_logprobs = any(s.params.logprobs is not None for s in seqs)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        logits = self._apply_penalties(logits, row_seqs, offsets)
+        logits = self._mask_early_stops(logits, row_seqs, offsets)
+        chosen = _argmax(logits)
+        sampled = [i for i, s in enumerate(row_seqs) if not s.params.greedy]
+        draft_probs = torch.ones(len(row_seqs), device=logits.device)  # p(draft token) per row, sampled rows only
+        uniform = torch.zeros(len(row_seqs), device=logits.device)
+        residual = chosen.clone()  # per row: a draw with the row's draft token ruled out
         if sampled:
             rows = torch.tensor(sampled, device=logits.device)
-            tokens[rows] = self._sample(logits[rows], [seqs[i] for i in sampled])
-        token_ids = tokens.tolist()
-        logprobs: list[TokenLogprob | None] = [None] * len(seqs)
+            sampled_seqs = [row_seqs[i] for i in sampled]
+            probs = _truncate(self._probs(logits[rows], sampled_seqs), sampled_seqs)
+            noise, uniform[rows] = self._noise(probs, sampled_seqs, [offsets[i] for i in sampled])
+            # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, needing no cumsum or sync.
+            race = probs / noise
+            chosen[rows] = _argmax(race)
+            if any(drafts):
+                next_tokens = _next_tokens(drafts, logits.device)[rows, None]
+                draft_probs[rows] = probs.gather(1, next_tokens)[:, 0]
+                # The same race without the draft token draws from p with it removed, renormalized: the residual.
+                residual[rows] = _argmax(race.scatter_(1, next_tokens, -1.0))
+        token_ids = self._accept(drafts, seqs, chosen.tolist(), residual.tolist(), draft_probs.tolist(),
+                                 uniform.tolist())
+        logprobs: list[list[TokenLogprob] | None] = [None] * len(seqs)
         if raw_logprobs is not None:
-            for i, seq in enumerate(seqs):
-                if want_logprobs[i]:
-                    logprobs[i] = _token_logprob(raw_logprobs[i], token_ids[i], seq.params.logprobs or 0)
+            first = 0
+            for i, (seq, tokens) in enumerate(zip(seqs, token_ids)):
+                if seq.params.logprobs is not None:
+                    logprobs[i] = [_token_logprob(raw_logprobs[first + j], t, seq.params.logprobs)
+                                   for j, t in enumerate(tokens)]
+                first += len(drafts[i]) + 1
         return SamplerOutput(token_ids, logprobs)
+
+    @staticmethod
+    def _accept(
+        drafts: list[list[int]], seqs: list[Sequence], chosen: list[int], residual: list[int],
+        draft_probs: list[float], uniform: list[float],
+    ) -> list[list[int]]:
+        """Each sequence's tokens: its drafts up to the first rejected, then the model's own token there."""
+        out, first = [], 0
+        for seq, draft in zip(seqs, drafts):
+            tokens: list[int] = []
+            for j, d in enumerate(draft):
+                if seq.params.greedy:
+                    accepted = chosen[first + j] == d
+                else:
+                    # The rejection rule for a draft proposed with certainty (q(d) = 1): accept with min(1, p/q) = p(d);
+                    # on rejection draw from the residual max(p - q, 0), which is p without d.
+                    accepted = uniform[first + j] < draft_probs[first + j]
+                if not accepted:
+                    break
+                tokens.append(d)
+            row = first + len(tokens)
+            # Greedy: the argmax where a draft was rejected differs from it already, so it is its own residual.
+            rejected = len(tokens) < len(draft) and not seq.params.greedy
+            tokens.append(residual[row] if rejected else chosen[row])
+            out.append(tokens)
+            first += len(draft) + 1
+        return out
 
     @torch.inference_mode()
     def prompt_logprobs(self, logits: torch.Tensor, targets: list[int], top_n: int) -> list[TokenLogprob]:
@@ -56,9 +107,11 @@ class Sampler:
             for t, lp, i, v in zip(targets, chosen, ids.tolist(), values.tolist())
         ]
 
-    def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence], offsets: list[int]) -> torch.Tensor:
         for i, seq in enumerate(seqs):
             p = seq.params
+            # The drafter never drafts for a penalized sequence: a draft row's penalties would need its drafts.
+            assert offsets[i] == 0 or not p.has_penalties, "drafts for a sequence with penalties"
             if p.repetition_penalty != 1.0:
                 # As in vLLM and transformers: every token seen so far (prompt and output) is penalized.
                 seen = torch.tensor(sorted(set(seq.token_ids)), device=logits.device)
@@ -71,27 +124,35 @@ class Sampler:
                 logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
         return logits
 
-    def _mask_early_stops(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def _mask_early_stops(self, logits: torch.Tensor, seqs: list[Sequence], offsets: list[int]) -> torch.Tensor:
         for i, seq in enumerate(seqs):
-            if seq.num_output_tokens < seq.params.min_tokens and seq.stop_token_ids:
+            if seq.num_output_tokens + offsets[i] < seq.params.min_tokens and seq.stop_token_ids:
                 logits[i, seq.stop_token_ids] = float("-inf")
         return logits
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    @staticmethod
+    def _probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         temps = torch.tensor([s.params.temperature for s in seqs], device=logits.device)
-        probs = torch.softmax(logits / temps[:, None], dim=-1)
-        probs = _truncate(probs, seqs)
-        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, needing no cumsum or sync.
-        noise = torch.empty_like(probs)
-        for i, seq in enumerate(seqs):
-            if seq.seed is None:
-                noise[i].exponential_()
-            else:
-                gen = torch.Generator(device=logits.device)
-                gen.manual_seed(seq.seed * _SEED_STRIDE + seq.num_output_tokens)
-                noise[i].exponential_(generator=gen)
-        return _argmax(probs / noise)
+        return torch.softmax(logits / temps[:, None], dim=-1)
 
+    @staticmethod
+    def _noise(probs: torch.Tensor, seqs: list[Sequence], offsets: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's Exp(1) race noise and its uniform acceptance draw, fixed by (seed, position) when seeded."""
+        noise = torch.empty_like(probs)
+        uniform = torch.empty(len(seqs), device=probs.device)
+        for i, (seq, offset) in enumerate(zip(seqs, offsets)):
+            gen = None
+            if seq.seed is not None:
+                gen = torch.Generator(device=probs.device)
+                gen.manual_seed(seq.seed * _SEED_STRIDE + seq.num_output_tokens + offset)
+            noise[i].exponential_(generator=gen)
+            uniform[i : i + 1].uniform_(generator=gen)
+        return noise, uniform
+
+
+def _next_tokens(drafts: list[list[int]], device: torch.device) -> torch.Tensor:
+    """Per row, the draft token that row verifies (0 for each sequence's last row, which verifies none)."""
+    return torch.tensor([t for draft in drafts for t in [*draft, 0]], dtype=torch.long, device=device)
 
 
 def _argmax(x: torch.Tensor) -> torch.Tensor:

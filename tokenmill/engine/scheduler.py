@@ -25,10 +25,9 @@ class SchedulerOutput:
 
     def work(self) -> list[tuple[Sequence, int, int]]:
         """(sequence, prefill tokens, decode tokens) of each row; read it before update() records the progress."""
-        # A decode computes the one token sampled last; every other row (a prompt chunk, a recompute after
-        # preemption) is prefill work.
-        return [(seq, 0, 1) if n == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens else (seq, n, 0)
-                for seq, n in self.scheduled]
+        # A decode computes the one token sampled last, and any drafts after it; every other row (a prompt chunk,
+        # a recompute after preemption) is prefill work.
+        return [(seq, 0, n) if seq.is_decoding else (seq, n, 0) for seq, n in self.scheduled]
 
 
 class Scheduler:
@@ -62,6 +61,11 @@ class Scheduler:
             if seq.status != SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
             n = min(seq.num_uncomputed_tokens, budget)
+            drafts = seq.draft_token_ids[: budget - n]
+            if drafts and not self.block_manager.can_allocate(seq, n + len(drafts)):
+                drafts = []  # a guess is never worth preempting anyone for
+            seq.draft_token_ids = drafts
+            n += len(drafts)
             while not self.block_manager.can_allocate(seq, n):
                 victim = max(self.running, key=Sequence.sort_key)
                 budget += self._preempt(victim, out)
@@ -79,16 +83,28 @@ class Scheduler:
         return out
 
     def update(
-        self, out: SchedulerOutput, sampled_seqs: list[Sequence], token_ids: list[int], logprobs: list[TokenLogprob | None]
+        self, out: SchedulerOutput, sampled_seqs: list[Sequence], token_ids: list[list[int]],
+        logprobs: list[list[TokenLogprob] | None],
     ) -> None:
-        """Record a step's progress: computed tokens, newly full blocks, sampled tokens, and who finished."""
+        """Record a step's progress: computed tokens, sampled (and accepted draft) tokens, full blocks, who finished."""
+        emitted = {seq.seq_id: (tokens, lps) for seq, tokens, lps in zip(sampled_seqs, token_ids, logprobs)}
         for seq, n in out.scheduled:
-            seq.num_computed_tokens += n
+            tokens, lps = emitted.get(seq.seq_id, ([], None))
+            drafts, seq.draft_token_ids = len(seq.draft_token_ids), []
+            # Every token sampled but the last was an accepted draft, whose KV this step wrote; a rejected
+            # draft's slot is written over when its position is computed again.
+            seq.num_computed_tokens += n - drafts + (len(tokens) - 1 if drafts else 0)
+            for i, token_id in enumerate(tokens):
+                seq.append_token(token_id, lps[i] if lps is not None else None)
+                if seq.finish_reason is not None:
+                    break
+            # A stop among the accepted drafts leaves the tokens after it uncomputed as well as unappended.
+            seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens - 1)
             self.block_manager.cache_full_blocks(seq)
-        for seq, token_id, logprob in zip(sampled_seqs, token_ids, logprobs):
-            seq.append_token(token_id, logprob)
             if seq.finish_reason is not None:
                 self.finish(seq)
+            elif drafts:
+                self.block_manager.trim(seq)
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         for seq in list(self.waiting):
@@ -113,6 +129,7 @@ class Scheduler:
         """Free seq's blocks and requeue it for recompute; return the budget it had been given."""
         self.running.remove(seq)
         self.block_manager.free(seq)
+        seq.draft_token_ids = []
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.add(seq)

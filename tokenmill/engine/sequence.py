@@ -58,6 +58,13 @@ class Sequence:
         self.prompt_logprobs: list[TokenLogprob] = []
         self.cumulative_logprob = 0.0
         self.num_preemptions = 0
+        # Tokens guessed to follow this step's input (tokenmill/spec_decode), verified by the same forward pass.
+        self.draft_token_ids: list[int] = []
+        # OpenAI's predicted output, as token ids: drafts come from it rather than from the prompt.
+        self.prediction_token_ids: list[int] = []
+        # Decayed counts of draft tokens this sequence had verified and accepted: its recent acceptance rate.
+        self.drafts_tried = 0.0
+        self.drafts_accepted = 0.0
         # What take_delta has handed out already.
         self._text_sent = 0
         self._tokens_sent = 0
@@ -82,6 +89,11 @@ class Sequence:
     def num_uncomputed_tokens(self) -> int:
         """Tokens whose KV is not in the cache yet (the whole prompt at first, then one per step)."""
         return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_decoding(self) -> bool:
+        """True once the prompt is computed and one sampled token waits: the state in which it may draft."""
+        return self.num_uncomputed_tokens == 1 and self.num_output_tokens > 0
 
     @property
     def stop_token_ids(self) -> list[int]:

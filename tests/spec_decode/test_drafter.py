@@ -1,0 +1,96 @@
+"""The drafter's choices: who drafts, how far, and backing off as the batch grows or acceptance falls."""
+
+from types import SimpleNamespace
+
+from tokenmill.sampling import SamplingParams
+from tokenmill.spec_decode.config import SpeculativeConfig
+from tokenmill.spec_decode.drafter import Drafter
+
+# A text that repeats itself, so a 2-token tail always has an earlier match to continue.
+REPEATING = [5, 6, 7, 8, 9, 10, 11, 12] * 4
+
+
+def _seq(tokens=REPEATING, outputs=4, max_tokens=100, prediction=(), **params):
+    return SimpleNamespace(
+        token_ids=list(tokens), output_token_ids=list(tokens[len(tokens) - outputs:]), num_output_tokens=outputs,
+        is_decoding=True, max_tokens=max_tokens, params=SamplingParams(**params), prediction_token_ids=list(prediction),
+        draft_token_ids=[], drafts_tried=0.0, drafts_accepted=0.0,
+    )
+
+
+def _drafter(config: SpeculativeConfig | None, per_step: float = 0.006, per_row: float = 0.0008) -> Drafter:
+    """A drafter that has timed decode steps of 1 and 5 rows on a machine with these costs."""
+    drafter = Drafter(config)
+    for rows in (1, 5, 1, 5):
+        drafter.observe([(None, 0, rows)], per_step + per_row * rows)
+    return drafter
+
+
+NGRAM = SpeculativeConfig(method="ngram", num_speculative_tokens=4, prompt_lookup_min=2, prompt_lookup_max=3)
+
+
+def test_a_lone_sequence_drafts_its_repeat_and_a_full_batch_backs_off():
+    # A CPU decode step: 6 ms of weight reads whatever the batch, 0.8 ms per row.
+    drafter = _drafter(NGRAM)
+    alone = _seq()
+    drafter.propose([alone])
+    assert alone.draft_token_ids == [5, 6, 7, 8][: len(alone.draft_token_ids)] and alone.draft_token_ids
+    batch = [_seq() for _ in range(32)]
+    drafter.propose(batch)
+    # 32 rows: a draft row now costs 0.8 / 31.6 of a step yielding 32 tokens; a 0.5 guess does not pay.
+    assert all(s.draft_token_ids == [] for s in batch)
+
+
+def test_acceptance_sets_how_far_a_sequence_drafts():
+    drafter = _drafter(NGRAM)
+    good, bad = _seq(), _seq()
+    good.drafts_tried, good.drafts_accepted = 40.0, 39.0
+    bad.drafts_tried, bad.drafts_accepted = 40.0, 2.0
+    drafter.propose([good, bad])
+    assert len(good.draft_token_ids) == 4 and bad.draft_token_ids == []
+    # Skipping lets the counts decay toward the prior, so it drafts again later.
+    assert bad.drafts_tried < 40.0
+
+
+def test_no_drafts_without_a_method_with_penalties_or_at_max_tokens():
+    drafter = _drafter(None)
+    plain = _seq()
+    drafter.propose([plain])
+    assert plain.draft_token_ids == []
+    drafter = _drafter(NGRAM)
+    penalized, last = _seq(repetition_penalty=1.2), _seq(outputs=4, max_tokens=5)
+    nearly = _seq(outputs=4, max_tokens=7)
+    nearly.drafts_tried, nearly.drafts_accepted = 40.0, 39.0
+    drafter.propose([penalized, last, nearly])
+    assert penalized.draft_token_ids == [] and last.draft_token_ids == []
+    assert len(nearly.draft_token_ids) == 2  # 3 tokens left: 2 drafts and the token after them
+
+
+def test_a_predicted_output_drafts_without_a_speculative_config():
+    drafter = _drafter(None)
+    seq = _seq(tokens=[1, 2, 3, 40, 41], outputs=2, prediction=[40, 41, 42, 43, 44])
+    drafter.propose([seq])
+    assert seq.draft_token_ids[:3] == [42, 43, 44]
+
+
+def test_record_counts_drafts_by_position():
+    drafter = _drafter(NGRAM)
+    a, b = _seq(), _seq()
+    a.draft_token_ids, b.draft_token_ids = [1, 2, 3], [4, 5]
+    drafter.record([a, b], [[1, 2, 7], [9]])
+    c = drafter.counters
+    assert (c.num_drafts, c.num_draft_tokens, c.num_accepted_tokens) == (2, 5, 2)
+    assert c.accepted_per_pos == [1, 1, 0]
+    assert (a.drafts_tried, a.drafts_accepted) == (3.0, 2.0) and (b.drafts_tried, b.drafts_accepted) == (1.0, 0.0)
+
+
+def test_steps_with_a_prompt_chunk_are_left_out_of_the_fit_and_one_size_is_not_enough():
+    drafter = Drafter(NGRAM)
+    drafter.observe([(None, 0, 1)], 0.006)
+    drafter.observe([(None, 0, 1)], 0.006)
+    drafter.observe([(None, 30, 0), (None, 0, 1)], 0.05)
+    assert drafter.step_times.num_steps == 2
+    # Only one size timed: draft anyway, so the next steps tell rows and steps apart.
+    assert drafter._threshold(32) == 0.0
+    drafter.observe([(None, 0, 5)], 0.0092)
+    assert abs(drafter.step_times.per_decode_token - 0.0008) < 1e-6 and drafter._threshold(32) > 0.8

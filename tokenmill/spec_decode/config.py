@@ -1,0 +1,53 @@
+"""SpeculativeConfig: the `--speculative-config` JSON, in the keys vLLM users already write."""
+
+import json
+from dataclasses import dataclass, fields
+from typing import Any
+
+from tokenmill.errors import InvalidRequestError
+
+METHODS = ("ngram",)
+
+
+@dataclass
+class SpeculativeConfig:
+    """How drafts are made: the method and the most tokens guessed per step."""
+
+    method: str = "ngram"
+    # Most draft tokens per sequence and step; the engine drafts fewer when acceptance or load says so.
+    num_speculative_tokens: int = 4
+    # ngram: the longest and shortest tail of the text so far that is looked up earlier in it (as vLLM).
+    prompt_lookup_max: int = 5
+    prompt_lookup_min: int = 2
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise InvalidRequestError(f"speculative method {self.method!r} is not supported; choose one of "
+                                      f"{', '.join(METHODS)}", param="speculative_config")
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise InvalidRequestError(f"num_speculative_tokens={self.num_speculative_tokens} must be in [1, 16]",
+                                      param="speculative_config")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise InvalidRequestError(
+                f"prompt_lookup_min={self.prompt_lookup_min} and prompt_lookup_max={self.prompt_lookup_max} must "
+                "satisfy 1 <= min <= max", param="speculative_config")
+
+    @classmethod
+    def parse(cls, value: "str | dict[str, Any] | SpeculativeConfig") -> "SpeculativeConfig":
+        """From a JSON string (the flag), a dict (`LLM(speculative_config=...)`) or a config."""
+        if isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise InvalidRequestError(f"speculative config is not valid JSON: {e}",
+                                          param="speculative_config") from None
+        if not isinstance(value, dict):
+            raise InvalidRequestError("speculative config must be a JSON object", param="speculative_config")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise InvalidRequestError(f"unknown speculative config keys {unknown}; known: {sorted(known)}",
+                                      param="speculative_config")
+        return cls(**value)

@@ -1,0 +1,107 @@
+"""The drafter: each step, which decoding sequences guess ahead, how far, and what they guess."""
+
+from tokenmill.cost.accounting import StepTimeModel
+from tokenmill.engine.sequence import Sequence
+from tokenmill.outputs import DraftCounters
+from tokenmill.spec_decode.config import SpeculativeConfig
+from tokenmill.spec_decode.ngram import lookup, lookup_in
+
+# Drafts a predicted output may propose per step when no --speculative-config sets num_speculative_tokens.
+_PREDICTION_TOKENS = 8
+# The longest tail of the output matched in a predicted output: long enough to tell repeated lines apart.
+_PREDICTION_MATCH = 16
+# Before any draft of a sequence is verified, its acceptance rate is taken to be PRIOR_ACCEPTED / PRIOR_TRIED;
+# a user's predicted output is expected to be mostly right.
+_PRIOR = {"ngram": (1.0, 2.0), "prediction": (4.0, 5.0)}
+# Each verification weighs the counts before it by this, so the rate follows the text as it changes.
+_DECAY = 0.8
+# Each step a sequence skips drafting weighs its counts by this: after some 30 steps it tries again.
+_SKIP_DECAY = 0.95
+
+
+class Drafter:
+    """Proposes draft tokens for the decoding sequences where the expected gain outweighs the verification cost."""
+
+    def __init__(self, config: SpeculativeConfig | None) -> None:
+        self.config = config
+        # Decode steps' seconds ≈ per_step + per_decode_token × rows (decodes and drafts alike), fitted from the
+        # steps themselves: what one more row costs against what a step yields, on this machine and model.
+        self.step_times = StepTimeModel()
+        self._row_counts: set[int] = set()
+        self.counters = DraftCounters()
+
+    def observe(self, work: list[tuple[Sequence, int, int]], seconds: float) -> None:
+        """Add a measured step to the fit, if it decoded only (a prompt chunk's cost is another matter)."""
+        if any(prefill for _, prefill, _ in work):
+            return
+        rows = sum(decode for _, _, decode in work)
+        self.step_times.observe(0, rows, seconds)
+        if len(self._row_counts) < 2:
+            self._row_counts.add(rows)
+
+    def propose(self, running: list[Sequence]) -> None:
+        """Set draft_token_ids of every running sequence (empty where it should not speculate)."""
+        decoding = [s for s in running if s.is_decoding]
+        threshold = self._threshold(len(decoding))
+        for seq in running:
+            seq.draft_token_ids = []
+        for seq in decoding:
+            kind = "prediction" if seq.prediction_token_ids else "ngram" if self.config else None
+            if kind is None or seq.params.has_penalties:
+                continue
+            k = min(self._max_tokens(kind), seq.max_tokens - seq.num_output_tokens - 1)
+            # Draft token i is accepted with probability about rate**i: guess while that beats the threshold.
+            rate = self._rate(seq, kind)
+            k = next((i for i in range(k) if rate ** (i + 1) <= threshold), k)
+            if k == 0:
+                # Drift back toward the prior, so a sequence that stopped drafting gets to try again later.
+                seq.drafts_tried *= _SKIP_DECAY
+                seq.drafts_accepted *= _SKIP_DECAY
+                continue
+            if kind == "prediction":
+                seq.draft_token_ids = lookup_in(seq.prediction_token_ids, seq.output_token_ids, k, _PREDICTION_MATCH)
+            else:
+                seq.draft_token_ids = lookup(seq.token_ids, k, self.config.prompt_lookup_min,
+                                             self.config.prompt_lookup_max)
+
+    def record(self, seqs: list[Sequence], emitted: list[list[int]]) -> None:
+        """Count each sequence's verified drafts (still in draft_token_ids) against the tokens it emitted."""
+        c = self.counters
+        for seq, tokens in zip(seqs, emitted):
+            drafts = len(seq.draft_token_ids)
+            if not drafts:
+                continue
+            accepted = len(tokens) - 1
+            c.num_drafts += 1
+            c.num_draft_tokens += drafts
+            c.num_accepted_tokens += accepted
+            c.accepted_per_pos += [0] * (drafts - len(c.accepted_per_pos))
+            for i in range(accepted):
+                c.accepted_per_pos[i] += 1
+            # Positions tried: every accepted one and the first rejected (those after it say nothing).
+            seq.drafts_tried = seq.drafts_tried * _DECAY + min(accepted + 1, drafts)
+            seq.drafts_accepted = seq.drafts_accepted * _DECAY + accepted
+
+    def _max_tokens(self, kind: str) -> int:
+        if self.config is not None:
+            return self.config.num_speculative_tokens
+        return _PREDICTION_TOKENS if kind == "prediction" else 0
+
+    @staticmethod
+    def _rate(seq: Sequence, kind: str) -> float:
+        accepted, tried = _PRIOR[kind]
+        return (seq.drafts_accepted + accepted) / (seq.drafts_tried + tried)
+
+    def _threshold(self, batch: int) -> float:
+        """The acceptance probability a draft token needs to pay for its row at this batch size."""
+        # A step of `batch` decodes yields batch tokens in per_step + batch * per_decode_token seconds; a draft row
+        # costs per_decode_token more and yields rate**i tokens. It pays when it yields tokens at least as
+        # cheaply as the step does: rate**i > per_decode_token * batch / step_time. At batch 1 on a CPU the
+        # per-step weight reads dominate and nearly any draft pays; as the batch grows the bar rises.
+        if len(self._row_counts) < 2:
+            # Until steps of two sizes are timed, rows and steps cannot be told apart: draft, and time that.
+            return 0.0
+        m = self.step_times
+        step = m.per_step + batch * m.per_decode_token
+        return m.per_decode_token * batch / step if step > 0 else 0.0
+
