@@ -1,4 +1,4 @@
-"""Command line: `tokenmill models | pull | env | generate | chat | serve | eval | plan | bench`."""
+"""Command line: `tokenmill models | pull | env | generate | chat | serve | router | eval | plan | bench`."""
 
 import argparse
 import itertools
@@ -15,6 +15,7 @@ from tokenmill.config import ServerConfig
 from tokenmill.cost import planner
 from tokenmill.errors import InvalidRequestError, TokenmillError
 from tokenmill.flags import add_engine_flags, engine_config, engine_options
+from tokenmill.router import calibrate
 from tokenmill.sampling import SamplingParams
 
 
@@ -68,6 +69,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--cascade-threshold", type=float, default=ServerConfig.cascade_threshold,
                        help="under --router cascade, escalate when the answer's mean token logprob is below this")
     add_engine_flags(serve, repeat_model=True)
+
+    router = commands.add_parser("router", help="tune `model: auto` for the models `serve` would route among")
+    router_actions = router.add_subparsers(required=True, metavar="ACTION")
+    calibrate.add_arguments(_command(router_actions, "calibrate", "run the models on a labeled set; print and plot "
+                                     "the quality-cost curve of each policy and threshold", calibrate.main))
 
     evaluate = commands.add_parser("eval", help="measure accuracy")
     metrics = evaluate.add_subparsers(required=True, metavar="METRIC")
@@ -203,7 +209,8 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key, max_waiting=args.max_waiting,
                           max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
                           router=args.router, cascade_threshold=args.cascade_threshold)
-    serve(engine_config(args), config, args.models or [args.model])
+    batching = BatchPolicy(args.embedding_max_batch_tokens, args.embedding_max_wait_ms)
+    serve(engine_config(args), config, args.models or [args.model], batching, args.embedding_dtype)
     return 0
 
 
