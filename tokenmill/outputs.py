@@ -28,11 +28,10 @@ class RequestMetrics:
     decode_seconds: float = 0.0
     # USD per hour of the machine those seconds are billed at.
     price_per_hour: float = 0.0
-    # Speculative decoding: draft tokens verified and accepted, over all samples; and the predicted output's
-    # length times the samples, from which OpenAI's rejected_prediction_tokens is counted.
-    draft_tokens: int = 0
-    accepted_draft_tokens: int = 0
-    prediction_tokens: int = 0
+    # A predicted output's tokens that appear in the answer (in order), and the rest, over all samples, as
+    # OpenAI counts them; set when the request finishes.
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
 
     @property
     def compute_seconds(self) -> float:

@@ -1,6 +1,7 @@
 """LLMEngine: requests in, one scheduled model step at a time, outputs and timestamps out."""
 
 import itertools
+from difflib import SequenceMatcher
 import logging
 import time
 from dataclasses import dataclass
@@ -77,8 +78,7 @@ class LLMEngine:
         max_tokens = room if params.max_tokens is None else params.max_tokens
         arrival = time.perf_counter() if arrival_time is None else arrival_time
         prediction = self.tokenizer.encode(params.prediction, add_special_tokens=False) if params.prediction else []
-        metrics = RequestMetrics(arrival, price_per_hour=self.cost.price_per_hour,
-                                 prediction_tokens=len(prediction) * params.n)
+        metrics = RequestMetrics(arrival, price_per_hour=self.cost.price_per_hour)
         request = _Request(request_id, text, token_ids, params, [], metrics)
         for index in range(params.n):
             seq = Sequence(
@@ -119,7 +119,7 @@ class LLMEngine:
             if not seq.is_finished:
                 seq.end("abort")
                 self.scheduler.finish(seq)
-        request.metrics.finished_time = time.perf_counter()
+        _finish(request, time.perf_counter())
         return self._output(request)
 
     def has_unfinished(self) -> bool:
@@ -169,18 +169,16 @@ class LLMEngine:
         self._charge(work, now - started)
         self.drafter.observe(work, now - started)
         touched: dict[str, _Request] = {}
-        for seq, draft, tokens, had in zip(out.sample_seqs, drafts, sampled.token_ids, before):
+        for seq, had in zip(out.sample_seqs, before):
             request = self.requests[seq.request_id]
             metrics = request.metrics
             metrics.first_token_time = metrics.first_token_time or now
             metrics.token_times += [now] * (seq.num_output_tokens - had)
-            metrics.draft_tokens += len(draft)
-            metrics.accepted_draft_tokens += len(tokens) - 1
             touched[seq.request_id] = request
         outputs = []
         for request in touched.values():
             if all(s.is_finished for s in request.seqs):
-                request.metrics.finished_time = now
+                _finish(request, now)
                 del self.requests[request.request_id]
             if (output := self._output(request)) is not None:
                 outputs.append(output)
@@ -208,3 +206,15 @@ class LLMEngine:
             metrics=request.metrics,
             prompt_logprobs=prompt_logprobs,
         )
+
+
+def _finish(request: _Request, now: float) -> None:
+    """Stamp a request's end, and count how much of its predicted output the answers kept."""
+    request.metrics.finished_time = now
+    for seq in request.seqs:
+        if seq.prediction_token_ids:
+            # Tokens of the prediction found in the answer in order: OpenAI's accepted_prediction_tokens.
+            matcher = SequenceMatcher(None, seq.prediction_token_ids, seq.output_token_ids, autojunk=False)
+            kept = sum(block.size for block in matcher.get_matching_blocks())
+            request.metrics.accepted_prediction_tokens += kept
+            request.metrics.rejected_prediction_tokens += len(seq.prediction_token_ids) - kept

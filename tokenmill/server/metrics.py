@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.metrics import MetricWrapperBase as Metric
 
 from tokenmill.cost.accounting import usd, usd_per_million_tokens
-from tokenmill.outputs import EngineStats, RequestOutput
+from tokenmill.outputs import DraftCounters, EngineStats, RequestOutput
 
 # Bucket edges in seconds, spanning a fast GPU (milliseconds) to a busy 2-core CPU (minutes).
 _TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80, 160)
@@ -71,6 +71,13 @@ class Metrics:
         self._routed = family(Counter, "routed_requests", "Requests for model `auto`, by the model that answered, the "
                               "--router policy and the kind of reason it chose that model.", ("policy", "reason"))
         self.idle_fraction = gauge("idle_cost_fraction", "Share of the bill since start that paid for idle time.")
+        # Speculative decoding, under vLLM's names.
+        self.drafts = counter("spec_decode_num_drafts", "Verification steps of sequences that had drafted.")
+        self.draft_tokens = counter("spec_decode_num_draft_tokens", "Draft tokens verified.")
+        self.accepted_tokens = counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.")
+        self._accepted_per_pos = family(Counter, "spec_decode_num_accepted_tokens_per_pos",
+                                        "Draft tokens accepted, by their position in the draft (0: first).",
+                                        ("position",))
         # Finished requests' compute seconds and tokens, prompt side and completion side, for the cost gauges.
         self._prompt_seconds = self._completion_seconds = 0.0
         self._prompt_token_count = self._completion_token_count = 0
@@ -94,11 +101,20 @@ class Metrics:
         self.prefix_queries.inc(stats.prefix_queries - (last.prefix_queries if last else 0))
         self.prefix_hits.inc(stats.prefix_hits - (last.prefix_hits if last else 0))
         self.preemptions.inc(stats.num_preemptions - (last.num_preemptions if last else 0))
+        self._observe_drafts(stats.drafts, last.drafts if last else DraftCounters())
         busy = stats.busy_seconds - (last.busy_seconds if last else 0)
         self.busy.inc(busy)
         self.cost.inc(usd(busy, stats.price_per_hour))
         self._set_cost_gauges(stats)
         self._last = stats
+
+    def _observe_drafts(self, now: DraftCounters, last: DraftCounters) -> None:
+        self.drafts.inc(now.num_drafts - last.num_drafts)
+        self.draft_tokens.inc(now.num_draft_tokens - last.num_draft_tokens)
+        self.accepted_tokens.inc(now.num_accepted_tokens - last.num_accepted_tokens)
+        for position, accepted in enumerate(now.accepted_per_pos):
+            before = last.accepted_per_pos[position] if position < len(last.accepted_per_pos) else 0
+            self._accepted_per_pos.labels(self.model_name, str(position)).inc(accepted - before)
 
     def _set_cost_gauges(self, stats: EngineStats) -> None:
         # At the current utilization every busy second also carries its part of the idle time billed.

@@ -24,6 +24,25 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class TextPart(BaseModel):
+    """One text part of a content list."""
+
+    type: Literal["text"]
+    text: str
+
+
+class Prediction(BaseModel):
+    """OpenAI's predicted output: text the answer will mostly repeat, as a string or text parts."""
+
+    type: Literal["content"]
+    content: str | list[TextPart]
+
+    @property
+    def text(self) -> str:
+        """The predicted text, its parts joined."""
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
 class _GenerationRequest(BaseModel):
     """Fields shared by completions and chat completions, plus vLLM's sampling extensions."""
 
@@ -42,6 +61,7 @@ class _GenerationRequest(BaseModel):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None
+    prediction: Prediction | None = None
     # Accepted so they can be refused by name rather than silently ignored.
     logit_bias: dict[str, float] | None = None
     response_format: dict[str, Any] | None = None
@@ -77,6 +97,7 @@ class _GenerationRequest(BaseModel):
             seed=self.seed, max_tokens=max_tokens,
             min_tokens=self.min_tokens, stop=stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
             logprobs=logprobs, include_stop_str_in_output=self.include_stop_str_in_output, priority=self.priority,
+            prediction=self.prediction.text if self.prediction else None,
         )
 
     def _refuse_unsupported(self) -> None:

@@ -170,6 +170,10 @@ class Usage:
             "completion_tokens": self.completion_tokens,
             "total_tokens": prompt + self.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": sum(self.cached_tokens.values())},
+            "completion_tokens_details": {
+                "accepted_prediction_tokens": sum(m.accepted_prediction_tokens for m in requests),
+                "rejected_prediction_tokens": sum(m.rejected_prediction_tokens for m in requests),
+            },
             "cost": sum(m.cost_usd for m in requests),
             "cost_details": {
                 "compute_seconds": sum(m.compute_seconds for m in requests),
