@@ -33,10 +33,10 @@ def test_a_lone_sequence_drafts_its_repeat_and_a_full_batch_backs_off():
     # A CPU decode step: 6 ms of weight reads whatever the batch, 0.8 ms per row.
     drafter = _drafter(NGRAM)
     alone = _seq()
-    drafter.propose([alone])
+    drafter.propose([alone], None)
     assert alone.draft_token_ids == [5, 6, 7, 8][: len(alone.draft_token_ids)] and alone.draft_token_ids
     batch = [_seq() for _ in range(32)]
-    drafter.propose(batch)
+    drafter.propose(batch, None)
     # 32 rows: a draft row now costs 0.8 / 31.6 of a step yielding 32 tokens; a 0.5 guess does not pay.
     assert all(s.draft_token_ids == [] for s in batch)
 
@@ -46,7 +46,7 @@ def test_acceptance_sets_how_far_a_sequence_drafts():
     good, bad = _seq(), _seq()
     good.drafts_tried, good.drafts_accepted = 40.0, 39.0
     bad.drafts_tried, bad.drafts_accepted = 40.0, 2.0
-    drafter.propose([good, bad])
+    drafter.propose([good, bad], None)
     assert len(good.draft_token_ids) == 4 and bad.draft_token_ids == []
     # Skipping lets the counts decay toward the prior, so it drafts again later.
     assert bad.drafts_tried < 40.0
@@ -55,13 +55,13 @@ def test_acceptance_sets_how_far_a_sequence_drafts():
 def test_no_drafts_without_a_method_with_penalties_or_at_max_tokens():
     drafter = _drafter(None)
     plain = _seq()
-    drafter.propose([plain])
+    drafter.propose([plain], None)
     assert plain.draft_token_ids == []
     drafter = _drafter(NGRAM)
     penalized, last = _seq(repetition_penalty=1.2), _seq(outputs=4, max_tokens=5)
     nearly = _seq(outputs=4, max_tokens=7)
     nearly.drafts_tried, nearly.drafts_accepted = 40.0, 39.0
-    drafter.propose([penalized, last, nearly])
+    drafter.propose([penalized, last, nearly], None)
     assert penalized.draft_token_ids == [] and last.draft_token_ids == []
     assert len(nearly.draft_token_ids) == 2  # 3 tokens left: 2 drafts and the token after them
 
@@ -69,7 +69,7 @@ def test_no_drafts_without_a_method_with_penalties_or_at_max_tokens():
 def test_a_predicted_output_drafts_without_a_speculative_config():
     drafter = _drafter(None)
     seq = _seq(tokens=[1, 2, 3, 40, 41], outputs=2, prediction=[40, 41, 42, 43, 44])
-    drafter.propose([seq])
+    drafter.propose([seq], None)
     assert seq.draft_token_ids[:3] == [42, 43, 44]
 
 
@@ -90,7 +90,12 @@ def test_steps_with_a_prompt_chunk_are_left_out_of_the_fit_and_one_size_is_not_e
     drafter.observe([(None, 0, 1)], 0.006)
     drafter.observe([(None, 30, 0), (None, 0, 1)], 0.05)
     assert drafter.step_times.num_steps == 2
-    # Only one size timed: draft anyway, so the next steps tell rows and steps apart.
-    assert drafter._threshold(32) == 0.0
+    # Only plain steps of one row timed: draft, so the next step is of another size; only drafting steps timed:
+    # do not, for the same reason.
+    assert drafter._threshold(1) == 0.0
+    assert Drafter(NGRAM)._threshold(1) == 0.0
+    drafting = Drafter(NGRAM)
+    drafting.observe([(None, 0, 5)], 0.0092)
+    assert drafting._threshold(1) == 1.0
     drafter.observe([(None, 0, 5)], 0.0092)
     assert abs(drafter.step_times.per_decode_token - 0.0008) < 1e-6 and drafter._threshold(32) > 0.8

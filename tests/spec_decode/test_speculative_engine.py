@@ -86,3 +86,21 @@ def test_a_predicted_output_is_accepted_and_changes_nothing(make_engine, referen
     # A prediction of another text drafts too, and still changes nothing.
     wrong = SamplingParams(temperature=0, max_tokens=17, prediction=TEXTS[2])
     assert _run(engine, [prompts[1]], [wrong]) == [expected[1]]
+
+
+@pytest.mark.parametrize("method", ["draft_model", "early_exit"])
+def test_model_drafts_batched_chunked_and_preempted_equal_no_speculation(make_engine, reference, smollm2_source,
+                                                                          method):
+    prompts, params, expected = reference
+    config = {"method": method, "num_speculative_tokens": 3}
+    # The default model drafts for itself (its own KV pool, int4 either way): every draft holds. Early exit
+    # at layer 20 of 30 is mostly wrong: rejections on every path.
+    config |= {"model": str(smollm2_source.path)} if method == "draft_model" else {"exit_layer": 20}
+    block_bytes = make_engine(kv_cache_memory=0.01).runner.kv_cache.block_bytes
+    engine = make_engine(speculative_config=config, kv_cache_memory=12 * block_bytes / 2**30,
+                         max_num_batched_tokens=32, max_num_seqs=8)
+    assert _run(engine, prompts, params) == expected
+    counts = engine.drafter.counters
+    assert engine.scheduler.num_preemptions > 0 and counts.num_accepted_tokens > 0
+    if method == "early_exit":
+        assert counts.num_accepted_tokens < counts.num_draft_tokens

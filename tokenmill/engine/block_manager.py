@@ -122,6 +122,7 @@ class BlockManager:
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0
+        seq.draft_computed = 0
 
     def _missing_blocks(self, seq: Sequence, num_new_tokens: int) -> int:
         return self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)

@@ -19,13 +19,16 @@ _GIB = 1 << 30
 class KVCache:
     """Holds the pool [2, layers, blocks, block_size, kv_heads, head_dim] and hands each Attention layer its views."""
 
-    def __init__(self, config: EngineConfig, model_config: ModelConfig, model: nn.Module) -> None:
+    def __init__(
+        self, config: EngineConfig, model_config: ModelConfig, model: nn.Module, num_blocks: int | None = None
+    ) -> None:
         self.config = config
         self.model_config = model_config
         self.device = torch.device(config.device)
         self.dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.device, DTYPES[config.dtype])
         self.block_size = config.block_size
-        self.num_blocks = self._num_blocks()
+        # A draft model's pool takes the target's block count (tokenmill/spec_decode/model_proposer.py).
+        self.num_blocks = self._num_blocks() if num_blocks is None else num_blocks
         c = model_config
         shape = (2, c.num_layers, self.num_blocks, self.block_size, c.num_kv_heads)
         self.pool = self._zeros((*shape, c.head_dim), self.dtype)

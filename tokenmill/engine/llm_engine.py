@@ -20,6 +20,7 @@ from tokenmill.loader.source import ModelSource, open_model
 from tokenmill.outputs import EngineStats, RequestMetrics, RequestOutput
 from tokenmill.sampling import SamplingParams
 from tokenmill.spec_decode.drafter import Drafter
+from tokenmill.spec_decode.model_proposer import build_proposer
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         price = machine_price(config.price_per_hour, config.device)  # after the runner has set torch's threads
         self.cost = CostAccountant(price.usd_per_hour)
-        self.drafter = Drafter(config.speculative_config)
+        self.drafter = Drafter(config.speculative_config, build_proposer(config, self.source, self.runner))
         logger.info("engine ready: %s, KV capacity %d tokens, max_model_len %d",
                     self.source.name, pool_tokens, self.max_model_len)
         logger.info("pricing compute time at %s", price.basis)
@@ -146,7 +147,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduled model step; return what is new for each request that made visible progress."""
         started = time.perf_counter()
-        self.drafter.propose(self.scheduler.running)
+        self.drafter.propose(self.scheduler.running, self.block_manager)
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return []

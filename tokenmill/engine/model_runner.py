@@ -62,49 +62,68 @@ class ModelRunner:
 
     def prepare(self, scheduled: list[tuple[Sequence, int]]) -> Batch:
         """Flatten the schedule (decodes first, as the scheduler orders it) into one batch of rows."""
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
+        chunks: list[Chunk] = []
         sample_rows: list[int] = []
         sample_seqs: list[Sequence] = []
-        prefills: list[PrefillChunk] = []
-        tables: list[list[int]] = []  # each scheduled sequence's block table
-        row_seqs: list[int] = []  # each token's index into tables
         prompt_rows: list[tuple[Sequence, int, int, int]] = []
+        query_start = 0
         for seq, n in scheduled:
             start = seq.num_computed_tokens
-            query_start = len(input_ids)
             drafts = seq.draft_token_ids
             # A speculating sequence computes its last token and its drafts: a verification chunk, attended
             # causally like a prompt chunk.
-            input_ids += seq.token_ids[start : start + n - len(drafts)] + drafts
-            positions += range(start, start + n)
-            slots += [seq.block_table[p // self.block_size] * self.block_size + p % self.block_size
-                      for p in range(start, start + n)]
-            row_seqs += [len(tables)] * n
-            tables.append(seq.block_table)
-            if n > 1:
-                prefills.append(PrefillChunk(query_start, n, start + n))
+            chunks.append(Chunk(seq.token_ids[start : start + n - len(drafts)] + drafts, start, seq.block_table))
             if start + n == seq.num_tokens + len(drafts):
-                sample_rows += range(len(input_ids) - 1 - len(drafts), len(input_ids))
+                sample_rows += range(query_start + n - 1 - len(drafts), query_start + n)
                 sample_seqs.append(seq)
             last_prompt_row = min(start + n, seq.num_prompt_tokens - 1)
             if seq.params.prompt_logprobs is not None and start < last_prompt_row:
                 prompt_rows.append((seq, start, query_start, last_prompt_row - start))
-        # Built once per step rather than in each layer; padding points at block 0, past every row's keys.
-        width = max(len(t) for t in tables)
-        padded = self._tensor([t + [0] * (width - len(t)) for t in tables]).view(len(tables), width)
-        position_ids = self._tensor(positions)
-        metadata = AttentionMetadata(
-            slot_mapping=self._tensor(slots),
-            row_tables=padded.index_select(0, self._tensor(row_seqs)),
-            row_lens=position_ids + 1,
-            block_size=self.block_size,
-            num_decodes=sum(n == 1 for _, n in scheduled),
-            prefills=prefills,
-        )
-        return Batch(self._tensor(input_ids), position_ids, metadata, self._tensor(sample_rows), sample_seqs,
-                     prompt_rows)
+            query_start += n
+        input_ids, positions, metadata = flat_batch(chunks, self.block_size, self.device)
+        return Batch(input_ids, positions, metadata, _tensor(sample_rows, self.device), sample_seqs, prompt_rows)
 
-    def _tensor(self, values: list) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+@dataclass
+class Chunk:
+    """Consecutive tokens of one sequence to compute, from position start, over its block table."""
+
+    token_ids: list[int]
+    start: int
+    block_table: list[int]
+
+
+def flat_batch(
+    chunks: list[Chunk], block_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """Token ids, positions and attention metadata of chunks laid end to end (single tokens must come first)."""
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    prefills: list[PrefillChunk] = []
+    row_seqs: list[int] = []  # each token's index into chunks
+    for i, chunk in enumerate(chunks):
+        n, start, table = len(chunk.token_ids), chunk.start, chunk.block_table
+        if n > 1:
+            prefills.append(PrefillChunk(len(input_ids), n, start + n))
+        input_ids += chunk.token_ids
+        positions += range(start, start + n)
+        slots += [table[p // block_size] * block_size + p % block_size for p in range(start, start + n)]
+        row_seqs += [i] * n
+    # Built once per step rather than in each layer; padding points at block 0, past every row's keys.
+    width = max(len(c.block_table) for c in chunks)
+    padded = _tensor([c.block_table + [0] * (width - len(c.block_table)) for c in chunks], device)
+    position_ids = _tensor(positions, device)
+    metadata = AttentionMetadata(
+        slot_mapping=_tensor(slots, device),
+        row_tables=padded.view(len(chunks), width).index_select(0, _tensor(row_seqs, device)),
+        row_lens=position_ids + 1,
+        block_size=block_size,
+        num_decodes=sum(len(c.token_ids) == 1 for c in chunks),
+        prefills=prefills,
+    )
+    return _tensor(input_ids, device), position_ids, metadata
+
+
+def _tensor(values: list, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)

@@ -103,7 +103,7 @@ class Scheduler:
             self.block_manager.cache_full_blocks(seq)
             if seq.finish_reason is not None:
                 self.finish(seq)
-            elif drafts:
+            else:  # blocks held for rejected drafts, or for drafts dropped when scheduling
                 self.block_manager.trim(seq)
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:

@@ -62,6 +62,8 @@ class Sequence:
         self.draft_token_ids: list[int] = []
         # OpenAI's predicted output, as token ids: drafts come from it rather than from the prompt.
         self.prediction_token_ids: list[int] = []
+        # Tokens whose KV a separate draft model holds (spec_decode/model_proposer.py); reset with the blocks.
+        self.draft_computed = 0
         # Decayed counts of draft tokens this sequence had verified and accepted: its recent acceptance rate.
         self.drafts_tried = 0.0
         self.drafts_accepted = 0.0

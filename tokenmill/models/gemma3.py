@@ -48,12 +48,13 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
     def _decoder_layer(self, layer: int) -> nn.Module:
         return Gemma3DecoderLayer(self.config, layer)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # input_ids, positions: [tokens]; returns hidden states [tokens, hidden]
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, num_layers: int | None = None) -> torch.Tensor:
+        # input_ids, positions: [tokens]; returns hidden states [tokens, hidden] after the first num_layers
+        # layers (all by default; fewer to draft by early exit) and the final norm
         x = self.embed_tokens(input_ids) * self.embed_scale
         tables = {False: self.rotary.cos_sin(positions, x.dtype), True: self.local_rotary.cos_sin(positions, x.dtype)}
         residual = None
-        for layer in self.layers:
+        for layer in self.layers[:num_layers]:
             x, residual = layer(x, residual, *tables[layer.sliding])
         x, _ = self.norm(x, residual)
         return x

@@ -118,12 +118,13 @@ class LlamaForCausalLM(nn.Module):
         c = self.config
         return RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling, freq_factors)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # input_ids, positions: [tokens]; returns hidden states [tokens, hidden]
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, num_layers: int | None = None) -> torch.Tensor:
+        # input_ids, positions: [tokens]; returns hidden states [tokens, hidden] after the first num_layers
+        # layers (all by default; fewer to draft by early exit) and the final norm
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         residual = None
-        for layer in self.layers:
+        for layer in self.layers[:num_layers]:
             x, residual = layer(x, residual, cos, sin)
         x, _ = self.norm(x, residual)
         return x

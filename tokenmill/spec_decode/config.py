@@ -6,7 +6,7 @@ from typing import Any
 
 from tokenmill.errors import InvalidRequestError
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft_model", "early_exit")
 
 
 @dataclass
@@ -19,6 +19,12 @@ class SpeculativeConfig:
     # ngram: the longest and shortest tail of the text so far that is looked up earlier in it (as vLLM).
     prompt_lookup_max: int = 5
     prompt_lookup_min: int = 2
+    # draft_model: the drafting model (a catalog name, .gguf or HF directory; it must share the tokenizer), and
+    # its quantization (auto: as --quantization auto would load it).
+    model: str | None = None
+    quantization: str = "auto"
+    # early_exit: the target's first exit_layer layers, then its final norm and LM head, draft.
+    exit_layer: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -26,6 +32,11 @@ class SpeculativeConfig:
                                       f"{', '.join(METHODS)}", param="speculative_config")
         if not 1 <= self.num_speculative_tokens <= 16:
             raise InvalidRequestError(f"num_speculative_tokens={self.num_speculative_tokens} must be in [1, 16]",
+                                      param="speculative_config")
+        if self.method == "draft_model" and not self.model:
+            raise InvalidRequestError('method "draft_model" needs "model": the drafting model', param="speculative_config")
+        if self.method == "early_exit" and self.exit_layer is None:
+            raise InvalidRequestError('method "early_exit" needs "exit_layer": the layers that draft',
                                       param="speculative_config")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise InvalidRequestError(

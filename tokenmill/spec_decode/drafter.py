@@ -1,9 +1,11 @@
 """The drafter: each step, which decoding sequences guess ahead, how far, and what they guess."""
 
 from tokenmill.cost.accounting import StepTimeModel
+from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.sequence import Sequence
 from tokenmill.outputs import DraftCounters
 from tokenmill.spec_decode.config import SpeculativeConfig
+from tokenmill.spec_decode.model_proposer import ModelProposer
 from tokenmill.spec_decode.ngram import lookup, lookup_in
 
 # Drafts a predicted output may propose per step when no --speculative-config sets num_speculative_tokens.
@@ -12,7 +14,7 @@ _PREDICTION_TOKENS = 8
 _PREDICTION_MATCH = 16
 # Before any draft of a sequence is verified, its acceptance rate is taken to be PRIOR_ACCEPTED / PRIOR_TRIED;
 # a user's predicted output is expected to be mostly right.
-_PRIOR = {"ngram": (1.0, 2.0), "prediction": (4.0, 5.0)}
+_PRIOR = {"ngram": (1.0, 2.0), "prediction": (4.0, 5.0), "model": (3.0, 4.0)}
 # Each verification weighs the counts before it by this, so the rate follows the text as it changes.
 _DECAY = 0.8
 # Each step a sequence skips drafting weighs its counts by this: after some 30 steps it tries again.
@@ -22,8 +24,10 @@ _SKIP_DECAY = 0.95
 class Drafter:
     """Proposes draft tokens for the decoding sequences where the expected gain outweighs the verification cost."""
 
-    def __init__(self, config: SpeculativeConfig | None) -> None:
+    def __init__(self, config: SpeculativeConfig | None, proposer: ModelProposer | None = None) -> None:
         self.config = config
+        # Drafts from a model (draft_model, early_exit); None: from lookups.
+        self.proposer = proposer
         # Decode steps' seconds ≈ per_step + per_decode_token × rows (decodes and drafts alike), fitted from the
         # steps themselves: what one more row costs against what a step yields, on this machine and model.
         self.step_times = StepTimeModel()
@@ -39,14 +43,15 @@ class Drafter:
         if len(self._row_counts) < 2:
             self._row_counts.add(rows)
 
-    def propose(self, running: list[Sequence]) -> None:
+    def propose(self, running: list[Sequence], block_manager: BlockManager) -> None:
         """Set draft_token_ids of every running sequence (empty where it should not speculate)."""
         decoding = [s for s in running if s.is_decoding]
         threshold = self._threshold(len(decoding))
         for seq in running:
             seq.draft_token_ids = []
+        modelled: list[tuple[Sequence, int]] = []
         for seq in decoding:
-            kind = "prediction" if seq.prediction_token_ids else "ngram" if self.config else None
+            kind = "prediction" if seq.prediction_token_ids else self._kind()
             if kind is None or seq.params.has_penalties:
                 continue
             k = min(self._max_tokens(kind), seq.max_tokens - seq.num_output_tokens - 1)
@@ -60,9 +65,17 @@ class Drafter:
                 continue
             if kind == "prediction":
                 seq.draft_token_ids = lookup_in(seq.prediction_token_ids, seq.output_token_ids, k, _PREDICTION_MATCH)
-            else:
+            elif kind == "ngram":
                 seq.draft_token_ids = lookup(seq.token_ids, k, self.config.prompt_lookup_min,
                                              self.config.prompt_lookup_max)
+            elif block_manager.can_allocate(seq, 1 + k):
+                # A draft model writes KV for the drafts as it makes them: their slots must exist first.
+                block_manager.allocate(seq, 1 + k)
+                modelled.append((seq, k))
+        if modelled:
+            drafts = self.proposer.propose([seq for seq, _ in modelled], [k for _, k in modelled])
+            for (seq, _), draft in zip(modelled, drafts):
+                seq.draft_token_ids = draft
 
     def record(self, seqs: list[Sequence], emitted: list[list[int]]) -> None:
         """Count each sequence's verified drafts (still in draft_token_ids) against the tokens it emitted."""
@@ -82,6 +95,12 @@ class Drafter:
             seq.drafts_tried = seq.drafts_tried * _DECAY + min(accepted + 1, drafts)
             seq.drafts_accepted = seq.drafts_accepted * _DECAY + accepted
 
+    def _kind(self) -> str | None:
+        """How a sequence without a predicted output drafts: by lookup, by a model, or not at all."""
+        if self.config is None:
+            return None
+        return "ngram" if self.proposer is None else "model"
+
     def _max_tokens(self, kind: str) -> int:
         if self.config is not None:
             return self.config.num_speculative_tokens
@@ -99,8 +118,9 @@ class Drafter:
         # cheaply as the step does: rate**i > per_decode_token * batch / step_time. At batch 1 on a CPU the
         # per-step weight reads dominate and nearly any draft pays; as the batch grows the bar rises.
         if len(self._row_counts) < 2:
-            # Until steps of two sizes are timed, rows and steps cannot be told apart: draft, and time that.
-            return 0.0
+            # Until steps of two sizes are timed, rows and steps cannot be told apart: time a step of the size not
+            # seen yet (with drafts if only plain steps were timed, else without).
+            return 0.0 if not self._row_counts or max(self._row_counts) <= batch else 1.0
         m = self.step_times
         step = m.per_step + batch * m.per_decode_token
         return m.per_decode_token * batch / step if step > 0 else 0.0
