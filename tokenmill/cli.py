@@ -8,9 +8,10 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from tokenmill.bench import compare, offline
+from tokenmill.bench import compare, early_exit, offline
 from tokenmill.bench import profile as bench_profile
 from tokenmill.bench import serve as bench_serve
+from tokenmill.bench import speculative
 from tokenmill.config import ServerConfig
 from tokenmill.cost import planner
 from tokenmill.errors import InvalidRequestError, TokenmillError
@@ -84,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     ppl.add_argument("--peer", choices=["llama.cpp"],
                      help="also score the same windows with llama.cpp on the same GGUF file, and give the ratio")
     add_engine_flags(ppl)
+    early_exit.add_arguments(_command(metrics, "early-exit", "acceptance and decode speed of early-exit drafting at "
+                                      "each exit layer, to choose one", early_exit.main))
 
     planner.add_arguments(_command(commands, "plan", "the request rate one replica sustains within latency "
                                    "targets, replicas and monthly bill, simulated from `bench profile` JSON",
@@ -99,6 +102,8 @@ def _parser() -> argparse.ArgumentParser:
                                    compare.main))
     bench_profile.add_arguments(_command(kinds, "profile", "this machine's engine step time by batch composition, "
                                          "for `tokenmill plan`", bench_profile.main))
+    speculative.add_arguments(_command(kinds, "spec", "decode speed with speculative decoding against without, "
+                                       "on input-grounded and open prompts", speculative.main))
     return parser
 
 

@@ -25,6 +25,9 @@ class SpeculativeConfig:
     quantization: str = "auto"
     # early_exit: the target's first exit_layer layers, then its final norm and LM head, draft.
     exit_layer: int | None = None
+    # True: draft only as far as acceptance and load say it pays; False: always num_speculative_tokens where a
+    # draft exists (as vLLM does), e.g. to measure acceptance by position.
+    adaptive: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -57,7 +57,8 @@ class Drafter:
             k = min(self._max_tokens(kind), seq.max_tokens - seq.num_output_tokens - 1)
             # Draft token i is accepted with probability about rate**i: guess while that beats the threshold.
             rate = self._rate(seq, kind)
-            k = next((i for i in range(k) if rate ** (i + 1) <= threshold), k)
+            if self.config is None or self.config.adaptive:
+                k = next((i for i in range(k) if rate ** (i + 1) <= threshold), k)
             if k == 0:
                 # Drift back toward the prior, so a sequence that stopped drafting gets to try again later.
                 seq.drafts_tried *= _SKIP_DECAY

@@ -1,0 +1,67 @@
+"""`tokenmill eval early-exit`: for each exit layer, how often its drafts hold and what that does to decode speed."""
+
+import argparse
+import time
+from pathlib import Path
+
+from tokenmill.errors import InvalidRequestError
+from tokenmill.flags import add_engine_flags, engine_options
+from tokenmill.sampling import SamplingParams
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The text, the layers to try, the draft length, and the engine flags."""
+    parser.add_argument("--file", required=True, type=Path, help="UTF-8 text; prompts are windows of it")
+    parser.add_argument("--layers", type=int, nargs="+", help="exit layers to try (default: a quarter, half and "
+                                                              "three quarters of the model's layers)")
+    parser.add_argument("--num-speculative-tokens", type=int, default=3, help="draft tokens per step")
+    parser.add_argument("--prompts", type=int, default=4, help="windows of the text, each continued alone")
+    parser.add_argument("--prompt-len", type=int, default=64, help="tokens per window")
+    parser.add_argument("--max-tokens", type=int, default=48, help="greedy tokens per continuation")
+    add_engine_flags(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Print acceptance by draft position (always drafting) and speed against no speculation (adaptive) per layer."""
+    from tokenmill.llm import LLM
+
+    text = args.file.read_text(encoding="utf-8")
+    base = LLM(**engine_options(args, enable_prefix_caching=False))
+    ids = base.tokenizer.encode(text)
+    stride = max(1, (len(ids) - args.prompt_len) // max(1, args.prompts))
+    prompts = [ids[i * stride : i * stride + args.prompt_len] for i in range(args.prompts)]
+    if len(ids) < args.prompt_len:
+        raise InvalidRequestError(f"{args.file} has {len(ids)} tokens; --prompt-len is {args.prompt_len}")
+    num_layers = base.engine.model_config.num_layers
+    layers = args.layers or [num_layers // 4, num_layers // 2, 3 * num_layers // 4]
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+    _speed(base, prompts, params)  # warm-up
+    plain, expected = _speed(base, prompts, params)
+    print(f"model {base.engine.source.name} ({num_layers} layers), {args.prompts} windows of {args.prompt_len} "
+          f"tokens of {args.file}, {args.max_tokens} greedy tokens each; no speculation: {plain:.1f} tokens/s")
+    print(f"{'layer':>5} {'accepted':>9}  {'by position':<24} {'tok/s':>7} {'ratio':>6}")
+    for layer in layers:
+        config = {"method": "early_exit", "exit_layer": layer, "num_speculative_tokens": args.num_speculative_tokens}
+        always = LLM(**engine_options(args, enable_prefix_caching=False,
+                                      speculative_config={**config, "adaptive": False}))
+        _, drafted = _speed(always, prompts, params)
+        c = always.engine.drafter.counters
+        by_position = ", ".join(f"{n / c.num_drafts:.0%}" for n in c.accepted_per_pos)
+        adaptive = LLM(**engine_options(args, enable_prefix_caching=False, speculative_config=config))
+        _speed(adaptive, prompts, params)  # its cost fit learns here
+        speed, _ = _speed(adaptive, prompts, params)
+        accepted = c.num_accepted_tokens / c.num_draft_tokens if c.num_draft_tokens else 0.0
+        print(f"{layer:5d} {accepted:8.0%}  {by_position:<24} {speed:7.1f} {speed / plain:5.2f}x")
+        if drafted != expected:  # verification must keep every greedy token: this would be a bug
+            print(f"error: with exit layer {layer} the greedy outputs differ from no speculation")
+            return 1
+    return 0
+
+
+def _speed(llm, prompts: list[list[int]], params: SamplingParams) -> tuple[float, list[list[int]]]:
+    """Output tokens/s over the prompts, each alone, and the tokens."""
+    start = time.perf_counter()
+    outputs = [llm.generate({"prompt_token_ids": p}, params, use_tqdm=False)[0] for p in prompts]
+    elapsed = time.perf_counter() - start
+    tokens = [o.outputs[0].token_ids for o in outputs]
+    return sum(map(len, tokens)) / elapsed, tokens
