@@ -9,11 +9,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tokenmill.bench import compare, early_exit, offline
+from tokenmill.bench import embed as bench_embed
 from tokenmill.bench import profile as bench_profile
 from tokenmill.bench import serve as bench_serve
 from tokenmill.bench import speculative
 from tokenmill.config import ServerConfig
 from tokenmill.cost import planner
+from tokenmill.embeddings.batcher import BatchPolicy
 from tokenmill.errors import InvalidRequestError, TokenmillError
 from tokenmill.flags import add_engine_flags, engine_config, engine_options
 from tokenmill.router import calibrate
@@ -69,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
                             "non-streamed requests only)")
     serve.add_argument("--cascade-threshold", type=float, default=ServerConfig.cascade_threshold,
                        help="under --router cascade, escalate when the answer's mean token logprob is below this")
+    _embedding_flags(serve)
     add_engine_flags(serve, repeat_model=True)
 
     router = commands.add_parser("router", help="tune `model: auto` for the models `serve` would route among")
@@ -104,7 +107,19 @@ def _parser() -> argparse.ArgumentParser:
                                          "for `tokenmill plan`", bench_profile.main))
     speculative.add_arguments(_command(kinds, "spec", "decode speed with speculative decoding against without, "
                                        "on input-grounded and open prompts", speculative.main))
+    bench_embed.add_arguments(_command(kinds, "embed", "embedding throughput offline and over HTTP, against "
+                                       "transformers with the same pooling", bench_embed.main))
     return parser
+
+
+def _embedding_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--embedding-max-wait-ms", type=float, default=BatchPolicy.max_wait_ms,
+                        help="an embedding input waits at most this long for others to share its forward pass")
+    parser.add_argument("--embedding-max-batch-tokens", type=int, default=BatchPolicy.max_batch_tokens,
+                        help="padded tokens per embedding forward pass; a queue holding this many runs at once")
+    parser.add_argument("--embedding-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="embedding models' linear layers: auto is bfloat16 where oneDNN runs it natively "
+                             "(AVX-512 bf16, AMX), else float32")
 
 
 def _command(commands: argparse._SubParsersAction, name: str, help: str, func: Callable) -> argparse.ArgumentParser:

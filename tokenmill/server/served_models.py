@@ -5,6 +5,7 @@ from dataclasses import dataclass, replace
 from types import TracebackType
 
 from tokenmill.config import EngineConfig
+from tokenmill.embeddings.model import EmbeddingModel, is_embedding_model
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.errors import InvalidRequestError
 from tokenmill.outputs import RequestOutput
@@ -81,17 +82,40 @@ class _Turns:
             self._changed.notify_all()
 
 
+# Overlapping forwards would fight over the same cores: each engine thread's torch ops spread over every
+# core, and two at once oversubscribe them (spinning threads then wait on descheduled ones). Generative steps
+# and embedding passes (embeddings/engine.py) all take this one lock in turn.
+turns = _Turns()
+
+
 class TurnTakingEngine(LLMEngine):
     """An LLMEngine whose steps never overlap another's in this process: under load, the engines alternate."""
 
-    # Overlapping forwards would fight over the same cores: each engine thread's torch ops spread over every
-    # core, and two at once oversubscribe them (spinning threads then wait on descheduled ones).
-    _turns = _Turns()
+    _turns = turns
 
     def step(self) -> list[RequestOutput]:
         """One engine step, once no other engine is in the middle of one."""
         with self._turns:
             return super().step()
+
+
+def split_specs(specs: list[ModelSpec]) -> tuple[list[ModelSpec], list[ModelSpec]]:
+    """The generative specs and the embedding ones (embeddings/model.py's is_embedding_model), each in order."""
+    embedding = [spec for spec in specs if is_embedding_model(spec.model)]
+    return [spec for spec in specs if spec not in embedding], embedding
+
+
+def load_embedding_models(specs: list[ModelSpec], dtype: str, taken: set[str]) -> dict[str, EmbeddingModel]:
+    """One embedding model per spec by served name; raises InvalidRequestError on a name in taken or repeated."""
+    models: dict[str, EmbeddingModel] = {}
+    for spec in specs:
+        model = EmbeddingModel.load(spec.model, dtype)
+        name = spec.name or model.name
+        if name in models or name in taken:
+            raise InvalidRequestError(f"two models would be served as {name!r}; name them apart with "
+                                      f"--model NAME=MODEL")
+        models[name] = model
+    return models
 
 
 def load_engines(config: EngineConfig, specs: list[ModelSpec]) -> dict[str, LLMEngine]:

