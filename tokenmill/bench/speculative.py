@@ -2,7 +2,6 @@
 
 import argparse
 import json
-import platform
 import time
 from importlib import resources
 
@@ -27,6 +26,7 @@ def load_prompts() -> list[dict]:
 
 def main(args: argparse.Namespace) -> int:
     """Time each workload with and without speculation, alternating, and print ratios and acceptance."""
+    from tokenmill.env import cpu_features
     from tokenmill.llm import LLM
 
     options = engine_options(args)
@@ -45,8 +45,9 @@ def main(args: argparse.Namespace) -> int:
         ("open-ended chat, one at a time, ngram", open_ended, False, True),
         (f"{args.concurrency} concurrent, mixed, ngram", batch, False, False),
     ]
-    print(f"model {base.engine.source.name}, quantization {base.engine.runner.quantization}, "
-          f"CPU {platform.processor() or platform.machine()}, speculative config {options['speculative_config']}")
+    cpu, features = cpu_features()
+    print(f"model {base.engine.source.name}, quantization {base.engine.runner.quantization}, CPU {cpu} "
+          f"({', '.join(features)}), speculative config {options['speculative_config']}")
     print(f"{'workload':48} {'tok/s off':>10} {'tok/s on':>10} {'ratio':>6} {'accepted':>9} {'same':>5}")
     for name, workload, predicted, one_at_a_time in rows:
         before = spec.engine.drafter.counters.copy()
