@@ -12,7 +12,7 @@ from tokenmill.bench import compare, early_exit, offline
 from tokenmill.bench import embed as bench_embed
 from tokenmill.bench import profile as bench_profile
 from tokenmill.bench import serve as bench_serve
-from tokenmill.bench import speculative
+from tokenmill.bench import speculative, structured
 from tokenmill.config import ServerConfig
 from tokenmill.cost import planner
 from tokenmill.embeddings.batcher import BatchPolicy
@@ -107,6 +107,8 @@ def _parser() -> argparse.ArgumentParser:
                                          "for `tokenmill plan`", bench_profile.main))
     speculative.add_arguments(_command(kinds, "spec", "decode speed with speculative decoding against without, "
                                        "on input-grounded and open prompts", speculative.main))
+    structured.add_arguments(_command(kinds, "structured", "decode speed with a JSON schema enforced against "
+                                      "without, at 1 and 16 concurrent requests", structured.main))
     bench_embed.add_arguments(_command(kinds, "embed", "embedding throughput offline and over HTTP, against "
                                        "transformers with the same pooling", bench_embed.main))
     return parser

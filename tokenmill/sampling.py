@@ -3,6 +3,7 @@
 from dataclasses import dataclass, field
 
 from tokenmill.errors import InvalidRequestError
+from tokenmill.structured.params import StructuredOutput
 
 
 @dataclass
@@ -35,6 +36,8 @@ class SamplingParams:
     # OpenAI's predicted output: text the answer is expected to mostly repeat (an edit of it), drafted from
     # and verified, so the output is the same as without it, only sooner.
     prediction: str | None = None
+    # A shape the output must take (JSON schema, regex, choice, grammar), enforced by a token mask in the sampler.
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -42,8 +42,11 @@ def _assert_error(response: httpx.Response, status: int, *words: str) -> dict:
         (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages"),
         (CHAT, {"messages": MESSAGES, "n": 129}, "n"),
         (CHAT, {"messages": MESSAGES, "logit_bias": {"42": 5}}, "logit_bias"),  # refused, not ignored
-        (CHAT, {"messages": MESSAGES, "response_format": {"type": "json_object"}}, "response_format"),
-        (CHAT, {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        (CHAT, {"messages": MESSAGES, "response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "frobnicate"}}}}, "response_format"),  # the grammar library's message
+        (CHAT, {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
+        (COMPLETIONS, {"prompt": "hi", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         (CHAT, {"messages": [{"role": "user", "content": "hi " * 9000}]}, "messages"),  # too long
     ],
 )

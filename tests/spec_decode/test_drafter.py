@@ -5,6 +5,7 @@ from types import SimpleNamespace
 from tokenmill.sampling import SamplingParams
 from tokenmill.spec_decode.config import SpeculativeConfig
 from tokenmill.spec_decode.drafter import Drafter
+from tokenmill.structured.params import StructuredOutput
 
 # A text that repeats itself, so a 2-token tail always has an earlier match to continue.
 REPEATING = [5, 6, 7, 8, 9, 10, 11, 12] * 4
@@ -52,17 +53,18 @@ def test_acceptance_sets_how_far_a_sequence_drafts():
     assert bad.drafts_tried < 40.0
 
 
-def test_no_drafts_without_a_method_with_penalties_or_at_max_tokens():
+def test_no_drafts_without_a_method_with_penalties_a_grammar_or_at_max_tokens():
     drafter = _drafter(None)
     plain = _seq()
     drafter.propose([plain], None)
     assert plain.draft_token_ids == []
     drafter = _drafter(NGRAM)
     penalized, last = _seq(repetition_penalty=1.2), _seq(outputs=4, max_tokens=5)
+    constrained = _seq(structured_output=StructuredOutput(choice=["yes", "no"]))
     nearly = _seq(outputs=4, max_tokens=7)
     nearly.drafts_tried, nearly.drafts_accepted = 40.0, 39.0
-    drafter.propose([penalized, last, nearly], None)
-    assert penalized.draft_token_ids == [] and last.draft_token_ids == []
+    drafter.propose([penalized, last, nearly, constrained], None)
+    assert penalized.draft_token_ids == [] and last.draft_token_ids == [] and constrained.draft_token_ids == []
     assert len(nearly.draft_token_ids) == 2  # 3 tokens left: 2 drafts and the token after them
 
 

@@ -1,10 +1,14 @@
 """Sequence: one stream of tokens being generated, with its KV blocks and progress."""
 
 import enum
+from typing import TYPE_CHECKING
 
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.outputs import CompletionOutput, TokenLogprob
 from tokenmill.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from tokenmill.structured.matcher import GrammarState
 
 
 class SequenceStatus(enum.Enum):
@@ -67,6 +71,13 @@ class Sequence:
         # Decayed counts of draft tokens this sequence had verified and accepted: its recent acceptance rate.
         self.drafts_tried = 0.0
         self.drafts_accepted = 0.0
+        # Where a structured output's grammar stands; the sampler masks by it, and such a sequence never drafts.
+        self.grammar: "GrammarState | None" = None
+        if params.structured_output is not None:
+            # Imported here: the grammar library and torch stay out of commands that never decode (`--help`, `plan`).
+            from tokenmill.structured.matcher import GrammarState
+
+            self.grammar = GrammarState(params.structured_output, detokenizer.tokenizer)
         # What take_delta has handed out already.
         self._text_sent = 0
         self._tokens_sent = 0
@@ -115,12 +126,16 @@ class Sequence:
             self.cumulative_logprob += logprob.logprob
         # NOTE: the sampler masks stop ids until min_tokens, so any seen here ends the sequence.
         stop_str = self.detokenizer.add(token_id, check_stop=self.num_output_tokens >= self.params.min_tokens)
-        if stop_str is not None:
+        if self.grammar is not None and not self.grammar.advance(token_id):
+            self.end("abort")
+        elif stop_str is not None:
             self.end("stop", stop_str)
         elif token_id in self.eos_token_ids:
             self.end("stop")
         elif token_id in self.params.stop_token_ids:
             self.end("stop", token_id)
+        elif self.grammar is not None and self.grammar.is_complete:
+            self.end("stop")  # nothing but EOS could follow: end now rather than spend a step sampling it
         elif self.num_output_tokens >= self.max_tokens:
             self.end("length")
 

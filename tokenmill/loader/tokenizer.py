@@ -76,14 +76,21 @@ class Tokenizer:
             return bytes([int(byte.group(1), 16)])
         return piece.replace("\u2581", " ").encode()
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """Render messages with the model's chat template into one prompt string."""
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the chat template has its own tool format (it reads `tools`); else the server writes tools in."""
+        return bool(self.chat_template) and re.search(r"\btools\b", self.chat_template) is not None
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> str:
+        """Render messages (and the tools on offer, as Hugging Face passes them) into one prompt string."""
         if not self.chat_template:
             raise InvalidRequestError("this model has no chat template; use a plain completion prompt instead")
         try:
             template = _jinja_env().from_string(self.chat_template)
             return template.render(
                 messages=messages,
+                tools=tools or None,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
@@ -91,10 +98,10 @@ class Tokenizer:
         except jinja2.TemplateError as exc:
             raise InvalidRequestError(f"chat template failed on these messages: {exc}") from exc
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Prompt token ids of a conversation awaiting the assistant's reply."""
         # The template writes BOS itself where the model wants one; adding it again would double it.
-        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+        return self.encode(self.apply_chat_template(messages, tools=tools), add_special_tokens=False)
 
     @classmethod
     def from_hf_dir(cls, path: Path, eos_token_ids: list[int]) -> "Tokenizer":

@@ -10,10 +10,12 @@ from fastapi.responses import StreamingResponse
 from tokenmill.engine.async_engine import RequestStream
 from tokenmill.errors import InvalidRequestError
 from tokenmill.loader.tokenizer import Tokenizer
-from tokenmill.outputs import TokenLogprob
+from tokenmill.outputs import CompletionOutput, TokenLogprob
 from tokenmill.router.serving import route
 from tokenmill.server.protocol import ChatCompletionRequest
 from tokenmill.server.serving import COST_HEADER, Usage, merged, new_id, sse, state_of, submit
+from tokenmill.structured.tool_parser import ToolCall, ToolCallStream, parse_tool_calls
+from tokenmill.structured.tools import chat_prompt
 
 
 async def create_chat_completion(body: ChatCompletionRequest, request: Request,
@@ -21,10 +23,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     """Answer one conversation with n choices."""
     state = state_of(request)
     params = body.sampling_params()
-    conversation = body.conversation()
+    conversation, tools, mode = body.conversation(), body.tool_dicts(), body.tool_mode
     # `route` renders and tokenizes off the event loop: a long conversation must not stall other streams.
-    routed = await route(state, body.model, lambda tokenizer: [tokenizer.encode_chat(conversation)], params,
-                         bool(body.stream))
+    routed = await route(state, body.model,
+                         lambda tokenizer: [chat_prompt(tokenizer, conversation, tools, mode not in ("none", "auto"))],
+                         params, bool(body.stream))
     model, tokenizer = routed.model, routed.model.tokenizer
     response_id = new_id("chatcmpl")
     try:
@@ -39,15 +42,23 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
         return StreamingResponse(sse(chunks), media_type="text/event-stream", headers=routed.headers())
     (output,), usage_block = await routed.finish(state, request, streams, response_id)
     model, tokenizer = routed.model, routed.model.tokenizer  # cascade may have moved it to a stronger model
-    choices = [
-        {
+    choices = []
+    for sample in output.outputs:
+        message: dict = {"role": "assistant", "content": sample.text}
+        finish_reason = sample.finish_reason
+        if tools:
+            content, calls = parse_tool_calls(sample.text)
+            if calls:
+                message = {"role": "assistant", "content": content,
+                           "tool_calls": [{"id": new_id("call"), "type": "function",
+                                           "function": {"name": c.name, "arguments": c.arguments}} for c in calls]}
+                finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+        choices.append({
             "index": sample.index,
-            "message": {"role": "assistant", "content": sample.text},
+            "message": message,
             "logprobs": None if sample.logprobs is None else chat_logprobs(sample.token_ids, sample.logprobs, tokenizer),
-            "finish_reason": sample.finish_reason,
-        }
-        for sample in output.outputs
-    ]
+            "finish_reason": finish_reason,
+        })
     response.headers[COST_HEADER] = repr(usage_block["cost"])
     response.headers.update(routed.headers())
     return {
@@ -65,9 +76,16 @@ async def _chunks(body: ChatCompletionRequest, n: int, stream: RequestStream, to
         for i in range(n)
     ]}
     counted = Usage()
+    # With tools on offer each choice's text goes through a parser, which holds back what may be a call.
+    parsers = {i: ToolCallStream() for i in range(n)} if body.tool_dicts() else {}
     async with aclosing(merged([stream])) as outputs:
         async for _, output in outputs:
             counted.add(0, output)
+            if parsers:
+                for sample in output.outputs:
+                    for choice in _tool_choices(sample, parsers[sample.index], tokenizer):
+                        yield {**head, "choices": [choice]}
+                continue
             choices = [
                 {
                     "index": sample.index,
@@ -81,6 +99,32 @@ async def _chunks(body: ChatCompletionRequest, n: int, stream: RequestStream, to
             yield {**head, "choices": choices}
     if body.include_usage:
         yield {**head, "choices": [], "usage": counted.block()}
+
+
+def _tool_choices(sample: CompletionOutput, parser: ToolCallStream, tokenizer: Tokenizer) -> list[dict]:
+    """One choice delta per parsed event: content, or a call (its id, type and name, then its arguments, as OpenAI)."""
+    events = parser.feed(sample.text) + (parser.finish() if sample.finish_reason is not None else [])
+    deltas: list[dict] = []
+    index = parser.num_calls - sum(isinstance(e, ToolCall) for e in events)  # the first new call's index
+    for event in events:
+        if isinstance(event, ToolCall):
+            deltas.append({"tool_calls": [{"index": index, "id": new_id("call"), "type": "function",
+                                           "function": {"name": event.name, "arguments": ""}}]})
+            deltas.append({"tool_calls": [{"index": index, "function": {"arguments": event.arguments}}]})
+            index += 1
+        else:
+            deltas.append({"content": event})
+    finish_reason = sample.finish_reason
+    if finish_reason == "stop" and parser.num_calls:
+        finish_reason = "tool_calls"
+    if not deltas and (finish_reason is not None or sample.logprobs):
+        deltas.append({})
+    logprobs = None if sample.logprobs is None else chat_logprobs(sample.token_ids, sample.logprobs, tokenizer)
+    return [
+        {"index": sample.index, "delta": delta, "logprobs": logprobs if i == 0 else None,
+         "finish_reason": finish_reason if i == len(deltas) - 1 else None}
+        for i, delta in enumerate(deltas)
+    ]
 
 
 def chat_logprobs(token_ids: list[int], logprobs: list[TokenLogprob], tokenizer: Tokenizer) -> dict:

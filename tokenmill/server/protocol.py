@@ -1,11 +1,14 @@
 """OpenAI request bodies as pydantic models, and their translation to SamplingParams."""
 
+import json
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from tokenmill.errors import InvalidRequestError
 from tokenmill.sampling import SamplingParams
+from tokenmill.structured.params import StructuredOutput
+from tokenmill.structured.tools import forced_call
 
 
 T = TypeVar("T")
@@ -43,6 +46,65 @@ class Prediction(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
 
+class JSONSchemaFormat(BaseModel):
+    """`response_format.json_schema`: a named schema; strict or not, it is enforced (as vLLM does)."""
+
+    name: str | None = None
+    description: str | None = None
+    # `schema` shadows a BaseModel attribute, hence the alias.
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """`response_format`: free text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    def constraint(self) -> StructuredOutput | None:
+        """The constraint this format asks for; None for text."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return StructuredOutput(json_object=True)
+        if self.json_schema is None:
+            raise InvalidRequestError("response_format of type json_schema needs a json_schema object",
+                                      param="response_format.json_schema")
+        if self.json_schema.schema_ is None:
+            return StructuredOutput(json_object=True)
+        return StructuredOutput(json=self.json_schema.schema_)
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs`: exactly one of a JSON schema, any JSON object, a regex, a choice or a grammar."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def constraint(self) -> StructuredOutput:
+        """The constraint, compiled; 400 if it names none or several."""
+        return StructuredOutput(json=_schema(self.json_, "structured_outputs"), json_object=bool(self.json_object),
+                                regex=self.regex, choice=self.choice, grammar=self.grammar, param="structured_outputs")
+
+
+def _schema(value: dict[str, Any] | str | None, param: str) -> dict[str, Any] | None:
+    """A schema sent as an object or as JSON text (vLLM accepts both)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequestError(f"{param} is not valid JSON: {exc}", param=param) from exc
+
+
+def _guided_json(value: dict[str, Any] | str | None) -> StructuredOutput | None:
+    return None if value is None else StructuredOutput(json=_schema(value, "guided_json"), param="guided_json")
+
+
 class _GenerationRequest(BaseModel):
     """Fields shared by completions and chat completions, plus vLLM's sampling extensions."""
 
@@ -62,9 +124,9 @@ class _GenerationRequest(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     prediction: Prediction | None = None
+    response_format: ResponseFormat | None = None
     # Accepted so they can be refused by name rather than silently ignored.
     logit_bias: dict[str, float] | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     # Extensions named as in vLLM.
@@ -76,13 +138,19 @@ class _GenerationRequest(BaseModel):
     stop_token_ids: list[int] = Field(default_factory=list)
     include_stop_str_in_output: bool = False
     priority: int = 0
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @property
     def include_usage(self) -> bool:
         """True when a streamed response should end with a usage chunk."""
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                         structured: StructuredOutput | None = None) -> SamplingParams:
         """SamplingParams from the shared fields; raises InvalidRequestError naming the bad field."""
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options is only allowed when stream is true", param="stream_options")
@@ -98,16 +166,30 @@ class _GenerationRequest(BaseModel):
             min_tokens=self.min_tokens, stop=stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
             logprobs=logprobs, include_stop_str_in_output=self.include_stop_str_in_output, priority=self.priority,
             prediction=self.prediction.text if self.prediction else None,
+            structured_output=structured or self._structured_output(),
         )
 
     def _refuse_unsupported(self) -> None:
         if self.logit_bias:
             raise InvalidRequestError("logit_bias is not supported", param="logit_bias")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise InvalidRequestError("response_format other than text (JSON mode) is not supported",
-                                      param="response_format")
-        if self.tools or self.tool_choice not in (None, "none"):
-            raise InvalidRequestError("tools and tool_choice (function calling) are not supported", param="tools")
+
+    def _structured_output(self) -> StructuredOutput | None:
+        """The one output constraint asked for: OpenAI's response_format or one of vLLM's fields."""
+        given = {
+            "response_format": self.response_format.constraint() if self.response_format else None,
+            "structured_outputs": self.structured_outputs.constraint() if self.structured_outputs else None,
+            "guided_json": _guided_json(self.guided_json),
+            "guided_regex": StructuredOutput(regex=self.guided_regex, param="guided_regex")
+            if self.guided_regex is not None else None,
+            "guided_choice": StructuredOutput(choice=self.guided_choice, param="guided_choice")
+            if self.guided_choice is not None else None,
+            "guided_grammar": StructuredOutput(grammar=self.guided_grammar, param="guided_grammar")
+            if self.guided_grammar is not None else None,
+        }
+        asked = {name: c for name, c in given.items() if c is not None}
+        if len(asked) > 1:
+            raise InvalidRequestError(f"{' and '.join(asked)} each constrain the output; give one", param=next(iter(asked)))
+        return next(iter(asked.values()), None)
 
 
 class CompletionRequest(_GenerationRequest):
@@ -123,10 +205,59 @@ class CompletionRequest(_GenerationRequest):
         """Validated sampling settings for every prompt of this request."""
         if self.suffix:
             raise InvalidRequestError("suffix (fill-in-the-middle) is not supported", param="suffix")
+        if self.tools or self.tool_choice not in (None, "none"):
+            raise InvalidRequestError("tools and tool_choice belong to chat completions (/v1/chat/completions)",
+                                      param="tools")
         params = self._sampling_params(self.max_tokens, self.logprobs)
         if self.echo and self.logprobs is not None:
             params.prompt_logprobs = self.logprobs  # echoed prompt tokens carry logprobs too
         return params
+
+
+class FunctionDefinition(BaseModel):
+    """A function the model may call: its name, what it does, and a JSON schema of its arguments."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(BaseModel):
+    """One entry of `tools`."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    """The function a named tool_choice picks."""
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """`tool_choice` naming one function the model must call."""
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class FunctionCall(BaseModel):
+    """A call's function name and its arguments as JSON text."""
+
+    name: str
+    arguments: str
+
+
+class ToolCallMessage(BaseModel):
+    """One call in an assistant message's `tool_calls`."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class ChatMessage(BaseModel):
@@ -137,6 +268,9 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    # An assistant turn's calls, and which call a `tool` turn answers.
+    tool_calls: list[ToolCallMessage] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         """The message's content as one string; only text parts are supported."""
@@ -161,6 +295,9 @@ class ChatCompletionRequest(_GenerationRequest):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     def sampling_params(self) -> SamplingParams:
         """Validated sampling settings; max_completion_tokens wins over the older max_tokens."""
@@ -168,14 +305,49 @@ class ChatCompletionRequest(_GenerationRequest):
             raise InvalidRequestError("top_logprobs needs logprobs set to true", param="top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self._sampling_params(max_tokens, logprobs)
+        return self._sampling_params(max_tokens, logprobs, self._forced_call())
 
-    def conversation(self) -> list[dict[str, str]]:
+    @property
+    def tool_mode(self) -> str:
+        """How tools are used: "none", "auto", "required", or the one function the model must call."""
+        if not self.tools:
+            if self.tool_choice not in (None, "none"):
+                raise InvalidRequestError("tool_choice needs tools to choose from", param="tool_choice")
+            return "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            name = self.tool_choice.function.name
+            if name not in {t.function.name for t in self.tools}:
+                raise InvalidRequestError(f"tool_choice names {name!r}, which is not among the tools",
+                                          param="tool_choice")
+            return name
+        return self.tool_choice or "auto"
+
+    def tool_dicts(self) -> list[dict[str, Any]]:
+        """The tools as plain dicts for the chat template, or none when tool_choice is "none"."""
+        if self.tool_mode == "none":
+            return []
+        return [t.model_dump(exclude_none=True) for t in self.tools or []]
+
+    def _forced_call(self) -> StructuredOutput | None:
+        """With "required" or a named function, the grammar that makes the answer a call that parses."""
+        mode = self.tool_mode
+        if mode in ("none", "auto"):
+            return None
+        if self._structured_output() is not None:
+            raise InvalidRequestError("a forced tool call already fixes the output; drop response_format",
+                                      param="response_format")
+        return forced_call(self.tool_dicts(), None if mode == "required" else mode, self.parallel_tool_calls is not False)
+
+    def conversation(self) -> list[dict[str, Any]]:
         """Messages as plain dicts for the chat template; `developer` is OpenAI's newer name for `system`."""
         messages = []
         for m in self.messages:
-            message = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             if m.name is not None:
                 message["name"] = m.name
+            if m.tool_calls:
+                message["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+            if m.tool_call_id is not None:
+                message["tool_call_id"] = m.tool_call_id
             messages.append(message)
         return messages

@@ -8,7 +8,7 @@ from tokenmill.spec_decode.config import SpeculativeConfig
 from tokenmill.spec_decode.model_proposer import ModelProposer
 from tokenmill.spec_decode.ngram import lookup, lookup_in
 
-# Drafts a predicted output may propose per step when no --speculative-config sets num_speculative_tokens.
+# Drafts a predicted output may propose per step (more if --speculative-config's num_speculative_tokens is larger).
 _PREDICTION_TOKENS = 8
 # The longest tail of the output matched in a predicted output: long enough to tell repeated lines apart.
 _PREDICTION_MATCH = 16
@@ -52,7 +52,8 @@ class Drafter:
         modelled: list[tuple[Sequence, int]] = []
         for seq in decoding:
             kind = "prediction" if seq.prediction_token_ids else self._kind()
-            if kind is None or seq.params.has_penalties:
+            # Penalties and grammars depend on every token before a position: a draft row would need its own.
+            if kind is None or seq.params.has_penalties or seq.params.structured_output is not None:
                 continue
             k = min(self._max_tokens(kind), seq.max_tokens - seq.num_output_tokens - 1)
             # Draft token i is accepted with probability about rate**i: guess while that beats the threshold.
@@ -103,9 +104,9 @@ class Drafter:
         return "ngram" if self.proposer is None else "model"
 
     def _max_tokens(self, kind: str) -> int:
-        if self.config is not None:
-            return self.config.num_speculative_tokens
-        return _PREDICTION_TOKENS if kind == "prediction" else 0
+        configured = self.config.num_speculative_tokens if self.config is not None else 0
+        # A predicted output is the caller's own word on what follows: it may run further than lookups do.
+        return max(configured, _PREDICTION_TOKENS) if kind == "prediction" else configured
 
     @staticmethod
     def _rate(seq: Sequence, kind: str) -> float:

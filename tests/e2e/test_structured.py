@@ -1,0 +1,99 @@
+"""Structured output and tool calling through the official openai client against a real server."""
+
+import json
+
+import jsonschema
+import pytest
+from openai import BadRequestError, OpenAI
+
+MODEL = "smollm2-135m"
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                   "required": ["city"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "Get the local time in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                   "required": ["city"], "additionalProperties": False}}}
+QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def client(server) -> OpenAI:
+    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def test_json_schema_output_validates(client):
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+              "required": ["name", "age"], "additionalProperties": False}
+    for temperature in (0, 1):
+        result = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Describe a person."}], temperature=temperature,
+            max_tokens=60, response_format={"type": "json_schema",
+                                            "json_schema": {"name": "person", "schema": schema, "strict": True}})
+        assert result.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(result.choices[0].message.content), schema)
+
+
+def test_json_object_is_parseable_json(client):
+    result = client.completions.create(model=MODEL, prompt="A JSON object describing a cat:", temperature=0,
+                                       max_tokens=60, extra_body={"response_format": {"type": "json_object"}})
+    assert isinstance(json.loads(result.choices[0].text), dict)
+
+
+def test_guided_choice_picks_one(client):
+    result = client.completions.create(model=MODEL, prompt="Is the sky blue? Answer:", max_tokens=5,
+                                       extra_body={"guided_choice": ["yes", "no"]})
+    assert result.choices[0].text in ("yes", "no")
+
+
+def test_bad_schema_is_a_400_with_the_libraries_message(client):
+    with pytest.raises(BadRequestError) as caught:
+        client.chat.completions.create(model=MODEL, messages=QUESTION, response_format={
+            "type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "frobnicate"}}})
+    assert "frobnicate" in caught.value.message and caught.value.body["param"] == "response_format"
+
+
+def _call(client, messages, tool_choice, stream):
+    """One assistant turn as (message dict, finish_reason); a streamed turn is rebuilt from its deltas as a client does."""
+    args = dict(model=MODEL, messages=messages, tools=[WEATHER, TIME], tool_choice=tool_choice, temperature=0,
+                max_tokens=60)
+    if not stream:
+        choice = client.chat.completions.create(**args).choices[0]
+        return choice.message.model_dump(exclude_none=True), choice.finish_reason
+    content, calls, finish_reason = "", {}, None
+    for chunk in client.chat.completions.create(**args, stream=True):
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for call in delta.tool_calls or []:
+            if call.id:  # a call opens with its id, type and name; its arguments follow in later deltas
+                calls[call.index] = {"id": call.id, "type": "function",
+                                     "function": {"name": call.function.name, "arguments": ""}}
+            calls[call.index]["function"]["arguments"] += call.function.arguments or ""
+        finish_reason = chunk.choices[0].finish_reason or finish_reason
+    message = {"role": "assistant", "content": content or None}
+    if calls:
+        message["tool_calls"] = [calls[i] for i in sorted(calls)]
+    return message, finish_reason
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("tool_choice", ["auto", "required", {"type": "function", "function": {"name": "get_time"}}])
+def test_two_turn_tool_loop(client, tool_choice, stream):
+    messages = list(QUESTION)
+    message, finish_reason = _call(client, messages, tool_choice, stream)
+    if tool_choice == "auto" and "tool_calls" not in message:
+        # NOTE: SmolLM2-135M answers directly under `auto`; the call path is what required and named choices test.
+        assert finish_reason == "stop" and message["content"]
+        return
+    assert finish_reason == "tool_calls"
+    messages.append(message)
+    for call in message["tool_calls"]:
+        arguments = json.loads(call["function"]["arguments"])
+        assert isinstance(arguments["city"], str)
+        if isinstance(tool_choice, dict):
+            assert call["function"]["name"] == "get_time"
+        messages.append({"role": "tool", "tool_call_id": call["id"], "content": json.dumps({"result": "sunny, 18C"})})
+    answer, finish_reason = _call(client, messages, "none", stream)
+    assert finish_reason in ("stop", "length") and answer["content"] and "tool_calls" not in answer

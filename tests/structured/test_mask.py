@@ -1,0 +1,64 @@
+"""The mask in the sampler: only grammatical tokens, EOS only where the grammar accepts, other rows untouched."""
+
+import pytest
+import torch
+
+from tokenmill.engine.detokenizer import IncrementalDetokenizer
+from tokenmill.engine.sampler import Sampler
+from tokenmill.engine.sequence import Sequence
+from tokenmill.sampling import SamplingParams
+from tokenmill.structured.params import StructuredOutput
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_source):
+    return smollm2_source.tokenizer
+
+
+def _seq(tokenizer, params: SamplingParams, seq_id: int = 0) -> Sequence:
+    prompt = tokenizer.encode("Answer:")
+    return Sequence(seq_id, str(seq_id), 0, prompt, params, 16, tokenizer.eos_token_ids,
+                    IncrementalDetokenizer(tokenizer, prompt, [], False), 0.0)
+
+
+def _choice(*options: str) -> StructuredOutput:
+    return StructuredOutput(choice=list(options), param="guided_choice")
+
+
+def test_greedy_picks_a_grammatical_token_and_leaves_free_rows_alone(tokenizer):
+    bad = tokenizer.encode(" maybe", add_special_tokens=False)[0]
+    logits = torch.randn(2, tokenizer.vocab_size)
+    logits[:, bad] = 100.0
+    seqs = [_seq(tokenizer, SamplingParams(temperature=0, structured_output=_choice("yes", "no"))),
+            _seq(tokenizer, SamplingParams(temperature=0), 1)]
+    (constrained,), (free,) = Sampler()(logits, seqs).token_ids
+    assert free == bad
+    assert any(w.startswith(tokenizer.decode([constrained])) for w in ("yes", "no"))
+
+
+def test_sampled_rows_draw_only_allowed_tokens(tokenizer):
+    seq = _seq(tokenizer, SamplingParams(temperature=1.5, structured_output=_choice("red", "blue")))
+    draws = {Sampler()(torch.randn(1, tokenizer.vocab_size), [seq]).token_ids[0][0] for _ in range(40)}
+    assert all(any(w.startswith(tokenizer.decode([t])) for w in ("red", "blue")) for t in draws)
+
+
+def test_eos_only_where_the_grammar_accepts(tokenizer):
+    eos = tokenizer.eos_token_ids[0]
+    schema = {"type": "array", "items": {"type": "integer"}}
+    seq = _seq(tokenizer, SamplingParams(temperature=0, structured_output=StructuredOutput(json=schema)))
+    logits = torch.zeros(1, tokenizer.vocab_size)
+    logits[0, eos] = 100.0
+    assert Sampler()(logits.clone(), [seq]).token_ids[0][0] != eos  # "" is no JSON yet
+    for token in tokenizer.encode("[1, 2", add_special_tokens=False):
+        seq.append_token(token, None)
+    assert Sampler()(logits.clone(), [seq]).token_ids[0][0] != eos
+    seq.append_token(tokenizer.encode("]", add_special_tokens=False)[0], None)
+    # A closed top-level value allows nothing more: the sequence ends without spending a step on EOS.
+    assert seq.finish_reason == "stop"
+
+
+def test_each_parallel_sample_keeps_its_own_grammar_state(tokenizer):
+    params = SamplingParams(temperature=0, structured_output=_choice("ab", "cd"))
+    first, second = _seq(tokenizer, params), _seq(tokenizer, params, 1)
+    first.append_token(tokenizer.encode("ab", add_special_tokens=False)[0], None)
+    assert first.grammar is not second.grammar and second.finish_reason is None

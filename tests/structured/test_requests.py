@@ -1,0 +1,75 @@
+"""Request fields to constraints: response_format, vLLM's extras and tool_choice, and the 400s they can give."""
+
+import pytest
+from pydantic import ValidationError
+
+from tokenmill.errors import InvalidRequestError
+from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest
+
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+
+
+def _chat(**fields) -> ChatCompletionRequest:
+    return ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], **fields)
+
+
+def test_response_formats_become_constraints():
+    assert _chat(response_format={"type": "text"}).sampling_params().structured_output is None
+    assert _chat(response_format={"type": "json_object"}).sampling_params().structured_output.json_object
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+    assert _chat(response_format=fmt).sampling_params().structured_output.json == schema
+
+
+def test_a_schema_the_library_cannot_compile_is_refused_with_its_message():
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frobnicate"}}}
+    with pytest.raises(InvalidRequestError, match="cannot compile the response_format: .*frobnicate") as caught:
+        _chat(response_format=fmt).sampling_params()
+    assert caught.value.param == "response_format"
+
+
+def test_unknown_response_format_type_is_a_validation_error():
+    with pytest.raises(ValidationError):
+        _chat(response_format={"type": "yaml"})
+
+
+def test_vllm_fields_work_on_completions():
+    assert CompletionRequest(prompt="x", guided_choice=["a", "b"]).sampling_params().structured_output.choice
+    assert CompletionRequest(prompt="x", guided_json='{"type": "object"}').sampling_params().structured_output.json
+    assert CompletionRequest(prompt="x", structured_outputs={"regex": "[0-9]+"}).sampling_params().structured_output
+    with pytest.raises(InvalidRequestError, match="guided_regex"):
+        CompletionRequest(prompt="x", guided_regex="(").sampling_params()
+    with pytest.raises(InvalidRequestError, match="give one"):
+        CompletionRequest(prompt="x", guided_regex="a", guided_choice=["a"]).sampling_params()
+
+
+def test_tools_belong_to_chat():
+    with pytest.raises(InvalidRequestError, match="chat completions"):
+        CompletionRequest(prompt="x", tools=TOOLS).sampling_params()
+
+
+@pytest.mark.parametrize("choice, forced", [(None, False), ("auto", False), ("none", False), ("required", True),
+                                             ({"type": "function", "function": {"name": "f"}}, True)])
+def test_only_required_and_named_tool_choices_constrain(choice, forced):
+    params = _chat(tools=TOOLS, tool_choice=choice).sampling_params()
+    assert (params.structured_output is not None) is forced
+
+
+def test_tool_choice_mistakes_are_refused():
+    with pytest.raises(InvalidRequestError, match="not among the tools"):
+        _chat(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "g"}}).sampling_params()
+    with pytest.raises(InvalidRequestError, match="needs tools"):
+        _chat(tool_choice="required").sampling_params()
+    with pytest.raises(InvalidRequestError, match="drop response_format"):
+        _chat(tools=TOOLS, tool_choice="required", response_format={"type": "json_object"}).sampling_params()
+
+
+def test_tool_history_reaches_the_conversation():
+    request = ChatCompletionRequest(messages=[
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "42"},
+    ])
+    assistant, tool = request.conversation()
+    assert assistant["tool_calls"][0]["function"] == {"name": "f", "arguments": "{}"}
+    assert tool == {"role": "tool", "content": "42", "tool_call_id": "c1"}

@@ -1,0 +1,106 @@
+"""Tool calls: the prompt format, the forcing grammar, and reading calls back whole and streamed."""
+
+import json
+
+import pytest
+
+from tokenmill.structured.matcher import GrammarState
+from tokenmill.structured.tool_parser import ToolCall, ToolCallStream, parse_tool_calls
+from tokenmill.loader.tokenizer import Tokenizer
+from tokenmill.structured.tools import chat_prompt, forced_call, inline_tools, render_calls
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+ADD = {"type": "function", "function": {
+    "name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                                  "required": ["a", "b"]}}}
+CALL = '<tool_call>[{"name": "add", "arguments": {"a": 1, "b": 2}}]</tool_call>'
+
+
+def test_a_call_block_parses_into_calls_with_no_content():
+    assert parse_tool_calls(CALL) == (None, [ToolCall("add", '{"a": 1, "b": 2}')])
+
+
+def test_hermes_blocks_and_parameters_key_parse_too():
+    text = 'Sure.\n<tool_call>\n{"name": "f", "parameters": {"x": 1}}\n</tool_call>\n<tool_call>{"name": "g"}</tool_call>'
+    assert parse_tool_calls(text) == ("Sure.\n", [ToolCall("f", '{"x": 1}'), ToolCall("g", "{}")])
+
+
+def test_text_that_is_not_a_call_stays_content():
+    for text in ["plain answer", "a <tool_call>not json</tool_call> b", "ends with <tool", "<tool_call>[{\"x\": 1}]"]:
+        assert parse_tool_calls(text) == (text, [])
+
+
+def test_unclosed_block_that_parses_is_a_call():
+    assert parse_tool_calls('<tool_call>[{"name": "f", "arguments": {}}]')[1] == [ToolCall("f", "{}")]
+
+
+def test_streamed_character_by_character_equals_whole():
+    text = "Let me check. " + CALL + CALL
+    stream, events = ToolCallStream(), []
+    for ch in text:
+        events += stream.feed(ch)
+    events += stream.finish()
+    assert "".join(e for e in events if isinstance(e, str)) == "Let me check."  # whitespace beside a call is not content
+    assert [e for e in events if isinstance(e, ToolCall)] == [ToolCall("add", '{"a": 1, "b": 2}')] * 2
+    assert stream.num_calls == 2
+
+
+def test_stream_holds_back_only_what_may_begin_a_tag():
+    stream = ToolCallStream()
+    assert stream.feed("Hello <to") == ["Hello "]
+    assert stream.feed("day") == ["<today"]
+
+
+def test_tools_go_into_the_system_message_and_history_is_written_out():
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18C"},
+    ]
+    out = inline_tools(messages, [WEATHER])
+    assert [m["role"] for m in out] == ["system", "user", "assistant", "user"]
+    assert '"name": "get_weather"' in out[0]["content"] and out[0]["content"].endswith("Be brief.")
+    assert out[2]["content"] == '<tool_call>[{"name": "get_weather", "arguments": {"city": "Paris"}}]</tool_call>'
+    assert out[3]["content"] == "<tool_response>18C</tool_response>"
+    assert all("tool_calls" not in m for m in out)
+
+
+def test_rendered_calls_parse_back():
+    calls = [{"function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]
+    assert parse_tool_calls(render_calls(calls))[1] == [ToolCall("add", '{"a": 1, "b": 2}')]
+
+
+@pytest.mark.parametrize("name", [None, "add"])
+def test_forced_grammar_accepts_a_matching_call_and_rejects_others(smollm2_source, name):
+    tokenizer = smollm2_source.tokenizer
+    grammar = forced_call([WEATHER, ADD], name)
+
+    def accepts(text: str) -> bool:
+        state = GrammarState(grammar, tokenizer)
+        return all(state.matcher.consume_token(t) for t in tokenizer.encode(text, add_special_tokens=False)) and \
+            state.matcher.is_accepting()
+
+    assert accepts(CALL)
+    assert accepts('<tool_call>[{"name": "get_weather", "arguments": {"city": "Oslo"}}]</tool_call>') is (name is None)
+    assert not accepts('<tool_call>[{"name": "add", "arguments": {"a": "one", "b": 2}}]</tool_call>')
+    assert not accepts("The answer is 3.")
+
+
+def test_forced_grammar_is_valid_json_schema_per_call():
+    body = forced_call([ADD], "add").grammar.split("%json ", 1)[1].rsplit(" ", 1)[0]
+    schema = json.loads(body)
+    assert schema["maxItems"] == 1 and schema["items"]["properties"]["name"] == {"const": "add"}
+
+
+def test_a_template_with_its_own_tool_format_renders_the_tools(smollm2_source):
+    smollm2 = smollm2_source.tokenizer
+    template = "{% for t in tools %}{{ t.function.name }};{% endfor %}{% for m in messages %}{{ m.content }}{% endfor %}"
+    own = Tokenizer(smollm2.backend, smollm2.eos_token_ids, chat_template=template)
+    assert own.renders_tools and not smollm2.renders_tools
+    messages = [{"role": "user", "content": "hi"}]
+    assert own.decode(chat_prompt(own, messages, [WEATHER], False)) == "get_weather;hi"
+    assert '"name": "get_weather"' in smollm2.decode(chat_prompt(smollm2, messages, [WEATHER], False))

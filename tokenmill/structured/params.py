@@ -1,0 +1,71 @@
+"""StructuredOutput: what shape a request's output must take, compiled to an llguidance grammar."""
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from llguidance import LLMatcher
+
+from tokenmill.errors import InvalidRequestError
+
+# Compact, single-line JSON: with flexible whitespace a small model can spend its whole budget on newlines.
+JSON_STYLE = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
+# A number with no multipleOf gets this one: SmolLM2 at temperature 0 writes `1.000...` until max_tokens without
+# it. Six decimals narrow what the schema allows, never widen it, so the output still validates.
+NUMBER_STEP = 1e-6
+
+
+@dataclass
+class StructuredOutput:
+    """Exactly one constraint, named as vLLM's structured_outputs: a JSON schema, any JSON object, a regex,
+    one of some strings, or a Lark grammar (llguidance's dialect)."""
+
+    json: dict[str, Any] | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    # The request field the constraint came from, so a compile error names it.
+    param: str = "response_format"
+    compiled: str = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        given = [self.json is not None, self.json_object, self.regex is not None, self.choice is not None,
+                 self.grammar is not None]
+        if sum(given) != 1:
+            raise InvalidRequestError("give exactly one of json, json_object, regex, choice or grammar", self.param)
+        if self.choice is not None and not self.choice:
+            raise InvalidRequestError("choice must list at least one string", self.param)
+        self.compiled = self._compile()
+
+    def _compile(self) -> str:
+        """The llguidance grammar; raises InvalidRequestError with the library's message when it cannot compile."""
+        try:
+            if self.json is not None or self.json_object:
+                schema = bounded_numbers(self.json) if self.json is not None else {"type": "object"}
+                grammar = LLMatcher.grammar_from_json_schema(schema, defaults=JSON_STYLE)
+            elif self.regex is not None:
+                grammar = LLMatcher.grammar_from_regex(self.regex)
+            elif self.choice is not None:
+                grammar = LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in self.choice))
+            else:
+                grammar = LLMatcher.grammar_from_lark(self.grammar)
+        except (ValueError, TypeError) as exc:
+            raise InvalidRequestError(f"cannot compile the {self.param}: {exc}", self.param) from exc
+        is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar)
+        if is_error:
+            raise InvalidRequestError(f"cannot compile the {self.param}: {'; '.join(messages)}", self.param)
+        return grammar
+
+
+def bounded_numbers(schema: Any) -> Any:
+    """A copy of a schema in which every number without a multipleOf takes NUMBER_STEP."""
+    if isinstance(schema, list):
+        return [bounded_numbers(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v if k in ("enum", "const", "default", "examples") else bounded_numbers(v) for k, v in schema.items()}
+    kind = schema.get("type")
+    if (kind == "number" or isinstance(kind, list) and "number" in kind) and "multipleOf" not in schema:
+        out["multipleOf"] = NUMBER_STEP
+    return out

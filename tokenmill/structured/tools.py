@@ -1,0 +1,96 @@
+"""The tool-call format for chat templates that know no tools, and the grammar that forces a call."""
+
+import json
+from typing import Any
+
+from tokenmill.loader.tokenizer import Tokenizer
+from tokenmill.structured.params import JSON_STYLE, StructuredOutput, bounded_numbers
+
+# The shape SmolLM2-Instruct was tuned to call functions in (its model card's prompt), a JSON list in tags; the
+# parser (tool_parser.py) also reads the Hermes/Qwen form, one object per <tool_call> block.
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+RESPONSE_OPEN, RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
+
+_SYSTEM = """You are an expert in composing functions. You are given a question and a set of possible functions.
+Based on the question, you may need to make one or more function/tool calls to achieve the purpose.
+
+You have access to the following tools:
+<tools>{tools}</tools>
+
+To call tools, answer with only this format, and no other text:
+<tool_call>[
+{{"name": "func_name1", "arguments": {{"argument1": "value1", "argument2": "value2"}}}},
+... (more tool calls as required)
+]</tool_call>
+{when}"""
+_WHEN_AUTO = "If no function is needed, or a tool's result is already given, answer the user in plain text."
+_WHEN_FORCED = "You must call a function now."
+
+
+def inline_tools(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                 forced: bool = False) -> list[dict[str, Any]]:
+    """Messages with the tools in the system message and tool calls and results written out as text."""
+    out = []
+    for m in messages:
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            out.append({"role": "assistant", "content": (m.get("content") or "") + render_calls(m["tool_calls"])})
+        elif m["role"] == "tool":
+            # As Hermes-style templates: a tool's result is a user turn in tags, which any template renders.
+            out.append({"role": "user", "content": f"{RESPONSE_OPEN}{m.get('content') or ''}{RESPONSE_CLOSE}"})
+        else:
+            out.append({k: v for k, v in m.items() if k != "tool_calls"})
+    if tools:
+        functions = json.dumps([t["function"] for t in tools], ensure_ascii=False)
+        prompt = _SYSTEM.format(tools=functions, when=_WHEN_FORCED if forced else _WHEN_AUTO)
+        if out and out[0]["role"] == "system":
+            out[0] = {**out[0], "content": f"{prompt}\n\n{out[0]['content']}"}
+        else:
+            out.insert(0, {"role": "system", "content": prompt})
+    return out
+
+
+def render_calls(tool_calls: list[dict[str, Any]]) -> str:
+    """An assistant message's OpenAI tool_calls as the text the model would have written."""
+    calls = []
+    for call in tool_calls:
+        function = call.get("function", {})
+        arguments = function.get("arguments") or "{}"
+        try:
+            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+        except json.JSONDecodeError:
+            pass  # history is replayed as the client sent it
+        calls.append({"name": function.get("name", ""), "arguments": arguments})
+    return f"{CALL_OPEN}{json.dumps(calls, ensure_ascii=False)}{CALL_CLOSE}"
+
+
+def forced_call(tools: list[dict[str, Any]], name: str | None, parallel: bool = True) -> StructuredOutput:
+    """A grammar whose every output is a tool-call block: calls to `name` (one) or to any tool (one or more)."""
+    functions = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
+    calls = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": f["name"]},
+                "arguments": bounded_numbers(f.get("parameters") or {"type": "object", "properties": {}}),
+            },
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for f in functions
+    ]
+    schema: dict[str, Any] = {"type": "array", "items": calls[0] if len(calls) == 1 else {"anyOf": calls},
+                              "minItems": 1}
+    if name is not None or not parallel:
+        schema["maxItems"] = 1
+    body = json.dumps(schema | {"x-guidance": JSON_STYLE})
+    grammar = f"start: {json.dumps(CALL_OPEN)} %json {body} {json.dumps(CALL_CLOSE)}"
+    return StructuredOutput(grammar=grammar, param="tools")
+
+
+
+def chat_prompt(tokenizer: Tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]],
+                forced: bool) -> list[int]:
+    """Prompt ids of a conversation with tools: in the template's own format where it has one, else in ours."""
+    if tokenizer.renders_tools:
+        return tokenizer.encode_chat(messages, tools)
+    return tokenizer.encode_chat(inline_tools(messages, tools, forced))
