@@ -13,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The workload's flags and the engine flags (--speculative-config is the configuration measured)."""
     parser.add_argument("--max-tokens", type=int, default=96, help="tokens per answer (greedy; EOS ends it)")
     parser.add_argument("--concurrency", type=int, default=16, help="requests submitted together for the batch figure")
-    parser.add_argument("--repeats", type=int, default=2,
+    parser.add_argument("--repeats", type=int, default=3,
                         help="alternating runs of each side; the fastest counts (the machine is shared and noisy)")
     add_engine_flags(parser)
 
@@ -39,15 +39,17 @@ def main(args: argparse.Namespace) -> int:
     grounded = [i for i in items if i["kind"] == "grounded"]
     open_ended = [i for i in items if i["kind"] == "open"]
     batch = (items * args.concurrency)[: args.concurrency]
+    method = spec.engine.config.speculative_config.method
     rows = [
-        ("input-grounded, one at a time, ngram", grounded, False, True),
+        (f"input-grounded, one at a time, {method}", grounded, False, True),
         ("input-grounded, one at a time, predicted output", grounded, True, True),
-        ("open-ended chat, one at a time, ngram", open_ended, False, True),
-        (f"{args.concurrency} concurrent, mixed, ngram", batch, False, False),
+        (f"open-ended chat, one at a time, {method}", open_ended, False, True),
+        (f"{args.concurrency} concurrent, mixed, {method}", batch, False, False),
     ]
     cpu, features = cpu_features()
     print(f"model {base.engine.source.name}, quantization {base.engine.runner.quantization}, CPU {cpu} "
           f"({', '.join(features)}), speculative config {options['speculative_config']}")
+    print("one at a time: decode tokens/s (first token to last); concurrent: output tokens/s of the whole run")
     print(f"{'workload':48} {'tok/s off':>10} {'tok/s on':>10} {'ratio':>6} {'accepted':>9} {'same':>5}")
     for name, workload, predicted, one_at_a_time in rows:
         before = spec.engine.drafter.counters.copy()
@@ -77,16 +79,18 @@ def _compare(base, spec, workload: list[dict], predicted: bool, one_at_a_time: b
 
 def _timed(llm, workload: list[dict], predicted: bool, one_at_a_time: bool,
            max_tokens: int) -> tuple[float, list[list[int]]]:
-    """Output tokens/s of the workload's chat prompts (each alone, or all together), and the tokens."""
+    """Decode tokens/s of the workload's chat prompts and the tokens: each alone, first token to last (prefill,
+    which speculation cannot shorten, left out), or all together, output tokens over the whole run."""
     conversations = [[{"role": "user", "content": item["prompt"]}] for item in workload]
     params = [SamplingParams(temperature=0, max_tokens=max_tokens,
                              prediction=item.get("prediction") if predicted else None) for item in workload]
     prompts = [{"prompt_token_ids": llm.tokenizer.encode_chat(c)} for c in conversations]
-    start = time.perf_counter()
     if one_at_a_time:
         outputs = [llm.generate(p, q, use_tqdm=False)[0] for p, q in zip(prompts, params)]
+        decoded = sum(len(o.outputs[0].token_ids) - 1 for o in outputs)
+        seconds = sum(o.metrics.finished_time - o.metrics.first_token_time for o in outputs)
     else:
+        start = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=False)
-    elapsed = time.perf_counter() - start
-    tokens = [o.outputs[0].token_ids for o in outputs]
-    return sum(map(len, tokens)) / elapsed, tokens
+        decoded, seconds = sum(len(o.outputs[0].token_ids) for o in outputs), time.perf_counter() - start
+    return decoded / seconds, [o.outputs[0].token_ids for o in outputs]

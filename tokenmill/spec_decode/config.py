@@ -14,8 +14,9 @@ class SpeculativeConfig:
     """How drafts are made: the method and the most tokens guessed per step."""
 
     method: str = "ngram"
-    # Most draft tokens per sequence and step; the engine drafts fewer when acceptance or load says so.
-    num_speculative_tokens: int = 4
+    # Most draft tokens per sequence and step; the engine drafts fewer when acceptance or load says so, so the
+    # default is generous: ngram on `bench spec`'s input-grounded prompts ran 2.35x with 8, 1.93x with 4.
+    num_speculative_tokens: int = 8
     # ngram: the longest and shortest tail of the text so far that is looked up earlier in it (as vLLM).
     prompt_lookup_max: int = 5
     prompt_lookup_min: int = 2
