@@ -22,6 +22,7 @@ def _seq(tokens=REPEATING, outputs=4, max_tokens=100, prediction=(), **params):
 def _drafter(config: SpeculativeConfig | None, per_step: float = 0.006, per_row: float = 0.0008) -> Drafter:
     """A drafter that has timed decode steps of 1 and 5 rows on a machine with these costs."""
     drafter = Drafter(config)
+    drafter.propose([_seq()], None)  # steps are timed only where a sequence could draft
     for rows in (1, 5, 1, 5):
         drafter.observe([(None, 0, rows)], per_step + per_row * rows)
     return drafter
@@ -89,6 +90,9 @@ def test_record_counts_drafts_by_position():
 def test_steps_with_a_prompt_chunk_are_left_out_of_the_fit_and_one_size_is_not_enough():
     drafter = Drafter(NGRAM)
     drafter.observe([(None, 0, 1)], 0.006)
+    assert drafter.step_times.num_steps == 0  # nobody could draft: nothing to learn from it
+    drafter.propose([_seq()], None)
+    drafter.observe([(None, 0, 1)], 0.006)
     drafter.observe([(None, 0, 1)], 0.006)
     drafter.observe([(None, 30, 0), (None, 0, 1)], 0.05)
     assert drafter.step_times.num_steps == 2
@@ -97,6 +101,7 @@ def test_steps_with_a_prompt_chunk_are_left_out_of_the_fit_and_one_size_is_not_e
     assert drafter._threshold(1) == 0.0
     assert Drafter(NGRAM)._threshold(1) == 0.0
     drafting = Drafter(NGRAM)
+    drafting.propose([_seq()], None)
     drafting.observe([(None, 0, 5)], 0.0092)
     assert drafting._threshold(1) == 1.0
     drafter.observe([(None, 0, 5)], 0.0092)

@@ -32,11 +32,14 @@ class Drafter:
         # steps themselves: what one more row costs against what a step yields, on this machine and model.
         self.step_times = StepTimeModel()
         self._row_counts: set[int] = set()
+        # Whether the last propose() had any sequence that may draft.
+        self._considered = False
         self.counters = DraftCounters()
 
     def observe(self, work: list[tuple[Sequence, int, int]], seconds: float) -> None:
-        """Add a measured step to the fit, if it decoded only (a prompt chunk's cost is another matter)."""
-        if any(prefill for _, prefill, _ in work):
+        """Add a measured step to the fit, if it decoded only (a prompt chunk's cost is another matter) and drafting
+        was considered for it (the fit is of no use to engines that never draft)."""
+        if not self._considered or any(prefill for _, prefill, _ in work):
             return
         rows = sum(decode for _, _, decode in work)
         self.step_times.observe(0, rows, seconds)
@@ -45,16 +48,20 @@ class Drafter:
 
     def propose(self, running: list[Sequence], block_manager: BlockManager) -> None:
         """Set draft_token_ids of every running sequence (empty where it should not speculate)."""
-        decoding = [s for s in running if s.is_decoding]
-        threshold = self._threshold(len(decoding))
         for seq in running:
             seq.draft_token_ids = []
+        decoding = [s for s in running if s.is_decoding]
+        # Penalties and grammars depend on every token before a position: a draft row would need its own.
+        candidates = [(seq, kind) for seq in decoding
+                      if (kind := "prediction" if seq.prediction_token_ids else self._kind()) is not None
+                      and not seq.params.has_penalties and seq.params.structured_output is None]
+        # Without speculation (no method, no prediction) the step is left alone, its timing included.
+        self._considered = bool(candidates)
+        if not candidates:
+            return
+        threshold = self._threshold(len(decoding))
         modelled: list[tuple[Sequence, int]] = []
-        for seq in decoding:
-            kind = "prediction" if seq.prediction_token_ids else self._kind()
-            # Penalties and grammars depend on every token before a position: a draft row would need its own.
-            if kind is None or seq.params.has_penalties or seq.params.structured_output is not None:
-                continue
+        for seq, kind in candidates:
             k = min(self._max_tokens(kind), seq.max_tokens - seq.num_output_tokens - 1)
             # Draft token i is accepted with probability about rate**i: guess while that beats the threshold.
             rate = self._rate(seq, kind)
