@@ -6,7 +6,6 @@ import torch
 
 from tokenmill.engine.sequence import Sequence
 from tokenmill.outputs import TokenLogprob
-from tokenmill.structured.mask import apply_masks
 
 # Mixes a request's seed with its output position so each draw is fixed by (seed, position) alone,
 # independent of batch composition and of preemption.
@@ -41,8 +40,12 @@ class Sampler:
         # Before temperature and truncation, so greedy and sampled rows alike only ever pick grammatical tokens.
         # The drafter never drafts for a constrained sequence: a draft row's mask would need the grammar advanced.
         constrained = [i for i, s in enumerate(row_seqs) if s.params.structured_output is not None]
-        assert all(offsets[i] == 0 for i in constrained), "drafts for a sequence with a grammar"
-        apply_masks(logits, constrained, [row_seqs[i].grammar for i in constrained])
+        if constrained:
+            assert all(offsets[i] == 0 for i in constrained), "drafts for a sequence with a grammar"
+            # Imported here: llguidance's torch helpers import sympy (~480 modules), which no other request needs.
+            from tokenmill.structured.mask import apply_masks
+
+            apply_masks(logits, constrained, [row_seqs[i].grammar for i in constrained])
         chosen = _argmax(logits)
         sampled = [i for i, s in enumerate(row_seqs) if not s.params.greedy]
         draft_probs = torch.ones(len(row_seqs), device=logits.device)  # p(draft token) per row, sampled rows only

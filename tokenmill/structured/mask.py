@@ -8,8 +8,6 @@ from tokenmill.structured.matcher import GrammarState
 
 def apply_masks(logits: torch.Tensor, rows: list[int], states: list[GrammarState]) -> None:
     """Set to -inf, in place, every logit its row's grammar rules out; other rows are not touched."""
-    if not rows:
-        return
     vocab = states[0].vocab_size  # every sequence of one engine shares its tokenizer
     bitmask = torch.cat([state.mask() for state in states])
     # NOTE: numpy, not torch, on CPU: torch splits a 49k-element op across its threads, and on this shared 2-core
