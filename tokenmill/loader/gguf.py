@@ -35,6 +35,31 @@ _LAYER_NAMES = {
 }
 # Where an architecture's GGUF names mean other Hugging Face modules than Llama's.
 _ARCH_LAYER_NAMES = {"gemma3": {"ffn_norm": "pre_feedforward_layernorm"}}
+# Mixture-of-experts files (those with {arch}.expert_count): the router, each expert's projections, which
+# llama.cpp stacks into one [experts, rows, columns] tensor per projection ({} is the expert), and Qwen2-MoE's
+# shared expert and its gate. Mapped only in such files, so a dense model's load still rejects them by name.
+_MOE_LAYER_NAMES = {
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.{}.gate_proj",
+    "ffn_up_exps": "mlp.experts.{}.up_proj",
+    "ffn_down_exps": "mlp.experts.{}.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+}
+# llama.cpp writes Mixtral as a llama file with experts; its checkpoints name the experts' projections w1/w3/w2.
+_ARCH_MOE_LAYER_NAMES = {
+    "llama": {
+        "ffn_gate_inp": "block_sparse_moe.gate",
+        "ffn_gate_exps": "block_sparse_moe.experts.{}.w1",
+        "ffn_up_exps": "block_sparse_moe.experts.{}.w3",
+        "ffn_down_exps": "block_sparse_moe.experts.{}.w2",
+    },
+}
+# Whether the top-k routing weights are rescaled to sum to 1 where the file does not say (expert_weights_norm):
+# llama.cpp's own rule per architecture, as transformers' norm_topk_prob defaults (Mixtral always rescales).
+_MOE_NORM_TOPK = {"qwen2moe": False, "qwen3moe": True}
 # Gemma's RMSNorm scales by 1 + weight; llama.cpp's converter stores the 1 + weight.
 _NORM_OFFSET_ARCHITECTURES = {"gemma3"}
 # Gemma 3's layers slide in runs of five, every sixth attends globally, with a rotary base of 10,000 on the
@@ -48,7 +73,10 @@ _GLOBAL_NAMES = {
     "rope_freqs.weight": "rope_freqs",
 }
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
-_LINEAR_PARTS = {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"}
+_LINEAR_PARTS = {
+    "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down",
+    "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp",
+}
 _FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
 
 # Float32 elements dequantized per slice of rows, and per piece of a tensor handed to the model
@@ -105,7 +133,12 @@ class GGUFFile:
         try:
             return _Reader(self.path)
         except Exception as exc:  # the reader raises bare ValueError/IndexError on bad bytes
-            raise ModelLoadError(f"cannot read GGUF file {self.path}: {exc} (corrupt or truncated?)") from exc
+            size = self.path.stat().st_size if self.path.is_file() else 0
+            raise ModelLoadError(
+                f"cannot read GGUF file {self.path} ({size:,} bytes): it is corrupt or truncated (an interrupted "
+                f"copy?); delete it and fetch it again (`tokenmill pull NAME --force` for a catalog model). "
+                f"The reader said: {exc}"
+            ) from exc
 
     def native_quantization(self) -> str:
         """The weight-only quantization closest to how the file stores its linear layers.
@@ -142,6 +175,9 @@ class GGUFFile:
             layer_types = ["full_attention" if (i + 1) % _GEMMA3_SLIDING_PATTERN == 0 else "sliding_attention"
                            for i in range(num_layers)]
             local_theta = _GEMMA3_LOCAL_THETA
+        num_experts = int(md.get(f"{arch}.expert_count") or 0)
+        # Mixtral's experts are feed_forward_length wide; Qwen's have a width of their own.
+        expert_width = int(key("expert_feed_forward_length")) if num_experts and arch in _MOE_NORM_TOPK else 0
         return ModelConfig(
             architecture=arch,
             vocab_size=int(vocab),
@@ -160,6 +196,12 @@ class GGUFFile:
             sliding_window=int(window) if window else None,
             layer_types=layer_types,
             rope_local_theta=local_theta,
+            # llama.cpp puts experts in every layer of these architectures: no dense layers to list.
+            num_experts=num_experts,
+            num_experts_per_tok=int(key("expert_used_count")) if num_experts else 0,
+            moe_intermediate_size=expert_width,
+            shared_expert_intermediate_size=int(md.get(f"{arch}.expert_shared_feed_forward_length") or 0),
+            norm_topk_prob=bool(md.get(f"{arch}.expert_weights_norm", _MOE_NORM_TOPK.get(arch, False))),
             bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=sorted({int(e) for e in eos}),
         )
@@ -169,7 +211,10 @@ class GGUFFile:
         data = self._map.view(np.ndarray)  # slicing np.memmap itself costs bookkeeping on every slice
         for tensor in self._tensors:
             # A tensor without a Hugging Face name keeps its own, for the model's load to reject by name.
-            name = _hf_name(tensor.name, self.architecture) or tensor.name
+            name = _hf_name(tensor.name, self.architecture, config.num_experts > 0) or tensor.name
+            if "{}" in name:  # stacked experts
+                yield from self._expert_weights(tensor, name, config, data, dtype)
+                continue
             offset = -1.0 if self.architecture in _NORM_OFFSET_ARCHITECTURES and name.endswith("norm.weight") else 0.0
             heads = None
             if self.architecture in _PERMUTED_ARCHITECTURES:
@@ -181,6 +226,8 @@ class GGUFFile:
                 # The permutation moves rows within a head: those tensors come whole.
                 for rows, array in _dequantized(tensor, data, whole=heads is not None):
                     array = _unpermute(array, heads) if heads else array
+                    if name.endswith("shared_expert_gate.weight"):  # [hidden] from converters that squeezed it
+                        array = array.reshape(1, -1)
                     yield name, rows, torch.from_numpy(array + offset if offset else array).to(dtype)
                 # From the file's start: a page fault maps its neighbours too, some before this tensor.
                 _release(self._map, 0, tensor.offset + tensor.n_bytes)
@@ -188,6 +235,30 @@ class GGUFFile:
                 raise ModelLoadError(f"tensor {tensor.name} uses unsupported type {tensor.qtype.name}") from exc
             except Exception as exc:
                 raise ModelLoadError(f"cannot read tensor {tensor.name} from {self.path}: {exc}") from exc
+
+    def _expert_weights(
+        self, tensor: "_Tensor", name: str, config: ModelConfig, data: np.ndarray, dtype: torch.dtype
+    ) -> Iterator[tuple[str, slice, torch.Tensor]]:
+        """Each expert's projection out of a stacked [experts, rows, columns] tensor, one expert at a time."""
+        if len(tensor.shape) != 3 or tensor.shape[0] != config.num_experts:
+            raise ModelLoadError(
+                f"tensor {tensor.name} has shape {tensor.shape}; expected [{config.num_experts} experts, rows, "
+                f"columns] ({self.architecture}.expert_count is {config.num_experts})"
+            )
+        # Experts lie one after another, each a whole number of quantization blocks per row: one expert is
+        # a 2-D tensor of its own, dequantized in pieces, so the whole stack is never in float32 at once.
+        expert_bytes = tensor.n_bytes // config.num_experts
+        for expert in range(config.num_experts):
+            offset = tensor.offset + expert * expert_bytes
+            one = tensor._replace(shape=tensor.shape[1:], offset=offset, n_bytes=expert_bytes)
+            try:
+                for rows, array in _dequantized(one, data, whole=False):
+                    yield name.format(expert), rows, torch.from_numpy(array).to(dtype)
+            except NotImplementedError as exc:
+                raise ModelLoadError(f"tensor {tensor.name} uses unsupported type {tensor.qtype.name}") from exc
+            except Exception as exc:
+                raise ModelLoadError(f"cannot read tensor {tensor.name} from {self.path}: {exc}") from exc
+            _release(self._map, 0, one.offset + one.n_bytes)
 
 
 class _Tensor(NamedTuple):
@@ -239,11 +310,13 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, head_rows // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _hf_name(gguf_name: str, architecture: str) -> str | None:
+def _hf_name(gguf_name: str, architecture: str, moe: bool) -> str | None:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     match = _LAYER_RE.match(gguf_name)
     names = {**_LAYER_NAMES, **_ARCH_LAYER_NAMES.get(architecture, {})}
+    if moe:
+        names |= {**_MOE_LAYER_NAMES, **_ARCH_MOE_LAYER_NAMES.get(architecture, {})}
     if match is None or match.group(2) not in names:
         return None
     layer, part, kind = match.groups()

@@ -26,7 +26,7 @@ def load_model(config: EngineConfig, source: ModelSource) -> tuple[nn.Module, st
     # Built on the meta device, so no weight is initialized only to be overwritten and a layer
     # to be quantized never holds a float copy: each takes its rows as they stream in.
     with torch.device("meta"):
-        model = model_class(source.config.architecture)(source.config).to(dtype)
+        model = model_class(source.config.architecture, source.config.num_experts > 0)(source.config).to(dtype)
         quantize_model(model, choice.method, config.quant_group_size)
     # Quantized layers are filled by a CPU op (quantize_weight_rows): they load on CPU and move after.
     _allocate(model, torch.device("cpu") if choice.method != "none" else device)

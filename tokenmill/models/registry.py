@@ -14,7 +14,9 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
     "mistral": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,
+    "qwen2moe": Qwen2MoeForCausalLM,
     "qwen3": Qwen3ForCausalLM,
+    "qwen3moe": Qwen3MoeForCausalLM,
     # Hugging Face config.json architectures
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -27,10 +29,16 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
 }
 
 
-def model_class(architecture: str) -> type[nn.Module]:
-    """The class implementing an architecture, or an error naming the supported ones."""
+# GGUF architectures whose files with experts ({arch}.expert_count) are another family: llama.cpp writes Mixtral
+# as llama.
+MOE_VARIANTS: dict[str, type[nn.Module]] = {"llama": MixtralForCausalLM}
+
+
+def model_class(architecture: str, moe: bool = False) -> type[nn.Module]:
+    """The class implementing an architecture (its mixture-of-experts variant if `moe`), or an error naming the
+    supported ones."""
     if architecture not in MODEL_REGISTRY:
         raise UnsupportedArchitectureError(
             f"architecture {architecture!r} is not supported; supported: {', '.join(MODEL_REGISTRY)}"
         )
-    return MODEL_REGISTRY[architecture]
+    return MOE_VARIANTS[architecture] if moe and architecture in MOE_VARIANTS else MODEL_REGISTRY[architecture]
