@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 MODEL ?= smollm2-135m
 
-.PHONY: install serve chat test clean
+.PHONY: install serve chat test test-ray clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,7 +22,12 @@ chat: install
 	$(VENV)/bin/tokenmill chat --model $(MODEL)
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not ray"
+
+# Replicas on Ray Serve (tests/scale): installs the `ray` extra first, about 400 MB and 35 s.
+test-ray: install
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[ray]'
+	$(PY) -m pytest -q -m ray tests/scale
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

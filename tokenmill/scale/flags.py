@@ -1,0 +1,52 @@
+"""`serve`'s flags for replicas on Ray Serve, and the check that Ray is there before any model loads."""
+
+import argparse
+import importlib
+
+from tokenmill.errors import InvalidRequestError
+from tokenmill.scale.config import ROUTINGS, ScaleConfig
+
+
+def add_scale_flags(parser: argparse.ArgumentParser) -> None:
+    """--replicas, --ray-address, --routing and the autoscaling bounds, with ScaleConfig's defaults."""
+    d = ScaleConfig
+    parser.add_argument("--replicas", type=int, default=None,
+                        help="serve with this many engine replicas on Ray Serve (needs `pip install "
+                             "tokenmill[ray]`; default: one engine in this process, without Ray)")
+    parser.add_argument("--ray-address", default=d.ray_address,
+                        help="with --replicas, join this Ray cluster (default: start a local Ray in-process)")
+    parser.add_argument("--routing", choices=ROUTINGS, default=d.routing,
+                        help="with --replicas, send a request to the replica holding its prompt prefix (prefix) "
+                             "or by Ray Serve's power of two choices (default) (default: %(default)s)")
+    parser.add_argument("--min-replicas", type=int, default=d.min_replicas,
+                        help="autoscale down to this many replicas; 0 scales to zero when idle (default: off)")
+    parser.add_argument("--max-replicas", type=int, default=d.max_replicas,
+                        help="autoscale up to this many replicas (default: off)")
+    parser.add_argument("--target-ongoing-requests", type=float, default=d.target_ongoing_requests,
+                        help="autoscaling aims at this many ongoing requests per replica (default: %(default)s)")
+    parser.add_argument("--upscale-delay", type=float, default=d.upscale_delay, metavar="SECONDS",
+                        help="load must call for more replicas this long before they start (default: %(default)s)")
+    parser.add_argument("--downscale-delay", type=float, default=d.downscale_delay, metavar="SECONDS",
+                        help="load must call for fewer replicas this long before they stop (default: %(default)s)")
+
+
+def scale_config(args: argparse.Namespace) -> ScaleConfig | None:
+    """The ScaleConfig those flags describe, or None for single-process serving; checks Ray is installed."""
+    if args.replicas is None:
+        if args.min_replicas is not None or args.max_replicas is not None or args.ray_address is not None:
+            raise InvalidRequestError("--min-replicas, --max-replicas and --ray-address need --replicas N")
+        return None
+    config = ScaleConfig(args.replicas, args.ray_address, args.routing, args.min_replicas, args.max_replicas,
+                         args.target_ongoing_requests, args.upscale_delay, args.downscale_delay)
+    require_ray()
+    return config
+
+
+def require_ray() -> None:
+    """Raise InvalidRequestError saying how to install Ray Serve when it is missing."""
+    try:
+        importlib.import_module("ray.serve")
+    except ImportError as exc:
+        raise InvalidRequestError(f"--replicas runs engine replicas on Ray Serve, which is not installed ({exc}); "
+                                  "install it with `pip install 'tokenmill[ray]'`, or drop --replicas to serve "
+                                  "from this process") from exc
