@@ -6,6 +6,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenmill.engine.async_engine import EngineStepError
 from tokenmill.errors import InvalidRequestError, TokenmillError
@@ -80,6 +81,35 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         return from_exception(exc).response()
+
+    app.add_middleware(CatchUnexpected)
+
+
+class CatchUnexpected:
+    """Answer a bug's exception with a 500 here, before Starlette's outermost handler sees it."""
+
+    # NOTE: that handler answers and then re-raises, so uvicorn logged each traceback twice and closed the
+    # connection, and a client's next request on it failed with "connection reset" (found by fuzzing).
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            if started:  # a response under way can only be cut off; let the server close the connection
+                raise
+            await from_exception(exc).response()(scope, receive, send)
 
 
 def _param(loc: tuple) -> str | None:

@@ -3,7 +3,7 @@
 import json
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tokenmill.errors import InvalidRequestError
 from tokenmill.sampling import SamplingParams
@@ -15,6 +15,12 @@ T = TypeVar("T")
 
 # OpenAI's own limit on choices per request; more would let one request fill the whole batch.
 MAX_N = 128
+
+# Python's ints are unbounded, but every integer a request carries ends in an int64 tensor or a C++ library.
+_INT64 = 2**63
+# Nesting deeper than this has no use in a request, and code past the parser (schema compilers, the chat template)
+# recurses over it: 900 levels of JSON schema overflowed Python's stack in the structured-output compiler.
+MAX_DEPTH = 64
 
 
 def _or(value: T | None, default: T) -> T:
@@ -96,9 +102,48 @@ def _schema(value: dict[str, Any] | str | None, param: str) -> dict[str, Any] | 
     if not isinstance(value, str):
         return value
     try:
-        return json.loads(value)
+        return representable(json.loads(value), (param,))
     except json.JSONDecodeError as exc:
         raise InvalidRequestError(f"{param} is not valid JSON: {exc}", param=param) from exc
+    except RecursionError as exc:  # Python's parser gives up on nesting about a thousand deep
+        raise InvalidRequestError(f"{param} is nested too deeply to parse", param=param) from exc
+
+
+def representable(data: Any, root: tuple = ()) -> Any:
+    """Refuse what JSON allows but no field can hold: lone UTF-16 surrogates, integers past 64 bits, deep nesting."""
+    # NOTE: a loop, not recursion: the body parser already accepted nesting near Python's recursion limit.
+    # Containers go on the stack; scalars are checked in place, as a 100k-token prompt has 100k of them.
+    stack: list[tuple[tuple, Any]] = [(root, data)]
+    while stack:
+        path, value = stack.pop()
+        if len(path) > MAX_DEPTH:
+            where = ".".join(map(str, path[:3]))
+            raise InvalidRequestError(f"{where} is nested more than {MAX_DEPTH} levels deep", param=path[0])
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else None
+        if items is None:
+            _check_scalar(path, value)
+            continue
+        for key, item in items:
+            if isinstance(key, str):
+                _check_scalar(path, key)
+            if isinstance(item, (dict, list)):
+                stack.append(((*path, key), item))
+            elif isinstance(item, (str, int)):
+                _check_scalar((*path, key), item)
+    return data
+
+
+def _check_scalar(path: tuple, value: Any) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            where = ".".join(map(str, path)) or None
+            raise InvalidRequestError(f"{where or 'the body'} holds a lone UTF-16 surrogate ({value[exc.start]!r}), "
+                                      "which is not text; send valid Unicode", param=where) from exc
+    elif isinstance(value, int) and not -_INT64 <= value < _INT64:
+        where = ".".join(map(str, path)) or None
+        raise InvalidRequestError(f"{where or 'the body'}: {value} does not fit in 64 bits", param=where)
 
 
 def _guided_json(value: dict[str, Any] | str | None) -> StructuredOutput | None:
@@ -110,6 +155,12 @@ class _GenerationRequest(BaseModel):
 
     # Unknown fields are ignored, as OpenAI does, so clients that send newer fields keep working.
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _representable(cls, data: Any) -> Any:
+        """Checked before the fields: a lone surrogate would fail in the tokenizer, a huge int in a tensor."""
+        return representable(data)
 
     # OpenAI marks these nullable; None means the default, as there.
     model: str | None = None
