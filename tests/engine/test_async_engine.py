@@ -1,10 +1,11 @@
 """AsyncEngine: validation errors before streaming, aborts on close, and no caller left hanging by a failure."""
 
 import asyncio
+import threading
 
 import pytest
 
-from tokenmill.engine.async_engine import AsyncEngine, EngineStepError
+from tokenmill.engine.async_engine import AsyncEngine, EngineStalledError, EngineStepError
 from tokenmill.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
 from tokenmill.errors import InvalidRequestError
 from tokenmill.sampling import SamplingParams
@@ -18,6 +19,8 @@ class StubEngine:
         self.aborted: list[str] = []
         self.fail_step = False
         self.fail_loop = False
+        self.failures: dict[str, Exception] = {}
+        self.fail_request: str | None = None  # fails alone in the next step, as a sampler error would
 
     def add_request(self, request_id, prompt, params, arrival_time) -> None:
         if not prompt:
@@ -34,12 +37,20 @@ class StubEngine:
             raise RuntimeError("step bug")
         outputs = []
         for request_id, (tokens, max_tokens) in list(self.requests.items()):
+            if request_id == self.fail_request:
+                self.failures[request_id] = RuntimeError("sampler bug")
+                outputs.append(self.abort(request_id))
+                continue
             tokens.append(7)
             done = len(tokens) == max_tokens
             if done:
                 del self.requests[request_id]
             outputs.append(_output(request_id, tokens, "length" if done else None))
         return outputs
+
+    def take_failures(self) -> dict[str, Exception]:
+        failures, self.failures = self.failures, {}
+        return failures
 
     def abort(self, request_id: str) -> RequestOutput | None:
         if request_id not in self.requests:
@@ -57,11 +68,11 @@ def _output(request_id: str, tokens: list[int], reason: str | None) -> RequestOu
     return RequestOutput(request_id, None, [1], [sample], reason is not None, 0, RequestMetrics(0.0))
 
 
-def _run(stub: StubEngine, scenario) -> list[RequestOutput]:
+def _run(stub: StubEngine, scenario, watchdog_timeout: float | None = None) -> list[RequestOutput]:
     finished: list[RequestOutput] = []
 
     async def main():
-        front = AsyncEngine(stub, on_finished=finished.append)
+        front = AsyncEngine(stub, on_finished=finished.append, watchdog_timeout=watchdog_timeout)
         front.start()
         try:
             return await scenario(front)
@@ -147,3 +158,50 @@ def test_a_dead_engine_thread_leaves_no_caller_waiting():
             await front.add_request("b", [1], SamplingParams(), 0.0)
 
     _run(stub, scenario)
+
+
+def test_a_request_that_fails_alone_gets_an_error_and_its_neighbour_streams_on():
+    stub = StubEngine()
+
+    async def scenario(front):
+        bad = await _started(front)
+        good = await front.add_request("b", [1], SamplingParams(max_tokens=5), 0.0)
+        stub.fail_request = "a"
+        await _drain_expecting_failure(bad)
+        return [o.finished async for o in good]
+
+    finished_flags, _ = _run(stub, scenario)
+    assert finished_flags[-1] and not stub.requests
+
+
+def test_the_watchdog_fails_running_and_queued_requests_of_a_stuck_step_then_clears():
+    stub, release, blocked = StubEngine(), threading.Event(), threading.Event()
+    step = stub.step
+
+    def stuck_step():
+        if stub.requests["a"][0]:  # from the second step of "a" on
+            blocked.set()
+            release.wait(10)
+        return step()
+
+    stub.step = stuck_step
+
+    async def scenario(front):
+        running = await _started(front)
+        await asyncio.to_thread(blocked.wait, 10)
+        queued = asyncio.ensure_future(front.add_request("b", [1], SamplingParams(max_tokens=2), 0.0))
+        with pytest.raises(EngineStalledError, match="watchdog limit"):
+            await queued  # its add waits behind the stuck step: the watchdog answers it
+        with pytest.raises(EngineStalledError):
+            async for _ in running:
+                pass
+        with pytest.raises(EngineStalledError, match="stalled"):
+            await front.add_request("c", [1], SamplingParams(max_tokens=2), 0.0)
+        stalled = front.stalled
+        release.set()
+        while front.stalled is not None or stub.requests:
+            await asyncio.sleep(0.01)
+        return stalled
+
+    stalled, _ = _run(stub, scenario, watchdog_timeout=0.5)
+    assert "engine step" in stalled and sorted(stub.aborted) == ["a", "b"]

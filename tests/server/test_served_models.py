@@ -87,7 +87,8 @@ def test_steps_of_two_busy_engines_alternate():
 
 
 def _state(**running: bool) -> ServerState:
-    models = {name: ServedModel(name, SimpleNamespace(is_running=up), None, 2048) for name, up in running.items()}
+    models = {name: ServedModel(name, SimpleNamespace(is_running=up, stalled=None), None, 2048)
+              for name, up in running.items()}
     return ServerState(models, ServerConfig(), Metrics(next(iter(running))))
 
 

@@ -4,6 +4,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,6 +18,10 @@ logger = logging.getLogger(__name__)
 
 class EngineStepError(TokenmillError):
     """The engine failed while running a request, or is not running; the request was aborted."""
+
+
+class EngineStalledError(EngineStepError):
+    """The engine's current step has run past the watchdog limit; its requests were failed rather than left waiting."""
 
 
 @dataclass
@@ -39,17 +44,23 @@ class _Stop:
 
 
 class AsyncEngine:
-    """Runs LLMEngine.step in a loop on its own thread; every call here is safe from the event loop."""
+    """Runs LLMEngine.step in a loop on its own thread; every call here is safe from the event loop.
+
+    A watchdog on the event loop fails every live request once a step runs longer than watchdog_timeout seconds,
+    and `stalled` says so until that step returns (then the engine serves again).
+    """
 
     def __init__(
         self,
         engine: LLMEngine,
         on_stats: Callable[[EngineStats], None] | None = None,
         on_finished: Callable[[RequestOutput], None] | None = None,
+        watchdog_timeout: float | None = 60.0,
     ) -> None:
         self.engine = engine
         self.on_stats = on_stats
         self.on_finished = on_finished
+        self.watchdog_timeout = watchdog_timeout
         self.stats = engine.stats()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._queues: dict[str, asyncio.Queue] = {}  # touched only by the engine thread
@@ -58,6 +69,15 @@ class AsyncEngine:
         self._pending_lock = threading.Lock()
         self._pending = 0  # adds sent but not yet taken by the engine thread
         self._dead = False  # set, under _pending_lock, once the engine thread can take no more commands
+        # Requests a caller still waits on, by id: what the watchdog fails. Touched only on the event loop.
+        self._live: dict[str, _Add] = {}
+        self._watchdog: asyncio.Task | None = None
+        # The watchdog's view of the engine thread, under _watch_lock: when its current step began (monotonic
+        # seconds; None between steps), how many steps it has run, and why it is stalled (None while it is not).
+        self._watch_lock = threading.Lock()
+        self._step_started: float | None = None
+        self._num_steps = 0
+        self._stalled: str | None = None
 
     @property
     def num_waiting(self) -> int:
@@ -66,20 +86,33 @@ class AsyncEngine:
 
     @property
     def is_running(self) -> bool:
-        """True while the engine thread is alive."""
+        """True while the engine thread is alive (a stalled one too: see `stalled`)."""
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def stalled(self) -> str | None:
+        """Why the engine is stalled (its current step has run past the watchdog limit), or None."""
+        return self._stalled
+
     def start(self) -> None:
-        """Start the engine thread; call from the event loop that will consume outputs."""
+        """Start the engine thread and its watchdog; call from the event loop that will consume outputs."""
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="tokenmill-engine", daemon=True)
         self._thread.start()
+        if self.watchdog_timeout:
+            self._watchdog = self._loop.create_task(self._watch(self.watchdog_timeout))
 
     async def stop(self) -> None:
         """Abort whatever is still in flight and wait for the engine thread to exit."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self._thread is None:
             return
         self._commands.put(_Stop())
+        if self._stalled is not None:
+            # NOTE: a stuck step may never return; the thread is a daemon, so the process can exit without it.
+            logger.error("not waiting for the engine thread: %s", self._stalled)
+            return
         await asyncio.to_thread(self._thread.join)
 
     async def add_request(
@@ -92,21 +125,59 @@ class AsyncEngine:
         """Queue a request; its validation error is raised here, before any output is streamed."""
         loop = asyncio.get_running_loop()
         add = _Add(request_id, prompt_token_ids, params, arrival_time, loop.create_future(), asyncio.Queue())
+        if self._stalled is not None:
+            raise EngineStalledError(f"the engine is stalled: {self._stalled}; see the server log")
         with self._pending_lock:
             if self._dead or self._thread is None:
                 raise EngineStepError("the engine is not running; see the server log")
             self._pending += 1
             self._commands.put(add)
+        self._live[request_id] = add
         try:
             await add.accepted
         except asyncio.CancelledError:
+            self._forget(request_id)
             self.abort(request_id)
+            raise
+        except BaseException:
+            self._forget(request_id)
             raise
         return RequestStream(self, request_id, add.outputs)
 
     def abort(self, request_id: str) -> None:
         """Ask the engine thread to abort a request; it happens before the next step."""
         self._commands.put(_Abort(request_id))
+
+    def _forget(self, request_id: str) -> None:
+        """The caller no longer waits on this request: the watchdog need not fail it."""
+        self._live.pop(request_id, None)
+
+    async def _watch(self, timeout: float) -> None:
+        """Every so often, fail the live requests if the engine's current step has run past timeout seconds."""
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            with self._watch_lock:
+                if self._step_started is None or self._stalled is not None:
+                    continue
+                took = time.monotonic() - self._step_started
+                if took <= timeout:
+                    continue
+                self._stalled = (f"engine step {self._num_steps} has run for {took:.0f} s, past the watchdog limit "
+                                 f"of {timeout:g} s (--watchdog-timeout)")
+            logger.error("%s; failing its %d live requests; /health answers 503 until the step returns",
+                         self._stalled, len(self._live))
+            self._fail_live(EngineStalledError(f"the engine stalled while serving this request: {self._stalled}; "
+                                               "see the server log"))
+
+    def _fail_live(self, error: Exception) -> None:
+        """Answer every live request with error now; the engine thread aborts them once it can."""
+        for request_id, add in self._live.items():
+            if not add.accepted.done():
+                add.accepted.set_exception(error)
+            else:
+                add.outputs.put_nowait(error)
+            self.abort(request_id)  # NOTE: queued after the request's own add, so it finds it
+        self._live.clear()
 
     # --- everything below runs on the engine thread ---
 
@@ -182,8 +253,12 @@ class AsyncEngine:
             self._deliver(output)
 
     def _step(self) -> None:
+        with self._watch_lock:
+            self._step_started = time.monotonic()
+            self._num_steps += 1
         try:
             outputs = self.engine.step()
+            failures = self.engine.take_failures()
         except Exception:
             # NOTE: a bug in one step must not kill the server; fail the requests it held and go on.
             logger.exception("engine step failed; aborting %d requests", len(self._queues))
@@ -196,8 +271,31 @@ class AsyncEngine:
                 except Exception:
                     logger.exception("abort of %s failed too", request_id)
             return
+        finally:
+            self._step_done()
         for output in outputs:
-            self._deliver(output)
+            if output.request_id not in failures:
+                self._deliver(output)
+            elif output.finished:
+                _observe(self.on_finished, output)
+        for request_id in failures:
+            # It failed alone (a sampler or detokenizer error, logged where it was caught) and is aborted already.
+            self._fail(request_id, EngineStepError("the engine failed while running this request; see the server log"))
+
+    def _step_done(self) -> None:
+        """Tell the watchdog the step is over; if it had declared the engine stalled, the engine is healthy again."""
+        with self._watch_lock:
+            started, self._step_started = self._step_started, None
+            stalled, self._stalled = self._stalled, None
+        if stalled is not None and started is not None:
+            logger.warning("engine step %d returned after %.1f s; the engine is serving again (the watchdog had "
+                           "failed the requests it held)", self._num_steps, time.monotonic() - started)
+
+    def _fail(self, request_id: str, error: Exception) -> None:
+        """Send a request's caller an error in place of its last output."""
+        outputs_queue = self._queues.pop(request_id, None)
+        if outputs_queue is not None:
+            self._call(outputs_queue.put_nowait, error)
 
     def _deliver(self, output: RequestOutput) -> None:
         outputs_queue = self._queues.get(output.request_id)
@@ -237,14 +335,18 @@ class RequestStream:
         item = await self._outputs.get()
         if isinstance(item, Exception):
             self._done = True
+            self._engine._forget(self.request_id)
             raise item
-        self._done = item.finished
+        if item.finished:
+            self._done = True
+            self._engine._forget(self.request_id)
         return item
 
     def close(self) -> None:
         """Abort the request unless it already finished; safe to call more than once, and never blocks."""
         if not self._done:
             self._done = True
+            self._engine._forget(self.request_id)
             self._engine.abort(self.request_id)
 
 
@@ -259,7 +361,7 @@ def _observe(callback: Callable | None, value: object) -> None:
 
 
 def _resolve(future: asyncio.Future, exc: Exception | None) -> None:
-    if future.cancelled():
+    if future.done():  # cancelled, or failed already by the watchdog
         return
     if exc is None:
         future.set_result(None)

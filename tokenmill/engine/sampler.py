@@ -1,11 +1,14 @@
 """Sampler: logits to next tokens, with penalties, truncation, per-request seeds and logprobs."""
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 import torch
 
 from tokenmill.engine.sequence import Sequence
 from tokenmill.outputs import TokenLogprob
+
+logger = logging.getLogger(__name__)
 
 # Mixes a request's seed with its output position so each draw is fixed by (seed, position) alone,
 # independent of batch composition and of preemption.
@@ -18,6 +21,8 @@ class SamplerOutput:
 
     token_ids: list[list[int]]
     logprobs: list[list[TokenLogprob] | None]
+    # Sequences (by index) whose sampling raised; each has no tokens here, and the engine fails its request.
+    failed: dict[int, Exception] = field(default_factory=dict)
 
 
 class Sampler:
@@ -30,12 +35,27 @@ class Sampler:
         # logits: [rows, vocab]; sequence i owns 1 + len(drafts[i]) consecutive rows, row j predicting the token
         # after its draft j - 1 (row 0: after its last token).
         drafts = drafts or [[] for _ in seqs]
-        row_seqs = [seq for seq, draft in zip(seqs, drafts) for _ in range(len(draft) + 1)]
-        offsets = [j for draft in drafts for j in range(len(draft) + 1)]
+        row_seqs, offsets = _rows(seqs, drafts)
         # Logprobs report the model's own distribution, before penalties and truncation (as vLLM).
         want_logprobs = any(s.params.logprobs is not None for s in seqs)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        logits = self._apply_penalties(logits, row_seqs, offsets)
+        penalized = False
+        try:
+            self._apply_penalties(logits, row_seqs, offsets)
+            penalized = True
+            return self._sample(logits, raw_logprobs, seqs, drafts, row_seqs, offsets)
+        except Exception:
+            # NOTE: one sequence's bad state (its grammar, its penalties) must not fail the whole batch: sample each
+            # sequence alone, on the same rows. Only a failing batch pays for this; penalties, the one stage that
+            # cannot be applied twice, are applied again only if the batch raised before writing them.
+            logger.exception("sampling a batch of %d sequences failed; sampling each on its own", len(seqs))
+            return self._sample_each(logits, raw_logprobs, seqs, drafts, penalize=not penalized)
+
+    def _sample(
+        self, logits: torch.Tensor, raw_logprobs: torch.Tensor | None, seqs: list[Sequence], drafts: list[list[int]],
+        row_seqs: list[Sequence], offsets: list[int],
+    ) -> SamplerOutput:
+        """Tokens and logprobs for seqs from their penalized logits rows."""
         logits = self._mask_early_stops(logits, row_seqs, offsets)
         # Before temperature and truncation, so greedy and sampled rows alike only ever pick grammatical tokens.
         # The drafter never drafts for a constrained sequence: a draft row's mask would need the grammar advanced.
@@ -116,7 +136,9 @@ class Sampler:
             for t, lp, i, v in zip(targets, chosen, ids.tolist(), values.tolist())
         ]
 
-    def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence], offsets: list[int]) -> torch.Tensor:
+    def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence], offsets: list[int]) -> None:
+        """Penalize logits in place; every row's change is computed before any is written, so a raise writes none."""
+        repeats, counted = [], []
         for i, seq in enumerate(seqs):
             p = seq.params
             # The drafter never drafts for a penalized sequence: a draft row's penalties would need its drafts.
@@ -125,13 +147,43 @@ class Sampler:
                 # As in vLLM and transformers: every token seen so far (prompt and output) is penalized.
                 seen = torch.tensor(sorted(set(seq.token_ids)), device=logits.device)
                 row = logits[i, seen]
-                logits[i, seen] = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
+                repeats.append((i, seen, torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)))
             if p.presence_penalty or p.frequency_penalty:
                 # OpenAI semantics: only generated tokens count.
                 output = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
                 counts = torch.bincount(output, minlength=logits.shape[1])[: logits.shape[1]].to(logits.dtype)
-                logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
-        return logits
+                counted.append((i, p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)))
+        # Repetition first, then presence and frequency, as a row with both always had them.
+        for i, seen, values in repeats:
+            logits[i, seen] = values
+        for i, penalty in counted:
+            logits[i] -= penalty
+
+    def _sample_each(
+        self, logits: torch.Tensor, raw_logprobs: torch.Tensor | None, seqs: list[Sequence], drafts: list[list[int]],
+        penalize: bool,
+    ) -> SamplerOutput:
+        """Sample each sequence on its own rows, so that a sequence that raises fails alone."""
+        out = SamplerOutput([], [])
+        first = 0
+        for i, (seq, draft) in enumerate(zip(seqs, drafts)):
+            rows = slice(first, first + len(draft) + 1)
+            first = rows.stop
+            row_seqs, offsets = _rows([seq], [draft])
+            try:
+                if penalize:
+                    self._apply_penalties(logits[rows], row_seqs, offsets)
+                raw = None if raw_logprobs is None else raw_logprobs[rows]
+                alone = self._sample(logits[rows], raw, [seq], [draft], row_seqs, offsets)
+            except Exception as exc:
+                logger.exception("sampling request %s failed; failing that request alone", seq.request_id)
+                out.failed[i] = exc
+                out.token_ids.append([])
+                out.logprobs.append(None)
+            else:
+                out.token_ids += alone.token_ids
+                out.logprobs += alone.logprobs
+        return out
 
     def _mask_early_stops(self, logits: torch.Tensor, seqs: list[Sequence], offsets: list[int]) -> torch.Tensor:
         for i, seq in enumerate(seqs):
@@ -157,6 +209,13 @@ class Sampler:
             noise[i].exponential_(generator=gen)
             uniform[i : i + 1].uniform_(generator=gen)
         return noise, uniform
+
+
+def _rows(seqs: list[Sequence], drafts: list[list[int]]) -> tuple[list[Sequence], list[int]]:
+    """Each logits row's sequence, and its offset among that sequence's rows."""
+    row_seqs = [seq for seq, draft in zip(seqs, drafts) for _ in range(len(draft) + 1)]
+    offsets = [j for draft in drafts for j in range(len(draft) + 1)]
+    return row_seqs, offsets
 
 
 def _next_tokens(drafts: list[list[int]], device: torch.device) -> torch.Tensor:

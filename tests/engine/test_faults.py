@@ -1,0 +1,164 @@
+"""Fault injection on the real model: a request that fails alone, a failing step, a stuck step; no block leaks."""
+
+import asyncio
+import threading
+
+import pytest
+
+from tokenmill.engine.async_engine import AsyncEngine, EngineStalledError, EngineStepError
+from tokenmill.engine.sampler import Sampler
+from tokenmill.outputs import accumulate
+from tokenmill.sampling import SamplingParams
+
+PROMPTS = {"first": "The capital of France is", "bad": "Once upon a time", "last": "1, 2, 3, 4,"}
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine(make_engine):
+    return make_engine(max_num_batched_tokens=64)
+
+
+def _drain(engine) -> dict:
+    finals = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            finals[out.request_id] = accumulate(finals.get(out.request_id), out)
+    return finals
+
+
+def _alone(engine, request_id: str, params: SamplingParams = GREEDY) -> list[int]:
+    engine.add_request(request_id, PROMPTS[request_id], params)
+    return _drain(engine)[request_id].outputs[0].token_ids
+
+
+def _assert_pool_empty(engine) -> None:
+    bm = engine.block_manager
+    assert not engine.has_unfinished() and not engine.requests
+    assert bm.num_free_blocks == bm.num_blocks
+    assert all(b.ref_count == 0 for b in bm.blocks)
+
+
+def test_a_sampler_error_in_one_request_fails_it_alone(engine, monkeypatch):
+    # A repetition penalty on a neighbour: the batch fails after penalties were written, and sampling each
+    # sequence again must not penalize twice.
+    penalized = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, repetition_penalty=1.5)
+    expected = {"first": _alone(engine, "first"), "last": _alone(engine, "last", penalized)}
+    original = Sampler._mask_early_stops
+
+    def broken(self, logits, seqs, offsets):
+        if any(seq.request_id == "bad" and seq.num_output_tokens >= 2 for seq in seqs):
+            raise RuntimeError("injected sampler fault")
+        return original(self, logits, seqs, offsets)
+
+    monkeypatch.setattr(Sampler, "_mask_early_stops", broken)
+    engine.add_request("first", PROMPTS["first"], GREEDY)
+    engine.add_request("bad", PROMPTS["bad"], GREEDY)
+    engine.add_request("last", PROMPTS["last"], penalized)
+    finals = _drain(engine)
+    failures = engine.take_failures()
+    assert list(failures) == ["bad"] and "injected sampler fault" in str(failures["bad"])
+    assert finals["bad"].outputs[0].finish_reason == "abort" and len(finals["bad"].outputs[0].token_ids) == 2
+    assert {rid: finals[rid].outputs[0].token_ids for rid in expected} == expected
+    _assert_pool_empty(engine)
+
+
+def test_a_detokenizer_error_in_one_request_fails_it_alone(engine):
+    expected = {"first": _alone(engine, "first"), "last": _alone(engine, "last")}
+    for request_id in PROMPTS:
+        engine.add_request(request_id, PROMPTS[request_id], GREEDY)
+    # The middle sequence of the batch: the ones after it must still be recorded, once.
+    bad = engine.requests["bad"].seqs[0]
+    add = bad.detokenizer.add
+
+    def broken(token_id, check_stop=True):
+        if bad.num_output_tokens >= 3:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected detokenizer fault")
+        return add(token_id, check_stop)
+
+    bad.detokenizer.add = broken
+    finals = _drain(engine)
+    assert list(engine.take_failures()) == ["bad"]
+    assert finals["bad"].outputs[0].finish_reason == "abort"
+    assert {rid: finals[rid].outputs[0].token_ids for rid in expected} == expected
+    _assert_pool_empty(engine)
+
+
+def _serve(engine, scenario, watchdog_timeout: float | None = None):
+    """Run scenario(front) against an AsyncEngine over engine, then stop it."""
+
+    async def main():
+        front = AsyncEngine(engine, watchdog_timeout=watchdog_timeout)
+        front.start()
+        try:
+            return await scenario(front)
+        finally:
+            await front.stop()
+
+    return asyncio.run(main())
+
+
+async def _tokens(front: AsyncEngine, request_id: str) -> list[int]:
+    stream = await front.add_request(request_id, engine_prompt(front, request_id), GREEDY, 0.0)
+    whole = None
+    async for output in stream:
+        whole = accumulate(whole, output)
+    return whole.outputs[0].token_ids
+
+
+def engine_prompt(front: AsyncEngine, request_id: str) -> list[int]:
+    return front.engine.tokenizer.encode(PROMPTS[request_id])
+
+
+def test_an_exception_in_the_engine_loop_fails_its_requests_and_the_next_is_served(engine, monkeypatch):
+    expected = _alone(engine, "first")
+    execute = engine.runner.execute
+    calls = {"n": 0}
+
+    def broken(scheduled):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected step fault")
+        return execute(scheduled)
+
+    monkeypatch.setattr(engine.runner, "execute", broken)
+
+    async def scenario(front):
+        results = await asyncio.gather(_tokens(front, "bad"), _tokens(front, "last"), return_exceptions=True)
+        return results, await _tokens(front, "first"), front.is_running
+
+    results, after, running = _serve(engine, scenario)
+    assert all(isinstance(r, EngineStepError) for r in results)
+    assert after == expected and running
+    _assert_pool_empty(engine)
+
+
+def test_a_stuck_step_fails_its_requests_then_the_engine_recovers(engine, monkeypatch):
+    expected = _alone(engine, "first")
+    release, stuck = threading.Event(), threading.Event()
+    step = engine.step
+
+    def blocking_step():
+        if engine.requests.get("bad") and engine.requests["bad"].seqs[0].num_output_tokens >= 2:
+            stuck.set()
+            release.wait(30)
+        return step()
+
+    monkeypatch.setattr(engine, "step", blocking_step)
+
+    async def scenario(front):
+        task = asyncio.ensure_future(_tokens(front, "bad"))
+        with pytest.raises(EngineStalledError, match="watchdog limit"):
+            await asyncio.wait_for(task, 30)
+        reason = front.stalled
+        with pytest.raises(EngineStalledError):
+            await front.add_request("first", engine_prompt(front, "first"), GREEDY, 0.0)
+        release.set()
+        while front.stalled is not None:
+            await asyncio.sleep(0.01)
+        return reason, await _tokens(front, "first")
+
+    reason, after = _serve(engine, scenario, watchdog_timeout=2.0)
+    assert stuck.is_set() and "engine step" in reason
+    assert after == expected
+    _assert_pool_empty(engine)
