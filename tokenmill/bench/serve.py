@@ -4,7 +4,16 @@ import argparse
 import asyncio
 import json
 import math
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -36,7 +45,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of gaps; 1 = Poisson")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warmup", type=int, default=1, help="requests sent first and not counted")
-    parser.add_argument("--goodput", nargs="+", default=[], metavar="NAME:MS", help="SLOs: ttft, tpot, e2el")
+    parser.add_argument("--goodput", nargs="*", metavar="NAME:MS",
+                        help="report goodput: requests per second that met their deadline (--deadline-mix) and "
+                             "these SLOs, if given: ttft, tpot, e2el")
+    parser.add_argument("--deadline-mix", nargs=2, type=float, metavar=("TIGHT_MS", "LOOSE_MS"),
+                        help="every third request carries x-tokenmill-deadline-ms TIGHT_MS, the others LOOSE_MS "
+                             "(0: none)")
+    parser.add_argument("--policies", nargs="+", choices=["fcfs", "deadline"],
+                        help="instead of --base-url, start `tokenmill serve --model MODEL --scheduling-policy P` "
+                             "on loopback for each policy in turn and run the same workload on each")
+    parser.add_argument("--serve-args", default="", help="more `tokenmill serve` flags for --policies, one string")
     parser.add_argument("--cost-per-hour", type=float, help="hardware price in USD per hour")
     parser.add_argument("--api-key", help="sent as a bearer token")
     parser.add_argument("--out", type=Path, help="write the JSON report here")
@@ -49,24 +67,126 @@ def main(args: argparse.Namespace) -> int:
 
     if args.num_prompts < 1 or args.burstiness <= 0 or not 0 <= args.range_ratio < 1:
         raise InvalidRequestError("need --num-prompts >= 1, --burstiness > 0 and 0 <= --range-ratio < 1")
-    slo = SLO.parse(args.goodput) if args.goodput else None
+    slo = SLO.parse(args.goodput) if args.goodput is not None else None
     tokenizer = open_model(args.tokenizer or args.model).tokenizer
     requests = build_requests(args, tokenizer)
     if args.endpoint == "chat" or args.send_text:  # random token ids go as their decoded text
         requests = [BenchRequest(r.prompt if isinstance(r.prompt, str) else tokenizer.decode(r.prompt),
                                  r.prompt_tokens, r.output_tokens) for r in requests]
-    results, duration, busy = asyncio.run(run(args, requests))
-    report = summarize(results, duration, slo, args.cost_per_hour, busy)
+    deadlines = deadline_mix(len(requests), args.deadline_mix)
+    if args.policies:
+        report = {"policies": {}}
+        for policy in args.policies:
+            with serve_process(args.model, ["--scheduling-policy", policy, *shlex.split(args.serve_args)]) as url:
+                print(f"--- scheduling policy {policy} ({url})")
+                plot = args.plot and args.plot.with_stem(f"{args.plot.stem}-{policy}")
+                report["policies"][policy] = _measure(
+                    argparse.Namespace(**{**vars(args), "base_url": url, "plot": plot}), requests, deadlines, slo)
+        if {"fcfs", "deadline"} <= set(args.policies) and slo is not None:
+            fcfs, edf = (report["policies"][p]["goodput"] for p in ("fcfs", "deadline"))
+            report["goodput_ratio"] = edf / fcfs if fcfs else None
+            print(f"goodput deadline / fcfs: {edf:.3f} / {fcfs:.3f} req/s = "
+                  + (f"{edf / fcfs:.2f}x" if fcfs else "inf (fcfs met no deadline)"))
+    else:
+        report = _measure(args, requests, deadlines, slo)
     report["config"] = {k: _plain(v) for k, v in vars(args).items() if k != "func"}
-    print(format_report(report))
     if args.out:
         # Standard JSON: jq, browsers and strict parsers refuse Infinity and NaN.
         args.out.write_text(json.dumps(report, indent=2, default=str, allow_nan=False))
+    return 0
+
+
+def _measure(args: argparse.Namespace, requests: list[BenchRequest], deadlines: list[float | None],
+             slo: SLO | None) -> dict:
+    """Run the workload against args.base_url; print and return its report, and plot it if asked."""
+    results, duration, busy = asyncio.run(run(args, requests, deadlines))
+    report = summarize(results, duration, slo, args.cost_per_hour, busy)
+    if any(d is not None for d in deadlines):
+        report["deadlines"] = deadline_counts(results)
+        if slo is not None:
+            # Goodput with deadlines: an answer counts only if it came in time (by the client's clock and the server's).
+            report["goodput"] = sum(r.on_time and slo.met_by(r) for r in results if r.success) / duration
+    print(format_report(report))
     if args.plot:
         from tokenmill.bench.plot import plot_run
 
         plot_run(results, duration, args.plot)
-    return 0
+    return report
+
+
+@dataclass
+class DeadlineResult(RequestResult):
+    """A request's result, with the deadline it carried and the server's mark on its answer (met or missed)."""
+
+    deadline_ms: float | None = None
+    deadline_status: str | None = None
+
+    @property
+    def on_time(self) -> bool:
+        """Answered within its deadline (or carrying none)."""
+        return self.success and self.deadline_status != "missed" and (
+            self.deadline_ms is None or self.e2e * 1000 <= self.deadline_ms)
+
+
+def deadline_mix(count: int, mix: list[float] | None) -> list[float | None]:
+    """Each request's deadline in ms: every third TIGHT_MS, the rest LOOSE_MS (None where 0, or without a mix)."""
+    if mix is None:
+        return [None] * count
+    tight, loose = mix
+    return [(tight if i % 3 == 0 else loose) or None for i in range(count)]
+
+
+def deadline_counts(results: list[RequestResult]) -> dict[str, int]:
+    """Requests with a deadline by outcome: on time, late (and whether the server marked them), refused or failed."""
+    with_deadline = [r for r in results if isinstance(r, DeadlineResult) and r.deadline_ms is not None]
+    late = [r for r in with_deadline if r.success and not r.on_time]
+    return {
+        "with_deadline": len(with_deadline),
+        "on_time": sum(r.on_time for r in with_deadline),
+        "late": len(late),
+        # The contract: a late answer is marked "missed" (the client's clock may differ by the network's delay).
+        "late_unmarked": sum(r.deadline_status != "missed" for r in late),
+        "refused_429": sum(_failure(r) == "refused" for r in with_deadline),
+        # A stream's headers go out before a request is dropped: its 429 comes as the stream's error event.
+        "dropped": sum(_failure(r) == "dropped" for r in with_deadline),
+        "failed_other": sum(_failure(r) == "other" for r in with_deadline),
+    }
+
+
+def _failure(result: RequestResult) -> str | None:
+    """Why a request failed: refused (429 on arrival), dropped (infeasible while waiting), other; None if it did not."""
+    if result.success:
+        return None
+    error = result.error or ""
+    return "refused" if error.startswith("HTTP 429") else "dropped" if "dropped while waiting" in error else "other"
+
+
+@contextmanager
+def serve_process(model: str, flags: list[str]) -> Iterator[str]:
+    """A `tokenmill serve` on a free loopback port for the length of the block; yields its base URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.NamedTemporaryFile("w+", suffix=".log") as log:
+        process = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "serve", "--port", str(port), "--model",
+                                    model, *flags], stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(1200):
+                if process.poll() is not None:
+                    raise InvalidRequestError(f"`tokenmill serve` exited: {Path(log.name).read_text()[-2000:]}")
+                try:
+                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.25)
+            else:
+                raise InvalidRequestError(f"`tokenmill serve` did not come up in 5 minutes; log: {log.name}")
+            yield url
+        finally:
+            process.terminate()
+            process.wait(60)
 
 
 def _plain(value: object) -> object:
@@ -87,7 +207,7 @@ def build_requests(args: argparse.Namespace, tokenizer) -> list[BenchRequest]:
 
 
 async def run(
-    args: argparse.Namespace, requests: list[BenchRequest]
+    args: argparse.Namespace, requests: list[BenchRequest], deadlines: list[float | None] | None = None,
 ) -> tuple[list[RequestResult], float, float | None]:
     """Send the warm-up, then every request on its schedule; return results, the run's duration and the busy
     seconds the server's /metrics counted meanwhile (None for servers without tokenmill's metrics)."""
@@ -102,19 +222,19 @@ async def run(
         bar = tqdm(total=len(requests), desc="requests", unit="req")
         t0 = time.perf_counter()
 
-        async def one(request: BenchRequest) -> RequestResult:
+        async def one(request: BenchRequest, deadline_ms: float | None) -> RequestResult:
             if gate is None:
-                result = await send(client, args, request, t0)
+                result = await send(client, args, request, t0, deadline_ms)
             else:
                 async with gate:
-                    result = await send(client, args, request, t0)
+                    result = await send(client, args, request, t0, deadline_ms)
             bar.update(1)
             return result
 
         tasks = []
-        for request, gap in zip(requests, gaps):
+        for request, gap, deadline_ms in zip(requests, gaps, deadlines or [None] * len(requests)):
             await asyncio.sleep(gap)
-            tasks.append(asyncio.ensure_future(one(request)))
+            tasks.append(asyncio.ensure_future(one(request, deadline_ms)))
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - t0
         bar.close()
@@ -152,17 +272,19 @@ def arrival_gaps(count: int, rate: float, burstiness: float, seed: int) -> list[
 
 
 async def send(client: httpx.AsyncClient, args: argparse.Namespace, request: BenchRequest,
-               t0: float) -> RequestResult:
-    """Stream one request and time every chunk that carries text."""
+               t0: float, deadline_ms: float | None = None) -> RequestResult:
+    """Stream one request (with its deadline header, if any) and time every chunk that carries text."""
     body: dict = {"model": args.model, "max_tokens": request.output_tokens, "stream": True, "temperature": 0,
                   "stream_options": {"include_usage": True}, "ignore_eos": True}
     if args.endpoint == "chat":
         path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": request.prompt}]
     else:
         path, body["prompt"] = "/v1/completions", request.prompt
-    result = RequestResult(prompt_tokens=request.prompt_tokens, start=time.perf_counter() - t0)
+    result = DeadlineResult(prompt_tokens=request.prompt_tokens, start=time.perf_counter() - t0,
+                            deadline_ms=deadline_ms)
+    headers = {} if deadline_ms is None else {"x-tokenmill-deadline-ms": str(deadline_ms)}
     try:
-        async with client.stream("POST", path, json=body) as response:
+        async with client.stream("POST", path, json=body, headers=headers) as response:
             if response.status_code != 200:
                 await response.aread()
                 result.error = f"HTTP {response.status_code}: {response.text[:200]}"
@@ -176,6 +298,7 @@ async def send(client: httpx.AsyncClient, args: argparse.Namespace, request: Ben
                     result.error = chunk["error"].get("message", "error event in the stream")
                     return result
                 now = time.perf_counter() - t0
+                result.deadline_status = chunk.get("deadline_status", result.deadline_status)
                 if _chunk_text(chunk):
                     result.first_token = result.first_token if result.first_token is not None else now
                     result.chunk_times.append(now)
@@ -230,6 +353,11 @@ def format_report(report: dict) -> str:
     if report["server_compute_seconds"] is not None and report["server_busy_seconds"]:
         rows.append(("requests' compute s / server busy s", f"{report['server_compute_seconds']:.3f} / "
                      f"{report['server_busy_seconds']:.3f}"))
+    counts = report.get("deadlines") or {}
+    if counts.get("with_deadline"):
+        rows.append(("deadlines: on time / late (unmarked) / refused / dropped / other failures",
+                     f"{counts['on_time']} / {counts['late']} ({counts['late_unmarked']}) / {counts['refused_429']} / "
+                     f"{counts['dropped']} / {counts['failed_other']}"))
     for error in report["errors"][:3]:
         rows.append(("error", error))
     width = max(len(name) for name, _ in rows)

@@ -10,8 +10,9 @@ from fastapi.responses import StreamingResponse
 from tokenmill.engine.async_engine import RequestStream
 from tokenmill.errors import InvalidRequestError
 from tokenmill.loader.tokenizer import Tokenizer
-from tokenmill.outputs import CompletionOutput, TokenLogprob
+from tokenmill.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from tokenmill.router.serving import route
+from tokenmill.server.deadlines import STATUS_HEADER, deadline_status, with_deadlines
 from tokenmill.server.protocol import ChatCompletionRequest
 from tokenmill.server.serving import COST_HEADER, Usage, merged, new_id, sse, state_of, submit
 from tokenmill.structured.tool_parser import ToolCall, ToolCallStream, parse_tool_calls
@@ -22,7 +23,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
                                  response: Response) -> dict | StreamingResponse:
     """Answer one conversation with n choices."""
     state = state_of(request)
-    params = body.sampling_params()
+    params = with_deadlines(request, body.sampling_params())
     conversation, tools, mode = body.conversation(), body.tool_dicts(), body.tool_mode
     # `route` renders and tokenizes off the event loop: a long conversation must not stall other streams.
     routed = await route(state, body.model,
@@ -60,6 +61,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
             "finish_reason": finish_reason,
         })
     response.headers[COST_HEADER] = repr(usage_block["cost"])
+    if (status := deadline_status([output])) is not None:  # a late answer says so: "missed"
+        response.headers[STATUS_HEADER] = status
     response.headers.update(routed.headers())
     return {
         "id": response_id, "object": "chat.completion", "created": created, "model": model.name,
@@ -76,11 +79,14 @@ async def _chunks(body: ChatCompletionRequest, n: int, stream: RequestStream, to
         for i in range(n)
     ]}
     counted = Usage()
+    finals: list[RequestOutput] = []
     # With tools on offer each choice's text goes through a parser, which holds back what may be a call.
     parsers = {i: ToolCallStream() for i in range(n)} if body.tool_dicts() else {}
     async with aclosing(merged([stream])) as outputs:
         async for _, output in outputs:
             counted.add(0, output)
+            if output.finished:
+                finals.append(output)
             if parsers:
                 for sample in output.outputs:
                     for choice in _tool_choices(sample, parsers[sample.index], tokenizer):
@@ -97,6 +103,8 @@ async def _chunks(body: ChatCompletionRequest, n: int, stream: RequestStream, to
                 for sample in output.outputs
             ]
             yield {**head, "choices": choices}
+    if (status := deadline_status(finals)) is not None:  # the headers went out first: a late stream says so here
+        yield {**head, "choices": [], "deadline_status": status}
     if body.include_usage:
         yield {**head, "choices": [], "usage": counted.block()}
 

@@ -12,6 +12,7 @@ from tokenmill.errors import InvalidRequestError
 from tokenmill.loader.tokenizer import Tokenizer
 from tokenmill.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from tokenmill.router.serving import route
+from tokenmill.server.deadlines import STATUS_HEADER, deadline_status, with_deadlines
 from tokenmill.server.protocol import CompletionRequest
 from tokenmill.server.serving import COST_HEADER, Usage, merged, new_id, sse, state_of, submit
 
@@ -20,7 +21,7 @@ async def create_completion(body: CompletionRequest, request: Request,
                             response: Response) -> dict | StreamingResponse:
     """Complete each prompt; choices are numbered prompt by prompt, n per prompt."""
     state = state_of(request)
-    params = body.sampling_params()
+    params = with_deadlines(request, body.sampling_params())
     # `route` tokenizes off the event loop: a long prompt takes a while and must not stall other streams.
     routed = await route(state, body.model, lambda tokenizer: _prompt_token_ids(body.prompt, tokenizer), params,
                          bool(body.stream))
@@ -39,6 +40,8 @@ async def create_completion(body: CompletionRequest, request: Request,
         for sample in output.outputs
     ]
     response.headers[COST_HEADER] = repr(usage_block["cost"])
+    if (status := deadline_status(outputs)) is not None:  # a late answer says so: "missed"
+        response.headers[STATUS_HEADER] = status
     response.headers.update(routed.headers())
     return {
         "id": response_id, "object": "text_completion", "created": created, "model": model.name,
@@ -85,11 +88,14 @@ async def _chunks(body: CompletionRequest, n: int, streams: list[RequestStream],
                   response_id: str, created: int, model: str) -> AsyncIterator[dict]:
     head = {"id": response_id, "object": "text_completion", "created": created, "model": model}
     counted = Usage()
+    finals: list[RequestOutput] = []
     firsts: dict[int, RequestOutput] = {}  # each request's first output: the one with its prompt logprobs
     offsets: dict[int, int] = {}  # text offset reached by each choice's logprobs
     async with aclosing(merged(streams)) as outputs:
         async for i, output in outputs:
             counted.add(i, output)
+            if output.finished:
+                finals.append(output)
             first = firsts.setdefault(i, output)
             choices = []
             for sample in output.outputs:
@@ -108,6 +114,8 @@ async def _chunks(body: CompletionRequest, n: int, streams: list[RequestStream],
                 choices.append({"index": index, "text": text, "logprobs": logprobs,
                                 "finish_reason": sample.finish_reason})
             yield {**head, "choices": choices}
+    if (status := deadline_status(finals)) is not None:  # the headers went out first: a late stream says so here
+        yield {**head, "choices": [], "deadline_status": status}
     if body.include_usage:
         yield {**head, "choices": [], "usage": counted.block()}
 

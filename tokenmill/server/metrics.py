@@ -70,6 +70,11 @@ class Metrics:
                                        utilization)
         self._routed = family(Counter, "routed_requests", "Requests for model `auto`, by the model that answered, the "
                               "--router policy and the kind of reason it chose that model.", ("policy", "reason"))
+        self._deadlines = family(Counter, "deadline_requests", "Requests with a deadline by outcome: met, missed "
+                                 "(answered late, and marked so), refused (on arrival, as infeasible) or dropped "
+                                 "(infeasible while waiting).", ("outcome",))
+        for outcome in ("met", "missed", "refused", "dropped"):
+            self._deadlines.labels(model_name, outcome)
         self.idle_fraction = gauge("idle_cost_fraction", "Share of the bill since start that paid for idle time.")
         # Speculative decoding, under vLLM's names.
         self.drafts = counter("spec_decode_num_drafts", "Verification steps of sequences that had drafted.")
@@ -91,6 +96,10 @@ class Metrics:
     def observe_route(self, model_name: str, policy: str, reason: str) -> None:
         """Count one `auto` request answered by model_name (any served model: the family is shared)."""
         self._routed.labels(model_name, policy, reason).inc()
+
+    def observe_deadline(self, model_name: str, outcome: str) -> None:
+        """Count one request with a deadline of model_name by its outcome (met, missed, refused, dropped)."""
+        self._deadlines.labels(model_name, outcome).inc()
 
     def observe_stats(self, stats: EngineStats) -> None:
         """Set the load gauges and advance the cumulative counters by what changed since last time."""
@@ -138,6 +147,8 @@ class Metrics:
         self._completion_token_count += len(m.token_times)
         reason = output.outputs[0].finish_reason or "abort"
         self._finished.labels(self.model_name, reason).inc()
+        if m.deadline_status is not None:
+            self.observe_deadline(self.model_name, m.deadline_status)
         if m.finished_time is not None:
             self.e2e.observe(m.finished_time - m.arrival_time)
         if m.first_scheduled_time is not None:

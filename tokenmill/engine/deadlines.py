@@ -1,0 +1,120 @@
+"""Deadline feasibility: when a waiting sequence would finish, estimated from the engine's fitted step times."""
+
+import math
+
+from tokenmill.config import EngineConfig
+from tokenmill.cost.accounting import StepTimeModel
+from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.sequence import Sequence
+from tokenmill.errors import TokenmillError
+
+# The first steps pay for warm-up (allocations, kernel selection; seconds each on a busy CPU) and are left out
+# of the fit, which counts every step it is given alike and would otherwise overestimate for good.
+WARMUP_STEPS = 4
+# Steps fitted before an estimate is trusted enough to refuse anyone: a fit of a handful of points swings widely.
+MIN_STEPS = 8
+
+
+class DeadlineError(TokenmillError):
+    """A request whose deadline cannot be met: refused on arrival, or dropped while it waited."""
+
+    def __init__(self, message: str, estimate_ms: float) -> None:
+        super().__init__(message)
+        self.estimate_ms = estimate_ms
+
+
+class DeadlineKeeper:
+    """Estimates each waiting sequence's first-token and finish times with the sequences ahead of it in the queue."""
+
+    def __init__(self, config: EngineConfig, scheduler: Scheduler) -> None:
+        self.enabled = config.scheduling_policy == "deadline"
+        self.max_num_seqs = config.max_num_seqs
+        self.budget = config.max_num_batched_tokens
+        self.scheduler = scheduler
+        # The cost accountant's model of step seconds (prompt tokens, decode tokens, per step), fitted apart
+        # from it: the bill must count the warm-up steps, the estimates must not.
+        self.times = StepTimeModel()
+        self._warmup_left = WARMUP_STEPS
+
+    def observe(self, work: list[tuple[Sequence, int, int]], seconds: float) -> None:
+        """Fit one step's measured seconds: its (sequence, prefill tokens, decode tokens) rows took `seconds`."""
+        if self._warmup_left:
+            self._warmup_left -= 1
+            return
+        self.times.observe(sum(p for _, p, _ in work), sum(d for _, _, d in work), seconds)
+
+    def check_new(self, seqs: list[Sequence], now: float) -> None:
+        """Raise DeadlineError if these sequences of one new request cannot meet their deadline; queue nothing."""
+        if not self._trusted() or all(seq.deadline is None for seq in seqs):
+            return
+        order = self.scheduler.order
+        for seq in seqs:
+            ahead = [s for s in self.scheduler.waiting if order(s) < order(seq)]
+            late = self._late(seq, sum(s.num_uncomputed_tokens for s in ahead), len(ahead), now)
+            if late is not None:
+                raise DeadlineError(f"refused: {late[0]}", late[1])
+
+    def infeasible(self, now: float) -> list[tuple[Sequence, DeadlineError]]:
+        """Waiting sequences (in queue order) that can no longer meet their deadline, each with its error."""
+        if not self._trusted():
+            return []
+        late, ahead_tokens, ahead = [], 0, 0
+        for seq in self.scheduler.waiting:
+            if seq.deadline is not None and (why := self._late(seq, ahead_tokens, ahead, now)) is not None:
+                late.append((seq, DeadlineError(f"dropped while waiting: {why[0]}", why[1])))
+            else:  # a dropped sequence holds up nobody behind it
+                ahead_tokens, ahead = ahead_tokens + seq.num_uncomputed_tokens, ahead + 1
+        return late
+
+    def _trusted(self) -> bool:
+        return self.enabled and self.times.num_steps >= MIN_STEPS
+
+    def _late(self, seq: Sequence, ahead_tokens: int, ahead: int, now: float) -> tuple[str, float] | None:
+        """Why seq, queued behind `ahead` sequences, would miss a deadline, and the estimate (ms from arrival)."""
+        first, finish = self.estimate(seq, ahead_tokens, ahead)
+        params, waited = seq.params, now - seq.arrival_time
+        if params.ttft_deadline_ms is not None and seq.num_output_tokens == 0:
+            estimate_ms = (waited + first) * 1000
+            if estimate_ms > params.ttft_deadline_ms:
+                return (f"the first token is estimated at {estimate_ms:.0f} ms after arrival, past its "
+                        f"{params.ttft_deadline_ms:g} ms deadline (x-tokenmill-ttft-deadline-ms); allow more time "
+                        "or retry when less loaded", estimate_ms)
+        if params.deadline_ms is not None:
+            estimate_ms = (waited + finish) * 1000
+            if estimate_ms > params.deadline_ms:
+                return (f"the answer ({seq.max_tokens - seq.num_output_tokens} tokens at most) is estimated to end "
+                        f"{estimate_ms:.0f} ms after arrival, past its {params.deadline_ms:g} ms deadline "
+                        "(x-tokenmill-deadline-ms); ask for fewer tokens, allow more time or retry when less loaded",
+                        estimate_ms)
+        return None
+
+    def estimate(self, seq: Sequence, ahead_tokens: int, ahead: int) -> tuple[float, float]:
+        """Seconds from now to seq's first token and to its last (max_tokens), served after the running sequences
+        and `ahead` waiting ones holding ahead_tokens uncomputed tokens."""
+        running = self.scheduler.running
+        decodes = min(len(running), self.max_num_seqs)
+        # Prompt work before seq's first token: running prompts still in chunks, everything ahead, its own.
+        prefill = (sum(s.num_uncomputed_tokens for s in running if s.num_uncomputed_tokens > 1)
+                   + ahead_tokens + seq.num_uncomputed_tokens)
+        first = self._slot_wait(ahead) + self._prefill_seconds(prefill, decodes)
+        batch = min(decodes + ahead + 1, self.max_num_seqs)
+        finish = first + (seq.max_tokens - seq.num_output_tokens - 1) * self._decode_step(batch)
+        return first, finish
+
+    def _slot_wait(self, num_ahead: int) -> float:
+        """Seconds until a running slot frees for a sequence with num_ahead others ahead of it in the queue."""
+        running = self.scheduler.running
+        short = len(running) + num_ahead + 1 - self.max_num_seqs
+        if short <= 0:
+            return 0.0
+        # Sequences leave the batch as they reach max_tokens; the short-th soonest frees seq's slot.
+        left = sorted(s.max_tokens - s.num_output_tokens for s in running)
+        return left[min(short, len(left)) - 1] * self._decode_step(self.max_num_seqs) if left else 0.0
+
+    def _prefill_seconds(self, tokens: int, decodes: int) -> float:
+        """Steps that compute `tokens` prompt tokens beside `decodes` decodes, chunked by the step's token budget."""
+        steps = max(1, math.ceil(tokens / max(self.budget - decodes, 1)))
+        return steps * self._decode_step(decodes) + tokens * self.times.per_prefill_token
+
+    def _decode_step(self, decodes: int) -> float:
+        return self.times.per_step + decodes * self.times.per_decode_token
