@@ -38,13 +38,14 @@ class ModelProposer:
         chunks = []
         for seq in seqs:
             start = min(seq.draft_computed, seq.num_computed_tokens) if self.own_cache else seq.num_computed_tokens
-            chunks.append(Chunk(seq.token_ids[start:], start, seq.block_table))
+            chunks.append(Chunk(seq.token_ids[start:], start, seq.block_table, seq.sliding_table or None))
         active = list(range(len(seqs)))
         while active:
             active.sort(key=lambda i: len(chunks[i].token_ids) > 1)  # single tokens first, as attention wants
             for i, token in zip(active, self._next_tokens([chunks[i] for i in active])):
                 drafts[i].append(token)
-                chunks[i] = Chunk([token], chunks[i].start + len(chunks[i].token_ids), seqs[i].block_table)
+                chunks[i] = Chunk([token], chunks[i].start + len(chunks[i].token_ids), seqs[i].block_table,
+                                  seqs[i].sliding_table or None)
             active = [i for i in active if len(drafts[i]) < ks[i]]
         for seq, chunk in zip(seqs, chunks):
             seq.draft_computed = chunk.start  # every token before the last draft went through the draft model
