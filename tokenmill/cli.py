@@ -8,10 +8,12 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from tokenmill.bench import compare, early_exit, offline
+from tokenmill.bench import compare, early_exit, offline, overload
 from tokenmill.bench import embed as bench_embed
+from tokenmill.bench import gpu as bench_gpu
 from tokenmill.bench import profile as bench_profile
 from tokenmill.bench import serve as bench_serve
+from tokenmill.bench import soak as bench_soak
 from tokenmill.bench import speculative, structured
 from tokenmill.config import ServerConfig
 from tokenmill.cost import planner
@@ -19,6 +21,7 @@ from tokenmill.embeddings.batcher import BatchPolicy
 from tokenmill.errors import InvalidRequestError, TokenmillError
 from tokenmill.flags import add_engine_flags, engine_config, engine_options
 from tokenmill.router import calibrate
+from tokenmill.scale.flags import add_scale_flags, scale_config
 from tokenmill.sampling import SamplingParams
 
 
@@ -61,10 +64,15 @@ def _parser() -> argparse.ArgumentParser:
                        help="require `Authorization: Bearer KEY` on /v1 (default: $TOKENMILL_API_KEY, else none)")
     serve.add_argument("--max-waiting", type=int, default=ServerConfig.max_waiting,
                        help="answer 429 when this many requests already wait")
+    serve.add_argument("--max-waiting-tokens", type=int, default=ServerConfig.max_waiting_tokens,
+                       help="answer 429 when this many prompt tokens already wait (default: no bound)")
     serve.add_argument("--max-body-bytes", type=int, default=ServerConfig.max_body_bytes,
                        help="answer 413 to larger request bodies")
     serve.add_argument("--shutdown-timeout", type=float, default=ServerConfig.shutdown_timeout,
                        help="seconds in-flight requests get to finish on SIGTERM/SIGINT")
+    serve.add_argument("--watchdog-timeout", type=float, default=ServerConfig.watchdog_timeout,
+                       help="seconds an engine step may run before its requests fail and /health answers 503 "
+                            "until it returns; 0: never (default: %(default)s)")
     serve.add_argument("--router", choices=("cheapest", "cascade"), default=ServerConfig.router,
                        help="how `model: auto` picks among the --model values, given cheap to strong: the first "
                             "whose context fits (cheapest), or that one re-run on the next when unsure (cascade, "
@@ -72,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--cascade-threshold", type=float, default=ServerConfig.cascade_threshold,
                        help="under --router cascade, escalate when the answer's mean token logprob is below this")
     _embedding_flags(serve)
+    add_scale_flags(serve)
     add_engine_flags(serve, repeat_model=True)
 
     router = commands.add_parser("router", help="tune `model: auto` for the models `serve` would route among")
@@ -99,6 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     kinds = bench.add_subparsers(required=True, metavar="KIND")
     bench_serve.add_arguments(_command(kinds, "serve", "streaming load against an OpenAI-compatible server",
                                        bench_serve.main))
+    overload.add_arguments(_command(kinds, "overload", "at 10x the sustainable rate: admitted requests' TTFT "
+                                    "against unloaded, and how fast the rest get 429", overload.main))
     offline.add_arguments(_command(kinds, "offline", "engine throughput without HTTP, single-stream speeds, memory",
                                    offline.main))
     compare.add_arguments(_command(kinds, "compare", "the same workloads on tokenmill and a peer, with ratios",
@@ -111,6 +122,11 @@ def _parser() -> argparse.ArgumentParser:
                                       "without, at 1 and 16 concurrent requests", structured.main))
     bench_embed.add_arguments(_command(kinds, "embed", "embedding throughput offline and over HTTP, against "
                                        "transformers with the same pooling", bench_embed.main))
+    bench_soak.add_arguments(_command(kinds, "soak", "mixed traffic with cancels, disconnects and timeouts for a "
+                                      "set time; then every request ended, no KV block leaked, RSS stayed flat",
+                                      bench_soak.main))
+    bench_gpu.add_arguments(_command(kinds, "gpu", "decode step time against the memory bound, CUDA graphs on and off, "
+                                     "offline throughput against transformers, on a random 1B Llama", bench_gpu.main))
     return parser
 
 
@@ -229,9 +245,17 @@ def _serve(args: argparse.Namespace) -> int:
 
     logging.getLogger("tokenmill").setLevel(logging.INFO)  # the start-up lines say models, KV capacity and URL
     config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key, max_waiting=args.max_waiting,
+                          max_waiting_tokens=args.max_waiting_tokens,
                           max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
+                          watchdog_timeout=args.watchdog_timeout,
                           router=args.router, cascade_threshold=args.cascade_threshold)
     batching = BatchPolicy(args.embedding_max_batch_tokens, args.embedding_max_wait_ms)
+    scale = scale_config(args)  # before any model loads: a missing Ray fails at once
+    if scale is not None:
+        from tokenmill.scale.deployment import serve_replicas
+
+        serve_replicas(engine_config(args), config, args.models or [args.model], scale, batching, args.embedding_dtype)
+        return 0
     serve(engine_config(args), config, args.models or [args.model], batching, args.embedding_dtype)
     return 0
 

@@ -13,6 +13,8 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 # int8: levels with a float32 scale per token and head (max|x| / 127).
 KV_CACHE_DTYPE_NAMES = (*DTYPE_NAMES, "int8")
 
+SCHEDULING_POLICIES = ("deadline", "fcfs")
+
 
 @dataclass
 class ModelConfig:
@@ -89,6 +91,9 @@ class EngineConfig:
     kv_cache_memory: float | None = None
     # On GPU, the share of free memory (after loading) the KV pool takes when kv_cache_memory is unset.
     kv_cache_fraction: float = 0.8
+    # On GPU, decode steps replay CUDA graphs captured at start-up (engine/cuda_graphs.py): a small model's decode
+    # is bound by kernel launches, which a replay issues at once. True: always eager.
+    enforce_eager: bool = False
     # Element type of the KV pool: auto (dtypes.resolve_kv_cache_dtype: float16 on CPU) or a KV_CACHE_DTYPE_NAMES name.
     # 16 bits halve float32's memory (llama.cpp keeps float16), int8 quarters it.
     kv_cache_dtype: str = "auto"
@@ -114,8 +119,14 @@ class EngineConfig:
     # Speculative decoding (tokenmill/spec_decode): a SpeculativeConfig, or its JSON / dict as
     # `--speculative-config` and `LLM(speculative_config=...)` give it; None drafts only for predicted outputs.
     speculative_config: SpeculativeConfig | None = None
+    # Order of the waiting queue: `deadline` serves the earliest feasible deadline first and refuses (or drops)
+    # requests whose deadline cannot be met (tokenmill/engine/deadlines.py); `fcfs` keeps priority, then arrival.
+    scheduling_policy: str = "deadline"
 
     def __post_init__(self) -> None:
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise InvalidRequestError(f"scheduling_policy={self.scheduling_policy!r} must be one of "
+                                      f"{', '.join(SCHEDULING_POLICIES)}")
         if self.speculative_config is not None:
             self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
         if self.dtype not in DTYPE_NAMES:
@@ -161,10 +172,16 @@ class ServerConfig:
     api_key: str | None = None
     # More waiting requests than this get 429 rather than an ever longer queue.
     max_waiting: int = 256
+    # More prompt tokens than this waiting for one model get 429 too: a few long prompts queue as much work as
+    # many short ones. None: no bound.
+    max_waiting_tokens: int | None = None
     # Larger bodies get 413; 8 MiB holds any prompt that fits a 128K context several times over.
     max_body_bytes: int = 8 * 1024 * 1024
     # Seconds in-flight requests get to finish on SIGTERM/SIGINT before they are aborted.
     shutdown_timeout: float = 30.0
+    # A step running longer than this (seconds) stalls the engine: its requests fail, /health answers 503 until it
+    # returns. A step of a small model takes milliseconds to a few seconds; 0 turns the watchdog off.
+    watchdog_timeout: float = 60.0
     # How `model: "auto"` picks among several models (tokenmill/router): `cheapest` or `cascade`.
     router: str = "cheapest"
     # Under cascade, a cheap answer whose mean token logprob is below this is re-run on the next model;
@@ -177,7 +194,11 @@ class ServerConfig:
         for name in ("max_waiting", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.max_waiting_tokens is not None and self.max_waiting_tokens < 1:
+            raise InvalidRequestError(f"max_waiting_tokens={self.max_waiting_tokens} must be at least 1")
         if self.shutdown_timeout < 0:
             raise InvalidRequestError(f"shutdown_timeout={self.shutdown_timeout} must be >= 0")
+        if self.watchdog_timeout < 0:
+            raise InvalidRequestError(f"watchdog_timeout={self.watchdog_timeout} must be >= 0 (0: no watchdog)")
         if not 0 <= self.port < 65536:
             raise InvalidRequestError(f"port={self.port} must be in [0, 65535]")

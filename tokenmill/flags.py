@@ -3,7 +3,7 @@
 import argparse
 from typing import Any
 
-from tokenmill.config import DTYPE_NAMES, KV_CACHE_DTYPE_NAMES, QUANTIZATIONS, EngineConfig
+from tokenmill.config import DTYPE_NAMES, KV_CACHE_DTYPE_NAMES, QUANTIZATIONS, SCHEDULING_POLICIES, EngineConfig
 
 
 def add_engine_flags(parser: argparse.ArgumentParser, repeat_model: bool = False) -> None:
@@ -35,6 +35,8 @@ def add_engine_flags(parser: argparse.ArgumentParser, repeat_model: bool = False
     parser.add_argument("--kv-cache-fraction", type=float, default=d.kv_cache_fraction,
                         help="share of free GPU memory for the KV pool when --kv-cache-memory is unset "
                              "(default: %(default)s)")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="on CUDA, run decode steps eagerly instead of replaying captured CUDA graphs")
     parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
                         help="sequences decoded together (default: %(default)s)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
@@ -50,6 +52,9 @@ def add_engine_flags(parser: argparse.ArgumentParser, repeat_model: bool = False
                         help='speculative decoding, as vLLM: \'{"method": "ngram", "num_speculative_tokens": 4, '
                              '"prompt_lookup_min": 2, "prompt_lookup_max": 5}\' (default: off; a request\'s '
                              'predicted output drafts anyway)')
+    parser.add_argument("--scheduling-policy", default=d.scheduling_policy, choices=SCHEDULING_POLICIES,
+                        help="deadline: earliest feasible deadline first, refusing requests that cannot meet theirs; "
+                             "fcfs: priority, then arrival (default: %(default)s)")
 
 
 class _RepeatedModel(argparse.Action):
@@ -67,10 +72,11 @@ def engine_options(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]
         "model": args.model, "device": args.device, "dtype": args.dtype, "kv_cache_dtype": args.kv_cache_dtype,
         "quantization": args.quantization, "quant_group_size": args.quant_group_size, "block_size": args.block_size,
         "kv_cache_memory": args.kv_cache_memory, "kv_cache_fraction": args.kv_cache_fraction,
-        "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+        "enforce_eager": args.enforce_eager, "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
         "max_model_len": args.max_model_len, "enable_prefix_caching": not args.no_prefix_caching,
         "num_threads": args.num_threads, "price_per_hour": args.price_per_hour,
         "speculative_config": args.speculative_config,
+        "scheduling_policy": args.scheduling_policy,
     }
     return {**options, **overrides}
 

@@ -32,6 +32,11 @@ class RequestMetrics:
     # OpenAI counts them; set when the request finishes.
     accepted_prediction_tokens: int = 0
     rejected_prediction_tokens: int = 0
+    # With a deadline (SamplingParams.deadline_ms / ttft_deadline_ms), set when the request ends: "met",
+    # "missed" (served, but late: the response says so), or "dropped" (it became infeasible while waiting;
+    # deadline_error says why, and the client gets that error instead of an answer).
+    deadline_status: str | None = None
+    deadline_error: str | None = None
 
     @property
     def compute_seconds(self) -> float:
@@ -144,6 +149,8 @@ class EngineStats:
     price_per_hour: float = 0.0
     # Speculative decoding's cumulative counts (tokenmill/spec_decode/drafter.py).
     drafts: DraftCounters = field(default_factory=DraftCounters)
+    # Prompt tokens not yet computed of the waiting sequences: the work queued, bounded by --max-waiting-tokens.
+    num_waiting_tokens: int = 0
 
     @property
     def kv_cache_usage(self) -> float:

@@ -38,6 +38,11 @@ class SamplingParams:
     prediction: str | None = None
     # A shape the output must take (JSON schema, regex, choice, grammar), enforced by a token mask in the sampler.
     structured_output: StructuredOutput | None = None
+    # Milliseconds from arrival by which the whole answer, and its first token, must be out (the
+    # x-tokenmill-deadline-ms / x-tokenmill-ttft-deadline-ms headers); None: no deadline. Under the deadline
+    # scheduling policy the earliest feasible deadline is served first and an infeasible one is refused.
+    deadline_ms: float | None = None
+    ttft_deadline_ms: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -45,11 +50,14 @@ class SamplingParams:
         self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
         _check(self.n >= 1, "n", self.n, "must be at least 1")
-        _check(self.temperature >= 0, "temperature", self.temperature, "must be >= 0")
+        # NOTE: comparisons refuse NaN; the upper bounds refuse Infinity, which would make every probability NaN.
+        _check(0 <= self.temperature < float("inf"), "temperature", self.temperature, "must be >= 0 and finite")
         _check(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
-        _check(self.top_k == -1 or self.top_k >= 1, "top_k", self.top_k, "must be -1 (off) or >= 1")
+        # Past the vocabulary top_k keeps everything; the cap keeps it within the sampler's int64 tensor.
+        _check(self.top_k == -1 or 1 <= self.top_k < 2**31, "top_k", self.top_k, "must be -1 (off) or in [1, 2**31)")
         _check(0 <= self.min_p <= 1, "min_p", self.min_p, "must be in [0, 1]")
-        _check(self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "must be > 0")
+        _check(0 < self.repetition_penalty < float("inf"), "repetition_penalty", self.repetition_penalty,
+               "must be > 0 and finite")
         _check(-2 <= self.presence_penalty <= 2, "presence_penalty", self.presence_penalty, "must be in [-2, 2]")
         _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", self.frequency_penalty, "must be in [-2, 2]")
         _check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", self.max_tokens, "must be at least 1")
@@ -63,6 +71,9 @@ class SamplingParams:
                self.prompt_logprobs, "must be in [0, 20]")
         _check(all(s for s in self.stop), "stop", self.stop, "must not contain empty strings")
         _check(isinstance(self.priority, int), "priority", self.priority, "must be an integer")
+        for name in ("deadline_ms", "ttft_deadline_ms"):
+            value = getattr(self, name)
+            _check(value is None or 0 < value < float("inf"), name, value, "must be a positive number of milliseconds")
 
     @property
     def has_penalties(self) -> bool:

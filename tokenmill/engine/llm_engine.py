@@ -10,14 +10,15 @@ from tokenmill.config import EngineConfig
 from tokenmill.cost.accounting import CostAccountant
 from tokenmill.cost.prices import machine_price
 from tokenmill.engine.block_manager import BlockManager
+from tokenmill.engine.deadlines import DeadlineKeeper
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.model_runner import ModelRunner
-from tokenmill.engine.sampler import Sampler
-from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.sampler import Sampler, SamplerOutput
+from tokenmill.engine.scheduler import Scheduler, SchedulerOutput
 from tokenmill.engine.sequence import Sequence
 from tokenmill.errors import InvalidRequestError, PromptTooLongError
 from tokenmill.loader.source import ModelSource, open_model
-from tokenmill.outputs import EngineStats, RequestMetrics, RequestOutput
+from tokenmill.outputs import EngineStats, RequestMetrics, RequestOutput, TokenLogprob
 from tokenmill.sampling import SamplingParams
 from tokenmill.spec_decode.drafter import Drafter
 from tokenmill.spec_decode.model_proposer import build_proposer
@@ -46,16 +47,20 @@ class LLMEngine:
         self.tokenizer = self.source.tokenizer
         self.model_config = self.source.config
         self.runner = ModelRunner(config, self.source)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
+                                          self.runner.sliding_window, self.runner.num_sliding_blocks)
         self.scheduler = Scheduler(config, self.block_manager)
         self.sampler = Sampler()
         pool_tokens = self.runner.num_blocks * config.block_size
-        self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
-                                 self.model_config.max_position_embeddings, pool_tokens)
+        positions = self.model_config.max_position_embeddings
+        context_limit = self.block_manager.context_limit(config.max_num_batched_tokens) or positions
+        self.max_model_len = min(config.max_model_len or positions, positions, context_limit)
         self.requests: dict[str, _Request] = {}
+        self.failures: dict[str, Exception] = {}  # see take_failures
         self._seq_ids = itertools.count()
         price = machine_price(config.price_per_hour, config.device)  # after the runner has set torch's threads
         self.cost = CostAccountant(price.usd_per_hour)
+        self.deadlines = DeadlineKeeper(config, self.scheduler)
         self.drafter = Drafter(config.speculative_config, build_proposer(config, self.source, self.runner))
         logger.info("engine ready: %s, KV capacity %d tokens, max_model_len %d",
                     self.source.name, pool_tokens, self.max_model_len)
@@ -91,6 +96,8 @@ class LLMEngine:
             )
             seq.prediction_token_ids = prediction
             request.seqs.append(seq)
+        self.deadlines.check_new(request.seqs, time.perf_counter())  # refuses before anything is queued
+        for seq in request.seqs:
             self.scheduler.add(seq)
         self.requests[request_id] = request
 
@@ -142,15 +149,17 @@ class LLMEngine:
             drafts=self.drafter.counters.copy(),
             uptime_seconds=self.cost.uptime(),
             price_per_hour=self.cost.price_per_hour,
+            num_waiting_tokens=sum(s.num_uncomputed_tokens for s in self.scheduler.waiting),
         )
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled model step; return what is new for each request that made visible progress."""
         started = time.perf_counter()
+        dropped = self._drop_infeasible(started)
         self.drafter.propose(self.scheduler.running, self.block_manager)
         plan = self.scheduler.schedule()
         if not plan.scheduled:
-            return []
+            return dropped
         work = plan.work()
         now = time.perf_counter()
         for seq, _ in plan.scheduled:
@@ -160,15 +169,17 @@ class LLMEngine:
         # NOTE: sample before recording progress, so a failure leaves every sequence as it was.
         drafts = [seq.draft_token_ids for seq in out.sample_seqs]
         sampled = self.sampler(out.logits, out.sample_seqs, drafts)
+        failed = _drop_failed_samples(plan, out.sample_seqs, sampled)
         self.drafter.record(out.sample_seqs, sampled.token_ids)
         for seq, start, logits in out.prompt_logits:
             targets = seq.token_ids[start + 1 : start + 1 + logits.shape[0]]
             seq.set_prompt_logprobs(start, self.sampler.prompt_logprobs(logits, targets, seq.params.prompt_logprobs or 0))
         before = [seq.num_output_tokens for seq in out.sample_seqs]
-        self.scheduler.update(plan, out.sample_seqs, sampled.token_ids, sampled.logprobs)
+        failed |= self._update(plan, out.sample_seqs, sampled.token_ids, sampled.logprobs)
         now = time.perf_counter()
         self._charge(work, now - started)
         self.drafter.observe(work, now - started)
+        self.deadlines.observe(work, now - started)
         touched: dict[str, _Request] = {}
         for seq, had in zip(out.sample_seqs, before):
             request = self.requests[seq.request_id]
@@ -176,12 +187,66 @@ class LLMEngine:
             metrics.first_token_time = metrics.first_token_time or now
             metrics.token_times += [now] * (seq.num_output_tokens - had)
             touched[seq.request_id] = request
-        outputs = []
+        outputs = dropped
         for request in touched.values():
             if all(s.is_finished for s in request.seqs):
                 _finish(request, now)
+                _judge_deadline(request, now)
                 del self.requests[request.request_id]
             if (output := self._output(request)) is not None:
+                outputs.append(output)
+        return self._fail(failed, outputs) if failed else outputs
+
+    def take_failures(self) -> dict[str, Exception]:
+        """Requests that failed on their own since the last call (each already aborted), with their errors."""
+        failures, self.failures = self.failures, {}
+        return failures
+
+    def _update(self, plan: SchedulerOutput, seqs: list[Sequence], token_ids: list[list[int]],
+                logprobs: list[list[TokenLogprob] | None]) -> dict[str, Exception]:
+        """scheduler.update, where a sequence whose bookkeeping raises (detokenizer, stop strings, grammar) fails its
+        request alone; returns those requests' errors."""
+        failed: dict[str, Exception] = {}
+        computed = [seq.num_computed_tokens for seq, _ in plan.scheduled]  # the one cost on the hot path
+        while True:
+            try:
+                self.scheduler.update(plan, seqs, token_ids, logprobs)
+                return failed
+            except Exception as exc:
+                # NOTE: update records the scheduled sequences in order, each one's computed count first, so the
+                # last sequence whose count moved is the one that raised, and those after it are untouched: fail
+                # its request and record the rest again. tests/engine/test_faults.py pins this down.
+                moved = [i for i, ((seq, _), n) in enumerate(zip(plan.scheduled, computed))
+                         if seq.num_computed_tokens != n]
+                if not moved:
+                    raise
+                bad = plan.scheduled[moved[-1]][0]
+                logger.exception("recording request %s's tokens failed; failing that request alone", bad.request_id)
+                failed[bad.request_id] = exc
+                rest = [(item, n) for item, n in zip(plan.scheduled[moved[-1] + 1 :], computed[moved[-1] + 1 :])
+                        if item[0].request_id not in failed]
+                plan = SchedulerOutput([item for item, _ in rest])
+                computed = [n for _, n in rest]
+
+    def _fail(self, failed: dict[str, Exception], outputs: list[RequestOutput]) -> list[RequestOutput]:
+        """Abort the requests that failed in this step, keeping their errors for take_failures; the step's outputs
+        with each failed request's last one instead of its others."""
+        outputs = [output for output in outputs if output.request_id not in failed]
+        for request_id, exc in failed.items():
+            self.failures[request_id] = exc.with_traceback(None)  # logged already; its frames hold a step's tensors
+            if (output := self.abort(request_id)) is not None:
+                outputs.append(output)
+        return outputs
+
+    def _drop_infeasible(self, now: float) -> list[RequestOutput]:
+        """End, with their error, the waiting requests that can no longer meet their deadline; their last outputs."""
+        outputs = []
+        for seq, error in self.deadlines.infeasible(now):
+            request = self.requests.get(seq.request_id)
+            if request is None:  # a sibling sample of a request dropped a moment ago
+                continue
+            request.metrics.deadline_status, request.metrics.deadline_error = "dropped", str(error)
+            if (output := self.abort(seq.request_id)) is not None:
                 outputs.append(output)
         return outputs
 
@@ -207,6 +272,31 @@ class LLMEngine:
             metrics=request.metrics,
             prompt_logprobs=prompt_logprobs,
         )
+
+
+def _drop_failed_samples(plan: SchedulerOutput, seqs: list[Sequence], sampled: SamplerOutput) -> dict[str, Exception]:
+    """Take the requests whose sampling failed out of this step's plan and samples (in place); their errors."""
+    if not sampled.failed:
+        return {}
+    failed = {seqs[i].request_id: exc for i, exc in sampled.failed.items()}
+    kept = [i for i, seq in enumerate(seqs) if seq.request_id not in failed]
+    seqs[:] = [seqs[i] for i in kept]
+    sampled.token_ids[:] = [sampled.token_ids[i] for i in kept]
+    sampled.logprobs[:] = [sampled.logprobs[i] for i in kept]
+    plan.scheduled[:] = [(seq, n) for seq, n in plan.scheduled if seq.request_id not in failed]
+    return failed
+
+
+def _judge_deadline(request: _Request, now: float) -> None:
+    """Mark an answered request with a deadline as met or missed (an aborted one was not answered: no mark)."""
+    params, metrics = request.params, request.metrics
+    waited = now - metrics.arrival_time
+    first = (metrics.first_token_time or now) - metrics.arrival_time
+    if params.deadline_ms is None and params.ttft_deadline_ms is None:
+        return
+    late = ((params.deadline_ms is not None and waited > params.deadline_ms / 1000)
+            or (params.ttft_deadline_ms is not None and first > params.ttft_deadline_ms / 1000))
+    metrics.deadline_status = "missed" if late else "met"
 
 
 def _finish(request: _Request, now: float) -> None:

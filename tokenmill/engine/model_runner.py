@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.config import EngineConfig
+from tokenmill.engine.cuda_graphs import GRAPH_BATCH_SIZES, DecodeGraphs
 from tokenmill.engine.kv_cache import KVCache
 from tokenmill.engine.sequence import Sequence
 from tokenmill.layers.attention import AttentionMetadata, PrefillChunk, attention_metadata
@@ -46,13 +47,28 @@ class ModelRunner:
         self.kv_cache = KVCache(config, source.config, self.model)
         self.block_size = config.block_size
         self.num_blocks = self.kv_cache.num_blocks
+        # The block manager's sliding-window layout (BlockManager): the window whose blocks are released, and
+        # the sliding layers' own pool where full-attention layers keep theirs.
+        self.sliding_window = self.kv_cache.sliding_window
+        self.num_sliding_blocks = self.kv_cache.num_sliding_blocks
+        self.graphs: DecodeGraphs | None = None
+        # NOTE: a hybrid model's sliding layers read their own tables (AttentionMetadata.sliding), which the graphs'
+        # static buffers do not hold: those models decode eagerly.
+        if self.device.type == "cuda" and not config.enforce_eager and not self.num_sliding_blocks:
+            max_blocks = -(-source.config.max_position_embeddings // self.block_size)
+            self.graphs = DecodeGraphs(self.model, list(GRAPH_BATCH_SIZES), max_blocks, self.block_size, self.device,
+                                       capture=True)
 
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Sequence, int]]) -> RunnerOutput:
         """Run the scheduled tokens; return the logits to sample from and the prompt rows asked for."""
         batch = self.prepare(scheduled)
-        with attention_metadata(batch.metadata):
-            hidden = self.model(batch.input_ids, batch.positions)
+        hidden = None
+        if self.graphs is not None and batch.metadata.num_decodes == len(batch.input_ids):
+            hidden = self.graphs.run(batch.input_ids, batch.positions, batch.metadata)
+        if hidden is None:
+            with attention_metadata(batch.metadata):
+                hidden = self.model(batch.input_ids, batch.positions)
         logits = self.model.compute_logits(hidden[batch.sample_rows]).float()
         prompt_logits = [
             (seq, start, self.model.compute_logits(hidden[row : row + count]).float())
@@ -72,7 +88,8 @@ class ModelRunner:
             drafts = seq.draft_token_ids
             # A speculating sequence computes its last token and its drafts: a verification chunk, attended
             # causally like a prompt chunk.
-            chunks.append(Chunk(seq.token_ids[start : start + n - len(drafts)] + drafts, start, seq.block_table))
+            chunks.append(Chunk(seq.token_ids[start : start + n - len(drafts)] + drafts, start, seq.block_table,
+                                seq.sliding_table or None))
             if start + n == seq.num_tokens + len(drafts):
                 sample_rows += range(query_start + n - 1 - len(drafts), query_start + n)
                 sample_seqs.append(seq)
@@ -86,11 +103,13 @@ class ModelRunner:
 
 @dataclass
 class Chunk:
-    """Consecutive tokens of one sequence to compute, from position start, over its block table."""
+    """Consecutive tokens of one sequence to compute, from position start, over its block table(s)."""
 
     token_ids: list[int]
     start: int
     block_table: list[int]
+    # A hybrid model's sliding layers' table (Sequence.sliding_table); None where every layer reads block_table.
+    sliding_table: list[int] | None = None
 
 
 def flat_batch(
@@ -99,30 +118,38 @@ def flat_batch(
     """Token ids, positions and attention metadata of chunks laid end to end (single tokens must come first)."""
     input_ids: list[int] = []
     positions: list[int] = []
-    slots: list[int] = []
     prefills: list[PrefillChunk] = []
     row_seqs: list[int] = []  # each token's index into chunks
     for i, chunk in enumerate(chunks):
-        n, start, table = len(chunk.token_ids), chunk.start, chunk.block_table
+        n, start = len(chunk.token_ids), chunk.start
         if n > 1:
             prefills.append(PrefillChunk(len(input_ids), n, start + n))
         input_ids += chunk.token_ids
         positions += range(start, start + n)
-        slots += [table[p // block_size] * block_size + p % block_size for p in range(start, start + n)]
         row_seqs += [i] * n
-    # Built once per step rather than in each layer; padding points at block 0, past every row's keys.
-    width = max(len(c.block_table) for c in chunks)
-    padded = _tensor([c.block_table + [0] * (width - len(c.block_table)) for c in chunks], device)
-    position_ids = _tensor(positions, device)
-    metadata = AttentionMetadata(
-        slot_mapping=_tensor(slots, device),
-        row_tables=padded.view(len(chunks), width).index_select(0, _tensor(row_seqs, device)),
-        row_lens=position_ids + 1,
-        block_size=block_size,
-        num_decodes=sum(len(c.token_ids) == 1 for c in chunks),
-        prefills=prefills,
-    )
-    return _tensor(input_ids, device), position_ids, metadata
+    position_ids, row_index = _tensor(positions, device), _tensor(row_seqs, device)
+    num_decodes = sum(len(c.token_ids) == 1 for c in chunks)
+
+    def metadata(tables: list[list[int]]) -> AttentionMetadata:
+        slots = [table[p // block_size] * block_size + p % block_size
+                 for c, table in zip(chunks, tables) for p in range(c.start, c.start + len(c.token_ids))]
+        # Built once per step rather than in each layer; padding and released entries (RELEASED, -1) point
+        # at block 0, outside every row's window of keys.
+        width = max(len(t) for t in tables)
+        padded = _tensor([t + [0] * (width - len(t)) for t in tables], device).clamp_(min=0)
+        return AttentionMetadata(
+            slot_mapping=_tensor(slots, device),
+            row_tables=padded.view(len(chunks), width).index_select(0, row_index),
+            row_lens=position_ids + 1,
+            block_size=block_size,
+            num_decodes=num_decodes,
+            prefills=prefills,
+        )
+
+    meta = metadata([c.block_table for c in chunks])
+    if chunks[0].sliding_table is not None:
+        meta.sliding = metadata([c.sliding_table for c in chunks])
+    return _tensor(input_ids, device), position_ids, meta
 
 
 def _tensor(values: list, device: torch.device) -> torch.Tensor:

@@ -37,14 +37,16 @@ class Scheduler:
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.block_manager = block_manager
-        self.waiting: list[Sequence] = []  # kept sorted by Sequence.sort_key
+        # The waiting queue's order, also the preemption order (the last in it goes first).
+        self.order = Sequence.deadline_key if config.scheduling_policy == "deadline" else Sequence.sort_key
+        self.waiting: list[Sequence] = []  # kept sorted by self.order
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        """Queue a new (or preempted) sequence in priority, then arrival, order."""
+        """Queue a new (or preempted) sequence in the policy's order (deadline, or priority and arrival)."""
         seq.status = SequenceStatus.WAITING
-        bisect.insort(self.waiting, seq, key=Sequence.sort_key)
+        bisect.insort(self.waiting, seq, key=self.order)
 
     def has_unfinished(self) -> bool:
         """True while any sequence waits or runs."""
@@ -67,7 +69,7 @@ class Scheduler:
             seq.draft_token_ids = drafts
             n += len(drafts)
             while not self.block_manager.can_allocate(seq, n):
-                victim = max(self.running, key=Sequence.sort_key)
+                victim = max(self.running, key=self.order)
                 budget += self._preempt(victim, out)
                 if victim is seq:
                     break

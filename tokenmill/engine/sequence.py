@@ -54,6 +54,8 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0
         self.block_table: list[int] = []
+        # Hybrid sliding-window models (Gemma 3): the sliding layers' blocks, those before the window released.
+        self.sliding_table: list[int] = []
         self.block_hashes: list[int] = []
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
@@ -169,3 +171,18 @@ class Sequence:
     def sort_key(self) -> tuple[int, float, int]:
         """Scheduling order: lower priority value first, then earlier arrival."""
         return (self.params.priority, self.arrival_time, self.seq_id)
+
+    @property
+    def deadline(self) -> float | None:
+        """When (time.perf_counter) this sequence's next promise falls due: its first token, else its whole answer."""
+        due = []
+        if self.params.ttft_deadline_ms is not None and self.num_output_tokens == 0:
+            due.append(self.arrival_time + self.params.ttft_deadline_ms / 1000)
+        if self.params.deadline_ms is not None:
+            due.append(self.arrival_time + self.params.deadline_ms / 1000)
+        return min(due, default=None)
+
+    def deadline_key(self) -> tuple:
+        """Earliest-deadline-first order: sequences with a deadline by it, then the rest in sort_key order."""
+        deadline = self.deadline
+        return (1, *self.sort_key()) if deadline is None else (0, deadline, self.seq_id)

@@ -35,6 +35,9 @@ class AttentionMetadata:
     # For the PyTorch path: decodes (one token each) come first in the flat batch, then prefill chunks.
     num_decodes: int
     prefills: list[PrefillChunk]
+    # Hybrid models (Gemma 3): the same rows over the sliding layers' own pool and block tables, whose
+    # entries before the window point at block 0 (released; masked, and never read by the C++ op).
+    sliding: "AttentionMetadata | None" = None
 
     def __post_init__(self) -> None:
         # NOTE: the PyTorch path reads the first num_decodes rows as one decode batch; a prompt chunk among
@@ -100,6 +103,8 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim]; views into the QKV output
         meta = current_metadata()
+        if self.sliding_window is not None and meta.sliding is not None:
+            meta = meta.sliding
         if q.device.type == "cpu" and self.native_shape and ops.available():
             torch.ops.tokenmill.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
             out = q.new_empty(q.shape)
@@ -108,10 +113,18 @@ class Attention(nn.Module):
                 self.k_scale, self.v_scale,
             )
             return out
+        if q.is_cuda and self.k_scale is None:
+            # Triton comes with CUDA builds of PyTorch; imported here so that CPU runs never load it.
+            from tokenmill.layers.triton_attention import paged_attention
+
+            _store(self.k_cache, None, k, meta.slot_mapping)
+            _store(self.v_cache, None, v, meta.slot_mapping)
+            return paged_attention(q, self.k_cache, self.v_cache, meta.row_tables, meta.row_lens, self.scale,
+                                   self.sliding_window)
         return self._forward_pytorch(q, k, v, meta)
 
     def _forward_pytorch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Without the C++ ops (GPU, no compiler, an odd head_dim): SDPA over gathered decodes and each chunk."""
+        """Without the C++ ops or Triton (no compiler, an odd head_dim, an int8 pool on GPU): SDPA, gathering."""
         _store(self.k_cache, self.k_scale, k, meta.slot_mapping)
         _store(self.v_cache, self.v_scale, v, meta.slot_mapping)
         if self.k_cache.dtype != q.dtype and meta.prefills:

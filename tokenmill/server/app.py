@@ -24,6 +24,7 @@ from tokenmill.router import AUTO
 from tokenmill.server.auth import require_api_key
 from tokenmill.server.chat import create_chat_completion
 from tokenmill.server.completions import create_completion
+from tokenmill.server.dashboard import dashboard_router
 from tokenmill.server.embedding_metrics import EmbeddingMetrics
 from tokenmill.server.embeddings import create_embedding, embedders_of
 from tokenmill.server.errors import APIError, install_handlers
@@ -49,7 +50,8 @@ def build_app(engines: dict[str, LLMEngine], config: ServerConfig,
     models: dict[str, ServedModel] = {}
     for name, engine in engines.items():
         series = metrics if name == first else metrics.for_model(name)
-        front = AsyncEngine(engine, on_stats=series.observe_stats, on_finished=series.observe_finished)
+        front = AsyncEngine(engine, on_stats=series.observe_stats, on_finished=series.observe_finished,
+                            watchdog_timeout=config.watchdog_timeout)
         models[name] = ServedModel(name, front, engine.tokenizer, engine.max_model_len)
     state = ServerState(models, config, metrics)
     embedding_metrics = EmbeddingMetrics(metrics.registry)
@@ -88,6 +90,7 @@ def build_app(engines: dict[str, LLMEngine], config: ServerConfig,
     app.add_api_route("/health", health, methods=["GET"], response_model=None)
     app.add_api_route("/version", get_version, methods=["GET"], response_model=None)
     app.add_api_route("/metrics", get_metrics, methods=["GET"], response_model=None)
+    app.include_router(dashboard_router(config.api_key))
     return app
 
 
@@ -144,13 +147,16 @@ def _model_card(model: ServedModel) -> dict:
 
 
 async def health(request: Request) -> Response:
-    """200 while every engine thread runs, 503 naming those that do not; never behind auth."""
-    stopped = [repr(model.name) for model in state_of(request).models.values() if not model.engine.is_running]
+    """200 while every engine thread runs and none is stalled, 503 naming those that are not; never behind auth."""
+    models = state_of(request).models.values()
+    stopped = [repr(model.name) for model in models if not model.engine.is_running]
     stopped += [repr(name) for name, engine in embedders_of(request).items() if not engine.is_running]
-    if not stopped:
+    problems = [f"the engine of {', '.join(stopped)} is not running"] if stopped else []
+    problems += [f"the engine of {model.name!r} is stalled: {model.engine.stalled}"
+                 for model in models if model.engine.is_running and model.engine.stalled]
+    if not problems:
         return JSONResponse({"status": "ok"})
-    return APIError(503, f"the engine of {', '.join(stopped)} is not running; see the server log",
-                    type="server_error").response()
+    return APIError(503, f"{'; '.join(problems)}; see the server log", type="server_error").response()
 
 
 async def get_version() -> dict:

@@ -12,9 +12,11 @@ from fastapi import Request
 
 from tokenmill.config import ServerConfig
 from tokenmill.engine.async_engine import AsyncEngine, RequestStream
+from tokenmill.engine.deadlines import DeadlineError
 from tokenmill.loader.tokenizer import Tokenizer
 from tokenmill.outputs import RequestMetrics, RequestOutput, accumulate
 from tokenmill.sampling import SamplingParams
+from tokenmill.server.deadlines import deadline_refused, dropped_error
 from tokenmill.server.errors import APIError, from_exception
 from tokenmill.server.metrics import Metrics
 
@@ -27,6 +29,8 @@ class ServedModel:
     engine: AsyncEngine
     tokenizer: Tokenizer
     max_model_len: int
+    # Prompt tokens of requests on their way into the engine, not yet in its waiting count (--max-waiting-tokens).
+    pending_tokens: int = 0
 
 
 @dataclass
@@ -64,20 +68,38 @@ async def submit(state: ServerState, model: ServedModel, prompts: list[list[int]
     engine = model.engine
     if not engine.is_running:
         raise APIError(503, f"the engine of {model.name!r} is not running; see the server log", type="server_error")
+    if engine.stalled:
+        raise APIError(503, f"the engine of {model.name!r} is stalled: {engine.stalled}; retry later",
+                       type="server_error", code="engine_stalled")
     # Each model has its own queue, so the limit is per model: a busy one does not turn away the others' requests.
     if engine.num_waiting >= state.config.max_waiting:
         raise APIError(429, f"{engine.num_waiting} requests are already waiting for {model.name!r} (limit "
                        f"{state.config.max_waiting}); retry shortly", type="rate_limit_error",
                        code="too_many_waiting_requests", headers={"Retry-After": "1"})
+    tokens = sum(len(p) for p in prompts) * params.n
+    limit = state.config.max_waiting_tokens
+    queued = 0 if limit is None else engine.stats.num_waiting_tokens + model.pending_tokens
+    # A queue that is empty takes any prompt: one longer than the bound would otherwise never be served.
+    if limit is not None and queued and queued + tokens > limit:
+        raise APIError(429, f"{queued} prompt tokens are already waiting for {model.name!r} and this request adds "
+                       f"{tokens} (limit {limit}); retry shortly", type="rate_limit_error",
+                       code="too_many_waiting_tokens", headers={"Retry-After": "1"})
     arrival = time.perf_counter()
     streams: list[RequestStream] = []
+    # NOTE: counted until the engine thread has taken the adds, by when its waiting count includes them.
+    model.pending_tokens += tokens
     try:
         for i, prompt in enumerate(prompts):
             streams.append(await engine.add_request(f"{id_prefix}-{i}", prompt, params, arrival))
-    except BaseException:
+    except BaseException as exc:
         for stream in streams:
             stream.close()  # NOTE: closing an unfinished stream aborts its request
+        if isinstance(exc, DeadlineError):
+            state.metrics.observe_deadline(model.name, "refused")
+            raise deadline_refused(str(exc)) from exc
         raise
+    finally:
+        model.pending_tokens -= tokens
     return streams
 
 
@@ -99,6 +121,8 @@ async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reque
             i, item = await arrivals.get()
             if isinstance(item, Exception):
                 raise item
+            if (error := dropped_error(item)) is not None:  # its deadline became infeasible while it waited
+                raise error
             unfinished -= item.finished
             yield i, item
     finally:
