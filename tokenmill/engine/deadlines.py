@@ -60,7 +60,11 @@ class DeadlineKeeper:
             return []
         late, ahead_tokens, ahead = [], 0, 0
         for seq in self.scheduler.waiting:
-            if seq.deadline is not None and (why := self._late(seq, ahead_tokens, ahead, now)) is not None:
+            # The queue is in Sequence.deadline_key order: past the last sequence with a deadline there is nothing
+            # to drop, so a step without deadlines in the queue costs one look.
+            if seq.deadline is None:
+                break
+            if (why := self._late(seq, ahead_tokens, ahead, now)) is not None:
                 late.append((seq, DeadlineError(f"dropped while waiting: {why[0]}", why[1])))
             else:  # a dropped sequence holds up nobody behind it
                 ahead_tokens, ahead = ahead_tokens + seq.num_uncomputed_tokens, ahead + 1
