@@ -10,6 +10,11 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if not torch.cuda.is_available():
+    # NOTE: Triton's library functions (tl.max, tl.sum) are built for its interpreter only if this is set
+    # before triton is first imported, which transformers' tests may do before the Triton kernel's test.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from tokenmill.loader import catalog  # noqa: E402
 
 
