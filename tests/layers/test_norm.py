@@ -20,3 +20,19 @@ def test_fused_add_rms_norm_matches_add_then_rms_norm(dtype, tolerance):
         out, new_residual = norm(x.clone(), residual.clone())
     torch.testing.assert_close(new_residual.float(), expected_residual, rtol=tolerance, atol=tolerance)
     torch.testing.assert_close(out.float(), expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_rms_norm_of_strided_head_slices_matches_pytorch(dtype, tolerance):
+    assert ops.available(), "the C++ ops must build on the test machine"
+    norm = RMSNorm(32, eps=1e-6).to(dtype)
+    norm.weight.data = torch.rand(32).to(dtype) + 0.5
+    # Query heads sliced out of rows that also hold key heads, as the q/k norms see them.
+    heads = torch.randn(7, 5, 32).to(dtype)[:, :3]
+    rows = torch.randn(4, 32).to(dtype)
+    with torch.inference_mode():
+        for x in (heads, rows):
+            out = norm(x)
+            expected = F.rms_norm(x.float(), (32,), norm.weight.float(), 1e-6)
+            assert out.is_contiguous() and out.shape == x.shape
+            torch.testing.assert_close(out.float(), expected, rtol=tolerance, atol=tolerance)

@@ -1,5 +1,5 @@
-// RMSNorm with the residual add fused in, for the CPU decode path: one pass over each row instead of
-// the five ops (add, square, mean, rsqrt, scale) and float32 round trip PyTorch runs for it.
+// RMSNorm, alone and with the residual add fused in, for the CPU decode path: one pass over each row
+// instead of the five ops (add, square, mean, rsqrt, scale) and float32 round trip PyTorch runs for it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -37,6 +37,38 @@ void add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight,
   });
 }
 
+// out = x / rms(x) * weight, row by row. x is [rows, dim] or [tokens, heads, dim] with contiguous rows
+// at any stride (a slice of the query/key heads); out is contiguous.
+template <typename T>
+void rms_norm_rows(const at::Tensor& x, at::Tensor& out, const at::Tensor& weight, double eps) {
+  const int64_t dim = x.size(-1), heads = x.dim() == 3 ? x.size(1) : 1, rows = out.numel() / dim;
+  const int64_t token_stride = x.stride(0), head_stride = x.dim() == 3 ? x.stride(1) : 0;
+  const T* xp = x.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const T* wp = weight.data_ptr<T>();
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const T* xr = xp + (i / heads) * token_stride + (i % heads) * head_stride;
+      T* orow = op + i * dim;
+      f32x16 squares = {};
+      for (int64_t d = 0; d < dim; d += kLanes) {
+        const f32x16 h = load(xr + d);
+        squares += h * h;
+      }
+      const float inv = 1.f / std::sqrt(sum(squares) / float(dim) + float(eps));
+      for (int64_t d = 0; d < dim; d += kLanes) store(orow + d, load(xr + d) * inv * load(wp + d));
+    }
+  });
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK((x.dim() == 2 || x.dim() == 3) && x.stride(-1) == 1 && weight.is_contiguous());
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type() && weight.numel() == x.size(-1) && x.size(-1) % kLanes == 0);
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  dispatch_float(x, "rms_norm", [&](auto type) { rms_norm_rows<decltype(type)>(x, out, weight, eps); });
+  return out;
+}
+
 void fused_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && residual.is_contiguous() && weight.is_contiguous());
   TORCH_CHECK(x.sizes() == residual.sizes() && x.scalar_type() == residual.scalar_type() &&
@@ -47,9 +79,11 @@ void fused_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& w
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
+  m.impl("rms_norm", rms_norm);
   m.impl("fused_add_rms_norm", fused_add_rms_norm);
 }
