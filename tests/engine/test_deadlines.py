@@ -1,9 +1,10 @@
 """Deadlines in the engine: earliest-deadline-first order, refusal on arrival, dropping while waiting, met/missed."""
 
+from dataclasses import dataclass
+
 import pytest
 
 from tokenmill.config import EngineConfig
-from tokenmill.cost.accounting import StepTimeModel
 from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.deadlines import WARMUP_STEPS, DeadlineError, DeadlineKeeper
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
@@ -19,12 +20,14 @@ def engine(make_engine):
     return make_engine(max_num_seqs=2, max_num_batched_tokens=64)
 
 
-class FixedStepTimes(StepTimeModel):
+@dataclass
+class FixedStepTimes:
     """A step-time fit that says what the test sets, as if measured over many steps."""
 
-    def __init__(self, per_step: float, per_prefill_token: float = 0.0, num_steps: int = 100) -> None:
-        super().__init__()
-        self.per_step, self.per_prefill_token, self.num_steps = per_step, per_prefill_token, num_steps
+    per_step: float
+    per_prefill_token: float = 0.0
+    num_steps: int = 100
+    per_decode_token: float = 0.0
 
     def observe(self, prefill_tokens: int, decode_tokens: int, seconds: float) -> None:
         pass  # the test, not the real steps, sets the engine's speed

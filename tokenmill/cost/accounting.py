@@ -26,16 +26,38 @@ class StepTimeModel:
         self._xty = np.zeros(3)
         self._yty = 0.0
         self.num_steps = 0
-        self.per_prefill_token, self.per_decode_token, self.per_step = 0.0, 0.0, 0.0
+        # The coefficients as of the last read; None once a step is added. Refitting takes 0.1-0.2 ms (lstsq),
+        # and most steps (decodes alone, no deadlines) never read them.
+        self._fitted: tuple[float, float, float] | None = (0.0, 0.0, 0.0)
 
     def observe(self, prefill_tokens: int, decode_tokens: int, seconds: float) -> None:
-        """Add one measured step and refit."""
+        """Add one measured step; the fit follows on the next read."""
         x = np.array([prefill_tokens, decode_tokens, 1.0])
         self._xtx += np.outer(x, x)
         self._xty += x * seconds
         self._yty += seconds * seconds
         self.num_steps += 1
-        self.per_prefill_token, self.per_decode_token, self.per_step = self._fit()
+        self._fitted = None
+
+    @property
+    def per_prefill_token(self) -> float:
+        """Seconds per prompt token."""
+        return self._coefficients()[0]
+
+    @property
+    def per_decode_token(self) -> float:
+        """Seconds per decoded token."""
+        return self._coefficients()[1]
+
+    @property
+    def per_step(self) -> float:
+        """Seconds a step costs whatever is in it."""
+        return self._coefficients()[2]
+
+    def _coefficients(self) -> tuple[float, float, float]:
+        if self._fitted is None:
+            self._fitted = self._fit()
+        return self._fitted
 
     def _fit(self) -> tuple[float, float, float]:
         """Non-negative least squares: the plain fit if it is non-negative, else the best fit on fewer terms."""
@@ -62,11 +84,16 @@ class StepTimeModel:
 
     def split(self, rows: list[Work], seconds: float) -> list[tuple[float, float]]:
         """Each row's (prefill, decode) seconds of a step that took `seconds`; together they are `seconds`."""
-        # Each row is weighed by its predicted time, the per-step term shared evenly by the rows; the weights
-        # only set the proportions, so the measured time (not the prediction) is what gets split.
-        overhead = self.per_step / len(rows)
-        weights = [(self.per_prefill_token * p + overhead * p / (p + d),
-                    self.per_decode_token * d + overhead * d / (p + d)) for p, d in rows]
+        if len(set(rows)) == 1 and not all(rows[0]):
+            # Like rows, each all prompt or all decode (a decode-only step): equal shares whatever the fit.
+            weights = [(float(p), float(d)) for p, d in rows]
+        else:
+            # Each row is weighed by its predicted time, the per-step term shared evenly by the rows; the weights
+            # only set the proportions, so the measured time (not the prediction) is what gets split.
+            per_prefill, per_decode, per_step = self._coefficients()
+            overhead = per_step / len(rows)
+            weights = [(per_prefill * p + overhead * p / (p + d), per_decode * d + overhead * d / (p + d))
+                       for p, d in rows]
         total = math.fsum(wp + wd for wp, wd in weights)
         if total <= 0:  # nothing fitted yet that these rows use: fall back to tokens, all alike
             weights, total = [(float(p), float(d)) for p, d in rows], float(sum(p + d for p, d in rows))
