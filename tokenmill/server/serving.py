@@ -84,23 +84,43 @@ async def submit(state: ServerState, model: ServedModel, prompts: list[list[int]
         raise APIError(429, f"{queued} prompt tokens are already waiting for {model.name!r} and this request adds "
                        f"{tokens} (limit {limit}); retry shortly", type="rate_limit_error",
                        code="too_many_waiting_tokens", headers={"Retry-After": "1"})
-    arrival = time.perf_counter()
-    streams: list[RequestStream] = []
     # NOTE: counted until the engine thread has taken the adds, by when its waiting count includes them.
     model.pending_tokens += tokens
     try:
-        for i, prompt in enumerate(prompts):
-            streams.append(await engine.add_request(f"{id_prefix}-{i}", prompt, params, arrival))
-    except BaseException as exc:
-        for stream in streams:
-            stream.close()  # NOTE: closing an unfinished stream aborts its request
-        if isinstance(exc, DeadlineError):
-            state.metrics.observe_deadline(model.name, "refused")
-            raise deadline_refused(str(exc)) from exc
-        raise
+        return await _add_all(engine, prompts, params, id_prefix)
+    except DeadlineError as exc:
+        state.metrics.observe_deadline(model.name, "refused")
+        raise deadline_refused(str(exc)) from exc
     finally:
         model.pending_tokens -= tokens
-    return streams
+
+
+async def _add_all(engine: AsyncEngine, prompts: list[list[int]], params: SamplingParams,
+                   id_prefix: str) -> list[RequestStream]:
+    """One stream per prompt, or none and the first error: the others are aborted."""
+    arrival = time.perf_counter()
+    # All queued at once, so the engine thread takes them between two steps: awaited one by one, a request of
+    # 1,000 prompts took 1,000 steps to get in, its first prompts decoding meanwhile.
+    adds = [asyncio.ensure_future(engine.add_request(f"{id_prefix}-{i}", prompt, params, arrival))
+            for i, prompt in enumerate(prompts)]
+    try:
+        await asyncio.wait(adds)
+    except asyncio.CancelledError:
+        for add in adds:
+            add.cancel()  # an add not yet taken aborts itself when cancelled
+        await asyncio.wait(adds)
+        _close_added(adds)
+        raise
+    if error := next((add.exception() for add in adds if add.exception() is not None), None):
+        _close_added(adds)
+        raise error
+    return [add.result() for add in adds]
+
+
+def _close_added(adds: list[asyncio.Future]) -> None:
+    for add in adds:
+        if not add.cancelled() and add.exception() is None:
+            add.result().close()  # NOTE: closing an unfinished stream aborts its request
 
 
 async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:

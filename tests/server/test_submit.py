@@ -1,0 +1,91 @@
+"""Admission of a many-prompt request: every prompt enters the engine between the same two steps, or none does."""
+
+import asyncio
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from tokenmill.config import ServerConfig
+from tokenmill.engine.async_engine import AsyncEngine
+from tokenmill.errors import InvalidRequestError
+from tokenmill.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
+from tokenmill.sampling import SamplingParams
+from tokenmill.server.errors import APIError
+from tokenmill.server.metrics import Metrics
+from tokenmill.server.serving import ServedModel, ServerState, submit
+
+
+class CountingEngine:
+    """Records the step count each request arrived at; a request runs until aborted; prompt [0] is invalid."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.arrived_at: dict[str, int] = {}
+        self.running: set[str] = set()
+        self.aborted: list[str] = []
+        self.lock = threading.Lock()
+
+    def add_request(self, request_id, prompt, params, arrival_time) -> None:
+        if prompt == [0]:
+            raise InvalidRequestError("token 0 is not allowed", param="prompt")
+        self.arrived_at[request_id] = self.steps
+        self.running.add(request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.running)
+
+    def step(self) -> list[RequestOutput]:
+        self.steps += 1
+        return []
+
+    def take_failures(self) -> dict:
+        return {}
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        if request_id not in self.running:
+            return None
+        self.running.discard(request_id)
+        self.aborted.append(request_id)
+        sample = CompletionOutput(0, "", [], "abort")
+        return RequestOutput(request_id, None, [1], [sample], True, 0, RequestMetrics(0.0))
+
+    def stats(self) -> EngineStats:
+        return EngineStats(len(self.running), 0, 10, 10, 0, 0, 0)
+
+
+def _submit(stub: CountingEngine, prompts: list[list[int]]):
+    async def main():
+        front = AsyncEngine(stub)
+        front.start()
+        model = ServedModel("m", front, SimpleNamespace(), 2048)
+        state = ServerState({"m": model}, ServerConfig(), Metrics("m"))
+        try:
+            # One request already decoding keeps the engine stepping while the next is admitted.
+            busy = await submit(state, model, [[1]], SamplingParams(max_tokens=10**9), "busy")
+            streams = await submit(state, model, prompts, SamplingParams(max_tokens=10**9), "many")
+            for stream in [*busy, *streams]:
+                stream.close()
+            return streams, model.pending_tokens
+        finally:
+            await front.stop()
+
+    return asyncio.run(main())
+
+
+def test_all_prompts_of_a_request_enter_between_the_same_two_steps():
+    stub = CountingEngine()
+    streams, pending = _submit(stub, [[i + 1] for i in range(200)])
+    assert len(streams) == 200 and pending == 0
+    steps = {stub.arrived_at[f"many-{i}"] for i in range(200)}
+    assert len(steps) == 1  # one by one, they took 200 steps
+
+
+def test_an_invalid_prompt_admits_none_and_aborts_the_rest():
+    stub = CountingEngine()
+    with pytest.raises(InvalidRequestError):
+        _submit(stub, [[1], [2], [0], [3]])
+    arrived = {r for r in stub.arrived_at if r.startswith("many")}
+    assert {"many-0", "many-1"} <= arrived and "many-2" not in arrived
+    assert {r for r in stub.aborted if r.startswith("many")} == arrived
+    assert not any(r.startswith("many") for r in stub.running)
