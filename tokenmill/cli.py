@@ -12,6 +12,7 @@ from tokenmill.bench import compare, early_exit, offline, overload
 from tokenmill.bench import embed as bench_embed
 from tokenmill.bench import gpu as bench_gpu
 from tokenmill.bench import profile as bench_profile
+from tokenmill.bench import scale as bench_scale
 from tokenmill.bench import serve as bench_serve
 from tokenmill.bench import soak as bench_soak
 from tokenmill.bench import speculative, structured
@@ -125,6 +126,9 @@ def _parser() -> argparse.ArgumentParser:
     bench_soak.add_arguments(_command(kinds, "soak", "mixed traffic with cancels, disconnects and timeouts for a "
                                       "set time; then every request ended, no KV block leaked, RSS stayed flat",
                                       bench_soak.main))
+    bench_scale.add_arguments(_command(kinds, "scale", "replicas on Ray Serve: prefix-aware against default routing, "
+                                       "or autoscaling up, down, to zero and back (needs tokenmill[ray])",
+                                       bench_scale.main))
     bench_gpu.add_arguments(_command(kinds, "gpu", "decode step time against the memory bound, CUDA graphs on and off, "
                                      "offline throughput against transformers, on a random 1B Llama", bench_gpu.main))
     return parser

@@ -51,7 +51,10 @@ def ray_server(smollm2_path, tmp_path_factory) -> Iterator[RayServer]:
     server = RayServer(process, port, log)
     try:
         deadline = time.monotonic() + _START_TIMEOUT_S
-        while not _ready(server):
+        # NOTE: Serve's proxy answers as soon as one engine replica runs, while the other may still be loading
+        # the model; the tests need both, which the "serving ... on 2 replicas" line (after serve.run returned,
+        # every replica running) says.
+        while not (_ready(server) and "serving smollm2-135m on 2 replicas" in log.read_text()):
             assert process.poll() is None, f"serve exited {process.returncode}:\n{log.read_text()}"
             assert time.monotonic() < deadline, f"serve did not come up:\n{log.read_text()}"
             time.sleep(1)

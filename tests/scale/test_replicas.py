@@ -4,6 +4,7 @@ import asyncio
 import os
 import signal
 import time
+from collections import Counter
 
 import httpx
 import openai
@@ -48,14 +49,11 @@ def test_both_replicas_serve_and_metrics_label_each(ray_server):
         assert all(raw.parse().choices[0].finish_reason in ("length", "stop") for raw in raws)
         return [int(raw.headers["x-tokenmill-pid"]) for raw in raws]
 
-    # NOTE: a cold burst can all land on one replica, before Ray Serve has either replica's queue length cached
-    # (seen once in three CI runs); the next bursts see the loads.
-    pids: set[int] = set()
-    for _ in range(3):
-        pids |= set(asyncio.run(run()))
-        if len(pids) == 2:
-            break
-    assert len(pids) == 2  # least-loaded routing (prompts under one block) spreads them over both
+    # One burst, right after start-up: the replica whose queue length the router has not cached yet (the
+    # readiness probes went to one) must still get its share (test_routing.py pins the rule).
+    per_replica = Counter(asyncio.run(run()))
+    # Prompts under one block: least loaded first, equal loads in turn (4 and 4 unless some finish early).
+    assert len(per_replica) == 2 and min(per_replica.values()) >= 2, per_replica
     time.sleep(2.5)  # the replicas push their series every second
     text = httpx.get(f"{ray_server.url}/metrics", timeout=30).text
     finished = {s.labels["replica"]: s.value for f in text_string_to_metric_families(text) for s in f.samples

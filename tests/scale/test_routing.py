@@ -1,6 +1,8 @@
 """The prefix-aware routing rule, the replica flags and the merged /metrics, without starting Ray."""
 
+import asyncio
 import sys
+import uuid
 from collections import Counter
 
 import pytest
@@ -33,10 +35,10 @@ def test_only_full_blocks_count_and_a_prompt_under_one_block_has_no_key():
 def test_a_key_goes_to_its_replica_first_and_the_others_rank_second():
     loads = {"a": 0, "b": 0, "c": 0}
     key = prefix_key(list(range(64)), BLOCK)
-    ranks, reason = rank(key, loads)
+    order, reason = rank(key, loads)
     owner = preferred(key, list(loads))
     assert reason == "prefix"
-    assert ranks[0] == [owner] and sorted(ranks[1]) == sorted(set(loads) - {owner})
+    assert order[0] == owner and sorted(order[1:]) == sorted(set(loads) - {owner})
 
 
 def test_keys_spread_over_replicas_and_removing_one_moves_only_its_keys():
@@ -52,13 +54,63 @@ def test_a_busy_owner_is_passed_over_for_the_least_loaded_rank():
     owner = preferred(key, ["a", "b"])
     other = "b" if owner == "a" else "a"
     assert rank(key, {owner: 4, other: 0}, max_imbalance=4)[1] == "prefix"
-    ranks, reason = rank(key, {owner: 5, other: 0}, max_imbalance=4)
-    assert reason == "least_loaded" and ranks == [[other], [owner]]
-    assert rank(None, {owner: 0, other: 0}) == ([[owner, other]], "least_loaded")
+    assert rank(key, {owner: 5, other: 0}, max_imbalance=4) == ([other, owner], "least_loaded")
 
 
 def test_without_a_prefix_replicas_rank_by_load_so_an_idle_one_is_tried_first():
-    assert rank(None, {"a": 3, "b": 0, "c": 1, "d": 0}) == ([["b", "d"], ["c"], ["a"]], "least_loaded")
+    assert rank(None, {"a": 3, "b": 0, "c": 1, "d": 0}) == (["b", "d", "c", "a"], "least_loaded")
+
+
+def test_equally_loaded_replicas_take_turns_so_a_burst_on_unchanged_loads_spreads():
+    loads = {"a": 1, "b": 0, "c": 0, "d": 0}
+    firsts = [rank(None, loads, turn=turn)[0][0] for turn in range(6)]
+    assert firsts == ["b", "c", "d", "b", "c", "d"]
+    assert all(rank(None, loads, turn=turn)[0][-1] == "a" for turn in range(6))  # the busier one stays last
+
+
+@pytest.mark.ray  # needs tokenmill[ray]; starts no Ray cluster (about a second)
+def test_a_cold_burst_spreads_when_only_one_replica_has_a_cached_queue_length():
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID, RequestMetadata
+    from ray.serve.request_router import PendingRequest
+
+    from tokenmill.scale.request_router import PrefixAwareRouter
+
+    deployment = DeploymentID(name="engine", app_name="tokenmill")
+
+    class FakeReplica:  # what Ray Serve's routing loop reads of a RunningReplica
+        def __init__(self, name: str) -> None:
+            self.replica_id = ReplicaID(unique_id=name, deployment_id=deployment)
+            self.max_ongoing_requests, self.ongoing = 32, 0
+            self.node_id, self.availability_zone, self.multiplexed_model_ids = "", None, set()
+
+        async def get_queue_len(self, *, deadline_s: float) -> int:
+            await asyncio.sleep(0.01)  # a probe is an RPC: other routing tasks run meanwhile
+            return self.ongoing
+
+        def push_proxy_handle(self, handle: object) -> None:
+            pass
+
+    async def burst() -> Counter:
+        router = PrefixAwareRouter(deployment, DeploymentHandleSource.UNKNOWN, use_replica_queue_len_cache=True)
+        router.initialize_state()
+        probed, fresh = FakeReplica("probed"), FakeReplica("fresh")
+        router.update_replicas([probed, fresh])
+        await asyncio.sleep(0.05)  # Ray Serve probes new replicas once, on arrival
+        # Then one entry expires, as when that replica sat idle past the 10 s cache timeout.
+        router.replica_queue_len_cache.invalidate_key(fresh.replica_id)
+
+        async def send(i: int) -> str:
+            # As Ray Serve's handle does: route (no key: a prompt under one block), then send and count it.
+            request = PendingRequest(args=[None], kwargs={}, metadata=RequestMetadata(str(i), uuid.uuid4().hex))
+            replica = await router._choose_replica_for_request(request)
+            router.on_send_request(replica.replica_id)
+            replica.ongoing += 1
+            return replica.replica_id.unique_id
+
+        return Counter(await asyncio.gather(*(send(i) for i in range(8))))
+
+    # Before: both in one rank, Ray Serve took the cached replica for all 8 and only probed the other.
+    assert asyncio.run(burst()) == {"probed": 4, "fresh": 4}
 
 
 def test_replicas_without_ray_fail_at_once_saying_how_to_install_it(monkeypatch, capsys):
@@ -69,12 +121,20 @@ def test_replicas_without_ray_fail_at_once_saying_how_to_install_it(monkeypatch,
     assert "pip install 'tokenmill[ray]'" in err and "--replicas" in err
 
 
+def test_bench_scale_without_ray_fails_at_once_saying_how_to_install_it(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    monkeypatch.setitem(sys.modules, "ray.serve", None)
+    assert main(["bench", "scale", "autoscale"]) == 1
+    err = capsys.readouterr().err
+    assert "pip install 'tokenmill[ray]'" in err and "`bench scale`" in err
+
+
 def test_autoscaling_flags_become_ray_serves_autoscaling_config():
     config = ScaleConfig(1, min_replicas=0, max_replicas=3, target_ongoing_requests=2, upscale_delay=1,
                          downscale_delay=5)
     assert config.deployment_options() == {"autoscaling_config": {
         "min_replicas": 0, "max_replicas": 3, "initial_replicas": 1, "target_ongoing_requests": 2,
-        "upscale_delay_s": 1, "downscale_delay_s": 5, "look_back_period_s": 1.0}}
+        "upscale_delay_s": 1, "downscale_delay_s": 5, "metrics_interval_s": 0.5, "look_back_period_s": 2.0}}
     assert ScaleConfig(2).deployment_options() == {"num_replicas": 2}
     with pytest.raises(InvalidRequestError, match="--min-replicas 0"):
         ScaleConfig(0)

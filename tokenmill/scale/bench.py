@@ -1,8 +1,5 @@
-"""Ray Serve benchmarks too slow for the test suite: prefix-aware vs default routing, and autoscaling.
-
-    python -m tokenmill.scale.bench routing     # same run, same workload: prefix routing, then Ray's default
-    python -m tokenmill.scale.bench autoscale   # a load step up and down, then scale to zero and a cold start
-"""
+"""Ray Serve benchmarks too slow for the test suite (`tokenmill bench scale`, tokenmill/bench/scale.py, runs them):
+prefix-aware against default routing, and autoscaling."""
 
 import argparse
 import asyncio
@@ -89,24 +86,49 @@ def routing(args: argparse.Namespace) -> None:
     serve.shutdown()
 
 
-def _replicas() -> int:
-    """Running engine replicas right now."""
-    deployments = serve.status().applications["tokenmill"].deployments["engine"]
-    return deployments.replica_states.get("RUNNING", 0)
+class ReplicaWatch:
+    """Polls Serve's status of the engine deployment on a thread; keeps each change of its replica counts."""
 
+    def __init__(self, period_s: float = 0.2) -> None:
+        self.period_s = period_s
+        # (monotonic time, replicas not stopping, running, all including stopping), one per change.
+        self.samples: list[tuple[float, int, int, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
 
-def _wait_replicas(target: int, timeout: float) -> float | None:
-    """Seconds until exactly `target` engine replicas run, or None after timeout."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if _replicas() == target:
-            return time.monotonic() - start
-        time.sleep(0.5)
-    return None
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            app = serve.status().applications.get("tokenmill")
+            states = app.deployments["engine"].replica_states if app and "engine" in app.deployments else {}
+            total = sum(states.values())
+            counts = (total - states.get("STOPPING", 0), states.get("RUNNING", 0), total)
+            if not self.samples or self.samples[-1][1:] != counts:
+                self.samples.append((time.monotonic(), *counts))
+            self._stop.wait(self.period_s)
+
+    def first(self, since: float, live: int | None = None, running: int | None = None, total: int | None = None,
+              timeout: float = 300) -> float | None:
+        """Seconds after `since` until the counts first matched (None ones match anything), waiting up to timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for t, *counts in self.samples:
+                if t >= since and all(want is None or have == want
+                                      for want, have in zip((live, running, total), counts)):
+                    return round(t - since, 1)
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(self.period_s)
+
+    def stop(self) -> None:
+        """End the polling thread."""
+        self._stop.set()
+        self._thread.join()
 
 
 def autoscale(args: argparse.Namespace) -> None:
-    """A load step on 1..2 replicas (when the second starts, when it stops), then scale to zero and a cold start."""
+    """A load step on 1..2 replicas (when the second is decided, runs, serves; when it goes), then scale to zero
+    and a cold start. Times are seconds from the load's start, its end, the redeploy, the cold request."""
     engine = EngineConfig(model=args.model, num_threads=1)
     server = ServerConfig(port=args.port)
     url = f"http://127.0.0.1:{args.port}"
@@ -114,7 +136,9 @@ def autoscale(args: argparse.Namespace) -> None:
                        upscale_delay=args.upscale_delay, downscale_delay=args.downscale_delay)
     start_ray(server, step)
     deploy(engine, server, [args.model], step)
+    watch = ReplicaWatch()
     prompts = shared_prefix_workload(64, 1, 40)
+    first_served: dict[str, float] = {}  # replica id -> when it first answered during the load step
 
     async def load(seconds: float) -> None:
         async with httpx.AsyncClient(base_url=url, timeout=600) as client:
@@ -122,53 +146,38 @@ def autoscale(args: argparse.Namespace) -> None:
 
             async def worker(i: int) -> None:
                 while time.monotonic() < deadline:
-                    await _ttft(client, prompts[i % len(prompts)], 32)
+                    body = {"prompt": prompts[i % len(prompts)], "max_tokens": 32}
+                    response = (await client.post("/v1/completions", json=body)).raise_for_status()
+                    first_served.setdefault(response.headers["x-tokenmill-replica"], time.monotonic())
                     i += 8
             await asyncio.gather(*(worker(i) for i in range(8)))
 
     print(json.dumps({"phase": "load step", "concurrency": 8, **step.deployment_options()}), flush=True)
     loaded = time.monotonic()
-    thread = threading.Thread(target=asyncio.run, args=(load(args.load_seconds),))
-    thread.start()
-    up = _wait_replicas(2, args.load_seconds)
-    print(json.dumps({"second_replica_running_after_s": up and round(up, 1),
-                      "upscale_delay_s": args.upscale_delay}), flush=True)
-    thread.join()
+    asyncio.run(load(args.load_seconds))
     stopped = time.monotonic()
-    down = _wait_replicas(1, args.downscale_delay + 120)
-    print(json.dumps({"load_s": round(stopped - loaded, 1), "back_to_one_after_s": down and round(down, 1),
-                      "downscale_delay_s": args.downscale_delay}), flush=True)
+    served = sorted(first_served.values())
+    print(json.dumps({"load_s": round(stopped - loaded, 1), "upscale_delay_s": args.upscale_delay,
+                      "up_decided_s": watch.first(loaded, live=2, timeout=5),
+                      "second_replica_running_s": watch.first(loaded, running=2, timeout=5),
+                      "second_replica_first_answer_s": round(served[1] - loaded, 1) if len(served) > 1 else None}),
+          flush=True)
+    print(json.dumps({"downscale_delay_s": args.downscale_delay,
+                      "down_decided_after_load_s": watch.first(stopped, live=1, timeout=args.downscale_delay + 120),
+                      "replica_gone_after_load_s": watch.first(stopped, total=1, timeout=60)}), flush=True)
 
     to_zero = replace(step, replicas=1, min_replicas=0, max_replicas=1)
-    redeployed = time.monotonic()  # the idle spell starts as the new bounds reach the controller, not once deployed
-    deploy(engine, server, [args.model], to_zero)
-    idle = _wait_replicas(0, args.downscale_delay + 120) and time.monotonic() - redeployed
-    start = time.perf_counter()
+    redeployed = time.monotonic()
+    deploy(engine, server, [args.model], to_zero)  # Serve replaces the replica: its idle spell starts once deployed
+    deployed = time.monotonic()
+    idle = watch.first(deployed, live=0, timeout=args.downscale_delay + 120)
+    cold = time.monotonic()
     first = httpx.post(f"{url}/v1/completions", json={"prompt": "Hello", "max_tokens": 8}, timeout=600)
-    cold = time.perf_counter() - start
-    print(json.dumps({"zero_replicas_after_idle_s": idle and round(idle, 1), "first_request_status":
-                      first.status_code, "first_request_after_zero_s": round(cold, 1)}), flush=True)
+    answered = time.monotonic() - cold
+    print(json.dumps({"redeploy_s": round(deployed - redeployed, 1), "zero_decided_after_deployed_s": idle,
+                      "first_request_status": first.status_code,
+                      "cold_up_decided_s": watch.first(cold, live=1, timeout=5),
+                      "cold_replica_running_s": watch.first(cold, running=1, timeout=5),
+                      "first_request_after_zero_s": round(answered, 1)}), flush=True)
+    watch.stop()
     serve.shutdown()
-
-
-def main() -> None:
-    """Run one benchmark; each prints JSON lines."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmark", choices=("routing", "autoscale"))
-    parser.add_argument("--model", default=EngineConfig.model)
-    parser.add_argument("--port", type=int, default=8765)
-    parser.add_argument("--replicas", type=int, default=2)
-    parser.add_argument("--groups", type=int, default=8, help="prompt groups, each sharing a document")
-    parser.add_argument("--per-group", type=int, default=4)
-    parser.add_argument("--prefix-words", type=int, default=300)
-    parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, default=4)
-    parser.add_argument("--upscale-delay", type=float, default=5)
-    parser.add_argument("--downscale-delay", type=float, default=15)
-    parser.add_argument("--load-seconds", type=float, default=150)
-    args = parser.parse_args()
-    {"routing": routing, "autoscale": autoscale}[args.benchmark](args)
-
-
-if __name__ == "__main__":
-    main()

@@ -42,11 +42,11 @@ def scale_config(args: argparse.Namespace) -> ScaleConfig | None:
     return config
 
 
-def require_ray() -> None:
+def require_ray(needed_by: str = "--replicas runs engine replicas on Ray Serve",
+                instead: str = "drop --replicas to serve from this process") -> None:
     """Raise InvalidRequestError saying how to install Ray Serve when it is missing."""
     try:
         importlib.import_module("ray.serve")
     except ImportError as exc:
-        raise InvalidRequestError(f"--replicas runs engine replicas on Ray Serve, which is not installed ({exc}); "
-                                  "install it with `pip install 'tokenmill[ray]'`, or drop --replicas to serve "
-                                  "from this process") from exc
+        raise InvalidRequestError(f"{needed_by}, which is not installed ({exc}); install it with "
+                                  f"`pip install 'tokenmill[ray]'`, or {instead}") from exc

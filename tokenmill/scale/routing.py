@@ -29,24 +29,30 @@ def preferred(key: str, replicas: Sequence[Hashable]) -> Hashable:
     return max(replicas, key=lambda r: hashlib.blake2b(f"{key}|{r}".encode(), digest_size=8).digest())
 
 
-def rank(key: str | None, loads: Mapping[Hashable, int], max_imbalance: int = MAX_IMBALANCE
-         ) -> tuple[list[list[Hashable]], str]:
-    """Replicas in ranks of preference (the first rank is tried first, each rank's least loaded wins), and why.
+def rank(key: str | None, loads: Mapping[Hashable, int], max_imbalance: int = MAX_IMBALANCE, turn: int = 0
+         ) -> tuple[list[Hashable], str]:
+    """Replicas in order of preference (the first that is not full takes the request), and why.
 
     loads: each replica's ongoing requests as last known. The reason is `prefix` when the prefix's replica
     comes first, `least_loaded` when the prompt has no full block or that replica is too busy; then, and after
-    the prefix's replica, replicas come in ranks of equal load, least first.
+    the prefix's replica, replicas come least loaded first, equal loads in an order that turns with `turn`.
     """
     replicas = list(loads)
     if key is None or len(replicas) < 2:
-        return _by_load(replicas, loads), "least_loaded"
+        return _by_load(replicas, loads, turn), "least_loaded"
     owner = preferred(key, replicas)
     if loads[owner] - min(loads.values()) > max_imbalance:
-        return _by_load(replicas, loads), "least_loaded"
-    return [[owner], *_by_load([r for r in replicas if r != owner], loads)], "prefix"
+        return _by_load(replicas, loads, turn), "least_loaded"
+    return [owner, *_by_load([r for r in replicas if r != owner], loads, turn)], "prefix"
 
 
-def _by_load(replicas: list[Hashable], loads: Mapping[Hashable, int]) -> list[list[Hashable]]:
-    # NOTE: one rank per load, not one rank for all: within a rank Ray Serve prefers a replica whose queue
-    # length it has cached, so an idle replica it has not probed yet would lose to a busy one it has.
-    return [[r for r in replicas if loads[r] == load] for load in sorted(set(loads[r] for r in replicas))]
+def _by_load(replicas: list[Hashable], loads: Mapping[Hashable, int], turn: int) -> list[Hashable]:
+    # NOTE: ties rotate by turn, one step per decision. A burst is routed on loads that do not move until its
+    # requests are sent, so a fixed (or random) tie order sends several of it to one replica; rotating deals
+    # them out in turn.
+    order = []
+    for load in sorted(set(loads[r] for r in replicas)):
+        tied = [r for r in replicas if loads[r] == load]
+        start = turn % len(tied)
+        order += tied[start:] + tied[:start]
+    return order
