@@ -23,12 +23,13 @@ def test_fused_add_rms_norm_matches_add_then_rms_norm(dtype, tolerance):
 
 
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_rms_norm_of_strided_head_slices_matches_pytorch(dtype, tolerance):
+def test_rms_norm_of_strided_head_slices_matches_pytorch_in_place_or_not(dtype, tolerance):
     assert ops.available(), "the C++ ops must build on the test machine"
     norm = RMSNorm(32, eps=1e-6).to(dtype)
     norm.weight.data = torch.rand(32).to(dtype) + 0.5
     # Query heads sliced out of rows that also hold key heads, as the q/k norms see them.
-    heads = torch.randn(7, 5, 32).to(dtype)[:, :3]
+    qk = torch.randn(7, 5, 32).to(dtype)
+    heads, keys = qk[:, :3], qk[:, 3:].clone()
     rows = torch.randn(4, 32).to(dtype)
     with torch.inference_mode():
         for x in (heads, rows):
@@ -36,3 +37,7 @@ def test_rms_norm_of_strided_head_slices_matches_pytorch(dtype, tolerance):
             expected = F.rms_norm(x.float(), (32,), norm.weight.float(), 1e-6)
             assert out.is_contiguous() and out.shape == x.shape
             torch.testing.assert_close(out.float(), expected, rtol=tolerance, atol=tolerance)
+        expected = F.rms_norm(heads.float(), (32,), norm.weight.float(), 1e-6)
+        norm.normalize_(heads)
+    torch.testing.assert_close(qk[:, :3].float(), expected, rtol=tolerance, atol=tolerance)
+    assert torch.equal(qk[:, 3:], keys)  # the other heads are left alone

@@ -37,19 +37,21 @@ void add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight,
   });
 }
 
-// out = x / rms(x) * weight, row by row. x is [rows, dim] or [tokens, heads, dim] with contiguous rows
-// at any stride (a slice of the query/key heads); out is contiguous.
+// out = x / rms(x) * weight, row by row. x and out are [rows, dim] or [tokens, heads, dim] with contiguous
+// rows at any stride (a slice of the query/key heads); out may be x.
 template <typename T>
 void rms_norm_rows(const at::Tensor& x, at::Tensor& out, const at::Tensor& weight, double eps) {
-  const int64_t dim = x.size(-1), heads = x.dim() == 3 ? x.size(1) : 1, rows = out.numel() / dim;
-  const int64_t token_stride = x.stride(0), head_stride = x.dim() == 3 ? x.stride(1) : 0;
+  const int64_t dim = x.size(-1), heads = x.dim() == 3 ? x.size(1) : 1, rows = x.numel() / dim;
   const T* xp = x.data_ptr<T>();
   T* op = out.data_ptr<T>();
   const T* wp = weight.data_ptr<T>();
+  const auto row_offset = [&](const at::Tensor& t, int64_t i) {
+    return (i / heads) * t.stride(0) + (t.dim() == 3 ? (i % heads) * t.stride(1) : 0);
+  };
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const T* xr = xp + (i / heads) * token_stride + (i % heads) * head_stride;
-      T* orow = op + i * dim;
+      const T* xr = xp + row_offset(x, i);
+      T* orow = op + row_offset(out, i);
       f32x16 squares = {};
       for (int64_t d = 0; d < dim; d += kLanes) {
         const f32x16 h = load(xr + d);
@@ -61,12 +63,11 @@ void rms_norm_rows(const at::Tensor& x, at::Tensor& out, const at::Tensor& weigh
   });
 }
 
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  TORCH_CHECK((x.dim() == 2 || x.dim() == 3) && x.stride(-1) == 1 && weight.is_contiguous());
-  TORCH_CHECK(x.scalar_type() == weight.scalar_type() && weight.numel() == x.size(-1) && x.size(-1) % kLanes == 0);
-  at::Tensor out = at::empty(x.sizes(), x.options());
+void rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, at::Tensor& out) {
+  TORCH_CHECK((x.dim() == 2 || x.dim() == 3) && x.stride(-1) == 1 && out.stride(-1) == 1 && weight.is_contiguous());
+  TORCH_CHECK(x.sizes() == out.sizes() && x.scalar_type() == out.scalar_type() &&
+              x.scalar_type() == weight.scalar_type() && weight.numel() == x.size(-1) && x.size(-1) % kLanes == 0);
   dispatch_float(x, "rms_norm", [&](auto type) { rms_norm_rows<decltype(type)>(x, out, weight, eps); });
-  return out;
 }
 
 void fused_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps) {
@@ -79,7 +80,7 @@ void fused_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& w
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
-  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps, Tensor(a!) out) -> ()");
   m.def("fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
 }
 

@@ -18,12 +18,12 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        fused = x.device.type == "cpu" and x.shape[-1] % ops.LANES == 0 and ops.available()
+        fused = self._fused(x)
         if residual is None:
-            if fused and x.dim() in (2, 3) and x.stride(-1) == 1 and x.dtype == self.weight.dtype:
-                # Gemma 3 runs 73 of these a decode step (query/key and post norms): PyTorch's five ops
-                # were 15% of its step.
-                return torch.ops.tokenmill.rms_norm(x, self.weight, self.eps)
+            if fused:
+                out = torch.empty_like(x, memory_format=torch.contiguous_format)
+                torch.ops.tokenmill.rms_norm(x, self.weight, self.eps, out)
+                return out
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         if fused:
             # NOTE: in place on both, so neither may be a tensor the caller still reads: x is a
@@ -32,3 +32,16 @@ class RMSNorm(nn.Module):
             return x, residual
         x = x + residual
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps), x
+
+    def normalize_(self, x: torch.Tensor) -> None:
+        """Normalize x in place (rows of heads sliced out of a wider tensor, as the query/key norms see them)."""
+        if self._fused(x):
+            torch.ops.tokenmill.rms_norm(x, self.weight, self.eps, x)
+        else:
+            x.copy_(F.rms_norm(x, (x.shape[-1],), self.weight, self.eps))
+
+    def _fused(self, x: torch.Tensor) -> bool:
+        # Gemma 3 runs 73 plain norms a decode step (query/key, post-attention, post-MLP): PyTorch's five
+        # ops for each were 15% of its step.
+        return (x.device.type == "cpu" and x.shape[-1] % ops.LANES == 0 and x.dim() in (2, 3)
+                and x.stride(-1) == 1 and x.dtype == self.weight.dtype and ops.available())

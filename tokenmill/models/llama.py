@@ -34,8 +34,8 @@ class LlamaAttention(nn.Module):
         qk = qkv[:, : self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             # Normalized heads go back into the QKV rows, so the one rotation still covers them.
-            qk[:, : self.num_heads] = self.q_norm(qk[:, : self.num_heads])
-            qk[:, self.num_heads :] = self.k_norm(qk[:, self.num_heads :])
+            self.q_norm.normalize_(qk[:, : self.num_heads])
+            self.k_norm.normalize_(qk[:, self.num_heads :])
         apply_rotary_(qk, cos, sin)
         q, k, v = qkv.split_with_sizes([self.q_size, self.kv_size, self.kv_size], dim=-1)  # no Python wrapper
         kv_shape = (-1, self.num_kv_heads, self.head_dim)
