@@ -1,6 +1,7 @@
 """LLM: the offline API, `LLM(model).generate(prompts, params)` as in vLLM."""
 
 import itertools
+import logging
 from dataclasses import fields
 from typing import Any
 
@@ -14,6 +15,8 @@ from tokenmill.outputs import RequestOutput, accumulate
 from tokenmill.sampling import SamplingParams
 
 Prompt = str | list[int] | dict[str, Any]
+
+logger = logging.getLogger(__name__)
 
 
 class LLM:
@@ -73,11 +76,21 @@ class LLM:
                     for output in self.engine.step():
                         whole[output.request_id] = accumulate(whole.get(output.request_id), output)
                         bar.update(output.finished)
+                    _mark_failed(whole, self.engine.take_failures())
             except BaseException:  # Ctrl-C or a bug: leave the engine clean for the next call
                 for request_id in ids:
                     self.engine.abort(request_id)
                 raise
         return [whole[i] for i in ids]
+
+
+def _mark_failed(whole: dict[str, RequestOutput], failures: dict[str, Exception]) -> None:
+    """A request that failed alone (the others go on) ends with finish_reason "error", not "abort"; its error is logged."""
+    for request_id, error in failures.items():
+        logger.error("request %s failed and was ended: %s", request_id, error)
+        for sample in whole[request_id].outputs if request_id in whole else []:
+            if sample.finish_reason == "abort":
+                sample.finish_reason = "error"
 
 
 def _prompt_input(prompt: Prompt) -> str | list[int]:

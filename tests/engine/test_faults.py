@@ -5,6 +5,7 @@ import threading
 
 import pytest
 
+from tokenmill import LLM
 from tokenmill.engine.async_engine import AsyncEngine, EngineStalledError, EngineStepError
 from tokenmill.engine.sampler import Sampler
 from tokenmill.outputs import accumulate
@@ -61,6 +62,24 @@ def test_a_sampler_error_in_one_request_fails_it_alone(engine, monkeypatch):
     assert finals["bad"].outputs[0].finish_reason == "abort" and len(finals["bad"].outputs[0].token_ids) == 2
     assert {rid: finals[rid].outputs[0].token_ids for rid in expected} == expected
     _assert_pool_empty(engine)
+
+
+def test_offline_generate_ends_a_failed_request_with_error_and_finishes_the_others(smollm2_path, monkeypatch, caplog):
+    llm = LLM(str(smollm2_path))
+    original = Sampler._mask_early_stops
+
+    def broken(self, logits, seqs, offsets):
+        if any(seq.request_id == "offline-1" and seq.num_output_tokens >= 2 for seq in seqs):
+            raise RuntimeError("injected sampler fault")
+        return original(self, logits, seqs, offsets)
+
+    monkeypatch.setattr(Sampler, "_mask_early_stops", broken)
+    first, bad, last = llm.generate(list(PROMPTS.values()), GREEDY)
+    assert bad.outputs[0].finish_reason == "error" and len(bad.outputs[0].token_ids) == 2
+    assert "injected sampler fault" in caplog.text
+    assert [o.outputs[0].finish_reason for o in (first, last)] == ["length", "length"]
+    assert not llm.engine.failures  # taken, not piling up call after call
+    _assert_pool_empty(llm.engine)
 
 
 def test_a_detokenizer_error_in_one_request_fails_it_alone(engine):
