@@ -143,6 +143,15 @@ def test_bad_inputs_get_400_naming_the_field(client, kwargs, param, words):
     assert error.value.body["param"] == param and words in error.value.body["message"]
 
 
+def test_a_lone_surrogate_is_a_400_naming_the_input(served):
+    # Escaped in otherwise valid JSON (the openai client cannot send one): it was a 500 from the tokenizer.
+    body = '{"model": "%s", "input": ["ok", "\\ud800"]}' % MODEL
+    response = httpx.post(f"{served.url}/v1/embeddings", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "input.1" and "lone UTF-16 surrogate" in error["message"]
+
+
 def test_chat_model_for_embeddings_is_a_400(client):
     with pytest.raises(BadRequestError) as error:
         client.embeddings.create(model="smollm2-135m", input="x")

@@ -2,16 +2,17 @@
 
 import asyncio
 import base64
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from tokenmill.embeddings.engine import EmbeddingEngine
 from tokenmill.embeddings.inputs import check_dimensions, shorten, token_inputs
 from tokenmill.server.errors import APIError
+from tokenmill.server.protocol import representable
 from tokenmill.server.serving import state_of
 
 # OpenAI's limit on inputs per request.
@@ -21,7 +22,7 @@ MAX_INPUTS = 2048
 class EmbeddingRequest(BaseModel):
     """OpenAI's embeddings body, with vLLM's truncate_prompt_tokens."""
 
-    # Unknown fields are ignored, as OpenAI does. NOTE: kept here, not in protocol.py, which another change owns.
+    # Unknown fields are ignored, as OpenAI does.
     model_config = ConfigDict(extra="ignore")
 
     input: str | list[str] | list[int] | list[list[int]]
@@ -30,6 +31,12 @@ class EmbeddingRequest(BaseModel):
     dimensions: int | None = None
     user: str | None = None
     truncate_prompt_tokens: int | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _representable(cls, data: Any) -> Any:
+        """Checked before the fields: a lone surrogate would fail in the tokenizer, a huge int in a tensor."""
+        return representable(data)
 
 
 def embedders_of(request: Request) -> dict[str, EmbeddingEngine]:
