@@ -66,6 +66,21 @@ def hf_smollm2(smollm2_path: Path):
 
 
 @pytest.fixture(scope="session")
+def drain():
+    """Step an engine until no request is left; each request's whole output, accumulated from the deltas."""
+    from tokenmill.outputs import accumulate
+
+    def run(engine) -> dict:
+        finals = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                finals[out.request_id] = accumulate(finals.get(out.request_id), out)
+        return finals
+
+    return run
+
+
+@pytest.fixture(scope="session")
 def make_engine(smollm2_source):
     """Build an LLMEngine on the real SmolLM2 weights with the given EngineConfig options."""
     from tokenmill.config import EngineConfig

@@ -10,7 +10,6 @@ from tokenmill.engine.deadlines import WARMUP_STEPS, DeadlineError, DeadlineKeep
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.sequence import Sequence
-from tokenmill.outputs import accumulate
 from tokenmill.sampling import SamplingParams
 from tokenmill.server.metrics import Metrics
 
@@ -39,14 +38,6 @@ def slow_steps(engine, monkeypatch):
     times = FixedStepTimes(per_step=0.05, per_prefill_token=0.001)
     monkeypatch.setattr(engine.deadlines, "times", times)
     return times
-
-
-def _drain(engine) -> dict:
-    finals = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            finals[out.request_id] = accumulate(finals.get(out.request_id), out)
-    return finals
 
 
 def _waiting_ids(engine) -> list[str]:
@@ -102,13 +93,13 @@ def test_step_time_fit_leaves_out_the_warm_up_steps(engine):
     assert keeper.times.per_step + keeper.times.per_decode_token == pytest.approx(0.05)
 
 
-def test_late_answer_is_marked_missed_and_counted(engine, monkeypatch):
+def test_late_answer_is_marked_missed_and_counted(engine, monkeypatch, drain):
     # Before enough steps are measured nothing is refused: "late" runs and ends after its 1 ms.
     monkeypatch.setattr(engine.deadlines, "times", FixedStepTimes(per_step=1.0, num_steps=0))
     engine.add_request("late", "Hello there", SamplingParams(max_tokens=3, ignore_eos=True, deadline_ms=1))
     engine.add_request("roomy", "Hello there", SamplingParams(max_tokens=3, deadline_ms=600_000))
     engine.add_request("plain", "Hello there", SamplingParams(max_tokens=3))
-    finals = _drain(engine)
+    finals = drain(engine)
     assert finals["late"].outputs[0].finish_reason == "length"  # served in full, but late: marked so
     assert finals["late"].metrics.deadline_status == "missed"
     assert finals["roomy"].metrics.deadline_status == "met"

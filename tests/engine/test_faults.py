@@ -20,17 +20,9 @@ def engine(make_engine):
     return make_engine(max_num_batched_tokens=64)
 
 
-def _drain(engine) -> dict:
-    finals = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            finals[out.request_id] = accumulate(finals.get(out.request_id), out)
-    return finals
-
-
-def _alone(engine, request_id: str, params: SamplingParams = GREEDY) -> list[int]:
+def _alone(engine, drain, request_id: str, params: SamplingParams = GREEDY) -> list[int]:
     engine.add_request(request_id, PROMPTS[request_id], params)
-    return _drain(engine)[request_id].outputs[0].token_ids
+    return drain(engine)[request_id].outputs[0].token_ids
 
 
 def _assert_pool_empty(engine) -> None:
@@ -40,11 +32,11 @@ def _assert_pool_empty(engine) -> None:
     assert all(b.ref_count == 0 for b in bm.blocks)
 
 
-def test_a_sampler_error_in_one_request_fails_it_alone(engine, monkeypatch):
+def test_a_sampler_error_in_one_request_fails_it_alone(engine, monkeypatch, drain):
     # A repetition penalty on a neighbour: the batch fails after penalties were written, and sampling each
     # sequence again must not penalize twice.
     penalized = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, repetition_penalty=1.5)
-    expected = {"first": _alone(engine, "first"), "last": _alone(engine, "last", penalized)}
+    expected = {"first": _alone(engine, drain, "first"), "last": _alone(engine, drain, "last", penalized)}
     original = Sampler._mask_early_stops
 
     def broken(self, logits, seqs, offsets):
@@ -56,7 +48,7 @@ def test_a_sampler_error_in_one_request_fails_it_alone(engine, monkeypatch):
     engine.add_request("first", PROMPTS["first"], GREEDY)
     engine.add_request("bad", PROMPTS["bad"], GREEDY)
     engine.add_request("last", PROMPTS["last"], penalized)
-    finals = _drain(engine)
+    finals = drain(engine)
     failures = engine.take_failures()
     assert list(failures) == ["bad"] and "injected sampler fault" in str(failures["bad"])
     assert finals["bad"].outputs[0].finish_reason == "abort" and len(finals["bad"].outputs[0].token_ids) == 2
@@ -82,8 +74,8 @@ def test_offline_generate_ends_a_failed_request_with_error_and_finishes_the_othe
     _assert_pool_empty(llm.engine)
 
 
-def test_a_detokenizer_error_in_one_request_fails_it_alone(engine):
-    expected = {"first": _alone(engine, "first"), "last": _alone(engine, "last")}
+def test_a_detokenizer_error_in_one_request_fails_it_alone(engine, drain):
+    expected = {"first": _alone(engine, drain, "first"), "last": _alone(engine, drain, "last")}
     for request_id in PROMPTS:
         engine.add_request(request_id, PROMPTS[request_id], GREEDY)
     # The middle sequence of the batch: the ones after it must still be recorded, once.
@@ -96,7 +88,7 @@ def test_a_detokenizer_error_in_one_request_fails_it_alone(engine):
         return add(token_id, check_stop)
 
     bad.detokenizer.add = broken
-    finals = _drain(engine)
+    finals = drain(engine)
     assert list(engine.take_failures()) == ["bad"]
     assert finals["bad"].outputs[0].finish_reason == "abort"
     assert {rid: finals[rid].outputs[0].token_ids for rid in expected} == expected
@@ -129,8 +121,8 @@ def engine_prompt(front: AsyncEngine, request_id: str) -> list[int]:
     return front.engine.tokenizer.encode(PROMPTS[request_id])
 
 
-def test_an_exception_in_the_engine_loop_fails_its_requests_and_the_next_is_served(engine, monkeypatch):
-    expected = _alone(engine, "first")
+def test_an_exception_in_the_engine_loop_fails_its_requests_and_the_next_is_served(engine, monkeypatch, drain):
+    expected = _alone(engine, drain, "first")
     execute = engine.runner.execute
     calls = {"n": 0}
 
@@ -152,8 +144,8 @@ def test_an_exception_in_the_engine_loop_fails_its_requests_and_the_next_is_serv
     _assert_pool_empty(engine)
 
 
-def test_a_stuck_step_fails_its_requests_then_the_engine_recovers(engine, monkeypatch):
-    expected = _alone(engine, "first")
+def test_a_stuck_step_fails_its_requests_then_the_engine_recovers(engine, monkeypatch, drain):
+    expected = _alone(engine, drain, "first")
     release, stuck = threading.Event(), threading.Event()
     step = engine.step
 

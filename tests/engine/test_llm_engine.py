@@ -12,15 +12,6 @@ def engine(make_engine):
     return make_engine(max_num_batched_tokens=64)
 
 
-def _drain(engine) -> dict:
-    """Each request's whole output, accumulated from the engine's deltas."""
-    finals = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            finals[out.request_id] = accumulate(finals.get(out.request_id), out)
-    return finals
-
-
 def test_abort_mid_prefill_and_mid_decode_returns_every_block(engine):
     bm = engine.block_manager
     start = bm.num_free_blocks
@@ -52,11 +43,11 @@ def test_stop_string_ends_output_and_never_leaks_into_the_stream(engine):
     assert all(final.startswith(t) for t in seen)
 
 
-def test_stop_strings_wait_for_min_tokens(engine):
+def test_stop_strings_wait_for_min_tokens(engine, drain):
     prompt = "List the numbers one per line:\n1\n2\n3\n"
     engine.add_request("early", prompt, SamplingParams(temperature=0, max_tokens=30, stop=["\n"]))
     engine.add_request("late", prompt, SamplingParams(temperature=0, max_tokens=30, stop=["\n"], min_tokens=6))
-    finals = _drain(engine)
+    finals = drain(engine)
     early, late = finals["early"].outputs[0], finals["late"].outputs[0]
     assert early.finish_reason == late.finish_reason == "stop"
     assert len(early.token_ids) < 6 <= len(late.token_ids)
@@ -64,22 +55,22 @@ def test_stop_strings_wait_for_min_tokens(engine):
     assert "\n" in late.text and late.text.startswith(early.text) and not late.text.endswith("\n")
 
 
-def test_parallel_samples_share_prompt_blocks_and_follow_their_seeds(engine):
+def test_parallel_samples_share_prompt_blocks_and_follow_their_seeds(engine, drain):
     prompt = "Write one sentence about autumn leaves falling in a quiet park near the river."
     base = dict(temperature=1.0, max_tokens=12, ignore_eos=True)
     engine.add_request("n3", prompt, SamplingParams(n=3, seed=10, **base))
-    finals = _drain(engine)
+    finals = drain(engine)
     samples = [o.token_ids for o in finals["n3"].outputs]
     assert len(samples) == 3 and len({tuple(s) for s in samples}) == 3
     for i in range(3):  # sample i uses seed + i, exactly as a separate request would
         engine.add_request(f"single{i}", prompt, SamplingParams(seed=10 + i, **base))
-    singles = _drain(engine)
+    singles = drain(engine)
     assert [singles[f"single{i}"].outputs[0].token_ids for i in range(3)] == samples
 
 
-def test_logprobs_are_returned_per_token(engine):
+def test_logprobs_are_returned_per_token(engine, drain):
     engine.add_request("lp", "The capital of France is", SamplingParams(temperature=0, max_tokens=4, logprobs=3))
-    out = _drain(engine)["lp"].outputs[0]
+    out = drain(engine)["lp"].outputs[0]
     assert len(out.logprobs) == 4
     for token_id, lp in zip(out.token_ids, out.logprobs):
         assert lp.token_id == token_id and lp.top[0][0] == token_id and len(lp.top) == 3
@@ -96,10 +87,10 @@ def test_request_that_cannot_fit_the_pool_is_rejected_at_admission(make_engine):
     assert not small.has_unfinished()
 
 
-def test_higher_priority_request_is_admitted_first(make_engine):
+def test_higher_priority_request_is_admitted_first(make_engine, drain):
     engine = make_engine(max_num_seqs=1)
     engine.add_request("low", "first come", SamplingParams(max_tokens=2, priority=5))
     engine.add_request("high", "second come", SamplingParams(max_tokens=2, priority=0))
     first_out = engine.step()
     assert [o.request_id for o in first_out] == ["high"]
-    _drain(engine)
+    drain(engine)
