@@ -123,26 +123,42 @@ class AsyncEngine:
         arrival_time: float,
     ) -> "RequestStream":
         """Queue a request; its validation error is raised here, before any output is streamed."""
+        return (await self.add_requests([(request_id, prompt_token_ids)], params, arrival_time))[0]
+
+    async def add_requests(
+        self, requests: list[tuple[str, list[int]]], params: SamplingParams, arrival_time: float
+    ) -> list["RequestStream"]:
+        """Queue (request id, prompt) pairs that stand or fall together, as the prompts of one API request: a
+        stream each, or the first validation error raised here and the others aborted."""
         loop = asyncio.get_running_loop()
-        add = _Add(request_id, prompt_token_ids, params, arrival_time, loop.create_future(), asyncio.Queue())
+        adds = [_Add(request_id, prompt, params, arrival_time, loop.create_future(), asyncio.Queue())
+                for request_id, prompt in requests]
         if self._stalled is not None:
             raise EngineStalledError(f"the engine is stalled: {self._stalled}; see the server log")
+        # NOTE: all queued before the first await: the engine thread takes them between two steps (one at a time,
+        # 1,000 prompts took 1,000 steps), and a caller's next look at num_waiting already counts them.
         with self._pending_lock:
             if self._dead or self._thread is None:
                 raise EngineStepError("the engine is not running; see the server log")
-            self._pending += 1
-            self._commands.put(add)
-        self._live[request_id] = add
+            self._pending += len(adds)
+            for add in adds:
+                self._commands.put(add)
+        for add in adds:
+            self._live[add.request_id] = add
         try:
-            await add.accepted
+            await asyncio.wait([add.accepted for add in adds])
         except asyncio.CancelledError:
-            self._forget(request_id)
-            self.abort(request_id)
+            for add in adds:
+                self._forget(add.request_id)
+                self.abort(add.request_id)
             raise
-        except BaseException:
-            self._forget(request_id)
-            raise
-        return RequestStream(self, request_id, add.outputs)
+        streams = [RequestStream(self, add.request_id, add.outputs) for add in adds]
+        error = next((add.accepted.exception() for add in adds if add.accepted.exception() is not None), None)
+        if error is not None:
+            for stream in streams:
+                stream.close()  # NOTE: aborts those the engine took; the others are unknown to it, a no-op
+            raise error
+        return streams
 
     def abort(self, request_id: str) -> None:
         """Ask the engine thread to abort a request; it happens before the next step."""

@@ -87,40 +87,13 @@ async def submit(state: ServerState, model: ServedModel, prompts: list[list[int]
     # NOTE: counted until the engine thread has taken the adds, by when its waiting count includes them.
     model.pending_tokens += tokens
     try:
-        return await _add_all(engine, prompts, params, id_prefix)
+        requests = [(f"{id_prefix}-{i}", prompt) for i, prompt in enumerate(prompts)]
+        return await engine.add_requests(requests, params, time.perf_counter())
     except DeadlineError as exc:
         state.metrics.observe_deadline(model.name, "refused")
         raise deadline_refused(str(exc)) from exc
     finally:
         model.pending_tokens -= tokens
-
-
-async def _add_all(engine: AsyncEngine, prompts: list[list[int]], params: SamplingParams,
-                   id_prefix: str) -> list[RequestStream]:
-    """One stream per prompt, or none and the first error: the others are aborted."""
-    arrival = time.perf_counter()
-    # All queued at once, so the engine thread takes them between two steps: awaited one by one, a request of
-    # 1,000 prompts took 1,000 steps to get in, its first prompts decoding meanwhile.
-    adds = [asyncio.ensure_future(engine.add_request(f"{id_prefix}-{i}", prompt, params, arrival))
-            for i, prompt in enumerate(prompts)]
-    try:
-        await asyncio.wait(adds)
-    except asyncio.CancelledError:
-        for add in adds:
-            add.cancel()  # an add not yet taken aborts itself when cancelled
-        await asyncio.wait(adds)
-        _close_added(adds)
-        raise
-    if error := next((add.exception() for add in adds if add.exception() is not None), None):
-        _close_added(adds)
-        raise error
-    return [add.result() for add in adds]
-
-
-def _close_added(adds: list[asyncio.Future]) -> None:
-    for add in adds:
-        if not add.cancelled() and add.exception() is None:
-            add.result().close()  # NOTE: closing an unfinished stream aborts its request
 
 
 async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
