@@ -4,8 +4,6 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from llguidance import LLMatcher
-
 from tokenmill.errors import InvalidRequestError
 
 # Compact, single-line JSON: with flexible whitespace a small model can spend its whole budget on newlines.
@@ -40,6 +38,10 @@ class StructuredOutput:
 
     def _compile(self) -> str:
         """The llguidance grammar; raises InvalidRequestError with the library's message when it cannot compile."""
+        # Imported here: llguidance and the pydantic it brings are 6 MiB of every process's memory otherwise,
+        # and only requests with a constraint need them.
+        from llguidance import LLMatcher
+
         try:
             if self.json is not None or self.json_object:
                 schema = bounded_numbers(self.json) if self.json is not None else {"type": "object"}
