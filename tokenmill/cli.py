@@ -11,6 +11,7 @@ from pathlib import Path
 from tokenmill.bench import compare, early_exit, offline, overload
 from tokenmill.bench import embed as bench_embed
 from tokenmill.bench import gpu as bench_gpu
+from tokenmill.bench import memory as bench_memory
 from tokenmill.bench import profile as bench_profile
 from tokenmill.bench import scale as bench_scale
 from tokenmill.bench import serve as bench_serve
@@ -126,6 +127,9 @@ def _parser() -> argparse.ArgumentParser:
     bench_soak.add_arguments(_command(kinds, "soak", "mixed traffic with cancels, disconnects and timeouts for a "
                                       "set time; then every request ended, no KV block leaked, RSS stayed flat",
                                       bench_soak.main))
+    bench_memory.add_arguments(_command(kinds, "memory", "peak RSS of many loaded sequences in one generate, against "
+                                        "llama.cpp for the same total context, one fresh process each",
+                                        bench_memory.main))
     bench_scale.add_arguments(_command(kinds, "scale", "replicas on Ray Serve: prefix-aware against default routing, "
                                        "or autoscaling up, down, to zero and back (needs tokenmill[ray])",
                                        bench_scale.main))
