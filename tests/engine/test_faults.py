@@ -25,6 +25,18 @@ def _alone(engine, drain, request_id: str, params: SamplingParams = GREEDY) -> l
     return drain(engine)[request_id].outputs[0].token_ids
 
 
+def _break_sampler(monkeypatch, request_id: str) -> None:
+    """Sampling fails for any batch holding request_id once it has two output tokens."""
+    original = Sampler._mask_early_stops
+
+    def broken(self, logits, seqs, offsets):
+        if any(seq.request_id == request_id and seq.num_output_tokens >= 2 for seq in seqs):
+            raise RuntimeError("injected sampler fault")
+        return original(self, logits, seqs, offsets)
+
+    monkeypatch.setattr(Sampler, "_mask_early_stops", broken)
+
+
 def _assert_pool_empty(engine) -> None:
     bm = engine.block_manager
     assert not engine.has_unfinished() and not engine.requests
@@ -37,14 +49,7 @@ def test_a_sampler_error_in_one_request_fails_it_alone(engine, monkeypatch, drai
     # sequence again must not penalize twice.
     penalized = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, repetition_penalty=1.5)
     expected = {"first": _alone(engine, drain, "first"), "last": _alone(engine, drain, "last", penalized)}
-    original = Sampler._mask_early_stops
-
-    def broken(self, logits, seqs, offsets):
-        if any(seq.request_id == "bad" and seq.num_output_tokens >= 2 for seq in seqs):
-            raise RuntimeError("injected sampler fault")
-        return original(self, logits, seqs, offsets)
-
-    monkeypatch.setattr(Sampler, "_mask_early_stops", broken)
+    _break_sampler(monkeypatch, "bad")
     engine.add_request("first", PROMPTS["first"], GREEDY)
     engine.add_request("bad", PROMPTS["bad"], GREEDY)
     engine.add_request("last", PROMPTS["last"], penalized)
@@ -58,14 +63,7 @@ def test_a_sampler_error_in_one_request_fails_it_alone(engine, monkeypatch, drai
 
 def test_offline_generate_ends_a_failed_request_with_error_and_finishes_the_others(smollm2_path, monkeypatch, caplog):
     llm = LLM(str(smollm2_path))
-    original = Sampler._mask_early_stops
-
-    def broken(self, logits, seqs, offsets):
-        if any(seq.request_id == "offline-1" and seq.num_output_tokens >= 2 for seq in seqs):
-            raise RuntimeError("injected sampler fault")
-        return original(self, logits, seqs, offsets)
-
-    monkeypatch.setattr(Sampler, "_mask_early_stops", broken)
+    _break_sampler(monkeypatch, "offline-1")
     first, bad, last = llm.generate(list(PROMPTS.values()), GREEDY)
     assert bad.outputs[0].finish_reason == "error" and len(bad.outputs[0].token_ids) == 2
     assert "injected sampler fault" in caplog.text
