@@ -146,7 +146,8 @@ class AsyncEngine:
         for add in adds:
             self._live[add.request_id] = add
         try:
-            await asyncio.wait([add.accepted for add in adds])
+            if adds:
+                await asyncio.wait([add.accepted for add in adds])
         except asyncio.CancelledError:
             for add in adds:
                 self._forget(add.request_id)
