@@ -2,28 +2,24 @@
 
 import asyncio
 import base64
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, model_validator
 
 from tokenmill.embeddings.engine import EmbeddingEngine
 from tokenmill.embeddings.inputs import check_dimensions, shorten, token_inputs
 from tokenmill.server.errors import APIError
-from tokenmill.server.protocol import representable
+from tokenmill.server.protocol import RequestBody
 from tokenmill.server.serving import state_of
 
 # OpenAI's limit on inputs per request.
 MAX_INPUTS = 2048
 
 
-class EmbeddingRequest(BaseModel):
+class EmbeddingRequest(RequestBody):
     """OpenAI's embeddings body, with vLLM's truncate_prompt_tokens."""
-
-    # Unknown fields are ignored, as OpenAI does.
-    model_config = ConfigDict(extra="ignore")
 
     input: str | list[str] | list[int] | list[list[int]]
     model: str | None = None
@@ -31,12 +27,6 @@ class EmbeddingRequest(BaseModel):
     dimensions: int | None = None
     user: str | None = None
     truncate_prompt_tokens: int | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _representable(cls, data: Any) -> Any:
-        """Checked before the fields: a lone surrogate would fail in the tokenizer, a huge int in a tensor."""
-        return representable(data)
 
 
 def embedders_of(request: Request) -> dict[str, EmbeddingEngine]:

@@ -150,8 +150,8 @@ def _guided_json(value: dict[str, Any] | str | None) -> StructuredOutput | None:
     return None if value is None else StructuredOutput(json=_schema(value, "guided_json"), param="guided_json")
 
 
-class _GenerationRequest(BaseModel):
-    """Fields shared by completions and chat completions, plus vLLM's sampling extensions."""
+class RequestBody(BaseModel):
+    """An API request's body: unknown fields ignored, and nothing no field can hold (see representable)."""
 
     # Unknown fields are ignored, as OpenAI does, so clients that send newer fields keep working.
     model_config = ConfigDict(extra="ignore")
@@ -161,6 +161,10 @@ class _GenerationRequest(BaseModel):
     def _representable(cls, data: Any) -> Any:
         """Checked before the fields: a lone surrogate would fail in the tokenizer, a huge int in a tensor."""
         return representable(data)
+
+
+class _GenerationRequest(RequestBody):
+    """Fields shared by completions and chat completions, plus vLLM's sampling extensions."""
 
     # OpenAI marks these nullable; None means the default, as there.
     model: str | None = None
