@@ -23,7 +23,7 @@ def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def _fused(gate_up: torch.Tensor) -> bool:
-    return gate_up.device.type == "cpu" and gate_up.dim() == 2 and gate_up.shape[-1] // 2 % ops.LANES == 0 \
+    return gate_up.is_cpu and gate_up.dim() == 2 and gate_up.shape[-1] // 2 % ops.LANES == 0 \
         and ops.available()
 
 

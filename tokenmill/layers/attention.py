@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill import ops
+from tokenmill.layers.base import Layer
 
 
 @dataclass
@@ -80,7 +81,7 @@ def current_metadata() -> AttentionMetadata:
     return meta
 
 
-class Attention(nn.Module):
+class Attention(Layer):
     """Writes this step's K/V into the paged pool and attends over each sequence's cached context."""
 
     def __init__(
@@ -105,7 +106,7 @@ class Attention(nn.Module):
         meta = current_metadata()
         if self.sliding_window is not None and meta.sliding is not None:
             meta = meta.sliding
-        if q.device.type == "cpu" and self.native_shape and ops.available():
+        if q.is_cpu and self.native_shape and ops.available():
             torch.ops.tokenmill.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
             out = q.new_empty(q.shape)
             torch.ops.tokenmill.paged_attention(

@@ -5,9 +5,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill import ops
+from tokenmill.layers.base import Layer
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(Layer):
     """Root-mean-square layer norm; with a residual, adds it first and returns the new residual too."""
 
     def __init__(self, dim: int, eps: float) -> None:
@@ -43,5 +44,5 @@ class RMSNorm(nn.Module):
     def _fused(self, x: torch.Tensor) -> bool:
         # Gemma 3 runs 73 plain norms a decode step (query/key, post-attention, post-MLP): PyTorch's five
         # ops for each were 15% of its step.
-        return (x.device.type == "cpu" and x.shape[-1] % ops.LANES == 0 and x.dim() in (2, 3)
+        return (x.is_cpu and x.shape[-1] % ops.LANES == 0 and x.dim() in (2, 3)
                 and x.stride(-1) == 1 and x.dtype == self.weight.dtype and ops.available())

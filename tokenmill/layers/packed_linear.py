@@ -5,10 +5,12 @@ import logging
 import torch
 from torch import nn
 
+from tokenmill.layers.base import Layer
+
 logger = logging.getLogger(__name__)
 
 
-class PackedLinear(nn.Module):
+class PackedLinear(Layer):
     """nn.Linear whose weight oneDNN reorders at load rather than in every call."""
 
     def __init__(self, linear: nn.Linear) -> None:

@@ -2,6 +2,7 @@
 
 from collections.abc import Callable, Iterable
 from functools import partial
+from itertools import islice
 
 import torch
 from torch import nn
@@ -10,11 +11,12 @@ from tokenmill.config import ModelConfig
 from tokenmill.errors import ModelLoadError
 from tokenmill.layers.activation import silu_and_mul
 from tokenmill.layers.attention import Attention
+from tokenmill.layers.base import Layer
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding, apply_rotary_
 
 
-class LlamaAttention(nn.Module):
+class LlamaAttention(Layer):
     """Grouped-query self-attention with a fused QKV projection; qk_norm adds Qwen3's per-head norms."""
 
     def __init__(self, config: ModelConfig, layer: int, qk_norm: bool = False) -> None:
@@ -43,7 +45,7 @@ class LlamaAttention(nn.Module):
         return self.o_proj(o.view(-1, self.q_size))
 
 
-class LlamaMLP(nn.Module):
+class LlamaMLP(Layer):
     """Gated feed-forward with a fused gate/up projection: SwiGLU, or another gate such as Gemma's GeGLU."""
 
     def __init__(
@@ -58,7 +60,7 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.gate_and_mul(self.gate_up_proj(x)))
 
 
-class LlamaDecoderLayer(nn.Module):
+class LlamaDecoderLayer(Layer):
     """Pre-norm attention and MLP blocks with the residual carried between them."""
 
     def __init__(self, config: ModelConfig, layer: int, qk_norm: bool = False, mlp: nn.Module | None = None) -> None:
@@ -80,7 +82,7 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(Layer):
     """Token ids and positions of a flat batch in, hidden states out; logits for chosen rows."""
 
     # Checkpoint projection name -> (fused parameter, shard index).
@@ -124,7 +126,7 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         residual = None
-        for layer in self.layers[:num_layers]:
+        for layer in islice(self.layers, num_layers):  # slicing a ModuleList builds a new one: 85 us
             x, residual = layer(x, residual, cos, sin)
         x, _ = self.norm(x, residual)
         return x

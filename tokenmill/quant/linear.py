@@ -6,9 +6,10 @@ from torch import nn
 
 from tokenmill.errors import ModelLoadError
 from tokenmill import ops
+from tokenmill.layers.base import Layer
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(Layer):
     """y = x @ W.T + b with W stored quantized: the C++ kernel on CPU in float32, dequantized elsewhere.
 
     Weights are unsigned levels in groups along the input, each group with a float16 step and
@@ -53,11 +54,11 @@ class QuantizedLinear(nn.Module):
         # 2 us of a 20 us call on a 576 x 576 layer.
         flat = x.dim() == 2
         rows = x if flat else x.reshape(-1, self.in_features)
-        if x.device.type == "cpu" and x.dtype == torch.float32:
+        if x.is_cpu and x.dtype == torch.float32:
             # Every batch size, so a row's result never depends on its batch: with AMX tiles from 6 rows
             # on it also beats the dequantized tiles + float32 GEMM it replaced, at SmolLM2's 512-token
             # prefill 1815 against 1350 tok/s (docs/benchmarks.md).
-            out = rows.new_empty(len(rows), self.out_features)
+            out = rows.new_empty(rows.shape[0], self.out_features)
             ops.require().quantized_matmul(rows.contiguous(), self.qweight, self.scale, self.bits, out)
         else:
             out = F.linear(rows, self.dequantize().to(x.dtype))
@@ -109,7 +110,7 @@ def _dequantize_groups(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (grouped * scale[..., :1] + scale[..., 1:]).reshape(len(q), -1)
 
 
-class Int8Embedding(nn.Module):
+class Int8Embedding(Layer):
     """Token embedding read from an Int8Linear's rows, so a tied LM head and embedding share one copy."""
 
     def __init__(self, table: Int8Linear, dtype: torch.dtype) -> None:
