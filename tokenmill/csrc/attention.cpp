@@ -98,6 +98,30 @@ inline void dot_lanes(const float* q, const KV* k, float* out) {
 #endif
 }
 
+#if !(defined(__AVX2__) && !defined(__AVX512F__))
+// dot_lanes for G query heads against up to 16 keys (at[0..n)), the keys' rows loaded once for all G and the
+// queries held in registers; parts: [G][16 keys][16 lanes], keys past n zeroed (as sums16 expects). Each
+// partial takes the same operations in the same order as dot_lanes's.
+template <int V, int G, typename KV>
+inline void dots(const float* q, const KV* keys, const int64_t* at, int64_t n, float* parts) {
+  constexpr int64_t D = V * kLanes;
+  f32x16 qv[G][V];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < V; ++c) qv[g][c] = load(q + g * D + c * kLanes);
+  for (int64_t j = 0; j < kLanes; ++j) {
+    f32x16 dot[G] = {};
+    if (j < n) {
+      const KV* key = keys + at[j] * D;
+      for (int c = 0; c < V; ++c) {
+        const f32x16 k = load(key + c * kLanes);
+        for (int g = 0; g < G; ++g) dot[g] += qv[g][c] * k;
+      }
+    }
+    for (int g = 0; g < G; ++g) store(parts + (g * kLanes + j) * kLanes, dot[g]);
+  }
+}
+#endif
+
 // sum over t < len of weight(t) * values[at[t]]: a head's D = 16 V lanes, one accumulator per vector.
 template <int V, typename KV, typename Weight>
 inline void weighted_sum(int64_t len, const Weight& weight, const KV* values, const int64_t* at, float* out) {
@@ -122,6 +146,27 @@ inline void weighted_sum(int64_t len, const Weight& weight, const KV* values, co
 #endif
 }
 
+#if !(defined(__AVX2__) && !defined(__AVX512F__))
+// weighted_sum for G query heads at once (a chunk of a KV head's group): each value row is loaded once for
+// all G, and G x V independent accumulators keep both FMA pipes busy where one head's V chains waited on
+// their latency. Each head's sum takes the same operations in the same order as weighted_sum's.
+template <int V, int G, typename KV, typename Weight>
+inline void weighted_sums(int64_t len, const Weight& weight, const KV* values, const int64_t* at, float* out) {
+  constexpr int64_t D = V * kLanes;
+  f32x16 acc[G][V] = {};
+  for (int64_t t = 0; t < len; ++t) {
+    float w[G];
+    for (int g = 0; g < G; ++g) w[g] = weight(g, t);
+    for (int c = 0; c < V; ++c) {
+      const f32x16 x = load(values + at[t] * D + c * kLanes);
+      for (int g = 0; g < G; ++g) acc[g][c] += w[g] * x;
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < V; ++c) store(out + g * D + c * kLanes, acc[g][c]);
+}
+#endif
+
 // q: [rows, heads, D], heads side by side (a token's row may hold more, as in the fused QKV output);
 // out: [rows, heads, D]; caches: [blocks, block_size, kv_heads, D]; block_tables: [rows, width], each row's
 // sequence's table; seq_lens: [rows], each row's position + 1: it sees the keys before that, or with a
@@ -145,13 +190,16 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   const int64_t* lens = seq_lens.data_ptr<int64_t>();
   T* op = out.data_ptr<T>();
   const int64_t q_stride = q.stride(0);
+  // AVX-512: query heads of a group in chunks of up to 16 / V, so a chunk's queries or accumulators stay in
+  // registers beside a key or value row.
+  constexpr int64_t kChunk = V >= 16 ? 1 : V >= 8 ? 2 : 4;
   // One task per (row, KV head): the K and V rows it reads serve its whole query group. A prompt's rows
   // see 1 to n keys, and threads take contiguous ranges of tasks, so tasks alternate between the first
   // and the last rows: each range then holds short and long rows alike.
   at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, qf(group * D), total(group);
     std::vector<int64_t> at;  // each key's token-head index into the caches
-    std::vector<float> parts(group * kLanes * kLanes), sums(D);
+    std::vector<float> parts(group * kLanes * kLanes), sums(group * D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / kv_heads, b = i % 2 ? rows - 1 - i / 2 : i / 2, h = task % kv_heads;
       const int64_t first = window > 0 ? std::max<int64_t>(0, lens[b] - window) : 0, len = lens[b] - first;
@@ -166,6 +214,7 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
       }
       scores.resize(group * padded);
       for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
         for (int64_t j = 0; j < kLanes; ++j) {
           if (t0 + j >= len) {
             for (int64_t g = 0; g < group; ++g) std::fill_n(parts.data() + (g * kLanes + j) * kLanes, kLanes, 0.f);
@@ -174,6 +223,18 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
           const KV* key = kp + at[t0 + j] * D;
           for (int64_t g = 0; g < group; ++g) dot_lanes<V>(qf.data() + g * D, key, parts.data() + (g * kLanes + j) * kLanes);
         }
+#else
+        for (int64_t g0 = 0; g0 < group; g0 += kChunk) {
+          const float* qg = qf.data() + g0 * D;
+          float* into = parts.data() + g0 * kLanes * kLanes;
+          switch (std::min(kChunk, group - g0)) {
+            case 4: dots<V, 4>(qg, kp, at.data() + t0, len - t0, into); break;
+            case 3: dots<V, 3>(qg, kp, at.data() + t0, len - t0, into); break;
+            case 2: dots<V, 2>(qg, kp, at.data() + t0, len - t0, into); break;
+            default: dots<V, 1>(qg, kp, at.data() + t0, len - t0, into);
+          }
+        }
+#endif
         for (int64_t g = 0; g < group; ++g) {
           float* s = scores.data() + g * padded + t0;
           sums16(parts.data() + g * kLanes * kLanes, s);
@@ -184,7 +245,19 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
       for (int64_t g = 0; g < group; ++g) {
         float* s = scores.data() + g * padded;
         float top = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t < len; ++t) top = std::max(top, s[t]);
+        int64_t from = 0;
+#if !(defined(__AVX2__) && !defined(__AVX512F__))
+        // The maximum is exact in any order; a lane at a time it cost as much as the scores' dot products.
+        if (len >= kLanes) {
+          f32x16 m = load(s);
+          for (from = kLanes; from + kLanes <= len; from += kLanes) {
+            const f32x16 x = load(s + from);
+            m = m > x ? m : x;
+          }
+          for (int l = 0; l < kLanes; ++l) top = std::max(top, m[l]);
+        }
+#endif
+        for (int64_t t = from; t < len; ++t) top = std::max(top, s[t]);
         total[g] = 0.f;
         int64_t t = 0;
         for (; t + kLanes <= len; t += kLanes) {
@@ -194,12 +267,28 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
         }
         for (; t < len; ++t) { s[t] = std::exp(s[t] - top); total[g] += s[t]; }
       }
+#if defined(__AVX2__) && !defined(__AVX512F__)
       for (int64_t g = 0; g < group; ++g) {
         const float* s = scores.data() + g * padded;
         auto weight = [&](int64_t t) { return kScaled ? s[t] * v_scales[at[t]] : s[t]; };
-        weighted_sum<V>(len, weight, vp, at.data(), sums.data());
-        for (int c = 0; c < V; ++c) store(op + (b * heads + h * group + g) * D + c * kLanes, load(sums.data() + c * kLanes) / total[g]);
+        weighted_sum<V>(len, weight, vp, at.data(), sums.data() + g * D);
       }
+#else
+      for (int64_t g0 = 0; g0 < group; g0 += kChunk) {
+        const float* s = scores.data() + g0 * padded;
+        auto weight = [&](int g, int64_t t) { return kScaled ? s[g * padded + t] * v_scales[at[t]] : s[g * padded + t]; };
+        float* into = sums.data() + g0 * D;
+        switch (std::min(kChunk, group - g0)) {
+          case 4: weighted_sums<V, 4>(len, weight, vp, at.data(), into); break;
+          case 3: weighted_sums<V, 3>(len, weight, vp, at.data(), into); break;
+          case 2: weighted_sums<V, 2>(len, weight, vp, at.data(), into); break;
+          default: weighted_sums<V, 1>(len, weight, vp, at.data(), into);
+        }
+      }
+#endif
+      for (int64_t g = 0; g < group; ++g)
+        for (int c = 0; c < V; ++c)
+          store(op + (b * heads + h * group + g) * D + c * kLanes, load(sums.data() + g * D + c * kLanes) / total[g]);
     }
   });
 }
