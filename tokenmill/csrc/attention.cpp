@@ -72,39 +72,44 @@ inline void sums16(const float* vectors, float* out) {
 #endif
 }
 
-// The two loop-carried sums of attention, per lane: a query's dot products with one key, and a head's
-// values weighted over all keys. NOTE: where 16 lanes are two 256-bit registers (AVX2) they are written
-// on the two halves: GCC kept a loop-carried 16-lane vector on the stack and moved it through general
-// registers, and the op ran 8x slower than on AVX-512. There now 1.5x (one layer of a 512-token prompt,
-// one thread: 8.0 against 5.2 ms; SDPA 6.5): each key's dot product is one dependency chain (splitting
-// it in two measured 2% faster, not kept).
-// Both write their 16 lanes to out rather than return them: a returned 16-lane vector was stored lane by
-// lane there too.
-template <int V, typename KV>
-inline void dot_lanes(const float* q, const KV* k, float* out) {
-#if defined(__AVX2__) && !defined(__AVX512F__)
-  __m256 low = _mm256_setzero_ps(), high = _mm256_setzero_ps();
-  for (int c = 0; c < V; ++c) {
-    const f32x16 key = load(k + c * kLanes);
-    low = _mm256_fmadd_ps(_mm256_loadu_ps(q + c * kLanes), half_of(key, 0), low);
-    high = _mm256_fmadd_ps(_mm256_loadu_ps(q + c * kLanes + 8), half_of(key, 1), high);
-  }
-  _mm256_storeu_ps(out, low);
-  _mm256_storeu_ps(out + 8, high);
-#else
-  f32x16 dot = {};
-  for (int c = 0; c < V; ++c) dot += load(q + c * kLanes) * load(k + c * kLanes);
-  store(out, dot);
-#endif
-}
+// The two sums of attention, per lane: a query head's dot products with each key, and a head's values
+// weighted over all keys. Both take a chunk of G heads of one KV head's group at once: each key or value
+// row is loaded (and widened) once for all of them, and the G heads' independent sums keep both FMA pipes
+// busy where one head's chain waited on its latency (one layer of a 512-token SmolLM2 prompt: 3.7 against
+// 1.9 ms on AVX-512). Every head's sums take the same operations in the same order whatever G is, so a
+// row's result does not depend on the model's group size or on the chunking.
+// NOTE: where 16 lanes are two 256-bit registers (AVX2) the sums are written on the two halves: GCC kept a
+// loop-carried 16-lane vector on the stack and moved it through general registers, and the op ran 8x
+// slower than on AVX-512. Results go to memory rather than being returned: a returned 16-lane vector was
+// stored lane by lane there too.
 
-#if !(defined(__AVX2__) && !defined(__AVX512F__))
-// dot_lanes for G query heads against up to 16 keys (at[0..n)), the keys' rows loaded once for all G and the
-// queries held in registers; parts: [G][16 keys][16 lanes], keys past n zeroed (as sums16 expects). Each
-// partial takes the same operations in the same order as dot_lanes's.
+// Each of G query heads' 16-lane partial dot products with up to 16 keys (at[0..n)); parts: [G][16 keys]
+// [16 lanes], keys past n zeroed (as sums16 expects).
 template <int V, int G, typename KV>
 inline void dots(const float* q, const KV* keys, const int64_t* at, int64_t n, float* parts) {
   constexpr int64_t D = V * kLanes;
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  // 16 registers: the queries are read from memory (L1) rather than held.
+  for (int64_t j = 0; j < kLanes; ++j) {
+    __m256 low[G], high[G];
+    for (int g = 0; g < G; ++g) low[g] = high[g] = _mm256_setzero_ps();
+    if (j < n) {
+      const KV* key = keys + at[j] * D;
+      for (int c = 0; c < V; ++c) {
+        const f32x16 k = load(key + c * kLanes);
+        const __m256 k_low = half_of(k, 0), k_high = half_of(k, 1);
+        for (int g = 0; g < G; ++g) {
+          low[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + c * kLanes), k_low, low[g]);
+          high[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + c * kLanes + 8), k_high, high[g]);
+        }
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      _mm256_storeu_ps(parts + (g * kLanes + j) * kLanes, low[g]);
+      _mm256_storeu_ps(parts + (g * kLanes + j) * kLanes + 8, high[g]);
+    }
+  }
+#else
   f32x16 qv[G][V];
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < V; ++c) qv[g][c] = load(q + g * D + c * kLanes);
@@ -119,18 +124,21 @@ inline void dots(const float* q, const KV* keys, const int64_t* at, int64_t n, f
     }
     for (int g = 0; g < G; ++g) store(parts + (g * kLanes + j) * kLanes, dot[g]);
   }
-}
 #endif
+}
 
-// sum over t < len of weight(t) * values[at[t]]: a head's D = 16 V lanes, one accumulator per vector.
-template <int V, typename KV, typename Weight>
-inline void weighted_sum(int64_t len, const Weight& weight, const KV* values, const int64_t* at, float* out) {
+// sum over t < len of weight(g, t) * values[at[t]] for G heads: D = 16 V lanes each, one accumulator per
+// vector and head.
+template <int V, int G, typename KV, typename Weight>
+inline void weighted_sums(int64_t len, const Weight& weight, const KV* values, const int64_t* at, float* out) {
   constexpr int64_t D = V * kLanes;
 #if defined(__AVX2__) && !defined(__AVX512F__)
+  // 2 V accumulators a head fill the 16 registers: one head at a time (G is 1 here).
+  static_assert(G == 1);
   __m256 acc[2 * V];
   for (int c = 0; c < 2 * V; ++c) acc[c] = _mm256_setzero_ps();
   for (int64_t t = 0; t < len; ++t) {
-    const __m256 w = _mm256_set1_ps(weight(t));
+    const __m256 w = _mm256_set1_ps(weight(0, t));
     for (int c = 0; c < V; ++c) {
       const f32x16 x = load(values + at[t] * D + c * kLanes);
       acc[2 * c] = _mm256_fmadd_ps(w, half_of(x, 0), acc[2 * c]);
@@ -139,20 +147,6 @@ inline void weighted_sum(int64_t len, const Weight& weight, const KV* values, co
   }
   for (int c = 0; c < 2 * V; ++c) _mm256_storeu_ps(out + c * 8, acc[c]);
 #else
-  f32x16 acc[V] = {};
-  for (int64_t t = 0; t < len; ++t)
-    for (int c = 0; c < V; ++c) acc[c] += weight(t) * load(values + at[t] * D + c * kLanes);
-  for (int c = 0; c < V; ++c) store(out + c * kLanes, acc[c]);
-#endif
-}
-
-#if !(defined(__AVX2__) && !defined(__AVX512F__))
-// weighted_sum for G query heads at once (a chunk of a KV head's group): each value row is loaded once for
-// all G, and G x V independent accumulators keep both FMA pipes busy where one head's V chains waited on
-// their latency. Each head's sum takes the same operations in the same order as weighted_sum's.
-template <int V, int G, typename KV, typename Weight>
-inline void weighted_sums(int64_t len, const Weight& weight, const KV* values, const int64_t* at, float* out) {
-  constexpr int64_t D = V * kLanes;
   f32x16 acc[G][V] = {};
   for (int64_t t = 0; t < len; ++t) {
     float w[G];
@@ -164,8 +158,43 @@ inline void weighted_sums(int64_t len, const Weight& weight, const KV* values, c
   }
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < V; ++c) store(out + g * D + c * kLanes, acc[g][c]);
-}
 #endif
+}
+
+// The largest of s[0..len): exact in any order. A lane at a time it cost as much as the scores' dot products.
+inline float maximum(const float* s, int64_t len) {
+  float top = -std::numeric_limits<float>::infinity();
+  int64_t t = 0;
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  if (len >= 8) {
+    __m256 m = _mm256_loadu_ps(s);
+    for (t = 8; t + 8 <= len; t += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + t));
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, m);
+    for (float x : lanes) top = std::max(top, x);
+  }
+#else
+  if (len >= kLanes) {
+    f32x16 m = load(s);
+    for (t = kLanes; t + kLanes <= len; t += kLanes) {
+      const f32x16 x = load(s + t);
+      m = m > x ? m : x;
+    }
+    for (int l = 0; l < kLanes; ++l) top = std::max(top, m[l]);
+  }
+#endif
+  for (; t < len; ++t) top = std::max(top, s[t]);
+  return top;
+}
+
+// Runs f(G) for a chunk of G = n heads as a compile-time constant, n from 1 to kMax (at most 4).
+template <int kMax, typename F>
+inline void with_chunk(int64_t n, F&& f) {
+  if constexpr (kMax >= 4) if (n == 4) return f(std::integral_constant<int, 4>{});
+  if constexpr (kMax >= 3) if (n == 3) return f(std::integral_constant<int, 3>{});
+  if constexpr (kMax >= 2) if (n == 2) return f(std::integral_constant<int, 2>{});
+  f(std::integral_constant<int, 1>{});
+}
 
 // q: [rows, heads, D], heads side by side (a token's row may hold more, as in the fused QKV output);
 // out: [rows, heads, D]; caches: [blocks, block_size, kv_heads, D]; block_tables: [rows, width], each row's
@@ -190,9 +219,14 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   const int64_t* lens = seq_lens.data_ptr<int64_t>();
   T* op = out.data_ptr<T>();
   const int64_t q_stride = q.stride(0);
-  // AVX-512: query heads of a group in chunks of up to 16 / V, so a chunk's queries or accumulators stay in
-  // registers beside a key or value row.
-  constexpr int64_t kChunk = V >= 16 ? 1 : V >= 8 ? 2 : 4;
+  // Query heads of a group in chunks whose queries (scores) or accumulators (weighted sums) stay in registers
+  // beside a key or value row: up to 16 / V heads in the 32 AVX-512 registers; AVX2 reads the queries from
+  // memory and has room for one head's accumulators.
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  constexpr int kScoreChunk = 4, kSumChunk = 1;
+#else
+  constexpr int kScoreChunk = V >= 16 ? 1 : V >= 8 ? 2 : 4, kSumChunk = kScoreChunk;
+#endif
   // One task per (row, KV head): the K and V rows it reads serve its whole query group. A prompt's rows
   // see 1 to n keys, and threads take contiguous ranges of tasks, so tasks alternate between the first
   // and the last rows: each range then holds short and long rows alike.
@@ -214,27 +248,10 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
       }
       scores.resize(group * padded);
       for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
-#if defined(__AVX2__) && !defined(__AVX512F__)
-        for (int64_t j = 0; j < kLanes; ++j) {
-          if (t0 + j >= len) {
-            for (int64_t g = 0; g < group; ++g) std::fill_n(parts.data() + (g * kLanes + j) * kLanes, kLanes, 0.f);
-            continue;
-          }
-          const KV* key = kp + at[t0 + j] * D;
-          for (int64_t g = 0; g < group; ++g) dot_lanes<V>(qf.data() + g * D, key, parts.data() + (g * kLanes + j) * kLanes);
-        }
-#else
-        for (int64_t g0 = 0; g0 < group; g0 += kChunk) {
-          const float* qg = qf.data() + g0 * D;
-          float* into = parts.data() + g0 * kLanes * kLanes;
-          switch (std::min(kChunk, group - g0)) {
-            case 4: dots<V, 4>(qg, kp, at.data() + t0, len - t0, into); break;
-            case 3: dots<V, 3>(qg, kp, at.data() + t0, len - t0, into); break;
-            case 2: dots<V, 2>(qg, kp, at.data() + t0, len - t0, into); break;
-            default: dots<V, 1>(qg, kp, at.data() + t0, len - t0, into);
-          }
-        }
-#endif
+        for (int64_t g0 = 0; g0 < group; g0 += kScoreChunk)
+          with_chunk<kScoreChunk>(std::min<int64_t>(kScoreChunk, group - g0), [&](auto chunk) {
+            dots<V, chunk.value>(qf.data() + g0 * D, kp, at.data() + t0, len - t0, parts.data() + g0 * kLanes * kLanes);
+          });
         for (int64_t g = 0; g < group; ++g) {
           float* s = scores.data() + g * padded + t0;
           sums16(parts.data() + g * kLanes * kLanes, s);
@@ -244,20 +261,7 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
       }
       for (int64_t g = 0; g < group; ++g) {
         float* s = scores.data() + g * padded;
-        float top = -std::numeric_limits<float>::infinity();
-        int64_t from = 0;
-#if !(defined(__AVX2__) && !defined(__AVX512F__))
-        // The maximum is exact in any order; a lane at a time it cost as much as the scores' dot products.
-        if (len >= kLanes) {
-          f32x16 m = load(s);
-          for (from = kLanes; from + kLanes <= len; from += kLanes) {
-            const f32x16 x = load(s + from);
-            m = m > x ? m : x;
-          }
-          for (int l = 0; l < kLanes; ++l) top = std::max(top, m[l]);
-        }
-#endif
-        for (int64_t t = from; t < len; ++t) top = std::max(top, s[t]);
+        const float top = maximum(s, len);
         total[g] = 0.f;
         int64_t t = 0;
         for (; t + kLanes <= len; t += kLanes) {
@@ -267,25 +271,13 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
         }
         for (; t < len; ++t) { s[t] = std::exp(s[t] - top); total[g] += s[t]; }
       }
-#if defined(__AVX2__) && !defined(__AVX512F__)
-      for (int64_t g = 0; g < group; ++g) {
-        const float* s = scores.data() + g * padded;
-        auto weight = [&](int64_t t) { return kScaled ? s[t] * v_scales[at[t]] : s[t]; };
-        weighted_sum<V>(len, weight, vp, at.data(), sums.data() + g * D);
-      }
-#else
-      for (int64_t g0 = 0; g0 < group; g0 += kChunk) {
+      for (int64_t g0 = 0; g0 < group; g0 += kSumChunk) {
         const float* s = scores.data() + g0 * padded;
         auto weight = [&](int g, int64_t t) { return kScaled ? s[g * padded + t] * v_scales[at[t]] : s[g * padded + t]; };
-        float* into = sums.data() + g0 * D;
-        switch (std::min(kChunk, group - g0)) {
-          case 4: weighted_sums<V, 4>(len, weight, vp, at.data(), into); break;
-          case 3: weighted_sums<V, 3>(len, weight, vp, at.data(), into); break;
-          case 2: weighted_sums<V, 2>(len, weight, vp, at.data(), into); break;
-          default: weighted_sums<V, 1>(len, weight, vp, at.data(), into);
-        }
+        with_chunk<kSumChunk>(std::min<int64_t>(kSumChunk, group - g0), [&](auto chunk) {
+          weighted_sums<V, chunk.value>(len, weight, vp, at.data(), sums.data() + g0 * D);
+        });
       }
-#endif
       for (int64_t g = 0; g < group; ++g)
         for (int c = 0; c < V; ++c)
           store(op + (b * heads + h * group + g) * D + c * kLanes, load(sums.data() + g * D + c * kLanes) / total[g]);
