@@ -58,3 +58,10 @@ def test_deleted_names_are_gone_from_both():
         layer.offset
     with pytest.raises(AttributeError):
         layer.inner
+
+
+def test_a_forward_hook_is_refused_rather_than_never_called():
+    with pytest.raises(NotImplementedError, match="without hooks"):
+        Scaled().register_forward_hook(lambda module, args, out: None)
+    with pytest.raises(NotImplementedError, match="without hooks"):
+        Scaled().register_forward_pre_hook(lambda module, args: None)

@@ -16,9 +16,14 @@ class Layer(nn.Module):
     Python finds it before ever calling __getattr__; every way nn.Module replaces one keeps the copy in step.
     """
 
-    # NOTE: no forward hooks: tokenmill registers none on its layers, and a call here runs forward directly.
+    # NOTE: no forward hooks: a call runs forward directly, so registering one fails rather than never firing.
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.forward(*args, **kwargs)
+
+    def register_forward_hook(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} is a tokenmill Layer, called without hooks")
+
+    register_forward_pre_hook = register_forward_hook
 
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
