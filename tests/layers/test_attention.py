@@ -10,12 +10,15 @@ from tokenmill.layers.attention import Attention, AttentionMetadata, PrefillChun
 BLOCK_SIZE = 4
 
 
-def _layer(dtype: torch.dtype, num_blocks: int = 16, kv_dtype: torch.dtype | None = None) -> Attention:
-    layer = Attention(num_heads=6, num_kv_heads=2, head_dim=32)
+def _layer(
+    dtype: torch.dtype, num_blocks: int = 16, kv_dtype: torch.dtype | None = None, num_heads: int = 6,
+    num_kv_heads: int = 2, head_dim: int = 32,
+) -> Attention:
+    layer = Attention(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
     gen = torch.Generator().manual_seed(0)
     kv_dtype = kv_dtype or dtype
     for name in ("k", "v"):
-        values = torch.randn(num_blocks, BLOCK_SIZE, 2, 32, generator=gen)
+        values = torch.randn(num_blocks, BLOCK_SIZE, num_kv_heads, head_dim, generator=gen)
         if kv_dtype == torch.int8:
             levels, scale = _narrow(values, torch.int8)
             setattr(layer, f"{name}_cache", levels)
@@ -51,6 +54,23 @@ def test_cpp_decode_attention_matches_gather_and_sdpa(dtype):
     expected = layer._decode(q, meta)  # the PyTorch path, over the cache the forward just wrote
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance)
+
+
+# The op takes a KV head's query heads in chunks (up to 4, held in registers or read from memory by head size):
+# groups of 1 to 8 split into one or several chunks, with and without a last short one.
+@pytest.mark.parametrize("head_dim, num_heads, num_kv_heads", [
+    (64, 9, 3), (64, 14, 2), (128, 8, 1), (128, 6, 2), (256, 8, 1), (256, 4, 4),
+])
+def test_cpp_decode_attention_matches_sdpa_for_each_head_size_and_group(head_dim, num_heads, num_kv_heads):
+    layer = _layer(torch.float32, kv_dtype=torch.float16, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                   head_dim=head_dim)
+    meta = _decode_metadata([[3, 9, 1], [12], [5, 0, 14, 7, 2, 4, 6, 8, 10]], [11, 1, 35])
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(3, num_heads, head_dim, generator=gen)
+    k, v = torch.randn(2, 3, num_kv_heads, head_dim, generator=gen)
+    with attention_metadata(meta):
+        out = layer(q, k, v)
+    torch.testing.assert_close(out, layer._decode(q, meta), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float16, torch.int8])
