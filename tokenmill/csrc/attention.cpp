@@ -226,9 +226,9 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   T* op = out.data_ptr<T>();
   const int64_t q_stride = q.stride(0);
   // Query heads of a group in chunks whose accumulators (and for the scores, where they fit, queries) stay in
-  // registers beside a key or value row: on AVX-512, 4 heads' scores (with head_dim 256 the queries come from
-  // L1: 2.9 against 3.3 ms for a Gemma 3 layer of a 512-token prompt; with head_dim 128 two held heads beat four read)
-  // and 16 / V heads' sums; AVX2 reads the queries from memory and has room for one head's sums.
+  // registers beside a key or value row. AVX-512: 4 heads' scores (with head_dim 256 the queries come from L1:
+  // 2.9 against 3.3 ms for a Gemma 3 layer of a 512-token prompt; with head_dim 128 two held heads beat four
+  // read) and 16 / V heads' sums. AVX2 reads the queries from memory and has room for one head's sums.
 #if defined(__AVX2__) && !defined(__AVX512F__)
   constexpr int kScoreChunk = 4, kSumChunk = 1;
 #else
