@@ -30,7 +30,7 @@ GEMMA3_TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def hf_tokenizer(smollm2_path):
+def hf_tokenizer(smollm2_path, gguf_parsed_once):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name)
@@ -48,7 +48,7 @@ def gemma3_tokenizer(gemma3_path):
 
 
 @pytest.fixture(scope="module")
-def hf_gemma3_tokenizer(gemma3_path):
+def hf_gemma3_tokenizer(gemma3_path, gguf_parsed_once):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(gemma3_path.parent), gguf_file=gemma3_path.name)

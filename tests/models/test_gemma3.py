@@ -32,12 +32,6 @@ def tiny_gemma3(tmp_path_factory, smollm2_source):
     return path, model
 
 
-def _greedy(model, ids: list[int], n: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
-    return out[0, len(ids) :].tolist()
-
-
 def test_tiny_gemma3_logits_match_transformers_past_the_sliding_window(tiny_gemma3):
     path, ref = tiny_gemma3
     llm = LLM(str(path), kv_cache_memory=0.05, kv_cache_dtype="float32")
@@ -56,12 +50,12 @@ SIX_BLOCKS = 6 * 2 * 3 * 16 * 2 * 32 * 4 / 2**30
 
 @pytest.mark.parametrize("options", [{}, {"max_num_batched_tokens": 16, "max_num_seqs": 4}, {"kv_cache_memory": SIX_BLOCKS}],
                          ids=["batched", "chunked", "preempted"])
-def test_tiny_gemma3_greedy_tokens_match_transformers(tiny_gemma3, options):
+def test_tiny_gemma3_greedy_tokens_match_transformers(tiny_gemma3, options, hf_greedy):
     path, ref = tiny_gemma3
     llm = LLM(str(path), kv_cache_dtype="float32", **{"kv_cache_memory": 0.05, **options})
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in PROMPTS], params)
-    assert [o.outputs[0].token_ids for o in outputs] == [_greedy(ref, ids, 24) for ids in PROMPTS]
+    assert [o.outputs[0].token_ids for o in outputs] == hf_greedy(ref, PROMPTS, 24)
     if "kv_cache_memory" in options:
         assert llm.engine.scheduler.num_preemptions > 0
 
@@ -74,18 +68,18 @@ GEMMA_PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def gemma3_gguf():
+def gemma3_gguf(gguf_parsed_once):
     """The Gemma 3 270M Q4_K_M GGUF and transformers' own float32 load of it (which dequantizes every tensor)."""
     path = catalog.pull("gemma3-270m")
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     return path, ref.eval()
 
 
-def test_gemma3_270m_gguf_greedy_tokens_match_transformers(gemma3_gguf):
+def test_gemma3_270m_gguf_greedy_tokens_match_transformers(gemma3_gguf, hf_greedy):
     path, ref = gemma3_gguf
     # Unquantized: the GGUF's blocks dequantized by the gguf package, as transformers does, so this checks the model.
     llm = LLM(str(path), quantization="none", kv_cache_dtype="float32", kv_cache_memory=0.1)
     prompts = [llm.tokenizer.encode(p) for p in GEMMA_PROMPTS]
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts],
                            SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
-    assert [o.outputs[0].token_ids for o in outputs] == [_greedy(ref, ids, 32) for ids in prompts]
+    assert [o.outputs[0].token_ids for o in outputs] == hf_greedy(ref, prompts, 32)
