@@ -77,8 +77,12 @@ def start_server(smollm2_path, tmp_path_factory):
         raise AssertionError(f"server did not come up:\n{log.read_text()}")
 
     yield start
+    # All signalled before any is waited for: each takes a second or two to exit.
     for server in started:
-        server.stop()
+        if server.process.poll() is None:
+            server.process.send_signal(signal.SIGTERM)
+    for server in started:
+        server.process.wait(60)
 
 
 @pytest.fixture(scope="session")
