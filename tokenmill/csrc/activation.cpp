@@ -1,10 +1,9 @@
 // Gated activations for the CPU decode path: silu(gate) * up (SwiGLU) and gelu_tanh(gate) * up (GeGLU) in
 // one pass over the fused gate/up output, instead of a chunk, an activation and a multiply that each write a
 // tensor.
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
+#include "ops.h"
 #include "vec.h"
 
 namespace {
@@ -47,12 +46,10 @@ void act_and_mul(const at::Tensor& gate_up, at::Tensor& out) {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
-  m.def("silu_and_mul(Tensor gate_up, Tensor(a!) out) -> ()");
-  m.def("gelu_tanh_and_mul(Tensor gate_up, Tensor(a!) out) -> ()");
-}
+namespace tokenmill {
 
-TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
-  m.impl("silu_and_mul", act_and_mul<Silu>);
-  m.impl("gelu_tanh_and_mul", act_and_mul<GeluTanh>);
-}
+void silu_and_mul(const at::Tensor& gate_up, at::Tensor& out) { act_and_mul<Silu>(gate_up, out); }
+
+void gelu_tanh_and_mul(const at::Tensor& gate_up, at::Tensor& out) { act_and_mul<GeluTanh>(gate_up, out); }
+
+}  // namespace tokenmill

@@ -5,9 +5,7 @@
 // NOTE: every query row, decode or prompt, is computed alone by the same loop over its own keys: a row's
 // result is the same bits whether its prompt was prefilled whole, in chunks, after a cached prefix or
 // again after preemption, and whatever else shares the step.
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -17,6 +15,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "ops.h"
 #include "vec.h"
 
 namespace {
@@ -300,30 +299,6 @@ const float* scales_of(const at::Tensor& cache, const std::optional<at::Tensor>&
   return scales->data_ptr<float>();
 }
 
-void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t window,
-                            at::Tensor& out, const std::optional<at::Tensor>& k_scale,
-                            const std::optional<at::Tensor>& v_scale) {
-  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2) && out.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous());
-  TORCH_CHECK(block_tables.is_contiguous() && seq_lens.is_contiguous());
-  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type() && out.scalar_type() == q.scalar_type());
-  const float *ks = scales_of(k_cache, k_scale), *vs = scales_of(v_cache, v_scale);
-  TORCH_CHECK(block_tables.size(0) == q.size(0) && seq_lens.size(0) == q.size(0), "a block table and length per row");
-  dispatch_activation(q, "paged_attention", [&](auto type) {
-    dispatch_kv(k_cache, "paged_attention", [&](auto kv) {
-      using Q = decltype(type);
-      using KV = decltype(kv);
-      switch (q.size(2)) {
-        case 32: return attend<Q, KV, 2>(q, k_cache, v_cache, block_tables, seq_lens, scale, window, out, ks, vs);
-        case 64: return attend<Q, KV, 4>(q, k_cache, v_cache, block_tables, seq_lens, scale, window, out, ks, vs);
-        case 128: return attend<Q, KV, 8>(q, k_cache, v_cache, block_tables, seq_lens, scale, window, out, ks, vs);
-        case 256: return attend<Q, KV, 16>(q, k_cache, v_cache, block_tables, seq_lens, scale, window, out, ks, vs);
-        default: TORCH_CHECK(false, "paged_attention takes head_dim 32, 64, 128 or 256, not ", q.size(2));
-      }
-    });
-  });
-}
-
 // Token i's row of src ([kv_heads, D]) to slot slots[i] of cache, converted to the cache's type where it
 // differs. Into int8, each head's D values get the scale max|x| / 127 and levels round(x / scale): the same
 // float operations as the PyTorch path (layers/attention.py), so both store the same levels.
@@ -353,6 +328,34 @@ void store_rows(const at::Tensor& src, at::Tensor& cache, float* scales, const i
 
 // k, v: [tokens, kv_heads, D] (views into the fused QKV output); token i goes to slot slots[i] of the
 // caches, each seen as [slots, kv_heads, D]. One op for both caches instead of two index_copy_ calls.
+}  // namespace
+
+namespace tokenmill {
+
+void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t window,
+                            at::Tensor& out, const std::optional<at::Tensor>& k_scale,
+                            const std::optional<at::Tensor>& v_scale) {
+  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2) && out.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous());
+  TORCH_CHECK(block_tables.is_contiguous() && seq_lens.is_contiguous());
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type() && out.scalar_type() == q.scalar_type());
+  const float *ks = scales_of(k_cache, k_scale), *vs = scales_of(v_cache, v_scale);
+  TORCH_CHECK(block_tables.size(0) == q.size(0) && seq_lens.size(0) == q.size(0), "a block table and length per row");
+  dispatch_activation(q, "paged_attention", [&](auto type) {
+    dispatch_kv(k_cache, "paged_attention", [&](auto kv) {
+      using Q = decltype(type);
+      using KV = decltype(kv);
+      switch (q.size(2)) {
+        case 32: return attend<Q, KV, 2>(q, k_cache, v_cache, block_tables, seq_lens, scale, window, out, ks, vs);
+        case 64: return attend<Q, KV, 4>(q, k_cache, v_cache, block_tables, seq_lens, scale, window, out, ks, vs);
+        case 128: return attend<Q, KV, 8>(q, k_cache, v_cache, block_tables, seq_lens, scale, window, out, ks, vs);
+        case 256: return attend<Q, KV, 16>(q, k_cache, v_cache, block_tables, seq_lens, scale, window, out, ks, vs);
+        default: TORCH_CHECK(false, "paged_attention takes head_dim 32, 64, 128 or 256, not ", q.size(2));
+      }
+    });
+  });
+}
+
 void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
               const at::Tensor& slots, const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
   TORCH_CHECK(k.stride(2) == 1 && k.stride(1) == k.size(2) && v.stride(2) == 1 && v.stride(1) == v.size(2));
@@ -372,16 +375,4 @@ void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at:
   });
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
-  m.def("store_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, Tensor(c!)? k_scale=None, "
-        "Tensor(d!)? v_scale=None) -> ()");
-  m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
-        "float scale, int window, Tensor(a!) out, Tensor? k_scale=None, Tensor? v_scale=None) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
-  m.impl("paged_attention", paged_attention);
-  m.impl("store_kv", store_kv);
-}
+}  // namespace tokenmill

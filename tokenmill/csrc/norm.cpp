@@ -1,11 +1,10 @@
 // RMSNorm, alone and with the residual add fused in, for the CPU decode path: one pass over each row
 // instead of the five ops (add, square, mean, rsqrt, scale) and float32 round trip PyTorch runs for it.
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <cmath>
 
+#include "ops.h"
 #include "vec.h"
 
 namespace {
@@ -63,6 +62,10 @@ void rms_norm_rows(const at::Tensor& x, at::Tensor& out, const at::Tensor& weigh
   });
 }
 
+}  // namespace
+
+namespace tokenmill {
+
 void rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, at::Tensor& out) {
   TORCH_CHECK((x.dim() == 2 || x.dim() == 3) && x.stride(-1) == 1 && out.stride(-1) == 1 && weight.is_contiguous());
   TORCH_CHECK(x.sizes() == out.sizes() && x.scalar_type() == out.scalar_type() &&
@@ -77,14 +80,4 @@ void fused_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& w
   dispatch_float(x, "fused_add_rms_norm", [&](auto type) { add_rms_norm<decltype(type)>(x, residual, weight, eps); });
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
-  m.def("rms_norm(Tensor x, Tensor weight, float eps, Tensor(a!) out) -> ()");
-  m.def("fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
-  m.impl("rms_norm", rms_norm);
-  m.impl("fused_add_rms_norm", fused_add_rms_norm);
-}
+}  // namespace tokenmill

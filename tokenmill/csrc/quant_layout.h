@@ -2,7 +2,7 @@
 // matmul that reads it and the quantizer that writes it.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include "quant_kernel.h"
 

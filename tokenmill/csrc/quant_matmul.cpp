@@ -1,14 +1,13 @@
 // The int8 / int4 CPU matmul as torch ops: checks shapes, quantizes the inputs, and runs the fastest kernel
 // (quant_kernel.h) this CPU has across torch's threads. Kernels are chosen at run time from what the CPU
 // reports, so one build serves every path it can run and the tests check each of them here.
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <cstdlib>
 #include <string>
 #include <vector>
 
+#include "ops.h"
 #include "quant_layout.h"
 
 namespace {
@@ -94,6 +93,10 @@ const QuantKernel& chosen() {
   return kernel;
 }
 
+}  // namespace
+
+namespace tokenmill {
+
 void quantized_matmul(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, int64_t bits, at::Tensor& out) {
   run(chosen(), x, q, scale, bits, out);
 }
@@ -114,18 +117,4 @@ std::string quantized_matmul_kernel() { return chosen().name; }
 
 std::vector<int64_t> quant_layout() { return {kBlockRows, kChunkBytes, kInputBlock}; }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
-  m.def("quantized_matmul(Tensor x, Tensor q, Tensor scale, int bits, Tensor(a!) out) -> ()");
-  m.def("quantized_matmul_with(str kernel, Tensor x, Tensor q, Tensor scale, int bits, Tensor(a!) out) -> ()");
-  // No tensors: registered for every backend.
-  m.def("quantized_matmul_kernels() -> str[]", &quantized_matmul_kernels);
-  m.def("quantized_matmul_kernel() -> str", &quantized_matmul_kernel);
-  m.def("quant_layout() -> int[]", &quant_layout);
-}
-
-TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
-  m.impl("quantized_matmul", quantized_matmul);
-  m.impl("quantized_matmul_with", quantized_matmul_with);
-}
+}  // namespace tokenmill

@@ -2,14 +2,13 @@
 // it): per group along the input, unsigned levels and a float16 step and offset, w = step * level + offset.
 // Run at load, once per piece of a checkpoint tensor. The same in ~20 PyTorch ops per piece, with float
 // temporaries as large as the piece, made SmolLM2's int8 load 2.8 s against 1.8 s (docs/benchmarks.md).
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
+#include "ops.h"
 #include "quant_layout.h"
 
 // The choice between two grids compares their rounding errors, as written: a fused multiply-add
@@ -78,6 +77,10 @@ void quantize_row(const float* w, int64_t K, int64_t group, int64_t bits, float*
   }
 }
 
+}  // namespace
+
+namespace tokenmill {
+
 // w: float32 [n, K] becomes rows [start, start + n) of q: uint8 [blocks, chunks, 64] and scale: float16
 // [blocks, groups, 2, 16].
 void quantize_weight_rows(const at::Tensor& w, int64_t bits, at::Tensor& q, at::Tensor& scale, int64_t start) {
@@ -111,12 +114,4 @@ void quantize_weight_rows(const at::Tensor& w, int64_t bits, at::Tensor& q, at::
   });
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
-  m.def("quantize_weight_rows(Tensor w, int bits, Tensor(a!) q, Tensor(b!) scale, int start) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
-  m.impl("quantize_weight_rows", quantize_weight_rows);
-}
+}  // namespace tokenmill

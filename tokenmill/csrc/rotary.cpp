@@ -1,9 +1,8 @@
 // Rotary position embedding applied in place to the query and key heads of the fused QKV output, for
 // the CPU decode path: one op instead of the ten (chunk, four multiplies, add, subtract, cat, for q and k).
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
+#include "ops.h"
 #include "vec.h"
 
 namespace {
@@ -34,6 +33,10 @@ void rotate(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   });
 }
 
+}  // namespace
+
+namespace tokenmill {
+
 void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2) && cos.is_contiguous() && sin.is_contiguous());
   TORCH_CHECK(cos.numel() == x.size(0) * x.size(2) / 2 && cos.scalar_type() == x.scalar_type() &&
@@ -41,12 +44,4 @@ void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   dispatch_float(x, "rotary_", [&](auto type) { rotate<decltype(type)>(x, cos, sin); });
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
-  m.def("rotary_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
-  m.impl("rotary_", rotary_);
-}
+}  // namespace tokenmill

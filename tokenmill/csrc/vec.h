@@ -2,7 +2,7 @@
 // loads and stores from float32 and bfloat16 memory, shared by the CPU ops.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
