@@ -1,30 +1,13 @@
 """A real `tokenmill serve` in a subprocess on a free loopback port, with the real default model."""
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
-from pathlib import Path
-
 import httpx
 import pytest
 
+from tokenmill.bench.local_server import LocalServer, start_server as start_local_server
 
-@dataclass
-class Server:
-    """A running server process and where to reach it."""
 
-    process: subprocess.Popen
-    port: int
-    log: Path
-
-    @property
-    def url(self) -> str:
-        """The base URL, without /v1."""
-        return f"http://127.0.0.1:{self.port}"
+class Server(LocalServer):
+    """A started server, with its log, and its Prometheus samples read back."""
 
     def metric(self, name: str, **labels: str) -> float:
         """One sample from /metrics (summed over label sets that match the given labels)."""
@@ -38,18 +21,6 @@ class Server:
         assert found, f"no metric {name} {labels}"
         return total
 
-    def stop(self, timeout: float = 60) -> int:
-        """SIGTERM, then wait; returns the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="session")
 def start_server(smollm2_path, tmp_path_factory):
@@ -57,32 +28,16 @@ def start_server(smollm2_path, tmp_path_factory):
     started: list[Server] = []
 
     def start(*flags: str) -> Server:
-        port = _free_port()
-        log = tmp_path_factory.mktemp("server") / "server.log"
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tokenmill.cli", "serve", "--port", str(port), *flags],
-            stdout=log.open("w"), stderr=subprocess.STDOUT, env=os.environ.copy(),
-        )
-        server = Server(process, port, log)
-        started.append(server)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert process.poll() is None, f"server exited {process.returncode}:\n{log.read_text()}"
-            try:
-                if httpx.get(f"{server.url}/health", timeout=1).status_code == 200:
-                    return server
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"server did not come up:\n{log.read_text()}")
+        local = start_local_server(list(flags), tmp_path_factory.mktemp("server") / "server.log")
+        started.append(Server(local.process, local.url, local.log))
+        return started[-1]
 
     yield start
     # All signalled before any is waited for: each takes a second or two to exit.
     for server in started:
-        if server.process.poll() is None:
-            server.process.send_signal(signal.SIGTERM)
+        server.signal_stop()
     for server in started:
-        server.process.wait(60)
+        server.stop()
 
 
 @pytest.fixture(scope="session")

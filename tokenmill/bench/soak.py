@@ -5,12 +5,8 @@ import asyncio
 import itertools
 import json
 import math
-import os
 import random
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -21,6 +17,7 @@ from pathlib import Path
 import httpx
 import psutil
 
+from tokenmill.bench.local_server import start_server
 from tokenmill.config import EngineConfig
 
 WORDS = "the river mountain quietly seven engine cloud paper market orange history sings under bright".split()
@@ -69,8 +66,8 @@ def main(args: argparse.Namespace) -> int:
     if not 0 <= warmup < args.duration:
         print(f"--warmup={warmup} must be in [0, --duration={args.duration})", file=sys.stderr)
         return 2
-    server = None if args.base_url else start_server(args.model, ["--kv-cache-memory", str(args.kv_cache_memory),
-                                                                  *args.serve_flag])
+    server = None if args.base_url else start_server(["--model", args.model, "--kv-cache-memory",
+                                                      str(args.kv_cache_memory), *args.serve_flag])
     url = args.base_url or server.url
     try:
         pid = server.process.pid if server else _listening_pid(url)
@@ -263,42 +260,6 @@ def format_report(report: dict) -> str:
     rows.append(("result", "PASS" if report["passed"] else "FAIL"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
-
-
-@dataclass
-class StartedServer:
-    """A `tokenmill serve` this command started, on a free loopback port."""
-
-    process: subprocess.Popen
-    url: str
-
-    def stop(self) -> None:
-        """SIGTERM, then wait for it to exit."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        self.process.wait(60)
-
-
-def start_server(model: str, flags: list[str]) -> StartedServer:
-    """Start `tokenmill serve` on loopback and wait until /health answers."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "serve", "--model", model, "--port", str(port),
-                                *flags], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
-    server = StartedServer(process, f"http://127.0.0.1:{port}")
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited with {process.returncode}; run `tokenmill serve` to see why")
-        try:
-            if httpx.get(f"{server.url}/health", timeout=1).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    server.stop()
-    raise RuntimeError("the server did not come up in 180 s")
 
 
 def _listening_pid(url: str) -> int | None:
