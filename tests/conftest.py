@@ -125,6 +125,23 @@ def drain():
 
 
 @pytest.fixture(scope="session")
+def run_prompts(drain):
+    """Run prompts through an engine as requests "0", "1", ... to the end; each one's output token ids.
+
+    Asserts that every KV block is back in the pool after.
+    """
+
+    def run(engine, prompts: list, params) -> list[list[int]]:
+        for i, prompt in enumerate(prompts):
+            engine.add_request(str(i), prompt, params)
+        finals = drain(engine)
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks  # nothing leaked
+        return [finals[str(i)].outputs[0].token_ids for i in range(len(prompts))]
+
+    return run
+
+
+@pytest.fixture(scope="session")
 def make_engine(smollm2_source):
     """Build an LLMEngine on the real SmolLM2 weights with the given EngineConfig options."""
     from tokenmill.config import EngineConfig

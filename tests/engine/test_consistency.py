@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from tokenmill.engine.llm_engine import LLMEngine
-from tokenmill.outputs import accumulate
 from tokenmill.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -18,93 +17,83 @@ def _prompts(count: int, seed: int, shared_prefix: str = "") -> list[str]:
     return [shared_prefix + " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 60))) for _ in range(count)]
 
 
-def _run(engine: LLMEngine, prompts: list[str], params: SamplingParams = GREEDY) -> list[list[int]]:
-    for i, prompt in enumerate(prompts):
-        engine.add_request(str(i), prompt, params)
-    done: dict[str, list[int]] = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            done[out.request_id] = done.get(out.request_id, []) + out.outputs[0].token_ids
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks  # nothing leaked
-    return [done[str(i)] for i in range(len(prompts))]
+@pytest.fixture
+def run(run_prompts):
+    """run_prompts, greedy unless given other sampling params."""
+    return lambda engine, prompts, params=GREEDY: run_prompts(engine, prompts, params)
 
 
-def _alone(engine: LLMEngine, prompts: list[str]) -> list[list[int]]:
-    return [_run(engine, [p])[0] for p in prompts]
+def _alone(run, engine: LLMEngine, prompts: list[str]) -> list[list[int]]:
+    return [run(engine, [p])[0] for p in prompts]
 
 
 @pytest.fixture(scope="module")
-def reference(make_engine):
+def reference(make_engine, run_prompts):
     """Each of 32 mixed-length prompts run alone, prefix caching off."""
     prompts = _prompts(32, seed=1)
-    return prompts, _alone(make_engine(enable_prefix_caching=False), prompts)
+    engine = make_engine(enable_prefix_caching=False)
+    return prompts, [run_prompts(engine, [p], GREEDY)[0] for p in prompts]
 
 
-def test_32_prompts_batched_match_alone(make_engine, reference):
+def test_32_prompts_batched_match_alone(make_engine, reference, run):
     prompts, alone = reference
-    assert _run(make_engine(enable_prefix_caching=False), prompts) == alone
+    assert run(make_engine(enable_prefix_caching=False), prompts) == alone
 
 
-def test_chunked_prefill_matches_alone(make_engine, reference):
+def test_chunked_prefill_matches_alone(make_engine, reference, run):
     prompts, alone = reference
     engine = make_engine(enable_prefix_caching=False, max_num_batched_tokens=24, max_num_seqs=16)
-    assert _run(engine, prompts) == alone
+    assert run(engine, prompts) == alone
 
 
-def test_preempted_sequences_resume_with_same_tokens(make_engine, reference):
+def test_preempted_sequences_resume_with_same_tokens(make_engine, reference, run):
     prompts, alone = reference
     # 48 blocks of 16 tokens: room for a handful of these sequences at once, not 32.
     block_bytes = make_engine(kv_cache_memory=0.01).runner.kv_cache.block_bytes
     engine = make_engine(enable_prefix_caching=False, kv_cache_memory=48 * block_bytes / 2**30)
     assert engine.block_manager.num_blocks == 48
-    assert _run(engine, prompts) == alone
+    assert run(engine, prompts) == alone
     assert engine.scheduler.num_preemptions > 0
 
 
-def test_prefix_cached_runs_match_alone(make_engine):
+def test_prefix_cached_runs_match_alone(make_engine, run):
     prefix = "You are a careful assistant. Answer in one sentence, using plain words. " * 6
     prompts = _prompts(12, seed=2, shared_prefix=prefix)
-    alone = _alone(make_engine(enable_prefix_caching=False), prompts)
+    alone = _alone(run, make_engine(enable_prefix_caching=False), prompts)
     engine = make_engine(enable_prefix_caching=True)
-    assert _run(engine, prompts) == alone
+    assert run(engine, prompts) == alone
     assert engine.block_manager.prefix_hits > 0
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["bfloat16", "float16", "int8"])
-def test_narrow_kv_batched_chunked_and_cached_runs_match_alone(make_engine, kv_cache_dtype):
+def test_narrow_kv_batched_chunked_and_cached_runs_match_alone(make_engine, kv_cache_dtype, run):
     # A prompt's own keys go through the cache's rounding in prefill too, so chunking and prefix hits,
     # which read earlier keys back from the cache, see the values a whole prefill saw.
     prompts = _prompts(8, seed=3, shared_prefix="You are a careful assistant. Answer in plain words. " * 4)
-    alone = _alone(make_engine(enable_prefix_caching=False, kv_cache_dtype=kv_cache_dtype), prompts)
+    alone = _alone(run, make_engine(enable_prefix_caching=False, kv_cache_dtype=kv_cache_dtype), prompts)
     engine = make_engine(kv_cache_dtype=kv_cache_dtype, max_num_batched_tokens=24, max_num_seqs=16)
     assert engine.runner.kv_cache.pool.dtype == getattr(torch, kv_cache_dtype)
-    assert _run(engine, prompts) == alone
+    assert run(engine, prompts) == alone
     assert engine.block_manager.prefix_hits > 0
 
 
-def test_second_request_recomputes_at_most_one_block_of_a_shared_256_token_prefix(make_engine):
+def test_second_request_recomputes_at_most_one_block_of_a_shared_256_token_prefix(make_engine, drain):
     engine = make_engine(enable_prefix_caching=True)
     prefix = list(range(1000, 1256))  # 256 tokens = 16 full blocks
-    _run_ids(engine, "first", prefix + [5, 6, 7])
+    two = SamplingParams(temperature=0, max_tokens=2)
+    engine.add_request("first", prefix + [5, 6, 7], two)
+    drain(engine)
     hits_before = engine.block_manager.prefix_hits
-    out = _run_ids(engine, "second", prefix + [8, 9])
+    engine.add_request("second", prefix + [8, 9], two)
+    out = drain(engine)["second"]
     assert out.num_cached_tokens >= 256 - engine.config.block_size
     assert engine.block_manager.prefix_hits - hits_before == out.num_cached_tokens
 
 
-def _run_ids(engine: LLMEngine, request_id: str, ids: list[int]):
-    engine.add_request(request_id, ids, SamplingParams(temperature=0, max_tokens=2))
-    final = None
-    while engine.has_unfinished():
-        for out in engine.step():
-            final = accumulate(final, out)
-    return final
-
-
-def test_seeded_sampling_is_the_same_alone_and_in_a_batch(make_engine):
+def test_seeded_sampling_is_the_same_alone_and_in_a_batch(make_engine, run):
     engine = make_engine()
     seeded = SamplingParams(temperature=0.9, top_p=0.95, seed=42, max_tokens=24, ignore_eos=True)
-    alone = _run(engine, ["Tell me a story about a fox."], seeded)[0]
+    alone = run(engine, ["Tell me a story about a fox."], seeded)[0]
     others = [SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True)] * 7
     for i, params in enumerate([seeded] + others):
         engine.add_request(f"b{i}", "Tell me a story about a fox." if i == 0 else f"Other prompt {i}", params)
@@ -115,6 +104,6 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_batch(make_engine):
                 batched += out.outputs[0].token_ids
     assert batched == alone
     # And a different seed samples something else, so the seed is what fixed the result.
-    other = _run(engine, ["Tell me a story about a fox."], SamplingParams(temperature=0.9, top_p=0.95, seed=43,
-                                                                             max_tokens=24, ignore_eos=True))[0]
+    other = run(engine, ["Tell me a story about a fox."], SamplingParams(temperature=0.9, top_p=0.95, seed=43,
+                                                                            max_tokens=24, ignore_eos=True))[0]
     assert other != alone

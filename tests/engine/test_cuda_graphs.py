@@ -10,19 +10,8 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 PROMPTS = ["The river runs", "Seven engines sing under a bright cloud", "Paper", "Orange history", "The market"]
 
 
-def _generate(engine) -> list[list[int]]:
-    for i, prompt in enumerate(PROMPTS):
-        engine.add_request(str(i), prompt, GREEDY)
-    done: dict[str, list[int]] = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            done[out.request_id] = done.get(out.request_id, []) + out.outputs[0].token_ids
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
-    return [done[str(i)] for i in range(len(PROMPTS))]
-
-
-def test_padded_decode_batches_give_the_eager_tokens(make_engine):
-    expected = _generate(make_engine())
+def test_padded_decode_batches_give_the_eager_tokens(make_engine, run_prompts):
+    expected = run_prompts(make_engine(), PROMPTS, GREEDY)
     engine = make_engine()
     runner = engine.runner
     graphs = DecodeGraphs(runner.model, [2, 8], max_blocks=64, block_size=runner.block_size,
@@ -31,7 +20,7 @@ def test_padded_decode_batches_give_the_eager_tokens(make_engine):
     run = graphs.run
     graphs.run = lambda ids, positions, meta: sizes.append(ids.shape[0]) or run(ids, positions, meta)
     runner.graphs = graphs
-    assert _generate(engine) == expected
+    assert run_prompts(engine, PROMPTS, GREEDY) == expected
     # Five decodes padded to 8, then fewer as prompts finish; every decode-only step went through the graphs.
     assert 5 in sizes and all(n <= 8 for n in sizes)
 

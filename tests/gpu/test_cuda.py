@@ -18,34 +18,29 @@ PROMPTS = ["The capital of France is", "Water boils at", "A short poem about the
 SAMPLE = Path(__file__).parent.parent / "data" / "sample.txt"
 
 
-def _tokens(engine, prompts: list[str]) -> list[list[int]]:
-    for i, prompt in enumerate(prompts):
-        engine.add_request(str(i), prompt, GREEDY)
-    done: dict[str, list[int]] = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            done[out.request_id] = done.get(out.request_id, []) + out.outputs[0].token_ids
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks  # nothing leaked
-    return [done[str(i)] for i in range(len(prompts))]
+@pytest.fixture
+def tokens(run_prompts):
+    """Each prompt's 32 greedy tokens."""
+    return lambda engine, prompts: run_prompts(engine, prompts, GREEDY)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_batched_chunked_preempted_cached_and_eager_runs_match_alone(make_engine, dtype):
-    alone = [_tokens(make_engine(device="cuda", dtype=dtype, enable_prefix_caching=False), [p])[0] for p in PROMPTS]
-    assert _tokens(make_engine(device="cuda", dtype=dtype), PROMPTS) == alone  # batched, decodes replayed as graphs
-    assert _tokens(make_engine(device="cuda", dtype=dtype, enforce_eager=True), PROMPTS) == alone
-    assert _tokens(make_engine(device="cuda", dtype=dtype, max_num_batched_tokens=8), PROMPTS) == alone  # chunked
+def test_batched_chunked_preempted_cached_and_eager_runs_match_alone(make_engine, tokens, dtype):
+    alone = [tokens(make_engine(device="cuda", dtype=dtype, enable_prefix_caching=False), [p])[0] for p in PROMPTS]
+    assert tokens(make_engine(device="cuda", dtype=dtype), PROMPTS) == alone  # batched, decodes replayed as graphs
+    assert tokens(make_engine(device="cuda", dtype=dtype, enforce_eager=True), PROMPTS) == alone
+    assert tokens(make_engine(device="cuda", dtype=dtype, max_num_batched_tokens=8), PROMPTS) == alone  # chunked
     # About 14 blocks (bf16) for 8 sequences of 3 blocks each: some are preempted and recomputed.
     preempting = make_engine(device="cuda", dtype=dtype, kv_cache_memory=0.01)
-    assert _tokens(preempting, PROMPTS) == alone
+    assert tokens(preempting, PROMPTS) == alone
     cached = make_engine(device="cuda", dtype=dtype)
-    _tokens(cached, PROMPTS)
-    assert _tokens(cached, PROMPTS) == alone  # the second time, every prompt's full blocks come from the cache
+    tokens(cached, PROMPTS)
+    assert tokens(cached, PROMPTS) == alone  # the second time, every prompt's full blocks come from the cache
 
 
-def test_float32_greedy_tokens_match_transformers_on_most_prompts(make_engine, hf_smollm2):
+def test_float32_greedy_tokens_match_transformers_on_most_prompts(make_engine, tokens, hf_smollm2):
     engine = make_engine(device="cuda", dtype="float32", quantization="none")
-    ours = _tokens(engine, PROMPTS)
+    ours = tokens(engine, PROMPTS)
     reference = copy.deepcopy(hf_smollm2).to("cuda")
     equal = 0
     for prompt, tokens in zip(PROMPTS, ours):
