@@ -142,6 +142,20 @@ def run_prompts(drain):
 
 
 @pytest.fixture(scope="session")
+def last_logits():
+    """The logits at a prompt's last position, from one whole prefill through an engine's model runner."""
+    from tokenmill.sampling import SamplingParams
+
+    def run(engine, token_ids: list[int]) -> torch.Tensor:
+        engine.add_request("last-logits", token_ids, SamplingParams(temperature=0, max_tokens=1))
+        logits = engine.runner.execute(engine.scheduler.schedule().scheduled).logits
+        engine.abort("last-logits")
+        return logits[0]
+
+    return run
+
+
+@pytest.fixture(scope="session")
 def make_engine(smollm2_source):
     """Build an LLMEngine on the real SmolLM2 weights with the given EngineConfig options."""
     from tokenmill.config import EngineConfig

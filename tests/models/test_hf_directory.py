@@ -27,7 +27,7 @@ def _tiny(kind: str, vocab_size: int):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_hf_directory_matches_transformers(kind, tmp_path, smollm2_source):
+def test_hf_directory_matches_transformers(kind, tmp_path, smollm2_source, last_logits, hf_greedy):
     config = _tiny(kind, smollm2_source.config.vocab_size)
     _save_random_model(tmp_path, smollm2_source, config)
     ref = getattr(transformers, config.architectures[0]).from_pretrained(tmp_path, dtype=torch.float32).eval()
@@ -36,15 +36,9 @@ def test_hf_directory_matches_transformers(kind, tmp_path, smollm2_source):
     assert llm.engine.runner.quantization == "none"  # auto leaves a float checkpoint in float
     prompts = [[1, 42, 7, 99, 1000], list(range(100, 140)), [5] * 9, [31, 415, 926, 535, 8, 979, 32, 38, 46, 26, 43]]
     for ids in prompts:
-        llm.engine.add_request("p", ids, SamplingParams(temperature=0, max_tokens=1))
-        logits = llm.engine.runner.execute(llm.engine.scheduler.schedule().scheduled).logits
-        llm.engine.abort("p")
         with torch.no_grad():
             expected = ref(torch.tensor([ids])).logits[0, -1]
-        assert (logits[0] - expected).abs().max().item() < 1e-3
+        assert (last_logits(llm.engine, ids) - expected).abs().max().item() < 1e-3
     params = SamplingParams(temperature=0, max_tokens=64, min_tokens=64)
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params)
-    for ids, out in zip(prompts, outputs):
-        with torch.no_grad():
-            greedy = ref.generate(torch.tensor([ids]), max_new_tokens=64, min_new_tokens=64, do_sample=False)
-        assert out.outputs[0].token_ids == greedy[0, len(ids) :].tolist()
+    assert [out.outputs[0].token_ids for out in outputs] == hf_greedy(ref, prompts, 64)

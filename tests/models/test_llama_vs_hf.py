@@ -28,25 +28,15 @@ def float_llm(smollm2_path):
     return LLM(str(smollm2_path), quantization="none", kv_cache_dtype="float32")
 
 
-def _last_logits(llm: LLM, token_ids: list[int]) -> torch.Tensor:
-    # One full prefill through the engine's runner, as a single sequence of the flat batch.
-    engine = llm.engine
-    engine.add_request("logits", token_ids, SamplingParams(temperature=0, max_tokens=1))
-    plan = engine.scheduler.schedule()
-    logits = engine.runner.execute(plan.scheduled).logits
-    engine.abort("logits")
-    return logits[0]
-
-
-def test_last_position_logits_match_transformers(llm, float_llm, hf_smollm2):
+def test_last_position_logits_match_transformers(llm, float_llm, hf_smollm2, last_logits):
     for prompt in PROMPTS:
         ids = llm.tokenizer.encode(prompt)
         with torch.no_grad():
             ref = hf_smollm2(torch.tensor([ids])).logits[0, -1]
-        assert (_last_logits(float_llm, ids) - ref).abs().max().item() < 1e-3, prompt
+        assert (last_logits(float_llm.engine, ids) - ref).abs().max().item() < 1e-3, prompt
         # The int4 kernel rounds its inputs to 16-bit levels, 0.0048 at most on these prompts with a float32
         # KV cache, and the default float16 KV rounds keys and values, 0.0116 together (measured).
-        assert (_last_logits(llm, ids) - ref).abs().max().item() < 2e-2, prompt
+        assert (last_logits(llm.engine, ids) - ref).abs().max().item() < 2e-2, prompt
 
 
 def test_64_greedy_tokens_match_transformers(llm, hf_smollm2, hf_greedy):
