@@ -326,16 +326,13 @@ void store_rows(const at::Tensor& src, at::Tensor& cache, float* scales, const i
   }
 }
 
-// k, v: [tokens, kv_heads, D] (views into the fused QKV output); token i goes to slot slots[i] of the
-// caches, each seen as [slots, kv_heads, D]. One op for both caches instead of two index_copy_ calls.
 }  // namespace
 
 namespace tokenmill {
 
 void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t window,
-                            at::Tensor& out, const std::optional<at::Tensor>& k_scale,
-                            const std::optional<at::Tensor>& v_scale) {
+                     const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t window,
+                     at::Tensor& out, const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
   TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2) && out.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous());
   TORCH_CHECK(block_tables.is_contiguous() && seq_lens.is_contiguous());
   TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type() && out.scalar_type() == q.scalar_type());
@@ -356,6 +353,8 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   });
 }
 
+// k, v: [tokens, kv_heads, D] (views into the fused QKV output); token i goes to slot slots[i] of the
+// caches, each seen as [slots, kv_heads, D]. One op for both caches instead of two index_copy_ calls.
 void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
               const at::Tensor& slots, const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
   TORCH_CHECK(k.stride(2) == 1 && k.stride(1) == k.size(2) && v.stride(2) == 1 && v.stride(1) == v.size(2));
