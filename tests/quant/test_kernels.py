@@ -44,8 +44,9 @@ def test_the_kernels_offered_are_those_the_cpu_reports():
 
 @pytest.mark.parametrize("kernel", _KERNELS)
 @pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
-# 1 row; 3 and 7 (a partial tile on 256-bit kernels, one AMX tile); 23 (two AMX tiles, whole tiles and a rest).
-@pytest.mark.parametrize("rows", [1, 3, 7, 23])
+# 1 row; 3, 6 and 7 (a partial tile of each size on 256-bit kernels; 7 is one AMX tile); 23 (two AMX tiles,
+# whole tiles and a rest).
+@pytest.mark.parametrize("rows", [1, 3, 6, 7, 23])
 def test_kernel_gives_the_portable_loops_bits(kernel, cls, rows):
     # 99 output rows: the last block holds 3, so the second half of a 256-bit kernel's block is empty.
     layer = _layer(cls, 128, 99, 64)

@@ -8,8 +8,9 @@
 // Without VNNI, VPMADDUBSW multiplies unsigned levels by signed int8 inputs into int16 pairs and
 // saturates past 32767. int4 levels (at most 15) against inputs of at most 128 in size give pairs of at
 // most 3,840, so the 8 level vectors of 32 inputs add up in int16 (at most 30,720) before one VPMADDWD
-// widens them. int8 levels (up to 255) would saturate, so they are split into nibbles, each summed as
-// int4, and joined as 16 * high nibble + low nibble: twice the multiplies of int4.
+// widens them. int8 levels (up to 255) would saturate there, so they are widened to int16 and multiplied
+// by VPMADDWD against the whole 16-bit inputs, 256 * hi + lo: one multiply per 16 products, where the
+// int8 halves split into nibbles took four.
 //
 // NOTE: only intrinsics and this file's own functions: a library template instantiated here would be
 // built for this target, and the linker may keep that copy for the whole extension.
@@ -21,7 +22,7 @@ namespace {
 constexpr int kHalfRows = 8;
 
 // Input rows per pass: accumulators for each must fit the 16 registers with the levels and inputs.
-constexpr int tile_rows(int bits) { return bits == 8 && !kVnni ? 2 : 4; }
+constexpr int kTile = 4;
 
 // Inputs xp[0, 32) as 16-bit levels split into hi and lo; returns the sum of the levels.
 inline int32_t quantize_block(const float* xp, float inv, int8_t* hi, int8_t* lo) {
@@ -81,12 +82,13 @@ inline __m256i broadcast4(const int8_t* p) {
   return _mm256_set1_epi32(four);
 }
 
-// The exact int32 sums over 32 inputs of each of T input rows against 8 rows' levels: high[t] of the hi
-// halves, low[t] of the lo halves.
+// The exact int32 sums over 32 inputs of each of T input rows against 8 rows' levels: 256 * high + low, where
+// high sums the levels times the hi halves and low times the lo halves (quant_kernel.h).
 template <int Bits, int T>
 inline void sums(const uint8_t* q, int64_t kb, int h, const int8_t* const (&hi)[T], const int8_t* const (&lo)[T],
-                 __m256i (&high)[T], __m256i (&low)[T]) {
+                 __m256i (&dots)[T]) {
   if constexpr (kVnni) {
+    __m256i high[T], low[T];
     for (int t = 0; t < T; ++t) high[t] = low[t] = _mm256_setzero_si256();
     for (int j = 0; j < kLevelVectors; ++j) {
       const __m256i levels = load_levels<Bits>(q, kb, j, h);
@@ -95,39 +97,50 @@ inline void sums(const uint8_t* q, int64_t kb, int h, const int8_t* const (&hi)[
         low[t] = _mm256_dpbusd_avx_epi32(low[t], levels, broadcast4(lo[t] + 4 * j));
       }
     }
-  } else {
-    const __m256i ones = _mm256_set1_epi16(1), nibble = _mm256_set1_epi8(0x0F);
-    // int16 sums per nibble (int4: one; int8: low and high nibbles), hi and lo inputs.
-    constexpr int kNibbles = Bits / 4;
-    __m256i h16[T][kNibbles], l16[T][kNibbles];
+    // Exact in int32: |high| <= 32 * 255 * 128, so high * 256 stays below 2^31.
+    for (int t = 0; t < T; ++t) dots[t] = _mm256_add_epi32(_mm256_slli_epi32(high[t], 8), low[t]);
+  } else if constexpr (Bits == 8) {
+    // Each row's 32 inputs as int16, 256 * hi + lo (at most 32,639 in size).
+    alignas(32) int16_t x16[T][kInputBlock];
     for (int t = 0; t < T; ++t)
-      for (int n = 0; n < kNibbles; ++n) h16[t][n] = l16[t][n] = _mm256_setzero_si256();
+      for (int half = 0; half < 2; ++half) {
+        const __m256i h16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hi[t] + 16 * half)));
+        const __m256i l16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lo[t] + 16 * half)));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(x16[t] + 16 * half), _mm256_add_epi16(_mm256_slli_epi16(h16, 8), l16));
+      }
+    // Rows 0-3 and 4-7 of the half, widened: each int32 lane sums two of a row's four inputs, so a row is two
+    // lanes until the end. Exact: at most 32 * 255 * 32,639 in size, below 2^31.
+    __m256i rows03[T], rows47[T];
+    for (int t = 0; t < T; ++t) rows03[t] = rows47[t] = _mm256_setzero_si256();
     for (int j = 0; j < kLevelVectors; ++j) {
-      const __m256i levels = load_levels<Bits>(q, kb, j, h);
-      __m256i nibbles[kNibbles];
-      if constexpr (Bits == 8) {
-        nibbles[0] = _mm256_and_si256(levels, nibble);
-        nibbles[1] = _mm256_and_si256(_mm256_srli_epi16(levels, 4), nibble);
-      } else {
-        nibbles[0] = levels;
-      }
+      const __m256i levels = load_levels<8>(q, kb, j, h);
+      const __m256i w03 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(levels));
+      const __m256i w47 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(levels, 1));
       for (int t = 0; t < T; ++t) {
-        const __m256i x_high = broadcast4(hi[t] + 4 * j), x_low = broadcast4(lo[t] + 4 * j);
-        for (int n = 0; n < kNibbles; ++n) {
-          h16[t][n] = _mm256_add_epi16(h16[t][n], _mm256_maddubs_epi16(nibbles[n], x_high));
-          l16[t][n] = _mm256_add_epi16(l16[t][n], _mm256_maddubs_epi16(nibbles[n], x_low));
-        }
+        int64_t four;
+        std::memcpy(&four, x16[t] + 4 * j, 8);
+        const __m256i x = _mm256_set1_epi64x(four);
+        rows03[t] = _mm256_add_epi32(rows03[t], _mm256_madd_epi16(w03, x));
+        rows47[t] = _mm256_add_epi32(rows47[t], _mm256_madd_epi16(w47, x));
       }
     }
-    for (int t = 0; t < T; ++t) {
-      high[t] = _mm256_madd_epi16(h16[t][0], ones);
-      low[t] = _mm256_madd_epi16(l16[t][0], ones);
-      if constexpr (Bits == 8) {
-        const __m256i sixteen = _mm256_set1_epi16(16);
-        high[t] = _mm256_add_epi32(high[t], _mm256_madd_epi16(h16[t][1], sixteen));
-        low[t] = _mm256_add_epi32(low[t], _mm256_madd_epi16(l16[t][1], sixteen));
+    // The pairs added: rows 0 1 4 5 | 2 3 6 7, then put in order.
+    const __m256i order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+    for (int t = 0; t < T; ++t) dots[t] = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(rows03[t], rows47[t]), order);
+  } else {
+    const __m256i ones = _mm256_set1_epi16(1);
+    // int16 sums of the hi and the lo inputs.
+    __m256i h16[T], l16[T];
+    for (int t = 0; t < T; ++t) h16[t] = l16[t] = _mm256_setzero_si256();
+    for (int j = 0; j < kLevelVectors; ++j) {
+      const __m256i levels = load_levels<4>(q, kb, j, h);
+      for (int t = 0; t < T; ++t) {
+        h16[t] = _mm256_add_epi16(h16[t], _mm256_maddubs_epi16(levels, broadcast4(hi[t] + 4 * j)));
+        l16[t] = _mm256_add_epi16(l16[t], _mm256_maddubs_epi16(levels, broadcast4(lo[t] + 4 * j)));
       }
     }
+    for (int t = 0; t < T; ++t)
+      dots[t] = _mm256_add_epi32(_mm256_slli_epi32(_mm256_madd_epi16(h16[t], ones), 8), _mm256_madd_epi16(l16[t], ones));
   }
 }
 
@@ -145,13 +158,11 @@ void half_tile(const uint8_t* q, const uint16_t* scale, int64_t group, const Qua
     const int8_t* hi[T];
     const int8_t* lo[T];
     for (int t = 0; t < T; ++t) hi[t] = x.hi + (m + t) * x.K + kb * kInputBlock, lo[t] = x.lo + (m + t) * x.K + kb * kInputBlock;
-    __m256i high[T], low[T];
-    sums<Bits, T>(q, kb, h, hi, lo, high, low);
+    __m256i dots[T];
+    sums<Bits, T>(q, kb, h, hi, lo, dots);
     for (int t = 0; t < T; ++t) {
-      // Exact in int32: |high| <= 32 * 255 * 128, so high * 256 stays below 2^31.
-      const __m256 dots = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_slli_epi32(high[t], 8), low[t]));
       const int64_t at = (m + t) * blocks + kb;
-      acc[t] = _mm256_fmadd_ps(dots, _mm256_mul_ps(step, _mm256_set1_ps(x.dx[at])), acc[t]);
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[t]), _mm256_mul_ps(step, _mm256_set1_ps(x.dx[at])), acc[t]);
       acc[t] = _mm256_fmadd_ps(offset, _mm256_set1_ps(x.sx[at]), acc[t]);
     }
   }
@@ -161,7 +172,6 @@ void half_tile(const uint8_t* q, const uint16_t* scale, int64_t group, const Qua
 template <int Bits>
 void block_rows(const uint8_t* q, const uint16_t* scale, int64_t group, const QuantizedRows& x, int64_t M,
                 float* out, int64_t N, int64_t n0) {
-  constexpr int kTile = tile_rows(Bits);
   for (int h = 0; h < 2 && n0 + h * kHalfRows < N; ++h) {
     // The last block may hold fewer than 16 of N rows: lanes past N are not stored.
     const int64_t rows = N - n0 - h * kHalfRows;
