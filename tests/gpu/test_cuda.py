@@ -29,7 +29,8 @@ def test_batched_chunked_preempted_cached_and_eager_runs_match_alone(make_engine
     alone = [tokens(make_engine(device="cuda", dtype=dtype, enable_prefix_caching=False), [p])[0] for p in PROMPTS]
     assert tokens(make_engine(device="cuda", dtype=dtype), PROMPTS) == alone  # batched, decodes replayed as graphs
     assert tokens(make_engine(device="cuda", dtype=dtype, enforce_eager=True), PROMPTS) == alone
-    assert tokens(make_engine(device="cuda", dtype=dtype, max_num_batched_tokens=8, max_num_seqs=8), PROMPTS) == alone  # chunked
+    chunked = make_engine(device="cuda", dtype=dtype, max_num_batched_tokens=8, max_num_seqs=8)
+    assert tokens(chunked, PROMPTS) == alone
     # About 14 blocks (bf16) for 8 sequences of 3 blocks each: some are preempted and recomputed.
     preempting = make_engine(device="cuda", dtype=dtype, kv_cache_memory=0.01)
     assert tokens(preempting, PROMPTS) == alone
