@@ -332,7 +332,8 @@ namespace tokenmill {
 
 void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t window,
-                     at::Tensor& out, const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
+                     at::Tensor& out, const std::optional<at::Tensor>& k_scale,
+                     const std::optional<at::Tensor>& v_scale) {
   TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2) && out.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous());
   TORCH_CHECK(block_tables.is_contiguous() && seq_lens.is_contiguous());
   TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type() && out.scalar_type() == q.scalar_type());
