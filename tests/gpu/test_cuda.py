@@ -44,11 +44,11 @@ def test_float32_greedy_tokens_match_transformers_on_most_prompts(make_engine, t
     ours = tokens(engine, PROMPTS)
     reference = copy.deepcopy(hf_smollm2).to("cuda")
     equal = 0
-    for prompt, tokens in zip(PROMPTS, ours):
+    for prompt, mine in zip(PROMPTS, ours):
         ids = torch.tensor([engine.tokenizer.encode(prompt)], device="cuda")
         with torch.no_grad():
             out = reference.generate(ids, max_new_tokens=32, do_sample=False, min_new_tokens=32)
-        equal += out[0, ids.shape[1]:].tolist() == tokens
+        equal += out[0, ids.shape[1]:].tolist() == mine
     assert equal >= 6, f"{equal} of {len(PROMPTS)} prompts gave transformers' 32 greedy tokens"
 
 
