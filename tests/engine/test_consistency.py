@@ -17,7 +17,7 @@ def _prompts(count: int, seed: int, shared_prefix: str = "") -> list[str]:
     return [shared_prefix + " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 60))) for _ in range(count)]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def run(run_prompts):
     """run_prompts, greedy unless given other sampling params."""
     return lambda engine, prompts, params=GREEDY: run_prompts(engine, prompts, params)
@@ -28,11 +28,10 @@ def _alone(run, engine: LLMEngine, prompts: list[str]) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def reference(make_engine, run_prompts):
+def reference(make_engine, run):
     """Each of 32 mixed-length prompts run alone, prefix caching off."""
     prompts = _prompts(32, seed=1)
-    engine = make_engine(enable_prefix_caching=False)
-    return prompts, [run_prompts(engine, [p], GREEDY)[0] for p in prompts]
+    return prompts, _alone(run, make_engine(enable_prefix_caching=False), prompts)
 
 
 def test_32_prompts_batched_match_alone(make_engine, reference, run):
