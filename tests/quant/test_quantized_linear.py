@@ -6,6 +6,7 @@ from torch import nn
 
 from tokenmill.errors import ModelLoadError
 from tokenmill.quant import quantize_model
+from tokenmill.quant.levels import LevelRows
 from tokenmill.quant.linear import Int4Linear, Int8Embedding, Int8Linear
 
 
@@ -110,6 +111,19 @@ def test_int4_reproduces_gguf_q4_1_blocks_exactly():
     layer = _int4(w, group_size=32)
     torch.testing.assert_close(layer.dequantize(), w, rtol=0, atol=1e-5)
     assert layer.qweight.numel() == 16 * 128 // 2  # two weights per byte, the 8 rows padded to a block of 16
+
+
+def test_rows_on_the_layers_grid_go_in_unchanged_and_others_through_float():
+    gen = torch.Generator().manual_seed(3)
+    rows = LevelRows(torch.randint(0, 16, (40, 64), generator=gen, dtype=torch.uint8),
+                     (torch.rand(40, 2, generator=gen) + 0.1).half(), torch.randn(40, 2, generator=gen).half(), 4)
+    w = rows.dequantize()
+    same = Int4Linear(64, 40, 32)
+    same.load_rows(slice(None), rows, "w")
+    assert torch.equal(same.dequantize(), w)  # whatever levels a group uses: no min or max to refit
+    for other, layer in ((Int4Linear(64, 40, 64), _int4(w, group_size=64)), (Int8Linear(64, 40, 32), _int8(w))):
+        other.load_rows(slice(None), rows, "w")
+        assert torch.equal(other.dequantize(), layer.dequantize())  # rows 40-47 of the last block are unset
 
 
 def test_streamed_shards_quantize_as_the_whole_weight_does():

@@ -18,6 +18,8 @@ TORCH_LIBRARY(tokenmill, m) {
   m.def("quantized_matmul(Tensor x, Tensor q, Tensor scale, int bits, Tensor(a!) out) -> ()");
   m.def("quantized_matmul_with(str kernel, Tensor x, Tensor q, Tensor scale, int bits, Tensor(a!) out) -> ()");
   m.def("quantize_weight_rows(Tensor w, int bits, Tensor(a!) q, Tensor(b!) scale, int start) -> ()");
+  m.def("pack_weight_rows(Tensor levels, Tensor step, Tensor offset, int bits, Tensor(a!) q, Tensor(b!) scale, "
+        "int start) -> ()");
   // No tensors: registered for every backend.
   m.def("quantized_matmul_kernels() -> str[]", &quantized_matmul_kernels);
   m.def("quantized_matmul_kernel() -> str", &quantized_matmul_kernel);
@@ -35,4 +37,5 @@ TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
   m.impl("quantized_matmul", quantized_matmul);
   m.impl("quantized_matmul_with", quantized_matmul_with);
   m.impl("quantize_weight_rows", quantize_weight_rows);
+  m.impl("pack_weight_rows", pack_weight_rows);
 }

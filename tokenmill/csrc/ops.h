@@ -38,5 +38,7 @@ std::vector<int64_t> quant_layout();
 
 // quantize_weights.cpp
 void quantize_weight_rows(const at::Tensor& w, int64_t bits, at::Tensor& q, at::Tensor& scale, int64_t start);
+void pack_weight_rows(const at::Tensor& levels, const at::Tensor& step, const at::Tensor& offset, int64_t bits,
+                      at::Tensor& q, at::Tensor& scale, int64_t start);
 
 }  // namespace tokenmill

@@ -77,6 +77,40 @@ void quantize_row(const float* w, int64_t K, int64_t group, int64_t bits, float*
   }
 }
 
+// Where rows of a layer go in q: uint8 [blocks, chunks, 64] and scale: float16 [blocks, groups, 2, 16].
+struct Layout {
+  uint8_t* q;
+  at::Half* scale;
+  int64_t K, groups, block_bytes;
+
+  // Row r's K levels (each below 2^bits).
+  template <typename Level>
+  void put_levels(int64_t r, const Level* levels, int64_t bits) const {
+    uint8_t* row = q + r / kBlockRows * block_bytes + r % kBlockRows * 4;
+    for (int64_t k = 0; k < K; ++k) {
+      if (bits == 8) {  // chunk k / 4 holds inputs 4c to 4c + 3
+        row[k / 4 * kChunkBytes + k % 4] = static_cast<uint8_t>(levels[k]);
+      } else if (k % 8 < 4) {  // chunk k / 8: inputs 8c to 8c + 3 in low nibbles, 8c + 4 to 8c + 7 in high
+        row[k / 8 * kChunkBytes + k % 8] = static_cast<uint8_t>(levels[k]) | static_cast<uint8_t>(levels[k + 4]) << 4;
+      }
+    }
+  }
+
+  // Row r's step and offset for group g.
+  void put_scale(int64_t r, int64_t g, at::Half step, at::Half offset) const {
+    at::Half* s = scale + ((r / kBlockRows * groups + g) * 2) * kBlockRows + r % kBlockRows;
+    s[0] = step;
+    s[kBlockRows] = offset;
+  }
+};
+
+// The layout of q and scale, checked for rows [start, start + n) of K inputs.
+Layout layout_for(at::Tensor& q, at::Tensor& scale, int64_t K, int64_t bits, int64_t start, int64_t n, int64_t* group) {
+  *group = check_layout(q, scale, K, bits);
+  TORCH_CHECK(start >= 0 && start + n <= q.size(0) * kBlockRows, "rows ", start, " to ", start + n, " are out of range");
+  return {q.data_ptr<uint8_t>(), scale.data_ptr<at::Half>(), K, K / *group, q.size(1) * kChunkBytes};
+}
+
 }  // namespace
 
 namespace tokenmill {
@@ -85,31 +119,43 @@ namespace tokenmill {
 // [blocks, groups, 2, 16].
 void quantize_weight_rows(const at::Tensor& w, int64_t bits, at::Tensor& q, at::Tensor& scale, int64_t start) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kFloat, "weights must be contiguous float32 rows");
-  const int64_t n = w.size(0), K = w.size(1), group = check_layout(q, scale, K, bits), groups = K / group;
-  TORCH_CHECK(start >= 0 && start + n <= q.size(0) * kBlockRows, "rows ", start, " to ", start + n, " are out of range");
+  const int64_t n = w.size(0), K = w.size(1);
+  int64_t group;
+  const Layout out = layout_for(q, scale, K, bits, start, n, &group);
   const float* wp = w.data_ptr<float>();
-  uint8_t* qp = q.data_ptr<uint8_t>();
-  at::Half* sp = scale.data_ptr<at::Half>();
-  const int64_t block_bytes = q.size(1) * kChunkBytes;
   // Each row writes only its own bytes and scales, so rows run in parallel.
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> levels(K);
-    std::vector<Grid> grids(groups);
+    std::vector<Grid> grids(out.groups);
     for (int64_t i = begin; i < end; ++i) {
       quantize_row(wp + i * K, K, group, bits, levels.data(), grids.data());
-      const int64_t block = (start + i) / kBlockRows, lane = (start + i) % kBlockRows;
-      uint8_t* row = qp + block * block_bytes + lane * 4;
-      for (int64_t k = 0; k < K; ++k) {
-        if (bits == 8) {  // chunk k / 4 holds inputs 4c to 4c + 3
-          row[k / 4 * kChunkBytes + k % 4] = static_cast<uint8_t>(levels[k]);
-        } else if (k % 8 < 4) {  // chunk k / 8: inputs 8c to 8c + 3 in low nibbles, 8c + 4 to 8c + 7 in high
-          row[k / 8 * kChunkBytes + k % 8] = static_cast<uint8_t>(levels[k]) | static_cast<uint8_t>(levels[k + 4]) << 4;
-        }
-      }
-      for (int64_t g = 0; g < groups; ++g) {
-        sp[((block * groups + g) * 2) * kBlockRows + lane] = at::Half(grids[g].step);
-        sp[((block * groups + g) * 2 + 1) * kBlockRows + lane] = at::Half(grids[g].offset);
-      }
+      out.put_levels(start + i, levels.data(), bits);
+      for (int64_t g = 0; g < out.groups; ++g)
+        out.put_scale(start + i, g, at::Half(grids[g].step), at::Half(grids[g].offset));
+    }
+  });
+}
+
+// Rows already on the grid (a GGUF file's Q4_1 or Q8_0 blocks): levels uint8 [n, K] below 2^bits, and per
+// group their float16 step and offset [n, groups], written unchanged into rows [start, start + n).
+void pack_weight_rows(const at::Tensor& levels, const at::Tensor& step, const at::Tensor& offset, int64_t bits,
+                      at::Tensor& q, at::Tensor& scale, int64_t start) {
+  TORCH_CHECK(levels.dim() == 2 && levels.is_contiguous() && levels.scalar_type() == at::kByte,
+              "levels must be contiguous uint8 rows");
+  const int64_t n = levels.size(0), K = levels.size(1);
+  int64_t group;
+  const Layout out = layout_for(q, scale, K, bits, start, n, &group);
+  for (const at::Tensor* t : {&step, &offset})
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kHalf && t->dim() == 2 && t->size(0) == n &&
+                t->size(1) == out.groups, "steps and offsets must be float16 [", n, ", ", out.groups, "]");
+  const uint8_t* lp = levels.data_ptr<uint8_t>();
+  const at::Half* sp = step.data_ptr<at::Half>();
+  const at::Half* op = offset.data_ptr<at::Half>();
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      out.put_levels(start + i, lp + i * K, bits);
+      for (int64_t g = 0; g < out.groups; ++g)
+        out.put_scale(start + i, g, sp[i * out.groups + g], op[i * out.groups + g]);
     }
   });
 }

@@ -9,11 +9,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
 from tokenmill.config import ModelConfig
 from tokenmill.errors import ModelLoadError
+from tokenmill.quant.levels import LevelRows
 
 # GGUF per-layer tensor names to Hugging Face module paths.
 _LAYER_NAMES = {
@@ -78,6 +79,8 @@ _LINEAR_PARTS = {
     "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp",
 }
 _FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
+# The block types whose grids int4 and int8 layers hold exactly, with their levels' bits.
+_LEVEL_BITS = {GGMLQuantizationType.Q4_1: 4, GGMLQuantizationType.Q8_0: 8}
 
 # Float32 elements dequantized per slice of rows, and per piece of a tensor handed to the model
 # (1 MiB: each piece is alive beside the loaded weights, at the load's peak memory).
@@ -206,8 +209,14 @@ class GGUFFile:
             eos_token_ids=sorted({int(e) for e in eos}),
         )
 
-    def weights(self, config: ModelConfig, dtype: torch.dtype) -> Iterator[tuple[str, slice, torch.Tensor]]:
-        """Yield (Hugging Face name, rows, dequantized rows) for every tensor in the file, large ones in pieces."""
+    def weights(
+        self, config: ModelConfig, dtype: torch.dtype, levels: bool = False
+    ) -> Iterator[tuple[str, slice, torch.Tensor | LevelRows]]:
+        """Yield (Hugging Face name, rows, dequantized rows) for every tensor in the file, large ones in pieces.
+
+        With levels, 2-D Q4_1 and Q8_0 tensors come as the file's own levels, steps and offsets (LevelRows), for
+        quantized layers to take unchanged.
+        """
         data = self._map.view(np.ndarray)  # slicing np.memmap itself costs bookkeeping on every slice
         for tensor in self._tensors:
             # A tensor without a Hugging Face name keeps its own, for the model's load to reject by name.
@@ -223,6 +232,10 @@ class GGUFFile:
                 elif name.endswith(("k_proj.weight", "k_proj.bias")):
                     heads = config.num_kv_heads
             try:
+                if levels and tensor.qtype in _LEVEL_BITS and len(tensor.shape) == 2:
+                    yield from ((name, rows, piece) for rows, piece in _levels(tensor, data, heads))
+                    _release(self._map, 0, tensor.offset + tensor.n_bytes)
+                    continue
                 # The permutation moves rows within a head: those tensors come whole.
                 for rows, array in _dequantized(tensor, data, whole=heads is not None):
                     array = _unpermute(array, heads) if heads else array
@@ -291,6 +304,31 @@ def _dequantized(tensor: _Tensor, data: np.ndarray, whole: bool) -> Iterator[tup
         # np.array copies: float32 tensors dequantize to a view of the map, which _release drops.
         piece = np.array(dequantize(rows[start : start + step], tensor.qtype), np.float32)
         yield slice(start, start + len(piece)), piece
+
+
+def _levels(tensor: _Tensor, data: np.ndarray, heads: int | None) -> Iterator[tuple[slice, LevelRows]]:
+    """A Q4_1 or Q8_0 tensor's blocks as their levels, float16 steps and offsets: (rows, LevelRows) pieces.
+
+    Q4_1 blocks are (d, m, 16 bytes): input j in byte j's low nibble, input 16 + j in its high one, w = d * q + m.
+    Q8_0 blocks are (d, 32 int8): w = d * q, which is d * (q + 128) - 128 * d on unsigned levels, exactly.
+    """
+    block_bytes = GGML_QUANT_SIZES[tensor.qtype][1]
+    rows = data[tensor.offset : tensor.offset + tensor.n_bytes].reshape(tensor.shape[0], -1, block_bytes)
+    if heads:
+        rows = _unpermute(rows, heads)
+    step = max(1, _DEQUANTIZE_ELEMENTS // tensor.shape[1])
+    for start in range(0, len(rows), step):
+        blocks = rows[start : start + step]
+        d = np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0]
+        if tensor.qtype == GGMLQuantizationType.Q4_1:
+            nibbles = blocks[..., 4:]
+            level = np.concatenate([nibbles & 15, nibbles >> 4], axis=-1)
+            offset = np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0]
+        else:
+            level, offset = blocks[..., 2:] ^ np.uint8(0x80), d * np.float16(-128)  # the int8 q's bits as q + 128
+        levels = torch.from_numpy(level.reshape(len(blocks), -1))
+        yield slice(start, start + len(blocks)), LevelRows(levels, torch.from_numpy(d), torch.from_numpy(offset),
+                                                           _LEVEL_BITS[tensor.qtype])
 
 
 def _release(file_map: np.memmap, start: int, stop: int) -> None:

@@ -85,8 +85,10 @@ class HFDirectory:
             return []
         return sorted(set(eos)) if isinstance(eos, list) else [int(eos)]
 
-    def weights(self, config: ModelConfig, dtype: torch.dtype) -> Iterator[tuple[str, slice, torch.Tensor]]:
-        """Yield (name, rows, tensor) for every tensor in every safetensors file, each whole."""
+    def weights(
+        self, config: ModelConfig, dtype: torch.dtype, levels: bool = False
+    ) -> Iterator[tuple[str, slice, torch.Tensor]]:
+        """Yield (name, rows, tensor) for every tensor in every safetensors file, each whole (float: no levels)."""
         for file in self.files:
             try:
                 with safe_open(file, framework="pt") as f:

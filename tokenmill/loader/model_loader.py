@@ -30,7 +30,7 @@ def load_model(config: EngineConfig, source: ModelSource) -> tuple[nn.Module, st
         quantize_model(model, choice.method, config.quant_group_size)
     # Quantized layers are filled by a CPU op (quantize_weight_rows): they load on CPU and move after.
     _allocate(model, torch.device("cpu") if choice.method != "none" else device)
-    model.load_weights(source.weights(dtype))
+    model.load_weights(source.weights(dtype, levels=choice.method != "none"))
     model.to(device).eval()
     if choice.method == "none" and can_pack(device, dtype):
         pack_linears(model)

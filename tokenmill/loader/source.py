@@ -13,6 +13,7 @@ from tokenmill.loader.gguf import GGUFFile
 from tokenmill.loader.hf import HFDirectory
 from tokenmill.loader.tokenizer import Tokenizer
 from tokenmill.models.registry import model_class
+from tokenmill.quant.levels import LevelRows
 
 
 @dataclass
@@ -25,9 +26,12 @@ class ModelSource:
     tokenizer: Tokenizer
     files: GGUFFile | HFDirectory
 
-    def weights(self, dtype: torch.dtype) -> Iterator[tuple[str, slice, torch.Tensor]]:
-        """Stream (Hugging Face name, rows, tensor) in the given dtype: rows of the named tensor, often all."""
-        return self.files.weights(self.config, dtype)
+    def weights(self, dtype: torch.dtype, levels: bool = False) -> Iterator[tuple[str, slice, torch.Tensor | LevelRows]]:
+        """Stream (Hugging Face name, rows, tensor) in the given dtype: rows of the named tensor, often all.
+
+        With levels, a GGUF file's Q4_1 and Q8_0 tensors come as their own levels (for int4 and int8 layers).
+        """
+        return self.files.weights(self.config, dtype, levels)
 
 
 def open_model(name_or_path: str, pull_if_missing: bool = True) -> ModelSource:

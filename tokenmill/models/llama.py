@@ -14,6 +14,7 @@ from tokenmill.layers.attention import Attention
 from tokenmill.layers.base import Layer
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding, apply_rotary_
+from tokenmill.quant.levels import LevelRows
 
 
 class LlamaAttention(Layer):
@@ -135,7 +136,7 @@ class LlamaForCausalLM(Layer):
         """Logits [rows, vocab] for the hidden states of the rows that need sampling."""
         return self.lm_head(hidden)
 
-    def load_weights(self, weights: Iterable[tuple[str, slice, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, slice, torch.Tensor | LevelRows]]) -> None:
         """Fill a model whose storage is allocated but unset (see to_empty): weights, ties and rotary tables.
 
         Checkpoint tensors (Hugging Face names, whole or in pieces of rows) go into parameters, or into
@@ -228,7 +229,9 @@ def _within(shard: slice, rows: slice, name: str) -> slice:
     return slice(shard.start + (rows.start or 0), shard.start + rows.stop)
 
 
-def _copy_rows(param: nn.Parameter, rows: slice, src: torch.Tensor, name: str) -> None:
+def _copy_rows(param: nn.Parameter, rows: slice, src: torch.Tensor | LevelRows, name: str) -> None:
+    if isinstance(src, LevelRows):  # a quantized checkpoint's table kept in float (an untied embedding)
+        src = src.dequantize()
     dst = param.data[rows]
     if dst.shape != src.shape:
         raise ModelLoadError(f"checkpoint tensor {name} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")

@@ -7,6 +7,7 @@ from torch import nn
 from tokenmill.errors import ModelLoadError
 from tokenmill import ops
 from tokenmill.layers.base import Layer
+from tokenmill.quant.levels import LevelRows
 
 
 class QuantizedLinear(Layer):
@@ -39,14 +40,24 @@ class QuantizedLinear(Layer):
         groups = in_features // group_size
         self.register_buffer("scale", torch.empty(blocks, groups, 2, self.block_rows, dtype=torch.float16, device=device))
 
-    def load_rows(self, rows: slice, weight: torch.Tensor, name: str) -> None:
-        """Quantize float weight rows into rows [rows] of this layer (a checkpoint shard, or all of it)."""
+    def load_rows(self, rows: slice, weight: torch.Tensor | LevelRows, name: str) -> None:
+        """Quantize weight rows into rows [rows] of this layer (a checkpoint shard, or all of it).
+
+        Rows already on this layer's grid (GGUF's Q4_1 blocks in int4, Q8_0 in int8) go in unchanged: the file's
+        own levels, without dequantizing 134M SmolLM2 weights to float and quantizing them again.
+        """
         start, stop, _ = rows.indices(self.out_features)
         if tuple(weight.shape) != (stop - start, self.in_features):
             raise ModelLoadError(
                 f"checkpoint tensor {name} has shape {tuple(weight.shape)}, expected {(stop - start, self.in_features)}"
             )
-        # A CPU op (tokenmill/csrc/quantize_weights.cpp): layers for another device are loaded on CPU first.
+        # CPU ops (tokenmill/csrc/quantize_weights.cpp): layers for another device are loaded on CPU first.
+        if isinstance(weight, LevelRows):
+            if (weight.bits, weight.group) == (self.bits, self.group_size):
+                ops.require().pack_weight_rows(weight.levels, weight.step, weight.offset, self.bits, self.qweight,
+                                               self.scale, start)
+                return
+            weight = weight.dequantize()
         ops.require().quantize_weight_rows(weight.float().contiguous(), self.bits, self.qweight, self.scale, start)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,7 +130,7 @@ class Int8Embedding(Layer):
         self.__dict__["table"] = table
         self.dtype = dtype
 
-    def load_rows(self, rows: slice, weight: torch.Tensor, name: str) -> None:
+    def load_rows(self, rows: slice, weight: torch.Tensor | LevelRows, name: str) -> None:
         """Quantize embedding rows into the shared table."""
         self.table.load_rows(rows, weight, name)
 

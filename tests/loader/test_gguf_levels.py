@@ -1,0 +1,44 @@
+"""A GGUF file's Q4_1 and Q8_0 blocks loaded as their own levels: the weights dequantizing gives, bit for bit."""
+
+import torch
+
+from tokenmill.config import EngineConfig
+from tokenmill.loader.model_loader import load_model
+from tokenmill.quant.levels import LevelRows
+
+# SmolLM2: the tied embedding is Q8_0, the layers Q4_1; Q and K rows are also unpermuted on the way.
+NAMES = {"model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
+         "model.layers.29.mlp.down_proj.weight"}
+
+
+def _whole(weights) -> dict[str, torch.Tensor]:
+    """The NAMES tensors, their pieces put together in float32."""
+    pieces: dict[str, list] = {}
+    for name, rows, tensor in weights:
+        if name in NAMES:
+            pieces.setdefault(name, []).append(tensor.dequantize() if isinstance(tensor, LevelRows) else tensor)
+    return {name: torch.cat(parts) for name, parts in pieces.items()}
+
+
+def test_levels_dequantize_to_what_the_gguf_package_dequantizes(smollm2_source):
+    levels = list(smollm2_source.weights(torch.float32, levels=True))
+    kinds = {name: (piece.bits, piece.group) for name, _, piece in levels if isinstance(piece, LevelRows)}
+    assert kinds["model.embed_tokens.weight"] == (8, 32) and kinds["model.layers.0.mlp.up_proj.weight"] == (4, 32)
+    assert not any(isinstance(piece, LevelRows) for _, _, piece in smollm2_source.weights(torch.float32))
+    expected = _whole(smollm2_source.weights(torch.float32))
+    got = _whole(levels)
+    assert got.keys() == NAMES
+    for name in NAMES:
+        assert torch.equal(got[name], expected[name]), name
+
+
+def test_a_model_loaded_from_levels_holds_the_same_bits_as_one_quantized_from_floats(smollm2_source, monkeypatch):
+    for quantization in ("int4", "int8"):  # int8: the Q4_1 layers go through float, the Q8_0 table does not
+        config = EngineConfig(model=str(smollm2_source.path), quantization=quantization)
+        direct = load_model(config, smollm2_source)[0].state_dict()
+        with monkeypatch.context() as patch:
+            floats_only = smollm2_source.weights
+            patch.setattr(smollm2_source, "weights", lambda dtype, levels=False: floats_only(dtype))
+            reference = load_model(config, smollm2_source)[0].state_dict()
+        assert direct.keys() == reference.keys()
+        assert all(torch.equal(direct[k], reference[k]) for k in direct), quantization

@@ -1,0 +1,28 @@
+"""Weight rows already on a grid of levels, as a GGUF file's Q4_1 and Q8_0 blocks store them."""
+
+from typing import NamedTuple
+
+import torch
+
+
+class LevelRows(NamedTuple):
+    """Weight rows w = step * level + offset, per group of inputs: loaded into a layer of the same grid unchanged."""
+
+    levels: torch.Tensor  # uint8 [rows, K], each below 2 ** bits
+    step: torch.Tensor  # float16 [rows, groups]
+    offset: torch.Tensor  # float16 [rows, groups]
+    bits: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.levels.shape
+
+    @property
+    def group(self) -> int:
+        """Inputs per group."""
+        return self.levels.shape[1] // self.step.shape[1]
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 rows, for a layer on another grid or one kept in float."""
+        groups = self.levels.float().view(len(self.levels), self.step.shape[1], self.group)
+        return torch.addcmul(self.offset.float()[..., None], groups, self.step.float()[..., None]).view(self.shape)
