@@ -14,7 +14,7 @@ NAMES = {"model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", 
 def _whole(weights) -> dict[str, torch.Tensor]:
     """The NAMES tensors, their pieces put together in float32."""
     pieces: dict[str, list] = {}
-    for name, rows, tensor in weights:
+    for name, _, tensor in weights:
         if name in NAMES:
             pieces.setdefault(name, []).append(tensor.dequantize() if isinstance(tensor, LevelRows) else tensor)
     return {name: torch.cat(parts) for name, parts in pieces.items()}

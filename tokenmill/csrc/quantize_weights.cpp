@@ -81,7 +81,7 @@ void quantize_row(const float* w, int64_t K, int64_t group, int64_t bits, float*
 struct Layout {
   uint8_t* q;
   at::Half* scale;
-  int64_t K, groups, block_bytes;
+  int64_t K, group, groups, block_bytes;
 
   // Row r's K levels (each below 2^bits).
   template <typename Level>
@@ -105,10 +105,10 @@ struct Layout {
 };
 
 // The layout of q and scale, checked for rows [start, start + n) of K inputs.
-Layout layout_for(at::Tensor& q, at::Tensor& scale, int64_t K, int64_t bits, int64_t start, int64_t n, int64_t* group) {
-  *group = check_layout(q, scale, K, bits);
+Layout layout_for(at::Tensor& q, at::Tensor& scale, int64_t K, int64_t bits, int64_t start, int64_t n) {
+  const int64_t group = check_layout(q, scale, K, bits);
   TORCH_CHECK(start >= 0 && start + n <= q.size(0) * kBlockRows, "rows ", start, " to ", start + n, " are out of range");
-  return {q.data_ptr<uint8_t>(), scale.data_ptr<at::Half>(), K, K / *group, q.size(1) * kChunkBytes};
+  return {q.data_ptr<uint8_t>(), scale.data_ptr<at::Half>(), K, group, K / group, q.size(1) * kChunkBytes};
 }
 
 }  // namespace
@@ -120,15 +120,14 @@ namespace tokenmill {
 void quantize_weight_rows(const at::Tensor& w, int64_t bits, at::Tensor& q, at::Tensor& scale, int64_t start) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kFloat, "weights must be contiguous float32 rows");
   const int64_t n = w.size(0), K = w.size(1);
-  int64_t group;
-  const Layout out = layout_for(q, scale, K, bits, start, n, &group);
+  const Layout out = layout_for(q, scale, K, bits, start, n);
   const float* wp = w.data_ptr<float>();
   // Each row writes only its own bytes and scales, so rows run in parallel.
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> levels(K);
     std::vector<Grid> grids(out.groups);
     for (int64_t i = begin; i < end; ++i) {
-      quantize_row(wp + i * K, K, group, bits, levels.data(), grids.data());
+      quantize_row(wp + i * K, K, out.group, bits, levels.data(), grids.data());
       out.put_levels(start + i, levels.data(), bits);
       for (int64_t g = 0; g < out.groups; ++g)
         out.put_scale(start + i, g, at::Half(grids[g].step), at::Half(grids[g].offset));
@@ -143,8 +142,7 @@ void pack_weight_rows(const at::Tensor& levels, const at::Tensor& step, const at
   TORCH_CHECK(levels.dim() == 2 && levels.is_contiguous() && levels.scalar_type() == at::kByte,
               "levels must be contiguous uint8 rows");
   const int64_t n = levels.size(0), K = levels.size(1);
-  int64_t group;
-  const Layout out = layout_for(q, scale, K, bits, start, n, &group);
+  const Layout out = layout_for(q, scale, K, bits, start, n);
   for (const at::Tensor* t : {&step, &offset})
     TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kHalf && t->dim() == 2 && t->size(0) == n &&
                 t->size(1) == out.groups, "steps and offsets must be float16 [", n, ", ", out.groups, "]");

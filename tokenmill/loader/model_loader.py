@@ -28,7 +28,7 @@ def load_model(config: EngineConfig, source: ModelSource) -> tuple[nn.Module, st
     with torch.device("meta"):
         model = model_class(source.config.architecture, source.config.num_experts > 0)(source.config).to(dtype)
         quantize_model(model, choice.method, config.quant_group_size)
-    # Quantized layers are filled by a CPU op (quantize_weight_rows): they load on CPU and move after.
+    # Quantized layers are filled by CPU ops (quantize_weight_rows, pack_weight_rows): they load on CPU and move after.
     _allocate(model, torch.device("cpu") if choice.method != "none" else device)
     model.load_weights(source.weights(dtype, levels=choice.method != "none"))
     model.to(device).eval()
