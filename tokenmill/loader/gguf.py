@@ -116,14 +116,19 @@ class _Reader(GGUFReader):
         item, offs = GGUFValueType(item_type[0]), orig_offs + 12
         parts, data = [item_type, count], []
         if item == GGUFValueType.STRING:
-            plain, raw = self.__dict__["_plain"], memoryview(self.__dict__["_plain"])
+            plain = self.__dict__["_plain"]
+            raw = memoryview(plain)
             for _ in range(int(count[0])):
                 size = int.from_bytes(raw[offs : offs + 8], sys.byteorder)
+                if offs + 8 + size > len(plain):  # a corrupt count or length: gguf's reader raises here too
+                    raise ValueError(f"a string of the array at byte {orig_offs} runs past the end of the file")
                 parts += [plain[offs : offs + 8], plain[offs + 8 : offs + 8 + size]]
                 data.append(len(parts) - 1)
                 offs += 8 + size
         elif item in self.gguf_scalar_to_np:
             values = self._get(offs, self.gguf_scalar_to_np[item], count[0])
+            if len(values) != count[0]:
+                raise ValueError(f"the array at byte {orig_offs} runs past the end of the file")
             parts.append(values)
             data.append(len(parts) - 1)
             offs += values.nbytes
