@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import platform
+import time
 from functools import cache
 from pathlib import Path
 from typing import NamedTuple
@@ -31,6 +32,8 @@ LANES = 16
 # The head sizes paged attention is built for: a head's accumulators stay in registers (2 to 16 vectors).
 ATTENTION_HEAD_DIMS = (32, 64, 128, 256)
 _built: bool | None = None  # None until the first call tries
+# A build lock older than this was left by a build that was killed (see _remove_stale_lock).
+STALE_LOCK_SECONDS = 600
 
 
 def sources(arch: str = ARCH) -> list[str]:
@@ -63,15 +66,35 @@ def _cpu_tag() -> str:
     return hashlib.sha1(f"{platform.machine()} {features}".encode()).hexdigest()[:10]
 
 
+def _remove_stale_lock(name: str) -> None:
+    """Remove the build's lock file if a build that never finished left it.
+
+    torch takes the lock for a build and removes it at the end, even on an exception; a build killed outright (a
+    signal, an out-of-memory kill, a stopped container) leaves it, and every later load waits on it forever without a
+    word. A build takes under a minute, so a lock older than STALE_LOCK_SECONDS is such a leftover.
+    """
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        logger.warning("removing %s, left %.0f minutes ago by a build of the C++ ops that did not finish", lock, age / 60)
+        lock.unlink(missing_ok=True)
+
+
 def available() -> bool:
     """True once torch.ops.tokenmill is built and loaded; False, logged once, where it cannot be built."""
     global _built
     if _built is None:
         from torch.utils.cpp_extension import load
 
+        name = f"tokenmill_cpu_ops_{_cpu_tag()}"
         try:
-            load(f"tokenmill_cpu_ops_{_cpu_tag()}", sources(), extra_cflags=compile_flags(),
-                 extra_ldflags=["-fopenmp"], is_python_module=False)
+            _remove_stale_lock(name)
+            load(name, sources(), extra_cflags=compile_flags(), extra_ldflags=["-fopenmp"], is_python_module=False)
             _built = True
         except (OSError, RuntimeError) as e:
             logger.warning("tokenmill's C++ CPU ops could not be built (%s); using PyTorch fallbacks", e)
