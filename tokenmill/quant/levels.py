@@ -24,5 +24,10 @@ class LevelRows(NamedTuple):
 
     def dequantize(self) -> torch.Tensor:
         """The float32 rows, for a layer on another grid or one kept in float."""
-        groups = self.levels.float().view(len(self.levels), self.step.shape[1], self.group)
-        return torch.addcmul(self.offset.float()[..., None], groups, self.step.float()[..., None]).view(self.shape)
+        return dequantize_groups(self.levels, self.step, self.offset)
+
+
+def dequantize_groups(levels: torch.Tensor, step: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Float32 rows [rows, K] from levels [rows, K] and each group's step and offset [rows, groups]."""
+    grouped = levels.float().reshape(*step.shape, -1)
+    return (grouped * step.float()[..., None] + offset.float()[..., None]).reshape(len(levels), -1)

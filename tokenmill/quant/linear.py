@@ -7,7 +7,7 @@ from torch import nn
 from tokenmill.errors import ModelLoadError
 from tokenmill import ops
 from tokenmill.layers.base import Layer
-from tokenmill.quant.levels import LevelRows
+from tokenmill.quant.levels import LevelRows, dequantize_groups
 
 
 class QuantizedLinear(Layer):
@@ -88,7 +88,7 @@ class QuantizedLinear(Layer):
         if self.bits == 4:
             packed = torch.stack([packed & 15, packed >> 4], dim=2)  # inputs 8c..8c+3, then 8c+4..8c+7
         scale = self.scale[block, :, :, lane].float()  # [rows, groups, (step, offset)]
-        return _dequantize_groups(packed.reshape(len(ids), -1).float(), scale)
+        return dequantize_groups(packed.reshape(len(ids), -1), scale[..., 0], scale[..., 1])
 
     def _lanes(self) -> torch.Tensor:
         # [blocks, chunks, row in block, 4 bytes]
@@ -113,12 +113,6 @@ def _checked_group(group_size: int, multiple: int, in_features: int) -> int:
             f"group size {group_size} must be a multiple of {multiple} dividing the input width {in_features}"
         )
     return group_size
-
-
-def _dequantize_groups(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    # q: float levels [rows, in] or [rows, groups, group]; scale [rows, groups, 2] (step, offset).
-    grouped = q.reshape(*scale.shape[:2], -1)
-    return (grouped * scale[..., :1] + scale[..., 1:]).reshape(len(q), -1)
 
 
 class Int8Embedding(Layer):
