@@ -24,13 +24,8 @@ void add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight,
     for (int64_t i = begin; i < end; ++i) {
       T* xr = xp + i * dim;
       T* rr = rp + i * dim;
-      f32x16 squares = {};
-      for (int64_t d = 0; d < dim; d += kLanes) {
-        store(rr + d, load(xr + d) + load(rr + d));
-        const f32x16 h = load(rr + d);
-        squares += h * h;
-      }
-      const float inv = 1.f / std::sqrt(sum(squares) / float(dim) + float(eps));
+      for (int64_t d = 0; d < dim; d += kLanes) store(rr + d, load(xr + d) + load(rr + d));
+      const float inv = 1.f / std::sqrt(sum_of_squares(rr, dim) / float(dim) + float(eps));
       for (int64_t d = 0; d < dim; d += kLanes) store(xr + d, load(rr + d) * inv * load(wp + d));
     }
   });
@@ -51,12 +46,7 @@ void rms_norm_rows(const at::Tensor& x, at::Tensor& out, const at::Tensor& weigh
     for (int64_t i = begin; i < end; ++i) {
       const T* xr = xp + row_offset(x, i);
       T* orow = op + row_offset(out, i);
-      f32x16 squares = {};
-      for (int64_t d = 0; d < dim; d += kLanes) {
-        const f32x16 h = load(xr + d);
-        squares += h * h;
-      }
-      const float inv = 1.f / std::sqrt(sum(squares) / float(dim) + float(eps));
+      const float inv = 1.f / std::sqrt(sum_of_squares(xr, dim) / float(dim) + float(eps));
       for (int64_t d = 0; d < dim; d += kLanes) store(orow + d, load(xr + d) * inv * load(wp + d));
     }
   });
