@@ -41,15 +41,15 @@ def sources(arch: str = ARCH) -> list[str]:
     return sorted(str(p) for p in [*_CSRC.glob("*.cpp"), *(_CSRC / "arch" / arch).glob("*.cpp")])
 
 
-def compile_flags(arch: str = ARCH) -> list[str]:
-    """Compiler flags: built for this machine's CPU, against torch's OpenMP (at::parallel_for is an OpenMP region)."""
+def compile_flags(arch: str = ARCH, cpu: str = "native") -> list[str]:
+    """Compiler flags: built for this machine's CPU (or another), against torch's OpenMP (at::parallel_for is one)."""
     # Contract a * b + c into FMAs (ISO C++ mode turns contraction off).
     flags = ["-O3", "-ffp-contract=fast", "-fopenmp"]
     if arch == "x86":
         # gcc otherwise prefers 256-bit registers on AVX-512 machines. The int8/int4 kernels for each
         # instruction set build whatever the CPU (target pragmas) and are picked at run time.
-        return [*flags, "-march=native", "-mprefer-vector-width=512"]
-    return [*flags, "-mcpu=native"] if arch == "arm" else flags
+        return [*flags, f"-march={cpu}", "-mprefer-vector-width=512"]
+    return [*flags, f"-mcpu={cpu}"] if arch == "arm" else flags
 
 
 def _cpu_tag() -> str:

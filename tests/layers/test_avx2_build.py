@@ -1,0 +1,143 @@
+"""The ops whose vector code the target CPU decides, built for an AVX2-only CPU, give this machine's build's bits.
+
+On an AVX-512 machine this runs vec.h's and attention.cpp's AVX2 paths, which its own build never takes, and holds
+them to the AVX-512 code; on an AVX2 machine both builds take the same path. The int8/int4 kernels need no such
+build: every one of them is built on any x86 CPU and tests/quant/test_kernels.py runs each.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.cpp_extension import load
+
+from tokenmill import ops
+from tokenmill.env import cpu_features
+
+_CSRC = Path(ops.__file__).parent / "csrc"
+_RUNS_AVX2 = ops.ARCH == "x86" and {"avx2", "fma", "f16c"} <= set(cpu_features()[1])
+
+pytestmark = pytest.mark.skipif(not _RUNS_AVX2, reason="runs code built for AVX2, which this CPU lacks")
+
+
+@pytest.fixture(scope="module")
+def avx2():
+    """torch.ops.tokenmill_avx2: tests/layers/avx2_ops.cpp and the ops it names, built with -march=haswell."""
+    assert ops.available(), "the C++ ops must build on the test machine"
+    files = [str(Path(__file__).with_name("avx2_ops.cpp"))] + [
+        str(_CSRC / name) for name in ("attention.cpp", "norm.cpp", "activation.cpp", "rotary.cpp")
+    ]
+    load("tokenmill_avx2_test_ops", files, extra_cflags=[*ops.compile_flags(cpu="haswell"), f"-I{_CSRC}"],
+         extra_ldflags=["-fopenmp"], is_python_module=False)
+    return torch.ops.tokenmill_avx2
+
+
+def _both(avx2, name: str, make) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Runs op `name` of each build on its own arguments from make(); each one's tensors afterwards, outputs included."""
+    runs = []
+    for op in (getattr(torch.ops.tokenmill, name), getattr(avx2, name)):
+        args = make()
+        op(*args)
+        runs.append([a for a in args if isinstance(a, torch.Tensor)])
+    return runs[0], runs[1]
+
+
+def _normal(t: torch.Tensor) -> torch.Tensor:
+    """t with subnormal floats as zero: AVX512-BF16's conversion to bfloat16 flushes them, the others keep them."""
+    return torch.where(t.abs() < torch.finfo(t.dtype).tiny, 0, t) if t.is_floating_point() else t
+
+
+def _assert_same_bits(native: list[torch.Tensor], built: list[torch.Tensor]) -> None:
+    assert all(torch.equal(_normal(a), _normal(b)) for a, b in zip(native, built, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "kv_dtype", "dtype", "window"),
+    [
+        (9, 3, 64, torch.float16, torch.float32, 0),  # SmolLM2, float16 KV (the default)
+        (9, 3, 64, torch.int8, torch.float32, 0),
+        (4, 1, 256, torch.float16, torch.float32, 48),  # Gemma 3's sliding-window layers
+        (8, 8, 32, torch.float32, torch.float32, 0),
+        (4, 2, 128, torch.bfloat16, torch.bfloat16, 0),
+    ],
+)
+def test_paged_attention_gives_the_same_bits(avx2, heads, kv_heads, head_dim, kv_dtype, dtype, window):
+    block_size, blocks, rows = 16, 40, 24
+
+    def make():
+        gen = torch.Generator().manual_seed(0)
+        k, v = (torch.randn(blocks, block_size, kv_heads, head_dim, generator=gen) for _ in range(2))
+        scales = [None, None]  # the inferred schemas give no defaults
+        if kv_dtype == torch.int8:
+            k, v = ((x * 40).round().clamp(-127, 127).to(torch.int8) for x in (k, v))
+            scales = [torch.rand(blocks, block_size, kv_heads, generator=gen) / 40 for _ in range(2)]
+        # Rows of 1 to 300 keys (a prompt's first rows, decodes deep into their blocks), each over shuffled blocks.
+        lens = torch.cat([torch.arange(1, 9), torch.randint(9, 300, (rows - 8,), generator=gen)])
+        tables = torch.stack([torch.randperm(blocks, generator=gen)[:19] for _ in range(rows)])
+        q = (torch.randn(rows, heads, head_dim, generator=gen) * 3).to(dtype)
+        return [q, k.to(kv_dtype), v.to(kv_dtype), tables, lens, head_dim**-0.5, window, torch.zeros_like(q), *scales]
+
+    native, built = _both(avx2, "paged_attention", make)
+    assert native[5].abs().sum() > 0  # the output
+    _assert_same_bits(native, built)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.int8, torch.bfloat16])
+def test_store_kv_gives_the_same_bits(avx2, kv_dtype):
+    def make():
+        gen = torch.Generator().manual_seed(1)
+        qkv = torch.randn(10, 9, 64, generator=gen) * 3
+        scales = [torch.zeros(4, 16, 3) for _ in range(2)] if kv_dtype == torch.int8 else [None, None]
+        caches = [torch.zeros(4, 16, 3, 64, dtype=kv_dtype) for _ in range(2)]
+        # k and v are views into the fused QKV output, as the model passes them.
+        return [qkv[:, 3:6], qkv[:, 6:], *caches, torch.randperm(64, generator=gen)[:10], *scales]
+
+    native, built = _both(avx2, "store_kv", make)
+    assert native[2].float().abs().sum() > 0  # the key cache
+    _assert_same_bits(native, built)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norms_give_the_same_bits(avx2, dtype):
+    def rows():
+        gen = torch.Generator().manual_seed(2)
+        x, residual = (torch.randn(33, 576, generator=gen).to(dtype) for _ in range(2))
+        return x, residual, (torch.rand(576, generator=gen) + 0.5).to(dtype)
+
+    def heads():  # query heads sliced out of rows that also hold key heads
+        gen = torch.Generator().manual_seed(3)
+        qk = torch.randn(7, 5, 32, generator=gen).to(dtype)
+        return [qk[:, :3], (torch.rand(32, generator=gen) + 0.5).to(dtype), 1e-6, torch.empty(7, 3, 32, dtype=dtype)]
+
+    def plain():
+        x, _, weight = rows()
+        return [x, weight, 1e-5, torch.empty_like(x)]
+
+    def fused():
+        x, residual, weight = rows()
+        return [x, residual, weight, 1e-5]
+
+    for op, make in (("rms_norm", plain), ("rms_norm", heads), ("fused_add_rms_norm", fused)):
+        _assert_same_bits(*_both(avx2, op, make))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("op", ["silu_and_mul", "gelu_tanh_and_mul"])
+def test_gated_activations_give_the_same_bits(avx2, op, dtype):
+    def make():
+        gate_up = torch.randn(17, 2 * 1536, generator=torch.Generator().manual_seed(4)) * 4
+        gate_up[0, :16] = torch.tensor([-200.0, 200.0, -90.0, 90.0] * 4)  # past exp's clamps at -87 and 88
+        return [gate_up.to(dtype), torch.empty(17, 1536, dtype=dtype)]
+
+    _assert_same_bits(*_both(avx2, op, make))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_gives_the_same_bits(avx2, dtype):
+    def make():
+        gen = torch.Generator().manual_seed(5)
+        qkv = torch.randn(12, 15, 64, generator=gen).to(dtype)
+        angles = torch.rand(12, 1, 32, generator=gen) * 6
+        return [qkv[:, :12], angles.cos().to(dtype), angles.sin().to(dtype)]  # the query and key heads, in place
+
+    _assert_same_bits(*_both(avx2, "rotary_", make))
