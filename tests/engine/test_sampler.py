@@ -2,8 +2,10 @@
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
+from tokenmill import ops
 from tokenmill.engine.sampler import Sampler
 from tokenmill.sampling import SamplingParams
 
@@ -78,3 +80,26 @@ def test_logprobs_report_the_chosen_token_and_top_alternatives():
     expected = torch.log_softmax(LOGITS[0], dim=-1)
     assert lp.token_id == 2 and abs(lp.logprob - expected[2].item()) < 1e-6
     assert [t for t, _ in lp.top] == [2, 3]
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "mostly -inf", "some NaN", "all NaN", "all -inf"])
+def test_argmax_rows_is_torch_s_first_maximum_nan_above_all(kind):
+    from tokenmill.engine.sampler import _argmax
+
+    assert ops.available(), "the C++ ops must build on the test machine"
+    gen = torch.Generator().manual_seed(0)
+    # Widths about the C++ op's 8-lane vectors and 32-wide steps, and SmolLM2's vocabulary with a ragged end.
+    for n in (1, 7, 8, 9, 31, 32, 33, 65, 1000, 49155):
+        x = torch.randn(6, n, generator=gen)
+        if kind == "ties":
+            x = torch.randint(0, 3, (6, n), generator=gen).float()
+        elif kind == "mostly -inf":
+            x[torch.rand(6, n, generator=gen) < 0.9] = float("-inf")
+        elif kind == "some NaN":
+            x[torch.rand(6, n, generator=gen) < 0.01] = float("nan")
+        elif kind == "all NaN":
+            x[:] = float("nan")
+        elif kind == "all -inf":
+            x[:] = float("-inf")
+        assert torch.equal(_argmax(x), x.max(dim=-1).indices), (kind, n)
+        assert torch.equal(_argmax(x[::2]), x[::2].max(dim=-1).indices), (kind, n)  # rows further apart

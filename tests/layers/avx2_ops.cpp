@@ -8,6 +8,7 @@
 TORCH_LIBRARY(tokenmill_avx2, m) {
   m.def("silu_and_mul", tokenmill::silu_and_mul);
   m.def("gelu_tanh_and_mul", tokenmill::gelu_tanh_and_mul);
+  m.def("argmax_rows", tokenmill::argmax_rows);
   m.def("store_kv", tokenmill::store_kv);
   m.def("paged_attention", tokenmill::paged_attention);
   m.def("rms_norm", tokenmill::rms_norm);

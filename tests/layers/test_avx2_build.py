@@ -143,3 +143,14 @@ def test_rotary_gives_the_same_bits(avx2, dtype):
         return [qkv[:, :12], angles.cos().to(dtype), angles.sin().to(dtype)]  # the query and key heads, in place
 
     _assert_same_bits(*_both(avx2, "rotary_", make))
+
+
+def test_argmax_rows_gives_the_same_indices(avx2):
+    def make():
+        logits = torch.randint(0, 40, (9, 49155), generator=torch.Generator().manual_seed(6)).float()  # many ties
+        logits[3, ::7] = float("nan")
+        return [logits, torch.empty(9, dtype=torch.long)]
+
+    native, built = _both(avx2, "argmax_rows", make)
+    assert torch.equal(native[1], make()[0].max(dim=-1).indices)
+    assert torch.equal(built[1], native[1])  # the logits hold NaN, which never equals itself

@@ -8,6 +8,7 @@ using namespace tokenmill;
 TORCH_LIBRARY(tokenmill, m) {
   m.def("silu_and_mul(Tensor gate_up, Tensor(a!) out) -> ()");
   m.def("gelu_tanh_and_mul(Tensor gate_up, Tensor(a!) out) -> ()");
+  m.def("argmax_rows(Tensor x, Tensor(a!) out) -> ()");
   m.def("store_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, Tensor(c!)? k_scale=None, "
         "Tensor(d!)? v_scale=None) -> ()");
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
@@ -29,6 +30,7 @@ TORCH_LIBRARY(tokenmill, m) {
 TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
   m.impl("silu_and_mul", silu_and_mul);
   m.impl("gelu_tanh_and_mul", gelu_tanh_and_mul);
+  m.impl("argmax_rows", argmax_rows);
   m.impl("store_kv", store_kv);
   m.impl("paged_attention", paged_attention);
   m.impl("rms_norm", rms_norm);

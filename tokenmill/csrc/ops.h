@@ -14,6 +14,9 @@ namespace tokenmill {
 void silu_and_mul(const at::Tensor& gate_up, at::Tensor& out);
 void gelu_tanh_and_mul(const at::Tensor& gate_up, at::Tensor& out);
 
+// argmax.cpp
+void argmax_rows(const at::Tensor& x, at::Tensor& out);
+
 // attention.cpp
 void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t window,

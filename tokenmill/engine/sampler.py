@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tokenmill import ops
 from tokenmill.engine.sequence import Sequence
 from tokenmill.outputs import TokenLogprob
 
@@ -224,7 +225,12 @@ def _next_tokens(drafts: list[list[int]], device: torch.device) -> torch.Tensor:
 
 
 def _argmax(x: torch.Tensor) -> torch.Tensor:
-    """Index of each row's maximum (the first, on ties), as argmax gives it."""
+    """Index of each row's maximum (the first, on ties; NaN above all), as argmax gives it."""
+    if x.is_cpu and x.dtype == torch.float32 and x.stride(-1) == 1 and ops.available():
+        # 5-6x faster than max(dim) at any row count (csrc/argmax.cpp).
+        out = torch.empty(len(x), dtype=torch.long)
+        torch.ops.tokenmill.argmax_rows(x, out)
+        return out
     # max(dim) reduces 3x faster than argmax on CPU (16 x 49,152 floats: 0.17 ms against 0.50), but one row
     # runs on one thread there: a flat argmax splits it (Gemma 3's 262,144 logits: 0.17 ms against 0.42).
     if len(x) == 1:
