@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstdint>
 
 #include "ops.h"
 
@@ -20,8 +21,7 @@ inline bool beats(float a, float b) { return a > b || (std::isnan(a) && !std::is
 // The index of x[0..n)'s largest value, the first one on ties, NaN counting as largest: as torch.argmax.
 int64_t row_argmax(const float* x, int64_t n) {
   // kChains vectors side by side, each lane keeping its first best (it takes a later value only if strictly
-  // better): independent compare-and-blend chains, where one chain waited on its own latency
-  // (twice as slow).
+  // better): independent compare-and-blend chains. One chain waited on its own latency and ran twice as slow.
   constexpr int kChains = 4, kWidth = 8 * kChains;
   int64_t best = 0, i = 0;
   if (n >= kWidth) {
@@ -55,8 +55,8 @@ int64_t row_argmax(const float* x, int64_t n) {
 namespace tokenmill {
 
 void argmax_rows(const at::Tensor& x, at::Tensor& out) {
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kFloat && x.size(1) > 0,
-              "argmax_rows takes float32 rows with unit stride");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kFloat && x.size(1) > 0 &&
+              x.size(1) <= INT32_MAX, "argmax_rows takes float32 rows with unit stride, indexed in int32 lanes");
   TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kLong && out.numel() == x.size(0));
   const float* xp = x.data_ptr<float>();
   int64_t* op = out.data_ptr<int64_t>();
