@@ -7,21 +7,21 @@
 #include <cstdint>
 
 #include "ops.h"
+#include "vec.h"
 
 namespace {
 
-// 8-lane vectors on every CPU: 16 lanes carried around a loop went through the stack where AVX2 is the widest
-// (vec.h), and a row is read once, so width matters less than independent chains.
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef int32_t i32x8 __attribute__((vector_size(32)));
+using namespace tokenmill;
 
 // True where a beats b as torch.argmax ranks values: NaN above everything, else larger.
 inline bool beats(float a, float b) { return a > b || (std::isnan(a) && !std::isnan(b)); }
 
 // The index of x[0..n)'s largest value, the first one on ties, NaN counting as largest: as torch.argmax.
 int64_t row_argmax(const float* x, int64_t n) {
-  // kChains vectors side by side, each lane keeping its first best (it takes a later value only if strictly
-  // better): independent compare-and-blend chains. One chain waited on its own latency and ran twice as slow.
+  // 8-lane vectors on every CPU: 16 lanes carried around a loop went through the stack where AVX2 is the widest
+  // (vec.h), and a row is read once, so width matters less than independent chains. kChains of them side by side,
+  // each lane keeping its first best (it takes a later value only if strictly better): independent
+  // compare-and-blend chains. One chain waited on its own latency and ran twice as slow.
   constexpr int kChains = 4, kWidth = 8 * kChains;
   int64_t best = 0, i = 0;
   if (n >= kWidth) {

@@ -14,11 +14,12 @@ namespace tokenmill {
 constexpr int kLanes = 16;
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
 
 #if defined(__AVX2__) && !defined(__AVX512F__)
 // Where 16 lanes are two 256-bit registers, vectors are loaded or broadcast a half at a time and joined: a
 // vector built lane by lane went through the stack, and the wide loads after the narrow stores stalled.
-typedef float f32x8 __attribute__((vector_size(32)));
 
 inline f32x16 join(__m256 low, __m256 high) {
   return __builtin_shufflevector((f32x8)low, (f32x8)high, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
