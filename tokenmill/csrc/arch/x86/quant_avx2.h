@@ -1,9 +1,10 @@
 // The int8 / int4 matmul on 256-bit vectors, included by quant_avx2.cpp (AVX2: VPMADDUBSW) and
 // quant_avxvnni.cpp (AVX-VNNI: VPDPBUSD on 256 bits), each under its own target pragma with kVnni set.
 //
-// A block's 16 rows are two vectors of 8 int32 lanes, a row per lane as in the AVX-512 kernel; each half
-// is a pass over the block's bytes of those 8 rows, for up to kTile input rows at once. The sums are the
-// exact sums of quant_kernel.h, so the bits are the portable loops'.
+// A block's 16 rows are two halves of 8 int32 lanes, a row per lane as in the AVX-512 kernel. A pass over the
+// block's bytes takes kTile input rows at once, and each input's broadcast serves both halves: with a pass
+// per half, the broadcasts (a load each) held the loop back as much as the multiplies (docs/benchmarks.md).
+// The sums are the exact sums of quant_kernel.h, so the bits are the portable loops'.
 //
 // Without VNNI, VPMADDUBSW multiplies unsigned levels by signed int8 inputs into int16 pairs and
 // saturates past 32767. int4 levels (at most 15) against inputs of at most 128 in size give pairs of at
@@ -21,8 +22,8 @@ namespace {
 
 constexpr int kHalfRows = 8;
 
-// Input rows per pass: accumulators for each must fit the 16 registers with the levels and inputs.
-constexpr int kTile = 4;
+// Input rows per pass: their accumulators for both halves must fit the 16 registers with the levels and inputs.
+constexpr int kTile = 2;
 
 // Inputs xp[0, 32) as 16-bit levels split into hi and lo; returns the sum of the levels.
 inline int32_t quantize_block(const float* xp, float inv, int8_t* hi, int8_t* lo) {
@@ -76,116 +77,142 @@ inline __m256i load_levels(const uint8_t* q, int64_t kb, int j, int h) {
   return _mm256_and_si256(j % 2 ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0x0F));
 }
 
+// An accumulator held as it is: without it GCC regroups a chain of adds into a tree, which holds every term at
+// once and spills them to the stack.
+inline __m256i kept(__m256i v) {
+  __asm__("" : "+x"(v));
+  return v;
+}
+
 inline __m256i broadcast4(const int8_t* p) {
   int32_t four;
   std::memcpy(&four, p, 4);
   return _mm256_set1_epi32(four);
 }
 
-// The exact int32 sums over 32 inputs of each of T input rows against 8 rows' levels: 256 * high + low, where
-// high sums the levels times the hi halves and low times the lo halves (quant_kernel.h).
+// The exact int32 sums over 32 inputs of each of T input rows against both halves' levels: 256 * high + low,
+// where high sums the levels times the hi halves and low times the lo halves (quant_kernel.h).
 template <int Bits, int T>
-inline void sums(const uint8_t* q, int64_t kb, int h, const int8_t* const (&hi)[T], const int8_t* const (&lo)[T],
-                 __m256i (&dots)[T]) {
+inline void sums(const uint8_t* q, int64_t kb, const int8_t* const (&hi)[T], const int8_t* const (&lo)[T],
+                 __m256i (&dots)[T][2]) {
   if constexpr (kVnni) {
-    __m256i high[T], low[T];
-    for (int t = 0; t < T; ++t) high[t] = low[t] = _mm256_setzero_si256();
+    __m256i high[T][2], low[T][2];
+    for (int t = 0; t < T; ++t) high[t][0] = high[t][1] = low[t][0] = low[t][1] = _mm256_setzero_si256();
+#pragma GCC unroll 8
     for (int j = 0; j < kLevelVectors; ++j) {
-      const __m256i levels = load_levels<Bits>(q, kb, j, h);
+      const __m256i levels[2] = {load_levels<Bits>(q, kb, j, 0), load_levels<Bits>(q, kb, j, 1)};
       for (int t = 0; t < T; ++t) {
-        high[t] = _mm256_dpbusd_avx_epi32(high[t], levels, broadcast4(hi[t] + 4 * j));
-        low[t] = _mm256_dpbusd_avx_epi32(low[t], levels, broadcast4(lo[t] + 4 * j));
+        const __m256i h = broadcast4(hi[t] + 4 * j), l = broadcast4(lo[t] + 4 * j);
+        for (int half = 0; half < 2; ++half) {
+          high[t][half] = _mm256_dpbusd_avx_epi32(high[t][half], levels[half], h);
+          low[t][half] = _mm256_dpbusd_avx_epi32(low[t][half], levels[half], l);
+        }
       }
     }
     // Exact in int32: |high| <= 32 * 255 * 128, so high * 256 stays below 2^31.
-    for (int t = 0; t < T; ++t) dots[t] = _mm256_add_epi32(_mm256_slli_epi32(high[t], 8), low[t]);
+    for (int t = 0; t < T; ++t)
+      for (int half = 0; half < 2; ++half) dots[t][half] = _mm256_add_epi32(_mm256_slli_epi32(high[t][half], 8), low[t][half]);
   } else if constexpr (Bits == 8) {
     // Each row's 32 inputs as int16, 256 * hi + lo (at most 32,639 in size).
     alignas(32) int16_t x16[T][kInputBlock];
     for (int t = 0; t < T; ++t)
-      for (int half = 0; half < 2; ++half) {
-        const __m256i h16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hi[t] + 16 * half)));
-        const __m256i l16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lo[t] + 16 * half)));
-        _mm256_store_si256(reinterpret_cast<__m256i*>(x16[t] + 16 * half), _mm256_add_epi16(_mm256_slli_epi16(h16, 8), l16));
+      for (int part = 0; part < 2; ++part) {
+        const __m256i h16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hi[t] + 16 * part)));
+        const __m256i l16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lo[t] + 16 * part)));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(x16[t] + 16 * part), _mm256_add_epi16(_mm256_slli_epi16(h16, 8), l16));
       }
-    // Rows 0-3 and 4-7 of the half, widened: each int32 lane sums two of a row's four inputs, so a row is two
+    // Each half's rows 0-3 and 4-7, widened: each int32 lane sums two of a row's four inputs, so a row is two
     // lanes until the end. Exact: at most 32 * 255 * 32,639 in size, below 2^31.
-    __m256i rows03[T], rows47[T];
-    for (int t = 0; t < T; ++t) rows03[t] = rows47[t] = _mm256_setzero_si256();
+    __m256i rows03[T][2], rows47[T][2];
+    for (int t = 0; t < T; ++t) rows03[t][0] = rows03[t][1] = rows47[t][0] = rows47[t][1] = _mm256_setzero_si256();
+#pragma GCC unroll 8
     for (int j = 0; j < kLevelVectors; ++j) {
-      const __m256i levels = load_levels<8>(q, kb, j, h);
-      const __m256i w03 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(levels));
-      const __m256i w47 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(levels, 1));
+      __m256i w03[2], w47[2];
+      for (int half = 0; half < 2; ++half) {
+        const __m256i levels = load_levels<8>(q, kb, j, half);
+        w03[half] = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(levels));
+        w47[half] = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(levels, 1));
+      }
       for (int t = 0; t < T; ++t) {
         int64_t four;
         std::memcpy(&four, x16[t] + 4 * j, 8);
         const __m256i x = _mm256_set1_epi64x(four);
-        rows03[t] = _mm256_add_epi32(rows03[t], _mm256_madd_epi16(w03, x));
-        rows47[t] = _mm256_add_epi32(rows47[t], _mm256_madd_epi16(w47, x));
+        for (int half = 0; half < 2; ++half) {
+          rows03[t][half] = kept(_mm256_add_epi32(rows03[t][half], _mm256_madd_epi16(w03[half], x)));
+          rows47[t][half] = kept(_mm256_add_epi32(rows47[t][half], _mm256_madd_epi16(w47[half], x)));
+        }
       }
     }
     // The pairs added: rows 0 1 4 5 | 2 3 6 7, then put in order.
     const __m256i order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
-    for (int t = 0; t < T; ++t) dots[t] = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(rows03[t], rows47[t]), order);
+    for (int t = 0; t < T; ++t)
+      for (int half = 0; half < 2; ++half)
+        dots[t][half] = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(rows03[t][half], rows47[t][half]), order);
   } else {
     const __m256i ones = _mm256_set1_epi16(1);
     // int16 sums of the hi and the lo inputs.
-    __m256i h16[T], l16[T];
-    for (int t = 0; t < T; ++t) h16[t] = l16[t] = _mm256_setzero_si256();
+    __m256i h16[T][2], l16[T][2];
+    for (int t = 0; t < T; ++t) h16[t][0] = h16[t][1] = l16[t][0] = l16[t][1] = _mm256_setzero_si256();
+#pragma GCC unroll 8
     for (int j = 0; j < kLevelVectors; ++j) {
-      const __m256i levels = load_levels<4>(q, kb, j, h);
+      const __m256i levels[2] = {load_levels<4>(q, kb, j, 0), load_levels<4>(q, kb, j, 1)};
       for (int t = 0; t < T; ++t) {
-        h16[t] = _mm256_add_epi16(h16[t], _mm256_maddubs_epi16(levels, broadcast4(hi[t] + 4 * j)));
-        l16[t] = _mm256_add_epi16(l16[t], _mm256_maddubs_epi16(levels, broadcast4(lo[t] + 4 * j)));
+        const __m256i h = broadcast4(hi[t] + 4 * j), l = broadcast4(lo[t] + 4 * j);
+        for (int half = 0; half < 2; ++half) {
+          h16[t][half] = kept(_mm256_add_epi16(h16[t][half], _mm256_maddubs_epi16(levels[half], h)));
+          l16[t][half] = kept(_mm256_add_epi16(l16[t][half], _mm256_maddubs_epi16(levels[half], l)));
+        }
       }
     }
     for (int t = 0; t < T; ++t)
-      dots[t] = _mm256_add_epi32(_mm256_slli_epi32(_mm256_madd_epi16(h16[t], ones), 8), _mm256_madd_epi16(l16[t], ones));
+      for (int half = 0; half < 2; ++half)
+        dots[t][half] = _mm256_add_epi32(_mm256_slli_epi32(_mm256_madd_epi16(h16[t][half], ones), 8),
+                                         _mm256_madd_epi16(l16[t][half], ones));
   }
 }
 
-// out[t, rows 8h .. 8h + 7 of the block] for T input rows starting at row m; `valid` masks rows past N.
+// out[t, the block's rows] for T input rows starting at row m; `valid` masks each half's rows past N, and
+// only the first `halves` halves hold any.
 template <int Bits, int T>
-void half_tile(const uint8_t* q, const uint16_t* scale, int64_t group, const QuantizedRows& x, int64_t m, int h,
-               float* out, int64_t ldo, __m256i valid) {
+void tile(const uint8_t* q, const uint16_t* scale, int64_t group, const QuantizedRows& x, int64_t m, float* out,
+          int64_t ldo, const __m256i (&valid)[2], int halves) {
   const int64_t blocks = x.K / kInputBlock;
-  __m256 acc[T];
-  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+  __m256 acc[T][2];
+  for (int t = 0; t < T; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
   for (int64_t kb = 0; kb < blocks; ++kb) {
-    const int64_t g = kb * kInputBlock / group;
-    const __m256 step = load_half(scale + g * 2 * kBlockRows + h * kHalfRows);
-    const __m256 offset = load_half(scale + (g * 2 + 1) * kBlockRows + h * kHalfRows);
+    const uint16_t* s = scale + kb * kInputBlock / group * 2 * kBlockRows;
     const int8_t* hi[T];
     const int8_t* lo[T];
     for (int t = 0; t < T; ++t) hi[t] = x.hi + (m + t) * x.K + kb * kInputBlock, lo[t] = x.lo + (m + t) * x.K + kb * kInputBlock;
-    __m256i dots[T];
-    sums<Bits, T>(q, kb, h, hi, lo, dots);
-    for (int t = 0; t < T; ++t) {
-      const int64_t at = (m + t) * blocks + kb;
-      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[t]), _mm256_mul_ps(step, _mm256_set1_ps(x.dx[at])), acc[t]);
-      acc[t] = _mm256_fmadd_ps(offset, _mm256_set1_ps(x.sx[at]), acc[t]);
-    }
+    __m256i dots[T][2];
+    sums<Bits, T>(q, kb, hi, lo, dots);
+    for (int t = 0; t < T; ++t)
+      for (int half = 0; half < 2; ++half) {
+        const int64_t at = (m + t) * blocks + kb;
+        const __m256 step = load_half(s + half * kHalfRows), offset = load_half(s + kBlockRows + half * kHalfRows);
+        acc[t][half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[t][half]), _mm256_mul_ps(step, _mm256_set1_ps(x.dx[at])), acc[t][half]);
+        acc[t][half] = _mm256_fmadd_ps(offset, _mm256_set1_ps(x.sx[at]), acc[t][half]);
+      }
   }
-  for (int t = 0; t < T; ++t) _mm256_maskstore_ps(out + t * ldo, valid, acc[t]);
+  for (int t = 0; t < T; ++t)
+    for (int half = 0; half < halves; ++half) _mm256_maskstore_ps(out + t * ldo + half * kHalfRows, valid[half], acc[t][half]);
 }
 
 template <int Bits>
 void block_rows(const uint8_t* q, const uint16_t* scale, int64_t group, const QuantizedRows& x, int64_t M,
                 float* out, int64_t N, int64_t n0) {
-  for (int h = 0; h < 2 && n0 + h * kHalfRows < N; ++h) {
-    // The last block may hold fewer than 16 of N rows: lanes past N are not stored.
-    const int64_t rows = N - n0 - h * kHalfRows;
-    const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(rows < kHalfRows ? rows : kHalfRows)),
-                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    float* o = out + n0 + h * kHalfRows;
-    int64_t m = 0;
-    for (; m + kTile <= M; m += kTile) half_tile<Bits, kTile>(q, scale, group, x, m, h, o + m * N, N, valid);
-    switch (M - m) {
-      case 3: half_tile<Bits, 3>(q, scale, group, x, m, h, o + m * N, N, valid); break;
-      case 2: half_tile<Bits, 2>(q, scale, group, x, m, h, o + m * N, N, valid); break;
-      case 1: half_tile<Bits, 1>(q, scale, group, x, m, h, o + m * N, N, valid); break;
-    }
+  // The last block may hold fewer than 16 of N rows: lanes past N are not stored.
+  __m256i valid[2];
+  int halves = 0;
+  for (int half = 0; half < 2; ++half) {
+    const int64_t left = N - n0 - half * kHalfRows;
+    const int32_t rows = left <= 0 ? 0 : left < kHalfRows ? static_cast<int32_t>(left) : kHalfRows;
+    valid[half] = _mm256_cmpgt_epi32(_mm256_set1_epi32(rows), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    halves += rows > 0;
   }
+  int64_t m = 0;
+  for (; m + kTile <= M; m += kTile) tile<Bits, kTile>(q, scale, group, x, m, out + m * N + n0, N, valid, halves);
+  for (; m < M; ++m) tile<Bits, 1>(q, scale, group, x, m, out + m * N + n0, N, valid, halves);
 }
 
 void matmul(const QuantizedWeights& w, const QuantizedRows& x, int64_t M, float* out, int64_t begin, int64_t end,
