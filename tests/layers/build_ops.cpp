@@ -1,11 +1,11 @@
-// The ops whose vector code the target CPU decides (vec.h), registered as torch.ops.tokenmill_avx2.* for
-// tests/layers/test_avx2_build.py, which builds them for an AVX2-only CPU. Schemas are inferred: the test calls
-// them eagerly and nothing traces them.
+// The ops whose vector code the target CPU decides (vec.h), registered as torch.ops.<TOKENMILL_BUILD_OPS>.* for
+// tests/layers/test_cpu_builds.py, which builds them for other CPUs than this one under a name for each. Schemas
+// are inferred: the test calls them eagerly and nothing traces them.
 #include <torch/library.h>
 
 #include "ops.h"
 
-TORCH_LIBRARY(tokenmill_avx2, m) {
+TORCH_LIBRARY(TOKENMILL_BUILD_OPS, m) {
   m.def("silu_and_mul", tokenmill::silu_and_mul);
   m.def("gelu_tanh_and_mul", tokenmill::gelu_tanh_and_mul);
   m.def("argmax_rows", tokenmill::argmax_rows);
