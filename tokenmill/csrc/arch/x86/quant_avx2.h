@@ -171,11 +171,10 @@ inline void sums(const uint8_t* q, int64_t kb, const int8_t* const (&hi)[T], con
   }
 }
 
-// out[t, the block's rows] for T input rows starting at row m; `valid` masks each half's rows past N, and
-// only the first `halves` halves hold any.
+// out[t, the block's rows] for T input rows starting at row m; `valid` masks each half's rows past N.
 template <int Bits, int T>
 void tile(const uint8_t* q, const uint16_t* scale, int64_t group, const QuantizedRows& x, int64_t m, float* out,
-          int64_t ldo, const __m256i (&valid)[2], int halves) {
+          int64_t ldo, const __m256i (&valid)[2]) {
   const int64_t blocks = x.K / kInputBlock;
   __m256 acc[T][2];
   for (int t = 0; t < T; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
@@ -195,24 +194,23 @@ void tile(const uint8_t* q, const uint16_t* scale, int64_t group, const Quantize
       }
   }
   for (int t = 0; t < T; ++t)
-    for (int half = 0; half < halves; ++half) _mm256_maskstore_ps(out + t * ldo + half * kHalfRows, valid[half], acc[t][half]);
+    for (int half = 0; half < 2; ++half) _mm256_maskstore_ps(out + t * ldo + half * kHalfRows, valid[half], acc[t][half]);
 }
 
 template <int Bits>
 void block_rows(const uint8_t* q, const uint16_t* scale, int64_t group, const QuantizedRows& x, int64_t M,
                 float* out, int64_t N, int64_t n0) {
-  // The last block may hold fewer than 16 of N rows: lanes past N are not stored.
+  // The last block may hold fewer than 16 of N rows: lanes past N are not stored (a masked lane is not touched,
+  // so a half past N stores nothing).
   __m256i valid[2];
-  int halves = 0;
   for (int half = 0; half < 2; ++half) {
     const int64_t left = N - n0 - half * kHalfRows;
     const int32_t rows = left <= 0 ? 0 : left < kHalfRows ? static_cast<int32_t>(left) : kHalfRows;
     valid[half] = _mm256_cmpgt_epi32(_mm256_set1_epi32(rows), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    halves += rows > 0;
   }
   int64_t m = 0;
-  for (; m + kTile <= M; m += kTile) tile<Bits, kTile>(q, scale, group, x, m, out + m * N + n0, N, valid, halves);
-  for (; m < M; ++m) tile<Bits, 1>(q, scale, group, x, m, out + m * N + n0, N, valid, halves);
+  for (; m + kTile <= M; m += kTile) tile<Bits, kTile>(q, scale, group, x, m, out + m * N + n0, N, valid);
+  for (; m < M; ++m) tile<Bits, 1>(q, scale, group, x, m, out + m * N + n0, N, valid);
 }
 
 void matmul(const QuantizedWeights& w, const QuantizedRows& x, int64_t M, float* out, int64_t begin, int64_t end,
