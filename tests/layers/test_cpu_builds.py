@@ -5,9 +5,9 @@
 - For x86 without AVX2: vec.h's portable paths (GCC vector extensions), which aarch64 builds take and no x86 build
   of tokenmill's own does. They add up sums in another order, so they are held to within float rounding.
 
-Each build compiles every source (the int8/int4 kernel files included), so it is also the check that they compile
-for that CPU. The int8/int4 kernels need no run here: every one is built on any x86 CPU and
-tests/quant/test_kernels.py runs each.
+Each build compiles the sources that include vec.h. The int8/int4 kernels need no such build: each kernel file sets
+its own target, so every one is built on any x86 CPU and tests/quant/test_kernels.py runs each (tests/test_ops_sources.py
+compiles them for x86 without AVX2).
 """
 
 from concurrent.futures import ThreadPoolExecutor
@@ -42,18 +42,20 @@ pytestmark = pytest.mark.skipif(ops.ARCH != "x86", reason="builds the ops for ot
 
 
 def _build(name: str) -> None:
-    """torch.ops.tokenmill_<name>: every source but bindings.cpp built for _BUILDS[name]'s CPU, build_ops.cpp registering."""
+    """torch.ops.tokenmill_<name>: the sources that include vec.h built for _BUILDS[name]'s CPU, build_ops.cpp registering."""
     build = _BUILDS[name]
-    files = [str(Path(__file__).with_name("build_ops.cpp"))] + [s for s in ops.sources() if Path(s).name != "bindings.cpp"]
+    files = [str(Path(__file__).with_name("build_ops.cpp"))] + [s for s in ops.sources() if '#include "vec.h"' in Path(s).read_text()]
     flags = [*ops.compile_flags(cpu=build.cpu), *build.extra, f"-I{_CSRC}", f"-DTOKENMILL_BUILD_OPS=tokenmill_{name}"]
     load(f"tokenmill_{name}_test_ops", files, extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False)
 
 
 @pytest.fixture(scope="module")
 def builds() -> None:
-    """Every build, built at once: attention.cpp takes most of each, so the two share the cores."""
+    """Every build at once, each a file at a time (MAX_JOBS): the AVX2 build's attention.cpp is most of the time, and
+    the other files of both builds fit beside it."""
     assert ops.available(), "the C++ ops must build on the test machine"
-    with ThreadPoolExecutor(len(_BUILDS)) as pool:
+    with pytest.MonkeyPatch.context() as patch, ThreadPoolExecutor(len(_BUILDS)) as pool:
+        patch.setenv("MAX_JOBS", "1")
         list(pool.map(_build, _BUILDS))
 
 
