@@ -139,14 +139,20 @@ void block_rows(const uint8_t* q, const uint16_t* scale, const QuantizedWeights&
   }
 }
 
-// Past kTile rows, int4 blocks two at a time, so a broadcast feeds two VPDPBUSD (at 6 to 512 rows 15-40% faster).
-// Up to kTile rows one pass of a block already takes every row, and read from memory as two interleaved streams the
-// pairs were slower (int4 at 1 row 19%, int8 at 1 to 4 rows 25-45%), so decode keeps a block at a time.
+// Past kTile rows, blocks two at a time, so a broadcast feeds two VPDPBUSD (alone, int4 15-40% faster from 6 to 512
+// rows, int8 10-12% at 8 and 16). Up to kTile rows one pass of a block already takes every row, and with the weights
+// read from memory as two interleaved streams pairs were slower (int4 19% at 1 row, int8 25-45% at 1 to 4), so
+// decode keeps a block at a time.
 void vnni_matmul(const QuantizedWeights& w, const QuantizedRows& x, int64_t M, float* out, int64_t begin, int64_t end,
                  uint8_t*) {
   int64_t b = begin;
-  if (w.bits == 4 && M > kTile)
-    for (; b + 2 <= end; b += 2) block_rows<4, 2>(w.q + b * w.block_bytes, w.scale + b * w.block_scales, w, x, M, out, b * kBlockRows);
+  if (M > kTile)
+    for (; b + 2 <= end; b += 2) {
+      const uint8_t* q = w.q + b * w.block_bytes;
+      const uint16_t* scale = w.scale + b * w.block_scales;
+      if (w.bits == 8) block_rows<8, 2>(q, scale, w, x, M, out, b * kBlockRows);
+      else block_rows<4, 2>(q, scale, w, x, M, out, b * kBlockRows);
+    }
   for_weight_blocks(w, b, end, [&](auto bits, const uint8_t* q, const uint16_t* scale, int64_t n0) {
     block_rows<decltype(bits)::kBits, 1>(q, scale, w, x, M, out, n0);
   });
