@@ -1,4 +1,5 @@
-"""The C++ ops' sources compile for aarch64 (tests/layers/test_cpu_builds.py builds and runs them for other x86 CPUs)."""
+"""The C++ sources compile for aarch64, and the x86 kernel files for any x86 CPU (tests/layers/test_cpu_builds.py
+builds and runs the ops for x86 CPUs other than this one)."""
 
 import os
 import shutil
