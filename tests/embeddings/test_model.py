@@ -52,7 +52,10 @@ def test_small_token_budget_splits_batches_without_changing_results(minilm_path,
 def test_padding_does_not_leak_into_pooling(embedder, sentences):
     short, long = sentences[2], sentences[56]
     together = embedder.embed([short, long])
-    assert F.cosine_similarity(together[0], embedder.embed(short)[0], dim=0) >= 0.99999
+    # Padded positions in the pooling cost 0.45 of cosine. bfloat16 GEMMs round by batch shape (oneDNN's AMX
+    # kernels: 1.3e-5 here), float32 ones do not.
+    exact = embedder.model.encoder.layers[0].dtype == torch.float32
+    assert F.cosine_similarity(together[0], embedder.embed(short)[0], dim=0) >= (0.99999 if exact else 0.9999)
 
 
 @pytest.mark.parametrize("modes", [("cls",), ("max",), ("mean_sqrt_len",), ("cls", "mean")])
