@@ -1,7 +1,6 @@
 """`tokenmill bench compare`: the same workloads on tokenmill and a peer, alternating, with ratios."""
 
 import argparse
-import platform
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,7 +38,9 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from tokenmill.bench.peers import LlamaCppRunner, TokenmillRunner, TransformersRunner
+    from tokenmill import ops
     from tokenmill.dtypes import DTYPES
+    from tokenmill.env import cpu_features
     from tokenmill.loader.source import open_model
 
     threads = args.num_threads or torch.get_num_threads()
@@ -61,7 +62,9 @@ def main(args: argparse.Namespace) -> int:
         for runner in (ours, peer):
             for label, measure in _measures(runner, workload, args):
                 samples[runner.name].setdefault(label, []).append(measure())
-    print(f"machine: {platform.processor() or platform.machine()}, {threads} threads, torch {torch.__version__}; "
+    # The CPU by name and the kernel that ran: these ratios differ by CPU family (docs/benchmarks.md).
+    print(f"machine: {cpu_features()[0]}, {ops.quantized_matmul_kernel() or 'no int8/int4'} kernel, {threads} threads, "
+          f"torch {torch.__version__}; "
           f"model {source.name}, tokenmill {args.dtype} quantization {ours.llm.engine.runner.quantization}; peer {peer_desc}; "
           f"median of {args.rounds} rounds")
     print(f"| workload | tokenmill | {peer.name} | tokenmill / {peer.name} |")
