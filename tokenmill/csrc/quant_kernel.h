@@ -62,7 +62,7 @@ struct QuantKernel {
   // Input blocks [begin, end) of 32 floats (row-major over [M, K / 32]) to levels, dx and sx.
   void (*quantize)(const float* x, int64_t begin, int64_t end, int8_t* hi, int8_t* lo, float* dx, float* sx);
   // out[m, 16 b .. 16 b + 15] for all M input rows and weight blocks b in [begin, end); out is [M, N].
-  // scratch holds K * 16 bytes for this thread.
+  // scratch holds two blocks of int8 levels, 2 * K * 16 bytes, for this thread.
   void (*matmul)(const QuantizedWeights& w, const QuantizedRows& x, int64_t M, float* out, int64_t begin,
                  int64_t end, uint8_t* scratch);
 };

@@ -78,7 +78,7 @@ void run(const QuantKernel& kernel, const at::Tensor& x, const at::Tensor& q, co
   float* op = out.data_ptr<float>();
   at::parallel_for(0, q.size(0), 1, [&](int64_t begin, int64_t end) {
     thread_local std::vector<uint8_t> scratch;
-    scratch.resize(K * kBlockRows);
+    scratch.resize(2 * K * kBlockRows);
     kernel.matmul(weights, rows, M, op, begin, end, scratch.data());
   });
 }
