@@ -202,9 +202,9 @@ struct TileSums {
 
 // Multiplies up to 16 input rows' halves by B blocks' weights over 32 inputs (block b's at w + b * block_stride),
 // into tiles 3 and 4, then 6 and 7. The input tiles' loads were the hot spot (`perf`: every block read all input
-// rows again, from L2 at 512 rows); in pairs one load serves two blocks: alone, 512 rows 10-40% faster, 16 rows
-// 5-25%; SmolLM2's 512-token prefill +16%. The tiles are throughput-bound, so the caller post-processes the previous
-// 32 inputs' sums between this and store_sums (10% faster at 16 rows than storing at once).
+// rows again, from L2 at 512 rows); in pairs one load serves two blocks: alone, 512 rows 10-40% faster, SmolLM2's
+// 512-token prefill 6-29%. The tiles are throughput-bound, so the caller post-processes the previous 32 inputs' sums
+// between this and store_sums (10% faster at 16 rows than storing at once).
 template <int B>
 inline void tile_sums(const uint8_t* w, int64_t block_stride, const int8_t* hi, const int8_t* lo, int64_t stride) {
   _tile_loadd(1, hi, stride);
@@ -311,14 +311,17 @@ void amx_blocks(const QuantizedWeights& w, const QuantizedRows& x, int64_t M, fl
 }
 
 // Below kAmxMinRows rows, or where Linux refuses the tiles, the VNNI kernel. Tiles are configured for this
-// thread and released after; blocks go two at a time.
+// thread and released after. Past one tile of input rows, blocks go two at a time; up to 16 rows the inputs are
+// loaded from L1, and with the weights read from memory as two interleaved streams pairs were slower (16 concurrent
+// decodes: 4.56-4.68x llama.cpp in three of seven runs, against 5.70-6.63x a block at a time).
 void amx_matmul(const QuantizedWeights& w, const QuantizedRows& x, int64_t M, float* out, int64_t begin, int64_t end,
                 uint8_t* scratch) {
   if (!use_tiles(M)) return vnni_matmul(w, x, M, out, begin, end, scratch);
   configure_tiles(static_cast<uint8_t>(tile_rows(M)));
   int64_t b = begin;
-  for (; b + 2 <= end; b += 2) amx_blocks<2>(w, x, M, out, b, scratch);
-  if (b < end) amx_blocks<1>(w, x, M, out, b, scratch);
+  if (M > kTileRows)
+    for (; b + 2 <= end; b += 2) amx_blocks<2>(w, x, M, out, b, scratch);
+  for (; b < end; ++b) amx_blocks<1>(w, x, M, out, b, scratch);
   _tile_release();
 }
 
