@@ -313,7 +313,7 @@ void amx_blocks(const QuantizedWeights& w, const QuantizedRows& x, int64_t M, fl
 // Below kAmxMinRows rows, or where Linux refuses the tiles, the VNNI kernel. Tiles are configured for this
 // thread and released after. Past one tile of input rows, blocks go two at a time; up to 16 rows the inputs are
 // loaded from L1, and with the weights read from memory as two interleaved streams pairs were slower (16 concurrent
-// decodes: 4.56-4.68x llama.cpp in three of seven runs, against 5.70-6.63x a block at a time).
+// decodes: 4.56-4.68x llama.cpp in three of eight runs, against 5.70-6.63x a block at a time).
 void amx_matmul(const QuantizedWeights& w, const QuantizedRows& x, int64_t M, float* out, int64_t begin, int64_t end,
                 uint8_t* scratch) {
   if (!use_tiles(M)) return vnni_matmul(w, x, M, out, begin, end, scratch);
