@@ -1,6 +1,7 @@
 """Cost accounting: the step-time fit recovers per-token costs, and a step's time is split without loss."""
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 from tokenmill.cost import prices
 from tokenmill.cost.accounting import CostAccountant, StepTimeModel
+from tokenmill.engine import llm_engine
 from tokenmill.sampling import SamplingParams
 
 
@@ -110,3 +112,27 @@ def test_engine_charges_all_of_its_busy_time_to_its_requests(make_engine):
         assert m.cost_usd == pytest.approx(m.compute_seconds * 3.6 / 3600)
     stats = engine.stats()
     assert stats.busy_seconds == engine.cost.busy_seconds < stats.uptime_seconds and stats.price_per_hour == 3.6
+
+
+def test_twice_the_output_tokens_costs_twice_as_much(make_engine, monkeypatch):
+    """A lone request is billed every step it ran in: here each model step takes 10 ms of a fake clock."""
+    engine = make_engine(price_per_hour=3.6)
+    # NOTE: a fake clock, because real step times on a shared VM swing 2x between runs (a CI run saw 3.5x).
+    clock = [0.0]
+    monkeypatch.setattr(llm_engine, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    execute = engine.runner.execute
+
+    def ten_milliseconds(scheduled):
+        clock[0] += 0.01
+        return execute(scheduled)
+
+    monkeypatch.setattr(engine.runner, "execute", ten_milliseconds)
+    finals = {}
+    for max_tokens in (16, 32):
+        engine.add_request(str(max_tokens), "The capital of France is", SamplingParams(max_tokens=max_tokens,
+                                                                                      ignore_eos=True))
+        while engine.has_unfinished():
+            finals.update((int(o.request_id), o.metrics) for o in engine.step() if o.finished)
+    # One prefill step and max_tokens - 1 decode steps each.
+    assert finals[16].compute_seconds == pytest.approx(0.16) and finals[32].compute_seconds == pytest.approx(0.32)
+    assert finals[32].cost_usd == pytest.approx(2 * finals[16].cost_usd) == pytest.approx(0.32 * 3.6 / 3600)
