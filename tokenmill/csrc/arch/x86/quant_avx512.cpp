@@ -271,6 +271,15 @@ void block_rows_amx(const uint8_t* w, const uint16_t* scale, const QuantizedWeig
     for (int64_t kb = 0; kb < blocks; ++kb) {
       const TileSums<B>& done = sums[kb & 1];
       const bool more = kb + 1 < blocks;
+      // Past one tile the inputs outgrow L1, and the tile loads, 16 rows K bytes apart, waited on L2 (`perf`: 23% of
+      // the time at 512 rows): each row's line two loads ahead is prefetched (at the end, the next tile's first).
+      if (M > per_tile) {
+        const int64_t ahead = kb + 2 < blocks ? (kb + 2) * kInputBlock : (kb + 2 - blocks) * kInputBlock + per_tile * x.K;
+        for (int t = 0; t < rows; ++t) {
+          _mm_prefetch(reinterpret_cast<const char*>(hi + t * x.K + ahead), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(lo + t * x.K + ahead), _MM_HINT_T0);
+        }
+      }
       if (more)
         tile_sums<B>(w + (kb + 1) * group_bytes, block_stride, hi + (kb + 1) * kInputBlock, lo + (kb + 1) * kInputBlock,
                      x.K);
