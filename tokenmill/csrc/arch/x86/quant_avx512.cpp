@@ -274,7 +274,8 @@ void block_rows_amx(const uint8_t* w, const uint16_t* scale, const QuantizedWeig
       // Past one tile the inputs outgrow L1, and the tile loads, 16 rows K bytes apart, waited on L2 (`perf`: 23% of
       // the time at 512 rows): each row's line two loads ahead is prefetched (at the end, the next tile's first).
       if (M > per_tile) {
-        const int64_t ahead = kb + 2 < blocks ? (kb + 2) * kInputBlock : (kb + 2 - blocks) * kInputBlock + per_tile * x.K;
+        const int64_t ahead =
+            kb + 2 < blocks ? (kb + 2) * kInputBlock : (kb + 2 - blocks) * kInputBlock + per_tile * x.K;
         for (int t = 0; t < rows; ++t) {
           _mm_prefetch(reinterpret_cast<const char*>(hi + t * x.K + ahead), _MM_HINT_T0);
           _mm_prefetch(reinterpret_cast<const char*>(lo + t * x.K + ahead), _MM_HINT_T0);
@@ -320,15 +321,17 @@ void amx_blocks(const QuantizedWeights& w, const QuantizedRows& x, int64_t M, fl
 }
 
 // Below kAmxMinRows rows, or where Linux refuses the tiles, the VNNI kernel. Tiles are configured for this
-// thread and released after. Past one tile of input rows, blocks go two at a time; up to 16 rows the inputs are
-// loaded from L1, and with the weights read from memory as two interleaved streams pairs were slower (16 concurrent
-// decodes: 4.56-4.68x llama.cpp in three of eight runs, against 5.70-6.63x a block at a time).
+// thread and released after. Past one tile of input rows, int4 blocks go two at a time: they are unpacked into
+// scratch, so each pair's weights are read from memory once. Up to 16 rows the inputs are loaded from L1 and
+// pairs were slower (16 concurrent decodes: 4.56-4.68x llama.cpp in three of eight runs, against 5.70-6.63x a
+// block at a time); so were int8 pairs, whose tiles read their weights straight from memory (the int8 LM head
+// at 24 rows: 4317-9501 against 3657-6220 us).
 void amx_matmul(const QuantizedWeights& w, const QuantizedRows& x, int64_t M, float* out, int64_t begin, int64_t end,
                 uint8_t* scratch) {
   if (!use_tiles(M)) return vnni_matmul(w, x, M, out, begin, end, scratch);
   configure_tiles(static_cast<uint8_t>(tile_rows(M)));
   int64_t b = begin;
-  if (M > kTileRows)
+  if (M > kTileRows && w.bits == 4)
     for (; b + 2 <= end; b += 2) amx_blocks<2>(w, x, M, out, b, scratch);
   for (; b < end; ++b) amx_blocks<1>(w, x, M, out, b, scratch);
   _tile_release();
