@@ -83,7 +83,7 @@ def test_longer_decode_contexts_cost_what_the_context_sweep_measured(tmp_path):
 
 def test_max_sustainable_rate_falls_as_the_targets_tighten(tmp_path):
     profile = _write_profile(tmp_path / "p.json", _linear)
-    workload = Workload(prompt_len=128, output_len=64, spread=0.5, num_requests=300)
+    workload = Workload(prompt_len=128, output_len=64, spread=0.5, num_requests=150)
     ceiling = capacity(profile, workload)
     rates = [max_rate(profile, workload, Targets(ttft, tpot), ceiling)
              for ttft, tpot in ((1000, None), (300, None), (150, None), (120, 10), (120, 8))]
