@@ -72,7 +72,7 @@ def gguf_parsed_once():
         key = (os.fspath(path), mode, stat.st_size, stat.st_mtime_ns)
         if key not in readers:
             with pytest.MonkeyPatch.context() as in_memory:
-                in_memory.setattr(np, "memmap", lambda path, mode="r": np.fromfile(path, dtype=np.uint8))
+                in_memory.setattr(np, "memmap", lambda file, mode="r": np.fromfile(file, dtype=np.uint8))
                 readers[key] = parse(path, mode)
         return readers[key]
 

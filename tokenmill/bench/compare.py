@@ -37,8 +37,8 @@ def main(args: argparse.Namespace) -> int:
     """Measure and print a markdown table."""
     import torch
 
-    from tokenmill.bench.peers import LlamaCppRunner, TokenmillRunner, TransformersRunner
     from tokenmill import ops
+    from tokenmill.bench.peers import LlamaCppRunner, TokenmillRunner, TransformersRunner
     from tokenmill.dtypes import DTYPES
     from tokenmill.env import cpu_features
     from tokenmill.loader.source import open_model
