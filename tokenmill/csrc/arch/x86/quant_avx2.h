@@ -179,6 +179,8 @@ void tile(const uint8_t* q, const uint16_t* scale, int64_t group, const Quantize
   __m256 acc[T][2];
   for (int t = 0; t < T; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
   for (int64_t kb = 0; kb < blocks; ++kb) {
+    // The first pass over a block reads it from memory; the others find it in cache.
+    if (m == 0) prefetch_ahead<Bits>(q, scale, kb, group);
     const uint16_t* s = scale + kb * kInputBlock / group * 2 * kBlockRows;
     const int8_t* hi[T];
     const int8_t* lo[T];

@@ -89,6 +89,8 @@ void block_tile(const uint8_t* q, const uint16_t* scale, const QuantizedWeights&
   for (int t = 0; t < T; ++t)
     for (int b = 0; b < B; ++b) acc[t][b] = _mm512_setzero_ps();
   for (int64_t kb = 0; kb < blocks; ++kb) {
+    // A block at a time is decode's path (up to kTile rows), where the weights come from memory.
+    if constexpr (B == 1) prefetch_ahead<Bits>(q, scale, kb, w.group);
     __m512i levels[B][kLevelVectors];
     for (int b = 0; b < B; ++b) load_levels<Bits>(q + b * w.block_bytes, kb, levels[b]);
     __m512i high[T][B], low[T][B];
