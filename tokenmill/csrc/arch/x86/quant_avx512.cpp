@@ -170,8 +170,11 @@ void vnni_matmul(const QuantizedWeights& w, const QuantizedRows& x, int64_t M, f
 // sums, and the float work after them is the VNNI kernel's, in the same order: a row's result is the
 // same bits whichever path ran it.
 constexpr int kTileRows = 16;  // the most input rows a tile holds
-// From this many input rows on, the tiles win (at 1 row the VNNI kernel reads the weights once, faster).
-constexpr int64_t kAmxMinRows = 6;
+// From this many input rows on, the tiles win (at 1 row the VNNI kernel reads the weights once, faster). int8
+// tiles read the weights as they are: from 6 rows they took 0.65-0.86x the VNNI kernel's time up to 32 rows. int4
+// blocks must first be unpacked, and their tiles took 1.00-1.36x its time from 6 to 32 rows, 0.97-1.09x at 48
+// and 0.75-1.11x at 64, 0.77-0.89x at 128 (docs/benchmarks.md).
+constexpr int64_t kAmxMinRows = 6, kAmxMinRowsInt4 = 64;
 
 // Linux hands AMX's 8 KB of tile registers only to processes that ask for them, once.
 bool amx_permitted() {
@@ -243,11 +246,11 @@ int64_t tile_rows(int64_t M) {
   return (M + tiles - 1) / tiles;
 }
 
-bool use_tiles(int64_t M) { return M >= kAmxMinRows && amx_permitted(); }
+bool use_tiles(int64_t M, int64_t bits) { return M >= (bits == 4 ? kAmxMinRowsInt4 : kAmxMinRows) && amx_permitted(); }
 
-// Tiles read whole tiles of input rows: the buffers round M up.
+// Tiles read whole tiles of input rows: the buffers round M up (for int8's threshold, enough for int4's too).
 int64_t amx_rows_held(int64_t M) {
-  if (!use_tiles(M)) return M;
+  if (!use_tiles(M, 8)) return M;
   const int64_t per_tile = tile_rows(M);
   return (M + per_tile - 1) / per_tile * per_tile;
 }
@@ -326,18 +329,16 @@ void amx_blocks(const QuantizedWeights& w, const QuantizedRows& x, int64_t M, fl
   block_rows_amx<B>(weights, w.scale + b * w.block_scales, w, x, M, out, b * kBlockRows);
 }
 
-// Below kAmxMinRows rows, or where Linux refuses the tiles, the VNNI kernel. Tiles are configured for this
-// thread and released after. Past one tile of input rows, int4 blocks go two at a time: they are unpacked into
-// scratch, so each pair's weights are read from memory once. Up to 16 rows the inputs are loaded from L1 and
-// pairs were slower (16 concurrent decodes: 4.56-4.68x llama.cpp in three of eight runs, against 5.70-6.63x a
-// block at a time); so were int8 pairs, whose tiles read their weights straight from memory (the int8 LM head
-// at 24 rows: 4317-9501 against 3657-6220 us).
+// Below kAmxMinRows rows (kAmxMinRowsInt4 for int4), or where Linux refuses the tiles, the VNNI kernel. Tiles are
+// configured for this thread and released after. int4 blocks go two at a time: they are unpacked into scratch, so
+// each pair's weights are read from memory once. int8 pairs were slower, since their tiles read the weights straight
+// from memory (the int8 LM head at 24 rows: 4317-9501 against 3657-6220 us a block at a time).
 void amx_matmul(const QuantizedWeights& w, const QuantizedRows& x, int64_t M, float* out, int64_t begin, int64_t end,
                 uint8_t* scratch) {
-  if (!use_tiles(M)) return vnni_matmul(w, x, M, out, begin, end, scratch);
+  if (!use_tiles(M, w.bits)) return vnni_matmul(w, x, M, out, begin, end, scratch);
   configure_tiles(static_cast<uint8_t>(tile_rows(M)));
   int64_t b = begin;
-  if (M > kTileRows && w.bits == 4)
+  if (w.bits == 4)
     for (; b + 2 <= end; b += 2) amx_blocks<2>(w, x, M, out, b, scratch);
   for (; b < end; ++b) amx_blocks<1>(w, x, M, out, b, scratch);
   _tile_release();
