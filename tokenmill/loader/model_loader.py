@@ -93,7 +93,7 @@ def _advise_huge_pages(address: int, length: int) -> None:
     if not sys.platform.startswith("linux"):
         return
     try:
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
+        madvise = ctypes.CDLL(None).madvise
     except (OSError, AttributeError):
         return
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
