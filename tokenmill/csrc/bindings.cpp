@@ -13,6 +13,8 @@ TORCH_LIBRARY(tokenmill, m) {
         "Tensor(d!)? v_scale=None) -> ()");
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
         "float scale, int window, Tensor(a!) out, Tensor? k_scale=None, Tensor? v_scale=None) -> ()");
+  m.def("llama_layers(Tensor(a!) x, Tensor(b!)? residual, Tensor cos, Tensor sin, Tensor(c!)[] weights, int[] bits, "
+        "int heads, int kv_heads, float eps, float scale, Tensor slots, Tensor tables, Tensor lens) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps, Tensor(a!) out) -> ()");
   m.def("fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
   m.def("rotary_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
@@ -33,6 +35,7 @@ TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
   m.impl("argmax_rows", argmax_rows);
   m.impl("store_kv", store_kv);
   m.impl("paged_attention", paged_attention);
+  m.impl("llama_layers", llama_layers);
   m.impl("rms_norm", rms_norm);
   m.impl("fused_add_rms_norm", fused_add_rms_norm);
   m.impl("rotary_", rotary_);

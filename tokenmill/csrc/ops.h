@@ -24,6 +24,12 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
 void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
               const at::Tensor& slots, const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale);
 
+// llama_layers.cpp
+at::Tensor llama_layers(const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& cos,
+                        const at::Tensor& sin, at::TensorList weights, at::IntArrayRef bits, int64_t heads,
+                        int64_t kv_heads, double eps, double scale, const at::Tensor& slots, const at::Tensor& tables,
+                        const at::Tensor& lens);
+
 // norm.cpp
 void rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, at::Tensor& out);
 void fused_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps);

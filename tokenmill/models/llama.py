@@ -14,6 +14,7 @@ from tokenmill.layers.attention import Attention
 from tokenmill.layers.base import Layer
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding, apply_rotary_
+from tokenmill.models.llama_stack import FusedLlamaLayers
 from tokenmill.quant.levels import LevelRows
 
 
@@ -112,6 +113,8 @@ class LlamaForCausalLM(Layer):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary: RotaryEmbedding | None = None
+        # Set by load_weights where every layer runs in the C++ ops (int8/int4 on CPU).
+        self.fused_layers: FusedLlamaLayers | None = None
 
     def _decoder_layer(self, layer: int) -> nn.Module:
         """Decoder layer `layer`; MoE families override it to give some layers a mixture of experts."""
@@ -126,9 +129,12 @@ class LlamaForCausalLM(Layer):
         # layers (all by default; fewer to draft by early exit) and the final norm
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
-        residual = None
-        for layer in islice(self.layers, num_layers):  # slicing a ModuleList builds a new one: 85 us
-            x, residual = layer(x, residual, cos, sin)
+        if self.fused_layers is not None and x.is_cpu and x.dtype == torch.float32 and num_layers != 0:
+            x, residual = self.fused_layers(x, cos, sin, num_layers)
+        else:
+            residual = None
+            for layer in islice(self.layers, num_layers):  # slicing a ModuleList builds a new one: 85 us
+                x, residual = layer(x, residual, cos, sin)
         x, _ = self.norm(x, residual)
         return x
 
@@ -177,6 +183,7 @@ class LlamaForCausalLM(Layer):
                 loaded.add(f"{target}#{shard}")
         # The tables are derived, not stored: build them on the weights' device, after any rope_freqs.
         self.rotary = self._rotary(freq_factors).to(self.norm.weight.device)
+        self.fused_layers = FusedLlamaLayers.of(self.layers)
         missing = sorted(name for key, name in self._expected_tensors(targets).items() if key not in loaded)
         if missing:
             raise ModelLoadError(
