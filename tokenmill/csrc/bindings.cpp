@@ -13,7 +13,7 @@ TORCH_LIBRARY(tokenmill, m) {
         "Tensor(d!)? v_scale=None) -> ()");
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
         "float scale, int window, Tensor(a!) out, Tensor? k_scale=None, Tensor? v_scale=None) -> ()");
-  m.def("llama_layers(Tensor(a!) x, Tensor(b!)? residual, Tensor cos, Tensor sin, Tensor(c!)[] weights, int[] bits, "
+  m.def("llama_layers(Tensor(a!) x, Tensor cos, Tensor sin, Tensor(b!)[] weights, int[] bits, "
         "int heads, int kv_heads, float eps, float scale, Tensor slots, Tensor tables, Tensor lens) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps, Tensor(a!) out) -> ()");
   m.def("fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");

@@ -6,17 +6,14 @@
 
 namespace tokenmill {
 
-// x: [tokens, hidden], the first layer's input; residual: the residual stream, or none before the model's first
-// layer. weights, per layer in this order: input norm; QKV levels and scales; O levels and scales; post-attention
-// norm; gate/up levels and scales; down levels and scales; K and V caches; for int8 caches their scales: 12 or 14
-// tensors a layer. bits: per layer, those of QKV, O, gate/up and down. The attention sees every key before a row's
-// position (no sliding window). Returns the last layer's output, in a new tensor.
-// NOTE: like the layers, it writes into x and the residual in place, and leaves the residual stream in `residual`,
-// or where none was given in x.
-at::Tensor llama_layers(const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& cos,
-                        const at::Tensor& sin, at::TensorList weights, at::IntArrayRef bits, int64_t heads,
-                        int64_t kv_heads, double eps, double scale, const at::Tensor& slots, const at::Tensor& tables,
-                        const at::Tensor& lens) {
+// x: [tokens, hidden], the first layer's input, which becomes the residual stream (written in place, as the layers
+// write it). weights, per layer in this order: input norm; QKV levels and scales; O levels and scales;
+// post-attention norm; gate/up levels and scales; down levels and scales; K and V caches; for int8 caches their
+// scales: 12 or 14 tensors a layer. bits: per layer, those of QKV, O, gate/up and down. The attention sees every
+// key before a row's position (no sliding window). Returns the last layer's output, in a new tensor.
+at::Tensor llama_layers(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::TensorList weights,
+                        at::IntArrayRef bits, int64_t heads, int64_t kv_heads, double eps, double scale,
+                        const at::Tensor& slots, const at::Tensor& tables, const at::Tensor& lens) {
   const int64_t layers = static_cast<int64_t>(bits.size()) / 4;
   const int64_t per_layer = layers ? static_cast<int64_t>(weights.size()) / layers : 0;
   TORCH_CHECK(layers > 0 && static_cast<int64_t>(bits.size()) == 4 * layers &&
@@ -28,23 +25,18 @@ at::Tensor llama_layers(const at::Tensor& x, const std::optional<at::Tensor>& re
   // The gate/up width from the down projection's input: its chunks hold 32 / bits inputs each.
   const int64_t intermediate = weights[8].size(1) * 32 / bits[3];
   // One buffer per intermediate result, shared by every layer: each is consumed before the next layer writes it.
-  at::Tensor out = x.new_empty({tokens, hidden}), qkv = x.new_empty({tokens, q_size + 2 * kv_size});
+  // h is a layer's normed input, and the previous layer's output before that.
+  at::Tensor h = x.new_empty({tokens, hidden}), qkv = x.new_empty({tokens, q_size + 2 * kv_size});
   at::Tensor attn = x.new_empty({tokens, heads, head_dim}), o = x.new_empty({tokens, hidden});
   at::Tensor gate_up = x.new_empty({tokens, 2 * intermediate}), act = x.new_empty({tokens, intermediate});
-  at::Tensor h = x, stream = residual.has_value() ? *residual : at::Tensor();
   for (int64_t l = 0; l < layers; ++l) {
     const at::Tensor* w = weights.data() + l * per_layer;
     const int64_t* b = bits.data() + 4 * l;
     at::Tensor k_cache = w[10], v_cache = w[11];
     std::optional<at::Tensor> k_scale, v_scale;
     if (per_layer == 14) k_scale = w[12], v_scale = w[13];
-    if (stream.defined()) {
-      fused_add_rms_norm(h, stream, w[0], eps);
-    } else {  // the model's first layer: its input is the residual stream
-      stream = h;
-      h = out;
-      rms_norm(stream, w[0], eps, h);
-    }
+    if (l == 0) rms_norm(x, w[0], eps, h);
+    else fused_add_rms_norm(h, x, w[0], eps);
     quantized_matmul(h, w[1], w[2], b[0], qkv);
     // Query and key heads lie side by side in each row: one in-place rotation covers both.
     at::Tensor qk = qkv.narrow(1, 0, q_size + kv_size).view({tokens, heads + kv_heads, head_dim});
@@ -55,11 +47,10 @@ at::Tensor llama_layers(const at::Tensor& x, const std::optional<at::Tensor>& re
     store_kv(k, v, k_cache, v_cache, slots, k_scale, v_scale);
     paged_attention(q, k_cache, v_cache, tables, lens, scale, 0, attn, k_scale, v_scale);
     quantized_matmul(attn.view({tokens, q_size}), w[3], w[4], b[1], o);
-    fused_add_rms_norm(o, stream, w[5], eps);
+    fused_add_rms_norm(o, x, w[5], eps);
     quantized_matmul(o, w[6], w[7], b[2], gate_up);
     silu_and_mul(gate_up, act);
-    quantized_matmul(act, w[8], w[9], b[3], out);
-    h = out;
+    quantized_matmul(act, w[8], w[9], b[3], h);
   }
   return h;
 }

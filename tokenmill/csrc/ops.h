@@ -25,10 +25,9 @@ void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at:
               const at::Tensor& slots, const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale);
 
 // llama_layers.cpp
-at::Tensor llama_layers(const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& cos,
-                        const at::Tensor& sin, at::TensorList weights, at::IntArrayRef bits, int64_t heads,
-                        int64_t kv_heads, double eps, double scale, const at::Tensor& slots, const at::Tensor& tables,
-                        const at::Tensor& lens);
+at::Tensor llama_layers(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::TensorList weights,
+                        at::IntArrayRef bits, int64_t heads, int64_t kv_heads, double eps, double scale,
+                        const at::Tensor& slots, const at::Tensor& tables, const at::Tensor& lens);
 
 // norm.cpp
 void rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, at::Tensor& out);

@@ -56,13 +56,13 @@ class FusedLlamaLayers:
         per_layer = len(tensors) // len(self.layers)
         meta = current_metadata()
         out = torch.ops.tokenmill.llama_layers(
-            x, None, cos, sin, tensors[: n * per_layer], self.bits[: 4 * n], self.heads, self.kv_heads, self.eps,
+            x, cos, sin, tensors[: n * per_layer], self.bits[: 4 * n], self.heads, self.kv_heads, self.eps,
             self.scale, meta.slot_mapping, meta.row_tables, meta.row_lens,
         )
-        return out, x  # without a residual given, the op leaves the stream in x
+        return out, x  # the op leaves the residual stream in x
 
     def _layer_tensors(self) -> list[torch.Tensor]:
-        # Gathered again only when the runner binds new caches: 30 layers' 14 attributes cost about 20 us a step.
+        # Gathered again only when the runner binds new caches: SmolLM2's 30 layers' tensors take 85 us to gather.
         k_cache = self.layers[0].self_attn.attn.k_cache
         if k_cache is not self._k_cache:
             self._tensors = [t for layer in self.layers for t in _tensors_of(layer)]
