@@ -2,6 +2,7 @@
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -104,6 +105,33 @@ def test_outputs_stream_until_finished():
     tokens, finished = _run(StubEngine(), scenario)
     assert tokens == [[7], [7, 7], [7, 7, 7]]
     assert [o.outputs[0].finish_reason for o in finished] == ["length"]
+
+
+class SlowStatsEngine(StubEngine):
+    """Takes its time to count: a caller served before the count would read stale metrics."""
+
+    def stats(self) -> EngineStats:
+        time.sleep(0.05)
+        return super().stats()
+
+
+def test_the_metrics_count_a_request_before_its_caller_hears_it_finished():
+    seen: list[EngineStats] = []
+
+    async def main():
+        finished: list[RequestOutput] = []
+        front = AsyncEngine(SlowStatsEngine(), on_stats=seen.append, on_finished=finished.append)
+        front.start()
+        try:
+            stream = await front.add_request("a", [1], SamplingParams(max_tokens=2), 0.0)
+            async for output in stream:
+                pass
+            # What /metrics would serve the moment the response is out.
+            return output.finished, seen[-1].num_running, len(finished)
+        finally:
+            await front.stop()
+
+    assert asyncio.run(main()) == (True, 0, 1)
 
 
 def test_validation_error_is_raised_before_any_output():

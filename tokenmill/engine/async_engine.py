@@ -206,7 +206,8 @@ class AsyncEngine:
                     break
                 if self.engine.has_unfinished():
                     self._step()
-                self._publish_stats()
+                else:
+                    self._publish_stats()
             for request_id in list(self._queues):
                 self._abort(request_id)
             self._publish_stats()
@@ -287,9 +288,12 @@ class AsyncEngine:
                     self.engine.abort(request_id)
                 except Exception:
                     logger.exception("abort of %s failed too", request_id)
+            self._publish_stats()
             return
         finally:
             self._step_done()
+        # NOTE: before any caller hears its answer, so a /metrics read right after a response already counts it.
+        self._publish_stats()
         for output in outputs:
             if output.request_id not in failures:
                 self._deliver(output)
@@ -315,12 +319,13 @@ class AsyncEngine:
             self._call(outputs_queue.put_nowait, error)
 
     def _deliver(self, output: RequestOutput) -> None:
+        if output.finished:
+            _observe(self.on_finished, output)  # first, for the same reason as the stats before it
         outputs_queue = self._queues.get(output.request_id)
         if outputs_queue is not None:
             self._call(outputs_queue.put_nowait, output)
         if output.finished:
             self._queues.pop(output.request_id, None)
-            _observe(self.on_finished, output)
 
     def _publish_stats(self) -> None:
         self.stats = self.engine.stats()
