@@ -15,7 +15,7 @@ def _seq(tokens=REPEATING, outputs=4, max_tokens=100, prediction=(), **params):
     return SimpleNamespace(
         token_ids=list(tokens), output_token_ids=list(tokens[len(tokens) - outputs:]), num_output_tokens=outputs,
         is_decoding=True, max_tokens=max_tokens, params=SamplingParams(**params), prediction_token_ids=list(prediction),
-        draft_token_ids=[], drafts_tried=0.0, drafts_accepted=0.0,
+        draft_token_ids=[], drafts_tried=0.0, drafts_accepted=0.0, steps_without_drafts=0,
     )
 
 
@@ -52,6 +52,19 @@ def test_acceptance_sets_how_far_a_sequence_drafts():
     assert len(good.draft_token_ids) == 4 and bad.draft_token_ids == []
     # Skipping lets the counts decay toward the prior, so it drafts again later.
     assert bad.drafts_tried < 40.0
+
+
+def test_a_sequence_kept_from_drafting_by_the_fit_probes_and_drafts_on_if_its_guess_holds():
+    # A row fitted dearer than a step: a 0.5 prior never pays, and without drafts nothing would change that.
+    drafter = _drafter(NGRAM, per_step=0.006, per_row=0.009)
+    for emitted, drafts_next in (([5, 6], [5]), ([9], [])):
+        seq = _seq()
+        for step in range(33):
+            drafter.propose([seq], None)
+            assert seq.draft_token_ids == ([5] if step == 32 else [])
+        drafter.record([seq], [emitted])
+        drafter.propose([seq], None)
+        assert seq.draft_token_ids == drafts_next
 
 
 def test_no_drafts_without_a_method_with_penalties_a_grammar_or_at_max_tokens():

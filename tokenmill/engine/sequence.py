@@ -73,6 +73,8 @@ class Sequence:
         # Decayed counts of draft tokens this sequence had verified and accepted: its recent acceptance rate.
         self.drafts_tried = 0.0
         self.drafts_accepted = 0.0
+        # Steps in a row this sequence could have drafted and did not (spec_decode/drafter.py probes after a while).
+        self.steps_without_drafts = 0
         # Where a structured output's grammar stands; the sampler masks by it, and such a sequence never drafts.
         self.grammar: "GrammarState | None" = None
         if params.structured_output is not None:

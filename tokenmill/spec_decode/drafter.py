@@ -19,6 +19,10 @@ _PRIOR = {"ngram": (1.0, 2.0), "prediction": (4.0, 5.0), "model": (3.0, 4.0)}
 _DECAY = 0.8
 # Each step a sequence skips drafting weighs its counts by this: after some 30 steps it tries again.
 _SKIP_DECAY = 0.95
+# A sequence that skipped this many steps in a row drafts one token anyway. Where a row's fitted cost puts the
+# threshold above the prior rate (a noisy fit, or a machine where rows cost much), the decay above never brings
+# the rate over it, and without drafts neither the rate nor a wider step is ever measured again.
+_PROBE_AFTER = 32
 
 
 class Drafter:
@@ -62,16 +66,21 @@ class Drafter:
         threshold = self._threshold(len(decoding))
         modelled: list[tuple[Sequence, int]] = []
         for seq, kind in candidates:
-            k = min(self._max_tokens(kind), seq.max_tokens - seq.num_output_tokens - 1)
+            most = min(self._max_tokens(kind), seq.max_tokens - seq.num_output_tokens - 1)
             # Draft token i is accepted with probability about rate**i: guess while that beats the threshold.
             rate = self._rate(seq, kind)
+            k = most
             if self.config is None or self.config.adaptive:
-                k = next((i for i in range(k) if rate ** (i + 1) <= threshold), k)
+                k = next((i for i in range(most) if rate ** (i + 1) <= threshold), most)
+            if k == 0 and most > 0 and seq.steps_without_drafts >= _PROBE_AFTER:
+                k = 1
             if k == 0:
                 # Drift back toward the prior, so a sequence that stopped drafting gets to try again later.
                 seq.drafts_tried *= _SKIP_DECAY
                 seq.drafts_accepted *= _SKIP_DECAY
+                seq.steps_without_drafts += 1
                 continue
+            seq.steps_without_drafts = 0
             if kind == "prediction":
                 seq.draft_token_ids = lookup_in(seq.prediction_token_ids, seq.output_token_ids, k, _PREDICTION_MATCH)
             elif kind == "ngram":
