@@ -1,6 +1,7 @@
 """bfloat16 linear layers on CPU with their weights packed once into oneDNN's blocked layout."""
 
 import logging
+import platform
 
 import torch
 from torch import nn
@@ -28,8 +29,15 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
     """True for bfloat16 on a CPU where oneDNN has bfloat16 kernels (AVX-512 and newer; AMX is the fast case)."""
     return (
         device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported() and _aten_runs_avx512()
     )
+
+
+def _aten_runs_avx512() -> bool:
+    """Whether PyTorch's own CPU kernels dispatch to AVX-512 (always true off x86, where the name does not apply)."""
+    # NOTE: ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU leaves oneDNN's check true, but PyTorch's bfloat16
+    # attention then refuses to run ("pack_vnni2 is only supported when avx512 is supported").
+    return platform.machine() not in ("x86_64", "AMD64") or torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def pack_linears(model: nn.Module) -> None:
