@@ -1,6 +1,10 @@
 """Shared fixtures: the real default model (pulled once into $TOKENMILL_HOME) and tiny random models."""
 
+import json
 import os
+import subprocess
+import sys
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -16,6 +20,53 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tokenmill.loader import catalog  # noqa: E402
+
+# Test files whose compiler runs take a minute or more of CPU: each also runs as a script, which does that work and
+# prints what its tests need as JSON.
+_EARLY = [Path(__file__).parent / "layers" / "test_cpu_builds.py", Path(__file__).parent / "test_ops_sources.py"]
+_CHILDREN = pytest.StashKey[dict]()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start each _EARLY file whose tests are to run as a script in a child, at the lowest CPU priority.
+
+    Their compiles take about 170 s of CPU, and the suite leaves about 40% of two cores idle (158% CPU use over the
+    whole suite): started now, they are done by the time their tests ask for the results.
+    """
+    collected = {item.path for item in session.items}
+    children = {}
+    for path in (p for p in _EARLY if p in collected):
+        # stderr to a file: a pipe no one reads until the end could fill and stall the child.
+        errors = tempfile.TemporaryFile()
+        children[path] = (subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE, stderr=errors, text=True),
+                          errors)
+    session.stash[_CHILDREN] = children
+
+
+@pytest.fixture(scope="session")
+def early_output(request):
+    """What an _EARLY file printed as a script, by the file's path; waits for it to finish."""
+    outputs = {}
+
+    def output(path: Path):
+        if path not in outputs:
+            child, errors = request.session.stash[_CHILDREN][path]
+            stdout, _ = child.communicate()
+            if child.returncode != 0:
+                errors.seek(0)
+                pytest.fail(f"{path.name} as a script failed:\n{errors.read().decode()}")
+            outputs[path] = json.loads(stdout)
+        return outputs[path]
+
+    return output
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Wait for the children: one killed mid-build would leave torch's build lock, on which the next load waits forever."""
+    for child, errors in session.stash.get(_CHILDREN, {}).values():
+        if child.returncode is None:  # no test asked for its output
+            child.communicate()
+        errors.close()
 
 
 class TiedLM(torch.nn.Module):

@@ -10,6 +10,8 @@ its own target, so every one is built on any x86 CPU and tests/quant/test_kernel
 compiles them for x86 without AVX2).
 """
 
+import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -50,14 +52,23 @@ def _build(name: str) -> None:
     load(f"tokenmill_{name}_test_ops", files, extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False)
 
 
+def _build_all() -> list[str]:
+    """Every build this CPU runs at once, each a file at a time (MAX_JOBS=1): the AVX2 build's attention.cpp is most of
+    the time, and the other files of both builds fit beside it. The builds' names."""
+    names = [name for name, build in _BUILDS.items() if build.runs] if ops.ARCH == "x86" else []
+    with ThreadPoolExecutor(len(_BUILDS)) as pool:
+        list(pool.map(_build, names))
+    return names
+
+
 @pytest.fixture(scope="module")
-def builds() -> None:
-    """Every build this CPU runs at once, each a file at a time (MAX_JOBS): the AVX2 build's attention.cpp is most of
-    the time, and the other files of both builds fit beside it."""
+def builds(early_output) -> None:
+    """The builds loaded: this file's run as a script (tests/conftest.py) compiled them, so each load finds its build done."""
     assert ops.available(), "the C++ ops must build on the test machine"
-    with pytest.MonkeyPatch.context() as patch, ThreadPoolExecutor(len(_BUILDS)) as pool:
+    early_output(Path(__file__))
+    with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MAX_JOBS", "1")
-        list(pool.map(_build, [name for name, build in _BUILDS.items() if build.runs]))
+        _build_all()
 
 
 @pytest.fixture(params=[
@@ -194,3 +205,9 @@ def test_argmax_rows_gives_the_same_indices(build):
     native, built = _both(build, "argmax_rows", make)
     assert torch.equal(native[1], make()[0].max(dim=-1).indices)
     assert torch.equal(built[1], native[1])  # the logits hold NaN, which never equals itself
+
+
+if __name__ == "__main__":
+    os.nice(19)
+    os.environ["MAX_JOBS"] = "1"
+    print(json.dumps(_build_all()))
