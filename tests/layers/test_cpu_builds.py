@@ -66,9 +66,7 @@ def builds(early_output) -> None:
     """The builds loaded: this file's run as a script (tests/conftest.py) compiled them, so each load finds its build done."""
     assert ops.available(), "the C++ ops must build on the test machine"
     early_output(Path(__file__))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MAX_JOBS", "1")
-        _build_all()
+    _build_all()
 
 
 @pytest.fixture(params=[

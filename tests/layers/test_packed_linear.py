@@ -45,7 +45,7 @@ def test_only_bfloat16_on_cpu_is_packed():
 def test_bfloat16_is_not_packed_where_pytorch_was_told_to_dispatch_avx2(monkeypatch):
     # oneDNN still says yes there, but PyTorch's bfloat16 attention refuses to run (seen with ATEN_CPU_CAPABILITY).
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
-    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    monkeypatch.setattr("tokenmill.ops.ARCH", "x86")
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert not can_pack(torch.device("cpu"), torch.bfloat16)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")

@@ -1,11 +1,11 @@
 """bfloat16 linear layers on CPU with their weights packed once into oneDNN's blocked layout."""
 
 import logging
-import platform
 
 import torch
 from torch import nn
 
+from tokenmill import ops
 from tokenmill.layers.base import Layer
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def _aten_runs_avx512() -> bool:
     """Whether PyTorch's own CPU kernels dispatch to AVX-512 (always true off x86, where the name does not apply)."""
     # NOTE: ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU leaves oneDNN's check true, but PyTorch's bfloat16
     # attention then refuses to run ("pack_vnni2 is only supported when avx512 is supported").
-    return platform.machine() not in ("x86_64", "AMD64") or torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return ops.ARCH != "x86" or torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def pack_linears(model: nn.Module) -> None:
