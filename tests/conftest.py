@@ -19,27 +19,37 @@ if not torch.cuda.is_available():
     # before triton is first imported, which transformers' tests may do before the Triton kernel's test.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import oracles  # noqa: E402
 from tokenmill.loader import catalog  # noqa: E402
 
-# Test files whose compiler runs take a minute or more of CPU: each also runs as a script, which does that work and
-# prints what its tests need as JSON.
-_EARLY = [Path(__file__).parent / "layers" / "test_cpu_builds.py", Path(__file__).parent / "test_ops_sources.py"]
+# Test files whose compiler runs or transformers loads take tens of seconds of CPU: each also runs as a script, which
+# does that work and prints what its tests need as JSON. In the order the suite reaches them, each with its child's
+# niceness: the first needed gets the most of the idle CPU, and even it takes a contended core about a tenth of the time.
+_TESTS = Path(__file__).parent
+_EARLY = {_TESTS / "layers" / "test_cpu_builds.py": 10, _TESTS / "loader" / "test_tokenizer.py": 13,
+          _TESTS / "models" / "test_gemma3.py": 16, _TESTS / "test_ops_sources.py": 19}
 _CHILDREN = pytest.StashKey[dict]()
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Start each _EARLY file whose tests are to run as a script in a child, at the lowest CPU priority.
+    """Start each _EARLY file whose tests are to run as a script in a child, at a low CPU priority.
 
-    Their compiles take about 170 s of CPU, and the suite leaves about 40% of two cores idle (158% CPU use over the
-    whole suite): started now, they are done by the time their tests ask for the results.
+    Their compiles take about 170 s of CPU and the transformers loads about 60, and the suite leaves about 40% of two
+    cores idle (158% CPU use over the whole suite): started now, they are done by the time their tests ask for the
+    results. The children import tests/oracles.py, as the tests do.
     """
-    collected = {item.path for item in session.items}
+    wanted = {item.path for item in session.items if "early_output" in item.fixturenames}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_TESTS), os.environ.get("PYTHONPATH")]))}
     children = {}
-    for path in (p for p in _EARLY if p in collected):
+    for path, niceness in _EARLY.items():
+        if path not in wanted:
+            continue
         # stderr to a file: a pipe no one reads until the end could fill and stall the child.
         errors = tempfile.TemporaryFile()
-        children[path] = (subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE, stderr=errors, text=True),
-                          errors)
+        script = f"import os, runpy, sys; os.nice({niceness}); runpy.run_path(sys.argv[1], run_name='__main__')"
+        child = subprocess.Popen([sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE, stderr=errors,
+                                 text=True, env=env)
+        children[path] = (child, errors)
     session.stash[_CHILDREN] = children
 
 
@@ -106,52 +116,19 @@ def smollm2_source(smollm2_path: Path):
 
 @pytest.fixture(scope="session")
 def gguf_parsed_once():
-    """transformers reading each GGUF file's header once: it parses it anew for a config, a tokenizer and the weights.
-
-    The reader is gguf's own parse, unchanged: only shared, and kept for the session (about 370 MiB of parsed fields
-    for Gemma 3's), and over the file read into memory rather than memory-mapped. np.memmap's bookkeeping on each of
-    its million slices made Gemma 3's parse take 20 s here, against 5 s over a plain array.
-    """
+    """transformers' GGUF loads through oracles.shared_gguf_reader for the session."""
     import gguf
-    import numpy as np
-
-    parse = gguf.GGUFReader
-    readers = {}
-
-    def shared_reader(path, mode="r"):
-        stat = os.stat(path)
-        key = (os.fspath(path), mode, stat.st_size, stat.st_mtime_ns)
-        if key not in readers:
-            with pytest.MonkeyPatch.context() as in_memory:
-                in_memory.setattr(np, "memmap", lambda file, mode="r": np.fromfile(file, dtype=np.uint8))
-                readers[key] = parse(path, mode)
-        return readers[key]
 
     patch = pytest.MonkeyPatch()
-    patch.setattr(gguf, "GGUFReader", shared_reader)  # transformers imports it from gguf at each load
+    patch.setattr(gguf, "GGUFReader", oracles.shared_gguf_reader())  # transformers imports it from gguf at each load
     yield
     patch.undo()
 
 
 @pytest.fixture(scope="session")
 def hf_greedy():
-    """transformers' greedy continuations, n tokens each with EOS masked, for a list of prompts in one batch.
-
-    Left padding under the attention mask gives each prompt the tokens it gets alone (checked on the prompts of
-    tests/models), and one batch reads the LM head once a step: Gemma 3's is 670 MB in float32, so its 8 prompts
-    take 4.4 s together against 22 s one at a time.
-    """
-
-    def run(model, prompts: list[list[int]], n: int) -> list[list[int]]:
-        width = max(map(len, prompts))
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        with torch.no_grad():
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                 pad_token_id=0)  # masked out, so any id serves
-        return out[:, width:].tolist()
-
-    return run
+    """oracles.greedy: transformers' greedy continuations of a batch of prompts."""
+    return oracles.greedy
 
 
 @pytest.fixture(scope="session")

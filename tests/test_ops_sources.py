@@ -77,5 +77,4 @@ def test_x86_kernel_files_share_no_code_built_for_their_target(findings):
 
 
 if __name__ == "__main__":
-    os.nice(19)
     print(json.dumps(_findings()))

@@ -206,6 +206,5 @@ def test_argmax_rows_gives_the_same_indices(build):
 
 
 if __name__ == "__main__":
-    os.nice(19)
     os.environ["MAX_JOBS"] = "1"
     print(json.dumps(_build_all()))

@@ -1,5 +1,8 @@
 """The tokenizer rebuilt from GGUF metadata matches the model's own tokenization and chat template."""
 
+import json
+from pathlib import Path
+
 import pytest
 
 from tokenmill.errors import ModelLoadError
@@ -27,13 +30,42 @@ GEMMA3_TEXTS = [
     "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n",
     "",
 ]
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4"},
+    {"role": "user", "content": "And 3+3?"},
+]
+
+
+def _transformers_answers() -> dict:
+    """What transformers' own tokenizers, converted from each GGUF file, make of the tests' texts.
+
+    Gemma 3's conversion (its 262,144-token header parsed, then the tokenizer built) takes 19 s: run as a script
+    in a child from the suite's start (conftest._EARLY), so the tests only read the answers.
+    """
+    import gguf
+    from oracles import shared_gguf_reader
+    from transformers import AutoTokenizer
+
+    gguf.GGUFReader = shared_gguf_reader()
+    smollm2, gemma3 = catalog.pull("smollm2-135m"), catalog.pull("gemma3-270m")
+    hf = AutoTokenizer.from_pretrained(str(smollm2.parent), gguf_file=smollm2.name)
+    hf_gemma3 = AutoTokenizer.from_pretrained(str(gemma3.parent), gguf_file=gemma3.name)
+    answers = {"smollm2": [hf.encode(text, add_special_tokens=False) for text in TEXTS],
+               "smollm2 chat": hf.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)}
+    for special in (True, False):
+        answers[f"gemma3 add_special_tokens={special}"] = [hf_gemma3.encode(text, add_special_tokens=special)
+                                                           for text in GEMMA3_TEXTS]
+    for skip in (True, False):
+        answers[f"gemma3 decoded skip_special_tokens={skip}"] = [
+            hf_gemma3.decode(ids, skip_special_tokens=skip) for ids in answers["gemma3 add_special_tokens=True"]]
+    return answers
 
 
 @pytest.fixture(scope="module")
-def hf_tokenizer(smollm2_path, gguf_parsed_once):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name)
+def transformers_answers(early_output) -> dict:
+    return early_output(Path(__file__))
 
 
 @pytest.fixture(scope="module")
@@ -47,17 +79,10 @@ def gemma3_tokenizer(gemma3_path):
     return Tokenizer.from_gguf(gguf.metadata, gguf.model_config().eos_token_ids)
 
 
-@pytest.fixture(scope="module")
-def hf_gemma3_tokenizer(gemma3_path, gguf_parsed_once):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(gemma3_path.parent), gguf_file=gemma3_path.name)
-
-
-def test_encoding_matches_transformers_on_text_without_digits(smollm2_source, hf_tokenizer):
+def test_encoding_matches_transformers_on_text_without_digits(smollm2_source, transformers_answers):
     tok = smollm2_source.tokenizer
-    for text in TEXTS:
-        assert tok.encode(text) == hf_tokenizer.encode(text, add_special_tokens=False), text
+    for text, theirs in zip(TEXTS, transformers_answers["smollm2"], strict=True):
+        assert tok.encode(text) == theirs, text
         assert tok.decode(tok.encode(text)) == text
 
 
@@ -74,16 +99,9 @@ def test_control_tokens_stay_whole(smollm2_source):
     assert tok.eos_token_ids == [2]
 
 
-def test_chat_template_renders_like_transformers(smollm2_source, hf_tokenizer):
-    messages = [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "What is 2+2?"},
-        {"role": "assistant", "content": "4"},
-        {"role": "user", "content": "And 3+3?"},
-    ]
-    ours = smollm2_source.tokenizer.apply_chat_template(messages)
-    theirs = hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert ours == theirs
+def test_chat_template_renders_like_transformers(smollm2_source, transformers_answers):
+    ours = smollm2_source.tokenizer.apply_chat_template(CHAT)
+    assert ours == transformers_answers["smollm2 chat"]
     assert ours.endswith("<|im_start|>assistant\n")
 
 
@@ -96,19 +114,19 @@ def test_token_bytes_rebuild_characters_split_across_tokens(smollm2_source):
 
 
 @pytest.mark.parametrize("add_special_tokens", [True, False])
-def test_gemma3_encoding_matches_transformers(gemma3_tokenizer, hf_gemma3_tokenizer, add_special_tokens):
-    for text in GEMMA3_TEXTS:
-        ours = gemma3_tokenizer.encode(text, add_special_tokens=add_special_tokens)
-        assert ours == hf_gemma3_tokenizer.encode(text, add_special_tokens=add_special_tokens), text
+def test_gemma3_encoding_matches_transformers(gemma3_tokenizer, transformers_answers, add_special_tokens):
+    answers = transformers_answers[f"gemma3 add_special_tokens={add_special_tokens}"]
+    for text, theirs in zip(GEMMA3_TEXTS, answers, strict=True):
+        assert gemma3_tokenizer.encode(text, add_special_tokens=add_special_tokens) == theirs, text
     assert gemma3_tokenizer.encode("", add_special_tokens=add_special_tokens) == ([2] if add_special_tokens else [])
 
 
 @pytest.mark.parametrize("skip_special_tokens", [True, False])
-def test_gemma3_decoding_matches_transformers(gemma3_tokenizer, hf_gemma3_tokenizer, skip_special_tokens):
-    for text in GEMMA3_TEXTS:
-        ids = hf_gemma3_tokenizer.encode(text)
-        ours = gemma3_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-        assert ours == hf_gemma3_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens), text
+def test_gemma3_decoding_matches_transformers(gemma3_tokenizer, transformers_answers, skip_special_tokens):
+    encoded = transformers_answers["gemma3 add_special_tokens=True"]
+    decoded = transformers_answers[f"gemma3 decoded skip_special_tokens={skip_special_tokens}"]
+    for text, ids, theirs in zip(GEMMA3_TEXTS, encoded, decoded, strict=True):
+        assert gemma3_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens) == theirs, text
         assert gemma3_tokenizer.decode(gemma3_tokenizer.encode(text, False), skip_special_tokens=False) == text
 
 
@@ -130,3 +148,7 @@ def test_gemma3_token_bytes_turn_the_word_marker_into_a_space(gemma3_tokenizer):
 def test_unsupported_gguf_tokenizer_names_the_supported_ones():
     with pytest.raises(ModelLoadError, match="'gpt2'.*'llama'"):
         Tokenizer.from_gguf({"tokenizer.ggml.model": "t5", "tokenizer.ggml.tokens": []}, [])
+
+
+if __name__ == "__main__":
+    print(json.dumps(_transformers_answers()))

@@ -1,11 +1,16 @@
 """Gemma 3 agrees with transformers: a tiny random model from a Hugging Face directory, and the real 270M GGUF."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.loader import catalog
+from tokenmill.loader.gguf import GGUFFile
+from tokenmill.loader.tokenizer import Tokenizer
 
 PROMPTS = [list(range(100, 130)), [1, 42, 7, 99, 1000], [5] * 9 + list(range(300, 321)), [31, 415, 926, 535, 8, 979]]
 
@@ -64,19 +69,33 @@ GEMMA_PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def gemma3_gguf(gguf_parsed_once):
-    """The Gemma 3 270M Q4_K_M GGUF and transformers' own float32 load of it (which dequantizes every tensor)."""
+def _transformers_greedy() -> dict:
+    """transformers' float32 load of the 270M GGUF (every block dequantized by the gguf package) and its greedy tokens.
+
+    The load parses the header and dequantizes for 25 s: run as a script in a child from the suite's start
+    (conftest._EARLY), so the test only reads the tokens.
+    """
+    import gguf
+    from oracles import greedy, shared_gguf_reader
+
+    gguf.GGUFReader = shared_gguf_reader()
     path = catalog.pull("gemma3-270m")
+    file = GGUFFile(path)
+    tokenizer = Tokenizer.from_gguf(file.metadata, file.model_config().eos_token_ids)
+    prompts = [tokenizer.encode(p) for p in GEMMA_PROMPTS]
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    return path, ref.eval()
+    return {"prompts": prompts, "tokens": greedy(ref.eval(), prompts, 32)}
 
 
-def test_gemma3_270m_gguf_greedy_tokens_match_transformers(gemma3_gguf, hf_greedy):
-    path, ref = gemma3_gguf
+def test_gemma3_270m_gguf_greedy_tokens_match_transformers(early_output):
+    reference = early_output(Path(__file__))
     # Unquantized: the GGUF's blocks dequantized by the gguf package, as transformers does, so this checks the model.
-    llm = LLM(str(path), quantization="none", kv_cache_dtype="float32", kv_cache_memory=0.1)
-    prompts = [llm.tokenizer.encode(p) for p in GEMMA_PROMPTS]
-    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts],
+    llm = LLM(str(catalog.pull("gemma3-270m")), quantization="none", kv_cache_dtype="float32", kv_cache_memory=0.1)
+    assert reference["prompts"] == [llm.tokenizer.encode(p) for p in GEMMA_PROMPTS]
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in reference["prompts"]],
                            SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
-    assert [o.outputs[0].token_ids for o in outputs] == hf_greedy(ref, prompts, 32)
+    assert [o.outputs[0].token_ids for o in outputs] == reference["tokens"]
+
+
+if __name__ == "__main__":
+    print(json.dumps(_transformers_greedy()))
