@@ -126,12 +126,6 @@ def gguf_parsed_once():
 
 
 @pytest.fixture(scope="session")
-def hf_greedy():
-    """oracles.greedy: transformers' greedy continuations of a batch of prompts."""
-    return oracles.greedy
-
-
-@pytest.fixture(scope="session")
 def hf_smollm2(smollm2_path: Path, gguf_parsed_once):
     """Hugging Face transformers' own load of the same GGUF: the reference implementation."""
     from transformers import AutoModelForCausalLM

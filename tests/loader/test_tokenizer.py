@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from oracles import shared_gguf_reader
 
 from tokenmill.errors import ModelLoadError
 from tokenmill.loader import catalog
@@ -45,7 +46,6 @@ def _transformers_answers() -> dict:
     in a child from the suite's start (conftest._EARLY), so the tests only read the answers.
     """
     import gguf
-    from oracles import shared_gguf_reader
     from transformers import AutoTokenizer
 
     gguf.GGUFReader = shared_gguf_reader()

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from oracles import greedy, shared_gguf_reader
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.loader import catalog
@@ -52,12 +53,12 @@ SIX_BLOCKS = 6 * 2 * 3 * 16 * 2 * 32 * 4 / 2**30
 
 @pytest.mark.parametrize("options", [{}, {"max_num_batched_tokens": 16, "max_num_seqs": 4}, {"kv_cache_memory": SIX_BLOCKS}],
                          ids=["batched", "chunked", "preempted"])
-def test_tiny_gemma3_greedy_tokens_match_transformers(tiny_gemma3, options, hf_greedy):
+def test_tiny_gemma3_greedy_tokens_match_transformers(tiny_gemma3, options):
     path, ref = tiny_gemma3
     llm = LLM(str(path), kv_cache_dtype="float32", **{"kv_cache_memory": 0.05, **options})
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in PROMPTS], params)
-    assert [o.outputs[0].token_ids for o in outputs] == hf_greedy(ref, PROMPTS, 24)
+    assert [o.outputs[0].token_ids for o in outputs] == greedy(ref, PROMPTS, 24)
     if "kv_cache_memory" in options:
         assert llm.engine.scheduler.num_preemptions > 0
 
@@ -76,7 +77,6 @@ def _transformers_greedy() -> dict:
     (conftest._EARLY), so the test only reads the tokens.
     """
     import gguf
-    from oracles import greedy, shared_gguf_reader
 
     gguf.GGUFReader = shared_gguf_reader()
     path = catalog.pull("gemma3-270m")

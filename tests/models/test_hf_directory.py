@@ -3,6 +3,7 @@
 import pytest
 import torch
 import transformers
+from oracles import greedy
 
 from tokenmill import LLM, SamplingParams
 
@@ -27,7 +28,7 @@ def _tiny(kind: str, vocab_size: int):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_hf_directory_matches_transformers(kind, tmp_path, smollm2_source, last_logits, hf_greedy):
+def test_hf_directory_matches_transformers(kind, tmp_path, smollm2_source, last_logits):
     config = _tiny(kind, smollm2_source.config.vocab_size)
     _save_random_model(tmp_path, smollm2_source, config)
     ref = getattr(transformers, config.architectures[0]).from_pretrained(tmp_path, dtype=torch.float32).eval()
@@ -41,4 +42,4 @@ def test_hf_directory_matches_transformers(kind, tmp_path, smollm2_source, last_
         assert (last_logits(llm.engine, ids) - expected).abs().max().item() < 1e-3
     params = SamplingParams(temperature=0, max_tokens=64, min_tokens=64)
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params)
-    assert [out.outputs[0].token_ids for out in outputs] == hf_greedy(ref, prompts, 64)
+    assert [out.outputs[0].token_ids for out in outputs] == greedy(ref, prompts, 64)

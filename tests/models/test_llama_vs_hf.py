@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from oracles import greedy
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.outputs import accumulate
@@ -39,12 +40,12 @@ def test_last_position_logits_match_transformers(llm, float_llm, hf_smollm2, las
         assert (last_logits(llm.engine, ids) - ref).abs().max().item() < 2e-2, prompt
 
 
-def test_64_greedy_tokens_match_transformers(llm, hf_smollm2, hf_greedy):
+def test_64_greedy_tokens_match_transformers(llm, hf_smollm2):
     # min_tokens masks EOS exactly as transformers' min_new_tokens does.
     params = SamplingParams(temperature=0, max_tokens=64, min_tokens=64)
     prompt_ids = [llm.tokenizer.encode(p) for p in PROMPTS]
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params)
-    assert [o.outputs[0].token_ids for o in outputs] == hf_greedy(hf_smollm2, prompt_ids, 64)
+    assert [o.outputs[0].token_ids for o in outputs] == greedy(hf_smollm2, prompt_ids, 64)
 
 
 def test_prompt_logprobs_match_transformers_across_chunks(make_engine, hf_smollm2):
