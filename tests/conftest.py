@@ -23,30 +23,36 @@ import oracles  # noqa: E402
 from tokenmill.loader import catalog  # noqa: E402
 
 # Test files whose compiler runs or transformers loads take tens of seconds of CPU: each also runs as a script, which
-# does that work and prints what its tests need as JSON. In the order the suite reaches them, each with its child's
-# niceness: the first needed gets the most of the idle CPU, and even it takes a contended core about a tenth of the time.
+# does that work and prints what its tests need as JSON.
 _TESTS = Path(__file__).parent
-_EARLY = {_TESTS / "layers" / "test_cpu_builds.py": 10, _TESTS / "loader" / "test_tokenizer.py": 13,
-          _TESTS / "models" / "test_gemma3.py": 16, _TESTS / "test_ops_sources.py": 19}
+_EARLY = (_TESTS / "layers" / "test_cpu_builds.py", _TESTS / "loader" / "test_tokenizer.py",
+          _TESTS / "models" / "test_gemma3.py", _TESTS / "test_ops_sources.py")
 _CHILDREN = pytest.StashKey[dict]()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the _EARLY files last, so that their children have the whole suite's idle CPU to finish in."""
+    items.sort(key=lambda item: item.path in _EARLY)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Start each _EARLY file whose tests are to run as a script in a child, at a low CPU priority.
 
     Their compiles take about 170 s of CPU and the transformers loads about 60, and the suite leaves about 40% of two
-    cores idle (158% CPU use over the whole suite): started now, they are done by the time their tests ask for the
-    results. The children import tests/oracles.py, as the tests do.
+    cores idle (158% CPU use over the whole suite): started now, at the lowest priority, they are done by the time
+    their tests, the suite's last, ask for the results. The children import tests/oracles.py, as the tests do.
     """
+    if session.config.option.collectonly:  # nothing will ask; pytest_sessionfinish would wait for them all the same
+        return
     wanted = {item.path for item in session.items if "early_output" in item.fixturenames}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_TESTS), os.environ.get("PYTHONPATH")]))}
     children = {}
-    for path, niceness in _EARLY.items():
+    for path in _EARLY:
         if path not in wanted:
             continue
         # stderr to a file: a pipe no one reads until the end could fill and stall the child.
         errors = tempfile.TemporaryFile()
-        script = f"import os, runpy, sys; os.nice({niceness}); runpy.run_path(sys.argv[1], run_name='__main__')"
+        script = "import os, runpy, sys; os.nice(19); runpy.run_path(sys.argv[1], run_name='__main__')"
         child = subprocess.Popen([sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE, stderr=errors,
                                  text=True, env=env)
         children[path] = (child, errors)
