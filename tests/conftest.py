@@ -122,11 +122,9 @@ def smollm2_source(smollm2_path: Path):
 
 @pytest.fixture(scope="session")
 def gguf_parsed_once():
-    """transformers' GGUF loads through oracles.shared_gguf_reader for the session."""
-    import gguf
-
+    """transformers' GGUF loads sharing their work for the session (oracles.share_gguf_work)."""
     patch = pytest.MonkeyPatch()
-    patch.setattr(gguf, "GGUFReader", oracles.shared_gguf_reader())  # transformers imports it from gguf at each load
+    oracles.share_gguf_work(patch)
     yield
     patch.undo()
 

@@ -4,18 +4,20 @@ Shared by conftest's fixtures and by the test files that compute their reference
 """
 
 import os
-from collections.abc import Callable
+from functools import cache
 
 import pytest
 import torch
 
 
-def shared_gguf_reader() -> Callable:
-    """gguf's reader, parsing each GGUF header once and over the file read into memory rather than memory-mapped.
+def share_gguf_work(patch: pytest.MonkeyPatch) -> None:
+    """Have transformers' GGUF loads share gguf's header parses and name maps (it imports both from gguf at each use).
 
     transformers parses a file anew for a config, a tokenizer and the weights. The parse is gguf's own, unchanged:
-    only shared, and kept (about 370 MiB of parsed fields for Gemma 3's). np.memmap's bookkeeping on each of its
-    million slices made Gemma 3's parse take 20 s here, against 5 s over a plain array.
+    only shared, and kept (about 370 MiB of parsed fields for Gemma 3's), and made over the file read into memory
+    rather than memory-mapped: np.memmap's bookkeeping on each of its million slices made Gemma 3's parse take 20 s
+    here, against 5 s over a plain array. transformers also builds gguf's name map (thousands of formatted names)
+    once for every submodule of the model, 397 times for SmolLM2: 8-11 s of its 15-19 s load.
     """
     import gguf
     import numpy as np
@@ -32,7 +34,8 @@ def shared_gguf_reader() -> Callable:
                 readers[key] = parse(path, mode)
         return readers[key]
 
-    return reader
+    patch.setattr(gguf, "GGUFReader", reader)
+    patch.setattr(gguf, "get_tensor_name_map", cache(gguf.get_tensor_name_map))  # a map is only read once built
 
 
 def greedy(model, prompts: list[list[int]], n: int) -> list[list[int]]:

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from oracles import shared_gguf_reader
+from oracles import share_gguf_work
 
 from tokenmill.errors import ModelLoadError
 from tokenmill.loader import catalog
@@ -45,10 +45,9 @@ def _transformers_answers() -> dict:
     Gemma 3's conversion (its 262,144-token header parsed, then the tokenizer built) takes 19 s: run as a script
     in a child from the suite's start (conftest._EARLY), so the tests only read the answers.
     """
-    import gguf
     from transformers import AutoTokenizer
 
-    gguf.GGUFReader = shared_gguf_reader()
+    share_gguf_work(pytest.MonkeyPatch())  # a script's patches need no undoing
     smollm2, gemma3 = catalog.pull("smollm2-135m"), catalog.pull("gemma3-270m")
     hf = AutoTokenizer.from_pretrained(str(smollm2.parent), gguf_file=smollm2.name)
     hf_gemma3 = AutoTokenizer.from_pretrained(str(gemma3.parent), gguf_file=gemma3.name)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from oracles import greedy, shared_gguf_reader
+from oracles import greedy, share_gguf_work
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.loader import catalog
@@ -76,9 +76,7 @@ def _transformers_greedy() -> dict:
     The load parses the header and dequantizes for 25 s: run as a script in a child from the suite's start
     (conftest._EARLY), so the test only reads the tokens.
     """
-    import gguf
-
-    gguf.GGUFReader = shared_gguf_reader()
+    share_gguf_work(pytest.MonkeyPatch())  # a script's patches need no undoing
     path = catalog.pull("gemma3-270m")
     file = GGUFFile(path)
     tokenizer = Tokenizer.from_gguf(file.metadata, file.model_config().eos_token_ids)
