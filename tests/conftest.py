@@ -36,11 +36,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Start each _EARLY file whose tests are to run as a script in a child, at a low CPU priority.
+    """Start each _EARLY file whose tests are to run as a script in a child, at the lowest CPU priority.
 
     Their compiles take about 170 s of CPU and the transformers loads about 60, and the suite leaves about 40% of two
-    cores idle (158% CPU use over the whole suite): started now, at the lowest priority, they are done by the time
-    their tests, the suite's last, ask for the results. The children import tests/oracles.py, as the tests do.
+    cores idle (158% CPU use over the whole suite): started now, they are done by the time their tests, the suite's
+    last, ask for the results. The children import tests/oracles.py, as the tests do.
     """
     if session.config.option.collectonly:  # nothing will ask; pytest_sessionfinish would wait for them all the same
         return

@@ -73,8 +73,8 @@ GEMMA_PROMPTS = [
 def _transformers_greedy() -> dict:
     """transformers' float32 load of the 270M GGUF (every block dequantized by the gguf package) and its greedy tokens.
 
-    The load parses the header and dequantizes for 25 s: run as a script in a child from the suite's start
-    (conftest._EARLY), so the test only reads the tokens.
+    The load parses the header and dequantizes for about 10 s, and the script takes 26 s in all: run in a child from
+    the suite's start (conftest._EARLY), so the test only reads the tokens.
     """
     share_gguf_work(pytest.MonkeyPatch())  # a script's patches need no undoing
     path = catalog.pull("gemma3-270m")
