@@ -9,9 +9,11 @@ second one. Where no compiler is found, layers fall back to PyTorch; int8/int4 c
 """
 
 import hashlib
+import json
 import logging
 import os
 import platform
+import sys
 import time
 from functools import cache
 from pathlib import Path
@@ -85,16 +87,65 @@ def _remove_stale_lock(name: str) -> None:
         lock.unlink(missing_ok=True)
 
 
+def _stamp() -> Path:
+    """Where a build of these exact sources, flags, versions and CPU records its library, once loaded."""
+    key = hashlib.sha1()
+    for path in sorted(_CSRC.rglob("*")):
+        if path.is_file():
+            key.update(path.relative_to(_CSRC).as_posix().encode() + b"\0" + path.read_bytes())
+    key.update(" ".join([*compile_flags(), _cpu_tag(), torch.__version__, sys.version,
+                         os.environ.get("TORCH_EXTENSIONS_DIR", "")]).encode())
+    from tokenmill.loader.catalog import tokenmill_home
+
+    return tokenmill_home() / "ops" / f"{key.hexdigest()[:16]}.json"
+
+
+def _stamped_library(stamp: Path) -> str | None:
+    """The library a stamp names, if it is still the file that was loaded then and no build is rewriting it."""
+    try:
+        record = json.loads(stamp.read_text())
+        library = Path(record["library"])
+        st = library.stat()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    unchanged = [st.st_mtime_ns, st.st_size] == [record.get("mtime_ns"), record.get("size")]
+    return str(library) if unchanged and not (library.parent / "lock").exists() else None
+
+
+def _write_stamp(stamp: Path, library: str) -> None:
+    """Record the loaded library; written whole (a rename), since several processes may start at once."""
+    try:
+        st = Path(library).stat()
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        part = stamp.with_suffix(f".{os.getpid()}")
+        part.write_text(json.dumps({"library": library, "mtime_ns": st.st_mtime_ns, "size": st.st_size}))
+        os.replace(part, stamp)
+    except OSError as e:  # a read-only home: every start then asks torch, as without the stamp
+        logger.debug("could not record the C++ ops' build in %s: %s", stamp, e)
+
+
+def _build_and_load() -> str:
+    """Build the ops with torch's JIT (a no-op check when its cached build is current), load them, return the library."""
+    from torch.utils.cpp_extension import load
+
+    name = f"tokenmill_cpu_ops_{_cpu_tag()}"
+    _remove_stale_lock(name)
+    return load(name, sources(), extra_cflags=compile_flags(), extra_ldflags=["-fopenmp"], is_python_module=False)
+
+
 def available() -> bool:
     """True once torch.ops.tokenmill is built and loaded; False, logged once, where it cannot be built."""
     global _built
     if _built is None:
-        from torch.utils.cpp_extension import load
-
-        name = f"tokenmill_cpu_ops_{_cpu_tag()}"
+        # A process that finds its build stamped loads the library directly: torch's JIT check imports
+        # torch.utils.cpp_extension (setuptools among it: 4.4 MiB and 0.1 s) and runs ninja.
+        stamp = _stamp()
+        library = _stamped_library(stamp)
         try:
-            _remove_stale_lock(name)
-            load(name, sources(), extra_cflags=compile_flags(), extra_ldflags=["-fopenmp"], is_python_module=False)
+            if library is not None:
+                torch.ops.load_library(library)
+            else:
+                _write_stamp(stamp, _build_and_load())
             _built = True
         except (OSError, RuntimeError) as e:
             logger.warning("tokenmill's C++ CPU ops could not be built (%s); using PyTorch fallbacks", e)
