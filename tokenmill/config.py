@@ -10,7 +10,7 @@ QUANTIZATIONS = ("auto", "none", "int8", "int4")
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
-# int8: levels with a float32 scale per token and head (max|x| / 127).
+# int8: levels with a float16 scale per token and head (max|x| / 127).
 KV_CACHE_DTYPE_NAMES = (*DTYPE_NAMES, "int8")
 
 SCHEDULING_POLICIES = ("deadline", "fcfs")

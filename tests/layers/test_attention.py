@@ -123,7 +123,21 @@ def test_int8_cache_keeps_each_value_within_half_a_step_and_stores_zeros_exactly
     assert levels.dtype == torch.int8 and scale.shape == (5, 2)
     assert torch.equal(levels[1, 0], torch.zeros(32, dtype=torch.int8)) and scale[1, 0] == 0
     assert levels.abs().amax() == 127  # each head's largest value takes the top level
-    assert ((levels.float() * scale[..., None] - x).abs() <= scale[..., None] / 2 + 1e-7).all()
+    assert ((levels.float() * scale.float()[..., None] - x).abs() <= scale.float()[..., None] / 2 + 1e-7).all()
+
+
+@pytest.mark.parametrize("size", [1e-2, 1e-5, 1e-9, 1e7])
+def test_int8_cache_scales_in_float16_keep_levels_in_range_at_any_size(size):
+    # Scales of 2e-4 (float16's normal range), 2e-7 and 2e-11 (below it: coarse or underflowing) are rounded up,
+    # so levels from the rounded scale never pass 127 and each value stays within half a step; past float16's
+    # largest scale (values over 8e6) the levels clamp and keep their sign.
+    x = torch.randn(64, 2, 32, generator=torch.Generator().manual_seed(0)) * size
+    levels, scale = _narrow(x, torch.int8)
+    assert scale.dtype == torch.float16 and torch.isfinite(scale).all() and (scale > 0).all()
+    assert levels.abs().amax() <= 127 and (levels.sign() * x.sign() >= 0).all()
+    error = (levels.float() * scale.float()[..., None] - x).abs()
+    if size < 1e6:
+        assert (error <= scale.float()[..., None] / 2).all()
 
 
 def _prompt_metadata(table: list[int], start: int, stop: int) -> AttentionMetadata:

@@ -22,6 +22,8 @@ namespace {
 
 using namespace tokenmill;
 
+constexpr float kHalfMax = 65504.f;  // float16's largest finite value
+
 // The horizontal sums of 16 vectors (16 x 16 floats): out[j] is the sum of vector j. Every sum takes the
 // same tree (lanes l and l + 8, then + 4, + 2, + 1) whatever the other vectors hold, so a key's score does
 // not depend on the keys beside it or on zeros padding the last 16. 46 shuffles and adds against 128 for
@@ -232,12 +234,12 @@ inline void with_chunk(int64_t n, F&& f) {
 // sequence's table; seq_lens: [rows], each row's position + 1: it sees the keys before that, or with a
 // window > 0 only the last `window` of them (sliding-window attention). The caches may hold
 // a narrower type (KV) than the queries (T): keys and values are widened as they are read. int8 caches
-// come with scales [blocks, block_size, kv_heads], applied to each key's dot product and each value's
+// come with float16 scales [blocks, block_size, kv_heads], applied to each key's dot product and each value's
 // weight rather than to every element. D = 16 V: V vectors a head.
 template <typename T, typename KV, int V>
 void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_tables,
-            const at::Tensor& seq_lens, double scale, int64_t window, at::Tensor& out, const float* k_scales,
-            const float* v_scales) {
+            const at::Tensor& seq_lens, double scale, int64_t window, at::Tensor& out, const at::Half* k_scales,
+            const at::Half* v_scales) {
   constexpr int64_t D = V * kLanes;
   constexpr bool kScaled = std::is_same_v<KV, int8_t>;
   const int64_t rows = q.size(0), heads = q.size(1);
@@ -288,7 +290,7 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
           float* s = scores.data() + g * padded + t0;
           sums16(parts.data() + g * kLanes * kLanes, s);
           if constexpr (kScaled)
-            for (int64_t j = 0; j < kLanes && t0 + j < len; ++j) s[j] *= k_scales[at[t0 + j]];
+            for (int64_t j = 0; j < kLanes && t0 + j < len; ++j) s[j] *= float(k_scales[at[t0 + j]]);
         }
       }
       for (int64_t g = 0; g < group; ++g) {
@@ -297,7 +299,7 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
       }
       for (int64_t g0 = 0; g0 < group; g0 += kSumChunk) {
         const float* s = scores.data() + g0 * padded;
-        auto weight = [&](int g, int64_t t) { return kScaled ? s[g * padded + t] * v_scales[at[t]] : s[g * padded + t]; };
+        auto weight = [&](int g, int64_t t) { return kScaled ? s[g * padded + t] * float(v_scales[at[t]]) : s[g * padded + t]; };
         with_chunk<kSumChunk>(std::min<int64_t>(kSumChunk, group - g0), [&](auto chunk) {
           weighted_sums<V, chunk.value>(len, weight, vp, at.data(), sums.data() + g0 * D);
         });
@@ -309,19 +311,21 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   });
 }
 
-// The scales of an int8 cache, checked against it: [blocks, block_size, kv_heads] float32; null otherwise.
-const float* scales_of(const at::Tensor& cache, const std::optional<at::Tensor>& scales) {
+// The scales of an int8 cache, checked against it: [blocks, block_size, kv_heads] float16; null otherwise.
+at::Half* scales_of(const at::Tensor& cache, const std::optional<at::Tensor>& scales) {
   if (cache.scalar_type() != at::kChar) return nullptr;
-  TORCH_CHECK(scales.has_value() && scales->is_contiguous() && scales->scalar_type() == at::kFloat &&
-              scales->numel() * cache.size(-1) == cache.numel(), "an int8 KV cache needs float32 scales per token and head");
-  return scales->data_ptr<float>();
+  TORCH_CHECK(scales.has_value() && scales->is_contiguous() && scales->scalar_type() == at::kHalf &&
+              scales->numel() * cache.size(-1) == cache.numel(), "an int8 KV cache needs float16 scales per token and head");
+  return scales->data_ptr<at::Half>();
 }
 
 // Token i's row of src ([kv_heads, D]) to slot slots[i] of cache, converted to the cache's type where it
-// differs. Into int8, each head's D values get the scale max|x| / 127 and levels round(x / scale): the same
-// float operations as the PyTorch path (layers/attention.py), so both store the same levels.
+// differs. Into int8, each head's D values get the scale max|x| / 127 in float16 (as llama.cpp's q8_0 keeps
+// it: 2 bytes a head, not 4), rounded up so that no level passes 127 (a small scale loses precision in
+// float16), and levels round(x / scale) from the rounded scale: the same float operations as the PyTorch
+// path (layers/attention.py), so both store the same levels. Past float16's largest scale, levels clamp.
 template <typename T, typename KV>
-void store_rows(const at::Tensor& src, at::Tensor& cache, float* scales, const int64_t* slots, int64_t tokens) {
+void store_rows(const at::Tensor& src, at::Tensor& cache, at::Half* scales, const int64_t* slots, int64_t tokens) {
   const int64_t heads = src.size(1), D = src.size(2), row = heads * D;
   const T* sp = src.data_ptr<T>();
   KV* cp = cache.data_ptr<KV>();
@@ -334,8 +338,12 @@ void store_rows(const at::Tensor& src, at::Tensor& cache, float* scales, const i
       for (int64_t h = 0; h < heads; ++h) {
         float amax = 0.f;
         for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(float(from[h * D + d])));
-        const float step = amax / 127.f, divisor = step > 0.f ? step : 1.f;
-        for (int64_t d = 0; d < D; ++d) to[h * D + d] = static_cast<int8_t>(std::nearbyint(float(from[h * D + d]) / divisor));
+        const float exact = std::min(amax / 127.f, kHalfMax);
+        at::Half step = exact;
+        if (float(step) < exact) step = at::Half(step.x + 1, at::Half::from_bits());  // the next float16 up
+        const float divisor = float(step) > 0.f ? float(step) : 1.f;
+        for (int64_t d = 0; d < D; ++d)
+          to[h * D + d] = static_cast<int8_t>(std::clamp(std::nearbyint(float(from[h * D + d]) / divisor), -127.f, 127.f));
         scales[slots[i] * heads + h] = step;
       }
     } else {
@@ -355,7 +363,7 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2) && out.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous());
   TORCH_CHECK(block_tables.is_contiguous() && seq_lens.is_contiguous());
   TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type() && out.scalar_type() == q.scalar_type());
-  const float *ks = scales_of(k_cache, k_scale), *vs = scales_of(v_cache, v_scale);
+  const at::Half *ks = scales_of(k_cache, k_scale), *vs = scales_of(v_cache, v_scale);
   TORCH_CHECK(block_tables.size(0) == q.size(0) && seq_lens.size(0) == q.size(0), "a block table and length per row");
   dispatch_activation(q, "paged_attention", [&](auto type) {
     dispatch_kv(k_cache, "paged_attention", [&](auto kv) {
@@ -384,7 +392,7 @@ void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at:
   const int64_t* sp = slots.data_ptr<int64_t>();
   for (int64_t i = 0; i < tokens; ++i) TORCH_CHECK(sp[i] >= 0 && sp[i] < capacity, "slot ", sp[i], " is outside the KV cache");
   // Written through the op's mutable scale arguments: const here is the optional's, not the data's.
-  float *ks = const_cast<float*>(scales_of(k_cache, k_scale)), *vs = const_cast<float*>(scales_of(v_cache, v_scale));
+  at::Half *ks = scales_of(k_cache, k_scale), *vs = scales_of(v_cache, v_scale);
   dispatch_activation(k, "store_kv", [&](auto type) {
     dispatch_kv(k_cache, "store_kv", [&](auto kv) {
       store_rows<decltype(type), decltype(kv)>(k, k_cache, ks, sp, tokens);

@@ -88,8 +88,8 @@ class KVCache:
     def layer_block_bytes(self) -> int:
         """Bytes of one KV block of one layer: keys and values (int8: with their scales)."""
         c = self.model_config
-        # int8 keeps a float32 scale per token and head beside its head_dim levels.
-        token_head_bytes = c.head_dim * self.dtype.itemsize + (4 if self.dtype == torch.int8 else 0)
+        # int8 keeps a float16 scale per token and head beside its head_dim levels.
+        token_head_bytes = c.head_dim * self.dtype.itemsize + (2 if self.dtype == torch.int8 else 0)
         return 2 * self.block_size * c.num_kv_heads * token_head_bytes
 
     def _budget_bytes(self) -> int:
@@ -117,7 +117,7 @@ class KVCache:
         """Values [2, layers, blocks, block_size, kv_heads, head_dim] (and int8's scales), viewed by each layer."""
         shape = (2, len(layers), num_blocks, self.block_size, self.model_config.num_kv_heads)
         values = self._zeros((*shape, self.model_config.head_dim), self.dtype)
-        scales = self._zeros(shape, torch.float32) if self.dtype == torch.int8 else None
+        scales = self._zeros(shape, torch.float16) if self.dtype == torch.int8 else None
         for i, layer in enumerate(layers):
             layer.k_cache, layer.v_cache = values[0, i], values[1, i]
             if scales is not None:

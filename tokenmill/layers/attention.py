@@ -1,5 +1,6 @@
 """Paged attention: the per-step metadata the runner sets, and the layer that reads it."""
 
+import math
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -97,7 +98,7 @@ class Attention(Layer):
         # Views into the runner's KV pool: [num_blocks, block_size, kv_heads, head_dim]; set by the runner.
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
-        # For an int8 pool, the scale of each token and head: [num_blocks, block_size, kv_heads] float32.
+        # For an int8 pool, the scale of each token and head: [num_blocks, block_size, kv_heads] float16.
         self.k_scale: torch.Tensor | None = None
         self.v_scale: torch.Tensor | None = None
 
@@ -203,16 +204,20 @@ class Attention(Layer):
 
 
 def _narrow(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x [..., head_dim] in a cache's type, with int8's scale per row: max|x| / 127 (as store_kv in C++)."""
+    """x [..., head_dim] in a cache's type, with int8's float16 scale per row: max|x| / 127 (as store_kv in C++)."""
     if dtype != torch.int8:
         return x.to(dtype), None
-    scale = x.float().abs().amax(-1) / 127
-    levels = torch.round(x.float() / torch.where(scale > 0, scale, 1.0)[..., None]).to(torch.int8)
+    exact = (x.float().abs().amax(-1) / 127).clamp(max=torch.finfo(torch.float16).max)
+    scale = exact.half()
+    # Rounded up, so that no level passes 127 where float16 keeps a small scale coarsely.
+    scale = torch.where(scale.float() < exact, torch.nextafter(scale, torch.full_like(scale, math.inf)), scale)
+    step = scale.float()
+    levels = torch.round(x.float() / torch.where(step > 0, step, 1.0)[..., None]).clamp(-127, 127).to(torch.int8)
     return levels, scale
 
 
 def _widen(values: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    return (values.float() * scale[..., None]).to(dtype) if scale is not None else values.to(dtype)
+    return (values.float() * scale.float()[..., None]).to(dtype) if scale is not None else values.to(dtype)
 
 
 def _store(cache: torch.Tensor, scale: torch.Tensor | None, x: torch.Tensor, slots: torch.Tensor) -> None:
