@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from tokenmill import ops
 from tokenmill.layers.base import Layer

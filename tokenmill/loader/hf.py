@@ -5,7 +5,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from tokenmill.config import ModelConfig
 from tokenmill.errors import ModelLoadError
@@ -89,6 +88,8 @@ class HFDirectory:
         self, config: ModelConfig, dtype: torch.dtype, levels: bool = False
     ) -> Iterator[tuple[str, slice, torch.Tensor]]:
         """Yield (name, rows, tensor) for every tensor in every safetensors file, each whole (float: no levels)."""
+        from safetensors import safe_open  # only a Hugging Face directory needs it (0.8 MiB)
+
         for file in self.files:
             try:
                 with safe_open(file, framework="pt") as f:

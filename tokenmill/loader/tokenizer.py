@@ -4,14 +4,15 @@ import json
 import re
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
 from tokenmill.errors import InvalidRequestError, ModelLoadError
+
+if TYPE_CHECKING:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # GGUF token_type values (llama.cpp's llama_token_type).
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED = 1, 2, 3, 4
@@ -86,6 +87,9 @@ class Tokenizer:
         """Render messages (and the tools on offer, as Hugging Face passes them) into one prompt string."""
         if not self.chat_template:
             raise InvalidRequestError("this model has no chat template; use a plain completion prompt instead")
+        # Imported with the first chat (1.9 MiB): a process that completes text or token ids never needs it.
+        import jinja2
+
         try:
             template = _jinja_env().from_string(self.chat_template)
             return template.render(
@@ -249,10 +253,14 @@ def _token_text(token: Any) -> str | None:
 
 
 def _raise_exception(message: str) -> None:
+    import jinja2
+
     raise jinja2.TemplateError(message)
 
 
-def _jinja_env() -> ImmutableSandboxedEnvironment:
+def _jinja_env() -> "ImmutableSandboxedEnvironment":
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
     # The same settings Hugging Face uses, so templates written for it render identically.
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
