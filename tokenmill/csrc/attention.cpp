@@ -290,7 +290,7 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
           float* s = scores.data() + g * padded + t0;
           sums16(parts.data() + g * kLanes * kLanes, s);
           if constexpr (kScaled)
-            for (int64_t j = 0; j < kLanes && t0 + j < len; ++j) s[j] *= float(k_scales[at[t0 + j]]);
+            for (int64_t j = 0; j < kLanes && t0 + j < len; ++j) s[j] *= widen(k_scales[at[t0 + j]]);
         }
       }
       for (int64_t g = 0; g < group; ++g) {
@@ -299,7 +299,7 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
       }
       for (int64_t g0 = 0; g0 < group; g0 += kSumChunk) {
         const float* s = scores.data() + g0 * padded;
-        auto weight = [&](int g, int64_t t) { return kScaled ? s[g * padded + t] * float(v_scales[at[t]]) : s[g * padded + t]; };
+        auto weight = [&](int g, int64_t t) { return kScaled ? s[g * padded + t] * widen(v_scales[at[t]]) : s[g * padded + t]; };
         with_chunk<kSumChunk>(std::min<int64_t>(kSumChunk, group - g0), [&](auto chunk) {
           weighted_sums<V, chunk.value>(len, weight, vp, at.data(), sums.data() + g0 * D);
         });
