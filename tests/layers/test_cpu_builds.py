@@ -121,7 +121,7 @@ def test_paged_attention_agrees(build, heads, kv_heads, head_dim, kv_dtype, dtyp
         scales = [None, None]  # the inferred schemas give no defaults
         if kv_dtype == torch.int8:
             k, v = ((x * 40).round().clamp(-127, 127).to(torch.int8) for x in (k, v))
-            scales = [torch.rand(blocks, block_size, kv_heads, generator=gen) / 40 for _ in range(2)]
+            scales = [(torch.rand(blocks, block_size, kv_heads, generator=gen) / 40).half() for _ in range(2)]
         # Rows of 1 to 300 keys (a prompt's first rows, decodes deep into their blocks), each over shuffled blocks.
         lens = torch.cat([torch.arange(1, 9), torch.randint(9, 300, (rows - 8,), generator=gen)])
         tables = torch.stack([torch.randperm(blocks, generator=gen)[:19] for _ in range(rows)])
@@ -138,7 +138,7 @@ def test_store_kv_agrees(build, kv_dtype):
     def make():
         gen = torch.Generator().manual_seed(1)
         qkv = torch.randn(10, 9, 64, generator=gen) * 3
-        scales = [torch.zeros(4, 16, 3) for _ in range(2)] if kv_dtype == torch.int8 else [None, None]
+        scales = [torch.zeros(4, 16, 3, dtype=torch.float16) for _ in range(2)] if kv_dtype == torch.int8 else [None, None]
         caches = [torch.zeros(4, 16, 3, 64, dtype=kv_dtype) for _ in range(2)]
         # k and v are views into the fused QKV output, as the model passes them.
         return [qkv[:, 3:6], qkv[:, 6:], *caches, torch.randperm(64, generator=gen)[:10], *scales]
