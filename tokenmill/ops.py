@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 
 from tokenmill.errors import ModelLoadError
+from tokenmill.loader.catalog import tokenmill_home
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +96,6 @@ def _stamp() -> Path:
             key.update(path.relative_to(_CSRC).as_posix().encode() + b"\0" + path.read_bytes())
     key.update(" ".join([*compile_flags(), _cpu_tag(), torch.__version__, sys.version,
                          os.environ.get("TORCH_EXTENSIONS_DIR", "")]).encode())
-    from tokenmill.loader.catalog import tokenmill_home
-
     return tokenmill_home() / "ops" / f"{key.hexdigest()[:16]}.json"
 
 

@@ -120,9 +120,9 @@ class _Reader(GGUFReader):
         """An array of numbers or of strings as one part each, read without a call per element; the rest as gguf reads it.
 
         ReaderField.contents() gives the same list for a number array (it joins its data parts). An array of strings
-        is one part, its strings' lengths and bytes as the file has them, which value() decodes (contents() does not):
-        gguf's two array objects a string, freed after the parse, left the pools of the strings decoded between them
-        to Python (6.2 MiB for SmolLM2's 49k tokens and 49k merges).
+        is one part, its strings' lengths and bytes as the file has them, which value() decodes (contents() does not).
+        gguf's two array objects a string took SmolLM2's parse to +30 MiB (now +11), and, freed, left the pymalloc
+        pools of the strings decoded between them empty but held: 3 MiB more after the load (docs/benchmarks.md).
         """
         if raw_type != GGUFValueType.ARRAY or self.byte_order != "I":
             return super()._get_field_parts(orig_offs, raw_type)
