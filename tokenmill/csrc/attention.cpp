@@ -267,6 +267,7 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, qf(group * D), total(group);
     std::vector<int64_t> at;  // each key's token-head index into the caches
+    std::vector<float> v_at;  // int8: each value's scale, widened once for the whole group
     std::vector<float> parts(group * kLanes * kLanes), sums(group * D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / kv_heads, b = i % 2 ? rows - 1 - i / 2 : i / 2, h = task % kv_heads;
@@ -280,8 +281,17 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
         at[t] = (table[block] * block_size + slot) * kv_heads + h;
         if (++slot == block_size) slot = 0, ++block;
       }
+      if constexpr (kScaled) v_at.resize(padded);
       scores.resize(group * padded);
       for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
+        // int8: the 16 keys' and values' float16 scales gathered, then widened 16 at a time.
+        float k_step[kLanes];
+        if constexpr (kScaled) {
+          at::Half kh[kLanes] = {}, vh[kLanes] = {};
+          for (int64_t j = 0; j < kLanes && t0 + j < len; ++j) kh[j] = k_scales[at[t0 + j]], vh[j] = v_scales[at[t0 + j]];
+          store(k_step, load(kh));
+          store(v_at.data() + t0, load(vh));
+        }
         for (int64_t g0 = 0; g0 < group; g0 += kScoreChunk)
           with_chunk<kScoreChunk>(std::min<int64_t>(kScoreChunk, group - g0), [&](auto chunk) {
             dots<V, chunk.value>(qf.data() + g0 * D, kp, at.data() + t0, len - t0, parts.data() + g0 * kLanes * kLanes);
@@ -290,7 +300,7 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
           float* s = scores.data() + g * padded + t0;
           sums16(parts.data() + g * kLanes * kLanes, s);
           if constexpr (kScaled)
-            for (int64_t j = 0; j < kLanes && t0 + j < len; ++j) s[j] *= widen(k_scales[at[t0 + j]]);
+            for (int64_t j = 0; j < kLanes && t0 + j < len; ++j) s[j] *= k_step[j];
         }
       }
       for (int64_t g = 0; g < group; ++g) {
@@ -299,7 +309,7 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
       }
       for (int64_t g0 = 0; g0 < group; g0 += kSumChunk) {
         const float* s = scores.data() + g0 * padded;
-        auto weight = [&](int g, int64_t t) { return kScaled ? s[g * padded + t] * widen(v_scales[at[t]]) : s[g * padded + t]; };
+        auto weight = [&](int g, int64_t t) { return kScaled ? s[g * padded + t] * v_at[t] : s[g * padded + t]; };
         with_chunk<kSumChunk>(std::min<int64_t>(kSumChunk, group - g0), [&](auto chunk) {
           weighted_sums<V, chunk.value>(len, weight, vp, at.data(), sums.data() + g0 * D);
         });

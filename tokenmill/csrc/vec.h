@@ -146,16 +146,6 @@ inline f32x16 load(const at::Half* p) {
 #endif
 }
 
-// One float16 widened: F16C's one instruction where the CPU has it; at::Half's own conversion is integer
-// arithmetic outside torch's build.
-inline float widen(at::Half h) {
-#if defined(__F16C__)
-  return _cvtsh_ss(h.x);
-#else
-  return float(h);
-#endif
-}
-
 // Rounds to nearest even, as at::Half(float) does.
 inline void store(at::Half* p, f32x16 v) {
 #if defined(__AVX512F__)
