@@ -161,7 +161,10 @@ class GGUFFile:
         reader = self._open()
         if reader.byte_order == "S":
             raise ModelLoadError(f"{self.path} is in the other byte order from this machine's; not supported")
-        self.metadata: dict[str, Any] = {name: reader.value(f) for name, f in reader.fields.items()}
+        # Arrays (the vocabulary, dropped once the tokenizer holds it) after every other value: a value kept
+        # among the vocabulary's strings would hold their pymalloc arenas after the drop (2.4 MiB for SmolLM2).
+        fields = sorted(reader.fields.items(), key=lambda item: item[1].types[:1] == [GGUFValueType.ARRAY])
+        self.metadata: dict[str, Any] = {name: reader.value(f) for name, f in fields}
         self._map = reader.data
         self._tensors = [
             _Tensor(t.name, GGMLQuantizationType(t.tensor_type), tuple(reversed(t.shape.tolist())), t.data_offset, t.n_bytes)
