@@ -18,7 +18,7 @@
 namespace tokenmill {
 namespace {
 
-constexpr int kTile = 4;  // input rows per pass over one block's weights: each level vector serves them all
+constexpr int kTile = 4;  // input rows per pass over one or two blocks' weights: each level vector serves them all
 
 // Inputs xp[0, 32) as 16-bit levels split into hi and lo; returns the sum of the levels.
 inline int32_t quantize_block(const float* xp, float inv, int8_t* hi, int8_t* lo) {
@@ -81,6 +81,8 @@ inline __mmask16 valid_rows(int64_t N, int64_t n0) {
 
 // out[t, the 16 * B rows of B consecutive blocks] for T input rows: each input's broadcast feeds the B blocks'
 // VPDPBUSD. `valid` masks the last block's rows past N (only the matrix's last block has any).
+// Level vectors are loaded (int4: unpacked, two from each 64 bytes) as the multiplies reach them, not all 8 of a
+// block first: the registers that frees hold 4 rows' sums for two blocks (docs/benchmarks.md).
 template <int Bits, int B, int T>
 void block_tile(const uint8_t* q, const uint16_t* scale, const QuantizedWeights& w, const QuantizedRows& x,
                 float* out, int64_t ldo, __mmask16 valid, bool first) {
@@ -92,23 +94,36 @@ void block_tile(const uint8_t* q, const uint16_t* scale, const QuantizedWeights&
     // The first pass over the blocks reads them from memory; later passes find them in cache.
     if (first)
       for (int b = 0; b < B; ++b) prefetch_ahead<Bits>(q + b * w.block_bytes, scale + b * w.block_scales, kb, w.group);
-    __m512i levels[B][kLevelVectors];
-    for (int b = 0; b < B; ++b) load_levels<Bits>(q + b * w.block_bytes, kb, levels[b]);
+    const uint8_t* p = q + kb * chunks_per_input_block(Bits) * kChunkBytes;
+    __m512i high_nibbles[B];
     __m512i high[T][B], low[T][B];
     for (int t = 0; t < T; ++t)
       for (int b = 0; b < B; ++b) high[t][b] = low[t][b] = _mm512_setzero_si512();
 #pragma GCC unroll 8
-    for (int j = 0; j < kLevelVectors; ++j)
+    for (int j = 0; j < kLevelVectors; ++j) {
+      __m512i levels[B];
+      for (int b = 0; b < B; ++b) {
+        if constexpr (Bits == 8) {
+          levels[b] = _mm512_loadu_si512(p + b * w.block_bytes + j * kChunkBytes);
+        } else if (j % 2 == 0) {  // int4: chunk j / 2 holds vector j in its low nibbles, j + 1 in its high ones
+          const __m512i v = _mm512_loadu_si512(p + b * w.block_bytes + j / 2 * kChunkBytes);
+          levels[b] = _mm512_and_si512(v, _mm512_set1_epi8(0x0F));
+          high_nibbles[b] = _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0F));
+        } else {
+          levels[b] = high_nibbles[b];
+        }
+      }
       for (int t = 0; t < T; ++t) {
         int32_t four_high, four_low;
         std::memcpy(&four_high, x.hi + t * x.K + kb * kInputBlock + 4 * j, 4);
         std::memcpy(&four_low, x.lo + t * x.K + kb * kInputBlock + 4 * j, 4);
         const __m512i h = _mm512_set1_epi32(four_high), l = _mm512_set1_epi32(four_low);
         for (int b = 0; b < B; ++b) {
-          high[t][b] = _mm512_dpbusd_epi32(high[t][b], levels[b][j], h);
-          low[t][b] = _mm512_dpbusd_epi32(low[t][b], levels[b][j], l);
+          high[t][b] = _mm512_dpbusd_epi32(high[t][b], levels[b], h);
+          low[t][b] = _mm512_dpbusd_epi32(low[t][b], levels[b], l);
         }
       }
+    }
     const int64_t g = kb * kInputBlock / w.group;
     for (int b = 0; b < B; ++b) {
       const uint16_t* s = scale + b * w.block_scales;
@@ -121,12 +136,11 @@ void block_tile(const uint8_t* q, const uint16_t* scale, const QuantizedWeights&
     for (int b = 0; b < B; ++b) _mm512_mask_storeu_ps(out + t * ldo + b * kBlockRows, b == B - 1 ? valid : 0xFFFF, acc[t][b]);
 }
 
-// B consecutive blocks from output row n0, for all M input rows: kTile / B rows a pass, as many accumulators
-// as fit beside the blocks' level vectors.
+// B consecutive blocks from output row n0, for all M input rows, kTile rows a pass: with two blocks, 16 int32 sums
+// and 8 float accumulators beside the level vectors and broadcasts, 30 of the 32 registers.
 template <int Bits, int B>
 void block_rows(const uint8_t* q, const uint16_t* scale, const QuantizedWeights& w, const QuantizedRows& x, int64_t M,
                 float* out, int64_t n0) {
-  constexpr int T = kTile / B;
   const __mmask16 valid = valid_rows(w.N, n0 + (B - 1) * kBlockRows);
   const int64_t blocks = x.K / kInputBlock;
   auto rows = [&](int64_t m) {
@@ -134,16 +148,17 @@ void block_rows(const uint8_t* q, const uint16_t* scale, const QuantizedWeights&
   };
   float* o = out + n0;
   int64_t m = 0;
-  for (; m + T <= M; m += T) block_tile<Bits, B, T>(q, scale, w, rows(m), o + m * w.N, w.N, valid, m == 0);
+  for (; m + kTile <= M; m += kTile) block_tile<Bits, B, kTile>(q, scale, w, rows(m), o + m * w.N, w.N, valid, m == 0);
   switch (M - m) {
-    case 3: if constexpr (T > 3) block_tile<Bits, B, 3>(q, scale, w, rows(m), o + m * w.N, w.N, valid, m == 0); break;
-    case 2: if constexpr (T > 2) block_tile<Bits, B, 2>(q, scale, w, rows(m), o + m * w.N, w.N, valid, m == 0); break;
+    case 3: block_tile<Bits, B, 3>(q, scale, w, rows(m), o + m * w.N, w.N, valid, m == 0); break;
+    case 2: block_tile<Bits, B, 2>(q, scale, w, rows(m), o + m * w.N, w.N, valid, m == 0); break;
     case 1: block_tile<Bits, B, 1>(q, scale, w, rows(m), o + m * w.N, w.N, valid, m == 0); break;
   }
 }
 
 // Past kTile rows, blocks two at a time, so a broadcast feeds two VPDPBUSD (alone, int4 15-40% faster from 6 to 512
-// rows, int8 10-12% at 8 and 16). Up to kTile rows one pass of a block already takes every row, and with the weights
+// rows, int8 10-12% at 8 and 16; 4 rows a pass rather than 2, int4 11-16% and int8 8-10% more). Up to kTile rows one
+// pass of a block already takes every row, and with the weights
 // read from memory as two interleaved streams pairs were slower (int4 19% at 1 row, int8 25-45% at 1 to 4), so
 // decode keeps a block at a time.
 void vnni_matmul(const QuantizedWeights& w, const QuantizedRows& x, int64_t M, float* out, int64_t begin, int64_t end,
