@@ -44,11 +44,11 @@ def test_the_kernels_offered_are_those_the_cpu_reports():
 
 @pytest.mark.parametrize("kernel", _KERNELS)
 @pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
-# 1 row; 3, 6 and 7 (tiles of 4 rows with each rest where the AVX-512 kernel takes a block at a time, int8;
-# tiles of 2 with one row left or none where it takes two, int4, and in the 256-bit kernels; 7 is one AMX
+# 1 row; 3 (the AVX-512 kernel's rows of one block at a time, up to 4); 5, 6 and 7 (its tiles of 4 rows over
+# two blocks, with 1, 2 or 3 left; the 256-bit kernels' tiles of 2 with one row left or none; 7 is one AMX
 # tile, int8); 23 (two AMX tiles, whole tiles and a rest, int8); 71 (int4's AMX tiles, from 64 rows: five of 15 rows,
 # the last holding 11).
-@pytest.mark.parametrize("rows", [1, 3, 6, 7, 23, 71])
+@pytest.mark.parametrize("rows", [1, 3, 5, 6, 7, 23, 71])
 # The last block of 16 output rows holds 3 of 99, so the second half of a 256-bit kernel's block is empty;
 # 13 of 109, so that half holds 5; 5 of 117, the eighth block, which ends a pair in the AVX-512 kernel.
 @pytest.mark.parametrize("out_features", [99, 109, 117])
