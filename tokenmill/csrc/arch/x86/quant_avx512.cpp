@@ -49,6 +49,12 @@ void quantize(const float* x, int64_t begin, int64_t end, int8_t* hi, int8_t* lo
 
 inline __m512 load_half(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 
+// An int4 chunk's two level vectors: its 64 bytes' low nibbles, then their high ones.
+inline void unpack_nibbles(__m512i chunk, __m512i& low, __m512i& high) {
+  low = _mm512_and_si512(chunk, _mm512_set1_epi8(0x0F));
+  high = _mm512_and_si512(_mm512_srli_epi16(chunk, 4), _mm512_set1_epi8(0x0F));
+}
+
 // The 8 level vectors of inputs [32 kb, 32 kb + 32) of a block: vector j holds inputs 4j to 4j + 3.
 template <int Bits>
 inline void load_levels(const uint8_t* q, int64_t kb, __m512i (&levels)[kLevelVectors]) {
@@ -56,12 +62,8 @@ inline void load_levels(const uint8_t* q, int64_t kb, __m512i (&levels)[kLevelVe
   if constexpr (Bits == 8) {
     for (int j = 0; j < kLevelVectors; ++j) levels[j] = _mm512_loadu_si512(p + j * kChunkBytes);
   } else {
-    const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
-    for (int c = 0; c < kLevelVectors / 2; ++c) {
-      const __m512i v = _mm512_loadu_si512(p + c * kChunkBytes);
-      levels[2 * c] = _mm512_and_si512(v, low_nibbles);
-      levels[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low_nibbles);
-    }
+    for (int c = 0; c < kLevelVectors / 2; ++c)
+      unpack_nibbles(_mm512_loadu_si512(p + c * kChunkBytes), levels[2 * c], levels[2 * c + 1]);
   }
 }
 
@@ -105,10 +107,8 @@ void block_tile(const uint8_t* q, const uint16_t* scale, const QuantizedWeights&
       for (int b = 0; b < B; ++b) {
         if constexpr (Bits == 8) {
           levels[b] = _mm512_loadu_si512(p + b * w.block_bytes + j * kChunkBytes);
-        } else if (j % 2 == 0) {  // int4: chunk j / 2 holds vector j in its low nibbles, j + 1 in its high ones
-          const __m512i v = _mm512_loadu_si512(p + b * w.block_bytes + j / 2 * kChunkBytes);
-          levels[b] = _mm512_and_si512(v, _mm512_set1_epi8(0x0F));
-          high_nibbles[b] = _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0F));
+        } else if (j % 2 == 0) {  // int4: chunk j / 2 holds vectors j and j + 1
+          unpack_nibbles(_mm512_loadu_si512(p + b * w.block_bytes + j / 2 * kChunkBytes), levels[b], high_nibbles[b]);
         } else {
           levels[b] = high_nibbles[b];
         }
@@ -158,9 +158,8 @@ void block_rows(const uint8_t* q, const uint16_t* scale, const QuantizedWeights&
 
 // Past kTile rows, blocks two at a time, so a broadcast feeds two VPDPBUSD (alone, int4 15-40% faster from 6 to 512
 // rows, int8 10-12% at 8 and 16; 4 rows a pass rather than 2, int4 11-16% and int8 8-10% more). Up to kTile rows one
-// pass of a block already takes every row, and with the weights
-// read from memory as two interleaved streams pairs were slower (int4 19% at 1 row, int8 25-45% at 1 to 4), so
-// decode keeps a block at a time.
+// pass of a block already takes every row, and with the weights read from memory as two interleaved streams pairs
+// were slower (int4 19% at 1 row, int8 25-45% at 1 to 4), so decode keeps a block at a time.
 void vnni_matmul(const QuantizedWeights& w, const QuantizedRows& x, int64_t M, float* out, int64_t begin, int64_t end,
                  uint8_t*) {
   int64_t b = begin;
