@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], help="batch sizes to run")
     parser.add_argument("--output-len", type=int, default=128, help="new tokens per request")
     parser.add_argument("--prefill-len", type=int, default=512, help="prompt tokens for the prefill figure")
+    parser.add_argument("--context-len", type=int, default=2000,
+                        help="prompt tokens before the long-context decode figure (0: leave it out)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; the median is reported")
     parser.add_argument("--mix", type=int, nargs=3, metavar=("SEQS", "MIN", "MAX"),
                         help="also run nano-vllm's offline mix: SEQS random prompts, input and output lengths "
@@ -77,10 +79,12 @@ def main(args: argparse.Namespace) -> int:
 
 @dataclass
 class Workload:
-    """Prompts shared by both engines: short instructions, one long prompt, and the optional offline mix."""
+    """Prompts shared by both engines: short instructions, a long prompt to prefill, a longer context to decode
+    after, and the optional offline mix."""
 
     prompts: list[list[int]]
     long_prompt: list[int]
+    context: list[int] = field(default_factory=list)
     mix_prompts: list[list[int]] = field(default_factory=list)
     mix_lens: list[int] = field(default_factory=list)
 
@@ -94,6 +98,7 @@ def _workload(tokenizer: Tokenizer, args: argparse.Namespace) -> Workload:
         seqs, low, high = args.mix
         workload.mix_prompts = [rng.choice(ordinary, n).tolist() for n in rng.integers(low, high + 1, seqs)]
         workload.mix_lens = rng.integers(low, high + 1, seqs).tolist()
+    workload.context = rng.choice(ordinary, args.context_len).tolist()  # drawn last: the other prompts stay as they were
     return workload
 
 
@@ -111,8 +116,12 @@ def _measures(runner: "Runner", workload: Workload, args: argparse.Namespace) ->
         mix = [(label, lambda: total / runner.generate(workload.mix_prompts, workload.mix_lens))]
     from tokenmill.bench.peers import decode_speed, prefill_speed
 
+    # Each decode step reads the whole KV cache: after a long conversation that costs about as much as the weights.
+    context = [(f"single-stream decode after {args.context_len} tokens, tokens/s",
+                lambda: decode_speed(runner, workload.context, n))] if args.context_len else []
     return [
         ("single-stream decode, tokens/s", lambda: decode_speed(runner, prompts[0], n)),
+        *context,
         (f"prefill of {args.prefill_len} tokens, tokens/s", lambda: prefill_speed(runner, workload.long_prompt)),
         *((f"{c} concurrent x {n} tokens, output tokens/s", batch(c)) for c in args.concurrency),
         *mix,

@@ -10,8 +10,11 @@ from tokenmill.errors import InvalidRequestError
 
 
 def decode_speed(runner: "Runner", prompt: list[int], n: int) -> float:
-    """Single-stream decode tokens/s: a run of n tokens minus a run of one, so the prefill cancels out."""
-    return (n - 1) / (runner.generate([prompt], n) - runner.generate([prompt], 1))
+    """Single-stream decode tokens/s, from the first token to the n-th: the prompt's prefill is not in it."""
+    # Timed per token rather than as a run of n minus a run of one: after a long prompt the prefill's noise
+    # (seconds) swamped the decode's difference.
+    times = runner.token_times(prompt, n)
+    return (n - 1) / (times[-1] - times[0])
 
 
 def prefill_speed(runner: "Runner", prompt: list[int]) -> float:
@@ -37,6 +40,13 @@ class TokenmillRunner:
         assert [len(o.outputs[0].token_ids) for o in outputs] == lens
         return elapsed
 
+    def token_times(self, prompt: list[int], n: int) -> list[float]:
+        """When each of n greedy tokens after prompt was made (time.perf_counter), as the engine records it."""
+        params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+        output = self.llm.generate([{"prompt_token_ids": prompt}], [params], use_tqdm=False)[0]
+        assert len(output.metrics.token_times) == n
+        return output.metrics.token_times
+
 
 class TransformersRunner:
     """Hugging Face transformers `generate` on the same GGUF weights, one left-padded static batch."""
@@ -61,6 +71,15 @@ class TransformersRunner:
         elapsed = time.perf_counter() - start
         assert out.shape[1] == width + output_len
         return elapsed
+
+    @torch.inference_mode()
+    def token_times(self, prompt: list[int], n: int) -> list[float]:
+        """When each of n greedy tokens after prompt reached `generate`'s streamer."""
+        clock = _StreamClock()
+        self.model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                            pad_token_id=0, streamer=clock)
+        assert len(clock.times) == n
+        return clock.times
 
 
 class LlamaCppRunner:
@@ -89,6 +108,33 @@ class LlamaCppRunner:
                     break
             assert produced == output_len and token is not None
         return time.perf_counter() - start
+
+    def token_times(self, prompt: list[int], n: int) -> list[float]:
+        """When each of n greedy tokens after prompt came out of the generator."""
+        self.llm.reset()
+        times = []
+        for _ in self.llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+            times.append(time.perf_counter())
+            if len(times) == n:
+                break
+        assert len(times) == n
+        return times
+
+
+class _StreamClock:
+    """A transformers streamer that notes when each new token arrives: `put` first gets the prompt, then each token."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt_seen:
+            self.times.append(time.perf_counter())
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
 
 
 def _per_prompt(prompts: list[list[int]], output_len: int | list[int]) -> list[int]:
