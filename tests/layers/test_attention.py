@@ -151,12 +151,18 @@ def _prompt_metadata(table: list[int], start: int, stop: int) -> AttentionMetada
     )
 
 
+# The C++ op takes a prompt's rows 4 at a time where it can (not with head_dim 128), one at a time otherwise:
+# rows 4-7 are one tile of the whole prompt and three chunks' rows alone.
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.int8])
-def test_prompt_rows_are_the_same_bits_whole_or_in_chunks(kv_dtype):
+@pytest.mark.parametrize("head_dim, num_heads, num_kv_heads", [(32, 6, 2), (64, 9, 3), (128, 8, 2), (256, 4, 1)])
+def test_prompt_rows_are_the_same_bits_whole_or_in_chunks(kv_dtype, head_dim, num_heads, num_kv_heads):
     table, n = [3, 9, 1, 12, 5], 18
     gen = torch.Generator().manual_seed(2)
-    q, k, v = torch.randn(n, 6, 32, generator=gen), torch.randn(n, 2, 32, generator=gen), torch.randn(n, 2, 32, generator=gen)
-    whole_layer, chunked_layer = _layer(torch.float32, kv_dtype=kv_dtype), _layer(torch.float32, kv_dtype=kv_dtype)
+    q = torch.randn(n, num_heads, head_dim, generator=gen)
+    k, v = torch.randn(2, n, num_kv_heads, head_dim, generator=gen)
+    shape = {"num_heads": num_heads, "num_kv_heads": num_kv_heads, "head_dim": head_dim}
+    whole_layer = _layer(torch.float32, kv_dtype=kv_dtype, **shape)
+    chunked_layer = _layer(torch.float32, kv_dtype=kv_dtype, **shape)
     with attention_metadata(_prompt_metadata(table, 0, n)):
         whole = whole_layer(q, k, v)
     chunks = []
@@ -168,6 +174,24 @@ def test_prompt_rows_are_the_same_bits_whole_or_in_chunks(kv_dtype):
     with attention_metadata(_prompt_metadata(table, 0, n)):
         reference = whole_layer._forward_pytorch(q, k, v, attention.current_metadata())
     torch.testing.assert_close(whole, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_rows_of_two_sequences_in_a_row_are_not_taken_as_one_prompt():
+    # Sequence a's last two prompt rows (positions 5 and 6) and b's first two (7 and 8) share a cached first block:
+    # four rows, each seeing one key more, but b's keys past that block are its own.
+    layer = _layer(torch.float32, num_heads=9, num_kv_heads=3, head_dim=64)
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(4, 9, 64, generator=gen)
+    tables, lens = torch.tensor([[3, 9, 1]] * 2 + [[3, 12, 5]] * 2), torch.tensor([6, 7, 8, 9])
+
+    def attend(rows: slice) -> torch.Tensor:
+        out = torch.empty_like(q[rows])
+        torch.ops.tokenmill.paged_attention(q[rows], layer.k_cache, layer.v_cache, tables[rows].contiguous(),
+                                            lens[rows].contiguous(), layer.scale, 0, out, None, None)
+        return out
+
+    assert ops.available(), "the C++ ops must build on the test machine"
+    assert torch.equal(attend(slice(0, 4)), torch.cat([attend(slice(0, 2)), attend(slice(2, 4))]))
 
 
 def _naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:

@@ -2,9 +2,10 @@
 // query token attends over its sequence's blocks where they lie in the pool, so no step gathers the cache
 // into a padded copy or builds a mask (one op replaces two gathers, the mask and SDPA).
 //
-// NOTE: every query row, decode or prompt, is computed alone by the same loop over its own keys: a row's
-// result is the same bits whether its prompt was prefilled whole, in chunks, after a cached prefix or
-// again after preemption, and whatever else shares the step.
+// NOTE: every query row, decode or prompt, gets the same operations in the same order over its own keys,
+// whether alone or in a tile with its prompt's next rows: a row's result is the same bits whether its prompt
+// was prefilled whole, in chunks, after a cached prefix or again after preemption, and whatever else shares
+// the step.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -98,13 +99,16 @@ inline void sums16(const float* vectors, float* out) {
 // slower than on AVX-512. Results go to memory rather than being returned: a returned 16-lane vector was
 // stored lane by lane there too.
 
-// Each of G query heads' 16-lane partial dot products with up to 16 keys (at[0..n)); parts: [G][16 keys]
-// [16 lanes], keys past n zeroed (as sums16 expects).
-template <int V, int G, typename KV>
-inline void dots(const float* q, const KV* keys, const int64_t* at, int64_t n, float* parts) {
+// Each of G query heads' 16-lane partial dot products with up to 16 keys (at[0..n)), for R query rows of one
+// sequence (q: rows q_stride apart, heads D apart): each key row is loaded and widened once for all R. parts:
+// [R, p_stride apart][G][16 keys][16 lanes], keys past n zeroed (as sums16 expects).
+template <int V, int G, int R, typename KV>
+inline void dots(const float* q, int64_t q_stride, const KV* keys, const int64_t* at, int64_t n, float* parts,
+                 int64_t p_stride) {
   constexpr int64_t D = V * kLanes;
 #if defined(__AVX2__) && !defined(__AVX512F__)
-  // 16 registers: the queries are read from memory (L1) rather than held.
+  // 16 registers: the queries are read from memory (L1) rather than held, and one row is taken at a time.
+  static_assert(R == 1);
   for (int64_t j = 0; j < kLanes; ++j) {
     if (j + kAhead < n) prefetch_row<D>(keys + at[j + kAhead] * D);
     __m256 low[G], high[G];
@@ -126,43 +130,49 @@ inline void dots(const float* q, const KV* keys, const int64_t* at, int64_t n, f
     }
   }
 #else
-  // The queries stay in registers where they fit beside the sums and a key vector; else they are read from L1.
-  constexpr bool kHeld = G * V <= 16;
+  // One row's queries stay in registers where they fit beside the sums and a key vector; else they are read
+  // from L1.
+  constexpr bool kHeld = R == 1 && G * V <= 16;
   f32x16 qv[kHeld ? G : 1][kHeld ? V : 1];
   if constexpr (kHeld)
     for (int g = 0; g < G; ++g)
       for (int c = 0; c < V; ++c) qv[g][c] = load(q + g * D + c * kLanes);
   for (int64_t j = 0; j < kLanes; ++j) {
     if (j + kAhead < n) prefetch_row<D>(keys + at[j + kAhead] * D);
-    f32x16 dot[G] = {};
+    f32x16 dot[R][G] = {};
     if (j < n) {
       const KV* key = keys + at[j] * D;
       for (int c = 0; c < V; ++c) {
         const f32x16 k = load(key + c * kLanes);
-        for (int g = 0; g < G; ++g) {
-          if constexpr (kHeld) dot[g] += qv[g][c] * k;
-          else dot[g] += load(q + g * D + c * kLanes) * k;
-        }
+        for (int r = 0; r < R; ++r)
+          for (int g = 0; g < G; ++g) {
+            if constexpr (kHeld) dot[r][g] += qv[g][c] * k;
+            else dot[r][g] += load(q + r * q_stride + g * D + c * kLanes) * k;
+          }
       }
     }
-    for (int g = 0; g < G; ++g) store(parts + (g * kLanes + j) * kLanes, dot[g]);
+    for (int r = 0; r < R; ++r)
+      for (int g = 0; g < G; ++g) store(parts + r * p_stride + (g * kLanes + j) * kLanes, dot[r][g]);
   }
 #endif
 }
 
-// sum over t < len of weight(g, t) * values[at[t]] for G heads: D = 16 V lanes each, one accumulator per
-// vector and head.
-template <int V, int G, typename KV, typename Weight>
-inline void weighted_sums(int64_t len, const Weight& weight, const KV* values, const int64_t* at, float* out) {
+// For each of R query rows of one sequence (lens[r] keys, not fewer than row 0's) and G heads: the sum over
+// t < lens[r] of weight(r, g, t) * values[at[t]], D = 16 V lanes, one accumulator per vector, head and row.
+// Each value row is loaded and widened once for all R. out: rows out_stride apart, heads D apart.
+template <int V, int G, int R, typename KV, typename Weight>
+inline void weighted_sums(const int64_t* lens, const Weight& weight, const KV* values, const int64_t* at, float* out,
+                          int64_t out_stride) {
   constexpr int64_t D = V * kLanes;
 #if defined(__AVX2__) && !defined(__AVX512F__)
-  // 2 V accumulators a head fill the 16 registers: one head at a time (G is 1 here).
-  static_assert(G == 1);
+  // 2 V accumulators a head fill the 16 registers: one head and row at a time (G and R are 1 here).
+  static_assert(G == 1 && R == 1);
+  const int64_t len = lens[0];
   __m256 acc[2 * V];
   for (int c = 0; c < 2 * V; ++c) acc[c] = _mm256_setzero_ps();
   for (int64_t t = 0; t < len; ++t) {
     if (t + kAhead < len) prefetch_row<D>(values + at[t + kAhead] * D);
-    const __m256 w = _mm256_set1_ps(weight(0, t));
+    const __m256 w = _mm256_set1_ps(weight(0, 0, t));
     for (int c = 0; c < V; ++c) {
       const f32x16 x = load(values + at[t] * D + c * kLanes);
       acc[2 * c] = _mm256_fmadd_ps(w, half_of(x, 0), acc[2 * c]);
@@ -171,18 +181,23 @@ inline void weighted_sums(int64_t len, const Weight& weight, const KV* values, c
   }
   for (int c = 0; c < 2 * V; ++c) _mm256_storeu_ps(out + c * 8, acc[c]);
 #else
-  f32x16 acc[G][V] = {};
+  f32x16 acc[R][G][V] = {};
+  const int64_t len = lens[R - 1];
   for (int64_t t = 0; t < len; ++t) {
     if (t + kAhead < len) prefetch_row<D>(values + at[t + kAhead] * D);
-    float w[G];
-    for (int g = 0; g < G; ++g) w[g] = weight(g, t);
+    float w[R][G];
+    for (int r = 0; r < R; ++r)
+      for (int g = 0; g < G; ++g) w[r][g] = t < lens[r] ? weight(r, g, t) : 0.f;
     for (int c = 0; c < V; ++c) {
       const f32x16 x = load(values + at[t] * D + c * kLanes);
-      for (int g = 0; g < G; ++g) acc[g][c] += w[g] * x;
+      for (int r = 0; r < R; ++r)
+        if (t < lens[r])  // a shorter row's sum stops at its own length
+          for (int g = 0; g < G; ++g) acc[r][g][c] += w[r][g] * x;
     }
   }
-  for (int g = 0; g < G; ++g)
-    for (int c = 0; c < V; ++c) store(out + g * D + c * kLanes, acc[g][c]);
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < V; ++c) store(out + r * out_stride + g * D + c * kLanes, acc[r][g][c]);
 #endif
 }
 
@@ -274,67 +289,105 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   // registers beside a key or value row. AVX-512: 4 heads' scores (with head_dim 256 the queries come from L1:
   // 2.9 against 3.3 ms for a Gemma 3 layer of a 512-token prompt; with head_dim 128 two held heads beat four
   // read) and 16 / V heads' sums. AVX2 reads the queries from memory and has room for one head's sums.
+  // A prompt's consecutive rows see the same keys (each one more): on AVX-512 they go kRows at a time, so each
+  // key or value row is widened once for all of them (kSumRows at a time for the sums, whose accumulators
+  // then fill the registers with kPairChunk heads). 512 prompt rows, float16 KV, against one row at a time:
+  // head_dim 64 0.79-0.91 the time (int8 0.83-0.91, float32 the same), 256 0.79-0.97, 32 0.49-0.60; with
+  // head_dim 128 four or two rows were no faster (1.00-1.06), so it keeps one.
 #if defined(__AVX2__) && !defined(__AVX512F__)
-  constexpr int kScoreChunk = 4, kSumChunk = 1;
+  constexpr int kScoreChunk = 4, kSumChunk = 1, kRows = 1, kSumRows = 1, kPairChunk = 1;
 #else
   constexpr int kScoreChunk = V == 8 ? 2 : 4, kSumChunk = V >= 16 ? 1 : V >= 8 ? 2 : 4;
+  constexpr int kRows = V == 8 ? 1 : 4, kSumRows = V <= 4 ? 2 : 1, kPairChunk = V <= 2 ? 4 : V <= 4 ? 3 : kSumChunk;
 #endif
-  // One task per (row, KV head): the K and V rows it reads serve its whole query group. A prompt's rows
-  // see 1 to n keys, and threads take contiguous ranges of tasks, so tasks alternate between the first
-  // and the last rows: each range then holds short and long rows alike.
-  at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, qf(group * D), total(group);
+  // Tiles of kRows rows of one sequence at consecutive positions (same table, each length one more), or of one
+  // row. Every row's result is the same bits in either: its sums take the same operations in the same order.
+  std::vector<int64_t> tiles;  // each tile's first row; a tile ends where the next begins
+  for (int64_t b = 0; b < rows;) {
+    tiles.push_back(b);
+    bool run = kRows > 1 && window == 0 && b + kRows <= rows;
+    for (int64_t r = 1; run && r < kRows; ++r)
+      run = lens[b + r] == lens[b] + r &&
+            std::equal(tables + b * width, tables + b * width + (lens[b + kRows - 1] + block_size - 1) / block_size,
+                       tables + (b + r) * width);
+    b += run ? kRows : 1;
+  }
+  const int64_t num_tiles = static_cast<int64_t>(tiles.size());
+  tiles.push_back(rows);
+  // One task per (tile, KV head): the K and V rows it reads serve its rows' whole query groups. A prompt's rows
+  // see 1 to n keys, and threads take contiguous ranges of tasks, so tasks alternate between the first and the
+  // last tiles: each range then holds short and long rows alike.
+  at::parallel_for(0, num_tiles * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, qf(kRows * group * D), total(kRows * group);
     std::vector<int64_t> at;  // each key's token-head index into the caches
     std::vector<float> v_at;  // int8: each value's scale, widened once for the whole group
-    std::vector<float> parts(group * kLanes * kLanes), sums(group * D);
+    std::vector<float> parts(kRows * group * kLanes * kLanes), sums(kRows * group * D);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t i = task / kv_heads, b = i % 2 ? rows - 1 - i / 2 : i / 2, h = task % kv_heads;
-      const int64_t first = window > 0 ? std::max<int64_t>(0, lens[b] - window) : 0, len = lens[b] - first;
-      const int64_t padded = (len + kLanes - 1) / kLanes * kLanes;
-      const int64_t* table = tables + b * width;
-      for (int64_t j = 0; j < group * D; ++j) qf[j] = float(qp[b * q_stride + h * group * D + j]) * float(scale);
-      // Rows are walked block by block: dividing each position by the block size cost as much as the math.
-      at.resize(len);
-      for (int64_t t = 0, block = first / block_size, slot = first % block_size; t < len; ++t) {
-        at[t] = (table[block] * block_size + slot) * kv_heads + h;
-        if (++slot == block_size) slot = 0, ++block;
-      }
-      if constexpr (kScaled) v_at.resize(padded);
-      scores.resize(group * padded);
-      for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
-        // int8: the 16 keys' and values' float16 scales gathered, then widened 16 at a time.
-        float k_step[kLanes];
-        if constexpr (kScaled) {
-          at::Half kh[kLanes] = {}, vh[kLanes] = {};
-          for (int64_t j = 0; j < kLanes && t0 + j < len; ++j) kh[j] = k_scales[at[t0 + j]], vh[j] = v_scales[at[t0 + j]];
-          store(k_step, load(kh));
-          store(v_at.data() + t0, load(vh));
+      const int64_t i = task / kv_heads, tile = i % 2 ? num_tiles - 1 - i / 2 : i / 2, h = task % kv_heads;
+      const int64_t b = tiles[tile];
+      auto run_rows = [&](auto rows_c) {
+        constexpr int R = rows_c.value;
+        // Row r sees keys first .. first + len[r]; a tile of several rows has no window, so first is 0.
+        const int64_t first = window > 0 ? std::max<int64_t>(0, lens[b] - window) : 0;
+        int64_t len[R];
+        for (int r = 0; r < R; ++r) len[r] = lens[b + r] - first;
+        const int64_t n = len[R - 1], padded = (n + kLanes - 1) / kLanes * kLanes;
+        const int64_t* table = tables + b * width;
+        for (int r = 0; r < R; ++r)
+          for (int64_t j = 0; j < group * D; ++j)
+            qf[r * group * D + j] = float(qp[(b + r) * q_stride + h * group * D + j]) * float(scale);
+        // Keys are walked block by block: dividing each position by the block size cost as much as the math.
+        at.resize(n);
+        for (int64_t t = 0, block = first / block_size, slot = first % block_size; t < n; ++t) {
+          at[t] = (table[block] * block_size + slot) * kv_heads + h;
+          if (++slot == block_size) slot = 0, ++block;
         }
-        for (int64_t g0 = 0; g0 < group; g0 += kScoreChunk)
-          with_chunk<kScoreChunk>(std::min<int64_t>(kScoreChunk, group - g0), [&](auto chunk) {
-            dots<V, chunk.value>(qf.data() + g0 * D, kp, at.data() + t0, len - t0, parts.data() + g0 * kLanes * kLanes);
-          });
-        for (int64_t g = 0; g < group; ++g) {
-          float* s = scores.data() + g * padded + t0;
-          sums16(parts.data() + g * kLanes * kLanes, s);
-          if constexpr (kScaled)
-            for (int64_t j = 0; j < kLanes && t0 + j < len; ++j) s[j] *= k_step[j];
+        if constexpr (kScaled) v_at.resize(padded);
+        scores.resize(R * group * padded);
+        for (int64_t t0 = 0; t0 < n; t0 += kLanes) {
+          // int8: the 16 keys' and values' float16 scales gathered, then widened 16 at a time.
+          float k_step[kLanes];
+          if constexpr (kScaled) {
+            at::Half kh[kLanes] = {}, vh[kLanes] = {};
+            for (int64_t j = 0; j < kLanes && t0 + j < n; ++j) kh[j] = k_scales[at[t0 + j]], vh[j] = v_scales[at[t0 + j]];
+            store(k_step, load(kh));
+            store(v_at.data() + t0, load(vh));
+          }
+          constexpr int kS = R == 1 ? kScoreChunk : 4;
+          for (int64_t g0 = 0; g0 < group; g0 += kS)
+            with_chunk<kS>(std::min<int64_t>(kS, group - g0), [&](auto chunk) {
+              dots<V, chunk.value, R>(qf.data() + g0 * D, group * D, kp, at.data() + t0, n - t0,
+                                      parts.data() + g0 * kLanes * kLanes, group * kLanes * kLanes);
+            });
+          for (int64_t rg = 0; rg < R * group; ++rg) {
+            float* s = scores.data() + rg * padded + t0;
+            sums16(parts.data() + rg * kLanes * kLanes, s);
+            if constexpr (kScaled)
+              for (int64_t j = 0; j < kLanes && t0 + j < n; ++j) s[j] *= k_step[j];
+          }
         }
-      }
-      for (int64_t g = 0; g < group; ++g) {
-        float* s = scores.data() + g * padded;
-        total[g] = softmax_numerators(s, len);
-      }
-      for (int64_t g0 = 0; g0 < group; g0 += kSumChunk) {
-        const float* s = scores.data() + g0 * padded;
-        auto weight = [&](int g, int64_t t) { return kScaled ? s[g * padded + t] * v_at[t] : s[g * padded + t]; };
-        with_chunk<kSumChunk>(std::min<int64_t>(kSumChunk, group - g0), [&](auto chunk) {
-          weighted_sums<V, chunk.value>(len, weight, vp, at.data(), sums.data() + g0 * D);
-        });
-      }
-      for (int64_t g = 0; g < group; ++g)
-        for (int c = 0; c < V; ++c)
-          store(op + (b * heads + h * group + g) * D + c * kLanes, load(sums.data() + g * D + c * kLanes) / total[g]);
+        for (int r = 0; r < R; ++r)
+          for (int64_t g = 0; g < group; ++g) total[r * group + g] = softmax_numerators(scores.data() + (r * group + g) * padded, len[r]);
+        constexpr int RS = R == 1 ? 1 : kSumRows, kChunk = RS == 1 ? kSumChunk : kPairChunk;
+        for (int r0 = 0; r0 < R; r0 += RS)
+          for (int64_t g0 = 0; g0 < group; g0 += kChunk) {
+            const float* s = scores.data() + (r0 * group + g0) * padded;
+            auto weight = [&](int r, int g, int64_t t) {
+              const float w = s[(r * group + g) * padded + t];
+              return kScaled ? w * v_at[t] : w;
+            };
+            with_chunk<kChunk>(std::min<int64_t>(kChunk, group - g0), [&](auto chunk) {
+              weighted_sums<V, chunk.value, RS>(len + r0, weight, vp, at.data(), sums.data() + (r0 * group + g0) * D, group * D);
+            });
+          }
+        for (int r = 0; r < R; ++r)
+          for (int64_t g = 0; g < group; ++g)
+            for (int c = 0; c < V; ++c)
+              store(op + ((b + r) * heads + h * group + g) * D + c * kLanes,
+                    load(sums.data() + (r * group + g) * D + c * kLanes) / total[r * group + g]);
+      };
+      if (kRows > 1 && tiles[tile + 1] - b == kRows) run_rows(std::integral_constant<int, kRows>{});
+      else run_rows(std::integral_constant<int, 1>{});
     }
   });
 }
