@@ -305,7 +305,8 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   std::vector<int64_t> tiles;  // each tile's first row; a tile ends where the next begins
   for (int64_t b = 0; b < rows;) {
     tiles.push_back(b);
-    bool run = kRows > 1 && window == 0 && b + kRows <= rows;
+    // Under a sliding window only while every row still sees all its keys: then they all start at key 0.
+    bool run = kRows > 1 && b + kRows <= rows && (window == 0 || lens[b + kRows - 1] <= window);
     for (int64_t r = 1; run && r < kRows; ++r)
       run = lens[b + r] == lens[b] + r &&
             std::equal(tables + b * width, tables + b * width + (lens[b + kRows - 1] + block_size - 1) / block_size,
@@ -327,7 +328,7 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
       const int64_t b = tiles[tile];
       auto run_rows = [&](auto rows_c) {
         constexpr int R = rows_c.value;
-        // Row r sees keys first .. first + len[r]; a tile of several rows has no window, so first is 0.
+        // Row r sees keys first .. first + len[r]; in a tile of several rows first is 0.
         const int64_t first = window > 0 ? std::max<int64_t>(0, lens[b] - window) : 0;
         int64_t len[R];
         for (int r = 0; r < R; ++r) len[r] = lens[b + r] - first;
