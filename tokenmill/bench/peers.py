@@ -134,7 +134,7 @@ class _StreamClock:
         self.prompt_seen = True
 
     def end(self) -> None:
-        pass
+        """Called when generation ends: nothing to note."""
 
 
 def _per_prompt(prompts: list[list[int]], output_len: int | list[int]) -> list[int]:

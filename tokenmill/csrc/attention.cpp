@@ -354,9 +354,8 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
             store(k_step, load(kh));
             store(v_at.data() + t0, load(vh));
           }
-          constexpr int kS = R == 1 ? kScoreChunk : 4;
-          for (int64_t g0 = 0; g0 < group; g0 += kS)
-            with_chunk<kS>(std::min<int64_t>(kS, group - g0), [&](auto chunk) {
+          for (int64_t g0 = 0; g0 < group; g0 += kScoreChunk)
+            with_chunk<kScoreChunk>(std::min<int64_t>(kScoreChunk, group - g0), [&](auto chunk) {
               dots<V, chunk.value, R>(qf.data() + g0 * D, group * D, kp, at.data() + t0, n - t0,
                                       parts.data() + g0 * kLanes * kLanes, group * kLanes * kLanes);
             });
