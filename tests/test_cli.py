@@ -105,6 +105,12 @@ def test_the_kernel_named_in_the_environment_is_the_one_used():
     assert bad.returncode == 1 and "TOKENMILL_QUANT_KERNEL=sve9" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_bench_compare_says_when_the_context_figure_does_not_fit_the_engine(smollm2_path):
+    result = _run("bench", "compare", "--model", str(smollm2_path), "--max-model-len", "1024", "--context-len", "1000")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "--context-len 1000 and --output-len 128 need 1128 tokens of context; this engine's is 1024" in result.stderr
+
+
 @pytest.mark.parametrize("argv", [["--help"], ["models"], ["pull", "smollm2-135m"], ["bench", "compare", "--help"]])
 def test_commands_that_need_no_engine_do_not_import_torch(argv, smollm2_path):
     probe = ("import sys\nfrom tokenmill import cli\n"

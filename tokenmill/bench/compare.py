@@ -52,9 +52,15 @@ def main(args: argparse.Namespace) -> int:
         raise InvalidRequestError("bench compare loads the same GGUF file in both engines; give a .gguf model")
     # No prefix cache: the rounds repeat prompts, and a cache hit would skip the very work being timed.
     ours = TokenmillRunner(**engine_options(args, num_threads=threads, enable_prefix_caching=False))
+    context = args.context_len + args.output_len
+    if args.context_len and context > ours.llm.engine.max_model_len:
+        raise InvalidRequestError(
+            f"--context-len {args.context_len} and --output-len {args.output_len} need {context} tokens of context; "
+            f"this engine's is {ours.llm.engine.max_model_len}: give a smaller --context-len (0 leaves it out)"
+        )
     peer_dtype = args.peer_dtype or args.dtype
     peer = (TransformersRunner(source.path, DTYPES[peer_dtype]) if args.peer == "transformers"
-            else LlamaCppRunner(source.path, threads))
+            else LlamaCppRunner(source.path, threads, n_ctx=max(4096, context)))
     peer_desc = f"{peer.name} {peer_dtype}" if args.peer == "transformers" else peer.name
     workload = _workload(ours.llm.tokenizer, args)
     for runner in (ours, peer):  # warm-up: first-call allocations and kernel selection

@@ -87,14 +87,14 @@ class LlamaCppRunner:
 
     name = "llama.cpp"
 
-    def __init__(self, gguf: Path, threads: int) -> None:
+    def __init__(self, gguf: Path, threads: int, n_ctx: int = 4096) -> None:
         try:
             from llama_cpp import Llama
         except ImportError as exc:
             raise InvalidRequestError(
                 "the llama.cpp peer needs llama-cpp-python: `pip install llama-cpp-python` (builds from source)"
             ) from exc
-        self.llm = Llama(model_path=str(gguf), n_ctx=4096, n_threads=threads, n_batch=512, verbose=False)
+        self.llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_batch=512, verbose=False)
 
     def generate(self, prompts: list[list[int]], output_len: int | list[int]) -> float:
         """Seconds to generate output_len tokens (EOS ignored) for each prompt in turn."""
