@@ -183,18 +183,22 @@ inline void weighted_sums(const int64_t* lens, const Weight& weight, const KV* v
 #else
   f32x16 acc[R][G][V] = {};
   const int64_t len = lens[R - 1];
-  for (int64_t t = 0; t < len; ++t) {
+  // Every row takes value t while t < lens[0]; past it (a tile's last few values) only the rows that see it.
+  auto add = [&](int64_t t, auto checked) {
     if (t + kAhead < len) prefetch_row<D>(values + at[t + kAhead] * D);
     float w[R][G];
     for (int r = 0; r < R; ++r)
-      for (int g = 0; g < G; ++g) w[r][g] = t < lens[r] ? weight(r, g, t) : 0.f;
+      for (int g = 0; g < G; ++g) w[r][g] = !checked || t < lens[r] ? weight(r, g, t) : 0.f;
     for (int c = 0; c < V; ++c) {
       const f32x16 x = load(values + at[t] * D + c * kLanes);
       for (int r = 0; r < R; ++r)
-        if (t < lens[r])  // a shorter row's sum stops at its own length
+        if (!checked || t < lens[r])
           for (int g = 0; g < G; ++g) acc[r][g][c] += w[r][g] * x;
     }
-  }
+  };
+  int64_t t = 0;
+  for (; t < lens[0]; ++t) add(t, std::false_type{});
+  for (; t < len; ++t) add(t, std::true_type{});
   for (int r = 0; r < R; ++r)
     for (int g = 0; g < G; ++g)
       for (int c = 0; c < V; ++c) store(out + r * out_stride + g * D + c * kLanes, acc[r][g][c]);
@@ -290,14 +294,15 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   // 2.9 against 3.3 ms for a Gemma 3 layer of a 512-token prompt; with head_dim 128 two held heads beat four
   // read) and 16 / V heads' sums. AVX2 reads the queries from memory and has room for one head's sums.
   // A prompt's consecutive rows see the same keys (each one more): on AVX-512 they go kRows at a time, so each
-  // key or value row is widened once for all of them (kSumRows at a time for the sums, whose accumulators
-  // then fill the registers with kPairChunk heads). 512 prompt rows, float16 KV, against one row at a time:
-  // head_dim 64 0.79-0.91 the time (int8 0.83-0.91, float32 the same), 256 0.79-0.97, 32 0.49-0.60; with
-  // head_dim 128 four or two rows were no faster (1.00-1.06), so it keeps one.
+  // value row is widened once for kSumRows of them (whose accumulators then fill the registers with kPairChunk
+  // heads) and each key row once for kDotRows (head_dim 64 keeps one: its queries held in registers beat 4 rows
+  // sharing the widening, 1.08x the time). 512 prompt rows, float16 KV, against one row at a time: head_dim 64
+  // 0.84-0.85 the time, 256 0.94-0.97, 32 0.67; with head_dim 128 neither 4 nor 2 rows were faster, so it keeps one.
 #if defined(__AVX2__) && !defined(__AVX512F__)
-  constexpr int kScoreChunk = 4, kSumChunk = 1, kRows = 1, kSumRows = 1, kPairChunk = 1;
+  constexpr int kScoreChunk = 4, kSumChunk = 1, kRows = 1, kSumRows = 1, kPairChunk = 1, kDotRows = 1;
 #else
   constexpr int kScoreChunk = V == 8 ? 2 : 4, kSumChunk = V >= 16 ? 1 : V >= 8 ? 2 : 4;
+  constexpr int kDotRows = V == 4 ? 1 : 4;
   constexpr int kRows = V == 8 ? 1 : 4, kSumRows = V <= 4 ? 2 : 1, kPairChunk = V <= 2 ? 4 : V <= 4 ? 3 : kSumChunk;
 #endif
   // Tiles of kRows rows of one sequence at consecutive positions (same table, each length one more), or of one
@@ -318,11 +323,12 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   // One task per (tile, KV head): the K and V rows it reads serve its rows' whole query groups. A prompt's rows
   // see 1 to n keys, and threads take contiguous ranges of tasks, so tasks alternate between the first and the
   // last tiles: each range then holds short and long rows alike.
+  const int64_t most = num_tiles < rows ? kRows : 1;  // rows in the largest tile: what the buffers must hold
   at::parallel_for(0, num_tiles * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, qf(kRows * group * D), total(kRows * group);
+    std::vector<float> scores, qf(most * group * D), total(most * group);
     std::vector<int64_t> at;  // each key's token-head index into the caches
     std::vector<float> v_at;  // int8: each value's scale, widened once for the whole group
-    std::vector<float> parts(kRows * group * kLanes * kLanes), sums(kRows * group * D);
+    std::vector<float> parts(most * group * kLanes * kLanes), sums(most * group * D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / kv_heads, tile = i % 2 ? num_tiles - 1 - i / 2 : i / 2, h = task % kv_heads;
       const int64_t b = tiles[tile];
@@ -354,11 +360,14 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
             store(k_step, load(kh));
             store(v_at.data() + t0, load(vh));
           }
-          for (int64_t g0 = 0; g0 < group; g0 += kScoreChunk)
-            with_chunk<kScoreChunk>(std::min<int64_t>(kScoreChunk, group - g0), [&](auto chunk) {
-              dots<V, chunk.value, R>(qf.data() + g0 * D, group * D, kp, at.data() + t0, n - t0,
-                                      parts.data() + g0 * kLanes * kLanes, group * kLanes * kLanes);
-            });
+          constexpr int DR = R == 1 ? 1 : kDotRows;
+          for (int r0 = 0; r0 < R; r0 += DR) {
+            for (int64_t g0 = 0; g0 < group; g0 += kScoreChunk)
+              with_chunk<kScoreChunk>(std::min<int64_t>(kScoreChunk, group - g0), [&](auto chunk) {
+                dots<V, chunk.value, DR>(qf.data() + (r0 * group + g0) * D, group * D, kp, at.data() + t0, n - t0,
+                                         parts.data() + (r0 * group + g0) * kLanes * kLanes, group * kLanes * kLanes);
+              });
+          }
           for (int64_t rg = 0; rg < R * group; ++rg) {
             float* s = scores.data() + rg * padded + t0;
             sums16(parts.data() + rg * kLanes * kLanes, s);
