@@ -34,20 +34,26 @@ def test_quantized_weights_share_one_block_from_a_huge_page_boundary(int4_smollm
     not sys.platform.startswith("linux") or not THP.exists() or "[never]" in THP.read_text(),
     reason="transparent huge pages exist only on Linux, where they are not turned off",
 )
-def test_the_block_is_backed_by_huge_pages(int4_smollm2):
-    # Here the block's 94 MB all came in huge pages. A machine short of free 2 MiB pages falls back to 4 KiB ones
-    # for some of it, so one is asked for: without the advice, Linux's `madvise` mode gives none.
-    assert _anon_huge_kib(int4_smollm2.lm_head.qweight.data_ptr()) * 1024 >= HUGE_PAGE
+def test_the_block_is_advised_into_huge_pages(int4_smollm2):
+    # Without the advice, Linux's `madvise` mode gives no huge page. With it, the block's 94 MB came in huge pages on
+    # this machine, but whether a fault gets one is the kernel's to decide: a CI run once got none (free 2 MiB pages
+    # short, or the cgroup's memory full of page cache). So the advice is what is checked.
+    assert "hg" in _mapping(int4_smollm2.lm_head.qweight.data_ptr())["VmFlags"].split()
 
 
-def _anon_huge_kib(address: int) -> int:
-    """AnonHugePages of the mapping that holds address, from /proc/self/smaps."""
-    inside = False
+def _mapping(address: int) -> dict[str, str]:
+    """The /proc/self/smaps fields (AnonHugePages, VmFlags, ...) of the mapping that holds address."""
+    fields: dict[str, str] | None = None
     for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split()[0]
+        head, _, rest = line.partition(" ")
         if "-" in head and not head.endswith(":"):
+            if fields is not None:
+                return fields
             low, high = (int(part, 16) for part in head.split("-"))
-            inside = low <= address < high
-        elif inside and head == "AnonHugePages:":
-            return int(line.split()[1])
-    raise AssertionError(f"no mapping holds {address:#x}")
+            if low <= address < high:
+                fields = {}
+        elif fields is not None:
+            fields[head.rstrip(":")] = rest.strip()
+    if fields is None:
+        raise AssertionError(f"no mapping holds {address:#x}")
+    return fields
