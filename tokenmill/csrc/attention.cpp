@@ -297,7 +297,7 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   // value row is widened once for kSumRows of them (whose accumulators then fill the registers with kPairChunk
   // heads) and each key row once for kDotRows (head_dim 64 keeps one: its queries held in registers beat 4 rows
   // sharing the widening, 1.08x the time). 512 prompt rows, float16 KV, against one row at a time: head_dim 64
-  // 0.84-0.85 the time, 256 0.94-0.97, 32 0.67; with head_dim 128 neither 4 nor 2 rows were faster, so it keeps one.
+  // 0.84-0.90 the time, 256 0.94-0.97, 32 0.67; with head_dim 128 neither 4 nor 2 rows were faster, so it keeps one.
 #if defined(__AVX2__) && !defined(__AVX512F__)
   constexpr int kScoreChunk = 4, kSumChunk = 1, kRows = 1, kSumRows = 1, kPairChunk = 1, kDotRows = 1;
 #else
