@@ -1,5 +1,7 @@
 """Paged decode attention: the C++ op reads the pool in place and agrees with the gather + SDPA path."""
 
+import platform
+
 import pytest
 import torch
 
@@ -238,3 +240,43 @@ def test_sliding_window_decodes_ignore_keys_before_the_window_on_both_paths():
         after = layer(q, k, v)
     torch.testing.assert_close(before, after, rtol=0, atol=0)
     torch.testing.assert_close(after, layer._decode(q, meta), rtol=1e-5, atol=1e-5)
+
+
+def _attend(layer: Attention, q: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, window: int = 0) -> torch.Tensor:
+    out = torch.empty_like(q)
+    torch.ops.tokenmill.paged_attention(q, layer.k_cache, layer.v_cache, tables, lens, layer.scale, window, out,
+                                        None, None)
+    return out
+
+
+def test_subnormals_are_flushed_inside_the_op_and_kept_outside_it():
+    # Values below float32's smallest normal (1.2e-38) read as zero inside the op (x86 slows to microcode on them);
+    # the calling thread's own arithmetic keeps them after the op returns.
+    assert ops.available(), "the C++ ops must build on the test machine"
+    layer = _layer(torch.float32)
+    layer.v_cache.fill_(1e-39)
+    q = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(5))
+    out = _attend(layer, q, torch.tensor([[3, 9, 1], [12, 0, 0]]), torch.tensor([11, 3]))
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert torch.equal(out, torch.zeros_like(out))
+    else:  # other CPUs keep their default mode
+        torch.testing.assert_close(out, torch.full_like(out, 1e-39))
+    assert (torch.tensor([1e-38]) / 10).item() > 0
+
+
+@pytest.mark.parametrize("tables, lens, window, message", [
+    ([[3, 9, 1]], [13], 0, "row 0 sees 13 keys, outside 1 to 12"),
+    ([[3, 9, 1]], [0], 0, "row 0 sees 0 keys"),
+    ([[3, 16, 1]], [9], 0, "block 16 is outside the KV cache"),
+    ([[-1, 9, 1]], [9], 0, "block -1 is outside the KV cache"),
+    ([[-1, 9, 1]], [10], 4, None),  # under a window of 4, row 0 reads keys 6-9 only: block -1 is never read
+])
+def test_rows_that_would_read_outside_the_caches_are_refused(tables, lens, window, message):
+    assert ops.available(), "the C++ ops must build on the test machine"
+    layer = _layer(torch.float32)  # 16 blocks of 4
+    q = torch.randn(1, 6, 32)
+    if message is None:
+        assert torch.isfinite(_attend(layer, q, torch.tensor(tables), torch.tensor(lens), window)).all()
+    else:
+        with pytest.raises(RuntimeError, match=message):
+            _attend(layer, q, torch.tensor(tables), torch.tensor(lens), window)
