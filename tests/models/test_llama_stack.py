@@ -27,13 +27,14 @@ def test_prompt_chunks_and_decodes_match_the_python_layers_bit_for_bit(make_engi
     fused = engine.runner.model.fused_layers
     assert fused is not None
     g = torch.Generator().manual_seed(0)
-    tokens = [torch.randint(0, 49152, (n,), generator=g).tolist() for n in (21, 40, 17)]
-    tables = [[1, 2], [3, 4, 5], [6, 7]]
-    # Two prompts whole; then a decode row for each of them beside a third prompt, in two chunks.
+    tokens = [torch.randint(0, 49152, (n,), generator=g).tolist() for n in (21, 40, 17, 300)]
+    tables = [[1, 2], [3, 4, 5], [6, 7], list(range(8, 27))]
+    # Two prompts whole; then a decode row for each of them beside a third prompt, in two chunks; then the third's
+    # last rows beside a fourth prompt, 308 rows: the op's MLP takes them 128 at a time, the last 52.
     steps = [
         [Chunk(tokens[0][:20], 0, tables[0]), Chunk(tokens[1][:39], 0, tables[1])],
         [Chunk(tokens[0][20:], 20, tables[0]), Chunk(tokens[1][39:], 39, tables[1]), Chunk(tokens[2][:9], 0, tables[2])],
-        [Chunk(tokens[2][9:], 9, tables[2])],
+        [Chunk(tokens[2][9:], 9, tables[2]), Chunk(tokens[3], 0, tables[3])],
     ]
     for chunks in steps:
         # Each step runs both ways over the same pool: both write the same keys and values into the same slots.

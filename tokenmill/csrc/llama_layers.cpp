@@ -2,6 +2,8 @@
 // order on the same inputs, so the results are the same bits. What it saves is what lies between them: about
 // 10 Python calls a layer through torch's dispatcher, each 3-5 us, plus an output tensor each, on a 2-core VM
 // (docs/benchmarks.md).
+#include <algorithm>
+
 #include "ops.h"
 
 namespace tokenmill {
@@ -25,10 +27,15 @@ at::Tensor llama_layers(at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
   // The gate/up width from the down projection's input: its chunks hold 32 / bits inputs each.
   const int64_t intermediate = weights[8].size(1) * 32 / bits[3];
   // One buffer per intermediate result, shared by every layer: each is consumed before the next layer writes it.
-  // h is a layer's normed input, and the previous layer's output before that.
+  // h is a layer's normed input, and the previous layer's output before that. The MLP takes the rows kMlpRows
+  // at a time (each row's result is the same bits in any batch): its gate/up and activation buffers, 6 and 3 MiB
+  // for a 512-row SmolLM2 prompt chunk whole, were the step's largest, and glibc keeps a step's freed buffers in
+  // its heap for the next.
+  constexpr int64_t kMlpRows = 128;
+  const int64_t mlp_rows = std::min(tokens, kMlpRows);
   at::Tensor h = x.new_empty({tokens, hidden}), qkv = x.new_empty({tokens, q_size + 2 * kv_size});
   at::Tensor attn = x.new_empty({tokens, heads, head_dim}), o = x.new_empty({tokens, hidden});
-  at::Tensor gate_up = x.new_empty({tokens, 2 * intermediate}), act = x.new_empty({tokens, intermediate});
+  at::Tensor gate_up = x.new_empty({mlp_rows, 2 * intermediate}), act = x.new_empty({mlp_rows, intermediate});
   for (int64_t l = 0; l < layers; ++l) {
     const at::Tensor* w = weights.data() + l * per_layer;
     const int64_t* b = bits.data() + 4 * l;
@@ -48,9 +55,13 @@ at::Tensor llama_layers(at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
     paged_attention(q, k_cache, v_cache, tables, lens, scale, 0, attn, k_scale, v_scale);
     quantized_matmul(attn.view({tokens, q_size}), w[3], w[4], b[1], o);
     fused_add_rms_norm(o, x, w[5], eps);
-    quantized_matmul(o, w[6], w[7], b[2], gate_up);
-    silu_and_mul(gate_up, act);
-    quantized_matmul(act, w[8], w[9], b[3], h);
+    for (int64_t r = 0; r < tokens; r += mlp_rows) {
+      const int64_t n = std::min(mlp_rows, tokens - r);
+      at::Tensor gate_up_n = gate_up.narrow(0, 0, n), act_n = act.narrow(0, 0, n), h_n = h.narrow(0, r, n);
+      quantized_matmul(o.narrow(0, r, n), w[6], w[7], b[2], gate_up_n);
+      silu_and_mul(gate_up_n, act_n);
+      quantized_matmul(act_n, w[8], w[9], b[3], h_n);
+    }
   }
   return h;
 }
