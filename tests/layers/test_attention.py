@@ -7,7 +7,7 @@ import torch
 
 from tokenmill import ops
 from tokenmill.layers import attention
-from tokenmill.layers.attention import Attention, AttentionMetadata, PrefillChunk, _narrow, attention_metadata
+from tokenmill.layers.attention import Attention, AttentionMetadata, PrefillChunk, _narrow, _widen, attention_metadata
 
 BLOCK_SIZE = 4
 
@@ -280,3 +280,39 @@ def test_rows_that_would_read_outside_the_caches_are_refused(tables, lens, windo
     else:
         with pytest.raises(RuntimeError, match=message):
             _attend(layer, q, torch.tensor(tables), torch.tensor(lens), window)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.int8])
+@pytest.mark.parametrize("head_dim", [32, 64, 128, 256])
+@pytest.mark.parametrize("window", [0, 700])
+def test_a_long_decode_row_split_across_threads_is_the_same_bits_as_in_a_batch(kv_dtype, head_dim, window):
+    # One row of one KV head over 1,000 keys leaves threads idle: its scores split over key ranges and its sums
+    # over heads or halves of the lanes. In a batch of four the row is one task of its own.
+    assert ops.available(), "the C++ ops must build on the test machine"
+    layer = _layer(torch.float32, num_blocks=260, kv_dtype=kv_dtype, num_heads=3, num_kv_heads=1, head_dim=head_dim)
+    gen = torch.Generator().manual_seed(6)
+    table = torch.randperm(260, generator=gen)[:250]
+    q = torch.randn(1, 3, head_dim, generator=gen)
+
+    def attend(rows: int) -> torch.Tensor:
+        out = torch.empty(rows, 3, head_dim)
+        scales = (layer.k_scale, layer.v_scale) if kv_dtype == torch.int8 else (None, None)
+        torch.ops.tokenmill.paged_attention(q.expand(rows, 3, head_dim).contiguous(), layer.k_cache, layer.v_cache,
+                                            table.expand(rows, 250).contiguous(), torch.full((rows,), 1000),
+                                            layer.scale, window, out, *scales)
+        return out
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        alone, batched = attend(1), attend(4)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(alone[0], batched[0])
+    keys, values = (
+        _widen(getattr(layer, f"{name}_cache"), getattr(layer, f"{name}_scale", None), torch.float32)[table]
+        .flatten(0, 1)[window and -window:]
+        for name in ("k", "v")
+    )
+    expected = torch.softmax(q[0] @ keys[:, 0].T * layer.scale, dim=-1) @ values[:, 0]
+    torch.testing.assert_close(alone[0], expected, rtol=1e-4, atol=1e-4)

@@ -135,6 +135,30 @@ def test_paged_attention_agrees(build, heads, kv_heads, head_dim, kv_dtype, dtyp
     _assert_agree(build, native, built)
 
 
+@pytest.mark.parametrize(("head_dim", "kv_dtype"), [(64, torch.float16), (256, torch.float16), (64, torch.int8)])
+def test_a_decode_row_split_across_threads_agrees(build, head_dim, kv_dtype):
+    # One row of one KV head over 1,000 keys: its scores split over key ranges, its sums over heads and halves.
+    def make():
+        gen = torch.Generator().manual_seed(1)
+        k, v = (torch.randn(80, 16, 1, head_dim, generator=gen) for _ in range(2))
+        scales = [None, None]
+        if kv_dtype == torch.int8:
+            k, v = ((x * 40).round().clamp(-127, 127).to(torch.int8) for x in (k, v))
+            scales = [(torch.rand(80, 16, 1, generator=gen) / 40).half() for _ in range(2)]
+        q = torch.randn(1, 3, head_dim, generator=gen) * 3
+        tables = torch.randperm(80, generator=gen)[:63][None]
+        return [q, k.to(kv_dtype), v.to(kv_dtype), tables, torch.tensor([1000]), head_dim**-0.5, 0, torch.zeros_like(q),
+                *scales]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        native, built = _both(build, "paged_attention", make)
+    finally:
+        torch.set_num_threads(threads)
+    assert native[5].abs().sum() > 0
+    _assert_agree(build, native, built)
+
 @pytest.mark.parametrize("kv_dtype", [torch.float16, torch.int8, torch.bfloat16])
 def test_store_kv_agrees(build, kv_dtype):
     def make():
