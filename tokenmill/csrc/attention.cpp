@@ -475,7 +475,7 @@ inline bool fills(int64_t tasks, int64_t threads) { return tasks % threads == 0 
 // over chunks of heads (and halves of the lanes where those are too few): two parallel loops where attend_tiles
 // has one. Each score, weight and sum takes the same operations in the same order as there, so a row's result is
 // the same bits on either path. A Gemma 3 layer's attention for one row, float16 KV, 2 threads, against one task:
-// 0.67-0.85 the time over 2,000 keys, 0.62-0.73 over 8,000, 0.84-0.95 over 512 (its sliding window). SmolLM2's
+// 0.74-0.89 the time over 2,000 keys, 0.62-0.73 over 8,000, 0.82-0.95 over 512 (its sliding window). SmolLM2's
 // three KV heads on 2 threads keep one thread idle a third of the time, yet split they took 1.05x the time over
 // 2,000 keys and 1.25x over 600: the second loop and each range's first keys, fetched without prefetch, cost more.
 template <int V, typename T, typename KV>
