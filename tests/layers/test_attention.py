@@ -259,8 +259,8 @@ def test_subnormals_are_flushed_inside_the_op_and_kept_outside_it():
     out = _attend(layer, q, torch.tensor([[3, 9, 1], [12, 0, 0]]), torch.tensor([11, 3]))
     if platform.machine() in ("x86_64", "AMD64"):
         assert torch.equal(out, torch.zeros_like(out))
-    else:  # other CPUs keep their default mode
-        torch.testing.assert_close(out, torch.full_like(out, 1e-39))
+    else:  # other CPUs keep their default mode: IEEE subnormals
+        assert (out > 0).all()
     assert (torch.tensor([1e-38]) / 10).item() > 0
 
 
