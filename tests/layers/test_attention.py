@@ -282,6 +282,17 @@ def test_rows_that_would_read_outside_the_caches_are_refused(tables, lens, windo
             _attend(layer, q, torch.tensor(tables), torch.tensor(lens), window)
 
 
+@pytest.mark.parametrize(
+    "q_shape, out_shape", [((1, 6, 64), (1, 6, 64)), ((1, 5, 32), (1, 5, 32)), ((1, 6, 32), (2, 6, 32))],
+    ids=["head_dim", "heads", "out"],
+)
+def test_shapes_that_do_not_fit_the_caches_are_refused(q_shape, out_shape):
+    assert ops.available(), "the C++ ops must build on the test machine"
+    layer = _layer(torch.float32)  # 2 KV heads of 32
+    with pytest.raises(RuntimeError, match="caches \\[blocks, block_size, kv_heads, D\\] alike"):
+        torch.ops.tokenmill.paged_attention(torch.randn(q_shape), layer.k_cache, layer.v_cache, torch.tensor([[3, 9]]),
+                                            torch.tensor([5]), layer.scale, 0, torch.empty(out_shape), None, None)
+
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.int8])
 @pytest.mark.parametrize("head_dim", [32, 64, 128, 256])
 @pytest.mark.parametrize("window", [0, 700])

@@ -5,7 +5,7 @@
 // NOTE: every query row, decode or prompt, gets the same operations in the same order over its own keys,
 // whether alone or in a tile with its prompt's next rows: a row's result is the same bits whether its prompt
 // was prefilled whole, in chunks, after a cached prefix or again after preemption, and whatever else shares
-// the step.
+// the step; a decode row split across threads (attend_split) keeps them.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -35,13 +35,13 @@ constexpr float kHalfMax = 65504.f;  // float16's largest finite value
 // 0.57-0.77x, 64 no better than 32.
 constexpr int64_t kAhead = 32;
 
-// x86 computes with a subnormal float (below 1.2e-38) through a microcode assist of about a hundred cycles. Softmax
-// weights reach 1e-38 (the exponent is clamped at -87), and one times an int8 value's scale, or a value summed
-// into an accumulator still near zero, is subnormal: with scores about a hundred apart the whole op ran 33x
-// slower (16 rows over 1,000 int8 keys, 1 thread: 25.3 ms against 0.77). While this lives, the calling thread
-// flushes them to zero (MXCSR's FTZ and DAZ); each term it drops is under 1e-38 of the largest, which weighs 1.
-// The mode is restored after, so the thread's other work (torch's own ops) keeps IEEE subnormals. Other CPUs
-// (aarch64's FPCR.FZ is the same switch) keep their default mode: not measured there.
+// x86 computes with a subnormal float (below 1.2e-38) through a microcode assist of about a hundred cycles.
+// Softmax weights reach 1e-38 (the exponent is clamped at -87), and one times an int8 value's scale, or a value
+// summed into an accumulator still near zero, is subnormal: with scores about a hundred apart the whole op ran 33x
+// slower (16 rows over 1,000 int8 keys, 1 thread: 25.3 ms against 0.77). While this lives, the thread that made it
+// (each task's) flushes them to zero (MXCSR's FTZ and DAZ); each term it drops is under 1e-38 of the largest,
+// which weighs 1. The mode is restored after, so the thread's other work (torch's own ops) keeps IEEE subnormals.
+// Other CPUs (aarch64's FPCR.FZ is the same switch) keep their default mode: not measured there.
 class FlushSubnormals {
  public:
 #if defined(__x86_64__)
@@ -347,9 +347,9 @@ struct Inputs {
   }
 };
 
-// R rows' scores (queries qf: [R, group, D]) with keys t0 .. t0 + 16 of n, into s ([R * group] rows padded
-// apart). int8: each key's dot product times its scale, and the values' scales widened into v_at[t0 ..).
-// parts: [R, group, 16, 16] of scratch.
+// R rows' scores (queries qf: [R, group, D]) with keys t0 .. t0 + 16, those before n (the row's keys, or the end
+// of a split's range), into s ([R * group] rows padded apart). int8: each key's dot product times its scale, and
+// the values' scales widened into v_at[t0 ..). parts: [R, group, 16, 16] of scratch.
 template <int V, int R, typename T, typename KV>
 inline void score_keys(const Inputs<T, KV>& in, const float* qf, const int64_t* at, int64_t t0, int64_t n,
                        float* v_at, float* parts, float* s, int64_t padded) {
@@ -542,7 +542,8 @@ void attend_split(const Inputs<T, KV>& in, int64_t threads) {
   });
 }
 
-// Rows past this many keys split (attend_split): below it the second parallel loop costs more than it saves. A
+// Where half the threads would idle, the rows split (attend_split) if the longest sees this many keys or more:
+// below it the second parallel loop costs more than it saves. A
 // Gemma 3 row split on 2 threads against one task: 1.59x the time over 128 keys, 1.34x over 256, 0.88x over 384.
 constexpr int64_t kSplitKeys = 384;
 
@@ -609,6 +610,10 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type() && out.scalar_type() == q.scalar_type());
   const at::Half *ks = scales_of(k_cache, k_scale), *vs = scales_of(v_cache, v_scale);
   TORCH_CHECK(block_tables.size(0) == q.size(0) && seq_lens.size(0) == q.size(0), "a block table and length per row");
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && out.sizes() == q.sizes() &&
+              k_cache.size(3) == q.size(2) && q.size(1) % k_cache.size(2) == 0,
+              "paged_attention takes q and out [rows, heads, D] and caches [blocks, block_size, kv_heads, D] alike, "
+              "heads a multiple of kv_heads");
   // A length past its table, or a block outside the pool, would read outside the caches.
   const int64_t width = block_tables.size(1), blocks = k_cache.size(0), block_size = k_cache.size(1);
   const int64_t *tables = block_tables.data_ptr<int64_t>(), *lens = seq_lens.data_ptr<int64_t>();
