@@ -476,8 +476,9 @@ inline bool fills(int64_t tasks, int64_t threads) { return tasks % threads == 0 
 // has one. Each score, weight and sum takes the same operations in the same order as there, so a row's result is
 // the same bits on either path. A Gemma 3 layer's attention for one row, float16 KV, 2 threads, against one task:
 // 0.74-0.89 the time over 2,000 keys, 0.62-0.73 over 8,000, 0.82-0.95 over 512 (its sliding window). SmolLM2's
-// three KV heads on 2 threads keep one thread idle a third of the time, yet split they took 1.05x the time over
-// 2,000 keys and 1.25x over 600: the second loop and each range's first keys, fetched without prefetch, cost more.
+// three KV heads on 2 threads keep one thread idle a third of the time, yet split they took 1.04-1.05x the time
+// over 2,000 keys and 1.18-1.25x over 600: the second loop and each range's first keys, fetched without prefetch,
+// cost more.
 template <int V, typename T, typename KV>
 void attend_split(const Inputs<T, KV>& in, int64_t threads) {
   constexpr int64_t D = V * kLanes;
@@ -530,21 +531,21 @@ void attend_split(const Inputs<T, KV>& in, int64_t threads) {
       const int64_t b = p / kv_heads, h = p % kv_heads, padded = start[p + 1] - start[p];
       const float* s = scores.data() + start[p] * group + g0 * padded;
       T* out = in.out + (b * in.heads + h * group + g0) * D;
+      auto sum = [&](auto g, auto lanes) {  // lanes: the vectors of each head this task sums
+        weigh_values<V, lanes.value, g.value>(in.v, at.data() + start[p], len[p], s, padded, v_at.data() + start[p],
+                                              total.data() + p * group + g0, half * lanes.value, sums.data(), out);
+      };
       with_chunk<kSumChunk>(std::min<int64_t>(kSumChunk, group - g0), [&](auto g) {
-        if (halves == 2)
-          weigh_values<V, V / 2, g.value>(in.v, at.data() + start[p], len[p], s, padded, v_at.data() + start[p],
-                                           total.data() + p * group + g0, half * V / 2, sums.data(), out);
-        else
-          weigh_values<V, V, g.value>(in.v, at.data() + start[p], len[p], s, padded, v_at.data() + start[p],
-                                      total.data() + p * group + g0, 0, sums.data(), out);
+        if (halves == 2) sum(g, std::integral_constant<int, V / 2>{});
+        else sum(g, std::integral_constant<int, V>{});
       });
     }
   });
 }
 
 // Where half the threads would idle, the rows split (attend_split) if the longest sees this many keys or more:
-// below it the second parallel loop costs more than it saves. A
-// Gemma 3 row split on 2 threads against one task: 1.59x the time over 128 keys, 1.34x over 256, 0.88x over 384.
+// below it the second parallel loop costs more than it saves. A Gemma 3 row split on 2 threads against one task:
+// 1.59x the time over 128 keys, 1.34x over 256, 0.88x over 384.
 constexpr int64_t kSplitKeys = 384;
 
 template <typename T, typename KV, int V>
