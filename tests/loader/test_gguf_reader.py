@@ -35,18 +35,32 @@ def arrays_file(tmp_path):
     return path
 
 
+def _read(file: GGUFFile) -> dict:
+    return {**file.metadata, **{name: file.array(name) for name in file.array_names}}
+
+
 def test_arrays_of_every_kind_read_as_gguf_reads_them(arrays_file):
-    metadata = GGUFFile(arrays_file).metadata
-    assert metadata == _expected(arrays_file)
-    assert metadata["t.strings"] == ARRAYS["t.strings"] and metadata["t.scalar"] == 7
-    assert metadata["t.string"] == "after the arrays"  # the arrays' sizes put the next key where it is
+    file = GGUFFile(arrays_file)
+    assert _read(file) == _expected(arrays_file)
+    assert file.array("t.strings") == ARRAYS["t.strings"] and file.metadata["t.scalar"] == 7
+    assert file.metadata["t.string"] == "after the arrays"  # the arrays' sizes put the next key where it is
+    assert [file.array_length(name) for name in ARRAYS] == [5, 3, 3, 0, 3]  # gguf flattens nested arrays
+    assert file.array("t.missing") is None and file.array_length("t.missing") == 0
+
+
+def test_arrays_are_read_when_asked_for_and_not_kept(arrays_file):
+    file = GGUFFile(arrays_file)
+    assert not any(isinstance(value, list) for value in file.metadata.values())
+    first = file.array("t.strings")
+    first.append("changed")  # each call reads the file again: a caller's list is its own
+    assert file.array("t.strings") == ARRAYS["t.strings"]
 
 
 def test_smollm2_metadata_equals_gguf_s(smollm2_path, gguf_parsed_once):
     # gguf_parsed_once: the reference parse is shared with transformers' loads of the same file.
-    metadata = GGUFFile(smollm2_path).metadata
-    assert metadata == _expected(smollm2_path)
-    assert len(metadata["tokenizer.ggml.tokens"]) == len(metadata["tokenizer.ggml.token_type"]) == 49152
+    file = GGUFFile(smollm2_path)
+    assert _read(file) == _expected(smollm2_path)
+    assert len(file.array("tokenizer.ggml.tokens")) == file.array_length("tokenizer.ggml.token_type") == 49152
 
 
 @pytest.mark.parametrize("key", ["t.strings", "t.floats"])

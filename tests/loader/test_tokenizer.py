@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import gguf
 import pytest
 from oracles import share_gguf_work
 
@@ -75,7 +76,7 @@ def gemma3_path():
 @pytest.fixture(scope="module")
 def gemma3_tokenizer(gemma3_path):
     gguf = GGUFFile(gemma3_path)
-    return Tokenizer.from_gguf(gguf.metadata, gguf.model_config().eos_token_ids)
+    return Tokenizer.from_gguf(gguf, gguf.model_config().eos_token_ids)
 
 
 def test_encoding_matches_transformers_on_text_without_digits(smollm2_source, transformers_answers):
@@ -144,9 +145,31 @@ def test_gemma3_token_bytes_turn_the_word_marker_into_a_space(gemma3_tokenizer):
         assert b"".join(tokenizer.token_bytes(i) for i in ids) == text.encode(), text
 
 
-def test_unsupported_gguf_tokenizer_names_the_supported_ones():
+def _vocabulary_file(path: Path, model: str, tokens: list[str]) -> GGUFFile:
+    """A GGUF file holding only a tokenizer: its kind, tokens and their types (no scores)."""
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_tokenizer_model(model)
+    writer.add_token_list(tokens)
+    writer.add_token_types([3] + [1] * (len(tokens) - 1))  # the first a control token, as <s> is
+    writer.add_bos_token_id(0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return GGUFFile(path)
+
+
+def test_unsupported_gguf_tokenizer_names_the_supported_ones(tmp_path):
     with pytest.raises(ModelLoadError, match="'gpt2'.*'llama'"):
-        Tokenizer.from_gguf({"tokenizer.ggml.model": "t5", "tokenizer.ggml.tokens": []}, [])
+        Tokenizer.from_gguf(_vocabulary_file(tmp_path / "t5.gguf", "t5", ["<s>", "a"]), [])
+
+
+def test_a_sentencepiece_vocabulary_without_scores_scores_every_piece_zero_as_llama_cpp_does(tmp_path):
+    pieces = ["<s>", "a", "b", "\u2581", "\u2581a", "ab", "\u2581ab"]
+    tokenizer = Tokenizer.from_gguf(_vocabulary_file(tmp_path / "spm.gguf", "llama", pieces), [])
+    # Equal scores leave the pieces' order in the file: "\u2581a" merges before "ab", then "\u2581ab" is whole.
+    assert tokenizer.encode("ab") == [0, 6]  # BOS, added where the file does not say otherwise
+    assert tokenizer.bos_token == "<s>" and tokenizer.decode([0, 6]) == "ab"
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ def _transformers_greedy() -> dict:
     share_gguf_work(pytest.MonkeyPatch())  # a script's patches need no undoing
     path = catalog.pull("gemma3-270m")
     file = GGUFFile(path)
-    tokenizer = Tokenizer.from_gguf(file.metadata, file.model_config().eos_token_ids)
+    tokenizer = Tokenizer.from_gguf(file, file.model_config().eos_token_ids)
     prompts = [tokenizer.encode(p) for p in GEMMA_PROMPTS]
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     return {"prompts": prompts, "tokens": greedy(ref.eval(), prompts, 32)}

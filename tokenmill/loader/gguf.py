@@ -98,18 +98,6 @@ class _Reader(GGUFReader):
     array's elements, an array object or two made for each, took 0.5 s of the 0.66 s left (2.5 s for Gemma 3's 262k).
     """
 
-    @staticmethod
-    def value(field: Any) -> Any:
-        """A metadata field as a Python scalar, string or list."""
-        if field.types == [GGUFValueType.ARRAY, GGUFValueType.STRING]:
-            raw, strings, offs = memoryview(field.parts[field.data[0]]), [], 0
-            while offs < len(raw):
-                size = int.from_bytes(raw[offs : offs + 8], sys.byteorder)
-                strings.append(str(raw[offs + 8 : offs + 8 + size], "utf-8"))
-                offs += 8 + size
-            return strings
-        return field.contents() if field.types else None
-
     def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> np.ndarray:
         plain = self.__dict__.setdefault("_plain", self.data.view(np.ndarray))
         count = int(count)
@@ -120,7 +108,8 @@ class _Reader(GGUFReader):
         """An array of numbers or of strings as one part each, read without a call per element; the rest as gguf reads it.
 
         ReaderField.contents() gives the same list for a number array (it joins its data parts). An array of strings
-        is one part, its strings' lengths and bytes as the file has them, which value() decodes (contents() does not).
+        is one part, its strings' lengths and bytes as the file has them, which _strings() decodes (contents() does
+        not).
         gguf's two array objects a string took SmolLM2's parse to +30 MiB (now +11), and, freed, left the pymalloc
         pools of the strings decoded between them empty but held: 3 MiB more after the load (docs/benchmarks.md).
         """
@@ -161,10 +150,6 @@ class GGUFFile:
         reader = self._open()
         if reader.byte_order == "S":
             raise ModelLoadError(f"{self.path} is in the other byte order from this machine's; not supported")
-        # Arrays (the vocabulary, dropped once the tokenizer holds it) after every other value: a value kept
-        # among the vocabulary's strings would hold their pymalloc arenas after the drop (2.4 MiB for SmolLM2).
-        fields = sorted(reader.fields.items(), key=lambda item: item[1].types[:1] == [GGUFValueType.ARRAY])
-        self.metadata: dict[str, Any] = {name: reader.value(f) for name, f in fields}
         self._map = reader.data
         self._tensors = [
             _Tensor(t.name, GGMLQuantizationType(t.tensor_type), tuple(reversed(t.shape.tolist())), t.data_offset, t.n_bytes)
@@ -175,13 +160,37 @@ class GGUFFile:
             t.qtype for t in self._tensors
             if (m := _LAYER_RE.match(t.name)) and m.group(2) in _LINEAR_PARTS and m.group(3) == "weight"
         }
+        # Arrays (the vocabulary) stay in the file until array() is asked for one, and are not kept: the
+        # tokenizer's Python strings then live only while it is built, and no object kept is made among them
+        # to hold their pymalloc arenas afterwards (SmolLM2's load: 4 MiB, docs/benchmarks.md).
+        self.metadata: dict[str, Any] = {}
+        self._arrays: dict[str, _Array | list] = {}
+        for name, field in reader.fields.items():
+            if field.types[:1] != [GGUFValueType.ARRAY]:
+                self.metadata[name] = field.contents() if field.types else None
+            elif len(field.types) == 2:  # strings or numbers: their count, then one view (_Reader._get_field_parts)
+                data = field.data[0]
+                self._arrays[name] = _Array(field.types[1], int(field.parts[data - 1][0]), field.parts[data])
+            else:  # arrays of arrays, which no tokenizer uses: small, read as gguf reads them
+                self._arrays[name] = field.contents()
+        self.array_names = sorted(self._arrays)
         self.architecture = str(self.metadata.get("general.architecture", ""))
-        if self._tensors:  # the header's pages (8 MiB for SmolLM2's vocabulary) are parsed now
-            _release(self._map, 0, min(t.offset for t in self._tensors))
+        self._header_bytes = min((t.offset for t in self._tensors), default=0)
+        _release(self._map, 0, self._header_bytes)  # the header's pages (8 MiB for SmolLM2's vocabulary) are parsed
 
-    def drop_vocabulary(self) -> None:
-        """Forget the tokenizer's lists (about 20 MiB of Python strings for 49k tokens) once a Tokenizer holds them."""
-        self.metadata = {k: v for k, v in self.metadata.items() if not (k.startswith("tokenizer.") and isinstance(v, list))}
+    def array(self, name: str) -> list[Any] | None:
+        """An array's items, read from the file now and not kept (a vocabulary is megabytes of strings); None if absent."""
+        found = self._arrays.get(name)
+        if not isinstance(found, _Array):
+            return found
+        items = _strings(found.data) if found.item == GGUFValueType.STRING else found.data.tolist()
+        _release(self._map, 0, self._header_bytes)
+        return items
+
+    def array_length(self, name: str) -> int:
+        """How many items an array has (0 if absent), without reading them."""
+        found = self._arrays.get(name)
+        return found.count if isinstance(found, _Array) else len(found or [])
 
     def _open(self) -> _Reader:
         try:
@@ -216,7 +225,7 @@ class GGUFFile:
 
         num_heads = int(key("attention.head_count"))
         hidden = int(key("embedding_length"))
-        vocab = md.get(f"{arch}.vocab_size") or len(md.get("tokenizer.ggml.tokens", []))
+        vocab = md.get(f"{arch}.vocab_size") or self.array_length("tokenizer.ggml.tokens")
         names = self.tensor_names
         eos = [md[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in md]
         rope_scaling = None
@@ -323,6 +332,24 @@ class GGUFFile:
             except Exception as exc:
                 raise ModelLoadError(f"cannot read tensor {tensor.name} from {self.path}: {exc}") from exc
             _release(self._map, 0, one.offset + one.n_bytes)
+
+
+class _Array(NamedTuple):
+    """An array field left in the file: its items' type and count, and their bytes as a view of the memory map."""
+
+    item: GGUFValueType
+    count: int
+    data: np.ndarray  # the values, or each string's 8-byte length and UTF-8 bytes
+
+
+def _strings(raw_array: np.ndarray) -> list[str]:
+    """Decode a GGUF string array's items (each an 8-byte length, then that many UTF-8 bytes)."""
+    raw, strings, offs = memoryview(raw_array), [], 0
+    while offs < len(raw):
+        size = int.from_bytes(raw[offs : offs + 8], sys.byteorder)
+        strings.append(str(raw[offs + 8 : offs + 8 + size], "utf-8"))
+        offs += 8 + size
+    return strings
 
 
 class _Tensor(NamedTuple):

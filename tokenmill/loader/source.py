@@ -49,8 +49,7 @@ def open_model(name_or_path: str, pull_if_missing: bool = True) -> ModelSource:
         gguf = GGUFFile(path)
         model_class(gguf.architecture)
         config = gguf.model_config()
-        tokenizer = Tokenizer.from_gguf(gguf.metadata, config.eos_token_ids)
-        gguf.drop_vocabulary()
+        tokenizer = Tokenizer.from_gguf(gguf, config.eos_token_ids)
         return ModelSource(path.stem, path, config, tokenizer, gguf)
     if "/" in name_or_path or name_or_path.endswith(".gguf"):
         raise ModelNotFoundError(f"no such file or directory: {name_or_path}")

@@ -14,6 +14,8 @@ from tokenmill.errors import InvalidRequestError, ModelLoadError
 if TYPE_CHECKING:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    from tokenmill.loader.gguf import GGUFFile
+
 # GGUF token_type values (llama.cpp's llama_token_type).
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED = 1, 2, 3, 4
 # SentencePiece writes a space inside its pieces as this character.
@@ -125,47 +127,54 @@ class Tokenizer:
         return cls(backend, eos_token_ids, bos, eos, config.get("chat_template"))
 
     @classmethod
-    def from_gguf(cls, metadata: dict[str, Any], eos_token_ids: list[int]) -> "Tokenizer":
+    def from_gguf(cls, gguf: "GGUFFile", eos_token_ids: list[int]) -> "Tokenizer":
         """Rebuild the tokenizer a GGUF file describes in its tokenizer.ggml.* metadata."""
+        metadata = gguf.metadata
         kind = metadata.get("tokenizer.ggml.model")
         if kind not in _GGUF_BACKENDS:
             raise ModelLoadError(
                 f"GGUF tokenizer model {kind!r} is not supported yet; supported: 'gpt2' (byte-level BPE), "
                 "'llama' (SentencePiece BPE)"
             )
-        tokens: list[str] = metadata["tokenizer.ggml.tokens"]
-        backend = _GGUF_BACKENDS[kind](metadata)
-        types = metadata.get("tokenizer.ggml.token_type") or []
-        # llama.cpp matches unknown-type tokens (SentencePiece's <unk>) whole too, as transformers does.
-        backend.add_special_tokens(
-            [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k in (_UNKNOWN, _CONTROL)]
-        )
-        # A run of spaces the SentencePiece backend respelled is an ordinary piece, reached by merges.
-        backend.add_tokens(
-            [
-                AddedToken(t, special=False, normalized=False)
-                for t, k in zip(tokens, types)
-                if k == _USER_DEFINED and backend.token_to_id(t) is not None
-            ]
-        )
+        # The vocabulary's strings live only inside this call: what the Tokenizer keeps is made after.
+        backend = _gguf_backend(gguf, kind)
         bos_id = metadata.get("tokenizer.ggml.bos_token_id")
         eos_id = metadata.get("tokenizer.ggml.eos_token_id")
-        bos = tokens[bos_id] if bos_id is not None else None
+        bos = backend.id_to_token(bos_id) if bos_id is not None else None
         # llama.cpp adds BOS to a SentencePiece vocabulary whose file does not say otherwise.
         if metadata.get("tokenizer.ggml.add_bos_token", kind == "llama") and bos is not None:
             backend.post_processor = processors.TemplateProcessing(
                 single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
             )
-        eos = tokens[eos_id] if eos_id is not None else None
+        eos = backend.id_to_token(eos_id) if eos_id is not None else None
         return cls(backend, eos_token_ids, bos, eos, metadata.get("tokenizer.chat_template"))
 
 
-def _byte_level_backend(metadata: dict[str, Any]) -> BackendTokenizer:
+def _gguf_backend(gguf: "GGUFFile", kind: str) -> BackendTokenizer:
+    """The backend for the file's vocabulary, its control and user-defined tokens added as llama.cpp matches them."""
+    tokens: list[str] = gguf.array("tokenizer.ggml.tokens") or []
+    types: list[int] = gguf.array("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
+    backend = _GGUF_BACKENDS[kind](gguf, tokens, types)
+    # llama.cpp matches unknown-type tokens (SentencePiece's <unk>) whole too, as transformers does.
+    backend.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k in (_UNKNOWN, _CONTROL)]
+    )
+    # A run of spaces the SentencePiece backend respelled is an ordinary piece, reached by merges.
+    backend.add_tokens(
+        [
+            AddedToken(t, special=False, normalized=False)
+            for t, k in zip(tokens, types)
+            if k == _USER_DEFINED and backend.token_to_id(t) is not None
+        ]
+    )
+    return backend
+
+
+def _byte_level_backend(gguf: "GGUFFile", tokens: list[str], types: list[int]) -> BackendTokenizer:
     """Byte-level BPE (GPT-2 style) from the file's vocabulary and merges."""
-    tokens: list[str] = metadata["tokenizer.ggml.tokens"]
-    merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
+    merges = [tuple(m.split(" ", 1)) for m in gguf.array("tokenizer.ggml.merges") or []]
     backend = BackendTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
-    backend.pre_tokenizer = _byte_level_pre_tokenizer(metadata.get("tokenizer.ggml.pre"))
+    backend.pre_tokenizer = _byte_level_pre_tokenizer(gguf.metadata.get("tokenizer.ggml.pre"))
     backend.decoder = decoders.ByteLevel()
     return backend
 
@@ -202,23 +211,23 @@ def _byte_level_pre_tokenizer(pre: str | None) -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.ByteLevel(add_prefix_space=False)
 
 
-def _sentencepiece_backend(metadata: dict[str, Any]) -> BackendTokenizer:
+def _sentencepiece_backend(gguf: "GGUFFile", tokens: list[str], types: list[int]) -> BackendTokenizer:
     """SentencePiece BPE: merges implied by the pieces' ranks, characters outside the vocabulary as <0xNN> bytes."""
-    tokens: list[str] = metadata["tokenizer.ggml.tokens"]
     # Gemma's file spells its runs of spaces with real spaces, but text reaches the pieces with each space as U+2581.
     pieces = [_SPM_SPACE * len(t) if t and not t.strip(" ") else t for t in tokens]
-    types = metadata.get("tokenizer.ggml.token_type") or [_NORMAL] * len(pieces)
-    unk_id = metadata.get("tokenizer.ggml.unknown_token_id")
+    # llama.cpp scores every piece 0 where the file has no scores.
+    scores = gguf.array("tokenizer.ggml.scores") or [0.0] * len(pieces)
+    unk_id = gguf.metadata.get("tokenizer.ggml.unknown_token_id")
     model = models.BPE(
         {p: i for i, p in enumerate(pieces)},
-        _sentencepiece_merges(pieces, metadata["tokenizer.ggml.scores"], types),
+        _sentencepiece_merges(pieces, scores, types),
         unk_token=pieces[unk_id] if unk_id is not None else None,
         fuse_unk=True,
         byte_fallback=True,
     )
     backend = BackendTokenizer(model)
     # llama.cpp's default where the file does not say: the text's first word is marked as a word start too.
-    prefix = metadata.get("tokenizer.ggml.add_space_prefix", True)
+    prefix = gguf.metadata.get("tokenizer.ggml.add_space_prefix", True)
     backend.pre_tokenizer = pre_tokenizers.Metaspace(
         _SPM_SPACE, prepend_scheme="first" if prefix else "never", split=False
     )
