@@ -10,12 +10,11 @@ from tokenmill.errors import ModelLoadError
 
 
 class RotaryEmbedding(nn.Module):
-    """Precomputed cos/sin tables indexed by absolute position."""
+    """cos/sin of each position's rotary angles, computed per step from the frequencies."""
 
     def __init__(
         self,
         head_dim: int,
-        max_position: int,
         theta: float,
         scaling: dict | None = None,
         freq_factors: torch.Tensor | None = None,
@@ -24,14 +23,14 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
         if freq_factors is not None:  # GGUF's rope_freqs tensor: per-frequency divisors (Llama 3.1)
             inv_freq = inv_freq / freq_factors.to(torch.float64)
-        inv_freq = _scale(inv_freq, scaling)
-        angles = torch.outer(torch.arange(max_position, dtype=torch.float64), inv_freq)
-        self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        self.register_buffer("inv_freq", _scale(inv_freq, scaling), persistent=False)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for these positions, shaped [tokens, 1, head_dim // 2] to broadcast over heads."""
-        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+        # Computed, not looked up: tables for every position a model allows held 2 MiB for SmolLM2 and 64 MiB for
+        # Gemma 3, to save 11-26 us a step. In float64, then float32: the bits such tables held.
+        angles = positions.to(torch.float64)[:, None] * self.inv_freq
+        return angles.cos().float().unsqueeze(1).to(dtype), angles.sin().float().unsqueeze(1).to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -71,5 +71,5 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
                 if isinstance(module, RMSNorm):
                     module.weight += 1
         c = self.config
-        self.local_rotary = RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.rope_local_theta or c.rope_theta)
+        self.local_rotary = RotaryEmbedding(c.head_dim, c.rope_local_theta or c.rope_theta)
         self.local_rotary.to(self.norm.weight.device)

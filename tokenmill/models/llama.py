@@ -122,7 +122,7 @@ class LlamaForCausalLM(Layer):
 
     def _rotary(self, freq_factors: torch.Tensor | None = None) -> RotaryEmbedding:
         c = self.config
-        return RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling, freq_factors)
+        return RotaryEmbedding(c.head_dim, c.rope_theta, c.rope_scaling, freq_factors)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, num_layers: int | None = None) -> torch.Tensor:
         # input_ids, positions: [tokens]; returns hidden states [tokens, hidden] after the first num_layers
@@ -181,7 +181,7 @@ class LlamaForCausalLM(Layer):
                 shard_rows = self._shard_rows(target, fused, shard)
                 targets[target](_within(shard_rows, rows, checkpoint_name), tensor, checkpoint_name)
                 loaded.add(f"{target}#{shard}")
-        # The tables are derived, not stored: build them on the weights' device, after any rope_freqs.
+        # The frequencies are derived, not stored: on the weights' device, after any rope_freqs.
         self.rotary = self._rotary(freq_factors).to(self.norm.weight.device)
         self.fused_layers = FusedLlamaLayers.of(self.layers)
         missing = sorted(name for key, name in self._expected_tensors(targets).items() if key not in loaded)
