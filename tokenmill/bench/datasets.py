@@ -32,7 +32,8 @@ def topic_prompts(count: int) -> list[str]:
     return [f"Write a detailed explanation of {TOPICS[i % len(TOPICS)]} for a curious student." for i in range(count)]
 
 
-def lengths(rng: np.random.Generator, count: int, mean: int, range_ratio: float) -> list[int]:
+# Quoted: evaluating np.random here would import numpy's generators into every process that reads ordinary_tokens.
+def lengths(rng: "np.random.Generator", count: int, mean: int, range_ratio: float) -> list[int]:
     """count lengths uniform in [mean * (1 - r), mean * (1 + r)], at least 1."""
     low, high = max(1, round(mean * (1 - range_ratio))), max(1, round(mean * (1 + range_ratio)))
     return rng.integers(low, high + 1, count).tolist()
