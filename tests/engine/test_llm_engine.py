@@ -94,3 +94,23 @@ def test_higher_priority_request_is_admitted_first(make_engine, drain):
     first_out = engine.step()
     assert [o.request_id for o in first_out] == ["high"]
     drain(engine)
+
+
+def test_the_heap_is_trimmed_once_as_decoding_resumes_after_a_large_prompt_step(make_engine, monkeypatch):
+    import tokenmill.engine.model_runner as model_runner
+
+    trims = []
+    monkeypatch.setattr(model_runner, "return_freed_heap", lambda: trims.append(len(trims)))
+    engine = make_engine(max_num_batched_tokens=512)
+    engine.add_request("short", list(range(300, 340)), SamplingParams(max_tokens=3, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    assert trims == []  # a 40-row prompt step leaves little to return
+    engine.add_request("long", list(range(300, 600)), SamplingParams(max_tokens=4, ignore_eos=True))
+    engine.step()  # the 300-row prompt, and its first token
+    assert trims == []
+    engine.step()
+    assert trims == [0]  # the first decode step after it
+    while engine.has_unfinished():
+        engine.step()
+    assert trims == [0]  # and no other

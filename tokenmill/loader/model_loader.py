@@ -10,6 +10,7 @@ from torch import nn
 from tokenmill import ops
 from tokenmill.config import EngineConfig
 from tokenmill.dtypes import DTYPES
+from tokenmill.heap import return_freed_heap
 from tokenmill.layers.packed_linear import can_pack, pack_linears
 from tokenmill.loader.source import ModelSource
 from tokenmill.models.registry import model_class
@@ -44,7 +45,7 @@ def load_model(config: EngineConfig, source: ModelSource) -> tuple[nn.Module, st
     # quantized model's load has built them already).
     if device.type == "cpu":
         ops.available()
-    _return_freed_heap()
+    return_freed_heap()  # what the load freed: 6 MiB for SmolLM2
     return model, choice.method
 
 
@@ -99,11 +100,3 @@ def _advise_huge_pages(address: int, length: int) -> None:
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     # Fails (EINVAL) where transparent huge pages are compiled out: the block stays in 4 KiB pages.
     madvise(address, length, _MADV_HUGEPAGE)
-
-
-def _return_freed_heap() -> None:
-    """Hand the load's freed heap back to the OS, which glibc otherwise keeps for reuse (6 MiB for SmolLM2)."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
