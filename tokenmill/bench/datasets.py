@@ -41,8 +41,9 @@ def lengths(rng: "np.random.Generator", count: int, mean: int, range_ratio: floa
 
 def ordinary_tokens(tokenizer: Tokenizer) -> np.ndarray:
     """Every token id that is not a special (added) token."""
-    special = set(tokenizer.special_token_ids())
-    return np.array([i for i in range(tokenizer.vocab_size) if i not in special])
+    ordinary = np.ones(tokenizer.vocab_size, dtype=bool)
+    ordinary[tokenizer.special_token_ids()] = False
+    return np.flatnonzero(ordinary)  # no Python int per id: Gemma 3's 262,144 of them were 7 MiB
 
 
 def random_requests(tokenizer: Tokenizer, count: int, input_len: int, output_len: int, range_ratio: float,

@@ -204,11 +204,13 @@ def _child_tokenmill(options: dict[str, Any]) -> dict[str, Any]:
     llm = LLM(**options["engine"])
     stages.append(("model loaded", _rss()))
     engine = llm.engine
-    # The standard library's generator, as the llama.cpp child's: numpy's (1.1 MiB of extension modules) is the
-    # harness's, which the engine never imports.
+    # The harness's memory is not the engine's: the standard library's generator, as the llama.cpp child's (numpy's
+    # is 1.1 MiB of extension modules the engine never imports), and the vocabulary's ids dropped once drawn from.
     rng = random.Random(options["seed"])
-    ordinary = ordinary_tokens(llm.tokenizer).tolist()
-    prompts = [{"prompt_token_ids": rng.choices(ordinary, k=options["prompt_len"])} for _ in range(options["num_seqs"])]
+    ordinary = ordinary_tokens(llm.tokenizer)
+    prompts = [{"prompt_token_ids": [int(ordinary[rng.randrange(len(ordinary))]) for _ in range(options["prompt_len"])]}
+               for _ in range(options["num_seqs"])]
+    del ordinary
     params = SamplingParams(temperature=0, max_tokens=options["output_len"], ignore_eos=True)
     stages.append(("prompts built", _rss()))
 
