@@ -101,16 +101,17 @@ def test_the_heap_is_trimmed_once_as_decoding_resumes_after_a_large_prompt_step(
 
     trims = []
     monkeypatch.setattr(model_runner, "return_freed_heap", lambda: trims.append(len(trims)))
-    engine = make_engine(max_num_batched_tokens=512)
+    engine = make_engine(max_num_batched_tokens=256)
     engine.add_request("short", list(range(300, 340)), SamplingParams(max_tokens=3, ignore_eos=True))
     while engine.has_unfinished():
         engine.step()
     assert trims == []  # a 40-row prompt step leaves little to return
     engine.add_request("long", list(range(300, 600)), SamplingParams(max_tokens=4, ignore_eos=True))
-    engine.step()  # the 300-row prompt, and its first token
+    engine.step()  # 256 prompt rows
+    engine.step()  # the last 44, and the first token: still not decoding alone
     assert trims == []
     engine.step()
-    assert trims == [0]  # the first decode step after it
+    assert trims == [0]  # the first decode step after them
     while engine.has_unfinished():
         engine.step()
     assert trims == [0]  # and no other

@@ -51,9 +51,12 @@ def test_arrays_of_every_kind_read_as_gguf_reads_them(arrays_file):
 def test_arrays_are_read_when_asked_for_and_not_kept(arrays_file):
     file = GGUFFile(arrays_file)
     assert not any(isinstance(value, list) for value in file.metadata.values())
-    first = file.array("t.strings")
-    first.append("changed")  # each call reads the file again: a caller's list is its own
-    assert file.array("t.strings") == ARRAYS["t.strings"]
+    strings = file.array("t.strings")
+    held = [*vars(file).values(), *(v for d in vars(file).values() if isinstance(d, dict) for v in d.values())]
+    assert not any(isinstance(value, list) and value == strings for value in held)  # not before the call, nor cached
+    for name in ("t.strings", "t.nested"):
+        file.array(name).append("changed")  # a caller's list is its own
+        assert file.array(name) == _expected(arrays_file)[name]
 
 
 def test_smollm2_metadata_equals_gguf_s(smollm2_path, gguf_parsed_once):

@@ -145,13 +145,13 @@ def test_gemma3_token_bytes_turn_the_word_marker_into_a_space(gemma3_tokenizer):
         assert b"".join(tokenizer.token_bytes(i) for i in ids) == text.encode(), text
 
 
-def _vocabulary_file(path: Path, model: str, tokens: list[str]) -> GGUFFile:
+def _vocabulary_file(path: Path, model: str, tokens: list[str], bos_id: int = 0) -> GGUFFile:
     """A GGUF file holding only a tokenizer: its kind, tokens and their types (no scores)."""
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_tokenizer_model(model)
     writer.add_token_list(tokens)
     writer.add_token_types([3] + [1] * (len(tokens) - 1))  # the first a control token, as <s> is
-    writer.add_bos_token_id(0)
+    writer.add_bos_token_id(bos_id)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -164,13 +164,17 @@ def test_unsupported_gguf_tokenizer_names_the_supported_ones(tmp_path):
         Tokenizer.from_gguf(_vocabulary_file(tmp_path / "t5.gguf", "t5", ["<s>", "a"]), [])
 
 
-def test_a_sentencepiece_vocabulary_without_scores_scores_every_piece_zero_as_llama_cpp_does(tmp_path):
+def test_a_sentencepiece_vocabulary_without_scores_still_merges_into_its_pieces(tmp_path):
     pieces = ["<s>", "a", "b", "\u2581", "\u2581a", "ab", "\u2581ab"]
     tokenizer = Tokenizer.from_gguf(_vocabulary_file(tmp_path / "spm.gguf", "llama", pieces), [])
-    # Equal scores leave the pieces' order in the file: "\u2581a" merges before "ab", then "\u2581ab" is whole.
+    # Without merges (every score missing) "ab" would stay three pieces: "\u2581", "a", "b".
     assert tokenizer.encode("ab") == [0, 6]  # BOS, added where the file does not say otherwise
     assert tokenizer.bos_token == "<s>" and tokenizer.decode([0, 6]) == "ab"
 
+
+def test_a_bos_id_outside_the_vocabulary_is_a_load_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="bos_token_id 9 names no token"):
+        Tokenizer.from_gguf(_vocabulary_file(tmp_path / "bos.gguf", "llama", ["<s>", "a"], bos_id=9), [])
 
 if __name__ == "__main__":
     print(json.dumps(_transformers_answers()))

@@ -13,8 +13,9 @@ from tokenmill.layers.attention import AttentionMetadata, PrefillChunk, attentio
 from tokenmill.loader.model_loader import load_model
 from tokenmill.loader.source import ModelSource
 
-# Steps of this many rows or more are prompt chunks whose buffers run to megabytes (see execute).
-_LARGE_STEP_ROWS = 256
+# Prompt rows (chunks and verified drafts) in one step whose freed buffers are worth returning (see execute).
+_LARGE_PROMPT_ROWS = 256
+
 
 @dataclass
 class RunnerOutput:
@@ -55,7 +56,7 @@ class ModelRunner:
         self.sliding_window = self.kv_cache.sliding_window
         self.num_sliding_blocks = self.kv_cache.num_sliding_blocks
         self.graphs: DecodeGraphs | None = None
-        self._after_large_step = False
+        self._large_step_since_trim = False
         # NOTE: a hybrid model's sliding layers read their own tables (AttentionMetadata.sliding), which the graphs'
         # static buffers do not hold: those models decode eagerly.
         if self.device.type == "cuda" and not config.enforce_eager and not self.num_sliding_blocks:
@@ -67,13 +68,15 @@ class ModelRunner:
     def execute(self, scheduled: list[tuple[Sequence, int]]) -> RunnerOutput:
         """Run the scheduled tokens; return the logits to sample from and the prompt rows asked for."""
         batch = self.prepare(scheduled)
-        decode_only = batch.metadata.num_decodes == len(batch.input_ids)
+        prompt_rows = len(batch.input_ids) - batch.metadata.num_decodes
+        decode_only = prompt_rows == 0
         # glibc keeps what a step frees for the steps after. A 512-row chunk's freed buffers (9 MiB for SmolLM2)
         # stayed resident through all the decoding after it in about one run in three (`bench memory`), where a
         # later allocation sat above them in the heap; returned once, as decoding resumes (about 0.5 ms).
-        if decode_only and self._after_large_step and self.device.type == "cpu":
+        self._large_step_since_trim |= prompt_rows >= _LARGE_PROMPT_ROWS
+        if decode_only and self._large_step_since_trim and self.device.type == "cpu":
             return_freed_heap()
-        self._after_large_step = not decode_only and len(batch.input_ids) >= _LARGE_STEP_ROWS
+            self._large_step_since_trim = False
         hidden = None
         if self.graphs is not None and decode_only:
             hidden = self.graphs.run(batch.input_ids, batch.positions, batch.metadata)

@@ -108,8 +108,7 @@ class _Reader(GGUFReader):
         """An array of numbers or of strings as one part each, read without a call per element; the rest as gguf reads it.
 
         ReaderField.contents() gives the same list for a number array (it joins its data parts). An array of strings
-        is one part, its strings' lengths and bytes as the file has them, which _strings() decodes (contents() does
-        not).
+        is one part, its strings' lengths and bytes as the file has them, which _strings() decodes (not contents()).
         gguf's two array objects a string took SmolLM2's parse to +30 MiB (now +11), and, freed, left the pymalloc
         pools of the strings decoded between them empty but held: 3 MiB more after the load (docs/benchmarks.md).
         """
@@ -171,7 +170,7 @@ class GGUFFile:
             elif len(field.types) == 2:  # strings or numbers: their count, then one view (_Reader._get_field_parts)
                 data = field.data[0]
                 self._arrays[name] = _Array(field.types[1], int(field.parts[data - 1][0]), field.parts[data])
-            else:  # arrays of arrays, which no tokenizer uses: small, read as gguf reads them
+            else:  # arrays of arrays, which nothing here reads: gguf's contents() (flattened numbers)
                 self._arrays[name] = field.contents()
         self.array_names = sorted(self._arrays)
         self.architecture = str(self.metadata.get("general.architecture", ""))
@@ -179,10 +178,10 @@ class GGUFFile:
         _release(self._map, 0, self._header_bytes)  # the header's pages (8 MiB for SmolLM2's vocabulary) are parsed
 
     def array(self, name: str) -> list[Any] | None:
-        """An array's items, read from the file now and not kept (a vocabulary is megabytes of strings); None if absent."""
+        """An array's items, read from the file now and not kept (a vocabulary is megabytes); None if absent."""
         found = self._arrays.get(name)
         if not isinstance(found, _Array):
-            return found
+            return None if found is None else list(found)
         items = _strings(found.data) if found.item == GGUFValueType.STRING else found.data.tolist()
         _release(self._map, 0, self._header_bytes)
         return items
@@ -218,6 +217,8 @@ class GGUFFile:
         arch, md = self.architecture, self.metadata
 
         def key(name: str, default: Any = None) -> Any:
+            if f"{arch}.{name}" in self._arrays:  # llama.cpp's per-layer values (head counts, MLP widths)
+                raise ModelLoadError(f"GGUF file {self.path} gives {arch}.{name} per layer; not supported")
             value = md.get(f"{arch}.{name}", default)
             if value is None:
                 raise ModelLoadError(f"GGUF file {self.path} lacks metadata key {arch}.{name}")

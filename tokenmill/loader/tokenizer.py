@@ -139,14 +139,13 @@ class Tokenizer:
         # The vocabulary's strings live only inside this call: what the Tokenizer keeps is made after.
         backend = _gguf_backend(gguf, kind)
         bos_id = metadata.get("tokenizer.ggml.bos_token_id")
-        eos_id = metadata.get("tokenizer.ggml.eos_token_id")
-        bos = backend.id_to_token(bos_id) if bos_id is not None else None
+        bos = _special_token(backend, "bos", bos_id)
         # llama.cpp adds BOS to a SentencePiece vocabulary whose file does not say otherwise.
         if metadata.get("tokenizer.ggml.add_bos_token", kind == "llama") and bos is not None:
             backend.post_processor = processors.TemplateProcessing(
                 single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
             )
-        eos = backend.id_to_token(eos_id) if eos_id is not None else None
+        eos = _special_token(backend, "eos", metadata.get("tokenizer.ggml.eos_token_id"))
         return cls(backend, eos_token_ids, bos, eos, metadata.get("tokenizer.chat_template"))
 
 
@@ -168,6 +167,16 @@ def _gguf_backend(gguf: "GGUFFile", kind: str) -> BackendTokenizer:
         ]
     )
     return backend
+
+
+def _special_token(backend: BackendTokenizer, kind: str, token_id: int | None) -> str | None:
+    """The text of the file's BOS or EOS token; None where the file names none."""
+    if token_id is None:
+        return None
+    text = backend.id_to_token(token_id)
+    if text is None:  # past the vocabulary, or a duplicate string whose later id took it
+        raise ModelLoadError(f"GGUF tokenizer.ggml.{kind}_token_id {token_id} names no token of the vocabulary")
+    return text
 
 
 def _byte_level_backend(gguf: "GGUFFile", tokens: list[str], types: list[int]) -> BackendTokenizer:
@@ -215,7 +224,8 @@ def _sentencepiece_backend(gguf: "GGUFFile", tokens: list[str], types: list[int]
     """SentencePiece BPE: merges implied by the pieces' ranks, characters outside the vocabulary as <0xNN> bytes."""
     # Gemma's file spells its runs of spaces with real spaces, but text reaches the pieces with each space as U+2581.
     pieces = [_SPM_SPACE * len(t) if t and not t.strip(" ") else t for t in tokens]
-    # llama.cpp scores every piece 0 where the file has no scores.
+    # llama.cpp scores every piece 0 where the file has no scores (equal scores then rank merges in file order
+    # here, where llama.cpp merges the leftmost pair of the text first).
     scores = gguf.array("tokenizer.ggml.scores") or [0.0] * len(pieces)
     unk_id = gguf.metadata.get("tokenizer.ggml.unknown_token_id")
     model = models.BPE(

@@ -55,15 +55,15 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         # input_ids, positions: [tokens]; returns hidden states [tokens, hidden] after the first num_layers
         # layers (all by default; fewer to draft by early exit) and the final norm
         x = self.embed_tokens(input_ids) * self.embed_scale
-        tables = {False: self.rotary.cos_sin(positions, x.dtype), True: self.local_rotary.cos_sin(positions, x.dtype)}
+        angles = {False: self.rotary.cos_sin(positions, x.dtype), True: self.local_rotary.cos_sin(positions, x.dtype)}
         residual = None
         for layer in islice(self.layers, num_layers):  # slicing a ModuleList builds a new one: 85 us
-            x, residual = layer(x, residual, *tables[layer.sliding])
+            x, residual = layer(x, residual, *angles[layer.sliding])
         x, _ = self.norm(x, residual)
         return x
 
     def load_weights(self, weights) -> None:
-        """Llama's loading, then Gemma's norm convention and the sliding layers' rotary tables."""
+        """Llama's loading, then Gemma's norm convention and the sliding layers' rotary base."""
         super().load_weights(weights)
         # Gemma's RMSNorm scales by 1 + weight: folding the 1 in once lets the shared RMSNorm run as is.
         with torch.no_grad():

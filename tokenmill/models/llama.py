@@ -104,7 +104,7 @@ class LlamaForCausalLM(Layer):
         self.config = config
         # Built on the meta device (ModelRunner) and filled by load_weights: initial values are never
         # read, and a random init on meta runs torch's Python reference ops, which import torch._dynamo
-        # (73 MiB of peak RSS, 0.7 s). _weight skips the init; the rotary tables come with the weights.
+        # (73 MiB of peak RSS, 0.7 s). _weight skips the init; the rotary frequencies come with the weights.
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
                                          _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(self._decoder_layer(i) for i in range(config.num_layers))
@@ -143,7 +143,7 @@ class LlamaForCausalLM(Layer):
         return self.lm_head(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, slice, torch.Tensor | LevelRows]]) -> None:
-        """Fill a model whose storage is allocated but unset (see to_empty): weights, ties and rotary tables.
+        """Fill a model whose storage is allocated but unset (see to_empty): weights, ties and rotary frequencies.
 
         Checkpoint tensors (Hugging Face names, whole or in pieces of rows) go into parameters, or into
         quantized layers' load_rows, with Q/K/V and gate/up fused.
