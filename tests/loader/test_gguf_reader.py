@@ -75,3 +75,15 @@ def test_an_array_count_past_the_end_of_the_file_is_a_load_error(arrays_file, ke
     # An error at once: reading 2^40 strings from past the end would not end.
     with pytest.raises(ModelLoadError, match="corrupt or truncated"):
         GGUFFile(arrays_file)
+
+
+def test_a_hyperparameter_given_per_layer_is_a_load_error_naming_it(tmp_path):
+    path = tmp_path / "per_layer.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_array("llama.attention.head_count", [4, 4, 8])  # llama.cpp reads such arrays as one value a layer
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelLoadError, match="llama.attention.head_count per layer"):
+        GGUFFile(path).model_config()
