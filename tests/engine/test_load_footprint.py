@@ -1,4 +1,4 @@
-"""What a model load leaves in the process besides the weights: no file pages, vocabulary strings, sympy or llguidance."""
+"""What a model load leaves besides the weights: no file pages, vocabulary strings, sympy or llguidance."""
 
 import json
 import subprocess

@@ -176,5 +176,11 @@ def test_a_bos_id_outside_the_vocabulary_is_a_load_error(tmp_path):
     with pytest.raises(ModelLoadError, match="bos_token_id 9 names no token"):
         Tokenizer.from_gguf(_vocabulary_file(tmp_path / "bos.gguf", "llama", ["<s>", "a"], bos_id=9), [])
 
+
+def test_a_tokenizer_without_tokens_is_a_load_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="no tokenizer.ggml.tokens"):
+        Tokenizer.from_gguf(_vocabulary_file(tmp_path / "empty.gguf", "gpt2", []), [])
+
+
 if __name__ == "__main__":
     print(json.dumps(_transformers_answers()))

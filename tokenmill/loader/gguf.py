@@ -161,7 +161,7 @@ class GGUFFile:
         }
         # Arrays (the vocabulary) stay in the file until array() is asked for one, and are not kept: the
         # tokenizer's Python strings then live only while it is built, and no object kept is made among them
-        # to hold their pymalloc arenas afterwards (SmolLM2's load: 4 MiB, docs/benchmarks.md).
+        # to hold their pymalloc arenas afterwards (SmolLM2's load: 2-3 MiB, docs/benchmarks.md).
         self.metadata: dict[str, Any] = {}
         self._arrays: dict[str, _Array | list] = {}
         for name, field in reader.fields.items():

@@ -151,7 +151,9 @@ class Tokenizer:
 
 def _gguf_backend(gguf: "GGUFFile", kind: str) -> BackendTokenizer:
     """The backend for the file's vocabulary, its control and user-defined tokens added as llama.cpp matches them."""
-    tokens: list[str] = gguf.array("tokenizer.ggml.tokens") or []
+    tokens: list[str] | None = gguf.array("tokenizer.ggml.tokens")
+    if not tokens:
+        raise ModelLoadError(f"GGUF file {gguf.path} names a {kind!r} tokenizer but has no tokenizer.ggml.tokens")
     types: list[int] = gguf.array("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
     backend = _GGUF_BACKENDS[kind](gguf, tokens, types)
     # llama.cpp matches unknown-type tokens (SentencePiece's <unk>) whole too, as transformers does.
