@@ -87,3 +87,12 @@ def test_a_hyperparameter_given_per_layer_is_a_load_error_naming_it(tmp_path):
     writer.close()
     with pytest.raises(ModelLoadError, match="llama.attention.head_count per layer"):
         GGUFFile(path).model_config()
+
+
+def test_a_string_that_is_not_utf8_is_a_load_error_naming_its_array(arrays_file):
+    data = bytearray(arrays_file.read_bytes())
+    at = data.index("héllo".encode())
+    data[at + 1] = 0xFF  # the first byte of "é" made invalid
+    arrays_file.write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match="corrupt: t.strings holds a string that is not UTF-8"):
+        GGUFFile(arrays_file).array("t.strings")

@@ -182,7 +182,11 @@ class GGUFFile:
         found = self._arrays.get(name)
         if not isinstance(found, _Array):
             return None if found is None else list(found)
-        items = _strings(found.data) if found.item == GGUFValueType.STRING else found.data.tolist()
+        try:
+            items = _strings(found.data) if found.item == GGUFValueType.STRING else found.data.tolist()
+        except UnicodeDecodeError as exc:
+            raise ModelLoadError(f"GGUF file {self.path} is corrupt: {name} holds a string that is not UTF-8 "
+                                 f"({exc})") from exc
         _release(self._map, 0, self._header_bytes)
         return items
 
