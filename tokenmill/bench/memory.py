@@ -121,8 +121,9 @@ def _peak_table(runs: list[dict[str, Any]]) -> str:
         lines.append(f"| {r['engine']} | {r['peak']:.1f} | {r['steady_peak']:.1f} | {ratio} |")
     ours = [r["peak"] for r in runs if r["engine"] == "tokenmill"]
     if len(ours) > 1:  # a round's peak moves by a few MiB with where glibc's heap happens to put things
-        ratio = f"{statistics.median(ours) / statistics.median(peers):.3f}x (medians)" if peers else ""
-        lines.append(f"| tokenmill, median of {len(ours)} rounds | {statistics.median(ours):.1f} | | {ratio} |")
+        median = statistics.median(ours)
+        ratio = f"{median / statistics.median(peers):.3f}x (medians)" if peers else ""
+        lines.append(f"| tokenmill, median of {len(ours)} rounds | {median:.1f} | | {ratio} |")
     return "\n".join(lines)
 
 
