@@ -12,7 +12,7 @@ from tokenmill.outputs import TokenLogprob
 logger = logging.getLogger(__name__)
 
 # Mixes a request's seed with its output position so each draw is fixed by (seed, position) alone,
-# independent of batch composition and of preemption.
+# independent of batch composition, preemption and drafts.
 _SEED_STRIDE = 1_000_003
 
 
@@ -69,24 +69,15 @@ class Sampler:
             apply_masks(logits, constrained, [row_seqs[i].grammar for i in constrained])
         chosen = _argmax(logits)
         sampled = [i for i, s in enumerate(row_seqs) if not s.params.greedy]
-        draft_probs = torch.ones(len(row_seqs), device=logits.device)  # p(draft token) per row, sampled rows only
-        uniform = torch.zeros(len(row_seqs), device=logits.device)
-        residual = chosen.clone()  # per row: a draw with the row's draft token ruled out
         if sampled:
             rows = torch.tensor(sampled, device=logits.device)
             sampled_seqs = [row_seqs[i] for i in sampled]
             probs = _truncate(self._probs(logits[rows], sampled_seqs), sampled_seqs)
-            noise, uniform[rows] = self._noise(probs, sampled_seqs, [offsets[i] for i in sampled])
-            # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, needing no cumsum or sync.
-            race = probs / noise
-            chosen[rows] = _argmax(race)
-            if any(drafts):
-                next_tokens = _next_tokens(drafts, logits.device)[rows, None]
-                draft_probs[rows] = probs.gather(1, next_tokens)[:, 0]
-                # The same race without the draft token draws from p with it removed, renormalized: the residual.
-                residual[rows] = _argmax(race.scatter_(1, next_tokens, -1.0))
-        token_ids = self._accept(drafts, seqs, chosen.tolist(), residual.tolist(), draft_probs.tolist(),
-                                 uniform.tolist())
+            noise = self._noise(probs, sampled_seqs, [offsets[i] for i in sampled])
+            # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p (truncated, renormalized by the argmax
+            # itself), needing no cumsum or sync.
+            chosen[rows] = _argmax(probs / noise)
+        token_ids = self._accept(drafts, chosen.tolist())
         logprobs: list[list[TokenLogprob] | None] = [None] * len(seqs)
         if raw_logprobs is not None:
             first = 0
@@ -98,28 +89,19 @@ class Sampler:
         return SamplerOutput(token_ids, logprobs)
 
     @staticmethod
-    def _accept(
-        drafts: list[list[int]], seqs: list[Sequence], chosen: list[int], residual: list[int],
-        draft_probs: list[float], uniform: list[float],
-    ) -> list[list[int]]:
-        """Each sequence's tokens: its drafts up to the first rejected, then the model's own token there."""
+    def _accept(drafts: list[list[int]], chosen: list[int]) -> list[list[int]]:
+        """Each sequence's tokens: its drafts while each equals the token its row chose, then that row's own token."""
+        # Every draft is proposed with certainty (lookups, a greedy draft model), so accepting it exactly when its
+        # row's draw picks it keeps each position's distribution (the draft with probability p(draft), else a draw
+        # from p without it), and a seeded request emits the tokens a run without drafts would: the draws are the same.
         out, first = [], 0
-        for seq, draft in zip(seqs, drafts):
+        for draft in drafts:
             tokens: list[int] = []
             for j, d in enumerate(draft):
-                if seq.params.greedy:
-                    accepted = chosen[first + j] == d
-                else:
-                    # The rejection rule for a draft proposed with certainty (q(d) = 1): accept with min(1, p/q) = p(d);
-                    # on rejection draw from the residual max(p - q, 0), which is p without d.
-                    accepted = uniform[first + j] < draft_probs[first + j]
-                if not accepted:
+                if chosen[first + j] != d:
                     break
                 tokens.append(d)
-            row = first + len(tokens)
-            # Greedy: the argmax where a draft was rejected differs from it already, so it is its own residual.
-            rejected = len(tokens) < len(draft) and not seq.params.greedy
-            tokens.append(residual[row] if rejected else chosen[row])
+            tokens.append(chosen[first + len(tokens)])
             out.append(tokens)
             first += len(draft) + 1
         return out
@@ -198,18 +180,16 @@ class Sampler:
         return torch.softmax(logits / temps[:, None], dim=-1)
 
     @staticmethod
-    def _noise(probs: torch.Tensor, seqs: list[Sequence], offsets: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's Exp(1) race noise and its uniform acceptance draw, fixed by (seed, position) when seeded."""
+    def _noise(probs: torch.Tensor, seqs: list[Sequence], offsets: list[int]) -> torch.Tensor:
+        """Each row's Exp(1) race noise, fixed by (seed, position) when seeded."""
         noise = torch.empty_like(probs)
-        uniform = torch.empty(len(seqs), device=probs.device)
         for i, (seq, offset) in enumerate(zip(seqs, offsets)):
             gen = None
             if seq.seed is not None:
                 gen = torch.Generator(device=probs.device)
                 gen.manual_seed(seq.seed * _SEED_STRIDE + seq.num_output_tokens + offset)
             noise[i].exponential_(generator=gen)
-            uniform[i : i + 1].uniform_(generator=gen)
-        return noise, uniform
+        return noise
 
 
 def _rows(seqs: list[Sequence], drafts: list[list[int]]) -> tuple[list[Sequence], list[int]]:
@@ -217,11 +197,6 @@ def _rows(seqs: list[Sequence], drafts: list[list[int]]) -> tuple[list[Sequence]
     row_seqs = [seq for seq, draft in zip(seqs, drafts) for _ in range(len(draft) + 1)]
     offsets = [j for draft in drafts for j in range(len(draft) + 1)]
     return row_seqs, offsets
-
-
-def _next_tokens(drafts: list[list[int]], device: torch.device) -> torch.Tensor:
-    """Per row, the draft token that row verifies (0 for each sequence's last row, which verifies none)."""
-    return torch.tensor([t for draft in drafts for t in [*draft, 0]], dtype=torch.long, device=device)
 
 
 def _argmax(x: torch.Tensor) -> torch.Tensor:
