@@ -5,6 +5,10 @@ from dataclasses import dataclass, field
 from tokenmill.errors import InvalidRequestError
 from tokenmill.structured.params import StructuredOutput
 
+# Temperatures below this sample greedily (as vLLM's): dividing logits by one near float32's smallest overflows them to
+# inf, and the softmax of a row holding inf is NaN throughout.
+_GREEDY_BELOW = 1e-5
+
 
 @dataclass
 class SamplingParams:
@@ -83,7 +87,7 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         """True when sampling reduces to argmax."""
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < _GREEDY_BELOW or self.top_k == 1
 
 
 def _check(ok: bool, name: str, value: object, rule: str) -> None:

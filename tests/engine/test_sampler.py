@@ -28,6 +28,11 @@ def test_greedy_takes_argmax():
     assert _draws(SamplingParams(temperature=0), 5) == {2}
 
 
+def test_a_temperature_near_zero_takes_argmax():
+    # 3 / 1e-40 overflows float32: sampled, the row would be NaN throughout and argmax would give token 0.
+    assert _draws(SamplingParams(temperature=1e-40), 5) == {2}
+
+
 def test_top_k_top_p_and_min_p_limit_the_candidates():
     assert _draws(SamplingParams(temperature=1.0, top_k=2)) == {2, 3}
     assert _draws(SamplingParams(temperature=1.0, top_p=0.01)) == {2}
