@@ -238,32 +238,43 @@ class AsyncEngine:
             command = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
         except queue.Empty:
             return True
-        while True:
-            if isinstance(command, _Stop):
-                return False
-            if isinstance(command, _Add):
-                self._add(command)
-            else:
-                self._abort(command.request_id)
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                return True
+        added: list[tuple[_Add, Exception | None]] = []
+        try:
+            while True:
+                if isinstance(command, _Stop):
+                    return False
+                if isinstance(command, _Add):
+                    added.append((command, self._add(command)))
+                else:
+                    self._abort(command.request_id)
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    return True
+        finally:
+            self._settle(added)
 
-    def _add(self, add: _Add) -> None:
-        error = None
+    def _add(self, add: _Add) -> Exception | None:
+        """Hand one prompt to the engine; the validation error it raised, if any."""
         try:
             self.engine.add_request(add.request_id, add.prompt_token_ids, add.params, add.arrival_time)
         except Exception as exc:  # validation errors go back to the caller, never up this thread
-            error = exc
-        else:
-            self._queues[add.request_id] = add.outputs
-        # NOTE: count it as waiting in the engine before it stops counting as pending, so num_waiting never dips;
-        # and both before the caller hears back, so what it reads next already counts it (or not).
+            return exc
+        self._queues[add.request_id] = add.outputs
+        return None
+
+    def _settle(self, added: list[tuple[_Add, Exception | None]]) -> None:
+        """Answer the callers of the adds just applied, their load counted once for all of them."""
+        if not added:
+            return
+        # NOTE: count them as waiting in the engine before they stop counting as pending, so num_waiting never dips;
+        # and both before the callers hear back, so what they read next already counts them (or not). Once per batch:
+        # stats() reads the whole waiting queue, so once per add made a request of N prompts cost N^2.
         self.stats = self.engine.stats()
         with self._pending_lock:
-            self._pending -= 1
-        self._call(_resolve, add.accepted, error)
+            self._pending -= len(added)
+        for add, error in added:
+            self._call(_resolve, add.accepted, error)
 
     def _abort(self, request_id: str) -> None:
         output = self.engine.abort(request_id)
