@@ -119,6 +119,9 @@ def test_overfilled_queue_gets_429_with_retry_after(guarded):
     for response in responses:
         if response.status_code == 200:
             assert response.json()["usage"]["completion_tokens"] == 48
+    # A request of more prompts than may ever wait is refused outright: retrying it would not help.
+    many = httpx.post(f"{guarded.url}/v1/completions", headers=headers, json={**body, "prompt": ["a", "b"]})
+    assert many.status_code == 400 and many.json()["error"]["code"] == "too_many_prompts"
 
 
 def test_sigterm_finishes_in_flight_requests_then_exits_zero(start_server):

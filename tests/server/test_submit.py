@@ -25,12 +25,16 @@ class CountingEngine:
         self.running: set[str] = set()
         self.aborted: list[str] = []
         self.lock = threading.Lock()
+        self.waiting = 0  # what stats() reports as waiting
+        self.adds_since_stats = 0
+        self.adds_between_stats: list[int] = []
 
     def add_request(self, request_id, prompt, params, arrival_time) -> None:
         if prompt == [0]:
             raise InvalidRequestError("token 0 is not allowed", param="prompt")
         self.arrived_at[request_id] = self.steps
         self.running.add(request_id)
+        self.adds_since_stats += 1
 
     def has_unfinished(self) -> bool:
         return bool(self.running)
@@ -51,15 +55,17 @@ class CountingEngine:
         return RequestOutput(request_id, None, [1], [sample], True, 0, RequestMetrics(0.0))
 
     def stats(self) -> EngineStats:
-        return EngineStats(len(self.running), 0, 10, 10, 0, 0, 0)
+        self.adds_between_stats.append(self.adds_since_stats)
+        self.adds_since_stats = 0
+        return EngineStats(len(self.running), self.waiting, 10, 10, 0, 0, 0)
 
 
-def _submit(stub: CountingEngine, prompts: list[list[int]]):
+def _submit(stub: CountingEngine, prompts: list[list[int]], config: ServerConfig | None = None):
     async def main():
         front = AsyncEngine(stub)
         front.start()
         model = ServedModel("m", front, SimpleNamespace(), 2048)
-        state = ServerState({"m": model}, ServerConfig(), Metrics("m"))
+        state = ServerState({"m": model}, config or ServerConfig(), Metrics("m"))
         try:
             # One request already decoding keeps the engine stepping while the next is admitted.
             busy = await submit(state, model, [[1]], SamplingParams(max_tokens=10**9), "busy")
@@ -79,6 +85,20 @@ def test_all_prompts_of_a_request_enter_between_the_same_two_steps():
     assert len(streams) == 200 and pending == 0
     steps = {stub.arrived_at[f"many-{i}"] for i in range(200)}
     assert len(steps) == 1  # one by one, they took 200 steps
+    # The load is read once for them all: stats() reads the whole queue, so once per prompt cost N^2.
+    assert max(stub.adds_between_stats) == 200
+
+
+def test_a_requests_prompts_count_against_the_waiting_limit():
+    with pytest.raises(APIError) as refused:
+        _submit(CountingEngine(), [[1]] * 5, ServerConfig(max_waiting=4))
+    assert refused.value.status == 400 and refused.value.body["error"]["code"] == "too_many_prompts"
+    stub = CountingEngine()
+    stub.waiting = 3
+    with pytest.raises(APIError) as busy:  # with 3 waiting, the busy request's one prompt fits; these 2 do not
+        _submit(stub, [[1], [2]], ServerConfig(max_waiting=4))
+    assert busy.value.status == 429 and busy.value.body["error"]["code"] == "too_many_waiting_requests"
+    assert not any(r.startswith("many") for r in stub.arrived_at)
 
 
 def test_an_invalid_prompt_admits_none_and_aborts_the_rest():

@@ -72,9 +72,14 @@ async def submit(state: ServerState, model: ServedModel, prompts: list[list[int]
         raise APIError(503, f"the engine of {model.name!r} is stalled: {engine.stalled}; retry later",
                        type="server_error", code="engine_stalled")
     # Each model has its own queue, so the limit is per model: a busy one does not turn away the others' requests.
-    if engine.num_waiting >= state.config.max_waiting:
-        raise APIError(429, f"{engine.num_waiting} requests are already waiting for {model.name!r} (limit "
-                       f"{state.config.max_waiting}); retry shortly", type="rate_limit_error",
+    # Each prompt is a request there, so a request's prompts count, and more than the queue holds is never served.
+    max_waiting = state.config.max_waiting
+    if len(prompts) > max_waiting:
+        raise APIError(400, f"prompt has {len(prompts)} items; at most {max_waiting} can wait for {model.name!r} "
+                       "(--max-waiting)", param="prompt", code="too_many_prompts")
+    if engine.num_waiting + len(prompts) > max_waiting:
+        raise APIError(429, f"{engine.num_waiting} requests are already waiting for {model.name!r} and this one "
+                       f"adds {len(prompts)} (limit {max_waiting}); retry shortly", type="rate_limit_error",
                        code="too_many_waiting_requests", headers={"Retry-After": "1"})
     tokens = sum(len(p) for p in prompts) * params.n
     limit = state.config.max_waiting_tokens
