@@ -184,3 +184,5 @@ def test_an_embedding_model_alone_is_served(start_server):
     with pytest.raises(NotFoundError) as error:
         client.completions.create(model="whatever", prompt="hi", max_tokens=2)
     assert "embedding models only" in error.value.body["message"]
+    with pytest.raises(NotFoundError):  # `auto` chooses among generative models, and there are none
+        client.models.retrieve("auto")

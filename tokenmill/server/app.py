@@ -107,7 +107,7 @@ async def list_models(request: Request) -> dict:
 async def get_model(model_id: str, request: Request) -> dict:
     """A served model (or `auto`) by its id; 404 for any other."""
     state = state_of(request)
-    if model_id == AUTO and AUTO not in state.models:
+    if model_id == AUTO and AUTO not in state.models and state.models:  # no generative model: no `auto` either
         return _auto_card(state)
     embedders = embedders_of(request)
     if model_id in embedders:

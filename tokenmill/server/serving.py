@@ -46,7 +46,7 @@ class ServerState:
         if name is None:
             return next(iter(self.models.values()))
         if name not in self.models:
-            served = ", ".join(repr(n) for n in self.models)
+            served = ", ".join(repr(n) for n in self.models) or "no generative model"
             raise APIError(404, f"the model {name!r} does not exist; this server serves {served}",
                            param="model", code="model_not_found")
         return self.models[name]
