@@ -55,6 +55,16 @@ def test_only_required_and_named_tool_choices_constrain(choice, forced):
     assert (params.structured_output is not None) is forced
 
 
+@pytest.mark.parametrize("name", ["none", "auto", "required"])
+def test_a_function_named_like_a_mode_is_still_the_named_choice(name):
+    tools = [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}} for n in (name, "other")]
+    request = _chat(tools=tools, tool_choice={"type": "function", "function": {"name": name}})
+    params = request.sampling_params()
+    assert request.tool_dicts() == tools and params.structured_output is not None
+    grammar = params.structured_output.grammar
+    assert f'"{name}"' in grammar and '"other"' not in grammar  # a call to that function, and only to it
+
+
 def test_tool_choice_mistakes_are_refused():
     with pytest.raises(InvalidRequestError, match="not among the tools"):
         _chat(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "g"}}).sampling_params()

@@ -364,7 +364,7 @@ class ChatCompletionRequest(_GenerationRequest):
 
     @property
     def tool_mode(self) -> str:
-        """How tools are used: "none", "auto", "required", or the one function the model must call."""
+        """How tools are used: "none", "auto", "required", or "named" (tool_choice names the function to call)."""
         if not self.tools:
             if self.tool_choice not in (None, "none"):
                 raise InvalidRequestError("tool_choice needs tools to choose from", param="tool_choice")
@@ -374,7 +374,7 @@ class ChatCompletionRequest(_GenerationRequest):
             if name not in {t.function.name for t in self.tools}:
                 raise InvalidRequestError(f"tool_choice names {name!r}, which is not among the tools",
                                           param="tool_choice")
-            return name
+            return "named"  # not the name itself: a function may be called "none" or "auto"
         return self.tool_choice or "auto"
 
     def tool_dicts(self) -> list[dict[str, Any]]:
@@ -391,7 +391,8 @@ class ChatCompletionRequest(_GenerationRequest):
         if self._structured_output() is not None:
             raise InvalidRequestError("a forced tool call already fixes the output; drop response_format",
                                       param="response_format")
-        return forced_call(self.tool_dicts(), None if mode == "required" else mode, self.parallel_tool_calls is not False)
+        named = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
+        return forced_call(self.tool_dicts(), named, self.parallel_tool_calls is not False)
 
     def conversation(self) -> list[dict[str, Any]]:
         """Messages as plain dicts for the chat template; `developer` is OpenAI's newer name for `system`."""
