@@ -35,15 +35,17 @@ def test_shared_prefix_hits_only_after_it_is_computed():
     bm.allocate(first, 13)
     second = _seq(list(range(12)) + [99])
     bm.allocate_prefix(second)  # first's blocks are allocated but not computed yet: no hit
-    assert second.num_cached_tokens == 0
+    assert second.num_computed_tokens == 0
     bm.free(second)
     first.num_computed_tokens = 13
     bm.cache_full_blocks(first)
     third = _seq(list(range(12)) + [99])
     bm.allocate_prefix(third)
-    assert third.num_cached_tokens == 12 and third.block_table == first.block_table[:3]
+    assert third.num_computed_tokens == 12 and third.block_table == first.block_table[:3]
     assert all(bm.blocks[b].ref_count == 2 for b in third.block_table)
-    assert bm.prefix_hits == 12
+    assert bm.prefix_hits == 0  # counted once a sequence is admitted, not at each lookup
+    bm.count_prefix_hit(third)
+    assert (third.num_cached_tokens, bm.prefix_queries, bm.prefix_hits) == (12, 12, 12)
 
 
 def test_full_prompt_hit_still_leaves_the_last_token_to_compute():
@@ -63,7 +65,7 @@ def test_freed_cached_blocks_are_reused_until_evicted_lru():
     assert bm.num_free_blocks == 4 and len(bm.cached) == 2
     b = _seq([1, 2, 3, 4, 9])
     bm.allocate_prefix(b)
-    assert b.num_cached_tokens == 4
+    assert b.num_computed_tokens == 4
     bm.free(b)
     # Filling the whole pool evicts the cached blocks, and their hashes disappear with them.
     c = _seq(list(range(100, 108)))
@@ -72,7 +74,7 @@ def test_freed_cached_blocks_are_reused_until_evicted_lru():
     bm.free(c)
     d = _seq([1, 2, 3, 4, 9])
     bm.allocate_prefix(d)
-    assert d.num_cached_tokens == 0
+    assert d.num_computed_tokens == 0
 
 
 def test_different_parents_do_not_share_equal_blocks():
@@ -81,7 +83,7 @@ def test_different_parents_do_not_share_equal_blocks():
     _compute_all(bm, a)
     b = _seq([9, 9, 3, 4, 0])  # same second block, different first block
     bm.allocate_prefix(b)
-    assert b.num_cached_tokens == 0
+    assert b.num_computed_tokens == 0
 
 
 def test_freed_uncached_blocks_are_reused_before_untouched_or_cached_ones():

@@ -55,6 +55,20 @@ def test_preempted_sequences_resume_with_same_tokens(make_engine, reference, run
     assert engine.scheduler.num_preemptions > 0
 
 
+def test_preempted_cached_runs_match_alone_and_count_each_prompt_once(make_engine, reference, drain):
+    prompts, alone = reference
+    block_bytes = make_engine(kv_cache_memory=0.01).runner.kv_cache.block_bytes
+    engine = make_engine(kv_cache_memory=48 * block_bytes / 2**30)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, GREEDY)
+    finals = [out for _, out in sorted(drain(engine).items(), key=lambda item: int(item[0]))]
+    assert [out.outputs[0].token_ids for out in finals] == alone and engine.scheduler.num_preemptions > 0
+    # A prompt is looked up once: not again at each admission the pool refused, nor after a preemption, when the
+    # hits are of the sequence's own output as well.
+    assert engine.block_manager.prefix_queries <= sum(len(out.prompt_token_ids) for out in finals)
+    assert all(out.num_cached_tokens < len(out.prompt_token_ids) for out in finals)
+
+
 def test_prefix_cached_runs_match_alone(make_engine, run):
     prefix = "You are a careful assistant. Answer in one sentence, using plain words. " * 6
     prompts = _prompts(12, seed=2, shared_prefix=prefix)

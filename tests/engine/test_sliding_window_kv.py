@@ -115,7 +115,7 @@ def test_prefix_hit_needs_only_the_window_of_the_sliding_table():
     bm.allocate_prefix(second)
     # 6 full blocks hit: the global table takes all six, the sliding one only blocks 4 and 5 (position 24, the
     # first to compute, reads keys from 17 on); blocks 0-3 need no KV, only their hashes.
-    assert second.num_cached_tokens == 24
+    assert second.num_computed_tokens == 24
     assert second.block_table == [bm.cached[h] for h in _chain(6)]
     assert second.sliding_table == [RELEASED] * 4 + [bm.sliding_pool.cached[h] for h in _chain(6)[4:]]
     bm.free(second)
@@ -132,7 +132,7 @@ def test_evicted_sliding_block_inside_the_window_shortens_the_hit():
     bm.sliding_pool.blocks[victim].hash = None
     second = _seq(list(range(25)))
     bm.allocate_prefix(second)
-    assert second.num_cached_tokens == 20  # 5 blocks: the window before position 20 (blocks 3, 4) is cached
+    assert second.num_computed_tokens == 20  # 5 blocks: the window before position 20 (blocks 3, 4) is cached
     bm.free(second)
     assert _all_free(bm)
 

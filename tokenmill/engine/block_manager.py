@@ -143,7 +143,6 @@ class BlockManager:
             return
         # NOTE: at least one token must be computed to get logits, so the last token never hits.
         full_blocks = (seq.num_tokens - 1) // self.block_size
-        self.prefix_queries += full_blocks * self.block_size
         chain: list[tuple[int, tuple[int, ...]]] = []
         parent = None
         for i in range(full_blocks):
@@ -160,8 +159,14 @@ class BlockManager:
                     pool.take(block_id)
                     table.append(block_id)
         seq.block_hashes.extend(h for h, _ in chain[:hits])
-        seq.num_cached_tokens = hits * self.block_size
-        seq.num_computed_tokens = seq.num_cached_tokens
+        seq.num_computed_tokens = hits * self.block_size
+
+    def count_prefix_hit(self, seq: Sequence) -> None:
+        """Record an admitted sequence's prefix hit: as its cached prompt tokens, and in the cache's counters."""
+        if not self.enable_prefix_caching:
+            return
+        seq.num_cached_tokens = seq.num_computed_tokens
+        self.prefix_queries += (seq.num_tokens - 1) // self.block_size * self.block_size
         self.prefix_hits += seq.num_cached_tokens
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:

@@ -114,13 +114,18 @@ class Scheduler:
                 break
             if seq.parent is not None and not _prefilled(seq.parent):
                 continue  # wait to share the sibling's prompt blocks instead of computing them again
-            if seq.params.prompt_logprobs is None:  # prompt logprobs need every prompt token computed
+            lookup = seq.params.prompt_logprobs is None  # prompt logprobs need every prompt token computed
+            if lookup:
                 self.block_manager.allocate_prefix(seq)
             n = min(seq.num_uncomputed_tokens, budget)
             if not self.block_manager.can_allocate(seq, n):
                 self.block_manager.free(seq)
                 break
             self.block_manager.allocate(seq, n)
+            # Counted once admitted (a refused admission is tried again) and only the first time: after a
+            # preemption the hits are of the sequence's own output as well, not of its prompt.
+            if lookup and not seq.num_preemptions:
+                self.block_manager.count_prefix_hit(seq)
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
