@@ -57,13 +57,17 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         # Decodes (one token) go before prompt chunks so a long prompt never delays them.
-        for seq in sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1):
+        ordered = sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1)
+        # Drafts get only what the decodes after them leave: a guess must never hold back another's next token.
+        decodes_after = sum(s.num_uncomputed_tokens == 1 for s in ordered)
+        for seq in ordered:
             if budget == 0:
                 break
             if seq.status != SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
             n = min(seq.num_uncomputed_tokens, budget)
-            drafts = seq.draft_token_ids[: budget - n]
+            decodes_after -= seq.num_uncomputed_tokens == 1
+            drafts = seq.draft_token_ids[: max(0, budget - n - decodes_after)]
             if drafts and not self.block_manager.can_allocate(seq, n + len(drafts)):
                 drafts = []  # a guess is never worth preempting anyone for
             seq.draft_token_ids = drafts

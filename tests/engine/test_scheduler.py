@@ -1,0 +1,27 @@
+"""Scheduler: how one step's token budget is shared among decodes, their drafts and prompts."""
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.block_manager import BlockManager
+from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.sequence import Sequence, SequenceStatus
+from tokenmill.sampling import SamplingParams
+
+
+def _decoding(scheduler: Scheduler, seq_id: int, drafts: list[int]) -> Sequence:
+    """A running sequence with its one next token to compute, and these drafts after it."""
+    seq = Sequence(seq_id, str(seq_id), 0, [1, 2], SamplingParams(), 16, [], None, arrival_time=float(seq_id))
+    scheduler.block_manager.allocate(seq, 2)
+    seq.num_computed_tokens = 1
+    seq.status = SequenceStatus.RUNNING
+    seq.draft_token_ids = drafts
+    scheduler.running.append(seq)
+    return seq
+
+
+def test_drafts_take_only_the_budget_the_other_decodes_leave():
+    scheduler = Scheduler(EngineConfig(model="unused", max_num_seqs=4, max_num_batched_tokens=8), BlockManager(32, 4))
+    seqs = [_decoding(scheduler, i, [7] * 6 if i < 2 else []) for i in range(4)]
+    out = scheduler.schedule()
+    # 8 tokens: each of the 4 decodes gets its token, and the first's drafts the 4 left (6 would starve the last two).
+    assert dict((seq.seq_id, n) for seq, n in out.scheduled) == {0: 5, 1: 1, 2: 1, 3: 1}
+    assert [len(seq.draft_token_ids) for seq in seqs] == [4, 0, 0, 0]
