@@ -78,6 +78,16 @@ def test_hybrid_keeps_the_full_table_and_bounds_the_sliding_one():
     assert _all_free(bm) and seq.sliding_table == [] and seq.block_table == []
 
 
+@pytest.mark.parametrize("num_sliding_blocks, limit", [(2, 8), (8, 64)])
+def test_a_sliding_pool_smaller_than_a_window_and_a_step_caps_the_context(num_sliding_blocks, limit):
+    bm = BlockManager(num_blocks=16, block_size=BLOCK, sliding_window=WINDOW, num_sliding_blocks=num_sliding_blocks)
+    assert bm.context_limit(step_tokens=BLOCK) == limit
+    seq = _seq(list(range(limit)))  # the longest prompt the engine accepts goes through in steps of BLOCK
+    for _ in range(limit // BLOCK):
+        _step(bm, seq, BLOCK)
+    assert seq.num_computed_tokens == limit
+
+
 @pytest.mark.parametrize("num_sliding_blocks", [None, 6], ids=["all-sliding", "hybrid"])
 def test_rejected_draft_blocks_and_preemption_leak_nothing(num_sliding_blocks):
     bm = BlockManager(num_blocks=12, block_size=BLOCK, sliding_window=WINDOW, num_sliding_blocks=num_sliding_blocks)

@@ -129,12 +129,18 @@ class BlockManager:
         return self.blocks_needed(self.sliding_window - 1) + 1
 
     def context_limit(self, step_tokens: int) -> int | None:
-        """Most tokens of context the pool lets one sequence reach, or None for any length: where every layer
-        slides, a sequence holds only its window and one step's tokens, so the pool caps how many run, not how far."""
-        if self.sliding_window is not None and self.sliding_pool is None:
-            if self.num_blocks >= self.max_window_blocks() + self.blocks_needed(step_tokens) + 1:
-                return None
-        return self.num_blocks * self.block_size
+        """Most tokens of context the pools let one sequence reach, or None for any length: a windowed table holds
+        only its window and one step's tokens, so a pool that fits those caps how many run, not how far."""
+        limit = self.num_blocks * self.block_size
+        if self.sliding_window is None:
+            return limit
+        fits_window = self.max_window_blocks() + self.blocks_needed(step_tokens) + 1
+        if self.sliding_pool is None:
+            return None if self.num_blocks >= fits_window else limit
+        if self.sliding_pool.num_blocks < fits_window:
+            # A sliding pool too small for that holds every block of a sequence: it caps the context too.
+            limit = min(limit, self.sliding_pool.num_blocks * self.block_size)
+        return limit
 
     def allocate_prefix(self, seq: Sequence) -> None:
         """Give a newly admitted sequence the cached blocks of its longest cached prefix."""
