@@ -86,7 +86,8 @@ def test_unknown_route_is_404_in_openai_shape(server):
 
 def test_prompt_longer_than_context_states_both_counts(server):
     response = httpx.post(server.url + COMPLETIONS, json={"prompt": [504] * 9000, "max_tokens": 1})
-    _assert_error(response, 400, "prompt is 9000 tokens", "context is 8192 tokens")
+    assert _assert_error(response, 400, "prompt is 9000 tokens", "context is 8192 tokens")["code"] == \
+        "context_length_exceeded"
     response = httpx.post(server.url + COMPLETIONS, json={"prompt": "hi", "max_tokens": 10_000})
     _assert_error(response, 400, "max_tokens is 10000", "context is 8192 tokens")
 

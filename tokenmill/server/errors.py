@@ -9,7 +9,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenmill.engine.async_engine import EngineStepError
-from tokenmill.errors import InvalidRequestError, TokenmillError
+from tokenmill.errors import InvalidRequestError, PromptTooLongError, TokenmillError
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,9 @@ def from_exception(exc: Exception) -> APIError:
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, InvalidRequestError):
-        return APIError(400, str(exc), param=exc.param)
+        # OpenAI's code for a prompt past the context, which clients look for to trim and retry.
+        code = "context_length_exceeded" if isinstance(exc, PromptTooLongError) else None
+        return APIError(400, str(exc), param=exc.param, code=code)
     if isinstance(exc, EngineStepError):
         return APIError(500, str(exc), type="server_error")
     logger.exception("unexpected error while serving a request", exc_info=exc)
