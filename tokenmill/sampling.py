@@ -58,7 +58,8 @@ class SamplingParams:
         _check(0 <= self.temperature < float("inf"), "temperature", self.temperature, "must be >= 0 and finite")
         _check(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
         # Past the vocabulary top_k keeps everything; the cap keeps it within the sampler's int64 tensor.
-        _check(self.top_k == -1 or 1 <= self.top_k < 2**31, "top_k", self.top_k, "must be -1 (off) or in [1, 2**31)")
+        # 0 is off as well, as in vLLM and llama.cpp (models' generation configs say top_k 0 for "none").
+        _check(-1 <= self.top_k < 2**31, "top_k", self.top_k, "must be -1 or 0 (off) or in [1, 2**31)")
         _check(0 <= self.min_p <= 1, "min_p", self.min_p, "must be in [0, 1]")
         _check(0 < self.repetition_penalty < float("inf"), "repetition_penalty", self.repetition_penalty,
                "must be > 0 and finite")

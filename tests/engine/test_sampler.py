@@ -38,6 +38,7 @@ def test_top_k_top_p_and_min_p_limit_the_candidates():
     assert _draws(SamplingParams(temperature=1.0, top_p=0.01)) == {2}
     assert _draws(SamplingParams(temperature=1.0, min_p=0.5)) == {2, 3}
     assert len(_draws(SamplingParams(temperature=1.0))) >= 5
+    assert len(_draws(SamplingParams(temperature=1.0, top_k=0))) >= 5  # 0 is off, as -1
 
 
 def test_repetition_penalty_demotes_seen_tokens():

@@ -221,7 +221,7 @@ def _truncate(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     if any(p > 0 for p in min_p):
         floor = torch.tensor(min_p, device=probs.device)[:, None] * probs.max(dim=-1, keepdim=True).values
         probs = probs.masked_fill(probs < floor, 0.0)
-    if all(k == -1 for k in top_k) and all(p == 1.0 for p in top_p):
+    if all(k <= 0 for k in top_k) and all(p == 1.0 for p in top_p):
         return probs
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     ranks = torch.arange(probs.shape[1], device=probs.device)[None, :]
