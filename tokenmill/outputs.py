@@ -19,8 +19,10 @@ class RequestMetrics:
     arrival_time: float
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
-    # One entry per generated token of every sample, so its length is the request's output tokens.
+    # One entry per generated token of every sample, so its length is the request's output tokens; and the sample
+    # (CompletionOutput.index) each entry's token belongs to.
     token_times: list[float] = field(default_factory=list)
+    token_samples: list[int] = field(default_factory=list)
     finished_time: float | None = None
     # The request's share of the busy seconds of the steps it ran in (tokenmill/cost/accounting.py): for its
     # prompt (whose last step also yields each sample's first token), and for its decodes.
@@ -37,6 +39,13 @@ class RequestMetrics:
     # deadline_error says why, and the client gets that error instead of an answer).
     deadline_status: str | None = None
     deadline_error: str | None = None
+
+    def sample_token_times(self) -> list[list[float]]:
+        """token_times split by sample, each in order."""
+        samples: dict[int, list[float]] = {}
+        for t, sample in zip(self.token_times, self.token_samples, strict=True):
+            samples.setdefault(sample, []).append(t)
+        return list(samples.values())
 
     @property
     def compute_seconds(self) -> float:

@@ -20,8 +20,8 @@ from tokenmill.server.serving import ServerState
 def _finished(ttft: float, tokens: int, reason: str = "stop") -> RequestOutput:
     token_times = [10.0 + ttft + 0.09 * i for i in range(tokens)]
     timing = RequestMetrics(arrival_time=10.0, first_scheduled_time=10.0, first_token_time=10.0 + ttft,
-                            token_times=token_times, finished_time=token_times[-1], prefill_seconds=0.2,
-                            decode_seconds=0.4, price_per_hour=3.6)
+                            token_times=token_times, token_samples=[0] * tokens, finished_time=token_times[-1],
+                            prefill_seconds=0.2, decode_seconds=0.4, price_per_hour=3.6)
     return RequestOutput("r", "p", [1, 2, 3], [CompletionOutput(0, "x", list(range(tokens)), reason)], True, 0,
                          timing)
 

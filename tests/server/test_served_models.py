@@ -123,7 +123,8 @@ def test_each_models_series_appear_in_one_exposition_under_its_own_label():
     small = Metrics("small")
     other = small.for_model("other")
     done = RequestOutput("r", None, [1, 2], [CompletionOutput(0, "x", [3], "length")], True, 0,
-                         RequestMetrics(arrival_time=1.0, first_token_time=1.5, token_times=[1.5], finished_time=2.0))
+                         RequestMetrics(arrival_time=1.0, first_token_time=1.5, token_times=[1.5], token_samples=[0],
+                                        finished_time=2.0))
     other.observe_finished(done)
     finished = {
         (s.labels["model_name"], s.labels["finished_reason"]): s.value

@@ -22,7 +22,7 @@ def _samples(metrics: Metrics) -> dict[str, float]:
 
 def test_finished_request_gives_ttft_tpot_itl_queue_and_e2e():
     timing = RequestMetrics(arrival_time=10.0, first_scheduled_time=10.5, first_token_time=11.0,
-                            token_times=[11.0, 11.1, 11.3, 11.6], finished_time=11.7)
+                            token_times=[11.0, 11.1, 11.3, 11.6], token_samples=[0] * 4, finished_time=11.7)
     output = RequestOutput("r", "p", [1, 2, 3], [CompletionOutput(0, "abcd", [4, 5, 6, 7], "length")],
                            finished=True, num_cached_tokens=0, metrics=timing)
     metrics = Metrics("m")
@@ -65,9 +65,29 @@ def test_stats_set_gauges_and_advance_counters_by_their_change():
     assert s["tokenmill:num_preemptions_total"] == 1
 
 
+def test_tpot_divides_by_each_samples_tokens_when_a_step_gives_several():
+    # Sample 0 gets its first token, then 3 tokens in one step (2 accepted drafts), then 1; sample 1 one a step.
+    timing = RequestMetrics(arrival_time=10.0, first_token_time=11.0,
+                            token_times=[11.0, 11.0, 11.2, 11.2, 11.2, 11.2, 11.4, 11.4],
+                            token_samples=[0, 1, 0, 0, 0, 1, 0, 1], finished_time=11.4)
+    output = RequestOutput("r", "p", [1], [CompletionOutput(0, "", [], "length")], finished=True,
+                           num_cached_tokens=0, metrics=timing)
+    metrics = Metrics("m")
+    metrics.observe_finished(output)
+    s = _samples(metrics)
+    # Sample 0: 0.4 s over 4 gaps; sample 1: 0.4 s over 2.
+    assert s["tokenmill:time_per_output_token_seconds_count"] == 2
+    assert abs(s["tokenmill:time_per_output_token_seconds_sum"] - (0.1 + 0.2)) < 1e-9
+    # Each sample's steps 0.2 s apart: two gaps each.
+    assert s["tokenmill:inter_token_latency_seconds_count"] == 4
+    assert abs(s["tokenmill:inter_token_latency_seconds_sum"] - 0.8) < 1e-9
+    assert s["tokenmill:generation_tokens_total"] == 8
+
+
 def test_cost_counters_and_per_token_gauges_follow_busy_time_and_finished_requests():
     # 3.6 USD per hour is 0.001 USD per second.
-    timing = RequestMetrics(arrival_time=0.0, token_times=[1.0, 1.1, 1.2, 1.3], finished_time=1.3,
+    timing = RequestMetrics(arrival_time=0.0, token_times=[1.0, 1.1, 1.2, 1.3], token_samples=[0] * 4,
+                            finished_time=1.3,
                             prefill_seconds=0.3, decode_seconds=0.9, price_per_hour=3.6)
     output = RequestOutput("r", "p", [1, 2, 3], [CompletionOutput(0, "abcd", [4, 5, 6, 7], "length")],
                            finished=True, num_cached_tokens=0, metrics=timing)

@@ -186,6 +186,7 @@ class LLMEngine:
             metrics = request.metrics
             metrics.first_token_time = metrics.first_token_time or now
             metrics.token_times += [now] * (seq.num_output_tokens - had)
+            metrics.token_samples += [seq.index] * (seq.num_output_tokens - had)
             touched[seq.request_id] = request
         outputs = dropped
         for request in touched.values():

@@ -156,12 +156,14 @@ class Metrics:
         if m.first_token_time is None:
             return
         self.ttft.observe(m.first_token_time - m.arrival_time)
-        # n > 1 samples share steps, so consecutive steps (not samples) define the gaps.
-        steps = sorted(set(m.token_times))
-        for earlier, later in zip(steps, steps[1:]):
-            self.itl.observe(later - earlier)
-        if len(steps) > 1:
-            self.tpot.observe((steps[-1] - steps[0]) / (len(steps) - 1))
+        # Each sample as a stream of its own (as vLLM counts n > 1). A step can give a sample several tokens (its
+        # accepted drafts): TPOT divides by tokens, and the gaps between tokens are those between its steps.
+        for times in m.sample_token_times():
+            steps = sorted(set(times))
+            for earlier, later in zip(steps, steps[1:]):
+                self.itl.observe(later - earlier)
+            if len(times) > 1:
+                self.tpot.observe((times[-1] - times[0]) / (len(times) - 1))
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric, for every model sharing this registry."""
