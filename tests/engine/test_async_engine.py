@@ -168,9 +168,11 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on():
         again = await front.add_request("b", [1], SamplingParams(max_tokens=2), 0.0)
         return [o.finished async for o in again], front.is_running
 
-    (finished_flags, running), _ = _run(stub, scenario)
+    (finished_flags, running), finished = _run(stub, scenario)
     assert stub.aborted == ["a"]
     assert finished_flags == [False, True] and running
+    # The failed request reaches the metrics too, as aborted.
+    assert [(o.request_id, o.outputs[0].finish_reason) for o in finished] == [("a", "abort"), ("b", "length")]
 
 
 def test_a_dead_engine_thread_leaves_no_caller_waiting():

@@ -296,9 +296,12 @@ class AsyncEngine:
                 del self._queues[request_id]
                 self._call(outputs_queue.put_nowait, error)
                 try:
-                    self.engine.abort(request_id)
+                    output = self.engine.abort(request_id)
                 except Exception:
                     logger.exception("abort of %s failed too", request_id)
+                else:
+                    if output is not None:  # counted as aborted, as the steps it ran in are already billed
+                        _observe(self.on_finished, output)
             self._publish_stats()
             return
         finally:
