@@ -1,12 +1,14 @@
 """`auto` in the server: choose a request's model; under cascade, re-run an unsure answer on a stronger one."""
 
 import asyncio
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from fastapi import Request
 
 from tokenmill.engine.async_engine import RequestStream
+from tokenmill.errors import InvalidRequestError
 from tokenmill.loader.tokenizer import Tokenizer
 from tokenmill.outputs import RequestOutput
 from tokenmill.router.policies import AUTO, Route, cheapest, escalate_to, fits, mean_logprob
@@ -84,8 +86,13 @@ async def route(state: ServerState, requested: str | None, encode: Callable[[Tok
         raise APIError(400, "model 'auto' under --router cascade answers only non-streamed requests in this version; "
                        "set stream to false or name a model", param="stream", code="unsupported_stream")
     # Each model's own tokens: served models need not share a tokenizer, and contexts are counted in them.
-    encoded = [await asyncio.to_thread(encode, model.tokenizer) for model in models]
-    longest = [max(len(p) for p in prompts) for prompts in encoded]
+    results = [await _encode_or_refuse(encode, model.tokenizer) for model in models]
+    refusals = [r for r in results if isinstance(r, InvalidRequestError)]
+    if len(refusals) == len(models):
+        raise refusals[0]
+    # A model that cannot take the request at all (a chat to a base model without a chat template) fits no context.
+    encoded = [[] if isinstance(r, InvalidRequestError) else r for r in results]
+    longest = [sys.maxsize if isinstance(r, InvalidRequestError) else max(len(p) for p in r) for r in results]
     chosen = cheapest(longest, params.max_tokens, [model.max_model_len for model in models])
     if chosen is None:
         largest = max(model.max_model_len for model in models)
@@ -102,3 +109,12 @@ async def route(state: ServerState, requested: str | None, encode: Callable[[Tok
     if params.logprobs is None:  # the cascade judges the answer by its token logprobs
         routed.params = replace(params, logprobs=0)
     return routed
+
+
+async def _encode_or_refuse(encode: Callable[[Tokenizer], list[list[int]]],
+                            tokenizer: Tokenizer) -> list[list[int]] | InvalidRequestError:
+    """A model's prompts for the request, or why that model cannot take it."""
+    try:
+        return await asyncio.to_thread(encode, tokenizer)
+    except InvalidRequestError as exc:
+        return exc

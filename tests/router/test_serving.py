@@ -1,0 +1,39 @@
+"""`auto` in the server: which model a request is routed to, on stand-in models (no engines run)."""
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+from tokenmill.config import ServerConfig
+from tokenmill.errors import InvalidRequestError
+from tokenmill.router.serving import route
+from tokenmill.sampling import SamplingParams
+from tokenmill.server.metrics import Metrics
+from tokenmill.server.serving import ServedModel, ServerState
+
+
+def _state(*chat_models: bool, router: str = "cheapest") -> ServerState:
+    """Models "m0", "m1", ... in that order, each with a chat template or without one."""
+    models = {f"m{i}": ServedModel(f"m{i}", None, SimpleNamespace(chat_template="..." if chat else None), 2048)
+              for i, chat in enumerate(chat_models)}
+    return ServerState(models, ServerConfig(router=router), Metrics("m0"))
+
+
+def _chat(tokenizer) -> list[list[int]]:
+    """Renders as Tokenizer.encode_chat does: a model without a chat template refuses."""
+    if tokenizer.chat_template is None:
+        raise InvalidRequestError("this model has no chat template; use a plain completion prompt instead")
+    return [[1, 2, 3]]
+
+
+@pytest.mark.parametrize("router", ["cheapest", "cascade"])
+def test_a_chat_skips_a_model_without_a_chat_template(router):
+    routed = asyncio.run(route(_state(False, True, router=router), "auto", _chat, SamplingParams(max_tokens=4), False))
+    assert routed.model.name == "m1" and routed.prompts == [[1, 2, 3]]
+    assert routed.fitting in (None, [1])  # the cascade never escalates to a model that cannot take the chat
+
+
+def test_a_chat_no_model_can_take_gets_that_models_error():
+    with pytest.raises(InvalidRequestError, match="no chat template"):
+        asyncio.run(route(_state(False, False), "auto", _chat, SamplingParams(max_tokens=4), False))
