@@ -32,6 +32,8 @@ _CSRC = Path(__file__).parent / "csrc"
 ARCH = {"x86_64": "x86", "AMD64": "x86", "aarch64": "arm", "arm64": "arm"}.get(platform.machine(), "other")
 # The ops work on 16 float32 lanes at a time: a row, head or group they take must be a multiple of it.
 LANES = 16
+# The types the element-wise ops (norms, rotary, gated activations) take; float16 runs PyTorch's there.
+ELEMENTWISE_DTYPES = (torch.float32, torch.bfloat16)
 # The head sizes paged attention is built for: a head's accumulators stay in registers (2 to 16 vectors).
 ATTENTION_HEAD_DIMS = (32, 64, 128, 256)
 _built: bool | None = None  # None until the first call tries

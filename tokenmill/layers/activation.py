@@ -24,7 +24,7 @@ def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 def _fused(gate_up: torch.Tensor) -> bool:
     return gate_up.is_cpu and gate_up.dim() == 2 and gate_up.shape[-1] // 2 % ops.LANES == 0 \
-        and ops.available()
+        and gate_up.dtype in ops.ELEMENTWISE_DTYPES and ops.available()
 
 
 def _run(op, gate_up: torch.Tensor) -> torch.Tensor:

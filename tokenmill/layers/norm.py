@@ -45,4 +45,5 @@ class RMSNorm(Layer):
         # Gemma 3 runs 73 plain norms a decode step (query/key, post-attention, post-MLP): PyTorch's five
         # ops for each were 15% of its step.
         return (x.is_cpu and x.shape[-1] % ops.LANES == 0 and x.dim() in (2, 3)
-                and x.stride(-1) == 1 and x.dtype == self.weight.dtype and ops.available())
+                and x.stride(-1) == 1 and x.dtype == self.weight.dtype and x.dtype in ops.ELEMENTWISE_DTYPES
+                and ops.available())

@@ -41,7 +41,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """Rotate x: [tokens, heads, head_dim], a view whose heads lie side by side, in place."""
-    if x.is_cpu and x.shape[-1] % (2 * ops.LANES) == 0 and ops.available():
+    if x.is_cpu and x.shape[-1] % (2 * ops.LANES) == 0 and x.dtype in ops.ELEMENTWISE_DTYPES and ops.available():
         torch.ops.tokenmill.rotary_(x, cos, sin)
     else:
         x.copy_(apply_rotary(x, cos, sin))
