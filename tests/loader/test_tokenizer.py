@@ -184,3 +184,19 @@ def test_a_tokenizer_without_tokens_is_a_load_error(tmp_path):
 
 if __name__ == "__main__":
     print(json.dumps(_transformers_answers()))
+
+
+@pytest.mark.parametrize("layout", ["jinja file", "named templates"])
+def test_a_folders_chat_template_is_found_where_transformers_saves_it(tmp_path, smollm2_source, layout):
+    smollm2_source.tokenizer.backend.save(str(tmp_path / "tokenizer.json"))
+    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    if layout == "jinja file":
+        (tmp_path / "chat_template.jinja").write_text(template)
+        config = {}
+    else:
+        named = [{"name": "tool_use", "template": "tools"}, {"name": "default", "template": template}]
+        config = {"chat_template": named}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = Tokenizer.from_hf_dir(tmp_path, eos_token_ids=[2])
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == "<user>hi"
+    assert not tokenizer.renders_tools

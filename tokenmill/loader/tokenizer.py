@@ -124,7 +124,7 @@ class Tokenizer:
         bos, eos = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
         if not eos_token_ids and eos is not None and backend.token_to_id(eos) is not None:
             eos_token_ids = [backend.token_to_id(eos)]
-        return cls(backend, eos_token_ids, bos, eos, config.get("chat_template"))
+        return cls(backend, eos_token_ids, bos, eos, _hf_chat_template(path, config.get("chat_template")))
 
     @classmethod
     def from_gguf(cls, gguf: "GGUFFile", eos_token_ids: list[int]) -> "Tokenizer":
@@ -147,6 +147,17 @@ class Tokenizer:
             )
         eos = _special_token(backend, "eos", metadata.get("tokenizer.ggml.eos_token_id"))
         return cls(backend, eos_token_ids, bos, eos, metadata.get("tokenizer.chat_template"))
+
+
+def _hf_chat_template(path: Path, configured: str | list | None) -> str | None:
+    """The folder's chat template: chat_template.jinja, where transformers now saves it, else tokenizer_config's."""
+    jinja_file = path / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text()
+    if isinstance(configured, list):  # named templates, as older transformers saved several: the default one
+        return next((t.get("template") for t in configured if isinstance(t, dict) and t.get("name") == "default"),
+                    None)
+    return configured
 
 
 def _gguf_backend(gguf: "GGUFFile", kind: str) -> BackendTokenizer:
