@@ -7,8 +7,11 @@ import pytest
 
 from tokenmill.config import ServerConfig
 from tokenmill.errors import InvalidRequestError
+from tokenmill.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
+from tokenmill.router import serving
 from tokenmill.router.serving import route
 from tokenmill.sampling import SamplingParams
+from tokenmill.server.errors import APIError
 from tokenmill.server.metrics import Metrics
 from tokenmill.server.serving import ServedModel, ServerState
 
@@ -37,3 +40,29 @@ def test_a_chat_skips_a_model_without_a_chat_template(router):
 def test_a_chat_no_model_can_take_gets_that_models_error():
     with pytest.raises(InvalidRequestError, match="no chat template"):
         asyncio.run(route(_state(False, False), "auto", _chat, SamplingParams(max_tokens=4), False))
+
+
+def test_a_cascade_whose_stronger_model_refuses_keeps_the_answer_in_hand(monkeypatch):
+    state = _state(True, True, router="cascade")
+    unsure = RequestOutput("r", None, [1, 2, 3], [CompletionOutput(0, "Paris", [7], "length", None,
+                                                                   [TokenLogprob(7, -9.0)])],
+                           True, 0, RequestMetrics(0.0, price_per_hour=3.6, decode_seconds=1.0))
+
+    async def collect(request, streams):
+        return [unsure]
+
+    async def busy(*args):
+        raise APIError(429, "4 requests are already waiting", type="rate_limit_error")
+
+    monkeypatch.setattr(serving, "collect", collect)
+    monkeypatch.setattr(serving, "submit", busy)
+
+    async def run():
+        routed = await route(state, "auto", _chat, SamplingParams(max_tokens=4), False)
+        return routed, await routed.finish(state, None, [], "cmpl-1")
+
+    routed, (outputs, block) = asyncio.run(run())
+    assert outputs == [unsure] and routed.model.name == "m0" and routed.route.kind == "escalation_refused"
+    assert "4 requests are already waiting" in routed.route.reason
+    assert outputs[0].outputs[0].logprobs is None  # the router's, not asked for by the client
+    assert block["completion_tokens"] == 1 and block["cost"] == pytest.approx(0.001)

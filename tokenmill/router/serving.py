@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from fastapi import Request
 
 from tokenmill.engine.async_engine import RequestStream
-from tokenmill.errors import InvalidRequestError
+from tokenmill.errors import InvalidRequestError, TokenmillError
 from tokenmill.loader.tokenizer import Tokenizer
 from tokenmill.outputs import RequestOutput
 from tokenmill.router.policies import AUTO, Route, cheapest, escalate_to, fits, mean_logprob
@@ -49,21 +49,28 @@ class Routed:
             return outputs, block
         answered = self.route.index
         self.route = escalate_to(mean_logprob(outputs), state.config.cascade_threshold, answered, self.fitting)
-        if self.route.index == answered:
-            if self.asked.logprobs is None:  # asked for by the router only, so not the client's to see
-                for output in outputs:
-                    for sample in output.outputs:
-                        sample.logprobs = None
-        else:
-            discarded = block
-            self.model = list(state.models.values())[self.route.index]
-            self.prompts, self.params = self.encoded[self.route.index], self.asked
-            streams = await submit(state, self.model, self.prompts, self.params, f"{response_id}-escalated")
-            outputs = await collect(request, streams)
-            block = usage(outputs)
-            # Both runs were paid for, so the cost says so; the tokens are those of the answer the client gets.
-            block["cost"] += discarded["cost"]
-            block["cost_details"]["compute_seconds"] += discarded["cost_details"]["compute_seconds"]
+        if self.route.index != answered:
+            stronger = list(state.models.values())[self.route.index]
+            prompts = self.encoded[self.route.index]
+            try:
+                streams = await submit(state, stronger, prompts, self.asked, f"{response_id}-escalated")
+            except (APIError, TokenmillError) as exc:
+                # Busy, stalled or refusing: the answer in hand, made and paid for, beats an error.
+                self.route = Route(answered, f"cascade: {stronger.name!r} could not take the escalation: {exc}",
+                                   "escalation_refused")
+            else:
+                discarded = block
+                self.model, self.prompts, self.params = stronger, prompts, self.asked
+                outputs = await collect(request, streams)
+                block = usage(outputs)
+                # Both runs were paid for, so the cost says so; the tokens are those of the answer the client gets.
+                block["cost"] += discarded["cost"]
+                block["cost_details"]["compute_seconds"] += discarded["cost_details"]["compute_seconds"]
+        if self.route.index == answered and self.asked.logprobs is None:
+            # Asked for by the router only, so not the client's to see.
+            for output in outputs:
+                for sample in output.outputs:
+                    sample.logprobs = None
         state.metrics.observe_route(self.model.name, self.policy, self.route.kind)
         return outputs, block
 
