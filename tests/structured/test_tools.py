@@ -106,3 +106,14 @@ def test_a_template_with_its_own_tool_format_renders_the_tools(smollm2_source):
     messages = [{"role": "user", "content": "hi"}]
     assert own.decode(chat_prompt(own, messages, [WEATHER], False)) == "get_weather;hi"
     assert '"name": "get_weather"' in smollm2.decode(chat_prompt(smollm2, messages, [WEATHER], False))
+
+
+def test_a_template_gets_a_past_calls_arguments_as_an_object(smollm2_source):
+    smollm2 = smollm2_source.tokenizer
+    template = ("{% for m in messages %}{% for c in m.tool_calls or [] %}{{ c.function.arguments | tojson }}"
+                "{% endfor %}{% endfor %}{{ tools | length }}")
+    own = Tokenizer(smollm2.backend, smollm2.eos_token_ids, chat_template=template)
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    assert own.decode(chat_prompt(own, messages, [WEATHER], False)) == '{"city": "Paris"}1'
+    assert call["function"]["arguments"] == '{"city": "Paris"}'  # the request's own messages are left as sent

@@ -51,16 +51,17 @@ def inline_tools(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | N
 
 def render_calls(tool_calls: list[dict[str, Any]]) -> str:
     """An assistant message's OpenAI tool_calls as the text the model would have written."""
-    calls = []
-    for call in tool_calls:
-        function = call.get("function", {})
-        arguments = function.get("arguments") or "{}"
-        try:
-            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
-        except json.JSONDecodeError:
-            pass  # history is replayed as the client sent it
-        calls.append({"name": function.get("name", ""), "arguments": arguments})
+    calls = [{"name": call.get("function", {}).get("name", ""), "arguments": _arguments(call)} for call in tool_calls]
     return f"{CALL_OPEN}{json.dumps(calls, ensure_ascii=False)}{CALL_CLOSE}"
+
+
+def _arguments(call: dict[str, Any]) -> Any:
+    """A tool call's arguments as an object: OpenAI's clients send them as a JSON string."""
+    arguments = call.get("function", {}).get("arguments") or "{}"
+    try:
+        return json.loads(arguments) if isinstance(arguments, str) else arguments
+    except json.JSONDecodeError:
+        return arguments  # history is replayed as the client sent it
 
 
 def forced_call(tools: list[dict[str, Any]], name: str | None, parallel: bool = True) -> StructuredOutput:
@@ -92,5 +93,14 @@ def chat_prompt(tokenizer: Tokenizer, messages: list[dict[str, Any]], tools: lis
                 forced: bool) -> list[int]:
     """Prompt ids of a conversation with tools: in the template's own format where it has one, else in ours."""
     if tokenizer.renders_tools:
-        return tokenizer.encode_chat(messages, tools)
+        return tokenizer.encode_chat([_with_call_objects(m) for m in messages], tools)
     return tokenizer.encode_chat(inline_tools(messages, tools, forced))
+
+
+def _with_call_objects(message: dict[str, Any]) -> dict[str, Any]:
+    """The message with its tool calls' arguments as objects, as templates take them (`arguments | tojson`)."""
+    if not message.get("tool_calls"):
+        return message
+    calls = [{**call, "function": {**call.get("function", {}), "arguments": _arguments(call)}}
+             for call in message["tool_calls"]]
+    return {**message, "tool_calls": calls}
