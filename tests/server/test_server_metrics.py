@@ -87,8 +87,7 @@ def test_tpot_divides_by_each_samples_tokens_when_a_step_gives_several():
 def test_cost_counters_and_per_token_gauges_follow_busy_time_and_finished_requests():
     # 3.6 USD per hour is 0.001 USD per second.
     timing = RequestMetrics(arrival_time=0.0, token_times=[1.0, 1.1, 1.2, 1.3], token_samples=[0] * 4,
-                            finished_time=1.3,
-                            prefill_seconds=0.3, decode_seconds=0.9, price_per_hour=3.6)
+                            finished_time=1.3, prefill_seconds=0.3, decode_seconds=0.9, price_per_hour=3.6)
     output = RequestOutput("r", "p", [1, 2, 3], [CompletionOutput(0, "abcd", [4, 5, 6, 7], "length")],
                            finished=True, num_cached_tokens=0, metrics=timing)
     metrics = Metrics("m")
@@ -109,3 +108,15 @@ def test_cost_counters_and_per_token_gauges_follow_busy_time_and_finished_reques
     assert abs(s["tokenmill:cost_per_1m_prompt_tokens_usd[current]"] - 4 * 0.3 * 0.001 / 3 * 1e6) < 1e-6
     assert abs(s["tokenmill:cost_per_1m_completion_tokens_usd[full]"] - 0.9 * 0.001 / 4 * 1e6) < 1e-6
     assert abs(s["tokenmill:cost_per_1m_completion_tokens_usd[current]"] - 4 * 0.9 * 0.001 / 4 * 1e6) < 1e-6
+
+
+def test_models_served_together_share_the_machines_bill():
+    small = Metrics("small")
+    other = small.for_model("other")
+    # One machine up 8 s: each model busy 2 s of it, in turns. Half the bill paid for idle time, not three quarters.
+    for metrics in (small, other):
+        metrics.observe_stats(EngineStats(0, 0, 10, 10, 0, 0, 0, busy_seconds=2.0, uptime_seconds=8.0,
+                                          price_per_hour=3.6))
+    idle = {s.labels["model_name"]: s.value for family in text_string_to_metric_families(small.render().decode())
+            for s in family.samples if s.name == "tokenmill:idle_cost_fraction"}
+    assert idle == {"small": 0.5, "other": 0.5}

@@ -22,6 +22,9 @@ class Metrics:
         # A prometheus registry takes each metric name once, so every model's series hang off the same families.
         self.registry = shared.registry if shared else CollectorRegistry()
         self._families: dict[str, Metric] = shared._families if shared else {}
+        # Every model's Metrics in the registry: models served together share one machine's bill.
+        self._models: dict[str, Metrics] = shared._models if shared else {}
+        self._models[model_name] = self
         labels = ["model_name"]
 
         def family(kind: type[Metric], name: str, doc: str, extra_labels: tuple[str, ...] = (), **kw: Any) -> Metric:
@@ -42,7 +45,8 @@ class Metrics:
         self.ttft = histogram("time_to_first_token_seconds", "Arrival to first output token.", _TTFT_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "Time between consecutive output tokens.", _TOKEN_BUCKETS)
         self.tpot = histogram(
-            "time_per_output_token_seconds", "Mean time per output token after the first, per request.", _TOKEN_BUCKETS
+            "time_per_output_token_seconds", "Mean time per output token after the first, per request (per sample for "
+        "n > 1).", _TOKEN_BUCKETS
         )
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to finish.", _REQUEST_BUCKETS)
         self.queue = histogram("request_queue_time_seconds", "Arrival to first scheduled step.", _REQUEST_BUCKETS)
@@ -114,8 +118,14 @@ class Metrics:
         busy = stats.busy_seconds - (last.busy_seconds if last else 0)
         self.busy.inc(busy)
         self.cost.inc(usd(busy, stats.price_per_hour))
-        self._set_cost_gauges(stats)
         self._last = stats
+        # Models served together take turns on one machine (their steps never overlap), so its bill since start,
+        # idle time included, is shared by their busy seconds together.
+        latest = [m._last for m in self._models.values() if m._last is not None]
+        uptime, busy_together = max(s.uptime_seconds for s in latest), sum(s.busy_seconds for s in latest)
+        for model in self._models.values():
+            if model._last is not None:
+                model._set_cost_gauges(model._last.price_per_hour, uptime, busy_together)
 
     def _observe_drafts(self, now: DraftCounters, last: DraftCounters) -> None:
         self.drafts.inc(now.num_drafts - last.num_drafts)
@@ -125,16 +135,17 @@ class Metrics:
             before = last.accepted_per_pos[position] if position < len(last.accepted_per_pos) else 0
             self._accepted_per_pos.labels(self.model_name, str(position)).inc(accepted - before)
 
-    def _set_cost_gauges(self, stats: EngineStats) -> None:
+    def _set_cost_gauges(self, price_per_hour: float, uptime: float, busy: float) -> None:
+        """The cost gauges, for a machine up `uptime` seconds of which its models were busy `busy`."""
         # At the current utilization every busy second also carries its part of the idle time billed.
-        bill_per_busy_second = stats.uptime_seconds / stats.busy_seconds if stats.busy_seconds else math.nan
+        bill_per_busy_second = uptime / busy if busy else math.nan
         for family, seconds, tokens in ((self._prompt_cost, self._prompt_seconds, self._prompt_token_count),
                                         (self._completion_cost, self._completion_seconds,
                                          self._completion_token_count)):
-            full = usd_per_million_tokens(seconds, tokens, stats.price_per_hour)
+            full = usd_per_million_tokens(seconds, tokens, price_per_hour)
             family.labels(self.model_name, "full").set(full)
             family.labels(self.model_name, "current").set(full * bill_per_busy_second)
-        self.idle_fraction.set(1 - stats.busy_seconds / stats.uptime_seconds if stats.uptime_seconds else 0.0)
+        self.idle_fraction.set(1 - busy / uptime if uptime else 0.0)
 
     def observe_finished(self, output: RequestOutput) -> None:
         """Record one finished (or aborted) request's latencies and token counts from its last output."""
