@@ -1,6 +1,5 @@
 """The dashboard's JSON snapshot: per-model counters, gauges, costs and percentiles, from a metrics registry."""
 
-import itertools
 import json
 
 import pytest
@@ -10,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
 from tokenmill.config import ServerConfig
+from tokenmill.scale.metrics import merge
 from tokenmill.outputs import CompletionOutput, DraftCounters, EngineStats, RequestMetrics, RequestOutput
 from tokenmill.server.dashboard import dashboard_router, quantile, snapshot
 from tokenmill.server.errors import install_handlers
@@ -81,14 +81,19 @@ def test_snapshot_of_two_replicas_adds_counts_merges_histograms_and_averages_kv_
         replicas[1].observe_finished(_finished(3.0, tokens=2))
     for replica, free in zip(replicas, (90, 70)):
         replica.observe_stats(EngineStats(1, 0, num_free_blocks=free, num_blocks=100, prefix_queries=0,
-                                          prefix_hits=0, num_preemptions=0))
+                                          prefix_hits=0, num_preemptions=0, busy_seconds=1.0, uptime_seconds=2.0,
+                                          price_per_hour=3.6))
     routing = CollectorRegistry()
     Counter("tokenmill:routing_decisions", "", ["reason"], registry=routing).labels("prefix").inc(3)
-    data = snapshot(itertools.chain(*(replica.registry.collect() for replica in replicas), routing.collect()))
+    # As the deployment's ingress merges them: each replica's /metrics text, its samples labelled by replica.
+    texts = {f"r{i}": replica.render().decode() for i, replica in enumerate(replicas)}
+    data = snapshot(text_string_to_metric_families(merge(texts, routing).decode()))
     a = data["models"]["a"]
     assert a["requests"] == 4 and a["generation_tokens"] == 10 and a["ttft"]["count"] == 4
     assert a["running"] == 2 and a["kv_cache_usage"] == pytest.approx(0.2)  # (10% + 30%) / 2
     assert data["routing"] == {"prefix": 3}
+    # Decode: 0.4 s for 4 tokens on one replica, 1.2 s for 6 on the other, at 0.001 USD/s: 1.6 ms over 10 tokens.
+    assert a["cost_per_1m_tokens_usd"]["completion_full"] == pytest.approx(1e6 * 0.0016 / 10)
     # One fast TTFT of four: rank 2 is the first of the three slow ones in the (2.5, 5] bucket.
     assert a["ttft"]["p50"] == pytest.approx(2.5 + 2.5 * (2 - 1) / (4 - 1))
 

@@ -29,6 +29,7 @@ _VALUES = {
 }
 _HISTOGRAMS = {"time_to_first_token_seconds": "ttft", "time_per_output_token_seconds": "tpot"}
 _COSTS = {"cost_per_1m_prompt_tokens_usd": "prompt", "cost_per_1m_completion_tokens_usd": "completion"}
+_TOKENS = {"prompt_tokens_total": "prompt", "generation_tokens_total": "completion"}  # what each cost is per
 _STATIC = files("tokenmill.server") / "static"  # the page and its script, package data
 
 
@@ -43,6 +44,8 @@ def snapshot(families: Iterable[Metric]) -> dict:
     models: dict[str, dict] = {}
     buckets: dict[tuple[str, str], dict[float, float]] = {}  # (model, histogram) -> upper bound -> count
     kv_usage: dict[str, list[float]] = {}  # one fraction per replica
+    costs: dict[tuple[str, str], list[tuple[str, float]]] = {}  # (model, "prompt_full"...) -> (replica, USD per 1M)
+    tokens: dict[tuple[str, str, str], float] = {}  # (model, replica, "prompt" or "completion") -> tokens priced
     routing: dict[str, float] = {}
     for family in families:
         for sample in family.samples:
@@ -53,8 +56,12 @@ def snapshot(families: Iterable[Metric]) -> dict:
                 continue
             model = models.setdefault(labels["model_name"], _empty())
             # Samples of one model under other labels (finished_reason, replica) add up.
+            replica = labels.get("replica", "")
             if name in _VALUES:
                 model[_VALUES[name]] += sample.value
+                if name in _TOKENS:
+                    key = (labels["model_name"], replica, _TOKENS[name])
+                    tokens[key] = tokens.get(key, 0.0) + sample.value
             elif name == "kv_cache_usage_perc":
                 kv_usage.setdefault(labels["model_name"], []).append(sample.value)
             elif name.endswith("_bucket") and name.removesuffix("_bucket") in _HISTOGRAMS:
@@ -62,7 +69,8 @@ def snapshot(families: Iterable[Metric]) -> dict:
                 bound = float(labels["le"])
                 counts[bound] = counts.get(bound, 0.0) + sample.value
             elif name in _COSTS:
-                model["cost_per_1m_tokens_usd"][f"{_COSTS[name]}_{labels['utilization']}"] = _finite(sample.value)
+                costs.setdefault((labels["model_name"], f"{_COSTS[name]}_{labels['utilization']}"), []).append(
+                    (replica, sample.value))
             elif name == "routed_requests_total" and sample.value:
                 reason = f"{labels['policy']}: {labels['reason']}"
                 model["routed"][reason] = model["routed"].get(reason, 0.0) + sample.value
@@ -72,6 +80,13 @@ def snapshot(families: Iterable[Metric]) -> dict:
         models[model_name][key]["count"] = cumulative[-1][1]
     for model_name, fractions in kv_usage.items():
         models[model_name]["kv_cache_usage"] = sum(fractions) / len(fractions)
+    for (model_name, key), values in costs.items():
+        # Replicas' figures weighed by the tokens each priced: their costs together over their tokens together.
+        # Before any token is priced the figure is unknown: None, since JSON has no NaN.
+        weighed = [(usd, tokens.get((model_name, replica, key.split("_")[0]), 0.0)) for replica, usd in values
+                   if math.isfinite(usd)]
+        priced = sum(n for _, n in weighed)
+        models[model_name]["cost_per_1m_tokens_usd"][key] = sum(u * n for u, n in weighed) / priced if priced else None
     return {"time": time.time(), "models": models, "routing": routing}
 
 
@@ -100,11 +115,6 @@ def quantile(q: float, cumulative: list[tuple[float, float]]) -> float | None:
             return lower_bound + (bound - lower_bound) * (rank - lower_count) / (count - lower_count)
         lower_bound, lower_count = bound, count
     return lower_bound
-
-
-def _finite(value: float) -> float | None:
-    # JSON has no NaN: a cost per token before any token is unknown, not a number.
-    return value if math.isfinite(value) else None
 
 
 def dashboard_router(api_key: str | None) -> APIRouter:
