@@ -70,6 +70,18 @@ def test_kernel_holds_extreme_inputs_and_levels_exactly(kernel):
         assert torch.equal(_run(kernel, layer, x), _run("portable", layer, x))
 
 
+@pytest.mark.parametrize("kernel", ["portable", *_KERNELS])
+def test_a_block_of_inputs_too_small_to_scale_counts_as_zero(kernel):
+    # 32639 / max|x| overflows float below about 1e-34 (SiLU of gates near -90 gets there): the block's products
+    # are far below float's resolution, and every kernel must treat it as the all-zero block. Alone in its row, so
+    # that what the overflow made of it is not lost in the rounding of larger products.
+    for cls in (Int8Linear, Int4Linear):
+        layer = _layer(cls, 128, 40, 64)
+        x = torch.zeros(3, 128)
+        x[:, 32:64] = torch.where(torch.arange(32) % 2 == 0, 1e-36, -3e-37)
+        assert torch.equal(_run(kernel, layer, x), torch.zeros(3, 40))
+
+
 def test_the_layer_runs_the_fastest_kernel():
     layer = _layer(Int4Linear, 128, 99, 32)
     x = torch.randn(5, 128)

@@ -23,6 +23,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 namespace tokenmill {
 
@@ -85,7 +86,9 @@ inline void quantize_input_blocks(const float* x, int64_t begin, int64_t end, in
   for (int64_t i = begin; i < end; ++i) {
     const float* xp = x + i * kInputBlock;
     const float amax = abs_max(xp);
-    const float inv = amax > 0.f ? kMaxLevel / amax : 0.f;
+    // Below kMaxLevel / FLT_MAX the inverse overflows to inf (levels of inf and NaN, undefined as integers): such
+    // a block's products lie far below float's resolution, so its levels are zero, as an all-zero block's.
+    const float inv = amax > kMaxLevel / std::numeric_limits<float>::max() ? kMaxLevel / amax : 0.f;
     const int32_t total = levels(xp, inv, hi + i * kInputBlock, lo + i * kInputBlock);
     dx[i] = amax / kMaxLevel;
     sx[i] = dx[i] * float(total);
