@@ -1,5 +1,7 @@
 """Engine and model configuration: one source of defaults, each with the reason for it."""
 
+import math
+import re
 from dataclasses import dataclass, field
 
 from tokenmill.errors import InvalidRequestError
@@ -131,6 +133,8 @@ class EngineConfig:
             self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
         if self.dtype not in DTYPE_NAMES:
             raise InvalidRequestError(f"dtype={self.dtype!r} is not supported; choose one of {', '.join(DTYPE_NAMES)}")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise InvalidRequestError(f"device={self.device!r} is not supported; choose cpu, cuda or cuda:N")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name}={getattr(self, name)} must be at least 1")
@@ -151,14 +155,29 @@ class EngineConfig:
         # The int8/int4 kernel reads its inputs in blocks of 32.
         if self.quant_group_size < 32 or self.quant_group_size % 32:
             raise InvalidRequestError(f"quant_group_size={self.quant_group_size} must be a positive multiple of 32")
-        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
-            raise InvalidRequestError(f"kv_cache_memory={self.kv_cache_memory} GiB must be positive")
+        if self.kv_cache_memory is not None and not 0 < self.kv_cache_memory < math.inf:
+            raise InvalidRequestError(f"kv_cache_memory={self.kv_cache_memory} GiB must be a positive number")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise InvalidRequestError(f"max_model_len={self.max_model_len} must be at least 1 (or unset: the model's)")
         if not 0 < self.kv_cache_fraction <= 1:
             raise InvalidRequestError(f"kv_cache_fraction={self.kv_cache_fraction} must be in (0, 1]")
         if self.num_threads is not None and self.num_threads < 1:
             raise InvalidRequestError(f"num_threads={self.num_threads} must be at least 1")
         if self.price_per_hour is not None and not 0 <= self.price_per_hour < float("inf"):
             raise InvalidRequestError(f"price_per_hour={self.price_per_hour} must be a USD amount >= 0")
+
+    def check_device(self) -> None:
+        """Raise unless this PyTorch has the device and the settings run there; before an engine opens its model."""
+        if self.device == "cpu":
+            return
+        import torch  # only for a GPU: configs are made (and GPU ones planned for) before torch is imported
+
+        if not torch.cuda.is_available():
+            raise InvalidRequestError(f"device={self.device!r}, but this PyTorch ({torch.__version__}) sees no CUDA "
+                                      "GPU; use --device cpu")
+        # The Triton attention kernel tiles a block with tl.arange, which takes powers of two only.
+        if self.block_size & (self.block_size - 1):
+            raise InvalidRequestError(f"block_size={self.block_size} must be a power of two on CUDA")
 
 
 @dataclass

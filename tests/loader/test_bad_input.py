@@ -1,10 +1,12 @@
 """Every user mistake in naming or supplying a model gives a typed error with an actionable message."""
 
 import pytest
+import torch
 from gguf import GGUFWriter
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.config import EngineConfig
+from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.errors import (
     InvalidRequestError,
     ModelLoadError,
@@ -87,11 +89,21 @@ def test_prompt_longer_than_context_is_rejected_and_engine_keeps_working(llm):
     "options, field",
     [({"max_num_seqs": 0}, "max_num_seqs"), ({"max_num_batched_tokens": 8}, "max_num_batched_tokens"),
      ({"dtype": "float8"}, "dtype"), ({"kv_cache_memory": -1}, "kv_cache_memory"),
-     ({"price_per_hour": -0.5}, "price_per_hour")],
+     ({"kv_cache_memory": float("nan")}, "kv_cache_memory"), ({"max_model_len": 0}, "max_model_len"),
+     ({"device": "gpu"}, "device"), ({"price_per_hour": -0.5}, "price_per_hour")],
 )
 def test_bad_engine_options_are_rejected_before_loading(options, field):
     with pytest.raises(InvalidRequestError, match=field):
         EngineConfig(**options)
+
+
+def test_a_gpu_this_pytorch_lacks_is_an_error_before_the_model_opens(monkeypatch):
+    from tokenmill.engine import llm_engine
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on CI, whatever machine runs this
+    monkeypatch.setattr(llm_engine, "open_model", lambda name: pytest.fail("opened the model"))
+    with pytest.raises(InvalidRequestError, match="sees no CUDA GPU"):
+        LLMEngine(EngineConfig(device="cuda"))
 
 
 def test_bad_prompts_and_options_are_invalid_requests(llm):

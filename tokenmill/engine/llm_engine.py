@@ -42,6 +42,7 @@ class LLMEngine:
     """Owns the scheduler, model runner and sampler; only one thread may drive it."""
 
     def __init__(self, config: EngineConfig, source: ModelSource | None = None) -> None:
+        config.check_device()
         self.config = config
         self.source = source or open_model(config.model)
         self.tokenizer = self.source.tokenizer
