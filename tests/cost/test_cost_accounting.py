@@ -89,6 +89,10 @@ def test_cpu_price_is_per_vcpu_hour_times_torch_threads():
 @pytest.mark.parametrize("name, usd", [("NVIDIA A100-SXM4-80GB", prices.USD_PER_GPU_HOUR["A100"]),
                                        ("NVIDIA A10G", prices.USD_PER_GPU_HOUR["A10"]),
                                        ("NVIDIA H100 80GB HBM3", prices.USD_PER_GPU_HOUR["H100"]),
+                                       ("NVIDIA L4", prices.USD_PER_GPU_HOUR["L4"]),
+                                       ("Tesla T4", prices.USD_PER_GPU_HOUR["T4"]),
+                                       # Not an L4: a GPU the table lacks is priced as its dearest entry.
+                                       ("NVIDIA L40S", max(prices.USD_PER_GPU_HOUR.values())),
                                        ("Some Future GPU", max(prices.USD_PER_GPU_HOUR.values()))])
 def test_gpu_price_comes_from_its_model_name(monkeypatch, name, usd):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)

@@ -1,5 +1,6 @@
 """The machine's price per hour: --price-per-hour, or else a typical cloud price from a small table."""
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -33,8 +34,8 @@ def machine_price(price_per_hour: float | None, device: str) -> Price:
         return Price(usd, f"${usd:.4f}/h by default: {threads} torch threads x ${USD_PER_VCPU_HOUR} per vCPU-hour "
                           f"(AWS c7i on-demand, us-east-1, 2024); {_OVERRIDE}")
     name = torch.cuda.get_device_name(torch.device(device))
-    # Longest first, so "A100" wins over "A10" in "NVIDIA A100-SXM4-80GB".
-    known = next((gpu for gpu in sorted(USD_PER_GPU_HOUR, key=len, reverse=True) if gpu in name.upper()), None)
+    # A model number not followed by another digit: "A10" is not "A100", nor "L4" "L40S" (an A10G is an A10).
+    known = next((gpu for gpu in USD_PER_GPU_HOUR if re.search(rf"\b{gpu}(?!\d)", name.upper())), None)
     if known is None:
         return Price(_UNKNOWN_GPU_USD_PER_HOUR, f"${_UNKNOWN_GPU_USD_PER_HOUR}/h by default: no price is known for "
                                                 f"{name}, so the dearest GPU in the table; {_OVERRIDE}")
