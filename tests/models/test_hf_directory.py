@@ -1,11 +1,14 @@
 """Hugging Face safetensors directories load and agree with transformers (Llama and Qwen2 layouts)."""
 
+import json
+
 import pytest
 import torch
 import transformers
 from oracles import greedy
 
 from tokenmill import LLM, SamplingParams
+from tokenmill.loader.hf import HFDirectory
 
 
 def _save_random_model(path, smollm2_source, config) -> None:
@@ -43,3 +46,24 @@ def test_hf_directory_matches_transformers(kind, tmp_path, smollm2_source, last_
     params = SamplingParams(temperature=0, max_tokens=64, min_tokens=64)
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params)
     assert [out.outputs[0].token_ids for out in outputs] == greedy(ref, prompts, 64)
+
+
+@pytest.mark.parametrize("architecture, config_class, fields", [
+    ("Gemma3ForCausalLM", transformers.Gemma3TextConfig, {"sliding_window": 64, "sliding_window_pattern": 3}),
+    ("Gemma3ForCausalLM", transformers.Gemma3TextConfig, {"sliding_window": 64}),
+    ("Qwen2ForCausalLM", transformers.Qwen2Config, {"sliding_window": 64, "use_sliding_window": True,
+                                                   "max_window_layers": 4}),
+    ("Qwen2ForCausalLM", transformers.Qwen2Config, {"sliding_window": 64}),
+    ("MistralForCausalLM", transformers.MistralConfig, {"sliding_window": 64}),
+])
+def test_fields_config_json_leaves_out_are_read_as_transformers_fills_them_in(tmp_path, architecture, config_class,
+                                                                              fields):
+    raw = {"architectures": [architecture], "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+           "num_hidden_layers": 8, "num_attention_heads": 4, "num_key_value_heads": 2, **fields}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    (tmp_path / "model.safetensors").touch()  # the config is read without opening the weights
+    ours, theirs = HFDirectory(tmp_path).model_config(), config_class(**raw)
+    kinds = getattr(theirs, "layer_types", None) or ["sliding_attention"] * 8
+    windows = [theirs.sliding_window if kind == "sliding_attention" else None for kind in kinds]
+    assert [ours.layer_window(i) for i in range(8)] == windows
+    assert ours.tie_word_embeddings == theirs.tie_word_embeddings

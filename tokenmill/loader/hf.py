@@ -50,13 +50,15 @@ class HFDirectory:
                 rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
                 rope_theta=float(c.get("rope_theta") or rope.get("rope_theta") or 10000.0),
                 max_position_embeddings=int(c.get("max_position_embeddings", 2048)),
-                tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+                # transformers' own default where config.json leaves it out: Gemma's configs tie, the others do not.
+                tie_word_embeddings=bool(c.get("tie_word_embeddings", self.architecture.startswith("Gemma"))),
                 rope_scaling=scaling,
                 # Qwen2-MoE configs name it qkv_bias.
                 attention_bias=bool(c.get("attention_bias", c.get("qkv_bias", self.architecture.startswith("Qwen2")))),
-                # Qwen2 configs carry a sliding_window that use_sliding_window switches off.
-                sliding_window=c.get("sliding_window") if c.get("use_sliding_window", True) else None,
-                layer_types=c.get("layer_types"),
+                # Qwen configs carry a sliding_window that use_sliding_window (off unless said) switches on.
+                sliding_window=c.get("sliding_window") if c.get("use_sliding_window", not self.architecture.startswith(
+                    "Qwen")) else None,
+                layer_types=_layer_types(c, self.architecture),
                 rope_local_theta=_local_theta(c),
                 attention_scale=c["query_pre_attn_scalar"] ** -0.5 if c.get("query_pre_attn_scalar") else None,
                 num_experts=int(c.get("num_local_experts") or c.get("num_experts") or 0),
@@ -97,6 +99,22 @@ class HFDirectory:
                         yield name, slice(None), f.get_tensor(name).to(dtype)
             except Exception as exc:  # safetensors raises its own SafetensorError on bad bytes
                 raise ModelLoadError(f"cannot read {file}: {exc}") from exc
+
+
+def _layer_types(config: dict, architecture: str) -> list[str] | None:
+    """Each layer's attention, as transformers fills it in where config.json leaves layer_types out."""
+    if config.get("layer_types"):
+        return config["layer_types"]
+    layers = int(config["num_hidden_layers"])
+    if architecture.startswith("Gemma3"):
+        # Every sliding_window_pattern-th layer attends globally (6 unless said, as Gemma3TextConfig).
+        pattern = int(config.get("sliding_window_pattern") or 6)
+        return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
+    if architecture.startswith("Qwen") and config.get("use_sliding_window"):
+        # Only the layers from max_window_layers on slide, as Qwen2Config and its kin.
+        first = int(config.get("max_window_layers", layers))
+        return ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+    return None
 
 
 def _local_theta(config: dict) -> float | None:
