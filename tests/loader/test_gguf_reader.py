@@ -89,6 +89,20 @@ def test_a_hyperparameter_given_per_layer_is_a_load_error_naming_it(tmp_path):
         GGUFFile(path).model_config()
 
 
+def test_rope_scaling_tokenmill_lacks_is_a_load_error_not_ignored(tmp_path):
+    path = tmp_path / "yarn.gguf"
+    writer = gguf.GGUFWriter(path, "qwen2")
+    writer.add_head_count(4)
+    writer.add_embedding_length(64)
+    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelLoadError, match="'yarn' rope scaling; supported: linear"):
+        GGUFFile(path).model_config()
+
+
 def test_a_string_that_is_not_utf8_is_a_load_error_naming_its_array(arrays_file):
     data = bytearray(arrays_file.read_bytes())
     at = data.index("héllo".encode())

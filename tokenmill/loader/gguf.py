@@ -234,8 +234,11 @@ class GGUFFile:
         names = self.tensor_names
         eos = [md[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in md]
         rope_scaling = None
-        if md.get(f"{arch}.rope.scaling.type") in ("linear",):
+        scaling = md.get(f"{arch}.rope.scaling.type", "none")
+        if scaling == "linear":
             rope_scaling = {"rope_type": "linear", "factor": float(md[f"{arch}.rope.scaling.factor"])}
+        elif scaling != "none":  # YaRN, LongRoPE: without them the frequencies, and so every token, would differ
+            raise ModelLoadError(f"GGUF file {self.path} uses {scaling!r} rope scaling; supported: linear")
         window = md.get(f"{arch}.attention.sliding_window")
         num_layers = int(key("block_count"))
         layer_types, local_theta = None, None
