@@ -1,8 +1,12 @@
 """Decode graphs' padded static batch gives the same tokens as eager steps (run eagerly on CPU, replayed on CUDA)."""
 
+from types import SimpleNamespace
+
 import torch
 
+from tokenmill.config import EngineConfig
 from tokenmill.engine.cuda_graphs import DecodeGraphs
+from tokenmill.engine.model_runner import captures_decode
 from tokenmill.layers.attention import AttentionMetadata
 from tokenmill.sampling import SamplingParams
 
@@ -38,3 +42,12 @@ def test_a_batch_no_graph_fits_is_left_to_the_eager_path():
     assert graphs.run(*_decodes(2, 2)) is not None
     assert graphs.run(*_decodes(3, 2)) is None  # more rows than the largest graph
     assert graphs.run(*_decodes(2, 3)) is None  # a block table wider than the graphs were captured for
+
+
+def test_only_plain_models_on_cuda_replay_decode_graphs():
+    cuda, dense, moe = torch.device("cuda"), SimpleNamespace(num_experts=0), SimpleNamespace(num_experts=8)
+    assert captures_decode(cuda, EngineConfig(), dense, hybrid=False)
+    assert not captures_decode(torch.device("cpu"), EngineConfig(), dense, hybrid=False)
+    assert not captures_decode(cuda, EngineConfig(enforce_eager=True), dense, hybrid=False)
+    assert not captures_decode(cuda, EngineConfig(), dense, hybrid=True)  # Gemma 3: the sliding layers' tables
+    assert not captures_decode(cuda, EngineConfig(), moe, hybrid=False)  # routing reads counts on the host

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenmill.config import EngineConfig
+from tokenmill.config import EngineConfig, ModelConfig
 from tokenmill.engine.cuda_graphs import GRAPH_BATCH_SIZES, DecodeGraphs
 from tokenmill.engine.kv_cache import KVCache
 from tokenmill.engine.sequence import Sequence
@@ -57,9 +57,7 @@ class ModelRunner:
         self.num_sliding_blocks = self.kv_cache.num_sliding_blocks
         self.graphs: DecodeGraphs | None = None
         self._large_step_since_trim = False
-        # NOTE: a hybrid model's sliding layers read their own tables (AttentionMetadata.sliding), which the graphs'
-        # static buffers do not hold: those models decode eagerly.
-        if self.device.type == "cuda" and not config.enforce_eager and not self.num_sliding_blocks:
+        if captures_decode(self.device, config, source.config, hybrid=bool(self.num_sliding_blocks)):
             max_blocks = -(-source.config.max_position_embeddings // self.block_size)
             self.graphs = DecodeGraphs(self.model, list(GRAPH_BATCH_SIZES), max_blocks, self.block_size, self.device,
                                        capture=True)
@@ -168,3 +166,11 @@ def flat_batch(
 
 def _tensor(values: list, device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long, device=device)
+
+
+def captures_decode(device: torch.device, config: EngineConfig, model_config: ModelConfig, hybrid: bool) -> bool:
+    """Whether decode steps replay CUDA graphs (else they run eagerly)."""
+    # NOTE: a hybrid model's sliding layers read their own tables (AttentionMetadata.sliding), which the graphs'
+    # static buffers do not hold; an MoE layer reads its experts' token counts on the host (one sync a layer) and
+    # runs only the experts chosen, which a capture would freeze. Those models decode eagerly.
+    return device.type == "cuda" and not config.enforce_eager and not hybrid and not model_config.num_experts
