@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tokenmill.errors import InvalidRequestError
 from tokenmill.perplexity import perplexity, windows
 
 SAMPLE = Path(__file__).parent / "data" / "sample.txt"
@@ -15,6 +16,13 @@ def test_windows_score_every_token_after_the_first_once():
     assert spans == [(0, 4, 1), (2, 6, 4), (4, 8, 6), (6, 10, 8)]
     scored = [p for _, end, first in spans for p in range(first, end)]
     assert scored == list(range(1, 10))
+
+
+@pytest.mark.parametrize("context, stride, error", [(1, 1, "context=1 must be at least 2"), (8, 0, "stride=0"),
+                                                    (8, 9, "stride=9")])
+def test_windows_that_would_score_nothing_or_skip_tokens_are_refused(context, stride, error):
+    with pytest.raises(InvalidRequestError, match=error):
+        windows(100, context, stride)
 
 
 def test_engine_perplexity_matches_transformers(smollm2_path, hf_smollm2):

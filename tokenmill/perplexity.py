@@ -25,6 +25,8 @@ class PerplexityResult:
 def windows(num_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, first scored position) per window; with stride < context every token after the first
     is scored exactly once, each with at least context - stride tokens before it in its window."""
+    if context < 2:
+        raise InvalidRequestError(f"context={context} must be at least 2: a window scores the tokens after its first")
     if not 0 < stride <= context:
         raise InvalidRequestError(f"stride={stride} must be in [1, context={context}]")
     out, scored_until = [], 1  # the first token has nothing before it to be predicted from

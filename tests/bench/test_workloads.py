@@ -1,5 +1,8 @@
 """Benchmark workloads: lengths in range, no special tokens, paced arrivals, clear errors for bad files."""
 
+import argparse
+import importlib
+
 import numpy as np
 import pytest
 
@@ -44,3 +47,15 @@ def test_file_dataset_cycles_rows_and_rejects_bad_files(smollm2_source, tmp_path
         file_requests(tokenizer, bad, 1, 5)
     with pytest.raises(InvalidRequestError, match="cannot read"):
         file_requests(tokenizer, tmp_path / "missing.jsonl", 1, 5)
+
+
+@pytest.mark.parametrize("command, flags", [
+    ("offline", {"num_seqs": 0}), ("offline", {"min_len": 600, "max_len": 100}), ("offline", {"min_len": 0}),
+    ("serve", {"request_rate": 0.0}), ("serve", {"num_prompts": 0}),
+])
+def test_bench_flags_that_make_no_workload_are_refused_before_any_work(command, flags):
+    defaults = {"offline": dict(num_seqs=256, min_len=100, max_len=1024, decode_len=128, prefill_len=512),
+                "serve": dict(num_prompts=10, burstiness=1.0, range_ratio=0.0, request_rate=float("inf"))}[command]
+    module = importlib.import_module(f"tokenmill.bench.{command}")
+    with pytest.raises(InvalidRequestError, match="need"):
+        module.main(argparse.Namespace(**{**defaults, **flags}))

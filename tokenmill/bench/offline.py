@@ -8,6 +8,7 @@ import numpy as np
 
 from tokenmill.bench.datasets import lengths, ordinary_tokens
 from tokenmill.cost.accounting import usd_per_million_tokens
+from tokenmill.errors import InvalidRequestError
 from tokenmill.flags import add_engine_flags, engine_options
 from tokenmill.sampling import SamplingParams
 
@@ -27,6 +28,9 @@ def main(args: argparse.Namespace) -> int:
     """Run the three measurements and print them."""
     from tokenmill.bench.peers import TokenmillRunner, decode_speed, prefill_speed
 
+    if args.num_seqs < 1 or not 1 <= args.min_len <= args.max_len or args.decode_len < 1 or args.prefill_len < 1:
+        raise InvalidRequestError("need --num-seqs, --decode-len and --prefill-len >= 1 and 1 <= --min-len <= "
+                                  "--max-len")
     # No prefix cache: the speed runs repeat a prompt, and a cache hit would skip the work being timed.
     runner = TokenmillRunner(**engine_options(args, enable_prefix_caching=False))
     llm = runner.llm

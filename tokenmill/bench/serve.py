@@ -65,8 +65,9 @@ def main(args: argparse.Namespace) -> int:
     """Build the workload, run it, print the table, write JSON and the plot."""
     from tokenmill.loader.source import open_model
 
-    if args.num_prompts < 1 or args.burstiness <= 0 or not 0 <= args.range_ratio < 1:
-        raise InvalidRequestError("need --num-prompts >= 1, --burstiness > 0 and 0 <= --range-ratio < 1")
+    if args.num_prompts < 1 or args.burstiness <= 0 or not 0 <= args.range_ratio < 1 or not args.request_rate > 0:
+        raise InvalidRequestError("need --num-prompts >= 1, --burstiness > 0, 0 <= --range-ratio < 1 and "
+                                  "--request-rate > 0")
     slo = SLO.parse(args.goodput) if args.goodput is not None else None
     tokenizer = open_model(args.tokenizer or args.model).tokenizer
     requests = build_requests(args, tokenizer)
