@@ -11,7 +11,8 @@ from prometheus_client import Counter as PromCounter
 from prometheus_client.parser import text_string_to_metric_families
 
 from tokenmill.cli import main
-from tokenmill.errors import InvalidRequestError
+from tokenmill.config import EngineConfig, ServerConfig
+from tokenmill.errors import InvalidRequestError, ModelNotFoundError
 from tokenmill.scale.config import ScaleConfig
 from tokenmill.scale.metrics import MetricsBoard, merge
 from tokenmill.scale.routing import PREFIX_BLOCKS, preferred, prefix_key, rank
@@ -127,6 +128,17 @@ def test_bench_scale_without_ray_fails_at_once_saying_how_to_install_it(monkeypa
     assert main(["bench", "scale", "autoscale"]) == 1
     err = capsys.readouterr().err
     assert "pip install 'tokenmill[ray]'" in err and "`bench scale`" in err
+
+
+@pytest.mark.ray  # needs tokenmill[ray]; starts no Ray cluster
+def test_a_bad_model_fails_before_ray_starts_and_prefixes_are_keyed_by_a_generative_model(monkeypatch):
+    from tokenmill.scale import deployment
+
+    monkeypatch.setattr(deployment, "start_ray", lambda *args: pytest.fail("Ray started"))
+    with pytest.raises(ModelNotFoundError, match="no-such-model"):
+        deployment.serve_replicas(EngineConfig(), ServerConfig(), ["no-such-model"], ScaleConfig(replicas=2))
+    assert deployment.prefix_key_model(["all-minilm-l6-v2", "chat=smollm2-135m"]) == "smollm2-135m"
+    assert deployment.prefix_key_model(["all-minilm-l6-v2"]) is None
 
 
 def test_autoscaling_flags_become_ray_serves_autoscaling_config():

@@ -125,10 +125,11 @@ install_handlers(ingress_app)
 class Ingress:
     """The HTTP entry: keys each request by its prompt prefix and forwards it to an engine replica."""
 
-    def __init__(self, engine: DeploymentHandle, model: str, block_size: int, board: Any,
+    def __init__(self, engine: DeploymentHandle, model: str | None, block_size: int, board: Any,
                  api_key: str | None = None) -> None:
         self.engine = engine
-        self.tokenizer = open_model(ModelSpec.parse(model).model).tokenizer
+        # The model whose tokens key prefixes; None (embedding models only): no request has a prefix key.
+        self.tokenizer = open_model(model).tokenizer if model is not None else None
         self.block_size = block_size
         self.board = board
         self.check_key = require_api_key(api_key)
@@ -183,7 +184,7 @@ class Ingress:
         """The prefix key of a completions or chat body; None for anything else or anything it cannot read."""
         try:
             request = json.loads(body) if body else None
-            if not isinstance(request, dict):
+            if not isinstance(request, dict) or self.tokenizer is None:
                 return None
             if path.endswith("/chat/completions"):
                 ids = self.tokenizer.encode_chat(request["messages"])
@@ -220,13 +221,23 @@ def deploy(engine_config: EngineConfig, config: ServerConfig, models: list[str],
     ).bind(engine_config, config, models, batching, embedding_dtype, board)
     ingress = serve.deployment(Ingress).options(
         name="ingress", num_replicas=1, max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0},
-    ).bind(engine, models[0], engine_config.block_size, board, config.api_key)
+    ).bind(engine, prefix_key_model(models), engine_config.block_size, board, config.api_key)
     serve.run(ingress, name="tokenmill", route_prefix="/")
+
+
+def prefix_key_model(models: list[str]) -> str | None:
+    """The first generative model (an embedding model has no chat template and no completions), or None."""
+    generative, _ = split_specs([ModelSpec.parse(m) for m in models])
+    return generative[0].model if generative else None
 
 
 def serve_replicas(engine_config: EngineConfig, config: ServerConfig, models: list[str], scale: ScaleConfig,
                    batching: BatchPolicy = BatchPolicy(), embedding_dtype: str = "auto") -> None:
     """Start (or join) Ray, deploy the ingress and the engine replicas, serve until SIGTERM/SIGINT."""
+    # Each generative model opened (pulled) here first: a bad --model is then one line, not a deployment that Ray
+    # retries and then reports as its own failure.
+    for spec in split_specs([ModelSpec.parse(m) for m in models])[0]:
+        open_model(spec.model)
     start_ray(config, scale)
     deploy(engine_config, config, models, scale, batching, embedding_dtype)
     logger.info("serving %s on %s replicas (%s routing) at http://%s:%d/v1", ", ".join(models),
