@@ -62,10 +62,24 @@ class LLM:
         messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
         sampling_params: SamplingParams | None = None,
         use_tqdm: bool | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[RequestOutput]:
-        """Render one conversation (or a list of them) with the chat template and generate replies."""
+        """Render one conversation (or a list of them), and the tools on offer, as /v1/chat/completions does; reply."""
+        # Imported here: the server's message types (pydantic) serve only chat, not generate.
+        from pydantic import ValidationError
+
+        from tokenmill.server.protocol import ChatCompletionRequest
+        from tokenmill.structured.tools import chat_prompt
+
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [{"prompt_token_ids": self.tokenizer.encode_chat(c)} for c in conversations]
+        prompts = []
+        for conversation in conversations:
+            try:  # OpenAI's message shapes (text parts, tool calls, content None) read as the server reads them
+                request = ChatCompletionRequest(messages=conversation, tools=tools)
+            except ValidationError as exc:
+                raise InvalidRequestError(f"messages or tools are not in OpenAI's chat format: {exc}") from exc
+            ids = chat_prompt(self.tokenizer, request.conversation(), request.tool_dicts(), forced=False)
+            prompts.append({"prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

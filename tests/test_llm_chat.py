@@ -1,0 +1,39 @@
+"""LLM.chat: OpenAI's message shapes and tools, rendered as /v1/chat/completions renders them."""
+
+import pytest
+
+from tokenmill import LLM, SamplingParams
+from tokenmill.errors import InvalidRequestError
+
+GREEDY = SamplingParams(temperature=0, max_tokens=4)
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_path):
+    return LLM(str(smollm2_path), kv_cache_memory=0.05)
+
+
+def test_text_parts_read_as_the_string_they_join(llm):
+    plain = llm.chat([{"role": "user", "content": "Name a colour."}], GREEDY)[0]
+    parts = llm.chat([{"role": "user", "content": [{"type": "text", "text": "Name a "}, {"type": "text",
+                                                                                     "text": "colour."}]}], GREEDY)[0]
+    assert parts.prompt_token_ids == plain.prompt_token_ids and parts.outputs[0].text == plain.outputs[0].text
+
+
+def test_tools_and_a_past_call_without_content_reach_the_prompt(llm):
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    messages = [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": None,
+                                                                    "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    out = llm.chat(messages, GREEDY, tools=[WEATHER])[0]
+    prompt = llm.tokenizer.decode(out.prompt_token_ids)
+    assert '"name": "get_weather"' in prompt and '"city": "Paris"' in prompt and "sunny" in prompt
+
+
+def test_a_message_not_in_openais_shape_is_an_invalid_request(llm):
+    with pytest.raises(InvalidRequestError, match="chat format"):
+        llm.chat([{"role": "robot", "content": "hi"}])
+    with pytest.raises(InvalidRequestError, match="content part of type 'image_url'"):
+        llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
