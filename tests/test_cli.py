@@ -40,6 +40,17 @@ def test_chat_answers_a_simple_question(smollm2_path):
     assert "Paris" in result.stdout
 
 
+def test_chat_outgrowing_the_context_drops_its_oldest_turns_and_goes_on(smollm2_path):
+    questions = ["Tell me about the ocean.", "Tell me about the mountains.", "Tell me about the forests.",
+                 "word " * 300, "What is the capital of France?"]
+    result = _run("chat", "--model", str(smollm2_path), "--temperature", "0", "--max-tokens", "32",
+                  "--max-model-len", "128", stdin="\n".join(questions) + "\n")
+    assert result.returncode == 0, result.stderr
+    assert "the earliest turns were dropped to fit the context" in result.stderr
+    assert "this message alone does not fit the context of 128 tokens" in result.stderr
+    assert "Paris" in result.stdout  # the session went on after both
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokenmill.bench import compare, early_exit, offline, overload
 from tokenmill.bench import embed as bench_embed
@@ -25,6 +26,9 @@ from tokenmill.flags import add_engine_flags, engine_config, engine_options
 from tokenmill.router import calibrate
 from tokenmill.scale.flags import add_scale_flags, scale_config
 from tokenmill.sampling import SamplingParams
+
+if TYPE_CHECKING:  # the engine imports torch, which only commands that build one need
+    from tokenmill.engine.llm_engine import LLMEngine
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -216,16 +220,43 @@ def _chat(args: argparse.Namespace) -> int:
         if not user.strip():
             continue
         messages.append({"role": "user", "content": user})
-        engine.add_request(f"chat-{turn}", engine.tokenizer.encode_chat(messages), params)
+        prompt = _fitting_chat(engine, messages, params.max_tokens)
+        if prompt is None:
+            print(f"tokenmill: this message alone does not fit the context of {engine.max_model_len} tokens with "
+                  f"--max-tokens {params.max_tokens}; shorten it", file=sys.stderr)
+            messages.pop()
+            continue
+        engine.add_request(f"chat-{turn}", prompt, params)
         reply = []
-        while engine.has_unfinished():
-            for output in engine.step():
-                text = output.outputs[0].text
-                print(text, end="", flush=True)
-                reply.append(text)
+        try:
+            while engine.has_unfinished():
+                for output in engine.step():
+                    text = output.outputs[0].text
+                    print(text, end="", flush=True)
+                    reply.append(text)
+        except KeyboardInterrupt:  # Ctrl-C stops this reply, not the session (Ctrl-D ends it)
+            engine.abort(f"chat-{turn}")
+            print(" [stopped]", end="")
         print()
         messages.append({"role": "assistant", "content": "".join(reply)})
     return 0
+
+
+def _fitting_chat(engine: "LLMEngine", messages: list[dict], max_tokens: int | None) -> list[int] | None:
+    """The conversation's prompt ids, its oldest exchanges dropped (in place) until it fits the context with
+    max_tokens, as llama.cpp and Ollama shift theirs; None when the last message alone does not fit."""
+    first = 1 if messages[0]["role"] == "system" else 0
+    dropped = False
+    while True:
+        ids = engine.tokenizer.encode_chat(messages)
+        if len(ids) + (max_tokens or 1) <= engine.max_model_len:
+            if dropped:
+                print("tokenmill: the earliest turns were dropped to fit the context", file=sys.stderr)
+            return ids
+        if len(messages) - first <= 1:
+            return None
+        del messages[first : first + 2]  # the oldest question and its answer
+        dropped = True
 
 
 def _perplexity(args: argparse.Namespace) -> int:
