@@ -103,6 +103,25 @@ def test_rope_scaling_tokenmill_lacks_is_a_load_error_not_ignored(tmp_path):
         GGUFFile(path).model_config()
 
 
+@pytest.mark.parametrize("layers, hidden, heads, scale", [(62, 5376, 32, 168 ** -0.5), (18, 640, 4, None)])
+def test_gemma3_27b_scales_attention_by_hidden_over_heads_as_llama_cpp(tmp_path, layers, hidden, heads, scale):
+    # 27B's query_pre_attn_scalar (168) is not its head_dim (128); for 270M to 12B the scale is head_dim's.
+    path = tmp_path / "gemma3.gguf"
+    writer = gguf.GGUFWriter(path, "gemma3")
+    writer.add_block_count(layers)
+    writer.add_embedding_length(hidden)
+    writer.add_head_count(heads)
+    writer.add_key_length(128 if layers == 62 else 256)
+    writer.add_feed_forward_length(4 * hidden)
+    writer.add_context_length(8192)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert GGUFFile(path).model_config().attention_scale == scale
+
+
 def test_a_string_that_is_not_utf8_is_a_load_error_naming_its_array(arrays_file):
     data = bytearray(arrays_file.read_bytes())
     at = data.index("héllo".encode())

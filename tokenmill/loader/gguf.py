@@ -68,6 +68,9 @@ _NORM_OFFSET_ARCHITECTURES = {"gemma3"}
 # sliding ones; llama.cpp fixes both rather than storing them (its gemma3 hparams), as transformers does.
 _GEMMA3_SLIDING_PATTERN = 6
 _GEMMA3_LOCAL_THETA = 10_000.0
+# Gemma 3 27B (its 62 layers tell it apart) scales attention by (hidden / heads) ** -0.5, its config's
+# query_pre_attn_scalar of 168, not head_dim ** -0.5; a GGUF file does not say so, and llama.cpp decides it so too.
+_GEMMA3_27B_LAYERS = 62
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -241,11 +244,13 @@ class GGUFFile:
             raise ModelLoadError(f"GGUF file {self.path} uses {scaling!r} rope scaling; supported: linear")
         window = md.get(f"{arch}.attention.sliding_window")
         num_layers = int(key("block_count"))
-        layer_types, local_theta = None, None
+        layer_types, local_theta, attention_scale = None, None, None
         if arch == "gemma3":
             layer_types = ["full_attention" if (i + 1) % _GEMMA3_SLIDING_PATTERN == 0 else "sliding_attention"
                            for i in range(num_layers)]
             local_theta = _GEMMA3_LOCAL_THETA
+            if num_layers == _GEMMA3_27B_LAYERS:
+                attention_scale = (hidden // num_heads) ** -0.5
         num_experts = int(md.get(f"{arch}.expert_count") or 0)
         # Mixtral's experts are feed_forward_length wide; Qwen's have a width of their own.
         expert_width = int(key("expert_feed_forward_length")) if num_experts and arch in _MOE_NORM_TOPK else 0
@@ -267,6 +272,7 @@ class GGUFFile:
             sliding_window=int(window) if window else None,
             layer_types=layer_types,
             rope_local_theta=local_theta,
+            attention_scale=attention_scale,
             # llama.cpp puts experts in every layer of these architectures: no dense layers to list.
             num_experts=num_experts,
             num_experts_per_tok=int(key("expert_used_count")) if num_experts else 0,
