@@ -56,6 +56,8 @@ def test_auto_under_cheapest_is_answered_by_the_first_model_and_says_why(cheapes
     assert raw.headers["x-tokenmill-route-reason"] == "cheapest fits"
     assert cheapest.metric("tokenmill:routed_requests_total", model_name="cheap", policy="cheapest",
                            reason="fits") >= 1
+    # Token ids too: both models load the one tokenizer, so the ids mean the same to either.
+    assert _client(cheapest).completions.create(model="auto", prompt=[504, 3575], max_tokens=2).model == "cheap"
 
 
 def test_auto_under_cheapest_streams_from_the_model_it_chose(cheapest):

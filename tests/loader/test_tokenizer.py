@@ -200,3 +200,9 @@ def test_a_folders_chat_template_is_found_where_transformers_saves_it(tmp_path, 
     tokenizer = Tokenizer.from_hf_dir(tmp_path, eos_token_ids=[2])
     assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == "<user>hi"
     assert not tokenizer.renders_tools
+
+
+def test_tokenizers_whose_ids_mean_the_same_share_a_fingerprint(smollm2_source, smollm2_path, gemma3_tokenizer):
+    gguf = GGUFFile(smollm2_path)
+    again = Tokenizer.from_gguf(gguf, gguf.model_config().eos_token_ids)
+    assert again.fingerprint == smollm2_source.tokenizer.fingerprint != gemma3_tokenizer.fingerprint

@@ -16,10 +16,12 @@ from tokenmill.server.metrics import Metrics
 from tokenmill.server.serving import ServedModel, ServerState
 
 
-def _state(*chat_models: bool, router: str = "cheapest") -> ServerState:
-    """Models "m0", "m1", ... in that order, each with a chat template or without one."""
-    models = {f"m{i}": ServedModel(f"m{i}", None, SimpleNamespace(chat_template="..." if chat else None), 2048)
-              for i, chat in enumerate(chat_models)}
+def _state(*chat_models: bool, router: str = "cheapest", fingerprints: tuple[str, ...] | None = None) -> ServerState:
+    """Models "m0", "m1", ... in that order, each with a chat template or without one (one tokenizer unless said)."""
+    fingerprints = fingerprints or ("same",) * len(chat_models)
+    models = {f"m{i}": ServedModel(f"m{i}", None, SimpleNamespace(chat_template="..." if chat else None,
+                                                                  fingerprint=fingerprint), 2048)
+              for i, (chat, fingerprint) in enumerate(zip(chat_models, fingerprints))}
     return ServerState(models, ServerConfig(router=router), Metrics("m0"))
 
 
@@ -66,3 +68,15 @@ def test_a_cascade_whose_stronger_model_refuses_keeps_the_answer_in_hand(monkeyp
     assert "4 requests are already waiting" in routed.route.reason
     assert outputs[0].outputs[0].logprobs is None  # the router's, not asked for by the client
     assert block["completion_tokens"] == 1 and block["cost"] == pytest.approx(0.001)
+
+
+def test_token_ids_under_auto_need_models_that_share_a_tokenizer():
+    def ids(tokenizer):
+        return [[5, 6, 7]]
+
+    routed = asyncio.run(route(_state(True, True), "auto", ids, SamplingParams(max_tokens=4), False, token_ids=True))
+    assert routed.model.name == "m0"
+    differ = _state(True, True, fingerprints=("smollm2", "gemma3"))
+    with pytest.raises(InvalidRequestError, match="tokenizers differ"):
+        asyncio.run(route(differ, "auto", ids, SamplingParams(max_tokens=4), False, token_ids=True))
+    assert asyncio.run(route(differ, "auto", _chat, SamplingParams(max_tokens=4), False)).model.name == "m0"  # text

@@ -1,8 +1,10 @@
 """Tokenizer: text <-> token ids and chat templates, from tokenizer.json or GGUF metadata."""
 
+import hashlib
 import json
 import re
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +56,11 @@ class Tokenizer:
         # The decoder's own JSON, not the whole tokenizer's (megabytes of vocabulary and merges).
         self._byte_level = backend.decoder is not None and b'"ByteLevel"' in backend.decoder.__getstate__()
         self._added = {i: t.content for i, t in backend.get_added_tokens_decoder().items()}
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A digest of the whole tokenizer (vocabulary, merges, added tokens): equal where token ids mean the same."""
+        return hashlib.sha256(self.backend.to_str().encode()).hexdigest()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids for text; add_special_tokens adds the model's BOS where it wants one."""

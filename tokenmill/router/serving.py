@@ -76,8 +76,11 @@ class Routed:
 
 
 async def route(state: ServerState, requested: str | None, encode: Callable[[Tokenizer], list[list[int]]],
-                params: SamplingParams, stream: bool) -> Routed:
-    """The model a request runs on: the one it names, or for `auto` the one the server's policy picks."""
+                params: SamplingParams, stream: bool, token_ids: bool = False) -> Routed:
+    """The model a request runs on: the one it names, or for `auto` the one the server's policy picks.
+
+    token_ids: the request's prompts include token ids, which mean the same only to models sharing a tokenizer.
+    """
     if requested != AUTO or AUTO in state.models:  # a model served under the name `auto` is just a model
         model = state.model(requested)
         # Off the event loop: a long prompt takes a while to tokenize and must not stall other streams.
@@ -89,6 +92,9 @@ async def route(state: ServerState, requested: str | None, encode: Callable[[Tok
                         Route(0, "only model", "only_model"), policy)
         state.metrics.observe_route(routed.model.name, policy, "only_model")
         return routed
+    if token_ids and len({model.tokenizer.fingerprint for model in models}) > 1:
+        raise InvalidRequestError("prompt token ids mean different tokens to the served models (their tokenizers "
+                                  "differ); name the model they are for rather than 'auto'", param="prompt")
     if policy == "cascade" and stream:
         raise APIError(400, "model 'auto' under --router cascade answers only non-streamed requests in this version; "
                        "set stream to false or name a model", param="stream", code="unsupported_stream")

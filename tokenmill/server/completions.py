@@ -23,8 +23,9 @@ async def create_completion(body: CompletionRequest, request: Request,
     state = state_of(request)
     params = with_deadlines(request, body.sampling_params())
     # `route` tokenizes off the event loop: a long prompt takes a while and must not stall other streams.
+    has_ids = isinstance(body.prompt, list) and any(isinstance(p, (int, list)) for p in body.prompt)
     routed = await route(state, body.model, lambda tokenizer: _prompt_token_ids(body.prompt, tokenizer), params,
-                         bool(body.stream))
+                         bool(body.stream), token_ids=has_ids)
     model = routed.model
     response_id = new_id("cmpl")
     streams = await submit(state, model, routed.prompts, routed.params, response_id)
