@@ -3,10 +3,11 @@
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
-from tokenmill.cli import main
+from tokenmill.cli import _fitting_chat, main
 
 
 def _run(*args: str, stdin: str | None = None, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -46,9 +47,21 @@ def test_chat_outgrowing_the_context_drops_its_oldest_turns_and_goes_on(smollm2_
     result = _run("chat", "--model", str(smollm2_path), "--temperature", "0", "--max-tokens", "32",
                   "--max-model-len", "128", stdin="\n".join(questions) + "\n")
     assert result.returncode == 0, result.stderr
-    assert "the earliest turns were dropped to fit the context" in result.stderr
+    assert "the earliest turn was dropped to fit the context" in result.stderr
     assert "this message alone does not fit the context of 128 tokens" in result.stderr
     assert "Paris" in result.stdout  # the session went on after both
+
+
+def test_chat_drops_whole_exchanges_and_never_for_a_message_too_long_alone():
+    # One token per character of content, a context of 10 and 2 tokens to generate.
+    engine = SimpleNamespace(max_model_len=10, tokenizer=SimpleNamespace(
+        encode_chat=lambda messages: [0] * sum(len(m["content"]) for m in messages)))
+    history = [{"role": "system", "content": "ab"}, {"role": "user", "content": "cd"},
+               {"role": "assistant", "content": "ef"}]
+    messages = [*history, {"role": "user", "content": "x" * 7}]
+    assert _fitting_chat(engine, messages, max_tokens=2) is None and messages == [*history, messages[-1]]
+    messages = [*history, {"role": "user", "content": "xyz"}]
+    assert len(_fitting_chat(engine, messages, max_tokens=2)) == 5 and messages == [history[0], messages[-1]]
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ from tokenmill.embeddings.batcher import BatchPolicy
 from tokenmill.errors import InvalidRequestError, TokenmillError
 from tokenmill.flags import add_engine_flags, engine_config, engine_options
 from tokenmill.router import calibrate
+from tokenmill.router.policies import fits
 from tokenmill.scale.flags import add_scale_flags, scale_config
 from tokenmill.sampling import SamplingParams
 
@@ -244,19 +245,16 @@ def _chat(args: argparse.Namespace) -> int:
 
 def _fitting_chat(engine: "LLMEngine", messages: list[dict], max_tokens: int | None) -> list[int] | None:
     """The conversation's prompt ids, its oldest exchanges dropped (in place) until it fits the context with
-    max_tokens, as llama.cpp and Ollama shift theirs; None when the last message alone does not fit."""
+    max_tokens, as llama.cpp and Ollama shift theirs; None, and nothing dropped, when the last message alone does
+    not fit."""
     first = 1 if messages[0]["role"] == "system" else 0
-    dropped = False
-    while True:
-        ids = engine.tokenizer.encode_chat(messages)
-        if len(ids) + (max_tokens or 1) <= engine.max_model_len:
-            if dropped:
-                print("tokenmill: the earliest turns were dropped to fit the context", file=sys.stderr)
-            return ids
-        if len(messages) - first <= 1:
-            return None
+    if not fits(len(engine.tokenizer.encode_chat([*messages[:first], messages[-1]])), max_tokens,
+                engine.max_model_len):
+        return None
+    while not fits(len(ids := engine.tokenizer.encode_chat(messages)), max_tokens, engine.max_model_len):
         del messages[first : first + 2]  # the oldest question and its answer
-        dropped = True
+        print("tokenmill: the earliest turn was dropped to fit the context", file=sys.stderr)
+    return ids
 
 
 def _perplexity(args: argparse.Namespace) -> int:
