@@ -23,6 +23,7 @@ def test_text_parts_read_as_the_string_they_join(llm):
 
 
 def test_tools_and_a_past_call_without_content_reach_the_prompt(llm):
+    # Arguments as OpenAI sends them (a JSON string); a Hugging Face-style dict reads the same.
     call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
     messages = [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": None,
                                                                     "tool_calls": [call]},
@@ -30,10 +31,10 @@ def test_tools_and_a_past_call_without_content_reach_the_prompt(llm):
     out = llm.chat(messages, GREEDY, tools=[WEATHER])[0]
     prompt = llm.tokenizer.decode(out.prompt_token_ids)
     assert '"name": "get_weather"' in prompt and '"city": "Paris"' in prompt and "sunny" in prompt
+    call["function"]["arguments"] = {"city": "Paris"}
+    assert llm.chat(messages, GREEDY, tools=[WEATHER])[0].prompt_token_ids == out.prompt_token_ids
 
 
-def test_a_message_not_in_openais_shape_is_an_invalid_request(llm):
-    with pytest.raises(InvalidRequestError, match="chat format"):
-        llm.chat([{"role": "robot", "content": "hi"}])
+def test_a_content_part_other_than_text_is_an_invalid_request(llm):
     with pytest.raises(InvalidRequestError, match="content part of type 'image_url'"):
         llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])

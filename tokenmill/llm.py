@@ -65,21 +65,17 @@ class LLM:
         tools: list[dict[str, Any]] | None = None,
     ) -> list[RequestOutput]:
         """Render one conversation (or a list of them), and the tools on offer, as /v1/chat/completions does; reply."""
-        # Imported here: the server's message types (pydantic) serve only chat, not generate.
-        from pydantic import ValidationError
-
-        from tokenmill.server.protocol import ChatCompletionRequest
+        # Imported here: chat's message and tool helpers serve only chat, not generate.
+        from tokenmill.server.protocol import content_text
         from tokenmill.structured.tools import chat_prompt
 
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = []
         for conversation in conversations:
-            try:  # OpenAI's message shapes (text parts, tool calls, content None) read as the server reads them
-                request = ChatCompletionRequest(messages=conversation, tools=tools)
-            except ValidationError as exc:
-                raise InvalidRequestError(f"messages or tools are not in OpenAI's chat format: {exc}") from exc
-            ids = chat_prompt(self.tokenizer, request.conversation(), request.tool_dicts(), forced=False)
-            prompts.append({"prompt_token_ids": ids})
+            # Content as one string (OpenAI's text parts joined, None beside tool calls empty), which templates
+            # concatenate; every other key (roles, tool calls, a template's own fields) as given.
+            flat = [{**m, "content": content_text(m.get("content"))} for m in conversation]
+            prompts.append({"prompt_token_ids": chat_prompt(self.tokenizer, flat, tools or [], forced=False)})
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

@@ -329,17 +329,21 @@ class ChatMessage(BaseModel):
 
     def text(self) -> str:
         """The message's content as one string; only text parts are supported."""
-        if self.content is None or isinstance(self.content, str):
-            return self.content or ""
-        parts = []
-        for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise InvalidRequestError(
-                    f"content part of type {part.get('type')!r} is not supported; this model reads text only",
-                    param="messages",
-                )
-            parts.append(part["text"])
-        return "".join(parts)
+        return content_text(self.content)
+
+
+def content_text(content: str | list[dict[str, Any]] | None) -> str:
+    """A message's content (a string, OpenAI's text parts, or None beside tool calls) as one string."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    parts = []
+    for part in content:
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise InvalidRequestError(f"content part of type {kind!r} is not supported; this model reads text only",
+                                      param="messages")
+        parts.append(part["text"])
+    return "".join(parts)
 
 
 class ChatCompletionRequest(_GenerationRequest):
