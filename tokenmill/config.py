@@ -17,6 +17,15 @@ KV_CACHE_DTYPE_NAMES = (*DTYPE_NAMES, "int8")
 
 SCHEDULING_POLICIES = ("deadline", "fcfs")
 
+# Gemma 3's layers slide in runs of five and every sixth attends globally, where a file does not say otherwise
+# (llama.cpp fixes it; transformers' Gemma3TextConfig defaults sliding_window_pattern to it).
+GEMMA3_SLIDING_PATTERN = 6
+
+
+def gemma3_layer_types(num_layers: int, pattern: int = GEMMA3_SLIDING_PATTERN) -> list[str]:
+    """Gemma 3's attention per layer: every `pattern`-th global, the others sliding."""
+    return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(num_layers)]
+
 
 @dataclass
 class ModelConfig:

@@ -53,6 +53,7 @@ def test_hf_directory_matches_transformers(kind, tmp_path, smollm2_source, last_
     ("Gemma3ForCausalLM", transformers.Gemma3TextConfig, {"sliding_window": 64}),
     ("Qwen2ForCausalLM", transformers.Qwen2Config, {"sliding_window": 64, "use_sliding_window": True,
                                                    "max_window_layers": 4}),
+    ("Qwen2ForCausalLM", transformers.Qwen2Config, {"sliding_window": 64, "use_sliding_window": True}),
     ("Qwen2ForCausalLM", transformers.Qwen2Config, {"sliding_window": 64}),
     ("MistralForCausalLM", transformers.MistralConfig, {"sliding_window": 64}),
 ])

@@ -294,14 +294,14 @@ class AsyncEngine:
             error = EngineStepError("the engine failed while running this request; see the server log")
             for request_id, outputs_queue in list(self._queues.items()):
                 del self._queues[request_id]
-                self._call(outputs_queue.put_nowait, error)
                 try:
                     output = self.engine.abort(request_id)
                 except Exception:
                     logger.exception("abort of %s failed too", request_id)
                 else:
-                    if output is not None:  # counted as aborted, as the steps it ran in are already billed
+                    if output is not None:  # counted as aborted (the steps it ran in are billed) before it hears
                         _observe(self.on_finished, output)
+                self._call(outputs_queue.put_nowait, error)
             self._publish_stats()
             return
         finally:

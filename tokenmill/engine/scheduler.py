@@ -59,14 +59,15 @@ class Scheduler:
         # Decodes (one token) go before prompt chunks so a long prompt never delays them.
         ordered = sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1)
         # Drafts get only what the decodes after them leave: a guess must never hold back another's next token.
-        decodes_after = sum(s.num_uncomputed_tokens == 1 for s in ordered)
-        for seq in ordered:
+        decoding = [s.num_uncomputed_tokens == 1 for s in ordered]  # taken before a preemption changes the counts
+        decodes_after = sum(decoding)
+        for seq, decodes in zip(ordered, decoding):
             if budget == 0:
                 break
+            decodes_after -= decodes
             if seq.status != SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
             n = min(seq.num_uncomputed_tokens, budget)
-            decodes_after -= seq.num_uncomputed_tokens == 1
             drafts = seq.draft_token_ids[: max(0, budget - n - decodes_after)]
             if drafts and not self.block_manager.can_allocate(seq, n + len(drafts)):
                 drafts = []  # a guess is never worth preempting anyone for

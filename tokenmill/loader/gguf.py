@@ -13,7 +13,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf.quants import dequantize
 
-from tokenmill.config import ModelConfig
+from tokenmill.config import ModelConfig, gemma3_layer_types
 from tokenmill.errors import ModelLoadError
 from tokenmill.quant.levels import LevelRows
 
@@ -64,9 +64,8 @@ _ARCH_MOE_LAYER_NAMES = {
 _MOE_NORM_TOPK = {"qwen2moe": False, "qwen3moe": True}
 # Gemma's RMSNorm scales by 1 + weight; llama.cpp's converter stores the 1 + weight.
 _NORM_OFFSET_ARCHITECTURES = {"gemma3"}
-# Gemma 3's layers slide in runs of five, every sixth attends globally, with a rotary base of 10,000 on the
-# sliding ones; llama.cpp fixes both rather than storing them (its gemma3 hparams), as transformers does.
-_GEMMA3_SLIDING_PATTERN = 6
+# Gemma 3's sliding layers (config.gemma3_layer_types) have a rotary base of 10,000; llama.cpp fixes it rather
+# than storing it (its gemma3 hparams), as transformers does.
 _GEMMA3_LOCAL_THETA = 10_000.0
 # Gemma 3 27B (its 62 layers tell it apart) scales attention by (hidden / heads) ** -0.5, its config's
 # query_pre_attn_scalar of 168, not head_dim ** -0.5; a GGUF file does not say so, and llama.cpp decides it so too.
@@ -246,8 +245,7 @@ class GGUFFile:
         num_layers = int(key("block_count"))
         layer_types, local_theta, attention_scale = None, None, None
         if arch == "gemma3":
-            layer_types = ["full_attention" if (i + 1) % _GEMMA3_SLIDING_PATTERN == 0 else "sliding_attention"
-                           for i in range(num_layers)]
+            layer_types = gemma3_layer_types(num_layers)
             local_theta = _GEMMA3_LOCAL_THETA
             if num_layers == _GEMMA3_27B_LAYERS:
                 attention_scale = (hidden // num_heads) ** -0.5

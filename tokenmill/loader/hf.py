@@ -6,8 +6,11 @@ from pathlib import Path
 
 import torch
 
-from tokenmill.config import ModelConfig
+from tokenmill.config import GEMMA3_SLIDING_PATTERN, ModelConfig, gemma3_layer_types
 from tokenmill.errors import ModelLoadError
+
+# transformers' Qwen2Config default: the layers below this attend over every key even with use_sliding_window.
+_QWEN_MAX_WINDOW_LAYERS = 28
 
 
 class HFDirectory:
@@ -107,12 +110,10 @@ def _layer_types(config: dict, architecture: str) -> list[str] | None:
         return config["layer_types"]
     layers = int(config["num_hidden_layers"])
     if architecture.startswith("Gemma3"):
-        # Every sliding_window_pattern-th layer attends globally (6 unless said, as Gemma3TextConfig).
-        pattern = int(config.get("sliding_window_pattern") or 6)
-        return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
+        return gemma3_layer_types(layers, int(config.get("sliding_window_pattern") or GEMMA3_SLIDING_PATTERN))
     if architecture.startswith("Qwen") and config.get("use_sliding_window"):
-        # Only the layers from max_window_layers on slide, as Qwen2Config and its kin.
-        first = int(config.get("max_window_layers", layers))
+        # Only the layers from max_window_layers on slide (28 unless said), as Qwen2Config and its kin.
+        first = int(config.get("max_window_layers", _QWEN_MAX_WINDOW_LAYERS))
         return ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
     return None
 
