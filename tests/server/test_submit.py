@@ -13,7 +13,7 @@ from tokenmill.outputs import CompletionOutput, EngineStats, RequestMetrics, Req
 from tokenmill.sampling import SamplingParams
 from tokenmill.server.errors import APIError
 from tokenmill.server.metrics import Metrics
-from tokenmill.server.serving import ServedModel, ServerState, submit
+from tokenmill.server.serving import EventStream, ServedModel, ServerState, submit
 
 
 class CountingEngine:
@@ -109,3 +109,26 @@ def test_an_invalid_prompt_admits_none_and_aborts_the_rest():
     assert {"many-0", "many-1"} <= arrived and "many-2" not in arrived
     assert {r for r in stub.aborted if r.startswith("many")} == arrived
     assert not any(r.startswith("many") for r in stub.running)
+
+
+def test_a_stream_whose_client_left_before_the_first_chunk_is_still_aborted():
+    closed, started = [], []
+
+    async def chunks():
+        started.append(True)  # merged's cleanup lives in here, and never runs if this never starts
+        yield {"id": "x"}
+
+    class Stream:
+        def close(self) -> None:
+            closed.append(True)
+
+    async def gone() -> dict:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        await asyncio.sleep(0)  # a write yields to the loop, where the disconnect's cancellation lands
+
+    response = EventStream(chunks(), [Stream(), Stream()], {})
+    # As uvicorn serves it (ASGI spec 2.3): Starlette listens for the disconnect and cancels the body unstarted.
+    asyncio.run(response({"type": "http", "asgi": {"spec_version": "2.3"}}, gone, send))
+    assert not started and closed == [True, True]

@@ -5,7 +5,6 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from fastapi import Request, Response
-from fastapi.responses import StreamingResponse
 
 from tokenmill.engine.async_engine import RequestStream
 from tokenmill.errors import InvalidRequestError
@@ -14,13 +13,13 @@ from tokenmill.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from tokenmill.router.serving import route
 from tokenmill.server.deadlines import STATUS_HEADER, deadline_status, with_deadlines
 from tokenmill.server.protocol import ChatCompletionRequest
-from tokenmill.server.serving import COST_HEADER, Usage, merged, new_id, sse, state_of, submit
+from tokenmill.server.serving import COST_HEADER, EventStream, Usage, merged, new_id, state_of, submit
 from tokenmill.structured.tool_parser import ToolCall, ToolCallStream, parse_tool_calls
 from tokenmill.structured.tools import chat_prompt
 
 
 async def create_chat_completion(body: ChatCompletionRequest, request: Request,
-                                 response: Response) -> dict | StreamingResponse:
+                                 response: Response) -> dict | EventStream:
     """Answer one conversation with n choices."""
     state = state_of(request)
     params = with_deadlines(request, body.sampling_params())
@@ -40,7 +39,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     created = int(time.time())
     if body.stream:
         chunks = _chunks(body, params.n, streams[0], tokenizer, response_id, created, model.name)
-        return StreamingResponse(sse(chunks), media_type="text/event-stream", headers=routed.headers())
+        return EventStream(chunks, streams, routed.headers())
     (output,), usage_block = await routed.finish(state, request, streams, response_id)
     model, tokenizer = routed.model, routed.model.tokenizer  # cascade may have moved it to a stronger model
     choices = []

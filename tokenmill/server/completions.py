@@ -5,7 +5,6 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from fastapi import Request, Response
-from fastapi.responses import StreamingResponse
 
 from tokenmill.engine.async_engine import RequestStream
 from tokenmill.errors import InvalidRequestError
@@ -14,11 +13,11 @@ from tokenmill.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from tokenmill.router.serving import route
 from tokenmill.server.deadlines import STATUS_HEADER, deadline_status, with_deadlines
 from tokenmill.server.protocol import CompletionRequest
-from tokenmill.server.serving import COST_HEADER, Usage, merged, new_id, sse, state_of, submit
+from tokenmill.server.serving import COST_HEADER, EventStream, Usage, merged, new_id, state_of, submit
 
 
 async def create_completion(body: CompletionRequest, request: Request,
-                            response: Response) -> dict | StreamingResponse:
+                            response: Response) -> dict | EventStream:
     """Complete each prompt; choices are numbered prompt by prompt, n per prompt."""
     state = state_of(request)
     params = with_deadlines(request, body.sampling_params())
@@ -32,7 +31,7 @@ async def create_completion(body: CompletionRequest, request: Request,
     created = int(time.time())
     if body.stream:
         chunks = _chunks(body, params.n, streams, model.tokenizer, response_id, created, model.name)
-        return StreamingResponse(sse(chunks), media_type="text/event-stream", headers=routed.headers())
+        return EventStream(chunks, streams, routed.headers())
     outputs, usage_block = await routed.finish(state, request, streams, response_id)
     model = routed.model  # cascade may have moved it to a stronger model
     choices = [

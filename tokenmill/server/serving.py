@@ -9,6 +9,8 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from tokenmill.config import ServerConfig
 from tokenmill.engine.async_engine import AsyncEngine, RequestStream
@@ -210,6 +212,24 @@ def usage(outputs: list[RequestOutput]) -> dict:
     for i, output in enumerate(outputs):
         counted.add(i, output)
     return counted.block()
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events of a request's chunks; its streams are closed however the response ends."""
+
+    def __init__(self, chunks: AsyncIterator[dict], streams: list[RequestStream], headers: dict[str, str]) -> None:
+        super().__init__(sse(chunks), media_type="text/event-stream", headers=headers)
+        self.streams = streams
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # NOTE: a client gone before the first chunk has the body cancelled unstarted (Starlette's disconnect
+            # listener), so the chunks' own cleanup (merged's finally) never runs: without this the request would
+            # run to max_tokens for nobody.
+            for stream in self.streams:
+                stream.close()
 
 
 async def sse(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
