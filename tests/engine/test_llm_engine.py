@@ -43,6 +43,17 @@ def test_stop_string_ends_output_and_never_leaks_into_the_stream(engine):
     assert all(final.startswith(t) for t in seen)
 
 
+@pytest.mark.parametrize("include", [False, True])
+def test_a_stop_tokens_text_is_left_out_unless_asked_for(engine, drain, include):
+    newline = engine.tokenizer.encode("\n", add_special_tokens=False)[0]
+    prompt = "List the numbers one per line:\n1\n2\n3\n"
+    params = SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[newline], include_stop_str_in_output=include)
+    engine.add_request("ids", prompt, params)
+    sample = drain(engine)["ids"].outputs[0]
+    assert sample.finish_reason == "stop" and sample.stop_reason == newline and sample.token_ids[-1] == newline
+    assert sample.text.endswith("\n") == include and "\n" not in sample.text[:-1]
+
+
 def test_stop_strings_wait_for_min_tokens(engine, drain):
     prompt = "List the numbers one per line:\n1\n2\n3\n"
     engine.add_request("early", prompt, SamplingParams(temperature=0, max_tokens=30, stop=["\n"]))

@@ -128,8 +128,12 @@ class Sequence:
         if logprob is not None:
             self.logprobs.append(logprob)
             self.cumulative_logprob += logprob.logprob
-        # NOTE: the sampler masks stop ids until min_tokens, so any seen here ends the sequence.
-        stop_str = self.detokenizer.add(token_id, check_stop=self.num_output_tokens >= self.params.min_tokens)
+        # NOTE: the sampler masks stop ids until min_tokens, so any seen here ends the sequence. As in vLLM, a stop
+        # token's own text stays out of the output unless include_stop_str_in_output (EOS's is usually empty).
+        stop_token = token_id in self.eos_token_ids or token_id in self.params.stop_token_ids
+        stop_str = None
+        if not stop_token or self.params.include_stop_str_in_output:
+            stop_str = self.detokenizer.add(token_id, check_stop=self.num_output_tokens >= self.params.min_tokens)
         if self.grammar is not None and not self.grammar.advance(token_id):
             self.end("abort")
         elif stop_str is not None:
