@@ -95,13 +95,14 @@ def test_stream_never_sends_empty_deltas_while_a_stop_string_is_held_back(client
     assert all(deltas[:-1])  # after the role chunk, only the finishing chunk may be empty
     assert "".join(d or "" for d in deltas) == "The capital of "
     assert chunks[-1].choices[0].finish_reason == "stop"
+    assert chunks[-1].choices[0].stop_reason == "France is Paris"  # vLLM's field: which stop ended it
 
 
 def test_stop_string_is_not_returned_and_ends_with_stop(client):
     result = client.completions.create(model="smollm2-135m", prompt="The capital of France is", max_tokens=16,
                                        temperature=0, stop=["."])
     assert result.choices[0].text == " Paris"
-    assert result.choices[0].finish_reason == "stop"
+    assert result.choices[0].finish_reason == "stop" and result.choices[0].stop_reason == "."
 
 
 def test_echo_prepends_the_prompt(client):

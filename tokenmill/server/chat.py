@@ -58,6 +58,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
             "message": message,
             "logprobs": None if sample.logprobs is None else chat_logprobs(sample.token_ids, sample.logprobs, tokenizer),
             "finish_reason": finish_reason,
+            "stop_reason": sample.stop_reason,
         })
     response.headers[COST_HEADER] = repr(usage_block["cost"])
     if (status := deadline_status([output])) is not None:  # a late answer says so: "missed"
@@ -98,6 +99,7 @@ async def _chunks(body: ChatCompletionRequest, n: int, stream: RequestStream, to
                     "logprobs": None if sample.logprobs is None else chat_logprobs(sample.token_ids, sample.logprobs,
                                                                                    tokenizer),
                     "finish_reason": sample.finish_reason,
+                    "stop_reason": sample.stop_reason,
                 }
                 for sample in output.outputs
             ]
@@ -129,7 +131,8 @@ def _tool_choices(sample: CompletionOutput, parser: ToolCallStream, tokenizer: T
     logprobs = None if sample.logprobs is None else chat_logprobs(sample.token_ids, sample.logprobs, tokenizer)
     return [
         {"index": sample.index, "delta": delta, "logprobs": logprobs if i == 0 else None,
-         "finish_reason": finish_reason if i == len(deltas) - 1 else None}
+         "finish_reason": finish_reason if i == len(deltas) - 1 else None,
+         "stop_reason": sample.stop_reason if i == len(deltas) - 1 else None}
         for i, delta in enumerate(deltas)
     ]
 

@@ -81,7 +81,8 @@ def _choice(body: CompletionRequest, output: RequestOutput, sample: CompletionOu
             prompt_ids, prompt_logprobs = _echo_logprobs(output)
             token_ids, token_logprobs = prompt_ids + token_ids, prompt_logprobs + token_logprobs
         logprobs = completion_logprobs(token_ids, token_logprobs, tokenizer, 0)
-    return {"index": index, "text": echo + sample.text, "logprobs": logprobs, "finish_reason": sample.finish_reason}
+    return {"index": index, "text": echo + sample.text, "logprobs": logprobs, "finish_reason": sample.finish_reason,
+            "stop_reason": sample.stop_reason}
 
 
 async def _chunks(body: CompletionRequest, n: int, streams: list[RequestStream], tokenizer: Tokenizer,
@@ -112,7 +113,7 @@ async def _chunks(body: CompletionRequest, n: int, streams: list[RequestStream],
                     logprobs = completion_logprobs(token_ids, token_logprobs, tokenizer, offsets[index])
                     offsets[index] += sum(len(t) for t in logprobs["tokens"])
                 choices.append({"index": index, "text": text, "logprobs": logprobs,
-                                "finish_reason": sample.finish_reason})
+                                "finish_reason": sample.finish_reason, "stop_reason": sample.stop_reason})
             yield {**head, "choices": choices}
     if (status := deadline_status(finals)) is not None:  # the headers went out first: a late stream says so here
         yield {**head, "choices": [], "deadline_status": status}
