@@ -24,7 +24,7 @@ def test_a_call_block_parses_into_calls_with_no_content():
 
 def test_hermes_blocks_and_parameters_key_parse_too():
     text = 'Sure.\n<tool_call>\n{"name": "f", "parameters": {"x": 1}}\n</tool_call>\n<tool_call>{"name": "g"}</tool_call>'
-    assert parse_tool_calls(text) == ("Sure.\n", [ToolCall("f", '{"x": 1}'), ToolCall("g", "{}")])
+    assert parse_tool_calls(text) == ("Sure.", [ToolCall("f", '{"x": 1}'), ToolCall("g", "{}")])
 
 
 def test_text_that_is_not_a_call_stays_content():
@@ -36,21 +36,25 @@ def test_unclosed_block_that_parses_is_a_call():
     assert parse_tool_calls('<tool_call>[{"name": "f", "arguments": {}}]')[1] == [ToolCall("f", "{}")]
 
 
-def test_streamed_character_by_character_equals_whole():
-    text = "Let me check. " + CALL + CALL
+@pytest.mark.parametrize("text, content, calls", [
+    ("Let me check. " + CALL + CALL, "Let me check.", 2),  # whitespace beside a call is not content
+    ("Sure.\n", "Sure.\n", 0),  # at the end, after content, it is
+    ("Sure.\n" + CALL + "\n", "Sure.", 1),
+])
+def test_streamed_character_by_character_equals_whole(text, content, calls):
     stream, events = ToolCallStream(), []
     for ch in text:
         events += stream.feed(ch)
     events += stream.finish()
-    assert "".join(e for e in events if isinstance(e, str)) == "Let me check."  # whitespace beside a call is not content
-    assert [e for e in events if isinstance(e, ToolCall)] == [ToolCall("add", '{"a": 1, "b": 2}')] * 2
-    assert stream.num_calls == 2
+    assert "".join(e for e in events if isinstance(e, str)) == content
+    assert [e for e in events if isinstance(e, ToolCall)] == [ToolCall("add", '{"a": 1, "b": 2}')] * calls
+    assert parse_tool_calls(text) == (content, [ToolCall("add", '{"a": 1, "b": 2}')] * calls)
 
 
 def test_stream_holds_back_only_what_may_begin_a_tag():
     stream = ToolCallStream()
-    assert stream.feed("Hello <to") == ["Hello "]
-    assert stream.feed("day") == ["<today"]
+    assert stream.feed("Hello <to") == ["Hello"]  # its space waits: a call may follow
+    assert stream.feed("day") == [" <today"]
 
 
 def test_tools_go_into_the_system_message_and_history_is_written_out():

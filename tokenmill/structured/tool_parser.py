@@ -45,8 +45,10 @@ class ToolCallStream:
         self.text = ""
         self.pos = 0  # text before this is handled
         self.in_block = False
-        # Whitespace around the blocks is no content: it waits until something else joins it.
+        # Whitespace touching a block is no content: trailing whitespace waits until content follows it (or the
+        # text ends after content), so streamed and whole text give the same content.
         self.pending = ""
+        self.after_block = False
         self.num_calls = 0
 
     def feed(self, delta: str) -> list[str | ToolCall]:
@@ -77,21 +79,24 @@ class ToolCallStream:
             self._block(self.text[self.pos :], "", events)
         else:
             self._content(self.text[self.pos :], events)
-        self.pos, self.in_block = len(self.text), False
+            if self.pending and not self.after_block:
+                events.append(self.pending)
+        self.pos, self.in_block, self.pending = len(self.text), False, ""
         return events
 
     def _content(self, text: str, events: list[str | ToolCall]) -> None:
         self.pending += text
-        if self.pending.strip():
-            events.append(self.pending)
-            self.pending = ""
+        body = self.pending.rstrip()
+        if body:
+            events.append(body)
+            self.pending, self.after_block = self.pending[len(body) :], False
 
     def _block(self, inner: str, close: str, events: list[str | ToolCall]) -> None:
         calls = parse_block(inner)
         if calls is None:  # not a call after all: the tags and their text are content
             self._content(CALL_OPEN + inner + close, events)
             return
-        self.pending = ""
+        self.pending, self.after_block = "", True
         self.num_calls += len(calls)
         events.extend(calls)
 
