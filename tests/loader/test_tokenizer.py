@@ -206,3 +206,14 @@ def test_tokenizers_whose_ids_mean_the_same_share_a_fingerprint(smollm2_source, 
     gguf = GGUFFile(smollm2_path)
     again = Tokenizer.from_gguf(gguf, gguf.model_config().eos_token_ids)
     assert again.fingerprint == smollm2_source.tokenizer.fingerprint != gemma3_tokenizer.fingerprint
+
+
+def test_a_tokens_text_keeps_the_word_initial_space_its_lone_decode_strips(tmp_path, smollm2_source):
+    pieces = ["<s>", "a", "b", "\u2581", "\u2581a", "ab", "\u2581ab"]
+    spm = Tokenizer.from_gguf(_vocabulary_file(tmp_path / "spm.gguf", "llama", pieces), [])
+    # A Llama-style SentencePiece decoder strips the space it prefixed to the text, from a lone token too.
+    assert spm.decode([6]) == "ab" and spm.token_text(6) == " ab" == spm.token_bytes(6).decode()
+    smollm2 = smollm2_source.tokenizer
+    ids = smollm2.encode("The capital of France is Paris. Caf\u00e9!", add_special_tokens=False)
+    assert [smollm2.token_text(t) for t in ids] == [smollm2.decode([t]) for t in ids]  # byte-level: the same
+    assert smollm2.token_text(smollm2.eos_token_ids[0]) == ""  # a special token, as decoding leaves it out

@@ -55,7 +55,9 @@ class Tokenizer:
         # Byte-level BPE (GPT-2 style) spells each byte as one printable character; SentencePiece does not.
         # The decoder's own JSON, not the whole tokenizer's (megabytes of vocabulary and merges).
         self._byte_level = backend.decoder is not None and b'"ByteLevel"' in backend.decoder.__getstate__()
-        self._added = {i: t.content for i, t in backend.get_added_tokens_decoder().items()}
+        added = backend.get_added_tokens_decoder()
+        self._added = {i: t.content for i, t in added.items()}
+        self._special = {i for i, t in added.items() if t.special}  # what decode leaves out
 
     @cached_property
     def fingerprint(self) -> str:
@@ -85,6 +87,13 @@ class Tokenizer:
         if byte:
             return bytes([int(byte.group(1), 16)])
         return piece.replace("\u2581", " ").encode()
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text as it stands in a decoded output: its own bytes (so SentencePiece's word-initial space
+        stays, which decoding it alone strips), or nothing for a special token."""
+        if token_id in self._special:
+            return ""
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")
 
     @property
     def renders_tools(self) -> bool:

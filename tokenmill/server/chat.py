@@ -142,7 +142,8 @@ def chat_logprobs(token_ids: list[int], logprobs: list[TokenLogprob], tokenizer:
 
     def entry(token_id: int, logprob: float) -> dict:
         # `bytes` are the token's own bytes, so a client can rebuild characters split across tokens.
-        return {"token": tokenizer.decode([token_id]), "logprob": logprob, "bytes": list(tokenizer.token_bytes(token_id))}
+        return {"token": tokenizer.token_text(token_id), "logprob": logprob,
+                "bytes": list(tokenizer.token_bytes(token_id))}
 
     return {
         "content": [

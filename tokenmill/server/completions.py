@@ -124,7 +124,7 @@ async def _chunks(body: CompletionRequest, n: int, streams: list[RequestStream],
 def completion_logprobs(token_ids: list[int], logprobs: list[TokenLogprob | None], tokenizer: Tokenizer,
                         text_offset: int) -> dict:
     """The legacy completions logprobs block: tokens, their logprobs, top alternatives, text offsets."""
-    tokens = [tokenizer.decode([t]) for t in token_ids]
+    tokens = [tokenizer.token_text(t) for t in token_ids]
     offsets = []
     for token in tokens:
         offsets.append(text_offset)
@@ -132,6 +132,6 @@ def completion_logprobs(token_ids: list[int], logprobs: list[TokenLogprob | None
     return {
         "tokens": tokens,
         "token_logprobs": [None if lp is None else lp.logprob for lp in logprobs],
-        "top_logprobs": [None if lp is None else {tokenizer.decode([t]): p for t, p in lp.top} for lp in logprobs],
+        "top_logprobs": [None if lp is None else {tokenizer.token_text(t): p for t, p in lp.top} for lp in logprobs],
         "text_offset": offsets,
     }
