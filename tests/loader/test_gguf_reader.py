@@ -15,6 +15,14 @@ ARRAYS = {
 }
 
 
+def _write(writer: gguf.GGUFWriter) -> None:
+    """Write the header, the metadata and no tensors, and close the file."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def _expected(path) -> dict:
     return {name: field.contents() for name, field in gguf.GGUFReader(path).fields.items()}
 
@@ -28,10 +36,7 @@ def arrays_file(tmp_path):
         writer.add_array(key, values)
     writer.add_string("t.string", "after the arrays")
     writer.add_uint32("t.scalar", 7)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _write(writer)
     return path
 
 
@@ -81,10 +86,7 @@ def test_a_hyperparameter_given_per_layer_is_a_load_error_naming_it(tmp_path):
     path = tmp_path / "per_layer.gguf"
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_array("llama.attention.head_count", [4, 4, 8])  # llama.cpp reads such arrays as one value a layer
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _write(writer)
     with pytest.raises(ModelLoadError, match="llama.attention.head_count per layer"):
         GGUFFile(path).model_config()
 
@@ -95,10 +97,7 @@ def test_rope_scaling_tokenmill_lacks_is_a_load_error_not_ignored(tmp_path):
     writer.add_head_count(4)
     writer.add_embedding_length(64)
     writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _write(writer)
     with pytest.raises(ModelLoadError, match="'yarn' rope scaling; supported: linear"):
         GGUFFile(path).model_config()
 
@@ -115,10 +114,7 @@ def test_gemma3_27b_scales_attention_by_hidden_over_heads_as_llama_cpp(tmp_path,
     writer.add_feed_forward_length(4 * hidden)
     writer.add_context_length(8192)
     writer.add_layer_norm_rms_eps(1e-6)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _write(writer)
     assert GGUFFile(path).model_config().attention_scale == scale
 
 
