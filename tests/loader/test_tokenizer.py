@@ -217,3 +217,10 @@ def test_a_tokens_text_keeps_the_word_initial_space_its_lone_decode_strips(tmp_p
     ids = smollm2.encode("The capital of France is Paris. Caf\u00e9!", add_special_tokens=False)
     assert [smollm2.token_text(t) for t in ids] == [smollm2.decode([t]) for t in ids]  # byte-level: the same
     assert smollm2.token_text(smollm2.eos_token_ids[0]) == ""  # a special token, as decoding leaves it out
+
+
+def test_special_tokens_are_the_control_ones_not_every_added_token(gemma3_tokenizer):
+    # Gemma 3 adds "\n" as a user-defined token: ordinary text, which a grammar must be free to produce.
+    newline = gemma3_tokenizer.encode("\n", add_special_tokens=False)
+    assert len(newline) == 1 and newline[0] not in gemma3_tokenizer.special_token_ids()
+    assert set(gemma3_tokenizer.eos_token_ids) <= set(gemma3_tokenizer.special_token_ids())

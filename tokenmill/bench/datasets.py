@@ -40,7 +40,7 @@ def lengths(rng: "np.random.Generator", count: int, mean: int, range_ratio: floa
 
 
 def ordinary_tokens(tokenizer: Tokenizer) -> np.ndarray:
-    """Every token id that is not a special (added) token."""
+    """Every token id that is not a special (control) token."""
     ordinary = np.ones(tokenizer.vocab_size, dtype=bool)
     ordinary[tokenizer.special_token_ids()] = False
     return np.flatnonzero(ordinary)  # no Python int per id: Gemma 3's 262,144 of them were 7 MiB

@@ -73,8 +73,11 @@ class Tokenizer:
         return self.backend.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     def special_token_ids(self) -> list[int]:
-        """Ids of added tokens (control and user-defined), which ordinary text never produces."""
-        return sorted(self._added)
+        """Ids of the control tokens, which text never spells and decoding leaves out.
+
+        Not every added token: Gemma 3's user-defined ones ("\n", runs of newlines, HTML tags) are ordinary text.
+        """
+        return sorted(self._special)
 
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes one token stands for; a token may hold just part of a UTF-8 character."""
