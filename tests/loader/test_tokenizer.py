@@ -145,13 +145,16 @@ def test_gemma3_token_bytes_turn_the_word_marker_into_a_space(gemma3_tokenizer):
         assert b"".join(tokenizer.token_bytes(i) for i in ids) == text.encode(), text
 
 
-def _vocabulary_file(path: Path, model: str, tokens: list[str], bos_id: int = 0) -> GGUFFile:
-    """A GGUF file holding only a tokenizer: its kind, tokens and their types (no scores)."""
+def _vocabulary_file(path: Path, model: str, tokens: list[str], bos_id: int = 0,
+                     templates: dict[str, str] | None = None) -> GGUFFile:
+    """A GGUF file holding only a tokenizer: its kind, tokens and their types (no scores), and chat templates."""
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_tokenizer_model(model)
     writer.add_token_list(tokens)
     writer.add_token_types([3] + [1] * (len(tokens) - 1))  # the first a control token, as <s> is
     writer.add_bos_token_id(bos_id)
+    for key, template in (templates or {}).items():
+        writer.add_string(key, template)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -190,16 +193,31 @@ if __name__ == "__main__":
 def test_a_folders_chat_template_is_found_where_transformers_saves_it(tmp_path, smollm2_source, layout):
     smollm2_source.tokenizer.backend.save(str(tmp_path / "tokenizer.json"))
     template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    tool_use = "{% for t in tools %}[{{ t.function.name }}]{% endfor %}" + template
     if layout == "jinja file":
         (tmp_path / "chat_template.jinja").write_text(template)
         config = {}
     else:
-        named = [{"name": "tool_use", "template": "tools"}, {"name": "default", "template": template}]
+        named = [{"name": "tool_use", "template": tool_use}, {"name": "default", "template": template}]
         config = {"chat_template": named}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     tokenizer = Tokenizer.from_hf_dir(tmp_path, eos_token_ids=[2])
-    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == "<user>hi"
-    assert not tokenizer.renders_tools
+    messages = [{"role": "user", "content": "hi"}]
+    assert tokenizer.apply_chat_template(messages) == "<user>hi"
+    # With tools, the tool_use template where there is one, as transformers and llama.cpp choose it.
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    with_tools = tokenizer.apply_chat_template(messages, tools=tools)
+    assert (with_tools, tokenizer.renders_tools) == (("[f]<user>hi", True) if layout == "named templates"
+                                                     else ("<user>hi", False))
+
+
+def test_a_gguf_files_tool_use_template_serves_chats_with_tools(tmp_path):
+    pieces = ["<s>", "a", "b"]
+    file = _vocabulary_file(tmp_path / "t.gguf", "llama", pieces,
+                            templates={"tokenizer.chat_template": "plain", "tokenizer.chat_template.tool_use": "tools"})
+    tokenizer = Tokenizer.from_gguf(file, [])
+    assert tokenizer.apply_chat_template([]) == "plain"
+    assert tokenizer.apply_chat_template([], tools=[{"type": "function"}]) == "tools" and tokenizer.renders_tools
 
 
 def test_tokenizers_whose_ids_mean_the_same_share_a_fingerprint(smollm2_source, smollm2_path, gemma3_tokenizer):

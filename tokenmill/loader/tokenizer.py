@@ -45,12 +45,15 @@ class Tokenizer:
         bos_token: str | None = None,
         eos_token: str | None = None,
         chat_template: str | None = None,
+        tool_chat_template: str | None = None,
     ) -> None:
         self.backend = backend
         self.eos_token_ids = eos_token_ids
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.chat_template = chat_template
+        # A second template for chats with tools, where the model has one (Hugging Face's and llama.cpp's tool_use).
+        self.tool_chat_template = tool_chat_template
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
         # Byte-level BPE (GPT-2 style) spells each byte as one printable character; SentencePiece does not.
         # The decoder's own JSON, not the whole tokenizer's (megabytes of vocabulary and merges).
@@ -100,19 +103,22 @@ class Tokenizer:
 
     @property
     def renders_tools(self) -> bool:
-        """Whether the chat template has its own tool format (it reads `tools`); else the server writes tools in."""
-        return bool(self.chat_template) and re.search(r"\btools\b", self.chat_template) is not None
+        """Whether the template for chats with tools has its own tool format (it reads `tools`); else the server
+        writes tools in."""
+        template = self.tool_chat_template or self.chat_template
+        return bool(template) and re.search(r"\btools\b", template) is not None
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             tools: list[dict[str, Any]] | None = None) -> str:
         """Render messages (and the tools on offer, as Hugging Face passes them) into one prompt string."""
-        if not self.chat_template:
+        text = self.tool_chat_template if tools and self.tool_chat_template else self.chat_template
+        if not text:
             raise InvalidRequestError("this model has no chat template; use a plain completion prompt instead")
         # Imported with the first chat (1.9 MiB): a process that completes text or token ids never needs it.
         import jinja2
 
         try:
-            template = _jinja_env().from_string(self.chat_template)
+            template = _jinja_env().from_string(text)
             return template.render(
                 messages=messages,
                 tools=tools or None,
@@ -143,7 +149,7 @@ class Tokenizer:
         bos, eos = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
         if not eos_token_ids and eos is not None and backend.token_to_id(eos) is not None:
             eos_token_ids = [backend.token_to_id(eos)]
-        return cls(backend, eos_token_ids, bos, eos, _hf_chat_template(path, config.get("chat_template")))
+        return cls(backend, eos_token_ids, bos, eos, *_hf_chat_templates(path, config.get("chat_template")))
 
     @classmethod
     def from_gguf(cls, gguf: "GGUFFile", eos_token_ids: list[int]) -> "Tokenizer":
@@ -165,18 +171,20 @@ class Tokenizer:
                 single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
             )
         eos = _special_token(backend, "eos", metadata.get("tokenizer.ggml.eos_token_id"))
-        return cls(backend, eos_token_ids, bos, eos, metadata.get("tokenizer.chat_template"))
+        return cls(backend, eos_token_ids, bos, eos, metadata.get("tokenizer.chat_template"),
+                   metadata.get("tokenizer.chat_template.tool_use"))  # llama.cpp's name for the named template
 
 
-def _hf_chat_template(path: Path, configured: str | list | None) -> str | None:
-    """The folder's chat template: chat_template.jinja, where transformers now saves it, else tokenizer_config's."""
+def _hf_chat_templates(path: Path, configured: str | list | None) -> tuple[str | None, str | None]:
+    """The folder's chat template (chat_template.jinja, where transformers now saves it, else tokenizer_config's)
+    and, from a list of named ones as older transformers saved several, its tool_use template."""
+    if isinstance(configured, list):
+        named = {t.get("name"): t.get("template") for t in configured if isinstance(t, dict)}
+    else:
+        named = {"default": configured}
     jinja_file = path / "chat_template.jinja"
-    if jinja_file.is_file():
-        return jinja_file.read_text()
-    if isinstance(configured, list):  # named templates, as older transformers saved several: the default one
-        return next((t.get("template") for t in configured if isinstance(t, dict) and t.get("name") == "default"),
-                    None)
-    return configured
+    default = jinja_file.read_text() if jinja_file.is_file() else named.get("default")
+    return default, named.get("tool_use")
 
 
 def _gguf_backend(gguf: "GGUFFile", kind: str) -> BackendTokenizer:
