@@ -39,6 +39,13 @@ def test_batched_chunked_preempted_cached_and_eager_runs_match_alone(make_engine
     assert tokens(cached, PROMPTS) == alone  # the second time, every prompt's full blocks come from the cache
 
 
+def test_an_int8_kv_pool_batched_and_replayed_as_graphs_matches_alone(make_engine, tokens):
+    # The Triton kernel reads the int8 pool and its scales in place; a gather would not fit a graph of a long context.
+    alone = [tokens(make_engine(device="cuda", dtype="bfloat16", kv_cache_dtype="int8", enable_prefix_caching=False),
+                    [p])[0] for p in PROMPTS]
+    assert tokens(make_engine(device="cuda", dtype="bfloat16", kv_cache_dtype="int8"), PROMPTS) == alone
+
+
 def test_float32_greedy_tokens_match_transformers_on_most_prompts(make_engine, tokens, hf_smollm2):
     engine = make_engine(device="cuda", dtype="float32", quantization="none")
     ours = tokens(engine, PROMPTS)

@@ -8,7 +8,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tokenmill.layers.attention import Attention, AttentionMetadata, PrefillChunk  # noqa: E402
+from tokenmill.layers.attention import Attention, AttentionMetadata, PrefillChunk, _narrow  # noqa: E402
 
 # Triton ships wheels for Linux only (x86_64 and aarch64); the test extras install it there.
 pytest.importorskip("triton", reason="Triton has no wheel for this platform")
@@ -50,6 +50,24 @@ def test_kernel_matches_the_pytorch_path_on_decodes_and_a_chunk_after_a_cached_p
     expected = layer._forward_pytorch(q, k, v, meta)  # also stores this step's keys and values in the pool
     out = paged_attention(q, layer.k_cache, layer.v_cache, meta.row_tables, meta.row_lens, layer.scale, window)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_reads_an_int8_pool_in_place_as_the_pytorch_path_widens_it():
+    layer = _layer(32, None)
+    (layer.k_cache, layer.k_scale), (layer.v_cache, layer.v_scale) = _narrow(layer.k_cache, torch.int8), _narrow(
+        layer.v_cache, torch.int8)
+    meta = _mixed_batch()
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(7, HEADS, 32, generator=gen)
+    k, v = torch.randn(7, KV_HEADS, 32, generator=gen), torch.randn(7, KV_HEADS, 32, generator=gen)
+    expected = layer._forward_pytorch(q, k, v, meta)
+    out = paged_attention(q, layer.k_cache, layer.v_cache, meta.row_tables, meta.row_lens, layer.scale, None,
+                          layer.k_scale, layer.v_scale)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    # The scales are read: the same value levels with every value scale halved give half the output.
+    halved = paged_attention(q, layer.k_cache, layer.v_cache, meta.row_tables, meta.row_lens, layer.scale, None,
+                             layer.k_scale, layer.v_scale / 2)
+    torch.testing.assert_close(halved, expected / 2, rtol=1e-5, atol=1e-5)
 
 
 def test_kernel_reads_no_key_past_a_rows_length():

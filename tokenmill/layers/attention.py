@@ -114,18 +114,18 @@ class Attention(Layer):
                 self.k_scale, self.v_scale,
             )
             return out
-        if q.is_cuda and self.k_scale is None:
+        if q.is_cuda:
             # Triton comes with CUDA builds of PyTorch; imported here so that CPU runs never load it.
             from tokenmill.layers.triton_attention import paged_attention
 
-            _store(self.k_cache, None, k, meta.slot_mapping)
-            _store(self.v_cache, None, v, meta.slot_mapping)
+            _store(self.k_cache, self.k_scale, k, meta.slot_mapping)
+            _store(self.v_cache, self.v_scale, v, meta.slot_mapping)
             return paged_attention(q, self.k_cache, self.v_cache, meta.row_tables, meta.row_lens, self.scale,
-                                   self.sliding_window)
+                                   self.sliding_window, self.k_scale, self.v_scale)
         return self._forward_pytorch(q, k, v, meta)
 
     def _forward_pytorch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Without the C++ ops or Triton (no compiler, an odd head_dim, an int8 pool on GPU): SDPA, gathering."""
+        """Without the C++ ops (no compiler, an odd head_dim) on CPU: SDPA, gathering."""
         _store(self.k_cache, self.k_scale, k, meta.slot_mapping)
         _store(self.v_cache, self.v_scale, v, meta.slot_mapping)
         if self.k_cache.dtype != q.dtype and meta.prefills:
