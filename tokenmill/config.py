@@ -98,9 +98,10 @@ class EngineConfig:
     device: str = "cpu"
     # 16 tokens per block, as vLLM: small enough to waste little, big enough to keep tables short.
     block_size: int = 16
-    # KV pool size in GiB; None means 1 GiB on CPU or kv_cache_fraction of free GPU memory.
+    # KV pool size in GiB, a draft model's pool included; None means 1 GiB on CPU or kv_cache_fraction of free
+    # GPU memory.
     kv_cache_memory: float | None = None
-    # On GPU, the share of free memory (after loading) the KV pool takes when kv_cache_memory is unset.
+    # On GPU, the share of free memory (after loading) the KV pools take when kv_cache_memory is unset.
     kv_cache_fraction: float = 0.8
     # On GPU, decode steps replay CUDA graphs captured at start-up (engine/cuda_graphs.py): a small model's decode
     # is bound by kernel launches, which a replay issues at once. True: always eager.

@@ -3,6 +3,7 @@
 import pytest
 
 from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.layers.attention import Attention
 from tokenmill.sampling import SamplingParams
 
 # Not adaptive: drafting then depends on the text alone, not on this machine's step times, so every path is
@@ -100,10 +101,23 @@ def test_model_drafts_batched_chunked_and_preempted_equal_no_speculation(make_en
     # at layer 20 of 30 is mostly wrong: rejections on every path.
     config |= {"model": str(smollm2_source.path)} if method == "draft_model" else {"exit_layer": 20}
     block_bytes = make_engine(kv_cache_memory=0.01).runner.kv_cache.block_bytes
-    engine = make_engine(speculative_config=config, kv_cache_memory=12 * block_bytes / 2**30,
+    # The target keeps 12 blocks either way: a draft model's pool of the same size shares the budget.
+    blocks = 24 if method == "draft_model" else 12
+    engine = make_engine(speculative_config=config, kv_cache_memory=blocks * block_bytes / 2**30,
                          max_num_batched_tokens=32, max_num_seqs=8)
+    assert engine.runner.num_blocks == 12
     assert _run(engine, prompts, params) == expected
     counts = engine.drafter.counters
     assert engine.scheduler.num_preemptions > 0 and counts.num_accepted_tokens > 0
     if method == "early_exit":
         assert counts.num_accepted_tokens < counts.num_draft_tokens
+
+
+def test_a_draft_models_pool_and_the_targets_fit_the_kv_budget_together(make_engine, smollm2_source):
+    budget = 0.004  # GiB
+    engine = make_engine(kv_cache_memory=budget, speculative_config={
+        "method": "draft_model", "model": str(smollm2_source.path), "num_speculative_tokens": 2})
+    pools = [engine.runner.model, engine.drafter.proposer.model]
+    held = sum(layer.k_cache.nbytes + layer.v_cache.nbytes for model in pools for layer in model.modules()
+               if isinstance(layer, Attention))
+    assert budget * 2**30 - engine.runner.kv_cache.block_bytes * 2 < held <= budget * 2**30

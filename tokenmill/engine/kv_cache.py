@@ -25,9 +25,12 @@ class KVCache:
     """
 
     def __init__(
-        self, config: EngineConfig, model_config: ModelConfig, model: nn.Module, num_blocks: int | None = None
+        self, config: EngineConfig, model_config: ModelConfig, model: nn.Module, num_blocks: int | None = None,
+        shared_block_bytes: int = 0,
     ) -> None:
         self.config = config
+        # What a block costs in another pool that takes the same block ids from this budget (a draft model's).
+        self.shared_block_bytes = shared_block_bytes
         self.model_config = model_config
         self.device = torch.device(config.device)
         self.dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.device, DTYPES[config.dtype])
@@ -87,10 +90,7 @@ class KVCache:
 
     def layer_block_bytes(self) -> int:
         """Bytes of one KV block of one layer: keys and values (int8: with their scales)."""
-        c = self.model_config
-        # int8 keeps a float16 scale per token and head beside its head_dim levels.
-        token_head_bytes = c.head_dim * self.dtype.itemsize + (2 if self.dtype == torch.int8 else 0)
-        return 2 * self.block_size * c.num_kv_heads * token_head_bytes
+        return layer_block_bytes(self.model_config, self.dtype, self.block_size)
 
     def _budget_bytes(self) -> int:
         budget = self.config.kv_cache_memory
@@ -100,7 +100,7 @@ class KVCache:
         return int((budget if budget is not None else 1.0) * _GIB)
 
     def _num_blocks(self) -> int:
-        return max(1, self._budget_bytes() // self.block_bytes)
+        return max(1, self._budget_bytes() // (self.block_bytes + self.shared_block_bytes))
 
     def _split(self, num_full: int, num_sliding: int) -> None:
         """Size the sliding layers' pool for the windows of max_num_seqs sequences and one step's new tokens;
@@ -133,3 +133,16 @@ class KVCache:
         # and V (120 MiB of RSS for SmolLM2 where 4 KiB pages map 240 KiB).
         nbytes = math.prod(shape) * dtype.itemsize
         return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8).view(dtype).view(shape)
+
+
+def layer_block_bytes(model_config: ModelConfig, dtype: torch.dtype, block_size: int) -> int:
+    """Bytes of one KV block of one layer of a model: keys and values (int8: with their scales)."""
+    # int8 keeps a float16 scale per token and head beside its head_dim levels.
+    token_head_bytes = model_config.head_dim * dtype.itemsize + (2 if dtype == torch.int8 else 0)
+    return 2 * block_size * model_config.num_kv_heads * token_head_bytes
+
+
+def model_block_bytes(config: EngineConfig, model_config: ModelConfig) -> int:
+    """Bytes of one KV block of every layer of a model under config, before it is loaded."""
+    dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, torch.device(config.device), DTYPES[config.dtype])
+    return model_config.num_layers * layer_block_bytes(model_config, dtype, config.block_size)

@@ -21,7 +21,7 @@ from tokenmill.loader.source import ModelSource, open_model
 from tokenmill.outputs import EngineStats, RequestMetrics, RequestOutput, TokenLogprob
 from tokenmill.sampling import SamplingParams
 from tokenmill.spec_decode.drafter import Drafter
-from tokenmill.spec_decode.model_proposer import build_proposer
+from tokenmill.spec_decode.model_proposer import build_proposer, load_draft
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,8 @@ class LLMEngine:
         self.source = source or open_model(config.model)
         self.tokenizer = self.source.tokenizer
         self.model_config = self.source.config
-        self.runner = ModelRunner(config, self.source)
+        draft = load_draft(config, self.source)
+        self.runner = ModelRunner(config, self.source, shared_block_bytes=draft.block_bytes if draft else 0)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
                                           self.runner.sliding_window, self.runner.num_sliding_blocks)
         self.scheduler = Scheduler(config, self.block_manager)
@@ -62,7 +63,7 @@ class LLMEngine:
         price = machine_price(config.price_per_hour, config.device)  # after the runner has set torch's threads
         self.cost = CostAccountant(price.usd_per_hour)
         self.deadlines = DeadlineKeeper(config, self.scheduler)
-        self.drafter = Drafter(config.speculative_config, build_proposer(config, self.source, self.runner))
+        self.drafter = Drafter(config.speculative_config, build_proposer(config, self.source, self.runner, draft))
         logger.info("engine ready: %s, KV capacity %d tokens, max_model_len %d",
                     self.source.name, pool_tokens, self.max_model_len)
         logger.info("pricing compute time at %s", price.basis)

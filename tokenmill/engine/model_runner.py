@@ -43,12 +43,13 @@ class Batch:
 class ModelRunner:
     """Runs one forward pass per engine step over the paged KV pool."""
 
-    def __init__(self, config: EngineConfig, source: ModelSource) -> None:
+    def __init__(self, config: EngineConfig, source: ModelSource, shared_block_bytes: int = 0) -> None:
         self.device = torch.device(config.device)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.model, self.quantization = load_model(config, source)
-        self.kv_cache = KVCache(config, source.config, self.model)
+        # shared_block_bytes: a draft model's pool, indexed by this pool's block ids, shares its memory budget.
+        self.kv_cache = KVCache(config, source.config, self.model, shared_block_bytes=shared_block_bytes)
         self.block_size = config.block_size
         self.num_blocks = self.kv_cache.num_blocks
         # The block manager's sliding-window layout (BlockManager): the window whose blocks are released, and

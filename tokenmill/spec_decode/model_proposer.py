@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from tokenmill.config import EngineConfig
-from tokenmill.engine.kv_cache import KVCache
+from tokenmill.engine.kv_cache import KVCache, model_block_bytes
 from tokenmill.engine.model_runner import Chunk, ModelRunner, flat_batch
 from tokenmill.engine.sequence import Sequence
 from tokenmill.errors import InvalidRequestError
@@ -59,7 +59,40 @@ class ModelProposer:
         return self.model.compute_logits(hidden[ends]).argmax(dim=-1).tolist()
 
 
-def build_proposer(config: EngineConfig, source: ModelSource, runner: ModelRunner) -> ModelProposer | None:
+@dataclasses.dataclass
+class DraftModel:
+    """A separate draft model, loaded before the target's KV pool is sized, so that both pools share its budget."""
+
+    model: nn.Module
+    source: ModelSource
+    config: EngineConfig  # the engine's, for the draft: its own model and quantization
+
+    @property
+    def block_bytes(self) -> int:
+        """What a block of the draft's pool costs beside the target's."""
+        return model_block_bytes(self.config, self.source.config)
+
+
+def load_draft(config: EngineConfig, source: ModelSource) -> DraftModel | None:
+    """The draft model a --speculative-config with a model asks for, loaded; None for the other methods."""
+    spec = config.speculative_config
+    if spec is None or spec.method != "draft_model":
+        return None
+    draft_source = open_model(spec.model)
+    if draft_source.config.vocab_size != source.config.vocab_size:
+        raise InvalidRequestError(
+            f"draft model {spec.model!r} has a vocabulary of {draft_source.config.vocab_size} tokens and the model "
+            f"{source.config.vocab_size}: a draft must share the model's tokenizer", param="speculative_config")
+    draft_config = dataclasses.replace(config, model=spec.model, quantization=spec.quantization,
+                                       speculative_config=None)
+    model, quantization = load_model(draft_config, draft_source)
+    logger.info("draft model %s (quantization %s)", draft_source.name, quantization)
+    return DraftModel(model, draft_source, draft_config)
+
+
+def build_proposer(
+    config: EngineConfig, source: ModelSource, runner: ModelRunner, draft: DraftModel | None
+) -> ModelProposer | None:
     """The proposer a model-based --speculative-config asks for; None for the lookup methods."""
     spec = config.speculative_config
     if spec is None or spec.method == "ngram":
@@ -69,15 +102,7 @@ def build_proposer(config: EngineConfig, source: ModelSource, runner: ModelRunne
             raise InvalidRequestError(f"exit_layer={spec.exit_layer} must be in [1, {source.config.num_layers}) for "
                                       "this model", param="speculative_config")
         return ModelProposer(runner.model, runner, spec.exit_layer, own_cache=False)
-    draft_source = open_model(spec.model)
-    if draft_source.config.vocab_size != source.config.vocab_size:
-        raise InvalidRequestError(
-            f"draft model {spec.model!r} has a vocabulary of {draft_source.config.vocab_size} tokens and the model "
-            f"{source.config.vocab_size}: a draft must share the model's tokenizer", param="speculative_config")
-    draft_config = dataclasses.replace(config, model=spec.model, quantization=spec.quantization,
-                                       speculative_config=None)
-    model, quantization = load_model(draft_config, draft_source)
+    assert draft is not None, "load_draft gives a draft_model method its model"
     # As many blocks as the target's pool, so the target's block tables index the draft's pool too.
-    KVCache(draft_config, draft_source.config, model, num_blocks=runner.num_blocks)
-    logger.info("draft model %s (quantization %s)", draft_source.name, quantization)
-    return ModelProposer(model, runner, None, own_cache=True)
+    KVCache(draft.config, draft.source.config, draft.model, num_blocks=runner.num_blocks)
+    return ModelProposer(draft.model, runner, None, own_cache=True)
