@@ -6,6 +6,7 @@ import asyncio
 import json
 import shlex
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -45,9 +46,13 @@ def main(args: argparse.Namespace) -> int:
     tokenizer = open_model(args.model).tokenizer
     count = args.unloaded_requests + 4 * args.concurrency + 1
     requests = random_requests(tokenizer, count, args.input_len, args.output_len, 0.0, args.seed)
+
+    def fresh(n: int) -> list[BenchRequest]:
+        return random_requests(tokenizer, n, args.input_len, args.output_len, 0.0, args.seed + 1)
+
     server = serve_process(args.model, shlex.split(args.serve_args)) if args.serve_args else nullcontext(args.base_url)
     with server as url:
-        report = asyncio.run(measure(argparse.Namespace(**{**vars(args), "base_url": url}), requests))
+        report = asyncio.run(measure(argparse.Namespace(**{**vars(args), "base_url": url}), requests, fresh))
     report["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}
     print(format_report(report))
     if args.out:
@@ -55,8 +60,9 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-async def measure(args: argparse.Namespace, requests: list[BenchRequest]) -> dict:
-    """The three phases against args.base_url."""
+async def measure(args: argparse.Namespace, requests: list[BenchRequest],
+                  fresh: Callable[[int], list[BenchRequest]]) -> dict:
+    """The three phases against args.base_url; fresh(n) makes the overload phase's n prompts."""
     # send() reads these of a `bench serve` namespace.
     args.endpoint, args.send_text = "completions", False
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
@@ -84,11 +90,14 @@ async def measure(args: argparse.Namespace, requests: list[BenchRequest]) -> dic
         offered = rate * args.factor
         n = max(1, round(offered * args.duration))
         gaps = arrival_gaps(n, offered, 1.0, args.seed)
+        # Prompts not sent before: a server's prefix cache would otherwise skip the prefills of the admitted
+        # requests that the unloaded ones paid in full.
+        overload = fresh(n)
         t0 = time.perf_counter()
         tasks = []
-        for i, gap in enumerate(gaps):
+        for request, gap in zip(overload, gaps):
             await asyncio.sleep(gap)
-            tasks.append(asyncio.ensure_future(send(client, args, batch[i % len(batch)], t0)))
+            tasks.append(asyncio.ensure_future(send(client, args, request, t0)))
         overloaded = await asyncio.gather(*tasks)
     admitted = [r for r in overloaded if r.success]
     refused = [r for r in overloaded if not r.success and (r.error or "").startswith("HTTP 429")]
