@@ -51,11 +51,39 @@ def test_file_dataset_cycles_rows_and_rejects_bad_files(smollm2_source, tmp_path
 
 @pytest.mark.parametrize("command, flags", [
     ("offline", {"num_seqs": 0}), ("offline", {"min_len": 600, "max_len": 100}), ("offline", {"min_len": 0}),
-    ("serve", {"request_rate": 0.0}), ("serve", {"num_prompts": 0}),
+    ("offline", {"decode_len": 1}), ("serve", {"request_rate": 0.0}), ("serve", {"num_prompts": 0}),
+    ("serve", {"warmup": -1}),
+    ("compare", {"output_len": 1}), ("compare", {"concurrency": [16, 0]}), ("compare", {"rounds": 0}),
 ])
 def test_bench_flags_that_make_no_workload_are_refused_before_any_work(command, flags):
     defaults = {"offline": dict(num_seqs=256, min_len=100, max_len=1024, decode_len=128, prefill_len=512),
-                "serve": dict(num_prompts=10, burstiness=1.0, range_ratio=0.0, request_rate=float("inf"))}[command]
+                "serve": dict(num_prompts=10, warmup=1, burstiness=1.0, range_ratio=0.0, request_rate=float("inf")),
+                "compare": dict(output_len=128, prefill_len=512, rounds=2, context_len=2000, concurrency=[1, 16])
+                }[command]
     module = importlib.import_module(f"tokenmill.bench.{command}")
     with pytest.raises(InvalidRequestError, match="need"):
         module.main(argparse.Namespace(**{**defaults, **flags}))
+
+
+def test_bench_serve_warms_up_on_requests_it_does_not_measure(monkeypatch):
+    from tokenmill.bench import serve
+    from tokenmill.bench.datasets import BenchRequest
+    from tokenmill.bench.metrics import RequestResult
+
+    sent: list[int] = []
+
+    async def fake_send(client, args, request, t0, deadline_ms=None):
+        sent.append(request.prompt[0])
+        return RequestResult(prompt_tokens=1, start=0.0, success=True, output_tokens=1, first_token=0.0, end=0.0)
+
+    monkeypatch.setattr(serve, "send", fake_send)
+    monkeypatch.setattr(serve, "build_requests", lambda args, tokenizer: [
+        BenchRequest([i], 1, 1) for i in range(args.num_prompts)])
+    monkeypatch.setattr(serve, "summarize", lambda results, *rest: {"measured": len(results)})
+    monkeypatch.setattr(serve, "format_report", str)
+    args = argparse.Namespace(num_prompts=3, warmup=2, burstiness=1.0, range_ratio=0.0, request_rate=float("inf"),
+                              goodput=None, tokenizer=None, model="smollm2-135m", endpoint="completions",
+                              send_text=False, deadline_mix=None, policies=None, base_url="http://127.0.0.1:9",
+                              api_key=None, max_concurrency=None, seed=0, cost_per_hour=None, plot=None, out=None)
+    assert serve.main(args) == 0
+    assert sent == [0, 1, 2, 3, 4]  # two warm-ups, then three measured requests, each prompt once

@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pacing.add_argument("--max-concurrency", type=int, help="requests in flight at once, sent back to back")
     parser.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of gaps; 1 = Poisson")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--warmup", type=int, default=1, help="requests sent first and not counted")
+    parser.add_argument("--warmup", type=int, default=1, help="requests of their own, sent first and not counted")
     parser.add_argument("--goodput", nargs="*", metavar="NAME:MS",
                         help="report goodput: requests per second that met their deadline (--deadline-mix) and "
                              "these SLOs, if given: ttft, tpot, e2el")
@@ -65,16 +65,19 @@ def main(args: argparse.Namespace) -> int:
     """Build the workload, run it, print the table, write JSON and the plot."""
     from tokenmill.loader.source import open_model
 
-    if args.num_prompts < 1 or args.burstiness <= 0 or not 0 <= args.range_ratio < 1 or not args.request_rate > 0:
-        raise InvalidRequestError("need --num-prompts >= 1, --burstiness > 0, 0 <= --range-ratio < 1 and "
-                                  "--request-rate > 0")
+    if (args.num_prompts < 1 or args.warmup < 0 or args.burstiness <= 0 or not 0 <= args.range_ratio < 1
+            or not args.request_rate > 0):
+        raise InvalidRequestError("need --num-prompts >= 1, --warmup >= 0, --burstiness > 0, 0 <= --range-ratio < 1 "
+                                  "and --request-rate > 0")
     slo = SLO.parse(args.goodput) if args.goodput is not None else None
     tokenizer = open_model(args.tokenizer or args.model).tokenizer
-    requests = build_requests(args, tokenizer)
+    # The warm-up's own requests come first: a measured request sent before would hit the server's prefix cache.
+    requests = build_requests(argparse.Namespace(**{**vars(args), "num_prompts": args.warmup + args.num_prompts}),
+                              tokenizer)
     if args.endpoint == "chat" or args.send_text:  # random token ids go as their decoded text
         requests = [BenchRequest(r.prompt if isinstance(r.prompt, str) else tokenizer.decode(r.prompt),
                                  r.prompt_tokens, r.output_tokens) for r in requests]
-    deadlines = deadline_mix(len(requests), args.deadline_mix)
+    deadlines = deadline_mix(args.num_prompts, args.deadline_mix)
     if args.policies:
         report = {"policies": {}}
         for policy in args.policies:
@@ -210,13 +213,15 @@ def build_requests(args: argparse.Namespace, tokenizer) -> list[BenchRequest]:
 async def run(
     args: argparse.Namespace, requests: list[BenchRequest], deadlines: list[float | None] | None = None,
 ) -> tuple[list[RequestResult], float, float | None]:
-    """Send the warm-up, then every request on its schedule; return results, the run's duration and the busy
-    seconds the server's /metrics counted meanwhile (None for servers without tokenmill's metrics)."""
+    """Send the first args.warmup requests one by one, then the rest on their schedule; return the measured
+    results, the run's duration and the busy seconds the server's /metrics counted meanwhile (None for servers
+    without tokenmill's metrics)."""
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(base_url=args.base_url, headers=headers, timeout=None, limits=limits) as client:
         for request in requests[: args.warmup]:
             await send(client, args, request, time.perf_counter())
+        requests = requests[args.warmup :]
         busy_before = await _settled_busy_seconds(client)
         gate = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
         gaps = arrival_gaps(len(requests), args.request_rate, args.burstiness, args.seed)
