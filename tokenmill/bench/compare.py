@@ -37,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Measure and print a markdown table."""
+    if args.output_len < 2 or args.prefill_len < 1 or args.rounds < 1 or args.context_len < 0 or min(
+            args.concurrency) < 1:
+        raise InvalidRequestError("need --output-len >= 2 (decode is timed from the first token to the last), "
+                                  "--prefill-len, --rounds and --concurrency >= 1, and --context-len >= 0")
     import torch
 
     from tokenmill import ops
@@ -61,10 +65,12 @@ def main(args: argparse.Namespace) -> int:
     peer_dtype = args.peer_dtype or args.dtype
     peer = (TransformersRunner(source.path, DTYPES[peer_dtype]) if args.peer == "transformers"
             else LlamaCppRunner(source.path, threads, n_ctx=max(4096, context)))
-    peer_desc = f"{peer.name} {peer_dtype}" if args.peer == "transformers" else peer.name
+    peer_desc = (f"{peer.name} {peer_dtype}" if args.peer == "transformers"
+                 else f"{peer.name}, serving concurrent prompts one after another")
     workload = _workload(ours.llm.tokenizer, args)
-    for runner in (ours, peer):  # warm-up: first-call allocations and kernel selection
-        runner.generate(workload.prompts[:1], 4)
+    for runner in (ours, peer):  # warm-up: first-call allocations and kernel selection at the largest shapes
+        runner.generate(workload.prompts, 4)
+        runner.generate([workload.long_prompt], 1)
     samples: dict[str, dict[str, list[float]]] = {ours.name: {}, peer.name: {}}
     for _ in range(args.rounds):  # alternate, so machine noise hits both alike
         for runner in (ours, peer):

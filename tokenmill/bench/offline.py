@@ -28,9 +28,9 @@ def main(args: argparse.Namespace) -> int:
     """Run the three measurements and print them."""
     from tokenmill.bench.peers import TokenmillRunner, decode_speed, prefill_speed
 
-    if args.num_seqs < 1 or not 1 <= args.min_len <= args.max_len or args.decode_len < 1 or args.prefill_len < 1:
-        raise InvalidRequestError("need --num-seqs, --decode-len and --prefill-len >= 1 and 1 <= --min-len <= "
-                                  "--max-len")
+    if args.num_seqs < 1 or not 1 <= args.min_len <= args.max_len or args.decode_len < 2 or args.prefill_len < 1:
+        raise InvalidRequestError("need --num-seqs and --prefill-len >= 1, --decode-len >= 2 (the decode rate is "
+                                  "timed from the first token to the last) and 1 <= --min-len <= --max-len")
     # No prefix cache: the speed runs repeat a prompt, and a cache hit would skip the work being timed.
     runner = TokenmillRunner(**engine_options(args, enable_prefix_caching=False))
     llm = runner.llm
@@ -48,21 +48,23 @@ def main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=True)
     elapsed = time.perf_counter() - start
+    # What was generated, not what was asked: a request that fails partway returns fewer tokens.
+    generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     model = llm.engine.runner.model
     tensors = {t.data_ptr(): t.nbytes for t in [*model.parameters(), *model.buffers()]}  # tied weights once
     weights = sum(tensors.values())
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     print(f"model {llm.engine.source.name} (quantization {llm.engine.runner.quantization}), {args.num_seqs} sequences, lengths uniform in "
           f"[{args.min_len}, {args.max_len}], EOS ignored")
-    print(f"throughput: {sum(output_lens)} output tokens in {elapsed:.1f} s = {sum(output_lens) / elapsed:.1f} tokens/s "
-          f"({(sum(output_lens) + sum(input_lens)) / elapsed:.1f} tokens/s with prompts)")
+    print(f"throughput: {generated} output tokens in {elapsed:.1f} s = {generated / elapsed:.1f} tokens/s "
+          f"({(generated + sum(input_lens)) / elapsed:.1f} tokens/s with prompts)")
     print(f"single-stream decode: {decode:.1f} tokens/s; prefill of {args.prefill_len} tokens: {prefill:.1f} tokens/s")
     print(f"memory: weights {weights / 2**20:.0f} MiB, KV pool {llm.engine.runner.kv_cache.pool.nbytes / 2**20:.0f} MiB, "
           f"process peak RSS {peak_rss / 2**20:.0f} MiB")
     price = llm.engine.cost.price_per_hour
     prompt_s, decode_s = (sum(getattr(o.metrics, part) for o in outputs) for part in ("prefill_seconds", "decode_seconds"))
     print(f"cost at ${price:g}/h (--price-per-hour), busy time only: "
-          f"${usd_per_million_tokens(prompt_s + decode_s, sum(output_lens), price):.4f} per 1M output tokens; "
+          f"${usd_per_million_tokens(prompt_s + decode_s, generated, price):.4f} per 1M output tokens; "
           f"split by the fitted step times, ${usd_per_million_tokens(prompt_s, sum(input_lens), price):.4f} per 1M "
-          f"prompt tokens and ${usd_per_million_tokens(decode_s, sum(output_lens), price):.4f} per 1M completion tokens")
+          f"prompt tokens and ${usd_per_million_tokens(decode_s, generated, price):.4f} per 1M completion tokens")
     return 0
