@@ -47,6 +47,20 @@ def test_tiny_gemma3_logits_match_transformers_past_the_sliding_window(tiny_gemm
         assert (last_logits(llm.engine, ids) - expected).abs().max().item() < 1e-3
 
 
+def test_tiny_gemma3_in_bfloat16_embeds_and_normalizes_as_transformers(tiny_gemma3):
+    path, ref = tiny_gemma3
+    hf = transformers.Gemma3ForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    ours = LLM(str(path), dtype="bfloat16", kv_cache_memory=0.05).engine.runner.model
+    ids = torch.tensor(PROMPTS[0])
+    with torch.no_grad():
+        # hidden 64: transformers scales by 8.0 in bfloat16 as in float32; 1152 (the 270M) would show 34.0 vs 33.94
+        assert torch.equal(ours.embed_tokens(ids) * ours.embed_scale, hf.model.embed_tokens(ids))
+        x = torch.randn(len(ids), 64).bfloat16()
+        for mine, theirs in ((ours.norm, hf.model.norm), (ours.layers[0].input_layernorm,
+                                                          hf.model.layers[0].input_layernorm)):
+            torch.testing.assert_close(mine(x), theirs(x), rtol=0, atol=0)
+
+
 # Six float32 blocks (K and V, 3 layers, 16 tokens, 2 KV heads of 32): room for the longest sequence alone.
 SIX_BLOCKS = 6 * 2 * 3 * 16 * 2 * 32 * 4 / 2**30
 

@@ -9,7 +9,10 @@ from tokenmill.layers.base import Layer
 
 
 class RMSNorm(Layer):
-    """Root-mean-square layer norm; with a residual, adds it first and returns the new residual too."""
+    """Root-mean-square layer norm; with a residual, adds it first and returns the new residual too.
+
+    A float32 weight over narrower activations (Gemma's) scales in float32 and rounds once, as transformers does.
+    """
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -25,21 +28,26 @@ class RMSNorm(Layer):
                 out = torch.empty_like(x, memory_format=torch.contiguous_format)
                 torch.ops.tokenmill.rms_norm(x, self.weight, self.eps, out)
                 return out
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+            return self._norm(x)
         if fused:
             # NOTE: in place on both, so neither may be a tensor the caller still reads: x is a
             # layer's fresh output and the residual stream is only ever the one from the previous norm.
             torch.ops.tokenmill.fused_add_rms_norm(x, residual, self.weight, self.eps)
             return x, residual
         x = x + residual
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps), x
+        return self._norm(x), x
 
     def normalize_(self, x: torch.Tensor) -> None:
         """Normalize x in place (rows of heads sliced out of a wider tensor, as the query/key norms see them)."""
         if self._fused(x):
             torch.ops.tokenmill.rms_norm(x, self.weight, self.eps, x)
         else:
-            x.copy_(F.rms_norm(x, (x.shape[-1],), self.weight, self.eps))
+            x.copy_(self._norm(x))
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
     def _fused(self, x: torch.Tensor) -> bool:
         # Gemma 3 runs 73 plain norms a decode step (query/key, post-attention, post-MLP): PyTorch's five

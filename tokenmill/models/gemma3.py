@@ -65,11 +65,13 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
     def load_weights(self, weights) -> None:
         """Llama's loading, then Gemma's norm convention and the sliding layers' rotary base."""
         super().load_weights(weights)
-        # Gemma's RMSNorm scales by 1 + weight: folding the 1 in once lets the shared RMSNorm run as is.
-        with torch.no_grad():
-            for module in self.modules():
-                if isinstance(module, RMSNorm):
-                    module.weight += 1
+        # transformers rounds the embedding scale to the model's type (34.0 for 1152 in bfloat16, not 33.94).
+        self.embed_scale = torch.tensor(self.embed_scale, dtype=self.norm.weight.dtype).item()
+        # Gemma's RMSNorm scales by 1 + weight: folding the 1 in once lets the shared RMSNorm run as is. In
+        # float32, as transformers computes it: 1 + w rounded to bfloat16 is off by up to 0.4% a channel.
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.weight = nn.Parameter(module.weight.detach().float() + 1, requires_grad=False)
         c = self.config
         self.local_rotary = RotaryEmbedding(c.head_dim, c.rope_local_theta or c.rope_theta)
         self.local_rotary.to(self.norm.weight.device)
