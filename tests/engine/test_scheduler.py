@@ -25,3 +25,17 @@ def test_drafts_take_only_the_budget_the_other_decodes_leave():
     # 8 tokens: each of the 4 decodes gets its token, and the first's drafts the 4 left (6 would starve the last two).
     assert dict((seq.seq_id, n) for seq, n in out.scheduled) == {0: 5, 1: 1, 2: 1, 3: 1}
     assert [len(seq.draft_token_ids) for seq in seqs] == [4, 0, 0, 0]
+
+
+def test_drafts_leave_a_running_prompt_its_next_chunk():
+    scheduler = Scheduler(EngineConfig(model="unused", max_num_seqs=4, max_num_batched_tokens=8), BlockManager(32, 4))
+    prompt = Sequence(0, "0", 0, list(range(1, 21)), SamplingParams(), 64, [], None, arrival_time=0.0)
+    scheduler.block_manager.allocate(prompt, 4)
+    prompt.num_computed_tokens = 4
+    prompt.status = SequenceStatus.RUNNING
+    scheduler.running.append(prompt)
+    decodes = [_decoding(scheduler, i, [7] * 6) for i in (1, 2)]
+    out = scheduler.schedule()
+    # The two decodes' own tokens, then the prompt's chunk takes the 6 left; guesses get none of it.
+    assert dict((seq.seq_id, n) for seq, n in out.scheduled) == {1: 1, 2: 1, 0: 6}
+    assert [seq.draft_token_ids for seq in decodes] == [[], []]

@@ -58,17 +58,18 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         # Decodes (one token) go before prompt chunks so a long prompt never delays them.
         ordered = sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1)
-        # Drafts get only what the decodes after them leave: a guess must never hold back another's next token.
-        decoding = [s.num_uncomputed_tokens == 1 for s in ordered]  # taken before a preemption changes the counts
-        decodes_after = sum(decoding)
-        for seq, decodes in zip(ordered, decoding):
+        # Drafts get only what the running sequences after them leave: a guess must never hold back another's next
+        # token or a prompt's next chunk.
+        own = [s.num_uncomputed_tokens for s in ordered]  # taken before a preemption changes the counts
+        own_after = sum(own)
+        for seq, tokens in zip(ordered, own):
             if budget == 0:
                 break
-            decodes_after -= decodes
+            own_after -= tokens
             if seq.status != SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
             n = min(seq.num_uncomputed_tokens, budget)
-            drafts = seq.draft_token_ids[: max(0, budget - n - decodes_after)]
+            drafts = seq.draft_token_ids[: max(0, budget - n - own_after)]
             if drafts and not self.block_manager.can_allocate(seq, n + len(drafts)):
                 drafts = []  # a guess is never worth preempting anyone for
             seq.draft_token_ids = drafts
