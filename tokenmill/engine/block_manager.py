@@ -180,6 +180,19 @@ class BlockManager:
         needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens)
         return all(needed - len(table) <= len(pool.free_blocks) for pool, _, table in self._tables(seq))
 
+    def spare_blocks(self, wants: list[tuple[Sequence, int]]) -> list[int]:
+        """Per table kind (main, then sliding), free blocks left once every (seq, new tokens) of wants is backed."""
+        spare = [len(pool.free_blocks) for pool, _, _ in self._tables(wants[0][0])] if wants else []
+        for seq, n in wants:
+            for i, extra in enumerate(self.extra_blocks(seq, n, 0)):
+                spare[i] -= extra
+        return spare
+
+    def extra_blocks(self, seq: Sequence, num_new_tokens: int, beyond: int) -> list[int]:
+        """Per table kind, blocks seq needs for num_new_tokens more tokens beyond those it needs for `beyond`."""
+        total, base = (self.blocks_needed(seq.num_computed_tokens + n) for n in (num_new_tokens, beyond))
+        return [max(0, total - max(base, len(table))) for _, _, table in self._tables(seq)]
+
     def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
         """Extend seq's block tables to cover num_new_tokens more computed tokens."""
         needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens)

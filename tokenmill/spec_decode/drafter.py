@@ -65,6 +65,7 @@ class Drafter:
             return
         threshold = self._threshold(len(decoding))
         modelled: list[tuple[Sequence, int]] = []
+        spare: list[int] | None = None  # blocks the running sequences' own next tokens leave, once needed
         for seq, kind in candidates:
             most = min(self._max_tokens(kind), seq.max_tokens - seq.num_output_tokens - 1)
             # Draft token i is accepted with probability about rate**i: guess while that beats the threshold.
@@ -86,10 +87,16 @@ class Drafter:
             elif kind == "ngram":
                 seq.draft_token_ids = lookup(seq.token_ids, k, self.config.prompt_lookup_min,
                                              self.config.prompt_lookup_max)
-            elif block_manager.can_allocate(seq, 1 + k):
-                # A draft model writes KV for the drafts as it makes them: their slots must exist first.
-                block_manager.allocate(seq, 1 + k)
-                modelled.append((seq, k))
+            else:
+                # A draft model writes KV for the drafts as it makes them: their slots must exist first, taken
+                # only from blocks that every running sequence's own next tokens leave, so no guess preempts.
+                if spare is None:
+                    spare = block_manager.spare_blocks([(s, s.num_uncomputed_tokens) for s in running])
+                extra = block_manager.extra_blocks(seq, 1 + k, 1)
+                if all(e <= left for e, left in zip(extra, spare)):
+                    block_manager.allocate(seq, 1 + k)
+                    spare = [left - e for e, left in zip(extra, spare)]
+                    modelled.append((seq, k))
         if modelled:
             drafts = self.proposer.propose([seq for seq, _ in modelled], [k for _, k in modelled])
             for (seq, _), draft in zip(modelled, drafts):
