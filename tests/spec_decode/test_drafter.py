@@ -2,9 +2,14 @@
 
 from types import SimpleNamespace
 
+from tokenmill.config import EngineConfig
+from tokenmill.engine.block_manager import BlockManager
+from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.sequence import Sequence, SequenceStatus
 from tokenmill.sampling import SamplingParams
 from tokenmill.spec_decode.config import SpeculativeConfig
 from tokenmill.spec_decode.drafter import Drafter
+from tokenmill.spec_decode.model_proposer import ModelProposer
 from tokenmill.structured.params import StructuredOutput
 
 # A text that repeats itself, so a 2-token tail always has an earlier match to continue.
@@ -119,3 +124,46 @@ def test_steps_with_a_prompt_chunk_are_left_out_of_the_fit_and_one_size_is_not_e
     assert drafting._threshold(1) == 1.0
     drafter.observe([(None, 0, 5)], 0.0092)
     assert abs(drafter.step_times.per_decode_token - 0.0008) < 1e-6 and drafter._threshold(32) > 0.8
+
+
+def _running(scheduler: Scheduler, seq_id: int, prompt: list[int], outputs: list[int], computed: int) -> Sequence:
+    seq = Sequence(seq_id, str(seq_id), 0, prompt, SamplingParams(), 64, [], None, arrival_time=float(seq_id))
+    seq.token_ids += outputs
+    scheduler.block_manager.allocate(seq, computed)
+    seq.num_computed_tokens = computed
+    seq.status = SequenceStatus.RUNNING
+    scheduler.running.append(seq)
+    return seq
+
+
+class _Proposer:
+    """Drafts k copies of token 9, whatever the context."""
+
+    def propose(self, seqs, ks):
+        return [[9] * k for k in ks]
+
+
+def test_model_drafts_take_no_block_another_sequences_next_token_needs():
+    scheduler = Scheduler(EngineConfig(model="unused", max_num_seqs=4, max_num_batched_tokens=16), BlockManager(3, 4))
+    _running(scheduler, 0, [1, 2], [3], 2)  # next token at position 2: in its block
+    _running(scheduler, 1, [1, 2, 3, 4], [5], 4)  # next token at position 4: needs the one free block
+    early_exit = SpeculativeConfig(method="early_exit", exit_layer=1, num_speculative_tokens=3, adaptive=False)
+    Drafter(early_exit, _Proposer()).propose(scheduler.running, scheduler.block_manager)
+    # The first's 3 drafts would take that block; the second's fit in the block its own token takes.
+    assert [s.draft_token_ids for s in scheduler.running] == [[], [9, 9, 9]]
+    assert scheduler.schedule().preempted == []
+
+
+def test_a_draft_model_catches_up_on_a_long_context_within_the_step_budget():
+    passes: list[int] = []
+    runner = SimpleNamespace(block_size=16, device="cpu")
+    proposer = ModelProposer(None, runner, None, own_cache=True, max_tokens=32)
+    proposer._next_tokens = lambda chunks: passes.append(sum(len(c.token_ids) for c in chunks)) or [9] * len(chunks)
+    scheduler = Scheduler(EngineConfig(model="unused", max_num_seqs=4, max_num_batched_tokens=32),
+                          BlockManager(64, 16))
+    seq = _running(scheduler, 0, list(range(1, 101)), [7], 100)  # the target prefilled it in 32-token chunks
+    drafts = []
+    while not drafts:
+        [drafts] = proposer.propose([seq], [2])
+    assert passes == [32, 32, 32, 5, 1]  # 101 tokens caught up over four steps, then the second draft
+    assert drafts == [9, 9] and seq.draft_computed == 102

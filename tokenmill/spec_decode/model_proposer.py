@@ -21,8 +21,13 @@ logger = logging.getLogger(__name__)
 class ModelProposer:
     """Greedy drafts from a model run over the target's block tables, k forward passes for k tokens."""
 
-    def __init__(self, model: nn.Module, runner: ModelRunner, num_layers: int | None, own_cache: bool) -> None:
+    def __init__(
+        self, model: nn.Module, runner: ModelRunner, num_layers: int | None, own_cache: bool, max_tokens: int
+    ) -> None:
         self.model = model
+        # Tokens one draft pass may take (the engine's step budget): a draft model catching up on a long context
+        # does so over several steps, as the target's prefill did, not in one pass of the whole context.
+        self.max_tokens = max_tokens
         self.block_size, self.device = runner.block_size, runner.device
         # Early exit runs the target's first num_layers layers, then its final norm and LM head.
         self.num_layers = num_layers
@@ -36,17 +41,25 @@ class ModelProposer:
         """Up to ks[i] greedy draft tokens for each sequence; its blocks must cover 1 + ks[i] more tokens."""
         drafts: list[list[int]] = [[] for _ in seqs]
         chunks = []
-        for seq in seqs:
+        budget = self.max_tokens
+        catching_up = set()  # sequences that only catch up this step, as far as the budget goes
+        for i, seq in enumerate(seqs):
             start = min(seq.draft_computed, seq.num_computed_tokens) if self.own_cache else seq.num_computed_tokens
-            chunks.append(Chunk(seq.token_ids[start:], start, seq.block_table, seq.sliding_table or None))
-        active = list(range(len(seqs)))
+            tokens = seq.token_ids[start:]
+            if len(tokens) > budget:
+                tokens = tokens[: max(0, budget)]
+                catching_up.add(i)
+            budget -= len(tokens)
+            chunks.append(Chunk(tokens, start, seq.block_table, seq.sliding_table or None))
+        active = [i for i, chunk in enumerate(chunks) if chunk.token_ids]
         while active:
             active.sort(key=lambda i: len(chunks[i].token_ids) > 1)  # single tokens first, as attention wants
             for i, token in zip(active, self._next_tokens([chunks[i] for i in active])):
-                drafts[i].append(token)
+                if i not in catching_up:  # the token after a partial catch-up is no draft
+                    drafts[i].append(token)
                 chunks[i] = Chunk([token], chunks[i].start + len(chunks[i].token_ids), seqs[i].block_table,
                                   seqs[i].sliding_table or None)
-            active = [i for i in active if len(drafts[i]) < ks[i]]
+            active = [i for i in active if i not in catching_up and len(drafts[i]) < ks[i]]
         for seq, chunk in zip(seqs, chunks):
             seq.draft_computed = chunk.start  # every token before the last draft went through the draft model
         return drafts
@@ -101,8 +114,9 @@ def build_proposer(
         if not 1 <= spec.exit_layer < source.config.num_layers:
             raise InvalidRequestError(f"exit_layer={spec.exit_layer} must be in [1, {source.config.num_layers}) for "
                                       "this model", param="speculative_config")
-        return ModelProposer(runner.model, runner, spec.exit_layer, own_cache=False)
+        return ModelProposer(runner.model, runner, spec.exit_layer, own_cache=False,
+                             max_tokens=config.max_num_batched_tokens)
     assert draft is not None, "load_draft gives a draft_model method its model"
     # As many blocks as the target's pool, so the target's block tables index the draft's pool too.
     KVCache(draft.config, draft.source.config, draft.model, num_blocks=runner.num_blocks)
-    return ModelProposer(draft.model, runner, None, own_cache=True)
+    return ModelProposer(draft.model, runner, None, own_cache=True, max_tokens=config.max_num_batched_tokens)
