@@ -2,7 +2,7 @@
 
 from types import SimpleNamespace
 
-from tokenmill.engine.block_manager import BlockManager
+from tokenmill.engine.block_manager import BlockManager, block_hash
 
 
 def _seq(tokens: list[int]) -> SimpleNamespace:
@@ -101,3 +101,11 @@ def test_freed_uncached_blocks_are_reused_before_untouched_or_cached_ones():
     later = _seq(list(range(100, 152)))
     bm.allocate(later, 52)  # 13 blocks: exactly the untouched ones, so the cached prefix survives
     assert not cached_blocks & set(later.block_table) and len(bm.cached) == 2
+
+
+def test_block_hashes_are_digests_that_no_crafted_prefix_can_reach():
+    # Python's hash() of ints is public arithmetic (mod 2**61 - 1, and hash(-1) == hash(-2)): a prompt built so
+    # that its chain reached another's parent hash was served that prompt's next block, KV and all.
+    parent = block_hash(None, (1, 2))
+    assert isinstance(parent, bytes) and len(parent) == 16
+    assert block_hash(parent, (3, 4)) != block_hash(bytes(reversed(parent)), (3, 4)) != block_hash(None, (3, 4))

@@ -1,6 +1,8 @@
 """Paged KV blocks: allocation, reference counts, a hash-chained prefix cache with LRU eviction, and the release
 of blocks that fall out of a sliding window."""
 
+import hashlib
+from array import array
 from collections import OrderedDict
 
 from tokenmill.engine.sequence import Sequence
@@ -15,13 +17,15 @@ class Block:
     def __init__(self, block_id: int) -> None:
         self.block_id = block_id
         self.ref_count = 0
-        self.hash: int | None = None
+        self.hash: bytes | None = None
         self.token_ids: tuple[int, ...] = ()
 
 
-def block_hash(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
+def block_hash(parent_hash: bytes | None, token_ids: tuple[int, ...]) -> bytes:
     """Hash of a full block, chained to its parent so equal blocks match only after equal prefixes."""
-    return hash((parent_hash, token_ids))
+    # A cryptographic digest, not hash(): Python's hash of ints is public arithmetic, so a client could craft a
+    # prompt whose chain lands on another's and be served that request's KV (as vLLM moved to SHA-256 for).
+    return hashlib.blake2b((parent_hash or b"") + array("q", token_ids).tobytes(), digest_size=16).digest()
 
 
 class BlockPool:
@@ -33,9 +37,9 @@ class BlockPool:
         # Free blocks in eviction order: a freed block goes to the end, allocation takes from the front,
         # so cached blocks nobody holds are evicted least-recently-used first.
         self.free_blocks: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.cached: dict[bytes, int] = {}  # block hash -> block id
 
-    def find(self, h: int, tokens: tuple[int, ...]) -> int | None:
+    def find(self, h: bytes, tokens: tuple[int, ...]) -> int | None:
         """The cached block of hash h holding tokens, if any."""
         block_id = self.cached.get(h)
         return block_id if block_id is not None and self.blocks[block_id].token_ids == tokens else None
@@ -69,7 +73,7 @@ class BlockPool:
                 # rather than after every untouched block (a fresh page costs a fault to write).
                 self.free_blocks.move_to_end(block_id, last=False)
 
-    def publish(self, block_id: int, h: int, tokens: tuple[int, ...]) -> None:
+    def publish(self, block_id: int, h: bytes, tokens: tuple[int, ...]) -> None:
         """Make a computed full block findable by its hash."""
         block = self.blocks[block_id]
         if h not in self.cached and block.hash is None:
@@ -149,7 +153,7 @@ class BlockManager:
             return
         # NOTE: at least one token must be computed to get logits, so the last token never hits.
         full_blocks = (seq.num_tokens - 1) // self.block_size
-        chain: list[tuple[int, tuple[int, ...]]] = []
+        chain: list[tuple[bytes, tuple[int, ...]]] = []
         parent = None
         for i in range(full_blocks):
             tokens = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
@@ -255,12 +259,12 @@ class BlockManager:
             return [(self.pool, self.sliding_window, seq.block_table)]
         return [(self.pool, None, seq.block_table), (self.sliding_pool, self.sliding_window, seq.sliding_table)]
 
-    def _found(self, chain: list[tuple[int, tuple[int, ...]]]) -> list[list[int | None]]:
+    def _found(self, chain: list[tuple[bytes, tuple[int, ...]]]) -> list[list[int | None]]:
         """Per table, the cached block of each hash in chain (None where it is not cached)."""
         pools = [self.pool] if self.sliding_pool is None else [self.pool, self.sliding_pool]
         return [[pool.find(h, tokens) for h, tokens in chain] for pool in pools]
 
-    def _prefix_blocks(self, chain: list[tuple[int, tuple[int, ...]]]) -> int:
+    def _prefix_blocks(self, chain: list[tuple[bytes, tuple[int, ...]]]) -> int:
         """How many leading blocks of chain hit: every table must hold the blocks its layers read after them."""
         windows = [self.sliding_window] if self.sliding_pool is None else [None, self.sliding_window]
         found = self._found(chain)

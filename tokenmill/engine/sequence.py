@@ -56,7 +56,7 @@ class Sequence:
         self.block_table: list[int] = []
         # Hybrid sliding-window models (Gemma 3): the sliding layers' blocks, those before the window released.
         self.sliding_table: list[int] = []
-        self.block_hashes: list[int] = []
+        self.block_hashes: list[bytes] = []
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.logprobs: list[TokenLogprob] = []
