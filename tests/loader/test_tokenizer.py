@@ -10,7 +10,7 @@ from oracles import share_gguf_work
 from tokenmill.errors import ModelLoadError
 from tokenmill.loader import catalog
 from tokenmill.loader.gguf import GGUFFile
-from tokenmill.loader.tokenizer import Tokenizer
+from tokenmill.loader.tokenizer import Tokenizer, _byte_level_pre_tokenizer
 
 TEXTS = [
     "The capital of France is",
@@ -146,10 +146,15 @@ def test_gemma3_token_bytes_turn_the_word_marker_into_a_space(gemma3_tokenizer):
 
 
 def _vocabulary_file(path: Path, model: str, tokens: list[str], bos_id: int = 0,
-                     templates: dict[str, str] | None = None) -> GGUFFile:
+                     templates: dict[str, str] | None = None, pre: str | None = None,
+                     merges: list[str] | None = None) -> GGUFFile:
     """A GGUF file holding only a tokenizer: its kind, tokens and their types (no scores), and chat templates."""
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_tokenizer_model(model)
+    if pre is not None:
+        writer.add_tokenizer_pre(pre)
+    if merges is not None:
+        writer.add_token_merges(merges)
     writer.add_token_list(tokens)
     writer.add_token_types([3] + [1] * (len(tokens) - 1))  # the first a control token, as <s> is
     writer.add_bos_token_id(bos_id)
@@ -173,6 +178,22 @@ def test_a_sentencepiece_vocabulary_without_scores_still_merges_into_its_pieces(
     # Without merges (every score missing) "ab" would stay three pieces: "\u2581", "a", "b".
     assert tokenizer.encode("ab") == [0, 6]  # BOS, added where the file does not say otherwise
     assert tokenizer.bos_token == "<s>" and tokenizer.decode([0, 6]) == "ab"
+
+
+def test_a_llama3_vocabulary_gets_a_bos_where_its_file_does_not_say(tmp_path):
+    # As llama.cpp: early Llama 3 GGUF files have no add_bos_token key, and their models expect <|begin_of_text|>.
+    path = tmp_path / "llama3.gguf"
+    tokenizer = Tokenizer.from_gguf(_vocabulary_file(path, "gpt2", ["<|begin_of_text|>", "H", "i", "Hi"],
+                                                     pre="llama-bpe", merges=["H i"]), [])
+    assert tokenizer.encode("Hi") == [0, 3]
+
+
+@pytest.mark.parametrize(("alias", "name"), [("deepseek-r1-qwen", "qwen2"), ("megrez", "qwen2"),
+                                             ("falcon3", "llama3"), ("pixtral", "llama3")])
+def test_llama_cpps_other_names_for_a_pre_tokenizer_split_as_it_does(alias, name):
+    text = "x.\n\n12345 I'M here!!\n"
+    assert _byte_level_pre_tokenizer(alias).pre_tokenize_str(text) == _byte_level_pre_tokenizer(
+        name).pre_tokenize_str(text)
 
 
 def test_a_bos_id_outside_the_vocabulary_is_a_load_error(tmp_path):

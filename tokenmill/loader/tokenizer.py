@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import logging
 import re
 from datetime import datetime
 from functools import cached_property
@@ -12,6 +13,8 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 from tokenizers import Tokenizer as BackendTokenizer
 
 from tokenmill.errors import InvalidRequestError, ModelLoadError
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -31,8 +34,15 @@ _QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-# llama.cpp's `tokenizer.ggml.pre` names to the split regex the vocabulary was trained with.
-_PRE_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}
+# llama.cpp's `tokenizer.ggml.pre` names (src/llama-vocab.cpp) to the split regex the vocabulary was trained with.
+_LLAMA3_PRES = ("llama3", "llama-bpe", "llama-v3", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2")
+_PRE_SPLITS = {**dict.fromkeys(_LLAMA3_PRES, _LLAMA3_SPLIT),
+               **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "megrez"), _QWEN2_SPLIT)}
+# Names whose vocabularies split as GPT-2's, as the byte-level default does.
+_GPT2_PRES = {"default", "gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0",
+              "mellum", "exaone4"}
+# Byte-level vocabularies that llama.cpp gives a BOS where the file does not say.
+_BOS_PRES = {*_LLAMA3_PRES, "tekken", "chameleon"}
 
 
 class Tokenizer:
@@ -165,8 +175,9 @@ class Tokenizer:
         backend = _gguf_backend(gguf, kind)
         bos_id = metadata.get("tokenizer.ggml.bos_token_id")
         bos = _special_token(backend, "bos", bos_id)
-        # llama.cpp adds BOS to a SentencePiece vocabulary whose file does not say otherwise.
-        if metadata.get("tokenizer.ggml.add_bos_token", kind == "llama") and bos is not None:
+        # llama.cpp adds BOS to a SentencePiece vocabulary, and to Llama 3's, whose file does not say otherwise.
+        adds_bos = kind == "llama" or metadata.get("tokenizer.ggml.pre") in _BOS_PRES
+        if metadata.get("tokenizer.ggml.add_bos_token", adds_bos) and bos is not None:
             backend.post_processor = processors.TemplateProcessing(
                 single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
             )
@@ -257,6 +268,9 @@ def _byte_level_pre_tokenizer(pre: str | None) -> pre_tokenizers.PreTokenizer:
         return pre_tokenizers.Sequence(
             [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
         )
+    if pre is not None and pre not in _GPT2_PRES:
+        # As llama.cpp does; such a vocabulary may split text (digits, punctuation, newlines) as it was not trained to.
+        logger.warning("GGUF pre-tokenizer %r is not known here: splitting text as GPT-2 does", pre)
     return pre_tokenizers.ByteLevel(add_prefix_space=False)
 
 
