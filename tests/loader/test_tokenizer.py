@@ -96,7 +96,6 @@ def test_control_tokens_stay_whole(smollm2_source):
     tok = smollm2_source.tokenizer
     assert tok.encode("<|im_start|>user") == [1, tok.encode("user")[0]]
     assert tok.decode([1, 2]) == ""  # special tokens are skipped when decoding
-    assert tok.eos_token_ids == [2]
 
 
 def test_chat_template_renders_like_transformers(smollm2_source, transformers_answers):
@@ -263,3 +262,10 @@ def test_special_tokens_are_the_control_ones_not_every_added_token(gemma3_tokeni
     newline = gemma3_tokenizer.encode("\n", add_special_tokens=False)
     assert len(newline) == 1 and newline[0] not in gemma3_tokenizer.special_token_ids()
     assert set(gemma3_tokenizer.eos_token_ids) <= set(gemma3_tokenizer.special_token_ids())
+
+
+def test_a_gguf_chat_models_end_of_turn_token_ends_generation(gemma3_tokenizer, smollm2_source):
+    # The file's metadata names only <eos> (1); llama.cpp, and transformers' generation config for Gemma 3, end at
+    # <end_of_turn> (106) too. The file's own EOS stays first: grammars end with it.
+    assert gemma3_tokenizer.eos_token_ids == [1, 106]
+    assert smollm2_source.tokenizer.eos_token_ids == [2, 0]  # <|im_end|>, then <|endoftext|>

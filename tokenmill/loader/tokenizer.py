@@ -41,6 +41,9 @@ _PRE_SPLITS = {**dict.fromkeys(_LLAMA3_PRES, _LLAMA3_SPLIT),
 # Names whose vocabularies split as GPT-2's, as the byte-level default does.
 _GPT2_PRES = {"default", "gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0",
               "mellum", "exaone4"}
+# Tokens that end generation in llama.cpp (src/llama-vocab.cpp) whatever the file's metadata names.
+_END_OF_GENERATION = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>", "<EOT>",
+                      "_<EOT>", "<|end_of_text|>", "<end_of_utterance>")
 # Byte-level vocabularies that llama.cpp gives a BOS where the file does not say.
 _BOS_PRES = {*_LLAMA3_PRES, "tekken", "chameleon"}
 
@@ -182,6 +185,10 @@ class Tokenizer:
                 single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
             )
         eos = _special_token(backend, "eos", metadata.get("tokenizer.ggml.eos_token_id"))
+        # llama.cpp ends generation at these tokens too, found by their text: a file's metadata often names only
+        # one end (Gemma 3's <eos>, where its chats end each turn with <end_of_turn>).
+        ends = (backend.token_to_id(text) for text in _END_OF_GENERATION)
+        eos_token_ids = [*eos_token_ids, *sorted({i for i in ends if i is not None} - set(eos_token_ids))]
         return cls(backend, eos_token_ids, bos, eos, metadata.get("tokenizer.chat_template"),
                    metadata.get("tokenizer.chat_template.tool_use"))  # llama.cpp's name for the named template
 
