@@ -16,6 +16,9 @@ class IncrementalDetokenizer:
         # Text may end in the first characters of a stop string; hold those back from streams.
         self.holdback = max((len(s) for s in stop), default=1) - 1
         self.ids = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
+        # A prompt ending partway through a character: its bytes are no context to slice the output's text after.
+        while self.ids and tokenizer.decode(self.ids).endswith("\ufffd"):
+            self.ids.pop()
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
         self.text = ""
@@ -25,13 +28,12 @@ class IncrementalDetokenizer:
     def add(self, token_id: int, check_stop: bool = True) -> str | None:
         """Append a token; return the stop string if the text now contains one and check_stop is set."""
         self.ids.append(token_id)
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
-        full = self.tokenizer.decode(self.ids[self.prefix_offset :])
-        if full.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its remaining bytes
+        new = self._new_text()
+        if new.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its remaining bytes
             return None
         # Stop strings may only start in text produced once checking began (min_tokens honoured).
         searched_from = max(self.stop_search_start, len(self.text) - self.holdback)
-        self.text += full[len(prefix) :]
+        self.text += new
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         if not check_stop:
             self.stop_search_start = len(self.text)
@@ -46,7 +48,16 @@ class IncrementalDetokenizer:
 
     def finish(self) -> None:
         """Mark the text complete so nothing is held back any more."""
+        if not self.finished and self.read_offset < len(self.ids):
+            # The output ended partway through a character: its bytes show as decoding the whole output shows them.
+            self.text += self._new_text()
+            self.read_offset = len(self.ids)
         self.finished = True
+
+    def _new_text(self) -> str:
+        """Text of the tokens after read_offset, decoded after those from prefix_offset so spaces come out right."""
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
+        return self.tokenizer.decode(self.ids[self.prefix_offset :])[len(prefix) :]
 
     @property
     def stream_text(self) -> str:

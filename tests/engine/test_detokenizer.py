@@ -1,0 +1,27 @@
+"""Incremental detokenization: streamed text is what decoding the whole output gives, at either end of it."""
+
+from tokenmill.engine.detokenizer import IncrementalDetokenizer
+
+
+def _stream(tokenizer, prompt: list[int], output: list[int]) -> str:
+    detokenizer = IncrementalDetokenizer(tokenizer, prompt, [], False)
+    for token_id in output:
+        detokenizer.add(token_id)
+    detokenizer.finish()
+    return detokenizer.stream_text
+
+
+def test_an_output_ending_partway_through_a_character_keeps_its_bytes(smollm2_source):
+    tok = smollm2_source.tokenizer
+    prompt = tok.encode("Say hi:")
+    smile = tok.encode("🙂")  # two tokens, the first half a character
+    # max_tokens reached after the first: the whole output decodes to a space and a replacement character.
+    assert _stream(tok, prompt, tok.encode(" ok") + smile[:1]) == tok.decode(tok.encode(" ok") + smile[:1])
+    assert _stream(tok, prompt, [13223]) == tok.decode([13223]) == " \ufffd"
+
+
+def test_an_output_completing_a_character_the_prompt_began_is_decoded_as_the_whole_output(smollm2_source):
+    tok = smollm2_source.tokenizer
+    smile = tok.encode("🙂")
+    output = smile[1:] + tok.encode(" ok")
+    assert _stream(tok, tok.encode("Say hi:") + smile[:1], output) == tok.decode(output) == "\ufffd\ufffd ok"
