@@ -8,6 +8,7 @@ import transformers
 from oracles import greedy
 
 from tokenmill import LLM, SamplingParams
+from tokenmill.errors import ModelLoadError
 from tokenmill.loader.hf import HFDirectory
 
 
@@ -56,6 +57,10 @@ def test_hf_directory_matches_transformers(kind, tmp_path, smollm2_source, last_
     ("Qwen2ForCausalLM", transformers.Qwen2Config, {"sliding_window": 64, "use_sliding_window": True}),
     ("Qwen2ForCausalLM", transformers.Qwen2Config, {"sliding_window": 64}),
     ("MistralForCausalLM", transformers.MistralConfig, {"sliding_window": 64}),
+    ("Qwen3MoeForCausalLM", transformers.Qwen3MoeConfig, {"sliding_window": 64, "use_sliding_window": True}),
+    ("Qwen2MoeForCausalLM", transformers.Qwen2MoeConfig, {"sliding_window": 64, "use_sliding_window": True,
+                                                         "max_window_layers": 5}),
+    ("MixtralForCausalLM", transformers.MixtralConfig, {}),
 ])
 def test_fields_config_json_leaves_out_are_read_as_transformers_fills_them_in(tmp_path, architecture, config_class,
                                                                               fields):
@@ -68,3 +73,19 @@ def test_fields_config_json_leaves_out_are_read_as_transformers_fills_them_in(tm
     windows = [theirs.sliding_window if kind == "sliding_attention" else None for kind in kinds]
     assert [ours.layer_window(i) for i in range(8)] == windows
     assert ours.tie_word_embeddings == theirs.tie_word_embeddings
+    assert ours.rms_norm_eps == theirs.rms_norm_eps
+    rope = theirs.rope_parameters
+    if "full_attention" in rope:  # Gemma 3: a rotary base per layer type
+        assert ours.rope_local_theta == rope["sliding_attention"]["rope_theta"]
+        rope = rope["full_attention"]
+    assert ours.rope_theta == rope["rope_theta"]
+
+
+@pytest.mark.parametrize("fields", [{"hidden_act": "gelu"}, {"final_logit_softcapping": 30.0}])
+def test_config_fields_that_would_change_the_model_are_refused(tmp_path, fields):
+    raw = {"architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+           "num_hidden_layers": 2, "num_attention_heads": 4, **fields}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    (tmp_path / "model.safetensors").touch()
+    with pytest.raises(ModelLoadError, match=next(iter(fields)).split("_")[-1]):
+        HFDirectory(tmp_path).model_config()

@@ -11,6 +11,12 @@ from tokenmill.errors import ModelLoadError
 
 # transformers' Qwen2Config default: the layers below this attend over every key even with use_sliding_window.
 _QWEN_MAX_WINDOW_LAYERS = 28
+# transformers' defaults where config.json leaves them out: (rope_theta, rms_norm_eps), by architecture prefix.
+_DEFAULTS = {"Gemma3": (1_000_000.0, 1e-6), "Mixtral": (1_000_000.0, 1e-5)}
+# Gemma 3's sliding layers' rotary base where config.json leaves it out (Gemma3TextConfig's default_theta).
+_GEMMA3_LOCAL_THETA = 10_000.0
+# The MLP activation each family's code computes; a config asking for another would run a different model.
+_ACTIVATIONS = {"Gemma3": "gelu_pytorch_tanh"}
 
 
 class HFDirectory:
@@ -35,6 +41,15 @@ class HFDirectory:
     def model_config(self) -> ModelConfig:
         """Build the ModelConfig from config.json (and generation_config.json for stop tokens)."""
         c = self.raw_config
+        family = next((f for f in _DEFAULTS if self.architecture.startswith(f)), None)
+        theta, eps = _DEFAULTS.get(family, (10_000.0, 1e-6))
+        activation = next((a for f, a in _ACTIVATIONS.items() if self.architecture.startswith(f)), "silu")
+        asked = c.get("hidden_activation") or c.get("hidden_act") or activation
+        if asked != activation:
+            raise ModelLoadError(f"{self.path / 'config.json'} asks for activation {asked!r}; {self.architecture} "
+                                 f"runs {activation!r} here")
+        if c.get("final_logit_softcapping"):
+            raise ModelLoadError(f"{self.path / 'config.json'} sets final_logit_softcapping; not supported")
         try:
             num_heads = int(c["num_attention_heads"])
             hidden = int(c["hidden_size"])
@@ -50,8 +65,8 @@ class HFDirectory:
                 num_heads=num_heads,
                 num_kv_heads=int(c.get("num_key_value_heads") or num_heads),
                 head_dim=int(c.get("head_dim") or hidden // num_heads),
-                rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(c.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+                rms_norm_eps=float(c.get("rms_norm_eps", eps)),
+                rope_theta=float(c.get("rope_theta") or rope.get("rope_theta") or theta),
                 max_position_embeddings=int(c.get("max_position_embeddings", 2048)),
                 # transformers' own default where config.json leaves it out: Gemma's configs tie, the others do not.
                 tie_word_embeddings=bool(c.get("tie_word_embeddings", self.architecture.startswith("Gemma"))),
@@ -62,7 +77,7 @@ class HFDirectory:
                 sliding_window=c.get("sliding_window") if c.get("use_sliding_window", not self.architecture.startswith(
                     "Qwen")) else None,
                 layer_types=_layer_types(c, self.architecture),
-                rope_local_theta=_local_theta(c),
+                rope_local_theta=_local_theta(c) or (_GEMMA3_LOCAL_THETA if family == "Gemma3" else None),
                 attention_scale=c["query_pre_attn_scalar"] ** -0.5 if c.get("query_pre_attn_scalar") else None,
                 num_experts=int(c.get("num_local_experts") or c.get("num_experts") or 0),
                 num_experts_per_tok=int(c.get("num_experts_per_tok") or 0),
@@ -111,11 +126,16 @@ def _layer_types(config: dict, architecture: str) -> list[str] | None:
     layers = int(config["num_hidden_layers"])
     if architecture.startswith("Gemma3"):
         return gemma3_layer_types(layers, int(config.get("sliding_window_pattern") or GEMMA3_SLIDING_PATTERN))
-    if architecture.startswith("Qwen") and config.get("use_sliding_window"):
-        # Only the layers from max_window_layers on slide (28 unless said), as Qwen2Config and its kin.
-        first = int(config.get("max_window_layers", _QWEN_MAX_WINDOW_LAYERS))
-        return ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
-    return None
+    if not (architecture.startswith("Qwen") and config.get("use_sliding_window")):
+        return None
+    if architecture.startswith("Qwen3Moe"):
+        return None  # every layer slides
+    first = int(config.get("max_window_layers", _QWEN_MAX_WINDOW_LAYERS))
+    if architecture.startswith("Qwen2Moe"):
+        # The even layers below max_window_layers, as Qwen2MoeConfig fills it in.
+        return ["sliding_attention" if i % 2 == 0 and i < first else "full_attention" for i in range(layers)]
+    # Only the layers from max_window_layers on slide (28 unless said), as Qwen2Config and Qwen3Config.
+    return ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
 
 
 def _local_theta(config: dict) -> float | None:
