@@ -19,10 +19,18 @@ def test_windows_score_every_token_after_the_first_once():
 
 
 @pytest.mark.parametrize("context, stride, error", [(1, 1, "context=1 must be at least 2"), (8, 0, "stride=0"),
-                                                    (8, 9, "stride=9")])
+                                                    (8, 9, "stride=9"), (8, 8, "stride=8")])
 def test_windows_that_would_score_nothing_or_skip_tokens_are_refused(context, stride, error):
     with pytest.raises(InvalidRequestError, match=error):
         windows(100, context, stride)
+
+
+def test_a_context_the_engine_cannot_hold_with_its_one_generated_token_is_refused(smollm2_path):
+    from tokenmill import LLM
+
+    llm = LLM(str(smollm2_path), max_model_len=64, kv_cache_memory=0.05)
+    with pytest.raises(InvalidRequestError, match="context=64 must be below this engine's max_model_len"):
+        perplexity(llm, list(range(100, 300)), context=64, stride=32)
 
 
 def test_engine_perplexity_matches_transformers(smollm2_path, hf_smollm2):

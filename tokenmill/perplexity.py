@@ -27,8 +27,9 @@ def windows(num_tokens: int, context: int, stride: int) -> list[tuple[int, int, 
     is scored exactly once, each with at least context - stride tokens before it in its window."""
     if context < 2:
         raise InvalidRequestError(f"context={context} must be at least 2: a window scores the tokens after its first")
-    if not 0 < stride <= context:
-        raise InvalidRequestError(f"stride={stride} must be in [1, context={context}]")
+    # A window's first token is predicted from nothing in it: with stride == context it would go unscored.
+    if not 0 < stride < context:
+        raise InvalidRequestError(f"stride={stride} must be in [1, context - 1 = {context - 1}]")
     out, scored_until = [], 1  # the first token has nothing before it to be predicted from
     for begin in range(0, max(num_tokens - 1, 1), stride):
         end = min(begin + context, num_tokens)
@@ -44,6 +45,10 @@ def perplexity(llm: LLM, token_ids: list[int], context: int, stride: int) -> Per
     if len(token_ids) < 2:
         raise InvalidRequestError("perplexity needs a text of at least 2 tokens")
     spans = windows(len(token_ids), context, stride)
+    # Each window is a prompt that generates one token (the engine's least): it needs a position past its end.
+    if context >= llm.engine.max_model_len and len(token_ids) >= llm.engine.max_model_len:
+        raise InvalidRequestError(f"context={context} must be below this engine's max_model_len "
+                                  f"({llm.engine.max_model_len})")
     params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
     outputs = llm.generate([{"prompt_token_ids": token_ids[b:e]} for b, e, _ in spans], params)
     nll, count = 0.0, 0
