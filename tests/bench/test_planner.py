@@ -63,6 +63,13 @@ def test_prompt_longer_than_the_step_budget_is_prefilled_in_chunks(tmp_path):
     assert long.ttft == pytest.approx(0.4)  # 512 tokens, then 88: two prompt steps
 
 
+def test_a_profile_of_a_model_whose_layers_all_slide_plans_prompts_longer_than_its_pool(tmp_path):
+    # Mistral-style: every layer slides over 64 tokens, so a sequence holds its window's blocks, not its context.
+    profile = _write_profile(tmp_path / "p.json", _flat, num_blocks=64, max_model_len=8192, sliding_window=64)
+    [t] = simulate(profile.times, profile.settings, [(0.0, 2000, 4)])  # 2,000 tokens > the pool's 1,024
+    assert len(t.token_times) == 4
+
+
 def test_step_times_interpolate_between_and_beyond_profiled_cells(tmp_path):
     profile = _write_profile(tmp_path / "p.json", _linear)
     times = profile.times

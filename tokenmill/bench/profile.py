@@ -69,7 +69,10 @@ def main(args: argparse.Namespace) -> int:
         "model": engine.source.name,
         "settings": {**{k: v for k, v in settings.items() if k not in ("model", "price_per_hour")},
                      "quantization": engine.runner.quantization,  # what `auto` resolved to
-                     "num_blocks": engine.block_manager.num_blocks, "max_model_len": engine.max_model_len},
+                     "num_blocks": engine.block_manager.num_blocks, "max_model_len": engine.max_model_len,
+                     # The sliding-window layout, so the planner releases blocks as the engine does.
+                     "sliding_window": engine.runner.sliding_window,
+                     "num_sliding_blocks": engine.runner.num_sliding_blocks},
         # `tokenmill plan` bills at this price unless given its own --price-per-hour.
         "price": {"usd_per_hour": price.usd_per_hour, "basis": price.basis},
         "context": args.context,

@@ -71,8 +71,10 @@ def simulate(times: StepTimes, settings: dict, requests: list[tuple[float, int, 
     """Run the requests through the engine's scheduler, each step taking its profiled time; one timing per request."""
     config = EngineConfig(max_num_seqs=settings["max_num_seqs"],
                           max_num_batched_tokens=settings["max_num_batched_tokens"])
+    # Profiles written before the sliding-window keys were recorded hold every block, as those engines did.
     scheduler = Scheduler(config, BlockManager(settings["num_blocks"], settings["block_size"],
-                                               settings["enable_prefix_caching"]))
+                                               settings["enable_prefix_caching"], settings.get("sliding_window"),
+                                               settings.get("num_sliding_blocks")))
     params = [SamplingParams(max_tokens=out, ignore_eos=True) for _, _, out in requests]
     timings = [RequestTiming(arrival, prompt) for arrival, prompt, _ in requests]
     now, next_request = 0.0, 0
