@@ -60,8 +60,12 @@ class ModelRunner:
         self._large_step_since_trim = False
         if captures_decode(self.device, config, source.config, hybrid=bool(self.num_sliding_blocks)):
             max_blocks = -(-source.config.max_position_embeddings // self.block_size)
-            self.graphs = DecodeGraphs(self.model, list(GRAPH_BATCH_SIZES), max_blocks, self.block_size, self.device,
-                                       capture=True)
+            # No decode batch is larger than max_num_seqs: the sizes up to the first that holds it.
+            sizes = [b for b in GRAPH_BATCH_SIZES if b < config.max_num_seqs]
+            sizes.append(next((b for b in GRAPH_BATCH_SIZES if b >= config.max_num_seqs), GRAPH_BATCH_SIZES[-1]))
+            # As every step runs: without autograd, whose saved activations a graph would otherwise keep alive.
+            with torch.inference_mode():
+                self.graphs = DecodeGraphs(self.model, sizes, max_blocks, self.block_size, self.device, capture=True)
 
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Sequence, int]]) -> RunnerOutput:
