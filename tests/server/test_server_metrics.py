@@ -2,7 +2,9 @@
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from tokenmill.embeddings.engine import BatchStats
 from tokenmill.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
+from tokenmill.server.embedding_metrics import EmbeddingMetrics
 from tokenmill.server.metrics import Metrics
 
 
@@ -120,3 +122,15 @@ def test_models_served_together_share_the_machines_bill():
     idle = {s.labels["model_name"]: s.value for family in text_string_to_metric_families(small.render().decode())
             for s in family.samples if s.name == "tokenmill:idle_cost_fraction"}
     assert idle == {"small": 0.5, "other": 0.5}
+
+
+def test_embedding_passes_share_the_machines_bill_with_the_generative_models():
+    metrics = Metrics("chat")
+    embedding = EmbeddingMetrics(metrics.registry, metrics.observe_other_busy)
+    # One machine up 8 s: the chat model busy 2 s of it, embedding passes 4 s more, taking turns with it.
+    embedding.observer("minilm")(BatchStats(num_inputs=4, num_tokens=40, padded_tokens=48, queue_seconds=[0.0] * 4,
+                                            run_seconds=4.0))
+    metrics.observe_stats(EngineStats(0, 0, 10, 10, 0, 0, 0, busy_seconds=2.0, uptime_seconds=8.0, price_per_hour=3.6))
+    idle = [s.value for family in text_string_to_metric_families(metrics.render().decode()) for s in family.samples
+            if s.name == "tokenmill:idle_cost_fraction"]
+    assert idle == [0.25]  # 6 s of 8 busy, not 2 s

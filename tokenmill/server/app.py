@@ -54,7 +54,7 @@ def build_app(engines: dict[str, LLMEngine], config: ServerConfig,
                             watchdog_timeout=config.watchdog_timeout)
         models[name] = ServedModel(name, front, engine.tokenizer, engine.max_model_len)
     state = ServerState(models, config, metrics)
-    embedding_metrics = EmbeddingMetrics(metrics.registry)
+    embedding_metrics = EmbeddingMetrics(metrics.registry, metrics.observe_other_busy)
     # Their passes take turns with the generative engines' steps: the two would fight over the same cores.
     embedders = {name: EmbeddingEngine(model, batching, turns, embedding_metrics.observer(name))
                  for name, model in embedding_models.items()}

@@ -14,7 +14,9 @@ _QUEUE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5,
 class EmbeddingMetrics:
     """The embedding families, labelled by model_name; `observer` gives one model's BatchStats callback."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, on_busy: Callable[[str, float], None]) -> None:
+        # Each pass's seconds also go to on_busy: the machine's bill is shared with the generative models.
+        self.on_busy = on_busy
         labels = ["model_name"]
         self.batch_size = Histogram("tokenmill:embedding_batch_size", "Inputs per embedding forward pass.", labels,
                                     buckets=_BATCH_SIZE_BUCKETS, registry=registry)
@@ -39,5 +41,6 @@ class EmbeddingMetrics:
             tokens.inc(stats.num_tokens)
             padded.inc(stats.padded_tokens)
             busy.inc(stats.run_seconds)
+            self.on_busy(model_name, stats.run_seconds)
 
         return observe

@@ -25,6 +25,8 @@ class Metrics:
         # Every model's Metrics in the registry: models served together share one machine's bill.
         self._models: dict[str, Metrics] = shared._models if shared else {}
         self._models[model_name] = self
+        # Busy seconds of the machine's other work that takes turns with the engines (embedding passes), by its name.
+        self._other_busy: dict[str, float] = shared._other_busy if shared else {}
         labels = ["model_name"]
 
         def family(kind: type[Metric], name: str, doc: str, extra_labels: tuple[str, ...] = (), **kw: Any) -> Metric:
@@ -122,10 +124,16 @@ class Metrics:
         # Models served together take turns on one machine (their steps never overlap), so its bill since start,
         # idle time included, is shared by their busy seconds together.
         latest = [m._last for m in self._models.values() if m._last is not None]
-        uptime, busy_together = max(s.uptime_seconds for s in latest), sum(s.busy_seconds for s in latest)
+        uptime = max(s.uptime_seconds for s in latest)
+        busy_together = sum(s.busy_seconds for s in latest) + sum(self._other_busy.values())
         for model in self._models.values():
             if model._last is not None:
                 model._set_cost_gauges(model._last.price_per_hour, uptime, busy_together)
+
+    def observe_other_busy(self, name: str, seconds: float) -> None:
+        """Count seconds of other work on the machine (a pass of embedding model `name`) in the bill shared."""
+        # NOTE: from each embedding engine's own thread: one writer per name.
+        self._other_busy[name] = self._other_busy.get(name, 0.0) + seconds
 
     def _observe_drafts(self, now: DraftCounters, last: DraftCounters) -> None:
         self.drafts.inc(now.num_drafts - last.num_drafts)
