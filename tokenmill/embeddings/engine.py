@@ -44,6 +44,10 @@ class EmbeddingEngine:
         self._on_batch = on_batch
         self._thread: threading.Thread | None = None
         self._stopping = False
+        # Requests, and their input tokens, that the server has taken and not yet answered (its admission counts;
+        # changed on the event loop only).
+        self.num_waiting = 0
+        self.num_waiting_tokens = 0
 
     @property
     def is_running(self) -> bool:

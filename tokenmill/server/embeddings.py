@@ -59,10 +59,30 @@ async def create_embedding(body: EmbeddingRequest, request: Request) -> JSONResp
                        param="input")
     if not engine.is_running:
         raise APIError(503, f"the engine of {name!r} is not running; see the server log", type="server_error")
-    # Off the event loop: 2,048 long inputs take a while to tokenize and must not stall other requests.
-    ids = await asyncio.to_thread(token_inputs, model, body.input, body.truncate_prompt_tokens)
-    vectors = shorten(model, await engine.embed(ids), body.dimensions)
-    num_tokens = sum(len(i) for i in ids)
+    config = state_of(request).config
+    # As the generative models' queues: bounded per model by --max-waiting requests and --max-waiting-tokens.
+    if engine.num_waiting >= config.max_waiting:
+        raise APIError(429, f"{engine.num_waiting} requests are already waiting for {name!r} (limit "
+                       f"{config.max_waiting}); retry shortly", type="rate_limit_error",
+                       code="too_many_waiting_requests", headers={"Retry-After": "1"})
+    engine.num_waiting += 1  # from here: others arrive while this one is tokenized
+    try:
+        # Off the event loop: 2,048 long inputs take a while to tokenize and must not stall other requests.
+        ids = await asyncio.to_thread(token_inputs, model, body.input, body.truncate_prompt_tokens)
+        num_tokens = sum(len(i) for i in ids)
+        limit, queued = config.max_waiting_tokens, engine.num_waiting_tokens
+        # A queue that is empty takes any request: one longer than the bound would otherwise never be served.
+        if limit is not None and queued and queued + num_tokens > limit:
+            raise APIError(429, f"{queued} input tokens are already waiting for {name!r} and this request adds "
+                           f"{num_tokens} (limit {limit}); retry shortly", type="rate_limit_error",
+                           code="too_many_waiting_tokens", headers={"Retry-After": "1"})
+        engine.num_waiting_tokens += num_tokens
+        try:
+            vectors = shorten(model, await engine.embed(ids), body.dimensions)
+        finally:
+            engine.num_waiting_tokens -= num_tokens
+    finally:
+        engine.num_waiting -= 1
     # A JSONResponse, not a dict: FastAPI's jsonable_encoder walks every float, which doubled the 0.5 ms that
     # serializing one 384-float embedding takes.
     return JSONResponse({
