@@ -70,6 +70,15 @@ def test_same_seed_and_position_draw_the_same_token_whatever_the_batch():
     assert alone == batched and len(set(alone)) > 1
 
 
+@pytest.mark.parametrize("seed", [-1, 2**40, 2**63 - 1])
+def test_any_64_bit_seed_is_taken_and_draws_the_same_tokens_again(seed):
+    # Clients send random 63-bit seeds, and -1; OpenAI and vLLM take any 64-bit integer.
+    params = SamplingParams(temperature=1.0, seed=seed)
+    draws = [[Sampler()(LOGITS.clone(), [_seq(params, seed=seed, outputs=k)]).token_ids[0][0] for k in range(20)]
+             for _ in range(2)]
+    assert draws[0] == draws[1] and len(set(draws[0])) > 1
+
+
 def test_a_top_p_neighbour_does_not_change_a_seeded_row():
     logits = torch.randn(1, 50_000) * 3
     params = SamplingParams(temperature=1.0, seed=3)

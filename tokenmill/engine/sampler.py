@@ -187,7 +187,8 @@ class Sampler:
             gen = None
             if seq.seed is not None:
                 gen = torch.Generator(device=probs.device)
-                gen.manual_seed(seq.seed * _SEED_STRIDE + seq.num_output_tokens + offset)
+                # Wrapped into the generator's 64 bits: clients send any 64-bit seed, negative ones too.
+                gen.manual_seed((seq.seed * _SEED_STRIDE + seq.num_output_tokens + offset) % 2**64)
             noise[i].exponential_(generator=gen)
         return noise
 
