@@ -42,6 +42,9 @@ def _assert_error(response: httpx.Response, status: int, *words: str) -> dict:
         (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages"),
         (CHAT, {"messages": MESSAGES, "n": 129}, "n"),
         (CHAT, {"messages": MESSAGES, "logit_bias": {"42": 5}}, "logit_bias"),  # refused, not ignored
+        (COMPLETIONS, {"prompt": "hi", "best_of": 3}, "best_of"),
+        (COMPLETIONS, {"prompt": "hi", "prompt_logprobs": 2}, "prompt_logprobs"),
+        (CHAT, {"messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         (CHAT, {"messages": MESSAGES, "response_format": {"type": "json_schema", "json_schema": {
             "name": "x", "schema": {"type": "frobnicate"}}}}, "response_format"),  # the grammar library's message
         (CHAT, {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}],
@@ -68,8 +71,11 @@ def test_body_that_is_not_a_json_object_says_so(server):
 
 
 def test_null_means_default_as_in_openai(server):
+    # vLLM's extensions too: the OpenAI SDK sends extra_body's None values as null.
     body = {"messages": MESSAGES, "max_tokens": 2, "temperature": None, "top_p": None, "n": None, "stream": None,
-            "logprobs": None, "presence_penalty": None, "frequency_penalty": None}
+            "logprobs": None, "presence_penalty": None, "frequency_penalty": None, "top_k": None, "min_p": None,
+            "repetition_penalty": None, "min_tokens": None, "ignore_eos": None, "stop_token_ids": None,
+            "include_stop_str_in_output": None, "priority": None, "best_of": None}
     response = httpx.post(server.url + CHAT, json=body)
     assert response.status_code == 200, response.text
     assert len(response.json()["choices"]) == 1

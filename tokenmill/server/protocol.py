@@ -182,17 +182,19 @@ class _GenerationRequest(RequestBody):
     response_format: ResponseFormat | None = None
     # Accepted so they can be refused by name rather than silently ignored.
     logit_bias: dict[str, float] | None = None
+    best_of: int | None = None
+    prompt_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    # Extensions named as in vLLM.
-    top_k: int = -1
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    min_tokens: int = 0
-    ignore_eos: bool = False
-    stop_token_ids: list[int] = Field(default_factory=list)
-    include_stop_str_in_output: bool = False
-    priority: int = 0
+    # Extensions named as in vLLM; null is the default, as there (the OpenAI SDK sends extra_body's None as null).
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool | None = None
+    priority: int | None = None
     structured_outputs: StructuredOutputs | None = None
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
@@ -214,12 +216,12 @@ class _GenerationRequest(RequestBody):
         self._refuse_unsupported()
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return SamplingParams(
-            n=_or(self.n, 1), temperature=_or(self.temperature, 1.0), top_p=_or(self.top_p, 1.0), top_k=self.top_k,
-            min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+            n=_or(self.n, 1), temperature=_or(self.temperature, 1.0), top_p=_or(self.top_p, 1.0),
+            top_k=_or(self.top_k, -1), min_p=_or(self.min_p, 0.0), repetition_penalty=_or(self.repetition_penalty, 1.0),
             presence_penalty=_or(self.presence_penalty, 0.0), frequency_penalty=_or(self.frequency_penalty, 0.0),
-            seed=self.seed, max_tokens=max_tokens,
-            min_tokens=self.min_tokens, stop=stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
-            logprobs=logprobs, include_stop_str_in_output=self.include_stop_str_in_output, priority=self.priority,
+            seed=self.seed, max_tokens=max_tokens, min_tokens=_or(self.min_tokens, 0), stop=stop,
+            stop_token_ids=_or(self.stop_token_ids, []), ignore_eos=_or(self.ignore_eos, False), logprobs=logprobs,
+            include_stop_str_in_output=_or(self.include_stop_str_in_output, False), priority=_or(self.priority, 0),
             prediction=self.prediction.text if self.prediction else None,
             structured_output=structured or self._structured_output(),
         )
@@ -227,6 +229,12 @@ class _GenerationRequest(RequestBody):
     def _refuse_unsupported(self) -> None:
         if self.logit_bias:
             raise InvalidRequestError("logit_bias is not supported", param="logit_bias")
+        if self.best_of is not None and self.best_of != _or(self.n, 1):
+            raise InvalidRequestError("best_of is not supported (as in vLLM's V1 engine); ask for n samples",
+                                      param="best_of")
+        if self.prompt_logprobs is not None:
+            raise InvalidRequestError("prompt_logprobs is not supported; on /v1/completions, echo with logprobs "
+                                      "scores the prompt's tokens", param="prompt_logprobs")
 
     def _structured_output(self) -> StructuredOutput | None:
         """The one output constraint asked for: OpenAI's response_format or one of vLLM's fields."""
@@ -362,6 +370,8 @@ class ChatCompletionRequest(_GenerationRequest):
         """Validated sampling settings; max_completion_tokens wins over the older max_tokens."""
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs set to true", param="top_logprobs")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
+            raise InvalidRequestError(f"top_logprobs={self.top_logprobs} must be in [0, 20]", param="top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         return self._sampling_params(max_tokens, logprobs, self._forced_call())
