@@ -132,6 +132,15 @@ def completion_logprobs(token_ids: list[int], logprobs: list[TokenLogprob | None
     return {
         "tokens": tokens,
         "token_logprobs": [None if lp is None else lp.logprob for lp in logprobs],
-        "top_logprobs": [None if lp is None else {tokenizer.token_text(t): p for t, p in lp.top} for lp in logprobs],
+        "top_logprobs": [None if lp is None else _top_by_text(lp, tokenizer) for lp in logprobs],
         "text_offset": offsets,
     }
+
+
+def _top_by_text(lp: TokenLogprob, tokenizer: Tokenizer) -> dict[str, float]:
+    """The alternatives keyed by their text, the chosen token among them (as OpenAI returns up to logprobs + 1)."""
+    # Keyed by text, tokens can collide (each half of a character is "\ufffd"): the most likely one keeps the key.
+    top: dict[str, float] = {}
+    for token_id, logprob in sorted([*lp.top, (lp.token_id, lp.logprob)], key=lambda item: -item[1]):
+        top.setdefault(tokenizer.token_text(token_id), logprob)
+    return top
