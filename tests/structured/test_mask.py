@@ -62,3 +62,19 @@ def test_each_parallel_sample_keeps_its_own_grammar_state(tokenizer):
     first, second = _seq(tokenizer, params), _seq(tokenizer, params, 1)
     first.append_token(tokenizer.encode("ab", add_special_tokens=False)[0], None)
     assert first.grammar is not second.grammar and second.finish_reason is None
+
+
+def test_the_grammar_librarys_vocabulary_lets_its_tokenizer_go(smollm2_path):
+    import gc
+    import weakref
+
+    from tokenmill.loader.source import open_model
+    from tokenmill.structured import matcher
+
+    tokenizer = open_model(str(smollm2_path)).tokenizer
+    matcher.GrammarState(_choice("yes", "no"), tokenizer)
+    gone = weakref.ref(tokenizer)
+    del tokenizer
+    gc.collect()
+    # A process that opens and drops engines (a notebook, router calibration) kept 28 MiB per tokenizer.
+    assert gone() is None

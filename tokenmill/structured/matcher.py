@@ -31,10 +31,11 @@ class _Vocabulary:
         # Bytes rather than the tokenizer's JSON: the same path serves byte-level BPE and SentencePiece from GGUF.
         self.tokens = [tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
         self.special_token_ids = tokenizer.special_token_ids()
-        self._tokenizer = tokenizer
+        # The backend, not the Tokenizer: _VOCABULARIES' value holding its own key would keep both alive for good.
+        self._backend = tokenizer.backend
 
     def __call__(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=False)
+        return self._backend.encode(text, add_special_tokens=False).ids
 
 
 def vocabulary(tokenizer: Tokenizer) -> LLTokenizer:
