@@ -3,8 +3,8 @@
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 
 
-def _stream(tokenizer, prompt: list[int], output: list[int]) -> str:
-    detokenizer = IncrementalDetokenizer(tokenizer, prompt, [], False)
+def _stream(tokenizer, prompt: list[int], output: list[int], stop: tuple[str, ...] = ()) -> str:
+    detokenizer = IncrementalDetokenizer(tokenizer, prompt, list(stop), False)
     for token_id in output:
         detokenizer.add(token_id)
     detokenizer.finish()
@@ -18,6 +18,8 @@ def test_an_output_ending_partway_through_a_character_keeps_its_bytes(smollm2_so
     # max_tokens reached after the first: the whole output decodes to a space and a replacement character.
     assert _stream(tok, prompt, tok.encode(" ok") + smile[:1]) == tok.decode(tok.encode(" ok") + smile[:1])
     assert _stream(tok, prompt, [13223]) == tok.decode([13223]) == " \ufffd"
+    # Short of a stop string the held-back bytes complete: no stop string ever reaches the output.
+    assert _stream(tok, prompt, tok.encode(" ok") + [13223], stop=("k ",)) == " o"
 
 
 def test_an_output_completing_a_character_the_prompt_began_is_decoded_as_the_whole_output(smollm2_source):

@@ -31,13 +31,28 @@ class IncrementalDetokenizer:
         new = self._new_text()
         if new.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its remaining bytes
             return None
+        self.prefix_offset = self.read_offset
+        if not check_stop:
+            self.text += new
+            self.read_offset = len(self.ids)
+            self.stop_search_start = len(self.text)
+            return None
+        return self._append(new)
+
+    def finish(self) -> None:
+        """Mark the text complete so nothing is held back any more."""
+        if not self.finished and self.read_offset < len(self.ids):
+            # The output ended partway through a character: its bytes show as decoding the whole output shows them,
+            # short of any stop string they complete.
+            self._append(self._new_text())
+        self.finished = True
+
+    def _append(self, new: str) -> str | None:
+        """Add new text (all ids read); cut it at the first stop string in it, which is returned."""
         # Stop strings may only start in text produced once checking began (min_tokens honoured).
         searched_from = max(self.stop_search_start, len(self.text) - self.holdback)
         self.text += new
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        if not check_stop:
-            self.stop_search_start = len(self.text)
-            return None
+        self.read_offset = len(self.ids)
         found = [(at, stop) for stop in self.stop if (at := self.text.find(stop, searched_from)) != -1]
         if not found:
             return None
@@ -45,14 +60,6 @@ class IncrementalDetokenizer:
         self.text = self.text[: at + len(stop)] if self.include_stop else self.text[:at]
         self.finished = True
         return stop
-
-    def finish(self) -> None:
-        """Mark the text complete so nothing is held back any more."""
-        if not self.finished and self.read_offset < len(self.ids):
-            # The output ended partway through a character: its bytes show as decoding the whole output shows them.
-            self.text += self._new_text()
-            self.read_offset = len(self.ids)
-        self.finished = True
 
     def _new_text(self) -> str:
         """Text of the tokens after read_offset, decoded after those from prefix_offset so spaces come out right."""
