@@ -40,18 +40,20 @@ class ModelProposer:
     def propose(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
         """Up to ks[i] greedy draft tokens for each sequence; its blocks must cover 1 + ks[i] more tokens."""
         drafts: list[list[int]] = [[] for _ in seqs]
-        chunks = []
+        starts = [min(seq.draft_computed, seq.num_computed_tokens) if self.own_cache else seq.num_computed_tokens
+                  for seq in seqs]
+        chunks: dict[int, Chunk] = {}
         budget = self.max_tokens
-        catching_up = set()  # sequences that only catch up this step, as far as the budget goes
-        for i, seq in enumerate(seqs):
-            start = min(seq.draft_computed, seq.num_computed_tokens) if self.own_cache else seq.num_computed_tokens
-            tokens = seq.token_ids[start:]
+        catching_up: set[int] = set()  # sequences that only catch up this step, as far as the budget goes
+        # The shortest first: a sequence far behind must not take every other one's drafts for steps on end.
+        for i in sorted(range(len(seqs)), key=lambda i: seqs[i].num_tokens - starts[i]):
+            tokens = seqs[i].token_ids[starts[i] :]
             if len(tokens) > budget:
-                tokens = tokens[: max(0, budget)]
+                tokens = tokens[:budget]
                 catching_up.add(i)
             budget -= len(tokens)
-            chunks.append(Chunk(tokens, start, seq.block_table, seq.sliding_table or None))
-        active = [i for i, chunk in enumerate(chunks) if chunk.token_ids]
+            chunks[i] = Chunk(tokens, starts[i], seqs[i].block_table, seqs[i].sliding_table or None)
+        active = [i for i, chunk in chunks.items() if chunk.token_ids]
         while active:
             active.sort(key=lambda i: len(chunks[i].token_ids) > 1)  # single tokens first, as attention wants
             for i, token in zip(active, self._next_tokens([chunks[i] for i in active])):
@@ -60,8 +62,8 @@ class ModelProposer:
                 chunks[i] = Chunk([token], chunks[i].start + len(chunks[i].token_ids), seqs[i].block_table,
                                   seqs[i].sliding_table or None)
             active = [i for i in active if i not in catching_up and len(drafts[i]) < ks[i]]
-        for seq, chunk in zip(seqs, chunks):
-            seq.draft_computed = chunk.start  # every token before the last draft went through the draft model
+        for i, seq in enumerate(seqs):
+            seq.draft_computed = chunks[i].start  # every token before the last draft went through the draft model
         return drafts
 
     def _next_tokens(self, chunks: list[Chunk]) -> list[int]:
