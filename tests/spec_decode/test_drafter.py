@@ -167,3 +167,30 @@ def test_a_draft_model_catches_up_on_a_long_context_within_the_step_budget():
         [drafts] = proposer.propose([seq], [2])
     assert passes == [32, 32, 32, 5, 1]  # 101 tokens caught up over four steps, then the second draft
     assert drafts == [9, 9] and seq.draft_computed == 102
+
+
+def test_a_draft_model_far_behind_does_not_take_the_others_drafts():
+    runner = SimpleNamespace(block_size=16, device="cpu")
+    proposer = ModelProposer(None, runner, None, own_cache=True, max_tokens=32)
+    proposer._next_tokens = lambda chunks: [9] * len(chunks)
+    scheduler = Scheduler(EngineConfig(model="unused", max_num_seqs=4, max_num_batched_tokens=32),
+                          BlockManager(64, 16))
+    behind = _running(scheduler, 0, list(range(1, 101)), [7], 100)  # first in line, 101 tokens to catch up
+    caught_up = _running(scheduler, 1, [1, 2], [3], 2)
+    caught_up.draft_computed = 2
+    assert proposer.propose([behind, caught_up], [2, 2]) == [[], [9, 9]]
+    assert behind.draft_computed == 31  # the budget's rest: 32 less the other's one token
+
+
+def test_nothing_is_drafted_while_a_running_prompt_takes_the_whole_budget():
+    calls = []
+    proposer = SimpleNamespace(propose=lambda seqs, ks: calls.append(ks) or [[9] * k for k in ks])
+    scheduler = Scheduler(EngineConfig(model="unused", max_num_seqs=4, max_num_batched_tokens=16), BlockManager(32, 4))
+    decode = _running(scheduler, 0, [1, 2], [3], 2)
+    prompt = _running(scheduler, 1, list(range(1, 41)), [], 4)  # 36 tokens left: more than the budget
+    early_exit = SpeculativeConfig(method="early_exit", exit_layer=1, num_speculative_tokens=3, adaptive=False)
+    Drafter(early_exit, proposer).propose(scheduler.running, scheduler.block_manager, budget=16)
+    assert calls == [] and decode.draft_token_ids == []  # the scheduler would drop them: the model never runs
+    prompt.num_computed_tokens = 36  # 4 left: 16 - 1 - 4 leaves room for the decode's 3 drafts
+    Drafter(early_exit, proposer).propose(scheduler.running, scheduler.block_manager, budget=16)
+    assert calls == [[3]] and decode.draft_token_ids == [9, 9, 9]

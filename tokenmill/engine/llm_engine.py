@@ -158,7 +158,7 @@ class LLMEngine:
         """Run one scheduled model step; return what is new for each request that made visible progress."""
         started = time.perf_counter()
         dropped = self._drop_infeasible(started)
-        self.drafter.propose(self.scheduler.running, self.block_manager)
+        self.drafter.propose(self.scheduler.running, self.block_manager, self.config.max_num_batched_tokens)
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return dropped

@@ -59,7 +59,8 @@ class Scheduler:
         # Decodes (one token) go before prompt chunks so a long prompt never delays them.
         ordered = sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1)
         # Drafts get only what the running sequences after them leave: a guess must never hold back another's next
-        # token or a prompt's next chunk.
+        # token or a prompt's next chunk. So while a prompt longer than the budget prefills, nobody drafts: its
+        # first token comes sooner, and a step full of prompt tokens is compute-bound, where drafts pay least.
         own = [s.num_uncomputed_tokens for s in ordered]  # taken before a preemption changes the counts
         own_after = sum(own)
         for seq, tokens in zip(ordered, own):

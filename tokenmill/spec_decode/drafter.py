@@ -50,8 +50,9 @@ class Drafter:
         if len(self._row_counts) < 2:
             self._row_counts.add(rows)
 
-    def propose(self, running: list[Sequence], block_manager: BlockManager) -> None:
-        """Set draft_token_ids of every running sequence (empty where it should not speculate)."""
+    def propose(self, running: list[Sequence], block_manager: BlockManager, budget: int | None = None) -> None:
+        """Set draft_token_ids of every running sequence (empty where it should not speculate), drafting no more
+        than the step's token budget leaves after every running sequence's own tokens (None: no limit)."""
         for seq in running:
             seq.draft_token_ids = []
         decoding = [s for s in running if s.is_decoding]
@@ -64,6 +65,9 @@ class Drafter:
         if not candidates:
             return
         threshold = self._threshold(len(decoding))
+        # The scheduler gives drafts only this (a prompt's next chunk goes first): guesses past it, a draft model's
+        # passes and blocks included, would be made only to be dropped.
+        room = None if budget is None else budget - sum(s.num_uncomputed_tokens for s in running)
         modelled: list[tuple[Sequence, int]] = []
         spare: list[int] | None = None  # blocks the running sequences' own next tokens leave, once needed
         for seq, kind in candidates:
@@ -81,6 +85,11 @@ class Drafter:
                 seq.drafts_accepted *= _SKIP_DECAY
                 seq.steps_without_drafts += 1
                 continue
+            if room is not None:
+                k = min(k, room)
+                if k <= 0:
+                    continue
+                room -= k
             seq.steps_without_drafts = 0
             if kind == "prediction":
                 seq.draft_token_ids = lookup_in(seq.prediction_token_ids, seq.output_token_ids, k, _PREDICTION_MATCH)
