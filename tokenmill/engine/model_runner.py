@@ -62,7 +62,7 @@ class ModelRunner:
             max_blocks = -(-source.config.max_position_embeddings // self.block_size)
             # No decode batch is larger than max_num_seqs: the sizes up to the first that holds it.
             sizes = [b for b in GRAPH_BATCH_SIZES if b < config.max_num_seqs]
-            sizes.append(next((b for b in GRAPH_BATCH_SIZES if b >= config.max_num_seqs), GRAPH_BATCH_SIZES[-1]))
+            sizes += [b for b in GRAPH_BATCH_SIZES if b >= config.max_num_seqs][:1]
             # As every step runs: without autograd, whose saved activations a graph would otherwise keep alive.
             with torch.inference_mode():
                 self.graphs = DecodeGraphs(self.model, sizes, max_blocks, self.block_size, self.device, capture=True)
