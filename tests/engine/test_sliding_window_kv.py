@@ -107,7 +107,7 @@ def test_rejected_draft_blocks_and_preemption_leak_nothing(num_sliding_blocks):
     assert _all_free(bm) and seq.num_computed_tokens == 0
 
 
-def _chain(n: int) -> list[int]:
+def _chain(n: int) -> list[bytes]:
     """Prefix-cache hashes of the first n blocks of a list(range(...)) prompt."""
     hashes, parent = [], None
     for i in range(n):

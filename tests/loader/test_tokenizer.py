@@ -266,6 +266,6 @@ def test_special_tokens_are_the_control_ones_not_every_added_token(gemma3_tokeni
 
 def test_a_gguf_chat_models_end_of_turn_token_ends_generation(gemma3_tokenizer, smollm2_source):
     # The file's metadata names only <eos> (1); llama.cpp, and transformers' generation config for Gemma 3, end at
-    # <end_of_turn> (106) too. The file's own EOS stays first: grammars end with it.
+    # <end_of_turn> (106) too. The file's own ids stay first.
     assert gemma3_tokenizer.eos_token_ids == [1, 106]
     assert smollm2_source.tokenizer.eos_token_ids == [2, 0]  # <|im_end|>, then <|endoftext|>

@@ -53,12 +53,17 @@ def test_tiny_gemma3_in_bfloat16_embeds_and_normalizes_as_transformers(tiny_gemm
     ours = LLM(str(path), dtype="bfloat16", kv_cache_memory=0.05).engine.runner.model
     ids = torch.tensor(PROMPTS[0])
     with torch.no_grad():
-        # hidden 64: transformers scales by 8.0 in bfloat16 as in float32; 1152 (the 270M) would show 34.0 vs 33.94
+        # hidden 64 scales by 8.0 in any type (the 270M's 640 rounds: below)
         assert torch.equal(ours.embed_tokens(ids) * ours.embed_scale, hf.model.embed_tokens(ids))
         x = torch.randn(len(ids), 64).bfloat16()
         for mine, theirs in ((ours.norm, hf.model.norm), (ours.layers[0].input_layernorm,
                                                           hf.model.layers[0].input_layernorm)):
             torch.testing.assert_close(mine(x), theirs(x), rtol=0, atol=0)
+
+
+def test_gemma3_270m_in_bfloat16_scales_its_embeddings_by_the_rounded_root_as_transformers():
+    llm = LLM(str(catalog.pull("gemma3-270m")), dtype="bfloat16", quantization="none", kv_cache_memory=0.05)
+    assert llm.engine.runner.model.embed_scale == 25.25  # sqrt(640) = 25.298 rounded to bfloat16
 
 
 # Six float32 blocks (K and V, 3 layers, 16 tokens, 2 KV heads of 32): room for the longest sequence alone.

@@ -125,7 +125,7 @@ class Attention(Layer):
         return self._forward_pytorch(q, k, v, meta)
 
     def _forward_pytorch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Without the C++ ops (no compiler, an odd head_dim) on CPU: SDPA, gathering."""
+        """Without the C++ ops (no compiler, an odd head_dim) or CUDA: SDPA, gathering."""
         _store(self.k_cache, self.k_scale, k, meta.slot_mapping)
         _store(self.v_cache, self.v_scale, v, meta.slot_mapping)
         if self.k_cache.dtype != q.dtype and meta.prefills:

@@ -9,10 +9,7 @@ from tokenmill.layers.base import Layer
 
 
 class RMSNorm(Layer):
-    """Root-mean-square layer norm; with a residual, adds it first and returns the new residual too.
-
-    A float32 weight over narrower activations (Gemma's) scales in float32 and rounds once, as transformers does.
-    """
+    """Root-mean-square layer norm; with a residual, adds it first and returns the new residual too."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -45,6 +42,8 @@ class RMSNorm(Layer):
             x.copy_(self._norm(x))
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        # A float32 weight over narrower activations (Gemma's) scales in float32 and rounds once, as transformers
+        # does. NOTE: the C++ op takes one type for both, so Gemma 3 in bfloat16 on CPU runs PyTorch's norm.
         if x.dtype == self.weight.dtype:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)

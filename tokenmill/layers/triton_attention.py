@@ -56,10 +56,8 @@ def _paged_attention_kernel(
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, row_tables: torch.Tensor,
                     row_lens: torch.Tensor, scale: float, window: int | None,
                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention of q [tokens, heads, head_dim] over the pool [blocks, block_size, kv_heads, head_dim], row by row.
-
-    An int8 pool comes with its scales, [blocks, block_size, kv_heads] float16.
-    """
+    """Attention of q [tokens, heads, head_dim] over the pool [blocks, block_size, kv_heads, head_dim] (an int8
+    one with its float16 scales [blocks, block_size, kv_heads]), row by row."""
     tokens, heads, head_dim = q.shape
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty_like(q)

@@ -186,7 +186,7 @@ class Tokenizer:
             )
         eos = _special_token(backend, "eos", metadata.get("tokenizer.ggml.eos_token_id"))
         # llama.cpp ends generation at these tokens too, found by their text: a file's metadata often names only
-        # one end (Gemma 3's <eos>, where its chats end each turn with <end_of_turn>).
+        # one end (Gemma 3's <eos>, where its chats end each turn with <end_of_turn>). The file's own ids stay first.
         ends = (backend.token_to_id(text) for text in _END_OF_GENERATION)
         eos_token_ids = [*eos_token_ids, *sorted({i for i in ends if i is not None} - set(eos_token_ids))]
         return cls(backend, eos_token_ids, bos, eos, metadata.get("tokenizer.chat_template"),

@@ -65,7 +65,7 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
     def load_weights(self, weights) -> None:
         """Llama's loading, then Gemma's norm convention and the sliding layers' rotary base."""
         super().load_weights(weights)
-        # transformers rounds the embedding scale to the model's type (34.0 for 1152 in bfloat16, not 33.94).
+        # transformers rounds the embedding scale to the model's type (the 270M's sqrt(640) is 25.25 in bfloat16).
         self.embed_scale = torch.tensor(self.embed_scale, dtype=self.norm.weight.dtype).item()
         # Gemma's RMSNorm scales by 1 + weight: folding the 1 in once lets the shared RMSNorm run as is. In
         # float32, as transformers computes it: 1 + w rounded to bfloat16 is off by up to 0.4% a channel.
