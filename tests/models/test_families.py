@@ -230,6 +230,17 @@ def test_gguf_missing_tensor_is_a_load_error_naming_it(qwen3_model, tmp_path):
         LLM(str(tmp_path / "short.gguf"), **EXACT)
 
 
+@pytest.mark.parametrize("name", ["token_embd.weight", "blk.0.ffn_up.weight", "blk.1.attn_v.weight"])
+@pytest.mark.parametrize("quantization", ["none", "int8"])
+def test_gguf_tensor_short_of_rows_is_a_load_error(qwen3_model, tmp_path, name, quantization):
+    # Its pieces each fit: the rows it lacks would have run as uninitialized memory.
+    tensors = _gguf_tensors(qwen3_model)
+    tensors[name] = tensors[name][:-8]
+    _write_gguf(tmp_path / "short.gguf", qwen3_model.config, tensors)
+    with pytest.raises(ModelLoadError, match=r"has \d+ rows, expected \d+"):
+        LLM(str(tmp_path / "short.gguf"), **{**EXACT, "quantization": quantization})
+
+
 @pytest.fixture
 def qwen3_dir(qwen3_model, tmp_path) -> Path:
     """The tiny Qwen3 as a Hugging Face directory a test may alter."""

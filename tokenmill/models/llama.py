@@ -152,6 +152,9 @@ class LlamaForCausalLM(Layer):
             self.lm_head.weight = self.embed_tokens.weight  # to_empty() allocates tied parameters apart
         targets = self._load_targets()
         loaded: set[str] = set()
+        # Tensors streamed in row pieces (GGUF): load key -> (checkpoint name, rows filled, rows expected). A tensor
+        # short of rows would leave the rest of its parameter uninitialized, which no piece's own check sees.
+        streamed: dict[str, tuple[str, int, int]] = {}
         freq_factors = None
         for checkpoint_name, rows, tensor in weights:
             name = checkpoint_name.removeprefix("model.")
@@ -176,14 +179,21 @@ class LlamaForCausalLM(Layer):
                 )
             if shard is None:
                 targets[target](rows, tensor, checkpoint_name)
-                loaded.add(target)
+                key = target
             else:
                 shard_rows = self._shard_rows(target, fused, shard)
                 targets[target](_within(shard_rows, rows, checkpoint_name), tensor, checkpoint_name)
-                loaded.add(f"{target}#{shard}")
+                key = f"{target}#{shard}"
+            loaded.add(key)
+            if rows.stop is not None:
+                expected = self._target_rows(target) if shard is None else shard_rows.stop - shard_rows.start
+                streamed[key] = (checkpoint_name, rows.stop, expected)
         # The frequencies are derived, not stored: on the weights' device, after any rope_freqs.
         self.rotary = self._rotary(freq_factors).to(self.norm.weight.device)
         self.fused_layers = FusedLlamaLayers.of(self.layers)
+        for name, filled, rows in streamed.values():
+            if filled != rows:
+                raise ModelLoadError(f"checkpoint tensor {name} has {filled} rows, expected {rows}")
         missing = sorted(name for key, name in self._expected_tensors(targets).items() if key not in loaded)
         if missing:
             raise ModelLoadError(
@@ -210,6 +220,13 @@ class LlamaForCausalLM(Layer):
         if self.config.tie_word_embeddings:
             targets.pop("lm_head.weight", None)  # filled through the embedding it shares
         return targets
+
+    def _target_rows(self, target: str) -> int:
+        """Rows of a load target: a parameter's first dimension, or a quantized layer's outputs."""
+        module_name, _, attr = target.rpartition(".")
+        module = self.get_submodule(module_name)
+        param = getattr(module, attr, None)
+        return param.shape[0] if isinstance(param, torch.Tensor) else module.out_features
 
     def _shard_rows(self, target: str, fused: str, shard: int) -> slice:
         c = self.config

@@ -124,6 +124,11 @@ class Int8Embedding(Layer):
         self.__dict__["table"] = table
         self.dtype = dtype
 
+    @property
+    def out_features(self) -> int:
+        """Rows of the table: the vocabulary."""
+        return self.table.out_features
+
     def load_rows(self, rows: slice, weight: torch.Tensor | LevelRows, name: str) -> None:
         """Quantize embedding rows into the shared table."""
         self.table.load_rows(rows, weight, name)
