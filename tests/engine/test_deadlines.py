@@ -130,3 +130,17 @@ def test_request_that_becomes_infeasible_while_waiting_is_dropped_and_frees_its_
     engine.abort("busy-1")
     engine.abort("busy-2")
     assert engine.block_manager.num_free_blocks == free
+
+
+def test_a_request_already_served_is_not_dropped_when_a_sample_of_it_waits(engine, slow_steps, drain):
+    engine.add_request("busy", "Hello there", SamplingParams(max_tokens=30, ignore_eos=True))
+    # Two samples for the one free slot: the second waits for it, its request already streaming.
+    engine.add_request("pair", "Hello there", SamplingParams(n=2, max_tokens=30, ignore_eos=True, deadline_ms=3000))
+    engine.step()
+    engine.step()
+    assert [seq.request_id for seq in engine.scheduler.waiting] == ["pair"]
+    slow_steps.per_step = 0.5  # now far too slow for the waiting sample to finish in time
+    finals = drain(engine)
+    # Answered (met or missed by the clock; the estimate said too late), not dropped with its work lost.
+    assert finals["pair"].metrics.deadline_status in ("met", "missed")
+    assert [sample.finish_reason for sample in finals["pair"].outputs] == ["length", "length"]

@@ -246,7 +246,9 @@ class LLMEngine:
         outputs = []
         for seq, error in self.deadlines.infeasible(now):
             request = self.requests.get(seq.request_id)
-            if request is None:  # a sibling sample of a request dropped a moment ago
+            # A sibling sample of a request dropped a moment ago; or one served already (a sample ran, or this one
+            # was preempted): that is answered, and marked if late, as an admitted request is.
+            if request is None or request.metrics.first_scheduled_time is not None:
                 continue
             request.metrics.deadline_status, request.metrics.deadline_error = "dropped", str(error)
             if (output := self.abort(seq.request_id)) is not None:
