@@ -91,11 +91,42 @@ def test_a_hyperparameter_given_per_layer_is_a_load_error_naming_it(tmp_path):
         GGUFFile(path).model_config()
 
 
+def _attention(writer: gguf.GGUFWriter, heads: int = 4, kv_heads: int = 4) -> None:
+    """The size keys every model has, for a file that tests the others."""
+    writer.add_block_count(2)
+    writer.add_embedding_length(64)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_context_length(128)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda w: (_attention(w, heads=4, kv_heads=3)), "multiple of the key/value heads"),
+    (lambda w: (_attention(w, heads=0, kv_heads=1)), "must be positive"),
+    (lambda w: (_attention(w), w.add_string("llama.feed_forward_length", "big")),
+     "llama.feed_forward_length = 'big', not an integer"),
+    (lambda w: (_attention(w), w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)),
+     "lacks metadata key llama.rope.scaling.factor"),
+    (lambda w: (_attention(w), w.add_float32("llama.attention.sliding_window", 4.5)),
+     "llama.attention.sliding_window = 4.5, not an integer"),
+])
+def test_malformed_hyperparameters_are_load_errors_naming_them(tmp_path, change, message):
+    # Before: tracebacks (ValueError, ZeroDivisionError, KeyError), or a model that failed in its first request.
+    path = tmp_path / "bad.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    change(writer)
+    if "feed_forward" not in message:
+        writer.add_feed_forward_length(128)
+    writer.add_layer_norm_rms_eps(1e-6)
+    _write(writer)
+    with pytest.raises(ModelLoadError, match=message):
+        GGUFFile(path).model_config()
+
+
 def test_rope_scaling_tokenmill_lacks_is_a_load_error_not_ignored(tmp_path):
     path = tmp_path / "yarn.gguf"
     writer = gguf.GGUFWriter(path, "qwen2")
-    writer.add_head_count(4)
-    writer.add_embedding_length(64)
+    _attention(writer)
     writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
     _write(writer)
     with pytest.raises(ModelLoadError, match="'yarn' rope scaling; supported: linear"):

@@ -222,64 +222,81 @@ class GGUFFile:
         """Build the ModelConfig from the `<arch>.*` metadata keys."""
         arch, md = self.architecture, self.metadata
 
-        def key(name: str, default: Any = None) -> Any:
+        def key(name: str, default: Any = None, cast: type = int) -> Any:
             if f"{arch}.{name}" in self._arrays:  # llama.cpp's per-layer values (head counts, MLP widths)
                 raise ModelLoadError(f"GGUF file {self.path} gives {arch}.{name} per layer; not supported")
             value = md.get(f"{arch}.{name}", default)
             if value is None:
                 raise ModelLoadError(f"GGUF file {self.path} lacks metadata key {arch}.{name}")
-            return value
+            return self._number(f"{arch}.{name}", value, cast)
 
-        num_heads = int(key("attention.head_count"))
-        hidden = int(key("embedding_length"))
+        num_heads, hidden, num_layers = key("attention.head_count"), key("embedding_length"), key("block_count")
+        num_kv_heads, context = key("attention.head_count_kv", num_heads), key("context_length")
+        # A file that breaks these would load and then fail in the first request's attention.
+        if min(num_heads, num_kv_heads, hidden, num_layers, context) < 1 or num_heads % num_kv_heads:
+            raise ModelLoadError(
+                f"GGUF file {self.path} has {num_heads} attention heads, {num_kv_heads} key/value heads, width "
+                f"{hidden}, {num_layers} layers and context {context}: each must be positive and the heads a "
+                "multiple of the key/value heads")
         vocab = md.get(f"{arch}.vocab_size") or self.array_length("tokenizer.ggml.tokens")
         names = self.tensor_names
-        eos = [md[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in md]
+        eos = [self._number(k, md[k], int) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
+               if k in md]
         rope_scaling = None
         scaling = md.get(f"{arch}.rope.scaling.type", "none")
         if scaling == "linear":
-            rope_scaling = {"rope_type": "linear", "factor": float(md[f"{arch}.rope.scaling.factor"])}
+            rope_scaling = {"rope_type": "linear", "factor": key("rope.scaling.factor", cast=float)}
         elif scaling != "none":  # YaRN, LongRoPE: without them the frequencies, and so every token, would differ
             raise ModelLoadError(f"GGUF file {self.path} uses {scaling!r} rope scaling; supported: linear")
-        window = md.get(f"{arch}.attention.sliding_window")
-        num_layers = int(key("block_count"))
+        window = key("attention.sliding_window", 0)
         layer_types, local_theta, attention_scale = None, None, None
         if arch == "gemma3":
             layer_types = gemma3_layer_types(num_layers)
             local_theta = _GEMMA3_LOCAL_THETA
             if num_layers == _GEMMA3_27B_LAYERS:
                 attention_scale = (hidden // num_heads) ** -0.5
-        num_experts = int(md.get(f"{arch}.expert_count") or 0)
+        num_experts = key("expert_count", 0)
         # Mixtral's experts are feed_forward_length wide; Qwen's have a width of their own.
-        expert_width = int(key("expert_feed_forward_length")) if num_experts and arch in _MOE_NORM_TOPK else 0
+        expert_width = key("expert_feed_forward_length") if num_experts and arch in _MOE_NORM_TOPK else 0
         return ModelConfig(
             architecture=arch,
-            vocab_size=int(vocab),
+            vocab_size=self._number(f"{arch}.vocab_size", vocab, int),
             hidden_size=hidden,
-            intermediate_size=int(key("feed_forward_length")),
+            intermediate_size=key("feed_forward_length"),
             num_layers=num_layers,
             num_heads=num_heads,
-            num_kv_heads=int(key("attention.head_count_kv", num_heads)),
-            head_dim=int(md.get(f"{arch}.attention.key_length") or hidden // num_heads),
-            rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
-            rope_theta=float(key("rope.freq_base", 10000.0)),
-            max_position_embeddings=int(key("context_length")),
+            num_kv_heads=num_kv_heads,
+            head_dim=key("attention.key_length", hidden // num_heads) or hidden // num_heads,
+            rms_norm_eps=key("attention.layer_norm_rms_epsilon", cast=float),
+            rope_theta=key("rope.freq_base", 10000.0, cast=float),
+            max_position_embeddings=context,
             tie_word_embeddings="output.weight" not in names,
             rope_scaling=rope_scaling,
             attention_bias="blk.0.attn_q.bias" in names,
-            sliding_window=int(window) if window else None,
+            sliding_window=window or None,
             layer_types=layer_types,
             rope_local_theta=local_theta,
             attention_scale=attention_scale,
             # llama.cpp puts experts in every layer of these architectures: no dense layers to list.
             num_experts=num_experts,
-            num_experts_per_tok=int(key("expert_used_count")) if num_experts else 0,
+            num_experts_per_tok=key("expert_used_count") if num_experts else 0,
             moe_intermediate_size=expert_width,
-            shared_expert_intermediate_size=int(md.get(f"{arch}.expert_shared_feed_forward_length") or 0),
+            shared_expert_intermediate_size=key("expert_shared_feed_forward_length", 0),
             norm_topk_prob=bool(md.get(f"{arch}.expert_weights_norm", _MOE_NORM_TOPK.get(arch, False))),
             bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
-            eos_token_ids=sorted({int(e) for e in eos}),
+            eos_token_ids=sorted(set(eos)),
         )
+
+    def _number(self, name: str, value: Any, cast: type) -> Any:
+        """A metadata value as an int or a float, or a load error naming the key (a string, 4.7 heads)."""
+        try:
+            number = cast(value)
+        except (TypeError, ValueError):
+            number = None
+        if number is None or isinstance(value, (str, bytes)) or (cast is int and number != value):
+            kind = "an integer" if cast is int else "a number"
+            raise ModelLoadError(f"GGUF file {self.path} has {name} = {value!r}, not {kind}")
+        return number
 
     def weights(
         self, config: ModelConfig, dtype: torch.dtype, levels: bool = False
