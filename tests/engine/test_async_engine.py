@@ -22,6 +22,7 @@ class StubEngine:
         self.fail_loop = False
         self.failures: dict[str, Exception] = {}
         self.fail_request: str | None = None  # fails alone in the next step, as a sampler error would
+        self.stepping: set[str] | None = None  # a failing step fails before choosing: every request with it
 
     def add_request(self, request_id, prompt, params, arrival_time) -> None:
         if not prompt:

@@ -171,3 +171,47 @@ def test_a_stuck_step_fails_its_requests_then_the_engine_recovers(engine, monkey
     assert stuck.is_set() and "engine step" in reason
     assert after == expected
     _assert_pool_empty(engine)
+
+
+def test_a_failed_step_fails_the_requests_it_ran_not_those_still_waiting(make_engine, monkeypatch, drain):
+    engine = make_engine(max_num_batched_tokens=64, max_num_seqs=1)  # "last" waits while "bad" runs
+    expected = _alone(engine, drain, "last")
+    execute = engine.runner.execute
+
+    def broken(scheduled):
+        if any(seq.request_id == "bad" and seq.num_output_tokens >= 2 for seq, _ in scheduled):
+            raise RuntimeError("injected step fault")
+        return execute(scheduled)
+
+    monkeypatch.setattr(engine.runner, "execute", broken)
+
+    async def scenario(front):
+        return await asyncio.gather(_tokens(front, "bad"), _tokens(front, "last"), return_exceptions=True)
+
+    bad, last = _serve(engine, scenario)
+    assert isinstance(bad, EngineStepError) and last == expected
+    _assert_pool_empty(engine)
+
+
+def test_an_engine_whose_every_step_fails_says_so_until_one_succeeds(engine, monkeypatch):
+    execute, broken = engine.runner.execute, {"on": True}
+
+    def failing(scheduled):
+        if broken["on"]:
+            raise RuntimeError("injected device fault")
+        return execute(scheduled)
+
+    monkeypatch.setattr(engine.runner, "execute", failing)
+
+    async def scenario(front):
+        seen = [front.failing]
+        for request_id in ("bad", "last", "first"):  # each fails in its first step
+            with pytest.raises(EngineStepError):
+                await _tokens(front, request_id)
+            seen.append(front.failing)
+        broken["on"] = False
+        await _tokens(front, "first")
+        return seen + [front.failing]
+
+    assert _serve(engine, scenario) == [None, None, None, "its last 3 steps failed", None]
+    _assert_pool_empty(engine)

@@ -15,6 +15,10 @@ from tokenmill.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+# Steps failed in a row after which /health reports the engine (a load balancer should route elsewhere): one may be
+# a request's own bad luck, an error every step is the device's or the engine's.
+_FAILING_STEPS = 3
+
 
 class EngineStepError(TokenmillError):
     """The engine failed while running a request, or is not running; the request was aborted."""
@@ -77,6 +81,7 @@ class AsyncEngine:
         self._watch_lock = threading.Lock()
         self._step_started: float | None = None
         self._num_steps = 0
+        self._failed_steps = 0  # in a row; written by the engine thread only
         self._stalled: str | None = None
 
     @property
@@ -93,6 +98,12 @@ class AsyncEngine:
     def stalled(self) -> str | None:
         """Why the engine is stalled (its current step has run past the watchdog limit), or None."""
         return self._stalled
+
+    @property
+    def failing(self) -> str | None:
+        """Why the engine looks broken (its last steps all failed: a device error repeats), or None."""
+        failed = self._failed_steps
+        return f"its last {failed} steps failed" if failed >= _FAILING_STEPS else None
 
     def start(self) -> None:
         """Start the engine thread and its watchdog; call from the event loop that will consume outputs."""
@@ -289,11 +300,15 @@ class AsyncEngine:
             outputs = self.engine.step()
             failures = self.engine.take_failures()
         except Exception:
-            # NOTE: a bug in one step must not kill the server; fail the requests it held and go on.
-            logger.exception("engine step failed; aborting %d requests", len(self._queues))
+            # NOTE: a bug in one step must not kill the server; fail the requests it ran (all, if it failed before
+            # choosing them) and go on: those still waiting were not touched.
+            self._failed_steps += 1
+            ran = self.engine.stepping
+            failed = [request_id for request_id in self._queues if ran is None or request_id in ran]
+            logger.exception("engine step failed; aborting %d requests", len(failed))
             error = EngineStepError("the engine failed while running this request; see the server log")
-            for request_id, outputs_queue in list(self._queues.items()):
-                del self._queues[request_id]
+            for request_id in failed:
+                outputs_queue = self._queues.pop(request_id)
                 try:
                     output = self.engine.abort(request_id)
                 except Exception:
@@ -306,6 +321,7 @@ class AsyncEngine:
             return
         finally:
             self._step_done()
+        self._failed_steps = 0
         # NOTE: before any caller hears its answer, so a /metrics read right after a response already counts it.
         self._publish_stats()
         for output in outputs:

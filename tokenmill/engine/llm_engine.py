@@ -59,6 +59,9 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or positions, positions, context_limit)
         self.requests: dict[str, _Request] = {}
         self.failures: dict[str, Exception] = {}  # see take_failures
+        # The requests the current step runs, once it has scheduled them; None before: a step that fails then may
+        # have left any request in a bad state, one that fails after only those it ran.
+        self.stepping: set[str] | None = None
         self._seq_ids = itertools.count()
         price = machine_price(config.price_per_hour, config.device)  # after the runner has set torch's threads
         self.cost = CostAccountant(price.usd_per_hour)
@@ -157,9 +160,11 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduled model step; return what is new for each request that made visible progress."""
         started = time.perf_counter()
+        self.stepping = None
         dropped = self._drop_infeasible(started)
         self.drafter.propose(self.scheduler.running, self.block_manager, self.config.max_num_batched_tokens)
         plan = self.scheduler.schedule()
+        self.stepping = {seq.request_id for seq, _ in plan.scheduled}
         if not plan.scheduled:
             return dropped
         work = plan.work()

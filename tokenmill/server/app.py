@@ -147,13 +147,15 @@ def _model_card(model: ServedModel) -> dict:
 
 
 async def health(request: Request) -> Response:
-    """200 while every engine thread runs and none is stalled, 503 naming those that are not; never behind auth."""
+    """200 while every engine thread runs, none stalled or failing; else 503 naming them; never behind auth."""
     models = state_of(request).models.values()
     stopped = [repr(model.name) for model in models if not model.engine.is_running]
     stopped += [repr(name) for name, engine in embedders_of(request).items() if not engine.is_running]
     problems = [f"the engine of {', '.join(stopped)} is not running"] if stopped else []
     problems += [f"the engine of {model.name!r} is stalled: {model.engine.stalled}"
                  for model in models if model.engine.is_running and model.engine.stalled]
+    problems += [f"the engine of {model.name!r} is failing: {model.engine.failing}"
+                 for model in models if model.engine.is_running and model.engine.failing]
     if not problems:
         return JSONResponse({"status": "ok"})
     return APIError(503, f"{'; '.join(problems)}; see the server log", type="server_error").response()
