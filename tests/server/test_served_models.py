@@ -87,7 +87,7 @@ def test_steps_of_two_busy_engines_alternate():
 
 
 def _state(**running: bool) -> ServerState:
-    models = {name: ServedModel(name, SimpleNamespace(is_running=up, stalled=None), None, 2048)
+    models = {name: ServedModel(name, SimpleNamespace(is_running=up, stalled=None, failing=None), None, 2048)
               for name, up in running.items()}
     return ServerState(models, ServerConfig(), Metrics(next(iter(running))))
 
@@ -117,6 +117,11 @@ def test_health_is_503_naming_any_engine_that_stopped():
     response = _health(_state(small=True, other=False))
     assert response.status_code == 503
     assert "'other'" in json.loads(response.body)["error"]["message"]
+    failing = _state(small=True, other=True)
+    failing.models["other"].engine.failing = "its last 3 steps failed"
+    response = _health(failing)
+    assert response.status_code == 503
+    assert "'other' is failing: its last 3 steps failed" in json.loads(response.body)["error"]["message"]
 
 
 def test_each_models_series_appear_in_one_exposition_under_its_own_label():
