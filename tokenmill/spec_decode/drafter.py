@@ -51,8 +51,7 @@ class Drafter:
             self._row_counts.add(rows)
 
     def propose(self, running: list[Sequence], block_manager: BlockManager, budget: int | None = None) -> None:
-        """Set draft_token_ids of every running sequence (empty where it should not speculate), drafting no more
-        than the step's token budget leaves after every running sequence's own tokens (None: no limit)."""
+        """Set draft_token_ids of every running sequence: empty where it should not speculate or budget has no room."""
         for seq in running:
             seq.draft_token_ids = []
         decoding = [s for s in running if s.is_decoding]
@@ -65,8 +64,9 @@ class Drafter:
         if not candidates:
             return
         threshold = self._threshold(len(decoding))
-        # The scheduler gives drafts only this (a prompt's next chunk goes first): guesses past it, a draft model's
-        # passes and blocks included, would be made only to be dropped.
+        # The step's budget (None: no limit) less every running sequence's own tokens: the scheduler gives drafts only
+        # this (a prompt's next chunk goes first), so guesses past it, a draft model's passes and blocks included,
+        # would be made only to be dropped.
         room = None if budget is None else budget - sum(s.num_uncomputed_tokens for s in running)
         modelled: list[tuple[Sequence, int]] = []
         spare: list[int] | None = None  # blocks the running sequences' own next tokens leave, once needed
