@@ -12,7 +12,7 @@ from tokenmill.embeddings.engine import EmbeddingEngine
 from tokenmill.embeddings.inputs import check_dimensions, shorten, token_inputs
 from tokenmill.server.errors import APIError
 from tokenmill.server.protocol import RequestBody
-from tokenmill.server.serving import state_of
+from tokenmill.server.serving import refuse_past_waiting, refuse_past_waiting_tokens, state_of
 
 # OpenAI's limit on inputs per request.
 MAX_INPUTS = 2048
@@ -61,21 +61,13 @@ async def create_embedding(body: EmbeddingRequest, request: Request) -> JSONResp
         raise APIError(503, f"the engine of {name!r} is not running; see the server log", type="server_error")
     config = state_of(request).config
     # As the generative models' queues: bounded per model by --max-waiting requests and --max-waiting-tokens.
-    if engine.num_waiting >= config.max_waiting:
-        raise APIError(429, f"{engine.num_waiting} requests are already waiting for {name!r} (limit "
-                       f"{config.max_waiting}); retry shortly", type="rate_limit_error",
-                       code="too_many_waiting_requests", headers={"Retry-After": "1"})
+    refuse_past_waiting(name, engine.num_waiting, 1, config.max_waiting)
     engine.num_waiting += 1  # from here: others arrive while this one is tokenized
     try:
         # Off the event loop: 2,048 long inputs take a while to tokenize and must not stall other requests.
         ids = await asyncio.to_thread(token_inputs, model, body.input, body.truncate_prompt_tokens)
         num_tokens = sum(len(i) for i in ids)
-        limit, queued = config.max_waiting_tokens, engine.num_waiting_tokens
-        # A queue that is empty takes any request: one longer than the bound would otherwise never be served.
-        if limit is not None and queued and queued + num_tokens > limit:
-            raise APIError(429, f"{queued} input tokens are already waiting for {name!r} and this request adds "
-                           f"{num_tokens} (limit {limit}); retry shortly", type="rate_limit_error",
-                           code="too_many_waiting_tokens", headers={"Retry-After": "1"})
+        refuse_past_waiting_tokens(name, engine.num_waiting_tokens, num_tokens, config.max_waiting_tokens)
         engine.num_waiting_tokens += num_tokens
         try:
             vectors = shorten(model, await engine.embed(ids), body.dimensions)

@@ -64,6 +64,23 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def refuse_past_waiting(name: str, waiting: int, adds: int, limit: int) -> None:
+    """429 if `adds` more requests would leave more than `limit` waiting for model `name` (--max-waiting)."""
+    if waiting + adds > limit:
+        raise APIError(429, f"{waiting} requests are already waiting for {name!r} and this one adds {adds} (limit "
+                       f"{limit}); retry shortly", type="rate_limit_error", code="too_many_waiting_requests",
+                       headers={"Retry-After": "1"})
+
+
+def refuse_past_waiting_tokens(name: str, queued: int, tokens: int, limit: int | None) -> None:
+    """429 if `tokens` more would leave more than `limit` tokens waiting for model `name` (--max-waiting-tokens)."""
+    # A queue that is empty takes any request: one longer than the bound would otherwise never be served.
+    if limit is not None and queued and queued + tokens > limit:
+        raise APIError(429, f"{queued} tokens are already waiting for {name!r} and this request adds {tokens} "
+                       f"(limit {limit}); retry shortly", type="rate_limit_error", code="too_many_waiting_tokens",
+                       headers={"Retry-After": "1"})
+
+
 async def submit(state: ServerState, model: ServedModel, prompts: list[list[int]], params: SamplingParams,
                  id_prefix: str) -> list[RequestStream]:
     """Queue one request per prompt on the model's engine, all or none; 429 when too many already wait for it."""
@@ -79,18 +96,11 @@ async def submit(state: ServerState, model: ServedModel, prompts: list[list[int]
     if len(prompts) > max_waiting:
         raise APIError(400, f"prompt has {len(prompts)} items; at most {max_waiting} can wait for {model.name!r} "
                        "(--max-waiting)", param="prompt", code="too_many_prompts")
-    if engine.num_waiting + len(prompts) > max_waiting:
-        raise APIError(429, f"{engine.num_waiting} requests are already waiting for {model.name!r} and this one "
-                       f"adds {len(prompts)} (limit {max_waiting}); retry shortly", type="rate_limit_error",
-                       code="too_many_waiting_requests", headers={"Retry-After": "1"})
+    refuse_past_waiting(model.name, engine.num_waiting, len(prompts), max_waiting)
     tokens = sum(len(p) for p in prompts) * params.n
     limit = state.config.max_waiting_tokens
     queued = 0 if limit is None else engine.stats.num_waiting_tokens + model.pending_tokens
-    # A queue that is empty takes any prompt: one longer than the bound would otherwise never be served.
-    if limit is not None and queued and queued + tokens > limit:
-        raise APIError(429, f"{queued} prompt tokens are already waiting for {model.name!r} and this request adds "
-                       f"{tokens} (limit {limit}); retry shortly", type="rate_limit_error",
-                       code="too_many_waiting_tokens", headers={"Retry-After": "1"})
+    refuse_past_waiting_tokens(model.name, queued, tokens, limit)
     # NOTE: counted until the engine thread has taken the adds, by when its waiting count includes them.
     model.pending_tokens += tokens
     try:
