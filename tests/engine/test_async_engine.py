@@ -23,6 +23,7 @@ class StubEngine:
         self.failures: dict[str, Exception] = {}
         self.fail_request: str | None = None  # fails alone in the next step, as a sampler error would
         self.stepping: set[str] | None = None  # a failing step fails before choosing: every request with it
+        self.drop_then_fail: str | None = None
 
     def add_request(self, request_id, prompt, params, arrival_time) -> None:
         if not prompt:
@@ -37,6 +38,10 @@ class StubEngine:
     def step(self) -> list[RequestOutput]:
         if self.fail_step:
             raise RuntimeError("step bug")
+        if self.drop_then_fail is not None:  # ends one request (its output then lost), runs none, fails
+            self.requests.pop(self.drop_then_fail)
+            self.stepping = set()
+            raise RuntimeError("step bug after a drop")
         outputs = []
         for request_id, (tokens, max_tokens) in list(self.requests.items()):
             if request_id == self.fail_request:
@@ -174,6 +179,20 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on():
     assert finished_flags == [False, True] and running
     # The failed request reaches the metrics too, as aborted.
     assert [(o.request_id, o.outputs[0].finish_reason) for o in finished] == [("a", "abort"), ("b", "length")]
+
+
+def test_a_request_a_failed_step_ended_before_failing_is_not_left_waiting():
+    stub = StubEngine()
+
+    async def scenario(front):
+        stream = await _started(front)
+        stub.drop_then_fail = "a"  # as a deadline drop early in a step that then fails after scheduling none
+        await asyncio.wait_for(_drain_expecting_failure(stream), 10)
+        stub.drop_then_fail = None
+        return front.is_running
+
+    running, _ = _run(stub, scenario)
+    assert running
 
 
 def test_a_dead_engine_thread_leaves_no_caller_waiting():

@@ -301,10 +301,12 @@ class AsyncEngine:
             failures = self.engine.take_failures()
         except Exception:
             # NOTE: a bug in one step must not kill the server; fail the requests it ran (all, if it failed before
-            # choosing them) and go on: those still waiting were not touched.
+            # choosing them) and those it ended before failing (dropped for a deadline: their output is lost), and
+            # go on: those still waiting were not touched.
             self._failed_steps += 1
-            ran = self.engine.stepping
-            failed = [request_id for request_id in self._queues if ran is None or request_id in ran]
+            ran, known = self.engine.stepping, self.engine.requests
+            failed = [request_id for request_id in self._queues
+                      if ran is None or request_id in ran or request_id not in known]
             logger.exception("engine step failed; aborting %d requests", len(failed))
             error = EngineStepError("the engine failed while running this request; see the server log")
             for request_id in failed:
