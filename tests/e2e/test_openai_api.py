@@ -112,6 +112,27 @@ def test_echo_prepends_the_prompt(client):
 
 
 @pytest.mark.parametrize("stream", [False, True])
+def test_echo_with_max_tokens_0_scores_the_prompt_alone(client, stream):
+    # OpenAI's way to get a text's logprobs (as evaluation harnesses do): the prompt back, scored, nothing generated.
+    args = dict(model="smollm2-135m", prompt="The capital of France is", max_tokens=0, echo=True, logprobs=1)
+    if stream:
+        chunks = list(client.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+        choices = [c.choices[0] for c in chunks if c.choices]
+        text, usage = "".join(c.text for c in choices), chunks[-1].usage
+        tokens = [t for c in choices if c.logprobs for t in c.logprobs.tokens]
+        token_logprobs = [lp for c in choices if c.logprobs for lp in c.logprobs.token_logprobs]
+        finish = choices[-1].finish_reason
+    else:
+        result = client.completions.create(**args)
+        choice, usage = result.choices[0], result.usage
+        text, tokens, token_logprobs = choice.text, choice.logprobs.tokens, choice.logprobs.token_logprobs
+        finish = choice.finish_reason
+    assert text == "The capital of France is" == "".join(tokens) and finish == "length"
+    assert token_logprobs[0] is None and all(lp < 0 for lp in token_logprobs[1:])
+    assert usage.completion_tokens == 0 and usage.total_tokens == usage.prompt_tokens == len(tokens)
+
+
+@pytest.mark.parametrize("stream", [False, True])
 def test_echo_with_logprobs_scores_the_prompt_too(client, stream):
     args = dict(model="smollm2-135m", prompt="The capital of France is", max_tokens=3, temperature=0, logprobs=1)
     plain = client.completions.create(**args).choices[0].logprobs

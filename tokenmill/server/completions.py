@@ -1,5 +1,6 @@
 """POST /v1/completions: text completion of one or more prompts, whole or streamed."""
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -33,6 +34,9 @@ async def create_completion(body: CompletionRequest, request: Request,
         chunks = _chunks(body, params.n, streams, model.tokenizer, response_id, created, model.name)
         return EventStream(chunks, streams, routed.headers())
     outputs, usage_block = await routed.finish(state, request, streams, response_id)
+    if body.prompt_only:
+        outputs = [_prompt_only(output) for output in outputs]
+        usage_block |= {"completion_tokens": 0, "total_tokens": usage_block["prompt_tokens"]}
     model = routed.model  # cascade may have moved it to a stronger model
     choices = [
         _choice(body, output, sample, model.tokenizer, i * params.n + sample.index)
@@ -65,6 +69,14 @@ def _echo(body: CompletionRequest, output: RequestOutput, tokenizer: Tokenizer) 
     return output.prompt if output.prompt is not None else tokenizer.decode(output.prompt_token_ids)
 
 
+def _prompt_only(output: RequestOutput) -> RequestOutput:
+    """The output without the one token a prompt-only request ran to score its prompt."""
+    samples = [dataclasses.replace(sample, text="", token_ids=[], logprobs=None if sample.logprobs is None else [],
+                                   finish_reason="length" if sample.finish_reason else None, stop_reason=None)
+               for sample in output.outputs]
+    return dataclasses.replace(output, outputs=samples)
+
+
 def _echo_logprobs(output: RequestOutput) -> tuple[list[int], list[TokenLogprob | None]]:
     """The prompt's tokens and logprobs, to lead an echoed choice (the first token has none)."""
     assert output.prompt_logprobs is not None
@@ -94,6 +106,8 @@ async def _chunks(body: CompletionRequest, n: int, streams: list[RequestStream],
     offsets: dict[int, int] = {}  # text offset reached by each choice's logprobs
     async with aclosing(merged(streams)) as outputs:
         async for i, output in outputs:
+            if body.prompt_only:
+                output = _prompt_only(output)
             counted.add(i, output)
             if output.finished:
                 finals.append(output)

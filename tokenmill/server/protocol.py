@@ -271,10 +271,16 @@ class CompletionRequest(_GenerationRequest):
         if self.tools or self.tool_choice not in (None, "none"):
             raise InvalidRequestError("tools and tool_choice belong to chat completions (/v1/chat/completions)",
                                       param="tools")
-        params = self._sampling_params(self.max_tokens, self.logprobs)
+        # The engine generates at least one token: a prompt-only request runs one, which the response leaves out.
+        params = self._sampling_params(1 if self.prompt_only else self.max_tokens, self.logprobs)
         if self.echo and self.logprobs is not None:
             params.prompt_logprobs = self.logprobs  # echoed prompt tokens carry logprobs too
         return params
+
+    @property
+    def prompt_only(self) -> bool:
+        """Echo with max_tokens 0: the prompt scored, nothing generated (OpenAI's way to get a text's logprobs)."""
+        return self.echo and self.max_tokens == 0
 
 
 class FunctionDefinition(BaseModel):
