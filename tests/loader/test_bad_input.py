@@ -54,6 +54,15 @@ def test_truncated_gguf_is_a_load_error(tmp_path, smollm2_path, size):
         open_model(str(path))
 
 
+def test_a_gguf_of_an_old_version_says_so_rather_than_corrupt(tmp_path, smollm2_path):
+    path = tmp_path / "v1.gguf"
+    with open(smollm2_path, "rb") as src:
+        path.write_bytes(b"GGUF" + (1).to_bytes(4, "little") + src.read(4096)[8:])
+    with pytest.raises(ModelLoadError, match="version 1; supported: 2 and 3") as caught:
+        open_model(str(path))
+    assert "truncated" not in str(caught.value)  # fetching it again would not help
+
+
 def test_unsupported_architecture_names_the_supported_ones(tmp_path):
     path = tmp_path / "mamba.gguf"
     writer = GGUFWriter(str(path), "mamba")

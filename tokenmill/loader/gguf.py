@@ -198,6 +198,12 @@ class GGUFFile:
         return found.count if isinstance(found, _Array) else len(found or [])
 
     def _open(self) -> _Reader:
+        # Files that are whole but that we cannot read say so, rather than be called corrupt (and fetched again).
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+        if head[:4] == b"GGUF" and len(head) == 8 and (version := int.from_bytes(head[4:], "little")) not in (2, 3):
+            raise ModelLoadError(f"GGUF file {self.path} is of version {version}; supported: 2 and 3 (convert it "
+                                 "again with a current llama.cpp)")
         try:
             return _Reader(self.path)
         except Exception as exc:  # the reader raises bare ValueError/IndexError on bad bytes
