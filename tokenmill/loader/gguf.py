@@ -201,9 +201,10 @@ class GGUFFile:
         # Files that are whole but that we cannot read say so, rather than be called corrupt (and fetched again).
         with open(self.path, "rb") as f:
             head = f.read(8)
-        if head[:4] == b"GGUF" and len(head) == 8 and (version := int.from_bytes(head[4:], "little")) not in (2, 3):
-            raise ModelLoadError(f"GGUF file {self.path} is of version {version}; supported: 2 and 3 (convert it "
-                                 "again with a current llama.cpp)")
+        # Version 1 is the one old format; a version past 3 is likelier corruption than a format yet to come.
+        if head == b"GGUF" + (1).to_bytes(4, "little"):
+            raise ModelLoadError(f"GGUF file {self.path} is of version 1; supported: 2 and 3 (convert it again with "
+                                 "a current llama.cpp)")
         try:
             return _Reader(self.path)
         except Exception as exc:  # the reader raises bare ValueError/IndexError on bad bytes
