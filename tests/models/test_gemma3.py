@@ -58,7 +58,9 @@ def test_tiny_gemma3_in_bfloat16_embeds_and_normalizes_as_transformers(tiny_gemm
         x = torch.randn(len(ids), 64).bfloat16()
         for mine, theirs in ((ours.norm, hf.model.norm), (ours.layers[0].input_layernorm,
                                                           hf.model.layers[0].input_layernorm)):
-            torch.testing.assert_close(mine(x), theirs(x), rtol=0, atol=0)
+            # Bit for bit here, but a float32 sum's order varies by CPU and a last-bit difference may tip a rare
+            # rounding elsewhere; a bfloat16 1 + w (the old fold) tipped 24% of these values.
+            assert (mine(x) != theirs(x)).float().mean() < 0.01
 
 
 def test_gemma3_270m_in_bfloat16_scales_its_embeddings_by_the_rounded_root_as_transformers():
