@@ -1,6 +1,7 @@
 """Speculative decoding changes when tokens come, never which: greedy outputs equal no speculation's."""
 
 import pytest
+import torch
 
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.layers.attention import Attention
@@ -121,3 +122,23 @@ def test_a_draft_models_pool_and_the_targets_fit_the_kv_budget_together(make_eng
     held = sum(layer.k_cache.nbytes + layer.v_cache.nbytes for model in pools for layer in model.modules()
                if isinstance(layer, Attention))
     assert budget * 2**30 - engine.runner.kv_cache.block_bytes * 2 < held <= budget * 2**30
+
+
+def test_a_draft_model_loads_on_the_configured_threads(make_engine, smollm2_source, monkeypatch):
+    from tokenmill.spec_decode import model_proposer
+
+    seen = []
+
+    def load_model(config, source):
+        seen.append(torch.get_num_threads())
+        return loaded(config, source)
+
+    loaded = model_proposer.load_model
+    monkeypatch.setattr(model_proposer, "load_model", load_model)
+    threads = torch.get_num_threads()
+    try:
+        make_engine(num_threads=threads + 1, kv_cache_memory=0.004, speculative_config={
+            "method": "draft_model", "model": str(smollm2_source.path), "num_speculative_tokens": 2})
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [threads + 1]

@@ -6,6 +6,8 @@ import logging
 import time
 from dataclasses import dataclass
 
+import torch
+
 from tokenmill.config import EngineConfig
 from tokenmill.cost.accounting import CostAccountant
 from tokenmill.cost.prices import machine_price
@@ -47,6 +49,8 @@ class LLMEngine:
         self.source = source or open_model(config.model)
         self.tokenizer = self.source.tokenizer
         self.model_config = self.source.config
+        if config.num_threads:  # before any weights load: quantizing them at load time runs on torch's threads
+            torch.set_num_threads(config.num_threads)
         draft = load_draft(config, self.source)
         self.runner = ModelRunner(config, self.source, shared_block_bytes=draft.block_bytes if draft else 0)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching,

@@ -45,8 +45,6 @@ class ModelRunner:
 
     def __init__(self, config: EngineConfig, source: ModelSource, shared_block_bytes: int = 0) -> None:
         self.device = torch.device(config.device)
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
         self.model, self.quantization = load_model(config, source)
         # shared_block_bytes: a draft model's pool, indexed by this pool's block ids, shares its memory budget.
         self.kv_cache = KVCache(config, source.config, self.model, shared_block_bytes=shared_block_bytes)
