@@ -2,6 +2,7 @@
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -214,4 +215,19 @@ def test_an_engine_whose_every_step_fails_says_so_until_one_succeeds(engine, mon
         return seen + [front.failing]
 
     assert _serve(engine, scenario) == [None, None, None, "its last 3 steps failed", None]
+    _assert_pool_empty(engine)
+
+
+def test_a_failed_steps_time_is_billed_as_busy(engine, monkeypatch):
+    def failing(scheduled):
+        time.sleep(0.2)
+        raise RuntimeError("injected device fault")
+
+    monkeypatch.setattr(engine.runner, "execute", failing)
+    busy = engine.cost.busy_seconds
+    engine.add_request("bad", PROMPTS["bad"], GREEDY)
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.step()
+    engine.abort("bad")
+    assert engine.cost.busy_seconds - busy >= 0.2
     _assert_pool_empty(engine)

@@ -176,10 +176,15 @@ class LLMEngine:
         for seq, _ in plan.scheduled:
             metrics = self.requests[seq.request_id].metrics
             metrics.first_scheduled_time = metrics.first_scheduled_time or now
-        out = self.runner.execute(plan.scheduled)
-        # NOTE: sample before recording progress, so a failure leaves every sequence as it was.
-        drafts = [seq.draft_token_ids for seq in out.sample_seqs]
-        sampled = self.sampler(out.logits, out.sample_seqs, drafts)
+        try:
+            out = self.runner.execute(plan.scheduled)
+            # NOTE: sample before recording progress, so a failure leaves every sequence as it was.
+            drafts = [seq.draft_token_ids for seq in out.sample_seqs]
+            sampled = self.sampler(out.logits, out.sample_seqs, drafts)
+        except Exception:
+            # The machine was busy for the failed step too; a part of a step is no sample of a step's cost.
+            self.cost.busy_seconds += time.perf_counter() - started
+            raise
         failed = _drop_failed_samples(plan, out.sample_seqs, sampled)
         self.drafter.record(out.sample_seqs, sampled.token_ids)
         for seq, start, logits in out.prompt_logits:
