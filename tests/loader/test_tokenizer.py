@@ -7,6 +7,7 @@ import gguf
 import pytest
 from oracles import share_gguf_work
 
+from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.errors import ModelLoadError
 from tokenmill.loader import catalog
 from tokenmill.loader.gguf import GGUFFile
@@ -177,6 +178,17 @@ def test_a_sentencepiece_vocabulary_without_scores_still_merges_into_its_pieces(
     # Without merges (every score missing) "ab" would stay three pieces: "\u2581", "a", "b".
     assert tokenizer.encode("ab") == [0, 6]  # BOS, added where the file does not say otherwise
     assert tokenizer.bos_token == "<s>" and tokenizer.decode([0, 6]) == "ab"
+
+
+def test_a_word_after_a_skipped_control_token_keeps_its_space_when_streamed(tmp_path):
+    pieces = ["<s>", "a", "b", "\u2581", "\u2581a", "ab", "\u2581ab"]
+    tokenizer = Tokenizer.from_gguf(_vocabulary_file(tmp_path / "spm.gguf", "llama", pieces), [])
+    output = [6, 0, 6]  # "ab", a control token the text leaves out, " ab"
+    detokenizer = IncrementalDetokenizer(tokenizer, [0, 0], [], False)
+    for token_id in output:
+        detokenizer.add(token_id)
+    detokenizer.finish()
+    assert detokenizer.stream_text == tokenizer.decode(output) == "ab ab"
 
 
 def test_a_llama3_vocabulary_gets_a_bos_where_its_file_does_not_say(tmp_path):

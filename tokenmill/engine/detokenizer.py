@@ -1,5 +1,7 @@
 """Incremental detokenization with stop strings that never leak, even partially, into a stream."""
 
+from itertools import islice
+
 from tokenmill.loader.tokenizer import Tokenizer
 
 # Prompt tokens decoded ahead of the output so the first output token keeps its leading space.
@@ -15,7 +17,10 @@ class IncrementalDetokenizer:
         self.include_stop = include_stop
         # Text may end in the first characters of a stop string; hold those back from streams.
         self.holdback = max((len(s) for s in stop), default=1) - 1
-        self.ids = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
+        # Control tokens decode to nothing, and a window starting past one would strip the next word's space as
+        # SentencePiece strips the text's first: they are left out of the ids decoded.
+        context = (t for t in reversed(prompt_token_ids) if not tokenizer.is_special(t))
+        self.ids = list(islice(context, _PROMPT_CONTEXT_TOKENS))[::-1]
         # A prompt ending partway through a character: its bytes are no context to slice the output's text after.
         while self.ids and tokenizer.decode(self.ids).endswith("\ufffd"):
             self.ids.pop()
@@ -27,6 +32,8 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int, check_stop: bool = True) -> str | None:
         """Append a token; return the stop string if the text now contains one and check_stop is set."""
+        if self.tokenizer.is_special(token_id):
+            return None
         self.ids.append(token_id)
         new = self._new_text()
         if new.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its remaining bytes

@@ -95,6 +95,10 @@ class Tokenizer:
         """
         return sorted(self._special)
 
+    def is_special(self, token_id: int) -> bool:
+        """Whether decoding leaves this token out."""
+        return token_id in self._special
+
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes one token stands for; a token may hold just part of a UTF-8 character."""
         if token_id in self._added:
@@ -110,7 +114,7 @@ class Tokenizer:
     def token_text(self, token_id: int) -> str:
         """One token's text as it stands in a decoded output: its own bytes (so SentencePiece's word-initial space
         stays, which decoding it alone strips), or nothing for a special token."""
-        if token_id in self._special:
+        if self.is_special(token_id):
             return ""
         return self.token_bytes(token_id).decode("utf-8", errors="replace")
 
