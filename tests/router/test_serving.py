@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from tokenmill.config import ServerConfig
+from tokenmill.engine.async_engine import EngineStepError
 from tokenmill.errors import InvalidRequestError
 from tokenmill.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
 from tokenmill.router import serving
@@ -13,7 +14,7 @@ from tokenmill.router.serving import route
 from tokenmill.sampling import SamplingParams
 from tokenmill.server.errors import APIError
 from tokenmill.server.metrics import Metrics
-from tokenmill.server.serving import ServedModel, ServerState
+from tokenmill.server.serving import ServedModel, ServerState, submit
 
 
 def _state(*chat_models: bool, router: str = "cheapest", fingerprints: tuple[str, ...] | None = None) -> ServerState:
@@ -80,3 +81,85 @@ def test_token_ids_under_auto_need_models_that_share_a_tokenizer():
     with pytest.raises(InvalidRequestError, match="tokenizers differ"):
         asyncio.run(route(differ, "auto", ids, SamplingParams(max_tokens=4), False, token_ids=True))
     assert asyncio.run(route(differ, "auto", _chat, SamplingParams(max_tokens=4), False)).model.name == "m0"  # text
+    with pytest.raises(InvalidRequestError, match="stop_token_ids token ids mean different tokens"):
+        asyncio.run(route(differ, "auto", _chat, SamplingParams(max_tokens=4, stop_token_ids=[2]), False))
+
+
+class _Engine:
+    """Enough of AsyncEngine for submit(): records each add's arrival time."""
+
+    is_running, stalled, num_waiting = True, None, 0
+    stats = SimpleNamespace(num_waiting_tokens=0)
+
+    def __init__(self, arrivals: list[float]) -> None:
+        self.arrivals = arrivals
+
+    async def add_requests(self, requests, params, arrival_time):
+        self.arrivals.append(arrival_time)
+        return [object() for _ in requests]
+
+
+def _unsure_then(monkeypatch, escalated, delay: float = 0.0) -> tuple[ServerState, list[float]]:
+    """A cascade of two engines whose first answer, `delay` seconds after the client asked, is unsure; collecting the
+    escalation awaits `escalated`."""
+    arrivals: list[float] = []
+    state = _state(True, True, router="cascade")
+    for model in state.models.values():
+        model.engine = _Engine(arrivals)
+    calls = []
+
+    async def collect(request, streams):
+        calls.append(request)
+        if len(calls) > 1:
+            return await escalated()
+        await asyncio.sleep(delay)
+        return [_answer(-9.0, arrivals[0])]
+
+    monkeypatch.setattr(serving, "collect", collect)
+    return state, arrivals
+
+
+def _answer(logprob: float, arrival: float = 0.0) -> RequestOutput:
+    return RequestOutput("r", None, [1, 2, 3], [CompletionOutput(0, "Paris", [7], "stop", None,
+                                                                 [TokenLogprob(7, logprob)])],
+                         True, 0, RequestMetrics(arrival, price_per_hour=3.6, decode_seconds=1.0))
+
+
+def _cascade(state: ServerState, params: SamplingParams):
+    async def run():
+        routed = await route(state, "auto", _chat, params, False)
+        streams = await submit(state, routed.model, routed.prompts, routed.params, "r")
+        return routed, await routed.finish(state, None, streams, "r")
+
+    return asyncio.run(run())
+
+
+def test_an_escalation_is_due_when_the_clients_request_was(monkeypatch):
+    async def sure():
+        return [_answer(-0.1)]
+
+    state, arrivals = _unsure_then(monkeypatch, sure, delay=0.2)
+    routed, _ = _cascade(state, SamplingParams(max_tokens=4, deadline_ms=300))
+    assert routed.model.name == "m1" and arrivals[1] == arrivals[0]
+
+
+@pytest.mark.parametrize("error", [APIError(429, "dropped: its deadline became infeasible while it waited",
+                                            type="rate_limit_error", code="deadline_infeasible"),
+                                   EngineStepError("engine step failed")])
+def test_an_escalation_that_fails_once_accepted_keeps_the_answer_in_hand(monkeypatch, error):
+    async def failing():
+        raise error
+
+    state, _ = _unsure_then(monkeypatch, failing)
+    routed, (outputs, block) = _cascade(state, SamplingParams(max_tokens=4))
+    assert routed.model.name == "m0" and routed.route.kind == "escalation_refused"
+    assert outputs[0].outputs[0].text == "Paris" and str(error) in routed.route.reason
+
+
+def test_an_escalation_whose_client_left_answers_nobody(monkeypatch):
+    async def gone():
+        raise APIError(499, "client closed the request", code="client_closed_request")
+
+    state, _ = _unsure_then(monkeypatch, gone)
+    with pytest.raises(APIError, match="client closed"):
+        _cascade(state, SamplingParams(max_tokens=4))

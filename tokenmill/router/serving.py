@@ -52,16 +52,21 @@ class Routed:
         if self.route.index != answered:
             stronger = list(state.models.values())[self.route.index]
             prompts = self.encoded[self.route.index]
+            arrived = outputs[0].metrics.arrival_time  # the client's deadline runs from its request, not from now
             try:
-                streams = await submit(state, stronger, prompts, self.asked, f"{response_id}-escalated")
+                streams = await submit(state, stronger, prompts, self.asked, f"{response_id}-escalated", arrived)
+                escalated = await collect(request, streams)
             except (APIError, TokenmillError) as exc:
-                # Busy, stalled or refusing: the answer in hand, made and paid for, beats an error.
-                self.route = Route(answered, f"cascade: {stronger.name!r} could not take the escalation: {exc}",
+                if isinstance(exc, APIError) and exc.status == 499:  # the client is gone: nobody to answer
+                    raise
+                # Busy, stalled, refusing, or failed or dropped on the way: the answer in hand, made and paid for,
+                # beats an error.
+                self.route = Route(answered, f"cascade: {stronger.name!r} could not answer the escalation: {exc}",
                                    "escalation_refused")
             else:
                 discarded = block
                 self.model, self.prompts, self.params = stronger, prompts, self.asked
-                outputs = await collect(request, streams)
+                outputs = escalated
                 block = usage(outputs)
                 # Both runs were paid for, so the cost says so; the tokens are those of the answer the client gets.
                 block["cost"] += discarded["cost"]
@@ -93,9 +98,11 @@ async def route(state: ServerState, requested: str | None, encode: Callable[[Tok
         state.metrics.observe_route(routed.model.name, policy, "only_model")
         return routed
     # Off the event loop: the first time, a tokenizer's digest serializes all of it (12 MB for Gemma 3's).
-    if token_ids and len(await asyncio.to_thread(lambda: {model.tokenizer.fingerprint for model in models})) > 1:
-        raise InvalidRequestError("prompt token ids mean different tokens to the served models (their tokenizers "
-                                  "differ); name the model they are for rather than 'auto'", param="prompt")
+    if ((token_ids or params.stop_token_ids)
+            and len(await asyncio.to_thread(lambda: {model.tokenizer.fingerprint for model in models})) > 1):
+        param = "prompt" if token_ids else "stop_token_ids"
+        raise InvalidRequestError(f"{param} token ids mean different tokens to the served models (their tokenizers "
+                                  "differ); name the model they are for rather than 'auto'", param=param)
     if policy == "cascade" and stream:
         raise APIError(400, "model 'auto' under --router cascade answers only non-streamed requests in this version; "
                        "set stream to false or name a model", param="stream", code="unsupported_stream")
