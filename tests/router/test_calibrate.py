@@ -11,7 +11,7 @@ import pytest
 
 from tokenmill.errors import InvalidRequestError
 from tokenmill.router import curve
-from tokenmill.router.calibrate import FEW_SHOT
+from tokenmill.router.calibrate import FEW_SHOT, _verdict
 from tokenmill.router.curve import Answer, Record
 from tokenmill.router.labeled import SHIPPED, Item, check_contains, check_exact, check_numeric, load_items
 
@@ -157,6 +157,22 @@ def test_best_threshold_is_the_cheapest_cascade_reaching_the_target():
     assert curve.best_threshold(points, 0.5).threshold == -math.inf
     assert curve.best_threshold(points, 1.01) is None
     assert curve.default_target(records) == pytest.approx(0.9 * 0.75)
+
+
+def test_the_verdict_is_the_strong_model_alone_where_every_cascade_costs_more():
+    # The cheap model is right on half the items and surest where it is wrong, at half the strong model's price.
+    records = [Record(Item(f"q{i}", "a", "exact", "easy"),
+                      [Answer("", i % 2 == 0, -0.5 if i % 2 == 0 else -0.1, 1.0), Answer("", True, -0.1, 2.0)])
+               for i in range(10)]
+    points = curve.curve(records, ["cheap", "strong"])
+    best = curve.best_threshold(points, 0.9)
+    assert best is not None and best.cost_usd == 3.0  # every item escalated: both runs paid
+    verdict = _verdict(points, best, 0.9, curve.single(records, 1, "strong"))
+    assert verdict.endswith("serve strong alone") and "1.000 at 2 USD per item" in verdict
+    # Where a cascade is cheaper, the verdict is that cascade.
+    points = curve.curve(_records(), ["cheap", "strong"])
+    verdict = _verdict(points, curve.best_threshold(points, 0.9), 0.9, curve.single(_records(), 1, "strong"))
+    assert verdict.endswith("--router cascade --cascade-threshold=-0.75")
 
 
 def test_table_shows_each_policy_and_marks_the_best_row():

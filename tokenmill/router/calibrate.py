@@ -108,6 +108,11 @@ def _verdict(points: list[curve.Point], best: curve.Point | None, target: float,
         top = max((p for p in points if p.policy == "cascade"), key=lambda p: p.quality)
         return (f"no cascade threshold reaches quality {target:.3f}; the highest is {top.quality:.3f} at threshold "
                 f"{top.threshold:.4g}: lower --target-quality or add a stronger model")
+    if strong.quality >= target and strong.cost_usd <= best.cost_usd:
+        # An unsure cheap model pays twice for what it escalates: past some point, the strong model alone is cheaper.
+        return (f"target quality {target:.3f}: {strong.policy} alone reaches {strong.quality:.3f} at "
+                f"{strong.cost_usd:.3g} USD per item, no more than the cheapest cascade that does (threshold "
+                f"{best.threshold:.4g}: {best.quality:.3f} at {best.cost_usd:.3g}); serve {strong.policy} alone")
     serve = ("--router cheapest (never escalating is the first model alone)" if best.escalated == 0
              else f"--router cascade --cascade-threshold={best.threshold:.4g}")
     return (f"target quality {target:.3f}: cascade threshold {best.threshold:.4g} reaches {best.quality:.3f} at "
