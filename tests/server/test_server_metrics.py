@@ -54,6 +54,23 @@ def test_request_aborted_before_its_first_token_counts_as_abort_without_ttft():
     assert s["tokenmill:e2e_request_latency_seconds_sum"] == 2.0
 
 
+def test_a_request_aborted_before_it_was_scheduled_prices_no_prompt_tokens():
+    ran = RequestOutput("r", None, [1, 2, 3, 4], [CompletionOutput(0, "a", [5], "length")], True, 0,
+                        RequestMetrics(0.0, first_scheduled_time=0.1, token_times=[0.5], token_samples=[0],
+                                       finished_time=0.5, prefill_seconds=0.4, price_per_hour=3.6))
+    queued = RequestOutput("q", None, [1] * 100, [CompletionOutput(0, "", [], "abort")], True, 0,
+                           RequestMetrics(0.0, finished_time=0.5, price_per_hour=3.6))
+    metrics = Metrics("m")
+    for output in (ran, queued):
+        metrics.observe_finished(output)
+    metrics.observe_stats(EngineStats(0, 0, 10, 10, 0, 0, 0, busy_seconds=0.4, uptime_seconds=1.0,
+                                      price_per_hour=3.6))
+    s = {sample.name + str(sample.labels.get("utilization", "")): sample.value
+         for family in text_string_to_metric_families(metrics.render().decode()) for sample in family.samples}
+    assert s["tokenmill:prompt_tokens_total"] == 4
+    assert abs(s["tokenmill:cost_per_1m_prompt_tokens_usdfull"] - 0.4 * 0.001 / 4 * 1e6) < 1e-6
+
+
 def test_stats_set_gauges_and_advance_counters_by_their_change():
     metrics = Metrics("m")
     metrics.observe_stats(EngineStats(2, 3, num_free_blocks=75, num_blocks=100, prefix_queries=64, prefix_hits=32,
@@ -88,8 +105,9 @@ def test_tpot_divides_by_each_samples_tokens_when_a_step_gives_several():
 
 def test_cost_counters_and_per_token_gauges_follow_busy_time_and_finished_requests():
     # 3.6 USD per hour is 0.001 USD per second.
-    timing = RequestMetrics(arrival_time=0.0, token_times=[1.0, 1.1, 1.2, 1.3], token_samples=[0] * 4,
-                            finished_time=1.3, prefill_seconds=0.3, decode_seconds=0.9, price_per_hour=3.6)
+    timing = RequestMetrics(arrival_time=0.0, first_scheduled_time=0.1, token_times=[1.0, 1.1, 1.2, 1.3],
+                            token_samples=[0] * 4, finished_time=1.3, prefill_seconds=0.3, decode_seconds=0.9,
+                            price_per_hour=3.6)
     output = RequestOutput("r", "p", [1, 2, 3], [CompletionOutput(0, "abcd", [4, 5, 6, 7], "length")],
                            finished=True, num_cached_tokens=0, metrics=timing)
     metrics = Metrics("m")

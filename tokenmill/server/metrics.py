@@ -158,11 +158,13 @@ class Metrics:
     def observe_finished(self, output: RequestOutput) -> None:
         """Record one finished (or aborted) request's latencies and token counts from its last output."""
         m = output.metrics
-        self.prompt_tokens.inc(len(output.prompt_token_ids))
+        # A request aborted before it was scheduled read no prompt: its tokens would price prompts at nothing.
+        prompt_tokens = 0 if m.first_scheduled_time is None else len(output.prompt_token_ids)
+        self.prompt_tokens.inc(prompt_tokens)
         self.generation_tokens.inc(len(m.token_times))  # the output is the last delta; the timestamps are whole
         self._prompt_seconds += m.prefill_seconds
         self._completion_seconds += m.decode_seconds
-        self._prompt_token_count += len(output.prompt_token_ids)
+        self._prompt_token_count += prompt_tokens
         self._completion_token_count += len(m.token_times)
         reason = output.outputs[0].finish_reason or "abort"
         self._finished.labels(self.model_name, reason).inc()
