@@ -4,9 +4,10 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import TypeVar
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -21,6 +22,8 @@ from tokenmill.sampling import SamplingParams
 from tokenmill.server.deadlines import deadline_refused, dropped_error
 from tokenmill.server.errors import APIError, from_exception
 from tokenmill.server.metrics import Metrics
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -107,7 +110,8 @@ async def submit(state: ServerState, model: ServedModel, prompts: list[list[int]
     model.pending_tokens += tokens
     try:
         requests = [(f"{id_prefix}-{i}", prompt) for i, prompt in enumerate(prompts)]
-        return await engine.add_requests(requests, params, time.perf_counter() if arrival_time is None else arrival_time)
+        arrival_time = time.perf_counter() if arrival_time is None else arrival_time
+        return await engine.add_requests(requests, params, arrival_time)
     except DeadlineError as exc:
         state.metrics.observe_deadline(model.name, "refused")
         raise deadline_refused(str(exc)) from exc
@@ -155,20 +159,29 @@ async def collect(request: Request, streams: list[RequestStream]) -> list[Reques
                 whole[i] = accumulate(whole.get(i), output)
         return [whole[i] for i in range(len(streams))]
 
-    work = asyncio.ensure_future(consume())
+    def abort() -> None:
+        for stream in streams:
+            stream.close()  # aborts the requests, even if `consume` never got to run
+
+    return await unless_disconnected(request, consume(), abort)
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T],
+                              abandon: Callable[[], None] = lambda: None) -> T:
+    """work's result; if the client goes away first (or this is cancelled), cancel work, call abandon and raise 499."""
+    task = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(_disconnected(request))
     try:
-        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
-        disconnected = not work.done()
-        if disconnected:
-            work.cancel()
-            for stream in streams:
-                stream.close()  # aborts the requests, even if `work` never got to run
-    if disconnected:
+        abandoned = not task.done()
+        if abandoned:
+            task.cancel()
+            abandon()
+    if abandoned:
         raise APIError(499, "client closed the request", code="client_closed_request")
-    return work.result()
+    return task.result()
 
 
 async def _disconnected(request: Request) -> None:
