@@ -96,6 +96,34 @@ def test_forced_grammar_accepts_a_matching_call_and_rejects_others(smollm2_sourc
     assert not accepts("The answer is 3.")
 
 
+# As openai.pydantic_function_tool writes a model with a nested one: the nested one in $defs, by $ref.
+NESTED = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "$defs": {"Location": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+                           "additionalProperties": False}},
+    "type": "object", "properties": {"location": {"$ref": "#/$defs/Location"}}, "required": ["location"],
+    "additionalProperties": False}}}
+TREE = {"type": "function", "function": {"name": "tree", "parameters": {  # recursive: "#" is the parameters
+    "type": "object", "properties": {"child": {"$ref": "#"}}, "additionalProperties": False}}}
+
+
+@pytest.mark.parametrize("tools", [[NESTED, TREE], [NESTED], [TREE]])
+def test_forced_grammar_resolves_each_tools_refs_within_its_own_parameters(smollm2_source, tools):
+    tokenizer = smollm2_source.tokenizer
+    grammar = forced_call(tools, None)  # compiling it failed: "#/$defs/Location" looked in the call list's schema
+
+    def accepts(text: str) -> bool:
+        state = GrammarState(grammar, tokenizer)
+        return all(state.advance(t) for t in tokenizer.encode(text, add_special_tokens=False))
+
+    names = {t["function"]["name"] for t in tools}
+    if "get_weather" in names:
+        assert accepts('<tool_call>[{"name": "get_weather", "arguments": {"location": {"city": "Oslo"}}}]</tool_call>')
+        assert not accepts('<tool_call>[{"name": "get_weather", "arguments": {"location": {"town": "Oslo"}}}]')
+    if "tree" in names:
+        assert accepts('<tool_call>[{"name": "tree", "arguments": {"child": {"child": {}}}}]</tool_call>')
+        assert not accepts('<tool_call>[{"name": "tree", "arguments": {"child": [{"name": "tree"')
+
+
 def test_forced_grammar_is_valid_json_schema_per_call():
     body = forced_call([ADD], "add").grammar.split("%json ", 1)[1].rsplit(" ", 1)[0]
     schema = json.loads(body)

@@ -67,17 +67,21 @@ def _arguments(call: dict[str, Any]) -> Any:
 def forced_call(tools: list[dict[str, Any]], name: str | None, parallel: bool = True) -> StructuredOutput:
     """A grammar whose every output is a tool-call block: calls to `name` (one) or to any tool (one or more)."""
     functions = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
+    # Where each function's parameters sit in the schema below: their local $refs ("#/$defs/X", "#") point there.
+    at = ["#/items/properties/arguments"] if len(functions) == 1 else [
+        f"#/items/anyOf/{i}/properties/arguments" for i in range(len(functions))]
     calls = [
         {
             "type": "object",
             "properties": {
                 "name": {"const": f["name"]},
-                "arguments": bounded_numbers(f.get("parameters") or {"type": "object", "properties": {}}),
+                "arguments": _rebased(bounded_numbers(f.get("parameters") or {"type": "object", "properties": {}}),
+                                      root),
             },
             "required": ["name", "arguments"],
             "additionalProperties": False,
         }
-        for f in functions
+        for f, root in zip(functions, at)
     ]
     schema: dict[str, Any] = {"type": "array", "items": calls[0] if len(calls) == 1 else {"anyOf": calls},
                               "minItems": 1}
@@ -87,6 +91,18 @@ def forced_call(tools: list[dict[str, Any]], name: str | None, parallel: bool = 
     grammar = f"start: {json.dumps(CALL_OPEN)} %json {body} {json.dumps(CALL_CLOSE)}"
     return StructuredOutput(grammar=grammar, param="tools")
 
+
+def _rebased(schema: Any, root: str) -> Any:
+    """A copy of a schema whose local $refs, written from its own root, point into it where it now sits at root."""
+    if isinstance(schema, list):
+        return [_rebased(s, root) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v if k in ("enum", "const", "default", "examples") else _rebased(v, root) for k, v in schema.items()}
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#"):
+        out["$ref"] = root + ref[1:]
+    return out
 
 
 def chat_prompt(tokenizer: Tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]],
