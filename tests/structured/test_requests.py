@@ -5,6 +5,7 @@ from pydantic import ValidationError
 
 from tokenmill.errors import InvalidRequestError
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest
+from tokenmill.structured.params import NUMBER_STEP, StructuredOutput, bounded_numbers
 
 TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
 
@@ -83,3 +84,16 @@ def test_tool_history_reaches_the_conversation():
     assistant, tool = request.conversation()
     assert assistant["tool_calls"][0]["function"] == {"name": "f", "arguments": "{}"}
     assert tool == {"role": "tool", "content": "42", "tool_call_id": "c1"}
+
+
+@pytest.mark.parametrize("schema", [{"type": "number", "const": 0.1}, {"type": "number", "enum": [1.1, 2.5]},
+                                    {"type": "number", "minimum": 0.001, "maximum": 0.001},
+                                    {"type": "number", "minimum": 0.1000001, "maximum": 0.1000009}])
+def test_a_number_schema_allowing_few_values_keeps_them(schema):
+    # The step every other number gets (params.NUMBER_STEP) would leave these no value: "Unsatisfiable schema".
+    assert "multipleOf" not in bounded_numbers(schema)
+    StructuredOutput(json=schema)
+
+
+def test_a_free_number_gets_the_step():
+    assert bounded_numbers({"type": "number", "minimum": 0, "maximum": 1})["multipleOf"] == NUMBER_STEP

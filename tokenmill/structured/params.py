@@ -68,6 +68,17 @@ def bounded_numbers(schema: Any) -> Any:
         return schema
     out = {k: v if k in ("enum", "const", "default", "examples") else bounded_numbers(v) for k, v in schema.items()}
     kind = schema.get("type")
-    if (kind == "number" or isinstance(kind, list) and "number" in kind) and "multipleOf" not in schema:
+    if ((kind == "number" or isinstance(kind, list) and "number" in kind) and "multipleOf" not in schema
+            and not _pinned(schema)):
         out["multipleOf"] = NUMBER_STEP
     return out
+
+
+def _pinned(schema: dict[str, Any]) -> bool:
+    """Whether a number schema already allows few enough values that a step could only rule out valid ones
+    (a const, an enum, bounds closer than 1,000 steps, which may hold no multiple of the step at all)."""
+    if "const" in schema or "enum" in schema:
+        return True
+    low = next((schema[k] for k in ("minimum", "exclusiveMinimum") if isinstance(schema.get(k), (int, float))), None)
+    high = next((schema[k] for k in ("maximum", "exclusiveMaximum") if isinstance(schema.get(k), (int, float))), None)
+    return low is not None and high is not None and high - low < 1000 * NUMBER_STEP
