@@ -6,6 +6,7 @@ import jsonschema
 import pytest
 
 from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.errors import InvalidRequestError
 from tokenmill.outputs import accumulate
 from tokenmill.sampling import SamplingParams
 from tokenmill.structured.params import StructuredOutput
@@ -77,3 +78,16 @@ def test_regex_is_followed_exactly(engine):
     text, finish_reason = run(engine, {"r": (prompt, SamplingParams(temperature=0, structured_output=regex))})["r"]
     assert finish_reason == "stop", text
     assert len(text) == 10 and text[4] == text[7] == "-" and text.replace("-", "").isdigit()
+
+
+def test_a_grammar_the_library_gives_up_on_fails_its_request_with_the_reason(engine):
+    # Compiles, but its lexer outgrows the library's limits at the first token: it used to end as "abort", its
+    # text presented as whole.
+    regex = StructuredOutput(regex="(a{1000}){1000}", param="guided_regex")
+    engine.add_request("big", "x", SamplingParams(temperature=0, max_tokens=3, structured_output=regex))
+    while engine.has_unfinished():
+        engine.step()
+    error = engine.take_failures()["big"]
+    assert isinstance(error, InvalidRequestError) and error.param == "guided_regex"
+    assert "could not be followed: lexer error: too many expressions" in str(error)
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

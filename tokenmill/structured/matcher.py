@@ -55,6 +55,7 @@ class GrammarState:
         vocab = vocabulary(tokenizer)
         self.vocab_size = vocab.vocab_size
         self.matcher = LLMatcher(vocab, constraint.compiled)
+        self.param = constraint.param
         if self.matcher.is_error():
             raise InvalidRequestError(f"cannot compile the {constraint.param}: {self.matcher.get_error()}",
                                       constraint.param)
@@ -66,7 +67,12 @@ class GrammarState:
         """Consume a sampled token and start on the next mask; False if the grammar rejects the token."""
         self._mask.result()  # NOTE: the matcher must not move while a mask is computed from it
         if not self.matcher.consume_token(token_id):
-            logger.warning("grammar rejected token %d: %s", token_id, self.matcher.get_error())
+            if self.matcher.is_error():
+                # The library gave up on the grammar (e.g. a lexer past its limits), and so masked all but EOS:
+                # the request fails with its reason rather than ending as if the output were whole.
+                raise InvalidRequestError(f"the {self.param} could not be followed: {self.matcher.get_error()}",
+                                          self.param)
+            logger.warning("grammar rejected token %d", token_id)
             return False
         self.is_complete = self.matcher.is_stopped()
         if not self.is_complete:
