@@ -135,8 +135,9 @@ class Sequence:
         if not stop_token or self.params.include_stop_str_in_output:
             stop_str = self.detokenizer.add(token_id, check_stop=self.num_output_tokens >= self.params.min_tokens)
         if self.grammar is not None and not self.grammar.advance(token_id):
-            self.end("abort")
-        elif stop_str is not None:
+            # Not an end the output reached: the request fails with the library's reason (LLMEngine._update).
+            raise self.grammar.rejected()
+        if stop_str is not None:
             self.end("stop", stop_str)
         elif token_id in self.eos_token_ids:
             self.end("stop")

@@ -67,17 +67,17 @@ class GrammarState:
         """Consume a sampled token and start on the next mask; False if the grammar rejects the token."""
         self._mask.result()  # NOTE: the matcher must not move while a mask is computed from it
         if not self.matcher.consume_token(token_id):
-            if self.matcher.is_error():
-                # The library gave up on the grammar (e.g. a lexer past its limits), and so masked all but EOS:
-                # the request fails with its reason rather than ending as if the output were whole.
-                raise InvalidRequestError(f"the {self.param} could not be followed: {self.matcher.get_error()}",
-                                          self.param)
-            logger.warning("grammar rejected token %d", token_id)
+            logger.warning("grammar rejected token %d: %s", token_id, self.matcher.get_error())
             return False
         self.is_complete = self.matcher.is_stopped()
         if not self.is_complete:
             self._mask = _POOL.submit(self._compute_mask)
         return True
+
+    def rejected(self) -> InvalidRequestError:
+        """The error for a sampled token the grammar rejected: the mask allowed it, so the library gave up on the
+        grammar (e.g. a lexer past its limits)."""
+        return InvalidRequestError(f"the {self.param} could not be followed: {self.matcher.get_error()}", self.param)
 
     def mask(self) -> torch.Tensor:
         """The allowed next tokens as llguidance's bitmask, [1, ceil(vocab / 32)] int32."""
