@@ -96,6 +96,9 @@ def test_auth_rejects_missing_and_wrong_keys_and_admits_the_right_one(guarded):
     client = OpenAI(base_url=f"{guarded.url}/v1", api_key="s3cret", max_retries=0)
     assert client.models.list().data[0].id == "smollm2-135m"
     assert httpx.get(f"{guarded.url}/health").status_code == 200  # health stays open
+    # The key first: a client without it learns nothing about its body.
+    response = httpx.post(f"{guarded.url}/v1/completions", content=b"{bad", headers={"content-type": "application/json"})
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
 
 
 def test_overfilled_queue_gets_429_with_retry_after(guarded):

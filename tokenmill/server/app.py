@@ -21,7 +21,7 @@ from tokenmill.embeddings.model import EmbeddingModel
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.router import AUTO
-from tokenmill.server.auth import require_api_key
+from tokenmill.server.auth import RequireAPIKey
 from tokenmill.server.chat import create_chat_completion
 from tokenmill.server.completions import create_completion
 from tokenmill.server.dashboard import dashboard_router
@@ -74,9 +74,10 @@ def build_app(engines: dict[str, LLMEngine], config: ServerConfig,
     app.state.embedders = embedders
     install_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(RequireAPIKey, api_key=config.api_key, prefix="/v1/")  # added last, so it runs first
 
     # response_model=None: handlers build OpenAI's JSON themselves; FastAPI need not re-validate it.
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key(config.api_key))])
+    v1 = APIRouter(prefix="/v1")
     v1.add_api_route("/models", list_models, methods=["GET"], response_model=None)
     # :path, because a served name may hold a slash (`--model org/name=...`).
     v1.add_api_route("/models/{model_id:path}", get_model, methods=["GET"], response_model=None)

@@ -1,22 +1,50 @@
-"""API-key check for /v1 routes: `Authorization: Bearer <key>`, compared in constant time."""
+"""API-key check: `Authorization: Bearer <key>`, compared in constant time."""
 
 import hmac
 
 from fastapi import Request
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tokenmill.server.errors import APIError
+
+
+def admitted(authorization: str, api_key: str | None) -> bool:
+    """Whether an Authorization header carries the key (any header does where there is no key)."""
+    if api_key is None:
+        return True
+    scheme, _, given = authorization.partition(" ")
+    # NOTE: compare_digest on bytes keeps the comparison time independent of where the keys differ.
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), api_key.encode())
+
+
+def _refused() -> APIError:
+    return APIError(401, "invalid or missing API key; send `Authorization: Bearer <key>`",
+                    type="invalid_request_error", code="invalid_api_key")
 
 
 def require_api_key(api_key: str | None):
     """A FastAPI dependency that admits a request only with the right bearer key (or always, without one)."""
 
     async def check(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        # NOTE: compare_digest on bytes keeps the comparison time independent of where the keys differ.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
-            raise APIError(401, "invalid or missing API key; send `Authorization: Bearer <key>`",
-                           type="invalid_request_error", code="invalid_api_key")
+        if not admitted(request.headers.get("authorization", ""), api_key):
+            raise _refused()
 
     return check
+
+
+class RequireAPIKey:
+    """The key check for every path under a prefix, before anything reads the body (a malformed body from a client
+    without the key is its 401, not a 400 about the body)."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, prefix: str) -> None:
+        self.app = app
+        self.api_key = api_key
+        self.prefix = prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] == "http" and scope["path"].startswith(self.prefix)
+                and not admitted(Headers(scope=scope).get("authorization", ""), self.api_key)):
+            await _refused().response()(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
