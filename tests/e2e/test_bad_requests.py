@@ -51,6 +51,8 @@ def _assert_error(response: httpx.Response, status: int, *words: str) -> dict:
                 "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
         (COMPLETIONS, {"prompt": "hi", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         (CHAT, {"messages": [{"role": "user", "content": "hi " * 9000}]}, "messages"),  # too long
+        (CHAT, {"messages": MESSAGES, "guided_json": '{"maximum": ' + "1" * 5000 + "}"}, "guided_json"),  # int past
+        # Python's 4,300 digits
     ],
 )
 def test_invalid_request_is_400_with_param(server, path, body, param):
@@ -79,6 +81,24 @@ def test_null_means_default_as_in_openai(server):
     response = httpx.post(server.url + CHAT, json=body)
     assert response.status_code == 200, response.text
     assert len(response.json()["choices"]) == 1
+
+
+def test_echo_null_and_a_replayed_refusal_are_accepted_as_in_openai(server):
+    response = httpx.post(server.url + COMPLETIONS, json={"prompt": "hi", "max_tokens": 1, "echo": None})
+    assert response.status_code == 200 and not response.json()["choices"][0]["text"].startswith("hi")
+    refused = [*MESSAGES, {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't."}]},
+               {"role": "user", "content": "ok"}]
+    assert httpx.post(server.url + CHAT, json={"messages": refused, "max_tokens": 1}).status_code == 200
+
+
+# Nesting past Python's JSON parser's stack, an integer past its 4,300 digits.
+@pytest.mark.parametrize("arguments", ["[" * 2000 + "]" * 2000, '{"a": ' + "1" * 5000 + "}"])
+def test_replayed_tool_call_arguments_json_cannot_load_are_replayed_as_sent(server, arguments):
+    messages = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": arguments}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "42"}]
+    response = httpx.post(server.url + CHAT, json={"messages": messages, "max_tokens": 1})
+    assert response.status_code == 200, response.text
 
 
 def test_unknown_model_is_404(server):

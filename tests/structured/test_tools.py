@@ -149,3 +149,10 @@ def test_a_template_gets_a_past_calls_arguments_as_an_object(smollm2_source):
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]}]
     assert own.decode(chat_prompt(own, messages, [WEATHER], False)) == '{"city": "Paris"}1'
     assert call["function"]["arguments"] == '{"city": "Paris"}'  # the request's own messages are left as sent
+
+
+@pytest.mark.parametrize("inner", ["[" * 1100, '[{"name": "f", "arguments": {"a": ' + "1" * 5000 + "}}]"])
+def test_a_block_json_cannot_load_stays_content(inner):
+    # Nesting past Python's parser's stack, an integer past its 4,300 digits: a 500 after the whole generation.
+    text = f"<tool_call>{inner}</tool_call>"
+    assert parse_tool_calls(text) == (text, [])

@@ -103,7 +103,7 @@ def _schema(value: dict[str, Any] | str | None, param: str) -> dict[str, Any] | 
         return value
     try:
         return representable(json.loads(value), (param,))
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # JSONDecodeError, or an integer past Python's 4,300 digits
         raise InvalidRequestError(f"{param} is not valid JSON: {exc}", param=param) from exc
     except RecursionError as exc:  # Python's parser gives up on nesting about a thousand deep
         raise InvalidRequestError(f"{param} is nested too deeply to parse", param=param) from exc
@@ -260,7 +260,7 @@ class CompletionRequest(_GenerationRequest):
 
     prompt: str | list[int] | list[str | list[int]]
     max_tokens: int | None = 16
-    echo: bool = False
+    echo: bool | None = None  # nullable in OpenAI's API: None is False
     logprobs: int | None = None
     suffix: str | None = None
 
@@ -280,7 +280,7 @@ class CompletionRequest(_GenerationRequest):
     @property
     def prompt_only(self) -> bool:
         """Echo with max_tokens 0: the prompt scored, nothing generated (OpenAI's way to get a text's logprobs)."""
-        return self.echo and self.max_tokens == 0
+        return bool(self.echo) and self.max_tokens == 0
 
 
 class FunctionDefinition(BaseModel):
@@ -352,6 +352,10 @@ def content_text(content: str | list[dict[str, Any]] | None) -> str:
         return content or ""
     parts = []
     for part in content:
+        # An assistant's refusal part is its text too, as vLLM reads it, so a replayed conversation keeps it.
+        if isinstance(part, dict) and part.get("type") == "refusal" and isinstance(part.get("refusal"), str):
+            parts.append(part["refusal"])
+            continue
         if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
             raise InvalidRequestError(f"content part of type {kind!r} is not supported; this model reads text only",

@@ -18,7 +18,7 @@ def parse_block(inner: str) -> list[ToolCall] | None:
     """The calls in one <tool_call> block (a JSON list, or one object as Hermes writes it); None if it is not that."""
     try:
         value = json.loads(inner)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, an integer past 4,300 digits, nesting past Python's stack
         return None
     calls = []
     for item in value if isinstance(value, list) else [value]:

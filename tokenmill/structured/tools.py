@@ -60,7 +60,7 @@ def _arguments(call: dict[str, Any]) -> Any:
     arguments = call.get("function", {}).get("arguments") or "{}"
     try:
         return json.loads(arguments) if isinstance(arguments, str) else arguments
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, an integer past 4,300 digits, nesting past Python's stack
         return arguments  # history is replayed as the client sent it
 
 
