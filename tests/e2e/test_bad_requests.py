@@ -91,13 +91,12 @@ def test_echo_null_and_a_replayed_refusal_are_accepted_as_in_openai(server):
     assert httpx.post(server.url + CHAT, json={"messages": refused, "max_tokens": 1}).status_code == 200
 
 
-# Nesting past Python's JSON parser's stack, an integer past its 4,300 digits.
-@pytest.mark.parametrize("arguments", ["[" * 2000 + "]" * 2000, '{"a": ' + "1" * 5000 + "}"])
-def test_replayed_tool_call_arguments_json_cannot_load_are_replayed_as_sent(server, arguments):
+def test_replayed_tool_call_arguments_json_cannot_load_are_replayed_as_sent(server):
+    arguments = "[" * 1100 + "]" * 1100  # nesting past Python's JSON parser's stack: it was a 500
     messages = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [
         {"id": "c1", "type": "function", "function": {"name": "f", "arguments": arguments}}]},
         {"role": "tool", "tool_call_id": "c1", "content": "42"}]
-    response = httpx.post(server.url + CHAT, json={"messages": messages, "max_tokens": 1})
+    response = httpx.post(server.url + CHAT, json={"messages": messages, "max_tokens": 1}, timeout=60)
     assert response.status_code == 200, response.text
 
 

@@ -156,3 +156,10 @@ def test_a_block_json_cannot_load_stays_content(inner):
     # Nesting past Python's parser's stack, an integer past its 4,300 digits: a 500 after the whole generation.
     text = f"<tool_call>{inner}</tool_call>"
     assert parse_tool_calls(text) == (text, [])
+
+
+def test_replayed_arguments_json_cannot_load_are_replayed_as_sent():
+    arguments = '{"a": ' + "1" * 4400 + "}"  # an integer past Python's 4,300 digits: it was a 500
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": arguments}}
+    assert json.loads(render_calls([call])[len("<tool_call>"):-len("</tool_call>")]) == [
+        {"name": "f", "arguments": arguments}]
