@@ -653,6 +653,10 @@ void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at:
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && slots.is_contiguous() &&
               k.scalar_type() == v.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type());
   const int64_t tokens = k.size(0), row = k.size(1) * k.size(2), capacity = k_cache.numel() / row;
+  // One slot per token, v shaped as k, and rows as wide as the caches': else tokens land in slots never given.
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && slots.numel() == tokens && k_cache.sizes() == v_cache.sizes() &&
+              k_cache.size(-2) == k.size(1) && k_cache.size(-1) == k.size(2),
+              "store_kv: k, v, slots and caches disagree in shape");
   TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() || row % kLanes == 0);
   const int64_t* sp = slots.data_ptr<int64_t>();
   for (int64_t i = 0; i < tokens; ++i) TORCH_CHECK(sp[i] >= 0 && sp[i] < capacity, "slot ", sp[i], " is outside the KV cache");

@@ -66,7 +66,7 @@ void rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, at::Ten
 void fused_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && residual.is_contiguous() && weight.is_contiguous());
   TORCH_CHECK(x.sizes() == residual.sizes() && x.scalar_type() == residual.scalar_type() &&
-              x.scalar_type() == weight.scalar_type() && x.size(1) % kLanes == 0);
+              x.scalar_type() == weight.scalar_type() && weight.numel() == x.size(1) && x.size(1) % kLanes == 0);
   dispatch_float(x, "fused_add_rms_norm", [&](auto type) { add_rms_norm<decltype(type)>(x, residual, weight, eps); });
 }
 

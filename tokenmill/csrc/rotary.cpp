@@ -40,7 +40,7 @@ namespace tokenmill {
 void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2) && cos.is_contiguous() && sin.is_contiguous());
   TORCH_CHECK(cos.numel() == x.size(0) * x.size(2) / 2 && cos.scalar_type() == x.scalar_type() &&
-              x.size(2) % (2 * kLanes) == 0);
+              sin.sizes() == cos.sizes() && sin.scalar_type() == cos.scalar_type() && x.size(2) % (2 * kLanes) == 0);
   dispatch_float(x, "rotary_", [&](auto type) { rotate<decltype(type)>(x, cos, sin); });
 }
 
