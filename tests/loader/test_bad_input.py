@@ -14,6 +14,7 @@ from tokenmill.errors import (
     PromptTooLongError,
     UnsupportedArchitectureError,
 )
+from tokenmill.loader.gguf import GGUFFile
 from tokenmill.loader.source import open_model
 
 
@@ -43,6 +44,31 @@ def test_random_bytes_are_not_a_gguf(tmp_path):
     path.write_bytes(b"\x00" * 4096)
     with pytest.raises(ModelLoadError, match="corrupt or truncated"):
         open_model(str(path))
+
+
+def test_a_file_of_another_format_is_called_that_not_corrupt(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}" + b" " * 14)
+    with pytest.raises(ModelLoadError, match="is not a GGUF file .* loads from its folder") as raised:
+        open_model(str(path))
+    assert "delete it" not in str(raised.value)
+
+
+def test_a_gguf_with_a_tensor_type_newer_than_the_reader_says_so(tmp_path):
+    path = tmp_path / "new.gguf"
+    writer = GGUFWriter(path, "llama")
+    writer.add_tensor("a", torch.zeros(4, 32).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    data = bytearray(path.read_bytes())
+    type_at = data.index(b"a\x02\x00\x00\x00") + 1 + 4 + 2 * 8  # past the name, its dimension count and sizes
+    data[type_at : type_at + 4] = (200).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match="tensor type newer than this install's gguf package") as raised:
+        GGUFFile(path)
+    assert "corrupt" not in str(raised.value)
 
 
 @pytest.mark.parametrize("size", [2_000, 3_000_000])

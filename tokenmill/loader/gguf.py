@@ -205,9 +205,16 @@ class GGUFFile:
         if head == b"GGUF" + (1).to_bytes(4, "little"):
             raise ModelLoadError(f"GGUF file {self.path} is of version 1; supported: 2 and 3 (convert it again with "
                                  "a current llama.cpp)")
+        # A file named otherwise without the magic is no GGUF at all, not a damaged one to delete (a .gguf one may be).
+        if self.path.suffix != ".gguf" and len(head) == 8 and not head.startswith(b"GGUF"):
+            raise ModelLoadError(f"{self.path} is not a GGUF file (it does not start with GGUF's magic); a Hugging "
+                                 "Face model loads from its folder, the one holding config.json")
         try:
             return _Reader(self.path)
         except Exception as exc:  # the reader raises bare ValueError/IndexError on bad bytes
+            if "GGMLQuantizationType" in str(exc):
+                raise ModelLoadError(f"GGUF file {self.path} holds a tensor type newer than this install's gguf "
+                                     f"package knows ({exc}); upgrade it: pip install -U gguf") from exc
             size = self.path.stat().st_size if self.path.is_file() else 0
             raise ModelLoadError(
                 f"cannot read GGUF file {self.path} ({size:,} bytes): it is corrupt or truncated (an interrupted "
