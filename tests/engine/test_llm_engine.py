@@ -2,7 +2,7 @@
 
 import pytest
 
-from tokenmill.errors import PromptTooLongError
+from tokenmill.errors import InvalidRequestError, PromptTooLongError
 from tokenmill.outputs import accumulate
 from tokenmill.sampling import SamplingParams
 
@@ -96,6 +96,15 @@ def test_request_that_cannot_fit_the_pool_is_rejected_at_admission(make_engine):
     with pytest.raises(PromptTooLongError, match="context is 320"):
         small.add_request("big", list(range(100, 400)), SamplingParams(max_tokens=100))
     assert not small.has_unfinished()
+
+
+def test_a_max_model_len_past_the_model_or_the_pool_is_refused_not_shortened(make_engine):
+    with pytest.raises(InvalidRequestError, match="max_model_len=100000 is more than the 8192 positions"):
+        make_engine(max_model_len=100_000)
+    block_bytes = make_engine(kv_cache_memory=0.01).runner.kv_cache.block_bytes
+    with pytest.raises(InvalidRequestError, match=r"KV cache holds for one sequence \(320 tokens\)"):
+        make_engine(kv_cache_memory=20 * block_bytes / 2**30, max_model_len=8000)
+    assert make_engine(kv_cache_memory=20 * block_bytes / 2**30, max_model_len=320).max_model_len == 320
 
 
 def test_higher_priority_request_is_admitted_first(make_engine, drain):

@@ -60,6 +60,7 @@ class LLMEngine:
         pool_tokens = self.runner.num_blocks * config.block_size
         positions = self.model_config.max_position_embeddings
         context_limit = self.block_manager.context_limit(config.max_num_batched_tokens) or positions
+        _check_max_model_len(config.max_model_len, positions, context_limit)
         self.max_model_len = min(config.max_model_len or positions, positions, context_limit)
         self.requests: dict[str, _Request] = {}
         self.failures: dict[str, Exception] = {}  # see take_failures
@@ -291,6 +292,17 @@ class LLMEngine:
             metrics=request.metrics,
             prompt_logprobs=prompt_logprobs,
         )
+
+
+def _check_max_model_len(asked: int | None, positions: int, context_limit: int) -> None:
+    """Refuse a --max-model-len the model or the KV pool cannot give, as vLLM does, rather than serve a shorter one."""
+    if asked is not None and asked > positions:
+        raise InvalidRequestError(f"max_model_len={asked} is more than the {positions} positions the model was "
+                                  "trained for", param="max_model_len")
+    if asked is not None and asked > context_limit:
+        raise InvalidRequestError(f"max_model_len={asked} is more than the KV cache holds for one sequence "
+                                  f"({context_limit} tokens); raise --kv-cache-memory or lower --max-model-len",
+                                  param="max_model_len")
 
 
 def _drop_failed_samples(plan: SchedulerOutput, seqs: list[Sequence], sampled: SamplerOutput) -> dict[str, Exception]:
