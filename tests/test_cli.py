@@ -75,6 +75,7 @@ def test_chat_drops_whole_exchanges_and_never_for_a_message_too_long_alone():
         (("generate", "--speculative-config", '{"method": "eagle"}', "hi"), "speculative method 'eagle'"),
         (("generate", "--speculative-config", "{method", "hi"), "speculative config is not valid JSON"),
         (("generate", "--speculative-config", '{"k": 4}', "hi"), "unknown speculative config keys ['k']"),
+        (("bench", "serve", "--base-url", "http://127.0.0.1:9", "--max-concurrency", "-3"), "--max-concurrency >= 1"),
     ],
 )
 def test_user_mistakes_exit_nonzero_with_one_line(args, message, capsys):
@@ -84,6 +85,30 @@ def test_user_mistakes_exit_nonzero_with_one_line(args, message, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tokenmill: error: ")
     assert message in lines[0]
+
+
+def test_bench_serve_with_every_request_failed_exits_nonzero(capsys):
+    # A table of zeros exited 0, so a script took it for a measurement.
+    assert main(["bench", "serve", "--base-url", "http://127.0.0.1:9", "--num-prompts", "2", "--warmup", "0",
+                 "--input-len", "8", "--output-len", "2"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar's
+    assert last.startswith("tokenmill: error: all 2 requests failed, the first with: ConnectError")
+
+
+def test_a_home_that_cannot_be_a_folder_exits_nonzero_with_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    result = _run("pull", "smollm2-135m", env_extra={"TOKENMILL_HOME": str(tmp_path / "file" / "home")})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("tokenmill: error: ") and "Not a directory" in result.stderr
+
+
+@pytest.mark.parametrize("args", [("bench", "serve", "--out"), ("bench", "serve", "--plot"), ("plan", "--out"),
+                                  ("bench", "profile", "--out"), ("bench", "soak", "--out"),
+                                  ("bench", "overload", "--out"), ("router", "calibrate", "--json")])
+def test_an_output_file_in_no_folder_is_refused_before_the_run(args, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main([*args, str(tmp_path / "no" / "report.json"), "--help"])
+    assert exited.value.code == 2 and "is not a folder this user can write to" in capsys.readouterr().err
 
 
 def test_corrupt_model_file_exits_nonzero_with_one_line(tmp_path):
@@ -113,6 +138,16 @@ def test_env_names_the_kernel_and_what_auto_picks(smollm2_path):
     # SmolLM2's GGUF is Q4_1: int4 wherever a vector kernel runs, else float.
     expected = "int4" if ops.fast_quantized_matmul() else "none"
     assert fields["auto"].startswith(f"{smollm2_path}: quantization {expected} (auto: ")
+
+
+def test_env_reports_for_the_engine_flags_given(smollm2_path):
+    result = _run("env", "--model", str(smollm2_path), "--kv-cache-dtype", "int8", "--quantization", "int8",
+                  "--num-threads", "1")
+    assert result.returncode == 0, result.stderr
+    fields = dict(line.split(None, 1) for line in result.stdout.splitlines())
+    assert fields["kv"].split() == ["cache", "int8:", "int8", "for", "float32", "on", "cpu"]
+    assert ", 1 torch threads" in fields["cpu"]
+    assert fields["quantization"].startswith(f"{smollm2_path}: quantization int8 (asked for")
 
 
 def test_the_kernel_named_in_the_environment_is_the_one_used():

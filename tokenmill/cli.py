@@ -41,6 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TokenmillError as exc:
         print(f"tokenmill: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # the machine's, not the code's: a folder not writable, a full disk, a file gone
+        print(f"tokenmill: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
@@ -193,7 +196,7 @@ def _pull(args: argparse.Namespace) -> int:
 def _env(args: argparse.Namespace) -> int:
     from tokenmill import env
 
-    env.main(args.model, args.dtype)
+    env.main(engine_config(args))
     return 0
 
 

@@ -27,8 +27,11 @@ def cpu_features() -> tuple[str, list[str]]:
     return field("model name") or platform.machine(), [f for f in _FEATURES if f in flags]
 
 
-def report(model: str, dtype: str) -> list[tuple[str, str]]:
-    """(label, value) lines for `tokenmill env`."""
+def report(config: EngineConfig) -> list[tuple[str, str]]:
+    """(label, value) lines for `tokenmill env`, for an engine built with config."""
+    config.check_device()
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
     name, features = cpu_features()
     lines = [
         ("cpu", f"{name} ({platform.machine()}, {ops.ARCH} kernels), {torch.get_num_threads()} torch threads"),
@@ -42,18 +45,20 @@ def report(model: str, dtype: str) -> list[tuple[str, str]]:
         lines.append(("int8/int4", f"{ops.quantized_matmul_kernel()} kernel (this CPU runs: {', '.join(kernels)}; "
                                    "TOKENMILL_QUANT_KERNEL picks one)"))
         lines.append(("other ops", "attention, norm, rotary, activation: C++ built with " + " ".join(ops.compile_flags())))
-    device, torch_dtype = torch.device("cpu"), DTYPES[dtype]
+    model, dtype = config.model, config.dtype
+    device, torch_dtype = torch.device(config.device), DTYPES[dtype]
     packed = "packs linears for oneDNN here" if can_pack(device, torch.bfloat16) else "runs unpacked here"
     lines.append(("dtype", f"{dtype} (--dtype bfloat16 {packed})"))
-    kv = resolve_kv_cache_dtype("auto", device, torch_dtype)
-    lines.append(("kv cache", f"auto: {str(kv).removeprefix('torch.')} for {dtype} on CPU"))
+    kv = resolve_kv_cache_dtype(config.kv_cache_dtype, device, torch_dtype)
+    lines.append(("kv cache", f"{config.kv_cache_dtype}: {str(kv).removeprefix('torch.')} for {dtype} on {device}"))
     native = _native_quantization(model)
+    label = "auto" if config.quantization == "auto" else "quantization"
     if native is None:
-        lines.append(("auto", f"{model} is not pulled: for a Q4_1 GGUF, "
-                      + choose_quantization("auto", "int4", device, torch_dtype).reason))
+        lines.append((label, f"{model} is not pulled: for a Q4_1 GGUF, "
+                      + choose_quantization(config.quantization, "int4", device, torch_dtype).reason))
     else:
-        choice = choose_quantization("auto", native, device, torch_dtype)
-        lines.append(("auto", f"{model}: quantization {choice.method} ({choice.reason})"))
+        choice = choose_quantization(config.quantization, native, device, torch_dtype)
+        lines.append((label, f"{model}: quantization {choice.method} ({choice.reason})"))
     return lines
 
 
@@ -67,7 +72,7 @@ def _native_quantization(model: str) -> str | None:
     return open_model(model, pull_if_missing=False).files.native_quantization()
 
 
-def main(model: str = EngineConfig.model, dtype: str = EngineConfig.dtype) -> None:
+def main(config: EngineConfig) -> None:
     """Print the report."""
-    for label, value in report(model, dtype):
+    for label, value in report(config):
         print(f"{label:10} {value}")

@@ -1,6 +1,8 @@
 """The engine's command-line flags, defined once for every command that builds an engine."""
 
 import argparse
+import os
+from pathlib import Path
 from typing import Any
 
 from tokenmill.config import DTYPE_NAMES, KV_CACHE_DTYPE_NAMES, QUANTIZATIONS, SCHEDULING_POLICIES, EngineConfig
@@ -84,3 +86,12 @@ def engine_options(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """The EngineConfig those flags describe; raises InvalidRequestError for a bad value."""
     return EngineConfig(**engine_options(args))
+
+
+def output_path(text: str) -> Path:
+    """An argparse type for a file a command writes when it ends: its folder checked now, so a typo costs no run."""
+    path = Path(text)
+    folder = path.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {folder} is not a folder this user can write to")
+    return path

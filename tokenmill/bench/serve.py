@@ -24,6 +24,7 @@ from tokenmill.bench.datasets import BenchRequest, file_requests, prompt_request
 from tokenmill.bench.metrics import SLO, RequestResult, summarize
 from tokenmill.config import EngineConfig
 from tokenmill.errors import InvalidRequestError
+from tokenmill.flags import output_path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,8 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--serve-args", default="", help="more `tokenmill serve` flags for --policies, one string")
     parser.add_argument("--cost-per-hour", type=float, help="hardware price in USD per hour")
     parser.add_argument("--api-key", help="sent as a bearer token")
-    parser.add_argument("--out", type=Path, help="write the JSON report here")
-    parser.add_argument("--plot", type=Path, help="write a PNG of latencies and throughput here")
+    parser.add_argument("--out", type=output_path, help="write the JSON report here")
+    parser.add_argument("--plot", type=output_path, help="write a PNG of latencies and throughput here")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -66,9 +67,9 @@ def main(args: argparse.Namespace) -> int:
     from tokenmill.loader.source import open_model
 
     if (args.num_prompts < 1 or args.warmup < 0 or args.burstiness <= 0 or not 0 <= args.range_ratio < 1
-            or not args.request_rate > 0):
-        raise InvalidRequestError("need --num-prompts >= 1, --warmup >= 0, --burstiness > 0, 0 <= --range-ratio < 1 "
-                                  "and --request-rate > 0")
+            or not args.request_rate > 0 or args.max_concurrency is not None and args.max_concurrency < 1):
+        raise InvalidRequestError("need --num-prompts >= 1, --warmup >= 0, --burstiness > 0, 0 <= --range-ratio < 1, "
+                                  "--request-rate > 0 and --max-concurrency >= 1")
     slo = SLO.parse(args.goodput) if args.goodput is not None else None
     tokenizer = open_model(args.tokenizer or args.model).tokenizer
     # The warm-up's own requests come first: a measured request sent before would hit the server's prefix cache.
@@ -115,6 +116,8 @@ def _measure(args: argparse.Namespace, requests: list[BenchRequest], deadlines: 
         from tokenmill.bench.plot import plot_run
 
         plot_run(results, duration, args.plot)
+    if not any(r.success for r in results):  # a table of zeros is no measurement: say so, and exit non-zero
+        raise InvalidRequestError(f"all {len(results)} requests failed, the first with: {results[0].error}")
     return report
 
 
@@ -223,7 +226,7 @@ async def run(
             await send(client, args, request, time.perf_counter())
         requests = requests[args.warmup :]
         busy_before = await _settled_busy_seconds(client)
-        gate = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
+        gate = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency is not None else None
         gaps = arrival_gaps(len(requests), args.request_rate, args.burstiness, args.seed)
         bar = tqdm(total=len(requests), desc="requests", unit="req")
         t0 = time.perf_counter()

@@ -12,13 +12,13 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
 import psutil
 
 from tokenmill.bench.local_server import start_server
 from tokenmill.config import EngineConfig
+from tokenmill.flags import output_path
 
 WORDS = "the river mountain quietly seven engine cloud paper market orange history sings under bright".split()
 # Stops that the default model's answers often contain, so stop strings really end requests early.
@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="GiB of KV pool for the started server (default 0.02: about 900 tokens of the default model)")
     parser.add_argument("--serve-flag", action="append", default=[], metavar="FLAG",
                         help="extra flag for the started server, e.g. --serve-flag=--max-num-seqs=16")
-    parser.add_argument("--out", type=Path, help="write the JSON report here")
+    parser.add_argument("--out", type=output_path, help="write the JSON report here")
 
 
 @dataclass

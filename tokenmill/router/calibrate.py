@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tokenmill.errors import InvalidRequestError
-from tokenmill.flags import add_engine_flags, engine_options
+from tokenmill.flags import add_engine_flags, engine_options, output_path
 from tokenmill.router import curve
 from tokenmill.router.labeled import SHIPPED, Item, is_correct, load_items
 from tokenmill.router.policies import mean_logprob
@@ -35,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens per answer; the set's answers are a few words (default: %(default)s)")
     parser.add_argument("--target-quality", type=float, default=None,
                         help="fraction right the cascade must reach (default: 0.9 of the second model's)")
-    parser.add_argument("--plot", type=Path, metavar="PATH", help="write the quality-cost curve as a PNG")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="write every answer and every point as JSON")
+    parser.add_argument("--plot", type=output_path, metavar="PATH", help="write the quality-cost curve as a PNG")
+    parser.add_argument("--json", type=output_path, metavar="PATH", help="write every answer and every point as JSON")
     add_engine_flags(parser, repeat_model=True)
 
 
