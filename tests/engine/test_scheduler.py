@@ -39,3 +39,27 @@ def test_drafts_leave_a_running_prompt_its_next_chunk():
     # The two decodes' own tokens, then the prompt's chunk takes the 6 left; guesses get none of it.
     assert dict((seq.seq_id, n) for seq, n in out.scheduled) == {1: 1, 2: 1, 0: 6}
     assert [seq.draft_token_ids for seq in decodes] == [[], []]
+
+
+def _at(scheduler: Scheduler, seq_id: int, tokens: list[int], drafts: list[int], arrival: float) -> Sequence:
+    """A running sequence with every token but its last computed, and these drafts after it."""
+    seq = Sequence(seq_id, str(seq_id), 0, tokens, SamplingParams(), 16, [], None, arrival_time=arrival)
+    scheduler.block_manager.allocate(seq, len(tokens) - 1)
+    seq.num_computed_tokens = len(tokens) - 1
+    seq.status = SequenceStatus.RUNNING
+    seq.draft_token_ids = drafts
+    scheduler.running.append(seq)
+    return seq
+
+
+def test_a_lookup_draft_never_takes_the_block_a_later_sequences_next_token_needs():
+    # 3 blocks of 4: A holds one, B holds one and its next token (position 4) needs the last one, which A's
+    # drafts (positions 2-4) would take. B, or A itself where A arrived later, was preempted for the guess.
+    for a_arrival in (0.0, 5.0):
+        scheduler = Scheduler(EngineConfig(model="unused", max_num_seqs=4, max_num_batched_tokens=16),
+                              BlockManager(3, 4))
+        a = _at(scheduler, 0, [1, 2], [7, 7, 7], a_arrival)
+        _at(scheduler, 1, [1, 2, 3, 4, 5], [], 1.0)
+        out = scheduler.schedule()
+        assert out.preempted == [] and dict((seq.seq_id, n) for seq, n in out.scheduled) == {0: 3, 1: 1}
+        assert a.draft_token_ids == [7, 7]  # the drafts its own block holds

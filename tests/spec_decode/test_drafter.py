@@ -2,10 +2,13 @@
 
 from types import SimpleNamespace
 
+import pytest
+
 from tokenmill.config import EngineConfig
 from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.sequence import Sequence, SequenceStatus
+from tokenmill.errors import InvalidRequestError
 from tokenmill.sampling import SamplingParams
 from tokenmill.spec_decode.config import SpeculativeConfig
 from tokenmill.spec_decode.drafter import Drafter
@@ -194,3 +197,20 @@ def test_nothing_is_drafted_while_a_running_prompt_takes_the_whole_budget():
     prompt.num_computed_tokens = 36  # 4 left: 16 - 1 - 4 leaves room for the decode's 3 drafts
     Drafter(early_exit, proposer).propose(scheduler.running, scheduler.block_manager, budget=16)
     assert calls == [[3]] and decode.draft_token_ids == [9, 9, 9]
+
+
+def test_a_lookup_that_finds_nothing_leaves_the_step_budget_to_the_next_sequence():
+    no_match, repeating = _seq(list(range(100, 140))), _seq()
+    for seq in (no_match, repeating):
+        seq.num_uncomputed_tokens = 1
+    # Budget 6: the two sequences' own tokens, and 4 left for drafts, which the empty lookup took.
+    Drafter(SpeculativeConfig(method="ngram", num_speculative_tokens=4, adaptive=False)).propose(
+        [no_match, repeating], None, budget=6)
+    assert no_match.draft_token_ids == [] and repeating.draft_token_ids == [5, 6, 7, 8]
+
+
+@pytest.mark.parametrize("config", ['{"num_speculative_tokens": 4.0}', '{"prompt_lookup_max": true}',
+                                    '{"method": "early_exit", "exit_layer": 20.5}'])
+def test_a_count_that_is_not_an_integer_is_refused(config):
+    with pytest.raises(InvalidRequestError, match="must be an integer"):  # it failed every step it drafted in
+        SpeculativeConfig.parse(config)

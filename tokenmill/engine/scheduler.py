@@ -63,6 +63,7 @@ class Scheduler:
         # first token comes sooner, and a step full of prompt tokens is compute-bound, where drafts pay least.
         own = [s.num_uncomputed_tokens for s in ordered]  # taken before a preemption changes the counts
         own_after = sum(own)
+        spare: list[int] | None = None  # blocks every running sequence's own tokens leave, once a draft asks
         for seq, tokens in zip(ordered, own):
             if budget == 0:
                 break
@@ -71,8 +72,16 @@ class Scheduler:
                 continue
             n = min(seq.num_uncomputed_tokens, budget)
             drafts = seq.draft_token_ids[: max(0, budget - n - own_after)]
-            if drafts and not self.block_manager.can_allocate(seq, n + len(drafts)):
-                drafts = []  # a guess is never worth preempting anyone for
+            if drafts:
+                # A guess is never worth preempting anyone for: its slots come only from blocks left once every
+                # running sequence's own tokens (those after this one too) have theirs.
+                if spare is None:
+                    spare = self.block_manager.spare_blocks(list(zip(ordered, own)))
+                extra = self.block_manager.extra_blocks(seq, n + len(drafts), n)
+                while not all(e <= left for e, left in zip(extra, spare)):
+                    drafts = drafts[:-1]  # those that fit the blocks left (its own last one, often)
+                    extra = self.block_manager.extra_blocks(seq, n + len(drafts), n)
+                spare = [left - e for e, left in zip(extra, spare)]
             seq.draft_token_ids = drafts
             n += len(drafts)
             while not self.block_manager.can_allocate(seq, n):

@@ -31,6 +31,11 @@ class SpeculativeConfig:
     adaptive: bool = True
 
     def __post_init__(self) -> None:
+        counts = {"num_speculative_tokens": self.num_speculative_tokens, "prompt_lookup_max": self.prompt_lookup_max,
+                  "prompt_lookup_min": self.prompt_lookup_min, "exit_layer": self.exit_layer}
+        for key, value in counts.items():  # JSON's 4.0 or true would pass the range checks and fail every step
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise InvalidRequestError(f"{key}={value!r} must be an integer", param="speculative_config")
         if self.method not in METHODS:
             raise InvalidRequestError(f"speculative method {self.method!r} is not supported; choose one of "
                                       f"{', '.join(METHODS)}", param="speculative_config")

@@ -89,7 +89,6 @@ class Drafter:
                 k = min(k, room)
                 if k <= 0:
                     continue
-                room -= k
             seq.steps_without_drafts = 0
             if kind == "prediction":
                 seq.draft_token_ids = lookup_in(seq.prediction_token_ids, seq.output_token_ids, k, _PREDICTION_MATCH)
@@ -102,10 +101,13 @@ class Drafter:
                 if spare is None:
                     spare = block_manager.spare_blocks([(s, s.num_uncomputed_tokens) for s in running])
                 extra = block_manager.extra_blocks(seq, 1 + k, 1)
-                if all(e <= left for e, left in zip(extra, spare)):
-                    block_manager.allocate(seq, 1 + k)
-                    spare = [left - e for e, left in zip(extra, spare)]
-                    modelled.append((seq, k))
+                if not all(e <= left for e, left in zip(extra, spare)):
+                    continue
+                block_manager.allocate(seq, 1 + k)
+                spare = [left - e for e, left in zip(extra, spare)]
+                modelled.append((seq, k))
+            if room is not None:  # by what is drafted: a lookup that finds nothing leaves it to those after
+                room -= k if kind not in ("prediction", "ngram") else len(seq.draft_token_ids)
         if modelled:
             drafts = self.proposer.propose([seq for seq, _ in modelled], [k for _, k in modelled])
             for (seq, _), draft in zip(modelled, drafts):
