@@ -137,7 +137,7 @@ def _finish(monkeypatch, threshold: float, runs: list[RequestOutput]):
     answers = iter(runs)
     submitted: list[str] = []
 
-    async def submit(state, model, prompts, params, response_id, arrival_time=None):
+    async def submit(state, model, prompts, params, response_id):
         submitted.append(model.name)
         return []
 

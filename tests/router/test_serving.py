@@ -91,15 +91,15 @@ class _Engine:
     is_running, stalled, num_waiting = True, None, 0
     stats = SimpleNamespace(num_waiting_tokens=0)
 
-    def __init__(self, arrivals: list[float]) -> None:
+    def __init__(self, arrivals: list[tuple[float, SamplingParams]]) -> None:
         self.arrivals = arrivals
 
     async def add_requests(self, requests, params, arrival_time):
-        self.arrivals.append(arrival_time)
+        self.arrivals.append((arrival_time, params))
         return [object() for _ in requests]
 
 
-def _unsure_then(monkeypatch, escalated, delay: float = 0.0) -> tuple[ServerState, list[float]]:
+def _unsure_then(monkeypatch, escalated, delay: float = 0.0) -> tuple[ServerState, list[tuple[float, SamplingParams]]]:
     """A cascade of two engines whose first answer, `delay` seconds after the client asked, is unsure; collecting the
     escalation awaits `escalated`."""
     arrivals: list[float] = []
@@ -113,7 +113,7 @@ def _unsure_then(monkeypatch, escalated, delay: float = 0.0) -> tuple[ServerStat
         if len(calls) > 1:
             return await escalated()
         await asyncio.sleep(delay)
-        return [_answer(-9.0, arrivals[0])]
+        return [_answer(-9.0, arrivals[0][0])]
 
     monkeypatch.setattr(serving, "collect", collect)
     return state, arrivals
@@ -140,7 +140,13 @@ def test_an_escalation_is_due_when_the_clients_request_was(monkeypatch):
 
     state, arrivals = _unsure_then(monkeypatch, sure, delay=0.2)
     routed, _ = _cascade(state, SamplingParams(max_tokens=4, deadline_ms=300))
-    assert routed.model.name == "m1" and arrivals[1] == arrivals[0]
+    # The stronger engine times its own run (its queue time, TTFT) from its own arrival, with what is left.
+    (first, _), (second, escalated) = arrivals
+    assert routed.model.name == "m1" and second - first >= 0.2 and 0 < escalated.deadline_ms <= 100
+    state, arrivals = _unsure_then(monkeypatch, sure, delay=0.35)
+    routed, (outputs, _) = _cascade(state, SamplingParams(max_tokens=4, deadline_ms=300))
+    assert routed.model.name == "m0" and routed.route.kind == "escalation_refused" and len(arrivals) == 1
+    assert "deadline passed" in routed.route.reason and outputs[0].outputs[0].text == "Paris"
 
 
 @pytest.mark.parametrize("error", [APIError(429, "dropped: its deadline became infeasible while it waited",

@@ -2,6 +2,7 @@
 
 import asyncio
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -52,9 +53,11 @@ class Routed:
         if self.route.index != answered:
             stronger = list(state.models.values())[self.route.index]
             prompts = self.encoded[self.route.index]
-            arrived = outputs[0].metrics.arrival_time  # the client's deadline runs from its request, not from now
+            asked = _deadlines_left(self.asked, outputs[0].metrics.arrival_time)
             try:
-                streams = await submit(state, stronger, prompts, self.asked, f"{response_id}-escalated", arrived)
+                if asked is None:
+                    raise InvalidRequestError("its deadline passed while the first model answered")
+                streams = await submit(state, stronger, prompts, asked, f"{response_id}-escalated")
                 escalated = await collect(request, streams)
             except (APIError, TokenmillError) as exc:
                 if isinstance(exc, APIError) and exc.status == 499:  # the client is gone: nobody to answer
@@ -65,7 +68,7 @@ class Routed:
                                    "escalation_refused")
             else:
                 discarded = block
-                self.model, self.prompts, self.params = stronger, prompts, self.asked
+                self.model, self.prompts, self.params = stronger, prompts, asked
                 outputs = escalated
                 block = usage(outputs)
                 # Both runs were paid for, so the cost says so; the tokens are those of the answer the client gets.
@@ -78,6 +81,17 @@ class Routed:
                     sample.logprobs = None
         state.metrics.observe_route(self.model.name, self.policy, self.route.kind)
         return outputs, block
+
+
+def _deadlines_left(params: SamplingParams, arrived: float) -> SamplingParams | None:
+    """params with its deadlines shortened by the time since the client asked (they run from its request, not from
+    an escalation); None if one has passed."""
+    elapsed_ms = (time.perf_counter() - arrived) * 1000
+    left = {name: value - elapsed_ms for name in ("deadline_ms", "ttft_deadline_ms")
+            if (value := getattr(params, name)) is not None}
+    if any(ms <= 0 for ms in left.values()):
+        return None
+    return replace(params, **left)
 
 
 async def route(state: ServerState, requested: str | None, encode: Callable[[Tokenizer], list[list[int]]],

@@ -85,10 +85,8 @@ def refuse_past_waiting_tokens(name: str, queued: int, tokens: int, limit: int |
 
 
 async def submit(state: ServerState, model: ServedModel, prompts: list[list[int]], params: SamplingParams,
-                 id_prefix: str, arrival_time: float | None = None) -> list[RequestStream]:
-    """Queue one request per prompt on the model's engine, all or none; 429 when too many already wait for it.
-
-    arrival_time: when the client asked, where that was before now (an escalation's deadline runs from then)."""
+                 id_prefix: str) -> list[RequestStream]:
+    """Queue one request per prompt on the model's engine, all or none; 429 when too many already wait for it."""
     engine = model.engine
     if not engine.is_running:
         raise APIError(503, f"the engine of {model.name!r} is not running; see the server log", type="server_error")
@@ -110,8 +108,7 @@ async def submit(state: ServerState, model: ServedModel, prompts: list[list[int]
     model.pending_tokens += tokens
     try:
         requests = [(f"{id_prefix}-{i}", prompt) for i, prompt in enumerate(prompts)]
-        arrival_time = time.perf_counter() if arrival_time is None else arrival_time
-        return await engine.add_requests(requests, params, arrival_time)
+        return await engine.add_requests(requests, params, time.perf_counter())
     except DeadlineError as exc:
         state.metrics.observe_deadline(model.name, "refused")
         raise deadline_refused(str(exc)) from exc
