@@ -89,3 +89,47 @@ def test_config_fields_that_would_change_the_model_are_refused(tmp_path, fields)
     (tmp_path / "model.safetensors").touch()
     with pytest.raises(ModelLoadError, match=next(iter(fields)).split("_")[-1]):
         HFDirectory(tmp_path).model_config()
+
+
+def test_a_sharded_folder_loads_the_shards_its_index_names(tmp_path, smollm2_source, last_logits):
+    from safetensors.torch import save_file
+
+    config = _tiny("llama", smollm2_source.config.vocab_size)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).eval().save_pretrained(tmp_path, max_shard_size="2MB")
+    smollm2_source.tokenizer.backend.save(str(tmp_path / "tokenizer.json"))
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    # Mistral's repos ship their own format's weights beside the shards the index names: not this model's tensors.
+    save_file({"layers.0.attention.wq.weight": torch.zeros(64, 64)}, str(tmp_path / "consolidated.safetensors"))
+    ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    llm = LLM(str(tmp_path), kv_cache_memory=0.05, kv_cache_dtype="float32")
+    ids = [1, 42, 7, 99, 1000]
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0, -1]
+    assert (last_logits(llm.engine, ids) - expected).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("stored", [["lm_head.weight"], ["lm_head.weight", "model.embed_tokens.weight"]])
+def test_a_tied_checkpoint_may_store_the_shared_matrix_under_the_heads_name(tmp_path, smollm2_source, last_logits,
+                                                                           stored):
+    from safetensors.torch import save_file
+
+    config = _tiny("llama", smollm2_source.config.vocab_size)
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    ref = transformers.LlamaForCausalLM(config).eval()
+    config.save_pretrained(tmp_path)
+    smollm2_source.tokenizer.backend.save(str(tmp_path / "tokenizer.json"))
+    tensors = {k: v.contiguous() for k, v in ref.state_dict().items()
+               if k not in ("lm_head.weight", "model.embed_tokens.weight")}
+    shared = ref.model.embed_tokens.weight.detach().clone()
+    # safetensors' save_model keeps the first name of a tied pair, lm_head.weight; a different head is ignored (as
+    # vLLM does) where the embedding is there.
+    tensors |= {name: shared if name != "lm_head.weight" or len(stored) == 1 else torch.zeros_like(shared)
+                for name in stored}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    llm = LLM(str(tmp_path), kv_cache_memory=0.05, kv_cache_dtype="float32")
+    ids = [1, 42, 7, 99, 1000]
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0, -1]
+    assert (last_logits(llm.engine, ids) - expected).abs().max().item() < 1e-3

@@ -28,11 +28,29 @@ class HFDirectory:
             self.raw_config = json.loads((self.path / "config.json").read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ModelLoadError(f"cannot read {self.path / 'config.json'}: {exc}") from exc
-        self.files = sorted(self.path.glob("*.safetensors"))
+        self.files = self._weight_files()
         if not self.files:
             raise ModelLoadError(f"{self.path} has no *.safetensors files")
         archs = self.raw_config.get("architectures") or [self.raw_config.get("model_type", "")]
         self.architecture = str(archs[0])
+
+    def _weight_files(self) -> list[Path]:
+        """The checkpoint's files as transformers picks them: the index's shards, else model.safetensors, else any.
+
+        Not every *.safetensors beside them: Mistral's repos also ship their own format's consolidated.safetensors.
+        """
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError, AttributeError) as exc:
+                raise ModelLoadError(f"cannot read {index}: {exc}") from exc
+            missing = [name for name in shards if not (self.path / name).is_file()]
+            if missing:
+                raise ModelLoadError(f"{index} names shards that are not there: {', '.join(missing)}")
+            return [self.path / name for name in shards]
+        single = self.path / "model.safetensors"
+        return [single] if single.is_file() else sorted(self.path.glob("*.safetensors"))
 
     def native_quantization(self) -> str:
         """none: safetensors checkpoints here hold float weights, which int8/int4 would round."""

@@ -159,7 +159,11 @@ class LlamaForCausalLM(Layer):
         for checkpoint_name, rows, tensor in weights:
             name = checkpoint_name.removeprefix("model.")
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue
+                # The shared matrix, which some savers (safetensors' save_model) store under this name alone; the
+                # embedding's own tensor wins wherever the file has it too, before or after.
+                if "embed_tokens.weight" in loaded:
+                    continue
+                name = "embed_tokens.weight"
             if name == "rope_freqs":  # GGUF stores Llama 3.1 rope scaling as per-frequency factors
                 freq_factors = tensor.float()
                 continue
