@@ -221,13 +221,18 @@ if __name__ == "__main__":
     print(json.dumps(_transformers_answers()))
 
 
-@pytest.mark.parametrize("layout", ["jinja file", "named templates"])
+@pytest.mark.parametrize("layout", ["jinja file", "jinja files", "named templates"])
 def test_a_folders_chat_template_is_found_where_transformers_saves_it(tmp_path, smollm2_source, layout):
     smollm2_source.tokenizer.backend.save(str(tmp_path / "tokenizer.json"))
     template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
     tool_use = "{% for t in tools %}[{{ t.function.name }}]{% endfor %}" + template
     if layout == "jinja file":
         (tmp_path / "chat_template.jinja").write_text(template)
+        config = {}
+    elif layout == "jinja files":  # transformers 5's save_pretrained of named templates
+        (tmp_path / "chat_template.jinja").write_text(template)
+        (tmp_path / "additional_chat_templates").mkdir()
+        (tmp_path / "additional_chat_templates" / "tool_use.jinja").write_text(tool_use)
         config = {}
     else:
         named = [{"name": "tool_use", "template": tool_use}, {"name": "default", "template": template}]
@@ -239,8 +244,21 @@ def test_a_folders_chat_template_is_found_where_transformers_saves_it(tmp_path, 
     # With tools, the tool_use template where there is one, as transformers and llama.cpp choose it.
     tools = [{"type": "function", "function": {"name": "f"}}]
     with_tools = tokenizer.apply_chat_template(messages, tools=tools)
-    assert (with_tools, tokenizer.renders_tools) == (("[f]<user>hi", True) if layout == "named templates"
-                                                     else ("<user>hi", False))
+    assert (with_tools, tokenizer.renders_tools) == (("<user>hi", False) if layout == "jinja file"
+                                                     else ("[f]<user>hi", True))
+
+
+@pytest.mark.parametrize("call, expected", [("tojson(ensure_ascii=False)", '{"name": "wetter", "unit": "°C"}'),
+                                            ("tojson(separators=(',', ':'), sort_keys=True)",
+                                             '{"name":"wetter","unit":"°C"}'),
+                                            ("tojson(indent=1)", '{\n "name": "wetter",\n "unit": "°C"\n}')])
+def test_tojson_takes_the_keywords_transformers_gives_it(tmp_path, smollm2_source, call, expected):
+    # GLM-4.5's and MiniCPM's templates pass ensure_ascii: a TypeError, not a template error, and so a 500.
+    smollm2_source.tokenizer.backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ tools[0] | " + call + " }}"}))
+    tokenizer = Tokenizer.from_hf_dir(tmp_path, eos_token_ids=[2])
+    tools = [{"name": "wetter", "unit": "°C"}]
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tools=tools) == expected
 
 
 def test_a_gguf_files_tool_use_template_serves_chats_with_tools(tmp_path):

@@ -206,7 +206,9 @@ def _hf_chat_templates(path: Path, configured: str | list | None) -> tuple[str |
         named = {"default": configured}
     jinja_file = path / "chat_template.jinja"
     default = jinja_file.read_text() if jinja_file.is_file() else named.get("default")
-    return default, named.get("tool_use")
+    # Where transformers 5 saves the named ones beside it.
+    tool_file = path / "additional_chat_templates" / "tool_use.jinja"
+    return default, tool_file.read_text() if tool_file.is_file() else named.get("tool_use")
 
 
 def _gguf_backend(gguf: "GGUFFile", kind: str) -> BackendTokenizer:
@@ -342,12 +344,18 @@ def _raise_exception(message: str) -> None:
     raise jinja2.TemplateError(message)
 
 
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    """Jinja's tojson as transformers defines it for chat templates: unescaped, with json.dumps' keywords."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
 def _jinja_env() -> "ImmutableSandboxedEnvironment":
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     # The same settings Hugging Face uses, so templates written for it render identically.
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env
