@@ -185,6 +185,10 @@ class EngineConfig:
         if not torch.cuda.is_available():
             raise InvalidRequestError(f"device={self.device!r}, but this PyTorch ({torch.__version__}) sees no CUDA "
                                       "GPU; use --device cpu")
+        index = torch.device(self.device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise InvalidRequestError(f"device={self.device!r}, but this machine has {torch.cuda.device_count()} CUDA "
+                                      f"GPU(s): cuda:0 to cuda:{torch.cuda.device_count() - 1}")
         # The Triton attention kernel tiles a block with tl.arange, which takes powers of two only.
         if self.block_size & (self.block_size - 1):
             raise InvalidRequestError(f"block_size={self.block_size} must be a power of two on CUDA")

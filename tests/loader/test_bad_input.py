@@ -141,6 +141,20 @@ def test_a_gpu_this_pytorch_lacks_is_an_error_before_the_model_opens(monkeypatch
         LLMEngine(EngineConfig(device="cuda"))
 
 
+def test_a_gpu_index_past_the_machines_gpus_is_an_error_before_the_model_opens(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(InvalidRequestError, match=r"has 1 CUDA GPU\(s\): cuda:0 to cuda:0"):
+        EngineConfig(device="cuda:3").check_device()
+    EngineConfig(device="cuda:0").check_device()
+
+
+def test_the_catalog_embedding_model_asked_to_generate_says_what_it_is():
+    with pytest.raises(UnsupportedArchitectureError, match="all-minilm-l6-v2 is a sentence-embedding model .* "
+                                                           "answers /v1/embeddings"):
+        open_model("all-minilm-l6-v2")
+
+
 def test_bad_prompts_and_options_are_invalid_requests(llm):
     with pytest.raises(InvalidRequestError, match="empty"):
         llm.generate([""])

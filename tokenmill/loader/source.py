@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from tokenmill.config import ModelConfig
-from tokenmill.errors import ModelNotFoundError
+from tokenmill.errors import ModelNotFoundError, UnsupportedArchitectureError
 from tokenmill.loader import catalog
 from tokenmill.loader.gguf import GGUFFile
 from tokenmill.loader.hf import HFDirectory
@@ -41,6 +41,10 @@ def open_model(name_or_path: str, pull_if_missing: bool = True) -> ModelSource:
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"{path} is a directory without config.json; not a Hugging Face model")
         files = HFDirectory(path)
+        if files.raw_config.get("model_type") == "bert":
+            raise UnsupportedArchitectureError(
+                f"{name_or_path} is a sentence-embedding model (BERT): it generates no text; `tokenmill serve "
+                f"--model {name_or_path}` answers /v1/embeddings with it")
         model_class(files.architecture)  # fail on an unsupported model before reading anything else
         config = files.model_config()
         tokenizer = Tokenizer.from_hf_dir(path, config.eos_token_ids)
