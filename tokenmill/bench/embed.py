@@ -108,20 +108,24 @@ def _http(args: argparse.Namespace, reference: "_Reference", texts: list[str]) -
     return rows
 
 
+_SERVED = "bench-embedder"
+
+
 def _serve_and_load(args: argparse.Namespace, texts: list[str], flags: list[str]) -> float:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "serve", "--model", args.model, "--port",
-                               str(port), "--embedding-dtype", args.dtype, *flags],
+    # Served under a name of its own: a folder's own would be its last part, not the path --model gave.
+    server = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "serve", "--model", f"{_SERVED}={args.model}",
+                               "--port", str(port), "--embedding-dtype", args.dtype, *flags],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, server)
-        asyncio.run(_load(url, args.model, texts[:32], args.clients))  # warm-up
+        asyncio.run(_load(url, _SERVED, texts[:32], args.clients))  # warm-up
         before = _batching(url)
         start = time.perf_counter()
-        asyncio.run(_load(url, args.model, texts, args.clients))
+        asyncio.run(_load(url, _SERVED, texts, args.clients))
         rate = len(texts) / (time.perf_counter() - start)
         after = _batching(url)
         inputs, passes, waited = (a - b for a, b in zip(after, before))
