@@ -17,7 +17,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 
 from tokenmill.config import ServerConfig
-from tokenmill.outputs import DraftCounters, EngineStats
+from tokenmill.outputs import CompletionOutput, DraftCounters, EngineStats, RequestMetrics, RequestOutput
 from tokenmill.server.dashboard import dashboard_router
 from tokenmill.server.errors import install_handlers
 from tokenmill.server.metrics import Metrics
@@ -105,13 +105,13 @@ def two_model_metrics():
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     _wait_for(lambda: server.started, timeout=10)
-    yield f"http://127.0.0.1:{port}", metrics
+    yield f"http://127.0.0.1:{port}", metrics, app.state.tokenmill
     server.should_exit = True
     thread.join(10)
 
 
 def test_routing_and_speculation_charts_appear_with_their_series(two_model_metrics, browser):
-    url, metrics = two_model_metrics
+    url, metrics, _ = two_model_metrics
     routing = Counter("tokenmill:routing_decisions", "Requests routed, by reason.", ["reason"],
                       registry=metrics.registry)
     browser.get(f"{url}/dashboard")
@@ -133,3 +133,21 @@ def test_routing_and_speculation_charts_appear_with_their_series(two_model_metri
     routed = _series(browser, "routed")
     assert _peak({"small": routed["small"]}) > 0 and _peak({"big": routed["big"]}) == 0
     assert _series(browser, "kv")["big"][-1] == pytest.approx(30)  # a line per model
+
+
+def test_a_counter_that_falls_is_a_gap_not_a_negative_rate(two_model_metrics, browser):
+    url, metrics, state = two_model_metrics
+    done = RequestOutput("r", None, [1, 2, 3], [CompletionOutput(0, "a", [4], "length")], True, 0,
+                         RequestMetrics(0.0, first_scheduled_time=0.1, token_times=[0.5], token_samples=[0],
+                                        finished_time=0.5))
+    for _ in range(5):
+        metrics.observe_finished(done)
+    browser.get(f"{url}/dashboard#key=s3cret")
+    _wait_for(lambda: len(_series(browser, "requests").get("big", [])) >= 2, timeout=15)
+    # As when a replica leaves `serve --replicas`' sum, or restarts: the counters start again from fewer.
+    state.metrics = Metrics("big")
+    state.metrics.for_model("small")
+    state.metrics.observe_finished(done)
+    _wait_for(lambda: len(_series(browser, "requests").get("big", [])) >= 5, timeout=15)
+    values = [v for line in ("requests", "tokens") for series in _series(browser, line).values() for v in series]
+    assert all(v is None or v >= 0 for v in values) and None in _series(browser, "requests")["big"]

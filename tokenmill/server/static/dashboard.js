@@ -12,10 +12,12 @@ const W = 400, H = 160, LEFT = 44, BOTTOM = 4, TOP = 8;
 // An API key set on the server travels in the URL fragment (/dashboard#key=...), which browsers never send.
 const API_KEY = new URLSearchParams(location.hash.slice(1)).get("key");
 
-const rate = (name) => (a, b, dt) => (b[name] - a[name]) / dt;
+// A counter that fell was reset (a replica restarted or left the sum): a gap, as Prometheus' rate() sees a reset,
+// not a negative rate.
+const rate = (name) => (a, b, dt) => b[name] >= a[name] ? (b[name] - a[name]) / dt : null;
 const ratio = (part, whole) => (a, b) => {
-  const d = b[whole] - a[whole];
-  return d > 0 ? 100 * (b[part] - a[part]) / d : null;  // nothing looked up between polls: a gap, not 0%
+  const d = b[whole] - a[whole], p = b[part] - a[part];
+  return d > 0 && p >= 0 ? 100 * p / d : null;  // nothing looked up between polls: a gap, not 0%
 };
 const percentiles = (name) => ({
   p50: (a, b) => b[name].p50, p90: (a, b) => b[name].p90, p99: (a, b) => b[name].p99,
