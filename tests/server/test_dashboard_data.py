@@ -9,9 +9,11 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
 from tokenmill.config import ServerConfig
+from tokenmill.embeddings.engine import BatchStats
 from tokenmill.scale.metrics import merge
 from tokenmill.outputs import CompletionOutput, DraftCounters, EngineStats, RequestMetrics, RequestOutput
 from tokenmill.server.dashboard import dashboard_router, quantile, snapshot
+from tokenmill.server.embedding_metrics import EmbeddingMetrics
 from tokenmill.server.errors import install_handlers
 from tokenmill.server.metrics import Metrics
 from tokenmill.server.serving import ServerState
@@ -83,11 +85,15 @@ def test_snapshot_of_two_replicas_adds_counts_merges_histograms_and_averages_kv_
         replica.observe_stats(EngineStats(1, 0, num_free_blocks=free, num_blocks=100, prefix_queries=0,
                                           prefix_hits=0, num_preemptions=0, busy_seconds=1.0, uptime_seconds=2.0,
                                           price_per_hour=3.6))
+    # A replica that also serves an embedding model: its series name a model that has no generative charts.
+    embedding = EmbeddingMetrics(replicas[0].registry, replicas[0].observe_other_busy)
+    embedding.observer("emb")(BatchStats(2, 8, 8, [0.0, 0.0], 0.01))
     routing = CollectorRegistry()
     Counter("tokenmill:routing_decisions", "", ["reason"], registry=routing).labels("prefix").inc(3)
     # As the deployment's ingress merges them: each replica's /metrics text, its samples labelled by replica.
     texts = {f"r{i}": replica.render().decode() for i, replica in enumerate(replicas)}
     data = snapshot(text_string_to_metric_families(merge(texts, routing).decode()))
+    assert list(data["models"]) == ["a"]
     a = data["models"]["a"]
     assert a["requests"] == 4 and a["generation_tokens"] == 10 and a["ttft"]["count"] == 4
     assert a["running"] == 2 and a["kv_cache_usage"] == pytest.approx(0.2)  # (10% + 30%) / 2

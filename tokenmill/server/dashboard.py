@@ -52,7 +52,8 @@ def snapshot(families: Iterable[Metric]) -> dict:
             name, labels = sample.name.removeprefix(_PREFIX), sample.labels
             if name == "routing_decisions_total":
                 routing[labels["reason"]] = routing.get(labels["reason"], 0.0) + sample.value
-            if name == sample.name or "model_name" not in labels:
+            # Embedding models' series carry model_name too, but they have no generative charts to be a line in.
+            if name == sample.name or "model_name" not in labels or name.startswith("embedding_"):
                 continue
             model = models.setdefault(labels["model_name"], _empty())
             # Samples of one model under other labels (finished_reason, replica) add up.
