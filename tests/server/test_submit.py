@@ -8,6 +8,7 @@ import pytest
 
 from tokenmill.config import ServerConfig
 from tokenmill.engine.async_engine import AsyncEngine
+from tokenmill.engine.deadlines import DeadlineError
 from tokenmill.errors import InvalidRequestError
 from tokenmill.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
 from tokenmill.sampling import SamplingParams
@@ -132,3 +133,19 @@ def test_a_stream_whose_client_left_before_the_first_chunk_is_still_aborted():
     # As uvicorn serves it (ASGI spec 2.3): Starlette listens for the disconnect and cancels the body unstarted.
     asyncio.run(response({"type": "http", "asgi": {"spec_version": "2.3"}}, gone, send))
     assert not started and closed == [True, True]
+
+
+def test_a_refused_deadline_counts_each_prompt_as_met_and_missed_do():
+    class Refusing:
+        is_running, stalled, num_waiting = True, None, 0
+        stats = SimpleNamespace(num_waiting_tokens=0)
+
+        async def add_requests(self, requests, params, arrival_time):
+            raise DeadlineError("cannot finish in 1 ms", 250.0)
+
+    metrics = Metrics("m")
+    state = ServerState({"m": ServedModel("m", Refusing(), None, 2048)}, ServerConfig(), metrics)
+    with pytest.raises(APIError):
+        asyncio.run(submit(state, state.models["m"], [[1], [2], [3]], SamplingParams(deadline_ms=1), "r"))
+    assert metrics.registry.get_sample_value("tokenmill:deadline_requests_total",
+                                             {"model_name": "m", "outcome": "refused"}) == 3

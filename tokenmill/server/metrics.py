@@ -103,9 +103,10 @@ class Metrics:
         """Count one `auto` request answered by model_name (any served model: the family is shared)."""
         self._routed.labels(model_name, policy, reason).inc()
 
-    def observe_deadline(self, model_name: str, outcome: str) -> None:
-        """Count one request with a deadline of model_name by its outcome (met, missed, refused, dropped)."""
-        self._deadlines.labels(model_name, outcome).inc()
+    def observe_deadline(self, model_name: str, outcome: str, count: int = 1) -> None:
+        """Count engine requests (one per prompt) with a deadline of model_name by their outcome (met, missed,
+        refused, dropped)."""
+        self._deadlines.labels(model_name, outcome).inc(count)
 
     def observe_stats(self, stats: EngineStats) -> None:
         """Set the load gauges and advance the cumulative counters by what changed since last time."""

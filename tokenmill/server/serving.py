@@ -110,7 +110,7 @@ async def submit(state: ServerState, model: ServedModel, prompts: list[list[int]
         requests = [(f"{id_prefix}-{i}", prompt) for i, prompt in enumerate(prompts)]
         return await engine.add_requests(requests, params, time.perf_counter())
     except DeadlineError as exc:
-        state.metrics.observe_deadline(model.name, "refused")
+        state.metrics.observe_deadline(model.name, "refused", len(prompts))  # per prompt, as met and missed are
         raise deadline_refused(str(exc)) from exc
     finally:
         model.pending_tokens -= tokens
