@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tokenmill.engine.llm_engine import LLMEngine
-from tokenmill.errors import TokenmillError
+from tokenmill.errors import InvalidRequestError, TokenmillError
 from tokenmill.outputs import EngineStats, RequestOutput
 from tokenmill.sampling import SamplingParams
 
@@ -331,9 +331,12 @@ class AsyncEngine:
                 self._deliver(output)
             elif output.finished:
                 _observe(self.on_finished, output)
-        for request_id in failures:
+        for request_id, exc in failures.items():
             # It failed alone (a sampler or detokenizer error, logged where it was caught) and is aborted already.
-            self._fail(request_id, EngineStepError("the engine failed while running this request; see the server log"))
+            # A request's own mistake (a grammar the library gave up on) is the client's to read; the rest is ours.
+            error = exc if isinstance(exc, InvalidRequestError) else EngineStepError(
+                "the engine failed while running this request; see the server log")
+            self._fail(request_id, error)
 
     def _step_done(self) -> None:
         """Tell the watchdog the step is over; if it had declared the engine stalled, the engine is healthy again."""

@@ -239,7 +239,11 @@ class LLMEngine:
                 if not moved:
                     raise
                 bad = plan.scheduled[moved[-1]][0]
-                logger.exception("recording request %s's tokens failed; failing that request alone", bad.request_id)
+                if isinstance(exc, InvalidRequestError):  # the request's own doing (its grammar): no bug to trace
+                    logger.warning("request %s failed: %s", bad.request_id, str(exc).splitlines()[0])
+                else:
+                    logger.exception("recording request %s's tokens failed; failing that request alone",
+                                     bad.request_id)
                 failed[bad.request_id] = exc
                 rest = [(item, n) for item, n in zip(plan.scheduled[moved[-1] + 1 :], computed[moved[-1] + 1 :])
                         if item[0].request_id not in failed]

@@ -67,7 +67,7 @@ class GrammarState:
         """Consume a sampled token and start on the next mask; False if the grammar rejects the token."""
         self._mask.result()  # NOTE: the matcher must not move while a mask is computed from it
         if not self.matcher.consume_token(token_id):
-            logger.warning("grammar rejected token %d: %s", token_id, self.matcher.get_error())
+            logger.warning("grammar rejected token %d: %s", token_id, self.matcher.get_error().splitlines()[0])
             return False
         self.is_complete = self.matcher.is_stopped()
         if not self.is_complete:
@@ -77,7 +77,8 @@ class GrammarState:
     def rejected(self) -> InvalidRequestError:
         """The error for a sampled token the grammar rejected: the mask allowed it, so the library gave up on the
         grammar (e.g. a lexer past its limits)."""
-        return InvalidRequestError(f"the {self.param} could not be followed: {self.matcher.get_error()}", self.param)
+        reason = self.matcher.get_error().splitlines()[0]  # the rest is the library's dump of its parser state
+        return InvalidRequestError(f"the {self.param} could not be followed: {reason}", self.param)
 
     def mask(self) -> torch.Tensor:
         """The allowed next tokens as llguidance's bitmask, [1, ceil(vocab / 32)] int32."""
