@@ -179,3 +179,12 @@ def test_none_leaves_the_model_alone(tied_lm):
     model = tied_lm
     quantize_model(model, "none", group_size=32)
     assert type(model.proj) is nn.Linear and type(model.embed_tokens) is nn.Embedding
+
+
+@pytest.mark.parametrize("layer", [Int8Linear, Int4Linear])
+@pytest.mark.parametrize("outlier", [-70_000.0, float("nan")])
+def test_a_weight_past_float16_scales_is_a_load_error_not_nan_outputs(layer, outlier):
+    weight = torch.randn(16, 64)
+    weight[3, 5] = outlier  # finite in bfloat16 and float32; float16, which holds the scales, ends at 65504
+    with pytest.raises(ModelLoadError, match="--quantization none"):
+        layer(64, 16, 32).load_rows(slice(None), weight, "w")

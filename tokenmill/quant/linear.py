@@ -9,6 +9,9 @@ from tokenmill import ops
 from tokenmill.layers.base import Layer
 from tokenmill.quant.levels import LevelRows, dequantize_groups
 
+# The largest |weight| whose group's float16 step and offset stay finite: int8's offset is -128 steps of absmax / 127.
+_QUANTIZABLE = 127 * 65504 / 128
+
 
 class QuantizedLinear(Layer):
     """y = x @ W.T + b with W stored quantized: the C++ kernel on CPU in float32, dequantized elsewhere.
@@ -58,7 +61,11 @@ class QuantizedLinear(Layer):
                                                self.scale, start)
                 return
             weight = weight.dequantize()
-        ops.require().quantize_weight_rows(weight.float().contiguous(), self.bits, self.qweight, self.scale, start)
+        weight = weight.float().contiguous()
+        if not bool(weight.abs().max() <= _QUANTIZABLE):  # NaN fails this too
+            raise ModelLoadError(f"checkpoint tensor {name} holds weights past what int{self.bits}'s float16 scales "
+                                 f"can express (|w| up to {_QUANTIZABLE:.0f}); load it with --quantization none")
+        ops.require().quantize_weight_rows(weight, self.bits, self.qweight, self.scale, start)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Runs 121 times a step for SmolLM2: the model's 2-D input skips the reshape and view, about
