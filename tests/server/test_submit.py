@@ -1,6 +1,7 @@
 """Admission of a many-prompt request: every prompt enters the engine between the same two steps, or none does."""
 
 import asyncio
+import gc
 import threading
 from types import SimpleNamespace
 
@@ -149,3 +150,10 @@ def test_a_refused_deadline_counts_each_prompt_as_met_and_missed_do():
         asyncio.run(submit(state, state.models["m"], [[1], [2], [3]], SamplingParams(deadline_ms=1), "r"))
     assert metrics.registry.get_sample_value("tokenmill:deadline_requests_total",
                                              {"model_name": "m", "outcome": "refused"}) == 3
+
+
+def test_every_refused_prompts_error_is_read_so_asyncio_logs_none(caplog):
+    with pytest.raises(InvalidRequestError):
+        _submit(CountingEngine(), [[1], [0], [0], [0]])
+    gc.collect()  # asyncio logs an unread future exception when the future is collected
+    assert "never retrieved" not in caplog.text

@@ -165,7 +165,9 @@ class AsyncEngine:
                 self.abort(add.request_id)
             raise
         streams = [RequestStream(self, add.request_id, add.outputs) for add in adds]
-        error = next((add.accepted.exception() for add in adds if add.accepted.exception() is not None), None)
+        # Every one read, so asyncio logs none as "never retrieved"; the first is the caller's.
+        errors = [add.accepted.exception() for add in adds]
+        error = next((e for e in errors if e is not None), None)
         if error is not None:
             for stream in streams:
                 stream.close()  # NOTE: aborts those the engine took; the others are unknown to it, a no-op
