@@ -173,6 +173,18 @@ def test_bad_plan_flags_fail_in_one_line(tmp_path, capsys, args, message):
     assert len(err) == 1 and err[0].startswith("tokenmill: error: ") and message in err[0]
 
 
+@pytest.mark.parametrize("damage", [lambda r: r["settings"].pop("max_model_len"), lambda r: r["price"].clear(),
+                                    lambda r: r.update(grid=7), lambda r: r["grid"][0].pop("ms")])
+def test_a_hand_edited_profile_missing_a_field_is_one_line(tmp_path, capsys, damage):
+    _write_profile(tmp_path / "p.json", _flat)
+    report = json.loads((tmp_path / "p.json").read_text())
+    damage(report)
+    (tmp_path / "p.json").write_text(json.dumps(report))
+    assert main(["plan", "--profile", str(tmp_path / "p.json"), "--rate", "1", "--ttft-ms", "100"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a malformed tokenmill profile" in err[0]
+
+
 def test_a_file_that_is_not_a_profile_is_refused_with_what_to_do(tmp_path, capsys):
     (tmp_path / "bad.json").write_text('{"grid": []}')
     assert main(["plan", "--profile", str(tmp_path / "bad.json"), "--rate", "1", "--ttft-ms", "100"]) == 1

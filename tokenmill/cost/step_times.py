@@ -60,6 +60,10 @@ class Profile:
     price_basis: str
 
 
+_SETTINGS = ("quantization", "dtype", "max_num_seqs", "max_num_batched_tokens", "num_blocks", "block_size",
+             "enable_prefix_caching", "max_model_len")
+
+
 def load_profile(path: Path) -> Profile:
     """Read and check a profile; raises InvalidRequestError naming what to do about a bad file."""
     remedy = "make one with `tokenmill bench profile --out FILE`"
@@ -74,15 +78,22 @@ def load_profile(path: Path) -> Profile:
     if report["version"] != PROFILE_VERSION:
         raise InvalidRequestError(f"{path} is profile version {report['version']}, this tokenmill reads "
                                   f"{PROFILE_VERSION}; {remedy}")
-    grid = report["grid"]
-    if not any(c["decode_seqs"] == 0 for c in grid) or not any(c["prefill_tokens"] == 0 for c in grid):
-        raise InvalidRequestError(f"{path} needs prompt-only and decode-only steps (0 in --decode-seqs and "
-                                  f"--prefill-tokens); {remedy}")
-    s = report["settings"]
-    label = (f"{report['model']} {s['quantization']} {s['dtype']} seqs={s['max_num_seqs']} "
-             f"tokens={s['max_num_batched_tokens']}")
-    times = StepTimes(grid, report["context"], report["context_sweep"])
-    return Profile(path, label, s, times, report["price"]["usd_per_hour"], report["price"]["basis"])
+    try:
+        grid = report["grid"]
+        if not any(c["decode_seqs"] == 0 for c in grid) or not any(c["prefill_tokens"] == 0 for c in grid):
+            raise InvalidRequestError(f"{path} needs prompt-only and decode-only steps (0 in --decode-seqs and "
+                                      f"--prefill-tokens); {remedy}")
+        s = report["settings"]
+        missing = {k for k in _SETTINGS if k not in s}  # what the simulator and planner read
+        if missing:
+            raise KeyError(f"settings.{sorted(missing)[0]}")
+        label = (f"{report['model']} {s['quantization']} {s['dtype']} seqs={s['max_num_seqs']} "
+                 f"tokens={s['max_num_batched_tokens']}")
+        times = StepTimes(grid, report["context"], report["context_sweep"])
+        return Profile(path, label, s, times, report["price"]["usd_per_hour"], report["price"]["basis"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a hand-edited file
+        raise InvalidRequestError(f"{path} is a malformed tokenmill profile ({type(exc).__name__}: {exc}); "
+                                  f"{remedy}") from exc
 
 
 def _context_slope(sweep: list[dict]) -> float:
