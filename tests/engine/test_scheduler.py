@@ -63,3 +63,14 @@ def test_a_lookup_draft_never_takes_the_block_a_later_sequences_next_token_needs
         out = scheduler.schedule()
         assert out.preempted == [] and dict((seq.seq_id, n) for seq, n in out.scheduled) == {0: 3, 1: 1}
         assert a.draft_token_ids == [7, 7]  # the drafts its own block holds
+
+
+def test_drafts_under_a_pool_short_of_the_next_tokens_are_dropped_and_the_step_preempts():
+    # 3 blocks of 4, all held; B's and C's next tokens each need a new one: the spare count is below zero, where
+    # trimming the drafts looped for ever.
+    scheduler = Scheduler(EngineConfig(model="unused", max_num_seqs=4, max_num_batched_tokens=16), BlockManager(3, 4))
+    a = _at(scheduler, 0, [1, 2], [7, 7], 0.0)
+    for seq_id in (1, 2):
+        _at(scheduler, seq_id, [1, 2, 3, 4, 5], [], float(seq_id))
+    out = scheduler.schedule()
+    assert a.draft_token_ids == [] and [seq.seq_id for seq in out.preempted] == [2]

@@ -78,10 +78,11 @@ class Scheduler:
                 if spare is None:
                     spare = self.block_manager.spare_blocks(list(zip(ordered, own)))
                 extra = self.block_manager.extra_blocks(seq, n + len(drafts), n)
-                while not all(e <= left for e, left in zip(extra, spare)):
+                while drafts and not all(e <= left for e, left in zip(extra, spare)):
                     drafts = drafts[:-1]  # those that fit the blocks left (its own last one, often)
                     extra = self.block_manager.extra_blocks(seq, n + len(drafts), n)
-                spare = [left - e for e, left in zip(extra, spare)]
+                if drafts:
+                    spare = [left - e for e, left in zip(extra, spare)]
             seq.draft_token_ids = drafts
             n += len(drafts)
             while not self.block_manager.can_allocate(seq, n):
