@@ -12,14 +12,14 @@ FIELDS = {
 }
 
 
-def _bench(server, tmp_path, *flags: str) -> tuple[dict, subprocess.CompletedProcess]:
+def _bench(server, tmp_path, *flags: str, exit_code: int = 0) -> tuple[dict, subprocess.CompletedProcess]:
     out = tmp_path / "result.json"
     result = subprocess.run(
         [sys.executable, "-m", "tokenmill.cli", "bench", "serve", "--base-url", server.url, "--out", str(out),
          "--plot", str(tmp_path / "result.png"), *flags],
         capture_output=True, text=True, timeout=600,
     )
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == exit_code, result.stderr
     return json.loads(out.read_text(), parse_constant=_not_standard_json), result
 
 
@@ -60,7 +60,9 @@ def test_bench_serve_chat_with_poisson_arrivals(server, tmp_path):
 
 def test_bench_serve_counts_rejected_requests_as_failures(server, tmp_path):
     # 9000-token prompts do not fit the 8192-token context: the server answers 400 to each.
-    report, _ = _bench(server, tmp_path, "--num-prompts", "2", "--output-len", "4", "--warmup", "0",
-                       "--input-len", "9000")
+    report, result = _bench(server, tmp_path, "--num-prompts", "2", "--output-len", "4", "--warmup", "0",
+                            "--input-len", "9000", exit_code=1)  # a table of zeros is no measurement
     assert report["completed"] == 0 and report["failed"] == 2
     assert "HTTP 400" in report["errors"][0]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("tokenmill: error: all 2 requests failed, the first with: HTTP 400")

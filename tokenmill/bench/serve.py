@@ -98,6 +98,9 @@ def main(args: argparse.Namespace) -> int:
     if args.out:
         # Standard JSON: jq, browsers and strict parsers refuse Infinity and NaN.
         args.out.write_text(json.dumps(report, indent=2, default=str, allow_nan=False))
+    runs = list(report["policies"].values()) if args.policies else [report]
+    if not any(run["completed"] for run in runs):  # a table of zeros is no measurement: the report says why
+        raise InvalidRequestError(f"all {runs[0]['failed']} requests failed, the first with: {runs[0]['errors'][0]}")
     return 0
 
 
@@ -116,8 +119,6 @@ def _measure(args: argparse.Namespace, requests: list[BenchRequest], deadlines: 
         from tokenmill.bench.plot import plot_run
 
         plot_run(results, duration, args.plot)
-    if not any(r.success for r in results):  # a table of zeros is no measurement: say so, and exit non-zero
-        raise InvalidRequestError(f"all {len(results)} requests failed, the first with: {results[0].error}")
     return report
 
 
