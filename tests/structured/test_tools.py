@@ -106,6 +106,19 @@ TREE = {"type": "function", "function": {"name": "tree", "parameters": {  # recu
     "type": "object", "properties": {"child": {"$ref": "#"}}, "additionalProperties": False}}}
 
 
+# A property may be named like a keyword whose value is data ("default", "enum"): its schema's $ref moves too.
+KEYWORD_NAMED = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "$defs": {"Location": NESTED["function"]["parameters"]["$defs"]["Location"]},
+    "type": "object", "properties": {"default": {"$ref": "#/$defs/Location"}}, "required": ["default"],
+    "additionalProperties": False}}}
+
+
+def test_a_property_named_like_a_data_keyword_keeps_its_ref_resolved(smollm2_source):
+    state = GrammarState(forced_call([KEYWORD_NAMED], None), smollm2_source.tokenizer)
+    text = '<tool_call>[{"name": "get_weather", "arguments": {"default": {"city": "Oslo"}}}]</tool_call>'
+    assert all(state.advance(t) for t in smollm2_source.tokenizer.encode(text, add_special_tokens=False))
+
+
 @pytest.mark.parametrize("tools", [[NESTED, TREE], [NESTED], [TREE]])
 def test_forced_grammar_resolves_each_tools_refs_within_its_own_parameters(smollm2_source, tools):
     tokenizer = smollm2_source.tokenizer

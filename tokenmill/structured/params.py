@@ -2,6 +2,7 @@
 
 import json
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from tokenmill.errors import InvalidRequestError
@@ -60,18 +61,40 @@ class StructuredOutput:
         return grammar
 
 
-def bounded_numbers(schema: Any) -> Any:
-    """A copy of a schema in which every number without a multipleOf takes NUMBER_STEP."""
+# Keywords whose values are data, not schemas; and those whose values map names (of properties, definitions) to
+# schemas, where a name may be any word, "default" or "enum" too.
+_DATA = ("enum", "const", "default", "examples")
+_NAMED = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def map_schemas(schema: Any, visit: Callable[[dict[str, Any]], None]) -> Any:
+    """A copy of a JSON schema with visit(node) applied to each of its (sub)schema objects' copies, inner first."""
     if isinstance(schema, list):
-        return [bounded_numbers(s) for s in schema]
+        return [map_schemas(s, visit) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: v if k in ("enum", "const", "default", "examples") else bounded_numbers(v) for k, v in schema.items()}
-    kind = schema.get("type")
-    if ((kind == "number" or isinstance(kind, list) and "number" in kind) and "multipleOf" not in schema
-            and not _pinned(schema)):
-        out["multipleOf"] = NUMBER_STEP
+    out = {}
+    for key, value in schema.items():
+        if key in _DATA:
+            out[key] = value
+        elif key in _NAMED and isinstance(value, dict):
+            out[key] = {name: map_schemas(sub, visit) for name, sub in value.items()}
+        else:
+            out[key] = map_schemas(value, visit)
+    visit(out)
     return out
+
+
+def bounded_numbers(schema: Any) -> Any:
+    """A copy of a schema in which every number without a multipleOf takes NUMBER_STEP."""
+
+    def step(node: dict[str, Any]) -> None:
+        kind = node.get("type")
+        if ((kind == "number" or isinstance(kind, list) and "number" in kind) and "multipleOf" not in node
+                and not _pinned(node)):
+            node["multipleOf"] = NUMBER_STEP
+
+    return map_schemas(schema, step)
 
 
 def _pinned(schema: dict[str, Any]) -> bool:

@@ -4,7 +4,7 @@ import json
 from typing import Any
 
 from tokenmill.loader.tokenizer import Tokenizer
-from tokenmill.structured.params import JSON_STYLE, StructuredOutput, bounded_numbers
+from tokenmill.structured.params import JSON_STYLE, StructuredOutput, bounded_numbers, map_schemas
 
 # The shape SmolLM2-Instruct was tuned to call functions in (its model card's prompt), a JSON list in tags; the
 # parser (tool_parser.py) also reads the Hermes/Qwen form, one object per <tool_call> block.
@@ -94,15 +94,13 @@ def forced_call(tools: list[dict[str, Any]], name: str | None, parallel: bool = 
 
 def _rebased(schema: Any, root: str) -> Any:
     """A copy of a schema whose local $refs, written from its own root, point into it where it now sits at root."""
-    if isinstance(schema, list):
-        return [_rebased(s, root) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: v if k in ("enum", "const", "default", "examples") else _rebased(v, root) for k, v in schema.items()}
-    ref = schema.get("$ref")
-    if isinstance(ref, str) and ref.startswith("#"):
-        out["$ref"] = root + ref[1:]
-    return out
+
+    def rebase(node: dict[str, Any]) -> None:
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#"):
+            node["$ref"] = root + ref[1:]
+
+    return map_schemas(schema, rebase)
 
 
 def chat_prompt(tokenizer: Tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]],
