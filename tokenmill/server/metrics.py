@@ -159,7 +159,8 @@ class Metrics:
     def observe_finished(self, output: RequestOutput) -> None:
         """Record one finished (or aborted) request's latencies and token counts from its last output."""
         m = output.metrics
-        # A request aborted before it was scheduled read no prompt: its tokens would price prompts at nothing.
+        # A request aborted before it was scheduled read no prompt: not counted (as vLLM counts prompt tokens as
+        # they are prefilled), and its tokens would price prompts at nothing.
         prompt_tokens = 0 if m.first_scheduled_time is None else len(output.prompt_token_ids)
         self.prompt_tokens.inc(prompt_tokens)
         self.generation_tokens.inc(len(m.token_times))  # the output is the last delta; the timestamps are whole
