@@ -79,7 +79,8 @@ def test_bench_serve_warms_up_on_requests_it_does_not_measure(monkeypatch):
     monkeypatch.setattr(serve, "send", fake_send)
     monkeypatch.setattr(serve, "build_requests", lambda args, tokenizer: [
         BenchRequest([i], 1, 1) for i in range(args.num_prompts)])
-    monkeypatch.setattr(serve, "summarize", lambda results, *rest: {"measured": len(results)})
+    monkeypatch.setattr(serve, "summarize",
+                        lambda results, *rest: {"measured": len(results), "completed": len(results)})
     monkeypatch.setattr(serve, "format_report", str)
     args = argparse.Namespace(num_prompts=3, warmup=2, burstiness=1.0, range_ratio=0.0, request_rate=float("inf"),
                               goodput=None, tokenizer=None, model="smollm2-135m", endpoint="completions",
