@@ -38,3 +38,26 @@ def test_tools_and_a_past_call_without_content_reach_the_prompt(llm):
 def test_a_content_part_other_than_text_is_an_invalid_request(llm):
     with pytest.raises(InvalidRequestError, match="content part of type 'image_url'"):
         llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+
+
+def test_a_developer_message_renders_as_the_system_one_as_the_server_reads_it(llm):
+    system = llm.chat([{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hi"}],
+                      GREEDY)[0]
+    developer = llm.chat([{"role": "developer", "content": "Answer in French."}, {"role": "user", "content": "Hi"}],
+                         GREEDY)[0]
+    assert developer.prompt_token_ids == system.prompt_token_ids  # not a default system prompt and a stray turn
+
+
+def test_ctrl_c_while_prompts_queue_leaves_none_in_the_engine(llm, monkeypatch):
+    add, calls = llm.engine.add_request, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return add(*args, **kwargs)
+
+    monkeypatch.setattr(llm.engine, "add_request", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(["a", "b", "c"], GREEDY)
+    assert not llm.engine.requests and not llm.engine.has_unfinished()

@@ -51,7 +51,7 @@ class LLM:
         try:
             for request_id, prompt, p in zip(ids, prompts, params):
                 self.engine.add_request(request_id, _prompt_input(prompt), p or SamplingParams())
-        except Exception:
+        except BaseException:  # an invalid prompt, or Ctrl-C while a long list queues: none of them stays queued
             for request_id in ids:
                 self.engine.abort(request_id)
             raise
@@ -74,7 +74,9 @@ class LLM:
         for conversation in conversations:
             # Content as one string (OpenAI's text parts joined, None beside tool calls empty), which templates
             # concatenate; every other key (roles, tool calls, a template's own fields) as given.
-            flat = [{**m, "content": content_text(m.get("content"))} for m in conversation]
+            # `developer` is OpenAI's newer name for `system`, as the server reads it.
+            flat = [{**m, "content": content_text(m.get("content")),
+                     **({"role": "system"} if m.get("role") == "developer" else {})} for m in conversation]
             prompts.append({"prompt_token_ids": chat_prompt(self.tokenizer, flat, tools or [], forced=False)})
         return self.generate(prompts, sampling_params, use_tqdm)
 

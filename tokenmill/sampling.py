@@ -51,8 +51,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop)
-        self.stop_token_ids = list(self.stop_token_ids)
+        self.stop = list(self.stop or [])  # None: none, as vLLM's default
+        self.stop_token_ids = list(self.stop_token_ids or [])
         _check(self.n >= 1, "n", self.n, "must be at least 1")
         # NOTE: comparisons refuse NaN; the upper bounds refuse Infinity, which would make every probability NaN.
         _check(0 <= self.temperature < float("inf"), "temperature", self.temperature, "must be >= 0 and finite")

@@ -183,3 +183,8 @@ def test_hf_directory_without_weights_is_a_load_error(tmp_path, smollm2_source):
     smollm2_source.tokenizer.backend.save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(ModelLoadError, match="safetensors"):
         open_model(str(tmp_path))
+
+
+def test_no_stops_given_as_none_as_vllm_takes_them():
+    params = SamplingParams(stop=None, stop_token_ids=None)
+    assert params.stop == [] and params.stop_token_ids == []
