@@ -169,3 +169,14 @@ def test_an_escalation_whose_client_left_answers_nobody(monkeypatch):
     state, _ = _unsure_then(monkeypatch, gone)
     with pytest.raises(APIError, match="client closed"):
         _cascade(state, SamplingParams(max_tokens=4))
+
+
+def test_routing_headers_hold_any_models_name_as_a_valid_header_value():
+    from starlette.datastructures import MutableHeaders
+
+    state = _state(True, True)
+    state.models["m0"].name = "模型\n"  # served names are --model NAME=...'s, any text
+    routed = asyncio.run(route(state, "auto", _chat, SamplingParams(max_tokens=4), False))
+    headers = routed.headers()
+    MutableHeaders().update(headers)  # as the response sets them: a name outside Latin-1 raised, after queueing
+    assert headers[serving.ROUTED_MODEL_HEADER] == "\\u6a21\\u578b "

@@ -39,7 +39,8 @@ class Routed:
         """The routing headers: empty unless the server chose the model."""
         if self.route is None:
             return {}
-        return {ROUTED_MODEL_HEADER: self.model.name, ROUTE_REASON_HEADER: self.route.reason}
+        return {ROUTED_MODEL_HEADER: _header_value(self.model.name),
+                ROUTE_REASON_HEADER: _header_value(self.route.reason)}
 
     async def finish(self, state: ServerState, request: Request, streams: list[RequestStream],
                      response_id: str) -> tuple[list[RequestOutput], dict]:
@@ -81,6 +82,13 @@ class Routed:
                     sample.logprobs = None
         state.metrics.observe_route(self.model.name, self.policy, self.route.kind)
         return outputs, block
+
+
+def _header_value(text: str) -> str:
+    """text as an HTTP header value: Latin-1 (a model may be named in any script: the rest backslash-escaped) and no
+    control characters; else the response fails after its request was queued, or answered and paid for."""
+    escaped = text.encode("latin-1", "backslashreplace").decode("latin-1")
+    return "".join(c if c.isprintable() else " " for c in escaped)
 
 
 def _deadlines_left(params: SamplingParams, arrived: float) -> SamplingParams | None:
