@@ -12,8 +12,9 @@ from tokenmill.server.errors import APIError
 # Milliseconds from arrival for the whole answer, and for its first token.
 DEADLINE_HEADER = "x-tokenmill-deadline-ms"
 TTFT_DEADLINE_HEADER = "x-tokenmill-ttft-deadline-ms"
-# On an answer to a request with a deadline: `met` or `missed` (served, but late). Streams carry it as the
-# `deadline_status` field of the chunk that finishes each request, since their headers go out first.
+# On an answer to a request with a deadline: `met` or `missed` (served, but late). Streams, whose headers go out
+# first, carry it as the `deadline_status` field of a chunk of its own after the choices' last (choices empty, as
+# the usage chunk's).
 STATUS_HEADER = "x-tokenmill-deadline"
 
 
