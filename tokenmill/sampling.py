@@ -53,7 +53,7 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])  # None: none, as vLLM's default
         self.stop_token_ids = list(self.stop_token_ids or [])
-        _check(self.n >= 1, "n", self.n, "must be at least 1")
+        _check(isinstance(self.n, int) and self.n >= 1, "n", self.n, "must be an integer, at least 1")
         # NOTE: comparisons refuse NaN; the upper bounds refuse Infinity, which would make every probability NaN.
         _check(0 <= self.temperature < float("inf"), "temperature", self.temperature, "must be >= 0 and finite")
         _check(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
@@ -71,6 +71,8 @@ class SamplingParams:
             "seed", self.seed, "must be a 64-bit integer",
         )
         _check(self.min_tokens >= 0, "min_tokens", self.min_tokens, "must be >= 0")
+        _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens", self.min_tokens,
+               f"must be at most max_tokens ({self.max_tokens}), as vLLM requires")
         _check(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", self.logprobs, "must be in [0, 20]")
         _check(self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs",
                self.prompt_logprobs, "must be in [0, 20]")

@@ -188,3 +188,10 @@ def test_hf_directory_without_weights_is_a_load_error(tmp_path, smollm2_source):
 def test_no_stops_given_as_none_as_vllm_takes_them():
     params = SamplingParams(stop=None, stop_token_ids=None)
     assert params.stop == [] and params.stop_token_ids == []
+
+
+@pytest.mark.parametrize("options, message", [({"min_tokens": 5, "max_tokens": 4}, "must be at most max_tokens"),
+                                              ({"n": 2.0}, "must be an integer")])
+def test_sampling_params_vllm_refuses_are_refused(options, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        SamplingParams(**options)
