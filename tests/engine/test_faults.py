@@ -231,3 +231,22 @@ def test_a_failed_steps_time_is_billed_as_busy(engine, monkeypatch):
     engine.abort("bad")
     assert engine.cost.busy_seconds - busy >= 0.2
     _assert_pool_empty(engine)
+
+
+def test_a_request_failing_in_one_sample_still_gets_the_tokens_its_other_sample_made_that_step(engine, drain):
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, n=2)
+    engine.add_request("bad", PROMPTS["bad"], params)
+    first, second = engine.requests["bad"].seqs
+    add = second.detokenizer.add
+
+    def broken(token_id, check_stop=True):
+        if second.num_output_tokens >= 3:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected detokenizer fault")
+        return add(token_id, check_stop)
+
+    second.detokenizer.add = broken
+    final = drain(engine)["bad"]
+    assert list(engine.take_failures()) == ["bad"]
+    # The failing step's output was taken, then dropped for the abort's, which carried only what came after.
+    assert final.outputs[0].token_ids == first.output_token_ids and len(first.output_token_ids) == 4
+    _assert_pool_empty(engine)

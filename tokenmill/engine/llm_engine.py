@@ -207,6 +207,8 @@ class LLMEngine:
             touched[seq.request_id] = request
         outputs = dropped
         for request in touched.values():
+            if request.request_id in failed:
+                continue  # its last output, this step's tokens included, comes from its abort (_fail)
             if all(s.is_finished for s in request.seqs):
                 _finish(request, now)
                 _judge_deadline(request, now)
