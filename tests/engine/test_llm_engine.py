@@ -98,9 +98,13 @@ def test_request_that_cannot_fit_the_pool_is_rejected_at_admission(make_engine):
     assert not small.has_unfinished()
 
 
-def test_a_max_model_len_past_the_model_or_the_pool_is_refused_not_shortened(make_engine):
-    with pytest.raises(InvalidRequestError, match="max_model_len=100000 is more than the 8192 positions"):
-        make_engine(max_model_len=100_000)
+def test_a_max_model_len_past_the_model_or_the_pool_is_refused_not_shortened(make_engine, monkeypatch):
+    from tokenmill.engine import llm_engine
+
+    with monkeypatch.context() as patch:  # refused before the weights load
+        patch.setattr(llm_engine, "ModelRunner", lambda *args, **kwargs: pytest.fail("loaded the weights"))
+        with pytest.raises(InvalidRequestError, match="max_model_len=100000 is more than the 8192 positions"):
+            make_engine(max_model_len=100_000)
     block_bytes = make_engine(kv_cache_memory=0.01).runner.kv_cache.block_bytes
     with pytest.raises(InvalidRequestError, match=r"KV cache holds for one sequence \(320 tokens\)"):
         make_engine(kv_cache_memory=20 * block_bytes / 2**30, max_model_len=8000)

@@ -49,6 +49,8 @@ class LLMEngine:
         self.source = source or open_model(config.model)
         self.tokenizer = self.source.tokenizer
         self.model_config = self.source.config
+        positions = self.model_config.max_position_embeddings
+        _check_max_model_len(config.max_model_len, positions, None)  # before the weights load: they cannot change it
         if config.num_threads:  # before any weights load: quantizing them at load time runs on torch's threads
             torch.set_num_threads(config.num_threads)
         draft = load_draft(config, self.source)
@@ -58,7 +60,6 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.block_manager)
         self.sampler = Sampler()
         pool_tokens = self.runner.num_blocks * config.block_size
-        positions = self.model_config.max_position_embeddings
         context_limit = self.block_manager.context_limit(config.max_num_batched_tokens) or positions
         _check_max_model_len(config.max_model_len, positions, context_limit)
         self.max_model_len = min(config.max_model_len or positions, positions, context_limit)
@@ -300,12 +301,13 @@ class LLMEngine:
         )
 
 
-def _check_max_model_len(asked: int | None, positions: int, context_limit: int) -> None:
-    """Refuse a --max-model-len the model or the KV pool cannot give, as vLLM does, rather than serve a shorter one."""
+def _check_max_model_len(asked: int | None, positions: int, context_limit: int | None) -> None:
+    """Refuse a --max-model-len the model or the KV pool (once sized) cannot give, as vLLM does, rather than serve
+    a shorter one."""
     if asked is not None and asked > positions:
         raise InvalidRequestError(f"max_model_len={asked} is more than the {positions} positions the model was "
                                   "trained for", param="max_model_len")
-    if asked is not None and asked > context_limit:
+    if asked is not None and context_limit is not None and asked > context_limit:
         raise InvalidRequestError(f"max_model_len={asked} is more than the KV cache holds for one sequence "
                                   f"({context_limit} tokens); raise --kv-cache-memory or lower --max-model-len",
                                   param="max_model_len")
