@@ -111,6 +111,12 @@ def test_a_max_model_len_past_the_model_or_the_pool_is_refused_not_shortened(mak
     assert make_engine(kv_cache_memory=20 * block_bytes / 2**30, max_model_len=320).max_model_len == 320
 
 
+def test_a_kv_budget_below_one_block_is_refused_not_exceeded(make_engine):
+    block_bytes = make_engine(kv_cache_memory=0.01).runner.kv_cache.block_bytes
+    with pytest.raises(InvalidRequestError, match="is below one KV block"):  # it allocated one block regardless
+        make_engine(kv_cache_memory=block_bytes / 2 / 2**30)
+
+
 def test_higher_priority_request_is_admitted_first(make_engine, drain):
     engine = make_engine(max_num_seqs=1)
     engine.add_request("low", "first come", SamplingParams(max_tokens=2, priority=5))

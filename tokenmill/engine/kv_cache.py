@@ -9,6 +9,7 @@ from torch import nn
 
 from tokenmill.config import EngineConfig, ModelConfig
 from tokenmill.dtypes import DTYPES, resolve_kv_cache_dtype
+from tokenmill.errors import InvalidRequestError
 from tokenmill.layers.attention import Attention
 
 logger = logging.getLogger(__name__)
@@ -100,7 +101,12 @@ class KVCache:
         return int((budget if budget is not None else 1.0) * _GIB)
 
     def _num_blocks(self) -> int:
-        return max(1, self._budget_bytes() // (self.block_bytes + self.shared_block_bytes))
+        budget, block = self._budget_bytes(), self.block_bytes + self.shared_block_bytes
+        if budget < block:  # one block regardless would take more memory than given, and hold one block of context
+            raise InvalidRequestError(f"the KV cache budget ({budget:,} bytes) is below one KV block ({block:,} "
+                                      "bytes, every layer's keys and values); raise --kv-cache-memory",
+                                      param="kv_cache_memory")
+        return budget // block
 
     def _split(self, num_full: int, num_sliding: int) -> None:
         """Size the sliding layers' pool for the windows of max_num_seqs sequences and one step's new tokens;
