@@ -73,20 +73,24 @@ def test_offline_generate_ends_a_failed_request_with_error_and_finishes_the_othe
     _assert_pool_empty(llm.engine)
 
 
+def _break_detokenizer(seq) -> None:
+    """seq's detokenizer raises from its fourth token on."""
+    add = seq.detokenizer.add
+
+    def broken(token_id, check_stop=True):
+        if seq.num_output_tokens >= 3:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected detokenizer fault")
+        return add(token_id, check_stop)
+
+    seq.detokenizer.add = broken
+
+
 def test_a_detokenizer_error_in_one_request_fails_it_alone(engine, drain):
     expected = {"first": _alone(engine, drain, "first"), "last": _alone(engine, drain, "last")}
     for request_id in PROMPTS:
         engine.add_request(request_id, PROMPTS[request_id], GREEDY)
     # The middle sequence of the batch: the ones after it must still be recorded, once.
-    bad = engine.requests["bad"].seqs[0]
-    add = bad.detokenizer.add
-
-    def broken(token_id, check_stop=True):
-        if bad.num_output_tokens >= 3:
-            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected detokenizer fault")
-        return add(token_id, check_stop)
-
-    bad.detokenizer.add = broken
+    _break_detokenizer(engine.requests["bad"].seqs[0])
     finals = drain(engine)
     assert list(engine.take_failures()) == ["bad"]
     assert finals["bad"].outputs[0].finish_reason == "abort"
@@ -237,14 +241,7 @@ def test_a_request_failing_in_one_sample_still_gets_the_tokens_its_other_sample_
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, n=2)
     engine.add_request("bad", PROMPTS["bad"], params)
     first, second = engine.requests["bad"].seqs
-    add = second.detokenizer.add
-
-    def broken(token_id, check_stop=True):
-        if second.num_output_tokens >= 3:
-            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected detokenizer fault")
-        return add(token_id, check_stop)
-
-    second.detokenizer.add = broken
+    _break_detokenizer(second)
     final = drain(engine)["bad"]
     assert list(engine.take_failures()) == ["bad"]
     # The failing step's output was taken, then dropped for the abort's, which carried only what came after.
