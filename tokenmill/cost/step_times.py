@@ -84,9 +84,9 @@ def load_profile(path: Path) -> Profile:
             raise InvalidRequestError(f"{path} needs prompt-only and decode-only steps (0 in --decode-seqs and "
                                       f"--prefill-tokens); {remedy}")
         s = report["settings"]
-        missing = {k for k in _SETTINGS if k not in s}  # what the simulator and planner read
+        missing = sorted(k for k in _SETTINGS if k not in s)  # what the simulator and planner read
         if missing:
-            raise KeyError(f"settings.{sorted(missing)[0]}")
+            raise InvalidRequestError(f"{path} is a malformed tokenmill profile (no settings.{missing[0]}); {remedy}")
         label = (f"{report['model']} {s['quantization']} {s['dtype']} seqs={s['max_num_seqs']} "
                  f"tokens={s['max_num_batched_tokens']}")
         times = StepTimes(grid, report["context"], report["context_sweep"])
