@@ -21,12 +21,12 @@ def test_profile_times_engine_steps_of_exactly_each_cell_composition(smollm2_pat
 
     monkeypatch.setattr(Scheduler, "schedule", recording)
     out = tmp_path / "profile.json"
-    assert main(["bench", "profile", "--model", str(smollm2_path), "--prefill-tokens", "0", "24",
+    assert main(["bench", "profile", "--model", str(smollm2_path), "--prefill-tokens", "0", "12", "24",
                  "--decode-seqs", "0", "3", "--context", "20", "--sweep-contexts", "20", "60", "--sweep-seqs", "2",
                  "--repeats", "2", "--num-threads", str(one_thread), "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     cells = {(c["prefill_tokens"], c["decode_seqs"]): c for c in report["grid"]}
-    assert set(cells) == {(24, 0), (0, 3), (24, 3)}
+    assert set(cells) == {(12, 0), (24, 0), (0, 3), (12, 3), (24, 3)}
     for (prefill, decodes), cell in cells.items():
         assert steps[prefill, decodes] >= 2  # each timed step ran the cell's composition
         assert len(cell["runs_ms"]) == 2 and cell["ms"] > 0
@@ -39,7 +39,9 @@ def test_profile_times_engine_steps_of_exactly_each_cell_composition(smollm2_pat
     assert profile.times.seconds(24, 3, decode_context=60) == pytest.approx(cells[24, 3]["ms"] / 1000)
 
 
-def test_a_one_token_prefill_cell_is_refused_in_one_line(capsys):
-    assert main(["bench", "profile", "--prefill-tokens", "0", "1"]) == 1
+@pytest.mark.parametrize("sizes, message", [(["0", "1", "16"], "--prefill-tokens must be 0 or at least 2"),
+                                            (["0", "256"], "--prefill-tokens needs two sizes above 0")])
+def test_a_prefill_grid_the_planner_cannot_use_is_refused_in_one_line(capsys, sizes, message):
+    assert main(["bench", "profile", "--prefill-tokens", *sizes]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--prefill-tokens must be 0 or at least 2" in err[0]
+    assert len(err) == 1 and message in err[0]

@@ -75,6 +75,15 @@ def test_steps_of_no_measured_time_split_into_nothing():
     assert accountant.charge([(5, 0), (0, 1)], 0.0) == [(0.0, 0.0), (0.0, 0.0)]
 
 
+def test_a_step_of_no_measured_time_splits_into_nothing_when_the_fit_prices_a_row_at_zero():
+    model = StepTimeModel()
+    for d in (1, 2, 4, 8):
+        model.observe(0, d, 1e-3 * d)
+    model.observe(100, 1, 0.5e-3)  # prompt tokens made no difference: per prompt token and per step fit 0
+    assert model.per_prefill_token == 0.0 and model.per_step == 0.0
+    assert model.split([(100, 0), (0, 1)], 0.0) == [(0.0, 0.0), (0.0, 0.0)]
+
+
 def test_given_price_wins_over_the_table():
     price = prices.machine_price(1.25, "cpu")
     assert price.usd_per_hour == 1.25 and "--price-per-hour" in price.basis

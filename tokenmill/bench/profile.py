@@ -158,6 +158,8 @@ def _check(args: argparse.Namespace, prefills: list[int], decodes: list[int]) ->
     if any(p < 0 or p == 1 for p in prefills):
         # A one-token row is scheduled as a decode, so a one-token prefill cell would time a decode.
         raise InvalidRequestError("--prefill-tokens must be 0 or at least 2")
+    if len({p for p in prefills if p}) < 2:  # a prompt-only step's time is a line through two sizes at least
+        raise InvalidRequestError("--prefill-tokens needs two sizes above 0 at least")
     if any(d < 0 for d in decodes):
         raise InvalidRequestError("--decode-seqs must be >= 0")
     if args.repeats < 1 or args.context < 1 or args.sweep_seqs < 1 or any(c < 1 for c in args.sweep_contexts):

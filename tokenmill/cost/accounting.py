@@ -100,7 +100,7 @@ class StepTimeModel:
         shares = [(seconds * wp / total, seconds * wd / total) for wp, wd in weights]
         # NOTE: the largest share takes what rounding left over, so that the shares add up to the measured time
         # (and a share that should be 0 never turns slightly negative).
-        big = max(range(len(rows)), key=lambda i: sum(shares[i]))
+        big = max(range(len(rows)), key=lambda i: sum(weights[i]))  # not by share: a 0 s step's are all 0
         rest = seconds - math.fsum(part for i, share in enumerate(shares) if i != big for part in share)
         wp, wd = weights[big]
         if wp >= wd:

@@ -83,6 +83,10 @@ def load_profile(path: Path) -> Profile:
         if not any(c["decode_seqs"] == 0 for c in grid) or not any(c["prefill_tokens"] == 0 for c in grid):
             raise InvalidRequestError(f"{path} needs prompt-only and decode-only steps (0 in --decode-seqs and "
                                       f"--prefill-tokens); {remedy}")
+        if len({c["prefill_tokens"] for c in grid if c["decode_seqs"] == 0}) < 2:
+            # One size would price every prompt-only step alike, whatever its length.
+            raise InvalidRequestError(f"{path} needs prompt-only steps of two sizes (two above 0 in "
+                                      f"--prefill-tokens); {remedy}")
         s = report["settings"]
         missing = sorted(k for k in _SETTINGS if k not in s)  # what the simulator and planner read
         if missing:
