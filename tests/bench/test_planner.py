@@ -1,10 +1,12 @@
 """The planner: its simulation schedules as the engine does, matches hand-computed timings, and plans sensibly."""
 
+import argparse
 import json
 
 import numpy as np
 import pytest
 
+from tokenmill.bench.serve import workload
 from tokenmill.cli import main
 from tokenmill.cost.planner import Targets, capacity, max_rate, predict
 from tokenmill.cost.simulator import Workload, simulate
@@ -190,3 +192,33 @@ def test_a_file_that_is_not_a_profile_is_refused_with_what_to_do(tmp_path, capsy
     assert main(["plan", "--profile", str(tmp_path / "bad.json"), "--rate", "1", "--ttft-ms", "100"]) == 1
     err = capsys.readouterr().err
     assert "is not a tokenmill profile" in err and "tokenmill bench profile --out" in err
+
+
+def test_a_profile_that_timed_one_prompt_size_is_refused(tmp_path, capsys):
+    # Its prompt-only steps would all cost the one size's time: 512 tokens priced as 256.
+    _write_profile(tmp_path / "p.json", _linear)
+    report = json.loads((tmp_path / "p.json").read_text())
+    report["grid"] = [c for c in report["grid"] if c["prefill_tokens"] in (0, 256)]
+    (tmp_path / "p.json").write_text(json.dumps(report))
+    assert main(["plan", "--profile", str(tmp_path / "p.json"), "--rate", "1", "--ttft-ms", "100"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs prompt-only steps of two sizes" in err[0]
+
+
+class _Vocabulary:
+    """As much of a tokenizer as random prompts read."""
+
+    vocab_size = 1000
+
+    def special_token_ids(self) -> list[int]:
+        return [0, 1, 2]
+
+
+def test_bench_serve_measures_the_requests_plan_simulates_and_warms_up_on_others():
+    args = argparse.Namespace(dataset="random", num_prompts=200, warmup=2, input_len=128, output_len=64,
+                              range_ratio=0.25, seed=0)
+    requests = workload(args, _Vocabulary())
+    warmup, measured = requests[:2], requests[2:]
+    planned = Workload(128, 64, 0.25, 200, 0).requests(rate=1.0)
+    assert [(r.prompt_tokens, r.output_tokens) for r in measured] == [(p, o) for _, p, o in planned]
+    assert not {tuple(r.prompt[:8]) for r in warmup} & {tuple(r.prompt[:8]) for r in measured}

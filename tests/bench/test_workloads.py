@@ -54,11 +54,13 @@ def test_file_dataset_cycles_rows_and_rejects_bad_files(smollm2_source, tmp_path
     ("offline", {"decode_len": 1}), ("serve", {"request_rate": 0.0}), ("serve", {"num_prompts": 0}),
     ("serve", {"warmup": -1}),
     ("compare", {"output_len": 1}), ("compare", {"concurrency": [16, 0]}), ("compare", {"rounds": 0}),
+    ("early_exit", {"max_tokens": 1}), ("early_exit", {"prompts": 0}),
 ])
 def test_bench_flags_that_make_no_workload_are_refused_before_any_work(command, flags):
     defaults = {"offline": dict(num_seqs=256, min_len=100, max_len=1024, decode_len=128, prefill_len=512),
                 "serve": dict(num_prompts=10, warmup=1, burstiness=1.0, range_ratio=0.0, request_rate=float("inf")),
-                "compare": dict(output_len=128, prefill_len=512, rounds=2, context_len=2000, concurrency=[1, 16])
+                "compare": dict(output_len=128, prefill_len=512, rounds=2, context_len=2000, concurrency=[1, 16]),
+                "early_exit": dict(prompts=4, prompt_len=64, max_tokens=48, num_speculative_tokens=3),
                 }[command]
     module = importlib.import_module(f"tokenmill.bench.{command}")
     with pytest.raises(InvalidRequestError, match="need"):
@@ -87,4 +89,61 @@ def test_bench_serve_warms_up_on_requests_it_does_not_measure(monkeypatch):
                               send_text=False, deadline_mix=None, policies=None, base_url="http://127.0.0.1:9",
                               api_key=None, max_concurrency=None, seed=0, cost_per_hour=None, plot=None, out=None)
     assert serve.main(args) == 0
-    assert sent == [0, 1, 2, 3, 4]  # two warm-ups, then three measured requests, each prompt once
+    assert sent == [3, 4, 0, 1, 2]  # two warm-ups drawn past the measured three, then those three, each once
+
+
+class _Stop(Exception):
+    """Raised by the stub engine once it holds the workload: nothing is run."""
+
+
+@pytest.mark.parametrize("low, high", [(3, 4), (10, 11), (101, 1024)])
+def test_bench_offline_lengths_cover_min_to_max_and_no_further(monkeypatch, low, high):
+    from tokenmill.bench import offline, peers
+
+    drawn: list[int] = []
+
+    class LLM:
+        tokenizer = argparse.Namespace(vocab_size=100, special_token_ids=lambda: [0])
+
+        def generate(self, prompts, params, use_tqdm=False):
+            drawn.extend([len(p["prompt_token_ids"]) for p in prompts] + [p.max_tokens for p in params])
+            raise _Stop
+
+    class Runner:
+        def __init__(self, **options):
+            self.llm = LLM()
+
+        def generate(self, prompts, max_tokens):
+            """The warm-up."""
+
+    monkeypatch.setattr(peers, "TokenmillRunner", Runner)
+    monkeypatch.setattr(peers, "decode_speed", lambda *args: 1.0)
+    monkeypatch.setattr(peers, "prefill_speed", lambda *args: 1.0)
+    parser = argparse.ArgumentParser()
+    offline.add_arguments(parser)
+    with pytest.raises(_Stop):
+        offline.main(parser.parse_args(["--num-seqs", "2000", "--min-len", str(low), "--max-len", str(high)]))
+    assert (min(drawn), max(drawn)) == (low, high)
+
+
+@pytest.mark.parametrize("error", [{"message": "overloaded"}, "overloaded"])
+def test_bench_serve_counts_an_error_event_as_one_failed_request(error):
+    import asyncio
+    import json
+
+    import httpx
+
+    from tokenmill.bench.datasets import BenchRequest
+    from tokenmill.bench.serve import send
+
+    def respond(request: httpx.Request) -> httpx.Response:
+        events = [{"choices": [{"text": "a"}]}, {"error": error}]  # some servers send the message alone
+        return httpx.Response(200, content="".join(f"data: {json.dumps(e)}\n\n" for e in events).encode())
+
+    async def one():
+        async with httpx.AsyncClient(base_url="http://x", transport=httpx.MockTransport(respond)) as client:
+            return await send(client, argparse.Namespace(model="m", endpoint="completions"),
+                              BenchRequest([1, 2, 3], 3, 4), 0.0)
+
+    result = asyncio.run(one())
+    assert not result.success and result.error == "overloaded"

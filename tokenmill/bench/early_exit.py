@@ -25,7 +25,13 @@ def main(args: argparse.Namespace) -> int:
     """Print acceptance by draft position (always drafting) and speed against no speculation (adaptive) per layer."""
     from tokenmill.llm import LLM
 
-    text = args.file.read_text(encoding="utf-8")
+    if args.prompts < 1 or args.prompt_len < 1 or args.max_tokens < 2 or args.num_speculative_tokens < 1:
+        raise InvalidRequestError("need --prompts, --prompt-len and --num-speculative-tokens >= 1 and --max-tokens >= 2 "
+                                  "(drafts follow the first token)")
+    try:
+        text = args.file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequestError(f"{args.file} is not UTF-8 text: {exc}") from None
     base = LLM(**engine_options(args, enable_prefix_caching=False))
     ids = base.tokenizer.encode(text)
     stride = max(1, (len(ids) - args.prompt_len) // max(1, args.prompts))

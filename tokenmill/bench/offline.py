@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from tokenmill.bench.datasets import lengths, ordinary_tokens
+from tokenmill.bench.datasets import ordinary_tokens
 from tokenmill.cost.accounting import usd_per_million_tokens
 from tokenmill.errors import InvalidRequestError
 from tokenmill.flags import add_engine_flags, engine_options
@@ -36,9 +36,8 @@ def main(args: argparse.Namespace) -> int:
     llm = runner.llm
     rng = np.random.default_rng(args.seed)
     ordinary = ordinary_tokens(llm.tokenizer)
-    mean, spread = (args.min_len + args.max_len) / 2, (args.max_len - args.min_len) / (args.max_len + args.min_len)
-    input_lens = lengths(rng, args.num_seqs, round(mean), spread)
-    output_lens = lengths(rng, args.num_seqs, round(mean), spread)
+    input_lens = rng.integers(args.min_len, args.max_len + 1, args.num_seqs).tolist()
+    output_lens = rng.integers(args.min_len, args.max_len + 1, args.num_seqs).tolist()
     prompts = [rng.choice(ordinary, n).tolist() for n in input_lens]
 
     runner.generate(prompts[:1], 4)  # warm-up

@@ -72,9 +72,7 @@ def main(args: argparse.Namespace) -> int:
                                   "--request-rate > 0 and --max-concurrency >= 1")
     slo = SLO.parse(args.goodput) if args.goodput is not None else None
     tokenizer = open_model(args.tokenizer or args.model).tokenizer
-    # The warm-up's own requests come first: a measured request sent before would hit the server's prefix cache.
-    requests = build_requests(argparse.Namespace(**{**vars(args), "num_prompts": args.warmup + args.num_prompts}),
-                              tokenizer)
+    requests = workload(args, tokenizer)
     if args.endpoint == "chat" or args.send_text:  # random token ids go as their decoded text
         requests = [BenchRequest(r.prompt if isinstance(r.prompt, str) else tokenizer.decode(r.prompt),
                                  r.prompt_tokens, r.output_tokens) for r in requests]
@@ -214,6 +212,17 @@ def build_requests(args: argparse.Namespace, tokenizer) -> list[BenchRequest]:
     return file_requests(tokenizer, Path(args.dataset), args.num_prompts, args.output_len)
 
 
+def workload(args: argparse.Namespace, tokenizer) -> list[BenchRequest]:
+    """The warm-up's requests, then the measured ones: these drawn as `plan` draws them, from --seed alone."""
+    measured = build_requests(args, tokenizer)
+    if not args.warmup:
+        return measured
+    # Past the measured ones' positions and from another seed: a warm-up prompt equal to a measured one would
+    # put it in the server's prefix cache.
+    more = argparse.Namespace(**{**vars(args), "num_prompts": args.num_prompts + args.warmup, "seed": args.seed + 1})
+    return build_requests(more, tokenizer)[args.num_prompts :] + measured
+
+
 async def run(
     args: argparse.Namespace, requests: list[BenchRequest], deadlines: list[float | None] | None = None,
 ) -> tuple[list[RequestResult], float, float | None]:
@@ -304,8 +313,9 @@ async def send(client: httpx.AsyncClient, args: argparse.Namespace, request: Ben
                 if not line.startswith("data:") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[5:])
-                if "error" in chunk:
-                    result.error = chunk["error"].get("message", "error event in the stream")
+                if "error" in chunk:  # OpenAI's shape is an object; some servers send the message alone
+                    error = chunk["error"]
+                    result.error = str(error.get("message", error) if isinstance(error, dict) else error)
                     return result
                 now = time.perf_counter() - t0
                 result.deadline_status = chunk.get("deadline_status", result.deadline_status)
