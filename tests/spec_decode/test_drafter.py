@@ -139,6 +139,25 @@ def _running(scheduler: Scheduler, seq_id: int, prompt: list[int], outputs: list
     return seq
 
 
+def test_a_draft_model_runs_its_rejected_drafts_positions_again_after_steps_without_drafts():
+    runner = SimpleNamespace(block_size=16, device="cpu")
+    proposer = ModelProposer(None, runner, None, own_cache=True, max_tokens=32)
+    starts: list[int] = []
+    proposer._next_tokens = lambda chunks: starts.append(chunks[0].start) or [9] * len(chunks)
+    scheduler = Scheduler(EngineConfig(model="unused", max_num_seqs=4, max_num_batched_tokens=32),
+                          BlockManager(64, 16))
+    seq = _running(scheduler, 0, list(range(1, 11)), [7], 10)
+    seq.draft_computed = 10  # the draft model has seen every computed token
+    seq.detokenizer = SimpleNamespace(add=lambda token_id, check_stop: None)  # no text: no stop strings
+    [seq.draft_token_ids] = proposer.propose([seq], [3])  # its pool now holds the guesses at 11 and 12
+    scheduler.update(scheduler.schedule(), [seq], [[5]], [None])  # the first guess rejected: 5 at 11
+    for token in (6, 6, 6):  # steps without drafts (a long prompt took the budget, say)
+        scheduler.update(scheduler.schedule(), [seq], [[token]], [None])
+    starts.clear()
+    proposer.propose([seq], [1])
+    assert starts[0] == 11  # from the first position whose token the draft model has not seen
+
+
 class _Proposer:
     """Drafts k copies of token 9, whatever the context."""
 

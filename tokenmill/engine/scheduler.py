@@ -119,6 +119,9 @@ class Scheduler:
                     break
             # A stop among the accepted drafts leaves the tokens after it uncomputed as well as unappended.
             seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens - 1)
+            # A draft model's pool holds its rejected guesses from here on: it must run these positions again,
+            # however many steps pass before it drafts next.
+            seq.draft_computed = min(seq.draft_computed, seq.num_computed_tokens)
             self.block_manager.cache_full_blocks(seq)
             if seq.finish_reason is not None:
                 self.finish(seq)
