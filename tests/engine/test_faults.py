@@ -98,6 +98,36 @@ def test_a_detokenizer_error_in_one_request_fails_it_alone(engine, drain):
     _assert_pool_empty(engine)
 
 
+class _FailingDecode:
+    """A tokenizer whose decode of any ids holding `poison` raises, every time, as a decoding bug would."""
+
+    def __init__(self, tokenizer, poison: int) -> None:
+        self.tokenizer, self.poison = tokenizer, poison
+
+    def decode(self, ids: list[int]) -> str:
+        if self.poison in ids:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected decode fault")
+        return self.tokenizer.decode(ids)
+
+    def is_special(self, token_id: int) -> bool:
+        return self.tokenizer.is_special(token_id)
+
+
+def test_a_decode_that_fails_again_as_its_request_is_aborted_fails_that_request_alone(engine, drain):
+    expected = {"first": _alone(engine, drain, "first"), "last": _alone(engine, drain, "last")}
+    poison = _alone(engine, drain, "bad")[3]
+    for request_id in PROMPTS:
+        engine.add_request(request_id, PROMPTS[request_id], GREEDY)
+    detokenizer = engine.requests["bad"].seqs[0].detokenizer
+    # Its text from the poisoned token on is never read: the abort that follows would decode the same ids again.
+    detokenizer.tokenizer = _FailingDecode(detokenizer.tokenizer, poison)
+    finals = drain(engine)
+    assert list(engine.take_failures()) == ["bad"]
+    assert finals["bad"].outputs[0].finish_reason == "abort"
+    assert {rid: finals[rid].outputs[0].token_ids for rid in expected} == expected
+    _assert_pool_empty(engine)
+
+
 def _serve(engine, scenario, watchdog_timeout: float | None = None):
     """Run scenario(front) against an AsyncEngine over engine, then stop it."""
 

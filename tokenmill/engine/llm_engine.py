@@ -129,15 +129,16 @@ class LLMEngine:
                 param="prompt",
             )
 
-    def abort(self, request_id: str) -> RequestOutput | None:
-        """Stop a request now and return its KV blocks to the pool; returns its last output if it was live."""
+    def abort(self, request_id: str, failed: bool = False) -> RequestOutput | None:
+        """Stop a request now and return its KV blocks to the pool; returns its last output if it was live.
+        A failed request's held-back text is not decoded: that decode may be what failed."""
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
         for seq in request.seqs:
             if not seq.is_finished:
-                seq.end("abort")
                 self.scheduler.finish(seq)
+                seq.end("abort", flush=not failed)
         _finish(request, time.perf_counter())
         return self._output(request)
 
@@ -259,7 +260,7 @@ class LLMEngine:
         outputs = [output for output in outputs if output.request_id not in failed]
         for request_id, exc in failed.items():
             self.failures[request_id] = exc.with_traceback(None)  # logged already; its frames hold a step's tensors
-            if (output := self.abort(request_id)) is not None:
+            if (output := self.abort(request_id, failed=True)) is not None:
                 outputs.append(output)
         return outputs
 
