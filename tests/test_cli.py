@@ -76,6 +76,8 @@ def test_chat_drops_whole_exchanges_and_never_for_a_message_too_long_alone():
         (("generate", "--speculative-config", "{method", "hi"), "speculative config is not valid JSON"),
         (("generate", "--speculative-config", '{"k": 4}', "hi"), "unknown speculative config keys ['k']"),
         (("bench", "serve", "--base-url", "http://127.0.0.1:9", "--max-concurrency", "-3"), "--max-concurrency >= 1"),
+        # Python reads argv bytes that are not UTF-8 (`tokenmill generate $'caf\xe9'`) as lone surrogates.
+        (("generate", "--max-model-len", "64", "caf\udce9"), "bytes that are not UTF-8"),
     ],
 )
 def test_user_mistakes_exit_nonzero_with_one_line(args, message, capsys):
@@ -85,6 +87,78 @@ def test_user_mistakes_exit_nonzero_with_one_line(args, message, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tokenmill: error: ")
     assert message in lines[0]
+
+
+class _ChatEngine:
+    """As much of LLMEngine as `tokenmill chat` uses: each reply is "Par"; the first fails partway if told to."""
+
+    fail_first = False
+
+    def __init__(self, config) -> None:
+        self.max_model_len, self.prompts, self.pending, self.failures = 1000, [], [], {}
+        self.tokenizer = SimpleNamespace(encode_chat=lambda messages: [len(self.prompts)] * len(messages))
+        _ChatEngine.last = self
+
+    def add_request(self, request_id, prompt, params) -> None:
+        self.prompts.append(prompt)
+        self.pending.append(request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.pending)
+
+    def step(self) -> list:
+        request_id = self.pending.pop()
+        if self.fail_first and len(self.prompts) == 1:
+            self.failures[request_id] = RuntimeError("injected fault")
+        return [SimpleNamespace(outputs=[SimpleNamespace(text="Par")])]
+
+    def take_failures(self) -> dict:
+        failures, self.failures = self.failures, {}
+        return failures
+
+
+@pytest.mark.parametrize("errors", ["strict", "surrogateescape"])  # a UTF-8 locale's stdin; the C locale's
+def test_chat_skips_a_line_that_is_not_utf8_and_goes_on(monkeypatch, capsys, errors):
+    import io
+
+    from tokenmill.engine import llm_engine
+
+    monkeypatch.setattr(llm_engine, "LLMEngine", _ChatEngine)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9?\nhello\n"), encoding="utf-8",
+                                                       errors=errors))
+    assert main(["chat"]) == 0
+    assert len(_ChatEngine.last.prompts) == 1  # hello's, read with the bad line
+    assert "tokenmill: that line is not UTF-8 text; skipped" in capsys.readouterr().err
+
+
+def test_chat_leaves_a_failed_reply_out_of_the_conversation(monkeypatch, capsys):
+    import io
+
+    from tokenmill.engine import llm_engine
+
+    monkeypatch.setattr(llm_engine, "LLMEngine", _ChatEngine)
+    monkeypatch.setattr(_ChatEngine, "fail_first", True)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"first\nsecond\n"), encoding="utf-8"))
+    assert main(["chat"]) == 0
+    assert "this reply failed partway (injected fault)" in capsys.readouterr().err
+    assert _ChatEngine.last.prompts[1] == [1]  # the second prompt holds one message: the failed exchange is gone
+
+
+def test_generate_whose_request_fails_partway_exits_nonzero(smollm2_path, monkeypatch, capsys):
+    from tokenmill.engine.detokenizer import IncrementalDetokenizer
+
+    add, calls = IncrementalDetokenizer.add, []
+
+    def broken(self, token_id, check_stop=True):
+        calls.append(token_id)
+        if len(calls) >= 3:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected detokenizer fault")
+        return add(self, token_id, check_stop)
+
+    monkeypatch.setattr(IncrementalDetokenizer, "add", broken)
+    assert main(["generate", "--model", str(smollm2_path), "--temperature", "0", "--max-tokens", "8",
+                 "--max-model-len", "64", "The capital of France is"]) == 1
+    assert "tokenmill: error: the generation failed partway" in capsys.readouterr().err
 
 
 def test_bench_serve_with_every_request_failed_exits_nonzero(capsys):

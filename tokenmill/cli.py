@@ -206,22 +206,32 @@ def _generate(args: argparse.Namespace) -> int:
     params = _params(args)  # validate flags before the slow model load
     output = LLM(**engine_options(args)).generate([args.prompt], params, use_tqdm=False)[0]
     print(output.outputs[0].text)
+    if output.outputs[0].finish_reason == "error":  # the engine's error is logged above; a script must see it
+        print("tokenmill: error: the generation failed partway (logged above); the text is cut", file=sys.stderr)
+        return 1
     return 0
 
 
 def _chat(args: argparse.Namespace) -> int:
     from tokenmill.engine.llm_engine import LLMEngine
+    from tokenmill.loader.tokenizer import is_text
 
     params = _params(args)
     engine = LLMEngine(engine_config(args))
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
+    # A line that is not UTF-8 then reads as lone surrogates, to be skipped; strictly, its error would lose the
+    # lines read with it.
+    sys.stdin.reconfigure(errors="surrogateescape")
     for turn in itertools.count():
         try:
             user = input("> " if interactive else "")
         except EOFError:
             break
         if not user.strip():
+            continue
+        if not is_text(user):  # bytes that are not UTF-8, read with surrogateescape
+            print("tokenmill: that line is not UTF-8 text; skipped", file=sys.stderr)
             continue
         messages.append({"role": "user", "content": user})
         prompt = _fitting_chat(engine, messages, params.max_tokens)
@@ -242,6 +252,11 @@ def _chat(args: argparse.Namespace) -> int:
             engine.abort(f"chat-{turn}")
             print(" [stopped]", end="")
         print()
+        if failure := engine.take_failures().get(f"chat-{turn}"):  # logged where it was caught
+            print(f"tokenmill: this reply failed partway ({failure}); it is left out of the conversation",
+                  file=sys.stderr)
+            messages.pop()
+            continue
         messages.append({"role": "assistant", "content": "".join(reply)})
     return 0
 

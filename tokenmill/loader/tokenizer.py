@@ -82,7 +82,13 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids for text; add_special_tokens adds the model's BOS where it wants one."""
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:  # what tokenizers makes of a lone surrogate (bytes that were not UTF-8): say that
+            if isinstance(text, str) and not is_text(text):
+                raise InvalidRequestError("the text holds bytes that are not UTF-8 (lone surrogates); send valid "
+                                          "Unicode") from None
+            raise
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         """Text for token ids."""
@@ -195,6 +201,15 @@ class Tokenizer:
         eos_token_ids = [*eos_token_ids, *sorted({i for i in ends if i is not None} - set(eos_token_ids))]
         return cls(backend, eos_token_ids, bos, eos, metadata.get("tokenizer.chat_template"),
                    metadata.get("tokenizer.chat_template.tool_use"))  # llama.cpp's name for the named template
+
+
+def is_text(text: str) -> bool:
+    """False for a string holding lone surrogates: what Python makes of bytes that are not UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _hf_chat_templates(path: Path, configured: str | list | None) -> tuple[str | None, str | None]:
