@@ -25,6 +25,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from tokenmill.config import EngineConfig, ServerConfig
 from tokenmill.embeddings.batcher import BatchPolicy
+from tokenmill.errors import TokenmillError
 from tokenmill.loader.source import open_model
 from tokenmill.scale.config import ScaleConfig
 from tokenmill.scale import metrics as scale_metrics
@@ -195,8 +196,10 @@ class Ingress:
                 prompt = prompt[0] if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else prompt
                 ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
             return prefix_key(ids, self.block_size) if isinstance(ids, list) else None
-        except (KeyError, TypeError, ValueError):
-            return None  # the replica answers the bad request with its own 400
+        except (KeyError, TypeError, ValueError, TokenmillError):
+            # The replica answers a bad request with its own 400, and may serve what this tokenizer refuses:
+            # another model's chat, a developer message it renders as system.
+            return None
 
 
 def start_ray(config: ServerConfig, scale: ScaleConfig) -> None:

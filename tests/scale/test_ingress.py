@@ -1,6 +1,8 @@
-"""The replicas' ingress checks the API key before it reads and tokenizes a body (no Ray started)."""
+"""The replicas' ingress (no Ray started): the API key checked before the body is read; a prefix key never refuses."""
 
 import asyncio
+import copy
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -25,3 +27,17 @@ def test_a_keyless_request_is_refused_before_its_body_is_read():
     with pytest.raises(APIError) as refused:
         asyncio.run(Ingress.forward(ingress, Request(scope, receive)))
     assert refused.value.status == 401
+
+
+def test_a_chat_the_key_tokenizer_cannot_render_is_forwarded_unkeyed(smollm2_source):
+    from tokenmill.scale.deployment import Ingress
+
+    # The first model's tokenizer keys every request; a base model has no chat template, and another model
+    # (or the replica's developer-as-system) may serve what it refuses.
+    tokenizer = copy.copy(smollm2_source.tokenizer)
+    tokenizer.chat_template = None
+    ingress = SimpleNamespace(tokenizer=tokenizer, block_size=16)
+    body = json.dumps({"model": "chat", "messages": [{"role": "user", "content": "hi " * 80}]}).encode()
+    assert Ingress._key(ingress, "/v1/chat/completions", body) is None
+    ingress.tokenizer = smollm2_source.tokenizer
+    assert Ingress._key(ingress, "/v1/chat/completions", body) is not None
