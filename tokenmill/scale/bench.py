@@ -30,8 +30,21 @@ def shared_prefix_workload(groups: int, per_group: int, prefix_words: int, seed:
             for q in range(per_group) for g in range(groups)]
 
 
-def _sum_metric(text: str, name: str) -> float:
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+def _grown(before: str, after: str, name: str) -> float:
+    """How much a counter grew over the replicas live at the end: a replaced replica's last push, still on the
+    board before, is no part of it."""
+    start = _by_replica(before, name)
+    return sum(value - start.get(replica, 0.0) for replica, value in _by_replica(after, name).items())
+
+
+def _by_replica(text: str, name: str) -> dict[str, float]:
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                replica = sample.labels.get("replica", "")
+                values[replica] = values.get(replica, 0.0) + sample.value
+    return values
 
 
 async def _ttft(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> float:
@@ -63,7 +76,7 @@ async def run_workload(url: str, prompts: list[str], concurrency: int, max_token
         elapsed = time.perf_counter() - started
         await asyncio.sleep(2.5)  # the replicas push their counters every second
         after = (await client.get("/metrics")).text
-    delta = {name: _sum_metric(after, name) - _sum_metric(before, name)
+    delta = {name: _grown(before, after, name)
              for name in ("tokenmill:prefix_cache_hits_total", "tokenmill:prefix_cache_queries_total")}
     return {"requests": len(prompts), "seconds": round(elapsed, 1),
             "mean_ttft_s": round(statistics.mean(ttfts), 3), "p50_ttft_s": round(statistics.median(ttfts), 3),
