@@ -122,6 +122,18 @@ def test_replicas_without_ray_fail_at_once_saying_how_to_install_it(monkeypatch,
     assert "pip install 'tokenmill[ray]'" in err and "--replicas" in err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--target-ongoing-requests", "2"], "give --min-replicas or --max-replicas too"),  # else a fixed 2, silently
+    (["--upscale-delay", "1"], "give --min-replicas or --max-replicas too"),
+    (["--max-replicas", "3", "--target-ongoing-requests", "nan"], "--target-ongoing-requests must be > 0"),
+    (["--max-replicas", "3", "--downscale-delay", "nan"], "the scaling delays >= 0"),
+])
+def test_autoscaling_settings_that_would_not_take_effect_are_refused_before_ray(capsys, flags, message):
+    assert main(["serve", "--replicas", "2", *flags]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
 def test_bench_scale_without_ray_fails_at_once_saying_how_to_install_it(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)
     monkeypatch.setitem(sys.modules, "ray.serve", None)

@@ -47,7 +47,7 @@ class ScaleConfig:
                                       f"--max-replicas {self.highest}]")
         if self.lowest < 0 or self.highest < 1:
             raise InvalidRequestError("--min-replicas must be >= 0 and --max-replicas >= 1")
-        if self.target_ongoing_requests <= 0 or self.upscale_delay < 0 or self.downscale_delay < 0:
+        if not (self.target_ongoing_requests > 0 and self.upscale_delay >= 0 and self.downscale_delay >= 0):  # NaN
             raise InvalidRequestError("--target-ongoing-requests must be > 0, and the scaling delays >= 0")
 
     @property

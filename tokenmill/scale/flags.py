@@ -22,12 +22,15 @@ def add_scale_flags(parser: argparse.ArgumentParser) -> None:
                         help="autoscale down to this many replicas; 0 scales to zero when idle (default: off)")
     parser.add_argument("--max-replicas", type=int, default=d.max_replicas,
                         help="autoscale up to this many replicas (default: off)")
-    parser.add_argument("--target-ongoing-requests", type=float, default=d.target_ongoing_requests,
-                        help="autoscaling aims at this many ongoing requests per replica (default: %(default)s)")
-    parser.add_argument("--upscale-delay", type=float, default=d.upscale_delay, metavar="SECONDS",
-                        help="load must call for more replicas this long before they start (default: %(default)s)")
-    parser.add_argument("--downscale-delay", type=float, default=d.downscale_delay, metavar="SECONDS",
-                        help="load must call for fewer replicas this long before they stop (default: %(default)s)")
+    # These three default to None, not ScaleConfig's values, so that one given without a bound can be refused.
+    parser.add_argument("--target-ongoing-requests", type=float,
+                        help=f"autoscaling aims at this many ongoing requests per replica "
+                             f"(default: {d.target_ongoing_requests})")
+    parser.add_argument("--upscale-delay", type=float, metavar="SECONDS",
+                        help=f"load must call for more replicas this long before they start (default: {d.upscale_delay})")
+    parser.add_argument("--downscale-delay", type=float, metavar="SECONDS",
+                        help=f"load must call for fewer replicas this long before they stop "
+                             f"(default: {d.downscale_delay})")
 
 
 def scale_config(args: argparse.Namespace) -> ScaleConfig | None:
@@ -36,8 +39,13 @@ def scale_config(args: argparse.Namespace) -> ScaleConfig | None:
         if args.min_replicas is not None or args.max_replicas is not None or args.ray_address is not None:
             raise InvalidRequestError("--min-replicas, --max-replicas and --ray-address need --replicas N")
         return None
+    tuning = {name: getattr(args, name) for name in ("target_ongoing_requests", "upscale_delay", "downscale_delay")
+              if getattr(args, name) is not None}
+    if tuning and args.min_replicas is None and args.max_replicas is None:
+        raise InvalidRequestError("--target-ongoing-requests and the scaling delays tune autoscaling: give "
+                                  "--min-replicas or --max-replicas too")
     config = ScaleConfig(args.replicas, args.ray_address, args.routing, args.min_replicas, args.max_replicas,
-                         args.target_ongoing_requests, args.upscale_delay, args.downscale_delay)
+                         **tuning)
     require_ray()
     return config
 
