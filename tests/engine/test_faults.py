@@ -73,6 +73,16 @@ def test_offline_generate_ends_a_failed_request_with_error_and_finishes_the_othe
     _assert_pool_empty(llm.engine)
 
 
+def test_a_failed_request_keeps_the_text_it_held_back_for_a_stop_string(engine, monkeypatch, drain):
+    _break_sampler(monkeypatch, "bad")
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, stop=["a stop string it never writes"])
+    engine.add_request("bad", PROMPTS["bad"], params)
+    sample = drain(engine)["bad"].outputs[0]
+    assert list(engine.take_failures()) == ["bad"]
+    assert sample.text and sample.text == engine.tokenizer.decode(sample.token_ids)
+    _assert_pool_empty(engine)
+
+
 def _break_detokenizer(seq) -> None:
     """seq's detokenizer raises from its fourth token on."""
     add = seq.detokenizer.add

@@ -46,9 +46,9 @@ class IncrementalDetokenizer:
             return None
         return self._append(new)
 
-    def finish(self) -> None:
-        """Mark the text complete so nothing is held back any more."""
-        if not self.finished and self.read_offset < len(self.ids):
+    def finish(self, decode_rest: bool = True) -> None:
+        """Mark the text complete so nothing is held back any more; decode_rest: a partial character's bytes too."""
+        if decode_rest and not self.finished and self.read_offset < len(self.ids):
             # The output ended partway through a character: its bytes show as decoding the whole output shows them,
             # short of any stop string they complete.
             self._append(self._new_text())

@@ -130,15 +130,15 @@ class LLMEngine:
             )
 
     def abort(self, request_id: str, failed: bool = False) -> RequestOutput | None:
-        """Stop a request now and return its KV blocks to the pool; returns its last output if it was live.
-        A failed request's held-back text is not decoded: that decode may be what failed."""
+        """Stop a request now and return its KV blocks to the pool; returns its last output if it was live."""
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
         for seq in request.seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq)
-                seq.end("abort", flush=not failed)
+                # A failed request's undecoded bytes stay so: decoding them may be what failed.
+                seq.end("abort", decode_rest=not failed)
         _finish(request, time.perf_counter())
         return self._output(request)
 

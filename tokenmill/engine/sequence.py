@@ -148,11 +148,10 @@ class Sequence:
         elif self.num_output_tokens >= self.max_tokens:
             self.end("length")
 
-    def end(self, reason: str, stop_reason: str | int | None = None, flush: bool = True) -> None:
-        """Record why the sequence ends; its text is complete from here on (less any held back, unless flush)."""
+    def end(self, reason: str, stop_reason: str | int | None = None, decode_rest: bool = True) -> None:
+        """Record why the sequence ends; its text is complete from here on (see Detokenizer.finish)."""
         self.finish_reason, self.stop_reason = reason, stop_reason
-        if flush:
-            self.detokenizer.finish()
+        self.detokenizer.finish(decode_rest)
 
     def take_delta(self) -> CompletionOutput | None:
         """What is new since the last call (stop-safe text, its tokens, the finish), or None if nothing is."""
