@@ -127,9 +127,11 @@ def test_replicas_without_ray_fail_at_once_saying_how_to_install_it(monkeypatch,
     (["--upscale-delay", "1"], "give --min-replicas or --max-replicas too"),
     (["--max-replicas", "3", "--target-ongoing-requests", "nan"], "--target-ongoing-requests must be > 0"),
     (["--max-replicas", "3", "--downscale-delay", "nan"], "the scaling delays >= 0"),
+    (["--upscale-delay", "1"], "the scaling delays need --replicas N"),  # no --replicas: one engine, no autoscaling
 ])
 def test_autoscaling_settings_that_would_not_take_effect_are_refused_before_ray(capsys, flags, message):
-    assert main(["serve", "--replicas", "2", *flags]) == 1
+    replicas = [] if "need --replicas" in message else ["--replicas", "2"]
+    assert main(["serve", *replicas, *flags]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
 

@@ -27,7 +27,8 @@ def add_scale_flags(parser: argparse.ArgumentParser) -> None:
                         help=f"autoscaling aims at this many ongoing requests per replica "
                              f"(default: {d.target_ongoing_requests})")
     parser.add_argument("--upscale-delay", type=float, metavar="SECONDS",
-                        help=f"load must call for more replicas this long before they start (default: {d.upscale_delay})")
+                        help=f"load must call for more replicas this long before they start "
+                             f"(default: {d.upscale_delay})")
     parser.add_argument("--downscale-delay", type=float, metavar="SECONDS",
                         help=f"load must call for fewer replicas this long before they stop "
                              f"(default: {d.downscale_delay})")
@@ -35,12 +36,13 @@ def add_scale_flags(parser: argparse.ArgumentParser) -> None:
 
 def scale_config(args: argparse.Namespace) -> ScaleConfig | None:
     """The ScaleConfig those flags describe, or None for single-process serving; checks Ray is installed."""
-    if args.replicas is None:
-        if args.min_replicas is not None or args.max_replicas is not None or args.ray_address is not None:
-            raise InvalidRequestError("--min-replicas, --max-replicas and --ray-address need --replicas N")
-        return None
     tuning = {name: getattr(args, name) for name in ("target_ongoing_requests", "upscale_delay", "downscale_delay")
               if getattr(args, name) is not None}
+    if args.replicas is None:
+        if args.min_replicas is not None or args.max_replicas is not None or args.ray_address is not None or tuning:
+            raise InvalidRequestError("--min-replicas, --max-replicas, --ray-address, --target-ongoing-requests and "
+                                      "the scaling delays need --replicas N")
+        return None
     if tuning and args.min_replicas is None and args.max_replicas is None:
         raise InvalidRequestError("--target-ongoing-requests and the scaling delays tune autoscaling: give "
                                   "--min-replicas or --max-replicas too")
