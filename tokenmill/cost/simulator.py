@@ -63,7 +63,7 @@ class _NoText:
     def add(self, token_id: int, check_stop: bool) -> None:
         return None
 
-    def finish(self) -> None:
+    def finish(self, decode_rest: bool = True) -> None:
         pass
 
 
