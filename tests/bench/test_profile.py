@@ -5,6 +5,7 @@ from collections import Counter
 
 import pytest
 
+from tokenmill.bench.profile import default_prefills
 from tokenmill.cli import main
 from tokenmill.cost.step_times import load_profile
 from tokenmill.engine.scheduler import Scheduler
@@ -37,6 +38,12 @@ def test_profile_times_engine_steps_of_exactly_each_cell_composition(smollm2_pat
     assert report["settings"]["max_num_seqs"] == 64  # the settings to plan with, not the profiling engine's
     profile = load_profile(out)
     assert profile.times.seconds(24, 3, decode_context=60) == pytest.approx(cells[24, 3]["ms"] / 1000)
+
+
+def test_the_default_prompt_sizes_give_the_planner_two_above_0_under_any_budget():
+    assert default_prefills(512) == [0, 16, 64, 128, 256, 512]
+    assert default_prefills(16) == [0, 8, 16]  # was [0, 16], which the planner refuses
+    assert default_prefills(4) == [0, 2, 4]
 
 
 @pytest.mark.parametrize("sizes, message", [(["0", "1", "16"], "--prefill-tokens must be 0 or at least 2"),

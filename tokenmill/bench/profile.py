@@ -45,7 +45,7 @@ def main(args: argparse.Namespace) -> int:
     from tokenmill.llm import LLM
 
     settings = engine_options(args)
-    prefills = sorted(set(args.prefill_tokens or _doubling([0, 16, 64], 128, settings["max_num_batched_tokens"])))
+    prefills = sorted(set(args.prefill_tokens or default_prefills(settings["max_num_batched_tokens"])))
     decodes = sorted(set(args.decode_seqs or _doubling([0], 1, settings["max_num_seqs"])))
     _check(args, prefills, decodes)
     # The timed steps need room for the largest cell, whatever the planned settings; those only steer
@@ -152,6 +152,11 @@ def _doubling(start: list[int], first: int, limit: int) -> list[int]:
         values.append(v)
         v *= 2
     return values + [limit]
+
+
+def default_prefills(budget: int) -> list[int]:
+    """Prompt sizes to time up to a step's token budget: 0, then two above it at least, as the planner needs."""
+    return sorted(set(_doubling([0, max(2, min(16, budget // 2)), 64], 128, budget)))
 
 
 def _check(args: argparse.Namespace, prefills: list[int], decodes: list[int]) -> None:

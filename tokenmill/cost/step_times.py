@@ -83,7 +83,7 @@ def load_profile(path: Path) -> Profile:
         if not any(c["decode_seqs"] == 0 for c in grid) or not any(c["prefill_tokens"] == 0 for c in grid):
             raise InvalidRequestError(f"{path} needs prompt-only and decode-only steps (0 in --decode-seqs and "
                                       f"--prefill-tokens); {remedy}")
-        if len({c["prefill_tokens"] for c in grid if c["decode_seqs"] == 0}) < 2:
+        if len({c["prefill_tokens"] for c in grid if c["decode_seqs"] == 0 and c["prefill_tokens"]}) < 2:
             # One size would price every prompt-only step alike, whatever its length.
             raise InvalidRequestError(f"{path} needs prompt-only steps of two sizes (two above 0 in "
                                       f"--prefill-tokens); {remedy}")
