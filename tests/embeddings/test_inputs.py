@@ -34,6 +34,12 @@ def test_token_ids_over_the_limit_are_refused_naming_both_lengths(model):
         token_inputs(model, list(range(1000, 1300)))
 
 
+def test_a_text_of_bytes_that_are_not_utf8_is_refused_naming_the_input(model):
+    # What Python makes of them (surrogateescape), as `LLM.embed` may be given; tokenizers raised a TypeError.
+    with pytest.raises(InvalidRequestError, match="input\\[1\\] holds bytes that are not UTF-8"):
+        token_inputs(model, ["fine", "caf\udce9"])
+
+
 def test_shorten_renormalizes_only_where_the_model_normalizes(model):
     vectors = torch.nn.functional.normalize(torch.randn(2, 384), dim=-1)
     assert torch.allclose(shorten(model, vectors, 8).norm(dim=-1), torch.ones(2))

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from tokenmill.embeddings.model import EmbeddingModel
 from tokenmill.errors import InvalidRequestError
+from tokenmill.loader.tokenizer import is_text
 
 EmbeddingInput = str | list[str] | list[int] | list[list[int]]
 
@@ -26,6 +27,9 @@ def token_inputs(model: EmbeddingModel, inputs: EmbeddingInput, truncate: int | 
     for i, item in enumerate(inputs):
         if len(item) == 0:
             raise InvalidRequestError(f"input[{i}] is empty", param="input")
+        if isinstance(item, str) and not is_text(item):  # the server refuses these earlier; LLM.embed here
+            raise InvalidRequestError(f"input[{i}] holds bytes that are not UTF-8 (lone surrogates); send valid "
+                                      "Unicode", param="input")
         if not isinstance(item, str):
             bad = next((t for t in item if not 0 <= t < model.vocab_size), None)
             if bad is not None:
