@@ -161,6 +161,13 @@ def test_generate_whose_request_fails_partway_exits_nonzero(smollm2_path, monkey
     assert "tokenmill: error: the generation failed partway" in capsys.readouterr().err
 
 
+def test_eval_early_exit_on_text_that_is_not_utf8_exits_nonzero_with_one_line(tmp_path, capsys):
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9 " * 100)
+    assert main(["eval", "early-exit", "--file", str(tmp_path / "latin1.txt")]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "latin1.txt is not UTF-8 text" in lines[0]
+
+
 def test_bench_serve_with_every_request_failed_exits_nonzero(capsys):
     # A table of zeros exited 0, so a script took it for a measurement.
     assert main(["bench", "serve", "--base-url", "http://127.0.0.1:9", "--num-prompts", "2", "--warmup", "0",

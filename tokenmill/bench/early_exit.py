@@ -26,8 +26,8 @@ def main(args: argparse.Namespace) -> int:
     from tokenmill.llm import LLM
 
     if args.prompts < 1 or args.prompt_len < 1 or args.max_tokens < 2 or args.num_speculative_tokens < 1:
-        raise InvalidRequestError("need --prompts, --prompt-len and --num-speculative-tokens >= 1 and --max-tokens >= 2 "
-                                  "(drafts follow the first token)")
+        raise InvalidRequestError("need --prompts, --prompt-len and --num-speculative-tokens >= 1 and --max-tokens "
+                                  ">= 2 (drafts follow the first token)")
     try:
         text = args.file.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:

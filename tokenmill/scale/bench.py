@@ -31,13 +31,14 @@ def shared_prefix_workload(groups: int, per_group: int, prefix_words: int, seed:
 
 
 def _grown(before: str, after: str, name: str) -> float:
-    """How much a counter grew over the replicas live at the end: a replaced replica's last push, still on the
-    board before, is no part of it."""
+    """How much a counter grew over the replicas live at the end."""
+    # A replaced replica's last push, still on the board at the start, is gone at the end: no part of the growth.
     start = _by_replica(before, name)
     return sum(value - start.get(replica, 0.0) for replica, value in _by_replica(after, name).items())
 
 
 def _by_replica(text: str, name: str) -> dict[str, float]:
+    """A counter's value in each replica's series of a merged exposition."""
     values: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
