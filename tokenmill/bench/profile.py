@@ -156,7 +156,7 @@ def _doubling(start: list[int], first: int, limit: int) -> list[int]:
 
 def default_prefills(budget: int) -> list[int]:
     """Prompt sizes to time up to a step's token budget: 0, then two above it at least, as the planner needs."""
-    return sorted(set(_doubling([0, max(2, min(16, budget // 2)), 64], 128, budget)))
+    return _doubling([0, max(2, min(16, budget // 2)), 64], 128, budget)
 
 
 def _check(args: argparse.Namespace, prefills: list[int], decodes: list[int]) -> None:
