@@ -214,6 +214,19 @@ def test_qwen3_gguf_logits_and_greedy_tokens_match_transformers(qwen3_model, tmp
     assert _generate(llm) == _greedy_alone(qwen3_model)
 
 
+def test_a_gguf_rope_freqs_tensor_stays_float32_in_a_bfloat16_model(qwen3_model, tmp_path):
+    # Llama 3.1 files carry their rope scaling as per-frequency divisors; in bfloat16 the mid-band ones moved the
+    # rotations by up to 0.2% (0.8 rad at 128k tokens for the 8B).
+    config = qwen3_model.config
+    tensors = _gguf_tensors(qwen3_model)
+    factors = np.linspace(1.0, 8.0, config.head_dim // 2, dtype=np.float32) + np.float32(1 / 3)
+    _write_gguf(tmp_path / "qwen3.gguf", config, {**tensors, "rope_freqs.weight": factors})
+    llm = LLM(str(tmp_path / "qwen3.gguf"), dtype="bfloat16", quantization="none", kv_cache_memory=0.01)
+    theta, dim = config.rope_parameters["rope_theta"], config.head_dim
+    expected = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim) / torch.from_numpy(factors).double()
+    assert torch.allclose(llm.engine.runner.model.rotary.inv_freq, expected, rtol=1e-7)
+
+
 def test_gguf_tensor_the_architecture_lacks_is_a_load_error_naming_it(qwen3_model, tmp_path):
     tensors = _gguf_tensors(qwen3_model)
     tensors["blk.0.ffn_gate_inp.weight"] = np.zeros((4, 64), np.float32)  # a mixture-of-experts router
