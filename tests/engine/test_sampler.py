@@ -41,6 +41,20 @@ def test_top_k_top_p_and_min_p_limit_the_candidates():
     assert len(_draws(SamplingParams(temperature=1.0, top_k=0))) >= 5  # 0 is off, as -1
 
 
+def test_top_p_weighs_the_top_k_survivors_renormalized():
+    # 0.4 and 0.3, then 0.3 over 30 tokens; top_k 2 leaves 0.571 and 0.429, of which top_p 0.5 keeps the first
+    # alone (vLLM and transformers); measured on the whole distribution, 0.4 < 0.5 kept the second too.
+    logits = torch.tensor([[0.4, 0.3] + [0.01] * 30]).log()
+    sampler, seq = Sampler(), _seq(SamplingParams(temperature=1.0, top_k=2, top_p=0.5))
+    assert {sampler(logits.clone(), [seq]).token_ids[0][0] for _ in range(200)} == {0}
+
+
+def test_top_k_keeps_the_tokens_tied_with_the_kth():
+    logits = torch.tensor([[3.0, 2.0, 2.0, 0.0, -1.0]])
+    sampler, seq = Sampler(), _seq(SamplingParams(temperature=1.0, top_k=2))
+    assert {sampler(logits.clone(), [seq]).token_ids[0][0] for _ in range(400)} == {0, 1, 2}
+
+
 def test_repetition_penalty_demotes_seen_tokens():
     params = SamplingParams(temperature=0, repetition_penalty=2.0)
     assert Sampler()(LOGITS.clone(), [_seq(params, tokens=[2])]).token_ids == [[3]]

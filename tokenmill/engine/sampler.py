@@ -225,13 +225,16 @@ def _truncate(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     if all(k <= 0 for k in top_k) and all(p == 1.0 for p in top_p):
         return probs
     sorted_probs, order = probs.sort(dim=-1, descending=True)
-    ranks = torch.arange(probs.shape[1], device=probs.device)[None, :]
     k = torch.tensor([k if k > 0 else probs.shape[1] for k in top_k], device=probs.device)[:, None]
-    # Keep a token if the mass strictly before it is below top_p (so the top token always stays).
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    # top_k keeps every token tied with the k-th, as vLLM and transformers do.
+    beyond_k = sorted_probs < sorted_probs.gather(1, k - 1)
+    kept = sorted_probs.masked_fill(beyond_k, 0.0)
+    # top_p weighs what min_p and top_k left, renormalized (vLLM's top-k-then-top-p; transformers' warpers softmax
+    # the filtered scores). A token stays if the mass strictly before it is below top_p: the top token always does.
+    mass_before = (kept.cumsum(dim=-1) - kept) / kept.sum(dim=-1, keepdim=True)
     p = torch.tensor(top_p, device=probs.device, dtype=probs.dtype)[:, None]
     # Rows with top_p == 1 keep everything: float32 cumsum can reach 1.0 before the tail ends.
-    drop_sorted = (ranks >= k) | ((mass_before >= p) & (p < 1.0))
+    drop_sorted = beyond_k | ((mass_before >= p) & (p < 1.0))
     drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
     return probs.masked_fill(drop, 0.0)
 
