@@ -61,6 +61,10 @@ def test_hf_directory_matches_transformers(kind, tmp_path, smollm2_source, last_
     ("Qwen2MoeForCausalLM", transformers.Qwen2MoeConfig, {"sliding_window": 64, "use_sliding_window": True,
                                                          "max_window_layers": 5}),
     ("MixtralForCausalLM", transformers.MixtralConfig, {}),
+    # No window, context or query scale given: transformers' own defaults differ by family.
+    ("MistralForCausalLM", transformers.MistralConfig, {}),
+    ("Gemma3ForCausalLM", transformers.Gemma3TextConfig, {"head_dim": 16}),
+    ("Qwen2ForCausalLM", transformers.Qwen2Config, {}),
 ])
 def test_fields_config_json_leaves_out_are_read_as_transformers_fills_them_in(tmp_path, architecture, config_class,
                                                                               fields):
@@ -74,6 +78,9 @@ def test_fields_config_json_leaves_out_are_read_as_transformers_fills_them_in(tm
     assert [ours.layer_window(i) for i in range(8)] == windows
     assert ours.tie_word_embeddings == theirs.tie_word_embeddings
     assert ours.rms_norm_eps == theirs.rms_norm_eps
+    assert ours.max_position_embeddings == theirs.max_position_embeddings
+    if hasattr(theirs, "query_pre_attn_scalar"):
+        assert ours.attention_scale == theirs.query_pre_attn_scalar ** -0.5
     rope = theirs.rope_parameters
     if "full_attention" in rope:  # Gemma 3: a rotary base per layer type
         assert ours.rope_local_theta == rope["sliding_attention"]["rope_theta"]
@@ -81,13 +88,23 @@ def test_fields_config_json_leaves_out_are_read_as_transformers_fills_them_in(tm
     assert ours.rope_theta == rope["rope_theta"]
 
 
-@pytest.mark.parametrize("fields", [{"hidden_act": "gelu"}, {"final_logit_softcapping": 30.0}])
-def test_config_fields_that_would_change_the_model_are_refused(tmp_path, fields):
+@pytest.mark.parametrize("fields, message", [
+    ({"hidden_act": "gelu"}, "activation 'gelu'"),
+    ({"final_logit_softcapping": 30.0}, "final_logit_softcapping"),
+    # Before the weights are read, not after the whole checkpoint.
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling 'yarn'"),
+    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "rope scaling 'dynamic'"),
+    # Gemma 3's sliding layers' own scaling, which its code never applied.
+    ({"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                          "sliding_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e4}}},
+     "rope scaling 'linear' on the sliding layers"),
+])
+def test_config_fields_that_would_change_the_model_are_refused(tmp_path, fields, message):
     raw = {"architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
            "num_hidden_layers": 2, "num_attention_heads": 4, **fields}
     (tmp_path / "config.json").write_text(json.dumps(raw))
     (tmp_path / "model.safetensors").touch()
-    with pytest.raises(ModelLoadError, match=next(iter(fields)).split("_")[-1]):
+    with pytest.raises(ModelLoadError, match=message):
         HFDirectory(tmp_path).model_config()
 
 

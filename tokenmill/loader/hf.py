@@ -17,6 +17,14 @@ _DEFAULTS = {"Gemma3": (1_000_000.0, 1e-6), "Mixtral": (1_000_000.0, 1e-5)}
 _GEMMA3_LOCAL_THETA = 10_000.0
 # The MLP activation each family's code computes; a config asking for another would run a different model.
 _ACTIVATIONS = {"Gemma3": "gelu_pytorch_tanh"}
+# transformers' defaults where config.json leaves them out: max_position_embeddings (2048 for the others) and
+# sliding_window (none for the others), by architecture prefix.
+_CONTEXTS = {"Mistral": 131_072, "Mixtral": 131_072, "Gemma3": 131_072, "Qwen": 32_768}
+_WINDOWS = {"Mistral": 4096, "Gemma3": 4096}
+# Gemma3TextConfig's query_pre_attn_scalar where config.json leaves it out.
+_GEMMA3_QUERY_SCALAR = 256
+# The rope scaling layers/rotary.py computes; any other would change every rotation.
+_SCALINGS = ("default", "linear", "llama3")
 
 
 class HFDirectory:
@@ -74,6 +82,14 @@ class HFDirectory:
             rope = c.get("rope_parameters") or {}
             rope = rope.get("full_attention", rope)  # Gemma 3 keeps one set per layer type
             scaling = c.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+            kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
+            if kind not in _SCALINGS:  # refused here, not after the whole checkpoint is read
+                raise ModelLoadError(f"{self.path / 'config.json'} asks for rope scaling {kind!r}; supported: "
+                                     f"{', '.join(_SCALINGS[1:])}")
+            local = (c.get("rope_parameters") or {}).get("sliding_attention") or {}
+            if local.get("rope_type", "default") != "default":  # Gemma 3's sliding layers rotate unscaled here
+                raise ModelLoadError(f"{self.path / 'config.json'} asks for rope scaling {local['rope_type']!r} on "
+                                     "the sliding layers; not supported")
             return ModelConfig(
                 architecture=self.architecture,
                 vocab_size=int(c["vocab_size"]),
@@ -85,18 +101,20 @@ class HFDirectory:
                 head_dim=int(c.get("head_dim") or hidden // num_heads),
                 rms_norm_eps=float(c.get("rms_norm_eps", eps)),
                 rope_theta=float(c.get("rope_theta") or rope.get("rope_theta") or theta),
-                max_position_embeddings=int(c.get("max_position_embeddings", 2048)),
+                max_position_embeddings=int(c.get("max_position_embeddings") or next(
+                    (n for f, n in _CONTEXTS.items() if self.architecture.startswith(f)), 2048)),
                 # transformers' own default where config.json leaves it out: Gemma's configs tie, the others do not.
                 tie_word_embeddings=bool(c.get("tie_word_embeddings", self.architecture.startswith("Gemma"))),
                 rope_scaling=scaling,
                 # Qwen2-MoE configs name it qkv_bias.
                 attention_bias=bool(c.get("attention_bias", c.get("qkv_bias", self.architecture.startswith("Qwen2")))),
                 # Qwen configs carry a sliding_window that use_sliding_window (off unless said) switches on.
-                sliding_window=c.get("sliding_window") if c.get("use_sliding_window", not self.architecture.startswith(
-                    "Qwen")) else None,
+                sliding_window=c.get("sliding_window", next(
+                    (w for f, w in _WINDOWS.items() if self.architecture.startswith(f)), None))
+                if c.get("use_sliding_window", not self.architecture.startswith("Qwen")) else None,
                 layer_types=_layer_types(c, self.architecture),
                 rope_local_theta=_local_theta(c) or (_GEMMA3_LOCAL_THETA if family == "Gemma3" else None),
-                attention_scale=c["query_pre_attn_scalar"] ** -0.5 if c.get("query_pre_attn_scalar") else None,
+                attention_scale=_attention_scale(c, family),
                 num_experts=int(c.get("num_local_experts") or c.get("num_experts") or 0),
                 num_experts_per_tok=int(c.get("num_experts_per_tok") or 0),
                 moe_intermediate_size=int(c.get("moe_intermediate_size") or 0),
@@ -154,6 +172,12 @@ def _layer_types(config: dict, architecture: str) -> list[str] | None:
         return ["sliding_attention" if i % 2 == 0 and i < first else "full_attention" for i in range(layers)]
     # Only the layers from max_window_layers on slide (28 unless said), as Qwen2Config and Qwen3Config.
     return ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+
+
+def _attention_scale(config: dict, family: str | None) -> float | None:
+    """Gemma's query scale, 1/sqrt(query_pre_attn_scalar); None for the usual 1/sqrt(head_dim)."""
+    scalar = config.get("query_pre_attn_scalar") or (_GEMMA3_QUERY_SCALAR if family == "Gemma3" else None)
+    return scalar ** -0.5 if scalar else None
 
 
 def _local_theta(config: dict) -> float | None:
