@@ -147,8 +147,9 @@ def test_gemma3_token_bytes_turn_the_word_marker_into_a_space(gemma3_tokenizer):
 
 def _vocabulary_file(path: Path, model: str, tokens: list[str], bos_id: int = 0,
                      templates: dict[str, str] | None = None, pre: str | None = None,
-                     merges: list[str] | None = None) -> GGUFFile:
-    """A GGUF file holding only a tokenizer: its kind, tokens and their types (no scores), and chat templates."""
+                     merges: list[str] | None = None, flags: dict[str, bool] | None = None,
+                     eos_id: int | None = None) -> GGUFFile:
+    """A GGUF file holding only a tokenizer: its kind, tokens and their types (no scores), chat templates, flags."""
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_tokenizer_model(model)
     if pre is not None:
@@ -158,8 +159,12 @@ def _vocabulary_file(path: Path, model: str, tokens: list[str], bos_id: int = 0,
     writer.add_token_list(tokens)
     writer.add_token_types([3] + [1] * (len(tokens) - 1))  # the first a control token, as <s> is
     writer.add_bos_token_id(bos_id)
+    if eos_id is not None:
+        writer.add_eos_token_id(eos_id)
     for key, template in (templates or {}).items():
         writer.add_string(key, template)
+    for key, flag in (flags or {}).items():
+        writer.add_bool(key, flag)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -178,6 +183,14 @@ def test_a_sentencepiece_vocabulary_without_scores_still_merges_into_its_pieces(
     # Without merges (every score missing) "ab" would stay three pieces: "\u2581", "a", "b".
     assert tokenizer.encode("ab") == [0, 6]  # BOS, added where the file does not say otherwise
     assert tokenizer.bos_token == "<s>" and tokenizer.decode([0, 6]) == "ab"
+
+
+def test_a_vocabulary_that_asks_for_eos_gets_it_after_the_text(tmp_path):
+    # As llama.cpp and transformers read tokenizer.ggml.add_eos_token (embedding models' files set it).
+    pieces = ["<s>", "a", "b", "\u2581", "\u2581a", "ab", "\u2581ab", "</s>"]
+    file = _vocabulary_file(tmp_path / "spm.gguf", "llama", pieces, flags={"tokenizer.ggml.add_eos_token": True},
+                            eos_id=7)
+    assert Tokenizer.from_gguf(file, [7]).encode("ab") == [0, 6, 7]
 
 
 def test_a_word_after_a_skipped_control_token_keeps_its_space_when_streamed(tmp_path):

@@ -186,15 +186,17 @@ class Tokenizer:
             )
         # The vocabulary's strings live only inside this call: what the Tokenizer keeps is made after.
         backend = _gguf_backend(gguf, kind)
-        bos_id = metadata.get("tokenizer.ggml.bos_token_id")
-        bos = _special_token(backend, "bos", bos_id)
+        bos_id, eos_id = metadata.get("tokenizer.ggml.bos_token_id"), metadata.get("tokenizer.ggml.eos_token_id")
+        bos, eos = _special_token(backend, "bos", bos_id), _special_token(backend, "eos", eos_id)
         # llama.cpp adds BOS to a SentencePiece vocabulary, and to Llama 3's, whose file does not say otherwise.
         adds_bos = kind == "llama" or metadata.get("tokenizer.ggml.pre") in _BOS_PRES
-        if metadata.get("tokenizer.ggml.add_bos_token", adds_bos) and bos is not None:
+        first = [(bos, bos_id)] if metadata.get("tokenizer.ggml.add_bos_token", adds_bos) and bos is not None else []
+        last = [(eos, eos_id)] if metadata.get("tokenizer.ggml.add_eos_token", False) and eos is not None else []
+        if first or last:
+            single = " ".join([*(t for t, _ in first), "$A", *(t for t, _ in last)])
             backend.post_processor = processors.TemplateProcessing(
-                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+                single=single, pair=f"{single} {single.replace('$A', '$B')}", special_tokens=first + last
             )
-        eos = _special_token(backend, "eos", metadata.get("tokenizer.ggml.eos_token_id"))
         # llama.cpp ends generation at these tokens too, found by their text: a file's metadata often names only
         # one end (Gemma 3's <eos>, where its chats end each turn with <end_of_turn>). The file's own ids stay first.
         ends = (backend.token_to_id(text) for text in _END_OF_GENERATION)
