@@ -1,5 +1,6 @@
 """The tokenizer rebuilt from GGUF metadata matches the model's own tokenization and chat template."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -305,6 +306,19 @@ def test_special_tokens_are_the_control_ones_not_every_added_token(gemma3_tokeni
     newline = gemma3_tokenizer.encode("\n", add_special_tokens=False)
     assert len(newline) == 1 and newline[0] not in gemma3_tokenizer.special_token_ids()
     assert set(gemma3_tokenizer.eos_token_ids) <= set(gemma3_tokenizer.special_token_ids())
+
+
+def test_generation_tags_render_their_body_as_transformers_does(smollm2_source):
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    # Templates of models tuned on assistant turns alone mark those turns; every chat to them was refused.
+    template = ("{% for m in messages %}{% if m.role == 'assistant' %}{%- generation -%}\n [{{ m.content }}] "
+                "{%- endgeneration %}{% else %}{{ m.content }}\n{% endif %}{% endfor %}")
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    tokenizer = copy.copy(smollm2_source.tokenizer)
+    tokenizer.chat_template = template
+    [expected], _ = render_jinja_template([messages], chat_template=template)
+    assert tokenizer.apply_chat_template(messages, add_generation_prompt=False) == expected == "a\n[b]"
 
 
 def test_a_gguf_chat_models_end_of_turn_token_ends_generation(gemma3_tokenizer, smollm2_source):

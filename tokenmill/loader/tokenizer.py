@@ -141,7 +141,7 @@ class Tokenizer:
         import jinja2
 
         try:
-            template = _jinja_env().from_string(text)
+            template = _jinja_env().from_string(_GENERATION_TAG.sub(_plain_block, text))
             return template.render(
                 messages=messages,
                 tools=tools or None,
@@ -365,6 +365,15 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
             separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
     """Jinja's tojson as transformers defines it for chat templates: unescaped, with json.dumps' keywords."""
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+# transformers' {% generation %} marks the assistant's tokens for training masks and renders its body as it is.
+_GENERATION_TAG = re.compile(r"(\{%[-+]?\s*)(end)?generation(\s*[-+]?%\})")
+
+
+def _plain_block(tag: re.Match) -> str:
+    """A generation tag as a block that renders its body (its whitespace control kept)."""
+    return f"{tag[1]}{'endif' if tag[2] else 'if true'}{tag[3]}"
 
 
 def _jinja_env() -> "ImmutableSandboxedEnvironment":
