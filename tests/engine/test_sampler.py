@@ -60,6 +60,13 @@ def test_repetition_penalty_demotes_seen_tokens():
     assert Sampler()(LOGITS.clone(), [_seq(params, tokens=[2])]).token_ids == [[3]]
 
 
+def test_a_repetition_penalty_near_zero_promotes_the_seen_token_when_sampling_too():
+    # 3 / 1e-39 overflows float32: the row would be NaN and the draw token 0 (SmolLM2's EOS).
+    params = SamplingParams(temperature=1.0, repetition_penalty=1e-39)
+    sampler = Sampler()
+    assert {sampler(LOGITS.clone(), [_seq(params, tokens=[2])]).token_ids[0][0] for _ in range(20)} == {2}
+
+
 def test_frequency_and_presence_penalties_count_only_outputs():
     params = SamplingParams(temperature=0, frequency_penalty=0.1)
     # Token 2 generated twice: 3.0 - 0.2 < 2.9.

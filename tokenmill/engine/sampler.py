@@ -130,7 +130,9 @@ class Sampler:
                 # As in vLLM and transformers: every token seen so far (prompt and output) is penalized.
                 seen = torch.tensor(sorted(set(seq.token_ids)), device=logits.device)
                 row = logits[i, seen]
-                repeats.append((i, seen, torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)))
+                # Clamped: a penalty near 0 divides a logit past float's range, and +inf would make the row NaN.
+                raised = (row / p.repetition_penalty).clamp(max=torch.finfo(row.dtype).max)
+                repeats.append((i, seen, torch.where(row > 0, raised, row * p.repetition_penalty)))
             if p.presence_penalty or p.frequency_penalty:
                 # OpenAI semantics: only generated tokens count.
                 output = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
