@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tokenmill import ops
+from tokenmill.errors import ModelLoadError
 from tokenmill.layers.rotary import RotaryEmbedding, apply_rotary, apply_rotary_
 
 
@@ -35,3 +36,13 @@ def test_angles_are_float64_products_rounded_once_to_float32():
             # float32 angles would be off by up to 0.004 radians at position 100,000
             assert cos[row, 0, i].item() == torch.tensor(math.cos(angle)).float().item()
             assert sin[row, 0, i].item() == torch.tensor(math.sin(angle)).float().item()
+
+
+@pytest.mark.parametrize("scaling, freq_factors, message", [
+    ({"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192}, None,
+     "llama3 rope scaling without low_freq_factor, high_freq_factor"),
+    (None, torch.ones(5), "rope_freqs holds 5 factors; a head_dim of 64 rotates 32 frequencies"),
+])
+def test_rope_settings_that_do_not_fit_are_load_errors(scaling, freq_factors, message):
+    with pytest.raises(ModelLoadError, match=message):
+        RotaryEmbedding(64, 10_000.0, scaling, freq_factors)

@@ -22,6 +22,9 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
         if freq_factors is not None:  # GGUF's rope_freqs tensor: per-frequency divisors (Llama 3.1)
+            if freq_factors.numel() != inv_freq.numel():
+                raise ModelLoadError(f"rope_freqs holds {freq_factors.numel()} factors; a head_dim of {head_dim} "
+                                     f"rotates {inv_freq.numel()} frequencies")
             inv_freq = inv_freq / freq_factors.to(torch.float64)
         self.register_buffer("inv_freq", _scale(inv_freq, scaling), persistent=False)
 
@@ -54,8 +57,10 @@ def _scale(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Tensor:
     if kind == "linear":
         return inv_freq / scaling["factor"]
     if kind == "llama3":
-        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_len = scaling["original_max_position_embeddings"]
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        if missing := [key for key in keys if key not in scaling]:
+            raise ModelLoadError(f"llama3 rope scaling without {', '.join(missing)}")
+        factor, low, high, old_len = (scaling[key] for key in keys)
         wavelen = 2 * math.pi / inv_freq
         smooth = ((old_len / wavelen) - low) / (high - low)
         scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
