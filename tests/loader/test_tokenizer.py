@@ -149,7 +149,7 @@ def test_gemma3_token_bytes_turn_the_word_marker_into_a_space(gemma3_tokenizer):
 def _vocabulary_file(path: Path, model: str, tokens: list[str], bos_id: int = 0,
                      templates: dict[str, str] | None = None, pre: str | None = None,
                      merges: list[str] | None = None, flags: dict[str, bool] | None = None,
-                     eos_id: int | None = None) -> GGUFFile:
+                     eos_id: int | None = None, types: list[int] | None = None) -> GGUFFile:
     """A GGUF file holding only a tokenizer: its kind, tokens and their types (no scores), chat templates, flags."""
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_tokenizer_model(model)
@@ -158,7 +158,7 @@ def _vocabulary_file(path: Path, model: str, tokens: list[str], bos_id: int = 0,
     if merges is not None:
         writer.add_token_merges(merges)
     writer.add_token_list(tokens)
-    writer.add_token_types([3] + [1] * (len(tokens) - 1))  # the first a control token, as <s> is
+    writer.add_token_types(types or [3] + [1] * (len(tokens) - 1))  # by default the first a control token, as <s>
     writer.add_bos_token_id(bos_id)
     if eos_id is not None:
         writer.add_eos_token_id(eos_id)
@@ -203,6 +203,21 @@ def test_a_word_after_a_skipped_control_token_keeps_its_space_when_streamed(tmp_
         detokenizer.add(token_id)
     detokenizer.finish()
     assert detokenizer.stream_text == tokenizer.decode(output) == "ab ab"
+
+
+def test_the_first_word_after_a_prompt_ending_in_byte_spelled_characters_keeps_its_space(tmp_path):
+    # Llama 2 and Mistral spell characters outside their vocabulary as <0xNN> pieces. Two emoji end the prompt:
+    # the detokenizer's window of its last tokens started partway through the first, decoded as U+FFFD throughout,
+    # and was emptied, so " ab" streamed as "ab".
+    pieces = ["<s>", *(f"<0x{b:02X}>" for b in range(256)), "\u2581", "a", "b", "\u2581a", "ab", "\u2581ab"]
+    tokenizer = Tokenizer.from_gguf(_vocabulary_file(tmp_path / "spm.gguf", "llama", pieces,
+                                                     types=[3, *[6] * 256, *[1] * 6]), [])
+    word = tokenizer.backend.token_to_id("\u2581ab")
+    for prompt in ("ab\U0001f389", "ab\U0001f389\U0001f389"):
+        detokenizer = IncrementalDetokenizer(tokenizer, tokenizer.encode(prompt), [], False)
+        detokenizer.add(word)
+        detokenizer.finish()
+        assert detokenizer.text == " ab", prompt
 
 
 def test_a_llama3_vocabulary_gets_a_bos_where_its_file_does_not_say(tmp_path):

@@ -21,7 +21,11 @@ class IncrementalDetokenizer:
         # SentencePiece strips the text's first: they are left out of the ids decoded.
         context = (t for t in reversed(prompt_token_ids) if not tokenizer.is_special(t))
         self.ids = list(islice(context, _PROMPT_CONTEXT_TOKENS))[::-1]
-        # A prompt ending partway through a character: its bytes are no context to slice the output's text after.
+        # A window starting or ending partway through a character (byte-fallback pieces): those bytes are no
+        # context to slice the output's text after. Decoders spell a whole run of bytes that are not UTF-8 as
+        # U+FFFD, so the start goes first: else a window starting mid-character would empty from its end.
+        while self.ids and tokenizer.decode(self.ids).startswith("\ufffd"):
+            self.ids.pop(0)
         while self.ids and tokenizer.decode(self.ids).endswith("\ufffd"):
             self.ids.pop()
         self.prefix_offset = 0
