@@ -39,6 +39,7 @@ def test_top_k_top_p_and_min_p_limit_the_candidates():
     assert _draws(SamplingParams(temperature=1.0, min_p=0.5)) == {2, 3}
     assert len(_draws(SamplingParams(temperature=1.0))) >= 5
     assert len(_draws(SamplingParams(temperature=1.0, top_k=0))) >= 5  # 0 is off, as -1
+    assert len(_draws(SamplingParams(temperature=1.0, top_k=100, top_p=0.999))) >= 5  # past the vocabulary: all
 
 
 def test_top_p_weighs_the_top_k_survivors_renormalized():
@@ -61,8 +62,9 @@ def test_repetition_penalty_demotes_seen_tokens():
 
 
 def test_a_repetition_penalty_near_zero_promotes_the_seen_token_when_sampling_too():
-    # 3 / 1e-39 overflows float32: the row would be NaN and the draw token 0 (SmolLM2's EOS).
-    params = SamplingParams(temperature=1.0, repetition_penalty=1e-39)
+    # 3 / 1e-38 is within float32, but not once divided by the temperature: the row would be NaN and the
+    # draw token 0 (SmolLM2's EOS).
+    params = SamplingParams(temperature=0.5, repetition_penalty=1e-38)
     sampler = Sampler()
     assert {sampler(LOGITS.clone(), [_seq(params, tokens=[2])]).token_ids[0][0] for _ in range(20)} == {2}
 

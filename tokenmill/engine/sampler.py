@@ -130,9 +130,7 @@ class Sampler:
                 # As in vLLM and transformers: every token seen so far (prompt and output) is penalized.
                 seen = torch.tensor(sorted(set(seq.token_ids)), device=logits.device)
                 row = logits[i, seen]
-                # Clamped: a penalty near 0 divides a logit past float's range, and +inf would make the row NaN.
-                raised = (row / p.repetition_penalty).clamp(max=torch.finfo(row.dtype).max)
-                repeats.append((i, seen, torch.where(row > 0, raised, row * p.repetition_penalty)))
+                repeats.append((i, seen, torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)))
             if p.presence_penalty or p.frequency_penalty:
                 # OpenAI semantics: only generated tokens count.
                 output = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
@@ -179,7 +177,9 @@ class Sampler:
     @staticmethod
     def _probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         temps = torch.tensor([s.params.temperature for s in seqs], device=logits.device)
-        return torch.softmax(logits / temps[:, None], dim=-1)
+        scaled = logits / temps[:, None]
+        # A logit past float's range (a repetition penalty near 0, a temperature near it) would make the row NaN.
+        return torch.softmax(scaled.clamp(max=torch.finfo(scaled.dtype).max), dim=-1)
 
     @staticmethod
     def _noise(probs: torch.Tensor, seqs: list[Sequence], offsets: list[int]) -> torch.Tensor:
@@ -227,12 +227,12 @@ def _truncate(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     if all(k <= 0 for k in top_k) and all(p == 1.0 for p in top_p):
         return probs
     sorted_probs, order = probs.sort(dim=-1, descending=True)
-    k = torch.tensor([k if k > 0 else probs.shape[1] for k in top_k], device=probs.device)[:, None]
+    k = torch.tensor([min(k, probs.shape[1]) if k > 0 else probs.shape[1] for k in top_k], device=probs.device)[:, None]
     # top_k keeps every token tied with the k-th, as vLLM and transformers do.
     beyond_k = sorted_probs < sorted_probs.gather(1, k - 1)
     kept = sorted_probs.masked_fill(beyond_k, 0.0)
-    # top_p weighs what min_p and top_k left, renormalized (vLLM's top-k-then-top-p; transformers' warpers softmax
-    # the filtered scores). A token stays if the mass strictly before it is below top_p: the top token always does.
+    # top_p weighs what min_p and top_k left, renormalized, as vLLM (transformers renormalizes too, but runs min_p
+    # last). A token stays if the mass strictly before it is below top_p: the top token always does.
     mass_before = (kept.cumsum(dim=-1) - kept) / kept.sum(dim=-1, keepdim=True)
     p = torch.tensor(top_p, device=probs.device, dtype=probs.dtype)[:, None]
     # Rows with top_p == 1 keep everything: float32 cumsum can reach 1.0 before the tail ends.
