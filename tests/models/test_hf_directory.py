@@ -65,6 +65,8 @@ def test_hf_directory_matches_transformers(kind, tmp_path, smollm2_source, last_
     ("MistralForCausalLM", transformers.MistralConfig, {}),
     ("Gemma3ForCausalLM", transformers.Gemma3TextConfig, {"head_dim": 16}),
     ("Qwen2ForCausalLM", transformers.Qwen2Config, {}),
+    ("Qwen2ForCausalLM", transformers.Qwen2Config, {"use_sliding_window": True, "max_window_layers": 4}),
+    ("Qwen3MoeForCausalLM", transformers.Qwen3MoeConfig, {"use_sliding_window": True}),
 ])
 def test_fields_config_json_leaves_out_are_read_as_transformers_fills_them_in(tmp_path, architecture, config_class,
                                                                               fields):

@@ -20,7 +20,7 @@ _ACTIVATIONS = {"Gemma3": "gelu_pytorch_tanh"}
 # transformers' defaults where config.json leaves them out: max_position_embeddings (2048 for the others) and
 # sliding_window (none for the others), by architecture prefix.
 _CONTEXTS = {"Mistral": 131_072, "Mixtral": 131_072, "Gemma3": 131_072, "Qwen": 32_768}
-_WINDOWS = {"Mistral": 4096, "Gemma3": 4096}
+_WINDOWS = {"Mistral": 4096, "Gemma3": 4096, "Qwen": 4096}  # Qwen's only where use_sliding_window is on
 # Gemma3TextConfig's query_pre_attn_scalar where config.json leaves it out.
 _GEMMA3_QUERY_SCALAR = 256
 # The rope scaling layers/rotary.py computes; any other would change every rotation.
