@@ -70,10 +70,10 @@ def test_bad_schema_is_a_400_with_the_libraries_message(client):
     assert "frobnicate" in caught.value.message and caught.value.body["param"] == "response_format"
 
 
-def _call(client, messages, tool_choice, stream):
+def _call(client, messages, tool_choice, stream, **extra):
     """One assistant turn as (message dict, finish_reason); a streamed turn is rebuilt from its deltas as a client does."""
     args = dict(model=MODEL, messages=messages, tools=[WEATHER, TIME], tool_choice=tool_choice, temperature=0,
-                max_tokens=60)
+                max_tokens=60) | extra
     if not stream:
         choice = client.chat.completions.create(**args).choices[0]
         return choice.message.model_dump(exclude_none=True), choice.finish_reason
@@ -108,6 +108,17 @@ def test_two_turn_tool_loop(client, tool_choice, stream):
         messages.append({"role": "tool", "tool_call_id": call["id"], "content": json.dumps({"result": "sunny, 18C"})})    # The tool's result is in: under `auto` the model now answers in text; the forced choices hand back to `none`.
     answer, finish_reason = _call(client, messages, "auto" if tool_choice == "auto" else "none", stream)
     assert finish_reason in ("stop", "length") and answer["content"] and "tool_calls" not in answer
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_parallel_tool_calls_false_hands_back_the_first_call_alone_under_auto(client, stream):
+    # guided_choice pins the answer to two calls in SmolLM2's format, as a model may write them under auto.
+    two = ('<tool_call>[{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+           '{"name": "get_time", "arguments": {"city": "Tokyo"}}]</tool_call>')
+    message, finish_reason = _call(client, QUESTION, "auto", stream, max_tokens=80, parallel_tool_calls=False,
+                                   extra_body={"guided_choice": [two]})
+    assert finish_reason == "tool_calls"
+    assert [call["function"]["name"] for call in message["tool_calls"]] == ["get_weather"]  # OpenAI's and vLLM's
 
 
 def test_auto_answers_in_text_when_no_tool_fits(client):

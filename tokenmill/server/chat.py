@@ -48,6 +48,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
         finish_reason = sample.finish_reason
         if tools:
             content, calls = parse_tool_calls(sample.text)
+            calls = calls[:1] if body.parallel_tool_calls is False else calls  # a forced call's grammar holds one
             if calls:
                 message = {"role": "assistant", "content": content,
                            "tool_calls": [{"id": new_id("call"), "type": "function",
@@ -89,7 +90,8 @@ async def _chunks(body: ChatCompletionRequest, n: int, stream: RequestStream, to
                 finals.append(output)
             if parsers:
                 for sample in output.outputs:
-                    for choice in _tool_choices(sample, parsers[sample.index], tokenizer):
+                    for choice in _tool_choices(sample, parsers[sample.index], tokenizer,
+                                                body.parallel_tool_calls is False):
                         yield {**head, "choices": [choice]}
                 continue
             choices = [
@@ -110,16 +112,18 @@ async def _chunks(body: ChatCompletionRequest, n: int, stream: RequestStream, to
         yield {**head, "choices": [], "usage": counted.block()}
 
 
-def _tool_choices(sample: CompletionOutput, parser: ToolCallStream, tokenizer: Tokenizer) -> list[dict]:
-    """One choice delta per parsed event: content, or a call (its id, type and name, then its arguments, as OpenAI)."""
+def _tool_choices(sample: CompletionOutput, parser: ToolCallStream, tokenizer: Tokenizer, single: bool) -> list[dict]:
+    """One choice delta per parsed event: content, or a call (its id, type and name, then its arguments, as OpenAI);
+    with single (parallel_tool_calls false), the first call alone, as vLLM."""
     events = parser.feed(sample.text) + (parser.finish() if sample.finish_reason is not None else [])
     deltas: list[dict] = []
     index = parser.num_calls - sum(isinstance(e, ToolCall) for e in events)  # the first new call's index
     for event in events:
         if isinstance(event, ToolCall):
-            deltas.append({"tool_calls": [{"index": index, "id": new_id("call"), "type": "function",
-                                           "function": {"name": event.name, "arguments": ""}}]})
-            deltas.append({"tool_calls": [{"index": index, "function": {"arguments": event.arguments}}]})
+            if index == 0 or not single:
+                deltas.append({"tool_calls": [{"index": index, "id": new_id("call"), "type": "function",
+                                               "function": {"name": event.name, "arguments": ""}}]})
+                deltas.append({"tool_calls": [{"index": index, "function": {"arguments": event.arguments}}]})
             index += 1
         else:
             deltas.append({"content": event})
