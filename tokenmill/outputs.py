@@ -163,5 +163,5 @@ class EngineStats:
 
     @property
     def kv_cache_usage(self) -> float:
-        """Fraction of KV blocks held by sequences (cached but unheld blocks count as free)."""
+        """Fraction of KV blocks held by sequences, in the fullest pool (cached but unheld blocks count as free)."""
         return 1 - self.num_free_blocks / self.num_blocks

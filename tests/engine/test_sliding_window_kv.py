@@ -181,6 +181,18 @@ def test_hybrid_pool_sizes_count_the_saving(tiny_gemma3, caplog):
     assert "KV budget fits 1312 tokens instead of 512" in caplog.text
 
 
+def test_a_hybrid_engines_kv_usage_is_its_fullest_pools(tiny_gemma3):
+    # The gauge counted the global layer's pool alone (82 blocks here), where the window pool (7) runs out first.
+    llm = LLM(str(tiny_gemma3), kv_cache_dtype="float32", kv_cache_memory=BUDGET_BLOCKS * BLOCK_BYTES / 2**30,
+              max_num_seqs=2, max_num_batched_tokens=16)
+    engine, sliding = llm.engine, llm.engine.block_manager.sliding_pool
+    engine.add_request("0", list(range(100, 132)), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    engine.step()
+    held = sliding.num_blocks - len(sliding.free_blocks)
+    assert held > 0 and engine.stats().kv_cache_usage == pytest.approx(held / sliding.num_blocks)
+    assert llm.engine.abort("0") is not None and engine.stats().kv_cache_usage == 0
+
+
 def test_hybrid_engine_returns_every_block_after_finish_abort_and_preemption(tiny_gemma3):
     # 6 blocks per layer: three 56-token sequences (4 blocks each) cannot all be in the global layer's pool.
     llm = LLM(str(tiny_gemma3), kv_cache_dtype="float32", kv_cache_memory=6 * BLOCK_BYTES / 2**30,

@@ -119,6 +119,12 @@ class BlockManager:
         """Main-pool blocks no sequence holds (cached ones included: they can be evicted)."""
         return len(self.pool.free_blocks)
 
+    @property
+    def fullest_pool(self) -> BlockPool:
+        """The pool with the largest share of its blocks held: a hybrid model's window pool may run out first."""
+        pools = [self.pool] if self.sliding_pool is None else [self.pool, self.sliding_pool]
+        return max(pools, key=lambda pool: 1 - len(pool.free_blocks) / pool.num_blocks)
+
     def blocks_needed(self, num_tokens: int) -> int:
         """Blocks that hold num_tokens tokens."""
         return -(-num_tokens // self.block_size)

@@ -149,11 +149,12 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         """Current load (requests, not samples) and the cumulative cache and preemption counters."""
         bm = self.block_manager
+        pool = bm.fullest_pool  # what the KV usage gauge reports: the pool closest to refusing a sequence
         return EngineStats(
             num_running=len({s.request_id for s in self.scheduler.running}),
             num_waiting=len({s.request_id for s in self.scheduler.waiting} - {s.request_id for s in self.scheduler.running}),
-            num_free_blocks=bm.num_free_blocks,
-            num_blocks=bm.num_blocks,
+            num_free_blocks=len(pool.free_blocks),
+            num_blocks=pool.num_blocks,
             prefix_queries=bm.prefix_queries,
             prefix_hits=bm.prefix_hits,
             num_preemptions=self.scheduler.num_preemptions,
