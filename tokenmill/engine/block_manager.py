@@ -120,10 +120,14 @@ class BlockManager:
         return len(self.pool.free_blocks)
 
     @property
+    def pools(self) -> list[BlockPool]:
+        """The main pool, then a hybrid model's window pool: one per block table, in _tables' order."""
+        return [self.pool] if self.sliding_pool is None else [self.pool, self.sliding_pool]
+
+    @property
     def fullest_pool(self) -> BlockPool:
         """The pool with the largest share of its blocks held: a hybrid model's window pool may run out first."""
-        pools = [self.pool] if self.sliding_pool is None else [self.pool, self.sliding_pool]
-        return max(pools, key=lambda pool: 1 - len(pool.free_blocks) / pool.num_blocks)
+        return max(self.pools, key=lambda pool: 1 - len(pool.free_blocks) / pool.num_blocks)
 
     def blocks_needed(self, num_tokens: int) -> int:
         """Blocks that hold num_tokens tokens."""
@@ -267,8 +271,7 @@ class BlockManager:
 
     def _found(self, chain: list[tuple[bytes, tuple[int, ...]]]) -> list[list[int | None]]:
         """Per table, the cached block of each hash in chain (None where it is not cached)."""
-        pools = [self.pool] if self.sliding_pool is None else [self.pool, self.sliding_pool]
-        return [[pool.find(h, tokens) for h, tokens in chain] for pool in pools]
+        return [[pool.find(h, tokens) for h, tokens in chain] for pool in self.pools]
 
     def _prefix_blocks(self, chain: list[tuple[bytes, tuple[int, ...]]]) -> int:
         """How many leading blocks of chain hit: every table must hold the blocks its layers read after them."""

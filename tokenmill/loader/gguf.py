@@ -345,8 +345,8 @@ class GGUFFile:
                     if name.endswith("shared_expert_gate.weight"):  # [hidden] from converters that squeezed it
                         array = array.reshape(1, -1)
                     # Llama 3.1's frequency factors are no weight: in bfloat16 they would move the rotations by 0.2%.
-                    kind = torch.float32 if name == "rope_freqs" else dtype
-                    yield name, rows, torch.from_numpy(array + offset if offset else array).to(kind)
+                    into = torch.float32 if name == "rope_freqs" else dtype
+                    yield name, rows, torch.from_numpy(array + offset if offset else array).to(into)
                 # From the file's start: a page fault maps its neighbours too, some before this tensor.
                 _release(self._map, 0, tensor.offset + tensor.n_bytes)
             except NotImplementedError as exc:

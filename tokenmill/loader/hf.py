@@ -3,6 +3,7 @@
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -69,7 +70,7 @@ class HFDirectory:
         c = self.raw_config
         family = next((f for f in _DEFAULTS if self.architecture.startswith(f)), None)
         theta, eps = _DEFAULTS.get(family, (10_000.0, 1e-6))
-        activation = next((a for f, a in _ACTIVATIONS.items() if self.architecture.startswith(f)), "silu")
+        activation = _by_family(_ACTIVATIONS, self.architecture, "silu")
         asked = c.get("hidden_activation") or c.get("hidden_act") or activation
         if asked != activation:
             raise ModelLoadError(f"{self.path / 'config.json'} asks for activation {asked!r}; {self.architecture} "
@@ -101,16 +102,15 @@ class HFDirectory:
                 head_dim=int(c.get("head_dim") or hidden // num_heads),
                 rms_norm_eps=float(c.get("rms_norm_eps", eps)),
                 rope_theta=float(c.get("rope_theta") or rope.get("rope_theta") or theta),
-                max_position_embeddings=int(c.get("max_position_embeddings") or next(
-                    (n for f, n in _CONTEXTS.items() if self.architecture.startswith(f)), 2048)),
+                max_position_embeddings=int(c.get("max_position_embeddings")
+                                            or _by_family(_CONTEXTS, self.architecture, 2048)),
                 # transformers' own default where config.json leaves it out: Gemma's configs tie, the others do not.
                 tie_word_embeddings=bool(c.get("tie_word_embeddings", self.architecture.startswith("Gemma"))),
                 rope_scaling=scaling,
                 # Qwen2-MoE configs name it qkv_bias.
                 attention_bias=bool(c.get("attention_bias", c.get("qkv_bias", self.architecture.startswith("Qwen2")))),
                 # Qwen configs carry a sliding_window that use_sliding_window (off unless said) switches on.
-                sliding_window=c.get("sliding_window", next(
-                    (w for f, w in _WINDOWS.items() if self.architecture.startswith(f)), None))
+                sliding_window=c.get("sliding_window", _by_family(_WINDOWS, self.architecture, None))
                 if c.get("use_sliding_window", not self.architecture.startswith("Qwen")) else None,
                 layer_types=_layer_types(c, self.architecture),
                 rope_local_theta=_local_theta(c) or (_GEMMA3_LOCAL_THETA if family == "Gemma3" else None),
@@ -172,6 +172,11 @@ def _layer_types(config: dict, architecture: str) -> list[str] | None:
         return ["sliding_attention" if i % 2 == 0 and i < first else "full_attention" for i in range(layers)]
     # Only the layers from max_window_layers on slide (28 unless said), as Qwen2Config and Qwen3Config.
     return ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+
+
+def _by_family(table: dict[str, Any], architecture: str, default: Any) -> Any:
+    """The table's value for the first architecture prefix that names this architecture's family, else default."""
+    return next((value for family, value in table.items() if architecture.startswith(family)), default)
 
 
 def _attention_scale(config: dict, family: str | None) -> float | None:

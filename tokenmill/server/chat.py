@@ -48,7 +48,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
         finish_reason = sample.finish_reason
         if tools:
             content, calls = parse_tool_calls(sample.text)
-            calls = calls[:1] if body.parallel_tool_calls is False else calls  # a forced call's grammar holds one
+            calls = calls[:1] if body.parallel_tool_calls is False else calls  # under auto too, as vLLM
             if calls:
                 message = {"role": "assistant", "content": content,
                            "tool_calls": [{"id": new_id("call"), "type": "function",
