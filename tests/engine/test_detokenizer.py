@@ -27,3 +27,12 @@ def test_an_output_completing_a_character_the_prompt_began_is_decoded_as_the_who
     smile = tok.encode("🙂")
     output = smile[1:] + tok.encode(" ok")
     assert _stream(tok, tok.encode("Say hi:") + smile[:1], output) == tok.decode(output) == "\ufffd\ufffd ok"
+
+
+def test_a_stop_string_begun_before_min_tokens_and_completed_after_it_ends_the_output(smollm2_source):
+    # vLLM checks stop strings from min_tokens on, looking back over the text before it by the stop's length.
+    tok = smollm2_source.tokenizer
+    detokenizer = IncrementalDetokenizer(tok, tok.encode("Say:"), ["ab cd"], False)
+    assert detokenizer.add(tok.encode(" ab")[0], check_stop=False) is None
+    assert detokenizer.add(tok.encode(" cd")[0]) == "ab cd"
+    assert detokenizer.text == " "

@@ -31,7 +31,6 @@ class IncrementalDetokenizer:
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
         self.text = ""
-        self.stop_search_start = 0
         self.finished = False
 
     def add(self, token_id: int, check_stop: bool = True) -> str | None:
@@ -46,7 +45,6 @@ class IncrementalDetokenizer:
         if not check_stop:
             self.text += new
             self.read_offset = len(self.ids)
-            self.stop_search_start = len(self.text)
             return None
         return self._append(new)
 
@@ -60,11 +58,12 @@ class IncrementalDetokenizer:
 
     def _append(self, new: str) -> str | None:
         """Add new text (all ids read); cut it at the first stop string in it, which is returned."""
-        # Stop strings may only start in text produced once checking began (min_tokens honoured).
-        searched_from = max(self.stop_search_start, len(self.text) - self.holdback)
+        # A stop string must end in the new text; as in vLLM it may begin before it, even in text made before
+        # min_tokens let checking begin.
+        before = len(self.text)
         self.text += new
         self.read_offset = len(self.ids)
-        found = [(at, stop) for stop in self.stop if (at := self.text.find(stop, searched_from)) != -1]
+        found = [(at, stop) for stop in self.stop if (at := self.text.find(stop, max(0, before - len(stop) + 1))) != -1]
         if not found:
             return None
         at, stop = min(found)
