@@ -33,7 +33,7 @@ def _assert_error(response: httpx.Response, status: int, *words: str) -> dict:
         (CHAT, {"messages": MESSAGES, "top_p": 0}, "top_p"),
         (CHAT, {"messages": MESSAGES, "top_p": 1.5}, "top_p"),
         (COMPLETIONS, {"prompt": "hi", "n": 0}, "n"),
-        (CHAT, {"messages": MESSAGES, "max_completion_tokens": 0}, "max_tokens"),
+        (CHAT, {"messages": MESSAGES, "max_completion_tokens": 0}, "max_completion_tokens"),
         (CHAT, {"messages": MESSAGES, "top_logprobs": 3}, "top_logprobs"),
         (COMPLETIONS, {"prompt": "hi", "logprobs": 21}, "logprobs"),
         (COMPLETIONS, {"prompt": []}, "prompt"),

@@ -383,6 +383,10 @@ class ChatCompletionRequest(_GenerationRequest):
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
             raise InvalidRequestError(f"top_logprobs={self.top_logprobs} must be in [0, 20]", param="top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        # Checked here, not by SamplingParams, so that the error names the field the client sent.
+        if self.max_completion_tokens is not None and self.max_completion_tokens < 1:
+            raise InvalidRequestError(f"max_completion_tokens={self.max_completion_tokens} must be at least 1",
+                                      param="max_completion_tokens")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         return self._sampling_params(max_tokens, logprobs, self._forced_call())
 
