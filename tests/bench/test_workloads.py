@@ -126,10 +126,9 @@ def test_bench_offline_lengths_cover_min_to_max_and_no_further(monkeypatch, low,
     assert (min(drawn), max(drawn)) == (low, high)
 
 
-@pytest.mark.parametrize("error", [{"message": "overloaded"}, "overloaded"])
-def test_bench_serve_counts_an_error_event_as_one_failed_request(error):
+def _sent(events: list[str]):
+    """bench serve's result for one streamed request whose server answers with these SSE lines."""
     import asyncio
-    import json
 
     import httpx
 
@@ -137,13 +136,26 @@ def test_bench_serve_counts_an_error_event_as_one_failed_request(error):
     from tokenmill.bench.serve import send
 
     def respond(request: httpx.Request) -> httpx.Response:
-        events = [{"choices": [{"text": "a"}]}, {"error": error}]  # some servers send the message alone
-        return httpx.Response(200, content="".join(f"data: {json.dumps(e)}\n\n" for e in events).encode())
+        return httpx.Response(200, content="".join(f"{e}\n\n" for e in events).encode())
 
     async def one():
         async with httpx.AsyncClient(base_url="http://x", transport=httpx.MockTransport(respond)) as client:
             return await send(client, argparse.Namespace(model="m", endpoint="completions"),
                               BenchRequest([1, 2, 3], 3, 4), 0.0)
 
-    result = asyncio.run(one())
-    assert not result.success and result.error == "overloaded"
+    return asyncio.run(one())
+
+
+@pytest.mark.parametrize("error", [{"message": "overloaded"}, "overloaded"])
+def test_bench_serve_counts_an_error_event_as_one_failed_request(error):
+    import json
+
+    result = _sent([f"data: {json.dumps(e)}" for e in ({"choices": [{"text": "a"}]}, {"error": error})])
+    assert not result.success and result.error == "overloaded"  # some servers send the message alone
+
+
+def test_bench_serve_counts_a_stream_cut_before_done_as_failed():
+    text = 'data: {"choices": [{"text": "a"}]}'
+    assert _sent([text, "data: [DONE]"]).success
+    result = _sent([text])  # the server died, or a proxy cut the stream, partway through
+    assert not result.success and "[DONE]" in result.error

@@ -308,8 +308,9 @@ async def send(client: httpx.AsyncClient, args: argparse.Namespace, request: Ben
                 await response.aread()
                 result.error = f"HTTP {response.status_code}: {response.text[:200]}"
                 return result
-            chunks = 0
+            chunks, done = 0, False
             async for line in response.aiter_lines():
+                done = done or line == "data: [DONE]"
                 if not line.startswith("data:") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[5:])
@@ -334,9 +335,9 @@ async def send(client: httpx.AsyncClient, args: argparse.Namespace, request: Ben
         return result
     finally:
         result.end = time.perf_counter() - t0
-    result.success = result.first_token is not None
+    result.success = result.first_token is not None and done
     if not result.success:
-        result.error = "the stream carried no text"
+        result.error = "the stream carried no text" if result.first_token is None else "the stream ended without [DONE]"
     return result
 
 
