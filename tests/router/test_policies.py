@@ -82,11 +82,31 @@ def test_auto_under_cheapest_picks_the_first_model_that_fits_in_its_own_tokens()
     assert _route(state, AUTO, 60).model.name == "strong"
 
 
-def test_auto_counts_the_routed_request_by_policy_model_and_reason():
-    state = _state(cheap=100, strong=400)
-    _route(state, AUTO, 60)
-    assert b'tokenmill:routed_requests_total{model_name="strong",policy="cheapest",reason="fits"} 1.0' \
-        in state.metrics.render()
+class _Engine:
+    """An engine stand-in that takes every request, or has more waiting than --max-waiting allows."""
+
+    is_running, stalled = True, None
+    stats = SimpleNamespace(num_waiting_tokens=0)
+
+    def __init__(self, waiting: int) -> None:
+        self.num_waiting = waiting
+
+    async def add_requests(self, requests, params, arrival_time):
+        return []
+
+
+@pytest.mark.parametrize("contexts", [{"strong": 400}, {"cheap": 100, "strong": 400}])
+def test_auto_counts_the_request_by_policy_model_and_reason_once_the_model_takes_it(contexts):
+    state = _state(**contexts)
+    reason = "only_model" if len(contexts) == 1 else "fits"
+    counted = f'tokenmill:routed_requests_total{{model_name="strong",policy="cheapest",reason="{reason}"}}'.encode()
+    state.models["strong"].engine = _Engine(waiting=10**6)
+    with pytest.raises(APIError) as refused:
+        asyncio.run(_route(state, AUTO, 60).start(state, "cmpl-1"))
+    assert refused.value.status == 429 and counted not in state.metrics.render()  # answered by no model
+    state.models["strong"].engine = _Engine(waiting=0)
+    asyncio.run(_route(state, AUTO, 60).start(state, "cmpl-2"))
+    assert counted + b" 1.0" in state.metrics.render()
 
 
 def test_auto_that_fits_no_model_is_a_400():

@@ -42,6 +42,14 @@ class Routed:
         return {ROUTED_MODEL_HEADER: _header_value(self.model.name),
                 ROUTE_REASON_HEADER: _header_value(self.route.reason)}
 
+    async def start(self, state: ServerState, response_id: str) -> list[RequestStream]:
+        """Queue the request on its model. Outside cascade an `auto` request counts as routed once the model takes it
+        (a refusal is answered by none); under cascade, once an answer is kept."""
+        streams = await submit(state, self.model, self.prompts, self.params, response_id)
+        if self.route is not None and self.encoded is None:
+            state.metrics.observe_route(self.model.name, self.policy, self.route.kind)
+        return streams
+
     async def finish(self, state: ServerState, request: Request, streams: list[RequestStream],
                      response_id: str) -> tuple[list[RequestOutput], dict]:
         """Whole outputs and their usage; under cascade an unsure answer is discarded and the next model answers."""
@@ -115,10 +123,8 @@ async def route(state: ServerState, requested: str | None, encode: Callable[[Tok
     models = list(state.models.values())
     policy = state.config.router
     if len(models) == 1:
-        routed = Routed(models[0], await asyncio.to_thread(encode, models[0].tokenizer), params, params,
-                        Route(0, "only model", "only_model"), policy)
-        state.metrics.observe_route(routed.model.name, policy, "only_model")
-        return routed
+        return Routed(models[0], await asyncio.to_thread(encode, models[0].tokenizer), params, params,
+                      Route(0, "only model", "only_model"), policy)
     # Off the event loop: the first time, a tokenizer's digest serializes all of it (12 MB for Gemma 3's).
     if ((token_ids or params.stop_token_ids)
             and len(await asyncio.to_thread(lambda: {model.tokenizer.fingerprint for model in models})) > 1):
@@ -144,7 +150,6 @@ async def route(state: ServerState, requested: str | None, encode: Callable[[Tok
                        f"max_tokens", param="model", code="context_length_exceeded")
     routed = Routed(models[chosen.index], encoded[chosen.index], params, params, chosen, policy)
     if policy == "cheapest":
-        state.metrics.observe_route(routed.model.name, policy, chosen.kind)
         return routed
     routed.encoded = encoded
     routed.fitting = [i for i, (n, model) in enumerate(zip(longest, models))

@@ -13,7 +13,7 @@ from tokenmill.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from tokenmill.router.serving import route
 from tokenmill.server.deadlines import STATUS_HEADER, deadline_status, with_deadlines
 from tokenmill.server.protocol import ChatCompletionRequest
-from tokenmill.server.serving import COST_HEADER, EventStream, Usage, merged, new_id, state_of, submit
+from tokenmill.server.serving import COST_HEADER, EventStream, Usage, merged, new_id, state_of
 from tokenmill.structured.tool_parser import ToolCall, ToolCallStream, parse_tool_calls
 from tokenmill.structured.tools import chat_prompt
 
@@ -31,7 +31,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     model, tokenizer = routed.model, routed.model.tokenizer
     response_id = new_id("chatcmpl")
     try:
-        streams = await submit(state, model, routed.prompts, routed.params, response_id)
+        streams = await routed.start(state, response_id)
     except InvalidRequestError as exc:
         if exc.param == "prompt":  # chat requests have messages, not a prompt
             exc.param = "messages"

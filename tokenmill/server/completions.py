@@ -14,7 +14,7 @@ from tokenmill.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from tokenmill.router.serving import route
 from tokenmill.server.deadlines import STATUS_HEADER, deadline_status, with_deadlines
 from tokenmill.server.protocol import CompletionRequest
-from tokenmill.server.serving import COST_HEADER, EventStream, Usage, merged, new_id, state_of, submit
+from tokenmill.server.serving import COST_HEADER, EventStream, Usage, merged, new_id, state_of
 
 
 async def create_completion(body: CompletionRequest, request: Request,
@@ -28,7 +28,7 @@ async def create_completion(body: CompletionRequest, request: Request,
                          bool(body.stream), token_ids=has_ids)
     model = routed.model
     response_id = new_id("cmpl")
-    streams = await submit(state, model, routed.prompts, routed.params, response_id)
+    streams = await routed.start(state, response_id)
     created = int(time.time())
     if body.stream:
         chunks = _chunks(body, params.n, streams, model.tokenizer, response_id, created, model.name)
