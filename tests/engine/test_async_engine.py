@@ -181,6 +181,27 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on():
     assert [(o.request_id, o.outputs[0].finish_reason) for o in finished] == [("a", "abort"), ("b", "length")]
 
 
+def test_a_request_whose_abort_fails_fails_alone_and_the_engine_goes_on():
+    stub = StubEngine()
+    abort = stub.abort
+
+    def failing_abort(request_id: str) -> RequestOutput | None:
+        if request_id == "a":
+            raise RuntimeError("abort bug")
+        return abort(request_id)
+
+    stub.abort = failing_abort
+
+    async def scenario(front):
+        stream = await _started(front)
+        stream.close()  # the client went away, and its abort raises
+        again = await front.add_request("b", [1], SamplingParams(max_tokens=2), 0.0)
+        return [o.finished async for o in again], front.is_running
+
+    (finished_flags, running), _ = _run(stub, scenario)
+    assert finished_flags == [False, True] and running
+
+
 def test_a_request_a_failed_step_ended_before_failing_is_not_left_waiting():
     stub = StubEngine()
 

@@ -28,6 +28,10 @@ class EngineStalledError(EngineStepError):
     """The engine's current step has run past the watchdog limit; its requests were failed rather than left waiting."""
 
 
+class ShuttingDownError(EngineStepError):
+    """The server is stopping and the request outlived its grace period (--shutdown-timeout)."""
+
+
 @dataclass
 class _Add:
     request_id: str
@@ -117,14 +121,21 @@ class AsyncEngine:
         """Abort whatever is still in flight and wait for the engine thread to exit."""
         if self._watchdog is not None:
             self._watchdog.cancel()
-        if self._thread is None:
+        await asyncio.to_thread(self.join)
+
+    def join(self, timeout: float | None = None) -> None:
+        """Ask the engine thread to abort what is in flight and exit; wait for it, at most timeout seconds.
+
+        Also from outside any event loop: a process must not exit while the thread is inside a step (Python then
+        unwinds it through C++ frames, and the C++ runtime aborts the process)."""
+        if self._thread is None or not self._thread.is_alive():
             return
         self._commands.put(_Stop())
         if self._stalled is not None:
             # NOTE: a stuck step may never return; the thread is a daemon, so the process can exit without it.
             logger.error("not waiting for the engine thread: %s", self._stalled)
             return
-        await asyncio.to_thread(self._thread.join)
+        self._thread.join(timeout)
 
     async def add_request(
         self,
@@ -196,10 +207,10 @@ class AsyncEngine:
                                  f"of {timeout:g} s (--watchdog-timeout)")
             logger.error("%s; failing its %d live requests; /health answers 503 until the step returns",
                          self._stalled, len(self._live))
-            self._fail_live(EngineStalledError(f"the engine stalled while serving this request: {self._stalled}; "
+            self.fail_live(EngineStalledError(f"the engine stalled while serving this request: {self._stalled}; "
                                                "see the server log"))
 
-    def _fail_live(self, error: Exception) -> None:
+    def fail_live(self, error: Exception) -> None:
         """Answer every live request with error now; the engine thread aborts them once it can."""
         for request_id, add in self._live.items():
             if not add.accepted.done():
@@ -290,7 +301,15 @@ class AsyncEngine:
             self._call(_resolve, add.accepted, error)
 
     def _abort(self, request_id: str) -> None:
-        output = self.engine.abort(request_id)
+        try:
+            output = self.engine.abort(request_id)
+        except Exception:  # one request's failed abort fails it alone, as a failed step's does
+            logger.exception("abort of %s failed", request_id)
+            outputs_queue = self._queues.pop(request_id, None)
+            if outputs_queue is not None:
+                self._call(outputs_queue.put_nowait,
+                           EngineStepError("the engine failed while aborting this request; see the server log"))
+            return
         if output is not None:
             self._deliver(output)
 

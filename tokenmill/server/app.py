@@ -18,7 +18,7 @@ from tokenmill.config import EngineConfig, ServerConfig
 from tokenmill.embeddings.batcher import BatchPolicy
 from tokenmill.embeddings.engine import EmbeddingEngine
 from tokenmill.embeddings.model import EmbeddingModel
-from tokenmill.engine.async_engine import AsyncEngine
+from tokenmill.engine.async_engine import AsyncEngine, ShuttingDownError
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.router import AUTO
 from tokenmill.server.auth import RequireAPIKey
@@ -208,6 +208,34 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
+# Seconds past --shutdown-timeout before uvicorn cancels what still runs: time for the handlers to answer the error
+# each request was just given.
+_ANSWER_SECONDS = 5.0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, failing requests that outlive --shutdown-timeout with an error of ours (OpenAI's JSON, a
+    stream's error event and [DONE]): uvicorn would cancel them, answering a bare 500 and logging a traceback each."""
+
+    def __init__(self, config: uvicorn.Config, engines: list[AsyncEngine], grace: float) -> None:
+        super().__init__(config)
+        self.engines, self.grace = engines, grace
+
+    async def shutdown(self, sockets: list | None = None) -> None:
+        late = asyncio.create_task(self._fail_late())
+        try:
+            await super().shutdown(sockets)
+        finally:
+            late.cancel()
+
+    async def _fail_late(self) -> None:
+        await asyncio.sleep(self.grace)
+        error = ShuttingDownError(f"the server is shutting down, and this request outlived its --shutdown-timeout "
+                                  f"of {self.grace:g} s; retry it")
+        for engine in self.engines:
+            engine.fail_live(error)
+
+
 def serve(engine_config: EngineConfig, config: ServerConfig, models: list[str],
           batching: BatchPolicy = BatchPolicy(), embedding_dtype: str = "auto") -> None:
     """Load each model (MODEL or NAME=MODEL), serve until SIGTERM/SIGINT; in-flight requests get shutdown_timeout."""
@@ -231,12 +259,21 @@ def serve(engine_config: EngineConfig, config: ServerConfig, models: list[str],
         logger.info("serving %s for embeddings (%d dimensions, inputs up to %d tokens, batches of %d tokens after "
                     "up to %g ms) at http://%s:%d/v1/embeddings", name, model.dimensions, model.max_input_tokens,
                     batching.max_batch_tokens, batching.max_wait_ms, config.host, config.port)
-    server = uvicorn.Server(uvicorn.Config(
-        app, host=config.host, port=config.port, timeout_graceful_shutdown=config.shutdown_timeout,
+    engines_served = [model.engine for model in app.state.tokenmill.models.values()]
+    server = _Server(uvicorn.Config(
+        app, host=config.host, port=config.port, timeout_graceful_shutdown=config.shutdown_timeout + _ANSWER_SECONDS,
         log_level="info", access_log=False,
-    ))
+    ), engines_served, config.shutdown_timeout)
     # NOTE: uvicorn re-raises the signal it stopped on once it is done; with these handlers in place that
     # re-raise is a no-op, so a graceful stop exits 0 instead of dying by the signal.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    server.run()
+    try:
+        server.run()
+    finally:
+        # A second Ctrl-C makes uvicorn skip the app's shutdown, which stops the engines: the process must not exit
+        # with their threads inside a step.
+        for engine in engines_served:
+            engine.join(timeout=_ANSWER_SECONDS)
+        for embedder in app.state.embedders.values():
+            embedder.stop()

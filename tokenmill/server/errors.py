@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tokenmill.engine.async_engine import EngineStepError
+from tokenmill.engine.async_engine import EngineStepError, ShuttingDownError
 from tokenmill.errors import InvalidRequestError, PromptTooLongError, TokenmillError
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,8 @@ def from_exception(exc: Exception) -> APIError:
         # OpenAI's code for a prompt past the context, which clients look for to trim and retry.
         code = "context_length_exceeded" if isinstance(exc, PromptTooLongError) else None
         return APIError(400, str(exc), param=exc.param, code=code)
+    if isinstance(exc, ShuttingDownError):
+        return APIError(503, str(exc), type="server_error", code="server_shutting_down")
     if isinstance(exc, EngineStepError):
         return APIError(500, str(exc), type="server_error")
     logger.exception("unexpected error while serving a request", exc_info=exc)
