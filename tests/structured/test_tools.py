@@ -32,8 +32,14 @@ def test_text_that_is_not_a_call_stays_content():
         assert parse_tool_calls(text) == (text, [])
 
 
-def test_unclosed_block_that_parses_is_a_call():
-    assert parse_tool_calls('<tool_call>[{"name": "f", "arguments": {}}]')[1] == [ToolCall("f", "{}")]
+@pytest.mark.parametrize("end", ["", "</tool_"])  # max_tokens cut it before or inside its closing tag
+def test_unclosed_block_that_parses_is_a_call(end):
+    text = '<tool_call>[{"name": "f", "arguments": {}}]' + end
+    assert parse_tool_calls(text) == (None, [ToolCall("f", "{}")])
+    stream = ToolCallStream()
+    assert [e for ch in text for e in stream.feed(ch)] + stream.finish() == [ToolCall("f", "{}")]
+    # One that does not parse is content, spelled as the model wrote it.
+    assert parse_tool_calls('<tool_call>[{"name": "f"' + end) == ('<tool_call>[{"name": "f"' + end, [])
 
 
 @pytest.mark.parametrize("text, content, calls", [

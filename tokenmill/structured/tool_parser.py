@@ -76,7 +76,11 @@ class ToolCallStream:
         """Events for what is still held back once the text is complete (a block the model never closed is tried)."""
         events: list[str | ToolCall] = []
         if self.in_block:
-            self._block(self.text[self.pos :], "", events)
+            # Cut off by max_tokens inside its closing tag, a block's calls may still be whole.
+            inner = self.text[self.pos :]
+            cut = next((n for n in range(min(len(CALL_CLOSE) - 1, len(inner)), 0, -1)
+                        if CALL_CLOSE.startswith(inner[-n:])), 0)
+            self._block(inner[: len(inner) - cut], inner[len(inner) - cut :], events)
         else:
             self._content(self.text[self.pos :], events)
             if self.pending and not self.after_block:
