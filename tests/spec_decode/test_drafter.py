@@ -233,3 +233,10 @@ def test_a_lookup_that_finds_nothing_leaves_the_step_budget_to_the_next_sequence
 def test_a_count_that_is_not_an_integer_is_refused(config):
     with pytest.raises(InvalidRequestError, match="must be an integer"):  # it failed every step it drafted in
         SpeculativeConfig.parse(config)
+
+
+@pytest.mark.parametrize("config, method", [('{"model": "smollm2-135m"}', "draft_model"), ('{}', "ngram"),
+                                            ('{"model": "[ngram]"}', "ngram"), ('{"model": "ngram"}', "ngram")])
+def test_the_method_left_out_is_worked_out_as_vllm_does(config, method):
+    # A model named without a method drafted by prompt lookup, never loading the model.
+    assert SpeculativeConfig.parse(config).method == method
