@@ -53,7 +53,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
                 message = {"role": "assistant", "content": content,
                            "tool_calls": [{"id": new_id("call"), "type": "function",
                                            "function": {"name": c.name, "arguments": c.arguments}} for c in calls]}
-                finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+                # As OpenAI and vLLM: a named function's call finishes with "stop", the model's own choice with
+                # "tool_calls".
+                finish_reason = "tool_calls" if finish_reason == "stop" and mode != "named" else finish_reason
         choices.append({
             "index": sample.index,
             "message": message,
@@ -91,7 +93,7 @@ async def _chunks(body: ChatCompletionRequest, n: int, stream: RequestStream, to
             if parsers:
                 for sample in output.outputs:
                     for choice in _tool_choices(sample, parsers[sample.index], tokenizer,
-                                                body.parallel_tool_calls is False):
+                                                body.parallel_tool_calls is False, body.tool_mode == "named"):
                         yield {**head, "choices": [choice]}
                 continue
             choices = [
@@ -112,9 +114,10 @@ async def _chunks(body: ChatCompletionRequest, n: int, stream: RequestStream, to
         yield {**head, "choices": [], "usage": counted.block()}
 
 
-def _tool_choices(sample: CompletionOutput, parser: ToolCallStream, tokenizer: Tokenizer, single: bool) -> list[dict]:
+def _tool_choices(sample: CompletionOutput, parser: ToolCallStream, tokenizer: Tokenizer, single: bool,
+                  named: bool) -> list[dict]:
     """One choice delta per parsed event: content, or a call (its id, type and name, then its arguments, as OpenAI);
-    with single (parallel_tool_calls false), the first call alone, as vLLM."""
+    with single (parallel_tool_calls false), the first call alone, as vLLM; named: tool_choice named the function."""
     events = parser.feed(sample.text) + (parser.finish() if sample.finish_reason is not None else [])
     deltas: list[dict] = []
     index = parser.num_calls - sum(isinstance(e, ToolCall) for e in events)  # the first new call's index
@@ -128,7 +131,7 @@ def _tool_choices(sample: CompletionOutput, parser: ToolCallStream, tokenizer: T
         else:
             deltas.append({"content": event})
     finish_reason = sample.finish_reason
-    if finish_reason == "stop" and parser.num_calls:
+    if finish_reason == "stop" and parser.num_calls and not named:
         finish_reason = "tool_calls"
     if not deltas and (finish_reason is not None or sample.logprobs):
         deltas.append({})
