@@ -5,6 +5,7 @@ import json
 import pytest
 
 from tokenmill.structured.matcher import GrammarState
+from tokenmill.structured.params import StructuredOutput
 from tokenmill.structured.tool_parser import ToolCall, ToolCallStream, parse_tool_calls
 from tokenmill.loader.tokenizer import Tokenizer
 from tokenmill.structured.tools import chat_prompt, forced_call, inline_tools, render_calls
@@ -141,6 +142,21 @@ def test_forced_grammar_resolves_each_tools_refs_within_its_own_parameters(smoll
     if "tree" in names:
         assert accepts('<tool_call>[{"name": "tree", "arguments": {"child": {"child": {}}}}]</tool_call>')
         assert not accepts('<tool_call>[{"name": "tree", "arguments": {"child": [{"name": "tree"')
+
+
+@pytest.mark.parametrize("parameters", [
+    {"type": "object", "$defs": {"A": {"$anchor": "count", "type": "integer"}},  # a ref to an anchor, not a pointer
+     "properties": {"a": {"$ref": "#count"}}, "required": ["a"]},
+    {"$id": "https://example.com/args", "type": "object", "$defs": {"A": {"type": "integer"}},  # refs from its $id
+     "properties": {"a": {"$ref": "#/$defs/A"}}, "required": ["a"]},
+])
+def test_a_forced_call_takes_every_ref_a_response_format_takes(smollm2_source, parameters):
+    tokenizer = smollm2_source.tokenizer
+    StructuredOutput(json=parameters)  # as a response_format
+    state = GrammarState(forced_call([{"type": "function", "function": {"name": "f", "parameters": parameters}}], None),
+                         tokenizer)
+    text = '<tool_call>[{"name": "f", "arguments": {"a": 7}}]</tool_call>'
+    assert all(state.advance(t) for t in tokenizer.encode(text, add_special_tokens=False))
 
 
 def test_forced_grammar_is_valid_json_schema_per_call():

@@ -94,10 +94,12 @@ def forced_call(tools: list[dict[str, Any]], name: str | None, parallel: bool = 
 
 def _rebased(schema: Any, root: str) -> Any:
     """A copy of a schema whose local $refs, written from its own root, point into it where it now sits at root."""
+    if isinstance(schema, dict) and "$id" in schema:  # its refs resolve against its $id, wherever it sits
+        return schema
 
     def rebase(node: dict[str, Any]) -> None:
         ref = node.get("$ref")
-        if isinstance(ref, str) and ref.startswith("#"):
+        if ref == "#" or isinstance(ref, str) and ref.startswith("#/"):  # a pointer; "#name" is an $anchor's
             node["$ref"] = root + ref[1:]
 
     return map_schemas(schema, rebase)
