@@ -7,6 +7,8 @@ from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.sampler import Sampler
 from tokenmill.engine.sequence import Sequence
 from tokenmill.sampling import SamplingParams
+from tokenmill.errors import InvalidRequestError
+from tokenmill.structured.matcher import GrammarState
 from tokenmill.structured.params import StructuredOutput
 
 
@@ -55,6 +57,14 @@ def test_eos_only_where_the_grammar_accepts(tokenizer):
     seq.append_token(tokenizer.encode("]", add_special_tokens=False)[0], None)
     # A closed top-level value allows nothing more: the sequence ends without spending a step on EOS.
     assert seq.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("schema", [{"$ref": "#"}, {"anyOf": [{"$ref": "#"}]}])
+def test_a_schema_whose_grammar_admits_only_empty_text_is_refused(tokenizer, schema):
+    # The library ends such a grammar before any text: the answer was "" with finish_reason "stop".
+    with pytest.raises(InvalidRequestError, match="admits only an empty output"):
+        GrammarState(StructuredOutput(json=schema), tokenizer)
+    GrammarState(StructuredOutput(regex="a*", param="guided_regex"), tokenizer)  # where empty text is an answer
 
 
 def test_each_parallel_sample_keeps_its_own_grammar_state(tokenizer):

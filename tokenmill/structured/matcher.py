@@ -62,6 +62,13 @@ class GrammarState:
         # True when the grammar allows nothing more (not even optional text): the output is whole.
         self.is_complete = False
         self._mask = _POOL.submit(self._compute_mask)
+        # A schema whose grammar ends before any text ({"$ref": "#"}) would answer "" with finish_reason "stop". The
+        # library finds it ended once it computes the first mask.
+        if constraint.json is not None:
+            self._mask.result()
+            if self.matcher.is_stopped():
+                raise InvalidRequestError(f"the {constraint.param}'s JSON schema compiles to a grammar that admits "
+                                          "only an empty output, no JSON value", constraint.param)
 
     def advance(self, token_id: int) -> bool:
         """Consume a sampled token and start on the next mask; False if the grammar rejects the token."""
