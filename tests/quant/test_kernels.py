@@ -82,6 +82,21 @@ def test_a_block_of_inputs_too_small_to_scale_counts_as_zero(kernel):
         assert torch.equal(_run(kernel, layer, x), torch.zeros(3, 40))
 
 
+@pytest.mark.parametrize("kernel", ["portable", *_KERNELS])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_row_holding_an_infinity_or_nan_comes_out_nan_and_its_neighbours_unchanged(kernel, bad):
+    # As a float matmul's, a NaN shows: it was left out of the block's maximum and converted to a level (undefined),
+    # which made a large finite number that differed between kernels.
+    for cls in (Int8Linear, Int4Linear):
+        layer = _layer(cls, 128, 40, 64)
+        x = torch.randn(6, 128, generator=torch.Generator().manual_seed(1))
+        clean = _run(kernel, layer, x)
+        x[2, 70] = bad
+        out = _run(kernel, layer, x)
+        assert out[2].isnan().all()
+        assert torch.equal(out[[0, 1, 3, 4, 5]], clean[[0, 1, 3, 4, 5]])
+
+
 def test_the_layer_runs_the_fastest_kernel():
     layer = _layer(Int4Linear, 128, 99, 32)
     x = torch.randn(5, 128)

@@ -79,13 +79,23 @@ inline int64_t rows_as_given(int64_t M) { return M; }
 // instantiation is then local to its kernel's file and built under that file's target.
 
 // Input blocks [begin, end): abs_max(x) of 32 inputs, then levels(x, kMaxLevel / abs_max, hi, lo), which
-// writes their levels and returns the levels' sum.
+// writes their levels and returns the levels' sum. abs_max compares the inputs' bits with their signs cleared as
+// unsigned integers: the order of floats for finite values and infinities, and above them every NaN, which a float
+// max may drop.
 template <typename AbsMax, typename Levels>
 inline void quantize_input_blocks(const float* x, int64_t begin, int64_t end, int8_t* hi, int8_t* lo, float* dx,
                                   float* sx, const AbsMax& abs_max, const Levels& levels) {
   for (int64_t i = begin; i < end; ++i) {
     const float* xp = x + i * kInputBlock;
     const float amax = abs_max(xp);
+    if (!(amax <= std::numeric_limits<float>::max())) {
+      // An infinity or NaN has no level (its conversion is undefined): the block's steps make every result of the
+      // row NaN, as in a float matmul, whichever kernel runs it.
+      std::memset(hi + i * kInputBlock, 0, kInputBlock);
+      std::memset(lo + i * kInputBlock, 0, kInputBlock);
+      dx[i] = sx[i] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
     // Below kMaxLevel / FLT_MAX the inverse overflows to inf (levels of inf and NaN, undefined as integers): such
     // a block's products lie far below float's resolution, so its levels are zero, as an all-zero block's.
     const float inv = amax > kMaxLevel / std::numeric_limits<float>::max() ? kMaxLevel / amax : 0.f;

@@ -1,5 +1,6 @@
 // The int8 / int4 matmul in plain loops: the reference the vector kernels are tested against, and what runs
 // on a CPU none of them covers. The layout and the sums it computes are described in quant_kernel.h.
+#include <algorithm>
 #include <cmath>
 
 #include "quant_kernel.h"
@@ -9,9 +10,15 @@ namespace {
 
 void quantize(const float* x, int64_t begin, int64_t end, int8_t* hi, int8_t* lo, float* dx, float* sx) {
   auto abs_max = [](const float* xp) {
-    float amax = 0.f;
-    for (int j = 0; j < kInputBlock; ++j) amax = std::fmax(amax, std::fabs(xp[j]));
-    return amax;
+    uint32_t amax = 0;
+    for (int j = 0; j < kInputBlock; ++j) {
+      uint32_t bits;
+      std::memcpy(&bits, xp + j, 4);
+      amax = std::max(amax, bits & 0x7fffffffu);
+    }
+    float f;
+    std::memcpy(&f, &amax, 4);
+    return f;
   };
   auto levels = [](const float* xp, float inv, int8_t* high, int8_t* low) {
     int32_t total = 0;

@@ -50,13 +50,15 @@ inline int32_t quantize_block(const float* xp, float inv, int8_t* hi, int8_t* lo
 }
 
 inline float abs_max(const float* xp) {
-  const __m256 sign = _mm256_set1_ps(-0.f);
-  __m256 m = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(xp)), _mm256_andnot_ps(sign, _mm256_loadu_ps(xp + 8)));
-  m = _mm256_max_ps(m, _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(xp + 16)),
-                                     _mm256_andnot_ps(sign, _mm256_loadu_ps(xp + 24))));
-  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-  return _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
+  const __m256i magnitude = _mm256_set1_epi32(0x7fffffff);
+  auto bits = [&](int j) {
+    return _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 8 * j)), magnitude);
+  };
+  const __m256i m = _mm256_max_epu32(_mm256_max_epu32(bits(0), bits(1)), _mm256_max_epu32(bits(2), bits(3)));
+  __m128i m4 = _mm_max_epu32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
+  m4 = _mm_max_epu32(m4, _mm_shuffle_epi32(m4, 0x4e));
+  m4 = _mm_max_epu32(m4, _mm_shuffle_epi32(m4, 0xb1));
+  return _mm_cvtss_f32(_mm_castsi128_ps(m4));
 }
 
 void quantize(const float* x, int64_t begin, int64_t end, int8_t* hi, int8_t* lo, float* dx, float* sx) {

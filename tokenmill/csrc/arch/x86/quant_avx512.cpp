@@ -36,8 +36,13 @@ inline int32_t quantize_block(const float* xp, float inv, int8_t* hi, int8_t* lo
 }
 
 inline float abs_max(const float* xp) {
-  const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(xp)), b = _mm512_abs_ps(_mm512_loadu_ps(xp + 16));
-  return _mm512_reduce_max_ps(_mm512_max_ps(a, b));
+  const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
+  const __m512i a = _mm512_and_si512(_mm512_loadu_si512(xp), magnitude);
+  const __m512i b = _mm512_and_si512(_mm512_loadu_si512(xp + 16), magnitude);
+  const uint32_t m = _mm512_reduce_max_epu32(_mm512_max_epu32(a, b));
+  float f;
+  std::memcpy(&f, &m, 4);
+  return f;
 }
 
 void quantize(const float* x, int64_t begin, int64_t end, int8_t* hi, int8_t* lo, float* dx, float* sx) {
