@@ -1,10 +1,19 @@
 """A GGUF file's Q4_1 and Q8_0 blocks loaded as their own levels: the weights dequantizing gives, bit for bit."""
 
+import types
+
+import numpy as np
+import pytest
 import torch
+from gguf import GGMLQuantizationType, GGUFWriter
+from gguf.quants import dequantize, quantize
 
 from tokenmill.config import EngineConfig
+from tokenmill.errors import ModelLoadError
+from tokenmill.loader.gguf import GGUFFile
 from tokenmill.loader.model_loader import load_model
 from tokenmill.quant.levels import LevelRows
+from tokenmill.quant.linear import Int8Linear
 
 # SmolLM2: the tied embedding is Q8_0, the layers Q4_1; Q and K rows are also unpermuted on the way.
 NAMES = {"model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
@@ -42,3 +51,28 @@ def test_a_model_loaded_from_levels_holds_the_same_bits_as_one_quantized_from_fl
             reference = load_model(config, smollm2_source)[0].state_dict()
         assert direct.keys() == reference.keys()
         assert all(torch.equal(direct[k], reference[k]) for k in direct), quantization
+
+
+def test_q8_0_blocks_whose_offset_passes_float16_come_as_floats(tmp_path):
+    # Steps above 511.75 are fine float16, but -128 * d is not: the levels' offsets were -inf, loaded unchecked.
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((32, 64)).astype(np.float32)
+    w[16:] *= 1e5  # rows 16 on: steps near 800
+    raw = quantize(w, GGMLQuantizationType.Q8_0)
+    path = tmp_path / "big.gguf"
+    writer = GGUFWriter(path, "qwen2")
+    writer.add_tensor("blk.0.ffn_up.weight", raw, raw_shape=raw.shape, raw_dtype=GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    config = types.SimpleNamespace(num_experts=0, num_heads=1, num_kv_heads=1)
+    file = GGUFFile(path)
+    file_pieces = list(file.weights(config, torch.float32, levels=True))
+    got = torch.cat([p.dequantize() if isinstance(p, LevelRows) else p for _, _, p in file_pieces])
+    assert torch.equal(got, torch.from_numpy(dequantize(raw, GGMLQuantizationType.Q8_0)))
+    # A quantized layer refuses them as it refuses any float weights past its float16 scales.
+    layer = Int8Linear(64, 32, 32)
+    with pytest.raises(ModelLoadError, match="--quantization none"):
+        for name, rows, piece in file_pieces:
+            layer.load_rows(rows, piece, name)

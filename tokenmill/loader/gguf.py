@@ -336,7 +336,7 @@ class GGUFFile:
                     heads = config.num_kv_heads
             try:
                 if levels and tensor.qtype in _LEVEL_BITS and len(tensor.shape) == 2:
-                    yield from ((name, rows, piece) for rows, piece in _levels(tensor, data, heads))
+                    yield from ((name, rows, piece) for rows, piece in _levels(tensor, data, heads, dtype))
                     _release(self._map, 0, tensor.offset + tensor.n_bytes)
                     continue
                 # The permutation moves rows within a head: those tensors come whole.
@@ -429,11 +429,13 @@ def _dequantized(tensor: _Tensor, data: np.ndarray, whole: bool) -> Iterator[tup
         yield slice(start, start + len(piece)), piece
 
 
-def _levels(tensor: _Tensor, data: np.ndarray, heads: int | None) -> Iterator[tuple[slice, LevelRows]]:
+def _levels(tensor: _Tensor, data: np.ndarray, heads: int | None,
+            dtype: torch.dtype) -> Iterator[tuple[slice, LevelRows | torch.Tensor]]:
     """A Q4_1 or Q8_0 tensor's blocks as their levels, float16 steps and offsets: (rows, LevelRows) pieces.
 
     Q4_1 blocks are (d, m, 16 bytes): input j in byte j's low nibble, input 16 + j in its high one, w = d * q + m.
-    Q8_0 blocks are (d, 32 int8): w = d * q, which is d * (q + 128) - 128 * d on unsigned levels, exactly.
+    Q8_0 blocks are (d, 32 int8): w = d * q, which is d * (q + 128) - 128 * d on unsigned levels, exactly. Where
+    -128 * d passes float16's range (d above 511.75), the piece comes as float weights of dtype instead.
     """
     block_bytes = GGML_QUANT_SIZES[tensor.qtype][1]
     rows = data[tensor.offset : tensor.offset + tensor.n_bytes].reshape(tensor.shape[0], -1, block_bytes)
@@ -448,7 +450,12 @@ def _levels(tensor: _Tensor, data: np.ndarray, heads: int | None) -> Iterator[tu
             level = np.concatenate([nibbles & 15, nibbles >> 4], axis=-1)
             offset = np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0]
         else:
-            level, offset = blocks[..., 2:] ^ np.uint8(0x80), d * np.float16(-128)  # the int8 q's bits as q + 128
+            with np.errstate(over="ignore"):
+                level, offset = blocks[..., 2:] ^ np.uint8(0x80), d * np.float16(-128)  # the int8 q's bits as q + 128
+            if not np.isfinite(offset).all():
+                weights = np.array(dequantize(blocks.reshape(len(blocks), -1), tensor.qtype), np.float32)
+                yield slice(start, start + len(blocks)), torch.from_numpy(weights).to(dtype)
+                continue
         levels = torch.from_numpy(level.reshape(len(blocks), -1))
         yield slice(start, start + len(blocks)), LevelRows(levels, torch.from_numpy(d), torch.from_numpy(offset),
                                                            _LEVEL_BITS[tensor.qtype])
