@@ -262,18 +262,24 @@ def test_an_engine_whose_every_step_fails_says_so_until_one_succeeds(engine, mon
     _assert_pool_empty(engine)
 
 
-def test_a_failed_steps_time_is_billed_as_busy(engine, monkeypatch):
-    def failing(scheduled):
+@pytest.mark.parametrize("where", ["execute", "update"])
+def test_a_failed_steps_time_is_billed_as_busy_and_to_its_request(engine, monkeypatch, where):
+    def failing(*args):
         time.sleep(0.2)
-        raise RuntimeError("injected device fault")
+        raise RuntimeError("injected fault")
 
-    monkeypatch.setattr(engine.runner, "execute", failing)
+    if where == "execute":
+        monkeypatch.setattr(engine.runner, "execute", failing)
+    else:  # before any sequence's count moved: the step as a whole fails
+        monkeypatch.setattr(engine.scheduler, "update", failing)
     busy = engine.cost.busy_seconds
     engine.add_request("bad", PROMPTS["bad"], GREEDY)
     with pytest.raises(RuntimeError, match="injected"):
         engine.step()
-    engine.abort("bad")
-    assert engine.cost.busy_seconds - busy >= 0.2
+    final = engine.abort("bad")
+    # The requests' costs add up to the machine's: the failed step's seconds are the request's too.
+    assert engine.cost.busy_seconds - busy == pytest.approx(final.metrics.compute_seconds) and \
+        final.metrics.compute_seconds >= 0.2
     _assert_pool_empty(engine)
 
 

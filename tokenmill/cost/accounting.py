@@ -122,9 +122,11 @@ class CostAccountant:
         self.busy_seconds = 0.0
         self.model = StepTimeModel()
 
-    def charge(self, rows: list[Work], seconds: float) -> list[tuple[float, float]]:
-        """Record a step of `seconds` with these rows; return each row's (prefill, decode) seconds."""
-        self.model.observe(sum(p for p, _ in rows), sum(d for _, d in rows), seconds)
+    def charge(self, rows: list[Work], seconds: float, sample: bool = True) -> list[tuple[float, float]]:
+        """Record a step of `seconds` with these rows (as a sample of a step's cost unless sample is false: a step
+        that failed partway); return each row's (prefill, decode) seconds."""
+        if sample:
+            self.model.observe(sum(p for p, _ in rows), sum(d for _, d in rows), seconds)
         self.busy_seconds += seconds
         return self.model.split(rows, seconds)
 

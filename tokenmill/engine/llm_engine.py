@@ -185,17 +185,19 @@ class LLMEngine:
             # NOTE: sample before recording progress, so a failure leaves every sequence as it was.
             drafts = [seq.draft_token_ids for seq in out.sample_seqs]
             sampled = self.sampler(out.logits, out.sample_seqs, drafts)
+            failed = _drop_failed_samples(plan, out.sample_seqs, sampled)
+            self.drafter.record(out.sample_seqs, sampled.token_ids)
+            for seq, start, logits in out.prompt_logits:
+                targets = seq.token_ids[start + 1 : start + 1 + logits.shape[0]]
+                seq.set_prompt_logprobs(start, self.sampler.prompt_logprobs(logits, targets,
+                                                                            seq.params.prompt_logprobs or 0))
+            before = [seq.num_output_tokens for seq in out.sample_seqs]
+            failed |= self._update(plan, out.sample_seqs, sampled.token_ids, sampled.logprobs)
         except Exception:
-            # The machine was busy for the failed step too; a part of a step is no sample of a step's cost.
-            self.cost.busy_seconds += time.perf_counter() - started
+            # The machine was busy for the failed step too, and its requests pay for it (their costs add up to the
+            # machine's); a part of a step is no sample of a step's cost.
+            self._charge(work, time.perf_counter() - started, sample=False)
             raise
-        failed = _drop_failed_samples(plan, out.sample_seqs, sampled)
-        self.drafter.record(out.sample_seqs, sampled.token_ids)
-        for seq, start, logits in out.prompt_logits:
-            targets = seq.token_ids[start + 1 : start + 1 + logits.shape[0]]
-            seq.set_prompt_logprobs(start, self.sampler.prompt_logprobs(logits, targets, seq.params.prompt_logprobs or 0))
-        before = [seq.num_output_tokens for seq in out.sample_seqs]
-        failed |= self._update(plan, out.sample_seqs, sampled.token_ids, sampled.logprobs)
         now = time.perf_counter()
         self._charge(work, now - started)
         self.drafter.observe(work, now - started)
@@ -279,9 +281,9 @@ class LLMEngine:
                 outputs.append(output)
         return outputs
 
-    def _charge(self, work: list[tuple[Sequence, int, int]], seconds: float) -> None:
+    def _charge(self, work: list[tuple[Sequence, int, int]], seconds: float, sample: bool = True) -> None:
         """Split a step's measured seconds among the requests in it, by the work each sequence did."""
-        shares = self.cost.charge([(prefill, decode) for _, prefill, decode in work], seconds)
+        shares = self.cost.charge([(prefill, decode) for _, prefill, decode in work], seconds, sample)
         for (seq, _, _), (prefill_seconds, decode_seconds) in zip(work, shares):
             metrics = self.requests[seq.request_id].metrics
             metrics.prefill_seconds += prefill_seconds
