@@ -74,6 +74,19 @@ def test_body_that_is_not_a_json_object_says_so(server):
     _assert_error(response, 400, "JSON object")
 
 
+def test_embeddings_on_a_server_without_an_embedding_model_say_so(server):
+    # It answered "the embedding model None does not exist".
+    error = _assert_error(httpx.post(server.url + "/v1/embeddings", json={"input": "hi"}), 404, "no embedding models")
+    assert "None" not in error["message"]
+
+
+@pytest.mark.parametrize("value", [[1.5], 5, None, [[1, "a"]]])
+def test_embedding_input_of_no_accepted_form_names_the_forms(server, value):
+    # A float among token ids was told "Input should be a valid string".
+    error = _assert_error(httpx.post(server.url + "/v1/embeddings", json={"input": value}), 400, "token ids")
+    assert error["param"] == "input" and "valid string" not in error["message"]
+
+
 def test_null_means_default_as_in_openai(server):
     # vLLM's extensions too: the OpenAI SDK sends extra_body's None values as null.
     body = {"messages": MESSAGES, "max_tokens": 2, "temperature": None, "top_p": None, "n": None, "stream": None,

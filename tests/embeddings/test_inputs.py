@@ -29,6 +29,15 @@ def test_truncation_cuts_texts_around_their_special_tokens_and_ids_to_their_firs
     assert [len(i) for i in token_inputs(model, [list(range(1000, 1300))], truncate=-1)] == [256]
 
 
+def test_a_truncation_the_special_tokens_would_fill_is_refused_for_texts_not_for_ids(model):
+    # truncate_prompt_tokens 1 embedded every text as [CLS] alone, answered 200.
+    for k in (1, 2):
+        with pytest.raises(InvalidRequestError, match="special tokens"):
+            token_inputs(model, "The cat sat on the mat", truncate=k)
+    assert token_inputs(model, [[1000, 1001, 1002]], truncate=1) == [[1000]]
+    assert len(token_inputs(model, "The cat sat on the mat", truncate=3)[0]) == 3
+
+
 def test_token_ids_over_the_limit_are_refused_naming_both_lengths(model):
     with pytest.raises(InvalidRequestError, match="input\\[0\\] is 300 tokens; this model's limit is 256"):
         token_inputs(model, list(range(1000, 1300)))

@@ -36,6 +36,11 @@ def token_inputs(model: EmbeddingModel, inputs: EmbeddingInput, truncate: int | 
                 raise InvalidRequestError(f"input[{i}] holds token id {bad}; this model's ids run from 0 to "
                                           f"{model.vocab_size - 1}", param="input")
     texts = [i for i, item in enumerate(inputs) if isinstance(item, str)]
+    if texts and limit is not None and limit <= model.num_special_tokens:
+        # The special tokens alone would fill it: every text would embed as [CLS] and nothing of its own.
+        raise InvalidRequestError(f"truncate_prompt_tokens is {limit}; a text needs more than the "
+                                  f"{model.num_special_tokens} special tokens this model adds to it",
+                                  param="truncate_prompt_tokens")
     ids: list[list[int]] = [item if not isinstance(item, str) else [] for item in inputs]
     for i, encoded in zip(texts, model.tokenize([inputs[i] for i in texts], limit)):
         ids[i] = encoded

@@ -8,6 +8,8 @@ from typing import Literal
 import torch
 from fastapi import Request
 from fastapi.responses import Response
+from pydantic import ValidationError, ValidatorFunctionWrapHandler, field_validator
+from pydantic_core import PydanticCustomError
 
 from tokenmill.embeddings.engine import EmbeddingEngine
 from tokenmill.embeddings.inputs import check_dimensions, shorten, token_inputs
@@ -29,6 +31,17 @@ class EmbeddingRequest(RequestBody):
     user: str | None = None
     truncate_prompt_tokens: int | None = None
 
+    @field_validator("input", mode="wrap")
+    @classmethod
+    def _input_forms(cls, value: object, handler: ValidatorFunctionWrapHandler) -> object:
+        # The union's own error names the first form it tried: a float among token ids read "should be a valid
+        # string".
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError("input_form", "input must be a string, strings, token ids (integers) or lists "
+                                      "of token ids") from None
+
 
 def embedders_of(request: Request) -> dict[str, EmbeddingEngine]:
     """The served embedding engines by served name, in --model order (none on an app built without them)."""
@@ -39,7 +52,10 @@ def embedder(request: Request, name: str | None) -> tuple[str, EmbeddingEngine]:
     """The embedding model a request names (the first served when none); 400 for a generative one, 404 else."""
     embedders = embedders_of(request)
     served = ", ".join(repr(n) for n in embedders) or "none"
-    if name is None and embedders:
+    if name is None:
+        if not embedders:
+            raise APIError(404, "this server serves no embedding models; start it with one (--model "
+                           "all-minilm-l6-v2)", param="model", code="model_not_found")
         return next(iter(embedders.items()))
     if name in embedders:
         return name, embedders[name]
