@@ -46,6 +46,10 @@ class ModelConfig:
     rope_scaling: dict | None = None
     # Qwen2 puts biases on the Q, K and V projections; Llama and Mistral do not.
     attention_bias: bool = False
+    # A bias on the attention's output projection (transformers' attention_bias for Llama, Qwen3 and Gemma 3,
+    # which biases all four projections), and on the MLP's (Llama's mlp_bias).
+    attention_out_bias: bool = False
+    mlp_bias: bool = False
     # Keys a query sees on a sliding-window layer (itself included); None: every layer sees all keys.
     sliding_window: int | None = None
     # Per layer "sliding_attention" or "full_attention" (Gemma 3 interleaves them); None: all layers

@@ -284,3 +284,34 @@ def test_hf_checkpoint_with_a_saved_rotary_table_loads(qwen3_dir):
     tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(16)  # as checkpoints saved before 2024
     save_file(tensors, file, metadata={"format": "pt"})
     LLM(str(qwen3_dir), **EXACT)  # the table is derived from the config, so the saved one is passed over
+
+
+def _with_biases(config: transformers.PretrainedConfig) -> transformers.PreTrainedModel:
+    """A random model whose biases are drawn too: transformers starts them at zero, where a lost one would not show."""
+    torch.manual_seed(0)
+    model = getattr(transformers, config.architectures[0])(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(".bias"):
+                parameter.normal_(std=0.5)
+    return model
+
+
+@pytest.mark.parametrize("architecture, fields", [
+    ("LlamaForCausalLM", {"attention_bias": True}),  # Q, K, V and output projections ("llamafied" checkpoints)
+    ("LlamaForCausalLM", {"mlp_bias": True}),
+    ("Qwen3ForCausalLM", {"attention_bias": True}),
+])
+def test_biased_output_and_mlp_projections_match_transformers(tmp_path, architecture, fields):
+    # They were refused: "o_proj.bias has no parameter ...; is the checkpoint's architecture name right?"
+    config = getattr(transformers, architecture.replace("ForCausalLM", "Config"))(
+        architectures=[architecture], vocab_size=VOCAB, hidden_size=64, head_dim=32, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=None, eos_token_id=None, initializer_range=0.2, **fields)
+    model = _with_biases(config)
+    _save_hf_directory(model, tmp_path)
+    expected = _greedy_alone(model)
+    assert _generate(LLM(str(tmp_path), **EXACT)) == expected
+    if architecture == "Qwen3ForCausalLM":  # llama.cpp's names for the same file: attn_output.bias among them
+        _write_gguf(tmp_path / "biased.gguf", config, _gguf_tensors(model))
+        assert _generate(LLM(str(tmp_path / "biased.gguf"), **EXACT)) == expected

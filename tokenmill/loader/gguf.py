@@ -287,6 +287,8 @@ class GGUFFile:
             tie_word_embeddings="output.weight" not in names,
             rope_scaling=rope_scaling,
             attention_bias="blk.0.attn_q.bias" in names,
+            attention_out_bias="blk.0.attn_output.bias" in names,
+            mlp_bias="blk.0.ffn_down.bias" in names,
             sliding_window=window or None,
             layer_types=layer_types,
             rope_local_theta=local_theta,

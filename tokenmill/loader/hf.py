@@ -109,6 +109,10 @@ class HFDirectory:
                 rope_scaling=scaling,
                 # Qwen2-MoE configs name it qkv_bias.
                 attention_bias=bool(c.get("attention_bias", c.get("qkv_bias", self.architecture.startswith("Qwen2")))),
+                # Qwen2, Mistral and Mixtral leave the output projection without one whatever the config says.
+                attention_out_bias=bool(c.get("attention_bias", False))
+                and not self.architecture.startswith(("Qwen2", "Mistral", "Mixtral")),
+                mlp_bias=bool(c.get("mlp_bias", False)) and self.architecture.startswith("Llama"),
                 # Qwen configs carry a sliding_window that use_sliding_window (off unless said) switches on.
                 sliding_window=c.get("sliding_window", _by_family(_WINDOWS, self.architecture, None))
                 if c.get("use_sliding_window", not self.architecture.startswith("Qwen")) else None,
