@@ -30,7 +30,7 @@ def test_an_output_completing_a_character_the_prompt_began_is_decoded_as_the_who
 
 
 def test_a_stop_string_begun_before_min_tokens_and_completed_after_it_ends_the_output(smollm2_source):
-    # vLLM checks stop strings from min_tokens on, looking back over the text before it by the stop's length.
+    # vLLM checks stop strings after min_tokens, looking back over the text before them by the stop's length.
     tok = smollm2_source.tokenizer
     detokenizer = IncrementalDetokenizer(tok, tok.encode("Say:"), ["ab cd"], False)
     assert detokenizer.add(tok.encode(" ab")[0], check_stop=False) is None

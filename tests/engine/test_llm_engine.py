@@ -66,6 +66,20 @@ def test_stop_strings_wait_for_min_tokens(engine, drain):
     assert "\n" in late.text and late.text.startswith(early.text) and not late.text.endswith("\n")
 
 
+def test_min_tokens_holds_back_stop_strings_as_long_as_stop_ids(engine, drain):
+    # Greedy "4\n5\n...": the newline is token 2. A stop string ended the output there under min_tokens 2, where vLLM
+    # goes on, as a stop id does (masked for the first 2 tokens).
+    prompt = "List the numbers one per line:\n1\n2\n3\n"
+    newline = engine.tokenizer.encode("\n", add_special_tokens=False)[0]
+    engine.add_request("str", prompt, SamplingParams(temperature=0, max_tokens=12, stop=["\n"], min_tokens=2))
+    engine.add_request("ids", prompt, SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[newline],
+                                                     min_tokens=2))
+    finals = drain(engine)
+    by_string, by_id = finals["str"].outputs[0], finals["ids"].outputs[0]
+    assert by_string.token_ids[1] == newline and len(by_string.token_ids) > 2 and len(by_id.token_ids) > 2
+    assert by_string.text.startswith("4\n") and by_string.finish_reason == "stop"
+
+
 def test_parallel_samples_share_prompt_blocks_and_follow_their_seeds(engine, drain):
     prompt = "Write one sentence about autumn leaves falling in a quiet park near the river."
     base = dict(temperature=1.0, max_tokens=12, ignore_eos=True)

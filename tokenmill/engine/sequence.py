@@ -133,7 +133,8 @@ class Sequence:
         stop_token = token_id in self.eos_token_ids or token_id in self.params.stop_token_ids
         stop_str = None
         if not stop_token or self.params.include_stop_str_in_output:
-            stop_str = self.detokenizer.add(token_id, check_stop=self.num_output_tokens >= self.params.min_tokens)
+            # As vLLM, and as the sampler masks stop ids: the first min_tokens tokens end nothing.
+            stop_str = self.detokenizer.add(token_id, check_stop=self.num_output_tokens > self.params.min_tokens)
         if self.grammar is not None and not self.grammar.advance(token_id):
             # Not an end the output reached: the request fails with the library's reason (LLMEngine._update).
             raise self.grammar.rejected()
