@@ -41,7 +41,8 @@ class LLM:
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt together (continuous batching); whole outputs in prompt order."""
+        """Generate for every prompt together (continuous batching); whole outputs in prompt order. As in vLLM's
+        offline engine, a max_tokens past the model's context stops there, with finish_reason "length"."""
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
@@ -50,7 +51,7 @@ class LLM:
         ids = [f"offline-{next(self._ids)}" for _ in prompts]
         try:
             for request_id, prompt, p in zip(ids, prompts, params):
-                self.engine.add_request(request_id, _prompt_input(prompt), p or SamplingParams())
+                self.engine.add_request(request_id, _prompt_input(prompt), p or SamplingParams(), fit_context=True)
         except BaseException:  # an invalid prompt, or Ctrl-C while a long list queues: none of them stays queued
             for request_id in ids:
                 self.engine.abort(request_id)

@@ -2,6 +2,7 @@
 
 import pytest
 
+from tokenmill import LLM
 from tokenmill.errors import InvalidRequestError, PromptTooLongError
 from tokenmill.outputs import accumulate
 from tokenmill.sampling import SamplingParams
@@ -78,6 +79,21 @@ def test_min_tokens_holds_back_stop_strings_as_long_as_stop_ids(engine, drain):
     by_string, by_id = finals["str"].outputs[0], finals["ids"].outputs[0]
     assert by_string.token_ids[1] == newline and len(by_string.token_ids) > 2 and len(by_id.token_ids) > 2
     assert by_string.text.startswith("4\n") and by_string.finish_reason == "stop"
+
+
+def test_offline_generate_stops_a_max_tokens_past_the_context_there_as_vllm_offline(smollm2_path):
+    # The whole batch was refused for one prompt within max_tokens of the context; the engine (as vLLM's server)
+    # still refuses such a request.
+    llm = LLM(str(smollm2_path), max_model_len=64, kv_cache_memory=0.02)
+    near, short = list(range(1000, 1060)), list(range(1000, 1010))
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": near}, {"prompt_token_ids": short}], params)
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [4, 16]
+    assert [o.outputs[0].finish_reason for o in outputs] == ["length", "length"]
+    with pytest.raises(PromptTooLongError, match="max_tokens is 16, 76 in all"):
+        llm.engine.add_request("server", near, params)
+    with pytest.raises(PromptTooLongError, match="no room for a token"):
+        llm.generate([{"prompt_token_ids": list(range(1000, 1064))}], params)
 
 
 def test_parallel_samples_share_prompt_blocks_and_follow_their_seeds(engine, drain):

@@ -83,16 +83,22 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
+        fit_context: bool = False,
     ) -> None:
-        """Validate and queue a request; raises InvalidRequestError before anything is queued."""
+        """Validate and queue a request; raises InvalidRequestError before anything is queued.
+
+        fit_context: a max_tokens past the context stops there (finish_reason "length"), as vLLM's offline engine
+        does, rather than being refused, as its server (and this engine otherwise) refuses it.
+        """
         params = params or SamplingParams()
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._check_prompt(token_ids, params)
+        self._check_prompt(token_ids, params, fit_context)
         room = self.max_model_len - len(token_ids)
-        max_tokens = room if params.max_tokens is None else params.max_tokens
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room) if fit_context \
+            else params.max_tokens
         arrival = time.perf_counter() if arrival_time is None else arrival_time
         prediction = self.tokenizer.encode(params.prediction, add_special_tokens=False) if params.prediction else []
         metrics = RequestMetrics(arrival, price_per_hour=self.cost.price_per_hour)
@@ -112,7 +118,7 @@ class LLMEngine:
             self.scheduler.add(seq)
         self.requests[request_id] = request
 
-    def _check_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+    def _check_prompt(self, token_ids: list[int], params: SamplingParams, fit_context: bool) -> None:
         if not token_ids:
             raise InvalidRequestError("prompt is empty; give at least one token", param="prompt")
         vocab = self.model_config.vocab_size
@@ -120,9 +126,10 @@ class LLMEngine:
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab}) for this model", param="prompt")
         if any(not 0 <= t < vocab for t in params.stop_token_ids):
             raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab}) for this model", param="stop_token_ids")
-        wanted = len(token_ids) + (params.max_tokens or 1)
+        counted = params.max_tokens if params.max_tokens is not None and not fit_context else None
+        wanted = len(token_ids) + (counted or 1)
         if wanted > self.max_model_len:
-            asked = f" and max_tokens is {params.max_tokens}, {wanted} in all" if params.max_tokens else ""
+            asked = f" and max_tokens is {counted}, {wanted} in all" if counted else ", which leaves no room for a token"
             raise PromptTooLongError(
                 f"prompt is {len(token_ids)} tokens{asked}; this engine's context is {self.max_model_len} tokens; "
                 "shorten the prompt or lower max_tokens",
