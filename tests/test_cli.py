@@ -70,6 +70,11 @@ def test_chat_drops_whole_exchanges_and_never_for_a_message_too_long_alone():
         (("generate", "--model", "no-such-model", "hi"), "unknown model 'no-such-model'; known models"),
         (("generate", "--model", "/no/such/file.gguf", "hi"), "no such file"),
         (("generate", "--temperature", "-2", "hi"), "temperature=-2.0 must be >= 0"),
+        (("generate", "--num-threads", "100000000", "hi"), "num_threads=100000000 must be in [1, 1024]"),  # SIGSEGV
+        (("generate", "--kv-cache-memory", "1e300", "hi"), "kv_cache_memory=1e+300 GiB"),  # its bytes overflowed
+        # NaN passed `< 0`, and a NaN watchdog failed every request that met a step.
+        (("serve", "--watchdog-timeout", "nan"), "watchdog_timeout=nan must be >= 0"),
+        (("serve", "--shutdown-timeout", "nan"), "shutdown_timeout=nan must be >= 0"),
         (("pull", "nope"), "unknown model 'nope'"),
         (("env", "--model", "/no/such/file.gguf"), "no such file"),
         (("generate", "--speculative-config", '{"method": "eagle"}', "hi"), "speculative method 'eagle'"),

@@ -16,6 +16,8 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 KV_CACHE_DTYPE_NAMES = (*DTYPE_NAMES, "int8")
 
 SCHEDULING_POLICIES = ("deadline", "fcfs")
+# The most threads an engine takes: far past any CPU's cores, short of what breaks OpenMP.
+_MAX_THREADS = 1024
 
 # Gemma 3's layers slide in runs of five and every sixth attends globally, where a file does not say otherwise
 # (llama.cpp fixes it; transformers' Gemma3TextConfig defaults sliding_window_pattern to it).
@@ -169,14 +171,16 @@ class EngineConfig:
         # The int8/int4 kernel reads its inputs in blocks of 32.
         if self.quant_group_size < 32 or self.quant_group_size % 32:
             raise InvalidRequestError(f"quant_group_size={self.quant_group_size} must be a positive multiple of 32")
-        if self.kv_cache_memory is not None and not 0 < self.kv_cache_memory < math.inf:
+        # In bytes too: 1e300 GiB is a finite float, and its bytes are not.
+        if self.kv_cache_memory is not None and not 0 < self.kv_cache_memory * 2**30 < math.inf:
             raise InvalidRequestError(f"kv_cache_memory={self.kv_cache_memory} GiB must be a positive number")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise InvalidRequestError(f"max_model_len={self.max_model_len} must be at least 1 (or unset: the model's)")
         if not 0 < self.kv_cache_fraction <= 1:
             raise InvalidRequestError(f"kv_cache_fraction={self.kv_cache_fraction} must be in (0, 1]")
-        if self.num_threads is not None and self.num_threads < 1:
-            raise InvalidRequestError(f"num_threads={self.num_threads} must be at least 1")
+        # OpenMP's pool past some thousands of threads killed the process (SIGSEGV) without a word.
+        if self.num_threads is not None and not 1 <= self.num_threads <= _MAX_THREADS:
+            raise InvalidRequestError(f"num_threads={self.num_threads} must be in [1, {_MAX_THREADS}]")
         if self.price_per_hour is not None and not 0 <= self.price_per_hour < float("inf"):
             raise InvalidRequestError(f"price_per_hour={self.price_per_hour} must be a USD amount >= 0")
 
@@ -233,9 +237,10 @@ class ServerConfig:
                 raise InvalidRequestError(f"{name}={getattr(self, name)} must be at least 1")
         if self.max_waiting_tokens is not None and self.max_waiting_tokens < 1:
             raise InvalidRequestError(f"max_waiting_tokens={self.max_waiting_tokens} must be at least 1")
-        if self.shutdown_timeout < 0:
+        # `not >=`: NaN passes `< 0`, and a NaN watchdog declared every step stalled.
+        if not self.shutdown_timeout >= 0:
             raise InvalidRequestError(f"shutdown_timeout={self.shutdown_timeout} must be >= 0")
-        if self.watchdog_timeout < 0:
+        if not self.watchdog_timeout >= 0:
             raise InvalidRequestError(f"watchdog_timeout={self.watchdog_timeout} must be >= 0 (0: no watchdog)")
         if not 0 <= self.port < 65536:
             raise InvalidRequestError(f"port={self.port} must be in [0, 65535]")

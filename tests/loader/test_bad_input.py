@@ -171,7 +171,11 @@ def test_bad_prompts_and_options_are_invalid_requests(llm):
     "kwargs, field",
     [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"n": 0}, "n"),
      ({"max_tokens": 0}, "max_tokens"), ({"top_k": -2}, "top_k"), ({"logprobs": 50}, "logprobs"),
-     ({"seed": 2**63}, "seed"), ({"seed": 1.5}, "seed")],
+     ({"seed": 2**63}, "seed"), ({"seed": 1.5}, "seed"),
+     # Counts that are not integers: top_k and logprobs of 2.5 failed inside the sampler, max_tokens 2.5 made 3.
+     ({"top_k": 2.5}, "top_k"), ({"logprobs": 2.5}, "logprobs"), ({"prompt_logprobs": 1.5}, "prompt_logprobs"),
+     ({"max_tokens": 2.5}, "max_tokens"), ({"min_tokens": 1.5}, "min_tokens"),
+     ({"stop_token_ids": [2.0]}, "stop_token_ids")],
 )
 def test_out_of_range_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(InvalidRequestError, match=field):
