@@ -281,3 +281,18 @@ def test_every_engine_command_takes_every_engine_option_by_the_same_flag(command
     assert options == {**{f.name: f.default for f in fields(EngineConfig)}, "model": "m.gguf", "num_threads": 3,
                        "kv_cache_fraction": 0.5, "kv_cache_dtype": "int8", "max_model_len": 256,
                        "enable_prefix_caching": False}
+
+
+def test_chat_fails_at_once_where_no_message_could_fit_or_stdin_is_closed(monkeypatch, capsys):
+    import io
+
+    from tokenmill.engine import llm_engine
+
+    monkeypatch.setattr(llm_engine, "LLMEngine", _ChatEngine)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"hello\n"), encoding="utf-8"))
+    # Each message was refused as too long, blaming it, and the session ended 0.
+    assert main(["chat", "--max-tokens", "1000"]) == 1
+    assert "--max-tokens 1000 leave no room for a message" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "stdin", None)  # `tokenmill chat <&-`: an AttributeError traceback after the load
+    assert main(["chat"]) == 1
+    assert "stdin is closed" in capsys.readouterr().err

@@ -217,8 +217,15 @@ def _chat(args: argparse.Namespace) -> int:
     from tokenmill.loader.tokenizer import is_text
 
     params = _params(args)
+    if sys.stdin is None:  # started with stdin closed (`<&-`)
+        raise InvalidRequestError("stdin is closed; chat reads its messages from it")
     engine = LLMEngine(engine_config(args))
     messages = [{"role": "system", "content": args.system}] if args.system else []
+    # Flags no message could ever fit with are the flags' fault, once, not each message's.
+    if not fits(len(engine.tokenizer.encode_chat([*messages, {"role": "user", "content": "x"}])), params.max_tokens,
+                engine.max_model_len):
+        raise InvalidRequestError(f"--max-tokens {params.max_tokens}{' and --system' if args.system else ''} leave "
+                                  f"no room for a message in the context of {engine.max_model_len} tokens")
     interactive = sys.stdin.isatty()
     # A line that is not UTF-8 then reads as lone surrogates, to be skipped; strictly, its error would lose the
     # lines read with it.
