@@ -296,3 +296,11 @@ def test_chat_fails_at_once_where_no_message_could_fit_or_stdin_is_closed(monkey
     monkeypatch.setattr(sys, "stdin", None)  # `tokenmill chat <&-`: an AttributeError traceback after the load
     assert main(["chat"]) == 1
     assert "stdin is closed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["plan"], ["bench", "offline"], ["bench", "serve"], ["bench", "profile"]])
+def test_a_negative_workload_seed_is_refused_by_the_flags(command, capsys):
+    # numpy's generators take none: `plan --seed -1` ended in a ValueError traceback.
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--seed", "-1"])
+    assert exit_.value.code == 2 and "a workload seed is an integer >= 0" in capsys.readouterr().err

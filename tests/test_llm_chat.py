@@ -61,3 +61,20 @@ def test_ctrl_c_while_prompts_queue_leaves_none_in_the_engine(llm, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         llm.generate(["a", "b", "c"], GREEDY)
     assert not llm.engine.requests and not llm.engine.has_unfinished()
+
+
+@pytest.mark.parametrize("message", [{"content": "hi"}, {"role": "user", "content": 5}, "hi"])
+def test_a_malformed_message_is_an_invalid_request_not_a_key_or_type_error(llm, message):
+    with pytest.raises(InvalidRequestError, match="each message must be a dict"):
+        llm.chat([{"role": "system", "content": "Be brief."}, message])
+
+
+def test_params_may_come_as_a_tuple_and_bad_input_is_a_value_error_as_in_vllm(llm):
+    params = (SamplingParams(max_tokens=1, ignore_eos=True), SamplingParams(max_tokens=2, ignore_eos=True))
+    outputs = llm.generate(["One", "Two"], params)  # an AttributeError on the tuple
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [1, 2]
+    # Code written for vLLM catches ValueError.
+    with pytest.raises(ValueError, match="2 prompts but 1 sampling params"):
+        llm.generate(["One", "Two"], [GREEDY])
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)

@@ -95,3 +95,14 @@ def output_path(text: str) -> Path:
     if not folder.is_dir() or not os.access(folder, os.W_OK):
         raise argparse.ArgumentTypeError(f"cannot write {text}: {folder} is not a folder this user can write to")
     return path
+
+
+def workload_seed(text: str) -> int:
+    """An argparse type for the seed a command draws its workload from: numpy's generators take none below 0."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if seed < 0:
+        raise argparse.ArgumentTypeError(f"{seed} is below 0; a workload seed is an integer >= 0")
+    return seed

@@ -45,7 +45,8 @@ class LLM:
         offline engine, a max_tokens past the model's context stops there, with finish_reason "length"."""
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        many = isinstance(sampling_params, (list, tuple))  # one per prompt (a tuple too, as vLLM takes any sequence)
+        params = list(sampling_params) if many else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise InvalidRequestError(f"{len(prompts)} prompts but {len(params)} sampling params")
         ids = [f"offline-{next(self._ids)}" for _ in prompts]
@@ -73,6 +74,11 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = []
         for conversation in conversations:
+            for m in conversation:  # as the server's schema checks them: else a KeyError or TypeError from within
+                if not isinstance(m, dict) or not isinstance(m.get("role"), str) or \
+                        not isinstance(m.get("content"), (str, list, type(None))):
+                    raise InvalidRequestError(f"each message must be a dict with a string role and string, list of "
+                                              f"parts or None content; got {m!r:.80}", param="messages")
             # Content as one string (OpenAI's text parts joined, None beside tool calls empty), which templates
             # concatenate; every other key (roles, tool calls, a template's own fields) as given.
             # `developer` is OpenAI's newer name for `system`, as the server reads it.

@@ -192,6 +192,10 @@ def test_a_file_that_is_not_a_profile_is_refused_with_what_to_do(tmp_path, capsy
     assert main(["plan", "--profile", str(tmp_path / "bad.json"), "--rate", "1", "--ttft-ms", "100"]) == 1
     err = capsys.readouterr().err
     assert "is not a tokenmill profile" in err and "tokenmill bench profile --out" in err
+    (tmp_path / "bad.json").write_bytes(b'{"model": "caf\xe9"}')  # not UTF-8: a UnicodeDecodeError traceback
+    assert main(["plan", "--profile", str(tmp_path / "bad.json"), "--rate", "1", "--ttft-ms", "100"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot read profile" in err[0]
 
 
 def test_a_profile_that_timed_one_prompt_size_is_refused(tmp_path, capsys):

@@ -73,6 +73,9 @@ def test_loader_reads_items_and_skips_blank_lines(tmp_path):
     ('{"prompt": "", "answer": "a", "check": "exact", "level": "easy"}', "prompt must be a non-empty string"),
     ('{"prompt": "q", "answer": "a", "check": "regex", "level": "easy"}', "check 'regex' is not one of"),
     ('{"prompt": "q", "answer": "a", "check": "exact", "level": "medium"}', "level 'medium' is not one of"),
+    # A list is unhashable: a TypeError traceback.
+    ('{"prompt": "q", "answer": "a", "check": ["exact"], "level": "easy"}', "check ['exact'] is not one of"),
+    ('{"prompt": "q", "answer": "a", "check": "exact", "level": {}}', "level {} is not one of"),
     ('{"prompt": "q", "answer": "four", "check": "numeric", "level": "easy"}', "numeric answer must be a number"),
 ])
 def test_loader_names_the_bad_line_and_what_is_wrong(tmp_path, bad, message):

@@ -16,6 +16,7 @@ import httpx
 import numpy as np
 
 from tokenmill.bench.datasets import TOPICS
+from tokenmill.flags import workload_seed
 from tokenmill.loader import catalog
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="transformers' batch (sentence-transformers')")
     parser.add_argument("--rounds", type=int, default=1,
                         help="repeat every measurement, alternating; each figure is its best round (shared machines)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=workload_seed, default=0)
 
 
 def sentences(count: int, seed: int) -> list[str]:

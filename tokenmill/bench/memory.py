@@ -27,7 +27,7 @@ _CHILD = ("import importlib.util as u, sys; s = u.spec_from_file_location('token
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `bench memory` flags: the workload, the peer, and the engine flags."""
-    from tokenmill.flags import add_engine_flags
+    from tokenmill.flags import add_engine_flags, workload_seed
 
     parser.add_argument("--num-seqs", type=int, default=16, help="sequences in one LLM.generate")
     parser.add_argument("--prompt-len", type=int, default=500, help="prompt tokens per sequence")
@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample-ms", type=float, default=0,
                         help="sample tokenmill's RSS on a thread this often to say when its peak came (default: off; "
                              "the thread's own glibc arena adds about 2 MiB to the peak)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=workload_seed, default=0)
     add_engine_flags(parser)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 from tokenmill.bench.datasets import ordinary_tokens
 from tokenmill.cost.accounting import usd_per_million_tokens
 from tokenmill.errors import InvalidRequestError
-from tokenmill.flags import add_engine_flags, engine_options
+from tokenmill.flags import add_engine_flags, engine_options, workload_seed
 from tokenmill.sampling import SamplingParams
 
 
@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-len", type=int, default=1024, help="[min-len, max-len], as nano-vllm's benchmark")
     parser.add_argument("--decode-len", type=int, default=128, help="tokens for the single-stream decode figure")
     parser.add_argument("--prefill-len", type=int, default=512, help="prompt tokens for the prefill figure")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=workload_seed, default=0)
     add_engine_flags(parser)
 
 

@@ -17,7 +17,7 @@ from tokenmill.bench.datasets import BenchRequest, random_requests
 from tokenmill.bench.serve import arrival_gaps, send, serve_process
 from tokenmill.config import EngineConfig
 from tokenmill.errors import InvalidRequestError
-from tokenmill.flags import output_path
+from tokenmill.flags import output_path, workload_seed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                                    "sustainable rate")
     parser.add_argument("--factor", type=float, default=10.0, help="offered load, in multiples of that rate")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of overload")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=workload_seed, default=0)
     parser.add_argument("--out", type=output_path, help="write the JSON report here")
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from tokenmill.bench.datasets import ordinary_tokens
 from tokenmill.cost.step_times import PROFILE_VERSION
 from tokenmill.errors import InvalidRequestError
-from tokenmill.flags import add_engine_flags, engine_options, output_path
+from tokenmill.flags import add_engine_flags, engine_options, output_path, workload_seed
 from tokenmill.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decode context lengths timed for the context effect (none: skip it)")
     parser.add_argument("--sweep-seqs", type=int, default=16, help="decoding sequences in the context sweep")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per cell; the median is kept")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=workload_seed, default=0)
     parser.add_argument("--out", type=output_path, default=Path("profile.json"), help="where the JSON goes")
     add_engine_flags(parser)
 

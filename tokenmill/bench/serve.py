@@ -24,7 +24,7 @@ from tokenmill.bench.datasets import BenchRequest, file_requests, prompt_request
 from tokenmill.bench.metrics import SLO, RequestResult, summarize
 from tokenmill.config import EngineConfig
 from tokenmill.errors import InvalidRequestError
-from tokenmill.flags import output_path
+from tokenmill.flags import output_path, workload_seed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pacing.add_argument("--request-rate", type=float, default=float("inf"), help="mean arrivals per second")
     pacing.add_argument("--max-concurrency", type=int, help="requests in flight at once, sent back to back")
     parser.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of gaps; 1 = Poisson")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=workload_seed, default=0)
     parser.add_argument("--warmup", type=int, default=1, help="requests of their own, sent first and not counted")
     parser.add_argument("--goodput", nargs="*", metavar="NAME:MS",
                         help="report goodput: requests per second that met their deadline (--deadline-mix) and "

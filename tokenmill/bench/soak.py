@@ -18,7 +18,7 @@ import psutil
 
 from tokenmill.bench.local_server import start_server
 from tokenmill.config import EngineConfig
-from tokenmill.flags import output_path
+from tokenmill.flags import output_path, workload_seed
 
 WORDS = "the river mountain quietly seven engine cloud paper market orange history sings under bright".split()
 # Stops that the default model's answers often contain, so stop strings really end requests early.
@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cancel-fraction", type=float, default=0.3,
                         help="share of requests cancelled mid-stream or cut off by a short client timeout")
     parser.add_argument("--max-tokens", type=int, default=32, help="the most tokens one request asks for")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=workload_seed, default=0)
     # NOTE: a fresh KV pool's pages are mapped on first write, so a 1 GiB default pool would read as RSS growth for
     # as long as traffic reaches new blocks; a small pool is all written during warm-up, and preemption gets exercised.
     parser.add_argument("--kv-cache-memory", type=float, default=0.02,

@@ -9,7 +9,7 @@ from pathlib import Path
 from tokenmill.cost.simulator import Workload, simulate, summarize
 from tokenmill.cost.step_times import Profile, load_profile
 from tokenmill.errors import InvalidRequestError
-from tokenmill.flags import output_path
+from tokenmill.flags import output_path, workload_seed
 
 HOURS_PER_MONTH = 730  # 8,760 hours a year over 12 months, as cloud price lists count a month
 # Rates are searched to within this ratio: finer than a simulation of a few hundred requests can tell apart.
@@ -97,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--price-per-hour", type=float, metavar="USD",
                         help="machine price (default: the price each profile recorded, stated in the output)")
     parser.add_argument("--num-requests", type=int, default=500, help="requests per simulated run")
-    parser.add_argument("--seed", type=int, default=0, help="arrivals and lengths, as `bench serve --seed`")
+    parser.add_argument("--seed", type=workload_seed, default=0, help="arrivals and lengths, as `bench serve --seed`")
     parser.add_argument("--out", type=output_path, help="also write the plans as JSON here")
 
 

@@ -68,8 +68,8 @@ def load_profile(path: Path) -> Profile:
     """Read and check a profile; raises InvalidRequestError naming what to do about a bad file."""
     remedy = "make one with `tokenmill bench profile --out FILE`"
     try:
-        report = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # unreadable, not UTF-8, not JSON
         raise InvalidRequestError(f"cannot read profile {path}: {exc}; {remedy}") from exc
     keys = {"version", "model", "settings", "context", "grid", "context_sweep", "price"}
     missing = keys - set(report) if isinstance(report, dict) else keys
@@ -95,6 +95,8 @@ def load_profile(path: Path) -> Profile:
                  f"tokens={s['max_num_batched_tokens']}")
         times = StepTimes(grid, report["context"], report["context_sweep"])
         return Profile(path, label, s, times, report["price"]["usd_per_hour"], report["price"]["basis"])
+    except InvalidRequestError:  # a ValueError too, already saying what is wrong
+        raise
     except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a hand-edited file
         raise InvalidRequestError(f"{path} is a malformed tokenmill profile ({type(exc).__name__}: {exc}); "
                                   f"{remedy}") from exc

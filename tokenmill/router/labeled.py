@@ -100,9 +100,9 @@ def _item(line: str, where: str) -> Item:
     for name in ("prompt", "answer"):
         if not isinstance(record[name], str) or not record[name].strip():
             raise InvalidRequestError(f"{where}: {name} must be a non-empty string")
-    if record["check"] not in CHECKS:
+    if not isinstance(record["check"], str) or record["check"] not in CHECKS:  # a list is unhashable
         raise InvalidRequestError(f"{where}: check {record['check']!r} is not one of {', '.join(CHECKS)}")
-    if record["level"] not in LEVELS:
+    if not isinstance(record["level"], str) or record["level"] not in LEVELS:
         raise InvalidRequestError(f"{where}: level {record['level']!r} is not one of {', '.join(LEVELS)}")
     if record["check"] == "numeric" and _float(record["answer"]) is None:
         raise InvalidRequestError(f"{where}: a numeric answer must be a number, not {record['answer']!r}")
