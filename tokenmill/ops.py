@@ -8,13 +8,14 @@ against torch's own OpenMP runtime, so the ops share torch's thread pool rather 
 second one. Where no compiler is found, layers fall back to PyTorch; int8/int4 cannot.
 """
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import platform
+import subprocess
 import sys
-import time
 from functools import cache
 from pathlib import Path
 from typing import NamedTuple
@@ -37,8 +38,6 @@ ELEMENTWISE_DTYPES = (torch.float32, torch.bfloat16)
 # The head sizes paged attention is built for: a head's accumulators stay in registers (2 to 16 vectors).
 ATTENTION_HEAD_DIMS = (32, 64, 128, 256)
 _built: bool | None = None  # None until the first call tries
-# A build lock older than this was left by a build that was killed (see _remove_stale_lock).
-STALE_LOCK_SECONDS = 600
 
 
 def sources(arch: str = ARCH) -> list[str]:
@@ -69,25 +68,6 @@ def _cpu_tag() -> str:
     except OSError:
         features = platform.processor()
     return hashlib.sha1(f"{platform.machine()} {features}".encode()).hexdigest()[:10]
-
-
-def _remove_stale_lock(name: str) -> None:
-    """Remove the build's lock file if a build that never finished left it.
-
-    torch takes the lock for a build and removes it at the end, even on an exception; a build killed outright (a
-    signal, an out-of-memory kill, a stopped container) leaves it, and every later load waits on it forever without a
-    word. A build takes under a minute, so a lock older than STALE_LOCK_SECONDS is such a leftover.
-    """
-    from torch.utils.cpp_extension import _get_build_directory
-
-    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return
-    if age > STALE_LOCK_SECONDS:
-        logger.warning("removing %s, left %.0f minutes ago by a build of the C++ ops that did not finish", lock, age / 60)
-        lock.unlink(missing_ok=True)
 
 
 def _stamp() -> Path:
@@ -126,12 +106,22 @@ def _write_stamp(stamp: Path, library: str) -> None:
 
 
 def _build_and_load() -> str:
-    """Build the ops with torch's JIT (a no-op check when its cached build is current), load them, return the library."""
-    from torch.utils.cpp_extension import load
+    """Build the ops with torch's JIT (a no-op check when its cached build is current), load them, return the library.
+
+    torch's build lock is a file: a build killed partway (docker stop, the OOM killer) leaves it, and every later
+    load waited on it forever without a word. A kernel lock (flock) around the build ends with its holder, and
+    whoever holds it knows a torch lock file is such a leftover.
+    """
+    from torch.utils.cpp_extension import _get_build_directory, load
 
     name = f"tokenmill_cpu_ops_{_cpu_tag()}"
-    _remove_stale_lock(name)
-    return load(name, sources(), extra_cflags=compile_flags(), extra_ldflags=["-fopenmp"], is_python_module=False)
+    build_dir = Path(_get_build_directory(name, verbose=False))
+    with open(build_dir.with_name(f"{name}.flock"), "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        if (build_dir / "lock").exists():
+            logger.warning("removing %s, left by a build of the C++ ops that did not finish", build_dir / "lock")
+            (build_dir / "lock").unlink(missing_ok=True)
+        return load(name, sources(), extra_cflags=compile_flags(), extra_ldflags=["-fopenmp"], is_python_module=False)
 
 
 def available() -> bool:
@@ -148,10 +138,19 @@ def available() -> bool:
             else:
                 _write_stamp(stamp, _build_and_load())
             _built = True
-        except (OSError, RuntimeError) as e:
-            logger.warning("tokenmill's C++ CPU ops could not be built (%s); using PyTorch fallbacks", e)
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:  # the last: a compiler failing its check
+            logger.warning("tokenmill's C++ CPU ops could not be built (%s); using PyTorch fallbacks", _why(e))
+            logger.debug("the failed build's output: %s", e)
             _built = False
     return _built
+
+
+def _why(error: Exception) -> str:
+    """A failed build in one line: torch's message holds every compiler command, 40 lines with the cause within."""
+    lines = str(error).splitlines() or [type(error).__name__]
+    cause = next((line.strip() for line in lines[1:] if "error" in line.lower() or "not found" in line), None)
+    head = lines[0].split(": [")[0]
+    return f"{head}: {cause}" if cause else head
 
 
 def quantized_matmul_kernels() -> list[str]:
