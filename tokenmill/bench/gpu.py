@@ -32,7 +32,7 @@ def main(args: argparse.Namespace) -> int:
 
     from tokenmill import LLM
     from tokenmill.bench.gpu_measure import (copy_bandwidth, decode_step_seconds, device_name, offline_tokens_per_second,
-                                             save_random_llama, transformers_tokens_per_second)
+                                             release, save_random_llama, transformers_tokens_per_second)
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     with tempfile.TemporaryDirectory() as tmp:
@@ -49,6 +49,7 @@ def main(args: argparse.Namespace) -> int:
             label = "eager" if eager else "CUDA graphs" if device.type == "cuda" else "no graphs off CUDA"
             print(f"decode step at batch 1, {label}: {steps[eager] * 1e3:.3f} ms = {steps[eager] / bound:.2f}x the bound")
             del llm
+            release(device)
         print(f"CUDA graphs against eager: {steps[True] / steps[False]:.2f}x faster decode steps")
         rng = random.Random(0)
         prompts = [[rng.randrange(3, SHAPES[args.shape]["vocab_size"]) for _ in range(args.input_len)]
@@ -56,6 +57,7 @@ def main(args: argparse.Namespace) -> int:
         llm = LLM(tmp, device=args.device, dtype=args.dtype, quantization="none")
         ours = offline_tokens_per_second(llm, prompts, args.output_len)
         del llm
+        release(device)
         theirs = transformers_tokens_per_second(reference.to(device), prompts, args.output_len)
         print(f"offline {args.num_prompts} x ({args.input_len} in, {args.output_len} out): tokenmill {ours:.0f} "
               f"output tok/s, transformers generate {theirs:.0f} tok/s = {ours / theirs:.2f}x")

@@ -1,5 +1,6 @@
 """The measurements behind `tokenmill bench gpu`: copy bandwidth, decode step time, offline throughput, each peer's."""
 
+import gc
 import statistics
 import time
 from pathlib import Path
@@ -89,3 +90,11 @@ def sync(device: torch.device) -> None:
 def device_name(device: torch.device) -> str:
     """The GPU's name, or CPU."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+
+def release(device: torch.device) -> None:
+    """Give a deleted engine's memory back to the device: torch keeps what it freed cached, which the next engine's
+    KV pool, sized from the device's free memory, would not count (the later pools came out about 5x smaller)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -23,6 +23,7 @@ class DecodeGraphs:
     def __init__(self, forward: Forward, batch_sizes: list[int], max_blocks: int, block_size: int,
                  device: torch.device, capture: bool) -> None:
         self.forward = forward
+        self.device = device
         self.batch_sizes = sorted(batch_sizes)
         self.max_blocks = max_blocks
         largest = self.batch_sizes[-1]
@@ -55,7 +56,8 @@ class DecodeGraphs:
         # Table columns past `width` keep older values: no row reads past its length, so none reads them.
         _fill(self.metadata.row_tables[:, :width], metadata.row_tables, size)
         if self.graphs:
-            self.graphs[size].replay()
+            with torch.cuda.device(self.device):  # graphs capture and replay on the current device's streams
+                self.graphs[size].replay()
             return self.outputs[size][:n]
         return self._forward(size)[:n]
 
@@ -68,15 +70,17 @@ class DecodeGraphs:
 
     def _capture(self) -> None:
         pool = None
-        # Largest first, so the smaller graphs reuse its memory pool.
-        for size in reversed(self.batch_sizes):
-            self._forward(size)  # warm-up: lazy initialisation and autotuning must not happen inside a capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[size] = self._forward(size)
-            pool = graph.pool()
-            self.graphs[size] = graph
+        # Largest first, so the smaller graphs reuse its memory pool. On the engine's device, which need not be the
+        # current one (cuda:1).
+        with torch.cuda.device(self.device):
+            for size in reversed(self.batch_sizes):
+                self._forward(size)  # warm-up: lazy initialisation and autotuning must not happen inside a capture
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.outputs[size] = self._forward(size)
+                pool = graph.pool()
+                self.graphs[size] = graph
 
 
 def _fill(buffer: torch.Tensor, values: torch.Tensor, size: int) -> None:

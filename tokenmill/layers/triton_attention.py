@@ -1,5 +1,7 @@
 """Paged attention on GPU as a Triton kernel: every query row reads its own block table in the KV pool, in place."""
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -69,12 +71,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         assert k_scale.stride() == v_scale.stride() and k_scale.stride(2) == 1, "scales laid out as the runner's pool"
     else:
         k_scale = v_scale = k_cache  # unread: the kernel takes pointers either way
-    _paged_attention_kernel[(tokens, heads)](
-        q, k_cache, v_cache, k_scale, v_scale, out, tables, row_lens.contiguous(),
-        scale, window or 0, tables.shape[1],
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_scale.stride(0), k_scale.stride(1),
-        GROUP=heads // kv_heads, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, DIM_PAD=triton.next_power_of_2(head_dim),
-        INT8=int8,
-    )
+    # Triton launches on the thread's current device, not the tensors': on cuda:1 it failed ("cannot be accessed").
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _paged_attention_kernel[(tokens, heads)](
+            q, k_cache, v_cache, k_scale, v_scale, out, tables, row_lens.contiguous(),
+            scale, window or 0, tables.shape[1],
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_scale.stride(0), k_scale.stride(1),
+            GROUP=heads // kv_heads, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
+            DIM_PAD=triton.next_power_of_2(head_dim), INT8=int8,
+        )
     return out
