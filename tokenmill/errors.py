@@ -17,8 +17,8 @@ class UnsupportedArchitectureError(TokenmillError):
     """A model whose architecture this engine does not implement."""
 
 
-class InvalidRequestError(TokenmillError, ValueError):
-    """A request whose parameters are out of range or inconsistent (a ValueError too, as vLLM raises for them)."""
+class InvalidRequestError(TokenmillError):
+    """A request whose parameters are out of range or inconsistent."""
 
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)

@@ -95,8 +95,6 @@ def load_profile(path: Path) -> Profile:
                  f"tokens={s['max_num_batched_tokens']}")
         times = StepTimes(grid, report["context"], report["context_sweep"])
         return Profile(path, label, s, times, report["price"]["usd_per_hour"], report["price"]["basis"])
-    except InvalidRequestError:  # a ValueError too, already saying what is wrong
-        raise
     except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a hand-edited file
         raise InvalidRequestError(f"{path} is a malformed tokenmill profile ({type(exc).__name__}: {exc}); "
                                   f"{remedy}") from exc
