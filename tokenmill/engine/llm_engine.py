@@ -132,7 +132,7 @@ class LLMEngine:
             asked = f" and max_tokens is {counted}, {wanted} in all" if counted else ", which leaves no room for a token"
             raise PromptTooLongError(
                 f"prompt is {len(token_ids)} tokens{asked}; this engine's context is {self.max_model_len} tokens; "
-                "shorten the prompt or lower max_tokens",
+                f"shorten the prompt{' or lower max_tokens' if counted else ''}",
                 param="prompt",
             )
 

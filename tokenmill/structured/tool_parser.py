@@ -78,8 +78,7 @@ class ToolCallStream:
         if self.in_block:
             # Cut off by max_tokens inside its closing tag, a block's calls may still be whole.
             inner = self.text[self.pos :]
-            cut = next((n for n in range(min(len(CALL_CLOSE) - 1, len(inner)), 0, -1)
-                        if CALL_CLOSE.startswith(inner[-n:])), 0)
+            cut = _partial_tag(inner, CALL_CLOSE)
             self._block(inner[: len(inner) - cut], inner[len(inner) - cut :], events)
         else:
             self._content(self.text[self.pos :], events)
@@ -105,9 +104,9 @@ class ToolCallStream:
         events.extend(calls)
 
 
-def _partial_tag(text: str) -> int:
-    """How many characters at the end of text could begin CALL_OPEN."""
-    for n in range(min(len(CALL_OPEN) - 1, len(text)), 0, -1):
-        if CALL_OPEN.startswith(text[-n:]):
+def _partial_tag(text: str, tag: str = CALL_OPEN) -> int:
+    """How many characters at the end of text could begin the tag."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-n:]):
             return n
     return 0

@@ -93,7 +93,8 @@ def forced_call(tools: list[dict[str, Any]], name: str | None, parallel: bool = 
 
 
 def _rebased(schema: Any, root: str) -> Any:
-    """A copy of a schema whose local $refs, written from its own root, point into it where it now sits at root."""
+    """The schema (a copy where any ref moves) whose local $refs, written from its own root, point into it where it
+    now sits at root."""
     if isinstance(schema, dict) and "$id" in schema:  # its refs resolve against its $id, wherever it sits
         return schema
 
