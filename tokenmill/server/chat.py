@@ -13,7 +13,7 @@ from tokenmill.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from tokenmill.router.serving import route
 from tokenmill.server.deadlines import STATUS_HEADER, deadline_status, with_deadlines
 from tokenmill.server.protocol import ChatCompletionRequest
-from tokenmill.server.serving import COST_HEADER, EventStream, Usage, merged, new_id, state_of
+from tokenmill.server.serving import COST_HEADER, EventStream, Usage, json_logprob, merged, new_id, state_of
 from tokenmill.structured.tool_parser import ToolCall, ToolCallStream, parse_tool_calls
 from tokenmill.structured.tools import chat_prompt
 
@@ -149,7 +149,7 @@ def chat_logprobs(token_ids: list[int], logprobs: list[TokenLogprob], tokenizer:
 
     def entry(token_id: int, logprob: float) -> dict:
         # `bytes` are the token's own bytes, so a client can rebuild characters split across tokens.
-        return {"token": tokenizer.token_text(token_id), "logprob": logprob,
+        return {"token": tokenizer.token_text(token_id), "logprob": json_logprob(logprob),
                 "bytes": list(tokenizer.token_bytes(token_id))}
 
     return {

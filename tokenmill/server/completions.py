@@ -14,7 +14,7 @@ from tokenmill.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from tokenmill.router.serving import route
 from tokenmill.server.deadlines import STATUS_HEADER, deadline_status, with_deadlines
 from tokenmill.server.protocol import CompletionRequest
-from tokenmill.server.serving import COST_HEADER, EventStream, Usage, merged, new_id, state_of
+from tokenmill.server.serving import COST_HEADER, EventStream, Usage, json_logprob, merged, new_id, state_of
 
 
 async def create_completion(body: CompletionRequest, request: Request,
@@ -145,7 +145,7 @@ def completion_logprobs(token_ids: list[int], logprobs: list[TokenLogprob | None
         text_offset += len(token)
     return {
         "tokens": tokens,
-        "token_logprobs": [None if lp is None else lp.logprob for lp in logprobs],
+        "token_logprobs": [None if lp is None else json_logprob(lp.logprob) for lp in logprobs],
         "top_logprobs": [None if lp is None else _top_by_text(lp, tokenizer) for lp in logprobs],
         "text_offset": offsets,
     }
@@ -156,5 +156,5 @@ def _top_by_text(lp: TokenLogprob, tokenizer: Tokenizer) -> dict[str, float]:
     # Keyed by text, tokens can collide (each half of a character is "\ufffd"): the most likely one keeps the key.
     top: dict[str, float] = {}
     for token_id, logprob in sorted([*lp.top, (lp.token_id, lp.logprob)], key=lambda item: -item[1]):
-        top.setdefault(tokenizer.token_text(token_id), logprob)
+        top.setdefault(tokenizer.token_text(token_id), json_logprob(logprob))
     return top

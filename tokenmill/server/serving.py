@@ -67,6 +67,14 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def json_logprob(value: float) -> float | None:
+    """A logprob as JSON can carry it: NaN (a model whose hidden states went NaN) as null, -inf as -9999 (vLLM's
+    floor); the JSON encoder refused them, a 500 for a whole response and a bare NaN in a stream."""
+    if value != value:
+        return None
+    return max(value, -9999.0)
+
+
 def refuse_past_waiting(name: str, waiting: int, adds: int, limit: int) -> None:
     """429 if `adds` more requests would leave more than `limit` waiting for model `name` (--max-waiting)."""
     if waiting + adds > limit:
