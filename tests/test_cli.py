@@ -304,3 +304,24 @@ def test_a_negative_workload_seed_is_refused_by_the_flags(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([*command, "--seed", "-1"])
     assert exit_.value.code == 2 and "a workload seed is an integer >= 0" in capsys.readouterr().err
+
+
+def test_chat_s_default_reply_length_fits_a_small_context(monkeypatch):
+    # The default 256 reply tokens under --max-model-len 256 refused the session as if --max-tokens were given.
+    import io
+
+    from tokenmill.engine import llm_engine
+
+    class SmallContext(_ChatEngine):
+        def __init__(self, config) -> None:
+            super().__init__(config)
+            self.max_model_len, self.params = 256, []
+
+        def add_request(self, request_id, prompt, params) -> None:
+            super().add_request(request_id, prompt, params)
+            self.params.append(params)
+
+    monkeypatch.setattr(llm_engine, "LLMEngine", SmallContext)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"hello\n"), encoding="utf-8"))
+    assert main(["chat"]) == 0
+    assert [p.max_tokens for p in SmallContext.last.params] == [128]

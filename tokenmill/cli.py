@@ -1,6 +1,7 @@
 """Command line: `tokenmill models | pull | env | generate | chat | serve | router | eval | plan | bench`."""
 
 import argparse
+import dataclasses
 import itertools
 import logging
 import os
@@ -65,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     _sampling_flags(generate, max_tokens=64)
     chat = _command(commands, "chat", "interactive chat that streams tokens", _chat)
     chat.add_argument("--system", help="system prompt")
-    _sampling_flags(chat, max_tokens=256)
+    _sampling_flags(chat, max_tokens=None, shown=f"{_CHAT_REPLY_TOKENS}, or half a smaller context")
 
     serve = _command(commands, "serve", "OpenAI-compatible HTTP server (pulls the model first if needed)", _serve)
     serve.add_argument("--host", default=ServerConfig.host)
@@ -162,8 +163,12 @@ def _command(commands: argparse._SubParsersAction, name: str, help: str, func: C
     return sub
 
 
-def _sampling_flags(parser: argparse.ArgumentParser, max_tokens: int) -> None:
-    parser.add_argument("--max-tokens", type=int, default=max_tokens)
+# Reply tokens `tokenmill chat` allows by default.
+_CHAT_REPLY_TOKENS = 256
+
+
+def _sampling_flags(parser: argparse.ArgumentParser, max_tokens: int | None, shown: str | None = None) -> None:
+    parser.add_argument("--max-tokens", type=int, default=max_tokens, help=f"default: {shown or max_tokens}")
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=-1)
@@ -220,6 +225,8 @@ def _chat(args: argparse.Namespace) -> int:
     if sys.stdin is None:  # started with stdin closed (`<&-`)
         raise InvalidRequestError("stdin is closed; chat reads its messages from it")
     engine = LLMEngine(engine_config(args))
+    if args.max_tokens is None:  # a default that fills a small context (--max-model-len 256) would refuse every message
+        params = dataclasses.replace(params, max_tokens=max(1, min(_CHAT_REPLY_TOKENS, engine.max_model_len // 2)))
     messages = [{"role": "system", "content": args.system}] if args.system else []
     # Flags no message could ever fit with are the flags' fault, once, not each message's.
     if not fits(len(engine.tokenizer.encode_chat([*messages, {"role": "user", "content": "x"}])), params.max_tokens,
