@@ -1,6 +1,7 @@
 """Engine and model configuration: one source of defaults, each with the reason for it."""
 
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 
@@ -46,7 +47,7 @@ class ModelConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool
     rope_scaling: dict | None = None
-    # Qwen2 puts biases on the Q, K and V projections; Llama and Mistral do not.
+    # Biases on the Q, K and V projections: Qwen2's always, others' where the config says (attention_bias).
     attention_bias: bool = False
     # A bias on the attention's output projection (transformers' attention_bias for Llama, Qwen3 and Gemma 3,
     # which biases all four projections), and on the MLP's (Llama's mlp_bias).
@@ -151,6 +152,12 @@ class EngineConfig:
             raise InvalidRequestError(f"dtype={self.dtype!r} is not supported; choose one of {', '.join(DTYPE_NAMES)}")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise InvalidRequestError(f"device={self.device!r} is not supported; choose cpu, cuda or cuda:N")
+        # Counts are integers (LLM(num_threads=1.5) failed inside torch, block_size 16.5 passed).
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "quant_group_size", "max_model_len",
+                     "num_threads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool)):
+                raise InvalidRequestError(f"{name}={value!r} must be an integer")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name}={getattr(self, name)} must be at least 1")
@@ -244,3 +251,5 @@ class ServerConfig:
             raise InvalidRequestError(f"watchdog_timeout={self.watchdog_timeout} must be >= 0 (0: no watchdog)")
         if not 0 <= self.port < 65536:
             raise InvalidRequestError(f"port={self.port} must be in [0, 65535]")
+        if not math.isfinite(self.cascade_threshold):  # NaN: no answer ever escalated
+            raise InvalidRequestError(f"cascade_threshold={self.cascade_threshold} must be a finite mean logprob")

@@ -1,5 +1,7 @@
 """Every user mistake in naming or supplying a model gives a typed error with an actionable message."""
 
+import re
+
 import pytest
 import torch
 from gguf import GGUFWriter
@@ -199,3 +201,19 @@ def test_no_stops_given_as_none_as_vllm_takes_them():
 def test_sampling_params_vllm_refuses_are_refused(options, message):
     with pytest.raises(InvalidRequestError, match=message):
         SamplingParams(**options)
+
+
+@pytest.mark.parametrize("make, options, message", [
+    ("engine", {"num_threads": 1.5}, "num_threads=1.5 must be an integer"),  # failed inside torch
+    ("engine", {"block_size": 16.5}, "block_size=16.5 must be an integer"),  # passed
+    ("engine", {"max_model_len": 100.5}, "max_model_len=100.5 must be an integer"),
+    ("server", {"cascade_threshold": float("nan")}, "cascade_threshold=nan"),  # cascade never escalated
+    ("batch", {"max_wait_ms": float("inf")}, "max_wait_ms"),  # killed the embedding thread: every request hung
+    ("batch", {"max_wait_ms": float("nan")}, "max_wait_ms"),
+])
+def test_settings_of_the_wrong_kind_are_refused(make, options, message):
+    from tokenmill.config import ServerConfig
+    from tokenmill.embeddings.batcher import BatchPolicy
+
+    with pytest.raises(InvalidRequestError, match=re.escape(message)):
+        {"engine": EngineConfig, "server": ServerConfig, "batch": BatchPolicy}[make](**options)

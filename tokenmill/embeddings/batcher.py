@@ -1,5 +1,6 @@
 """Dynamic batching policy for encoder inputs: when a batch runs, and which inputs share a padded batch."""
 
+import threading
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -20,9 +21,11 @@ class BatchPolicy:
     max_wait_ms: float = 2.0
 
     def __post_init__(self) -> None:
-        if self.max_batch_tokens < 1 or self.max_wait_ms < 0:
-            raise InvalidRequestError(f"embedding max_batch_tokens must be at least 1 and max_wait_ms at least 0; "
-                                      f"got {self.max_batch_tokens} and {self.max_wait_ms}")
+        # `not <=`: NaN and anything past what a thread's wait takes (inf raised inside the batching thread, and
+        # every embedding request then hung).
+        if self.max_batch_tokens < 1 or not 0 <= self.max_wait_ms <= threading.TIMEOUT_MAX * 1000:
+            raise InvalidRequestError(f"embedding max_batch_tokens must be at least 1 and max_wait_ms a number of "
+                                      f"milliseconds >= 0 and finite; got {self.max_batch_tokens} and {self.max_wait_ms}")
 
 
 def plan_batches(lengths: list[int], max_batch_tokens: int) -> list[list[int]]:
