@@ -320,7 +320,7 @@ class GGUFFile:
         """Yield (Hugging Face name, rows, dequantized rows) for every tensor in the file, large ones in pieces.
 
         With levels, 2-D Q4_1 and Q8_0 tensors come as the file's own levels, steps and offsets (LevelRows), for
-        quantized layers to take unchanged.
+        quantized layers to take unchanged (Q8_0 pieces whose offsets float16 cannot hold come as floats).
         """
         data = self._map.view(np.ndarray)  # slicing np.memmap itself costs bookkeeping on every slice
         for tensor in self._tensors:
@@ -433,7 +433,8 @@ def _dequantized(tensor: _Tensor, data: np.ndarray, whole: bool) -> Iterator[tup
 
 def _levels(tensor: _Tensor, data: np.ndarray, heads: int | None,
             dtype: torch.dtype) -> Iterator[tuple[slice, LevelRows | torch.Tensor]]:
-    """A Q4_1 or Q8_0 tensor's blocks as their levels, float16 steps and offsets: (rows, LevelRows) pieces.
+    """A Q4_1 or Q8_0 tensor's blocks as their levels, float16 steps and offsets: (rows, LevelRows) pieces, or
+    (rows, weights) where the levels cannot say them.
 
     Q4_1 blocks are (d, m, 16 bytes): input j in byte j's low nibble, input 16 + j in its high one, w = d * q + m.
     Q8_0 blocks are (d, 32 int8): w = d * q, which is d * (q + 128) - 128 * d on unsigned levels, exactly. Where

@@ -4,8 +4,8 @@
 // products need no horizontal sum and the float work comes once per 32 inputs: about 3x fewer
 // instructions per weight than widening weights to float32.
 //
-// NOTE: only intrinsics and this file's own functions below the target pragma: a library template
-// instantiated here would be built for AVX-512, and the linker may keep that copy for the whole extension.
+// NOTE: only intrinsics, builtins (std::memcpy) and this file's own functions below the target pragma: a library
+// template instantiated here would be built for AVX-512, and the linker may keep that copy for the whole extension.
 #include "../../quant_kernel.h"
 
 #include <sys/syscall.h>
