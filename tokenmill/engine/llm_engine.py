@@ -97,8 +97,9 @@ class LLMEngine:
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_prompt(token_ids, params, fit_context)
         room = self.max_model_len - len(token_ids)
-        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room) if fit_context \
-            else params.max_tokens
+        max_tokens = room if params.max_tokens is None else params.max_tokens
+        if fit_context:
+            max_tokens = min(max_tokens, room)
         arrival = time.perf_counter() if arrival_time is None else arrival_time
         prediction = self.tokenizer.encode(params.prediction, add_special_tokens=False) if params.prediction else []
         metrics = RequestMetrics(arrival, price_per_hour=self.cost.price_per_hour)
