@@ -76,6 +76,9 @@ def test_chat_drops_whole_exchanges_and_never_for_a_message_too_long_alone():
         (("serve", "--watchdog-timeout", "nan"), "watchdog_timeout=nan must be >= 0"),
         (("serve", "--shutdown-timeout", "nan"), "shutdown_timeout=nan must be >= 0"),
         (("pull", "nope"), "unknown model 'nope'"),
+        # A mistake in a later --model was found after the earlier ones loaded (and, in calibrate, answered its set).
+        (("serve", "--model", "smollm2-135m", "--model", "no-such-model"), "unknown model 'no-such-model'"),
+        (("router", "calibrate", "--model", "smollm2-135m", "--model", "/no/such.gguf"), "no such file"),
         (("env", "--model", "/no/such/file.gguf"), "no such file"),
         (("generate", "--speculative-config", '{"method": "eagle"}', "hi"), "speculative method 'eagle'"),
         (("generate", "--speculative-config", "{method", "hi"), "speculative config is not valid JSON"),
@@ -325,3 +328,11 @@ def test_chat_s_default_reply_length_fits_a_small_context(monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"hello\n"), encoding="utf-8"))
     assert main(["chat"]) == 0
     assert [p.max_tokens for p in SmallContext.last.params] == [128]
+
+
+def test_serve_checks_every_model_named_before_loading_any(monkeypatch, capsys):
+    from tokenmill.server import app
+
+    monkeypatch.setattr(app, "load_engines", lambda *args: pytest.fail("a model loaded before all were checked"))
+    assert main(["serve", "--model", "smollm2-135m", "--model", "no-such-model"]) == 1
+    assert "unknown model 'no-such-model'" in capsys.readouterr().err

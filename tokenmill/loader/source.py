@@ -34,6 +34,16 @@ class ModelSource:
         return self.files.weights(self.config, dtype, levels)
 
 
+def check_named(name_or_path: str) -> None:
+    """Raise ModelNotFoundError unless a file, a directory or a catalog model has this name: for commands that load
+    several models, so that a mistake in the last is not found after the others loaded."""
+    if Path(name_or_path).expanduser().exists():
+        return
+    if "/" in name_or_path or name_or_path.endswith(".gguf"):
+        raise ModelNotFoundError(f"no such file or directory: {name_or_path}")
+    catalog.entry_for(name_or_path)  # raises ModelNotFoundError listing the known names
+
+
 def open_model(name_or_path: str, pull_if_missing: bool = True) -> ModelSource:
     """Open a catalog name (pulling it if needed), a .gguf file, or a Hugging Face directory."""
     path = Path(name_or_path).expanduser()
@@ -55,9 +65,7 @@ def open_model(name_or_path: str, pull_if_missing: bool = True) -> ModelSource:
         config = gguf.model_config()
         tokenizer = Tokenizer.from_gguf(gguf, config.eos_token_ids)
         return ModelSource(path.stem, path, config, tokenizer, gguf)
-    if "/" in name_or_path or name_or_path.endswith(".gguf"):
-        raise ModelNotFoundError(f"no such file or directory: {name_or_path}")
-    catalog.entry_for(name_or_path)  # raises ModelNotFoundError listing the known names
+    check_named(name_or_path)
     if not catalog.is_pulled(name_or_path) and not pull_if_missing:
         raise ModelNotFoundError(f"{name_or_path} is not pulled yet; run `tokenmill pull {name_or_path}`")
     source = open_model(str(catalog.pull(name_or_path)))

@@ -42,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run every model on every item, then print the table and the threshold that reaches the target cheapest."""
+    from tokenmill.loader.source import check_named
     from tokenmill.sampling import SamplingParams
     from tokenmill.server.served_models import ModelSpec
 
@@ -52,6 +53,8 @@ def main(args: argparse.Namespace) -> int:
     if args.target_quality is not None and not 0 <= args.target_quality <= 1:
         raise InvalidRequestError(f"--target-quality {args.target_quality} must be a fraction in [0, 1]")
     SamplingParams(max_tokens=args.max_tokens)  # a bad value fails here, before the slow model loads
+    for spec in specs:  # as must a mistake in the last model, which loads after the first answered the whole set
+        check_named(spec.model)
     items = load_items(args.eval)
     names = [spec.name or spec.model for spec in specs]
     records = [curve.Record(item, []) for item in items]

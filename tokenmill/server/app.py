@@ -20,6 +20,7 @@ from tokenmill.embeddings.engine import EmbeddingEngine
 from tokenmill.embeddings.model import EmbeddingModel
 from tokenmill.engine.async_engine import AsyncEngine, ShuttingDownError
 from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.loader.source import check_named
 from tokenmill.router import AUTO
 from tokenmill.server.auth import RequireAPIKey
 from tokenmill.server.chat import create_chat_completion
@@ -240,6 +241,8 @@ def serve(engine_config: EngineConfig, config: ServerConfig, models: list[str],
           batching: BatchPolicy = BatchPolicy(), embedding_dtype: str = "auto") -> None:
     """Load each model (MODEL or NAME=MODEL), serve until SIGTERM/SIGINT; in-flight requests get shutdown_timeout."""
     specs = [ModelSpec.parse(value) for value in models]  # a bad spec fails before any model loads
+    for spec in specs:
+        check_named(spec.model)
     generative, embedding = split_specs(specs)
     if len(generative) > 1:
         logger.info(describe_kv_split(engine_config, len(generative)))
