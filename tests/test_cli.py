@@ -1,6 +1,7 @@
 """The CLI prints only completions, streams chat, is reproducible with a seed, and fails in one line."""
 
 import os
+from pathlib import Path
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -237,6 +238,12 @@ def test_env_reports_for_the_engine_flags_given(smollm2_path):
     assert fields["kv"].split() == ["cache", "int8:", "int8", "for", "float32", "on", "cpu"]
     assert ", 1 torch threads" in fields["cpu"]
     assert fields["quantization"].startswith(f"{smollm2_path}: quantization int8 (asked for")
+    # dtypes by their flag's name (not torch.bfloat16); the avx512_vnni kernel's avx512dq among the features.
+    result = _run("env", "--model", str(smollm2_path), "--dtype", "bfloat16")
+    fields = dict(line.split(None, 1) for line in result.stdout.splitlines())
+    assert "torch." not in fields["auto"] and "bfloat16 activations" in fields["auto"]
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    assert ("avx512dq" in fields["features"].split()) == ("avx512dq" in flags)
 
 
 def test_the_kernel_named_in_the_environment_is_the_one_used():
@@ -336,3 +343,13 @@ def test_serve_checks_every_model_named_before_loading_any(monkeypatch, capsys):
     monkeypatch.setattr(app, "load_engines", lambda *args: pytest.fail("a model loaded before all were checked"))
     assert main(["serve", "--model", "smollm2-135m", "--model", "no-such-model"]) == 1
     assert "unknown model 'no-such-model'" in capsys.readouterr().err
+
+
+def test_an_empty_api_key_serves_without_one_as_vllm(monkeypatch):
+    # TOKENMILL_API_KEY="" turned auth on with the empty key: a bare "Bearer" got in, a request without one did not.
+    from tokenmill.server import app
+
+    served = {}
+    monkeypatch.setattr(app, "serve", lambda engine, config, *args: served.setdefault("config", config))
+    assert main(["serve", "--api-key", ""]) == 0
+    assert served["config"].api_key is None

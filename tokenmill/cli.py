@@ -313,7 +313,8 @@ def _serve(args: argparse.Namespace) -> int:
     from tokenmill.server.app import serve
 
     logging.getLogger("tokenmill").setLevel(logging.INFO)  # the start-up lines say models, KV capacity and URL
-    config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key, max_waiting=args.max_waiting,
+    # An empty key (TOKENMILL_API_KEY="") is none, as vLLM takes it: not one that admits a bare "Bearer".
+    config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key or None, max_waiting=args.max_waiting,
                           max_waiting_tokens=args.max_waiting_tokens,
                           max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
                           watchdog_timeout=args.watchdog_timeout,

@@ -12,8 +12,8 @@ from tokenmill.layers.packed_linear import can_pack
 from tokenmill.quant.policy import choose_quantization
 
 # The instruction sets the kernels and torch's own ops care about, as Linux names them.
-_FEATURES = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
-             "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp", "sve", "i8mm", "bf16")
+_FEATURES = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
+             "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp", "sve", "i8mm", "bf16")
 
 
 def cpu_features() -> tuple[str, list[str]]:

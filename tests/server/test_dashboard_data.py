@@ -1,6 +1,7 @@
 """The dashboard's JSON snapshot: per-model counters, gauges, costs and percentiles, from a metrics registry."""
 
 import json
+import shutil
 
 import pytest
 from fastapi import FastAPI
@@ -119,3 +120,37 @@ def test_page_and_script_stay_open_while_the_data_needs_the_api_key():
     assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
     data = client.get("/dashboard/data", headers={"Authorization": "Bearer s3cret"}).json()
     assert data["served"] == [] and data["models"]["a"]["requests"] == 0
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="the dashboard's script runs in node, which is not here")
+def test_the_dashboard_legend_shows_a_model_name_as_text(tmp_path):
+    # It went into the legend's innerHTML as it was: markup from a name ran in the page, which holds the API key.
+    import subprocess
+    from pathlib import Path
+
+    import tokenmill.server
+
+    script = (Path(tokenmill.server.__file__).parent / "static" / "dashboard.js").read_text()
+    page = """
+const nodes = {};
+const node = (id) => (nodes[id] ??= {id, hidden: false, dataset: {}, textContent: "", innerHTML: "",
+  appendChild(child) { nodes[child.id] = child; }, querySelector(s) { return (this["_" + s] ??= {innerHTML: ""}); }});
+globalThis.document = {getElementById: node, createElement: () => ({dataset: {},
+  querySelector(s) { return (this["_" + s] ??= {innerHTML: ""}); }})};
+globalThis.location = {hash: ""};
+globalThis.setInterval = () => {};
+globalThis.setTimeout = () => {};
+globalThis.fetch = async () => ({ok: false, status: 500});
+"""
+    run = """
+const m = {requests: 0, prompt_tokens: 0, generation_tokens: 0, prefix_queries: 0, prefix_hits: 0, running: 0,
+  waiting: 0, kv_cache_usage: 0, draft_tokens: 0, accepted_tokens: 0, ttft: {}, tpot: {},
+  cost_per_1m_tokens_usd: {}, routed: {}};
+const name = "<img src=x onerror=alert(1)>";
+record({time: 1, served: [name], models: {[name]: m}, routing: {}});
+record({time: 2, served: [name], models: {[name]: {...m, requests: 1}}, routing: {}});
+console.log(nodes["chart-requests"]["_.legend"].innerHTML);
+"""
+    (tmp_path / "page.js").write_text(page + script + run)
+    legend = subprocess.run(["node", str(tmp_path / "page.js")], capture_output=True, text=True, check=True).stdout
+    assert "<img" not in legend and "&#60;img src=x onerror=alert(1)&#62;" in legend

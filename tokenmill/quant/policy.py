@@ -19,13 +19,15 @@ def choose_quantization(requested: str, native: str, device: torch.device, dtype
     """Resolve `requested` (auto, none, int8 or int4) for a checkpoint whose layers are stored as `native`."""
     kernel = ops.quantized_matmul_kernel() if device.type == "cpu" else None
     fast = device.type == "cpu" and dtype == torch.float32 and ops.fast_quantized_matmul()
+    dtype_name = str(dtype).removeprefix("torch.")
     if requested != "auto":
         if requested != "none" and not fast:
-            return Choice(requested, f"asked for; no vector int8/int4 kernel runs here for {device.type} {dtype}", slow=True)
+            return Choice(requested, f"asked for; no vector int8/int4 kernel runs here for {device.type} {dtype_name}",
+                          slow=True)
         return Choice(requested, "asked for" + (f", {kernel} kernel" if requested != "none" else ""))
     if not fast:
         why = "not on CPU" if device.type != "cpu" else (
-            f"{dtype} activations" if dtype != torch.float32 else f"only the {kernel or 'PyTorch'} path runs here")
+            f"{dtype_name} activations" if dtype != torch.float32 else f"only the {kernel or 'PyTorch'} path runs here")
         return Choice("none", f"auto: {why}, so quantized layers would dequantize or run portable loops")
     if native == "none":
         return Choice("none", "auto: the checkpoint's linear layers are float")

@@ -14,8 +14,11 @@ def admitted(authorization: str, api_key: str | None) -> bool:
     if api_key is None:
         return True
     scheme, _, given = authorization.partition(" ")
-    # NOTE: compare_digest on bytes keeps the comparison time independent of where the keys differ.
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), api_key.encode())
+    # NOTE: compare_digest on bytes keeps the comparison time independent of where the keys differ. Starlette
+    # decodes header bytes as Latin-1: encoded back so, they are the bytes the client sent (UTF-8 for a key of
+    # other letters).
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("latin-1", "replace"),
+                                                              api_key.encode())
 
 
 def _refused() -> APIError:

@@ -129,11 +129,16 @@ function draw(div, history) {
     values.forEach((v, i) => (v === null ? flush() : run.push(`${x(i).toFixed(1)},${y(v).toFixed(1)}`)));
     flush();
     const last = values.findLast((v) => v !== null);
-    legend += `<span><i style="background:${color}"></i>${name} ${last === undefined ? "–" : format(last)}</span>`;
+    legend += `<span><i style="background:${color}"></i>${escapeHtml(name)} ${last === undefined ? "–" : format(last)}</span>`;
   });
   div.querySelector("svg").innerHTML = svg;
   div.querySelector(".legend").innerHTML = legend;
   div.dataset.series = JSON.stringify(series);
+}
+
+// Model names and route reasons come from the operator's flags and the requests: text, never markup.
+function escapeHtml(text) {
+  return String(text).replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
 }
 
 function niceCeiling(v) {
