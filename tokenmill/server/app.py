@@ -233,8 +233,10 @@ class _Server(uvicorn.Server):
         await asyncio.sleep(self.grace)
         error = ShuttingDownError(f"the server is shutting down, and this request outlived its --shutdown-timeout "
                                   f"of {self.grace:g} s; retry it")
-        for engine in self.engines:
-            engine.fail_live(error)
+        while True:  # until uvicorn is done: also those that reach an engine later (a cascade's escalation)
+            for engine in self.engines:
+                engine.fail_live(error)
+            await asyncio.sleep(0.5)
 
 
 def serve(engine_config: EngineConfig, config: ServerConfig, models: list[str],
