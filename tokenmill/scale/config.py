@@ -41,7 +41,9 @@ class ScaleConfig:
         if self.routing not in ROUTINGS:
             raise InvalidRequestError(f"routing={self.routing!r} must be one of {', '.join(ROUTINGS)}")
         if self.replicas < 1 and not self.autoscaling:
-            raise InvalidRequestError(f"--replicas {self.replicas} must be at least 1 (or set --min-replicas 0)")
+            # The way to zero replicas names both bounds: --min-replicas 0 alone leaves the most at --replicas, 0.
+            raise InvalidRequestError(f"--replicas {self.replicas} must be at least 1 (to scale to zero when idle, "
+                                      f"set --min-replicas 0 --max-replicas N)")
         if self.autoscaling and not self.lowest <= self.replicas <= self.highest:
             raise InvalidRequestError(f"--replicas {self.replicas} must lie in [--min-replicas {self.lowest}, "
                                       f"--max-replicas {self.highest}]")
