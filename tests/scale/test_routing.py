@@ -165,7 +165,8 @@ def test_autoscaling_flags_become_ray_serves_autoscaling_config():
     with pytest.raises(InvalidRequestError, match="--min-replicas 0 --max-replicas N"):
         ScaleConfig(0)
     # What that says works: --min-replicas 0 alone was refused, its most replicas being --replicas, 0.
-    assert ScaleConfig(0, min_replicas=0, max_replicas=2).deployment_options()["autoscaling_config"]["max_replicas"] == 2
+    zero = ScaleConfig(0, min_replicas=0, max_replicas=2).deployment_options()["autoscaling_config"]
+    assert (zero["min_replicas"], zero["max_replicas"]) == (0, 2)
     with pytest.raises(InvalidRequestError, match=r"\[--min-replicas 1, --max-replicas 2\]"):
         ScaleConfig(3, min_replicas=1, max_replicas=2)
 
