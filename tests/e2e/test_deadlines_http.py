@@ -31,6 +31,7 @@ def test_infeasible_deadline_is_refused_at_once_with_the_estimate(bounded):
                                                  extra_headers={"x-tokenmill-deadline-ms": "5"})
     error = info.value.body
     assert error["code"] == "deadline_infeasible" and error["type"] == "rate_limit_error"
+    assert info.value.response.headers["retry-after"] == "1"  # as the other 429s say it
     assert "estimated to end" in error["message"] and "5 ms deadline" in error["message"]
     with pytest.raises(RateLimitError, match="first token is estimated"):
         _client(bounded).completions.create(model="smollm2-135m", prompt="Hello " * 40, max_tokens=1,

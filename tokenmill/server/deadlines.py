@@ -37,7 +37,8 @@ def with_deadlines(request: Request, params: SamplingParams) -> SamplingParams:
 
 def deadline_refused(message: str) -> APIError:
     """The error for a request whose deadline cannot be met: refused on arrival, or dropped while waiting."""
-    return APIError(429, message, type="rate_limit_error", code="deadline_infeasible")
+    # Retry-After as the other 429s say it: the queue that made the deadline impossible moves on within a second.
+    return APIError(429, message, type="rate_limit_error", code="deadline_infeasible", headers={"Retry-After": "1"})
 
 
 def dropped_error(output: RequestOutput) -> APIError | None:
