@@ -74,6 +74,25 @@ def test_infeasible_deadline_is_refused_on_arrival_with_the_estimate_and_nothing
     engine.abort("fits")
 
 
+def test_sequences_queued_for_a_slot_are_counted_as_holding_it(engine, slow_steps):
+    # Two slots and nothing running: four 20-token requests (or one of n=4) were all admitted against 1.5 s, though
+    # the last two start only once the first two's 20 steps (1 s) are done and end at about 2 s.
+    params = SamplingParams(max_tokens=20, ignore_eos=True, deadline_ms=1500)
+    try:
+        engine.add_request("s0", "Hello there", params)
+        engine.add_request("s1", "Hello there", params)
+        with pytest.raises(DeadlineError, match="estimated to end"):
+            engine.add_request("s2", "Hello there", params)
+        with pytest.raises(DeadlineError, match="estimated to end"):
+            engine.add_request("n4", "Hello there", SamplingParams(n=4, max_tokens=20, ignore_eos=True,
+                                                                   deadline_ms=2500))
+    finally:
+        for request_id in ("s0", "s1"):
+            engine.abort(request_id)
+    engine.add_request("n2", "Hello there", SamplingParams(n=2, max_tokens=20, ignore_eos=True, deadline_ms=1500))
+    engine.abort("n2")
+
+
 def test_fcfs_policy_never_refuses(engine):
     config = EngineConfig(model=engine.config.model, scheduling_policy="fcfs")
     keeper = DeadlineKeeper(config, engine.scheduler)

@@ -1,5 +1,6 @@
 """Deadline feasibility: when a waiting sequence would finish, estimated from the engine's fitted step times."""
 
+import heapq
 import math
 
 from tokenmill.config import EngineConfig
@@ -48,9 +49,10 @@ class DeadlineKeeper:
         if not self._trusted() or all(seq.deadline is None for seq in seqs):
             return
         order = self.scheduler.order
-        for seq in seqs:
-            ahead = [s for s in self.scheduler.waiting if order(s) < order(seq)]
-            late = self._late(seq, sum(s.num_uncomputed_tokens for s in ahead), len(ahead), now)
+        for i, seq in enumerate(seqs):
+            # The request's own earlier samples queue ahead of this one too.
+            ahead = [s for s in self.scheduler.waiting if order(s) < order(seq)] + seqs[:i]
+            late = self._late(seq, sum(s.num_uncomputed_tokens for s in ahead), ahead, now)
             if late is not None:
                 raise DeadlineError(f"refused: {late[0]}", late[1])
 
@@ -58,7 +60,7 @@ class DeadlineKeeper:
         """Waiting sequences (in queue order) that can no longer meet their deadline, each with its error."""
         if not self._trusted():
             return []
-        late, ahead_tokens, ahead = [], 0, 0
+        late, ahead_tokens, ahead = [], 0, []
         for seq in self.scheduler.waiting:
             # The queue is in Sequence.deadline_key order: past the last sequence with a deadline there is nothing
             # to drop, so a step without deadlines in the queue costs one look.
@@ -67,14 +69,16 @@ class DeadlineKeeper:
             if (why := self._late(seq, ahead_tokens, ahead, now)) is not None:
                 late.append((seq, DeadlineError(f"dropped while waiting: {why[0]}", why[1])))
             else:  # a dropped sequence holds up nobody behind it
-                ahead_tokens, ahead = ahead_tokens + seq.num_uncomputed_tokens, ahead + 1
+                ahead_tokens = ahead_tokens + seq.num_uncomputed_tokens
+                ahead.append(seq)
         return late
 
     def _trusted(self) -> bool:
         return self.enabled and self.times.num_steps >= MIN_STEPS
 
-    def _late(self, seq: Sequence, ahead_tokens: int, ahead: int, now: float) -> tuple[str, float] | None:
-        """Why seq, queued behind `ahead` sequences, would miss a deadline, and the estimate (ms from arrival)."""
+    def _late(self, seq: Sequence, ahead_tokens: int, ahead: list[Sequence],
+              now: float) -> tuple[str, float] | None:
+        """Why seq, queued behind the `ahead` sequences, would miss a deadline, and the estimate (ms from arrival)."""
         first, finish = self.estimate(seq, ahead_tokens, ahead)
         params, waited = seq.params, now - seq.arrival_time
         if params.ttft_deadline_ms is not None and seq.num_output_tokens == 0:
@@ -92,28 +96,32 @@ class DeadlineKeeper:
                         estimate_ms)
         return None
 
-    def estimate(self, seq: Sequence, ahead_tokens: int, ahead: int) -> tuple[float, float]:
+    def estimate(self, seq: Sequence, ahead_tokens: int, ahead: list[Sequence]) -> tuple[float, float]:
         """Seconds from now to seq's first token and to its last (max_tokens), served after the running sequences
-        and `ahead` waiting ones holding ahead_tokens uncomputed tokens."""
+        and the `ahead` waiting ones holding ahead_tokens uncomputed tokens."""
         running = self.scheduler.running
         decodes = min(len(running), self.max_num_seqs)
         # Prompt work before seq's first token: running prompts still in chunks, everything ahead, its own.
         prefill = (sum(s.num_uncomputed_tokens for s in running if s.num_uncomputed_tokens > 1)
                    + ahead_tokens + seq.num_uncomputed_tokens)
         first = self._slot_wait(ahead) + self._prefill_seconds(prefill, decodes)
-        batch = min(decodes + ahead + 1, self.max_num_seqs)
+        batch = min(decodes + len(ahead) + 1, self.max_num_seqs)
         finish = first + (seq.max_tokens - seq.num_output_tokens - 1) * self._decode_step(batch)
         return first, finish
 
-    def _slot_wait(self, num_ahead: int) -> float:
-        """Seconds until a running slot frees for a sequence with num_ahead others ahead of it in the queue."""
+    def _slot_wait(self, ahead: list[Sequence]) -> float:
+        """Seconds until a slot of the batch frees for a sequence queued behind `ahead`.
+
+        Sequences leave the batch as they reach max_tokens. Each one ahead takes the first slot to free and holds it
+        as long: counting only the running ones, four requests queued for two idle slots were all admitted against a
+        deadline the last two then missed.
+        """
         running = self.scheduler.running
-        short = len(running) + num_ahead + 1 - self.max_num_seqs
-        if short <= 0:
-            return 0.0
-        # Sequences leave the batch as they reach max_tokens; the short-th soonest frees seq's slot.
-        left = sorted(s.max_tokens - s.num_output_tokens for s in running)
-        return left[min(short, len(left)) - 1] * self._decode_step(self.max_num_seqs) if left else 0.0
+        free_at = [0] * max(0, self.max_num_seqs - len(running)) + [s.max_tokens - s.num_output_tokens for s in running]
+        heapq.heapify(free_at)
+        for s in ahead:
+            heapq.heappush(free_at, heapq.heappop(free_at) + s.max_tokens - s.num_output_tokens)
+        return free_at[0] * self._decode_step(self.max_num_seqs)
 
     def _prefill_seconds(self, tokens: int, decodes: int) -> float:
         """Steps that compute `tokens` prompt tokens beside `decodes` decodes, chunked by the step's token budget."""
