@@ -1,11 +1,10 @@
 """Engine and model configuration: one source of defaults, each with the reason for it."""
 
 import math
-import numbers
 import re
 from dataclasses import dataclass, field
 
-from tokenmill.errors import InvalidRequestError
+from tokenmill.errors import InvalidRequestError, whole_number
 from tokenmill.spec_decode.config import SpeculativeConfig
 
 # Names only: torch stays unimported until an engine is built (tokenmill/dtypes.py maps them to torch types).
@@ -156,7 +155,7 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "quant_group_size", "max_model_len",
                      "num_threads"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool)):
+            if value is not None and not whole_number(value):
                 raise InvalidRequestError(f"{name}={value!r} must be an integer")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:

@@ -1,5 +1,12 @@
 """Typed errors for mistakes a user can fix; the CLI and server turn them into one-line messages."""
 
+import numbers
+
+
+def whole_number(value: object) -> bool:
+    """An integer, as a count in settings and requests must be: not a bool, nor a float that happens to be whole."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
 
 class TokenmillError(Exception):
     """Base class for every error caused by user input rather than a bug."""

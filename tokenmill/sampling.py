@@ -1,9 +1,8 @@
 """SamplingParams: how one request turns logits into tokens, validated on construction."""
 
-import numbers
 from dataclasses import dataclass, field
 
-from tokenmill.errors import InvalidRequestError
+from tokenmill.errors import InvalidRequestError, whole_number
 from tokenmill.structured.params import StructuredOutput
 
 # Temperatures below this sample greedily (as vLLM's): dividing logits by one near float32's smallest overflows them to
@@ -60,27 +59,27 @@ class SamplingParams:
         _check(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
         # Past the vocabulary top_k keeps everything; the cap keeps it within the sampler's int64 tensor.
         # 0 is off as well, as in vLLM and llama.cpp (models' generation configs say top_k 0 for "none").
-        _check(_whole(self.top_k) and -1 <= self.top_k < 2**31, "top_k", self.top_k,
+        _check(whole_number(self.top_k) and -1 <= self.top_k < 2**31, "top_k", self.top_k,
                "must be -1 or 0 (off) or an integer in [1, 2**31)")
         _check(0 <= self.min_p <= 1, "min_p", self.min_p, "must be in [0, 1]")
         _check(0 < self.repetition_penalty < float("inf"), "repetition_penalty", self.repetition_penalty,
                "must be > 0 and finite")
         _check(-2 <= self.presence_penalty <= 2, "presence_penalty", self.presence_penalty, "must be in [-2, 2]")
         _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", self.frequency_penalty, "must be in [-2, 2]")
-        _check(self.max_tokens is None or _whole(self.max_tokens) and self.max_tokens >= 1, "max_tokens",
+        _check(self.max_tokens is None or whole_number(self.max_tokens) and self.max_tokens >= 1, "max_tokens",
                self.max_tokens, "must be an integer, at least 1")
         _check(
             self.seed is None or (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**63),
             "seed", self.seed, "must be a 64-bit integer",
         )
-        _check(_whole(self.min_tokens) and self.min_tokens >= 0, "min_tokens", self.min_tokens,
+        _check(whole_number(self.min_tokens) and self.min_tokens >= 0, "min_tokens", self.min_tokens,
                "must be an integer >= 0")
         _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens", self.min_tokens,
                f"must be at most max_tokens ({self.max_tokens}), as vLLM requires")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            _check(value is None or _whole(value) and 0 <= value <= 20, name, value, "must be an integer in [0, 20]")
-        _check(all(_whole(t) for t in self.stop_token_ids), "stop_token_ids", self.stop_token_ids,
+            _check(value is None or whole_number(value) and 0 <= value <= 20, name, value, "must be an integer in [0, 20]")
+        _check(all(whole_number(t) for t in self.stop_token_ids), "stop_token_ids", self.stop_token_ids,
                "must be integers")
         _check(all(s for s in self.stop), "stop", self.stop, "must not contain empty strings")
         _check(isinstance(self.priority, int), "priority", self.priority, "must be an integer")
@@ -97,11 +96,6 @@ class SamplingParams:
     def greedy(self) -> bool:
         """True when sampling reduces to argmax."""
         return self.temperature < _GREEDY_BELOW or self.top_k == 1
-
-
-def _whole(value: object) -> bool:
-    """An integer (not a float that happens to be whole: 2.5 top_k failed inside the sampler, 2.5 max_tokens made 3)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _check(ok: bool, name: str, value: object, rule: str) -> None:

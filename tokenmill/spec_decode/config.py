@@ -4,7 +4,7 @@ import json
 from dataclasses import dataclass, fields
 from typing import Any
 
-from tokenmill.errors import InvalidRequestError
+from tokenmill.errors import InvalidRequestError, whole_number
 
 METHODS = ("ngram", "draft_model", "early_exit")
 
@@ -35,7 +35,7 @@ class SpeculativeConfig:
         counts = {"num_speculative_tokens": self.num_speculative_tokens, "prompt_lookup_max": self.prompt_lookup_max,
                   "prompt_lookup_min": self.prompt_lookup_min, "exit_layer": self.exit_layer}
         for key, value in counts.items():  # JSON's 4.0 or true would pass the range checks and fail every step
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            if value is not None and not whole_number(value):
                 raise InvalidRequestError(f"{key}={value!r} must be an integer", param="speculative_config")
         if self.method is None:
             self.method = "draft_model" if self.model not in (None, "ngram", "[ngram]") else "ngram"
