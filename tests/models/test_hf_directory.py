@@ -67,6 +67,11 @@ def test_hf_directory_matches_transformers(kind, tmp_path, smollm2_source, last_
     ("Qwen2ForCausalLM", transformers.Qwen2Config, {}),
     ("Qwen2ForCausalLM", transformers.Qwen2Config, {"use_sliding_window": True, "max_window_layers": 4}),
     ("Qwen3MoeForCausalLM", transformers.Qwen3MoeConfig, {"use_sliding_window": True}),
+    # No head_dim, experts or top-k given: Qwen3 and Gemma 3 fix their own head_dim, each MoE family its routing.
+    ("Qwen3ForCausalLM", transformers.Qwen3Config, {}),
+    ("Gemma3ForCausalLM", transformers.Gemma3TextConfig, {}),
+    ("Qwen2MoeForCausalLM", transformers.Qwen2MoeConfig, {}),
+    ("Qwen3MoeForCausalLM", transformers.Qwen3MoeConfig, {}),
 ])
 def test_fields_config_json_leaves_out_are_read_as_transformers_fills_them_in(tmp_path, architecture, config_class,
                                                                               fields):
@@ -81,6 +86,12 @@ def test_fields_config_json_leaves_out_are_read_as_transformers_fills_them_in(tm
     assert ours.tie_word_embeddings == theirs.tie_word_embeddings
     assert ours.rms_norm_eps == theirs.rms_norm_eps
     assert ours.max_position_embeddings == theirs.max_position_embeddings
+    assert ours.head_dim == (getattr(theirs, "head_dim", None) or 64 // 4)
+    if hasattr(theirs, "num_experts_per_tok"):
+        assert ours.num_experts == getattr(theirs, "num_local_experts", None) or theirs.num_experts
+        assert ours.num_experts_per_tok == theirs.num_experts_per_tok
+        assert ours.moe_intermediate_size == getattr(theirs, "moe_intermediate_size", 0)
+        assert ours.shared_expert_intermediate_size == (getattr(theirs, "shared_expert_intermediate_size", 0) or 0)
     if hasattr(theirs, "query_pre_attn_scalar"):
         assert ours.attention_scale == theirs.query_pre_attn_scalar ** -0.5
     rope = theirs.rope_parameters
@@ -100,6 +111,8 @@ def test_fields_config_json_leaves_out_are_read_as_transformers_fills_them_in(tm
     ({"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                           "sliding_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e4}}},
      "rope scaling 'linear' on the sliding layers"),
+    # Qwen3-MoE's default top-k, 8, out of the 4 experts given: a routing the model cannot do.
+    ({"architectures": ["Qwen3MoeForCausalLM"], "num_experts": 4}, "to 8 of 4 experts"),
 ])
 def test_config_fields_that_would_change_the_model_are_refused(tmp_path, fields, message):
     raw = {"architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
@@ -108,6 +121,19 @@ def test_config_fields_that_would_change_the_model_are_refused(tmp_path, fields,
     (tmp_path / "model.safetensors").touch()
     with pytest.raises(ModelLoadError, match=message):
         HFDirectory(tmp_path).model_config()
+
+
+@pytest.mark.parametrize("model_type, architecture", [("qwen2", "Qwen2ForCausalLM"), ("mistral", "MistralForCausalLM"),
+                                                      ("gemma3_text", "Gemma3ForCausalLM")])
+def test_a_config_without_architectures_reads_as_its_model_types_class(tmp_path, model_type, architecture):
+    raw = {"model_type": model_type, "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+           "num_hidden_layers": 2, "num_attention_heads": 4}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    (tmp_path / "model.safetensors").touch()
+    bare = HFDirectory(tmp_path).model_config()
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": [architecture], **raw}))
+    # The family defaults (Qwen2's Q/K/V biases, Mistral's window, Gemma 3's head_dim) go by the class name.
+    assert bare == HFDirectory(tmp_path).model_config()
 
 
 def test_a_sharded_folder_loads_the_shards_its_index_names(tmp_path, smollm2_source, last_logits):

@@ -22,6 +22,17 @@ _ACTIVATIONS = {"Gemma3": "gelu_pytorch_tanh"}
 # sliding_window (none for the others), by architecture prefix.
 _CONTEXTS = {"Mistral": 131_072, "Mixtral": 131_072, "Gemma3": 131_072, "Qwen": 32_768}
 _WINDOWS = {"Mistral": 4096, "Gemma3": 4096, "Qwen": 4096}  # Qwen's only where use_sliding_window is on
+# transformers' head_dim where config.json leaves it out (hidden_size / num_attention_heads for the others;
+# Qwen3-MoE's too, listed so the Qwen3 prefix does not catch it).
+_HEAD_DIMS = {"Qwen3Moe": None, "Qwen3": 128, "Gemma3": 256}
+# transformers' mixture-of-experts defaults where config.json leaves them out: (experts, experts per token, each
+# expert's width, the shared expert's width). A left-out top-k read as 0 routed to no expert at all.
+_EXPERTS = {"Mixtral": (8, 2, 0, 0), "Qwen2Moe": (60, 4, 1408, 5632), "Qwen3Moe": (128, 8, 768, 0)}
+# The class each config.json model_type stands for, where `architectures` is left out (AutoModelForCausalLM's
+# mapping); the family defaults above go by the class name.
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",
+                "qwen2": "Qwen2ForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                "qwen3_moe": "Qwen3MoeForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 # Gemma3TextConfig's query_pre_attn_scalar where config.json leaves it out.
 _GEMMA3_QUERY_SCALAR = 256
 # The rope scaling layers/rotary.py computes; any other would change every rotation.
@@ -40,7 +51,8 @@ class HFDirectory:
         self.files = self._weight_files()
         if not self.files:
             raise ModelLoadError(f"{self.path} has no *.safetensors files")
-        archs = self.raw_config.get("architectures") or [self.raw_config.get("model_type", "")]
+        model_type = str(self.raw_config.get("model_type", ""))
+        archs = self.raw_config.get("architectures") or [_MODEL_TYPES.get(model_type, model_type)]
         self.architecture = str(archs[0])
 
     def _weight_files(self) -> list[Path]:
@@ -71,6 +83,7 @@ class HFDirectory:
         family = next((f for f in _DEFAULTS if self.architecture.startswith(f)), None)
         theta, eps = _DEFAULTS.get(family, (10_000.0, 1e-6))
         activation = _by_family(_ACTIVATIONS, self.architecture, "silu")
+        experts, top_k, expert_width, shared_width = _by_family(_EXPERTS, self.architecture, (0, 0, 0, 0))
         asked = c.get("hidden_activation") or c.get("hidden_act") or activation
         if asked != activation:
             raise ModelLoadError(f"{self.path / 'config.json'} asks for activation {asked!r}; {self.architecture} "
@@ -91,7 +104,7 @@ class HFDirectory:
             if local.get("rope_type", "default") != "default":  # Gemma 3's sliding layers rotate unscaled here
                 raise ModelLoadError(f"{self.path / 'config.json'} asks for rope scaling {local['rope_type']!r} on "
                                      "the sliding layers; not supported")
-            return ModelConfig(
+            config = ModelConfig(
                 architecture=self.architecture,
                 vocab_size=int(c["vocab_size"]),
                 hidden_size=hidden,
@@ -99,7 +112,8 @@ class HFDirectory:
                 num_layers=int(c["num_hidden_layers"]),
                 num_heads=num_heads,
                 num_kv_heads=int(c.get("num_key_value_heads") or num_heads),
-                head_dim=int(c.get("head_dim") or hidden // num_heads),
+                head_dim=int(c.get("head_dim") or _by_family(_HEAD_DIMS, self.architecture, None)
+                             or hidden // num_heads),
                 rms_norm_eps=float(c.get("rms_norm_eps", eps)),
                 rope_theta=float(c.get("rope_theta") or rope.get("rope_theta") or theta),
                 max_position_embeddings=int(c.get("max_position_embeddings")
@@ -119,10 +133,10 @@ class HFDirectory:
                 layer_types=_layer_types(c, self.architecture),
                 rope_local_theta=_local_theta(c) or (_GEMMA3_LOCAL_THETA if family == "Gemma3" else None),
                 attention_scale=_attention_scale(c, family),
-                num_experts=int(c.get("num_local_experts") or c.get("num_experts") or 0),
-                num_experts_per_tok=int(c.get("num_experts_per_tok") or 0),
-                moe_intermediate_size=int(c.get("moe_intermediate_size") or 0),
-                shared_expert_intermediate_size=int(c.get("shared_expert_intermediate_size") or 0),
+                num_experts=int(c.get("num_local_experts") or c.get("num_experts") or experts),
+                num_experts_per_tok=int(c.get("num_experts_per_tok") or top_k),
+                moe_intermediate_size=int(c.get("moe_intermediate_size") or expert_width),
+                shared_expert_intermediate_size=int(c.get("shared_expert_intermediate_size", shared_width) or 0),
                 norm_topk_prob=bool(c.get("norm_topk_prob", False)),
                 decoder_sparse_step=int(c.get("decoder_sparse_step") or 1),
                 mlp_only_layers=[int(i) for i in c.get("mlp_only_layers") or []],
@@ -131,6 +145,10 @@ class HFDirectory:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelLoadError(f"{self.path / 'config.json'} is missing or has a bad field: {exc}") from exc
+        if config.num_experts and not 1 <= config.num_experts_per_tok <= config.num_experts:
+            raise ModelLoadError(f"{self.path / 'config.json'} routes each token to {config.num_experts_per_tok} of "
+                                 f"{config.num_experts} experts; it must be at least 1 and at most all of them")
+        return config
 
     def _eos_token_ids(self) -> list[int]:
         eos = self.raw_config.get("eos_token_id")
