@@ -102,6 +102,15 @@ def test_any_64_bit_seed_is_taken_and_draws_the_same_tokens_again(seed):
     assert draws[0] == draws[1] and len(set(draws[0])) > 1
 
 
+def test_seeds_2_to_the_32_apart_draw_differently():
+    # The CPU generator keeps a seed's low 32 bits; the high ones must still count.
+    logits = torch.zeros(1, 1000)  # uniform: 20 equal draws of 20 pairs by chance is about 1e-60
+    params = SamplingParams(temperature=1.0)
+    same = sum(Sampler()(logits.clone(), [_seq(params, seed=s)]).token_ids[0][0]
+               == Sampler()(logits.clone(), [_seq(params, seed=s + 2**32)]).token_ids[0][0] for s in range(20))
+    assert same < 3
+
+
 def test_a_top_p_neighbour_does_not_change_a_seeded_row():
     logits = torch.randn(1, 50_000) * 3
     params = SamplingParams(temperature=1.0, seed=3)

@@ -189,8 +189,10 @@ class Sampler:
             gen = None
             if seq.seed is not None:
                 gen = torch.Generator(device=probs.device)
-                # Wrapped into the generator's 64 bits: clients send any 64-bit seed, negative ones too.
-                gen.manual_seed((seq.seed * _SEED_STRIDE + seq.num_output_tokens + offset) % 2**64)
+                # Wrapped into 64 bits (clients send any 64-bit seed, negative ones too), then the high half folded
+                # into the low: the CPU generator keeps only the low 32 bits, so seeds 2**32 apart drew alike.
+                mixed = (seq.seed * _SEED_STRIDE + seq.num_output_tokens + offset) % 2**64
+                gen.manual_seed(mixed ^ (mixed >> 32))
             noise[i].exponential_(generator=gen)
         return noise
 
