@@ -185,6 +185,19 @@ def test_bench_serve_with_every_request_failed_exits_nonzero(capsys):
     assert last.startswith("tokenmill: error: all 2 requests failed, the first with: ConnectError")
 
 
+@pytest.mark.parametrize("price", ["inf", "nan", "-1"])
+def test_bench_serve_refuses_a_price_that_is_no_amount_before_the_run(price, capsys):
+    # inf and nan made the --out report unwritable JSON after the whole run; -1 billed negative costs.
+    assert main(["bench", "serve", "--base-url", "http://127.0.0.1:9", "--cost-per-hour", price]) == 1
+    assert "--cost-per-hour must be a USD amount >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [("--concurrency", "0"), ("--cancel-fraction", "1.5")])
+def test_bench_soak_refuses_a_load_that_sends_nothing_or_cancels_past_all(flags, capsys):
+    assert main(["bench", "soak", "--base-url", "http://127.0.0.1:9", "--duration", "1", *flags]) == 2
+    assert "--concurrency must be at least 1" in capsys.readouterr().err
+
+
 def test_a_home_that_cannot_be_a_folder_exits_nonzero_with_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
     result = _run("pull", "smollm2-135m", env_extra={"TOKENMILL_HOME": str(tmp_path / "file" / "home")})

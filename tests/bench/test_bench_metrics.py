@@ -58,6 +58,13 @@ def test_goodput_counts_requests_meeting_every_slo():
         SLO.parse(["latency:5"])
 
 
+@pytest.mark.parametrize("spec", ["ttft:abc", "ttft:-5", "tpot:nan", "e2el:inf"])
+def test_a_goodput_slo_that_is_no_number_of_milliseconds_is_refused(spec):
+    # "abc" was a ValueError's traceback; -5 and nan counted no request as meeting it.
+    with pytest.raises(InvalidRequestError, match="MS a number of milliseconds"):
+        SLO.parse([spec])
+
+
 def test_peak_concurrency_and_cost():
     assert peak_concurrency([A, B, FAILED]) == 2  # A overlaps FAILED (0.2-0.3) and B (1.0-1.3)
     assert peak_concurrency([_result(0, 0.1, [0.1], 1.0, 1), _result(1.0, 1.1, [1.1], 2.0, 1)]) == 1

@@ -3,6 +3,7 @@ KV block, and the server's memory stays flat after warm-up (the 10-minute run is
 
 import json
 
+from tokenmill.bench import soak
 from tokenmill.cli import main
 
 
@@ -20,3 +21,16 @@ def test_soak_loses_nothing_leaks_nothing_and_memory_stays_flat(smollm2_path, tm
     # Looser than the 10-minute run's 2% (0.14% in one 30-second run of this test): 12 seconds after the warm-up leave
     # little time to average out the allocator's noise.
     assert report["rss_growth_pct"] < 5.0, report
+
+
+def test_a_soak_in_which_every_request_was_refused_does_not_pass(monkeypatch):
+    # A misspelt --model against --base-url: every answer a 404, and /metrics, filtered by that name, shows nothing
+    # unfinished and no KV in use. It passed, having served nothing.
+    async def refused(url, model, duration, concurrency, cancel_fraction, max_tokens, seed, traffic):
+        traffic.outcomes["error"] += 50
+        traffic.statuses[404] += 50
+
+    monkeypatch.setattr(soak, "_traffic", refused)
+    monkeypatch.setattr(soak, "settle", lambda url, model: {"unfinished": 0, "kv_usage": 0.0})
+    report = soak.soak("http://127.0.0.1:9", "misspelt", None, 1.0, 0.0, 4, 0.3, 8, 0)
+    assert report["lost"] == 0 and not report["passed"]

@@ -1,5 +1,6 @@
 """Benchmark arithmetic: per-request timings in, latency percentiles, throughput, goodput and cost out."""
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,9 +66,14 @@ class SLO:
         slo = cls()
         for spec in specs:
             name, _, value = spec.partition(":")
-            if name not in names or not value:
-                raise InvalidRequestError(f"goodput SLO {spec!r} must be NAME:MS with NAME one of {', '.join(names)}")
-            setattr(slo, names[name], float(value))
+            try:
+                ms = float(value)
+            except ValueError:
+                ms = math.nan
+            if name not in names or not 0 <= ms < math.inf:
+                raise InvalidRequestError(f"goodput SLO {spec!r} must be NAME:MS with NAME one of {', '.join(names)} "
+                                          "and MS a number of milliseconds >= 0")
+            setattr(slo, names[name], ms)
         return slo
 
     def met_by(self, r: RequestResult) -> bool:

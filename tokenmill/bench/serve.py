@@ -70,6 +70,8 @@ def main(args: argparse.Namespace) -> int:
             or not args.request_rate > 0 or args.max_concurrency is not None and args.max_concurrency < 1):
         raise InvalidRequestError("need --num-prompts >= 1, --warmup >= 0, --burstiness > 0, 0 <= --range-ratio < 1, "
                                   "--request-rate > 0 and --max-concurrency >= 1")
+    if args.cost_per_hour is not None and not 0 <= args.cost_per_hour < math.inf:  # NaN too: the report is JSON
+        raise InvalidRequestError("--cost-per-hour must be a USD amount >= 0")
     slo = SLO.parse(args.goodput) if args.goodput is not None else None
     tokenizer = open_model(args.tokenizer or args.model).tokenizer
     requests = workload(args, tokenizer)

@@ -66,6 +66,9 @@ def main(args: argparse.Namespace) -> int:
     if not 0 <= warmup < args.duration:
         print(f"--warmup={warmup} must be in [0, --duration={args.duration})", file=sys.stderr)
         return 2
+    if args.concurrency < 1 or not 0 <= args.cancel_fraction <= 1:
+        print("--concurrency must be at least 1 and --cancel-fraction in [0, 1]", file=sys.stderr)
+        return 2
     server = None if args.base_url else start_server(["--model", args.model, "--kv-cache-memory",
                                                       str(args.kv_cache_memory), *args.serve_flag])
     url = args.base_url or server.url
@@ -107,7 +110,9 @@ def soak(url: str, model: str, pid: int | None, duration: float, warmup: float, 
         "server_unfinished_after": settled["unfinished"], "kv_usage_after": settled["kv_usage"],
         "server_errors": sum(v for k, v in traffic.statuses.items() if k >= 500),
         **growth,
-        "passed": lost == 0 and settled["kv_usage"] == 0
+        # Something must have been served: a misspelt --model has every request refused, and then /metrics,
+        # filtered by that name, shows nothing unfinished and no KV in use.
+        "passed": lost == 0 and settled["kv_usage"] == 0 and traffic.outcomes["complete"] > 0
         and not any(k >= 500 for k in traffic.statuses),
     }
 
