@@ -15,10 +15,11 @@ def llm(smollm2_path):
     return LLM(str(smollm2_path), kv_cache_memory=0.05)
 
 
-def test_text_parts_read_as_the_string_they_join(llm):
-    plain = llm.chat([{"role": "user", "content": "Name a colour."}], GREEDY)[0]
-    parts = llm.chat([{"role": "user", "content": [{"type": "text", "text": "Name a "}, {"type": "text",
-                                                                                     "text": "colour."}]}], GREEDY)[0]
+def test_text_parts_read_as_the_string_they_join_line_by_line(llm):
+    # As vLLM joins them: "\n" between parts, not "" (which ran the words together).
+    plain = llm.chat([{"role": "user", "content": "Name a colour.\nOne word."}], GREEDY)[0]
+    parts = llm.chat([{"role": "user", "content": [{"type": "text", "text": "Name a colour."},
+                                                   {"type": "text", "text": "One word."}]}], GREEDY)[0]
     assert parts.prompt_token_ids == plain.prompt_token_ids and parts.outputs[0].text == plain.outputs[0].text
 
 

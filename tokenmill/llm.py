@@ -65,6 +65,8 @@ class LLM:
         sampling_params: SamplingParams | None = None,
         use_tqdm: bool | None = None,
         tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool | None = None,
+        continue_final_message: bool = False,
     ) -> list[RequestOutput]:
         """Render one conversation (or a list of them), and the tools on offer, as /v1/chat/completions does; reply."""
         # Imported here: chat's message and tool helpers serve only chat, not generate.
@@ -84,7 +86,8 @@ class LLM:
             # `developer` is OpenAI's newer name for `system`, as the server reads it.
             flat = [{**m, "content": content_text(m.get("content")),
                      **({"role": "system"} if m.get("role") == "developer" else {})} for m in conversation]
-            prompts.append({"prompt_token_ids": chat_prompt(self.tokenizer, flat, tools or [], forced=False)})
+            prompts.append({"prompt_token_ids": chat_prompt(self.tokenizer, flat, tools or [], False,
+                                                            add_generation_prompt, continue_final_message)})
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

@@ -3,7 +3,7 @@
 import asyncio
 
 import pytest
-from openai import AsyncOpenAI, NotFoundError, OpenAI
+from openai import AsyncOpenAI, BadRequestError, NotFoundError, OpenAI
 
 
 @pytest.fixture(scope="module")
@@ -235,3 +235,35 @@ def test_chat_logprob_bytes_rebuild_the_reply(client):
     )
     content = result.choices[0].logprobs.content
     assert bytes(b for entry in content for b in entry.bytes).decode() == result.choices[0].message.content
+
+
+def test_chat_logprobs_name_the_end_of_turn_token_as_its_bytes_spell_it(client):
+    result = client.chat.completions.create(
+        model="smollm2-135m", messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=24, temperature=0, logprobs=True,
+    )
+    assert result.choices[0].finish_reason == "stop"
+    last = result.choices[0].logprobs.content[-1]  # the <|im_end|> that ended the reply (token "" before)
+    assert last.token == "<|im_end|>" and bytes(last.bytes).decode() == last.token
+
+
+def test_chat_continues_a_prefilled_answer(client, smollm2_source):
+    messages = [{"role": "user", "content": "What is the capital of France?"},
+                {"role": "assistant", "content": "The capital of France is"}]
+    result = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=8, temperature=0,
+                                            extra_body={"continue_final_message": True})
+    assert result.choices[0].message.content.startswith(" Paris")  # not a new turn
+    assert result.usage.prompt_tokens == len(smollm2_source.tokenizer.encode_chat(messages,
+                                                                                  continue_final_message=True))
+    with pytest.raises(BadRequestError, match="set at most one") as refused:
+        client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=8,
+                                       extra_body={"continue_final_message": True, "add_generation_prompt": True})
+    assert refused.value.body["param"] == "continue_final_message"
+
+
+def test_streamed_chunks_carry_a_null_usage_when_usage_is_asked_for(client):
+    # OpenAI: with include_usage every chunk has the field, null but in the last.
+    chunks = list(client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=4, stream=True, stream_options={"include_usage": True}))
+    assert all("usage" in c.model_fields_set for c in chunks)
+    assert [c.usage is None for c in chunks] == [True] * (len(chunks) - 1) + [False]

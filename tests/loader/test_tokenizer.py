@@ -9,7 +9,7 @@ import pytest
 from oracles import share_gguf_work
 
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
-from tokenmill.errors import ModelLoadError
+from tokenmill.errors import InvalidRequestError, ModelLoadError
 from tokenmill.loader import catalog
 from tokenmill.loader.gguf import GGUFFile
 from tokenmill.loader.tokenizer import Tokenizer, _byte_level_pre_tokenizer
@@ -40,6 +40,8 @@ CHAT = [
     {"role": "assistant", "content": "4"},
     {"role": "user", "content": "And 3+3?"},
 ]
+# An answer prefilled to be continued; its trailing space stays where the template writes it.
+PREFILLED = [*CHAT, {"role": "assistant", "content": "The answer is "}]
 
 
 def _transformers_answers() -> dict:
@@ -55,7 +57,11 @@ def _transformers_answers() -> dict:
     hf = AutoTokenizer.from_pretrained(str(smollm2.parent), gguf_file=smollm2.name)
     hf_gemma3 = AutoTokenizer.from_pretrained(str(gemma3.parent), gguf_file=gemma3.name)
     answers = {"smollm2": [hf.encode(text, add_special_tokens=False) for text in TEXTS],
-               "smollm2 chat": hf.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)}
+               "smollm2 chat": hf.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True),
+               "smollm2 chat without a reply": hf.apply_chat_template(CHAT, tokenize=False,
+                                                                      add_generation_prompt=False),
+               "smollm2 chat continued": hf.apply_chat_template(PREFILLED, tokenize=False,
+                                                                continue_final_message=True)}
     for special in (True, False):
         answers[f"gemma3 add_special_tokens={special}"] = [hf_gemma3.encode(text, add_special_tokens=special)
                                                            for text in GEMMA3_TEXTS]
@@ -104,6 +110,28 @@ def test_chat_template_renders_like_transformers(smollm2_source, transformers_an
     ours = smollm2_source.tokenizer.apply_chat_template(CHAT)
     assert ours == transformers_answers["smollm2 chat"]
     assert ours.endswith("<|im_start|>assistant\n")
+
+
+def test_a_chat_ends_without_a_reply_or_in_the_final_message_as_transformers_ends_it(smollm2_source,
+                                                                                       transformers_answers):
+    tokenizer = smollm2_source.tokenizer
+    ids = tokenizer.encode_chat(CHAT, add_generation_prompt=False)
+    assert ids == tokenizer.encode(transformers_answers["smollm2 chat without a reply"], add_special_tokens=False)
+    ids = tokenizer.encode_chat(PREFILLED, continue_final_message=True)
+    assert ids == tokenizer.encode(transformers_answers["smollm2 chat continued"], add_special_tokens=False)
+    assert tokenizer.decode(ids).endswith("assistant\nThe answer is ")  # no end of turn, no new reply
+
+
+@pytest.mark.parametrize("messages, add_generation_prompt, message", [
+    (PREFILLED, True, "set at most one"),
+    (CHAT, None, "needs a final assistant message with text"),  # the last is the user's
+    ([*CHAT, {"role": "assistant", "content": " "}], None, "needs a final assistant message with text"),
+])
+def test_a_final_message_that_cannot_be_continued_is_refused(smollm2_source, messages, add_generation_prompt,
+                                                             message):
+    with pytest.raises(InvalidRequestError, match=message):
+        smollm2_source.tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=True)
 
 
 def test_token_bytes_rebuild_characters_split_across_tokens(smollm2_source):

@@ -152,10 +152,22 @@ class Tokenizer:
         except jinja2.TemplateError as exc:
             raise InvalidRequestError(f"chat template failed on these messages: {exc}") from exc
 
-    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
-        """Prompt token ids of a conversation awaiting the assistant's reply."""
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                    add_generation_prompt: bool | None = None, continue_final_message: bool = False) -> list[int]:
+        """Prompt token ids of a conversation awaiting the assistant's reply, or continuing its final message.
+
+        add_generation_prompt None: the reply's opening unless the final message is continued (Hugging Face and vLLM
+        take True by default and refuse it beside continue_final_message).
+        """
+        if not continue_final_message:
+            text = self.apply_chat_template(messages, add_generation_prompt is not False, tools)
+        elif add_generation_prompt:
+            raise InvalidRequestError("continue_final_message continues the last message and add_generation_prompt "
+                                      "opens a new one; set at most one", param="continue_final_message")
+        else:
+            text = _through_final_message(self.apply_chat_template(messages, False, tools), messages[-1])
         # The template writes BOS itself where the model wants one; adding it again would double it.
-        return self.encode(self.apply_chat_template(messages, tools=tools), add_special_tokens=False)
+        return self.encode(text, add_special_tokens=False)
 
     @classmethod
     def from_hf_dir(cls, path: Path, eos_token_ids: list[int]) -> "Tokenizer":
@@ -348,6 +360,21 @@ def _sentencepiece_merges(pieces: list[str], scores: list[float], types: list[in
 
 
 _GGUF_BACKENDS = {"gpt2": _byte_level_backend, "llama": _sentencepiece_backend}
+
+
+def _through_final_message(rendered: str, final: dict[str, Any]) -> str:
+    """The rendered chat cut just after the final message's text, so that the model continues that message."""
+    content = final.get("content") or ""
+    if final.get("role") != "assistant" or not content.strip():
+        raise InvalidRequestError("continue_final_message needs a final assistant message with text to continue",
+                                  param="continue_final_message")
+    # As transformers finds it: the last place the text stands, with the trailing space a template may strip.
+    start = rendered.rfind(content.strip())
+    if start < 0:
+        raise InvalidRequestError("continue_final_message: the chat template does not write the final message's "
+                                  "text as given, so it cannot be continued", param="continue_final_message")
+    kept = content.lstrip()
+    return rendered[:start + (len(kept) if rendered.startswith(kept, start) else len(content.strip()))]
 
 
 def _token_text(token: Any) -> str | None:

@@ -24,9 +24,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     state = state_of(request)
     params = with_deadlines(request, body.sampling_params())
     conversation, tools, mode = body.conversation(), body.tool_dicts(), body.tool_mode
+    ending = {"add_generation_prompt": body.add_generation_prompt,
+              "continue_final_message": bool(body.continue_final_message)}
     # `route` renders and tokenizes off the event loop: a long conversation must not stall other streams.
     routed = await route(state, body.model,
-                         lambda tokenizer: [chat_prompt(tokenizer, conversation, tools, mode not in ("none", "auto"))],
+                         lambda tokenizer: [chat_prompt(tokenizer, conversation, tools, mode not in ("none", "auto"),
+                                                        **ending)],
                          params, bool(body.stream))
     model, tokenizer = routed.model, routed.model.tokenizer
     response_id = new_id("chatcmpl")
@@ -76,6 +79,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
 async def _chunks(body: ChatCompletionRequest, n: int, stream: RequestStream, tokenizer: Tokenizer,
                   response_id: str, created: int, model: str) -> AsyncIterator[dict]:
     head = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model}
+    if body.include_usage:  # OpenAI: then every chunk has a usage field, null but in the last
+        head["usage"] = None
     # As OpenAI: each choice opens with a chunk that only names the role.
     yield {**head, "choices": [
         {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
@@ -148,9 +153,10 @@ def chat_logprobs(token_ids: list[int], logprobs: list[TokenLogprob], tokenizer:
     """The chat logprobs block: per token its text, logprob, UTF-8 bytes and top alternatives."""
 
     def entry(token_id: int, logprob: float) -> dict:
-        # `bytes` are the token's own bytes, so a client can rebuild characters split across tokens.
-        return {"token": tokenizer.token_text(token_id), "logprob": json_logprob(logprob),
-                "bytes": list(tokenizer.token_bytes(token_id))}
+        # `bytes` are the token's own bytes, so a client can rebuild characters split across tokens; `token` is
+        # them as text, a special token's too (as vLLM shows <|im_end|>), not the nothing it adds to content.
+        raw = tokenizer.token_bytes(token_id)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": json_logprob(logprob), "bytes": list(raw)}
 
     return {
         "content": [

@@ -100,6 +100,8 @@ def _choice(body: CompletionRequest, output: RequestOutput, sample: CompletionOu
 async def _chunks(body: CompletionRequest, n: int, streams: list[RequestStream], tokenizer: Tokenizer,
                   response_id: str, created: int, model: str) -> AsyncIterator[dict]:
     head = {"id": response_id, "object": "text_completion", "created": created, "model": model}
+    if body.include_usage:  # OpenAI: then every chunk has a usage field, null but in the last
+        head["usage"] = None
     counted = Usage()
     finals: list[RequestOutput] = []
     firsts: dict[int, RequestOutput] = {}  # each request's first output: the one with its prompt logprobs

@@ -361,7 +361,7 @@ def content_text(content: str | list[dict[str, Any]] | None) -> str:
             raise InvalidRequestError(f"content part of type {kind!r} is not supported; this model reads text only",
                                       param="messages")
         parts.append(part["text"])
-    return "".join(parts)
+    return "\n".join(parts)  # as vLLM joins them for templates that take a string
 
 
 class ChatCompletionRequest(_GenerationRequest):
@@ -375,6 +375,10 @@ class ChatCompletionRequest(_GenerationRequest):
     tools: list[ToolDefinition] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    # vLLM's extensions: open the assistant's reply (the default unless continuing), or continue the final
+    # assistant message as written (a prefilled answer).
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
 
     def sampling_params(self) -> SamplingParams:
         """Validated sampling settings; max_completion_tokens wins over the older max_tokens."""

@@ -107,11 +107,13 @@ def _rebased(schema: Any, root: str) -> Any:
 
 
 def chat_prompt(tokenizer: Tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]],
-                forced: bool) -> list[int]:
+                forced: bool, add_generation_prompt: bool | None = None,
+                continue_final_message: bool = False) -> list[int]:
     """Prompt ids of a conversation with tools: in the template's own format where it has one, else in ours."""
+    ending = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message}
     if tokenizer.renders_tools:
-        return tokenizer.encode_chat([_with_call_objects(m) for m in messages], tools)
-    return tokenizer.encode_chat(inline_tools(messages, tools, forced))
+        return tokenizer.encode_chat([_with_call_objects(m) for m in messages], tools, **ending)
+    return tokenizer.encode_chat(inline_tools(messages, tools, forced), **ending)
 
 
 def _with_call_objects(message: dict[str, Any]) -> dict[str, Any]:
