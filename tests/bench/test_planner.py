@@ -10,7 +10,7 @@ from tokenmill.bench.serve import workload
 from tokenmill.cli import main
 from tokenmill.cost.planner import Targets, capacity, max_rate, predict
 from tokenmill.cost.simulator import Workload, simulate
-from tokenmill.cost.step_times import load_profile
+from tokenmill.cost.step_times import StepTimes, load_profile
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.sampling import SamplingParams
 
@@ -78,6 +78,16 @@ def test_step_times_interpolate_between_and_beyond_profiled_cells(tmp_path):
     assert times.seconds(100, 3, decode_context=3 * 128) == pytest.approx(_linear(100, 3) / 1000)
     assert times.seconds(1024, 128, decode_context=128 * 128) == pytest.approx(_linear(1024, 128) / 1000)
     assert times.seconds(8, 0) == pytest.approx(_linear(8, 0) / 1000)  # below the smallest prompt timed
+
+
+def test_a_step_holding_the_keys_a_cell_held_takes_that_cells_time():
+    # bench profile records each cell's mean context, above --context (128 here): its decodes kept decoding while
+    # the cell's prompts ran. Priced from --context, a step just like the cell came out 1.2 ms dearer.
+    grid = [{"prefill_tokens": p, "decode_seqs": d, "decode_context": 140.0 if d else 0, "ms": 5 + 0.4 * p + 0.8 * d}
+            for d in (0, 1, 64) for p in (0, 64, 512) if p or d]
+    sweep = [{"prefill_tokens": 0, "decode_seqs": 16, "decode_context": c, "ms": 20 + 0.0016 * 16 * c}
+             for c in (131.0, 515.0, 1030.0)]
+    assert StepTimes(grid, sweep).seconds(0, 64, decode_context=64 * 140) == pytest.approx(0.0562)
 
 
 def test_longer_decode_contexts_cost_what_the_context_sweep_measured(tmp_path):

@@ -13,16 +13,20 @@ PROFILE_VERSION = 1  # the layout tokenmill/bench/profile.py writes
 class StepTimes:
     """The profiled grid, interpolated (linearly, and extrapolated beyond its edges) over prompt tokens and decodes."""
 
-    def __init__(self, grid: list[dict], context: int, sweep: list[dict]) -> None:
-        rows: dict[int, dict[int, float]] = {}
+    def __init__(self, grid: list[dict], sweep: list[dict]) -> None:
+        rows: dict[int, dict[int, tuple[float, float]]] = {}
         for cell in grid:
-            rows.setdefault(cell["decode_seqs"], {})[cell["prefill_tokens"]] = cell["ms"] / 1000
-        # Per decode count: the prompt sizes timed and their seconds, sorted for interpolation.
-        self._rows = {d: (sorted(r), [r[p] for p in sorted(r)]) for d, r in rows.items()}
+            # Each cell's decodes held its measured mean context, a little above --context: they kept decoding
+            # while the cell's prompts were timed.
+            held = cell["decode_seqs"] * cell["decode_context"]
+            rows.setdefault(cell["decode_seqs"], {})[cell["prefill_tokens"]] = (cell["ms"] / 1000, held)
+        # Per decode count: the prompt sizes timed, their seconds and the keys their decodes held, sorted.
+        self._rows = {d: (sorted(r), [r[p][0] for p in sorted(r)]) for d, r in rows.items()}
+        self._held = {d: (sorted(r), [r[p][1] for p in sorted(r)]) for d, r in rows.items()}
         self._decodes = sorted(rows)
-        self.context = context
         self.per_context_token = _context_slope(sweep)
-        self._base: dict[tuple[int, int], float] = {}  # a simulation asks for the same compositions again and again
+        # A simulation asks for the same compositions again and again: (seconds, keys held) of each.
+        self._base: dict[tuple[int, int], tuple[float, float]] = {}
 
     def seconds(self, prefill_tokens: int, decode_seqs: int, decode_context: int = 0,
                 prefill_context: int = 0) -> float:
@@ -32,20 +36,13 @@ class StepTimes:
         its tokens times the tokens before it (a chunk after the first attends to the earlier ones).
         """
         key = (prefill_tokens, decode_seqs)
-        base = self._base.get(key)
-        if base is None:
-            base = self._base[key] = self._interpolate(prefill_tokens, decode_seqs)
-        # The grid's decodes held `context` tokens each; attention reads grow with the keys actually held.
-        extra = decode_context - decode_seqs * self.context + prefill_context
+        if key not in self._base:
+            self._base[key] = (_interpolate(self._rows, self._decodes, prefill_tokens, decode_seqs),
+                               _interpolate(self._held, self._decodes, prefill_tokens, decode_seqs))
+        base, held = self._base[key]
+        # Attention reads grow with the keys actually held beyond those the grid's decodes held.
+        extra = decode_context - held + prefill_context
         return max(base + self.per_context_token * extra, 0.0)
-
-    def _interpolate(self, prefill_tokens: int, decode_seqs: int) -> float:
-        if len(self._decodes) == 1:
-            return _piecewise(prefill_tokens, *self._rows[self._decodes[0]])
-        i = _upper(self._decodes, decode_seqs)
-        lo, hi = self._decodes[i - 1], self._decodes[i]
-        return _line(decode_seqs, lo, hi, _piecewise(prefill_tokens, *self._rows[lo]),
-                     _piecewise(prefill_tokens, *self._rows[hi]))
 
 
 @dataclass(frozen=True)
@@ -93,7 +90,7 @@ def load_profile(path: Path) -> Profile:
             raise InvalidRequestError(f"{path} is a malformed tokenmill profile (no settings.{missing[0]}); {remedy}")
         label = (f"{report['model']} {s['quantization']} {s['dtype']} seqs={s['max_num_seqs']} "
                  f"tokens={s['max_num_batched_tokens']}")
-        times = StepTimes(grid, report["context"], report["context_sweep"])
+        times = StepTimes(grid, report["context_sweep"])
         return Profile(path, label, s, times, report["price"]["usd_per_hour"], report["price"]["basis"])
     except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a hand-edited file
         raise InvalidRequestError(f"{path} is a malformed tokenmill profile ({type(exc).__name__}: {exc}); "
@@ -109,6 +106,16 @@ def _context_slope(sweep: list[dict]) -> float:
     my = sum(y for _, y in points) / len(points)
     slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
     return max(slope, 0.0)  # longer contexts never make a step faster; a negative fit is noise
+
+
+def _interpolate(rows: dict[int, tuple[list[int], list[float]]], decodes: list[int], prefill_tokens: int,
+                 decode_seqs: int) -> float:
+    """A grid's value (seconds, or keys held) for any step: along prompt tokens in each row, then across rows."""
+    if len(decodes) == 1:
+        return _piecewise(prefill_tokens, *rows[decodes[0]])
+    i = _upper(decodes, decode_seqs)
+    lo, hi = decodes[i - 1], decodes[i]
+    return _line(decode_seqs, lo, hi, _piecewise(prefill_tokens, *rows[lo]), _piecewise(prefill_tokens, *rows[hi]))
 
 
 def _upper(xs: list[int], x: float) -> int:
