@@ -1,5 +1,6 @@
 """Latency metrics come out right from hand-built engine timestamps."""
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tokenmill.embeddings.engine import BatchStats
@@ -128,6 +129,19 @@ def test_cost_counters_and_per_token_gauges_follow_busy_time_and_finished_reques
     assert abs(s["tokenmill:cost_per_1m_prompt_tokens_usd[current]"] - 4 * 0.3 * 0.001 / 3 * 1e6) < 1e-6
     assert abs(s["tokenmill:cost_per_1m_completion_tokens_usd[full]"] - 0.9 * 0.001 / 4 * 1e6) < 1e-6
     assert abs(s["tokenmill:cost_per_1m_completion_tokens_usd[current]"] - 4 * 0.9 * 0.001 / 4 * 1e6) < 1e-6
+
+
+def test_the_per_token_cost_counts_a_request_as_soon_as_it_finishes():
+    # Its last step's stats come out before it finishes; the gauges waited for the next stats (NaN after the first).
+    metrics = Metrics("m")
+    metrics.observe_stats(EngineStats(0, 0, 10, 10, 0, 0, 0, busy_seconds=0.4, uptime_seconds=1.0, price_per_hour=3.6))
+    timing = RequestMetrics(arrival_time=0.0, first_scheduled_time=0.1, first_token_time=0.5, token_times=[0.5],
+                            token_samples=[0], finished_time=0.5, prefill_seconds=0.4, price_per_hour=3.6)
+    metrics.observe_finished(RequestOutput("r", "p", [1, 2, 3, 4], [CompletionOutput(0, "a", [5], "length")],
+                                           finished=True, num_cached_tokens=0, metrics=timing))
+    full = [s.value for family in text_string_to_metric_families(metrics.render().decode()) for s in family.samples
+            if s.name == "tokenmill:cost_per_1m_prompt_tokens_usd" and s.labels["utilization"] == "full"]
+    assert full == [pytest.approx(0.4 * 0.001 / 4 * 1e6)]
 
 
 def test_models_served_together_share_the_machines_bill():

@@ -122,9 +122,15 @@ class Metrics:
         self.busy.inc(busy)
         self.cost.inc(usd(busy, stats.price_per_hour))
         self._last = stats
+        self._refresh_costs()
+
+    def _refresh_costs(self) -> None:
+        """Every model's cost gauges from its latest stats and the requests finished so far."""
         # Models served together take turns on one machine (their steps never overlap), so its bill since start,
         # idle time included, is shared by their busy seconds together.
         latest = [m._last for m in self._models.values() if m._last is not None]
+        if not latest:
+            return
         uptime = max(s.uptime_seconds for s in latest)
         busy_together = sum(s.busy_seconds for s in latest) + sum(self._other_busy.values())
         for model in self._models.values():
@@ -168,6 +174,7 @@ class Metrics:
         self._completion_seconds += m.decode_seconds
         self._prompt_token_count += prompt_tokens
         self._completion_token_count += len(m.token_times)
+        self._refresh_costs()  # the stats of its last step came out before it finished
         reason = output.outputs[0].finish_reason or "abort"
         self._finished.labels(self.model_name, reason).inc()
         if m.deadline_status is not None:
