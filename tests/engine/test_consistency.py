@@ -122,3 +122,21 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_batch(make_engine, run):
     other = run(engine, ["Tell me a story about a fox."], SamplingParams(temperature=0.9, top_p=0.95, seed=43,
                                                                             max_tokens=24, ignore_eos=True))[0]
     assert other != alone
+
+
+def test_prompt_logprobs_are_computed_once_whatever_the_preemptions(make_engine, drain, monkeypatch):
+    prompts = _prompts(12, seed=1)
+    block_bytes = make_engine(kv_cache_memory=0.01).runner.kv_cache.block_bytes
+    engine = make_engine(enable_prefix_caching=False, kv_cache_memory=48 * block_bytes / 2**30)
+    rows = []
+    scored = engine.sampler.prompt_logprobs
+    monkeypatch.setattr(engine.sampler, "prompt_logprobs", lambda logits, *args: rows.append(len(logits))
+                        or scored(logits, *args))
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, prompt_logprobs=0)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+    finals = drain(engine).values()
+    assert engine.scheduler.num_preemptions > 0
+    assert all(len(out.prompt_logprobs) == len(out.prompt_token_ids) - 1 for out in finals)
+    # A preempted sequence recomputed its prompt's logits (a vocabulary-wide row per token) and scored them again.
+    assert sum(rows) == sum(len(out.prompt_token_ids) - 1 for out in finals)

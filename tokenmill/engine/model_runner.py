@@ -109,7 +109,8 @@ class ModelRunner:
                 sample_rows += range(query_start + n - 1 - len(drafts), query_start + n)
                 sample_seqs.append(seq)
             last_prompt_row = min(start + n, seq.num_prompt_tokens - 1)
-            if seq.params.prompt_logprobs is not None and start < last_prompt_row:
+            # Not again once known: a sequence preempted after its prompt recomputes the prompt's keys only.
+            if seq.params.prompt_logprobs is not None and start < last_prompt_row > len(seq.prompt_logprobs):
                 prompt_rows.append((seq, start, query_start, last_prompt_row - start))
             query_start += n
         input_ids, positions, metadata = flat_batch(chunks, self.block_size, self.device)
