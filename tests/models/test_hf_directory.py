@@ -10,6 +10,7 @@ from oracles import greedy
 from tokenmill import LLM, SamplingParams
 from tokenmill.errors import ModelLoadError
 from tokenmill.loader.hf import HFDirectory
+from tokenmill.loader.tokenizer import Tokenizer
 
 
 def _save_random_model(path, smollm2_source, config) -> None:
@@ -121,6 +122,21 @@ def test_config_fields_that_would_change_the_model_are_refused(tmp_path, fields,
     (tmp_path / "model.safetensors").touch()
     with pytest.raises(ModelLoadError, match=message):
         HFDirectory(tmp_path).model_config()
+
+
+@pytest.mark.parametrize("name, content", [("config.json", b"[]"), ("config.json", b"{\"a\": \"\xff\"}"),
+                                           ("generation_config.json", b"[1]"), ("tokenizer_config.json", b"\"x\"")])
+def test_a_settings_file_that_is_no_json_object_is_a_load_error(tmp_path, smollm2_source, name, content):
+    # [] was an AttributeError and a byte that is not UTF-8 a UnicodeDecodeError: tracebacks from the CLI.
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "vocab_size": 256,
+                                                      "hidden_size": 64, "intermediate_size": 128,
+                                                      "num_hidden_layers": 2, "num_attention_heads": 4}))
+    (tmp_path / "model.safetensors").touch()
+    smollm2_source.tokenizer.backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ModelLoadError, match=name):
+        HFDirectory(tmp_path).model_config()
+        Tokenizer.from_hf_dir(tmp_path, [])
 
 
 @pytest.mark.parametrize("model_type, architecture", [("qwen2", "Qwen2ForCausalLM"), ("mistral", "MistralForCausalLM"),

@@ -12,6 +12,7 @@ from tokenmill.embeddings.pooling import Pooling
 from tokenmill.errors import InvalidRequestError, ModelLoadError, ModelNotFoundError
 from tokenmill.layers.packed_linear import can_pack
 from tokenmill.loader import catalog
+from tokenmill.loader.json_file import read_json_object
 from tokenmill.models.bert import BertConfig, BertModel
 
 # The dtypes an embedding model's linear layers may run in; `auto` picks one for this CPU.
@@ -34,8 +35,8 @@ def is_embedding_model(name_or_path: str) -> bool:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         try:
-            return json.loads((path / "config.json").read_text()).get("model_type") == "bert"
-        except (OSError, json.JSONDecodeError):
+            return read_json_object(path / "config.json").get("model_type") == "bert"
+        except ModelLoadError:  # the generative loader then says what is wrong with it
             return False
     entry = catalog.CATALOG.get(name_or_path)
     return entry is not None and entry.kind == "embed"
@@ -118,6 +119,6 @@ def _max_input_tokens(path: Path, config: BertConfig) -> int:
     """sentence-transformers' max_seq_length (what the model was trained to), else the position table's size."""
     try:
         limit = json.loads((path / "sentence_bert_config.json").read_text())["max_seq_length"]
-    except (OSError, json.JSONDecodeError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):  # none, or not the object sentence-transformers writes
         return config.max_position_embeddings
     return min(int(limit), config.max_position_embeddings)

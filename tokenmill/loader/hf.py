@@ -9,6 +9,7 @@ import torch
 
 from tokenmill.config import GEMMA3_SLIDING_PATTERN, ModelConfig, gemma3_layer_types
 from tokenmill.errors import ModelLoadError
+from tokenmill.loader.json_file import read_json_object
 
 # transformers' Qwen2Config default: the layers below this attend over every key even with use_sliding_window.
 _QWEN_MAX_WINDOW_LAYERS = 28
@@ -44,10 +45,7 @@ class HFDirectory:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        try:
-            self.raw_config = json.loads((self.path / "config.json").read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ModelLoadError(f"cannot read {self.path / 'config.json'}: {exc}") from exc
+        self.raw_config = read_json_object(self.path / "config.json")
         self.files = self._weight_files()
         if not self.files:
             raise ModelLoadError(f"{self.path} has no *.safetensors files")
@@ -154,10 +152,7 @@ class HFDirectory:
         eos = self.raw_config.get("eos_token_id")
         generation = self.path / "generation_config.json"
         if generation.is_file():
-            try:
-                eos = json.loads(generation.read_text()).get("eos_token_id", eos)
-            except (OSError, json.JSONDecodeError) as exc:
-                raise ModelLoadError(f"cannot read {generation}: {exc}") from exc
+            eos = read_json_object(generation).get("eos_token_id", eos)
         if eos is None:
             return []
         return sorted(set(eos)) if isinstance(eos, list) else [int(eos)]

@@ -13,6 +13,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 from tokenizers import Tokenizer as BackendTokenizer
 
 from tokenmill.errors import InvalidRequestError, ModelLoadError
+from tokenmill.loader.json_file import read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -177,10 +178,7 @@ class Tokenizer:
         except Exception as exc:  # tokenizers raises a bare Exception on a missing or bad file
             raise ModelLoadError(f"cannot read {path / 'tokenizer.json'}: {exc}") from exc
         config_file = path / "tokenizer_config.json"
-        try:
-            config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ModelLoadError(f"cannot read {config_file}: {exc}") from exc
+        config = read_json_object(config_file) if config_file.is_file() else {}
         bos, eos = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
         if not eos_token_ids and eos is not None and backend.token_to_id(eos) is not None:
             eos_token_ids = [backend.token_to_id(eos)]

@@ -1,6 +1,5 @@
 """BERT encoder (all-MiniLM and kin): bidirectional attention over a padded batch, post-norm layers."""
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.errors import ModelLoadError, UnsupportedArchitectureError
+from tokenmill.loader.json_file import read_json_object
 from tokenmill.layers.packed_linear import can_pack, pack_linears
 
 _ACTIVATIONS = {
@@ -36,10 +36,7 @@ class BertConfig:
     @classmethod
     def from_dir(cls, path: Path) -> "BertConfig":
         """Read config.json; raises on a model that is not a BERT encoder with absolute positions."""
-        try:
-            c = json.loads((path / "config.json").read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ModelLoadError(f"cannot read {path / 'config.json'}: {exc}") from exc
+        c = read_json_object(path / "config.json")
         if c.get("model_type") != "bert" or c.get("position_embedding_type", "absolute") != "absolute":
             raise UnsupportedArchitectureError(
                 f"{path} is model_type {c.get('model_type')!r} with {c.get('position_embedding_type')!r} positions; "
