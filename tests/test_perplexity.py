@@ -1,11 +1,12 @@
 """Perplexity through the engine equals transformers' on the same windows of a shipped text."""
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from tokenmill.errors import InvalidRequestError
+from tokenmill.errors import InvalidRequestError, TokenmillError
 from tokenmill.perplexity import perplexity, windows
 
 SAMPLE = Path(__file__).parent / "data" / "sample.txt"
@@ -31,6 +32,24 @@ def test_a_context_the_engine_cannot_hold_with_its_one_generated_token_is_refuse
     llm = LLM(str(smollm2_path), max_model_len=64, kv_cache_memory=0.05)
     with pytest.raises(InvalidRequestError, match="context=64 must be below this engine's max_model_len"):
         perplexity(llm, list(range(100, 300)), context=64, stride=32)
+
+
+def test_log_probabilities_that_are_not_numbers_give_an_error_not_a_figure(smollm2_path, monkeypatch):
+    from tokenmill import LLM
+    from tokenmill.outputs import TokenLogprob
+
+    llm = LLM(str(smollm2_path), kv_cache_memory=0.05)
+    generate = llm.generate
+
+    def nan_scores(prompts, params):  # as a model overflowing its dtype scores every token
+        outputs = generate(prompts, params)
+        for output in outputs:
+            output.prompt_logprobs = [TokenLogprob(lp.token_id, math.nan) for lp in output.prompt_logprobs]
+        return outputs
+
+    monkeypatch.setattr(llm, "generate", nan_scores)
+    with pytest.raises(TokenmillError, match="log-probabilities came out nan"):
+        perplexity(llm, list(range(100, 140)), context=16, stride=8)
 
 
 def test_engine_perplexity_matches_transformers(smollm2_path, hf_smollm2):

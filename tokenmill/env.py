@@ -53,7 +53,7 @@ def report(config: EngineConfig) -> list[tuple[str, str]]:
     lines.append(("kv cache", f"{config.kv_cache_dtype}: {str(kv).removeprefix('torch.')} for {dtype} on {device}"))
     native, pulled = _native_quantization(model)
     label = "auto" if config.quantization == "auto" else "quantization"
-    choice = choose_quantization(config.quantization, native, device, torch_dtype)
+    choice = choose_quantization(config.quantization, native, device, torch_dtype, config.quant_group_size)
     lines.append((label, f"{model}{'' if pulled else ' (not pulled yet)'}: quantization {choice.method} "
                          f"({choice.reason})"))
     return lines

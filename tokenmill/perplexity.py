@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tokenmill.errors import InvalidRequestError
+from tokenmill.errors import InvalidRequestError, TokenmillError
 from tokenmill.llm import LLM
 from tokenmill.sampling import SamplingParams
 
@@ -57,6 +57,9 @@ def perplexity(llm: LLM, token_ids: list[int], context: int, stride: int) -> Per
         for lp in output.prompt_logprobs[first - begin - 1 :]:
             nll -= lp.logprob
             count += 1
+    if not math.isfinite(nll):  # a figure nonetheless (exit 0) would pass for a measurement
+        raise TokenmillError(f"the model's log-probabilities came out {nll}: it does not run right with these "
+                             "settings (its dtype?)")
     return PerplexityResult(math.exp(nll / count), nll / count, count, len(spans))
 
 

@@ -9,6 +9,7 @@ import transformers
 from oracles import greedy, share_gguf_work
 
 from tokenmill import LLM, SamplingParams
+from tokenmill.errors import ModelLoadError
 from tokenmill.loader import catalog
 from tokenmill.loader.gguf import GGUFFile
 from tokenmill.loader.tokenizer import Tokenizer
@@ -61,6 +62,13 @@ def test_tiny_gemma3_in_bfloat16_embeds_and_normalizes_as_transformers(tiny_gemm
             # Bit for bit here, but a float32 sum's order varies by CPU and a last-bit difference may tip a rare
             # rounding elsewhere; a bfloat16 1 + w (the old fold) tipped 24% of these values.
             assert (mine(x) != theirs(x)).float().mean() < 0.01
+
+
+def test_gemma3_in_float16_is_refused_before_it_loads(tiny_gemma3):
+    # The 270M's residual stream overflows float16: every logit NaN, an empty reply and exit 0 (perplexity "nan").
+    path, _ = tiny_gemma3
+    with pytest.raises(ModelLoadError, match="overflows float16"):
+        LLM(str(path), dtype="float16", kv_cache_memory=0.05)
 
 
 def test_gemma3_270m_in_bfloat16_scales_its_embeddings_by_the_rounded_root_as_transformers():

@@ -10,6 +10,7 @@ from torch import nn
 from tokenmill import ops
 from tokenmill.config import EngineConfig
 from tokenmill.dtypes import DTYPES
+from tokenmill.errors import ModelLoadError
 from tokenmill.heap import return_freed_heap
 from tokenmill.layers.packed_linear import can_pack, pack_linears
 from tokenmill.loader.source import ModelSource
@@ -28,12 +29,17 @@ _MADV_HUGEPAGE = 14
 def load_model(config: EngineConfig, source: ModelSource) -> tuple[nn.Module, str]:
     """The model on config.device in eval mode, and the quantization it runs with (none, int8 or int4)."""
     device, dtype = torch.device(config.device), DTYPES[config.dtype]
-    choice = choose_quantization(config.quantization, source.files.native_quantization(), device, dtype)
+    model_cls = model_class(source.config.architecture, source.config.num_experts > 0)
+    if dtype == torch.float16 and not model_cls.fits_float16:
+        raise ModelLoadError(f"{source.config.architecture} overflows float16 (every logit NaN); use --dtype bfloat16 "
+                             "or float32")
+    choice = choose_quantization(config.quantization, source.files.native_quantization(), device, dtype,
+                                 config.quant_group_size)
     (logger.warning if choice.slow else logger.info)("quantization %s (%s)", choice.method, choice.reason)
     # Built on the meta device, so no weight is initialized only to be overwritten and a layer
     # to be quantized never holds a float copy: each takes its rows as they stream in.
     with torch.device("meta"):
-        model = model_class(source.config.architecture, source.config.num_experts > 0)(source.config).to(dtype)
+        model = model_cls(source.config).to(dtype)
         quantize_model(model, choice.method, config.quant_group_size)
     # Quantized layers are filled by CPU ops (quantize_weight_rows, pack_weight_rows): they load on CPU and move after.
     _allocate(model, torch.device("cpu") if choice.method != "none" else device, huge_pages=device.type == "cpu")

@@ -42,6 +42,9 @@ class Gemma3DecoderLayer(Layer):
 class Gemma3ForCausalLM(LlamaForCausalLM):
     """Token ids and positions of a flat batch in, hidden states out; Llama's weight loading and LM head."""
 
+    # Its residual stream overflows float16: every logit came out NaN (vLLM refuses float16 for it too).
+    fits_float16 = False
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
         # Gemma scales the embeddings by sqrt(hidden); the tied LM head reads them unscaled.

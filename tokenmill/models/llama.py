@@ -98,6 +98,8 @@ class LlamaForCausalLM(Layer):
     fused_shards = {"qkv_proj": 3, "gate_up_proj": 2}
     # Whether each query and key head is RMS-normalized before rotary (Qwen3).
     qk_norm = False
+    # Whether its activations stay inside float16's range, so that --dtype float16 runs it.
+    fits_float16 = True
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
