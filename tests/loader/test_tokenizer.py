@@ -122,10 +122,24 @@ def test_a_chat_ends_without_a_reply_or_in_the_final_message_as_transformers_end
     assert tokenizer.decode(ids).endswith("assistant\nThe answer is ")  # no end of turn, no new reply
 
 
+@pytest.mark.parametrize("final", [{"role": "assistant", "content": "d"}, {"role": "assistant", "content": "<"},
+                                   {"role": "assistant", "content": ""}, {"role": "user", "content": "Once upon a"}])
+def test_a_final_message_is_continued_where_its_text_ends(smollm2_source, final):
+    # "d" and "<" stand again in the <|im_end|> after them: cut at their last place, the prompt ended "d<|im_end".
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    tokenizer = smollm2_source.tokenizer
+    (theirs,), _ = render_jinja_template([[*CHAT[:2], final]], chat_template=tokenizer.chat_template,
+                                         continue_final_message=True, bos_token=tokenizer.bos_token or "",
+                                         eos_token=tokenizer.eos_token or "")
+    ours = tokenizer.encode_chat([*CHAT[:2], final], continue_final_message=True)
+    assert ours == tokenizer.encode(theirs, add_special_tokens=False)
+    assert tokenizer.decode(ours).endswith(f"{final['role']}\n{final['content']}")
+
+
 @pytest.mark.parametrize("messages, add_generation_prompt, message", [
     (PREFILLED, True, "set at most one"),
-    (CHAT, None, "needs a final assistant message with text"),  # the last is the user's
-    ([*CHAT, {"role": "assistant", "content": " "}], None, "needs a final assistant message with text"),
+    ([], None, "needs a message to continue"),
 ])
 def test_a_final_message_that_cannot_be_continued_is_refused(smollm2_source, messages, add_generation_prompt,
                                                              message):

@@ -155,20 +155,33 @@ class Tokenizer:
 
     def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
                     add_generation_prompt: bool | None = None, continue_final_message: bool = False) -> list[int]:
-        """Prompt token ids of a conversation awaiting the assistant's reply, or continuing its final message.
-
-        add_generation_prompt None: the reply's opening unless the final message is continued (Hugging Face and vLLM
-        take True by default and refuse it beside continue_final_message).
-        """
+        """Prompt token ids of a conversation awaiting the reply (add_generation_prompt None: unless continued)."""
+        # Hugging Face and vLLM take add_generation_prompt True by default and refuse it beside continuing.
         if not continue_final_message:
             text = self.apply_chat_template(messages, add_generation_prompt is not False, tools)
         elif add_generation_prompt:
             raise InvalidRequestError("continue_final_message continues the last message and add_generation_prompt "
                                       "opens a new one; set at most one", param="continue_final_message")
         else:
-            text = _through_final_message(self.apply_chat_template(messages, False, tools), messages[-1])
+            text = self._through_final_message(messages, tools)
         # The template writes BOS itself where the model wants one; adding it again would double it.
         return self.encode(text, add_special_tokens=False)
+
+    def _through_final_message(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
+        """The chat rendered up to the end of its final message's text, so that the model continues that message."""
+        if not messages:
+            raise InvalidRequestError("continue_final_message needs a message to continue",
+                                      param="continue_final_message")
+        # As transformers does: a tag after the text marks where it ends (the text itself may stand again later, in
+        # an end-of-turn token like <|im_end|> for "d").
+        final = {**messages[-1], "content": (messages[-1].get("content") or "") + _CONTINUE_TAG}
+        rendered = self.apply_chat_template([*messages[:-1], final], False, tools)
+        end = rendered.rfind(_CONTINUE_TAG.strip())
+        if end < 0:
+            raise InvalidRequestError("continue_final_message: the chat template does not write the final message's "
+                                      "text as given, so it cannot be continued", param="continue_final_message")
+        # A template that strips the text's trailing space strips the tag's: then the text's own goes too.
+        return rendered[:end] if rendered.startswith(_CONTINUE_TAG, end) else rendered[:end].rstrip()
 
     @classmethod
     def from_hf_dir(cls, path: Path, eos_token_ids: list[int]) -> "Tokenizer":
@@ -360,20 +373,6 @@ def _sentencepiece_merges(pieces: list[str], scores: list[float], types: list[in
 _GGUF_BACKENDS = {"gpt2": _byte_level_backend, "llama": _sentencepiece_backend}
 
 
-def _through_final_message(rendered: str, final: dict[str, Any]) -> str:
-    """The rendered chat cut just after the final message's text, so that the model continues that message."""
-    content = final.get("content") or ""
-    if final.get("role") != "assistant" or not content.strip():
-        raise InvalidRequestError("continue_final_message needs a final assistant message with text to continue",
-                                  param="continue_final_message")
-    # As transformers finds it: the last place the text stands, with the trailing space a template may strip.
-    start = rendered.rfind(content.strip())
-    if start < 0:
-        raise InvalidRequestError("continue_final_message: the chat template does not write the final message's "
-                                  "text as given, so it cannot be continued", param="continue_final_message")
-    kept = content.lstrip()
-    return rendered[:start + (len(kept) if rendered.startswith(kept, start) else len(content.strip()))]
-
 
 def _token_text(token: Any) -> str | None:
     # tokenizer_config.json writes special tokens either as strings or as AddedToken dicts.
@@ -394,6 +393,8 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
 
 # transformers' {% generation %} marks the assistant's tokens for training masks and renders its body as it is.
 _GENERATION_TAG = re.compile(r"(\{%[-+]?\s*)(end)?generation(\s*[-+]?%\})")
+# Appended to a final message to be continued, to find where its text ends once rendered.
+_CONTINUE_TAG = "TOKENMILL_CONTINUE_HERE "
 
 
 def _plain_block(tag: re.Match) -> str:
