@@ -1,5 +1,7 @@
 """LLMEngine behaviour on the real model: aborts free blocks, stops, parallel samples, logprobs, limits."""
 
+import os
+
 import pytest
 
 from tokenmill import LLM
@@ -145,6 +147,14 @@ def test_a_kv_budget_below_one_block_is_refused_not_exceeded(make_engine):
     block_bytes = make_engine(kv_cache_memory=0.01).runner.kv_cache.block_bytes
     with pytest.raises(InvalidRequestError, match="is below one KV block"):  # it allocated one block regardless
         make_engine(kv_cache_memory=block_bytes / 2 / 2**30)
+
+
+@pytest.mark.parametrize("times_ram", [2, 1e12 / 24])
+def test_a_kv_budget_beyond_the_machines_memory_is_refused_before_any_mapping(make_engine, times_ram):
+    # Twice the RAM was mmap's bare ENOMEM, 1e12 GiB an OverflowError; both tracebacks from LLM(...).
+    ram_gib = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    with pytest.raises(InvalidRequestError, match="GiB of memory"):
+        make_engine(kv_cache_memory=times_ram * ram_gib)
 
 
 def test_higher_priority_request_is_admitted_first(make_engine, drain):
