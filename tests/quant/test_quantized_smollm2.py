@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.perplexity import perplexity
@@ -77,6 +78,19 @@ def test_auto_takes_int8_for_the_q4_1_gguf_where_groups_are_not_its_blocks_of_32
     # int4 regrouped at 64 rounds the file's levels again (perplexity 49.2 against 34.7); int8 keeps them.
     expected = "int8" if ops.fast_quantized_matmul() else "none"
     assert make_engine(kv_cache_memory=0.05, quant_group_size=64).runner.quantization == expected
+
+
+def test_auto_regroups_a_native_int4_checkpoint_as_int8_on_any_vector_kernel(monkeypatch):
+    from tokenmill import ops
+    from tokenmill.quant.policy import choose_quantization
+
+    # The engine test above sees "none" where no vector kernel runs; the rule itself, wherever one does.
+    monkeypatch.setattr(ops, "fast_quantized_matmul", lambda: True)
+    monkeypatch.setattr(ops, "quantized_matmul_kernel", lambda: "avx2")
+    cpu = torch.device("cpu")
+    assert choose_quantization("auto", "int4", cpu, torch.float32, group_size=64).method == "int8"
+    assert choose_quantization("auto", "int4", cpu, torch.float32, group_size=32).method == "int4"
+    assert choose_quantization("int4", "int4", cpu, torch.float32, group_size=64).method == "int4"  # asked for
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -110,7 +110,8 @@ class ModelRunner:
                 sample_seqs.append(seq)
             last_prompt_row = min(start + n, seq.num_prompt_tokens - 1)
             # Not again once known: a sequence preempted after its prompt recomputes the prompt's keys only.
-            if seq.params.prompt_logprobs is not None and start < last_prompt_row > len(seq.prompt_logprobs):
+            if (seq.params.prompt_logprobs is not None and start < last_prompt_row
+                    and len(seq.prompt_logprobs) < last_prompt_row):
                 prompt_rows.append((seq, start, query_start, last_prompt_row - start))
             query_start += n
         input_ids, positions, metadata = flat_batch(chunks, self.block_size, self.device)

