@@ -41,3 +41,57 @@ def test_a_chat_the_key_tokenizer_cannot_render_is_forwarded_unkeyed(smollm2_sou
     assert Ingress._key(ingress, "/v1/chat/completions", body) is None
     ingress.tokenizer = smollm2_source.tokenizer
     assert Ingress._key(ingress, "/v1/chat/completions", body) is not None
+
+
+TOOLS = [{"type": "function", "function": {"name": "weather", "description": "The weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+SYSTEM = "You are a meticulous assistant for the ACME corporation. " * 6
+
+
+@pytest.mark.parametrize("first, second", [
+    # Tools a template does not render are written into the prompt's start: agents' chats share those blocks.
+    ({"messages": [{"role": "user", "content": "Weather in Paris tomorrow?"}], "tools": TOOLS},
+     {"messages": [{"role": "user", "content": "Book a table in Rome."}], "tools": TOOLS}),
+    ({"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"}]},
+     {"messages": [{"role": "system", "content": [{"type": "text", "text": SYSTEM}]}, {"role": "user", "content": "hi"}]}),
+    ({"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"}]},
+     {"messages": [{"role": "developer", "content": SYSTEM}, {"role": "user", "content": "yo"}]}),
+])
+def test_chats_a_replica_renders_alike_get_one_key(smollm2_source, first, second):
+    from tokenmill.scale.deployment import Ingress
+
+    ingress = SimpleNamespace(tokenizer=smollm2_source.tokenizer, block_size=16)
+    keys = [Ingress._key(ingress, "/v1/chat/completions", json.dumps({"model": "m", **body}).encode())
+            for body in (first, second)]
+    assert keys[0] is not None and keys[0] == keys[1]  # raw messages gave two keys, or none for text parts
+
+
+def _forward_failing_with(exc: Exception):
+    from tokenmill.scale.deployment import Ingress
+
+    class Stream:
+        async def __anext__(self):
+            raise exc
+
+    engine = SimpleNamespace(options=lambda **_: SimpleNamespace(forward=SimpleNamespace(remote=lambda *a: Stream())))
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b'{"prompt": "hi"}', "more_body": False}
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "query_string": b"", "headers": [], "http_version": "1.1", "scheme": "http", "server": ("t", 80),
+             "client": ("t", 1), "root_path": ""}
+    ingress = SimpleNamespace(check_key=lambda request: asyncio.sleep(0), engine=engine, _key=lambda path, body: None)
+    return asyncio.run(Ingress.forward(ingress, Request(scope, receive)))
+
+
+def test_a_full_queue_is_a_429_and_no_replica_a_503_in_openais_shape():
+    from ray.serve._private.common import DeploymentID
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    # Both were a 500 "internal server error": Serve's exceptions are no RayError.
+    full = _forward_failing_with(BackPressureError(num_queued_requests=5, max_queued_requests=5))
+    assert full.status_code == 429 and full.headers["retry-after"] == "1"
+    assert json.loads(full.body)["error"]["code"] == "too_many_waiting_requests"
+    gone = _forward_failing_with(DeploymentUnavailableError(DeploymentID("engine", "tokenmill")))
+    assert gone.status_code == 503 and json.loads(gone.body)["error"]["type"] == "server_error"

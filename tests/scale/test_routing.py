@@ -162,8 +162,9 @@ def test_autoscaling_flags_become_ray_serves_autoscaling_config():
         "min_replicas": 0, "max_replicas": 3, "initial_replicas": 1, "target_ongoing_requests": 2,
         "upscale_delay_s": 1, "downscale_delay_s": 5, "metrics_interval_s": 0.5, "look_back_period_s": 2.0}}
     assert ScaleConfig(2).deployment_options() == {"num_replicas": 2}
-    with pytest.raises(InvalidRequestError, match="--min-replicas 0 --max-replicas N"):
-        ScaleConfig(0)
+    for alone in (ScaleConfig, lambda n: ScaleConfig(n, min_replicas=0)):  # the latter said "--min-replicas >= 0"
+        with pytest.raises(InvalidRequestError, match="--min-replicas 0 --max-replicas N"):
+            alone(0)
     # What that says works: --min-replicas 0 alone was refused, its most replicas being --replicas, 0.
     zero = ScaleConfig(0, min_replicas=0, max_replicas=2).deployment_options()["autoscaling_config"]
     assert (zero["min_replicas"], zero["max_replicas"]) == (0, 2)

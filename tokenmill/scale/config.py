@@ -40,7 +40,7 @@ class ScaleConfig:
     def __post_init__(self) -> None:
         if self.routing not in ROUTINGS:
             raise InvalidRequestError(f"routing={self.routing!r} must be one of {', '.join(ROUTINGS)}")
-        if self.replicas < 1 and not self.autoscaling:
+        if self.replicas < 1 and (not self.autoscaling or self.highest < 1):
             # The way to zero replicas names both bounds: --min-replicas 0 alone leaves the most at --replicas, 0.
             raise InvalidRequestError(f"--replicas {self.replicas} must be at least 1 (to scale to zero when idle, "
                                       f"set --min-replicas 0 --max-replicas N)")

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 from ray.exceptions import RayError
 from ray.serve.config import RequestRouterConfig
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from tokenmill.config import EngineConfig, ServerConfig
@@ -36,6 +37,7 @@ from tokenmill.server.app import build_app
 from tokenmill.server.auth import require_api_key
 from tokenmill.server.dashboard import snapshot
 from tokenmill.server.errors import APIError, install_handlers
+from tokenmill.server.protocol import ChatCompletionRequest
 from tokenmill.server.served_models import ModelSpec, load_embedding_models, load_engines, split_specs
 
 logger = logging.getLogger(__name__)
@@ -163,11 +165,16 @@ class Ingress:
         scope = {k: request.scope[k] for k in ("type", "http_version", "method", "scheme", "path", "raw_path",
                                                "query_string", "headers", "server", "client") if k in request.scope}
         scope["root_path"] = ""
-        stream: DeploymentResponseGenerator = self.engine.options(stream=True).forward.remote(
-            self._key(request.url.path, body), scope, body)
+        # Rendered and tokenized off the loop, as a replica does: a long prompt must not stall every other stream.
+        key = await asyncio.to_thread(self._key, request.url.path, body)
+        stream: DeploymentResponseGenerator = self.engine.options(stream=True).forward.remote(key, scope, body)
         try:
             start = await stream.__anext__()
-        except RayError as exc:
+        except BackPressureError:  # --max-waiting requests already queued for the replicas
+            return APIError(429, "too many requests are waiting for the engine replicas; retry shortly",
+                            type="rate_limit_error", code="too_many_waiting_requests",
+                            headers={"Retry-After": "1"}).response()
+        except (RayError, DeploymentUnavailableError, ReplicaUnavailableError) as exc:
             logger.warning("replica failed before answering: %s", exc)
             return APIError(503, "the engine replica serving this request stopped; retry it",
                             type="server_error").response()
@@ -190,7 +197,9 @@ class Ingress:
             if not isinstance(request, dict) or self.tokenizer is None:
                 return None
             if path.endswith("/chat/completions"):
-                ids = self.tokenizer.encode_chat(request["messages"])
+                # As the replica renders it (tools written in, text parts joined, developer as system): else chats
+                # sharing their first blocks there would go to different replicas.
+                ids = ChatCompletionRequest.model_validate(request).prompt_token_ids(self.tokenizer)
             else:
                 prompt = request.get("prompt")
                 prompt = prompt[0] if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else prompt
@@ -221,6 +230,8 @@ def deploy(engine_config: EngineConfig, config: ServerConfig, models: list[str],
         name="engine", **scale.deployment_options(), request_router_config=router,
         # A replica takes what one engine batches; the rest wait in the router, free to go to any replica.
         max_ongoing_requests=engine_config.max_num_seqs,
+        # Beyond --max-waiting queued there a request is refused (429), as one process refuses it.
+        max_queued_requests=config.max_waiting,
         ray_actor_options={"num_cpus": engine_config.num_threads or 1},
         health_check_period_s=2, health_check_timeout_s=30,
     ).bind(engine_config, config, models, batching, embedding_dtype, board)

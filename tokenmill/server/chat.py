@@ -15,7 +15,6 @@ from tokenmill.server.deadlines import STATUS_HEADER, deadline_status, with_dead
 from tokenmill.server.protocol import ChatCompletionRequest
 from tokenmill.server.serving import COST_HEADER, EventStream, Usage, json_logprob, merged, new_id, state_of
 from tokenmill.structured.tool_parser import ToolCall, ToolCallStream, parse_tool_calls
-from tokenmill.structured.tools import chat_prompt
 
 
 async def create_chat_completion(body: ChatCompletionRequest, request: Request,
@@ -23,14 +22,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     """Answer one conversation with n choices."""
     state = state_of(request)
     params = with_deadlines(request, body.sampling_params())
-    conversation, tools, mode = body.conversation(), body.tool_dicts(), body.tool_mode
-    ending = {"add_generation_prompt": body.add_generation_prompt,
-              "continue_final_message": bool(body.continue_final_message)}
+    tools, mode = body.tool_dicts(), body.tool_mode
     # `route` renders and tokenizes off the event loop: a long conversation must not stall other streams.
-    routed = await route(state, body.model,
-                         lambda tokenizer: [chat_prompt(tokenizer, conversation, tools, mode not in ("none", "auto"),
-                                                        **ending)],
-                         params, bool(body.stream))
+    routed = await route(state, body.model, lambda tokenizer: [body.prompt_token_ids(tokenizer)], params,
+                         bool(body.stream))
     model, tokenizer = routed.model, routed.model.tokenizer
     response_id = new_id("chatcmpl")
     try:

@@ -8,7 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tokenmill.errors import InvalidRequestError
 from tokenmill.sampling import SamplingParams
 from tokenmill.structured.params import StructuredOutput
-from tokenmill.structured.tools import forced_call
+from tokenmill.loader.tokenizer import Tokenizer
+from tokenmill.structured.tools import chat_prompt, forced_call
 
 
 T = TypeVar("T")
@@ -425,6 +426,11 @@ class ChatCompletionRequest(_GenerationRequest):
                                       param="response_format")
         named = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
         return forced_call(self.tool_dicts(), named, self.parallel_tool_calls is not False)
+
+    def prompt_token_ids(self, tokenizer: Tokenizer) -> list[int]:
+        """The conversation and its tools rendered with tokenizer's chat template, as the prompt's token ids."""
+        return chat_prompt(tokenizer, self.conversation(), self.tool_dicts(), self.tool_mode not in ("none", "auto"),
+                           self.add_generation_prompt, bool(self.continue_final_message))
 
     def conversation(self) -> list[dict[str, Any]]:
         """Messages as plain dicts for the chat template; `developer` is OpenAI's newer name for `system`."""
