@@ -111,6 +111,19 @@ def test_parallel_samples_share_prompt_blocks_and_follow_their_seeds(engine, dra
     assert [singles[f"single{i}"].outputs[0].token_ids for i in range(3)] == samples
 
 
+def test_parallel_samples_compute_their_shared_prompt_once(make_engine, drain):
+    engine = make_engine(max_num_batched_tokens=64)
+    rows = []
+    execute = engine.runner.execute
+    engine.runner.execute = lambda scheduled: rows.append(sum(n for _, n in scheduled)) or execute(scheduled)
+    prompt = list(range(300, 340))  # 40 tokens: two full blocks of 16 the samples can share
+    engine.add_request("n3", prompt, SamplingParams(n=3, seed=10, temperature=1.0, max_tokens=2, ignore_eos=True))
+    drain(engine)
+    # The prompt's 40 rows once; each other sample its last, partial block's 8, then a decode each.
+    assert engine.block_manager.prefix_hits == 2 * 32
+    assert sum(rows) == 40 + 2 * 8 + 3
+
+
 def test_logprobs_are_returned_per_token(engine, drain):
     engine.add_request("lp", "The capital of France is", SamplingParams(temperature=0, max_tokens=4, logprobs=3))
     out = drain(engine)["lp"].outputs[0]

@@ -77,6 +77,25 @@ def test_frequency_and_presence_penalties_count_only_outputs():
     assert Sampler()(LOGITS.clone(), [_seq(params, tokens=[2, 2, 5], outputs=1)]).token_ids == [[2]]
 
 
+@pytest.mark.parametrize("penalty, expected", [(0.2, 3), (0.08, 2)])
+def test_a_presence_penalty_counts_a_generated_token_once(penalty, expected):
+    # Token 2 generated twice: 3.0 - 0.2 < 2.9 drops it, 3.0 - 0.08 keeps it (not 3.0 - 2 * 0.08, frequency's rule).
+    params = SamplingParams(temperature=0, presence_penalty=penalty)
+    assert Sampler()(LOGITS.clone(), [_seq(params, tokens=[5, 2, 2], outputs=2)]).token_ids == [[expected]]
+
+
+def test_temperature_sharpens_the_distribution_draws_come_from():
+    torch.manual_seed(0)
+    draws = 6000
+    out = Sampler()(LOGITS.repeat(draws, 1), [_seq(SamplingParams(temperature=0.5))] * draws).token_ids
+    counts = torch.bincount(torch.tensor([t[0] for t in out]), minlength=6).double()
+    expected = torch.softmax(LOGITS[0] / 0.5, -1).double() * draws
+    kept = expected > 5
+    # Pearson's chi-square with 3 degrees of freedom (4 tokens kept) at p = 0.0001: 21.1. At temperature 1 the
+    # counts land hundreds away from these.
+    assert ((counts[kept] - expected[kept]) ** 2 / expected[kept]).sum() < 21.1
+
+
 def test_min_tokens_masks_eos_and_stop_ids():
     logits = torch.tensor([[9.0, 1.0, 8.0, 0.0]])
     params = SamplingParams(temperature=0, min_tokens=3, stop_token_ids=[2])

@@ -278,12 +278,13 @@ def test_hf_missing_fused_shard_is_a_load_error_naming_the_checkpoint_tensor(qwe
         LLM(str(qwen3_dir), **EXACT)
 
 
-def test_hf_checkpoint_with_a_saved_rotary_table_loads(qwen3_dir):
+def test_hf_checkpoint_with_a_saved_rotary_table_loads(qwen3_dir, qwen3_model):
     file = qwen3_dir / "model.safetensors"
     tensors = load_file(file)
     tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(16)  # as checkpoints saved before 2024
     save_file(tensors, file, metadata={"format": "pt"})
-    LLM(str(qwen3_dir), **EXACT)  # the table is derived from the config, so the saved one is passed over
+    # The table is derived from the config, so the saved one (all ones) is passed over.
+    assert _generate(LLM(str(qwen3_dir), **EXACT)) == _greedy_alone(qwen3_model)
 
 
 def _with_biases(config: transformers.PretrainedConfig) -> transformers.PreTrainedModel:

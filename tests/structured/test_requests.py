@@ -1,5 +1,7 @@
 """Request fields to constraints: response_format, vLLM's extras and tool_choice, and the 400s they can give."""
 
+import json
+
 import pytest
 from pydantic import ValidationError
 
@@ -35,9 +37,12 @@ def test_unknown_response_format_type_is_a_validation_error():
 
 
 def test_vllm_fields_work_on_completions():
-    assert CompletionRequest(prompt="x", guided_choice=["a", "b"]).sampling_params().structured_output.choice
-    assert CompletionRequest(prompt="x", guided_json='{"type": "object"}').sampling_params().structured_output.json
-    assert CompletionRequest(prompt="x", structured_outputs={"regex": "[0-9]+"}).sampling_params().structured_output
+    assert CompletionRequest(prompt="x", guided_choice=["a", "b"]).sampling_params().structured_output.choice == [
+        "a", "b"]
+    json_output = CompletionRequest(prompt="x", guided_json='{"type": "object"}').sampling_params().structured_output
+    assert json.loads(json_output.json) == {"type": "object"}
+    regex = CompletionRequest(prompt="x", structured_outputs={"regex": "[0-9]+"}).sampling_params().structured_output
+    assert regex.regex == "[0-9]+"
     with pytest.raises(InvalidRequestError, match="guided_regex"):
         CompletionRequest(prompt="x", guided_regex="(").sampling_params()
     with pytest.raises(InvalidRequestError, match="give one"):
