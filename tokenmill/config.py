@@ -112,7 +112,8 @@ class EngineConfig:
     # On GPU, decode steps replay CUDA graphs captured at start-up (engine/cuda_graphs.py): a small model's decode
     # is bound by kernel launches, which a replay issues at once. True: always eager.
     enforce_eager: bool = False
-    # Element type of the KV pool: auto (dtypes.resolve_kv_cache_dtype: float16 on CPU) or a KV_CACHE_DTYPE_NAMES name.
+    # Element type of the KV pool: auto (dtypes.resolve_kv_cache_dtype: float16 on CPU in float32) or a
+    # KV_CACHE_DTYPE_NAMES name.
     # 16 bits halve float32's memory (llama.cpp keeps float16), int8 quarters it.
     kv_cache_dtype: str = "auto"
     # Upper bound on sequences decoded together; bounds per-step latency and sampler work.
@@ -126,8 +127,9 @@ class EngineConfig:
     # Torch intra-op threads on CPU; None leaves torch's default (one per core).
     num_threads: int | None = None
     # Weight-only quantization of the linear layers after loading: auto | none | int8 | int4. auto, on a
-    # CPU with the VNNI kernel and in float32, keeps a GGUF's quantized layers quantized (int4 for Q4_1,
-    # whose blocks it holds exactly, else int8): faster than float32 there (docs/benchmarks.md).
+    # CPU with a vector kernel (AMX, AVX512-VNNI, AVX-VNNI or AVX2) and in float32, keeps a GGUF's quantized layers
+    # quantized (int4 for Q4_1 at the default group size, which then holds its blocks exactly, else int8): faster
+    # than float32 there (docs/benchmarks.md).
     quantization: str = "auto"
     # Weights per quantization step/offset pair; 32 matches GGUF's Q4/Q8 blocks, so those files re-quantize exactly.
     quant_group_size: int = 32

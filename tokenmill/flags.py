@@ -26,7 +26,8 @@ def add_engine_flags(parser: argparse.ArgumentParser, repeat_model: bool = False
     parser.add_argument("--dtype", default=d.dtype, choices=DTYPE_NAMES,
                         help="activation and unquantized weight type (default: %(default)s)")
     parser.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=["auto", *KV_CACHE_DTYPE_NAMES],
-                        help="KV pool element type (default: %(default)s: float16 on CPU, else the model's dtype)")
+                        help="KV pool element type (default: %(default)s: float16 on CPU in float32, else the "
+                             "model's dtype)")
     parser.add_argument("--quantization", default=d.quantization, choices=QUANTIZATIONS,
                         help="weight-only quantization of the linear layers (default: %(default)s)")
     parser.add_argument("--quant-group-size", type=int, default=d.quant_group_size,

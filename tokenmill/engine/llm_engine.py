@@ -85,7 +85,7 @@ class LLMEngine:
         arrival_time: float | None = None,
         fit_context: bool = False,
     ) -> None:
-        """Validate and queue a request; raises InvalidRequestError before anything is queued.
+        """Validate and queue a request; raises InvalidRequestError (DeadlineError: a deadline it cannot meet) first.
 
         fit_context: a max_tokens past the context stops there (finish_reason "length"), as vLLM's offline engine
         does, rather than being refused, as its server (and this engine otherwise) refuses it.
