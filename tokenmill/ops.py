@@ -106,22 +106,26 @@ def _write_stamp(stamp: Path, library: str) -> None:
 
 
 def _build_and_load() -> str:
-    """Build the ops with torch's JIT (a no-op check when its cached build is current), load them, return the library.
+    """Build the ops with torch's JIT (a no-op check when its cached build is current), load them, return the library."""
+    return locked_build(f"tokenmill_cpu_ops_{_cpu_tag()}", sources(), compile_flags())
 
-    torch's build lock is a file: a build killed partway (docker stop, the OOM killer) leaves it, and every later
-    load waited on it forever without a word. A kernel lock (flock) around the build ends with its holder, and
-    whoever holds it knows a torch lock file is such a leftover.
+
+def locked_build(name: str, files: list[str], cflags: list[str]) -> str:
+    """torch's JIT build (and load) of files as library `name`, one process at a time; the library's path.
+
+    torch's build lock is a file: a build killed partway (docker stop, the OOM killer, a test run stopped) leaves it,
+    and every later load waited on it forever without a word. A kernel lock (flock) around the build ends with its
+    holder, and whoever holds it knows a torch lock file is such a leftover.
     """
     from torch.utils.cpp_extension import _get_build_directory, load
 
-    name = f"tokenmill_cpu_ops_{_cpu_tag()}"
     build_dir = Path(_get_build_directory(name, verbose=False))
     with open(build_dir.with_name(f"{name}.flock"), "w") as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)
         if (build_dir / "lock").exists():
             logger.warning("removing %s, left by a build of the C++ ops that did not finish", build_dir / "lock")
             (build_dir / "lock").unlink(missing_ok=True)
-        return load(name, sources(), extra_cflags=compile_flags(), extra_ldflags=["-fopenmp"], is_python_module=False)
+        return load(name, files, extra_cflags=cflags, extra_ldflags=["-fopenmp"], is_python_module=False)
 
 
 def available() -> bool:

@@ -18,7 +18,6 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from torch.utils.cpp_extension import load
 
 from tokenmill import ops
 from tokenmill.env import cpu_features
@@ -49,7 +48,8 @@ def _build(name: str) -> None:
     build = _BUILDS[name]
     files = [str(Path(__file__).with_name("build_ops.cpp"))] + [s for s in ops.sources() if '#include "vec.h"' in Path(s).read_text()]
     flags = [*ops.compile_flags(cpu=build.cpu), *build.extra, f"-I{_CSRC}", f"-DTOKENMILL_BUILD_OPS=tokenmill_{name}"]
-    load(f"tokenmill_{name}_test_ops", files, extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False)
+    # Under the ops' own lock: a run of the suite stopped mid-build left torch's lock file, and the next waited forever.
+    ops.locked_build(f"tokenmill_{name}_test_ops", files, flags)
 
 
 def _build_all() -> list[str]:
