@@ -170,6 +170,15 @@ def test_a_kv_budget_beyond_the_machines_memory_is_refused_before_any_mapping(ma
         make_engine(kv_cache_memory=times_ram * ram_gib)
 
 
+def test_the_default_kv_budget_starts_on_a_machine_with_less_memory(make_engine, monkeypatch):
+    # 1 GiB maps lazily (pages as they are written): a 512 MiB machine ran with it, and must still.
+    sysconf = os.sysconf
+    monkeypatch.setattr(os, "sysconf", lambda name: 2**29 // sysconf("SC_PAGE_SIZE") if name == "SC_PHYS_PAGES"
+                        else sysconf(name))
+    kv = make_engine().runner.kv_cache
+    assert kv.num_blocks * kv.block_bytes > 2**29
+
+
 def test_higher_priority_request_is_admitted_first(make_engine, drain):
     engine = make_engine(max_num_seqs=1)
     engine.add_request("low", "first come", SamplingParams(max_tokens=2, priority=5))

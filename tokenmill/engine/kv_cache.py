@@ -99,14 +99,15 @@ class KVCache:
         if budget is None and self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = free * self.config.kv_cache_fraction / _GIB
-        budget_bytes = int((budget if budget is not None else 1.0) * _GIB)
+        if budget is None:  # the 1 GiB default maps lazily: a machine with less starts and uses what it writes
+            return _GIB
         ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        if self.device.type == "cpu" and budget_bytes > ram:
+        if self.device.type == "cpu" and budget * _GIB > ram:
             # Else mmap's bare ENOMEM, an OverflowError past 8e9 GiB, or (where memory is overcommitted) a pool
             # the OOM killer ends once it fills.
             raise InvalidRequestError(f"kv_cache_memory={budget} GiB is more than this machine's "
                                       f"{ram / _GIB:.1f} GiB of memory", param="kv_cache_memory")
-        return budget_bytes
+        return int(budget * _GIB)
 
     def _num_blocks(self) -> int:
         budget, block = self._budget_bytes(), self.block_bytes + self.shared_block_bytes
