@@ -377,7 +377,7 @@ class ChatCompletionRequest(_GenerationRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     # vLLM's extensions: open the assistant's reply (the default unless continuing), or continue the final
-    # assistant message as written (a prefilled answer).
+    # message as written (an assistant's: a prefilled answer).
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = None
 
