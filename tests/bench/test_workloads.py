@@ -47,6 +47,22 @@ def test_file_dataset_cycles_rows_and_rejects_bad_files(smollm2_source, tmp_path
         file_requests(tokenizer, bad, 1, 5)
     with pytest.raises(InvalidRequestError, match="cannot read"):
         file_requests(tokenizer, tmp_path / "missing.jsonl", 1, 5)
+    bad.write_bytes(b"\xff\xfe not UTF-8")  # was a UnicodeDecodeError's traceback
+    with pytest.raises(InvalidRequestError, match="cannot read"):
+        file_requests(tokenizer, bad, 1, 5)
+    for length in ('"many"', "null", "0", "-5"):  # tracebacks, or requests the server refused one by one
+        bad.write_text('{"prompt": "Hi", "output_len": %s}\n' % length)
+        with pytest.raises(InvalidRequestError, match="'output_len' must be an integer >= 1"):
+            file_requests(tokenizer, bad, 1, 5)
+
+
+def test_early_exit_windows_are_all_full_length_even_on_a_short_text():
+    from tokenmill.bench.early_exit import windows
+
+    # 66 tokens, 4 windows of 64: a fixed stride of (66 - 64) // 4 = 0, then 1 ran the last past the end (63 long).
+    spread = windows(list(range(66)), 64, 4)
+    assert [len(w) for w in spread] == [64] * 4 and spread[0][0] == 0 and spread[-1][-1] == 65
+    assert [w[0] for w in windows(list(range(1000)), 100, 4)] == [0, 300, 600, 900]
 
 
 @pytest.mark.parametrize("command, flags", [
@@ -55,12 +71,19 @@ def test_file_dataset_cycles_rows_and_rejects_bad_files(smollm2_source, tmp_path
     ("serve", {"warmup": -1}),
     ("compare", {"output_len": 1}), ("compare", {"concurrency": [16, 0]}), ("compare", {"rounds": 0}),
     ("early_exit", {"max_tokens": 1}), ("early_exit", {"prompts": 0}),
+    # A division by zero or an empty table once the models had loaded (or a whole run had gone by).
+    ("structured", {"repeats": 0}), ("structured", {"concurrency": [1, 0]}), ("structured", {"max_tokens": 1}),
+    ("speculative", {"repeats": 0}), ("speculative", {"max_tokens": 1}), ("speculative", {"concurrency": 0}),
+    ("embed", {"rounds": 0}), ("embed", {"clients": 0}), ("embed", {"batch_size": 0}), ("embed", {"num_sentences": 0}),
 ])
 def test_bench_flags_that_make_no_workload_are_refused_before_any_work(command, flags):
     defaults = {"offline": dict(num_seqs=256, min_len=100, max_len=1024, decode_len=128, prefill_len=512),
                 "serve": dict(num_prompts=10, warmup=1, burstiness=1.0, range_ratio=0.0, request_rate=float("inf")),
                 "compare": dict(output_len=128, prefill_len=512, rounds=2, context_len=2000, concurrency=[1, 16]),
                 "early_exit": dict(prompts=4, prompt_len=64, max_tokens=48, num_speculative_tokens=3),
+                "structured": dict(repeats=3, max_tokens=64, concurrency=[1, 16]),
+                "speculative": dict(repeats=3, max_tokens=96, concurrency=16),
+                "embed": dict(num_sentences=1000, clients=16, requests=1000, batch_size=32, rounds=1),
                 }[command]
     module = importlib.import_module(f"tokenmill.bench.{command}")
     with pytest.raises(InvalidRequestError, match="need"):

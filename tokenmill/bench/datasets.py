@@ -70,11 +70,14 @@ def prompt_requests(tokenizer: Tokenizer, count: int, output_len: int, range_rat
 def file_requests(tokenizer: Tokenizer, path: Path, count: int, output_len: int) -> list[BenchRequest]:
     """JSON lines of {"prompt": text, "output_len": n (optional)}, cycled to count requests."""
     try:
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, json.JSONDecodeError) as exc:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8, or not JSON
         raise InvalidRequestError(f"cannot read dataset {path}: {exc}") from exc
     if not rows or not all(isinstance(r, dict) and isinstance(r.get("prompt"), str) for r in rows):
         raise InvalidRequestError(f"dataset {path} must hold JSON lines with a string 'prompt'")
+    lengths = [r.get("output_len", output_len) for r in rows]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in lengths):
+        raise InvalidRequestError(f"dataset {path}: each 'output_len' must be an integer >= 1")
     return [
         BenchRequest(r["prompt"], len(tokenizer.encode(r["prompt"])), int(r.get("output_len", output_len)))
         for r in (rows[i % len(rows)] for i in range(count))

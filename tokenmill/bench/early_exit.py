@@ -34,10 +34,9 @@ def main(args: argparse.Namespace) -> int:
         raise InvalidRequestError(f"{args.file} is not UTF-8 text: {exc}") from None
     base = LLM(**engine_options(args, enable_prefix_caching=False))
     ids = base.tokenizer.encode(text)
-    stride = max(1, (len(ids) - args.prompt_len) // max(1, args.prompts))
-    prompts = [ids[i * stride : i * stride + args.prompt_len] for i in range(args.prompts)]
     if len(ids) < args.prompt_len:
         raise InvalidRequestError(f"{args.file} has {len(ids)} tokens; --prompt-len is {args.prompt_len}")
+    prompts = windows(ids, args.prompt_len, args.prompts)
     num_layers = base.engine.model_config.num_layers
     layers = args.layers or [num_layers // 4, num_layers // 2, 3 * num_layers // 4]
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
@@ -74,3 +73,10 @@ def _speed(llm, prompts: list[list[int]], params: SamplingParams) -> tuple[float
     elapsed = time.perf_counter() - start
     tokens = [o.outputs[0].token_ids for o in outputs]
     return sum(map(len, tokens)) / elapsed, tokens
+
+
+def windows(ids: list[int], length: int, count: int) -> list[list[int]]:
+    """count windows of length tokens, spread from the text's start to its last full window."""
+    # Overlapping where the text is short: a fixed stride ran the last ones past its end, shorter than the rest.
+    last = len(ids) - length
+    return [ids[start : start + length] for start in (i * last // max(1, count - 1) for i in range(count))]

@@ -16,6 +16,7 @@ import httpx
 import numpy as np
 
 from tokenmill.bench.datasets import TOPICS
+from tokenmill.errors import InvalidRequestError
 from tokenmill.flags import workload_seed
 from tokenmill.loader import catalog
 
@@ -60,6 +61,9 @@ def main(args: argparse.Namespace) -> int:
     """Offline and HTTP throughput, each tokenmill figure with its ratio to transformers; prints a table."""
     from tokenmill.embeddings.embedder import Embedder
 
+    counts = ("num_sentences", "clients", "requests", "batch_size", "rounds")
+    if any(getattr(args, name) < 1 for name in counts):  # else an empty table or a division by zero, after a run
+        raise InvalidRequestError(f"need {', '.join('--' + name.replace('_', '-') for name in counts)} >= 1")
     texts, requests = sentences(args.num_sentences, args.seed), sentences(args.requests, args.seed + 1)
     embedder, reference = Embedder(args.model, args.dtype), _Reference(_folder(args.model))
     _check_agreement(embedder, reference, texts)

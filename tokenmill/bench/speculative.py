@@ -5,6 +5,7 @@ import json
 import time
 from importlib import resources
 
+from tokenmill.errors import InvalidRequestError
 from tokenmill.flags import add_engine_flags, engine_options
 from tokenmill.sampling import SamplingParams
 
@@ -29,6 +30,9 @@ def main(args: argparse.Namespace) -> int:
     from tokenmill.env import cpu_features
     from tokenmill.llm import LLM
 
+    if args.repeats < 1 or args.max_tokens < 2 or args.concurrency < 1:  # else a division by zero, after loading
+        raise InvalidRequestError("need --repeats >= 1, --max-tokens >= 2 (decode speed runs from the first token to "
+                                  "the last) and --concurrency >= 1")
     options = engine_options(args)
     if options["speculative_config"] is None:
         options["speculative_config"] = {"method": "ngram"}
@@ -93,4 +97,5 @@ def _timed(llm, workload: list[dict], predicted: bool, one_at_a_time: bool,
         start = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=False)
         decoded, seconds = sum(len(o.outputs[0].token_ids) for o in outputs), time.perf_counter() - start
-    return decoded / seconds, [o.outputs[0].token_ids for o in outputs]
+    # No time past the first token: every answer ended there (EOS), and there was no decode to time.
+    return decoded / seconds if seconds else 0.0, [o.outputs[0].token_ids for o in outputs]

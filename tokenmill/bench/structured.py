@@ -4,6 +4,7 @@ import argparse
 import statistics
 import time
 
+from tokenmill.errors import InvalidRequestError
 from tokenmill.flags import add_engine_flags, engine_options
 from tokenmill.sampling import SamplingParams
 from tokenmill.structured.params import StructuredOutput
@@ -43,6 +44,9 @@ def main(args: argparse.Namespace) -> int:
     from tokenmill.env import cpu_features
     from tokenmill.llm import LLM
 
+    if args.repeats < 1 or args.max_tokens < 2 or min(args.concurrency) < 1:  # else a division by zero, after loading
+        raise InvalidRequestError("need --repeats >= 1, --max-tokens >= 2 (decode speed runs from the first token to "
+                                  "the last) and every --concurrency >= 1")
     llm = LLM(**{**engine_options(args), "enable_prefix_caching": False})
     prompt = {"prompt_token_ids": llm.tokenizer.encode_chat([{"role": "user", "content": PROMPT}])}
     print(f"model {llm.engine.source.name}, CPU {cpu_features()[0]}, "
