@@ -75,9 +75,10 @@ def file_requests(tokenizer: Tokenizer, path: Path, count: int, output_len: int)
         raise InvalidRequestError(f"cannot read dataset {path}: {exc}") from exc
     if not rows or not all(isinstance(r, dict) and isinstance(r.get("prompt"), str) for r in rows):
         raise InvalidRequestError(f"dataset {path} must hold JSON lines with a string 'prompt'")
+    # 3.0 is an integer too: pandas writes a column with gaps as floats.
     lengths = [r.get("output_len", output_len) for r in rows]
-    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in lengths):
-        raise InvalidRequestError(f"dataset {path}: each 'output_len' must be an integer >= 1")
+    if not all(type(n) in (int, float) and n >= 1 and float(n).is_integer() for n in lengths):
+        raise InvalidRequestError(f"dataset {path}: each 'output_len' (default --output-len) must be an integer >= 1")
     return [
         BenchRequest(r["prompt"], len(tokenizer.encode(r["prompt"])), int(r.get("output_len", output_len)))
         for r in (rows[i % len(rows)] for i in range(count))

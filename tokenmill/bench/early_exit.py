@@ -76,7 +76,8 @@ def _speed(llm, prompts: list[list[int]], params: SamplingParams) -> tuple[float
 
 
 def windows(ids: list[int], length: int, count: int) -> list[list[int]]:
-    """count windows of length tokens, spread from the text's start to its last full window."""
-    # Overlapping where the text is short: a fixed stride ran the last ones past its end, shorter than the rest.
+    """count windows of length tokens a stride apart, none past the text's last full window."""
+    # On a text shorter than length + count tokens the stride of 1 ran the last windows past its end.
     last = len(ids) - length
-    return [ids[start : start + length] for start in (i * last // max(1, count - 1) for i in range(count))]
+    stride = max(1, last // count)
+    return [ids[start : start + length] for start in (min(i * stride, last) for i in range(count))]
