@@ -38,6 +38,26 @@ def test_model_spec_is_model_or_name_equals_model():
             ModelSpec.parse(bad)
 
 
+def test_a_path_whose_name_holds_an_equals_sign_is_a_model(tmp_path):
+    path = tmp_path / "a=b.gguf"  # was name ".../a", model "b.gguf": "no such file or directory: b.gguf"
+    path.touch()
+    assert ModelSpec.parse(str(path)) == ModelSpec(str(path))
+    assert ModelSpec.parse(f"x={path}") == ModelSpec(str(path), "x")
+
+
+def test_a_name_given_twice_is_refused_before_any_model_loads():
+    # Both engines were built (the second model pulled) before the refusal.
+    with pytest.raises(InvalidRequestError, match="'a'.*NAME=MODEL"):
+        served_models.split_specs([ModelSpec("/models/x.gguf", "a"), ModelSpec("/models/y.gguf", "a")])
+
+
+def test_an_embedding_model_may_not_take_the_routers_name(monkeypatch):
+    # /v1/models listed `auto` twice, and chats to `auto` met the embedding model's 400.
+    monkeypatch.setattr(served_models.EmbeddingModel, "load", lambda model, dtype: SimpleNamespace(name="m"))
+    with pytest.raises(InvalidRequestError, match="router's choice"):
+        served_models.load_embedding_models([ModelSpec("all-minilm-l6-v2", "auto")], "auto", {"small", "big"})
+
+
 def test_kv_cache_memory_is_the_total_split_evenly():
     assert [c.kv_cache_memory for c in kv_shares(EngineConfig(kv_cache_memory=3.0), 3)] == [1.0, 1.0, 1.0]
     assert [c.kv_cache_memory for c in kv_shares(EngineConfig(), 2)] == [0.5, 0.5]  # 1 GiB on CPU, unset

@@ -2,6 +2,7 @@
 
 import threading
 from dataclasses import dataclass, replace
+from pathlib import Path
 from types import TracebackType
 
 from tokenmill.config import EngineConfig
@@ -9,6 +10,7 @@ from tokenmill.embeddings.model import EmbeddingModel, is_embedding_model
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.errors import InvalidRequestError
 from tokenmill.outputs import RequestOutput
+from tokenmill.router.policies import AUTO
 
 # The pool an engine gets on CPU when kv_cache_memory is unset (EngineConfig, engine/kv_cache.py): the
 # total that several served models share.
@@ -26,7 +28,7 @@ class ModelSpec:
     def parse(cls, value: str) -> "ModelSpec":
         """`MODEL` or `NAME=MODEL`; raises InvalidRequestError when a side of the `=` is empty."""
         name, sep, model = value.partition("=")
-        if not sep:
+        if not sep or Path(value).expanduser().exists():  # a file or folder whose own name holds a `=`
             return cls(value)
         if not name or not model:
             raise InvalidRequestError(f"--model {value!r} has an empty side; give MODEL or NAME=MODEL")
@@ -100,7 +102,15 @@ class TurnTakingEngine(LLMEngine):
 
 
 def split_specs(specs: list[ModelSpec]) -> tuple[list[ModelSpec], list[ModelSpec]]:
-    """The generative specs and the embedding ones (embeddings/model.py's is_embedding_model), each in order."""
+    """The generative specs and the embedding ones (embeddings/model.py's is_embedding_model), each in order.
+
+    A NAME given twice is refused here, before any model loads; names models take for their own are checked as
+    they load.
+    """
+    names = [spec.name for spec in specs if spec.name is not None]
+    if len(set(names)) < len(names):
+        twice = next(name for name in names if names.count(name) > 1)
+        raise InvalidRequestError(f"two models would be served as {twice!r}; name them apart with --model NAME=MODEL")
     embedding = [spec for spec in specs if is_embedding_model(spec.model)]
     return [spec for spec in specs if spec not in embedding], embedding
 
@@ -114,6 +124,9 @@ def load_embedding_models(specs: list[ModelSpec], dtype: str, taken: set[str]) -
         if name in models or name in taken:
             raise InvalidRequestError(f"two models would be served as {name!r}; name them apart with "
                                       f"--model NAME=MODEL")
+        if name == AUTO:  # /v1/models would list it twice, and `auto` route chats to an embedding model
+            raise InvalidRequestError(f"{AUTO!r} names the router's choice among the generative models; give the "
+                                      "embedding model another name")
         models[name] = model
     return models
 
