@@ -1,6 +1,10 @@
 """Incremental detokenization: streamed text is what decoding the whole output gives, at either end of it."""
 
+import pytest
+
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
+from tokenmill.engine.sequence import Sequence
+from tokenmill.sampling import SamplingParams
 
 
 def _stream(tokenizer, prompt: list[int], output: list[int], stop: tuple[str, ...] = ()) -> str:
@@ -36,3 +40,24 @@ def test_a_stop_string_begun_before_min_tokens_and_completed_after_it_ends_the_o
     assert detokenizer.add(tok.encode(" ab")[0], check_stop=False) is None
     assert detokenizer.add(tok.encode(" cd")[0]) == "ab cd"
     assert detokenizer.text == " "
+
+
+@pytest.mark.parametrize("ending, min_tokens, expected", [
+    ("length", 0, ("stop", " ")), ("eos", 0, ("stop", " ")),
+    ("length", 1, ("length", None)),  # within min_tokens no stop string counts, the rest's included
+])
+def test_the_rest_of_a_character_completing_a_stop_string_at_the_end_says_stop(smollm2_source, ending, min_tokens,
+                                                                               expected):
+    tok = smollm2_source.tokenizer
+    assert tok.token_bytes(459) == b" \xe2\x80"  # a space, then two of an em dash's three bytes
+    params = SamplingParams(temperature=0, stop=[" "], min_tokens=min_tokens)
+    prompt = tok.encode("The capital of France is")
+    detokenizer = IncrementalDetokenizer(tok, prompt, params.stop, params.include_stop_str_in_output)
+    seq = Sequence(0, "r", 0, prompt, params, 1 if ending == "length" else 4, tok.eos_token_ids, detokenizer, 0.0)
+    seq.append_token(459, None)  # held back for the em dash's last byte: the space not yet checked
+    if ending == "eos":
+        seq.append_token(tok.eos_token_ids[0], None)
+    out = seq.take_delta()
+    # The text was cut at " " while the finish said "length" (or EOS's None), which nothing then explained.
+    assert (out.finish_reason, out.stop_reason) == expected
+    assert out.text == ("" if expected[0] == "stop" else tok.decode([459]))

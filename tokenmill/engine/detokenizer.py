@@ -48,13 +48,23 @@ class IncrementalDetokenizer:
             return None
         return self._append(new)
 
-    def finish(self, decode_rest: bool = True) -> None:
-        """Mark the text complete so nothing is held back any more; decode_rest: a partial character's bytes too."""
+    def finish(self, decode_rest: bool = True, check_stop: bool = True) -> str | None:
+        """Mark the text complete so nothing is held back any more; decode_rest: a partial character's bytes too.
+
+        Returns the stop string that text completes, where it was cut (when check_stop is set).
+        """
+        found = None
         if decode_rest and not self.finished and self.read_offset < len(self.ids):
             # The output ended partway through a character: its bytes show as decoding the whole output shows them,
             # short of any stop string they complete.
-            self._append(self._new_text())
+            rest = self._new_text()
+            if check_stop:
+                found = self._append(rest)
+            else:
+                self.text += rest
+                self.read_offset = len(self.ids)
         self.finished = True
+        return found
 
     def _append(self, new: str) -> str | None:
         """Add new text (all ids read); cut it at the first stop string in it, which is returned."""

@@ -151,8 +151,11 @@ class Sequence:
 
     def end(self, reason: str, stop_reason: str | int | None = None, decode_rest: bool = True) -> None:
         """Record why the sequence ends; its text is complete from here on (see Detokenizer.finish)."""
+        found = self.detokenizer.finish(decode_rest, check_stop=self.num_output_tokens > self.params.min_tokens)
+        if found is not None and reason != "abort":
+            # Text held back for a partial character completed a stop string, and was cut there: say so.
+            reason, stop_reason = "stop", found
         self.finish_reason, self.stop_reason = reason, stop_reason
-        self.detokenizer.finish(decode_rest)
 
     def take_delta(self) -> CompletionOutput | None:
         """What is new since the last call (stop-safe text, its tokens, the finish), or None if nothing is."""
