@@ -63,8 +63,8 @@ class _NoText:
     def add(self, token_id: int, check_stop: bool) -> None:
         return None
 
-    def finish(self, decode_rest: bool = True) -> None:
-        pass
+    def finish(self, decode_rest: bool = True, check_stop: bool = True) -> None:
+        return None
 
 
 def simulate(times: StepTimes, settings: dict, requests: list[tuple[float, int, int]]) -> list[RequestTiming]:
