@@ -106,7 +106,7 @@ def _write_stamp(stamp: Path, library: str) -> None:
 
 
 def _build_and_load() -> str:
-    """Build the ops with torch's JIT (a no-op check when its cached build is current), load them, return the library."""
+    """Build the ops with torch's JIT (a no-op check when its build is current), load them, return the library."""
     return locked_build(f"tokenmill_cpu_ops_{_cpu_tag()}", sources(), compile_flags())
 
 

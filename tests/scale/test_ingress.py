@@ -43,8 +43,9 @@ def test_a_chat_the_key_tokenizer_cannot_render_is_forwarded_unkeyed(smollm2_sou
     assert Ingress._key(ingress, "/v1/chat/completions", body) is not None
 
 
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}}
 TOOLS = [{"type": "function", "function": {"name": "weather", "description": "The weather in a city",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+                                           "parameters": CITY}}]
 SYSTEM = "You are a meticulous assistant for the ACME corporation. " * 6
 
 
@@ -53,7 +54,8 @@ SYSTEM = "You are a meticulous assistant for the ACME corporation. " * 6
     ({"messages": [{"role": "user", "content": "Weather in Paris tomorrow?"}], "tools": TOOLS},
      {"messages": [{"role": "user", "content": "Book a table in Rome."}], "tools": TOOLS}),
     ({"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"}]},
-     {"messages": [{"role": "system", "content": [{"type": "text", "text": SYSTEM}]}, {"role": "user", "content": "hi"}]}),
+     {"messages": [{"role": "system", "content": [{"type": "text", "text": SYSTEM}]},
+                   {"role": "user", "content": "hi"}]}),
     ({"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"}]},
      {"messages": [{"role": "developer", "content": SYSTEM}, {"role": "user", "content": "yo"}]}),
 ])

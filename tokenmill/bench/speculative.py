@@ -61,7 +61,8 @@ def main(args: argparse.Namespace) -> int:
         after = spec.engine.drafter.counters
         drafted = after.num_draft_tokens - before.num_draft_tokens
         accepted = (after.num_accepted_tokens - before.num_accepted_tokens) / drafted if drafted else 0.0
-        print(f"{name:48} {off:10.1f} {on:10.1f} {on / off if off else 0.0:5.2f}x {accepted:8.0%} {'yes' if same else 'NO':>5}")
+        ratio = on / off if off else 0.0
+        print(f"{name:48} {off:10.1f} {on:10.1f} {ratio:5.2f}x {accepted:8.0%} {'yes' if same else 'NO':>5}")
     per_pos = spec.engine.drafter.counters.accepted_per_pos
     drafts = spec.engine.drafter.counters.num_drafts
     print("acceptance by draft position: " + ", ".join(f"{n / drafts:.0%}" for n in per_pos) if drafts else "")
