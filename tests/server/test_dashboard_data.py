@@ -122,35 +122,80 @@ def test_page_and_script_stay_open_while_the_data_needs_the_api_key():
     assert data["served"] == [] and data["models"]["a"]["requests"] == 0
 
 
-@pytest.mark.skipif(shutil.which("node") is None, reason="the dashboard's script runs in node, which is not here")
-def test_the_dashboard_legend_shows_a_model_name_as_text(tmp_path):
-    # It went into the legend's innerHTML as it was: markup from a name ran in the page, which holds the API key.
+needs_node = pytest.mark.skipif(shutil.which("node") is None,
+                                reason="the dashboard's script runs in node, which is not here")
+# A stub DOM, timers that wait to be run by hand, and a fetch that records the key each poll sends and answers 401.
+STUB = """
+const nodes = {};
+const node = (id) => (nodes[id] ??= {id, hidden: false, dataset: {}, textContent: "", innerHTML: "",
+  appendChild(child) { nodes[child.id] = child; }, querySelector(s) { return (this["_" + s] ??= {innerHTML: ""}); }});
+globalThis.document = {getElementById: node, createElement: () => ({dataset: {},
+  querySelector(s) { return (this["_" + s] ??= {innerHTML: ""}); }})};
+globalThis.location = {hash: HASH};
+const timers = [];
+globalThis.setTimeout = (fn) => timers.push(fn);
+const sent = [];
+globalThis.fetch = async (url, init) => { sent.push(init.headers.Authorization ?? null); return {ok: false, status: 401}; };
+const m = {requests: 0, prompt_tokens: 0, generation_tokens: 0, prefix_queries: 0, prefix_hits: 0, running: 0,
+  waiting: 0, kv_cache_usage: 0, draft_tokens: 0, accepted_tokens: 0, ttft: {}, tpot: {},
+  cost_per_1m_tokens_usd: {}, routed: {}};
+"""
+
+
+def _run_page(tmp_path, then: str, hash_at_load: str = "") -> str:
+    """The last line the dashboard's script, run in node over the stub DOM and then `then`, prints."""
+    import json
     import subprocess
     from pathlib import Path
 
     import tokenmill.server
 
     script = (Path(tokenmill.server.__file__).parent / "static" / "dashboard.js").read_text()
-    page = """
-const nodes = {};
-const node = (id) => (nodes[id] ??= {id, hidden: false, dataset: {}, textContent: "", innerHTML: "",
-  appendChild(child) { nodes[child.id] = child; }, querySelector(s) { return (this["_" + s] ??= {innerHTML: ""}); }});
-globalThis.document = {getElementById: node, createElement: () => ({dataset: {},
-  querySelector(s) { return (this["_" + s] ??= {innerHTML: ""}); }})};
-globalThis.location = {hash: ""};
-globalThis.setInterval = () => {};
-globalThis.setTimeout = () => {};
-globalThis.fetch = async () => ({ok: false, status: 500});
-"""
-    run = """
-const m = {requests: 0, prompt_tokens: 0, generation_tokens: 0, prefix_queries: 0, prefix_hits: 0, running: 0,
-  waiting: 0, kv_cache_usage: 0, draft_tokens: 0, accepted_tokens: 0, ttft: {}, tpot: {},
-  cost_per_1m_tokens_usd: {}, routed: {}};
+    (tmp_path / "page.js").write_text(STUB.replace("HASH", json.dumps(hash_at_load)) + script + then)
+    out = subprocess.run(["node", str(tmp_path / "page.js")], capture_output=True, text=True, check=True).stdout
+    return out.splitlines()[-1]
+
+
+@needs_node
+def test_the_dashboard_legend_shows_a_model_name_as_text(tmp_path):
+    # It went into the legend's innerHTML as it was: markup from a name ran in the page, which holds the API key.
+    legend = _run_page(tmp_path, """
 const name = "<img src=x onerror=alert(1)>";
 record({time: 1, served: [name], models: {[name]: m}, routing: {}});
 record({time: 2, served: [name], models: {[name]: {...m, requests: 1}}, routing: {}});
 console.log(nodes["chart-requests"]["_.legend"].innerHTML);
-"""
-    (tmp_path / "page.js").write_text(page + script + run)
-    legend = subprocess.run(["node", str(tmp_path / "page.js")], capture_output=True, text=True, check=True).stdout
+""")
     assert "<img" not in legend and "&#60;img src=x onerror=alert(1)&#62;" in legend
+
+
+@needs_node
+def test_the_dashboard_sends_the_key_added_to_an_open_page_and_keeps_its_plus_signs(tmp_path):
+    # The key was read once at load: following the 401 message's advice (adding #key=... to the open page's URL,
+    # which reloads nothing) changed nothing; and URLSearchParams read a base64 key's '+' as a space.
+    sent = _run_page(tmp_path, """
+(async () => {
+  await new Promise((r) => setImmediate(r));
+  location.hash = "#key=ab+cd/ef%3D";
+  await timers.shift()();
+  location.hash = "#key=ab+cd/ef=";
+  await timers.shift()();
+  console.log(JSON.stringify(sent));
+})();
+""")
+    import json
+
+    assert json.loads(sent) == [None, "Bearer ab+cd/ef=", "Bearer ab+cd/ef="]
+
+
+@needs_node
+def test_dashboard_routing_counters_that_fell_are_gaps_not_negative_rates(tmp_path):
+    # A restarted router or replica resets its counters; the two routing charts drew them as negative rates.
+    series = _run_page(tmp_path, """
+record({time: 1, served: ["a"], models: {a: {...m, routed: {b: 50}}}, routing: {prefix: 50}});
+record({time: 2, served: ["a"], models: {a: {...m, routed: {b: 2}}}, routing: {prefix: 2}});
+console.log(JSON.stringify([nodes["chart-routing"].dataset.series, nodes["chart-routed"].dataset.series]));
+""")
+    import json
+
+    routing, routed = (json.loads(s) for s in json.loads(series))
+    assert routing["prefix"][-1] is None and routed["a"][-1] is None

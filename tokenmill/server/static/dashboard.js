@@ -9,12 +9,23 @@ const KEEP = 120;  // points per chart: two minutes at one poll a second
 const WINDOW_S = 10;
 const COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
 const W = 400, H = 160, LEFT = 44, BOTTOM = 4, TOP = 8;
-// An API key set on the server travels in the URL fragment (/dashboard#key=...), which browsers never send.
-const API_KEY = new URLSearchParams(location.hash.slice(1)).get("key");
+// An API key set on the server travels in the URL fragment (/dashboard#key=...), which browsers never send. Read at
+// each poll: adding it to an open page's URL does not reload the page. Not URLSearchParams: it reads '+' (common in
+// base64 keys) as a space.
+function apiKey() {
+  const found = /(?:^#|&)key=([^&]*)/.exec(location.hash);
+  if (!found) return null;
+  try {
+    return decodeURIComponent(found[1]);
+  } catch {
+    return found[1];  // a stray '%' in a key typed by hand
+  }
+}
 
 // A counter that fell was reset (a replica restarted or left the sum): a gap, as Prometheus' rate() sees a reset,
 // not a negative rate.
-const rate = (name) => (a, b, dt) => b[name] >= a[name] ? (b[name] - a[name]) / dt : null;
+const change = (before, after, dt) => after >= before ? (after - before) / dt : null;
+const rate = (name) => (a, b, dt) => change(a[name], b[name], dt);
 const ratio = (part, whole) => (a, b) => {
   const d = b[whole] - a[whole], p = b[part] - a[part];
   return d > 0 && p >= 0 ? 100 * p / d : null;  // nothing looked up between polls: a gap, not 0%
@@ -44,11 +55,11 @@ const CHARTS = [
     "prompt billed": cost("prompt_current"), "output billed": cost("completion_current"),
   }},
   {id: "routed", title: `Requests/s routed from model auto (last ${WINDOW_S} s)`, when: (m) => routedTotal(m) > 0,
-   lines: {"": (a, b, dt) => (routedTotal(b) - routedTotal(a)) / dt}},
+   lines: {"": (a, b, dt) => change(routedTotal(a), routedTotal(b), dt)}},
   {id: "routing", title: `Requests/s routed to a replica, by reason (last ${WINDOW_S} s)`,
    when: (snapshot) => Object.keys(snapshot.routing).length > 0,
    across: (a, b, dt) => Object.fromEntries(Object.entries(b.routing).map(
-     ([reason, n]) => [reason, (n - (a.routing[reason] ?? 0)) / dt]))},
+     ([reason, n]) => [reason, change(a.routing[reason] ?? 0, n, dt)]))},
   {id: "spec", title: `Draft tokens accepted (%, last ${WINDOW_S} s)`, when: (m) => m.draft_tokens > 0,
    lines: {"": ratio("accepted_tokens", "draft_tokens")}},
 ];
@@ -156,7 +167,8 @@ function format(v) {
 async function poll() {
   const status = document.getElementById("status");
   try {
-    const response = await fetch("dashboard/data", {headers: API_KEY ? {Authorization: `Bearer ${API_KEY}`} : {}});
+    const key = apiKey();
+    const response = await fetch("dashboard/data", {headers: key ? {Authorization: `Bearer ${key}`} : {}});
     if (response.status === 401) throw new Error("this server needs its API key: open /dashboard#key=YOUR_KEY");
     if (!response.ok) throw new Error(`dashboard/data answered HTTP ${response.status}`);
     const snapshot = await response.json();
