@@ -73,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=ServerConfig.port)
     serve.add_argument("--api-key", default=os.environ.get("TOKENMILL_API_KEY"),
                        help="require `Authorization: Bearer KEY` on /v1 (default: $TOKENMILL_API_KEY, else none)")
+    serve.add_argument("--allowed-origins", nargs="*", default=list(ServerConfig.allowed_origins), metavar="ORIGIN",
+                       help="origins whose browser pages may call the API (CORS); none given: same-origin pages only "
+                            "(default: any, as vLLM)")
     serve.add_argument("--max-waiting", type=int, default=ServerConfig.max_waiting,
                        help="answer 429 when this many requests already wait")
     serve.add_argument("--max-waiting-tokens", type=int, default=ServerConfig.max_waiting_tokens,
@@ -315,6 +318,7 @@ def _serve(args: argparse.Namespace) -> int:
     logging.getLogger("tokenmill").setLevel(logging.INFO)  # the start-up lines say models, KV capacity and URL
     # An empty key (TOKENMILL_API_KEY="") is none, as vLLM takes it: not one that admits a bare "Bearer".
     config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key or None, max_waiting=args.max_waiting,
+                          allowed_origins=tuple(args.allowed_origins),
                           max_waiting_tokens=args.max_waiting_tokens,
                           max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
                           watchdog_timeout=args.watchdog_timeout,

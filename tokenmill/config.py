@@ -224,6 +224,9 @@ class ServerConfig:
     # More prompt tokens than this waiting for one model get 429 too: a few long prompts queue as much work as
     # many short ones. None: no bound.
     max_waiting_tokens: int | None = None
+    # Origins whose browser pages may call the API (CORS), as vLLM's and llama.cpp's servers allow any by default:
+    # the API key, not the origin, is what guards it. Empty: same-origin pages only.
+    allowed_origins: tuple[str, ...] = ("*",)
     # Larger bodies get 413; 8 MiB holds any prompt that fits a 128K context several times over.
     max_body_bytes: int = 8 * 1024 * 1024
     # Seconds in-flight requests get to finish on SIGTERM/SIGINT before they are aborted.

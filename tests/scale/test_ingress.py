@@ -97,3 +97,30 @@ def test_a_full_queue_is_a_429_and_no_replica_a_503_in_openais_shape():
     assert json.loads(full.body)["error"]["code"] == "too_many_waiting_requests"
     gone = _forward_failing_with(DeploymentUnavailableError(DeploymentID("engine", "tokenmill")))
     assert gone.status_code == 503 and json.loads(gone.body)["error"]["type"] == "server_error"
+
+
+def test_a_browser_preflight_without_the_key_reaches_a_replica_whose_cors_answers_it():
+    from tokenmill.scale.deployment import Ingress
+
+    forwarded = []
+
+    class Stream:
+        async def __anext__(self):
+            return {"status": 200, "headers": [(b"access-control-allow-origin", b"*")]}
+
+    def remote(key, scope, body):
+        forwarded.append(scope["method"])
+        return Stream()
+
+    engine = SimpleNamespace(options=lambda **_: SimpleNamespace(forward=SimpleNamespace(remote=remote)))
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    scope = {"type": "http", "method": "OPTIONS", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "query_string": b"", "headers": [(b"origin", b"http://ui.example"),
+                                               (b"access-control-request-method", b"POST")],
+             "http_version": "1.1", "scheme": "http", "server": ("t", 80), "client": ("t", 1), "root_path": ""}
+    ingress = SimpleNamespace(check_key=require_api_key("s3cret"), engine=engine, _key=lambda path, body: None)
+    response = asyncio.run(Ingress.forward(ingress, Request(scope, receive)))  # was a 401 raised here
+    assert forwarded == ["OPTIONS"] and response.status_code == 200

@@ -18,3 +18,40 @@ def test_the_scheme_is_case_blind_and_the_key_exact():
     assert admitted(_header("bearer s3cret"), "s3cret") and admitted(_header("Bearer  s3cret"), "s3cret")
     assert not admitted(_header("Bearer s3cret2"), "s3cret") and not admitted(_header("Basic s3cret"), "s3cret")
     assert admitted("", None)
+
+
+def _app_client(**config):
+    """The whole app over a stub engine, without its lifespan: the engine threads never start."""
+    from unittest.mock import MagicMock
+
+    from fastapi.testclient import TestClient
+
+    from tokenmill.config import ServerConfig
+    from tokenmill.server.app import build_app
+
+    return TestClient(build_app({"m": MagicMock(max_model_len=64)}, ServerConfig(**config)))
+
+
+def test_a_browser_page_on_another_origin_may_call_the_api_with_the_key_as_vllm_allows():
+    # No CORS at all: a web UI on another origin (allowed by vLLM and llama.cpp by default) got its preflight
+    # refused with a 401 and no Access-Control-Allow-Origin.
+    client = _app_client(api_key="s3cret")
+    origin = {"Origin": "http://localhost:3000"}
+    preflight = client.options("/v1/chat/completions", headers={
+        **origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"})
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == "*"
+    models = client.get("/v1/models", headers={**origin, "Authorization": "Bearer s3cret"})
+    assert models.status_code == 200 and models.headers["access-control-allow-origin"] == "*"
+    refused = client.get("/v1/models", headers=origin)  # the page can read why
+    assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == "*"
+
+
+def test_allowed_origins_limit_which_pages_may_call_the_api():
+    client = _app_client(allowed_origins=("https://ui.example",))
+    assert client.get("/v1/models", headers={"Origin": "https://ui.example"}).headers[
+        "access-control-allow-origin"] == "https://ui.example"
+    other = client.get("/v1/models", headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+    preflight = client.options("/v1/models", headers={"Origin": "https://evil.example",
+                                                      "Access-Control-Request-Method": "GET"})
+    assert preflight.status_code == 400

@@ -159,7 +159,9 @@ class Ingress:
     @ingress_app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"])
     async def forward(self, request: Request) -> Response:
         """Forward to a replica; 503 if it dies before answering, a cut stream if it dies after."""
-        if request.url.path.startswith("/v1/"):  # before the body is read and tokenized for its prefix, as a replica
+        # Before the body is read and tokenized for its prefix, as a replica; but not a browser's preflight, which
+        # carries no key: the replica's CORS answers it.
+        if request.url.path.startswith("/v1/") and request.method != "OPTIONS":
             await self.check_key(request)
         body = await request.body()
         scope = {k: request.scope[k] for k in ("type", "http_version", "method", "scheme", "path", "raw_path",

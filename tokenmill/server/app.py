@@ -10,6 +10,7 @@ from importlib.metadata import version
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -75,7 +76,10 @@ def build_app(engines: dict[str, LLMEngine], config: ServerConfig,
     app.state.embedders = embedders
     install_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
-    app.add_middleware(RequireAPIKey, api_key=config.api_key, prefix="/v1/")  # added last, so it runs first
+    app.add_middleware(RequireAPIKey, api_key=config.api_key, prefix="/v1/")
+    # Outermost: a browser's preflight carries no key, and a 401 needs the CORS headers for the page to read it.
+    app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["*"],
+                       allow_headers=["*"])
 
     # response_model=None: handlers build OpenAI's JSON themselves; FastAPI need not re-validate it.
     v1 = APIRouter(prefix="/v1")
