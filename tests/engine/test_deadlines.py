@@ -163,3 +163,15 @@ def test_a_request_already_served_is_not_dropped_when_a_sample_of_it_waits(engin
     # Answered (met or missed by the clock; the estimate said too late), not dropped with its work lost.
     assert finals["pair"].metrics.deadline_status in ("met", "missed")
     assert [sample.finish_reason for sample in finals["pair"].outputs] == ["length", "length"]
+
+
+def test_samples_of_one_prompt_are_estimated_to_compute_it_once(engine, slow_steps):
+    # 320 prompt tokens: 20 full blocks the other three samples take from the first once it has computed them.
+    # Counting the prompt four times estimated the first token at 1.7 s; computed once (5 chunks + 3 blocks'
+    # worth), it is about 0.6 s.
+    params = SamplingParams(n=4, max_tokens=1, ttft_deadline_ms=1200)
+    engine.add_request("n4", list(range(700, 1020)), params)
+    engine.abort("n4")
+    with pytest.raises(DeadlineError, match="first token is estimated"):  # each sample computes its own
+        engine.add_request("n4-logprobs", list(range(700, 1020)), SamplingParams(n=4, max_tokens=1, prompt_logprobs=0,
+                                                                                  ttft_deadline_ms=1200))
