@@ -383,3 +383,13 @@ def test_a_gguf_chat_models_end_of_turn_token_ends_generation(gemma3_tokenizer, 
     # <end_of_turn> (106) too. The file's own ids stay first.
     assert gemma3_tokenizer.eos_token_ids == [1, 106]
     assert smollm2_source.tokenizer.eos_token_ids == [2, 0]  # <|im_end|>, then <|endoftext|>
+
+
+def test_a_folders_tokenizer_eos_ends_replies_beside_generation_configs(tmp_path, smollm2_source):
+    # A ChatML fine-tune: tokenizer_config names <|im_end|> (2 in this vocabulary), generation_config keeps the
+    # base's </s>-like id. Only generation_config's was kept, so replies ran past the end of turn to max_tokens.
+    smollm2_source.tokenizer.backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    im_end = smollm2_source.tokenizer.backend.token_to_id("<|im_end|>")
+    assert Tokenizer.from_hf_dir(tmp_path, eos_token_ids=[0]).eos_token_ids == [0, im_end]
+    assert Tokenizer.from_hf_dir(tmp_path, eos_token_ids=[im_end]).eos_token_ids == [im_end]

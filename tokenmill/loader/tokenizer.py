@@ -193,8 +193,11 @@ class Tokenizer:
         config_file = path / "tokenizer_config.json"
         config = read_json_object(config_file) if config_file.is_file() else {}
         bos, eos = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
-        if not eos_token_ids and eos is not None and backend.token_to_id(eos) is not None:
-            eos_token_ids = [backend.token_to_id(eos)]
+        # The tokenizer's own EOS ends a reply too, beside generation_config's: a ChatML fine-tune names <|im_end|>
+        # here and keeps its base's </s> there (vLLM stops at both; llama.cpp's converter takes this one).
+        eos_id = None if eos is None else backend.token_to_id(eos)
+        if eos_id is not None and eos_id not in eos_token_ids:
+            eos_token_ids = [*eos_token_ids, eos_id]
         return cls(backend, eos_token_ids, bos, eos, *_hf_chat_templates(path, config.get("chat_template")))
 
     @classmethod
