@@ -114,6 +114,8 @@ def test_fields_config_json_leaves_out_are_read_as_transformers_fills_them_in(tm
      "rope scaling 'linear' on the sliding layers"),
     # Qwen3-MoE's default top-k, 8, out of the 4 experts given: a routing the model cannot do.
     ({"architectures": ["Qwen3MoeForCausalLM"], "num_experts": 4}, "to 8 of 4 experts"),
+    # An FP8 checkpoint failed mid-load on its first scale tensor, blaming the architecture's name.
+    ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}, "quantized with 'fp8'"),
 ])
 def test_config_fields_that_would_change_the_model_are_refused(tmp_path, fields, message):
     raw = {"architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,

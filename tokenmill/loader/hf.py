@@ -86,6 +86,11 @@ class HFDirectory:
         if asked != activation:
             raise ModelLoadError(f"{self.path / 'config.json'} asks for activation {asked!r}; {self.architecture} "
                                  f"runs {activation!r} here")
+        if isinstance(c.get("quantization_config"), dict):  # else its scales read as unknown tensors, mid-load
+            method = c["quantization_config"].get("quant_method", "unnamed")
+            raise ModelLoadError(f"{self.path / 'config.json'} describes a checkpoint quantized with {method!r}; "
+                                 "only float (float32, bfloat16, float16) safetensors load here: use the float "
+                                 "checkpoint, which --quantization can quantize, or a GGUF file")
         if c.get("final_logit_softcapping"):
             raise ModelLoadError(f"{self.path / 'config.json'} sets final_logit_softcapping; not supported")
         try:
