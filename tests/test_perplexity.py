@@ -44,7 +44,7 @@ def test_log_probabilities_that_are_not_numbers_give_an_error_not_a_figure(smoll
     def nan_scores(prompts, params):  # as a model overflowing its dtype scores every token
         outputs = generate(prompts, params)
         for output in outputs:
-            output.prompt_logprobs = [TokenLogprob(lp.token_id, math.nan) for lp in output.prompt_logprobs]
+            output.prompt_logprobs = [None, *(TokenLogprob(lp.token_id, math.nan) for lp in output.prompt_logprobs[1:])]
         return outputs
 
     monkeypatch.setattr(llm, "generate", nan_scores)

@@ -96,8 +96,9 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int
     metrics: RequestMetrics
-    # With SamplingParams.prompt_logprobs, in the request's first output: entry i is prompt token i + 1.
-    prompt_logprobs: list[TokenLogprob] | None = None
+    # With SamplingParams.prompt_logprobs, in the request's first output: entry i scores prompt token i (None for
+    # the first, which nothing predicts), as vLLM lines them up.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def add(self, delta: "RequestOutput") -> None:
         """Fold a later output of the same request into this one, so this one holds everything so far."""

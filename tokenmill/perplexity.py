@@ -53,8 +53,8 @@ def perplexity(llm: LLM, token_ids: list[int], context: int, stride: int) -> Per
     outputs = llm.generate([{"prompt_token_ids": token_ids[b:e]} for b, e, _ in spans], params)
     nll, count = 0.0, 0
     for (begin, end, first), output in zip(spans, outputs):
-        # prompt_logprobs[i] scores token begin + i + 1 of the text.
-        for lp in output.prompt_logprobs[first - begin - 1 :]:
+        # prompt_logprobs[i] scores token begin + i of the text.
+        for lp in output.prompt_logprobs[first - begin :]:
             nll -= lp.logprob
             count += 1
     if not math.isfinite(nll):  # a figure nonetheless (exit 0) would pass for a measurement

@@ -137,6 +137,8 @@ def test_prompt_logprobs_are_computed_once_whatever_the_preemptions(make_engine,
         engine.add_request(str(i), prompt, params)
     finals = drain(engine).values()
     assert engine.scheduler.num_preemptions > 0
-    assert all(len(out.prompt_logprobs) == len(out.prompt_token_ids) - 1 for out in finals)
+    # Lined up with the prompt's tokens as vLLM does (a zip of the two paired each token with its neighbour's).
+    assert all(len(out.prompt_logprobs) == len(out.prompt_token_ids) and out.prompt_logprobs[0] is None
+               for out in finals)
     # A preempted sequence recomputed its prompt's logits (a vocabulary-wide row per token) and scored them again.
     assert sum(rows) == sum(len(out.prompt_token_ids) - 1 for out in finals)

@@ -57,7 +57,8 @@ def test_prompt_logprobs_match_transformers_across_chunks(make_engine, hf_smollm
     while engine.has_unfinished():
         for out in engine.step():
             whole = accumulate(whole, out)
-    ours = whole.prompt_logprobs
+    assert whole.prompt_logprobs[0] is None
+    ours = whole.prompt_logprobs[1:]
     with torch.no_grad():
         ref = torch.log_softmax(hf_smollm2(torch.tensor([ids])).logits[0, :-1], dim=-1)
     assert [lp.token_id for lp in ours] == ids[1:]

@@ -303,7 +303,8 @@ class LLMEngine:
             return None
         prompt_logprobs = None
         if request.params.prompt_logprobs is not None and not request.prompt_logprobs_sent:
-            prompt_logprobs, request.prompt_logprobs_sent = request.seqs[0].prompt_logprobs, True
+            # None first, as vLLM: the first prompt token has nothing before it to be scored from.
+            prompt_logprobs, request.prompt_logprobs_sent = [None, *request.seqs[0].prompt_logprobs], True
         return RequestOutput(
             request.request_id, request.prompt, request.prompt_token_ids, samples,
             finished=all(s.is_finished for s in request.seqs),

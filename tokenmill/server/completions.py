@@ -80,7 +80,7 @@ def _prompt_only(output: RequestOutput) -> RequestOutput:
 def _echo_logprobs(output: RequestOutput) -> tuple[list[int], list[TokenLogprob | None]]:
     """The prompt's tokens and logprobs, to lead an echoed choice (the first token has none)."""
     assert output.prompt_logprobs is not None
-    return output.prompt_token_ids, [None, *output.prompt_logprobs]
+    return output.prompt_token_ids, output.prompt_logprobs
 
 
 def _choice(body: CompletionRequest, output: RequestOutput, sample: CompletionOutput, tokenizer: Tokenizer,
