@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.llm_engine import LLMEngine
-from tokenmill.errors import InvalidRequestError
+from tokenmill.errors import InvalidRequestError, whole_number
 from tokenmill.loader.tokenizer import Tokenizer
 from tokenmill.outputs import RequestOutput, accumulate
 from tokenmill.sampling import SamplingParams
@@ -118,10 +118,22 @@ def _mark_failed(whole: dict[str, RequestOutput], failures: dict[str, Exception]
 def _prompt_input(prompt: Prompt) -> str | list[int]:
     if isinstance(prompt, dict):
         if "prompt_token_ids" in prompt:
-            return list(prompt["prompt_token_ids"])
-        if "prompt" in prompt:
+            return _token_ids(prompt["prompt_token_ids"])
+        if isinstance(prompt.get("prompt"), str):
             return prompt["prompt"]
-        raise InvalidRequestError("a dict prompt needs 'prompt' or 'prompt_token_ids'")
-    if isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)):
+        raise InvalidRequestError("a dict prompt needs 'prompt' (a string) or 'prompt_token_ids'")
+    if isinstance(prompt, str):
         return prompt
+    if isinstance(prompt, list):
+        return _token_ids(prompt)
     raise InvalidRequestError(f"a prompt must be a string, a list of token ids or a dict, not {type(prompt).__name__}")
+
+
+def _token_ids(ids: object) -> list[int]:
+    """ids as Python ints (a NumPy array's too): not floats, strings or nested lists, which failed deep inside."""
+    if isinstance(ids, str | bytes | dict) or not hasattr(ids, "__iter__"):
+        raise InvalidRequestError("prompt_token_ids must be a list of integer token ids", param="prompt_token_ids")
+    items = list(ids)
+    if not all(whole_number(t) for t in items):
+        raise InvalidRequestError("prompt_token_ids must be a list of integer token ids", param="prompt_token_ids")
+    return [int(t) for t in items]

@@ -71,7 +71,7 @@ class CompletionOutput:
     finish_reason: str | None
     stop_reason: str | int | None = None
     logprobs: list[TokenLogprob] | None = None
-    cumulative_logprob: float = 0.0
+    cumulative_logprob: float | None = None
 
     def add(self, delta: "CompletionOutput") -> None:
         """Append a later delta of the same sample."""

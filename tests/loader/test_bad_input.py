@@ -164,6 +164,12 @@ def test_bad_prompts_and_options_are_invalid_requests(llm):
         llm.generate([{"prompt_token_ids": [10**9]}])
     with pytest.raises(InvalidRequestError, match="stop_token_ids"):
         llm.generate(["hi"], SamplingParams(stop_token_ids=[10**6], min_tokens=1))
+    # Token ids in a dict went unchecked: TypeErrors from deep in the tokenizer or the range check.
+    for ids in ([504.0, 3575], "504", [[504, 3575]], 504):
+        with pytest.raises(InvalidRequestError, match="prompt_token_ids must be a list of integer"):
+            llm.generate([{"prompt_token_ids": ids}])
+    with pytest.raises(InvalidRequestError, match="'prompt' \\(a string\\)"):  # was taken as token ids
+        llm.generate([{"prompt": [504, 3575]}])
     assert not llm.engine.has_unfinished()
     with pytest.raises(InvalidRequestError, match="unknown engine options"):
         LLM("smollm2-135m", block_sise=8)
@@ -217,3 +223,17 @@ def test_settings_of_the_wrong_kind_are_refused(make, options, message):
 
     with pytest.raises(InvalidRequestError, match=re.escape(message)):
         {"engine": EngineConfig, "server": ServerConfig, "batch": BatchPolicy}[make](**options)
+
+
+def test_numpy_token_ids_come_back_as_ints_and_cumulative_logprob_only_with_logprobs(llm):
+    import numpy as np
+
+    greedy = SamplingParams(temperature=0, max_tokens=2)
+    out = llm.generate({"prompt_token_ids": np.array([504, 3575])}, greedy)[0]
+    assert out.prompt_token_ids == [504, 3575] and all(type(t) is int for t in out.prompt_token_ids)
+    # 0.0 without logprobs read as a probability of 1; vLLM gives None.
+    assert out.outputs[0].cumulative_logprob is None
+    scored = llm.generate({"prompt_token_ids": [504, 3575]}, SamplingParams(temperature=0, max_tokens=2, logprobs=0))
+    sample = scored[0].outputs[0]
+    assert sample.cumulative_logprob == pytest.approx(sum(lp.logprob for lp in sample.logprobs)) and \
+        sample.cumulative_logprob < 0

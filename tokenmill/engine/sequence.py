@@ -171,7 +171,8 @@ class Sequence:
         return CompletionOutput(
             self.index, new_text, self.token_ids[self.num_prompt_tokens + first :], self.finish_reason,
             self.stop_reason, self.logprobs[first:] if self.params.logprobs is not None else None,
-            self.cumulative_logprob,
+            # None unless logprobs were asked for, as vLLM: 0.0 reads as a probability of 1.
+            self.cumulative_logprob if self.params.logprobs is not None else None,
         )
 
     @property
