@@ -106,6 +106,7 @@ class _ChatEngine:
     def __init__(self, config) -> None:
         self.max_model_len, self.prompts, self.pending, self.failures = 1000, [], [], {}
         self.tokenizer = SimpleNamespace(encode_chat=lambda messages: [len(self.prompts)] * len(messages))
+        self.source = SimpleNamespace(sampling_defaults={})
         _ChatEngine.last = self
 
     def add_request(self, request_id, prompt, params) -> None:
@@ -366,3 +367,13 @@ def test_an_empty_api_key_serves_without_one_as_vllm(monkeypatch):
     monkeypatch.setattr(app, "serve", lambda engine, config, *args: served.setdefault("config", config))
     assert main(["serve", "--api-key", ""]) == 0
     assert served["config"].api_key is None
+
+
+def test_sampling_flags_left_out_take_the_models_recommended_settings_then_the_clis():
+    from tokenmill.cli import _params
+
+    # As llama-cli with a GGUF's general.sampling.*: the 0.7 default overrode a model's recommended temperature.
+    args = SimpleNamespace(temperature=None, top_p=0.9, top_k=None, seed=None, max_tokens=8)
+    params = _params(args, {"temperature": 0.6, "top_p": 0.95, "min_p": 0.05})
+    assert (params.temperature, params.top_p, params.top_k, params.min_p) == (0.6, 0.9, -1, 0.05)
+    assert (_params(args).temperature, _params(args).top_k) == (0.7, -1)

@@ -168,21 +168,25 @@ def _command(commands: argparse._SubParsersAction, name: str, help: str, func: C
 
 # Reply tokens `tokenmill chat` allows by default.
 _CHAT_REPLY_TOKENS = 256
+# generate's and chat's sampling where neither a flag nor the model's recommended settings say otherwise.
+_CLI_SAMPLING = {"temperature": 0.7, "top_p": 1.0, "top_k": -1}
 
 
 def _sampling_flags(parser: argparse.ArgumentParser, max_tokens: int | None, shown: str | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=max_tokens, help=f"default: {shown or max_tokens}")
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=-1)
+    # Unset, the model's recommended settings apply (as in llama.cpp), else these.
+    for flag, kind, name in (("--temperature", float, "temperature"), ("--top-p", float, "top_p"),
+                             ("--top-k", int, "top_k")):
+        parser.add_argument(flag, type=kind, help=f"default: the model's recommended, else {_CLI_SAMPLING[name]}")
     parser.add_argument("--seed", type=int, default=None)
     add_engine_flags(parser)
 
 
-def _params(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, max_tokens=args.max_tokens
-    )
+def _params(args: argparse.Namespace, recommended: dict[str, float] | None = None) -> SamplingParams:
+    """The flags' params, the model's `recommended` settings (ModelSource.sampling_defaults) for the ones not given."""
+    given = {name: value for name in _CLI_SAMPLING if (value := getattr(args, name)) is not None}
+    return SamplingParams(**{**_CLI_SAMPLING, **(recommended or {}), **given}, seed=args.seed,
+                          max_tokens=args.max_tokens)
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -211,8 +215,10 @@ def _env(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from tokenmill.llm import LLM
 
-    params = _params(args)  # validate flags before the slow model load
-    output = LLM(**engine_options(args)).generate([args.prompt], params, use_tqdm=False)[0]
+    _params(args)  # validate flags before the slow model load
+    llm = LLM(**engine_options(args))
+    params = _params(args, llm.engine.source.sampling_defaults)
+    output = llm.generate([args.prompt], params, use_tqdm=False)[0]
     print(output.outputs[0].text)
     if output.outputs[0].finish_reason == "error":  # the engine's error is logged above; a script must see it
         print("tokenmill: error: the generation failed partway (logged above); the text is cut", file=sys.stderr)
@@ -224,10 +230,11 @@ def _chat(args: argparse.Namespace) -> int:
     from tokenmill.engine.llm_engine import LLMEngine
     from tokenmill.loader.tokenizer import is_text
 
-    params = _params(args)
+    _params(args)  # validate flags before the slow model load
     if sys.stdin is None:  # started with stdin closed (`<&-`)
         raise InvalidRequestError("stdin is closed; chat reads its messages from it")
     engine = LLMEngine(engine_config(args))
+    params = _params(args, engine.source.sampling_defaults)
     if args.max_tokens is None:  # a default that fills a small context (--max-model-len 256) would refuse every message
         params = dataclasses.replace(params, max_tokens=max(1, min(_CHAT_REPLY_TOKENS, engine.max_model_len // 2)))
     messages = [{"role": "system", "content": args.system}] if args.system else []

@@ -35,6 +35,11 @@ class LLM:
         """The model's tokenizer (encode / decode / encode_chat)."""
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The params a call without any uses: the model's recommended settings (generation_config.json, or a GGUF's
+        general.sampling.*) over SamplingParams' defaults, as vLLM's method of this name."""
+        return SamplingParams(**self.engine.source.sampling_defaults)
+
     def generate(
         self,
         prompts: Prompt | list[Prompt],
@@ -52,7 +57,8 @@ class LLM:
         ids = [f"offline-{next(self._ids)}" for _ in prompts]
         try:
             for request_id, prompt, p in zip(ids, prompts, params):
-                self.engine.add_request(request_id, _prompt_input(prompt), p or SamplingParams(), fit_context=True)
+                self.engine.add_request(request_id, _prompt_input(prompt), p or self.get_default_sampling_params(),
+                                        fit_context=True)
         except BaseException:  # an invalid prompt, or Ctrl-C while a long list queues: none of them stays queued
             for request_id in ids:
                 self.engine.abort(request_id)

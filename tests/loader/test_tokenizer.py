@@ -393,3 +393,18 @@ def test_a_folders_tokenizer_eos_ends_replies_beside_generation_configs(tmp_path
     im_end = smollm2_source.tokenizer.backend.token_to_id("<|im_end|>")
     assert Tokenizer.from_hf_dir(tmp_path, eos_token_ids=[0]).eos_token_ids == [0, im_end]
     assert Tokenizer.from_hf_dir(tmp_path, eos_token_ids=[im_end]).eos_token_ids == [im_end]
+
+
+def test_a_gguf_files_recommended_sampling_is_read_by_llama_cpps_keys(tmp_path):
+    path = tmp_path / "v.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_float32("general.sampling.temp", 0.6)
+    writer.add_uint32("general.sampling.top_k", 20)
+    writer.add_float32("general.sampling.penalty_repeat", 1.25)
+    writer.add_uint32("general.sampling.mirostat", 0)  # not a setting of ours: left out
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    defaults = GGUFFile(path).sampling_defaults()
+    assert defaults == {"temperature": pytest.approx(0.6), "top_k": 20, "repetition_penalty": 1.25}

@@ -196,3 +196,22 @@ def test_a_tied_checkpoint_may_store_the_shared_matrix_under_the_heads_name(tmp_
     with torch.no_grad():
         expected = ref(torch.tensor([ids])).logits[0, -1]
     assert (last_logits(llm.engine, ids) - expected).abs().max().item() < 1e-3
+
+
+def test_generation_config_sampling_settings_are_the_defaults_a_call_leaves_unset(tmp_path, smollm2_source):
+    # As vLLM's default --generation-config auto: Qwen3 recommends temperature 0.6 and top_k 20, which plain
+    # defaults (1.0, off) ignored. transformers' own default top_k 50 is no recommendation, as vLLM reads it.
+    _save_random_model(tmp_path, smollm2_source, _tiny("llama", smollm2_source.config.vocab_size))
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": 2, "do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 50, "min_p": 0.0}))
+    assert HFDirectory(tmp_path).sampling_defaults() == {"temperature": 0.6, "top_p": 0.95, "min_p": 0.0}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "top_k": 1, "temperature": 0.9}))
+    llm = LLM(str(tmp_path), kv_cache_memory=0.02)
+    assert (llm.get_default_sampling_params().top_k, llm.get_default_sampling_params().temperature) == (1, 0.9)
+    prompts = [{"prompt_token_ids": [5, 6, 7]}, {"prompt_token_ids": [9, 8]}]
+    greedy_ids = [o.outputs[0].token_ids for o in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8,
+                                                                                       ignore_eos=True))]
+    assert [o.outputs[0].token_ids[:8] for o in llm.generate(prompts)] == greedy_ids  # top_k 1: greedy
+    (tmp_path / "generation_config.json").write_text(json.dumps({"top_p": 0}))
+    with pytest.raises(ModelLoadError, match="recommends sampling settings that cannot be used.*top_p"):
+        LLM(str(tmp_path))

@@ -127,6 +127,23 @@ def test_unknown_model_is_404_naming_every_served_model():
     assert "'gpt-9'" in error["message"] and "'small', 'other'" in error["message"]
 
 
+def test_a_request_samples_with_its_models_recommended_settings_where_it_leaves_them_unset():
+    from tokenmill.server.protocol import ChatCompletionRequest
+
+    state = _state(qwen=True, smol=True)
+    state.models["qwen"].sampling_defaults = {"temperature": 0.6, "top_k": 20, "top_p": 0.95}
+    state.models["smol"].sampling_defaults = {"temperature": 0.6, "top_k": 40}
+    chat = ChatCompletionRequest(model="qwen", messages=[{"role": "user", "content": "hi"}], top_p=0.5)
+    params = chat.sampling_params(state.sampling_defaults(chat.model))
+    assert (params.temperature, params.top_k, params.top_p) == (0.6, 20, 0.5)  # the request's own value wins
+    assert state.sampling_defaults(None) == state.models["qwen"].sampling_defaults  # the first model's
+    # auto may route to either: only what both recommend; a name not served has none (routing answers 404).
+    assert state.sampling_defaults("auto") == {"temperature": 0.6}
+    assert state.sampling_defaults("gpt-9") == {}
+    plain = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}]).sampling_params()
+    assert (plain.temperature, plain.top_k, plain.top_p) == (1.0, -1, 1.0)
+
+
 def _health(state: ServerState):
     request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(tokenmill=state)))
     return asyncio.run(health(request))

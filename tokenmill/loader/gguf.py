@@ -81,6 +81,11 @@ _LINEAR_PARTS = {
     "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down",
     "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp",
 }
+# The sampling settings a file's author recommends (general.sampling.*, written by llama.cpp's converter from
+# generation_config.json), by SamplingParams' names: llama.cpp samples with them where a request leaves them unset.
+_SAMPLING_KEYS = {"general.sampling.temp": "temperature", "general.sampling.top_p": "top_p",
+                  "general.sampling.top_k": "top_k", "general.sampling.min_p": "min_p",
+                  "general.sampling.penalty_repeat": "repetition_penalty"}
 _FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
 # The block types whose grids int4 and int8 layers hold exactly, with their levels' bits.
 _LEVEL_BITS = {GGMLQuantizationType.Q4_1: 4, GGMLQuantizationType.Q8_0: 8}
@@ -231,6 +236,10 @@ class GGUFFile:
         if self.linear_types <= _FLOAT_TYPES:
             return "none"
         return "int4" if self.linear_types == {GGMLQuantizationType.Q4_1} else "int8"
+
+    def sampling_defaults(self) -> dict[str, float]:
+        """The sampling settings the file recommends, for requests that leave them unset."""
+        return {name: self.metadata[key] for key, name in _SAMPLING_KEYS.items() if key in self.metadata}
 
     def model_config(self) -> ModelConfig:
         """Build the ModelConfig from the `<arch>.*` metadata keys."""

@@ -36,6 +36,9 @@ _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "m
                 "qwen3_moe": "Qwen3MoeForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 # Gemma3TextConfig's query_pre_attn_scalar where config.json leaves it out.
 _GEMMA3_QUERY_SCALAR = 256
+# generation_config.json's sampling settings, used where a request leaves them unset (as vLLM's default
+# --generation-config auto does), each with transformers' GenerationConfig default, which vLLM leaves out as unset.
+_SAMPLING_FIELDS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "min_p": None, "repetition_penalty": 1.0}
 # The rope scaling layers/rotary.py computes; any other would change every rotation.
 _SCALINGS = ("default", "linear", "llama3")
 
@@ -152,6 +155,13 @@ class HFDirectory:
             raise ModelLoadError(f"{self.path / 'config.json'} routes each token to {config.num_experts_per_tok} of "
                                  f"{config.num_experts} experts; it must be at least 1 and at most all of them")
         return config
+
+    def sampling_defaults(self) -> dict[str, float]:
+        """generation_config.json's sampling settings, for requests that leave them unset."""
+        generation = self.path / "generation_config.json"
+        raw = read_json_object(generation) if generation.is_file() else {}
+        return {name: raw[name] for name, default in _SAMPLING_FIELDS.items()
+                if raw.get(name) is not None and raw[name] != default}
 
     def _eos_token_ids(self) -> list[int]:
         eos = self.raw_config.get("eos_token_id")

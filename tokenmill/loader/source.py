@@ -7,13 +7,14 @@ from pathlib import Path
 import torch
 
 from tokenmill.config import ModelConfig
-from tokenmill.errors import ModelNotFoundError, UnsupportedArchitectureError
+from tokenmill.errors import InvalidRequestError, ModelLoadError, ModelNotFoundError, UnsupportedArchitectureError
 from tokenmill.loader import catalog
 from tokenmill.loader.gguf import GGUFFile
 from tokenmill.loader.hf import HFDirectory
 from tokenmill.loader.tokenizer import Tokenizer
 from tokenmill.models.registry import model_class
 from tokenmill.quant.levels import LevelRows
+from tokenmill.sampling import SamplingParams
 
 
 @dataclass
@@ -25,6 +26,9 @@ class ModelSource:
     config: ModelConfig
     tokenizer: Tokenizer
     files: GGUFFile | HFDirectory
+    # The model's recommended sampling settings (generation_config.json, a GGUF's general.sampling.*), by
+    # SamplingParams' names: requests that leave a setting unset get these, as in vLLM and llama.cpp.
+    sampling_defaults: dict[str, float]
 
     def weights(self, dtype: torch.dtype, levels: bool = False) -> Iterator[tuple[str, slice, torch.Tensor | LevelRows]]:
         """Stream (Hugging Face name, rows, tensor) in the given dtype: rows of the named tensor, often all.
@@ -58,16 +62,26 @@ def open_model(name_or_path: str, pull_if_missing: bool = True) -> ModelSource:
         model_class(files.architecture)  # fail on an unsupported model before reading anything else
         config = files.model_config()
         tokenizer = Tokenizer.from_hf_dir(path, config.eos_token_ids)
-        return ModelSource(path.name, path, config, tokenizer, files)
+        return ModelSource(path.name, path, config, tokenizer, files, _sampling_defaults(files))
     if path.is_file():
         gguf = GGUFFile(path)
         model_class(gguf.architecture)
         config = gguf.model_config()
         tokenizer = Tokenizer.from_gguf(gguf, config.eos_token_ids)
-        return ModelSource(path.stem, path, config, tokenizer, gguf)
+        return ModelSource(path.stem, path, config, tokenizer, gguf, _sampling_defaults(gguf))
     check_named(name_or_path)
     if not catalog.is_pulled(name_or_path) and not pull_if_missing:
         raise ModelNotFoundError(f"{name_or_path} is not pulled yet; run `tokenmill pull {name_or_path}`")
     source = open_model(str(catalog.pull(name_or_path)))
     source.name = name_or_path
     return source
+
+
+def _sampling_defaults(files: GGUFFile | HFDirectory) -> dict[str, float]:
+    """The file's recommended sampling settings, checked now: a bad one would fail every request that relies on it."""
+    defaults = files.sampling_defaults()
+    try:
+        SamplingParams(**defaults)
+    except (InvalidRequestError, TypeError) as exc:
+        raise ModelLoadError(f"{files.path} recommends sampling settings that cannot be used: {exc}") from exc
+    return defaults

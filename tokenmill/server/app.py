@@ -54,7 +54,7 @@ def build_app(engines: dict[str, LLMEngine], config: ServerConfig,
         series = metrics if name == first else metrics.for_model(name)
         front = AsyncEngine(engine, on_stats=series.observe_stats, on_finished=series.observe_finished,
                             watchdog_timeout=config.watchdog_timeout)
-        models[name] = ServedModel(name, front, engine.tokenizer, engine.max_model_len)
+        models[name] = ServedModel(name, front, engine.tokenizer, engine.max_model_len, engine.source.sampling_defaults)
     state = ServerState(models, config, metrics)
     embedding_metrics = EmbeddingMetrics(metrics.registry, metrics.observe_other_busy)
     # Their passes take turns with the generative engines' steps: the two would fight over the same cores.
@@ -264,6 +264,9 @@ def serve(engine_config: EngineConfig, config: ServerConfig, models: list[str],
         logger.info("serving %s (KV cache %d tokens, context %d) at http://%s:%d/v1",
                     served, engine.runner.num_blocks * engine_config.block_size, engine.max_model_len,
                     config.host, config.port)
+        if engine.source.sampling_defaults:  # as vLLM says so: requests sample differently from plain defaults
+            logger.info("%s: requests that leave them unset sample with the model's recommended %s", name,
+                        ", ".join(f"{k}={v:g}" for k, v in engine.source.sampling_defaults.items()))
     for name, model in embedding_models.items():
         logger.info("serving %s for embeddings (%d dimensions, inputs up to %d tokens, batches of %d tokens after "
                     "up to %g ms) at http://%s:%d/v1/embeddings", name, model.dimensions, model.max_input_tokens,

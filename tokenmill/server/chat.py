@@ -21,7 +21,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
                                  response: Response) -> dict | EventStream:
     """Answer one conversation with n choices."""
     state = state_of(request)
-    params = with_deadlines(request, body.sampling_params())
+    params = with_deadlines(request, body.sampling_params(state.sampling_defaults(body.model)))
     tools, mode = body.tool_dicts(), body.tool_mode
     # `route` renders and tokenizes off the event loop: a long conversation must not stall other streams.
     routed = await route(state, body.model, lambda tokenizer: [body.prompt_token_ids(tokenizer)], params,

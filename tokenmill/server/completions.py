@@ -21,7 +21,7 @@ async def create_completion(body: CompletionRequest, request: Request,
                             response: Response) -> dict | EventStream:
     """Complete each prompt; choices are numbered prompt by prompt, n per prompt."""
     state = state_of(request)
-    params = with_deadlines(request, body.sampling_params())
+    params = with_deadlines(request, body.sampling_params(state.sampling_defaults(body.model)))
     # `route` tokenizes off the event loop: a long prompt takes a while and must not stall other streams.
     has_ids = isinstance(body.prompt, list) and any(isinstance(p, (int, list)) for p in body.prompt)
     routed = await route(state, body.model, lambda tokenizer: _prompt_token_ids(body.prompt, tokenizer), params,

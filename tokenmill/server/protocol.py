@@ -1,6 +1,7 @@
 """OpenAI request bodies as pydantic models, and their translation to SamplingParams."""
 
 import json
+from collections.abc import Mapping
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -207,9 +208,10 @@ class _GenerationRequest(RequestBody):
         """True when a streamed response should end with a usage chunk."""
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
+    def _sampling_params(self, max_tokens: int | None, logprobs: int | None, defaults: Mapping[str, float],
                          structured: StructuredOutput | None = None) -> SamplingParams:
-        """SamplingParams from the shared fields; raises InvalidRequestError naming the bad field."""
+        """SamplingParams from the shared fields, the model's `defaults` where they are unset; raises
+        InvalidRequestError naming the bad field."""
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options is only allowed when stream is true", param="stream_options")
         if self.n is not None and self.n > MAX_N:
@@ -217,8 +219,10 @@ class _GenerationRequest(RequestBody):
         self._refuse_unsupported()
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return SamplingParams(
-            n=_or(self.n, 1), temperature=_or(self.temperature, 1.0), top_p=_or(self.top_p, 1.0),
-            top_k=_or(self.top_k, -1), min_p=_or(self.min_p, 0.0), repetition_penalty=_or(self.repetition_penalty, 1.0),
+            n=_or(self.n, 1), temperature=_or(self.temperature, defaults.get("temperature", 1.0)),
+            top_p=_or(self.top_p, defaults.get("top_p", 1.0)), top_k=_or(self.top_k, defaults.get("top_k", -1)),
+            min_p=_or(self.min_p, defaults.get("min_p", 0.0)),
+            repetition_penalty=_or(self.repetition_penalty, defaults.get("repetition_penalty", 1.0)),
             presence_penalty=_or(self.presence_penalty, 0.0), frequency_penalty=_or(self.frequency_penalty, 0.0),
             seed=self.seed, max_tokens=max_tokens, min_tokens=_or(self.min_tokens, 0), stop=stop,
             stop_token_ids=_or(self.stop_token_ids, []), ignore_eos=_or(self.ignore_eos, False), logprobs=logprobs,
@@ -265,15 +269,15 @@ class CompletionRequest(_GenerationRequest):
     logprobs: int | None = None
     suffix: str | None = None
 
-    def sampling_params(self) -> SamplingParams:
-        """Validated sampling settings for every prompt of this request."""
+    def sampling_params(self, defaults: Mapping[str, float] | None = None) -> SamplingParams:
+        """Validated sampling settings for every prompt of this request (the model's `defaults` where unset)."""
         if self.suffix:
             raise InvalidRequestError("suffix (fill-in-the-middle) is not supported", param="suffix")
         if self.tools or self.tool_choice not in (None, "none"):
             raise InvalidRequestError("tools and tool_choice belong to chat completions (/v1/chat/completions)",
                                       param="tools")
         # The engine generates at least one token: a prompt-only request runs one, which the response leaves out.
-        params = self._sampling_params(1 if self.prompt_only else self.max_tokens, self.logprobs)
+        params = self._sampling_params(1 if self.prompt_only else self.max_tokens, self.logprobs, defaults or {})
         if self.echo and self.logprobs is not None:
             params.prompt_logprobs = self.logprobs  # echoed prompt tokens carry logprobs too
         return params
@@ -381,8 +385,9 @@ class ChatCompletionRequest(_GenerationRequest):
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = None
 
-    def sampling_params(self) -> SamplingParams:
-        """Validated sampling settings; max_completion_tokens wins over the older max_tokens."""
+    def sampling_params(self, defaults: Mapping[str, float] | None = None) -> SamplingParams:
+        """Validated sampling settings (the model's `defaults` where unset); max_completion_tokens wins over the older
+        max_tokens."""
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs set to true", param="top_logprobs")
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
@@ -393,7 +398,7 @@ class ChatCompletionRequest(_GenerationRequest):
             raise InvalidRequestError(f"max_completion_tokens={self.max_completion_tokens} must be at least 1",
                                       param="max_completion_tokens")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self._sampling_params(max_tokens, logprobs, self._forced_call())
+        return self._sampling_params(max_tokens, logprobs, defaults or {}, self._forced_call())
 
     @property
     def tool_mode(self) -> str:

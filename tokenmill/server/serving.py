@@ -6,7 +6,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from fastapi import Request
@@ -18,6 +18,7 @@ from tokenmill.engine.async_engine import AsyncEngine, RequestStream
 from tokenmill.engine.deadlines import DeadlineError
 from tokenmill.loader.tokenizer import Tokenizer
 from tokenmill.outputs import RequestMetrics, RequestOutput, accumulate
+from tokenmill.router.policies import AUTO
 from tokenmill.sampling import SamplingParams
 from tokenmill.server.deadlines import deadline_refused, dropped_error
 from tokenmill.server.errors import APIError, from_exception
@@ -34,6 +35,8 @@ class ServedModel:
     engine: AsyncEngine
     tokenizer: Tokenizer
     max_model_len: int
+    # The model's recommended sampling settings, for the ones a request leaves unset (ModelSource.sampling_defaults).
+    sampling_defaults: dict[str, float] = field(default_factory=dict)
     # Prompt tokens of requests on their way into the engine, not yet in its waiting count (--max-waiting-tokens).
     pending_tokens: int = 0
 
@@ -55,6 +58,16 @@ class ServerState:
             raise APIError(404, f"the model {name!r} does not exist; this server serves {served}",
                            param="model", code="model_not_found")
         return self.models[name]
+
+    def sampling_defaults(self, name: str | None) -> dict[str, float]:
+        """The sampling settings a request to this model name gets where it leaves them unset: for `auto`, only those
+        every model shares, so that whichever model answers samples as it recommends or as plain defaults do."""
+        if name is None or name in self.models:
+            return self.model(name).sampling_defaults
+        if name != AUTO or not self.models:
+            return {}  # a name not served: routing answers 404
+        shared = [set(model.sampling_defaults.items()) for model in self.models.values()]
+        return dict(set.intersection(*shared))
 
 
 def state_of(request: Request) -> ServerState:
