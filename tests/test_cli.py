@@ -77,6 +77,8 @@ def test_chat_drops_whole_exchanges_and_never_for_a_message_too_long_alone():
         (("serve", "--watchdog-timeout", "nan"), "watchdog_timeout=nan must be >= 0"),
         (("serve", "--shutdown-timeout", "nan"), "shutdown_timeout=nan must be >= 0"),
         (("pull", "nope"), "unknown model 'nope'"),
+        # It said "unknown model ... (or pass a path to a .gguf file ...)" to someone who had passed one.
+        (("pull", "/x/model.gguf"), "a file or folder such as '/x/model.gguf' needs no pull: pass it to --model"),
         # A mistake in a later --model was found after the earlier ones loaded (and, in calibrate, answered its set).
         (("serve", "--model", "smollm2-135m", "--model", "no-such-model"), "unknown model 'no-such-model'"),
         (("router", "calibrate", "--model", "smollm2-135m", "--model", "/no/such.gguf"), "no such file"),
@@ -377,3 +379,35 @@ def test_sampling_flags_left_out_take_the_models_recommended_settings_then_the_c
     params = _params(args, {"temperature": 0.6, "top_p": 0.95, "min_p": 0.05})
     assert (params.temperature, params.top_p, params.top_k, params.min_p) == (0.6, 0.9, -1, 0.05)
     assert (_params(args).temperature, _params(args).top_k) == (0.7, -1)
+
+
+def test_a_closed_stdout_ends_the_command_quietly():
+    # `tokenmill models | head -0`: "tokenmill: error: [Errno 32] Broken pipe" and exit 1, where a tool killed by
+    # SIGPIPE says nothing.
+    read, write = os.pipe()
+    os.close(read)
+    result = subprocess.run([sys.executable, "-m", "tokenmill.cli", "models"], stdout=write, stderr=subprocess.PIPE,
+                            timeout=60)
+    os.close(write)
+    assert result.stderr == b"" and result.returncode == 141
+
+
+def test_interactive_chat_edits_lines_with_readline(monkeypatch, capsys):
+    import builtins
+    import io
+
+    from tokenmill.engine import llm_engine
+
+    class Terminal(io.TextIOWrapper):
+        def isatty(self) -> bool:
+            return True
+
+    # input() edits lines (arrow keys, history) only once readline is imported: the up arrow went to the model
+    # as "^[[A".
+    monkeypatch.delitem(sys.modules, "readline", raising=False)
+    monkeypatch.setattr(llm_engine, "LLMEngine", _ChatEngine)
+    monkeypatch.setattr(sys, "stdin", Terminal(io.BytesIO(b""), encoding="utf-8"))
+    monkeypatch.setattr(builtins, "input", lambda prompt: (_ for _ in ()).throw(EOFError))
+    assert main(["chat"]) == 0
+    assert "readline" in sys.modules
+    assert capsys.readouterr().out == "\n"  # Ctrl-D: the shell's prompt starts a line of its own

@@ -2,6 +2,7 @@
 
 import argparse
 import dataclasses
+import importlib
 import itertools
 import logging
 import os
@@ -42,6 +43,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TokenmillError as exc:
         print(f"tokenmill: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader went away (`| head`): quiet, as a tool killed by SIGPIPE
+        # Python flushes stdout at exit: into the closed pipe that would print an error after all.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as exc:  # the machine's, not the code's: a folder not writable, a full disk, a file gone
         print(f"tokenmill: error: {exc}", file=sys.stderr)
         return 1
@@ -201,6 +206,9 @@ def _models(args: argparse.Namespace) -> int:
 def _pull(args: argparse.Namespace) -> int:
     from tokenmill.loader import catalog
 
+    if "/" in args.name or args.name.endswith(".gguf") or Path(args.name).expanduser().exists():
+        raise InvalidRequestError(f"pull takes a catalog name ({', '.join(catalog.CATALOG)}); a file or folder "
+                                  f"such as {args.name!r} needs no pull: pass it to --model")
     print(catalog.pull(args.name, force=args.force))
     return 0
 
@@ -210,6 +218,15 @@ def _env(args: argparse.Namespace) -> int:
 
     env.main(engine_config(args))
     return 0
+
+
+def _line_editing() -> None:
+    """Arrow keys, history and editing for input(), which has them only once readline is imported: else the up
+    arrow went to the model as the text "^[[A"."""
+    try:
+        importlib.import_module("readline")
+    except ImportError:  # Windows, or a Python built without it
+        pass
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -244,6 +261,8 @@ def _chat(args: argparse.Namespace) -> int:
         raise InvalidRequestError(f"--max-tokens {params.max_tokens}{' and --system' if args.system else ''} leave "
                                   f"no room for a message in the context of {engine.max_model_len} tokens")
     interactive = sys.stdin.isatty()
+    if interactive:
+        _line_editing()
     # A line that is not UTF-8 then reads as lone surrogates, to be skipped; strictly, its error would lose the
     # lines read with it.
     sys.stdin.reconfigure(errors="surrogateescape")
@@ -251,6 +270,8 @@ def _chat(args: argparse.Namespace) -> int:
         try:
             user = input("> " if interactive else "")
         except EOFError:
+            if interactive:  # Ctrl-D: the shell's prompt on a line of its own
+                print()
             break
         if not user.strip():
             continue
