@@ -76,3 +76,11 @@ def test_params_may_come_as_a_tuple_as_in_vllm(llm):
     assert [len(o.outputs[0].token_ids) for o in outputs] == [1, 2]
     with pytest.raises(InvalidRequestError, match="2 prompts but 1 sampling params"):
         llm.generate(["One", "Two"], (GREEDY,))
+
+
+def test_chat_template_kwargs_reach_the_template(llm, monkeypatch):
+    # As vLLM's LLM.chat(chat_template_kwargs=...): Qwen3's enable_thinking lives there.
+    monkeypatch.setattr(llm.tokenizer, "chat_template", "{% for m in messages %}{{ m.content }}{% endfor %}"
+                                                        "{% if enable_thinking is defined %}!{% endif %}")
+    out = llm.chat([{"role": "user", "content": "Hi"}], GREEDY, chat_template_kwargs={"enable_thinking": False})[0]
+    assert llm.tokenizer.decode(out.prompt_token_ids) == "Hi!"

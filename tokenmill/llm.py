@@ -73,8 +73,10 @@ class LLM:
         tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool | None = None,
         continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        """Render one conversation (or a list of them), and the tools on offer, as /v1/chat/completions does; reply."""
+        """Render one conversation (or a list of them), and the tools on offer, as /v1/chat/completions does; reply.
+        chat_template_kwargs: the template's own variables (Qwen3's enable_thinking), as in vLLM."""
         # Imported here: chat's message and tool helpers serve only chat, not generate.
         from tokenmill.server.protocol import content_text
         from tokenmill.structured.tools import chat_prompt
@@ -93,7 +95,8 @@ class LLM:
             flat = [{**m, "content": content_text(m.get("content")),
                      **({"role": "system"} if m.get("role") == "developer" else {})} for m in conversation]
             prompts.append({"prompt_token_ids": chat_prompt(self.tokenizer, flat, tools or [], False,
-                                                            add_generation_prompt, continue_final_message)})
+                                                            add_generation_prompt, continue_final_message,
+                                                            chat_template_kwargs)})
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

@@ -408,3 +408,22 @@ def test_a_gguf_files_recommended_sampling_is_read_by_llama_cpps_keys(tmp_path):
     writer.close()
     defaults = GGUFFile(path).sampling_defaults()
     assert defaults == {"temperature": pytest.approx(0.6), "top_k": 20, "repetition_penalty": 1.25}
+
+
+def test_chat_template_kwargs_reach_the_template_as_vllm_passes_them(tmp_path, smollm2_source):
+    from tokenmill.server.protocol import ChatCompletionRequest
+
+    # Qwen3's template reads enable_thinking; the request field was dropped, so thinking could not be turned off.
+    smollm2_source.tokenizer.backend.save(str(tmp_path / "tokenizer.json"))
+    template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+                "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    tokenizer = Tokenizer.from_hf_dir(tmp_path, eos_token_ids=[2])
+    messages = [{"role": "user", "content": "hi"}]
+    body = {"messages": messages, "chat_template_kwargs": {"enable_thinking": False}}
+    ids = ChatCompletionRequest.model_validate(body).prompt_token_ids(tokenizer)
+    assert tokenizer.decode(ids) == "<user>hi<think></think>"
+    assert tokenizer.decode(ChatCompletionRequest(messages=messages).prompt_token_ids(tokenizer)) == "<user>hi"
+    with pytest.raises(InvalidRequestError, match="may not set add_generation_prompt, messages") as refused:
+        tokenizer.encode_chat(messages, template_kwargs={"messages": [], "add_generation_prompt": False})
+    assert refused.value.param == "chat_template_kwargs"

@@ -4,6 +4,7 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Mapping
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
@@ -133,17 +134,24 @@ class Tokenizer:
         return bool(template) and re.search(r"\btools\b", template) is not None
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            tools: list[dict[str, Any]] | None = None) -> str:
-        """Render messages (and the tools on offer, as Hugging Face passes them) into one prompt string."""
+                            tools: list[dict[str, Any]] | None = None,
+                            template_kwargs: Mapping[str, Any] | None = None) -> str:
+        """Render messages (and the tools on offer, as Hugging Face passes them) into one prompt string; the
+        template's own variables (Qwen3's enable_thinking) come in template_kwargs."""
         text = self.tool_chat_template if tools and self.tool_chat_template else self.chat_template
         if not text:
             raise InvalidRequestError("this model has no chat template; use a plain completion prompt instead")
+        taken = sorted(_TEMPLATE_VARIABLES & set(template_kwargs or {}))
+        if taken:
+            raise InvalidRequestError(f"chat_template_kwargs may not set {', '.join(taken)}: the request's own fields "
+                                      "and the model's tokens set them", param="chat_template_kwargs")
         # Imported with the first chat (1.9 MiB): a process that completes text or token ids never needs it.
         import jinja2
 
         try:
             template = _jinja_env().from_string(_GENERATION_TAG.sub(_plain_block, text))
             return template.render(
+                **(template_kwargs or {}),
                 messages=messages,
                 tools=tools or None,
                 add_generation_prompt=add_generation_prompt,
@@ -154,20 +162,22 @@ class Tokenizer:
             raise InvalidRequestError(f"chat template failed on these messages: {exc}") from exc
 
     def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
-                    add_generation_prompt: bool | None = None, continue_final_message: bool = False) -> list[int]:
+                    add_generation_prompt: bool | None = None, continue_final_message: bool = False,
+                    template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
         """Prompt token ids of a conversation awaiting the reply (add_generation_prompt None: unless continued)."""
         # Hugging Face and vLLM take add_generation_prompt True by default and refuse it beside continuing.
         if not continue_final_message:
-            text = self.apply_chat_template(messages, add_generation_prompt is not False, tools)
+            text = self.apply_chat_template(messages, add_generation_prompt is not False, tools, template_kwargs)
         elif add_generation_prompt:
             raise InvalidRequestError("continue_final_message continues the last message and add_generation_prompt "
                                       "opens a new one; set at most one", param="continue_final_message")
         else:
-            text = self._through_final_message(messages, tools)
+            text = self._through_final_message(messages, tools, template_kwargs)
         # The template writes BOS itself where the model wants one; adding it again would double it.
         return self.encode(text, add_special_tokens=False)
 
-    def _through_final_message(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
+    def _through_final_message(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                               template_kwargs: Mapping[str, Any] | None) -> str:
         """The chat rendered up to the end of its final message's text, so that the model continues that message."""
         if not messages:
             raise InvalidRequestError("continue_final_message needs a message to continue",
@@ -175,7 +185,7 @@ class Tokenizer:
         # As transformers does: a tag after the text marks where it ends (the text itself may stand again later, in
         # an end-of-turn token like <|im_end|> for "d").
         final = {**messages[-1], "content": (messages[-1].get("content") or "") + _CONTINUE_TAG}
-        rendered = self.apply_chat_template([*messages[:-1], final], False, tools)
+        rendered = self.apply_chat_template([*messages[:-1], final], False, tools, template_kwargs)
         end = rendered.rfind(_CONTINUE_TAG.strip())
         if end < 0:
             raise InvalidRequestError("continue_final_message: the chat template does not write the final message's "
@@ -398,6 +408,8 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
 _GENERATION_TAG = re.compile(r"(\{%[-+]?\s*)(end)?generation(\s*[-+]?%\})")
 # Appended to a final message to be continued, to find where its text ends once rendered.
 _CONTINUE_TAG = "TOKENMILL_CONTINUE_HERE "
+# What apply_chat_template itself passes a template: a request's chat_template_kwargs may not replace them.
+_TEMPLATE_VARIABLES = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"}
 
 
 def _plain_block(tag: re.Match) -> str:

@@ -384,6 +384,8 @@ class ChatCompletionRequest(_GenerationRequest):
     # message as written (an assistant's: a prefilled answer).
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = None
+    # vLLM's too: the chat template's own variables, such as Qwen3's enable_thinking.
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def sampling_params(self, defaults: Mapping[str, float] | None = None) -> SamplingParams:
         """Validated sampling settings (the model's `defaults` where unset); max_completion_tokens wins over the older
@@ -435,7 +437,7 @@ class ChatCompletionRequest(_GenerationRequest):
     def prompt_token_ids(self, tokenizer: Tokenizer) -> list[int]:
         """The conversation and its tools rendered with tokenizer's chat template, as the prompt's token ids."""
         return chat_prompt(tokenizer, self.conversation(), self.tool_dicts(), self.tool_mode not in ("none", "auto"),
-                           self.add_generation_prompt, bool(self.continue_final_message))
+                           self.add_generation_prompt, bool(self.continue_final_message), self.chat_template_kwargs)
 
     def conversation(self) -> list[dict[str, Any]]:
         """Messages as plain dicts for the chat template; `developer` is OpenAI's newer name for `system`."""

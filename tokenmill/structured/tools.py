@@ -108,9 +108,10 @@ def _rebased(schema: Any, root: str) -> Any:
 
 def chat_prompt(tokenizer: Tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]],
                 forced: bool, add_generation_prompt: bool | None = None,
-                continue_final_message: bool = False) -> list[int]:
+                continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None) -> list[int]:
     """Prompt ids of a conversation with tools: in the template's own format where it has one, else in ours."""
-    ending = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message}
+    ending = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
+              "template_kwargs": template_kwargs}
     if tokenizer.renders_tools:
         return tokenizer.encode_chat([_with_call_objects(m) for m in messages], tools, **ending)
     return tokenizer.encode_chat(inline_tools(messages, tools, forced), **ending)
