@@ -10,7 +10,8 @@ from tokenmill.sampling import SamplingParams
 def _stream(tokenizer, prompt: list[int], output: list[int], stop: tuple[str, ...] = ()) -> str:
     detokenizer = IncrementalDetokenizer(tokenizer, prompt, list(stop), False)
     for token_id in output:
-        detokenizer.add(token_id)
+        if detokenizer.add(token_id) is not None:  # a stop string ends the sequence
+            break
     detokenizer.finish()
     return detokenizer.stream_text
 
@@ -61,3 +62,35 @@ def test_the_rest_of_a_character_completing_a_stop_string_at_the_end_says_stop(s
     # The text was cut at " " while the finish said "length" (or EOS's None), which nothing then explained.
     assert (out.finish_reason, out.stop_reason) == expected
     assert out.text == ("" if expected[0] == "stop" else tok.decode([459]))
+
+
+def test_stop_strings_completing_in_one_token_cut_at_the_first_to_complete(smollm2_source):
+    tok = smollm2_source.tokenizer
+    (notebook,) = tok.encode(" notebook")
+    prompt = tok.encode("My")
+    detokenizer = IncrementalDetokenizer(tok, prompt, ["ebook", "boo"], False)
+    # "boo" is complete at " noteboo", before "ebook" is: the earliest start cut at " not".
+    assert (detokenizer.add(notebook), detokenizer.text) == ("boo", " note")
+    # Whatever the tokens: " notebook" as one token or as " note", "book" stops at "te" (the earliest start cut
+    # the one token to nothing).
+    assert tok.encode(" note") + tok.encode("book") != [notebook]
+    for output in ([notebook], tok.encode(" note") + tok.encode("book")):
+        assert _stream(tok, prompt, output, stop=(" notebook", "te")) == " no"
+
+
+@pytest.fixture(scope="module")
+def gemma3_tokenizer():
+    from tokenmill.loader.source import open_model
+
+    return open_model("gemma3-270m").tokenizer
+
+
+def test_an_invalid_run_of_byte_tokens_gets_one_replacement_a_byte_it_holds(gemma3_tokenizer):
+    tok = gemma3_tokenizer
+    byte = {b: tok.backend.token_to_id(f"<0x{b:02X}>") for b in (0xC2, 0xA0, 0xF0, 0xE6, 0x97, 0xA5, 0xC8)}
+    # A lone lead byte after a prompt ending in a whole two-byte character: the decoder spelt the prefix's bytes
+    # as U+FFFD too, and the slice after it kept one of them.
+    assert _stream(tok, [byte[0xC2], byte[0xA0]], [byte[0xF0]]) == "\ufffd"
+    # 日 streams when complete; a stray lead byte after it is one U+FFFD, not three.
+    output = [byte[0xE6], byte[0x97], byte[0xA5], byte[0xC8], tok.backend.token_to_id("é")]
+    assert _stream(tok, tok.encode("Hello", add_special_tokens=False), output) == "日\ufffdé"

@@ -73,10 +73,15 @@ class IncrementalDetokenizer:
         before = len(self.text)
         self.text += new
         self.read_offset = len(self.ids)
-        found = [(at, stop) for stop in self.stop if (at := self.text.find(stop, max(0, before - len(stop) + 1))) != -1]
+        # The stop that completes first, ties in the list's order: as text streamed a character at a time would
+        # meet them, whatever the tokens (the earliest start made stops ["bc", "abcd"] cut "abcd" differently when
+        # it came as one token or as "a", "bc", "d").
+        found = [(at + len(stop), i, at) for i, stop in enumerate(self.stop)
+                 if (at := self.text.find(stop, max(0, before - len(stop) + 1))) != -1]
         if not found:
             return None
-        at, stop = min(found)
+        _, i, at = min(found)
+        stop = self.stop[i]
         self.text = self.text[: at + len(stop)] if self.include_stop else self.text[:at]
         self.finished = True
         return stop
@@ -84,7 +89,12 @@ class IncrementalDetokenizer:
     def _new_text(self) -> str:
         """Text of the tokens after read_offset, decoded after those from prefix_offset so spaces come out right."""
         prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
-        return self.tokenizer.decode(self.ids[self.prefix_offset :])[len(prefix) :]
+        whole = self.tokenizer.decode(self.ids[self.prefix_offset :])
+        # Byte-fallback decoders spell a whole run of bytes that is not UTF-8 as one U+FFFD a byte, the prefix's
+        # valid characters too: then slicing by the prefix's length miscounts, and the new tokens go alone.
+        if not whole.startswith(prefix):
+            return self.tokenizer.decode(self.ids[self.read_offset :])
+        return whole[len(prefix) :]
 
     @property
     def stream_text(self) -> str:
