@@ -1,5 +1,6 @@
 """SamplingParams: how one request turns logits into tokens, validated on construction."""
 
+import math
 from dataclasses import dataclass, field
 
 from tokenmill.errors import InvalidRequestError, whole_number
@@ -28,6 +29,9 @@ class SamplingParams:
     min_tokens: int = 0
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    # Added to the named tokens' logits before anything else samples them (OpenAI's logit_bias): -100 all but bans
+    # a token, 100 all but forces it.
+    logit_bias: dict[int, float] | None = None
     ignore_eos: bool = False
     # Number of top alternatives to return per generated token; None returns no logprobs.
     logprobs: int | None = None
@@ -82,6 +86,9 @@ class SamplingParams:
         _check(all(whole_number(t) for t in self.stop_token_ids), "stop_token_ids", self.stop_token_ids,
                "must be integers")
         _check(all(s for s in self.stop), "stop", self.stop, "must not contain empty strings")
+        _check(self.logit_bias is None or isinstance(self.logit_bias, dict) and all(
+            whole_number(t) and isinstance(b, int | float) and math.isfinite(b) for t, b in self.logit_bias.items()),
+            "logit_bias", self.logit_bias, "must map token ids to finite numbers")
         _check(isinstance(self.priority, int), "priority", self.priority, "must be an integer")
         for name in ("deadline_ms", "ttft_deadline_ms"):
             value = getattr(self, name)

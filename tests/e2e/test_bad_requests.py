@@ -41,7 +41,8 @@ def _assert_error(response: httpx.Response, status: int, *words: str) -> dict:
         (COMPLETIONS, {"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
         (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages"),
         (CHAT, {"messages": MESSAGES, "n": 129}, "n"),
-        (CHAT, {"messages": MESSAGES, "logit_bias": {"42": 5}}, "logit_bias"),  # refused, not ignored
+        (CHAT, {"messages": MESSAGES, "logit_bias": {"99999999": 5}}, "logit_bias"),  # past the vocabulary
+        (CHAT, {"messages": MESSAGES, "logit_bias": {"hello": 5}}, "logit_bias"),
         (COMPLETIONS, {"prompt": "hi", "best_of": 3}, "best_of"),
         (COMPLETIONS, {"prompt": "hi", "prompt_logprobs": 2}, "prompt_logprobs"),
         (CHAT, {"messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),

@@ -34,6 +34,19 @@ def test_greedy_completion_names_paris_with_usage(client, smollm2_source):
     assert result.usage.total_tokens == result.usage.prompt_tokens + 8
 
 
+def test_logit_bias_bans_and_forces_tokens_as_openai_defines_it(client, smollm2_source):
+    # It was refused with a 400; OpenAI and vLLM take it (biases past +-100 clamped, as vLLM).
+    prompt, tokenizer = "The capital of France is", smollm2_source.tokenizer
+    (paris,) = tokenizer.encode(" Paris")
+    banned = client.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=1, temperature=0,
+                                       logit_bias={str(paris): -100})
+    assert banned.choices[0].text and not banned.choices[0].text.startswith(" Paris")
+    (rome,) = tokenizer.encode(" Rome")
+    forced = client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "Hi"}],
+                                            max_tokens=3, temperature=1.0, seed=3, logit_bias={str(rome): 500})
+    assert forced.choices[0].message.content == " Rome" * 3
+
+
 def test_streamed_completion_equals_whole_for_same_seed(client):
     args = dict(model="smollm2-135m", prompt="Once upon a time", max_tokens=40, temperature=1.0, seed=11)
     whole = client.completions.create(**args)

@@ -69,6 +69,19 @@ def test_a_repetition_penalty_near_zero_promotes_the_seen_token_when_sampling_to
     assert {sampler(LOGITS.clone(), [_seq(params, tokens=[2])]).token_ids[0][0] for _ in range(20)} == {2}
 
 
+def test_logit_bias_shifts_the_named_tokens_before_penalties_and_on_draft_rows():
+    greedy = SamplingParams(temperature=0, logit_bias={2: -100.0})
+    assert Sampler()(LOGITS.clone(), [_seq(greedy)]).token_ids == [[3]]  # 2 all but banned
+    assert _draws(SamplingParams(temperature=1.0, logit_bias={4: 100.0}), 50) == {4}  # 4 all but forced
+    # Repetition divides the biased logit, as vLLM orders them: (1.0 + 2.5) / 2 = 1.75 loses to 0.5 + 2.0 = 2.5;
+    # penalizing first, 1.0 / 2 + 2.5 = 3.0 would win.
+    both = SamplingParams(temperature=0, logit_bias={1: 2.5, 5: 2.0, 2: -10.0, 3: -10.0}, repetition_penalty=2.0)
+    assert Sampler()(LOGITS.clone(), [_seq(both, tokens=[1])]).token_ids == [[5]]
+    # A sequence with a bias and drafts: every row biased, so the draft of token 4 is accepted and 4 follows it.
+    rows = LOGITS.repeat(2, 1)
+    assert Sampler()(rows, [_seq(SamplingParams(temperature=0, logit_bias={4: 100.0}))], [[4]]).token_ids == [[4, 4]]
+
+
 def test_frequency_and_presence_penalties_count_only_outputs():
     params = SamplingParams(temperature=0, frequency_penalty=0.1)
     # Token 2 generated twice: 3.0 - 0.2 < 2.9.

@@ -120,23 +120,35 @@ class Sampler:
         ]
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence], offsets: list[int]) -> None:
-        """Penalize logits in place; every row's change is computed before any is written, so a raise writes none."""
-        repeats, counted = [], []
+        """Bias and penalize logits in place; every row's change is computed before any is written, so a raise writes
+        none."""
+        biased, repeats, counted = [], [], []
         for i, seq in enumerate(seqs):
             p = seq.params
+            row = logits[i]
+            # The bias first, as OpenAI adds it to the model's logits and vLLM before penalties; on every row, draft
+            # rows too: it does not depend on the tokens before.
+            if p.logit_bias:
+                row = row.clone()
+                row[torch.tensor(list(p.logit_bias), device=logits.device)] += torch.tensor(
+                    list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+                biased.append((i, row))
             # The drafter never drafts for a penalized sequence: a draft row's penalties would need its drafts.
             assert offsets[i] == 0 or not p.has_penalties, "drafts for a sequence with penalties"
             if p.repetition_penalty != 1.0:
                 # As in vLLM and transformers: every token seen so far (prompt and output) is penalized.
                 seen = torch.tensor(sorted(set(seq.token_ids)), device=logits.device)
-                row = logits[i, seen]
-                repeats.append((i, seen, torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)))
+                prior = row[seen]
+                repeats.append((i, seen, torch.where(prior > 0, prior / p.repetition_penalty,
+                                                     prior * p.repetition_penalty)))
             if p.presence_penalty or p.frequency_penalty:
                 # OpenAI semantics: only generated tokens count.
                 output = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
                 counts = torch.bincount(output, minlength=logits.shape[1])[: logits.shape[1]].to(logits.dtype)
                 counted.append((i, p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)))
-        # Repetition first, then presence and frequency, as a row with both always had them.
+        # Repetition after the bias, then presence and frequency, as a row with both always had them.
+        for i, row in biased:
+            logits[i] = row
         for i, seen, values in repeats:
             logits[i, seen] = values
         for i, penalty in counted:

@@ -1,6 +1,7 @@
 """OpenAI request bodies as pydantic models, and their translation to SamplingParams."""
 
 import json
+import math
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar
 
@@ -225,21 +226,33 @@ class _GenerationRequest(RequestBody):
             repetition_penalty=_or(self.repetition_penalty, defaults.get("repetition_penalty", 1.0)),
             presence_penalty=_or(self.presence_penalty, 0.0), frequency_penalty=_or(self.frequency_penalty, 0.0),
             seed=self.seed, max_tokens=max_tokens, min_tokens=_or(self.min_tokens, 0), stop=stop,
-            stop_token_ids=_or(self.stop_token_ids, []), ignore_eos=_or(self.ignore_eos, False), logprobs=logprobs,
+            stop_token_ids=_or(self.stop_token_ids, []), logit_bias=self._logit_bias(),
+            ignore_eos=_or(self.ignore_eos, False), logprobs=logprobs,
             include_stop_str_in_output=_or(self.include_stop_str_in_output, False), priority=_or(self.priority, 0),
             prediction=self.prediction.text if self.prediction else None,
             structured_output=structured or self._structured_output(),
         )
 
     def _refuse_unsupported(self) -> None:
-        if self.logit_bias:
-            raise InvalidRequestError("logit_bias is not supported", param="logit_bias")
         if self.best_of is not None and self.best_of != _or(self.n, 1):
             raise InvalidRequestError("best_of is not supported (as in vLLM's V1 engine); ask for n samples",
                                       param="best_of")
         if self.prompt_logprobs is not None:
             raise InvalidRequestError("prompt_logprobs is not supported; on /v1/completions, echo with logprobs "
                                       "scores the prompt's tokens", param="prompt_logprobs")
+
+    def _logit_bias(self) -> dict[int, float] | None:
+        """OpenAI's logit_bias (token ids as strings) as SamplingParams takes it; biases clamped to [-100, 100], as
+        vLLM does."""
+        if not self.logit_bias:
+            return None
+        bias = {}
+        for token, value in self.logit_bias.items():
+            if not token.strip().lstrip("-").isdigit() or not math.isfinite(value):
+                raise InvalidRequestError(f"logit_bias maps token ids to finite numbers; got {token!r}: {value}",
+                                          param="logit_bias")
+            bias[int(token)] = min(100.0, max(-100.0, value))
+        return bias
 
     def _structured_output(self) -> StructuredOutput | None:
         """The one output constraint asked for: OpenAI's response_format or one of vLLM's fields."""
