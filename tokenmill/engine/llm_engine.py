@@ -128,7 +128,8 @@ class LLMEngine:
         if any(not 0 <= t < vocab for t in params.stop_token_ids):
             raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab}) for this model", param="stop_token_ids")
         if any(not 0 <= t < vocab for t in params.logit_bias or {}):
-            raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab}) for this model", param="logit_bias")
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab}) for this model",
+                                      param="logit_bias")
         counted = params.max_tokens if params.max_tokens is not None and not fit_context else None
         wanted = len(token_ids) + (counted or 1)
         if wanted > self.max_model_len:
