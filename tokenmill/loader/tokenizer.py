@@ -6,7 +6,7 @@ import logging
 import re
 from collections.abc import Mapping
 from datetime import datetime
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +19,7 @@ from tokenmill.loader.json_file import read_json_object
 logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
+    from jinja2 import Template
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     from tokenmill.loader.gguf import GGUFFile
@@ -149,7 +150,7 @@ class Tokenizer:
         import jinja2
 
         try:
-            template = _jinja_env().from_string(_GENERATION_TAG.sub(_plain_block, text))
+            template = _compiled_template(text)
             return template.render(
                 **(template_kwargs or {}),
                 messages=messages,
@@ -415,6 +416,12 @@ _TEMPLATE_VARIABLES = {"messages", "tools", "add_generation_prompt", "bos_token"
 def _plain_block(tag: re.Match) -> str:
     """A generation tag as a block that renders its body (its whitespace control kept)."""
     return f"{tag[1]}{'endif' if tag[2] else 'if true'}{tag[3]}"
+
+
+@lru_cache(maxsize=16)
+def _compiled_template(text: str) -> "Template":
+    """A chat template compiled once (2.4 ms each chat for SmolLM2's small one; tool templates take longer)."""
+    return _jinja_env().from_string(_GENERATION_TAG.sub(_plain_block, text))
 
 
 def _jinja_env() -> "ImmutableSandboxedEnvironment":
