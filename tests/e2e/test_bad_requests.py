@@ -44,6 +44,14 @@ def _assert_error(response: httpx.Response, status: int, *words: str) -> dict:
         (CHAT, {"messages": MESSAGES, "logit_bias": {"99999999": 5}}, "logit_bias"),  # past the vocabulary
         (CHAT, {"messages": MESSAGES, "logit_bias": {"hello": 5}}, "logit_bias"),
         (COMPLETIONS, {"prompt": "hi", "best_of": 3}, "best_of"),
+        # Fields that were ignored though they change the answer: the model never saw these functions, and a
+        # client asking for special tokens' text or a truncated prompt got neither.
+        (CHAT, {"messages": MESSAGES, "functions": [{"name": "get_weather"}], "function_call": {"name": "x"}},
+         "functions"),
+        (CHAT, {"messages": MESSAGES, "skip_special_tokens": False}, "skip_special_tokens"),
+        (COMPLETIONS, {"prompt": "hi", "truncate_prompt_tokens": 2}, "truncate_prompt_tokens"),
+        (COMPLETIONS, {"prompt": "hi", "n": 2, "use_beam_search": True}, "use_beam_search"),
+        (CHAT, {"messages": MESSAGES, "chat_template": "{{ messages[0].content }}"}, "chat_template"),
         (COMPLETIONS, {"prompt": "hi", "prompt_logprobs": 2}, "prompt_logprobs"),
         (CHAT, {"messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         (CHAT, {"messages": MESSAGES, "response_format": {"type": "json_schema", "json_schema": {
@@ -161,3 +169,10 @@ def test_bad_requests_leave_no_traceback_in_the_server_log(server):
                  {"prompt": [504] * 9000, "max_tokens": 1}, {"prompt": "hi", "logprobs": 21}):
         assert httpx.post(server.url + COMPLETIONS, json=body).status_code == 400
     assert "Traceback" not in server.log.read_text()[seen:]
+
+
+def test_fields_holding_the_value_that_asks_for_nothing_are_taken(server):
+    # Clients that send vLLM's or OpenAI's defaults explicitly must not be refused for it.
+    body = {"messages": MESSAGES, "max_tokens": 2, "use_beam_search": False, "skip_special_tokens": True,
+            "bad_words": [], "echo": False, "modalities": ["text"], "function_call": "none", "functions": []}
+    assert httpx.post(server.url + CHAT, json=body, timeout=60).status_code == 200

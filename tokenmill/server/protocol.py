@@ -3,7 +3,7 @@
 import json
 import math
 from collections.abc import Mapping
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -18,6 +18,27 @@ T = TypeVar("T")
 
 # OpenAI's own limit on choices per request; more would let one request fill the whole batch.
 MAX_N = 128
+# Fields a request may send but the server does not do, with the value that asks for nothing (None: only null
+# asks for nothing) and what to use instead.
+_REFUSED: dict[str, tuple[Any, str]] = {
+    "use_beam_search": (False, "sample n choices instead"),
+    "allowed_token_ids": (None, "logit_bias can favour tokens; structured_outputs can restrict the output"),
+    "bad_words": ([], "logit_bias -100 bans a token"),
+    "logits_processors": ([], "logit_bias and the sampling fields shape the output"),
+    "return_tokens_as_token_ids": (False, "tokenize the returned text, or read logprobs' bytes"),
+    "skip_special_tokens": (True, "special tokens never reach the text; stop_token_ids and include_stop_str_in_output "
+                                  "shape the ending"),
+    "truncate_prompt_tokens": (None, "shorten the prompt before sending it (the embeddings endpoint takes it)"),
+}
+# Chat's own: OpenAI's deprecated function calling, vLLM's per-request template and chat echo, audio output.
+_CHAT_REFUSED = {
+    **_REFUSED,
+    "functions": ([], "send them as tools"),
+    "function_call": ("none", "send it as tool_choice"),
+    "chat_template": (None, "the model's own template renders every chat; chat_template_kwargs sets its variables"),
+    "echo": (False, "the conversation sent is the prompt"),
+    "modalities": (["text"], "this server answers with text"),
+}
 
 # Python's ints are unbounded, but every integer a request carries ends in an int64 tensor or a C++ library.
 _INT64 = 2**63
@@ -183,10 +204,20 @@ class _GenerationRequest(RequestBody):
     user: str | None = None
     prediction: Prediction | None = None
     response_format: ResponseFormat | None = None
-    # Accepted so they can be refused by name rather than silently ignored.
     logit_bias: dict[str, float] | None = None
+    # Accepted so they can be refused by name rather than silently ignored.
     best_of: int | None = None
     prompt_logprobs: int | None = None
+    # vLLM's (and OpenAI's older) fields that would change the answer; ignored, they gave a wrong one silently.
+    # Refused unless they hold the value that changes nothing (see _refused).
+    _refused: ClassVar[dict[str, tuple[Any, str]]] = _REFUSED
+    use_beam_search: Any = None
+    allowed_token_ids: Any = None
+    bad_words: Any = None
+    logits_processors: Any = None
+    return_tokens_as_token_ids: Any = None
+    skip_special_tokens: Any = None
+    truncate_prompt_tokens: Any = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     # Extensions named as in vLLM; null is the default, as there (the OpenAI SDK sends extra_body's None as null).
@@ -234,6 +265,10 @@ class _GenerationRequest(RequestBody):
         )
 
     def _refuse_unsupported(self) -> None:
+        for name, (noop, why) in self._refused.items():
+            value = getattr(self, name, None)
+            if value is not None and value != noop:
+                raise InvalidRequestError(f"{name} is not supported: {why}", param=name)
         if self.best_of is not None and self.best_of != _or(self.n, 1):
             raise InvalidRequestError("best_of is not supported (as in vLLM's V1 engine); ask for n samples",
                                       param="best_of")
@@ -399,6 +434,12 @@ class ChatCompletionRequest(_GenerationRequest):
     continue_final_message: bool | None = None
     # vLLM's too: the chat template's own variables, such as Qwen3's enable_thinking.
     chat_template_kwargs: dict[str, Any] | None = None
+    _refused: ClassVar[dict[str, tuple[Any, str]]] = _CHAT_REFUSED
+    functions: Any = None
+    function_call: Any = None
+    chat_template: Any = None
+    echo: Any = None
+    modalities: Any = None
 
     def sampling_params(self, defaults: Mapping[str, float] | None = None) -> SamplingParams:
         """Validated sampling settings (the model's `defaults` where unset); max_completion_tokens wins over the older
