@@ -427,3 +427,18 @@ def test_chat_template_kwargs_reach_the_template_as_vllm_passes_them(tmp_path, s
     with pytest.raises(InvalidRequestError, match="may not set add_generation_prompt, messages") as refused:
         tokenizer.encode_chat(messages, template_kwargs={"messages": [], "add_generation_prompt": False})
     assert refused.value.param == "chat_template_kwargs"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"namespace": True}, "may not set namespace"),  # a function Qwen's templates call: a TypeError inside
+    ({"date_string": 5}, "can only concatenate"),  # Llama 3.1's variable of the wrong kind: a TypeError inside
+    ({1: True}, "map names to values"),
+])
+def test_chat_template_kwargs_that_break_the_template_are_the_requests_fault(smollm2_source, kwargs, message):
+    # Each was a TypeError from the render: a 500 and a traceback for a client's mistake.
+    tokenizer = copy.copy(smollm2_source.tokenizer)
+    tokenizer.chat_template = ("{%- set ns = namespace(n=0) %}{%- if date_string is defined %}"
+                               "{{ 'Date ' + date_string }}{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}")
+    with pytest.raises(InvalidRequestError, match=message) as refused:
+        tokenizer.encode_chat([{"role": "user", "content": "hi"}], template_kwargs=kwargs)
+    assert refused.value.param == "chat_template_kwargs"

@@ -142,15 +142,15 @@ class Tokenizer:
         text = self.tool_chat_template if tools and self.tool_chat_template else self.chat_template
         if not text:
             raise InvalidRequestError("this model has no chat template; use a plain completion prompt instead")
-        taken = sorted(_TEMPLATE_VARIABLES & set(template_kwargs or {}))
-        if taken:
-            raise InvalidRequestError(f"chat_template_kwargs may not set {', '.join(taken)}: the request's own fields "
-                                      "and the model's tokens set them", param="chat_template_kwargs")
         # Imported with the first chat (1.9 MiB): a process that completes text or token ids never needs it.
         import jinja2
 
         try:
             template = _compiled_template(text)
+        except jinja2.TemplateError as exc:
+            raise InvalidRequestError(f"chat template failed on these messages: {exc}") from exc
+        _check_template_kwargs(template_kwargs or {}, template.environment.globals)
+        try:
             return template.render(
                 **(template_kwargs or {}),
                 messages=messages,
@@ -161,6 +161,12 @@ class Tokenizer:
             )
         except jinja2.TemplateError as exc:
             raise InvalidRequestError(f"chat template failed on these messages: {exc}") from exc
+        except (TypeError, ValueError) as exc:
+            if not template_kwargs:
+                raise
+            # A variable of the wrong kind (Llama 3.1's date_string as a number) fails inside the template.
+            raise InvalidRequestError(f"chat template failed with these chat_template_kwargs: {exc}",
+                                      param="chat_template_kwargs") from exc
 
     def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
                     add_generation_prompt: bool | None = None, continue_final_message: bool = False,
@@ -416,6 +422,17 @@ _TEMPLATE_VARIABLES = {"messages", "tools", "add_generation_prompt", "bos_token"
 def _plain_block(tag: re.Match) -> str:
     """A generation tag as a block that renders its body (its whitespace control kept)."""
     return f"{tag[1]}{'endif' if tag[2] else 'if true'}{tag[3]}"
+
+
+def _check_template_kwargs(template_kwargs: Mapping[str, Any], functions: Mapping[str, Any]) -> None:
+    """Refuse kwargs that would replace what apply_chat_template sets, or a function templates call (namespace)."""
+    if not all(isinstance(name, str) for name in template_kwargs):
+        raise InvalidRequestError("chat_template_kwargs must map names to values", param="chat_template_kwargs")
+    taken = sorted((_TEMPLATE_VARIABLES | set(functions)) & set(template_kwargs))
+    if taken:
+        raise InvalidRequestError(f"chat_template_kwargs may not set {', '.join(taken)}: the request's own fields, "
+                                  "the model's tokens and the template's functions are set",
+                                  param="chat_template_kwargs")
 
 
 @lru_cache(maxsize=16)
