@@ -43,6 +43,8 @@ def _assert_error(response: httpx.Response, status: int, *words: str) -> dict:
         (CHAT, {"messages": MESSAGES, "n": 129}, "n"),
         (CHAT, {"messages": MESSAGES, "logit_bias": {"99999999": 5}}, "logit_bias"),  # past the vocabulary
         (CHAT, {"messages": MESSAGES, "logit_bias": {"hello": 5}}, "logit_bias"),
+        (COMPLETIONS, {"prompt": "hi", "logit_bias": {"\u00b2": 5}}, "logit_bias"),  # a digit int() refuses: was a 500
+        (COMPLETIONS, {"prompt": "hi", "logit_bias": {"--5": 5}}, "logit_bias"),
         (COMPLETIONS, {"prompt": "hi", "best_of": 3}, "best_of"),
         # Fields that were ignored though they change the answer: the model never saw these functions, and a
         # client asking for special tokens' text or a truncated prompt got neither.

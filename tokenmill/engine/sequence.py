@@ -8,6 +8,8 @@ from tokenmill.outputs import CompletionOutput, TokenLogprob
 from tokenmill.sampling import SamplingParams
 
 if TYPE_CHECKING:
+    import torch
+
     from tokenmill.structured.matcher import GrammarState
 
 
@@ -48,6 +50,8 @@ class Sequence:
         self.detokenizer = detokenizer
         self.arrival_time = arrival_time
         self.seed = seed
+        # params.logit_bias as (token ids, biases) on the logits' device, built by the sampler at its first step.
+        self.logit_bias_tensors: "tuple[torch.Tensor, torch.Tensor] | None" = None
         # Parallel samples (n > 1) wait for their first sibling's prefill, then share its cached blocks.
         self.parent = parent
         self.status = SequenceStatus.WAITING

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -204,7 +205,7 @@ class _GenerationRequest(RequestBody):
     user: str | None = None
     prediction: Prediction | None = None
     response_format: ResponseFormat | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token ids as strings, as JSON keys are
     # Accepted so they can be refused by name rather than silently ignored.
     best_of: int | None = None
     prompt_logprobs: int | None = None
@@ -283,7 +284,8 @@ class _GenerationRequest(RequestBody):
             return None
         bias = {}
         for token, value in self.logit_bias.items():
-            if not token.strip().lstrip("-").isdigit() or not math.isfinite(value):
+            # re.ASCII: int() refuses digits isdigit() takes ("²").
+            if not re.fullmatch(r"\s*-?\d+\s*", token, re.ASCII) or not math.isfinite(value):
                 raise InvalidRequestError(f"logit_bias maps token ids to finite numbers; got {token!r}: {value}",
                                           param="logit_bias")
             bias[int(token)] = min(100.0, max(-100.0, value))
