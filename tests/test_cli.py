@@ -411,3 +411,11 @@ def test_interactive_chat_edits_lines_with_readline(monkeypatch, capsys):
     assert main(["chat"]) == 0
     assert "readline" in sys.modules
     assert capsys.readouterr().out == "\n"  # Ctrl-D: the shell's prompt starts a line of its own
+
+
+def test_pull_of_a_catalog_name_pulls_even_beside_a_folder_of_that_name(tmp_path, monkeypatch, capsys, smollm2_path):
+    # A folder named smollm2-135m in the working directory made `pull smollm2-135m` say it was a path.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "smollm2-135m").mkdir()
+    assert main(["pull", "smollm2-135m"]) == 0
+    assert capsys.readouterr().out.strip() == str(smollm2_path)

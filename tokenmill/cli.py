@@ -206,7 +206,8 @@ def _models(args: argparse.Namespace) -> int:
 def _pull(args: argparse.Namespace) -> int:
     from tokenmill.loader import catalog
 
-    if "/" in args.name or args.name.endswith(".gguf") or Path(args.name).expanduser().exists():
+    if args.name not in catalog.CATALOG and ("/" in args.name or args.name.endswith(".gguf")
+                                            or Path(args.name).expanduser().exists()):
         raise InvalidRequestError(f"pull takes a catalog name ({', '.join(catalog.CATALOG)}); a file or folder "
                                   f"such as {args.name!r} needs no pull: pass it to --model")
     print(catalog.pull(args.name, force=args.force))

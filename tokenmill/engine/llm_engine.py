@@ -73,6 +73,11 @@ class LLMEngine:
         self.cost = CostAccountant(price.usd_per_hour)
         self.deadlines = DeadlineKeeper(config, self.scheduler)
         self.drafter = Drafter(config.speculative_config, build_proposer(config, self.source, self.runner, draft))
+        penalty = self.source.sampling_defaults.get("repetition_penalty", 1.0)
+        if config.speculative_config is not None and penalty != 1.0:
+            # Penalized sequences are never drafted for: a draft row's penalties would need the drafts before it.
+            logger.warning("%s recommends repetition_penalty %g: requests that leave it unset are not speculated",
+                           self.source.name, penalty)
         logger.info("engine ready: %s, KV capacity %d tokens, max_model_len %d",
                     self.source.name, pool_tokens, self.max_model_len)
         logger.info("pricing compute time at %s", price.basis)

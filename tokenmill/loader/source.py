@@ -1,5 +1,6 @@
 """Resolve a model name or path to its config, tokenizer and weight stream."""
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import torch
 
 from tokenmill.config import ModelConfig
-from tokenmill.errors import InvalidRequestError, ModelLoadError, ModelNotFoundError, UnsupportedArchitectureError
+from tokenmill.errors import InvalidRequestError, ModelNotFoundError, UnsupportedArchitectureError
 from tokenmill.loader import catalog
 from tokenmill.loader.gguf import GGUFFile
 from tokenmill.loader.hf import HFDirectory
@@ -15,6 +16,8 @@ from tokenmill.loader.tokenizer import Tokenizer
 from tokenmill.models.registry import model_class
 from tokenmill.quant.levels import LevelRows
 from tokenmill.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,10 +81,22 @@ def open_model(name_or_path: str, pull_if_missing: bool = True) -> ModelSource:
 
 
 def _sampling_defaults(files: GGUFFile | HFDirectory) -> dict[str, float]:
-    """The file's recommended sampling settings, checked now: a bad one would fail every request that relies on it."""
-    defaults = files.sampling_defaults()
-    try:
-        SamplingParams(**defaults)
-    except (InvalidRequestError, TypeError) as exc:
-        raise ModelLoadError(f"{files.path} recommends sampling settings that cannot be used: {exc}") from exc
-    return defaults
+    """The file's recommended sampling settings that SamplingParams takes; any other is left out with a warning (it
+    would fail every request that relies on it, and the model serves fine without it)."""
+    usable = {}
+    for name, value in files.sampling_defaults().items():
+        if isinstance(value, bool) or not isinstance(value, int | float):  # SamplingParams would take True as 1
+            logger.warning("%s recommends %s=%r, not a number; sampling leaves it out", files.path, name, value)
+            continue
+        if isinstance(value, float) and value.is_integer() and name == "top_k":
+            value = int(value)  # 20.0, as some generation_config.json files write it
+        elif isinstance(value, float):
+            value = float(f"{value:.7g}")  # a GGUF's float32 0.6 reads 0.6000000238: the same 0.6 as JSON's
+        try:
+            SamplingParams(**{name: value})
+        except (InvalidRequestError, TypeError) as exc:
+            logger.warning("%s recommends %s=%r, which cannot be used; sampling leaves it out (%s)",
+                           files.path, name, value, exc)
+            continue
+        usable[name] = value
+    return usable
