@@ -33,6 +33,9 @@ class SamplingParams:
     # a token, 100 all but forces it.
     logit_bias: dict[int, float] | None = None
     ignore_eos: bool = False
+    # Cached prompt blocks are shared only among requests with the same salt (vLLM's cache_salt): a tenant cannot
+    # learn from a prefix hit's speed what another sent.
+    cache_salt: str | None = None
     # Number of top alternatives to return per generated token; None returns no logprobs.
     logprobs: int | None = None
     # Number of top alternatives per prompt token; None skips prompt logprobs (they cost a full LM head
@@ -86,6 +89,8 @@ class SamplingParams:
         _check(all(whole_number(t) for t in self.stop_token_ids), "stop_token_ids", self.stop_token_ids,
                "must be integers")
         _check(all(s for s in self.stop), "stop", self.stop, "must not contain empty strings")
+        _check(self.cache_salt is None or isinstance(self.cache_salt, str) and self.cache_salt != "", "cache_salt",
+               self.cache_salt, "must be a non-empty string")
         _check(self.logit_bias is None or isinstance(self.logit_bias, dict) and all(
             whole_number(t) and isinstance(b, int | float) and math.isfinite(b) for t, b in self.logit_bias.items()),
             "logit_bias", self.logit_bias, "must map token ids to finite numbers")

@@ -47,6 +47,19 @@ def test_logit_bias_bans_and_forces_tokens_as_openai_defines_it(client, smollm2_
     assert forced.choices[0].message.content == " Rome" * 3
 
 
+def test_a_cache_salt_keeps_cached_prompt_blocks_to_requests_of_that_salt(client):
+    # vLLM's cache_salt was ignored: every tenant's prompt blocks were everyone's (and a hit's speed tells).
+    prompt = "A story about salt and caches, told twice over by a careful narrator. " * 6
+
+    def cached(salt: str) -> int:
+        body = {"cache_salt": salt}
+        result = client.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=1, extra_body=body)
+        return result.usage.prompt_tokens_details.cached_tokens
+
+    assert cached("tenant-a") == 0
+    assert cached("tenant-a") > 0 and cached("tenant-b") == 0
+
+
 def test_streamed_completion_equals_whole_for_same_seed(client):
     args = dict(model="smollm2-135m", prompt="Once upon a time", max_tokens=40, temperature=1.0, seed=11)
     whole = client.completions.create(**args)

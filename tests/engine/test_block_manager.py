@@ -3,11 +3,12 @@
 from types import SimpleNamespace
 
 from tokenmill.engine.block_manager import BlockManager, block_hash
+from tokenmill.sampling import SamplingParams
 
 
-def _seq(tokens: list[int]) -> SimpleNamespace:
+def _seq(tokens: list[int], cache_salt: str | None = None) -> SimpleNamespace:
     seq = SimpleNamespace(token_ids=list(tokens), block_table=[], block_hashes=[], num_computed_tokens=0,
-                          num_cached_tokens=0)
+                          num_cached_tokens=0, params=SamplingParams(cache_salt=cache_salt))
     seq.num_tokens = len(tokens)
     return seq
 
@@ -109,3 +110,18 @@ def test_block_hashes_are_digests_that_no_crafted_prefix_can_reach():
     parent = block_hash(None, (1, 2))
     assert isinstance(parent, bytes) and len(parent) == 16
     assert block_hash(parent, (3, 4)) != block_hash(bytes(reversed(parent)), (3, 4)) != block_hash(None, (3, 4))
+
+
+def test_a_cache_salt_shares_cached_blocks_only_with_requests_of_the_same_salt():
+    # vLLM's cache_salt: one tenant must not hit (and time) another's cached prompt.
+    bm = BlockManager(num_blocks=16, block_size=4)
+    first = _seq(list(range(13)), cache_salt="tenant-a")
+    bm.allocate_prefix(first)
+    _compute_all(bm, first)
+    hits = {}
+    for salt in ("tenant-a", "tenant-b", None):
+        seq = _seq(list(range(13)), cache_salt=salt)
+        bm.allocate_prefix(seq)
+        hits[salt] = seq.num_computed_tokens
+        bm.free(seq)
+    assert hits == {"tenant-a": 12, "tenant-b": 0, None: 0}

@@ -14,7 +14,7 @@ BLOCK, WINDOW = 4, 8  # a window of two blocks: a table holds at most 3 (the win
 
 def _seq(tokens: list[int]) -> SimpleNamespace:
     seq = SimpleNamespace(token_ids=list(tokens), block_table=[], sliding_table=[], block_hashes=[],
-                          num_computed_tokens=0, num_cached_tokens=0, draft_computed=0)
+                          num_computed_tokens=0, num_cached_tokens=0, draft_computed=0, params=SamplingParams())
     seq.num_tokens = len(tokens)
     return seq
 

@@ -21,6 +21,13 @@ class Block:
         self.token_ids: tuple[int, ...] = ()
 
 
+def chain_root(seq: Sequence) -> bytes | None:
+    """What a sequence's first block hash chains to: its cache_salt's digest, so that only requests with the same
+    salt share cached blocks (vLLM's cache_salt, keeping one tenant's prompts from timing another's)."""
+    salt = seq.params.cache_salt
+    return None if salt is None else hashlib.blake2b(b"salt\0" + salt.encode(), digest_size=16).digest()
+
+
 def block_hash(parent_hash: bytes | None, token_ids: tuple[int, ...]) -> bytes:
     """Hash of a full block, chained to its parent so equal blocks match only after equal prefixes."""
     # A cryptographic digest, not hash(): Python's hash of ints is public arithmetic, so a client could craft a
@@ -164,7 +171,7 @@ class BlockManager:
         # NOTE: at least one token must be computed to get logits, so the last token never hits.
         full_blocks = (seq.num_tokens - 1) // self.block_size
         chain: list[tuple[bytes, tuple[int, ...]]] = []
-        parent = None
+        parent = chain_root(seq)
         for i in range(full_blocks):
             tokens = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
             parent = block_hash(parent, tokens)
@@ -219,7 +226,7 @@ class BlockManager:
             computed_full = seq.num_computed_tokens // self.block_size
             for i in range(len(seq.block_hashes), computed_full):
                 tokens = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
-                h = block_hash(seq.block_hashes[-1] if seq.block_hashes else None, tokens)
+                h = block_hash(seq.block_hashes[-1] if seq.block_hashes else chain_root(seq), tokens)
                 seq.block_hashes.append(h)
                 for pool, _, table in self._tables(seq):
                     if table[i] != RELEASED:

@@ -206,6 +206,7 @@ class _GenerationRequest(RequestBody):
     prediction: Prediction | None = None
     response_format: ResponseFormat | None = None
     logit_bias: dict[str, float] | None = None  # token ids as strings, as JSON keys are
+    cache_salt: str | None = None  # vLLM's: prompt blocks are shared only with requests of the same salt
     # Accepted so they can be refused by name rather than silently ignored.
     best_of: int | None = None
     prompt_logprobs: int | None = None
@@ -258,7 +259,7 @@ class _GenerationRequest(RequestBody):
             repetition_penalty=_or(self.repetition_penalty, defaults.get("repetition_penalty", 1.0)),
             presence_penalty=_or(self.presence_penalty, 0.0), frequency_penalty=_or(self.frequency_penalty, 0.0),
             seed=self.seed, max_tokens=max_tokens, min_tokens=_or(self.min_tokens, 0), stop=stop,
-            stop_token_ids=_or(self.stop_token_ids, []), logit_bias=self._logit_bias(),
+            stop_token_ids=_or(self.stop_token_ids, []), logit_bias=self._logit_bias(), cache_salt=self.cache_salt,
             ignore_eos=_or(self.ignore_eos, False), logprobs=logprobs,
             include_stop_str_in_output=_or(self.include_stop_str_in_output, False), priority=_or(self.priority, 0),
             prediction=self.prediction.text if self.prediction else None,
