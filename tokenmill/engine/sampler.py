@@ -125,19 +125,19 @@ class Sampler:
         biased, repeats, counted = [], [], []
         for i, seq in enumerate(seqs):
             p = seq.params
-            row = logits[i]
+            row = None
             # The bias first, as OpenAI adds it to the model's logits and vLLM before penalties; on every row, draft
             # rows too: it does not depend on the tokens before.
             if p.logit_bias:
                 ids, bias = _bias_tensors(seq, logits.device)
-                row = row.clone().index_add_(0, ids, bias.to(row.dtype))
+                row = logits[i].clone().index_add_(0, ids, bias.to(logits.dtype))
                 biased.append((i, row))
             # The drafter never drafts for a penalized sequence: a draft row's penalties would need its drafts.
             assert offsets[i] == 0 or not p.has_penalties, "drafts for a sequence with penalties"
             if p.repetition_penalty != 1.0:
                 # As in vLLM and transformers: every token seen so far (prompt and output) is penalized.
                 seen = torch.tensor(sorted(set(seq.token_ids)), device=logits.device)
-                prior = row[seen]
+                prior = (logits[i] if row is None else row)[seen]
                 repeats.append((i, seen, torch.where(prior > 0, prior / p.repetition_penalty,
                                                      prior * p.repetition_penalty)))
             if p.presence_penalty or p.frequency_penalty:
