@@ -1,5 +1,7 @@
 """Quantized linear layers against the float matmul of their own dequantized weights and int8-quantized inputs."""
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -171,8 +173,19 @@ def test_int4_model_keeps_lm_head_int8_and_shares_it_with_the_tied_embedding(tie
 
 
 def test_group_size_that_does_not_divide_a_layer_is_a_load_error_naming_it(tied_lm):
-    with pytest.raises(ModelLoadError, match="proj: int4 group size 48 must be a multiple of 32 dividing"):
+    with pytest.raises(ModelLoadError, match="proj: int4 group size 48 must be a multiple of 32$"):
         quantize_model(tied_lm, "int4", group_size=48)
+
+
+@pytest.mark.parametrize("width, group_size, message", [
+    # It said "group size 32 must be a multiple of 32 dividing the input width 72": the width is what misfits.
+    (72, 32, "needs input widths in multiples of 32, and this one is 72; load the model with --quantization none"),
+    (96, 64, "group size 64 does not divide the input width 96; --quant-group-size 32 does"),
+    (192, 128, "group size 128 does not divide the input width 192; --quant-group-size 96 does"),
+])
+def test_a_width_the_kernels_cannot_group_says_what_misfits_and_what_to_do(width, group_size, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Int8Linear(width, 16, group_size)
 
 
 def test_none_leaves_the_model_alone(tied_lm):

@@ -115,10 +115,16 @@ class Int4Linear(QuantizedLinear):
 
 
 def _checked_group(group_size: int, multiple: int, in_features: int) -> int:
-    if group_size % multiple or in_features % group_size:
-        raise ValueError(
-            f"group size {group_size} must be a multiple of {multiple} dividing the input width {in_features}"
-        )
+    if group_size % multiple:
+        raise ValueError(f"group size {group_size} must be a multiple of {multiple}")
+    if in_features % multiple:
+        # One message said the group size must be a multiple of 32 when it was: the width is what does not fit.
+        raise ValueError(f"needs input widths in multiples of {multiple}, and this one is {in_features}; load the "
+                         "model with --quantization none")
+    if in_features % group_size:
+        fits = max(g for g in range(multiple, group_size, multiple) if in_features % g == 0)
+        raise ValueError(f"group size {group_size} does not divide the input width {in_features}; "
+                         f"--quant-group-size {fits} does")
     return group_size
 
 
