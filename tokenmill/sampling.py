@@ -1,6 +1,7 @@
 """SamplingParams: how one request turns logits into tokens, validated on construction."""
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 from tokenmill.errors import InvalidRequestError, whole_number
@@ -89,10 +90,11 @@ class SamplingParams:
         _check(all(whole_number(t) for t in self.stop_token_ids), "stop_token_ids", self.stop_token_ids,
                "must be integers")
         _check(all(s for s in self.stop), "stop", self.stop, "must not contain empty strings")
-        _check(self.cache_salt is None or isinstance(self.cache_salt, str) and self.cache_salt != "", "cache_salt",
-               self.cache_salt, "must be a non-empty string")
+        _check(self.cache_salt is None or isinstance(self.cache_salt, str) and self.cache_salt != ""
+               and _utf8(self.cache_salt), "cache_salt", self.cache_salt, "must be a non-empty string of text")
         _check(self.logit_bias is None or isinstance(self.logit_bias, dict) and all(
-            whole_number(t) and isinstance(b, int | float) and math.isfinite(b) for t, b in self.logit_bias.items()),
+            whole_number(t) and isinstance(b, numbers.Real) and not isinstance(b, bool) and math.isfinite(b)
+            for t, b in self.logit_bias.items()),
             "logit_bias", self.logit_bias, "must map token ids to finite numbers")
         _check(isinstance(self.priority, int), "priority", self.priority, "must be an integer")
         for name in ("deadline_ms", "ttft_deadline_ms"):
@@ -113,3 +115,12 @@ class SamplingParams:
 def _check(ok: bool, name: str, value: object, rule: str) -> None:
     if not ok:
         raise InvalidRequestError(f"{name}={value!r} {rule}", param=name)
+
+
+def _utf8(text: str) -> bool:
+    """Whether text encodes as UTF-8 (no lone surrogates, which Python reads bytes that are not UTF-8 as)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -45,6 +45,7 @@ def _assert_error(response: httpx.Response, status: int, *words: str) -> dict:
         (CHAT, {"messages": MESSAGES, "logit_bias": {"hello": 5}}, "logit_bias"),
         (COMPLETIONS, {"prompt": "hi", "logit_bias": {"\u00b2": 5}}, "logit_bias"),  # a digit int() refuses: was a 500
         (COMPLETIONS, {"prompt": "hi", "logit_bias": {"--5": 5}}, "logit_bias"),
+        (COMPLETIONS, {"prompt": "hi", "logit_bias": {"1" * 5000: 5}}, "logit_bias"),  # past int()'s digits
         (COMPLETIONS, {"prompt": "hi", "best_of": 3}, "best_of"),
         # Fields that were ignored though they change the answer: the model never saw these functions, and a
         # client asking for special tokens' text or a truncated prompt got neither.
@@ -175,6 +176,6 @@ def test_bad_requests_leave_no_traceback_in_the_server_log(server):
 
 def test_fields_holding_the_value_that_asks_for_nothing_are_taken(server):
     # Clients that send vLLM's or OpenAI's defaults explicitly must not be refused for it.
-    body = {"messages": MESSAGES, "max_tokens": 2, "use_beam_search": False, "skip_special_tokens": True,
+    body = {"messages": MESSAGES, "max_tokens": 2, "use_beam_search": "false", "skip_special_tokens": True,
             "bad_words": [], "echo": False, "modalities": ["text"], "function_call": "none", "functions": []}
     assert httpx.post(server.url + CHAT, json=body, timeout=60).status_code == 200

@@ -183,7 +183,10 @@ def test_bad_prompts_and_options_are_invalid_requests(llm):
      # Counts that are not integers: top_k and logprobs of 2.5 failed inside the sampler, max_tokens 2.5 made 3.
      ({"top_k": 2.5}, "top_k"), ({"logprobs": 2.5}, "logprobs"), ({"prompt_logprobs": 1.5}, "prompt_logprobs"),
      ({"max_tokens": 2.5}, "max_tokens"), ({"min_tokens": 1.5}, "min_tokens"),
-     ({"stop_token_ids": [2.0]}, "stop_token_ids")],
+     ({"stop_token_ids": [2.0]}, "stop_token_ids"),
+     # A lone surrogate failed in the scheduler, encoding the salt; a bias of True read as 1.
+     ({"cache_salt": "\ud800"}, "cache_salt"), ({"cache_salt": ""}, "cache_salt"),
+     ({"logit_bias": {5: True}}, "logit_bias"), ({"logit_bias": {5.0: 1.0}}, "logit_bias")],
 )
 def test_out_of_range_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(InvalidRequestError, match=field):

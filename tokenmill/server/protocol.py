@@ -213,12 +213,12 @@ class _GenerationRequest(RequestBody):
     # vLLM's (and OpenAI's older) fields that would change the answer; ignored, they gave a wrong one silently.
     # Refused unless they hold the value that changes nothing (see _refused).
     _refused: ClassVar[dict[str, tuple[Any, str]]] = _REFUSED
-    use_beam_search: Any = None
+    use_beam_search: bool | None = None  # flags typed, so "false" reads as vLLM reads it
     allowed_token_ids: Any = None
     bad_words: Any = None
     logits_processors: Any = None
-    return_tokens_as_token_ids: Any = None
-    skip_special_tokens: Any = None
+    return_tokens_as_token_ids: bool | None = None
+    skip_special_tokens: bool | None = None
     truncate_prompt_tokens: Any = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -285,8 +285,8 @@ class _GenerationRequest(RequestBody):
             return None
         bias = {}
         for token, value in self.logit_bias.items():
-            # re.ASCII: int() refuses digits isdigit() takes ("²").
-            if not re.fullmatch(r"\s*-?\d+\s*", token, re.ASCII) or not math.isfinite(value):
+            # re.ASCII: int() refuses digits isdigit() takes ("²"), and numbers past 4,300 digits.
+            if not re.fullmatch(r"\s*-?\d{1,18}\s*", token, re.ASCII) or not math.isfinite(value):
                 raise InvalidRequestError(f"logit_bias maps token ids to finite numbers; got {token!r}: {value}",
                                           param="logit_bias")
             bias[int(token)] = min(100.0, max(-100.0, value))
@@ -441,7 +441,7 @@ class ChatCompletionRequest(_GenerationRequest):
     functions: Any = None
     function_call: Any = None
     chat_template: Any = None
-    echo: Any = None
+    echo: bool | None = None
     modalities: Any = None
 
     def sampling_params(self, defaults: Mapping[str, float] | None = None) -> SamplingParams:
