@@ -55,3 +55,10 @@ def test_allowed_origins_limit_which_pages_may_call_the_api():
     preflight = client.options("/v1/models", headers={"Origin": "https://evil.example",
                                                       "Access-Control-Request-Method": "GET"})
     assert preflight.status_code == 400
+
+
+def test_tokenize_and_detokenize_need_the_key_as_v1_does():
+    client = _app_client(api_key="s3cret")
+    for path, body in (("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [1]})):
+        refused = client.post(path, json=body)
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"

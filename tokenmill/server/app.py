@@ -23,7 +23,7 @@ from tokenmill.engine.async_engine import AsyncEngine, ShuttingDownError
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.loader.source import check_named
 from tokenmill.router import AUTO
-from tokenmill.server.auth import RequireAPIKey
+from tokenmill.server.auth import RequireAPIKey, require_api_key
 from tokenmill.server.chat import create_chat_completion
 from tokenmill.server.completions import create_completion
 from tokenmill.server.dashboard import dashboard_router
@@ -34,6 +34,7 @@ from tokenmill.server.metrics import Metrics
 from tokenmill.server.served_models import (ModelSpec, describe_kv_split, load_embedding_models, load_engines,
                                             split_specs, turns)
 from tokenmill.server.serving import ServedModel, ServerState, state_of
+from tokenmill.server.tokenize import detokenize, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,10 @@ def build_app(engines: dict[str, LLMEngine], config: ServerConfig,
                      dependencies=generative)
     v1.add_api_route("/embeddings", create_embedding, methods=["POST"], response_model=None)
     app.include_router(v1)
+    # Where vLLM serves them, beside /v1, and behind the key as /v1 is: rendering and tokenizing take CPU.
+    keyed = [Depends(require_api_key(config.api_key))]
+    app.add_api_route("/tokenize", tokenize, methods=["POST"], response_model=None, dependencies=keyed)
+    app.add_api_route("/detokenize", detokenize, methods=["POST"], response_model=None, dependencies=keyed)
     app.add_api_route("/health", health, methods=["GET"], response_model=None)
     app.add_api_route("/version", get_version, methods=["GET"], response_model=None)
     app.add_api_route("/metrics", get_metrics, methods=["GET"], response_model=None)

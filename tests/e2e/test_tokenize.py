@@ -1,0 +1,28 @@
+"""POST /tokenize and /detokenize (vLLM's): the ids the engine would run, and the text they spell."""
+
+import httpx
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+
+
+def test_tokenize_gives_the_ids_a_completion_and_a_chat_run_with(server):
+    prompt = httpx.post(f"{server.url}/tokenize", json={"model": "smollm2-135m", "prompt": "The capital of France"})
+    body = prompt.json()
+    completion = httpx.post(f"{server.url}/v1/completions", json={"prompt": "The capital of France", "max_tokens": 1})
+    assert body["count"] == len(body["tokens"]) == completion.json()["usage"]["prompt_tokens"]
+    assert body["max_model_len"] == 8192
+    chat = httpx.post(f"{server.url}/tokenize", json={"messages": MESSAGES}).json()
+    answered = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 1}).json()
+    assert chat["count"] == answered["usage"]["prompt_tokens"]
+    text = httpx.post(f"{server.url}/detokenize", json={"tokens": chat["tokens"]}).json()["prompt"]
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>") and text.endswith("<|im_start|>assistant\n")
+
+
+def test_tokenize_refuses_what_it_cannot_answer_in_openais_shape(server):
+    for path, body, param in [("/tokenize", {"prompt": "x", "messages": MESSAGES}, "prompt"),
+                              ("/tokenize", {}, "prompt"),
+                              ("/tokenize", {"messages": MESSAGES, "add_special_tokens": True}, "add_special_tokens"),
+                              ("/tokenize", {"model": "gpt-9", "prompt": "x"}, "model"),
+                              ("/detokenize", {"tokens": [10**9]}, "tokens")]:
+        response = httpx.post(server.url + path, json=body)
+        assert response.status_code in (400, 404) and response.json()["error"]["param"] == param, (path, body)

@@ -1,0 +1,71 @@
+"""POST /tokenize and /detokenize, as vLLM serves them: a prompt or a chat as a model's token ids, and back."""
+
+import asyncio
+from typing import Any
+
+from fastapi import Request
+
+from tokenmill.router import AUTO
+from tokenmill.server.errors import APIError
+from tokenmill.server.protocol import ChatCompletionRequest, ChatMessage, RequestBody
+from tokenmill.server.serving import ServedModel, state_of
+
+
+class TokenizeRequest(RequestBody):
+    """A prompt (vLLM's completion form) or messages (its chat form, rendered as /v1/chat/completions renders them)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    # A prompt's BOS where the model wants one (the default, as vLLM); a chat's template writes its own.
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
+class DetokenizeRequest(RequestBody):
+    """Token ids of a model, to be read back as text."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
+async def tokenize(body: TokenizeRequest, request: Request) -> dict:
+    """The token ids a prompt or a chat is to the model, their count, and the model's context."""
+    model = _model(request, body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "give either prompt or messages", param="prompt")
+    if body.prompt is not None:
+        special = body.add_special_tokens is not False
+        ids = await asyncio.to_thread(model.tokenizer.encode, body.prompt, special)
+    elif body.add_special_tokens:
+        raise APIError(400, "add_special_tokens applies to a prompt; a chat's template writes its special tokens",
+                       param="add_special_tokens")
+    else:
+        chat = ChatCompletionRequest.model_validate(body.model_dump(exclude={"prompt", "add_special_tokens"},
+                                                                    exclude_none=True))
+        ids = await asyncio.to_thread(chat.prompt_token_ids, model.tokenizer)
+    return {"count": len(ids), "max_model_len": model.max_model_len, "tokens": ids, "token_strs": None}
+
+
+async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
+    """The text a model's token ids spell (special tokens included, as vLLM reads them back)."""
+    model = _model(request, body.model)
+    vocab = model.tokenizer.vocab_size
+    if any(not 0 <= t < vocab for t in body.tokens):
+        raise APIError(400, f"tokens must be in [0, {vocab}) for {model.name!r}", param="tokens")
+    return {"prompt": await asyncio.to_thread(model.tokenizer.decode, body.tokens, False)}
+
+
+def _model(request: Request, name: str | None) -> ServedModel:
+    """The served model a request names (the first when none); `auto` names no one tokenizer."""
+    state = state_of(request)
+    if name == AUTO and AUTO not in state.models:
+        raise APIError(400, "auto may answer with any served model, each with its own tokens; name one of "
+                       f"{', '.join(repr(n) for n in state.models)}", param="model")
+    if not state.models:
+        raise APIError(404, "this server serves embedding models only; tokenizing needs a generative one",
+                       param="model", code="model_not_found")
+    return state.model(name)
