@@ -21,6 +21,10 @@ def test_tokenize_gives_the_ids_a_completion_and_a_chat_run_with(server):
 def test_tokenize_refuses_what_it_cannot_answer_in_openais_shape(server):
     for path, body, param in [("/tokenize", {"prompt": "x", "messages": MESSAGES}, "prompt"),
                               ("/tokenize", {}, "prompt"),
+                              # Checked when the chat was rebuilt from them: 500s.
+                              ("/tokenize", {"messages": []}, "messages"),
+                              ("/tokenize", {"messages": MESSAGES, "tools": [{"type": "function"}]},
+                               "tools.0.function"),
                               ("/tokenize", {"messages": MESSAGES, "add_special_tokens": True}, "add_special_tokens"),
                               ("/tokenize", {"model": "gpt-9", "prompt": "x"}, "model"),
                               ("/detokenize", {"tokens": [10**9]}, "tokens")]:

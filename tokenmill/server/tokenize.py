@@ -4,10 +4,11 @@ import asyncio
 from typing import Any
 
 from fastapi import Request
+from pydantic import Field
 
 from tokenmill.router import AUTO
 from tokenmill.server.errors import APIError
-from tokenmill.server.protocol import ChatCompletionRequest, ChatMessage, RequestBody
+from tokenmill.server.protocol import ChatCompletionRequest, ChatMessage, RequestBody, ToolDefinition
 from tokenmill.server.serving import ServedModel, state_of
 
 
@@ -16,13 +17,14 @@ class TokenizeRequest(RequestBody):
 
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    # Typed as chat's fields are: the body is checked here, where a mistake is the request's 400.
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     # A prompt's BOS where the model wants one (the default, as vLLM); a chat's template writes its own.
     add_special_tokens: bool | None = None
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[ToolDefinition] | None = None
 
 
 class DetokenizeRequest(RequestBody):
