@@ -140,9 +140,8 @@ def _prompt_input(prompt: Prompt) -> str | list[int]:
 
 def _token_ids(ids: object) -> list[int]:
     """ids as Python ints (a NumPy array's too): not floats, strings or nested lists, which failed deep inside."""
-    if isinstance(ids, str | bytes | dict) or not hasattr(ids, "__iter__"):
-        raise InvalidRequestError("prompt_token_ids must be a list of integer token ids", param="prompt_token_ids")
-    items = list(ids)
-    if not all(whole_number(t) for t in items):
+    listed = not isinstance(ids, str | bytes | dict) and hasattr(ids, "__iter__")
+    items = list(ids) if listed else []
+    if not listed or not all(whole_number(t) for t in items):
         raise InvalidRequestError("prompt_token_ids must be a list of integer token ids", param="prompt_token_ids")
     return [int(t) for t in items]
