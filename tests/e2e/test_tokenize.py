@@ -30,3 +30,17 @@ def test_tokenize_refuses_what_it_cannot_answer_in_openais_shape(server):
                               ("/detokenize", {"tokens": [10**9]}, "tokens")]:
         response = httpx.post(server.url + path, json=body)
         assert response.status_code in (400, 404) and response.json()["error"]["param"] == param, (path, body)
+
+
+def test_a_chat_with_tools_counts_as_its_tool_choice_renders_it_and_auto_names_the_one_model(server):
+    # tool_choice was dropped: "none" (which leaves the tools out of the prompt) counted them in.
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    for choice in ("none", "required"):
+        body = {"messages": MESSAGES, "tools": tools, "tool_choice": choice}
+        counted = httpx.post(f"{server.url}/tokenize", json=body).json()["count"]
+        ran = httpx.post(f"{server.url}/v1/chat/completions", json={**body, "max_tokens": 1}).json()
+        assert counted == ran["usage"]["prompt_tokens"], choice
+    # One model served: auto is that model, as chat takes it.
+    auto = httpx.post(f"{server.url}/tokenize", json={"model": "auto", "prompt": "hi"})
+    assert auto.status_code == 200 and auto.json()["count"] >= 1

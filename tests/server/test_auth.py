@@ -62,3 +62,5 @@ def test_tokenize_and_detokenize_need_the_key_as_v1_does():
     for path, body in (("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [1]})):
         refused = client.post(path, json=body)
         assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+        # Before the body is read, as on /v1: a malformed body without the key was a 400 about the body.
+        assert client.post(path, content=b"{not json", headers={"content-type": "application/json"}).status_code == 401

@@ -34,7 +34,7 @@ from tokenmill.scale.metrics import MetricsBoard, merge
 from tokenmill.scale.request_router import PrefixAwareRouter
 from tokenmill.scale.routing import prefix_key
 from tokenmill.server.app import build_app
-from tokenmill.server.auth import require_api_key
+from tokenmill.server.auth import KEYED_PREFIXES, require_api_key
 from tokenmill.server.dashboard import snapshot
 from tokenmill.server.errors import APIError, install_handlers
 from tokenmill.server.protocol import ChatCompletionRequest
@@ -161,7 +161,7 @@ class Ingress:
         """Forward to a replica; 503 if it dies before answering, a cut stream if it dies after."""
         # Before the body is read and tokenized for its prefix, as a replica; but not a browser's preflight, which
         # carries no key: the replica's CORS answers it.
-        if request.url.path.startswith("/v1/") and request.method != "OPTIONS":
+        if request.url.path.startswith(KEYED_PREFIXES) and request.method != "OPTIONS":
             await self.check_key(request)
         body = await request.body()
         scope = {k: request.scope[k] for k in ("type", "http_version", "method", "scheme", "path", "raw_path",

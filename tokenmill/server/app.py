@@ -23,7 +23,7 @@ from tokenmill.engine.async_engine import AsyncEngine, ShuttingDownError
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.loader.source import check_named
 from tokenmill.router import AUTO
-from tokenmill.server.auth import RequireAPIKey, require_api_key
+from tokenmill.server.auth import KEYED_PREFIXES, RequireAPIKey
 from tokenmill.server.chat import create_chat_completion
 from tokenmill.server.completions import create_completion
 from tokenmill.server.dashboard import dashboard_router
@@ -77,7 +77,7 @@ def build_app(engines: dict[str, LLMEngine], config: ServerConfig,
     app.state.embedders = embedders
     install_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
-    app.add_middleware(RequireAPIKey, api_key=config.api_key, prefix="/v1/")
+    app.add_middleware(RequireAPIKey, api_key=config.api_key, prefixes=KEYED_PREFIXES)
     # Outermost: a browser's preflight carries no key, and a 401 needs the CORS headers for the page to read it.
     app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["*"],
                        allow_headers=["*"])
@@ -94,10 +94,9 @@ def build_app(engines: dict[str, LLMEngine], config: ServerConfig,
                      dependencies=generative)
     v1.add_api_route("/embeddings", create_embedding, methods=["POST"], response_model=None)
     app.include_router(v1)
-    # Where vLLM serves them, beside /v1, and behind the key as /v1 is: rendering and tokenizing take CPU.
-    keyed = [Depends(require_api_key(config.api_key))]
-    app.add_api_route("/tokenize", tokenize, methods=["POST"], response_model=None, dependencies=keyed)
-    app.add_api_route("/detokenize", detokenize, methods=["POST"], response_model=None, dependencies=keyed)
+    # Where vLLM serves them, beside /v1 (behind the key as /v1 is: KEYED_PREFIXES).
+    app.add_api_route("/tokenize", tokenize, methods=["POST"], response_model=None)
+    app.add_api_route("/detokenize", detokenize, methods=["POST"], response_model=None)
     app.add_api_route("/health", health, methods=["GET"], response_model=None)
     app.add_api_route("/version", get_version, methods=["GET"], response_model=None)
     app.add_api_route("/metrics", get_metrics, methods=["GET"], response_model=None)

@@ -25,6 +25,9 @@ def _refused() -> APIError:
     return APIError(401, "invalid or missing API key; send `Authorization: Bearer <key>`",
                     type="invalid_request_error", code="invalid_api_key")
 
+# Paths behind the key: the OpenAI API, and vLLM's tokenizer endpoints beside it (rendering and tokenizing take CPU).
+KEYED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+
 
 def require_api_key(api_key: str | None):
     """A FastAPI dependency that admits a request only with the right bearer key (or always, without one)."""
@@ -37,16 +40,16 @@ def require_api_key(api_key: str | None):
 
 
 class RequireAPIKey:
-    """The key check for every path under a prefix, before anything reads the body (a malformed body from a client
+    """The key check for every path under the prefixes, before anything reads the body (a malformed body from a client
     without the key is its 401, not a 400 about the body)."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None, prefix: str) -> None:
+    def __init__(self, app: ASGIApp, api_key: str | None, prefixes: tuple[str, ...]) -> None:
         self.app = app
         self.api_key = api_key
-        self.prefix = prefix
+        self.prefixes = prefixes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] == "http" and scope["path"].startswith(self.prefix)
+        if (scope["type"] == "http" and scope["path"].startswith(self.prefixes)
                 and not admitted(Headers(scope=scope).get("authorization", ""), self.api_key)):
             await _refused().response()(scope, receive, send)
             return

@@ -1,14 +1,14 @@
 """POST /tokenize and /detokenize, as vLLM serves them: a prompt or a chat as a model's token ids, and back."""
 
 import asyncio
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import Request
 from pydantic import Field
 
 from tokenmill.router import AUTO
 from tokenmill.server.errors import APIError
-from tokenmill.server.protocol import ChatCompletionRequest, ChatMessage, RequestBody, ToolDefinition
+from tokenmill.server.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice, RequestBody, ToolDefinition
 from tokenmill.server.serving import ServedModel, state_of
 
 
@@ -25,6 +25,9 @@ class TokenizeRequest(RequestBody):
     continue_final_message: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[ToolDefinition] | None = None
+    # The prompt depends on them: "none" leaves the tools out, a forced call writes its instruction in.
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class DetokenizeRequest(RequestBody):
@@ -64,7 +67,9 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
 def _model(request: Request, name: str | None) -> ServedModel:
     """The served model a request names (the first when none); `auto` names no one tokenizer."""
     state = state_of(request)
-    if name == AUTO and AUTO not in state.models:
+    if name == AUTO and len(state.models) == 1:  # the one model auto answers with
+        name = None
+    if name == AUTO and AUTO not in state.models and state.models:
         raise APIError(400, "auto may answer with any served model, each with its own tokens; name one of "
                        f"{', '.join(repr(n) for n in state.models)}", param="model")
     if not state.models:
