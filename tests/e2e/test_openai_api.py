@@ -60,6 +60,19 @@ def test_a_cache_salt_keeps_cached_prompt_blocks_to_requests_of_that_salt(client
     assert cached("tenant-a") > 0 and cached("tenant-b") == 0
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens_as_vllm(client, smollm2_source):
+    # It was ignored: the whole prompt ran (and a history past the context was refused rather than cut).
+    prompt = "The capital of France is"
+    ids = smollm2_source.tokenizer.encode(prompt)
+    cut = client.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=4, temperature=0, echo=True,
+                                    extra_body={"truncate_prompt_tokens": 2})
+    assert cut.usage.prompt_tokens == 2 and cut.choices[0].text.startswith(smollm2_source.tokenizer.decode(ids[-2:]))
+    long_chat = [{"role": "user", "content": "word " * 9000}]
+    chat = client.chat.completions.create(model="smollm2-135m", messages=long_chat, max_tokens=1,
+                                          extra_body={"truncate_prompt_tokens": 100})
+    assert chat.usage.prompt_tokens == 100
+
+
 def test_streamed_completion_equals_whole_for_same_seed(client):
     args = dict(model="smollm2-135m", prompt="Once upon a time", max_tokens=40, temperature=1.0, seed=11)
     whole = client.completions.create(**args)

@@ -24,7 +24,7 @@ async def create_completion(body: CompletionRequest, request: Request,
     params = with_deadlines(request, body.sampling_params(state.sampling_defaults(body.model)))
     # `route` tokenizes off the event loop: a long prompt takes a while and must not stall other streams.
     has_ids = isinstance(body.prompt, list) and any(isinstance(p, (int, list)) for p in body.prompt)
-    routed = await route(state, body.model, lambda tokenizer: _prompt_token_ids(body.prompt, tokenizer), params,
+    routed = await route(state, body.model, lambda tokenizer: _prompt_token_ids(body, tokenizer), params,
                          bool(body.stream), token_ids=has_ids)
     model = routed.model
     response_id = new_id("cmpl")
@@ -53,14 +53,16 @@ async def create_completion(body: CompletionRequest, request: Request,
     }
 
 
-def _prompt_token_ids(prompt: str | list, tokenizer: Tokenizer) -> list[list[int]]:
+def _prompt_token_ids(body: CompletionRequest, tokenizer: Tokenizer) -> list[list[int]]:
+    """Each prompt's token ids (its last truncate_prompt_tokens of them, when set)."""
+    prompt = body.prompt
     if isinstance(prompt, str):
-        return [tokenizer.encode(prompt)]
+        return [body.truncated(tokenizer.encode(prompt))]
     if not prompt:
         raise InvalidRequestError("prompt is an empty list; give a string, strings, or token ids", param="prompt")
     if isinstance(prompt[0], int):
-        return [list(prompt)]
-    return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+        return [body.truncated(list(prompt))]
+    return [body.truncated(tokenizer.encode(p) if isinstance(p, str) else list(p)) for p in prompt]
 
 
 def _echo(body: CompletionRequest, output: RequestOutput, tokenizer: Tokenizer) -> str:

@@ -29,7 +29,6 @@ _REFUSED: dict[str, tuple[Any, str]] = {
     "return_tokens_as_token_ids": (False, "tokenize the returned text, or read logprobs' bytes"),
     "skip_special_tokens": (True, "special tokens never reach the text; stop_token_ids and include_stop_str_in_output "
                                   "shape the ending"),
-    "truncate_prompt_tokens": (None, "shorten the prompt before sending it (the embeddings endpoint takes it)"),
 }
 # Chat's own: OpenAI's deprecated function calling, vLLM's per-request template and chat echo, audio output.
 _CHAT_REFUSED = {
@@ -219,7 +218,8 @@ class _GenerationRequest(RequestBody):
     logits_processors: Any = None
     return_tokens_as_token_ids: bool | None = None
     skip_special_tokens: bool | None = None
-    truncate_prompt_tokens: Any = None
+    # vLLM's: keep only the prompt's last this many tokens (a chat's as rendered), so a long history still fits.
+    truncate_prompt_tokens: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     # Extensions named as in vLLM; null is the default, as there (the OpenAI SDK sends extra_body's None as null).
@@ -271,12 +271,19 @@ class _GenerationRequest(RequestBody):
             value = getattr(self, name, None)
             if value is not None and value != noop:
                 raise InvalidRequestError(f"{name} is not supported: {why}", param=name)
+        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
+            raise InvalidRequestError(f"truncate_prompt_tokens={self.truncate_prompt_tokens} must be at least 1: how "
+                                      "many of the prompt's last tokens to keep", param="truncate_prompt_tokens")
         if self.best_of is not None and self.best_of != _or(self.n, 1):
             raise InvalidRequestError("best_of is not supported (as in vLLM's V1 engine); ask for n samples",
                                       param="best_of")
         if self.prompt_logprobs is not None:
             raise InvalidRequestError("prompt_logprobs is not supported; on /v1/completions, echo with logprobs "
                                       "scores the prompt's tokens", param="prompt_logprobs")
+
+    def truncated(self, prompt_ids: list[int]) -> list[int]:
+        """The prompt's last truncate_prompt_tokens ids (all of them when it is unset)."""
+        return prompt_ids[-self.truncate_prompt_tokens:] if self.truncate_prompt_tokens else prompt_ids
 
     def _logit_bias(self) -> dict[int, float] | None:
         """OpenAI's logit_bias (token ids as strings) as SamplingParams takes it; biases clamped to [-100, 100], as
@@ -493,8 +500,9 @@ class ChatCompletionRequest(_GenerationRequest):
 
     def prompt_token_ids(self, tokenizer: Tokenizer) -> list[int]:
         """The conversation and its tools rendered with tokenizer's chat template, as the prompt's token ids."""
-        return chat_prompt(tokenizer, self.conversation(), self.tool_dicts(), self.tool_mode not in ("none", "auto"),
-                           self.add_generation_prompt, bool(self.continue_final_message), self.chat_template_kwargs)
+        return self.truncated(chat_prompt(tokenizer, self.conversation(), self.tool_dicts(),
+                                          self.tool_mode not in ("none", "auto"), self.add_generation_prompt,
+                                          bool(self.continue_final_message), self.chat_template_kwargs))
 
     def conversation(self) -> list[dict[str, Any]]:
         """Messages as plain dicts for the chat template; `developer` is OpenAI's newer name for `system`."""
