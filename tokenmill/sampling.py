@@ -43,6 +43,8 @@ class SamplingParams:
     # per prompt token and bypass the prefix cache, since cached tokens are never computed).
     prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
+    # False: control tokens the model writes (<|im_start|>, a tool-call tag) show in the text, as vLLM's option.
+    skip_special_tokens: bool = True
     # Scheduling order: a lower value is admitted (and kept through preemption) first, as vLLM's priority.
     priority: int = 0
     # OpenAI's predicted output: text the answer is expected to mostly repeat (an edit of it), drafted from

@@ -51,7 +51,6 @@ def _assert_error(response: httpx.Response, status: int, *words: str) -> dict:
         # client asking for special tokens' text or a truncated prompt got neither.
         (CHAT, {"messages": MESSAGES, "functions": [{"name": "get_weather"}], "function_call": {"name": "x"}},
          "functions"),
-        (CHAT, {"messages": MESSAGES, "skip_special_tokens": False}, "skip_special_tokens"),
         (COMPLETIONS, {"prompt": "hi", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
         (COMPLETIONS, {"prompt": "hi", "n": 2, "use_beam_search": True}, "use_beam_search"),
         (CHAT, {"messages": MESSAGES, "chat_template": "{{ messages[0].content }}"}, "chat_template"),

@@ -60,6 +60,17 @@ def test_a_cache_salt_keeps_cached_prompt_blocks_to_requests_of_that_salt(client
     assert cached("tenant-a") > 0 and cached("tenant-b") == 0
 
 
+def test_skip_special_tokens_false_shows_the_control_tokens_the_model_writes(client, smollm2_source):
+    # It was ignored: control tokens never reached the text whatever the client asked.
+    (start,) = smollm2_source.tokenizer.encode("<|im_start|>")  # a control token, forced by the bias
+    args = dict(model="smollm2-135m", prompt="Hi", max_tokens=3, temperature=0)
+    shown = client.completions.create(**args, extra_body={"logit_bias": {str(start): 100},
+                                                          "skip_special_tokens": False})
+    assert shown.choices[0].text == "<|im_start|>" * 3
+    hidden = client.completions.create(**args, extra_body={"logit_bias": {str(start): 100}})
+    assert hidden.choices[0].text == ""
+
+
 def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens_as_vllm(client, smollm2_source):
     # It was ignored: the whole prompt ran (and a history past the context was refused rather than cut).
     prompt = "The capital of France is"

@@ -11,10 +11,13 @@ _PROMPT_CONTEXT_TOKENS = 5
 class IncrementalDetokenizer:
     """Turns one sequence's output tokens into text as they arrive and finds stop strings."""
 
-    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int], stop: list[str], include_stop: bool) -> None:
+    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int], stop: list[str], include_stop: bool,
+                 skip_special: bool = True) -> None:
         self.tokenizer = tokenizer
         self.stop = stop
         self.include_stop = include_stop
+        # False (vLLM's skip_special_tokens=false): control tokens the model writes show as their text.
+        self.skip_special = skip_special
         # Text may end in the first characters of a stop string; hold those back from streams.
         self.holdback = max((len(s) for s in stop), default=1) - 1
         # Control tokens decode to nothing, and a window starting past one would strip the next word's space as
@@ -35,7 +38,7 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int, check_stop: bool = True) -> str | None:
         """Append a token; return the stop string if the text now contains one and check_stop is set."""
-        if self.tokenizer.is_special(token_id):
+        if self.skip_special and self.tokenizer.is_special(token_id):
             return None
         self.ids.append(token_id)
         new = self._new_text()
@@ -88,12 +91,12 @@ class IncrementalDetokenizer:
 
     def _new_text(self) -> str:
         """Text of the tokens after read_offset, decoded after those from prefix_offset so spaces come out right."""
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
-        whole = self.tokenizer.decode(self.ids[self.prefix_offset :])
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset], self.skip_special)
+        whole = self.tokenizer.decode(self.ids[self.prefix_offset :], self.skip_special)
         # Byte-fallback decoders spell a whole run of bytes that is not UTF-8 as one U+FFFD a byte, the prefix's
         # valid characters too: then slicing by the prefix's length miscounts, and the new tokens go alone.
         if not whole.startswith(prefix):
-            return self.tokenizer.decode(self.ids[self.read_offset :])
+            return self.tokenizer.decode(self.ids[self.read_offset :], self.skip_special)
         return whole[len(prefix) :]
 
     @property

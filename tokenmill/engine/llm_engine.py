@@ -112,7 +112,8 @@ class LLMEngine:
         for index in range(params.n):
             seq = Sequence(
                 next(self._seq_ids), request_id, index, token_ids, params, max_tokens, self.tokenizer.eos_token_ids,
-                IncrementalDetokenizer(self.tokenizer, token_ids, params.stop, params.include_stop_str_in_output),
+                IncrementalDetokenizer(self.tokenizer, token_ids, params.stop, params.include_stop_str_in_output,
+                                       params.skip_special_tokens),
                 arrival,
                 seed=None if params.seed is None else params.seed + index,
                 parent=request.seqs[0] if index and self.config.enable_prefix_caching else None,

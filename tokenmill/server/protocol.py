@@ -27,8 +27,6 @@ _REFUSED: dict[str, tuple[Any, str]] = {
     "bad_words": ([], "logit_bias -100 bans a token"),
     "logits_processors": ([], "logit_bias and the sampling fields shape the output"),
     "return_tokens_as_token_ids": (False, "tokenize the returned text, or read logprobs' bytes"),
-    "skip_special_tokens": (True, "special tokens never reach the text; stop_token_ids and include_stop_str_in_output "
-                                  "shape the ending"),
 }
 # Chat's own: OpenAI's deprecated function calling, vLLM's per-request template and chat echo, audio output.
 _CHAT_REFUSED = {
@@ -217,7 +215,6 @@ class _GenerationRequest(RequestBody):
     bad_words: Any = None
     logits_processors: Any = None
     return_tokens_as_token_ids: bool | None = None
-    skip_special_tokens: bool | None = None
     # vLLM's: keep only the prompt's last this many tokens (a chat's as rendered), so a long history still fits.
     truncate_prompt_tokens: int | None = None
     tools: list[dict[str, Any]] | None = None
@@ -230,6 +227,7 @@ class _GenerationRequest(RequestBody):
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
     priority: int | None = None
     structured_outputs: StructuredOutputs | None = None
     guided_json: dict[str, Any] | str | None = None
@@ -262,6 +260,7 @@ class _GenerationRequest(RequestBody):
             stop_token_ids=_or(self.stop_token_ids, []), logit_bias=self._logit_bias(), cache_salt=self.cache_salt,
             ignore_eos=_or(self.ignore_eos, False), logprobs=logprobs,
             include_stop_str_in_output=_or(self.include_stop_str_in_output, False), priority=_or(self.priority, 0),
+            skip_special_tokens=_or(self.skip_special_tokens, True),
             prediction=self.prediction.text if self.prediction else None,
             structured_output=structured or self._structured_output(),
         )
