@@ -8,6 +8,15 @@ def whole_number(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def is_text(text: str) -> bool:
+    """False for a string holding lone surrogates: what Python makes of bytes that are not UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class TokenmillError(Exception):
     """Base class for every error caused by user input rather than a bug."""
 

@@ -4,7 +4,7 @@ import math
 import numbers
 from dataclasses import dataclass, field
 
-from tokenmill.errors import InvalidRequestError, whole_number
+from tokenmill.errors import InvalidRequestError, is_text, whole_number
 from tokenmill.structured.params import StructuredOutput
 
 # Temperatures below this sample greedily (as vLLM's): dividing logits by one near float32's smallest overflows them to
@@ -93,7 +93,7 @@ class SamplingParams:
                "must be integers")
         _check(all(s for s in self.stop), "stop", self.stop, "must not contain empty strings")
         _check(self.cache_salt is None or isinstance(self.cache_salt, str) and self.cache_salt != ""
-               and _utf8(self.cache_salt), "cache_salt", self.cache_salt, "must be a non-empty string of text")
+               and is_text(self.cache_salt), "cache_salt", self.cache_salt, "must be a non-empty string of text")
         _check(self.logit_bias is None or isinstance(self.logit_bias, dict) and all(
             whole_number(t) and isinstance(b, numbers.Real) and not isinstance(b, bool) and math.isfinite(b)
             for t, b in self.logit_bias.items()),
@@ -117,12 +117,3 @@ class SamplingParams:
 def _check(ok: bool, name: str, value: object, rule: str) -> None:
     if not ok:
         raise InvalidRequestError(f"{name}={value!r} {rule}", param=name)
-
-
-def _utf8(text: str) -> bool:
-    """Whether text encodes as UTF-8 (no lone surrogates, which Python reads bytes that are not UTF-8 as)."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True

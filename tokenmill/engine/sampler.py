@@ -212,7 +212,8 @@ def _bias_tensors(seq: Sequence, device: torch.device) -> tuple[torch.Tensor, to
     """seq's logit_bias as (token ids, biases) on device, built once: rebuilt each step, a 40,000-entry bias made
     every step of its batch 6x slower (and a GPU would copy both anew each step)."""
     if seq.logit_bias_tensors is None or seq.logit_bias_tensors[0].device != device:
-        bias = seq.params.logit_bias or {}
+        bias = seq.params.logit_bias
+        assert bias, "bias tensors for a sequence without a logit_bias"
         seq.logit_bias_tensors = (torch.tensor(list(bias), dtype=torch.long, device=device),
                                   torch.tensor(list(bias.values()), dtype=torch.float32, device=device))
     return seq.logit_bias_tensors

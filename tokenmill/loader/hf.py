@@ -2,6 +2,7 @@
 
 import json
 from collections.abc import Iterator
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -156,18 +157,20 @@ class HFDirectory:
                                  f"{config.num_experts} experts; it must be at least 1 and at most all of them")
         return config
 
+    @cached_property
+    def generation_config(self) -> dict[str, Any]:
+        """generation_config.json's settings (stop tokens, sampling), or none where the folder has no such file."""
+        generation = self.path / "generation_config.json"
+        return read_json_object(generation) if generation.is_file() else {}
+
     def sampling_defaults(self) -> dict[str, float]:
         """generation_config.json's sampling settings, for requests that leave them unset."""
-        generation = self.path / "generation_config.json"
-        raw = read_json_object(generation) if generation.is_file() else {}
+        raw = self.generation_config
         return {name: raw[name] for name, default in _SAMPLING_FIELDS.items()
                 if raw.get(name) is not None and raw[name] != default}
 
     def _eos_token_ids(self) -> list[int]:
-        eos = self.raw_config.get("eos_token_id")
-        generation = self.path / "generation_config.json"
-        if generation.is_file():
-            eos = read_json_object(generation).get("eos_token_id", eos)
+        eos = self.generation_config.get("eos_token_id", self.raw_config.get("eos_token_id"))
         if eos is None:
             return []
         return sorted(set(eos)) if isinstance(eos, list) else [int(eos)]

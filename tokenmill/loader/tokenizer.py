@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
-from tokenmill.errors import InvalidRequestError, ModelLoadError
+from tokenmill.errors import InvalidRequestError, ModelLoadError, is_text
 from tokenmill.loader.json_file import read_json_object
 
 logger = logging.getLogger(__name__)
@@ -246,15 +246,6 @@ class Tokenizer:
         eos_token_ids = [*eos_token_ids, *sorted({i for i in ends if i is not None} - set(eos_token_ids))]
         return cls(backend, eos_token_ids, bos, eos, metadata.get("tokenizer.chat_template"),
                    metadata.get("tokenizer.chat_template.tool_use"))  # llama.cpp's name for the named template
-
-
-def is_text(text: str) -> bool:
-    """False for a string holding lone surrogates: what Python makes of bytes that are not UTF-8."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _hf_chat_templates(path: Path, configured: str | list | None) -> tuple[str | None, str | None]:
