@@ -292,7 +292,8 @@ def test_commands_that_need_no_engine_do_not_import_torch(argv, smollm2_path):
 
 
 @pytest.mark.parametrize("command", [["serve"], ["generate", "hi"], ["chat"], ["eval", "perplexity", "--file", "x"],
-                                     ["bench", "offline"], ["bench", "compare"], ["env"]])
+                                     ["bench", "offline"], ["bench", "compare"], ["env"],
+                                     ["run-batch", "-i", "in.jsonl", "-o", "out.jsonl"]])
 def test_every_engine_command_takes_every_engine_option_by_the_same_flag(command):
     from dataclasses import fields
 

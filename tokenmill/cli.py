@@ -1,4 +1,4 @@
-"""Command line: `tokenmill models | pull | env | generate | chat | serve | router | eval | plan | bench`."""
+"""Command line: tokenmill models, pull, env, generate, chat, serve, run-batch, router, eval, plan and bench."""
 
 import argparse
 import dataclasses
@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tokenmill import run_batch
 from tokenmill.bench import compare, early_exit, offline, overload
 from tokenmill.bench import embed as bench_embed
 from tokenmill.bench import gpu as bench_gpu
@@ -102,6 +103,12 @@ def _parser() -> argparse.ArgumentParser:
     _embedding_flags(serve)
     add_scale_flags(serve)
     add_engine_flags(serve, repeat_model=True)
+
+    batch = _command(commands, "run-batch", "answer an OpenAI Batch API file (JSONL) offline, as `serve` would "
+                     "answer each line, into an output file of the Batch API's shape", run_batch.main)
+    run_batch.add_arguments(batch)
+    _embedding_flags(batch)
+    add_engine_flags(batch, repeat_model=True)
 
     router = commands.add_parser("router", help="tune `model: auto` for the models `serve` would route among")
     router_actions = router.add_subparsers(required=True, metavar="ACTION")

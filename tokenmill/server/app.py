@@ -247,9 +247,9 @@ class _Server(uvicorn.Server):
             await asyncio.sleep(0.5)
 
 
-def serve(engine_config: EngineConfig, config: ServerConfig, models: list[str],
-          batching: BatchPolicy = BatchPolicy(), embedding_dtype: str = "auto") -> None:
-    """Load each model (MODEL or NAME=MODEL), serve until SIGTERM/SIGINT; in-flight requests get shutdown_timeout."""
+def load_app(engine_config: EngineConfig, config: ServerConfig, models: list[str],
+             batching: BatchPolicy = BatchPolicy(), embedding_dtype: str = "auto") -> FastAPI:
+    """Load each model (MODEL or NAME=MODEL) and build the app serving them, its engines not yet started."""
     specs = [ModelSpec.parse(value) for value in models]  # a bad spec fails before any model loads
     for spec in specs:
         check_named(spec.model)
@@ -262,7 +262,14 @@ def serve(engine_config: EngineConfig, config: ServerConfig, models: list[str],
     with ThreadPoolExecutor(1) as loader:
         engines = loader.submit(load_engines, engine_config, generative).result() if generative else {}
         embedding_models = loader.submit(load_embedding_models, embedding, embedding_dtype, set(engines)).result()
-    app = build_app(engines, config, embedding_models, batching)
+    return build_app(engines, config, embedding_models, batching)
+
+
+def serve(engine_config: EngineConfig, config: ServerConfig, models: list[str],
+          batching: BatchPolicy = BatchPolicy(), embedding_dtype: str = "auto") -> None:
+    """Load each model, serve until SIGTERM/SIGINT; in-flight requests get shutdown_timeout."""
+    app = load_app(engine_config, config, models, batching, embedding_dtype)
+    engines = {name: model.engine.engine for name, model in app.state.tokenmill.models.items()}
     for name, engine in engines.items():
         served = name if name == engine.source.name else f"{name} = {engine.source.name}"
         logger.info("serving %s (KV cache %d tokens, context %d) at http://%s:%d/v1",
@@ -271,7 +278,8 @@ def serve(engine_config: EngineConfig, config: ServerConfig, models: list[str],
         if engine.source.sampling_defaults:  # as vLLM says so: requests sample differently from plain defaults
             logger.info("%s: requests that leave them unset sample with the model's recommended %s", name,
                         ", ".join(f"{k}={v:g}" for k, v in engine.source.sampling_defaults.items()))
-    for name, model in embedding_models.items():
+    for name, embedder in app.state.embedders.items():
+        model = embedder.model
         logger.info("serving %s for embeddings (%d dimensions, inputs up to %d tokens, batches of %d tokens after "
                     "up to %g ms) at http://%s:%d/v1/embeddings", name, model.dimensions, model.max_input_tokens,
                     batching.max_batch_tokens, batching.max_wait_ms, config.host, config.port)

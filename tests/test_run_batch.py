@@ -1,0 +1,83 @@
+"""`tokenmill run-batch`: OpenAI Batch API files answered as the server answers each line, in input order."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tokenmill import cli
+from tokenmill.errors import InvalidRequestError
+from tokenmill.run_batch import read_requests
+
+
+def _line(custom_id: str, url: str, **body) -> str:
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body})
+
+
+LINES = [
+    # The longest first: the lines after it finish before it does, and must still be written after it.
+    _line("story", "/v1/completions", model="smollm2-135m", prompt="Once upon a time", max_tokens=40,
+          temperature=0),
+    _line("capital", "/v1/chat/completions", model="smollm2-135m", max_tokens=8, temperature=0,
+          messages=[{"role": "user", "content": "What is the capital of France?"}]),
+    _line("bad", "/v1/completions", model="smollm2-135m", prompt="hi", max_tokens=-3),
+    "",  # blank lines are skipped, as OpenAI's validator skips them
+    _line("unknown", "/v1/chat/completions", model="nope", messages=[{"role": "user", "content": "hi"}]),
+    _line("count", "/v1/completions", model="smollm2-135m", prompt="1, 2, 3,", max_tokens=6, temperature=0),
+]
+
+
+def _run_batch(tmp_path: Path, smollm2_path: Path, *flags: str) -> list[dict]:
+    source, out = tmp_path / "in.jsonl", tmp_path / f"out{len(flags)}.jsonl"
+    source.write_text("\n".join(LINES) + "\n")
+    code = cli.main(["run-batch", "-i", str(source), "-o", str(out), "--model", f"smollm2-135m={smollm2_path}",
+                     *flags])
+    assert code == 0
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_each_line_is_answered_as_the_server_would_in_input_order_and_batching_changes_no_token(
+        tmp_path, smollm2_path, capsys):
+    batched = _run_batch(tmp_path, smollm2_path)
+    summary = capsys.readouterr().err
+    assert [line["custom_id"] for line in batched] == ["story", "capital", "bad", "unknown", "count"]
+    assert [line["response"]["status_code"] for line in batched] == [200, 200, 400, 404, 200]
+    assert all(line["error"] is None and line["id"].startswith("batch_req_") for line in batched)
+    bodies = [line["response"]["body"] for line in batched]
+    assert "Paris" in bodies[1]["choices"][0]["message"]["content"]
+    assert bodies[2]["error"]["param"] == "max_tokens"  # the server's own 400, in OpenAI's error shape
+    assert bodies[0]["usage"]["completion_tokens"] == 40 and bodies[0]["usage"]["cost"] > 0
+    assert batched[1]["response"]["request_id"] == bodies[1]["id"]
+    cost = sum(body["usage"]["cost"] for body in bodies if "usage" in body)
+    assert "5 requests" in summary and "3 answered, 2 refused (1 x 400, 1 x 404" in summary
+    assert f"cost ${cost:.6f}" in summary
+
+    alone = _run_batch(tmp_path, smollm2_path, "--max-concurrency", "1")
+    assert [b["response"]["body"].get("choices") for b in alone] == [b.get("choices") for b in bodies]
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "in.jsonl:1: not JSON"),
+    ("[1, 2]", "in.jsonl:1: a line must be a JSON object"),
+    (json.dumps({"method": "POST", "url": "/v1/completions", "body": {}}), "custom_id must be a non-empty string"),
+    (json.dumps({"custom_id": "x", "method": "GET", "url": "/v1/completions", "body": {}}),
+     "method must be \"POST\", not 'GET'"),
+    (json.dumps({"custom_id": "x", "method": "POST", "url": "/v1/responses", "body": {}}),
+     "url '/v1/responses' is not one of /v1/chat/completions, /v1/completions, /v1/embeddings"),
+    (json.dumps({"custom_id": "x", "method": "POST", "url": "/v1/completions", "body": "hi"}),
+     "body must be a JSON object"),
+    (json.dumps({"custom_id": "x", "method": "POST", "url": "/v1/completions", "body": {"stream": True}}),
+     "cannot stream"),
+    (_line("x", "/v1/completions", prompt="a") + "\n" + _line("x", "/v1/completions", prompt="b"),
+     "in.jsonl:2: custom_id 'x' is also on line 1"),
+    ("\n\n", "holds no requests"),
+])
+def test_a_file_with_a_malformed_line_is_refused_naming_it_before_anything_runs(tmp_path, line, message, capsys):
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text(line + "\n")
+    with pytest.raises(InvalidRequestError) as refused:
+        read_requests(source)
+    assert message in str(refused.value)
+    # From the command line: one line, a non-zero exit, and no model loaded nor output file written.
+    assert cli.main(["run-batch", "-i", str(source), "-o", str(out), "--model", "no-such-model.gguf"]) == 1
+    assert message in capsys.readouterr().err and not out.exists()
