@@ -83,6 +83,9 @@ def test_token_ids_under_auto_need_models_that_share_a_tokenizer():
     assert asyncio.run(route(differ, "auto", _chat, SamplingParams(max_tokens=4), False)).model.name == "m0"  # text
     with pytest.raises(InvalidRequestError, match="stop_token_ids token ids mean different tokens"):
         asyncio.run(route(differ, "auto", _chat, SamplingParams(max_tokens=4, stop_token_ids=[2]), False))
+    # A bias keyed by one tokenizer's ids banned or forced another token on the other model, silently.
+    with pytest.raises(InvalidRequestError, match="logit_bias token ids mean different tokens"):
+        asyncio.run(route(differ, "auto", _chat, SamplingParams(max_tokens=4, logit_bias={2: -100.0}), False))
 
 
 class _Engine:

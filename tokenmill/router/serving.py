@@ -126,9 +126,9 @@ async def route(state: ServerState, requested: str | None, encode: Callable[[Tok
         return Routed(models[0], await asyncio.to_thread(encode, models[0].tokenizer), params, params,
                       Route(0, "only model", "only_model"), policy)
     # Off the event loop: the first time, a tokenizer's digest serializes all of it (12 MB for Gemma 3's).
-    if ((token_ids or params.stop_token_ids)
+    if ((token_ids or params.stop_token_ids or params.logit_bias)
             and len(await asyncio.to_thread(lambda: {model.tokenizer.fingerprint for model in models})) > 1):
-        param = "prompt" if token_ids else "stop_token_ids"
+        param = "prompt" if token_ids else "stop_token_ids" if params.stop_token_ids else "logit_bias"
         raise InvalidRequestError(f"{param} token ids mean different tokens to the served models (their tokenizers "
                                   "differ); name the model they are for rather than 'auto'", param=param)
     if policy == "cascade" and stream:
