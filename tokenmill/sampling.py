@@ -63,7 +63,8 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])  # None: none, as vLLM's default
         self.stop_token_ids = list(self.stop_token_ids or [])
-        _check(isinstance(self.n, int) and self.n >= 1, "n", self.n, "must be an integer, at least 1")
+        _check(whole_number(self.n) and self.n >= 1, "n", self.n, "must be an integer, at least 1")
+        self.n = int(self.n)
         # NOTE: comparisons refuse NaN; the upper bounds refuse Infinity, which would make every probability NaN.
         _check(0 <= self.temperature < float("inf"), "temperature", self.temperature, "must be >= 0 and finite")
         _check(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
@@ -79,9 +80,11 @@ class SamplingParams:
         _check(self.max_tokens is None or whole_number(self.max_tokens) and self.max_tokens >= 1, "max_tokens",
                self.max_tokens, "must be an integer, at least 1")
         _check(
-            self.seed is None or (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**63),
+            self.seed is None or (whole_number(self.seed) and -(2**63) <= self.seed < 2**63),
             "seed", self.seed, "must be a 64-bit integer",
         )
+        # A Python int: a numpy seed would overflow in the sampler's per-position arithmetic (seed * stride).
+        self.seed = None if self.seed is None else int(self.seed)
         _check(whole_number(self.min_tokens) and self.min_tokens >= 0, "min_tokens", self.min_tokens,
                "must be an integer >= 0")
         _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens", self.min_tokens,

@@ -186,7 +186,9 @@ def test_bad_prompts_and_options_are_invalid_requests(llm):
      ({"stop_token_ids": [2.0]}, "stop_token_ids"),
      # A lone surrogate failed in the scheduler, encoding the salt; a bias of True read as 1.
      ({"cache_salt": "\ud800"}, "cache_salt"), ({"cache_salt": ""}, "cache_salt"),
-     ({"logit_bias": {5: True}}, "logit_bias"), ({"logit_bias": {5.0: 1.0}}, "logit_bias")],
+     ({"logit_bias": {5: True}}, "logit_bias"), ({"logit_bias": {5.0: 1.0}}, "logit_bias"),
+     # Read as seed 1 and one sample, where top_k=True was refused.
+     ({"seed": True}, "seed"), ({"n": True}, "n")],
 )
 def test_out_of_range_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(InvalidRequestError, match=field):
@@ -198,6 +200,14 @@ def test_hf_directory_without_weights_is_a_load_error(tmp_path, smollm2_source):
     smollm2_source.tokenizer.backend.save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(ModelLoadError, match="safetensors"):
         open_model(str(tmp_path))
+
+
+def test_numpy_integers_are_taken_as_seed_and_n_as_for_every_other_count():
+    import numpy as np
+
+    # Refused as "must be a 64-bit integer" while top_k, max_tokens and logprobs took them.
+    params = SamplingParams(seed=np.int64(3), n=np.int64(2), temperature=1.0)
+    assert (params.seed, params.n) == (3, 2) and type(params.seed) is int and type(params.n) is int
 
 
 def test_no_stops_given_as_none_as_vllm_takes_them():
