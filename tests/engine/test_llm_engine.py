@@ -96,6 +96,10 @@ def test_offline_generate_stops_a_max_tokens_past_the_context_there_as_vllm_offl
         llm.engine.add_request("server", near, params)
     with pytest.raises(PromptTooLongError, match="no room for a token"):
         llm.generate([{"prompt_token_ids": list(range(1000, 1064))}], params)
+    # max_tokens unset is the room left (4): a min_tokens past it ran to 4 tokens, "length", where vLLM refuses it.
+    with pytest.raises(InvalidRequestError, match="min_tokens=10 is more than the 4 tokens"):
+        llm.engine.add_request("server", near, SamplingParams(max_tokens=None, min_tokens=10))
+    assert not llm.engine.has_unfinished()
 
 
 def test_parallel_samples_share_prompt_blocks_and_follow_their_seeds(engine, drain):

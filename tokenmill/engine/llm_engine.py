@@ -105,6 +105,10 @@ class LLMEngine:
         max_tokens = room if params.max_tokens is None else params.max_tokens
         if fit_context:
             max_tokens = min(max_tokens, room)
+        elif params.min_tokens > max_tokens:  # max_tokens unset: the room left, which vLLM's server checks it against
+            raise InvalidRequestError(f"min_tokens={params.min_tokens} is more than the {room} tokens this "
+                                      f"{len(token_ids)}-token prompt leaves in the {self.max_model_len}-token "
+                                      "context", param="min_tokens")
         arrival = time.perf_counter() if arrival_time is None else arrival_time
         prediction = self.tokenizer.encode(params.prediction, add_special_tokens=False) if params.prediction else []
         metrics = RequestMetrics(arrival, price_per_hour=self.cost.price_per_hour)
