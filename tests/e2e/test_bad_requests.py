@@ -52,6 +52,7 @@ def _assert_error(response: httpx.Response, status: int, *words: str) -> dict:
         (CHAT, {"messages": MESSAGES, "functions": [{"name": "get_weather"}], "function_call": {"name": "x"}},
          "functions"),
         (COMPLETIONS, {"prompt": "hi", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+        (COMPLETIONS, {"prompt": "hi", "truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
         (COMPLETIONS, {"prompt": "hi", "n": 2, "use_beam_search": True}, "use_beam_search"),
         (CHAT, {"messages": MESSAGES, "chat_template": "{{ messages[0].content }}"}, "chat_template"),
         (COMPLETIONS, {"prompt": "hi", "prompt_logprobs": 2}, "prompt_logprobs"),

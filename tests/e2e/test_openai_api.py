@@ -82,6 +82,13 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens_as_vllm(client, sm
     chat = client.chat.completions.create(model="smollm2-135m", messages=long_chat, max_tokens=1,
                                           extra_body={"truncate_prompt_tokens": 100})
     assert chat.usage.prompt_tokens == 100
+    # -1 (vLLM's "cut to the context") was refused; it keeps what leaves room for max_tokens.
+    context = client.models.retrieve("smollm2-135m").model_extra["max_model_len"]
+    fitted = client.chat.completions.create(model="smollm2-135m", messages=long_chat, max_tokens=3,
+                                            extra_body={"truncate_prompt_tokens": -1})
+    assert fitted.usage.prompt_tokens == context - 3
+    with pytest.raises(BadRequestError, match="truncate_prompt_tokens=100000 is more than"):
+        client.completions.create(model="smollm2-135m", prompt="hi", extra_body={"truncate_prompt_tokens": 100_000})
 
 
 def test_streamed_completion_equals_whole_for_same_seed(client):

@@ -70,7 +70,7 @@ def _state(router: str = "cheapest", **contexts: int) -> ServerState:
 
 
 def _route(state: ServerState, model: str | None, max_tokens: int, stream: bool = False):
-    encode = lambda tokenizer: [[0] * tokenizer.tokens]  # noqa: E731
+    encode = lambda model: [[0] * model.tokenizer.tokens]  # noqa: E731
     return asyncio.run(route(state, model, encode, SamplingParams(max_tokens=max_tokens), stream))
 
 

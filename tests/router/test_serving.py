@@ -26,9 +26,9 @@ def _state(*chat_models: bool, router: str = "cheapest", fingerprints: tuple[str
     return ServerState(models, ServerConfig(router=router), Metrics("m0"))
 
 
-def _chat(tokenizer) -> list[list[int]]:
+def _chat(model) -> list[list[int]]:
     """Renders as Tokenizer.encode_chat does: a model without a chat template refuses."""
-    if tokenizer.chat_template is None:
+    if model.tokenizer.chat_template is None:
         raise InvalidRequestError("this model has no chat template; use a plain completion prompt instead")
     return [[1, 2, 3]]
 
@@ -72,7 +72,7 @@ def test_a_cascade_whose_stronger_model_refuses_keeps_the_answer_in_hand(monkeyp
 
 
 def test_token_ids_under_auto_need_models_that_share_a_tokenizer():
-    def ids(tokenizer):
+    def ids(model):
         return [[5, 6, 7]]
 
     routed = asyncio.run(route(_state(True, True), "auto", ids, SamplingParams(max_tokens=4), False, token_ids=True))

@@ -10,7 +10,6 @@ from fastapi import Request
 
 from tokenmill.engine.async_engine import RequestStream
 from tokenmill.errors import InvalidRequestError, TokenmillError
-from tokenmill.loader.tokenizer import Tokenizer
 from tokenmill.outputs import RequestOutput
 from tokenmill.router.policies import AUTO, Route, cheapest, escalate_to, fits, mean_logprob
 from tokenmill.sampling import SamplingParams
@@ -110,20 +109,21 @@ def _deadlines_left(params: SamplingParams, arrived: float) -> SamplingParams | 
     return replace(params, **left)
 
 
-async def route(state: ServerState, requested: str | None, encode: Callable[[Tokenizer], list[list[int]]],
+async def route(state: ServerState, requested: str | None, encode: Callable[[ServedModel], list[list[int]]],
                 params: SamplingParams, stream: bool, token_ids: bool = False) -> Routed:
     """The model a request runs on: the one it names, or for `auto` the one the server's policy picks.
 
+    encode: the request's prompts as a model's token ids (by its tokenizer, cut to its context).
     token_ids: the request's prompts include token ids, which mean the same only to models sharing a tokenizer.
     """
     if requested != AUTO or AUTO in state.models:  # a model served under the name `auto` is just a model
         model = state.model(requested)
         # Off the event loop: a long prompt takes a while to tokenize and must not stall other streams.
-        return Routed(model, await asyncio.to_thread(encode, model.tokenizer), params, params)
+        return Routed(model, await asyncio.to_thread(encode, model), params, params)
     models = list(state.models.values())
     policy = state.config.router
     if len(models) == 1:
-        return Routed(models[0], await asyncio.to_thread(encode, models[0].tokenizer), params, params,
+        return Routed(models[0], await asyncio.to_thread(encode, models[0]), params, params,
                       Route(0, "only model", "only_model"), policy)
     # Off the event loop: the first time, a tokenizer's digest serializes all of it (12 MB for Gemma 3's).
     if ((token_ids or params.stop_token_ids or params.logit_bias)
@@ -135,7 +135,7 @@ async def route(state: ServerState, requested: str | None, encode: Callable[[Tok
         raise APIError(400, "model 'auto' under --router cascade answers only non-streamed requests in this version; "
                        "set stream to false or name a model", param="stream", code="unsupported_stream")
     # Each model's own tokens: served models need not share a tokenizer, and contexts are counted in them.
-    results = [await _encode_or_refuse(encode, model.tokenizer) for model in models]
+    results = [await _encode_or_refuse(encode, model) for model in models]
     refusals = [r for r in results if isinstance(r, InvalidRequestError)]
     if len(refusals) == len(models):
         raise refusals[0]
@@ -159,10 +159,10 @@ async def route(state: ServerState, requested: str | None, encode: Callable[[Tok
     return routed
 
 
-async def _encode_or_refuse(encode: Callable[[Tokenizer], list[list[int]]],
-                            tokenizer: Tokenizer) -> list[list[int]] | InvalidRequestError:
+async def _encode_or_refuse(encode: Callable[[ServedModel], list[list[int]]],
+                            model: ServedModel) -> list[list[int]] | InvalidRequestError:
     """A model's prompts for the request, or why that model cannot take it."""
     try:
-        return await asyncio.to_thread(encode, tokenizer)
+        return await asyncio.to_thread(encode, model)
     except InvalidRequestError as exc:
         return exc

@@ -24,8 +24,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     params = with_deadlines(request, body.sampling_params(state.sampling_defaults(body.model)))
     tools, mode = body.tool_dicts(), body.tool_mode
     # `route` renders and tokenizes off the event loop: a long conversation must not stall other streams.
-    routed = await route(state, body.model, lambda tokenizer: [body.prompt_token_ids(tokenizer)], params,
-                         bool(body.stream))
+    routed = await route(state, body.model, lambda model: [
+        body.truncated(body.prompt_token_ids(model.tokenizer), model.max_model_len, params.max_tokens)
+    ], params, bool(body.stream))
     model, tokenizer = routed.model, routed.model.tokenizer
     response_id = new_id("chatcmpl")
     try:

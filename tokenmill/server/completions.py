@@ -14,7 +14,8 @@ from tokenmill.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from tokenmill.router.serving import route
 from tokenmill.server.deadlines import STATUS_HEADER, deadline_status, with_deadlines
 from tokenmill.server.protocol import CompletionRequest
-from tokenmill.server.serving import COST_HEADER, EventStream, Usage, json_logprob, merged, new_id, state_of
+from tokenmill.server.serving import (COST_HEADER, EventStream, ServedModel, Usage, json_logprob, merged, new_id,
+                                      state_of)
 
 
 async def create_completion(body: CompletionRequest, request: Request,
@@ -24,7 +25,7 @@ async def create_completion(body: CompletionRequest, request: Request,
     params = with_deadlines(request, body.sampling_params(state.sampling_defaults(body.model)))
     # `route` tokenizes off the event loop: a long prompt takes a while and must not stall other streams.
     has_ids = isinstance(body.prompt, list) and any(isinstance(p, (int, list)) for p in body.prompt)
-    routed = await route(state, body.model, lambda tokenizer: _prompt_token_ids(body, tokenizer), params,
+    routed = await route(state, body.model, lambda model: _prompt_token_ids(body, model, params.max_tokens), params,
                          bool(body.stream), token_ids=has_ids)
     model = routed.model
     response_id = new_id("cmpl")
@@ -53,16 +54,18 @@ async def create_completion(body: CompletionRequest, request: Request,
     }
 
 
-def _prompt_token_ids(body: CompletionRequest, tokenizer: Tokenizer) -> list[list[int]]:
-    """Each prompt's token ids (its last truncate_prompt_tokens of them, when set)."""
-    prompt = body.prompt
+def _prompt_token_ids(body: CompletionRequest, model: ServedModel, max_tokens: int | None) -> list[list[int]]:
+    """Each prompt's token ids for model (its last truncate_prompt_tokens of them, when set)."""
+    prompt, tokenizer = body.prompt, model.tokenizer
     if isinstance(prompt, str):
-        return [body.truncated(tokenizer.encode(prompt))]
-    if not prompt:
+        prompts = [tokenizer.encode(prompt)]
+    elif not prompt:
         raise InvalidRequestError("prompt is an empty list; give a string, strings, or token ids", param="prompt")
-    if isinstance(prompt[0], int):
-        return [body.truncated(list(prompt))]
-    return [body.truncated(tokenizer.encode(p) if isinstance(p, str) else list(p)) for p in prompt]
+    elif isinstance(prompt[0], int):
+        prompts = [list(prompt)]
+    else:
+        prompts = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+    return [body.truncated(ids, model.max_model_len, max_tokens) for ids in prompts]
 
 
 def _echo(body: CompletionRequest, output: RequestOutput, tokenizer: Tokenizer) -> str:

@@ -270,9 +270,11 @@ class _GenerationRequest(RequestBody):
             value = getattr(self, name, None)
             if value is not None and value != noop:
                 raise InvalidRequestError(f"{name} is not supported: {why}", param=name)
-        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
-            raise InvalidRequestError(f"truncate_prompt_tokens={self.truncate_prompt_tokens} must be at least 1: how "
-                                      "many of the prompt's last tokens to keep", param="truncate_prompt_tokens")
+        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1 \
+                and self.truncate_prompt_tokens != -1:
+            raise InvalidRequestError(f"truncate_prompt_tokens={self.truncate_prompt_tokens} must be at least 1 (how "
+                                      "many of the prompt's last tokens to keep) or -1 (as many as fit)",
+                                      param="truncate_prompt_tokens")
         if self.best_of is not None and self.best_of != _or(self.n, 1):
             raise InvalidRequestError("best_of is not supported (as in vLLM's V1 engine); ask for n samples",
                                       param="best_of")
@@ -280,9 +282,18 @@ class _GenerationRequest(RequestBody):
             raise InvalidRequestError("prompt_logprobs is not supported; on /v1/completions, echo with logprobs "
                                       "scores the prompt's tokens", param="prompt_logprobs")
 
-    def truncated(self, prompt_ids: list[int]) -> list[int]:
-        """The prompt's last truncate_prompt_tokens ids (all of them when it is unset)."""
-        return prompt_ids[-self.truncate_prompt_tokens:] if self.truncate_prompt_tokens else prompt_ids
+    def truncated(self, prompt_ids: list[int], max_model_len: int, max_tokens: int | None) -> list[int]:
+        """The prompt's last truncate_prompt_tokens ids (all of them when it is unset); -1 keeps as many as leave
+        room in the context for max_tokens (unset: one), as vLLM's -1 cuts to the context."""
+        keep = self.truncate_prompt_tokens
+        if keep is None:
+            return prompt_ids
+        if keep > max_model_len:  # else the prompt's length was refused, not the setting that set it
+            raise InvalidRequestError(f"truncate_prompt_tokens={keep} is more than this model's context of "
+                                      f"{max_model_len} tokens", param="truncate_prompt_tokens")
+        if keep == -1:
+            keep = max(1, max_model_len - (max_tokens or 1))  # max_tokens past the context: refused as without it
+        return prompt_ids[-keep:]
 
     def _logit_bias(self) -> dict[int, float] | None:
         """OpenAI's logit_bias (token ids as strings) as SamplingParams takes it; biases clamped to [-100, 100], as
@@ -499,9 +510,8 @@ class ChatCompletionRequest(_GenerationRequest):
 
     def prompt_token_ids(self, tokenizer: Tokenizer) -> list[int]:
         """The conversation and its tools rendered with tokenizer's chat template, as the prompt's token ids."""
-        return self.truncated(chat_prompt(tokenizer, self.conversation(), self.tool_dicts(),
-                                          self.tool_mode not in ("none", "auto"), self.add_generation_prompt,
-                                          bool(self.continue_final_message), self.chat_template_kwargs))
+        return chat_prompt(tokenizer, self.conversation(), self.tool_dicts(), self.tool_mode not in ("none", "auto"),
+                           self.add_generation_prompt, bool(self.continue_final_message), self.chat_template_kwargs)
 
     def conversation(self) -> list[dict[str, Any]]:
         """Messages as plain dicts for the chat template; `developer` is OpenAI's newer name for `system`."""
