@@ -324,3 +324,17 @@ def test_streamed_chunks_carry_a_null_usage_when_usage_is_asked_for(client):
                                                  max_tokens=4, stream=True, stream_options={"include_usage": True}))
     assert all("usage" in c.model_fields_set for c in chunks)
     assert [c.usage is None for c in chunks] == [True] * (len(chunks) - 1) + [False]
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk_as_vllm(client, endpoint):
+    # It was dropped silently: every chunk's usage was null.
+    args = dict(model="smollm2-135m", max_tokens=5, temperature=0, stream=True, extra_body={"ignore_eos": True},
+                stream_options={"include_usage": True, "continuous_usage_stats": True})
+    if endpoint == "chat":
+        chunks = list(client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], **args))[1:]
+    else:  # the chat's first chunk only names the role, before any output
+        chunks = list(client.completions.create(prompt="Hi", **args))
+    running = [c.usage.completion_tokens for c in chunks if c.choices]
+    assert running == sorted(running) and running[-1] == 5 and all(c.usage.prompt_tokens > 0 for c in chunks)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5

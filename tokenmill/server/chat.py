@@ -83,6 +83,11 @@ async def _chunks(body: ChatCompletionRequest, n: int, stream: RequestStream, to
         for i in range(n)
     ]}
     counted = Usage()
+
+    def chunk(choices: list[dict]) -> dict:
+        # The usage so far on each chunk, when asked: a client can meter tokens and cost as they come.
+        return {**head, "choices": choices, **({"usage": counted.block()} if body.continuous_usage else {})}
+
     finals: list[RequestOutput] = []
     # With tools on offer each choice's text goes through a parser, which holds back what may be a call.
     parsers = {i: ToolCallStream() for i in range(n)} if body.tool_dicts() else {}
@@ -95,7 +100,7 @@ async def _chunks(body: ChatCompletionRequest, n: int, stream: RequestStream, to
                 for sample in output.outputs:
                     for choice in _tool_choices(sample, parsers[sample.index], tokenizer,
                                                 body.parallel_tool_calls is False, body.tool_mode == "named"):
-                        yield {**head, "choices": [choice]}
+                        yield chunk([choice])
                 continue
             choices = [
                 {
@@ -108,7 +113,7 @@ async def _chunks(body: ChatCompletionRequest, n: int, stream: RequestStream, to
                 }
                 for sample in output.outputs
             ]
-            yield {**head, "choices": choices}
+            yield chunk(choices)
     if (status := deadline_status(finals)) is not None:  # the headers went out first: a late stream says so here
         yield {**head, "choices": [], "deadline_status": status}
     if body.include_usage:

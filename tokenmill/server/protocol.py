@@ -50,9 +50,11 @@ def _or(value: T | None, default: T) -> T:
 
 
 class StreamOptions(BaseModel):
-    """`stream_options`: whether the stream ends with a usage-only chunk."""
+    """`stream_options`: whether the stream ends with a usage-only chunk, and (vLLM's) whether each chunk carries the
+    usage so far."""
 
     include_usage: bool = False
+    continuous_usage_stats: bool = False
 
 
 class TextPart(BaseModel):
@@ -239,6 +241,11 @@ class _GenerationRequest(RequestBody):
     def include_usage(self) -> bool:
         """True when a streamed response should end with a usage chunk."""
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        """True when each streamed chunk should carry the usage so far (vLLM's continuous_usage_stats)."""
+        return self.include_usage and self.stream_options.continuous_usage_stats
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None, defaults: Mapping[str, float],
                          structured: StructuredOutput | None = None) -> SamplingParams:
