@@ -189,6 +189,14 @@ def test_echo_with_max_tokens_0_scores_the_prompt_alone(client, stream):
     assert usage.completion_tokens == 0 and usage.total_tokens == usage.prompt_tokens == len(tokens)
 
 
+def test_echo_with_max_tokens_0_past_the_context_says_how_long_the_prompt_may_be(client):
+    # The refusal said "max_tokens is 1" to a client that sent 0 (the hidden token that scores the prompt).
+    context = client.models.retrieve("smollm2-135m").model_extra["max_model_len"]
+    with pytest.raises(BadRequestError) as refused:
+        client.completions.create(model="smollm2-135m", prompt=[1000] * context, max_tokens=0, echo=True, logprobs=1)
+    assert f"may be at most {context - 1}" in refused.value.message and "max_tokens is 1" not in refused.value.message
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_echo_with_logprobs_scores_the_prompt_too(client, stream):
     args = dict(model="smollm2-135m", prompt="The capital of France is", max_tokens=3, temperature=0, logprobs=1)

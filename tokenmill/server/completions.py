@@ -8,7 +8,7 @@ from contextlib import aclosing
 from fastapi import Request, Response
 
 from tokenmill.engine.async_engine import RequestStream
-from tokenmill.errors import InvalidRequestError
+from tokenmill.errors import InvalidRequestError, PromptTooLongError
 from tokenmill.loader.tokenizer import Tokenizer
 from tokenmill.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from tokenmill.router.serving import route
@@ -29,7 +29,16 @@ async def create_completion(body: CompletionRequest, request: Request,
                          bool(body.stream), token_ids=has_ids)
     model = routed.model
     response_id = new_id("cmpl")
-    streams = await routed.start(state, response_id)
+    try:
+        streams = await routed.start(state, response_id)
+    except PromptTooLongError as exc:
+        longest = max(len(ids) for ids in routed.prompts)
+        if body.prompt_only and longest >= model.max_model_len:  # the engine's says "max_tokens is 1": the client sent 0
+            raise PromptTooLongError(f"prompt is {longest} tokens; echo with max_tokens 0 scores it by running one "
+                                     f"hidden token past it, so in this model's context of {model.max_model_len} "
+                                     f"tokens it may be at most {model.max_model_len - 1}; shorten the prompt",
+                                     param=exc.param) from exc
+        raise
     created = int(time.time())
     if body.stream:
         chunks = _chunks(body, params.n, streams, model.tokenizer, response_id, created, model.name)
