@@ -1,10 +1,12 @@
 """Every user mistake in naming or supplying a model gives a typed error with an actionable message."""
 
 import re
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
-from gguf import GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.config import EngineConfig
@@ -71,6 +73,21 @@ def test_a_gguf_with_a_tensor_type_newer_than_the_reader_says_so(tmp_path):
     with pytest.raises(ModelLoadError, match="tensor type newer than this install's gguf package") as raised:
         GGUFFile(path)
     assert "corrupt" not in str(raised.value)
+
+
+def test_a_tensor_type_the_gguf_package_cannot_dequantize_names_the_file_and_what_to_use(tmp_path):
+    path = tmp_path / "q8_1.gguf"
+    writer = GGUFWriter(path, "llama")
+    block_size, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_1]
+    writer.add_tensor("blk.0.ffn_up.weight", np.zeros((4, 64 // block_size * block_bytes), np.uint8),
+                      raw_dtype=GGMLQuantizationType.Q8_1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    # It named the tensor and type only: not the file, nor what would load.
+    with pytest.raises(ModelLoadError, match=r"ffn_up.weight of .*q8_1.gguf uses type Q8_1.*such as Q4_K_M or Q8_0"):
+        list(GGUFFile(path).weights(SimpleNamespace(num_experts=0), torch.float32))
 
 
 @pytest.mark.parametrize("size", [2_000, 3_000_000])

@@ -220,6 +220,32 @@ def test_unsupported_gguf_tokenizer_names_the_supported_ones(tmp_path):
         Tokenizer.from_gguf(_vocabulary_file(tmp_path / "t5.gguf", "t5", ["<s>", "a"]), [])
 
 
+def test_a_gguf_without_a_tokenizer_says_so_and_names_the_file(tmp_path):
+    path = tmp_path / "bare.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    # It said "GGUF tokenizer model None is not supported yet", naming no file.
+    with pytest.raises(ModelLoadError, match="bare.gguf has no tokenizer"):
+        Tokenizer.from_gguf(GGUFFile(path), [])
+
+
+def test_padding_and_truncation_saved_in_tokenizer_json_are_not_applied_to_prompts(tmp_path, smollm2_source):
+    # A file saved with them on (all-MiniLM's, fine-tunes saved after padded training) padded "hi" to 128 tokens of
+    # padding and cut a long text at 128, silently; transformers' tokenizer applies neither unless asked.
+    backend = copy.deepcopy(smollm2_source.tokenizer.backend)
+    backend.enable_padding(length=128, pad_id=0)
+    backend.enable_truncation(max_length=128)
+    backend.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = Tokenizer.from_hf_dir(tmp_path, eos_token_ids=[2])
+    long_text = "word " * 300
+    for text in ("hi", long_text):
+        assert tokenizer.encode(text) == smollm2_source.tokenizer.encode(text)
+    assert len(tokenizer.encode(long_text)) > 128
+
+
 def test_a_sentencepiece_vocabulary_without_scores_still_merges_into_its_pieces(tmp_path):
     pieces = ["<s>", "a", "b", "\u2581", "\u2581a", "ab", "\u2581ab"]
     tokenizer = Tokenizer.from_gguf(_vocabulary_file(tmp_path / "spm.gguf", "llama", pieces), [])

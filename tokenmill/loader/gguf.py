@@ -361,7 +361,9 @@ class GGUFFile:
                 # From the file's start: a page fault maps its neighbours too, some before this tensor.
                 _release(self._map, 0, tensor.offset + tensor.n_bytes)
             except NotImplementedError as exc:
-                raise ModelLoadError(f"tensor {tensor.name} uses unsupported type {tensor.qtype.name}") from exc
+                raise ModelLoadError(f"tensor {tensor.name} of {self.path} uses type {tensor.qtype.name}, which the "
+                                     "gguf package cannot dequantize; use a file quantized to another type (such as "
+                                     "Q4_K_M or Q8_0)") from exc
             except Exception as exc:
                 raise ModelLoadError(f"cannot read tensor {tensor.name} from {self.path}: {exc}") from exc
 
@@ -384,7 +386,9 @@ class GGUFFile:
                 for rows, array in _dequantized(one, data, whole=False):
                     yield name.format(expert), rows, torch.from_numpy(array).to(dtype)
             except NotImplementedError as exc:
-                raise ModelLoadError(f"tensor {tensor.name} uses unsupported type {tensor.qtype.name}") from exc
+                raise ModelLoadError(f"tensor {tensor.name} of {self.path} uses type {tensor.qtype.name}, which the "
+                                     "gguf package cannot dequantize; use a file quantized to another type (such as "
+                                     "Q4_K_M or Q8_0)") from exc
             except Exception as exc:
                 raise ModelLoadError(f"cannot read tensor {tensor.name} from {self.path}: {exc}") from exc
             _release(self._map, 0, one.offset + one.n_bytes)

@@ -207,6 +207,10 @@ class Tokenizer:
             backend = BackendTokenizer.from_file(str(path / "tokenizer.json"))
         except Exception as exc:  # tokenizers raises a bare Exception on a missing or bad file
             raise ModelLoadError(f"cannot read {path / 'tokenizer.json'}: {exc}") from exc
+        # A file saved with padding or truncation on (after training, as all-MiniLM's) padded every prompt to, or
+        # cut it at, that length, silently; transformers' tokenizer applies neither unless asked.
+        backend.no_padding()
+        backend.no_truncation()
         config_file = path / "tokenizer_config.json"
         config = read_json_object(config_file) if config_file.is_file() else {}
         bos, eos = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
@@ -222,6 +226,9 @@ class Tokenizer:
         """Rebuild the tokenizer a GGUF file describes in its tokenizer.ggml.* metadata."""
         metadata = gguf.metadata
         kind = metadata.get("tokenizer.ggml.model")
+        if kind is None:
+            raise ModelLoadError(f"{gguf.path} has no tokenizer (no tokenizer.ggml.model key); convert the model again "
+                                 "with llama.cpp's convert_hf_to_gguf.py, which writes it into the file")
         if kind not in _GGUF_BACKENDS:
             raise ModelLoadError(
                 f"GGUF tokenizer model {kind!r} is not supported yet; supported: 'gpt2' (byte-level BPE), "
