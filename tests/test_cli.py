@@ -2,9 +2,13 @@
 
 import os
 from pathlib import Path
+import signal
+import socket
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
+import urllib.request
 
 import pytest
 
@@ -16,6 +20,29 @@ def _run(*args: str, stdin: str | None = None, env_extra: dict[str, str] | None 
         [sys.executable, "-m", "tokenmill.cli", *args],
         input=stdin, capture_output=True, text=True, timeout=300, env={**os.environ, **(env_extra or {})},
     )
+
+
+def test_serve_started_with_stdin_closed_stops_cleanly(smollm2_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # As `tokenmill serve <&-` or a launcher that closes fds 0-2: uvloop aborted at every shutdown (exit -6).
+    server = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "serve", "--model", str(smollm2_path),
+                               "--port", str(port), "--max-model-len", "256"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=lambda: os.close(0))
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.25)
+        server.send_signal(signal.SIGINT)
+        _, errors = server.communicate(timeout=60)
+    finally:
+        server.kill()
+    assert server.returncode == 0, errors.decode()[-500:]
 
 
 def test_generate_names_paris(smollm2_path):

@@ -352,6 +352,7 @@ def _perplexity(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from tokenmill.server.app import serve
 
+    _open_standard_streams()
     logging.getLogger("tokenmill").setLevel(logging.INFO)  # the start-up lines say models, KV capacity and URL
     # An empty key (TOKENMILL_API_KEY="") is none, as vLLM takes it: not one that admits a bare "Bearer".
     config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key or None, max_waiting=args.max_waiting,
@@ -369,6 +370,16 @@ def _serve(args: argparse.Namespace) -> int:
         return 0
     serve(engine_config(args), config, args.models or [args.model], batching, args.embedding_dtype)
     return 0
+
+
+def _open_standard_streams() -> None:
+    """Open /dev/null on whichever of fds 0-2 a launcher closed: uvloop gives such a free fd to a socket, then
+    aborts (SIGABRT, `uv__close: Assertion fd > STDERR_FILENO`) closing it at shutdown."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free fd: this one
 
 
 if __name__ == "__main__":
