@@ -144,6 +144,10 @@ class EngineConfig:
     scheduling_policy: str = "deadline"
 
     def __post_init__(self) -> None:
+        # "" read as the current folder ("." is a directory without config.json); None failed in pathlib.
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise InvalidRequestError(f"model={self.model!r} must name a model: a catalog name (tokenmill models), "
+                                      "a .gguf file or a Hugging Face folder")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise InvalidRequestError(f"scheduling_policy={self.scheduling_policy!r} must be one of "
                                       f"{', '.join(SCHEDULING_POLICIES)}")

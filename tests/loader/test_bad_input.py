@@ -144,7 +144,9 @@ def test_prompt_longer_than_context_is_rejected_and_engine_keeps_working(llm):
     [({"max_num_seqs": 0}, "max_num_seqs"), ({"max_num_batched_tokens": 8}, "max_num_batched_tokens"),
      ({"dtype": "float8"}, "dtype"), ({"kv_cache_memory": -1}, "kv_cache_memory"),
      ({"kv_cache_memory": float("nan")}, "kv_cache_memory"), ({"max_model_len": 0}, "max_model_len"),
-     ({"device": "gpu"}, "device"), ({"price_per_hour": -0.5}, "price_per_hour")],
+     ({"device": "gpu"}, "device"), ({"price_per_hour": -0.5}, "price_per_hour"),
+     # "" was read as the current folder ("a directory without config.json"); None was a TypeError.
+     ({"model": ""}, "model"), ({"model": None}, "model")],
 )
 def test_bad_engine_options_are_rejected_before_loading(options, field):
     with pytest.raises(InvalidRequestError, match=field):
