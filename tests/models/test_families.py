@@ -1,4 +1,5 @@
-"""Qwen2, Qwen3 and Mistral (sliding window) run on the Llama model: logits and greedy tokens equal transformers'."""
+"""Qwen2, Qwen3, Mistral (sliding window) and Llama 3.1's rope run on the Llama model: logits and greedy tokens
+equal transformers', from Hugging Face folders and from GGUF files laid out as llama.cpp's converter writes them."""
 
 import random
 import re
@@ -162,24 +163,38 @@ def test_greedy_tokens_match_transformers_when_chunked_and_preempted(family, llm
     assert small.engine.scheduler.num_preemptions > 0
 
 
-def _gguf_tensors(model: transformers.PreTrainedModel) -> dict[str, np.ndarray]:
-    """The model's tensors under llama.cpp's names (no permutation: qwen3 files keep Hugging Face's rotary layout)."""
-    tensors = {}
+def _permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's Q/K layout for llama files: each head's rotary halves interleaved row by row."""
+    rows = w.shape[0] // heads
+    return w.reshape(heads, 2, rows // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_tensors(model: transformers.PreTrainedModel, permute: bool = False) -> dict[str, np.ndarray]:
+    """The model's tensors under llama.cpp's names; permute: Q/K rows interleaved as in llama files (qwen2 and qwen3
+    files keep Hugging Face's rotary layout)."""
+    tensors, config = {}, model.config
     for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+        if name == "lm_head.weight" and config.tie_word_embeddings:
             continue  # llama.cpp leaves a tied head out
+        array = tensor.float().numpy()
         layer = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
         if layer:
             gguf_name = f"blk.{layer[1]}.{_GGUF_LAYER_NAMES[layer[2]]}.{layer[3]}"
+            if permute and layer[2] in ("self_attn.q_proj", "self_attn.k_proj"):
+                heads = config.num_attention_heads if layer[2].endswith("q_proj") else config.num_key_value_heads
+                array = _permute(array, heads)
         else:
             gguf_name = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                          "lm_head.weight": "output.weight"}[name]
-        tensors[gguf_name] = tensor.float().numpy()
+        tensors[gguf_name] = array
     return tensors
 
 
-def _write_gguf(path: Path, config: transformers.PretrainedConfig, tensors: dict[str, np.ndarray]) -> None:
-    writer = gguf.GGUFWriter(str(path), "qwen3")
+def _write_gguf(path: Path, config: transformers.PretrainedConfig, tensors: dict[str, np.ndarray],
+                architecture: str = "qwen3", rotated: int | None = None, **keys: float) -> None:
+    """A GGUF file of the tensors, with the hyperparameters llama.cpp writes (rotated: rope.dimension_count, else
+    the head's) and any further `{architecture}.` keys."""
+    writer = gguf.GGUFWriter(str(path), architecture)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -190,6 +205,9 @@ def _write_gguf(path: Path, config: transformers.PretrainedConfig, tensors: dict
     writer.add_value_length(config.head_dim)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_rope_dimension_count(rotated or config.head_dim)
+    for key, value in keys.items():
+        writer.add_float32(f"{architecture}.{key}", value)
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list(_byte_tokens())
     writer.add_token_types([gguf.TokenType.NORMAL] * VOCAB)
@@ -316,3 +334,75 @@ def test_biased_output_and_mlp_projections_match_transformers(tmp_path, architec
     if architecture == "Qwen3ForCausalLM":  # llama.cpp's names for the same file: attn_output.bias among them
         _write_gguf(tmp_path / "biased.gguf", config, _gguf_tensors(model))
         assert _generate(LLM(str(tmp_path / "biased.gguf"), **EXACT)) == expected
+
+
+def _tiny(config_class: type, **fields) -> transformers.PreTrainedModel:
+    """A tiny random model of config_class with its biases drawn, for the GGUF layouts below."""
+    name = config_class.__name__.replace("Config", "ForCausalLM")
+    return _with_biases(config_class(
+        architectures=[name], vocab_size=VOCAB, hidden_size=128, head_dim=32, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=None, eos_token_id=None, initializer_range=0.2, **fields))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_qwen2_gguf_logits_and_greedy_tokens_match_transformers(tmp_path, tied):
+    # Qwen2.5's files (Q/K/V biases, rotary layout unpermuted) were mapped but never run.
+    model = _tiny(transformers.Qwen2Config, tie_word_embeddings=tied, rope_theta=1_000_000.0)
+    tensors = _gguf_tensors(model)
+    assert "blk.0.attn_q.bias" in tensors and ("output.weight" in tensors) != tied
+    _write_gguf(tmp_path / "qwen2.gguf", model.config, tensors, architecture="qwen2")
+    llm = LLM(str(tmp_path / "qwen2.gguf"), **EXACT)
+    assert _max_logit_diff(llm.engine, model) < 1e-3
+    assert _generate(llm) == _greedy_alone(model)
+
+
+# Llama 3.1/3.2's rope scaling, past its (here shrunk) original context, where the scaling moves logits by ~13.
+LLAMA3_ROPE = {"rope_theta": 10_000.0, "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+LONG_PROMPT = [_rng.randrange(VOCAB) for _ in range(300)]
+
+
+def _llama3_rope_freqs(config: transformers.PretrainedConfig) -> np.ndarray:
+    """The per-frequency divisors llama.cpp's converter stores as rope_freqs.weight for Llama 3.1's scaling."""
+    rope = config.rope_parameters
+    old, low, high, factor = (rope[k] for k in ("original_max_position_embeddings", "low_freq_factor",
+                                                 "high_freq_factor", "factor"))
+    wavelengths = 2 * np.pi * rope["rope_theta"] ** (np.arange(0, config.head_dim, 2) / config.head_dim)
+    smooth = (old / wavelengths - low) / (high - low)
+    mid = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelengths < old / high, 1.0, np.where(wavelengths > old / low, factor, mid)).astype(np.float32)
+
+
+@pytest.mark.parametrize("layout", ["hf", "gguf"])
+def test_llama3_rope_scaling_matches_transformers_past_the_original_context(tmp_path, layout):
+    model = _tiny(transformers.LlamaConfig, tie_word_embeddings=False, rope_parameters=LLAMA3_ROPE)
+    if layout == "hf":
+        _save_hf_directory(model, tmp_path)
+        path = tmp_path
+    else:
+        tensors = {**_gguf_tensors(model, permute=True), "rope_freqs.weight": _llama3_rope_freqs(model.config)}
+        path = tmp_path / "llama31.gguf"
+        _write_gguf(path, model.config, tensors, architecture="llama")
+    engine = LLM(str(path), **EXACT).engine
+    rows, tokens = _engine_logits(engine, LONG_PROMPT, steps=4)
+    with torch.no_grad():
+        expected = model(torch.tensor([LONG_PROMPT + tokens[:-1]])).logits[0]
+    assert (rows - expected).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("key", ["rope.scaling.factor", "rope.scale_linear"])
+def test_a_gguf_linear_rope_factor_without_a_scaling_type_is_applied_as_llama_cpp(tmp_path, key):
+    # Files from 2023's convert.py (SuperHOT, LongChat) carry the factor alone; it was ignored (logits off by 12.5).
+    model = _tiny(transformers.LlamaConfig, tie_word_embeddings=False,
+                  rope_parameters={"rope_theta": 10_000.0, "rope_type": "linear", "factor": 4.0})
+    _write_gguf(tmp_path / "linear.gguf", model.config, _gguf_tensors(model, permute=True), architecture="llama",
+                **{key: 4.0})
+    assert _max_logit_diff(LLM(str(tmp_path / "linear.gguf"), **EXACT).engine, model) < 1e-3
+
+
+def test_a_gguf_rotating_part_of_each_head_is_refused(qwen3_model, tmp_path):
+    # rope.dimension_count was never read: the whole head was rotated, another model's math, silently.
+    _write_gguf(tmp_path / "partial.gguf", qwen3_model.config, _gguf_tensors(qwen3_model), rotated=16)
+    with pytest.raises(ModelLoadError, match="rotates 16 of each head's 32 dimensions"):
+        LLM(str(tmp_path / "partial.gguf"), **EXACT)

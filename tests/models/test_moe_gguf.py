@@ -12,7 +12,7 @@ import torch
 import transformers
 
 # The dense families' prompts, tokens and probes, and the MoE families' tiny configs.
-from test_families import EXACT, VOCAB, _byte_tokens, _generate, _greedy_alone, _max_logit_diff
+from test_families import EXACT, VOCAB, _byte_tokens, _generate, _greedy_alone, _max_logit_diff, _permute
 from test_moe import _config, one_thread  # noqa: F401 (one_thread: an autouse fixture, one torch thread)
 from tokenmill import LLM
 from tokenmill.errors import ModelLoadError
@@ -45,12 +45,6 @@ def _random_model(family: str, float16: bool) -> transformers.PreTrainedModel:
             for param in model.parameters():  # not model.half(): that would round the rotary table too
                 param.copy_(param.half())
     return model
-
-
-def _permute(w: np.ndarray, heads: int) -> np.ndarray:
-    """llama.cpp's Q/K layout for llama files: each head's rotary halves interleaved row by row."""
-    rows = w.shape[0] // heads
-    return w.reshape(heads, 2, rows // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _gguf_tensors(model: transformers.PreTrainedModel, architecture: str) -> dict[str, np.ndarray]:

@@ -266,9 +266,12 @@ class GGUFFile:
         eos = [self._number(k, md[k], int) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
                if k in md]
         rope_scaling = None
-        scaling = md.get(f"{arch}.rope.scaling.type", "none")
+        legacy = md.get(f"{arch}.rope.scale_linear")  # where 2023's convert.py wrote a linear factor
+        # A factor without a type is linear, as llama.cpp reads it: SuperHOT-style files carry the factor alone.
+        has_factor = f"{arch}.rope.scaling.factor" in md or legacy is not None
+        scaling = md.get(f"{arch}.rope.scaling.type", "linear" if has_factor else "none")
         if scaling == "linear":
-            rope_scaling = {"rope_type": "linear", "factor": key("rope.scaling.factor", cast=float)}
+            rope_scaling = {"rope_type": "linear", "factor": key("rope.scaling.factor", legacy, cast=float)}
         elif scaling != "none":  # YaRN, LongRoPE: without them the frequencies, and so every token, would differ
             raise ModelLoadError(f"GGUF file {self.path} uses {scaling!r} rope scaling; supported: linear")
         window = key("attention.sliding_window", 0)
@@ -278,6 +281,11 @@ class GGUFFile:
             local_theta = _GEMMA3_LOCAL_THETA
             if num_layers == _GEMMA3_27B_LAYERS:
                 attention_scale = (hidden // num_heads) ** -0.5
+        head_dim = key("attention.key_length", hidden // num_heads) or hidden // num_heads
+        # Rotating fewer dimensions than a head has (partial rotary) is not implemented: every head would differ.
+        if (rotated := key("rope.dimension_count", head_dim)) != head_dim:
+            raise ModelLoadError(f"GGUF file {self.path} rotates {rotated} of each head's {head_dim} dimensions "
+                                 f"({arch}.rope.dimension_count); partial rotary embeddings are not supported")
         num_experts = key("expert_count", 0)
         # Mixtral's experts are feed_forward_length wide; Qwen's have a width of their own.
         expert_width = key("expert_feed_forward_length") if num_experts and arch in _MOE_NORM_TOPK else 0
@@ -289,7 +297,7 @@ class GGUFFile:
             num_layers=num_layers,
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
-            head_dim=key("attention.key_length", hidden // num_heads) or hidden // num_heads,
+            head_dim=head_dim,
             rms_norm_eps=key("attention.layer_norm_rms_epsilon", cast=float),
             rope_theta=key("rope.freq_base", 10000.0, cast=float),
             max_position_embeddings=context,
