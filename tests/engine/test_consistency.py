@@ -142,3 +142,24 @@ def test_prompt_logprobs_are_computed_once_whatever_the_preemptions(make_engine,
                for out in finals)
     # A preempted sequence recomputed its prompt's logits (a vocabulary-wide row per token) and scored them again.
     assert sum(rows) == sum(len(out.prompt_token_ids) - 1 for out in finals)
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_n_samples_score_the_prompt_once_and_share_its_blocks(make_engine, drain, monkeypatch, prefix_caching):
+    engine = make_engine(enable_prefix_caching=prefix_caching)
+    rows = []
+    scored = engine.sampler.prompt_logprobs
+    monkeypatch.setattr(engine.sampler, "prompt_logprobs", lambda logits, *args: rows.append(len(logits))
+                        or scored(logits, *args))
+    prompt = engine.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 6)  # four 16-token blocks
+    alone = make_engine(enable_prefix_caching=prefix_caching)
+    alone.add_request("one", prompt, SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=1))
+    expected = drain(alone)["one"].prompt_logprobs
+    engine.add_request("n", prompt, SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=1, n=4))
+    final = drain(engine)["n"]
+    # Each of the 4 samples computed and scored the whole prompt again: a 6.7 KB request (n 16, a 1,000-token prompt,
+    # logprobs 20) held the engine 185 s.
+    assert sum(rows) == len(prompt) - 1 and final.prompt_logprobs == expected
+    if prefix_caching:  # the siblings took the first sample's prompt blocks
+        assert final.num_cached_tokens == 0 and engine.block_manager.prefix_hits >= 3 * 48
+    assert len({tuple(s.token_ids) for s in final.outputs}) == 1  # greedy: every sample alike

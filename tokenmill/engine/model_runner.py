@@ -109,8 +109,9 @@ class ModelRunner:
                 sample_rows += range(query_start + n - 1 - len(drafts), query_start + n)
                 sample_seqs.append(seq)
             last_prompt_row = min(start + n, seq.num_prompt_tokens - 1)
-            # Not again once known: a sequence preempted after its prompt recomputes the prompt's keys only.
-            if (seq.params.prompt_logprobs is not None and start < last_prompt_row
+            # Not again once known: a sequence preempted after its prompt recomputes the prompt's keys only. The
+            # request's first sample scores the prompt for all n.
+            if (seq.params.prompt_logprobs is not None and seq.index == 0 and start < last_prompt_row
                     and len(seq.prompt_logprobs) < last_prompt_row):
                 prompt_rows.append((seq, start, query_start, last_prompt_row - start))
             query_start += n

@@ -134,7 +134,9 @@ class Scheduler:
                 break
             if seq.parent is not None and not _prefilled(seq.parent):
                 continue  # wait to share the sibling's prompt blocks instead of computing them again
-            lookup = seq.params.prompt_logprobs is None  # prompt logprobs need every prompt token computed
+            # Prompt logprobs need every prompt token computed, by the first sample alone: its siblings share its
+            # blocks as without them (each computing the prompt again cost n times the work).
+            lookup = seq.params.prompt_logprobs is None or seq.parent is not None
             if lookup:
                 self.block_manager.allocate_prefix(seq)
             n = min(seq.num_uncomputed_tokens, budget)
