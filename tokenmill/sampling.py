@@ -94,6 +94,8 @@ class SamplingParams:
             _check(value is None or whole_number(value) and 0 <= value <= 20, name, value, "must be an integer in [0, 20]")
         _check(all(whole_number(t) for t in self.stop_token_ids), "stop_token_ids", self.stop_token_ids,
                "must be integers")
+        # Once each: every step of every sample reads them (a million repeats of one id held the engine 82 s).
+        self.stop_token_ids = list(dict.fromkeys(self.stop_token_ids))
         _check(all(s for s in self.stop), "stop", self.stop, "must not contain empty strings")
         _check(self.cache_salt is None or isinstance(self.cache_salt, str) and self.cache_salt != ""
                and is_text(self.cache_salt), "cache_salt", self.cache_salt, "must be a non-empty string of text")

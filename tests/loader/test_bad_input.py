@@ -229,6 +229,11 @@ def test_numpy_integers_are_taken_as_seed_and_n_as_for_every_other_count():
     assert (params.seed, params.n) == (3, 2) and type(params.seed) is int and type(params.n) is int
 
 
+def test_repeated_stop_token_ids_are_kept_once():
+    # Every step of every sample read them all: a million repeats of one id (3 MB) held the engine 82 s.
+    assert SamplingParams(stop_token_ids=[7] * 100_000 + [3, 7]).stop_token_ids == [7, 3]
+
+
 def test_no_stops_given_as_none_as_vllm_takes_them():
     params = SamplingParams(stop=None, stop_token_ids=None)
     assert params.stop == [] and params.stop_token_ids == []

@@ -47,6 +47,9 @@ class Sequence:
         self.max_tokens = max_tokens
         # The one place ignore_eos applies: with it set, EOS is an ordinary token.
         self.eos_token_ids = [] if params.ignore_eos else eos_token_ids
+        # Token ids that end this sequence (and that the sampler masks until min_tokens); a set to test each token.
+        self.stop_token_ids = params.stop_token_ids + self.eos_token_ids
+        self._stop_ids = frozenset(self.stop_token_ids)
         self.detokenizer = detokenizer
         self.arrival_time = arrival_time
         self.seed = seed
@@ -116,11 +119,6 @@ class Sequence:
         """True once the prompt is computed and one sampled token waits: the state in which it may draft."""
         return self.num_uncomputed_tokens == 1 and self.num_output_tokens > 0
 
-    @property
-    def stop_token_ids(self) -> list[int]:
-        """Token ids that end this sequence (and that the sampler masks until min_tokens)."""
-        return self.params.stop_token_ids + self.eos_token_ids
-
     def set_prompt_logprobs(self, start: int, logprobs: list[TokenLogprob]) -> None:
         """Record the logprobs of prompt tokens start + 1 onwards, computed by one prompt chunk."""
         # Slice assignment: a preempted sequence recomputes its prompt and rewrites equal values.
@@ -134,7 +132,7 @@ class Sequence:
             self.cumulative_logprob += logprob.logprob
         # NOTE: the sampler masks stop ids until min_tokens, so any seen here ends the sequence. As in vLLM, a stop
         # token's own text stays out of the output unless include_stop_str_in_output (EOS's is usually empty).
-        stop_token = token_id in self.eos_token_ids or token_id in self.params.stop_token_ids
+        stop_token = token_id in self._stop_ids
         stop_str = None
         if not stop_token or self.params.include_stop_str_in_output:
             # As vLLM, and as the sampler masks stop ids: the first min_tokens tokens end nothing.
