@@ -1,9 +1,15 @@
 """Request fields to constraints: response_format, vLLM's extras and tool_choice, and the 400s they can give."""
 
+import asyncio
+from unittest.mock import MagicMock
+
 import pytest
+from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
+from tokenmill.config import ServerConfig
 from tokenmill.errors import InvalidRequestError
+from tokenmill.server.app import build_app
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest
 from tokenmill.structured.params import NUMBER_STEP, StructuredOutput, bounded_numbers
 
@@ -100,3 +106,32 @@ def test_a_number_schema_allowing_few_values_keeps_them(schema):
 
 def test_a_free_number_gets_the_step():
     assert bounded_numbers({"type": "number", "minimum": 0, "maximum": 1})["multipleOf"] == NUMBER_STEP
+
+
+@pytest.mark.parametrize("path, request_class, body", [
+    ("/v1/completions", CompletionRequest, {"prompt": "hi"}),
+    ("/v1/chat/completions", ChatCompletionRequest, {"messages": [{"role": "user", "content": "hi"}]}),
+])
+def test_a_requests_grammar_compiles_off_the_event_loop(monkeypatch, path, request_class, body):
+    # A large regex or choice list took seconds to compile, with every other request's stream stalled behind it.
+    on_loop = []
+
+    def sampling_params(self, defaults=None):
+        try:
+            on_loop.append(asyncio.get_running_loop() is not None)
+        except RuntimeError:
+            on_loop.append(False)
+        raise InvalidRequestError("stop here", param="guided_regex")
+
+    monkeypatch.setattr(request_class, "sampling_params", sampling_params)
+    client = TestClient(build_app({"m": MagicMock(max_model_len=64)}, ServerConfig()))
+    assert client.post(path, json={"model": "m", **body}).status_code == 400
+    assert on_loop == [False]
+
+
+def test_more_stop_strings_than_a_request_may_give_are_refused_by_name():
+    # Each token of each sample is checked against every one: 100,000 (a 1.5 MB body) cost 20 ms a token.
+    with pytest.raises(InvalidRequestError, match="stop has 257 strings; at most 256") as refused:
+        CompletionRequest(prompt="x", stop=[f"s{i}" for i in range(257)]).sampling_params()
+    assert refused.value.param == "stop"
+    assert CompletionRequest(prompt="x", stop=[f"s{i}" for i in range(256)]).sampling_params().stop[-1] == "s255"

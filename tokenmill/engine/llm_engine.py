@@ -121,6 +121,7 @@ class LLMEngine:
                 arrival,
                 seed=None if params.seed is None else params.seed + index,
                 parent=request.seqs[0] if index and self.config.enable_prefix_caching else None,
+                first=request.seqs[0] if index else None,
             )
             seq.prediction_token_ids = prediction
             request.seqs.append(seq)

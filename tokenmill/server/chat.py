@@ -1,5 +1,6 @@
 """POST /v1/chat/completions: messages rendered with the model's chat template, answered whole or streamed."""
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -21,7 +22,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
                                  response: Response) -> dict | EventStream:
     """Answer one conversation with n choices."""
     state = state_of(request)
-    params = with_deadlines(request, body.sampling_params(state.sampling_defaults(body.model)))
+    # Off the event loop: a structured output's grammar compiles here, which for a large one takes seconds.
+    params = with_deadlines(request, await asyncio.to_thread(body.sampling_params,
+                                                             state.sampling_defaults(body.model)))
     tools, mode = body.tool_dicts(), body.tool_mode
     # `route` renders and tokenizes off the event loop: a long conversation must not stall other streams.
     routed = await route(state, body.model, lambda model: [

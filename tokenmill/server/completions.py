@@ -1,5 +1,6 @@
 """POST /v1/completions: text completion of one or more prompts, whole or streamed."""
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator
@@ -22,7 +23,9 @@ async def create_completion(body: CompletionRequest, request: Request,
                             response: Response) -> dict | EventStream:
     """Complete each prompt; choices are numbered prompt by prompt, n per prompt."""
     state = state_of(request)
-    params = with_deadlines(request, body.sampling_params(state.sampling_defaults(body.model)))
+    # Off the event loop: a structured output's grammar compiles here, which for a large one takes seconds.
+    params = with_deadlines(request, await asyncio.to_thread(body.sampling_params,
+                                                             state.sampling_defaults(body.model)))
     # `route` tokenizes off the event loop: a long prompt takes a while and must not stall other streams.
     has_ids = isinstance(body.prompt, list) and any(isinstance(p, (int, list)) for p in body.prompt)
     routed = await route(state, body.model, lambda model: _prompt_token_ids(body, model, params.max_tokens), params,

@@ -19,6 +19,9 @@ T = TypeVar("T")
 
 # OpenAI's own limit on choices per request; more would let one request fill the whole batch.
 MAX_N = 128
+# Stop strings a request may give (OpenAI takes 4): every token of every sample is checked against each, and 100,000
+# of them (a 1.5 MB body) cost 20 ms a token, the engine's whole batch waiting.
+MAX_STOPS = 256
 # Fields a request may send but the server does not do, with the value that asks for nothing (None: only null
 # asks for nothing) and what to use instead.
 _REFUSED: dict[str, tuple[Any, str]] = {
@@ -257,6 +260,8 @@ class _GenerationRequest(RequestBody):
             raise InvalidRequestError(f"n={self.n} must be at most {MAX_N}", param="n")
         self._refuse_unsupported()
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if len(stop) > MAX_STOPS:
+            raise InvalidRequestError(f"stop has {len(stop)} strings; at most {MAX_STOPS}", param="stop")
         return SamplingParams(
             n=_or(self.n, 1), temperature=_or(self.temperature, defaults.get("temperature", 1.0)),
             top_p=_or(self.top_p, defaults.get("top_p", 1.0)), top_k=_or(self.top_k, defaults.get("top_k", -1)),

@@ -70,6 +70,15 @@ class GrammarState:
                 raise InvalidRequestError(f"the {constraint.param}'s JSON schema compiles to a grammar that admits "
                                           "only an empty output, no JSON value", constraint.param)
 
+    def copy(self) -> "GrammarState":
+        """A state at the same place in the same grammar, without building its matcher again."""
+        self._mask.result()  # NOTE: the matcher must not be copied while a mask is computed from it
+        twin = object.__new__(GrammarState)
+        twin.vocab_size, twin.param, twin.is_complete = self.vocab_size, self.param, self.is_complete
+        twin.matcher = self.matcher.deep_copy()
+        twin._mask = _POOL.submit(twin._compute_mask)
+        return twin
+
     def advance(self, token_id: int) -> bool:
         """Consume a sampled token and start on the next mask; False if the grammar rejects the token."""
         self._mask.result()  # NOTE: the matcher must not move while a mask is computed from it

@@ -50,7 +50,10 @@ class StructuredOutput:
             elif self.regex is not None:
                 grammar = LLMatcher.grammar_from_regex(self.regex)
             elif self.choice is not None:
-                grammar = LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in self.choice))
+                # One lexer token, not a rule of alternatives: past 2,000 choices sharing a first character the
+                # parser's row overflowed partway through the answer, and validating the rule took quadratic time.
+                choices = " | ".join(json.dumps(c) for c in self.choice)
+                grammar = LLMatcher.grammar_from_lark(f"start: CHOICE\nCHOICE: {choices}")
             else:
                 grammar = LLMatcher.grammar_from_lark(self.grammar)
         except (ValueError, TypeError) as exc:
