@@ -1,13 +1,21 @@
 """`tokenmill run-batch`: OpenAI Batch API files answered as the server answers each line, in input order."""
 
+import asyncio
+import io
 import json
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from tokenmill import cli
+from tokenmill.config import EngineConfig, ServerConfig
 from tokenmill.errors import InvalidRequestError
-from tokenmill.run_batch import read_requests
+from tokenmill.run_batch import BatchRequest, read_requests, run
 
 
 def _line(custom_id: str, url: str, **body) -> str:
@@ -49,7 +57,7 @@ def test_each_line_is_answered_as_the_server_would_in_input_order_and_batching_c
     assert bodies[0]["usage"]["completion_tokens"] == 40 and bodies[0]["usage"]["cost"] > 0
     assert batched[1]["response"]["request_id"] == bodies[1]["id"]
     cost = sum(body["usage"]["cost"] for body in bodies if "usage" in body)
-    assert "5 requests" in summary and "3 answered, 2 refused (1 x 400, 1 x 404" in summary
+    assert "5 requests" in summary and "3 answered, 2 failed (1 x 400, 1 x 404" in summary
     assert f"cost ${cost:.6f}" in summary
 
     alone = _run_batch(tmp_path, smollm2_path, "--max-concurrency", "1")
@@ -71,6 +79,8 @@ def test_each_line_is_answered_as_the_server_would_in_input_order_and_batching_c
     (_line("x", "/v1/completions", prompt="a") + "\n" + _line("x", "/v1/completions", prompt="b"),
      "in.jsonl:2: custom_id 'x' is also on line 1"),
     ("\n\n", "holds no requests"),
+    # Python's json takes these, and the run then failed with a traceback, its finished lines lost.
+    (_line("x", "/v1/completions", prompt="a").replace('"a"', '"a", "temperature": NaN'), "NaN is Python's"),
 ])
 def test_a_file_with_a_malformed_line_is_refused_naming_it_before_anything_runs(tmp_path, line, message, capsys):
     source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
@@ -81,3 +91,61 @@ def test_a_file_with_a_malformed_line_is_refused_naming_it_before_anything_runs(
     # From the command line: one line, a non-zero exit, and no model loaded nor output file written.
     assert cli.main(["run-batch", "-i", str(source), "-o", str(out), "--model", "no-such-model.gguf"]) == 1
     assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_a_line_may_hold_any_unicode_and_the_file_a_bom(tmp_path):
+    # U+2028 is a line break to str.splitlines, not to JSON; a BOM at the start read as line 1's text.
+    source = tmp_path / "in.jsonl"
+    source.write_text("\ufeff" + _line("a", "/v1/completions", prompt="x\u2028y\u0085z") + "\r\n", encoding="utf-8")
+    (request,) = read_requests(source)
+    assert request.custom_id == "a" and request.body["prompt"] == "x\u2028y\u0085z"
+
+
+def test_lines_of_many_prompts_are_not_refused_for_waiting(tmp_path, smollm2_path):
+    # --max-waiting counts prompts; the batch's bound counted lines, so two lines of 200 prompts got a 429.
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("\n".join(_line(f"l{i}", "/v1/completions", model="m", prompt=["a"] * 200, max_tokens=1)
+                                for i in range(2)))
+    assert cli.main(["run-batch", "-i", str(source), "-o", str(out), "--model", f"m={smollm2_path}",
+                     "--max-concurrency", "2", "--max-model-len", "256"]) == 0
+    assert [json.loads(line)["response"]["status_code"] for line in out.read_text().splitlines()] == [200, 200]
+
+
+def test_ctrl_c_keeps_the_lines_answered_so_far_and_exits_130(tmp_path, smollm2_path):
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("\n".join(_line(f"r{i}", "/v1/completions", prompt=f"Count to {i}:", max_tokens=16)
+                                for i in range(60)))
+    batch = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "run-batch", "-i", str(source), "-o", str(out),
+                              "--model", str(smollm2_path), "--max-model-len", "256", "--max-concurrency", "4"],
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out.exists() and out.stat().st_size) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    batch.send_signal(signal.SIGINT)
+    _, errors = batch.communicate(timeout=60)
+    # The engine thread outlived the app (its lifespan's shutdown never ran): SIGABRT, "terminate called".
+    assert batch.returncode == 130 and "Traceback" not in errors and "terminate" not in errors, errors[-500:]
+    written = [json.loads(line)["custom_id"] for line in out.read_text().splitlines()]
+    assert 0 < len(written) < 60 and written == [f"r{i}" for i in range(len(written))]
+
+
+def test_a_run_cancelled_midway_stops_the_engine_threads(smollm2_path):
+    from tokenmill.server.app import load_app
+
+    app = load_app(EngineConfig(model=str(smollm2_path), max_model_len=256), ServerConfig(), [str(smollm2_path)])
+    requests = [BatchRequest(f"r{i}", "/v1/completions", {"prompt": f"Count to {i}:", "max_tokens": 16})
+                for i in range(60)]
+    out = io.StringIO()
+
+    async def cancel_midway() -> None:
+        task = asyncio.create_task(run(app, requests, out, 4))
+        while not out.getvalue():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel_midway())
+    # The app's shutdown ran only when its lifespan ended normally: on Ctrl-C the engine thread went on stepping,
+    # and the process died by SIGABRT as the interpreter exited under it.
+    assert not [t for t in threading.enumerate() if t.name == "tokenmill-engine" and t.is_alive()]

@@ -42,7 +42,7 @@ class BatchRequest:
 
 @dataclass
 class Summary:
-    """What a run did: requests answered and refused, tokens, and the compute's cost."""
+    """What a run did: requests answered and failed, tokens, and the compute's cost."""
 
     succeeded: int = 0
     failed: int = 0
@@ -70,7 +70,8 @@ class Summary:
 def read_requests(path: Path) -> list[BatchRequest]:
     """Every line of the input file; raises InvalidRequestError naming the first line that is not a request."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # A BOM is no line's JSON; and only "\n" ends a line: JSON strings may hold U+2028, which splitlines splits.
+        lines = path.read_text(encoding="utf-8-sig").split("\n")
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidRequestError(f"cannot read {path}: {exc}") from exc
     requests: list[BatchRequest] = []
@@ -89,9 +90,13 @@ def read_requests(path: Path) -> list[BatchRequest]:
     return requests
 
 
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is Python's, not JSON's")
+
+
 def _parse(line: str, where: str) -> BatchRequest:
     try:
-        entry = json.loads(line)
+        entry = json.loads(line, parse_constant=_not_json)
     except ValueError as exc:
         raise InvalidRequestError(f"{where}: not JSON ({exc})") from exc
     if not isinstance(entry, dict):
@@ -134,6 +139,7 @@ async def run(app: "FastAPI", requests: list[BatchRequest], out: IO[str], concur
         while written in done:  # the lines before it are out: a run cut short keeps every line written so far
             out.write(done.pop(written) + "\n")
             written += 1
+        out.flush()
         if progress is not None:
             progress.update()
 
@@ -165,19 +171,21 @@ def main(args: argparse.Namespace) -> int:
     concurrency = args.max_concurrency or 2 * args.max_num_seqs
     if concurrency < 1:
         raise InvalidRequestError(f"--max-concurrency {concurrency} must be at least 1")
-    # Nothing refused for waiting: run caps what is in flight.
-    config = ServerConfig(max_waiting=max(concurrency, ServerConfig.max_waiting))
-    with args.output_file.open("w", encoding="utf-8") as out:  # a folder that is not there fails before loading
+    # Nothing refused for waiting (counted in prompts, which a line may hold hundreds of): run caps the lines.
+    config = ServerConfig(max_waiting=sys.maxsize)
+    # Opened before the models load, so that a folder that is not there fails first; emptied only once they have.
+    with args.output_file.open("a", encoding="utf-8") as out:
         app = load_app(engine_config(args), config, args.models or [args.model],
                        BatchPolicy(args.embedding_max_batch_tokens, args.embedding_max_wait_ms), args.embedding_dtype)
+        out.truncate(0)
         start = time.perf_counter()
         with tqdm(total=len(requests), unit="req", desc="run-batch", disable=None) as progress:
             summary = asyncio.run(run(app, requests, out, concurrency, progress))
     seconds = time.perf_counter() - start
-    refused = ", ".join(f"{n} x {status}" for status, n in sorted(summary.statuses.items()) if status != 200)
+    failed = ", ".join(f"{n} x {status}" for status, n in sorted(summary.statuses.items()) if status != 200)
     price = f" at ${summary.price_per_hour:g}/h" if summary.price_per_hour is not None else ""
     print(f"tokenmill: {len(requests)} requests in {seconds:.1f} s: {summary.succeeded} answered"
-          f"{f', {summary.failed} refused ({refused}; see their lines)' if summary.failed else ''}; "
+          f"{f', {summary.failed} failed ({failed}; see their lines)' if summary.failed else ''}; "
           f"{summary.prompt_tokens} prompt + {summary.completion_tokens} completion tokens; "
           f"cost ${summary.cost:.6f}{price}; wrote {args.output_file}", file=sys.stderr)
     return 0

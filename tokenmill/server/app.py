@@ -68,9 +68,11 @@ def build_app(engines: dict[str, LLMEngine], config: ServerConfig,
             model.engine.start()
         for embedding_engine in embedders.values():
             embedding_engine.start()
-        yield
-        await asyncio.gather(*(model.engine.stop() for model in models.values()),
-                             *(asyncio.to_thread(e.stop) for e in embedders.values()))
+        try:
+            yield
+        finally:  # also when the app's task is cancelled (run-batch on Ctrl-C): no engine thread may outlive it
+            await asyncio.gather(*(model.engine.stop() for model in models.values()),
+                                 *(asyncio.to_thread(e.stop) for e in embedders.values()))
 
     app = FastAPI(title="tokenmill", version=version("tokenmill"), lifespan=lifespan)
     app.state.tokenmill = state
