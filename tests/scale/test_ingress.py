@@ -9,7 +9,6 @@ import pytest
 from starlette.requests import Request
 
 from tokenmill.server.auth import require_api_key
-from tokenmill.server.errors import APIError
 
 pytestmark = pytest.mark.ray  # imports ray, which only `make test-ray` installs
 
@@ -21,12 +20,14 @@ def test_a_keyless_request_is_refused_before_its_body_is_read():
         raise AssertionError("the ingress read the body of a request without the key")
 
     scope = {"type": "http", "method": "POST", "path": "/v1/completions", "raw_path": b"/v1/completions",
-             "query_string": b"", "headers": [], "http_version": "1.1", "scheme": "http", "server": ("t", 80),
-             "client": ("t", 1), "root_path": ""}
-    ingress = SimpleNamespace(check_key=require_api_key("s3cret"))  # forward uses no more of it before forwarding
-    with pytest.raises(APIError) as refused:
-        asyncio.run(Ingress.forward(ingress, Request(scope, receive)))
-    assert refused.value.status == 401
+             "query_string": b"", "headers": [(b"origin", b"http://ui.example")], "http_version": "1.1",
+             "scheme": "http", "server": ("t", 80), "client": ("t", 1), "root_path": ""}
+    # forward uses no more of it before forwarding
+    ingress = SimpleNamespace(check_key=require_api_key("s3cret"), allowed_origins=("http://ui.example",))
+    refused = asyncio.run(Ingress.forward(ingress, Request(scope, receive)))
+    assert refused.status_code == 401 and json.loads(refused.body)["error"]["code"] == "invalid_api_key"
+    # With the CORS headers a replica's 401 has: without them the page on that origin saw a network error.
+    assert refused.headers["access-control-allow-origin"] == "http://ui.example"
 
 
 def test_a_chat_the_key_tokenizer_cannot_render_is_forwarded_unkeyed(smollm2_source):
@@ -81,9 +82,10 @@ def _forward_failing_with(exc: Exception):
         return {"type": "http.request", "body": b'{"prompt": "hi"}', "more_body": False}
 
     scope = {"type": "http", "method": "POST", "path": "/v1/completions", "raw_path": b"/v1/completions",
-             "query_string": b"", "headers": [], "http_version": "1.1", "scheme": "http", "server": ("t", 80),
-             "client": ("t", 1), "root_path": ""}
-    ingress = SimpleNamespace(check_key=lambda request: asyncio.sleep(0), engine=engine, _key=lambda path, body: None)
+             "query_string": b"", "headers": [(b"origin", b"http://ui.example")], "http_version": "1.1",
+             "scheme": "http", "server": ("t", 80), "client": ("t", 1), "root_path": ""}
+    ingress = SimpleNamespace(check_key=lambda request: asyncio.sleep(0), engine=engine, _key=lambda path, body: None,
+                              allowed_origins=("*",))
     return asyncio.run(Ingress.forward(ingress, Request(scope, receive)))
 
 
@@ -94,6 +96,7 @@ def test_a_full_queue_is_a_429_and_no_replica_a_503_in_openais_shape():
     # Both were a 500 "internal server error": Serve's exceptions are no RayError.
     full = _forward_failing_with(BackPressureError(num_queued_requests=5, max_queued_requests=5))
     assert full.status_code == 429 and full.headers["retry-after"] == "1"
+    assert full.headers["access-control-allow-origin"] == "*"
     assert json.loads(full.body)["error"]["code"] == "too_many_waiting_requests"
     gone = _forward_failing_with(DeploymentUnavailableError(DeploymentID("engine", "tokenmill")))
     assert gone.status_code == 503 and json.loads(gone.body)["error"]["type"] == "server_error"

@@ -120,6 +120,15 @@ class EngineReplica:
             raise RuntimeError(f"the engine of {', '.join(stopped)} is not running")
 
 
+def _cors_headers(origin: str | None, allowed: tuple[str, ...]) -> dict[str, str]:
+    """What the replicas' CORSMiddleware adds to an answer for a page of this origin (defined before Ingress: Serve
+    copies the class with the globals it names at decoration)."""
+    if origin is None or ("*" not in allowed and origin not in allowed):
+        return {}
+    return {"Access-Control-Allow-Origin": "*"} if "*" in allowed else {"Access-Control-Allow-Origin": origin,
+                                                                         "Vary": "Origin"}
+
+
 ingress_app = FastAPI(title="tokenmill")
 install_handlers(ingress_app)
 
@@ -129,8 +138,9 @@ class Ingress:
     """The HTTP entry: keys each request by its prompt prefix and forwards it to an engine replica."""
 
     def __init__(self, engine: DeploymentHandle, model: str | None, block_size: int, board: Any,
-                 api_key: str | None = None) -> None:
+                 api_key: str | None = None, allowed_origins: tuple[str, ...] = ("*",)) -> None:
         self.engine = engine
+        self.allowed_origins = allowed_origins
         # The model whose tokens key prefixes; None (embedding models only): no request has a prefix key.
         self.tokenizer = open_model(model).tokenizer if model is not None else None
         self.block_size = block_size
@@ -159,27 +169,34 @@ class Ingress:
     @ingress_app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"])
     async def forward(self, request: Request) -> Response:
         """Forward to a replica; 503 if it dies before answering, a cut stream if it dies after."""
-        # Before the body is read and tokenized for its prefix, as a replica; but not a browser's preflight, which
-        # carries no key: the replica's CORS answers it.
-        if request.url.path.startswith(KEYED_PREFIXES) and request.method != "OPTIONS":
-            await self.check_key(request)
-        body = await request.body()
-        scope = {k: request.scope[k] for k in ("type", "http_version", "method", "scheme", "path", "raw_path",
-                                               "query_string", "headers", "server", "client") if k in request.scope}
-        scope["root_path"] = ""
-        # Rendered and tokenized off the loop, as a replica does: a long prompt must not stall every other stream.
-        key = await asyncio.to_thread(self._key, request.url.path, body)
-        stream: DeploymentResponseGenerator = self.engine.options(stream=True).forward.remote(key, scope, body)
         try:
-            start = await stream.__anext__()
-        except BackPressureError:  # --max-waiting requests already queued for the replicas
-            return APIError(429, "too many requests are waiting for the engine replicas; retry shortly",
-                            type="rate_limit_error", code="too_many_waiting_requests",
-                            headers={"Retry-After": "1"}).response()
-        except (RayError, DeploymentUnavailableError, ReplicaUnavailableError) as exc:
-            logger.warning("replica failed before answering: %s", exc)
-            return APIError(503, "the engine replica serving this request stopped; retry it",
-                            type="server_error").response()
+            # Before the body is read and tokenized for its prefix, as a replica; but not a browser's preflight,
+            # which carries no key: the replica's CORS answers it.
+            if request.url.path.startswith(KEYED_PREFIXES) and request.method != "OPTIONS":
+                await self.check_key(request)
+            body = await request.body()
+            scope = {k: request.scope[k] for k in ("type", "http_version", "method", "scheme", "path", "raw_path",
+                                                   "query_string", "headers", "server", "client") if k in request.scope}
+            scope["root_path"] = ""
+            # Rendered and tokenized off the loop, as a replica does: a long prompt must not stall every other stream.
+            key = await asyncio.to_thread(self._key, request.url.path, body)
+            stream: DeploymentResponseGenerator = self.engine.options(stream=True).forward.remote(key, scope, body)
+            try:
+                start = await stream.__anext__()
+            except BackPressureError as exc:  # --max-waiting requests already queued for the replicas
+                raise APIError(429, "too many requests are waiting for the engine replicas; retry shortly",
+                               type="rate_limit_error", code="too_many_waiting_requests",
+                               headers={"Retry-After": "1"}) from exc
+            except (RayError, DeploymentUnavailableError, ReplicaUnavailableError) as exc:
+                logger.warning("replica failed before answering: %s", exc)
+                raise APIError(503, "the engine replica serving this request stopped; retry it",
+                               type="server_error") from exc
+        except APIError as exc:
+            # The ingress's own answers carry the CORS headers a replica's would: without them a page on another
+            # origin cannot read its 401 or 429, only a network error.
+            response = exc.response()
+            response.headers.update(_cors_headers(request.headers.get("origin"), self.allowed_origins))
+            return response
 
         async def rest() -> AsyncIterator[bytes]:
             try:
@@ -239,7 +256,7 @@ def deploy(engine_config: EngineConfig, config: ServerConfig, models: list[str],
     ).bind(engine_config, config, models, batching, embedding_dtype, board)
     ingress = serve.deployment(Ingress).options(
         name="ingress", num_replicas=1, max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0},
-    ).bind(engine, prefix_key_model(models), engine_config.block_size, board, config.api_key)
+    ).bind(engine, prefix_key_model(models), engine_config.block_size, board, config.api_key, config.allowed_origins)
     serve.run(ingress, name="tokenmill", route_prefix="/")
 
 
