@@ -1,6 +1,7 @@
 """Engine and model configuration: one source of defaults, each with the reason for it."""
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -144,6 +145,8 @@ class EngineConfig:
     scheduling_policy: str = "deadline"
 
     def __post_init__(self) -> None:
+        if isinstance(self.model, os.PathLike):  # a Path names a file or folder as its string does
+            self.model = os.fspath(self.model)
         # "" read as the current folder ("." is a directory without config.json); None failed in pathlib.
         if not isinstance(self.model, str) or not self.model.strip():
             raise InvalidRequestError(f"model={self.model!r} must name a model: a catalog name (tokenmill models), "

@@ -339,9 +339,10 @@ def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk_as_vllm(clie
     # It was dropped silently: every chunk's usage was null.
     args = dict(model="smollm2-135m", max_tokens=5, temperature=0, stream=True, extra_body={"ignore_eos": True},
                 stream_options={"include_usage": True, "continuous_usage_stats": True})
-    if endpoint == "chat":
-        chunks = list(client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], **args))[1:]
-    else:  # the chat's first chunk only names the role, before any output
+    if endpoint == "chat":  # its first chunk only names the role: its usage counts the prompt alone, as vLLM's
+        chunks = list(client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], **args))
+        assert chunks[0].usage.completion_tokens == 0 and chunks[0].usage.prompt_tokens > 0
+    else:
         chunks = list(client.completions.create(prompt="Hi", **args))
     running = [c.usage.completion_tokens for c in chunks if c.choices]
     assert running == sorted(running) and running[-1] == 5 and all(c.usage.prompt_tokens > 0 for c in chunks)

@@ -153,6 +153,10 @@ def test_bad_engine_options_are_rejected_before_loading(options, field):
         EngineConfig(**options)
 
 
+def test_a_path_names_a_model_as_its_string_does(smollm2_path):
+    assert EngineConfig(model=smollm2_path).model == str(smollm2_path)
+
+
 def test_a_gpu_this_pytorch_lacks_is_an_error_before_the_model_opens(monkeypatch):
     from tokenmill.engine import llm_engine
 

@@ -9,6 +9,7 @@ import pytest
 from starlette.requests import Request
 
 from tokenmill.server.auth import require_api_key
+from tokenmill.server.protocol import ChatCompletionRequest
 
 pytestmark = pytest.mark.ray  # imports ray, which only `make test-ray` installs
 
@@ -67,6 +68,23 @@ def test_chats_a_replica_renders_alike_get_one_key(smollm2_source, first, second
     keys = [Ingress._key(ingress, "/v1/chat/completions", json.dumps({"model": "m", **body}).encode())
             for body in (first, second)]
     assert keys[0] is not None and keys[0] == keys[1]  # raw messages gave two keys, or none for text parts
+
+
+def test_a_truncated_prompt_is_keyed_by_what_the_replica_runs(smollm2_source):
+    from tokenmill.scale.deployment import Ingress
+
+    ingress = SimpleNamespace(tokenizer=smollm2_source.tokenizer, block_size=16)
+    tail = smollm2_source.tokenizer.encode(SYSTEM)[-64:]
+
+    def key(path: str, **body) -> str | None:
+        return Ingress._key(ingress, path, json.dumps({"model": "m", **body}).encode())
+
+    # Keyed by the whole prompt, a truncated one went to a replica that never cached those blocks.
+    assert key("/v1/completions", prompt="Some other start. " + SYSTEM, truncate_prompt_tokens=64) == \
+        key("/v1/completions", prompt=tail)
+    chat = {"messages": [{"role": "user", "content": SYSTEM}]}
+    ids = ChatCompletionRequest.model_validate({"model": "m", **chat}).prompt_token_ids(smollm2_source.tokenizer)
+    assert key("/v1/chat/completions", **chat, truncate_prompt_tokens=48) == key("/v1/completions", prompt=ids[-48:])
 
 
 def _forward_failing_with(exc: Exception):

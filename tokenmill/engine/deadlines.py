@@ -115,8 +115,8 @@ class DeadlineKeeper:
 
         Counting each sample's whole prompt refused n=4 requests whose first token came in a third of the estimate.
         """
-        # Prompt logprobs need every prompt token computed: such a sample looks nothing up.
-        if seq.parent is None or seq.num_computed_tokens or seq.params.prompt_logprobs is not None:
+        # With prompt logprobs too: the first sample scores the prompt, the others take its blocks.
+        if seq.parent is None or seq.num_computed_tokens:
             return seq.num_uncomputed_tokens
         return min(seq.num_uncomputed_tokens, seq.num_prompt_tokens % self.block_size or self.block_size)
 

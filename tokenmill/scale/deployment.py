@@ -223,7 +223,10 @@ class Ingress:
                 prompt = request.get("prompt")
                 prompt = prompt[0] if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else prompt
                 ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-            return prefix_key(ids, self.block_size) if isinstance(ids, list) else None
+            if not isinstance(ids, list):
+                return None
+            keep = request.get("truncate_prompt_tokens")  # the replica runs (and caches) only the prompt's last ones
+            return prefix_key(ids[-keep:] if isinstance(keep, int) and keep > 0 else ids, self.block_size)
         except (KeyError, TypeError, ValueError, TokenmillError):
             # The replica answers a bad request with its own 400, and may serve what this tokenizer refuses:
             # another model's chat, a developer message it renders as system.

@@ -40,7 +40,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
         raise
     created = int(time.time())
     if body.stream:
-        chunks = _chunks(body, params.n, streams[0], tokenizer, response_id, created, model.name)
+        chunks = _chunks(body, params.n, streams[0], tokenizer, response_id, created, model.name,
+                         len(routed.prompts[0]))
         return EventStream(chunks, streams, routed.headers())
     (output,), usage_block = await routed.finish(state, request, streams, response_id)
     model, tokenizer = routed.model, routed.model.tokenizer  # cascade may have moved it to a stronger model
@@ -76,20 +77,20 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
 
 
 async def _chunks(body: ChatCompletionRequest, n: int, stream: RequestStream, tokenizer: Tokenizer,
-                  response_id: str, created: int, model: str) -> AsyncIterator[dict]:
+                  response_id: str, created: int, model: str, prompt_tokens: int) -> AsyncIterator[dict]:
     head = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model}
     if body.include_usage:  # OpenAI: then every chunk has a usage field, null but in the last
         head["usage"] = None
-    # As OpenAI: each choice opens with a chunk that only names the role.
-    yield {**head, "choices": [
-        {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-        for i in range(n)
-    ]}
     counted = Usage()
+    counted.prompt_tokens[0] = prompt_tokens  # known before any output: the role chunk's usage counts it, as vLLM's
 
     def chunk(choices: list[dict]) -> dict:
         # The usage so far on each chunk, when asked: a client can meter tokens and cost as they come.
         return {**head, "choices": choices, **({"usage": counted.block()} if body.continuous_usage else {})}
+
+    # As OpenAI: each choice opens with a chunk that only names the role.
+    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                 for i in range(n)])
 
     finals: list[RequestOutput] = []
     # With tools on offer each choice's text goes through a parser, which holds back what may be a call.
@@ -118,7 +119,7 @@ async def _chunks(body: ChatCompletionRequest, n: int, stream: RequestStream, to
             ]
             yield chunk(choices)
     if (status := deadline_status(finals)) is not None:  # the headers went out first: a late stream says so here
-        yield {**head, "choices": [], "deadline_status": status}
+        yield {**chunk([]), "deadline_status": status}
     if body.include_usage:
         yield {**head, "choices": [], "usage": counted.block()}
 

@@ -150,7 +150,8 @@ async def _chunks(body: CompletionRequest, n: int, streams: list[RequestStream],
             # The usage so far on each chunk, when asked: a client can meter tokens and cost as they come.
             yield {**head, "choices": choices, **({"usage": counted.block()} if body.continuous_usage else {})}
     if (status := deadline_status(finals)) is not None:  # the headers went out first: a late stream says so here
-        yield {**head, "choices": [], "deadline_status": status}
+        yield {**head, "choices": [], "deadline_status": status,
+               **({"usage": counted.block()} if body.continuous_usage else {})}
     if body.include_usage:
         yield {**head, "choices": [], "usage": counted.block()}
 
