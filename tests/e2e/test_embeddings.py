@@ -186,3 +186,15 @@ def test_an_embedding_model_alone_is_served(start_server):
     assert "embedding models only" in error.value.body["message"]
     with pytest.raises(NotFoundError):  # `auto` chooses among generative models, and there are none
         client.models.retrieve("auto")
+
+
+def test_tokenize_and_detokenize_answer_for_a_served_embedding_model(served, offline):
+    # Both were 404s saying the model "does not exist" while it answered /v1/embeddings.
+    tokenized = httpx.post(f"{served.url}/tokenize", json={"model": MODEL, "prompt": TEXTS[0]}).json()
+    expected = offline.model.tokenizer.encode(TEXTS[0]).ids
+    assert tokenized["tokens"] == expected and tokenized["count"] == len(expected)
+    assert tokenized["max_model_len"] == offline.model.max_input_tokens
+    back = httpx.post(f"{served.url}/detokenize", json={"model": MODEL, "tokens": expected}).json()
+    assert back["prompt"] == offline.model.tokenizer.decode(expected, skip_special_tokens=False)
+    chat = httpx.post(f"{served.url}/tokenize", json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages"

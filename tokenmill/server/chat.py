@@ -81,16 +81,18 @@ async def _chunks(body: ChatCompletionRequest, n: int, stream: RequestStream, to
     head = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model}
     if body.include_usage:  # OpenAI: then every chunk has a usage field, null but in the last
         head["usage"] = None
+    # As OpenAI: each choice opens with a chunk that only names the role; before any output, its usage (when asked
+    # for on every chunk) counts the prompt alone, as vLLM's.
+    before = {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens}
+    yield {**head, "choices": [
+        {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        for i in range(n)
+    ], **({"usage": before} if body.continuous_usage else {})}
     counted = Usage()
-    counted.prompt_tokens[0] = prompt_tokens  # known before any output: the role chunk's usage counts it, as vLLM's
 
     def chunk(choices: list[dict]) -> dict:
         # The usage so far on each chunk, when asked: a client can meter tokens and cost as they come.
         return {**head, "choices": choices, **({"usage": counted.block()} if body.continuous_usage else {})}
-
-    # As OpenAI: each choice opens with a chunk that only names the role.
-    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-                 for i in range(n)])
 
     finals: list[RequestOutput] = []
     # With tools on offer each choice's text goes through a parser, which holds back what may be a call.

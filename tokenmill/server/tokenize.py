@@ -6,7 +6,9 @@ from typing import Any, Literal
 from fastapi import Request
 from pydantic import Field
 
+from tokenmill.embeddings.model import EmbeddingModel
 from tokenmill.router import AUTO
+from tokenmill.server.embeddings import embedders_of
 from tokenmill.server.errors import APIError
 from tokenmill.server.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice, RequestBody, ToolDefinition
 from tokenmill.server.serving import ServedModel, state_of
@@ -39,9 +41,17 @@ class DetokenizeRequest(RequestBody):
 
 async def tokenize(body: TokenizeRequest, request: Request) -> dict:
     """The token ids a prompt or a chat is to the model, their count, and the model's context."""
-    model = _model(request, body.model)
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give either prompt or messages", param="prompt")
+    if (embedding := _embedding_model(request, body.model)) is not None:  # its inputs' tokens, as vLLM counts them
+        if body.prompt is None:
+            raise APIError(400, f"{body.model!r} is an embedding model, with no chat template; give a prompt",
+                           param="messages")
+        encoding = await asyncio.to_thread(embedding.tokenizer.encode, body.prompt,
+                                           add_special_tokens=body.add_special_tokens is not False)
+        return {"count": len(encoding.ids), "max_model_len": embedding.max_input_tokens, "tokens": encoding.ids,
+                "token_strs": None}
+    model = _model(request, body.model)
     if body.prompt is not None:
         special = body.add_special_tokens is not False
         ids = await asyncio.to_thread(model.tokenizer.encode, body.prompt, special)
@@ -57,11 +67,20 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
 
 async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
     """The text a model's token ids spell (special tokens included, as vLLM reads them back)."""
-    model = _model(request, body.model)
-    vocab = model.tokenizer.vocab_size
+    if (embedding := _embedding_model(request, body.model)) is not None:
+        tokenizer, vocab, name = embedding.tokenizer, embedding.tokenizer.get_vocab_size(), body.model
+    else:
+        model = _model(request, body.model)
+        tokenizer, vocab, name = model.tokenizer, model.tokenizer.vocab_size, model.name
     if any(not 0 <= t < vocab for t in body.tokens):
-        raise APIError(400, f"tokens must be in [0, {vocab}) for {model.name!r}", param="tokens")
-    return {"prompt": await asyncio.to_thread(model.tokenizer.decode, body.tokens, False)}
+        raise APIError(400, f"tokens must be in [0, {vocab}) for {name!r}", param="tokens")
+    return {"prompt": await asyncio.to_thread(tokenizer.decode, body.tokens, skip_special_tokens=False)}
+
+
+def _embedding_model(request: Request, name: str | None) -> EmbeddingModel | None:
+    """The served embedding model a request names, if it names one (it was a 404 "does not exist")."""
+    engine = embedders_of(request).get(name) if name is not None else None
+    return None if engine is None else engine.model
 
 
 def _model(request: Request, name: str | None) -> ServedModel:
