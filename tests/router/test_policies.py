@@ -102,10 +102,10 @@ def test_auto_counts_the_request_by_policy_model_and_reason_once_the_model_takes
     counted = f'tokenmill:routed_requests_total{{model_name="strong",policy="cheapest",reason="{reason}"}}'.encode()
     state.models["strong"].engine = _Engine(waiting=10**6)
     with pytest.raises(APIError) as refused:
-        asyncio.run(_route(state, AUTO, 60).start(state, "cmpl-1"))
+        asyncio.run(_route(state, AUTO, 60).start(state, "cmpl-1", 0.0))
     assert refused.value.status == 429 and counted not in state.metrics.render()  # answered by no model
     state.models["strong"].engine = _Engine(waiting=0)
-    asyncio.run(_route(state, AUTO, 60).start(state, "cmpl-2"))
+    asyncio.run(_route(state, AUTO, 60).start(state, "cmpl-2", 0.0))
     assert counted + b" 1.0" in state.metrics.render()
 
 

@@ -1,6 +1,7 @@
 """Request fields to constraints: response_format, vLLM's extras and tool_choice, and the 400s they can give."""
 
-import asyncio
+import threading
+import time
 from unittest.mock import MagicMock
 
 import pytest
@@ -31,7 +32,7 @@ def test_response_formats_become_constraints():
 def test_a_schema_the_library_cannot_compile_is_refused_with_its_message():
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frobnicate"}}}
     with pytest.raises(InvalidRequestError, match="cannot compile the response_format: .*frobnicate") as caught:
-        _chat(response_format=fmt).sampling_params()
+        _chat(response_format=fmt).sampling_params().structured_output.compiled
     assert caught.value.param == "response_format"
 
 
@@ -48,7 +49,7 @@ def test_vllm_fields_work_on_completions():
     regex = CompletionRequest(prompt="x", structured_outputs={"regex": "[0-9]+"}).sampling_params().structured_output
     assert regex.regex == "[0-9]+"
     with pytest.raises(InvalidRequestError, match="guided_regex"):
-        CompletionRequest(prompt="x", guided_regex="(").sampling_params()
+        CompletionRequest(prompt="x", guided_regex="(").sampling_params().structured_output.compiled
     with pytest.raises(InvalidRequestError, match="give one"):
         CompletionRequest(prompt="x", guided_regex="a", guided_choice=["a"]).sampling_params()
 
@@ -113,20 +114,19 @@ def test_a_free_number_gets_the_step():
     ("/v1/chat/completions", ChatCompletionRequest, {"messages": [{"role": "user", "content": "hi"}]}),
 ])
 def test_a_requests_grammar_compiles_off_the_event_loop(monkeypatch, path, request_class, body):
-    # A large regex or choice list took seconds to compile, with every other request's stream stalled behind it.
-    on_loop = []
+    # A large regex or choice list took seconds to compile, with every other request's stream stalled behind it; and
+    # on asyncio's shared pool, a few slow compiles queued every other request's tokenizing behind them.
+    compiled_on = []
 
-    def sampling_params(self, defaults=None):
-        try:
-            on_loop.append(asyncio.get_running_loop() is not None)
-        except RuntimeError:
-            on_loop.append(False)
+    def compiled(self):
+        compiled_on.append(threading.current_thread().name)
         raise InvalidRequestError("stop here", param="guided_regex")
 
-    monkeypatch.setattr(request_class, "sampling_params", sampling_params)
-    client = TestClient(build_app({"m": MagicMock(max_model_len=64)}, ServerConfig()))
-    assert client.post(path, json={"model": "m", **body}).status_code == 400
-    assert on_loop == [False]
+    monkeypatch.setattr(StructuredOutput, "compiled", property(compiled))
+    engine = MagicMock(max_model_len=64, **{"source.sampling_defaults": {}})
+    client = TestClient(build_app({"m": engine}, ServerConfig()))
+    assert client.post(path, json={"model": "m", "guided_regex": "a+", **body}).status_code == 400
+    assert len(compiled_on) == 1 and compiled_on[0].startswith("grammar-compile")
 
 
 def test_more_stop_strings_than_a_request_may_give_are_refused_by_name():
@@ -135,3 +135,24 @@ def test_more_stop_strings_than_a_request_may_give_are_refused_by_name():
         CompletionRequest(prompt="x", stop=[f"s{i}" for i in range(257)]).sampling_params()
     assert refused.value.param == "stop"
     assert CompletionRequest(prompt="x", stop=[f"s{i}" for i in range(256)]).sampling_params().stop[-1] == "s255"
+
+
+def test_a_deadline_counts_the_time_the_grammar_took_to_compile(monkeypatch, make_engine):
+    # Arrival was stamped once the grammar had compiled and the prompt was tokenized: 1.2 s of compiling was
+    # invisible to a 1 s deadline, answered "met".
+    compile_grammar = StructuredOutput.__dict__["compiled"].func
+
+    def slow(self):
+        if not self.__dict__.setdefault("slept", False):  # the server's compile, not the engine's look again
+            self.__dict__["slept"] = True
+            time.sleep(1.2)
+        return compile_grammar(self)
+
+    body = {"model": "m", "prompt": "The capital of France is", "max_tokens": 1, "guided_regex": "[a-z ]+"}
+    with TestClient(build_app({"m": make_engine()}, ServerConfig())) as client:
+        # Warm: the first constrained request builds the grammar library's vocabulary (2 s) on the engine thread.
+        warm = client.post("/v1/completions", json=body, headers={"x-tokenmill-deadline-ms": "1000"})
+        assert warm.status_code == 200
+        monkeypatch.setattr(StructuredOutput, "compiled", property(slow))
+        response = client.post("/v1/completions", json=body, headers={"x-tokenmill-deadline-ms": "1000"})
+    assert response.status_code == 429 or response.headers["x-tokenmill-deadline"] == "missed"

@@ -41,10 +41,11 @@ class Routed:
         return {ROUTED_MODEL_HEADER: _header_value(self.model.name),
                 ROUTE_REASON_HEADER: _header_value(self.route.reason)}
 
-    async def start(self, state: ServerState, response_id: str) -> list[RequestStream]:
-        """Queue the request on its model. Outside cascade an `auto` request counts as routed once the model takes it
-        (a refusal is answered by none); under cascade, once an answer is kept."""
-        streams = await submit(state, self.model, self.prompts, self.params, response_id)
+    async def start(self, state: ServerState, response_id: str, arrival: float) -> list[RequestStream]:
+        """Queue the request, which arrived at `arrival` (perf_counter), on its model. Outside cascade an `auto` request
+        counts as routed once the model takes it (a refusal is answered by none); under cascade, once an answer is
+        kept."""
+        streams = await submit(state, self.model, self.prompts, self.params, response_id, arrival)
         if self.route is not None and self.encoded is None:
             state.metrics.observe_route(self.model.name, self.policy, self.route.kind)
         return streams

@@ -1,6 +1,5 @@
 """POST /v1/chat/completions: messages rendered with the model's chat template, answered whole or streamed."""
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -22,9 +21,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
                                  response: Response) -> dict | EventStream:
     """Answer one conversation with n choices."""
     state = state_of(request)
-    # Off the event loop: a structured output's grammar compiles here, which for a large one takes seconds.
-    params = with_deadlines(request, await asyncio.to_thread(body.sampling_params,
-                                                             state.sampling_defaults(body.model)))
+    arrival = time.perf_counter()  # deadlines and latencies count from here: compiling and tokenizing take time too
+    params = with_deadlines(request, body.sampling_params(state.sampling_defaults(body.model)))
+    if params.structured_output is not None:  # off the event loop: a large grammar takes seconds to compile
+        await params.structured_output.compile_off_loop()
     tools, mode = body.tool_dicts(), body.tool_mode
     # `route` renders and tokenizes off the event loop: a long conversation must not stall other streams.
     routed = await route(state, body.model, lambda model: [
@@ -33,7 +33,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     model, tokenizer = routed.model, routed.model.tokenizer
     response_id = new_id("chatcmpl")
     try:
-        streams = await routed.start(state, response_id)
+        streams = await routed.start(state, response_id, arrival)
     except InvalidRequestError as exc:
         if exc.param == "prompt":  # chat requests have messages, not a prompt
             exc.param = "messages"

@@ -1,6 +1,5 @@
 """POST /v1/completions: text completion of one or more prompts, whole or streamed."""
 
-import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator
@@ -23,9 +22,10 @@ async def create_completion(body: CompletionRequest, request: Request,
                             response: Response) -> dict | EventStream:
     """Complete each prompt; choices are numbered prompt by prompt, n per prompt."""
     state = state_of(request)
-    # Off the event loop: a structured output's grammar compiles here, which for a large one takes seconds.
-    params = with_deadlines(request, await asyncio.to_thread(body.sampling_params,
-                                                             state.sampling_defaults(body.model)))
+    arrival = time.perf_counter()  # deadlines and latencies count from here: compiling and tokenizing take time too
+    params = with_deadlines(request, body.sampling_params(state.sampling_defaults(body.model)))
+    if params.structured_output is not None:  # off the event loop: a large grammar takes seconds to compile
+        await params.structured_output.compile_off_loop()
     # `route` tokenizes off the event loop: a long prompt takes a while and must not stall other streams.
     has_ids = isinstance(body.prompt, list) and any(isinstance(p, (int, list)) for p in body.prompt)
     routed = await route(state, body.model, lambda model: _prompt_token_ids(body, model, params.max_tokens), params,
@@ -33,7 +33,7 @@ async def create_completion(body: CompletionRequest, request: Request,
     model = routed.model
     response_id = new_id("cmpl")
     try:
-        streams = await routed.start(state, response_id)
+        streams = await routed.start(state, response_id, arrival)
     except PromptTooLongError as exc:
         longest = max(len(ids) for ids in routed.prompts)
         if body.prompt_only and longest >= model.max_model_len:  # the engine's says "max_tokens is 1": the client sent 0

@@ -106,8 +106,11 @@ def refuse_past_waiting_tokens(name: str, queued: int, tokens: int, limit: int |
 
 
 async def submit(state: ServerState, model: ServedModel, prompts: list[list[int]], params: SamplingParams,
-                 id_prefix: str) -> list[RequestStream]:
-    """Queue one request per prompt on the model's engine, all or none; 429 when too many already wait for it."""
+                 id_prefix: str, arrival: float | None = None) -> list[RequestStream]:
+    """Queue one request per prompt on the model's engine, all or none; 429 when too many already wait for it.
+
+    arrival: when the request came (perf_counter), for its deadlines and latencies; None: now.
+    """
     engine = model.engine
     if not engine.is_running:
         raise APIError(503, f"the engine of {model.name!r} is not running; see the server log", type="server_error")
@@ -129,7 +132,7 @@ async def submit(state: ServerState, model: ServedModel, prompts: list[list[int]
     model.pending_tokens += tokens
     try:
         requests = [(f"{id_prefix}-{i}", prompt) for i, prompt in enumerate(prompts)]
-        return await engine.add_requests(requests, params, time.perf_counter())
+        return await engine.add_requests(requests, params, time.perf_counter() if arrival is None else arrival)
     except DeadlineError as exc:
         state.metrics.observe_deadline(model.name, "refused", len(prompts))  # per prompt, as met and missed are
         raise deadline_refused(str(exc)) from exc

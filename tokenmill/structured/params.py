@@ -1,8 +1,11 @@
 """StructuredOutput: what shape a request's output must take, compiled to an llguidance grammar."""
 
+import asyncio
 import json
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from tokenmill.errors import InvalidRequestError
@@ -12,6 +15,9 @@ JSON_STYLE = {"whitespace_flexible": False, "key_separator": ": ", "item_separat
 # A number with no multipleOf gets this one: SmolLM2 at temperature 0 writes `1.000...` until max_tokens without
 # it. Six decimals narrow what the schema allows, never widen it, so the output still validates.
 NUMBER_STEP = 1e-6
+# The server compiles grammars on these threads, apart from asyncio's default pool, where a few slow compiles
+# queued every other request's tokenizing behind them (twelve 2-second compiles held a plain request 4 s).
+_COMPILERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar-compile")
 
 
 @dataclass
@@ -26,7 +32,6 @@ class StructuredOutput:
     grammar: str | None = None
     # The request field the constraint came from, so a compile error names it.
     param: str = "response_format"
-    compiled: str = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         given = [self.json is not None, self.json_object, self.regex is not None, self.choice is not None,
@@ -35,10 +40,15 @@ class StructuredOutput:
             raise InvalidRequestError("give exactly one of json, json_object, regex, choice or grammar", self.param)
         if self.choice is not None and not self.choice:
             raise InvalidRequestError("choice must list at least one string", self.param)
-        self.compiled = self._compile()
 
-    def _compile(self) -> str:
-        """The llguidance grammar; raises InvalidRequestError with the library's message when it cannot compile."""
+    async def compile_off_loop(self) -> None:
+        """Compile the grammar on the compile threads (a large one takes seconds), raising as `compiled` does."""
+        await asyncio.get_running_loop().run_in_executor(_COMPILERS, lambda: self.compiled)
+
+    @cached_property
+    def compiled(self) -> str:
+        """The llguidance grammar, compiled when first asked for; raises InvalidRequestError with the library's
+        message when it cannot compile."""
         # Imported here: llguidance and the pydantic it brings are 6 MiB of every process's memory otherwise,
         # and only requests with a constraint need them.
         from llguidance import LLMatcher
