@@ -186,6 +186,10 @@ def test_an_embedding_model_alone_is_served(start_server):
     assert "embedding models only" in error.value.body["message"]
     with pytest.raises(NotFoundError):  # `auto` chooses among generative models, and there are none
         client.models.retrieve("auto")
+    # /tokenize naming no model counts for the first embedding model, as /v1/embeddings takes it (a 404 said
+    # "tokenizing needs a generative one").
+    tokenized = httpx.post(f"{alone.url}/tokenize", json={"prompt": "hello"})
+    assert tokenized.status_code == 200 and tokenized.json()["max_model_len"] == 256
 
 
 def test_tokenize_and_detokenize_answer_for_a_served_embedding_model(served, offline):

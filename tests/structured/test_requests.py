@@ -1,5 +1,6 @@
 """Request fields to constraints: response_format, vLLM's extras and tool_choice, and the 400s they can give."""
 
+import asyncio
 import threading
 import time
 from unittest.mock import MagicMock
@@ -102,7 +103,7 @@ def test_tool_history_reaches_the_conversation():
 def test_a_number_schema_allowing_few_values_keeps_them(schema):
     # The step every other number gets (params.NUMBER_STEP) would leave these no value: "Unsatisfiable schema".
     assert "multipleOf" not in bounded_numbers(schema)
-    StructuredOutput(json=schema)
+    assert StructuredOutput(json=schema).compiled
 
 
 def test_a_free_number_gets_the_step():
@@ -118,11 +119,11 @@ def test_a_requests_grammar_compiles_off_the_event_loop(monkeypatch, path, reque
     # on asyncio's shared pool, a few slow compiles queued every other request's tokenizing behind them.
     compiled_on = []
 
-    def compiled(self):
+    def compile_grammar(self):
         compiled_on.append(threading.current_thread().name)
         raise InvalidRequestError("stop here", param="guided_regex")
 
-    monkeypatch.setattr(StructuredOutput, "compiled", property(compiled))
+    monkeypatch.setattr(StructuredOutput, "_compile", compile_grammar)
     engine = MagicMock(max_model_len=64, **{"source.sampling_defaults": {}})
     client = TestClient(build_app({"m": engine}, ServerConfig()))
     assert client.post(path, json={"model": "m", "guided_regex": "a+", **body}).status_code == 400
@@ -140,12 +141,10 @@ def test_more_stop_strings_than_a_request_may_give_are_refused_by_name():
 def test_a_deadline_counts_the_time_the_grammar_took_to_compile(monkeypatch, make_engine):
     # Arrival was stamped once the grammar had compiled and the prompt was tokenized: 1.2 s of compiling was
     # invisible to a 1 s deadline, answered "met".
-    compile_grammar = StructuredOutput.__dict__["compiled"].func
+    compile_grammar = StructuredOutput._compile
 
     def slow(self):
-        if not self.__dict__.setdefault("slept", False):  # the server's compile, not the engine's look again
-            self.__dict__["slept"] = True
-            time.sleep(1.2)
+        time.sleep(1.2)
         return compile_grammar(self)
 
     body = {"model": "m", "prompt": "The capital of France is", "max_tokens": 1, "guided_regex": "[a-z ]+"}
@@ -153,6 +152,30 @@ def test_a_deadline_counts_the_time_the_grammar_took_to_compile(monkeypatch, mak
         # Warm: the first constrained request builds the grammar library's vocabulary (2 s) on the engine thread.
         warm = client.post("/v1/completions", json=body, headers={"x-tokenmill-deadline-ms": "1000"})
         assert warm.status_code == 200
-        monkeypatch.setattr(StructuredOutput, "compiled", property(slow))
+        monkeypatch.setattr(StructuredOutput, "_compile", slow)
         response = client.post("/v1/completions", json=body, headers={"x-tokenmill-deadline-ms": "1000"})
     assert response.status_code == 429 or response.headers["x-tokenmill-deadline"] == "missed"
+
+
+def test_two_requests_grammars_compile_at_once(monkeypatch):
+    # functools.cached_property held one lock for every instance while computing (Python 3.11): the two compile
+    # threads compiled one grammar at a time, a slow one holding up every other constrained request.
+    compile_grammar, running, peak, lock = StructuredOutput._compile, [0], [0], threading.Lock()
+
+    def slow(self):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.3)
+        with lock:
+            running[0] -= 1
+        return compile_grammar(self)
+
+    monkeypatch.setattr(StructuredOutput, "_compile", slow)
+
+    async def both() -> None:
+        await asyncio.gather(StructuredOutput(regex="a+").compile_off_loop(),
+                             StructuredOutput(regex="b+").compile_off_loop())
+
+    asyncio.run(both())
+    assert peak[0] == 2

@@ -152,7 +152,7 @@ def test_forced_grammar_resolves_each_tools_refs_within_its_own_parameters(smoll
 ])
 def test_a_forced_call_takes_every_ref_a_response_format_takes(smollm2_source, parameters):
     tokenizer = smollm2_source.tokenizer
-    StructuredOutput(json=parameters)  # as a response_format
+    assert StructuredOutput(json=parameters).compiled  # as a response_format
     state = GrammarState(forced_call([{"type": "function", "function": {"name": "f", "parameters": parameters}}], None),
                          tokenizer)
     text = '<tool_call>[{"name": "f", "arguments": {"a": 7}}]</tool_call>'

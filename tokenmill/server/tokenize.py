@@ -78,8 +78,12 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
 
 
 def _embedding_model(request: Request, name: str | None) -> EmbeddingModel | None:
-    """The served embedding model a request names, if it names one (it was a 404 "does not exist")."""
-    engine = embedders_of(request).get(name) if name is not None else None
+    """The served embedding model a request names (it was a 404 "does not exist"), or the first where it names none
+    and no generative model is served (as /v1/embeddings takes it)."""
+    embedders = embedders_of(request)
+    if name is None and not state_of(request).models:
+        name = next(iter(embedders), None)
+    engine = embedders.get(name) if name is not None else None
     return None if engine is None else engine.model
 
 
@@ -91,7 +95,4 @@ def _model(request: Request, name: str | None) -> ServedModel:
     if name == AUTO and AUTO not in state.models and state.models:
         raise APIError(400, "auto may answer with any served model, each with its own tokens; name one of "
                        f"{', '.join(repr(n) for n in state.models)}", param="model")
-    if not state.models:
-        raise APIError(404, "this server serves embedding models only; tokenizing needs a generative one",
-                       param="model", code="model_not_found")
     return state.model(name)

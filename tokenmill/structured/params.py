@@ -5,7 +5,6 @@ import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 from tokenmill.errors import InvalidRequestError
@@ -45,10 +44,17 @@ class StructuredOutput:
         """Compile the grammar on the compile threads (a large one takes seconds), raising as `compiled` does."""
         await asyncio.get_running_loop().run_in_executor(_COMPILERS, lambda: self.compiled)
 
-    @cached_property
+    @property
     def compiled(self) -> str:
         """The llguidance grammar, compiled when first asked for; raises InvalidRequestError with the library's
         message when it cannot compile."""
+        # Kept on the instance: functools.cached_property holds one lock for every instance while it computes (until
+        # Python 3.12), and let the compile threads compile one grammar at a time.
+        if "_grammar" not in self.__dict__:
+            self.__dict__["_grammar"] = self._compile()
+        return self.__dict__["_grammar"]
+
+    def _compile(self) -> str:
         # Imported here: llguidance and the pydantic it brings are 6 MiB of every process's memory otherwise,
         # and only requests with a constraint need them.
         from llguidance import LLMatcher
