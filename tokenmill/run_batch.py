@@ -42,23 +42,19 @@ class BatchRequest:
 
 @dataclass
 class Summary:
-    """What a run did: requests answered and failed, tokens, and the compute's cost."""
+    """What a run did: lines by HTTP status, the answered ones' tokens, and the compute's cost."""
 
-    succeeded: int = 0
-    failed: int = 0
+    statuses: dict[int, int] = field(default_factory=dict)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost: float = 0.0
     price_per_hour: float | None = None
-    statuses: dict[int, int] = field(default_factory=dict)
 
     def add(self, status: int, body: dict) -> None:
         """Count one answered line."""
         self.statuses[status] = self.statuses.get(status, 0) + 1
         if status != 200:
-            self.failed += 1
             return
-        self.succeeded += 1
         usage = body.get("usage") or {}
         self.prompt_tokens += usage.get("prompt_tokens", 0)
         self.completion_tokens += usage.get("completion_tokens", 0)
@@ -182,10 +178,11 @@ def main(args: argparse.Namespace) -> int:
         with tqdm(total=len(requests), unit="req", desc="run-batch", disable=None) as progress:
             summary = asyncio.run(run(app, requests, out, concurrency, progress))
     seconds = time.perf_counter() - start
+    answered = summary.statuses.get(200, 0)
     failed = ", ".join(f"{n} x {status}" for status, n in sorted(summary.statuses.items()) if status != 200)
     price = f" at ${summary.price_per_hour:g}/h" if summary.price_per_hour is not None else ""
-    print(f"tokenmill: {len(requests)} requests in {seconds:.1f} s: {summary.succeeded} answered"
-          f"{f', {summary.failed} failed ({failed}; see their lines)' if summary.failed else ''}; "
+    print(f"tokenmill: {len(requests)} requests in {seconds:.1f} s: {answered} answered"
+          f"{f', {len(requests) - answered} failed ({failed}; see their lines)' if failed else ''}; "
           f"{summary.prompt_tokens} prompt + {summary.completion_tokens} completion tokens; "
           f"cost ${summary.cost:.6f}{price}; wrote {args.output_file}", file=sys.stderr)
     return 0
