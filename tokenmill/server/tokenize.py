@@ -43,9 +43,10 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
     """The token ids a prompt or a chat is to the model, their count, and the model's context."""
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give either prompt or messages", param="prompt")
-    if (embedding := _embedding_model(request, body.model)) is not None:  # its inputs' tokens, as vLLM counts them
+    if (served := _embedding_model(request, body.model)) is not None:  # its inputs' tokens, as vLLM counts them
+        name, embedding = served
         if body.prompt is None:
-            raise APIError(400, f"{body.model!r} is an embedding model, with no chat template; give a prompt",
+            raise APIError(400, f"{name!r} is an embedding model, with no chat template; give a prompt",
                            param="messages")
         encoding = await asyncio.to_thread(embedding.tokenizer.encode, body.prompt,
                                            add_special_tokens=body.add_special_tokens is not False)
@@ -67,8 +68,9 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
 
 async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
     """The text a model's token ids spell (special tokens included, as vLLM reads them back)."""
-    if (embedding := _embedding_model(request, body.model)) is not None:
-        tokenizer, vocab, name = embedding.tokenizer, embedding.tokenizer.get_vocab_size(), body.model
+    if (served := _embedding_model(request, body.model)) is not None:
+        name, embedding = served
+        tokenizer, vocab = embedding.tokenizer, embedding.tokenizer.get_vocab_size()
     else:
         model = _model(request, body.model)
         tokenizer, vocab, name = model.tokenizer, model.tokenizer.vocab_size, model.name
@@ -77,14 +79,14 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
     return {"prompt": await asyncio.to_thread(tokenizer.decode, body.tokens, skip_special_tokens=False)}
 
 
-def _embedding_model(request: Request, name: str | None) -> EmbeddingModel | None:
-    """The served embedding model a request names (it was a 404 "does not exist"), or the first where it names none
-    and no generative model is served (as /v1/embeddings takes it)."""
+def _embedding_model(request: Request, name: str | None) -> tuple[str, EmbeddingModel] | None:
+    """The served embedding model a request names, by its served name (it was a 404 "does not exist"), or the first
+    where it names none and no generative model is served (as /v1/embeddings takes it)."""
     embedders = embedders_of(request)
     if name is None and not state_of(request).models:
         name = next(iter(embedders), None)
     engine = embedders.get(name) if name is not None else None
-    return None if engine is None else engine.model
+    return None if engine is None else (name, engine.model)
 
 
 def _model(request: Request, name: str | None) -> ServedModel:
