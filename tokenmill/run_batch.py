@@ -51,7 +51,7 @@ class Summary:
     price_per_hour: float | None = None
 
     def add(self, status: int, body: dict) -> None:
-        """Count one answered line."""
+        """Count one line's response."""
         self.statuses[status] = self.statuses.get(status, 0) + 1
         if status != 200:
             return
@@ -161,10 +161,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Check the input file, load the models as `serve` does, run every line; print what it did to stderr."""
+    requests = read_requests(args.input_file)
     from tokenmill.server.app import load_app  # imports torch: after the input file is known good
 
-    requests = read_requests(args.input_file)
-    concurrency = args.max_concurrency or 2 * args.max_num_seqs
+    concurrency = 2 * args.max_num_seqs if args.max_concurrency is None else args.max_concurrency
     if concurrency < 1:
         raise InvalidRequestError(f"--max-concurrency {concurrency} must be at least 1")
     # Nothing refused for waiting (counted in prompts, which a line may hold hundreds of): run caps the lines.

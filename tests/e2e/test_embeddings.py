@@ -190,6 +190,8 @@ def test_an_embedding_model_alone_is_served(start_server):
     # "tokenizing needs a generative one").
     tokenized = httpx.post(f"{alone.url}/tokenize", json={"prompt": "hello"})
     assert tokenized.status_code == 200 and tokenized.json()["max_model_len"] == 256
+    chat = httpx.post(f"{alone.url}/tokenize", json={"messages": [{"role": "user", "content": "hello"}]})
+    assert chat.status_code == 400 and f"{MODEL!r} is an embedding model" in chat.json()["error"]["message"]
 
 
 def test_tokenize_and_detokenize_answer_for_a_served_embedding_model(served, offline):

@@ -226,8 +226,6 @@ def test_hf_directory_without_weights_is_a_load_error(tmp_path, smollm2_source):
 
 
 def test_numpy_integers_are_taken_as_seed_and_n_as_for_every_other_count():
-    import numpy as np
-
     # Refused as "must be a 64-bit integer" while top_k, max_tokens and logprobs took them.
     params = SamplingParams(seed=np.int64(3), n=np.int64(2), temperature=1.0)
     assert (params.seed, params.n) == (3, 2) and type(params.seed) is int and type(params.n) is int

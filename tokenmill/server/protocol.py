@@ -119,7 +119,7 @@ class StructuredOutputs(BaseModel):
     grammar: str | None = None
 
     def constraint(self) -> StructuredOutput:
-        """The constraint, compiled; 400 if it names none or several."""
+        """The constraint (compiled when first used); 400 if it names none or several."""
         return StructuredOutput(json=_schema(self.json_, "structured_outputs"), json_object=bool(self.json_object),
                                 regex=self.regex, choice=self.choice, grammar=self.grammar, param="structured_outputs")
 

@@ -8,7 +8,7 @@ from pydantic import Field
 
 from tokenmill.embeddings.model import EmbeddingModel
 from tokenmill.router import AUTO
-from tokenmill.server.embeddings import embedders_of
+from tokenmill.server.embeddings import embedder, embedders_of
 from tokenmill.server.errors import APIError
 from tokenmill.server.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice, RequestBody, ToolDefinition
 from tokenmill.server.serving import ServedModel, state_of
@@ -70,7 +70,7 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
     """The text a model's token ids spell (special tokens included, as vLLM reads them back)."""
     if (served := _embedding_model(request, body.model)) is not None:
         name, embedding = served
-        tokenizer, vocab = embedding.tokenizer, embedding.tokenizer.get_vocab_size()
+        tokenizer, vocab = embedding.tokenizer, embedding.vocab_size
     else:
         model = _model(request, body.model)
         tokenizer, vocab, name = model.tokenizer, model.tokenizer.vocab_size, model.name
@@ -82,11 +82,10 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
 def _embedding_model(request: Request, name: str | None) -> tuple[str, EmbeddingModel] | None:
     """The served embedding model a request names, by its served name (it was a 404 "does not exist"), or the first
     where it names none and no generative model is served (as /v1/embeddings takes it)."""
-    embedders = embedders_of(request)
-    if name is None and not state_of(request).models:
-        name = next(iter(embedders), None)
-    engine = embedders.get(name) if name is not None else None
-    return None if engine is None else (name, engine.model)
+    if name in embedders_of(request) or (name is None and not state_of(request).models):
+        served, engine = embedder(request, name)
+        return served, engine.model
+    return None
 
 
 def _model(request: Request, name: str | None) -> ServedModel:

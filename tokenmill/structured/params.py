@@ -49,7 +49,7 @@ class StructuredOutput:
         """The llguidance grammar, compiled when first asked for; raises InvalidRequestError with the library's
         message when it cannot compile."""
         # Kept on the instance: functools.cached_property holds one lock for every instance while it computes (until
-        # Python 3.12), and let the compile threads compile one grammar at a time.
+        # Python 3.12), which let the compile threads compile one grammar at a time.
         if "_grammar" not in self.__dict__:
             self.__dict__["_grammar"] = self._compile()
         return self.__dict__["_grammar"]
