@@ -18,6 +18,8 @@ class RequestMetrics:
 
     arrival_time: float
     first_scheduled_time: float | None = None
+    # When the engine took the request: after the server compiled its grammar and tokenized it, since arrival.
+    queued_time: float | None = None
     first_token_time: float | None = None
     # One entry per generated token of every sample, so its length is the request's output tokens; and the sample
     # (CompletionOutput.index) each entry's token belongs to.

@@ -44,6 +44,19 @@ def test_finished_request_gives_ttft_tpot_itl_queue_and_e2e():
     assert s["tokenmill:request_finished_total[length]"] == 1 and s["tokenmill:request_finished_total[abort]"] == 0
 
 
+def test_queue_time_counts_from_the_engines_queue_and_ttft_from_arrival():
+    # Arrival is the handler's start now: compiling and tokenizing (here 0.3 s) went into queue time as well.
+    timing = RequestMetrics(arrival_time=10.0, queued_time=10.3, first_scheduled_time=10.5, first_token_time=11.0,
+                            token_times=[11.0], token_samples=[0], finished_time=11.0)
+    output = RequestOutput("r", "p", [1, 2, 3], [CompletionOutput(0, "a", [4], "length")], finished=True,
+                           num_cached_tokens=0, metrics=timing)
+    metrics = Metrics("m")
+    metrics.observe_finished(output)
+    s = _samples(metrics)
+    assert abs(s["tokenmill:request_queue_time_seconds_sum"] - 0.2) < 1e-9
+    assert s["tokenmill:time_to_first_token_seconds_sum"] == 1.0
+
+
 def test_request_aborted_before_its_first_token_counts_as_abort_without_ttft():
     timing = RequestMetrics(arrival_time=1.0, finished_time=3.0)
     output = RequestOutput("r", None, [1], [CompletionOutput(0, "", [], "abort")], True, 0, timing)

@@ -111,7 +111,7 @@ class LLMEngine:
                                       "context", param="min_tokens")
         arrival = time.perf_counter() if arrival_time is None else arrival_time
         prediction = self.tokenizer.encode(params.prediction, add_special_tokens=False) if params.prediction else []
-        metrics = RequestMetrics(arrival, price_per_hour=self.cost.price_per_hour)
+        metrics = RequestMetrics(arrival, price_per_hour=self.cost.price_per_hour, queued_time=time.perf_counter())
         request = _Request(request_id, text, token_ids, params, [], metrics)
         for index in range(params.n):
             seq = Sequence(

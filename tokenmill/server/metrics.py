@@ -51,7 +51,8 @@ class Metrics:
         "n > 1).", _TOKEN_BUCKETS
         )
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to finish.", _REQUEST_BUCKETS)
-        self.queue = histogram("request_queue_time_seconds", "Arrival to first scheduled step.", _REQUEST_BUCKETS)
+        self.queue = histogram("request_queue_time_seconds", "Engine queue entry to first scheduled step, as vLLM's.",
+                               _REQUEST_BUCKETS)
         self.running = gauge("num_requests_running", "Requests with sequences in the running batch.")
         self.waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
         self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV cache blocks held by sequences (0 to 1).")
@@ -182,7 +183,8 @@ class Metrics:
         if m.finished_time is not None:
             self.e2e.observe(m.finished_time - m.arrival_time)
         if m.first_scheduled_time is not None:
-            self.queue.observe(m.first_scheduled_time - m.arrival_time)
+            # From the engine's queue, as vLLM's: the time before it (compiling, tokenizing) is in TTFT and e2e.
+            self.queue.observe(m.first_scheduled_time - (m.arrival_time if m.queued_time is None else m.queued_time))
         if m.first_token_time is None:
             return
         self.ttft.observe(m.first_token_time - m.arrival_time)
