@@ -32,6 +32,8 @@ LINES = [
     "",  # blank lines are skipped, as OpenAI's validator skips them
     _line("unknown", "/v1/chat/completions", model="nope", messages=[{"role": "user", "content": "hi"}]),
     _line("count", "/v1/completions", model="smollm2-135m", prompt="1, 2, 3,", max_tokens=6, temperature=0),
+    _line("response", "/v1/responses", model="smollm2-135m", max_output_tokens=8, temperature=0,
+          input="What is the capital of France?"),
 ]
 
 
@@ -48,17 +50,22 @@ def test_each_line_is_answered_as_the_server_would_in_input_order_and_batching_c
         tmp_path, smollm2_path, capsys):
     batched = _run_batch(tmp_path, smollm2_path)
     summary = capsys.readouterr().err
-    assert [line["custom_id"] for line in batched] == ["story", "capital", "bad", "unknown", "count"]
-    assert [line["response"]["status_code"] for line in batched] == [200, 200, 400, 404, 200]
+    assert [line["custom_id"] for line in batched] == ["story", "capital", "bad", "unknown", "count", "response"]
+    assert [line["response"]["status_code"] for line in batched] == [200, 200, 400, 404, 200, 200]
     assert all(line["error"] is None and line["id"].startswith("batch_req_") for line in batched)
     bodies = [line["response"]["body"] for line in batched]
     assert "Paris" in bodies[1]["choices"][0]["message"]["content"]
     assert bodies[2]["error"]["param"] == "max_tokens"  # the server's own 400, in OpenAI's error shape
     assert bodies[0]["usage"]["completion_tokens"] == 40 and bodies[0]["usage"]["cost"] > 0
     assert batched[1]["response"]["request_id"] == bodies[1]["id"]
+    # The Responses API's answer to the chat line's question, as chat answered it.
+    assert bodies[5]["output"][0]["content"][0]["text"] == bodies[1]["choices"][0]["message"]["content"]
     cost = sum(body["usage"]["cost"] for body in bodies if "usage" in body)
-    assert "5 requests" in summary and "3 answered, 2 failed (1 x 400, 1 x 404" in summary
-    assert f"cost ${cost:.6f}" in summary
+    completion = sum(body["usage"].get("completion_tokens", body["usage"].get("output_tokens", 0))
+                     for body in bodies if "usage" in body)
+    assert completion == 40 + 8 + 6 + 8  # the responses line's output tokens counted too
+    assert "6 requests" in summary and "4 answered, 2 failed (1 x 400, 1 x 404" in summary
+    assert f"cost ${cost:.6f}" in summary and f" + {completion} completion tokens" in summary
 
     alone = _run_batch(tmp_path, smollm2_path, "--max-concurrency", "1")
     assert [b["response"]["body"].get("choices") for b in alone] == [b.get("choices") for b in bodies]
@@ -70,8 +77,8 @@ def test_each_line_is_answered_as_the_server_would_in_input_order_and_batching_c
     (json.dumps({"method": "POST", "url": "/v1/completions", "body": {}}), "custom_id must be a non-empty string"),
     (json.dumps({"custom_id": "x", "method": "GET", "url": "/v1/completions", "body": {}}),
      "method must be \"POST\", not 'GET'"),
-    (json.dumps({"custom_id": "x", "method": "POST", "url": "/v1/responses", "body": {}}),
-     "url '/v1/responses' is not one of /v1/chat/completions, /v1/completions, /v1/embeddings"),
+    (json.dumps({"custom_id": "x", "method": "POST", "url": "/v1/moderations", "body": {}}),
+     "url '/v1/moderations' is not one of /v1/chat/completions, /v1/completions, /v1/responses, /v1/embeddings"),
     (json.dumps({"custom_id": "x", "method": "POST", "url": "/v1/completions", "body": "hi"}),
      "body must be a JSON object"),
     (json.dumps({"custom_id": "x", "method": "POST", "url": "/v1/completions", "body": {"stream": True}}),

@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # FastAPI comes with the server, which main imports once the 
     from fastapi import FastAPI
 
 # The endpoints a line may name: those of the server's that answer one JSON body.
-URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings")
 
 
 @dataclass
@@ -56,8 +56,9 @@ class Summary:
         if status != 200:
             return
         usage = body.get("usage") or {}
-        self.prompt_tokens += usage.get("prompt_tokens", 0)
-        self.completion_tokens += usage.get("completion_tokens", 0)
+        # /v1/responses names them input and output tokens.
+        self.prompt_tokens += usage.get("prompt_tokens", usage.get("input_tokens", 0))
+        self.completion_tokens += usage.get("completion_tokens", usage.get("output_tokens", 0))
         self.cost += usage.get("cost", 0.0)
         if "cost_details" in usage:
             self.price_per_hour = usage["cost_details"]["price_per_hour"]

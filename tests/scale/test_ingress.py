@@ -87,6 +87,16 @@ def test_a_truncated_prompt_is_keyed_by_what_the_replica_runs(smollm2_source):
     assert key("/v1/chat/completions", **chat, truncate_prompt_tokens=48) == key("/v1/completions", prompt=ids[-48:])
 
 
+def test_a_responses_request_is_keyed_as_the_chat_it_is_answered_as(smollm2_source):
+    from tokenmill.scale.deployment import Ingress
+
+    ingress = SimpleNamespace(tokenizer=smollm2_source.tokenizer, block_size=16)
+    chat = {"model": "m", "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"}]}
+    responses = {"model": "m", "instructions": SYSTEM, "input": [{"role": "user", "content": "hi"}]}
+    key = Ingress._key(ingress, "/v1/responses", json.dumps(responses).encode())
+    assert key is not None and key == Ingress._key(ingress, "/v1/chat/completions", json.dumps(chat).encode())
+
+
 def _forward_failing_with(exc: Exception):
     from tokenmill.scale.deployment import Ingress
 

@@ -38,6 +38,7 @@ from tokenmill.server.auth import KEYED_PREFIXES, require_api_key
 from tokenmill.server.dashboard import snapshot
 from tokenmill.server.errors import APIError, install_handlers
 from tokenmill.server.protocol import ChatCompletionRequest
+from tokenmill.server.responses_protocol import ResponsesRequest
 from tokenmill.server.served_models import ModelSpec, load_embedding_models, load_engines, split_specs
 
 logger = logging.getLogger(__name__)
@@ -219,6 +220,8 @@ class Ingress:
                 # As the replica renders it (tools written in, text parts joined, developer as system): else chats
                 # sharing their first blocks there would go to different replicas.
                 ids = ChatCompletionRequest.model_validate(request).prompt_token_ids(self.tokenizer)
+            elif path.endswith("/responses"):  # answered as the chat it translates to
+                ids = ResponsesRequest.model_validate(request).chat_request().prompt_token_ids(self.tokenizer)
             else:
                 prompt = request.get("prompt")
                 prompt = prompt[0] if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else prompt

@@ -31,6 +31,7 @@ from tokenmill.server.embedding_metrics import EmbeddingMetrics
 from tokenmill.server.embeddings import create_embedding, embedders_of
 from tokenmill.server.errors import APIError, install_handlers
 from tokenmill.server.metrics import Metrics
+from tokenmill.server.responses import create_response, stored_response
 from tokenmill.server.served_models import (ModelSpec, describe_kv_split, load_embedding_models, load_engines,
                                             split_specs, turns)
 from tokenmill.server.serving import ServedModel, ServerState, state_of
@@ -94,6 +95,10 @@ def build_app(engines: dict[str, LLMEngine], config: ServerConfig,
                      dependencies=generative)
     v1.add_api_route("/chat/completions", create_chat_completion, methods=["POST"], response_model=None,
                      dependencies=generative)
+    v1.add_api_route("/responses", create_response, methods=["POST"], response_model=None, dependencies=generative)
+    # A stored response read, deleted or cancelled: a clear 404, as nothing is stored.
+    v1.add_api_route("/responses/{response_id:path}", stored_response, methods=["GET", "DELETE", "POST"],
+                     response_model=None)
     v1.add_api_route("/embeddings", create_embedding, methods=["POST"], response_model=None)
     app.include_router(v1)
     # Where vLLM serves them, beside /v1 (behind the key as /v1 is: KEYED_PREFIXES).

@@ -13,13 +13,20 @@ from tokenmill.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from tokenmill.router.serving import route
 from tokenmill.server.deadlines import STATUS_HEADER, deadline_status, with_deadlines
 from tokenmill.server.protocol import ChatCompletionRequest
-from tokenmill.server.serving import COST_HEADER, EventStream, Usage, json_logprob, merged, new_id, state_of
+from tokenmill.server.serving import (COST_HEADER, ChunkStream, EventStream, Usage, json_logprob, merged, new_id,
+                                     state_of)
 from tokenmill.structured.tool_parser import ToolCall, ToolCallStream, parse_tool_calls
 
 
 async def create_chat_completion(body: ChatCompletionRequest, request: Request,
                                  response: Response) -> dict | EventStream:
     """Answer one conversation with n choices."""
+    answer = await answer_chat(body, request, response)
+    return answer if isinstance(answer, dict) else EventStream(answer.chunks, answer.streams, answer.headers)
+
+
+async def answer_chat(body: ChatCompletionRequest, request: Request, response: Response) -> dict | ChunkStream:
+    """The chat.completion object, or the chunks of a streamed one (which /v1/responses also re-shapes)."""
     state = state_of(request)
     arrival = time.perf_counter()  # deadlines and latencies count from here: compiling and tokenizing take time too
     params = with_deadlines(request, body.sampling_params(state.sampling_defaults(body.model)))
@@ -42,7 +49,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     if body.stream:
         chunks = _chunks(body, params.n, streams[0], tokenizer, response_id, created, model.name,
                          len(routed.prompts[0]))
-        return EventStream(chunks, streams, routed.headers())
+        return ChunkStream(chunks, streams, routed.headers())
     (output,), usage_block = await routed.finish(state, request, streams, response_id)
     model, tokenizer = routed.model, routed.model.tokenizer  # cascade may have moved it to a stronger model
     choices = []

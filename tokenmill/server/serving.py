@@ -260,11 +260,21 @@ def usage(outputs: list[RequestOutput]) -> dict:
     return counted.block()
 
 
+@dataclass
+class ChunkStream:
+    """A streamed answer before it is sent: its chunks, the engine streams behind them, the headers to send."""
+
+    chunks: AsyncIterator[dict]
+    streams: list[RequestStream]
+    headers: dict[str, str]
+
+
 class EventStream(StreamingResponse):
     """Server-sent events of a request's chunks; its streams are closed however the response ends."""
 
-    def __init__(self, chunks: AsyncIterator[dict], streams: list[RequestStream], headers: dict[str, str]) -> None:
-        super().__init__(sse(chunks), media_type="text/event-stream", headers=headers)
+    def __init__(self, chunks: AsyncIterator[dict], streams: list[RequestStream], headers: dict[str, str],
+                 encode: Callable[[AsyncIterator[dict]], AsyncIterator[str]] | None = None) -> None:
+        super().__init__((encode or sse)(chunks), media_type="text/event-stream", headers=headers)
         self.streams = streams
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -1,0 +1,50 @@
+"""The Responses API request as the chat completions request that answers it."""
+
+import pytest
+
+from tokenmill.errors import InvalidRequestError
+from tokenmill.server.responses_protocol import ResponsesRequest
+
+
+def test_items_become_chat_turns_and_calls_join_the_assistant_turn_before_them():
+    request = ResponsesRequest.model_validate({"instructions": "Be brief.", "input": [
+        {"role": "developer", "content": "Use tools."},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "a"},
+                                                          {"type": "input_text", "text": "b"}]},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "Let me look.", "annotations": []}]},
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+        {"type": "function_call", "call_id": "c2", "name": "g", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "one"},
+        {"type": "function_call_output", "call_id": "c2", "output": [{"type": "input_text", "text": "two"}]},
+        {"type": "function_call", "call_id": "c3", "name": "f", "arguments": "{}"},
+    ]})
+    turns = request.chat_request().conversation()
+    assert [(t["role"], t["content"]) for t in turns] == [
+        ("system", "Be brief."), ("system", "Use tools."), ("user", "a\nb"), ("assistant", "Let me look."),
+        ("tool", "one"), ("tool", "two"), ("assistant", ""),
+    ]
+    assert [c["id"] for c in turns[3]["tool_calls"]] == ["c1", "c2"] and turns[4]["tool_call_id"] == "c1"
+    assert turns[6]["tool_calls"][0]["function"] == {"name": "f", "arguments": "{}"}
+
+
+def test_flat_tools_formats_and_settings_become_chats_nested_ones():
+    request = ResponsesRequest.model_validate({
+        "input": "hi", "max_output_tokens": 7, "truncation": "auto", "reasoning": {"effort": "low"},
+        "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}, "strict": True}],
+        "tool_choice": {"type": "function", "name": "f"},
+        "text": {"format": {"type": "json_schema", "name": "s", "schema": {"type": "object"}, "strict": True}},
+        "include": ["reasoning.encrypted_content"],
+    })
+    chat = request.chat_request()
+    assert chat.tools[0].function.name == "f" and chat.tools[0].function.parameters == {"type": "object"}
+    assert chat.tool_choice.function.name == "f" and chat.tool_mode == "named"
+    assert chat.response_format.json_schema.schema_ == {"type": "object"}
+    assert chat.max_completion_tokens == 7 and chat.truncate_prompt_tokens == -1
+    assert chat.chat_template_kwargs == {"reasoning_effort": "low"} and not chat.logprobs
+
+
+def test_a_function_call_item_without_its_call_id_is_refused_naming_it():
+    request = ResponsesRequest.model_validate({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]})
+    with pytest.raises(InvalidRequestError) as refused:
+        request.chat_request()
+    assert refused.value.param == "input[0].call_id"

@@ -1,0 +1,208 @@
+"""POST /v1/responses: OpenAI's Responses API, stateless, answered by the chat completions path and re-shaped.
+
+The conversation comes whole in `input` (messages, function calls and their outputs); the answer's output items are
+a message and the function calls the model made, as OpenAI's. Streamed, the chat chunks become Responses events:
+response.created, then per output item its added, delta and done events, then response.completed (or
+response.incomplete when max_output_tokens cut the answer).
+"""
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from fastapi import Request, Response
+
+from tokenmill.errors import InvalidRequestError
+from tokenmill.server.chat import answer_chat
+from tokenmill.server.errors import APIError, from_exception
+from tokenmill.server.responses_protocol import ResponsesRequest
+from tokenmill.server.serving import EventStream
+
+# Chat fields as the Responses API names them, for the `param` of an error the chat path raised.
+_PARAMS = {"messages": "input", "max_completion_tokens": "max_output_tokens", "response_format": "text.format"}
+
+
+async def create_response(body: ResponsesRequest, request: Request, response: Response) -> dict | EventStream:
+    """Answer one conversation with a response object, or its events when streamed."""
+    chat = body.chat_request()
+    try:
+        answer = await answer_chat(chat, request, response)
+    except InvalidRequestError as exc:
+        exc.param = _PARAMS.get(exc.param, exc.param)
+        raise
+    response_id, created = _id("resp"), time.time()
+    if isinstance(answer, dict):
+        choice = answer["choices"][0]
+        status = _status(choice["finish_reason"])
+        return {**_response(body, response_id, created, answer["model"], status), "output": _output(choice, status),
+                "usage": _usage(answer["usage"])}
+    events = _events(answer.chunks, body, response_id, created)
+    return EventStream(events, answer.streams, answer.headers, encode=named_sse)
+
+
+async def stored_response(response_id: str) -> None:
+    """GET, DELETE or cancel of a stored response: this server stores none."""
+    raise APIError(404, f"no response {response_id!r}: this server stores no responses (each is answered as if "
+                   "store were false)", param="response_id", code="response_not_found")
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"  # OpenAI's: resp_..., msg_..., fc_...
+
+
+def _status(finish_reason: str | None) -> str:
+    return "incomplete" if finish_reason == "length" else "completed"
+
+
+def _response(body: ResponsesRequest, response_id: str, created: float, model: str, status: str) -> dict:
+    """The response object's fields besides its output and usage: the request's settings echoed, as OpenAI's."""
+    return {
+        "id": response_id, "object": "response", "created_at": created, "status": status, "error": None,
+        "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+        "instructions": body.instructions, "max_output_tokens": body.max_output_tokens, "model": model,
+        "output": [], "parallel_tool_calls": body.parallel_tool_calls is not False, "previous_response_id": None,
+        "reasoning": body.reasoning, "store": False, "temperature": body.temperature,
+        "text": {"format": (body.text and body.text.format) or {"type": "text"}},
+        "tool_choice": body.tool_choice or "auto", "tools": body.tools or [], "top_p": body.top_p,
+        "truncation": body.truncation or "disabled", "usage": None, "metadata": body.metadata or {},
+        "user": body.user,
+    }
+
+
+def _message(text: str, logprobs: list[dict] | None, status: str, item_id: str | None = None) -> dict:
+    part = {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
+    return {"type": "message", "id": item_id or _id("msg"), "status": status, "role": "assistant",
+            "content": [part]}
+
+
+def _call(call_id: str, name: str, arguments: str, status: str, item_id: str | None = None) -> dict:
+    return {"type": "function_call", "id": item_id or _id("fc"), "call_id": call_id, "name": name,
+            "arguments": arguments, "status": status}
+
+
+def _output(choice: dict, status: str) -> list[dict]:
+    """A chat choice's message as output items: its text (left out when the model only called), then each call."""
+    message = choice["message"]
+    calls = message.get("tool_calls") or []
+    items = []
+    if message["content"] or not calls:
+        logprobs = choice["logprobs"]["content"] if choice["logprobs"] else None
+        items.append(_message(message["content"] or "", logprobs, status))
+    return items + [_call(c["id"], c["function"]["name"], c["function"]["arguments"], "completed") for c in calls]
+
+
+def _usage(usage: dict) -> dict:
+    """Chat's usage block in the Responses API's names, its cost kept."""
+    return {
+        "input_tokens": usage["prompt_tokens"],
+        "input_tokens_details": {"cached_tokens": usage["prompt_tokens_details"]["cached_tokens"]},
+        "output_tokens": usage["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": usage["total_tokens"], "cost": usage["cost"], "cost_details": usage["cost_details"],
+    }
+
+
+async def _events(chunks: AsyncIterator[dict], body: ResponsesRequest, response_id: str,
+                  created: float) -> AsyncIterator[dict]:
+    """The chat chunks of one choice as Responses events; each output item is opened, filled and closed in turn."""
+    async with aclosing(chunks):
+        first = await anext(chunks)  # the role chunk, at once: it names the model that answers
+        head = _response(body, response_id, created, first["model"], "in_progress")
+        yield {"type": "response.created", "response": head}
+        yield {"type": "response.in_progress", "response": head}
+        items: list[dict] = []  # every output item so far; the last may be open
+        open_item: dict | None = None
+        logprobs: list[dict] = []  # the open message's, all of them
+        pending: list[dict] = []  # logprobs of tokens whose text has not come out yet
+        usage, status, deadline = None, "completed", None
+
+        def close() -> list[dict]:
+            nonlocal open_item
+            if open_item is None:
+                return []
+            item, open_item = open_item, None
+            index = len(items) - 1
+            if item["type"] == "function_call":
+                item = {**item, "status": "completed"}
+                events = [{"type": "response.function_call_arguments.done", "item_id": item["id"],
+                           "output_index": index, "name": item["name"], "arguments": item["arguments"]}]
+            else:
+                part = item["content"][0]
+                part["logprobs"] = logprobs + pending
+                item = {**item, "status": status}
+                events = [{"type": "response.output_text.done", "item_id": item["id"], "output_index": index,
+                           "content_index": 0, "text": part["text"], "logprobs": part["logprobs"]},
+                          {"type": "response.content_part.done", "item_id": item["id"], "output_index": index,
+                           "content_index": 0, "part": part}]
+            items[index] = item
+            return events + [{"type": "response.output_item.done", "output_index": index, "item": item}]
+
+        async for chunk in chunks:
+            if "usage" in chunk and chunk["usage"] is not None and not chunk["choices"]:
+                usage = _usage(chunk["usage"])
+            deadline = chunk.get("deadline_status", deadline)
+            for choice in chunk["choices"]:
+                delta = choice["delta"]
+                if choice["finish_reason"] is not None:
+                    status = _status(choice["finish_reason"])
+                if choice["logprobs"]:
+                    pending += choice["logprobs"]["content"]
+                if delta.get("content"):
+                    if open_item is None or open_item["type"] != "message":
+                        for event in close():
+                            yield event
+                        open_item = _message("", None, "in_progress")
+                        logprobs.clear()
+                        items.append(open_item)
+                        yield {"type": "response.output_item.added", "output_index": len(items) - 1,
+                               "item": {**open_item, "content": []}}
+                        yield {"type": "response.content_part.added", "item_id": open_item["id"],
+                               "output_index": len(items) - 1, "content_index": 0,
+                               "part": {**open_item["content"][0]}}
+                    open_item["content"][0]["text"] += delta["content"]
+                    yield {"type": "response.output_text.delta", "item_id": open_item["id"],
+                           "output_index": len(items) - 1, "content_index": 0, "delta": delta["content"],
+                           "logprobs": pending}
+                    logprobs.extend(pending)
+                    pending = []
+                for call in delta.get("tool_calls", []):
+                    if "id" in call:  # a call's first delta: its id and name
+                        for event in close():
+                            yield event
+                        open_item = _call(call["id"], call["function"]["name"], "", "in_progress")
+                        items.append(open_item)
+                        yield {"type": "response.output_item.added", "output_index": len(items) - 1,
+                               "item": {**open_item}}
+                    elif call["function"]["arguments"]:
+                        open_item["arguments"] += call["function"]["arguments"]
+                        yield {"type": "response.function_call_arguments.delta", "item_id": open_item["id"],
+                               "output_index": len(items) - 1, "delta": call["function"]["arguments"]}
+        if not items:  # an empty answer is still a message, as in a whole response
+            open_item = _message("", None, "in_progress")
+            items.append(open_item)
+            yield {"type": "response.output_item.added", "output_index": 0, "item": {**open_item, "content": []}}
+            yield {"type": "response.content_part.added", "item_id": open_item["id"], "output_index": 0,
+                   "content_index": 0, "part": {**open_item["content"][0]}}
+        for event in close():
+            yield event
+        final = {**_response(body, response_id, created, head["model"], status), "output": items, "usage": usage}
+        if deadline is not None:
+            final["deadline_status"] = deadline
+        yield {"type": f"response.{status}", "response": final}
+
+
+async def named_sse(events: AsyncIterator[dict]) -> AsyncIterator[str]:
+    """Server-sent events named by their type and numbered in order, as OpenAI's; a failure ends them with an
+    error event."""
+    sequence = 0
+    try:
+        async with aclosing(events):
+            async for event in events:
+                yield f"event: {event['type']}\ndata: {json.dumps({**event, 'sequence_number': sequence})}\n\n"
+                sequence += 1
+    except Exception as exc:
+        error = from_exception(exc).body["error"]
+        event = {"type": "error", "code": error["code"] or error["type"], "message": error["message"],
+                 "param": error["param"], "sequence_number": sequence}
+        yield f"event: error\ndata: {json.dumps(event)}\n\n"

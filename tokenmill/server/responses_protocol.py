@@ -1,0 +1,179 @@
+"""OpenAI's Responses API request body, and its translation to the chat completions request that answers it."""
+
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from tokenmill.errors import InvalidRequestError
+from tokenmill.server.protocol import ChatCompletionRequest, RequestBody
+
+# Include values that ask for output this server shows: a token's logprobs. The others name output of hosted tools
+# or reasoning items, which no answer here has, so asking for them changes nothing (Codex asks for
+# reasoning.encrypted_content on every turn).
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+# Fields that need a response stored by an earlier request; this server keeps none.
+_STATEFUL = ("previous_response_id", "conversation", "prompt")
+
+
+class TextConfig(BaseModel):
+    """`text`: the output's format (plain text, any JSON object, or JSON matching a schema)."""
+
+    format: dict[str, Any] | None = None
+
+
+class ResponsesRequest(RequestBody):
+    """POST /v1/responses: stateless; each request carries its whole conversation as `input`."""
+
+    model: str | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    text: TextConfig | None = None
+    reasoning: dict[str, Any] | None = None
+    stream: bool | None = None
+    # Accepted and answered as false: nothing is kept, so a later request cannot name this one.
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    top_logprobs: int | None = None
+    include: list[str] | None = None
+    user: str | None = None
+    background: bool | None = None
+    previous_response_id: str | None = None
+    conversation: Any = None
+    prompt: Any = None
+    # vLLM's sampling extensions, as its Responses endpoint takes them.
+    seed: int | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stop: str | list[str] | None = None
+    priority: int | None = None
+    cache_salt: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def chat_request(self) -> ChatCompletionRequest:
+        """The chat completions request that answers this one; 400 naming the field this server cannot do."""
+        for name in _STATEFUL:
+            if getattr(self, name) is not None:
+                raise InvalidRequestError(f"{name} is not supported: this server stores no responses or prompts; "
+                                          "send the whole conversation as input", param=name)
+        if self.background:
+            raise InvalidRequestError("background is not supported: this server stores no responses to poll; "
+                                      "stream the answer instead", param="background")
+        if self.max_output_tokens is not None and self.max_output_tokens < 1:  # else chat's field would be named
+            raise InvalidRequestError(f"max_output_tokens={self.max_output_tokens} must be at least 1",
+                                      param="max_output_tokens")
+        logprobs = LOGPROBS_INCLUDE in (self.include or []) or self.top_logprobs is not None
+        kwargs = dict(self.chat_template_kwargs or {})
+        if (effort := (self.reasoning or {}).get("effort")) is not None:
+            kwargs["reasoning_effort"] = effort  # as vLLM: the chat template decides what it means
+        chat = {
+            "model": self.model, "messages": self._messages(), "max_completion_tokens": self.max_output_tokens,
+            "temperature": self.temperature, "top_p": self.top_p, "stream": self.stream,
+            # The stream's last chunk carries the usage, for the final response.completed event.
+            "stream_options": {"include_usage": True} if self.stream else None,
+            "tools": [_tool(t, i) for i, t in enumerate(self.tools)] if self.tools else None,
+            "tool_choice": _tool_choice(self.tool_choice), "parallel_tool_calls": self.parallel_tool_calls,
+            "response_format": _response_format(self.text.format) if self.text and self.text.format else None,
+            "logprobs": logprobs or None, "top_logprobs": self.top_logprobs if logprobs else None,
+            "truncate_prompt_tokens": -1 if self.truncation == "auto" else None,
+            "seed": self.seed, "top_k": self.top_k, "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty, "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty, "stop": self.stop, "priority": self.priority,
+            "cache_salt": self.cache_salt, "chat_template_kwargs": kwargs or None, "user": self.user,
+        }
+        try:
+            return ChatCompletionRequest.model_validate(chat)
+        except ValueError as exc:  # pydantic's ValidationError: an item's shape this translation passed through
+            raise InvalidRequestError(f"input or tools are malformed: {exc}", param="input") from exc
+
+    def _messages(self) -> list[dict[str, Any]]:
+        """`instructions` and `input` as chat messages: function calls join the assistant turn before them."""
+        messages: list[dict[str, Any]] = []
+        if self.instructions:
+            messages.append({"role": "system", "content": self.instructions})
+        if isinstance(self.input, str):
+            return messages + [{"role": "user", "content": self.input}]
+        for i, item in enumerate(self.input):
+            param = f"input[{i}]"
+            kind = item.get("type", "message")
+            if kind == "message":
+                if item.get("role") not in ("user", "assistant", "system", "developer"):
+                    raise InvalidRequestError(f"{param}.role must be user, assistant, system or developer",
+                                              param=param)
+                messages.append({"role": item["role"], "content": _text(item.get("content"), f"{param}.content")})
+            elif kind == "function_call":
+                call = {"id": _string(item, "call_id", param), "type": "function",
+                        "function": {"name": _string(item, "name", param),
+                                     "arguments": _string(item, "arguments", param)}}
+                if messages and messages[-1]["role"] == "assistant":
+                    messages[-1].setdefault("tool_calls", []).append(call)
+                else:
+                    messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            elif kind == "function_call_output":
+                messages.append({"role": "tool", "tool_call_id": _string(item, "call_id", param),
+                                 "content": _text(item.get("output"), f"{param}.output")})
+            else:
+                raise InvalidRequestError(f"{param} is an item of type {kind!r}, which this server does not take; "
+                                          "send message, function_call and function_call_output items", param=param)
+        if not messages:
+            raise InvalidRequestError("input holds no message", param="input")
+        return messages
+
+
+def _string(item: dict[str, Any], key: str, param: str) -> str:
+    value = item.get(key)
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"{param}.{key} must be a string", param=f"{param}.{key}")
+    return value
+
+
+def _text(content: Any, param: str) -> str:
+    """A message's content (a string or input_text/output_text/refusal parts) as one string."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise InvalidRequestError(f"{param} must be a string or a list of text parts", param=param)
+    parts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        key = "refusal" if kind == "refusal" else "text"
+        if kind not in ("input_text", "output_text", "text", "refusal") or not isinstance(part.get(key), str):
+            raise InvalidRequestError(f"{param} has a part of type {kind!r}; this model reads text only", param=param)
+        parts.append(part[key])
+    return "\n".join(parts)  # as chat joins its text parts
+
+
+def _tool(tool: dict[str, Any], i: int) -> dict[str, Any]:
+    """A Responses function tool (flat) as chat's (nested under `function`)."""
+    if tool.get("type") != "function":
+        raise InvalidRequestError(f"tools[{i}] is of type {tool.get('type')!r}; this server runs no hosted tools, "
+                                  "only function tools that the client calls", param=f"tools[{i}].type")
+    return {"type": "function", "function": {k: tool[k] for k in ("name", "description", "parameters", "strict")
+                                             if tool.get(k) is not None}}
+
+
+def _tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+    if not isinstance(choice, dict):
+        return choice
+    if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
+        raise InvalidRequestError(f"tool_choice of type {choice.get('type')!r} is not supported; name a function "
+                                  "tool ({\"type\": \"function\", \"name\": ...}) or use none, auto or required",
+                                  param="tool_choice")
+    return {"type": "function", "function": {"name": choice["name"]}}
+
+
+def _response_format(format: dict[str, Any]) -> dict[str, Any]:
+    """`text.format` as chat's response_format: the Responses API names the schema's fields one level up."""
+    if format.get("type") != "json_schema":
+        return format
+    return {"type": "json_schema", "json_schema": {k: format[k] for k in ("name", "description", "schema", "strict")
+                                                   if k in format}}
