@@ -22,17 +22,19 @@ def _run(*args: str, stdin: str | None = None, env_extra: dict[str, str] | None 
     )
 
 
-def test_serve_started_with_stdin_closed_stops_cleanly(smollm2_path):
+def test_serve_started_with_stdin_and_stdout_closed_stops_cleanly(smollm2_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    # As `tokenmill serve <&-` or a launcher that closes fds 0-2: uvloop aborted at every shutdown (exit -6).
+    # As `tokenmill serve <&- >&-` or a launcher that closes fds 0-2: uvloop aborted at every shutdown (exit -6);
+    # with stdout closed, uvicorn's log formatter failed on sys.stdout (None) once the model had loaded.
     server = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "serve", "--model", str(smollm2_path),
                                "--port", str(port), "--max-model-len", "256"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=lambda: os.close(0))
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              preexec_fn=lambda: (os.close(0), os.close(1)))
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and server.poll() is None:
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
                 break
@@ -43,6 +45,19 @@ def test_serve_started_with_stdin_closed_stops_cleanly(smollm2_path):
     finally:
         server.kill()
     assert server.returncode == 0, errors.decode()[-500:]
+
+
+def test_serve_on_a_taken_port_fails_in_one_line_before_loading_any_model(monkeypatch, capsys):
+    from tokenmill.server import app
+
+    # The model loaded first (minutes for a large one), "serving ... at" was logged, and then the bind failed.
+    monkeypatch.setattr(app, "load_app", lambda *_, **__: pytest.fail("loaded the model before binding the port"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port), "--model", "smollm2-135m"]) == 1
+    assert f"tokenmill: error: cannot listen on 127.0.0.1:{port}: " in capsys.readouterr().err
 
 
 def test_generate_names_paris(smollm2_path):

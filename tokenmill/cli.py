@@ -375,11 +375,14 @@ def _serve(args: argparse.Namespace) -> int:
 def _open_standard_streams() -> None:
     """Open /dev/null on whichever of fds 0-2 a launcher closed: uvloop gives such a free fd to a socket, then
     aborts (SIGABRT, `uv__close: Assertion fd > STDERR_FILENO`) closing it at shutdown."""
-    for fd in (0, 1, 2):
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
         try:
             os.fstat(fd)
         except OSError:
             os.open(os.devnull, os.O_RDWR)  # the lowest free fd: this one
+        # Python left the stream None for a closed fd, and uvicorn's log formatter calls sys.stdout.isatty().
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, mode, closefd=False))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 import asyncio
 import logging
 import signal
+import socket
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -21,6 +22,7 @@ from tokenmill.embeddings.engine import EmbeddingEngine
 from tokenmill.embeddings.model import EmbeddingModel
 from tokenmill.engine.async_engine import AsyncEngine, ShuttingDownError
 from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.errors import TokenmillError
 from tokenmill.loader.source import check_named
 from tokenmill.router import AUTO
 from tokenmill.server.auth import KEYED_PREFIXES, RequireAPIKey
@@ -238,6 +240,9 @@ class _Server(uvicorn.Server):
         self.engines, self.grace = engines, grace
 
     async def shutdown(self, sockets: list | None = None) -> None:
+        # What uvicorn cancels from now on (past the grace, or at a second Ctrl-C) is answered with this (errors.py's
+        # CatchUnexpected): a request still compiling its grammar or tokenizing has reached no engine to fail.
+        self.config.app.state.shutting_down = ShuttingDownError("the server is shutting down; retry this request")
         late = asyncio.create_task(self._fail_late())
         try:
             await super().shutdown(sockets)
@@ -272,9 +277,23 @@ def load_app(engine_config: EngineConfig, config: ServerConfig, models: list[str
     return build_app(engines, config, embedding_models, batching)
 
 
+def _listen(config: ServerConfig) -> socket.socket:
+    """The server's socket, bound to --host and --port; TokenmillError naming them if it cannot be."""
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    listening = socket.socket(family, socket.SOCK_STREAM)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait
+    try:
+        listening.bind((config.host, config.port))
+    except OSError as exc:  # in use, not this machine's address, or not an address (gaierror)
+        listening.close()
+        raise TokenmillError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from exc
+    return listening
+
+
 def serve(engine_config: EngineConfig, config: ServerConfig, models: list[str],
           batching: BatchPolicy = BatchPolicy(), embedding_dtype: str = "auto") -> None:
     """Load each model, serve until SIGTERM/SIGINT; in-flight requests get shutdown_timeout."""
+    listening = _listen(config)  # first: a port in use is found at once, not after minutes of loading
     app = load_app(engine_config, config, models, batching, embedding_dtype)
     engines = {name: model.engine.engine for name, model in app.state.tokenmill.models.items()}
     for name, engine in engines.items():
@@ -300,7 +319,7 @@ def serve(engine_config: EngineConfig, config: ServerConfig, models: list[str],
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     try:
-        server.run()
+        server.run(sockets=[listening])
     finally:
         # A second Ctrl-C makes uvicorn skip the app's shutdown, which stops the engines: the process must not exit
         # with their threads inside a step.

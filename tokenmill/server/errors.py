@@ -1,5 +1,6 @@
 """Every error leaves the server in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
+import asyncio
 import logging
 
 from fastapi import FastAPI, Request
@@ -114,6 +115,12 @@ class CatchUnexpected:
             if started:  # a response under way can only be cut off; let the server close the connection
                 raise
             await from_exception(exc).response()(scope, receive, send)
+        except asyncio.CancelledError:
+            # uvicorn cancels what outlives the shutdown's grace: answered as ours, not as its bare 500.
+            stopping = getattr(scope["app"].state, "shutting_down", None)
+            if started or stopping is None:
+                raise
+            await from_exception(stopping).response()(scope, receive, send)
 
 
 def _param(loc: tuple) -> str | None:
