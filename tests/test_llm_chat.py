@@ -1,5 +1,7 @@
 """LLM.chat: OpenAI's message shapes and tools, rendered as /v1/chat/completions renders them."""
 
+import threading
+
 import pytest
 
 from tokenmill import LLM, SamplingParams
@@ -84,3 +86,27 @@ def test_chat_template_kwargs_reach_the_template(llm, monkeypatch):
                                                         "{% if enable_thinking is defined %}!{% endif %}")
     out = llm.chat([{"role": "user", "content": "Hi"}], GREEDY, chat_template_kwargs={"enable_thinking": False})[0]
     assert llm.tokenizer.decode(out.prompt_token_ids) == "Hi!"
+
+
+def test_calls_from_two_threads_each_get_their_own_outputs(llm):
+    # Both stepped the one engine and collected each other's deltas: text missing tokens, or a KeyError.
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompts = ["One two", "Three four"]
+    alone = {p: llm.generate(p, params)[0].outputs[0].text for p in prompts}
+    got: dict[str, list[str]] = {p: [] for p in prompts}
+    errors: list[BaseException] = []
+
+    def work(prompt: str) -> None:
+        try:
+            for _ in range(3):
+                got[prompt] += [o.outputs[0].text for o in llm.generate([prompt, prompt], params)]
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(p,)) for p in prompts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors and got == {p: [alone[p]] * 6 for p in prompts}
+    assert not llm.engine.has_unfinished()

@@ -12,6 +12,7 @@ from tokenmill.errors import (
 )
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling import SamplingParams
+from tokenmill.structured.params import StructuredOutput
 
 if TYPE_CHECKING:
     from tokenmill.engine.llm_engine import LLMEngine
@@ -21,6 +22,7 @@ __all__ = [
     "LLM",
     "LLMEngine",
     "SamplingParams",
+    "StructuredOutput",
     "RequestOutput",
     "CompletionOutput",
     "TokenmillError",

@@ -2,6 +2,7 @@
 
 import itertools
 import logging
+import threading
 from dataclasses import fields
 from typing import Any
 
@@ -29,6 +30,9 @@ class LLM:
             raise InvalidRequestError(f"unknown engine options {sorted(unknown)}; known: {sorted(known)}")
         self.engine = LLMEngine(EngineConfig(model=model, **engine_options))
         self._ids = itertools.count()
+        # One call steps the engine at a time: two threads stepping it took each other's outputs (wrong text, or a
+        # KeyError), where vLLM's LLM is documented as not thread-safe.
+        self._lock = threading.Lock()
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -55,15 +59,16 @@ class LLM:
         if len(params) != len(prompts):
             raise InvalidRequestError(f"{len(prompts)} prompts but {len(params)} sampling params")
         ids = [f"offline-{next(self._ids)}" for _ in prompts]
-        try:
-            for request_id, prompt, p in zip(ids, prompts, params):
-                self.engine.add_request(request_id, _prompt_input(prompt), p or self.get_default_sampling_params(),
-                                        fit_context=True)
-        except BaseException:  # an invalid prompt, or Ctrl-C while a long list queues: none of them stays queued
-            for request_id in ids:
-                self.engine.abort(request_id)
-            raise
-        return self._run(ids, use_tqdm if use_tqdm is not None else len(ids) >= 16)
+        with self._lock:
+            try:
+                for request_id, prompt, p in zip(ids, prompts, params):
+                    self.engine.add_request(request_id, _prompt_input(prompt),
+                                            p or self.get_default_sampling_params(), fit_context=True)
+            except BaseException:  # an invalid prompt, or Ctrl-C while a long list queues: none of them stays queued
+                for request_id in ids:
+                    self.engine.abort(request_id)
+                raise
+            return self._run(ids, use_tqdm if use_tqdm is not None else len(ids) >= 16)
 
     def chat(
         self,

@@ -1,6 +1,7 @@
 """Request fields to constraints: response_format, vLLM's extras and tool_choice, and the 400s they can give."""
 
 import asyncio
+import json
 import threading
 import time
 from unittest.mock import MagicMock
@@ -35,6 +36,16 @@ def test_a_schema_the_library_cannot_compile_is_refused_with_its_message():
     with pytest.raises(InvalidRequestError, match="cannot compile the response_format: .*frobnicate") as caught:
         _chat(response_format=fmt).sampling_params().structured_output.compiled
     assert caught.value.param == "response_format"
+
+
+def test_a_schema_given_as_json_text_compiles_as_the_same_object_offline_too():
+    # The server parsed the text; SamplingParams(structured_output=StructuredOutput(json="...")) sent it to the
+    # compiler as it was, without the bound on numbers' decimals: SmolLM2 wrote digits until max_tokens.
+    schema = {"type": "object", "properties": {"n": {"type": "number"}}, "required": ["n"]}
+    assert StructuredOutput(json=json.dumps(schema)).compiled == StructuredOutput(json=schema).compiled
+    with pytest.raises(InvalidRequestError, match="not valid JSON") as refused:
+        StructuredOutput(json="{not json", param="guided_json")
+    assert refused.value.param == "guided_json"
 
 
 def test_unknown_response_format_type_is_a_validation_error():

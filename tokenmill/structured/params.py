@@ -24,7 +24,7 @@ class StructuredOutput:
     """Exactly one constraint, named as vLLM's structured_outputs: a JSON schema, any JSON object, a regex,
     one of some strings, or a Lark grammar (llguidance's dialect)."""
 
-    json: dict[str, Any] | None = None
+    json: dict[str, Any] | str | None = None  # a schema, or its JSON text (as vLLM's takes it)
     json_object: bool = False
     regex: str | None = None
     choice: list[str] | None = None
@@ -39,6 +39,11 @@ class StructuredOutput:
             raise InvalidRequestError("give exactly one of json, json_object, regex, choice or grammar", self.param)
         if self.choice is not None and not self.choice:
             raise InvalidRequestError("choice must list at least one string", self.param)
+        if isinstance(self.json, str):  # parsed here: text went to the compiler without the bounds it adds to numbers
+            try:
+                self.json = json.loads(self.json)
+            except (ValueError, RecursionError) as exc:
+                raise InvalidRequestError(f"the {self.param} schema is not valid JSON: {exc}", self.param) from exc
 
     async def compile_off_loop(self) -> None:
         """Compile the grammar on the compile threads (a large one takes seconds), raising as `compiled` does."""
