@@ -345,6 +345,23 @@ def test_a_folders_chat_template_is_found_where_transformers_saves_it(tmp_path, 
                                                      else ("[f]<user>hi", True))
 
 
+def test_a_template_sees_the_folders_other_special_tokens_as_transformers_gives_them(tmp_path, smollm2_source):
+    # Only bos_token and eos_token were set: {{ pad_token }} rendered as nothing, and the prompt differed.
+    import transformers
+
+    smollm2_source.tokenizer.backend.save(str(tmp_path / "tokenizer.json"))
+    config = {"pad_token": {"__type": "AddedToken", "content": "<|im_start|>", "special": True},
+              "unk_token": "<|endoftext|>", "chat_template": "{{ pad_token }}{{ messages[0].content }}{{ unk_token }}"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    messages = [{"role": "user", "content": "hi"}]
+    ours = Tokenizer.from_hf_dir(tmp_path, eos_token_ids=[2]).apply_chat_template(messages)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(messages, tokenize=False)
+    assert ours == theirs == "<|im_start|>hi<|endoftext|>"
+    # A request's chat_template_kwargs may set them, as transformers' apply_chat_template kwargs do.
+    assert Tokenizer.from_hf_dir(tmp_path, eos_token_ids=[2]).apply_chat_template(
+        messages, template_kwargs={"unk_token": "?"}) == "<|im_start|>hi?"
+
+
 @pytest.mark.parametrize("call, expected", [("tojson(ensure_ascii=False)", '{"name": "wetter", "unit": "°C"}'),
                                             ("tojson(separators=(',', ':'), sort_keys=True)",
                                              '{"name":"wetter","unit":"°C"}'),

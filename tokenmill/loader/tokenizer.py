@@ -70,6 +70,9 @@ class Tokenizer:
         self.chat_template = chat_template
         # A second template for chats with tools, where the model has one (Hugging Face's and llama.cpp's tool_use).
         self.tool_chat_template = tool_chat_template
+        # The other special tokens a Hugging Face folder names (pad_token, unk_token, ...), which transformers (and so
+        # vLLM) gives every template beside bos_token and eos_token; a request's chat_template_kwargs may set them.
+        self.template_tokens: dict[str, Any] = {}
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
         # Byte-level BPE (GPT-2 style) spells each byte as one printable character; SentencePiece does not.
         # The decoder's own JSON, not the whole tokenizer's (megabytes of vocabulary and merges).
@@ -152,7 +155,7 @@ class Tokenizer:
         _check_template_kwargs(template_kwargs or {}, template.environment.globals)
         try:
             return template.render(
-                **(template_kwargs or {}),
+                **{**self.template_tokens, **(template_kwargs or {})},
                 messages=messages,
                 tools=tools or None,
                 add_generation_prompt=add_generation_prompt,
@@ -219,7 +222,9 @@ class Tokenizer:
         eos_id = None if eos is None else backend.token_to_id(eos)
         if eos_id is not None and eos_id not in eos_token_ids:
             eos_token_ids = [*eos_token_ids, eos_id]
-        return cls(backend, eos_token_ids, bos, eos, *_hf_chat_templates(path, config.get("chat_template")))
+        tokenizer = cls(backend, eos_token_ids, bos, eos, *_hf_chat_templates(path, config.get("chat_template")))
+        tokenizer.template_tokens = {key: _token_text(config[key]) for key in _TEMPLATE_TOKENS if config.get(key)}
+        return tokenizer
 
     @classmethod
     def from_gguf(cls, gguf: "GGUFFile", eos_token_ids: list[int]) -> "Tokenizer":
@@ -415,6 +420,8 @@ _GENERATION_TAG = re.compile(r"(\{%[-+]?\s*)(end)?generation(\s*[-+]?%\})")
 _CONTINUE_TAG = "TOKENMILL_CONTINUE_HERE "
 # What apply_chat_template itself passes a template: a request's chat_template_kwargs may not replace them.
 _TEMPLATE_VARIABLES = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"}
+# tokenizer_config.json's other special tokens, as transformers' special_tokens_map names them.
+_TEMPLATE_TOKENS = ("unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 def _plain_block(tag: re.Match) -> str:
