@@ -20,6 +20,7 @@ from tokenmill.errors import (
 )
 from tokenmill.loader.gguf import GGUFFile
 from tokenmill.loader.source import open_model
+from tokenmill.loader.tokenizer import Tokenizer
 
 
 def test_missing_path_is_model_not_found(tmp_path):
@@ -223,6 +224,17 @@ def test_hf_directory_without_weights_is_a_load_error(tmp_path, smollm2_source):
     smollm2_source.tokenizer.backend.save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(ModelLoadError, match="safetensors"):
         open_model(str(tmp_path))
+    # A folder of PyTorch pickles is told what it has and how to convert it, not only what it lacks.
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match=r"it has pytorch_model.bin: PyTorch pickles.*safe_serialization=True"):
+        open_model(str(tmp_path))
+
+
+def test_a_folder_with_only_a_sentencepiece_model_says_which_tokenizer_file_to_write(tmp_path):
+    # "cannot read .../tokenizer.json: No such file or directory" did not say the tokenizer.model beside it is unread.
+    (tmp_path / "tokenizer.model").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="SentencePiece tokenizer.model but no tokenizer.json"):
+        Tokenizer.from_hf_dir(tmp_path, eos_token_ids=[2])
 
 
 def test_numpy_integers_are_taken_as_seed_and_n_as_for_every_other_count():

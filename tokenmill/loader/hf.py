@@ -52,7 +52,10 @@ class HFDirectory:
         self.raw_config = read_json_object(self.path / "config.json")
         self.files = self._weight_files()
         if not self.files:
-            raise ModelLoadError(f"{self.path} has no *.safetensors files")
+            pickled = sorted(p.name for p in self.path.glob("*.bin")) + sorted(p.name for p in self.path.glob("*.pt"))
+            found = f" (it has {', '.join(pickled[:3])}: PyTorch pickles, which can run code when loaded; save them " \
+                "as safetensors with transformers' save_pretrained(..., safe_serialization=True))" if pickled else ""
+            raise ModelLoadError(f"{self.path} has no *.safetensors files{found}")
         model_type = str(self.raw_config.get("model_type", ""))
         archs = self.raw_config.get("architectures") or [_MODEL_TYPES.get(model_type, model_type)]
         self.architecture = str(archs[0])

@@ -206,6 +206,10 @@ class Tokenizer:
     @classmethod
     def from_hf_dir(cls, path: Path, eos_token_ids: list[int]) -> "Tokenizer":
         """Load tokenizer.json plus the chat template and special tokens from tokenizer_config.json."""
+        if not (path / "tokenizer.json").is_file() and (path / "tokenizer.model").is_file():
+            raise ModelLoadError(f"{path} has a SentencePiece tokenizer.model but no tokenizer.json, which is what "
+                                 "tokenmill reads; write one with transformers' AutoTokenizer.from_pretrained(folder)"
+                                 ".save_pretrained(folder)")
         try:
             backend = BackendTokenizer.from_file(str(path / "tokenizer.json"))
         except Exception as exc:  # tokenizers raises a bare Exception on a missing or bad file
