@@ -474,6 +474,19 @@ def test_chat_template_kwargs_reach_the_template_as_vllm_passes_them(tmp_path, s
     assert refused.value.param == "chat_template_kwargs"
 
 
+def test_documents_and_reasoning_effort_reach_the_template_as_vllm_passes_them(smollm2_source):
+    from tokenmill.server.protocol import ChatCompletionRequest
+
+    # Both were dropped silently: a retrieval template wrote no documents, and the answer had nothing to cite.
+    tokenizer = copy.copy(smollm2_source.tokenizer)
+    tokenizer.chat_template = ("{% for d in documents or [] %}[{{ d.title }}: {{ d.text }}]{% endfor %}"
+                               "{{ reasoning_effort or '' }}|{% for m in messages %}{{ m.content }}{% endfor %}")
+    body = {"messages": [{"role": "user", "content": "hi"}], "documents": [{"title": "A", "text": "x"}],
+            "reasoning_effort": "low", "chat_template_kwargs": {"reasoning_effort": "high"}}
+    ids = ChatCompletionRequest.model_validate(body).prompt_token_ids(tokenizer)
+    assert tokenizer.decode(ids) == "[A: x]low|hi"
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"namespace": True}, "may not set namespace"),  # a function Qwen's templates call: a TypeError inside
     ({"date_string": 5}, "can only concatenate"),  # Llama 3.1's variable of the wrong kind: a TypeError inside

@@ -40,7 +40,7 @@ def test_flat_tools_formats_and_settings_become_chats_nested_ones():
     assert chat.tool_choice.function.name == "f" and chat.tool_mode == "named"
     assert chat.response_format.json_schema.schema_ == {"type": "object"}
     assert chat.max_completion_tokens == 7 and chat.truncate_prompt_tokens == -1
-    assert chat.chat_template_kwargs == {"reasoning_effort": "low"} and not chat.logprobs
+    assert chat.template_kwargs() == {"reasoning_effort": "low"} and not chat.logprobs
 
 
 def test_a_function_call_item_without_its_call_id_is_refused_naming_it():

@@ -466,6 +466,10 @@ class ChatCompletionRequest(_GenerationRequest):
     continue_final_message: bool | None = None
     # vLLM's too: the chat template's own variables, such as Qwen3's enable_thinking.
     chat_template_kwargs: dict[str, Any] | None = None
+    # Given to the template as those variables are, as vLLM gives them: documents for a template that writes them
+    # in (retrieval-augmented chats: Command R's, Granite's), and OpenAI's reasoning_effort (gpt-oss's reads it).
+    documents: list[dict[str, Any]] | None = None
+    reasoning_effort: str | None = None
     _refused: ClassVar[dict[str, tuple[Any, str]]] = _CHAT_REFUSED
     functions: Any = None
     function_call: Any = None
@@ -523,7 +527,13 @@ class ChatCompletionRequest(_GenerationRequest):
     def prompt_token_ids(self, tokenizer: Tokenizer) -> list[int]:
         """The conversation and its tools rendered with tokenizer's chat template, as the prompt's token ids."""
         return chat_prompt(tokenizer, self.conversation(), self.tool_dicts(), self.tool_mode not in ("none", "auto"),
-                           self.add_generation_prompt, bool(self.continue_final_message), self.chat_template_kwargs)
+                           self.add_generation_prompt, bool(self.continue_final_message), self.template_kwargs())
+
+    def template_kwargs(self) -> dict[str, Any] | None:
+        """The chat template's own variables: chat_template_kwargs, documents and reasoning_effort."""
+        given = {"documents": self.documents, "reasoning_effort": self.reasoning_effort}
+        kwargs = {**(self.chat_template_kwargs or {}), **{k: v for k, v in given.items() if v is not None}}
+        return kwargs or None
 
     def conversation(self) -> list[dict[str, Any]]:
         """Messages as plain dicts for the chat template; `developer` is OpenAI's newer name for `system`."""

@@ -72,9 +72,6 @@ class ResponsesRequest(RequestBody):
             raise InvalidRequestError(f"max_output_tokens={self.max_output_tokens} must be at least 1",
                                       param="max_output_tokens")
         logprobs = LOGPROBS_INCLUDE in (self.include or []) or self.top_logprobs is not None
-        kwargs = dict(self.chat_template_kwargs or {})
-        if (effort := (self.reasoning or {}).get("effort")) is not None:
-            kwargs["reasoning_effort"] = effort  # as vLLM: the chat template decides what it means
         chat = {
             "model": self.model, "messages": self._messages(), "max_completion_tokens": self.max_output_tokens,
             "temperature": self.temperature, "top_p": self.top_p, "stream": self.stream,
@@ -88,7 +85,9 @@ class ResponsesRequest(RequestBody):
             "seed": self.seed, "top_k": self.top_k, "min_p": self.min_p,
             "repetition_penalty": self.repetition_penalty, "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty, "stop": self.stop, "priority": self.priority,
-            "cache_salt": self.cache_salt, "chat_template_kwargs": kwargs or None, "user": self.user,
+            "cache_salt": self.cache_salt, "chat_template_kwargs": self.chat_template_kwargs, "user": self.user,
+            # As vLLM: the chat template decides what it means.
+            "reasoning_effort": (self.reasoning or {}).get("effort"),
         }
         try:
             return ChatCompletionRequest.model_validate(chat)
