@@ -126,7 +126,9 @@ def test_logprobs_come_with_each_output_token_when_included(client):
     ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]},
      "input[0].content"),
-    ({"input": [{"type": "reasoning", "summary": []}]}, "input[0]"),
+    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0]"),  # needs a stored item
+    ({"text": {"format": {"type": "bogus"}}}, "text.format.type"),
+    ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
     ({"input": []}, "input"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
     ({"tool_choice": {"type": "file_search"}, "tools": [WEATHER]}, "tool_choice"),

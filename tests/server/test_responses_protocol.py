@@ -16,6 +16,7 @@ def test_items_become_chat_turns_and_calls_join_the_assistant_turn_before_them()
         {"type": "function_call", "call_id": "c2", "name": "g", "arguments": "{}"},
         {"type": "function_call_output", "call_id": "c1", "output": "one"},
         {"type": "function_call_output", "call_id": "c2", "output": [{"type": "input_text", "text": "two"}]},
+        {"type": "reasoning", "id": "rs_1", "summary": []},  # another server's: left out, as vLLM leaves it
         {"type": "function_call", "call_id": "c3", "name": "f", "arguments": "{}"},
     ]})
     turns = request.chat_request().conversation()
@@ -48,3 +49,20 @@ def test_a_function_call_item_without_its_call_id_is_refused_naming_it():
     with pytest.raises(InvalidRequestError) as refused:
         request.chat_request()
     assert refused.value.param == "input[0].call_id"
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"tools": [{"type": "function", "name": "no spaces allowed"}]}, "tools[0].name"),
+    ({"text": {"format": {"type": "json_schema", "name": "s"}}}, "text.format.schema"),
+    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0]"),
+])
+def test_what_chat_or_this_server_refuses_is_named_as_the_responses_field(fields, param):
+    # Chat's schema errors came back as param "input" with chat's own pydantic dump for a message.
+    with pytest.raises(InvalidRequestError) as refused:
+        ResponsesRequest.model_validate({"input": "hi", **fields}).chat_request()
+    assert refused.value.param == param and "ChatCompletionRequest" not in str(refused.value)
+
+
+def test_top_logprobs_alone_asks_for_no_logprobs_as_openai_reads_it():
+    chat = ResponsesRequest.model_validate({"input": "hi", "top_logprobs": 2}).chat_request()
+    assert not chat.logprobs and chat.top_logprobs is None

@@ -17,11 +17,8 @@ from fastapi import Request, Response
 from tokenmill.errors import InvalidRequestError
 from tokenmill.server.chat import answer_chat
 from tokenmill.server.errors import APIError, from_exception
-from tokenmill.server.responses_protocol import ResponsesRequest
+from tokenmill.server.responses_protocol import PARAMS, ResponsesRequest
 from tokenmill.server.serving import EventStream
-
-# Chat fields as the Responses API names them, for the `param` of an error the chat path raised.
-_PARAMS = {"messages": "input", "max_completion_tokens": "max_output_tokens", "response_format": "text.format"}
 
 
 async def create_response(body: ResponsesRequest, request: Request, response: Response) -> dict | EventStream:
@@ -30,7 +27,7 @@ async def create_response(body: ResponsesRequest, request: Request, response: Re
     try:
         answer = await answer_chat(chat, request, response)
     except InvalidRequestError as exc:
-        exc.param = _PARAMS.get(exc.param, exc.param)
+        exc.param = PARAMS.get(exc.param, exc.param)
         raise
     response_id, created = _id("resp"), time.time()
     if isinstance(answer, dict):
@@ -64,7 +61,8 @@ def _response(body: ResponsesRequest, response_id: str, created: float, model: s
         "instructions": body.instructions, "max_output_tokens": body.max_output_tokens, "model": model,
         "output": [], "parallel_tool_calls": body.parallel_tool_calls is not False, "previous_response_id": None,
         "reasoning": body.reasoning, "store": False, "temperature": body.temperature,
-        "text": {"format": (body.text and body.text.format) or {"type": "text"}},
+        "text": {"format": body.text.format.model_dump(by_alias=True, exclude_none=True)
+                 if body.text and body.text.format else {"type": "text"}},
         "tool_choice": body.tool_choice or "auto", "tools": body.tools or [], "top_p": body.top_p,
         "truncation": body.truncation or "disabled", "usage": None, "metadata": body.metadata or {},
         "user": body.user,

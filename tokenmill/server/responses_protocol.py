@@ -2,7 +2,7 @@
 
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, ValidationError
 
 from tokenmill.errors import InvalidRequestError
 from tokenmill.server.protocol import ChatCompletionRequest, RequestBody
@@ -13,12 +13,25 @@ from tokenmill.server.protocol import ChatCompletionRequest, RequestBody
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 # Fields that need a response stored by an earlier request; this server keeps none.
 _STATEFUL = ("previous_response_id", "conversation", "prompt")
+# Chat fields as the Responses API names them, for the `param` of an error the chat path raised.
+PARAMS = {"messages": "input", "max_completion_tokens": "max_output_tokens", "response_format": "text.format"}
+
+
+class TextFormat(BaseModel):
+    """`text.format`: plain text, any JSON object, or JSON matching the named schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    description: str | None = None
+    # `schema` shadows a BaseModel attribute, hence the alias.
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
 
 
 class TextConfig(BaseModel):
-    """`text`: the output's format (plain text, any JSON object, or JSON matching a schema)."""
+    """`text`: the output's format."""
 
-    format: dict[str, Any] | None = None
+    format: TextFormat | None = None
 
 
 class ResponsesRequest(RequestBody):
@@ -31,7 +44,7 @@ class ResponsesRequest(RequestBody):
     temperature: float | None = None
     top_p: float | None = None
     tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
     reasoning: dict[str, Any] | None = None
@@ -71,7 +84,7 @@ class ResponsesRequest(RequestBody):
         if self.max_output_tokens is not None and self.max_output_tokens < 1:  # else chat's field would be named
             raise InvalidRequestError(f"max_output_tokens={self.max_output_tokens} must be at least 1",
                                       param="max_output_tokens")
-        logprobs = LOGPROBS_INCLUDE in (self.include or []) or self.top_logprobs is not None
+        logprobs = LOGPROBS_INCLUDE in (self.include or [])  # top_logprobs alone asks for none, as OpenAI's
         chat = {
             "model": self.model, "messages": self._messages(), "max_completion_tokens": self.max_output_tokens,
             "temperature": self.temperature, "top_p": self.top_p, "stream": self.stream,
@@ -91,8 +104,10 @@ class ResponsesRequest(RequestBody):
         }
         try:
             return ChatCompletionRequest.model_validate(chat)
-        except ValueError as exc:  # pydantic's ValidationError: an item's shape this translation passed through
-            raise InvalidRequestError(f"input or tools are malformed: {exc}", param="input") from exc
+        except ValidationError as exc:  # what chat's schema checks in what passed through: a tool's name, say
+            error = exc.errors()[0]
+            where = _field(error["loc"])
+            raise InvalidRequestError(f"{where}: {error['msg']}", param=where) from exc
 
     def _messages(self) -> list[dict[str, Any]]:
         """`instructions` and `input` as chat messages: function calls join the assistant turn before them."""
@@ -120,9 +135,12 @@ class ResponsesRequest(RequestBody):
             elif kind == "function_call_output":
                 messages.append({"role": "tool", "tool_call_id": _string(item, "call_id", param),
                                  "content": _text(item.get("output"), f"{param}.output")})
+            elif kind == "reasoning":
+                continue  # another server's, in a conversation carried over: as vLLM, not part of the prompt
             else:
                 raise InvalidRequestError(f"{param} is an item of type {kind!r}, which this server does not take; "
-                                          "send message, function_call and function_call_output items", param=param)
+                                          "send message, function_call, function_call_output and reasoning items",
+                                          param=param)
         if not messages:
             raise InvalidRequestError("input holds no message", param="input")
         return messages
@@ -170,9 +188,22 @@ def _tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any] | 
     return {"type": "function", "function": {"name": choice["name"]}}
 
 
-def _response_format(format: dict[str, Any]) -> dict[str, Any]:
+def _response_format(format: TextFormat) -> dict[str, Any]:
     """`text.format` as chat's response_format: the Responses API names the schema's fields one level up."""
-    if format.get("type") != "json_schema":
-        return format
-    return {"type": "json_schema", "json_schema": {k: format[k] for k in ("name", "description", "schema", "strict")
-                                                   if k in format}}
+    if format.type != "json_schema":
+        return {"type": format.type}
+    if format.schema_ is None:  # required there, as OpenAI's; chat takes a json_schema without one as any object
+        raise InvalidRequestError("text.format of type json_schema needs a schema", param="text.format.schema")
+    return {"type": "json_schema", "json_schema": format.model_dump(by_alias=True, exclude={"type"})}
+
+
+def _field(loc: tuple) -> str:
+    """A chat field's error location as the Responses field it came from: ("tools", 0, "function", "name") is
+    tools[0].name; anything in messages is input's (instructions shift the indices)."""
+    if loc[0] == "messages":
+        return "input"
+    where = PARAMS.get(loc[0], str(loc[0]))
+    for part in loc[1:]:
+        if part != "function":  # chat nests a tool's fields under it; the Responses API does not
+            where += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return where
