@@ -33,6 +33,7 @@ from tokenmill.server.embedding_metrics import EmbeddingMetrics
 from tokenmill.server.embeddings import create_embedding, embedders_of
 from tokenmill.server.errors import APIError, install_handlers
 from tokenmill.server.metrics import Metrics
+from tokenmill.server.rerank import create_rerank, create_score
 from tokenmill.server.responses import create_response, stored_response
 from tokenmill.server.served_models import (ModelSpec, describe_kv_split, load_embedding_models, load_engines,
                                             split_specs, turns)
@@ -102,6 +103,11 @@ def build_app(engines: dict[str, LLMEngine], config: ServerConfig,
     v1.add_api_route("/responses/{response_id:path}", stored_response, methods=["GET", "DELETE", "POST"],
                      response_model=None)
     v1.add_api_route("/embeddings", create_embedding, methods=["POST"], response_model=None)
+    # vLLM's, for embedding models; each also without /v1 (and rerank as /v2/rerank), where clients call them.
+    for prefix in ("/v1", ""):
+        app.add_api_route(f"{prefix}/score", create_score, methods=["POST"], response_model=None)
+    for path in ("/v1/rerank", "/rerank", "/v2/rerank"):
+        app.add_api_route(path, create_rerank, methods=["POST"], response_model=None)
     app.include_router(v1)
     # Where vLLM serves them, beside /v1 (behind the key as /v1 is: KEYED_PREFIXES).
     app.add_api_route("/tokenize", tokenize, methods=["POST"], response_model=None)

@@ -25,8 +25,8 @@ def _refused() -> APIError:
     return APIError(401, "invalid or missing API key; send `Authorization: Bearer <key>`",
                     type="invalid_request_error", code="invalid_api_key")
 
-# Paths behind the key: the OpenAI API, and vLLM's tokenizer endpoints beside it (rendering and tokenizing take CPU).
-KEYED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+# Paths behind the key: the OpenAI API, and vLLM's endpoints beside it (rendering, tokenizing, embedding take CPU).
+KEYED_PREFIXES = ("/v1/", "/v2/", "/tokenize", "/detokenize", "/score", "/rerank")
 
 
 def require_api_key(api_key: str | None):

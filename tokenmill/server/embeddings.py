@@ -12,7 +12,7 @@ from pydantic import ValidationError, ValidatorFunctionWrapHandler, field_valida
 from pydantic_core import PydanticCustomError
 
 from tokenmill.embeddings.engine import EmbeddingEngine
-from tokenmill.embeddings.inputs import check_dimensions, shorten, token_inputs
+from tokenmill.embeddings.inputs import EmbeddingInput, check_dimensions, shorten, token_inputs
 from tokenmill.server.errors import APIError
 from tokenmill.server.protocol import RequestBody
 from tokenmill.server.serving import refuse_past_waiting, refuse_past_waiting_tokens, state_of, unless_disconnected
@@ -60,7 +60,7 @@ def embedder(request: Request, name: str | None) -> tuple[str, EmbeddingEngine]:
     if name in embedders:
         return name, embedders[name]
     if name in state_of(request).models:
-        raise APIError(400, f"{name!r} is a generative model; /v1/embeddings needs an embedding model (served: "
+        raise APIError(400, f"{name!r} is a generative model; {request.url.path} needs an embedding model (served: "
                        f"{served})", param="model", code="model_not_embedding")
     raise APIError(404, f"the embedding model {name!r} does not exist; this server's embedding models: {served}",
                    param="model", code="model_not_found")
@@ -69,11 +69,22 @@ def embedder(request: Request, name: str | None) -> tuple[str, EmbeddingEngine]:
 async def create_embedding(body: EmbeddingRequest, request: Request) -> Response:
     """Embed each input; `data` is in input order, `usage` counts the tokens embedded."""
     name, engine = embedder(request, body.model)
-    model = engine.model
-    check_dimensions(model, body.dimensions)
+    check_dimensions(engine.model, body.dimensions)
     if isinstance(body.input, list) and len(body.input) > MAX_INPUTS and not isinstance(body.input[0], int):
         raise APIError(400, f"input has {len(body.input)} items; the limit is {MAX_INPUTS} per request",
                        param="input")
+    vectors, num_tokens = await embed(request, name, engine, body.input, body.truncate_prompt_tokens)
+    # Off the event loop, one embedding at a time: serializing one 384-float embedding takes 0.5 ms, so 2,048
+    # in one call would hold the interpreter (and every other request) for a second.
+    return Response(await asyncio.to_thread(_body, shorten(engine.model, vectors, body.dimensions),
+                                            body.encoding_format, name, num_tokens),
+                    media_type="application/json")
+
+
+async def embed(request: Request, name: str, engine: EmbeddingEngine, inputs: EmbeddingInput,
+                truncate: int | None) -> tuple[torch.Tensor, int]:
+    """The inputs' embeddings, through the engine's queue, and the tokens embedded; 429 past the queue's bounds."""
+    model = engine.model
     if not engine.is_running:
         raise APIError(503, f"the engine of {name!r} is not running; see the server log", type="server_error")
     config = state_of(request).config
@@ -82,21 +93,17 @@ async def create_embedding(body: EmbeddingRequest, request: Request) -> Response
     engine.num_waiting += 1  # from here: others arrive while this one is tokenized
     try:
         # Off the event loop: 2,048 long inputs take a while to tokenize and must not stall other requests.
-        ids = await asyncio.to_thread(token_inputs, model, body.input, body.truncate_prompt_tokens)
+        ids = await asyncio.to_thread(token_inputs, model, inputs, truncate)
         num_tokens = sum(len(i) for i in ids)
         refuse_past_waiting_tokens(name, engine.num_waiting_tokens, num_tokens, config.max_waiting_tokens)
         engine.num_waiting_tokens += num_tokens
         try:
             # A client that goes away leaves its inputs still queued to be dropped, not embedded for nobody.
-            vectors = shorten(model, await unless_disconnected(request, engine.embed(ids)), body.dimensions)
+            return await unless_disconnected(request, engine.embed(ids)), num_tokens
         finally:
             engine.num_waiting_tokens -= num_tokens
     finally:
         engine.num_waiting -= 1
-    # Off the event loop, one embedding at a time: serializing one 384-float embedding takes 0.5 ms, so 2,048
-    # in one call would hold the interpreter (and every other request) for a second.
-    return Response(await asyncio.to_thread(_body, vectors, body.encoding_format, name, num_tokens),
-                    media_type="application/json")
 
 
 def _body(vectors: torch.Tensor, encoding_format: str, name: str, num_tokens: int) -> bytes:
