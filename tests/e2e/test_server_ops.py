@@ -77,6 +77,8 @@ def test_client_disconnecting_while_waiting_for_a_whole_response_aborts_it(serve
 
 def test_health_and_version(server):
     assert httpx.get(f"{server.url}/health").status_code == 200
+    # Load balancers and `wget --spider` check health with HEAD: a 405 read as down.
+    assert httpx.head(f"{server.url}/health").status_code == 200
     assert httpx.get(f"{server.url}/version").json()["version"]
 
 

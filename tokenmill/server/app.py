@@ -112,7 +112,7 @@ def build_app(engines: dict[str, LLMEngine], config: ServerConfig,
     # Where vLLM serves them, beside /v1 (behind the key as /v1 is: KEYED_PREFIXES).
     app.add_api_route("/tokenize", tokenize, methods=["POST"], response_model=None)
     app.add_api_route("/detokenize", detokenize, methods=["POST"], response_model=None)
-    app.add_api_route("/health", health, methods=["GET"], response_model=None)
+    app.add_api_route("/health", health, methods=["GET", "HEAD"], response_model=None)
     app.add_api_route("/version", get_version, methods=["GET"], response_model=None)
     app.add_api_route("/metrics", get_metrics, methods=["GET"], response_model=None)
     app.include_router(dashboard_router(config.api_key))
