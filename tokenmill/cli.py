@@ -101,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--cascade-threshold", type=float, default=ServerConfig.cascade_threshold,
                        help="under --router cascade, escalate when the answer's mean token logprob is below this")
     _embedding_flags(serve)
+    _reasoning_flag(serve)
     add_scale_flags(serve)
     add_engine_flags(serve, repeat_model=True)
 
@@ -108,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
                      "answer each line, into an output file of the Batch API's shape", run_batch.main)
     run_batch.add_arguments(batch)
     _embedding_flags(batch)
+    _reasoning_flag(batch)
     add_engine_flags(batch, repeat_model=True)
 
     router = commands.add_parser("router", help="tune `model: auto` for the models `serve` would route among")
@@ -171,6 +173,13 @@ def _embedding_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embedding-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                         help="embedding models' linear layers: auto is bfloat16 where oneDNN runs it natively "
                              "(AVX-512 bf16, AMX), else float32")
+
+
+def _reasoning_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reasoning-parser", choices=("qwen3", "deepseek_r1"), default=None,
+                        help="split a reasoning model's <think>...</think> from chat answers into reasoning_content, "
+                             "as vLLM's flag: qwen3 (the model opens its thinking) or deepseek_r1 (the chat template "
+                             "opens it); default: the thinking stays in the content")
 
 
 def _command(commands: argparse._SubParsersAction, name: str, help: str, func: Callable) -> argparse.ArgumentParser:
@@ -360,7 +369,8 @@ def _serve(args: argparse.Namespace) -> int:
                           max_waiting_tokens=args.max_waiting_tokens,
                           max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
                           watchdog_timeout=args.watchdog_timeout,
-                          router=args.router, cascade_threshold=args.cascade_threshold)
+                          router=args.router, cascade_threshold=args.cascade_threshold,
+                          reasoning_parser=args.reasoning_parser)
     batching = BatchPolicy(args.embedding_max_batch_tokens, args.embedding_max_wait_ms)
     scale = scale_config(args)  # before any model loads: a missing Ray fails at once
     if scale is not None:

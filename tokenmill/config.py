@@ -246,8 +246,13 @@ class ServerConfig:
     # Under cascade, a cheap answer whose mean token logprob is below this is re-run on the next model;
     # -1.0 keeps answers whose tokens average at least e^-1 (about 0.37) in probability.
     cascade_threshold: float = -1.0
+    # Split a reasoning model's thinking from its chat answers (`reasoning_content`), as vLLM's --reasoning-parser:
+    # `qwen3` or `deepseek_r1` (tokenmill/server/reasoning.py); None: the thinking stays in the content.
+    reasoning_parser: str | None = None
 
     def __post_init__(self) -> None:
+        if self.reasoning_parser not in (None, "qwen3", "deepseek_r1"):
+            raise InvalidRequestError(f"reasoning_parser={self.reasoning_parser!r} must be 'qwen3' or 'deepseek_r1'")
         if self.router not in ("cheapest", "cascade"):
             raise InvalidRequestError(f"router={self.router!r} must be 'cheapest' or 'cascade'")
         for name in ("max_waiting", "max_body_bytes"):

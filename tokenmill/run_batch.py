@@ -169,7 +169,7 @@ def main(args: argparse.Namespace) -> int:
     if concurrency < 1:
         raise InvalidRequestError(f"--max-concurrency {concurrency} must be at least 1")
     # Nothing refused for waiting (counted in prompts, which a line may hold hundreds of): run caps the lines.
-    config = ServerConfig(max_waiting=sys.maxsize)
+    config = ServerConfig(max_waiting=sys.maxsize, reasoning_parser=args.reasoning_parser)
     # Opened before the models load, so that a folder that is not there fails first; emptied only once they have.
     with args.output_file.open("a", encoding="utf-8") as out:
         app = load_app(engine_config(args), config, args.models or [args.model],

@@ -3,6 +3,7 @@
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import replace
 
 from fastapi import Request, Response
 
@@ -13,6 +14,7 @@ from tokenmill.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from tokenmill.router.serving import route
 from tokenmill.server.deadlines import STATUS_HEADER, deadline_status, with_deadlines
 from tokenmill.server.protocol import ChatCompletionRequest
+from tokenmill.server.reasoning import ReasoningStream, split_reasoning
 from tokenmill.server.serving import (COST_HEADER, ChunkStream, EventStream, Usage, json_logprob, merged, new_id,
                                      state_of)
 from tokenmill.structured.tool_parser import ToolCall, ToolCallStream, parse_tool_calls
@@ -46,21 +48,26 @@ async def answer_chat(body: ChatCompletionRequest, request: Request, response: R
             exc.param = "messages"
         raise
     created = int(time.time())
+    reasoning_parser = state.config.reasoning_parser
     if body.stream:
         chunks = _chunks(body, params.n, streams[0], tokenizer, response_id, created, model.name,
-                         len(routed.prompts[0]))
+                         len(routed.prompts[0]), reasoning_parser)
         return ChunkStream(chunks, streams, routed.headers())
     (output,), usage_block = await routed.finish(state, request, streams, response_id)
     model, tokenizer = routed.model, routed.model.tokenizer  # cascade may have moved it to a stronger model
     choices = []
     for sample in output.outputs:
-        message: dict = {"role": "assistant", "content": sample.text}
+        reasoning, text = split_reasoning(sample.text, reasoning_parser) if reasoning_parser else (None, sample.text)
+        # As vLLM: an answer that is all thinking has no content.
+        message: dict = {"role": "assistant", "content": text if text or reasoning is None else None}
+        if reasoning is not None:
+            message["reasoning_content"] = reasoning
         finish_reason = sample.finish_reason
         if tools:
-            content, calls = parse_tool_calls(sample.text)
+            content, calls = parse_tool_calls(text)
             calls = calls[:1] if body.parallel_tool_calls is False else calls  # under auto too, as vLLM
             if calls:
-                message = {"role": "assistant", "content": content,
+                message = {**message, "content": content,
                            "tool_calls": [{"id": new_id("call"), "type": "function",
                                            "function": {"name": c.name, "arguments": c.arguments}} for c in calls]}
                 # As OpenAI and vLLM: a named function's call finishes with "stop", the model's own choice with
@@ -84,7 +91,8 @@ async def answer_chat(body: ChatCompletionRequest, request: Request, response: R
 
 
 async def _chunks(body: ChatCompletionRequest, n: int, stream: RequestStream, tokenizer: Tokenizer,
-                  response_id: str, created: int, model: str, prompt_tokens: int) -> AsyncIterator[dict]:
+                  response_id: str, created: int, model: str, prompt_tokens: int,
+                  reasoning_parser: str | None) -> AsyncIterator[dict]:
     head = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model}
     if body.include_usage:  # OpenAI: then every chunk has a usage field, null but in the last
         head["usage"] = None
@@ -104,13 +112,27 @@ async def _chunks(body: ChatCompletionRequest, n: int, stream: RequestStream, to
     finals: list[RequestOutput] = []
     # With tools on offer each choice's text goes through a parser, which holds back what may be a call.
     parsers = {i: ToolCallStream() for i in range(n)} if body.tool_dicts() else {}
+    # Before it, with a reasoning parser, the thinking is split off each choice's text.
+    thinking = {i: ReasoningStream(reasoning_parser) for i in range(n)} if reasoning_parser else {}
     async with aclosing(merged([stream])) as outputs:
         async for _, output in outputs:
             counted.add(0, output)
             if output.finished:
                 finals.append(output)
+            samples, reasoning = [], {}
+            for sample in output.outputs:
+                if thinking:
+                    parts = [thinking[sample.index].feed(sample.text)]
+                    if sample.finish_reason is not None:
+                        parts.append(thinking[sample.index].finish())
+                    reasoning[sample.index] = "".join(r for r, _ in parts)
+                    sample = replace(sample, text="".join(c for _, c in parts))
+                samples.append(sample)
             if parsers:
-                for sample in output.outputs:
+                for sample in samples:
+                    if reasoning.get(sample.index):
+                        yield chunk([{"index": sample.index, "delta": {"reasoning_content": reasoning[sample.index]},
+                                      "logprobs": None, "finish_reason": None}])
                     for choice in _tool_choices(sample, parsers[sample.index], tokenizer,
                                                 body.parallel_tool_calls is False, body.tool_mode == "named"):
                         yield chunk([choice])
@@ -118,13 +140,14 @@ async def _chunks(body: ChatCompletionRequest, n: int, stream: RequestStream, to
             choices = [
                 {
                     "index": sample.index,
-                    "delta": {"content": sample.text} if sample.text else {},
+                    "delta": {**({"reasoning_content": reasoning[sample.index]} if reasoning.get(sample.index) else {}),
+                              **({"content": sample.text} if sample.text else {})},
                     "logprobs": None if sample.logprobs is None else chat_logprobs(sample.token_ids, sample.logprobs,
                                                                                    tokenizer),
                     "finish_reason": sample.finish_reason,
                     "stop_reason": sample.stop_reason,
                 }
-                for sample in output.outputs
+                for sample in samples
             ]
             yield chunk(choices)
     if (status := deadline_status(finals)) is not None:  # the headers went out first: a late stream says so here

@@ -75,16 +75,23 @@ def _message(text: str, logprobs: list[dict] | None, status: str, item_id: str |
             "content": [part]}
 
 
+def _reasoning(text: str, status: str) -> dict:
+    """The thinking a --reasoning-parser split off, as OpenAI's reasoning item with its text."""
+    return {"type": "reasoning", "id": _id("rs"), "summary": [], "status": status,
+            "content": [{"type": "reasoning_text", "text": text}]}
+
+
 def _call(call_id: str, name: str, arguments: str, status: str, item_id: str | None = None) -> dict:
     return {"type": "function_call", "id": item_id or _id("fc"), "call_id": call_id, "name": name,
             "arguments": arguments, "status": status}
 
 
 def _output(choice: dict, status: str) -> list[dict]:
-    """A chat choice's message as output items: its text (left out when the model only called), then each call."""
+    """A chat choice's message as output items: its thinking, its text (left out when the model only called), then
+    each call."""
     message = choice["message"]
     calls = message.get("tool_calls") or []
-    items = []
+    items = [] if message.get("reasoning_content") is None else [_reasoning(message["reasoning_content"], status)]
     if message["content"] or not calls:
         logprobs = choice["logprobs"]["content"] if choice["logprobs"] else None
         items.append(_message(message["content"] or "", logprobs, status))
@@ -116,6 +123,7 @@ async def _events(chunks: AsyncIterator[dict], body: ResponsesRequest, response_
         usage, status, deadline = None, "completed", None
 
         def close() -> list[dict]:
+            """Events that finish the open item, if any."""
             nonlocal open_item
             if open_item is None:
                 return []
@@ -125,6 +133,10 @@ async def _events(chunks: AsyncIterator[dict], body: ResponsesRequest, response_
                 item = {**item, "status": "completed"}
                 events = [{"type": "response.function_call_arguments.done", "item_id": item["id"],
                            "output_index": index, "name": item["name"], "arguments": item["arguments"]}]
+            elif item["type"] == "reasoning":
+                item = {**item, "status": "completed"}
+                events = [{"type": "response.reasoning_text.done", "item_id": item["id"], "output_index": index,
+                           "content_index": 0, "text": item["content"][0]["text"]}]
             else:
                 part = item["content"][0]
                 part["logprobs"] = logprobs + pending
@@ -136,6 +148,21 @@ async def _events(chunks: AsyncIterator[dict], body: ResponsesRequest, response_
             items[index] = item
             return events + [{"type": "response.output_item.done", "output_index": index, "item": item}]
 
+        def start(item: dict) -> list[dict]:
+            """Events that finish the open item and open this one (announced empty)."""
+            nonlocal open_item
+            events = close()
+            open_item = item
+            items.append(item)
+            index = len(items) - 1
+            events.append({"type": "response.output_item.added", "output_index": index,
+                           "item": {**item, "content": []} if "content" in item else {**item}})
+            if item["type"] == "message":
+                logprobs.clear()
+                events.append({"type": "response.content_part.added", "item_id": item["id"], "output_index": index,
+                               "content_index": 0, "part": {**item["content"][0]}})
+            return events
+
         async for chunk in chunks:
             if "usage" in chunk and chunk["usage"] is not None and not chunk["choices"]:
                 usage = _usage(chunk["usage"])
@@ -146,42 +173,33 @@ async def _events(chunks: AsyncIterator[dict], body: ResponsesRequest, response_
                     status = _status(choice["finish_reason"])
                 if choice["logprobs"]:
                     pending += choice["logprobs"]["content"]
-                if delta.get("content"):
-                    if open_item is None or open_item["type"] != "message":
-                        for event in close():
+                if text := delta.get("reasoning_content"):
+                    if open_item is None or open_item["type"] != "reasoning":
+                        for event in start(_reasoning("", "in_progress")):
                             yield event
-                        open_item = _message("", None, "in_progress")
-                        logprobs.clear()
-                        items.append(open_item)
-                        yield {"type": "response.output_item.added", "output_index": len(items) - 1,
-                               "item": {**open_item, "content": []}}
-                        yield {"type": "response.content_part.added", "item_id": open_item["id"],
-                               "output_index": len(items) - 1, "content_index": 0,
-                               "part": {**open_item["content"][0]}}
-                    open_item["content"][0]["text"] += delta["content"]
+                    open_item["content"][0]["text"] += text
+                    yield {"type": "response.reasoning_text.delta", "item_id": open_item["id"],
+                           "output_index": len(items) - 1, "content_index": 0, "delta": text}
+                if text := delta.get("content"):
+                    if open_item is None or open_item["type"] != "message":
+                        for event in start(_message("", None, "in_progress")):
+                            yield event
+                    open_item["content"][0]["text"] += text
                     yield {"type": "response.output_text.delta", "item_id": open_item["id"],
-                           "output_index": len(items) - 1, "content_index": 0, "delta": delta["content"],
-                           "logprobs": pending}
+                           "output_index": len(items) - 1, "content_index": 0, "delta": text, "logprobs": pending}
                     logprobs.extend(pending)
                     pending = []
                 for call in delta.get("tool_calls", []):
                     if "id" in call:  # a call's first delta: its id and name
-                        for event in close():
+                        for event in start(_call(call["id"], call["function"]["name"], "", "in_progress")):
                             yield event
-                        open_item = _call(call["id"], call["function"]["name"], "", "in_progress")
-                        items.append(open_item)
-                        yield {"type": "response.output_item.added", "output_index": len(items) - 1,
-                               "item": {**open_item}}
                     elif call["function"]["arguments"]:
                         open_item["arguments"] += call["function"]["arguments"]
                         yield {"type": "response.function_call_arguments.delta", "item_id": open_item["id"],
                                "output_index": len(items) - 1, "delta": call["function"]["arguments"]}
-        if not items:  # an empty answer is still a message, as in a whole response
-            open_item = _message("", None, "in_progress")
-            items.append(open_item)
-            yield {"type": "response.output_item.added", "output_index": 0, "item": {**open_item, "content": []}}
-            yield {"type": "response.content_part.added", "item_id": open_item["id"], "output_index": 0,
-                   "content_index": 0, "part": {**open_item["content"][0]}}
+        if all(item["type"] == "reasoning" for item in items):  # an empty answer is still a message, as whole
+            for event in start(_message("", None, "in_progress")):
+                yield event
         for event in close():
             yield event
         final = {**_response(body, response_id, created, head["model"], status), "output": items, "usage": usage}

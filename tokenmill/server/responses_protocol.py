@@ -71,6 +71,7 @@ class ResponsesRequest(RequestBody):
     priority: int | None = None
     cache_salt: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None  # beside text.format: a regex, a choice or a grammar
 
     def chat_request(self) -> ChatCompletionRequest:
         """The chat completions request that answers this one; 400 naming the field this server cannot do."""
@@ -93,6 +94,7 @@ class ResponsesRequest(RequestBody):
             "tools": [_tool(t, i) for i, t in enumerate(self.tools)] if self.tools else None,
             "tool_choice": _tool_choice(self.tool_choice), "parallel_tool_calls": self.parallel_tool_calls,
             "response_format": _response_format(self.text.format) if self.text and self.text.format else None,
+            "structured_outputs": self.structured_outputs,
             "logprobs": logprobs or None, "top_logprobs": self.top_logprobs if logprobs else None,
             "truncate_prompt_tokens": -1 if self.truncation == "auto" else None,
             "seed": self.seed, "top_k": self.top_k, "min_p": self.min_p,

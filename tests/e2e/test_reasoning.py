@@ -1,0 +1,56 @@
+"""--reasoning-parser on a real server: the thinking comes as reasoning_content, whole, streamed and in Responses.
+
+SmolLM2 does not think; a choice constraint makes it write the tags a reasoning model writes.
+"""
+
+import pytest
+from openai import OpenAI
+
+ANSWER = "<think>The user greets me.</think>\n\nHello!"
+FORCED = {"structured_outputs": {"choice": [ANSWER]}}
+MESSAGES = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.fixture(scope="module")
+def client(start_server) -> OpenAI:
+    server = start_server("--reasoning-parser", "qwen3")
+    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def test_a_whole_answer_carries_its_thinking_apart(client):
+    message = client.chat.completions.create(model="smollm2-135m", messages=MESSAGES, max_tokens=40, temperature=0,
+                                             extra_body=FORCED).choices[0].message
+    assert message.content == "Hello!" and message.model_extra["reasoning_content"] == "The user greets me."
+
+
+def test_a_stream_carries_it_apart_in_deltas_that_add_up(client):
+    stream = client.chat.completions.create(model="smollm2-135m", messages=MESSAGES, max_tokens=40, temperature=0,
+                                            stream=True, extra_body=FORCED)
+    reasoning, content = "", ""
+    for chunk in stream:
+        for choice in chunk.choices:
+            reasoning += (choice.delta.model_extra or {}).get("reasoning_content") or ""
+            content += choice.delta.content or ""
+    assert (reasoning, content) == ("The user greets me.", "Hello!")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_responses_api_answers_a_reasoning_item_then_the_message(client, stream):
+    request = {"model": "smollm2-135m", "input": "Hi", "max_output_tokens": 40, "temperature": 0, "extra_body": FORCED}
+    if stream:
+        with client.responses.stream(**request) as events:
+            deltas = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+            result = events.get_final_response()
+        assert deltas == "The user greets me."
+    else:
+        result = client.responses.create(**request)
+    reasoning, message = result.output
+    assert reasoning.type == "reasoning" and reasoning.content[0].text == "The user greets me."
+    assert message.type == "message" and result.output_text == "Hello!"
+
+
+def test_without_the_flag_the_thinking_stays_in_the_content(server):
+    plain = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    message = plain.chat.completions.create(model="smollm2-135m", messages=MESSAGES, max_tokens=40, temperature=0,
+                                            extra_body=FORCED).choices[0].message
+    assert message.content == ANSWER and "reasoning_content" not in (message.model_extra or {})
