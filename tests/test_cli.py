@@ -60,6 +60,26 @@ def test_serve_on_a_taken_port_fails_in_one_line_before_loading_any_model(monkey
     assert f"tokenmill: error: cannot listen on 127.0.0.1:{port}: " in capsys.readouterr().err
 
 
+def test_serve_listens_on_every_address_its_host_resolves_to(monkeypatch):
+    from tokenmill.config import ServerConfig
+    from tokenmill.server.app import _listen
+
+    # One socket of the first family dropped ::1 for `--host localhost` where the hosts file names both, as
+    # uvicorn (asyncio) binds them; clients trying ::1 first were refused.
+    real = socket.getaddrinfo
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, port, **kw: real("127.0.0.1", port, **kw) +
+                        real("::1", port, **kw) if host == "localhost" else real(host, port, **kw))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    bound = _listen(ServerConfig(host="localhost", port=port))
+    try:
+        assert sorted(s.getsockname()[0] for s in bound) == ["127.0.0.1", "::1"]
+    finally:
+        for listening in bound:
+            listening.close()
+
+
 def test_generate_names_paris(smollm2_path):
     result = _run("generate", "--model", str(smollm2_path), "--temperature", "0", "--max-tokens", "16",
                   "The capital of France is")

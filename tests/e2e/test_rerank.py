@@ -74,6 +74,17 @@ def test_bad_requests_are_refused_naming_the_field(post, path, body, status, par
     assert response.status_code == status and response.json()["error"]["param"] == param
 
 
+@pytest.mark.parametrize("body, param, named", [
+    ({"query": "cat " * 400, "documents": ["dog"]}, "query", "query is"),
+    ({"query": "cat", "documents": ["a", "dog " * 400]}, "documents", "documents[1] is"),
+])
+def test_a_text_over_the_limit_is_named_as_the_client_sent_it(post, body, param, named):
+    # The query and documents were embedded as one input list: the query's error blamed documents, and a
+    # document's named its place in that list (input[2] for documents[1]).
+    error = post("/v1/rerank", model=MODEL, **body).json()["error"]
+    assert error["param"] == param and error["message"].startswith(named)
+
+
 def test_the_key_guards_them_as_it_guards_v1(served):
     for path in ("/score", "/rerank", "/v2/rerank", "/v1/rerank"):
         assert httpx.post(f"{served.url}{path}", json={"query": "q", "documents": ["d"]}).status_code == 401

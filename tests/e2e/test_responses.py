@@ -143,3 +143,5 @@ def test_no_response_is_stored_to_retrieve(client):
     with pytest.raises(NotFoundError) as missing:
         client.responses.retrieve("resp_123")
     assert "stores no responses" in missing.value.body["message"]
+    with pytest.raises(NotFoundError):
+        client.responses.cancel("resp_123")

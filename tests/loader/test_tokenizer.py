@@ -482,9 +482,12 @@ def test_documents_and_reasoning_effort_reach_the_template_as_vllm_passes_them(s
     tokenizer.chat_template = ("{% for d in documents or [] %}[{{ d.title }}: {{ d.text }}]{% endfor %}"
                                "{{ reasoning_effort or '' }}|{% for m in messages %}{{ m.content }}{% endfor %}")
     body = {"messages": [{"role": "user", "content": "hi"}], "documents": [{"title": "A", "text": "x"}],
-            "reasoning_effort": "low", "chat_template_kwargs": {"reasoning_effort": "high"}}
+            "reasoning_effort": "low"}
     ids = ChatCompletionRequest.model_validate(body).prompt_token_ids(tokenizer)
     assert tokenizer.decode(ids) == "[A: x]low|hi"
+    # chat_template_kwargs are applied last, as vLLM applies them.
+    body["chat_template_kwargs"] = {"reasoning_effort": "high"}
+    assert tokenizer.decode(ChatCompletionRequest.model_validate(body).prompt_token_ids(tokenizer)) == "[A: x]high|hi"
 
 
 @pytest.mark.parametrize("kwargs, message", [

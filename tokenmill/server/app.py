@@ -100,8 +100,8 @@ def build_app(engines: dict[str, LLMEngine], config: ServerConfig,
                      dependencies=generative)
     v1.add_api_route("/responses", create_response, methods=["POST"], response_model=None, dependencies=generative)
     # A stored response read, deleted or cancelled: a clear 404, as nothing is stored.
-    v1.add_api_route("/responses/{response_id:path}", stored_response, methods=["GET", "DELETE", "POST"],
-                     response_model=None)
+    v1.add_api_route("/responses/{response_id}", stored_response, methods=["GET", "DELETE"], response_model=None)
+    v1.add_api_route("/responses/{response_id}/cancel", stored_response, methods=["POST"], response_model=None)
     v1.add_api_route("/embeddings", create_embedding, methods=["POST"], response_model=None)
     # vLLM's, for embedding models; each also without /v1 (and rerank as /v2/rerank), where clients call them.
     for prefix in ("/v1", ""):
@@ -283,17 +283,29 @@ def load_app(engine_config: EngineConfig, config: ServerConfig, models: list[str
     return build_app(engines, config, embedding_models, batching)
 
 
-def _listen(config: ServerConfig) -> socket.socket:
-    """The server's socket, bound to --host and --port; TokenmillError naming them if it cannot be."""
-    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
-    listening = socket.socket(family, socket.SOCK_STREAM)
-    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait
+def _listen(config: ServerConfig) -> list[socket.socket]:
+    """Sockets bound to every address --host resolves to (localhost: 127.0.0.1 and ::1, as asyncio binds them) at
+    --port; TokenmillError naming them if one cannot be bound."""
+    where = f"cannot listen on {config.host}:{config.port}"
     try:
-        listening.bind((config.host, config.port))
-    except OSError as exc:  # in use, not this machine's address, or not an address (gaierror)
-        listening.close()
-        raise TokenmillError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from exc
-    return listening
+        addresses = socket.getaddrinfo(config.host or None, config.port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:  # not an address, nor a name this machine resolves
+        raise TokenmillError(f"{where}: {exc.strerror}") from exc
+    bound: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(addresses):  # a resolver may repeat one
+            listening = socket.socket(family, kind, proto)
+            bound.append(listening)
+            listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait
+            if family == socket.AF_INET6:  # beside its IPv4 twin, as asyncio binds them
+                listening.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            listening.bind(address)
+    except OSError as exc:  # in use, or not this machine's address
+        for listening in bound:
+            listening.close()
+        raise TokenmillError(f"{where}: {exc.strerror or exc}") from exc
+    return bound
 
 
 def serve(engine_config: EngineConfig, config: ServerConfig, models: list[str],
@@ -325,7 +337,7 @@ def serve(engine_config: EngineConfig, config: ServerConfig, models: list[str],
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     try:
-        server.run(sockets=[listening])
+        server.run(sockets=listening)
     finally:
         # A second Ctrl-C makes uvicorn skip the app's shutdown, which stops the engines: the process must not exit
         # with their threads inside a step.

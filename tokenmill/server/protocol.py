@@ -530,9 +530,10 @@ class ChatCompletionRequest(_GenerationRequest):
                            self.add_generation_prompt, bool(self.continue_final_message), self.template_kwargs())
 
     def template_kwargs(self) -> dict[str, Any] | None:
-        """The chat template's own variables: chat_template_kwargs, documents and reasoning_effort."""
+        """The chat template's own variables: documents and reasoning_effort, then chat_template_kwargs (which win,
+        as vLLM applies them last)."""
         given = {"documents": self.documents, "reasoning_effort": self.reasoning_effort}
-        kwargs = {**(self.chat_template_kwargs or {}), **{k: v for k, v in given.items() if v is not None}}
+        kwargs = {**{k: v for k, v in given.items() if v is not None}, **(self.chat_template_kwargs or {})}
         return kwargs or None
 
     def conversation(self) -> list[dict[str, Any]]:

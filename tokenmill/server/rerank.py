@@ -5,6 +5,8 @@ would read the pair together; this server serves none). Rerank orders documents 
 in the shape Jina's and Cohere's rerank APIs share.
 """
 
+import asyncio
+import re
 import time
 import uuid
 
@@ -13,6 +15,7 @@ from fastapi import Request
 from pydantic import Field
 
 from tokenmill.errors import InvalidRequestError
+from tokenmill.embeddings.inputs import token_inputs
 from tokenmill.server.embeddings import MAX_INPUTS, embed, embedder
 from tokenmill.server.errors import APIError
 from tokenmill.server.protocol import RequestBody
@@ -71,11 +74,21 @@ async def _scores(request: Request, model: str | None, firsts: list[str], second
         raise APIError(400, f"{len(firsts) + len(seconds)} texts to embed; the limit is {MAX_INPUTS} per request",
                        param="documents" if request.url.path.endswith("rerank") else "text_2")
     name, engine = embedder(request, model)
-    try:  # one batch: the engine pads and embeds them together
-        vectors, tokens = await embed(request, name, engine, firsts + seconds, truncate)
-    except InvalidRequestError as exc:
-        if exc.param == "input":  # the texts are the request's, counted together: the query (or text_1) first
-            exc.param = "documents" if request.url.path.endswith("rerank") else "text_2"
-        raise
+    # Each side tokenized on its own, so an error names the field and index the client sent.
+    rerank = request.url.path.endswith("rerank")
+    ids: list[list[int]] = []
+    for texts, field in ((firsts, "query" if rerank else "text_1"), (seconds, "documents" if rerank else "text_2")):
+        try:
+            ids += await asyncio.to_thread(token_inputs, engine.model, texts, truncate)
+        except InvalidRequestError as exc:
+            where = field if field == "query" else f"{field}[{_index(str(exc))}]"
+            raise InvalidRequestError(re.sub(r"^input\[\d+\]", where, str(exc)), param=field) from exc
+    # Then in one batch, as token ids already within the limit: the engine pads and embeds them together.
+    vectors, tokens = await embed(request, name, engine, ids, None)
     left, right = vectors[:len(firsts)], vectors[len(firsts):]
     return name, F.cosine_similarity(left.expand_as(right) if len(firsts) == 1 else left, right).tolist(), tokens
+
+
+def _index(message: str) -> str:
+    found = re.match(r"input\[(\d+)\]", message)
+    return found[1] if found else "0"
