@@ -122,6 +122,16 @@ def test_parallel_tool_calls_false_hands_back_the_first_call_alone_under_auto(cl
     assert [call["function"]["name"] for call in message["tool_calls"]] == ["get_weather"]  # OpenAI's and vLLM's
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_forced_call_cut_by_max_tokens_is_a_call_cut_short_not_the_templates_tags(client, stream):
+    # Its <tool_call> text came back as content: LangChain and the agents SDK took the tags for the answer.
+    message, finish_reason = _call(client, QUESTION, {"type": "function", "function": {"name": "get_time"}}, stream,
+                                   max_tokens=8)
+    assert finish_reason == "length" and message.get("content") is None
+    (call,) = message["tool_calls"]
+    assert call["function"]["name"] == "get_time" and "<tool_call>" not in call["function"]["arguments"]
+
+
 def test_auto_answers_in_text_when_no_tool_fits(client):
     message, finish_reason = _call(client, HISTORY + [{"role": "user", "content": "Tell me a joke."}], "auto", False)
     assert finish_reason in ("stop", "length") and message["content"] and "tool_calls" not in message

@@ -43,6 +43,34 @@ def test_unclosed_block_that_parses_is_a_call(end):
     assert parse_tool_calls('<tool_call>[{"name": "f"' + end) == ('<tool_call>[{"name": "f"' + end, [])
 
 
+CUT = [  # a forced call's text cut by max_tokens, and the calls it is: OpenAI and vLLM answer tool_calls, cut short
+    ('<tool_call>[{"name": "get_weather", "arguments": {"city": "Par', "get_weather",
+     [ToolCall("get_weather", '{"city": "Par')]),
+    ('<tool_call>[{"name": "add", "arguments": {"a": 1, "b": 2}}, {"name": "get_weather", "argum', None,
+     [ToolCall("add", '{"a": 1, "b": 2}'), ToolCall("get_weather", "")]),
+    ('<tool_call>[{"na', "get_weather", [ToolCall("get_weather", "")]),  # the named function, if its name is cut
+    ('<tool_c', "get_weather", [ToolCall("get_weather", "")]),
+    ('<tool_call>[{"na', None, []),  # required, and no name yet: nothing to call, and no tags as content
+]
+
+
+@pytest.mark.parametrize("text, name, calls", CUT)
+def test_a_forced_call_cut_short_is_a_call_not_the_templates_tags(text, name, calls):
+    # The tags and the JSON so far came back as content: LangChain and the agents SDK took them as the answer.
+    assert parse_tool_calls(text, forced=True, name=name) == (None, calls)
+    stream = ToolCallStream(forced=True, name=name)
+    assert [e for ch in text for e in stream.feed(ch)] + stream.finish() == calls
+    assert parse_tool_calls(text) == (text, [])  # not forced: text the model chose to write
+
+
+def test_a_function_without_parameters_is_forced_to_take_no_arguments(smollm2_source):
+    # OpenAI reads a function without parameters as taking none; the grammar allowed any object.
+    now = {"type": "function", "function": {"name": "now", "description": "The time"}}
+    state = GrammarState(forced_call([now], "now"), smollm2_source.tokenizer)
+    text = '<tool_call>[{"name": "now", "arguments": {"'
+    assert not all(state.advance(t) for t in smollm2_source.tokenizer.encode(text, add_special_tokens=False))
+
+
 @pytest.mark.parametrize("text, content, calls", [
     ("Let me check. " + CALL + CALL, "Let me check.", 2),  # whitespace beside a call is not content
     ("Sure.\n", "Sure.\n", 0),  # at the end, after content, it is

@@ -507,6 +507,11 @@ class ChatCompletionRequest(_GenerationRequest):
             return "named"  # not the name itself: a function may be called "none" or "auto"
         return self.tool_choice or "auto"
 
+    @property
+    def forced_name(self) -> str | None:
+        """The function a named tool_choice picks; None for any other choice."""
+        return self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
+
     def tool_dicts(self) -> list[dict[str, Any]]:
         """The tools as plain dicts for the chat template, or none when tool_choice is "none"."""
         if self.tool_mode == "none":
@@ -521,8 +526,7 @@ class ChatCompletionRequest(_GenerationRequest):
         if self._structured_output() is not None:
             raise InvalidRequestError("a forced tool call already fixes the output; drop response_format",
                                       param="response_format")
-        named = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
-        return forced_call(self.tool_dicts(), named, self.parallel_tool_calls is not False)
+        return forced_call(self.tool_dicts(), self.forced_name, self.parallel_tool_calls is not False)
 
     def prompt_token_ids(self, tokenizer: Tokenizer) -> list[int]:
         """The conversation and its tools rendered with tokenizer's chat template, as the prompt's token ids."""

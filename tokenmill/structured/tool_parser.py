@@ -1,6 +1,7 @@
 """Tool calls read back out of a model's text: whole, or as a stream of content and call deltas."""
 
 import json
+import re
 from dataclasses import dataclass
 
 from tokenmill.structured.tools import CALL_CLOSE, CALL_OPEN
@@ -30,18 +31,46 @@ def parse_block(inner: str) -> list[ToolCall] | None:
     return calls
 
 
-def parse_tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
-    """The content outside tool-call blocks (None if empty) and the calls; text that does not parse stays content."""
-    stream = ToolCallStream()
+def partial_calls(inner: str, name: str | None) -> list[ToolCall]:
+    """The calls of a forced block cut off before it closed: the whole ones, then the one cut short with its
+    arguments as far as they got (named by its text, or by `name`, the function tool_choice named)."""
+    calls: list[ToolCall] = []
+    decoder = json.JSONDecoder()
+    pos = inner.find("[") + 1  # the forced grammar's list: `[{"name": ..., "arguments": ...}, ...`
+    while True:
+        pos = len(inner) - len(inner[pos:].lstrip(", \n"))
+        try:
+            item, pos = decoder.raw_decode(inner, pos)
+        except (ValueError, RecursionError):
+            break
+        calls += parse_block(json.dumps(item)) or []
+    rest = inner[pos:]
+    # Written as the grammar writes it (JSON_STYLE): {"name": "...", "arguments": ...
+    begun = re.match(r'\{"name": ("(?:[^"\\]|\\.)*")(, "arguments": (.*))?', rest, re.S)
+    cut_name = json.loads(begun[1]) if begun else name
+    if cut_name is not None and (begun or rest.strip() or not calls):
+        calls.append(ToolCall(cut_name, begun[3] or "" if begun else ""))
+    return calls
+
+
+def parse_tool_calls(text: str, forced: bool = False, name: str | None = None) -> tuple[str | None, list[ToolCall]]:
+    """The content outside tool-call blocks (None if empty) and the calls; text that does not parse stays content.
+    forced: tool_choice forced a call (named `name`, if it named one), so text cut short is a call cut short."""
+    stream = ToolCallStream(forced, name)
     events = stream.feed(text) + stream.finish()
     content = "".join(e for e in events if isinstance(e, str))
     return content or None, [e for e in events if isinstance(e, ToolCall)]
 
 
 class ToolCallStream:
-    """Splits streamed text into content deltas (str) and whole calls (ToolCall), holding back a possible tag."""
+    """Splits streamed text into content deltas (str) and whole calls (ToolCall), holding back a possible tag.
 
-    def __init__(self) -> None:
+    forced: tool_choice forced a call (named `name`, if it named one); a block cut off by max_tokens is then the
+    calls cut short, as OpenAI and vLLM answer them, not the template's tags as content.
+    """
+
+    def __init__(self, forced: bool = False, name: str | None = None) -> None:
+        self.forced, self.name = forced, name
         self.text = ""
         self.pos = 0  # text before this is handled
         self.in_block = False
@@ -75,11 +104,17 @@ class ToolCallStream:
     def finish(self) -> list[str | ToolCall]:
         """Events for what is still held back once the text is complete (a block the model never closed is tried)."""
         events: list[str | ToolCall] = []
+        rest = self.text[self.pos :]
+        if self.forced and not self.in_block and rest.strip() and CALL_OPEN.startswith(rest.strip()):
+            self.in_block, rest = True, ""  # the grammar's opening tag, cut short: a call begun
         if self.in_block:
             # Cut off by max_tokens inside its closing tag, a block's calls may still be whole.
-            inner = self.text[self.pos :]
-            cut = _partial_tag(inner, CALL_CLOSE)
-            self._block(inner[: len(inner) - cut], inner[len(inner) - cut :], events)
+            cut = _partial_tag(rest, CALL_CLOSE)
+            inner, close = rest[: len(rest) - cut], rest[len(rest) - cut :]
+            if self.forced and parse_block(inner) is None:
+                self._calls(partial_calls(inner, self.name), events)
+            else:
+                self._block(inner, close, events)
         else:
             self._content(self.text[self.pos :], events)
             if self.pending and not self.after_block:
@@ -99,6 +134,9 @@ class ToolCallStream:
         if calls is None:  # not a call after all: the tags and their text are content
             self._content(CALL_OPEN + inner + close, events)
             return
+        self._calls(calls, events)
+
+    def _calls(self, calls: list[ToolCall], events: list[str | ToolCall]) -> None:
         self.pending, self.after_block = "", True
         self.num_calls += len(calls)
         events.extend(calls)

@@ -9,6 +9,8 @@ from tokenmill.structured.params import JSON_STYLE, StructuredOutput, bounded_nu
 # The shape SmolLM2-Instruct was tuned to call functions in (its model card's prompt), a JSON list in tags; the
 # parser (tool_parser.py) also reads the Hermes/Qwen form, one object per <tool_call> block.
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+# A function sent without parameters takes none, as OpenAI reads it.
+NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 RESPONSE_OPEN, RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
 
 _SYSTEM = """You are an expert in composing functions. You are given a question and a set of possible functions.
@@ -75,8 +77,8 @@ def forced_call(tools: list[dict[str, Any]], name: str | None, parallel: bool = 
             "type": "object",
             "properties": {
                 "name": {"const": f["name"]},
-                "arguments": _rebased(bounded_numbers(f.get("parameters") or {"type": "object", "properties": {}}),
-                                      root),
+                # An empty `properties` alone allows any: the model wrote made-up arguments until max_tokens.
+                "arguments": _rebased(bounded_numbers(f.get("parameters") or NO_PARAMETERS), root),
             },
             "required": ["name", "arguments"],
             "additionalProperties": False,
