@@ -49,6 +49,31 @@ def test_the_responses_api_answers_a_reasoning_item_then_the_message(client, str
     assert message.type == "message" and result.output_text == "Hello!"
 
 
+def test_empty_thinking_is_no_reasoning_item_whole_or_streamed(client):
+    # The whole answer had a reasoning item for "<think></think>", the stream none.
+    request = {"model": "smollm2-135m", "input": "Hi", "max_output_tokens": 20, "temperature": 0,
+               "extra_body": {"structured_outputs": {"choice": ["<think></think>Hi"]}}}
+    with client.responses.stream(**request) as events:
+        streamed = events.get_final_response()
+    whole = client.responses.create(**request)
+    assert [o.type for o in streamed.output] == [o.type for o in whole.output] == ["message"]
+
+
+def test_deepseek_r1_leaves_an_answer_a_grammar_holds_from_its_first_token_alone(start_server):
+    # Such an answer can never write </think>: deepseek_r1 took all of it for thinking, a forced call and a JSON
+    # answer came back with no content and no tool_calls.
+    server = start_server("--reasoning-parser", "deepseek_r1")
+    deepseek = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    weather = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    called = deepseek.chat.completions.create(model="smollm2-135m", messages=MESSAGES, tools=weather, temperature=0,
+                                              tool_choice="required", max_tokens=30).choices[0].message
+    assert called.tool_calls and called.tool_calls[0].function.name == "get_weather"
+    answer = deepseek.chat.completions.create(model="smollm2-135m", messages=MESSAGES, max_tokens=10, temperature=0,
+                                              response_format={"type": "json_object"}).choices[0].message
+    assert answer.content and "reasoning_content" not in (answer.model_extra or {})
+
+
 def test_without_the_flag_the_thinking_stays_in_the_content(server):
     plain = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
     message = plain.chat.completions.create(model="smollm2-135m", messages=MESSAGES, max_tokens=40, temperature=0,

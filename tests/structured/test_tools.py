@@ -63,11 +63,17 @@ def test_a_forced_call_cut_short_is_a_call_not_the_templates_tags(text, name, ca
     assert parse_tool_calls(text) == (text, [])  # not forced: text the model chose to write
 
 
-def test_a_function_without_parameters_is_forced_to_take_no_arguments(smollm2_source):
-    # OpenAI reads a function without parameters as taking none; the grammar allowed any object.
-    now = {"type": "function", "function": {"name": "now", "description": "The time"}}
-    state = GrammarState(forced_call([now], "now"), smollm2_source.tokenizer)
-    text = '<tool_call>[{"name": "now", "arguments": {"'
+@pytest.mark.parametrize("parameters, text", [
+    # OpenAI reads a function without parameters as taking none; LangChain sends an object with no properties.
+    (None, '{"'), ({"type": "object", "properties": {}}, '{"'), ({"type": "object"}, '{"'),
+    # Keys beyond those named, as vLLM's default grammar backend reads a schema: plain JSON Schema allowed any.
+    (WEATHER["function"]["parameters"], '{"city": "P", "zz'),
+])
+def test_a_forced_call_takes_no_arguments_beyond_those_its_parameters_name(smollm2_source, parameters, text):
+    # The grammar allowed any keys, and SmolLM2 wrote made-up arguments until max_tokens.
+    tool = {"type": "function", "function": {"name": "f", **({"parameters": parameters} if parameters else {})}}
+    state = GrammarState(forced_call([tool], "f"), smollm2_source.tokenizer)
+    text = '<tool_call>[{"name": "f", "arguments": ' + text
     assert not all(state.advance(t) for t in smollm2_source.tokenizer.encode(text, add_special_tokens=False))
 
 

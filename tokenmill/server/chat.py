@@ -49,6 +49,10 @@ async def answer_chat(body: ChatCompletionRequest, request: Request, response: R
         raise
     created = int(time.time())
     reasoning_parser = state.config.reasoning_parser
+    if reasoning_parser == "deepseek_r1" and params.structured_output is not None:
+        # A grammar holds from the first token, so no </think> can come: only a <think> the grammar allows is
+        # thinking (vLLM starts the grammar after the thinking instead).
+        reasoning_parser = "qwen3"
     if body.stream:
         chunks = _chunks(body, params.n, streams[0], tokenizer, response_id, created, model.name,
                          len(routed.prompts[0]), reasoning_parser)

@@ -37,7 +37,7 @@ class ReasoningStream:
                 reasoning, self.buffer = self.buffer[:len(self.buffer) - keep], self.buffer[len(self.buffer) - keep:]
                 return reasoning, ""
             reasoning, self.buffer, self.state = self.buffer[:end], self.buffer[end + len(CLOSE):], "content"
-        if not self.content_begun:  # the blank lines between thinking and answer are neither
+        if self.thought and not self.content_begun:  # the blank lines between thinking and answer are neither
             self.buffer = self.buffer.lstrip()
             self.content_begun = bool(self.buffer)
         content, self.buffer = self.buffer, ""
@@ -51,7 +51,7 @@ class ReasoningStream:
             self.thought = self.state == "reasoning"
         if self.state == "reasoning":
             return rest, ""
-        return "", rest if self.content_begun else rest.lstrip()
+        return "", rest.lstrip() if self.thought and not self.content_begun else rest
 
 
 def split_reasoning(text: str, parser: str) -> tuple[str | None, str]:

@@ -91,11 +91,17 @@ def _output(choice: dict, status: str) -> list[dict]:
     each call."""
     message = choice["message"]
     calls = message.get("tool_calls") or []
-    items = [] if message.get("reasoning_content") is None else [_reasoning(message["reasoning_content"], status)]
+    items = []
+    if message.get("reasoning_content"):  # as a stream has it: empty thinking is no item
+        # Incomplete only when the answer was cut while thinking, as a stream closes it.
+        items.append(_reasoning(message["reasoning_content"], status if not (message["content"] or calls) else
+                                "completed"))
     if message["content"] or not calls:
         logprobs = choice["logprobs"]["content"] if choice["logprobs"] else None
         items.append(_message(message["content"] or "", logprobs, status))
-    return items + [_call(c["id"], c["function"]["name"], c["function"]["arguments"], "completed") for c in calls]
+    # The last call is the one max_tokens may have cut short.
+    return items + [_call(c["id"], c["function"]["name"], c["function"]["arguments"],
+                          status if i == len(calls) - 1 else "completed") for i, c in enumerate(calls)]
 
 
 def _usage(usage: dict) -> dict:
@@ -122,19 +128,19 @@ async def _events(chunks: AsyncIterator[dict], body: ResponsesRequest, response_
         pending: list[dict] = []  # logprobs of tokens whose text has not come out yet
         usage, status, deadline = None, "completed", None
 
-        def close() -> list[dict]:
-            """Events that finish the open item, if any."""
+        def close(last: bool = False) -> list[dict]:
+            """Events that finish the open item, if any; the last item has the answer's status (cut or not)."""
             nonlocal open_item
             if open_item is None:
                 return []
             item, open_item = open_item, None
             index = len(items) - 1
             if item["type"] == "function_call":
-                item = {**item, "status": "completed"}
+                item = {**item, "status": status if last else "completed"}
                 events = [{"type": "response.function_call_arguments.done", "item_id": item["id"],
                            "output_index": index, "name": item["name"], "arguments": item["arguments"]}]
             elif item["type"] == "reasoning":
-                item = {**item, "status": "completed"}
+                item = {**item, "status": status if last else "completed"}
                 events = [{"type": "response.reasoning_text.done", "item_id": item["id"], "output_index": index,
                            "content_index": 0, "text": item["content"][0]["text"]}]
             else:
@@ -200,7 +206,7 @@ async def _events(chunks: AsyncIterator[dict], body: ResponsesRequest, response_
         if all(item["type"] == "reasoning" for item in items):  # an empty answer is still a message, as whole
             for event in start(_message("", None, "in_progress")):
                 yield event
-        for event in close():
+        for event in close(last=True):
             yield event
         final = {**_response(body, response_id, created, head["model"], status), "output": items, "usage": usage}
         if deadline is not None:

@@ -77,8 +77,7 @@ def forced_call(tools: list[dict[str, Any]], name: str | None, parallel: bool = 
             "type": "object",
             "properties": {
                 "name": {"const": f["name"]},
-                # An empty `properties` alone allows any: the model wrote made-up arguments until max_tokens.
-                "arguments": _rebased(bounded_numbers(f.get("parameters") or NO_PARAMETERS), root),
+                "arguments": _rebased(_closed(bounded_numbers(f.get("parameters") or NO_PARAMETERS)), root),
             },
             "required": ["name", "arguments"],
             "additionalProperties": False,
@@ -92,6 +91,18 @@ def forced_call(tools: list[dict[str, Any]], name: str | None, parallel: bool = 
     body = json.dumps(schema | {"x-guidance": JSON_STYLE})
     grammar = f"start: {json.dumps(CALL_OPEN)} %json {body} {json.dumps(CALL_CLOSE)}"
     return StructuredOutput(grammar=grammar, param="tools")
+
+
+def _closed(schema: Any) -> Any:
+    """A copy of the schema whose objects take no keys beyond those they name, unless they say otherwise, as vLLM's
+    default grammar backend reads a schema: plain JSON Schema allows any others, and the model wrote made-up
+    arguments until max_tokens (`{"type": "object", "properties": {}}` is how LangChain sends a function without)."""
+
+    def close(node: dict[str, Any]) -> None:
+        if node.get("type") == "object" and not {"additionalProperties", "patternProperties"} & node.keys():
+            node["additionalProperties"] = False
+
+    return map_schemas(schema, close)
 
 
 def _rebased(schema: Any, root: str) -> Any:

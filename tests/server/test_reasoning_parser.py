@@ -9,7 +9,7 @@ from tokenmill.server.reasoning import ReasoningStream, split_reasoning
 
 @pytest.mark.parametrize("parser, text, expected", [
     ("qwen3", "<think>\nhmm\n</think>\n\nHello", ("\nhmm\n", "Hello")),
-    ("qwen3", "Hello", (None, "Hello")),  # Qwen3 opens its thinking itself: without <think> there is none
+    ("qwen3", " Hello", (None, " Hello")),  # Qwen3 opens its thinking itself: without <think> there is none
     ("qwen3", "<think>still thinking", ("still thinking", "")),
     ("qwen3", "<thi", (None, "<thi")),  # a prefix of the tag, and then the answer ended: text after all
     ("qwen3", "x<think>y</think>z", (None, "x<think>y</think>z")),  # a tag mid-answer is not thinking
