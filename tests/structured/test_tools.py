@@ -43,22 +43,24 @@ def test_unclosed_block_that_parses_is_a_call(end):
     assert parse_tool_calls('<tool_call>[{"name": "f"' + end) == ('<tool_call>[{"name": "f"' + end, [])
 
 
+ANY = ("get_weather", "add")  # tool_choice required: a call to any of them
 CUT = [  # a forced call's text cut by max_tokens, and the calls it is: OpenAI and vLLM answer tool_calls, cut short
-    ('<tool_call>[{"name": "get_weather", "arguments": {"city": "Par', "get_weather",
+    ('<tool_call>[{"name": "get_weather", "arguments": {"city": "Par', ("get_weather",),
      [ToolCall("get_weather", '{"city": "Par')]),
-    ('<tool_call>[{"name": "add", "arguments": {"a": 1, "b": 2}}, {"name": "get_weather", "argum', None,
+    ('<tool_call>[{"name": "add", "arguments": {"a": 1, "b": 2}}, {"name": "get_weather", "argum', ANY,
      [ToolCall("add", '{"a": 1, "b": 2}'), ToolCall("get_weather", "")]),
-    ('<tool_call>[{"na', "get_weather", [ToolCall("get_weather", "")]),  # the named function, if its name is cut
-    ('<tool_c', "get_weather", [ToolCall("get_weather", "")]),
-    ('<tool_call>[{"na', None, []),  # required, and no name yet: nothing to call, and no tags as content
+    ('<tool_call>[{"na', ("get_weather",), [ToolCall("get_weather", "")]),  # the named one, if its name is cut
+    ('<tool_c', ("get_weather",), [ToolCall("get_weather", "")]),
+    ('<tool_call>[{"name": "get_', ANY, [ToolCall("get_weather", "")]),  # the one tool whose name it begins
+    ('<tool_call>[{"na', ANY, []),  # required, and no name yet: nothing to call, and no tags as content
 ]
 
 
-@pytest.mark.parametrize("text, name, calls", CUT)
-def test_a_forced_call_cut_short_is_a_call_not_the_templates_tags(text, name, calls):
+@pytest.mark.parametrize("text, names, calls", CUT)
+def test_a_forced_call_cut_short_is_a_call_not_the_templates_tags(text, names, calls):
     # The tags and the JSON so far came back as content: LangChain and the agents SDK took them as the answer.
-    assert parse_tool_calls(text, forced=True, name=name) == (None, calls)
-    stream = ToolCallStream(forced=True, name=name)
+    assert parse_tool_calls(text, names) == (None, calls)
+    stream = ToolCallStream(names)
     assert [e for ch in text for e in stream.feed(ch)] + stream.finish() == calls
     assert parse_tool_calls(text) == (text, [])  # not forced: text the model chose to write
 

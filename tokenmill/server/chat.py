@@ -68,8 +68,10 @@ async def answer_chat(body: ChatCompletionRequest, request: Request, response: R
             message["reasoning_content"] = reasoning
         finish_reason = sample.finish_reason
         if tools:
-            content, calls = parse_tool_calls(text, mode in ("named", "required"), body.forced_name)
+            content, calls = parse_tool_calls(text, body.forced_names)
             calls = calls[:1] if body.parallel_tool_calls is False else calls  # under auto too, as vLLM
+            if not calls and body.forced_names:  # a forced call cut before a name: no tags as content either
+                message["content"] = content
             if calls:
                 message = {**message, "content": content,
                            "tool_calls": [{"id": new_id("call"), "type": "function",
@@ -115,8 +117,7 @@ async def _chunks(body: ChatCompletionRequest, n: int, stream: RequestStream, to
 
     finals: list[RequestOutput] = []
     # With tools on offer each choice's text goes through a parser, which holds back what may be a call.
-    parsers = {i: ToolCallStream(body.tool_mode in ("named", "required"), body.forced_name) for i in range(n)} \
-        if body.tool_dicts() else {}
+    parsers = {i: ToolCallStream(body.forced_names) for i in range(n)} if body.tool_dicts() else {}
     # Before it, with a reasoning parser, the thinking is split off each choice's text.
     thinking = {i: ReasoningStream(reasoning_parser) for i in range(n)} if reasoning_parser else {}
     async with aclosing(merged([stream])) as outputs:

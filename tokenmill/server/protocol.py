@@ -512,6 +512,13 @@ class ChatCompletionRequest(_GenerationRequest):
         """The function a named tool_choice picks; None for any other choice."""
         return self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
 
+    @property
+    def forced_names(self) -> tuple[str, ...]:
+        """The functions a forced call may name: the one tool_choice names, any under required; none otherwise."""
+        if self.tool_mode == "named":
+            return (self.forced_name,)
+        return tuple(t.function.name for t in self.tools or []) if self.tool_mode == "required" else ()
+
     def tool_dicts(self) -> list[dict[str, Any]]:
         """The tools as plain dicts for the chat template, or none when tool_choice is "none"."""
         if self.tool_mode == "none":

@@ -31,9 +31,10 @@ def parse_block(inner: str) -> list[ToolCall] | None:
     return calls
 
 
-def partial_calls(inner: str, name: str | None) -> list[ToolCall]:
+def partial_calls(inner: str, names: tuple[str, ...]) -> list[ToolCall]:
     """The calls of a forced block cut off before it closed: the whole ones, then the one cut short with its
-    arguments as far as they got (named by its text, or by `name`, the function tool_choice named)."""
+    arguments as far as they got; its name as written, or the one of `names` (the functions the call may name)
+    that the name cut short begins."""
     calls: list[ToolCall] = []
     decoder = json.JSONDecoder()
     pos = inner.find("[") + 1  # the forced grammar's list: `[{"name": ..., "arguments": ...}, ...`
@@ -47,16 +48,20 @@ def partial_calls(inner: str, name: str | None) -> list[ToolCall]:
     rest = inner[pos:]
     # Written as the grammar writes it (JSON_STYLE): {"name": "...", "arguments": ...
     begun = re.match(r'\{"name": ("(?:[^"\\]|\\.)*")(, "arguments": (.*))?', rest, re.S)
-    cut_name = json.loads(begun[1]) if begun else name
-    if cut_name is not None and (begun or rest.strip() or not calls):
-        calls.append(ToolCall(cut_name, begun[3] or "" if begun else ""))
-    return calls
+    if begun:
+        return calls + [ToolCall(json.loads(begun[1]), begun[3] or "")]
+    if calls and not rest.strip():  # cut between calls
+        return calls
+    started = re.match(r'\{"name": "((?:[^"\\]|\\.)*)', rest)
+    fits = [name for name in names if name.startswith(started[1] if started else "")]
+    return calls + [ToolCall(fits[0], "")] if len(fits) == 1 else calls
 
 
-def parse_tool_calls(text: str, forced: bool = False, name: str | None = None) -> tuple[str | None, list[ToolCall]]:
+def parse_tool_calls(text: str, names: tuple[str, ...] = ()) -> tuple[str | None, list[ToolCall]]:
     """The content outside tool-call blocks (None if empty) and the calls; text that does not parse stays content.
-    forced: tool_choice forced a call (named `name`, if it named one), so text cut short is a call cut short."""
-    stream = ToolCallStream(forced, name)
+    names: the functions a forced call may name (tool_choice named one, or required any); text cut short is then a
+    call cut short."""
+    stream = ToolCallStream(names)
     events = stream.feed(text) + stream.finish()
     content = "".join(e for e in events if isinstance(e, str))
     return content or None, [e for e in events if isinstance(e, ToolCall)]
@@ -65,12 +70,13 @@ def parse_tool_calls(text: str, forced: bool = False, name: str | None = None) -
 class ToolCallStream:
     """Splits streamed text into content deltas (str) and whole calls (ToolCall), holding back a possible tag.
 
-    forced: tool_choice forced a call (named `name`, if it named one); a block cut off by max_tokens is then the
-    calls cut short, as OpenAI and vLLM answer them, not the template's tags as content.
+    names: the functions a forced call may name (tool_choice named one, or required any); a block cut off by
+    max_tokens is then the calls cut short, as OpenAI and vLLM answer them, not the template's tags as content.
     """
 
-    def __init__(self, forced: bool = False, name: str | None = None) -> None:
-        self.forced, self.name = forced, name
+    def __init__(self, names: tuple[str, ...] = ()) -> None:
+        self.names = names
+        self.forced = bool(names)
         self.text = ""
         self.pos = 0  # text before this is handled
         self.in_block = False
@@ -112,7 +118,7 @@ class ToolCallStream:
             cut = _partial_tag(rest, CALL_CLOSE)
             inner, close = rest[: len(rest) - cut], rest[len(rest) - cut :]
             if self.forced and parse_block(inner) is None:
-                self._calls(partial_calls(inner, self.name), events)
+                self._calls(partial_calls(inner, self.names), events)
             else:
                 self._block(inner, close, events)
         else:
