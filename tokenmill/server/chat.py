@@ -72,7 +72,7 @@ async def answer_chat(body: ChatCompletionRequest, request: Request, response: R
             calls = calls[:1] if body.parallel_tool_calls is False else calls  # under auto too, as vLLM
             if not calls and body.forced_names:  # a forced call cut before a name: no tags as content either
                 message["content"] = content
-            if calls:
+            elif calls:
                 message = {**message, "content": content,
                            "tool_calls": [{"id": new_id("call"), "type": "function",
                                            "function": {"name": c.name, "arguments": c.arguments}} for c in calls]}

@@ -76,7 +76,6 @@ class ToolCallStream:
 
     def __init__(self, names: tuple[str, ...] = ()) -> None:
         self.names = names
-        self.forced = bool(names)
         self.text = ""
         self.pos = 0  # text before this is handled
         self.in_block = False
@@ -111,13 +110,13 @@ class ToolCallStream:
         """Events for what is still held back once the text is complete (a block the model never closed is tried)."""
         events: list[str | ToolCall] = []
         rest = self.text[self.pos :]
-        if self.forced and not self.in_block and rest.strip() and CALL_OPEN.startswith(rest.strip()):
+        if self.names and not self.in_block and rest.strip() and CALL_OPEN.startswith(rest.strip()):
             self.in_block, rest = True, ""  # the grammar's opening tag, cut short: a call begun
         if self.in_block:
             # Cut off by max_tokens inside its closing tag, a block's calls may still be whole.
             cut = _partial_tag(rest, CALL_CLOSE)
             inner, close = rest[: len(rest) - cut], rest[len(rest) - cut :]
-            if self.forced and parse_block(inner) is None:
+            if self.names and parse_block(inner) is None:
                 self._calls(partial_calls(inner, self.names), events)
             else:
                 self._block(inner, close, events)
