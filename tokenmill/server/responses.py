@@ -1,7 +1,7 @@
 """POST /v1/responses: OpenAI's Responses API, stateless, answered by the chat completions path and re-shaped.
 
 The conversation comes whole in `input` (messages, function calls and their outputs); the answer's output items are
-a message and the function calls the model made, as OpenAI's. Streamed, the chat chunks become Responses events:
+its thinking (with --reasoning-parser), a message and the function calls the model made, as OpenAI's. Streamed, the chat chunks become Responses events:
 response.created, then per output item its added, delta and done events, then response.completed (or
 response.incomplete when max_output_tokens cut the answer).
 """
