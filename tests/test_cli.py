@@ -80,6 +80,22 @@ def test_serve_listens_on_every_address_its_host_resolves_to(monkeypatch):
             listening.close()
 
 
+def test_serve_skips_an_address_its_host_names_that_the_machine_lacks(monkeypatch):
+    from tokenmill.config import ServerConfig
+    from tokenmill.server.app import _listen
+
+    # A hosts file naming ::1 where IPv6 is off (Docker's default): binding it failed, and with it the whole serve.
+    real = socket.getaddrinfo
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, port, **kw: real("127.0.0.1", port, **kw) +
+                        real("2001:db8::1", port, **kw) if host == "localhost" else real(host, port, **kw))
+    bound = _listen(ServerConfig(host="localhost", port=0))
+    try:
+        assert [s.getsockname()[0] for s in bound] == ["127.0.0.1"]
+    finally:
+        for listening in bound:
+            listening.close()
+
+
 def test_generate_names_paris(smollm2_path):
     result = _run("generate", "--model", str(smollm2_path), "--temperature", "0", "--max-tokens", "16",
                   "The capital of France is")

@@ -68,6 +68,8 @@ def test_rerank_orders_documents_most_relevant_first_and_keeps_top_n(post):
     ("/v1/score", {"model": MODEL, "text_1": ["a", "b"], "text_2": ["c", "d", "e"]}, 400, "text_1"),
     ("/v1/score", {"model": MODEL, "text_1": "a", "text_2": ["word " * 400]}, 400, "text_2"),
     ("/v1/score", {"model": "nope", "text_1": "a", "text_2": "b"}, 404, "model"),
+    ("/v1/rerank", {"model": MODEL, "query": "q", "documents": ["d"], "truncate_prompt_tokens": 0}, 400,
+     "truncate_prompt_tokens"),
 ])
 def test_bad_requests_are_refused_naming_the_field(post, path, body, status, param):
     response = post(path, **body)

@@ -55,6 +55,7 @@ def test_a_function_call_item_without_its_call_id_is_refused_naming_it():
     ({"tools": [{"type": "function", "name": "no spaces allowed"}]}, "tools[0].name"),
     ({"text": {"format": {"type": "json_schema", "name": "s"}}}, "text.format.schema"),
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0]"),
+    ({"reasoning": {"effort": 5}}, "reasoning.effort"),
 ])
 def test_what_chat_or_this_server_refuses_is_named_as_the_responses_field(fields, param):
     # Chat's schema errors came back as param "input" with chat's own pydantic dump for a message.

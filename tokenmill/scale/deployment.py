@@ -211,7 +211,8 @@ class Ingress:
         return response
 
     def _key(self, path: str, body: bytes) -> str | None:
-        """The prefix key of a completions or chat body; None for anything else or anything it cannot read."""
+        """The prefix key of a completions, chat or Responses body; None for anything else or anything it cannot
+        read."""
         try:
             request = json.loads(body) if body else None
             if not isinstance(request, dict) or self.tokenizer is None:

@@ -1,6 +1,7 @@
 """The FastAPI app: routes, auth, body limit and engine lifetime; `serve` runs it under uvicorn."""
 
 import asyncio
+import errno
 import logging
 import signal
 import socket
@@ -284,8 +285,8 @@ def load_app(engine_config: EngineConfig, config: ServerConfig, models: list[str
 
 
 def _listen(config: ServerConfig) -> list[socket.socket]:
-    """Sockets bound to every address --host resolves to (localhost: 127.0.0.1 and ::1, as asyncio binds them) at
-    --port; TokenmillError naming them if one cannot be bound."""
+    """Sockets bound to each address --host resolves to (localhost: 127.0.0.1, and ::1 where the machine has IPv6)
+    at --port; TokenmillError naming them if one cannot be bound, or none can."""
     where = f"cannot listen on {config.host}:{config.port}"
     try:
         addresses = socket.getaddrinfo(config.host or None, config.port, type=socket.SOCK_STREAM,
@@ -293,18 +294,26 @@ def _listen(config: ServerConfig) -> list[socket.socket]:
     except socket.gaierror as exc:  # not an address, nor a name this machine resolves
         raise TokenmillError(f"{where}: {exc.strerror}") from exc
     bound: list[socket.socket] = []
-    try:
-        for family, kind, proto, _, address in dict.fromkeys(addresses):  # a resolver may repeat one
+    for family, kind, proto, _, address in dict.fromkeys(addresses):  # a resolver may repeat one
+        try:
             listening = socket.socket(family, kind, proto)
-            bound.append(listening)
+        except OSError:  # a family this machine lacks
+            continue
+        try:
             listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait
             if family == socket.AF_INET6:  # beside its IPv4 twin, as asyncio binds them
                 listening.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             listening.bind(address)
-    except OSError as exc:  # in use, or not this machine's address
-        for listening in bound:
+        except OSError as exc:
             listening.close()
-        raise TokenmillError(f"{where}: {exc.strerror or exc}") from exc
+            if exc.errno == errno.EADDRNOTAVAIL:  # named but not configured here (::1 where IPv6 is off)
+                continue
+            for other in bound:
+                other.close()
+            raise TokenmillError(f"{where}: {exc.strerror or exc}") from exc  # in use, or not allowed
+        bound.append(listening)
+    if not bound:
+        raise TokenmillError(f"{where}: none of its addresses is this machine's")
     return bound
 
 

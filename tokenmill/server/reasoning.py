@@ -49,9 +49,7 @@ class ReasoningStream:
         if self.state == "start":  # a prefix of <think> and no more
             self.state = "reasoning" if self.parser == "deepseek_r1" else "content"
             self.thought = self.state == "reasoning"
-        if self.state == "reasoning":
-            return rest, ""
-        return "", rest.lstrip() if self.thought and not self.content_begun else rest
+        return (rest, "") if self.state == "reasoning" else ("", rest)
 
 
 def split_reasoning(text: str, parser: str) -> tuple[str | None, str]:

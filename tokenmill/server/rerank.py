@@ -82,7 +82,8 @@ async def _scores(request: Request, model: str | None, firsts: list[str], second
             ids += await asyncio.to_thread(token_inputs, engine.model, texts, truncate)
         except InvalidRequestError as exc:
             where = field if field == "query" else f"{field}[{_index(str(exc))}]"
-            raise InvalidRequestError(re.sub(r"^input\[\d+\]", where, str(exc)), param=field) from exc
+            param = field if exc.param == "input" else exc.param  # truncate_prompt_tokens names itself
+            raise InvalidRequestError(re.sub(r"^input\[\d+\]", where, str(exc)), param=param) from exc
     # Then in one batch, as token ids already within the limit: the engine pads and embeds them together.
     vectors, tokens = await embed(request, name, engine, ids, None)
     left, right = vectors[:len(firsts)], vectors[len(firsts):]

@@ -1,9 +1,9 @@
 """POST /v1/responses: OpenAI's Responses API, stateless, answered by the chat completions path and re-shaped.
 
-The conversation comes whole in `input` (messages, function calls and their outputs); the answer's output items are
-its thinking (with --reasoning-parser), a message and the function calls the model made, as OpenAI's. Streamed, the chat chunks become Responses events:
-response.created, then per output item its added, delta and done events, then response.completed (or
-response.incomplete when max_output_tokens cut the answer).
+The conversation comes whole in `input` (messages, function calls and their outputs); the answer's output items
+are its thinking (with --reasoning-parser), a message and the function calls the model made, as OpenAI's.
+Streamed, the chat chunks become Responses events: response.created, then per output item its added, delta and
+done events, then response.completed (or response.incomplete when max_output_tokens cut the answer).
 """
 
 import json
@@ -91,15 +91,13 @@ def _output(choice: dict, status: str) -> list[dict]:
     each call."""
     message = choice["message"]
     calls = message.get("tool_calls") or []
-    items = []
-    if message.get("reasoning_content"):  # as a stream has it: empty thinking is no item
-        # Incomplete only when the answer was cut while thinking, as a stream closes it.
-        items.append(_reasoning(message["reasoning_content"], status if not (message["content"] or calls) else
-                                "completed"))
-    if message["content"] or not calls:
+    # As a stream closes them: the last item has the answer's status (max_tokens may have cut it), the others are
+    # complete; an answer of nothing is an empty message, and empty thinking is no item.
+    items = [_reasoning(message["reasoning_content"], "completed" if message["content"] or calls else status)] \
+        if message.get("reasoning_content") else []
+    if message["content"] or not (calls or items):
         logprobs = choice["logprobs"]["content"] if choice["logprobs"] else None
-        items.append(_message(message["content"] or "", logprobs, status))
-    # The last call is the one max_tokens may have cut short.
+        items.append(_message(message["content"] or "", logprobs, "completed" if calls else status))
     return items + [_call(c["id"], c["function"]["name"], c["function"]["arguments"],
                           status if i == len(calls) - 1 else "completed") for i, c in enumerate(calls)]
 
@@ -146,7 +144,7 @@ async def _events(chunks: AsyncIterator[dict], body: ResponsesRequest, response_
             else:
                 part = item["content"][0]
                 part["logprobs"] = logprobs + pending
-                item = {**item, "status": status}
+                item = {**item, "status": status if last else "completed"}
                 events = [{"type": "response.output_text.done", "item_id": item["id"], "output_index": index,
                            "content_index": 0, "text": part["text"], "logprobs": part["logprobs"]},
                           {"type": "response.content_part.done", "item_id": item["id"], "output_index": index,
@@ -203,7 +201,7 @@ async def _events(chunks: AsyncIterator[dict], body: ResponsesRequest, response_
                         open_item["arguments"] += call["function"]["arguments"]
                         yield {"type": "response.function_call_arguments.delta", "item_id": open_item["id"],
                                "output_index": len(items) - 1, "delta": call["function"]["arguments"]}
-        if all(item["type"] == "reasoning" for item in items):  # an empty answer is still a message, as whole
+        if not items:  # an empty answer is still a message, as whole
             for event in start(_message("", None, "in_progress")):
                 yield event
         for event in close(last=True):

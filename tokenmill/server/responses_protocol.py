@@ -14,7 +14,8 @@ LOGPROBS_INCLUDE = "message.output_text.logprobs"
 # Fields that need a response stored by an earlier request; this server keeps none.
 _STATEFUL = ("previous_response_id", "conversation", "prompt")
 # Chat fields as the Responses API names them, for the `param` of an error the chat path raised.
-PARAMS = {"messages": "input", "max_completion_tokens": "max_output_tokens", "response_format": "text.format"}
+PARAMS = {"messages": "input", "max_completion_tokens": "max_output_tokens", "response_format": "text.format",
+          "reasoning_effort": "reasoning.effort"}
 
 
 class TextFormat(BaseModel):

@@ -9,8 +9,8 @@ from tokenmill.structured.params import JSON_STYLE, StructuredOutput, bounded_nu
 # The shape SmolLM2-Instruct was tuned to call functions in (its model card's prompt), a JSON list in tags; the
 # parser (tool_parser.py) also reads the Hermes/Qwen form, one object per <tool_call> block.
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
-# A function sent without parameters takes none, as OpenAI reads it.
-NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
+# A function sent without parameters takes none, as OpenAI reads it (forced_call closes every object).
+NO_PARAMETERS = {"type": "object", "properties": {}}
 RESPONSE_OPEN, RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
 
 _SYSTEM = """You are an expert in composing functions. You are given a question and a set of possible functions.

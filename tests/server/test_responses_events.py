@@ -1,0 +1,45 @@
+"""A streamed Responses answer ends with the same output items, statuses included, as the whole answer has."""
+
+import asyncio
+
+import pytest
+
+from tokenmill.server.responses import _events, _output
+from tokenmill.server.responses_protocol import ResponsesRequest
+
+BODY = ResponsesRequest.model_validate({"input": "hi", "max_output_tokens": 5})
+CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": '}}
+
+
+def _chunk(delta: dict, finish: str | None = None) -> dict:
+    return {"model": "m", "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+
+def _streamed(deltas: list[dict]) -> list[dict]:
+    async def chunks():
+        yield _chunk({"role": "assistant", "content": ""})
+        for i, delta in enumerate(deltas):
+            yield _chunk(delta, "length" if i == len(deltas) - 1 else None)
+
+    async def collect() -> list[dict]:
+        return [event async for event in _events(chunks(), BODY, "resp_1", 0.0)]
+
+    return asyncio.run(collect())[-1]["response"]["output"]
+
+
+@pytest.mark.parametrize("deltas, message", [
+    # Thinking cut by max_tokens: the stream closed it complete, the whole answer incomplete. It is the last item:
+    # no empty message follows it.
+    ([{"reasoning_content": "hmm"}], {"content": None, "reasoning_content": "hmm"}),
+    # Text, then a call cut short: the whole answer marked the message incomplete too.
+    ([{"content": "Let me check."}, {"tool_calls": [{"index": 0, "id": "c1", "type": "function",
+                                                    "function": {"name": "f", "arguments": ""}}]},
+      {"tool_calls": [{"index": 0, "function": {"arguments": '{"a": '}}]}],
+     {"content": "Let me check.", "tool_calls": [CALL]}),
+])
+def test_an_answer_cut_by_max_tokens_marks_only_its_last_item_incomplete_whole_or_streamed(deltas, message):
+    whole = _output({"message": {"role": "assistant", **message}, "logprobs": None, "finish_reason": "length"},
+                    "incomplete")
+    statuses = [(o["type"], o["status"]) for o in whole]
+    assert [(o["type"], o["status"]) for o in _streamed(deltas)] == statuses
+    assert [s for _, s in statuses] == ["completed"] * (len(statuses) - 1) + ["incomplete"]
