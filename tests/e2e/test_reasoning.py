@@ -49,6 +49,24 @@ def test_the_responses_api_answers_a_reasoning_item_then_the_message(client, str
     assert message.type == "message" and result.output_text == "Hello!"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropics_messages_api_answers_a_thinking_block_then_the_text(client, stream):
+    import anthropic
+
+    messages = anthropic.Anthropic(base_url=str(client.base_url).removesuffix("/v1/"), api_key="unused",
+                                   max_retries=0).messages
+    request = {"model": "smollm2-135m", "max_tokens": 40, "messages": MESSAGES,
+               "extra_body": {"temperature": 0, **FORCED}}
+    if stream:
+        with messages.stream(**request) as events:
+            message = events.get_final_message()
+    else:
+        message = messages.create(**request)
+    thinking, text = message.content
+    assert (thinking.type, thinking.thinking) == ("thinking", "The user greets me.")
+    assert (text.type, text.text) == ("text", "Hello!")
+
+
 def test_empty_thinking_is_no_reasoning_item_whole_or_streamed(client):
     # The whole answer had a reasoning item for "<think></think>", the stream none.
     request = {"model": "smollm2-135m", "input": "Hi", "max_output_tokens": 20, "temperature": 0,

@@ -1,23 +1,31 @@
 """The API-key check on the header as Starlette hands it over (bytes decoded as Latin-1)."""
 
+from starlette.datastructures import Headers
+
 from tokenmill.server.auth import admitted
 
 
-def _header(text: str) -> str:
-    """An Authorization header a client sent as UTF-8, as the server reads it."""
-    return text.encode("utf-8").decode("latin-1")
+def _header(text: str, name: str = "authorization") -> Headers:
+    """A header a client sent as UTF-8, as the server reads it."""
+    return Headers(raw=[(name.encode(), text.encode("utf-8"))])
 
 
 def test_a_key_of_other_letters_sent_as_utf8_is_admitted_and_its_latin1_spelling_is_not():
     # The key's UTF-8 bytes were refused and the Latin-1 spelling (other bytes) admitted.
     assert admitted(_header("Bearer clé"), "clé")
-    assert not admitted("Bearer clé", "clé")
+    assert not admitted(Headers(raw=[(b"authorization", "Bearer clé".encode("latin-1"))]), "clé")
 
 
 def test_the_scheme_is_case_blind_and_the_key_exact():
     assert admitted(_header("bearer s3cret"), "s3cret") and admitted(_header("Bearer  s3cret"), "s3cret")
     assert not admitted(_header("Bearer s3cret2"), "s3cret") and not admitted(_header("Basic s3cret"), "s3cret")
-    assert admitted("", None)
+    assert admitted(Headers(), None) and not admitted(Headers(), "s3cret")
+
+
+def test_anthropics_x_api_key_header_carries_the_key_too():
+    # Anthropic's clients (Claude Code) send the key so: /v1/messages was a 401 for them whatever the key.
+    assert admitted(_header("s3cret", "x-api-key"), "s3cret")
+    assert not admitted(_header("wrong", "x-api-key"), "s3cret")
 
 
 def _app_client(**config):

@@ -38,6 +38,7 @@ from tokenmill.server.auth import KEYED_PREFIXES, require_api_key
 from tokenmill.server.dashboard import snapshot
 from tokenmill.server.errors import APIError, install_handlers
 from tokenmill.server.protocol import ChatCompletionRequest
+from tokenmill.server.messages_protocol import MessagesRequest
 from tokenmill.server.responses_protocol import ResponsesRequest
 from tokenmill.server.served_models import ModelSpec, load_embedding_models, load_engines, split_specs
 
@@ -211,8 +212,8 @@ class Ingress:
         return response
 
     def _key(self, path: str, body: bytes) -> str | None:
-        """The prefix key of a completions, chat or Responses body; None for anything else or anything it cannot
-        read."""
+        """The prefix key of a completions, chat, Responses or Anthropic Messages body; None for anything else or
+        anything it cannot read."""
         try:
             request = json.loads(body) if body else None
             if not isinstance(request, dict) or self.tokenizer is None:
@@ -221,8 +222,9 @@ class Ingress:
                 # As the replica renders it (tools written in, text parts joined, developer as system): else chats
                 # sharing their first blocks there would go to different replicas.
                 ids = ChatCompletionRequest.model_validate(request).prompt_token_ids(self.tokenizer)
-            elif path.endswith("/responses"):  # answered as the chat it translates to
-                ids = ResponsesRequest.model_validate(request).chat_request().prompt_token_ids(self.tokenizer)
+            elif path.endswith(("/responses", "/messages")):  # answered as the chat each translates to
+                kind = ResponsesRequest if path.endswith("/responses") else MessagesRequest
+                ids = kind.model_validate(request).chat_request().prompt_token_ids(self.tokenizer)
             else:
                 prompt = request.get("prompt")
                 prompt = prompt[0] if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else prompt

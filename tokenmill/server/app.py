@@ -33,6 +33,7 @@ from tokenmill.server.dashboard import dashboard_router
 from tokenmill.server.embedding_metrics import EmbeddingMetrics
 from tokenmill.server.embeddings import create_embedding, embedders_of
 from tokenmill.server.errors import APIError, install_handlers
+from tokenmill.server.messages import count_tokens, create_message
 from tokenmill.server.metrics import Metrics
 from tokenmill.server.rerank import create_rerank, create_score
 from tokenmill.server.responses import create_response, stored_response
@@ -103,6 +104,9 @@ def build_app(engines: dict[str, LLMEngine], config: ServerConfig,
     # A stored response read, deleted or cancelled: a clear 404, as nothing is stored.
     v1.add_api_route("/responses/{response_id}", stored_response, methods=["GET", "DELETE"], response_model=None)
     v1.add_api_route("/responses/{response_id}/cancel", stored_response, methods=["POST"], response_model=None)
+    v1.add_api_route("/messages", create_message, methods=["POST"], response_model=None, dependencies=generative)
+    v1.add_api_route("/messages/count_tokens", count_tokens, methods=["POST"], response_model=None,
+                     dependencies=generative)
     v1.add_api_route("/embeddings", create_embedding, methods=["POST"], response_model=None)
     # vLLM's, for embedding models; each also without /v1 (and rerank as /v2/rerank), where clients call them.
     for prefix in ("/v1", ""):

@@ -1,4 +1,4 @@
-"""API-key check: `Authorization: Bearer <key>`, compared in constant time."""
+"""API-key check: `Authorization: Bearer <key>` (or Anthropic's `x-api-key`), compared in constant time."""
 
 import hmac
 
@@ -9,16 +9,18 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from tokenmill.server.errors import APIError
 
 
-def admitted(authorization: str, api_key: str | None) -> bool:
-    """Whether an Authorization header carries the key (any header does where there is no key)."""
+def admitted(headers: Headers, api_key: str | None) -> bool:
+    """Whether the headers carry the key (any do where there is no key): `Authorization: Bearer`, or `x-api-key` as
+    Anthropic's clients send it."""
     if api_key is None:
         return True
-    scheme, _, given = authorization.partition(" ")
+    scheme, _, given = headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        given = headers.get("x-api-key", "")
     # NOTE: compare_digest on bytes keeps the comparison time independent of where the keys differ. Starlette
     # decodes header bytes as Latin-1: encoded back so, they are the bytes the client sent (UTF-8 for a key of
     # other letters).
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("latin-1", "replace"),
-                                                              api_key.encode())
+    return hmac.compare_digest(given.strip().encode("latin-1", "replace"), api_key.encode())
 
 
 def _refused() -> APIError:
@@ -33,7 +35,7 @@ def require_api_key(api_key: str | None):
     """A FastAPI dependency that admits a request only with the right bearer key (or always, without one)."""
 
     async def check(request: Request) -> None:
-        if not admitted(request.headers.get("authorization", ""), api_key):
+        if not admitted(request.headers, api_key):
             raise _refused()
 
     return check
@@ -50,7 +52,7 @@ class RequireAPIKey:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (scope["type"] == "http" and scope["path"].startswith(self.prefixes)
-                and not admitted(Headers(scope=scope).get("authorization", ""), self.api_key)):
+                and not admitted(Headers(scope=scope), self.api_key)):
             await _refused().response()(scope, receive, send)
             return
         await self.app(scope, receive, send)

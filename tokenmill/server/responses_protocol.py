@@ -109,7 +109,7 @@ class ResponsesRequest(RequestBody):
             return ChatCompletionRequest.model_validate(chat)
         except ValidationError as exc:  # what chat's schema checks in what passed through: a tool's name, say
             error = exc.errors()[0]
-            where = _field(error["loc"])
+            where = chat_field(error["loc"], PARAMS)
             raise InvalidRequestError(f"{where}: {error['msg']}", param=where) from exc
 
     def _messages(self) -> list[dict[str, Any]]:
@@ -200,12 +200,13 @@ def _response_format(format: TextFormat) -> dict[str, Any]:
     return {"type": "json_schema", "json_schema": format.model_dump(by_alias=True, exclude={"type"})}
 
 
-def _field(loc: tuple) -> str:
-    """A chat field's error location as the Responses field it came from: ("tools", 0, "function", "name") is
-    tools[0].name; anything in messages is input's (instructions shift the indices)."""
+def chat_field(loc: tuple, names: dict[str, str]) -> str:
+    """A chat field's error location as the field of another API it came from (`names`: chat's name to that API's):
+    ("tools", 0, "function", "name") is tools[0].name; anything in messages is the conversation's whole (a system
+    prompt or instructions shift the indices)."""
     if loc[0] == "messages":
-        return "input"
-    where = PARAMS.get(loc[0], str(loc[0]))
+        return names.get("messages", "messages")
+    where = names.get(loc[0], str(loc[0]))
     for part in loc[1:]:
         if part != "function":  # chat nests a tool's fields under it; the Responses API does not
             where += f"[{part}]" if isinstance(part, int) else f".{part}"

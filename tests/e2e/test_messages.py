@@ -1,0 +1,115 @@
+"""Anthropic's Messages API through Anthropic's official client: the same answers as chat completions, its shapes."""
+
+import anthropic
+import pytest
+from openai import OpenAI
+
+MODEL = "smollm2-135m"
+GREEDY = {"temperature": 0}  # the client takes no sampling fields of its own for this API's newer models
+WEATHER = {"name": "get_weather", "description": "The weather in a city now",
+           "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def served(start_server):
+    return start_server("--api-key", "k")
+
+
+@pytest.fixture(scope="module")
+def client(served) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=served.url, api_key="k", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def chat(served) -> OpenAI:
+    return OpenAI(base_url=f"{served.url}/v1", api_key="k", max_retries=0)
+
+
+def test_an_answer_is_chats_answer_with_system_as_the_system_message(client, chat):
+    expected = chat.chat.completions.create(model=MODEL, max_tokens=24, temperature=0, messages=[
+        {"role": "system", "content": "Answer in one word."}, *QUESTION])
+    message = client.messages.create(model=MODEL, max_tokens=24, system="Answer in one word.", messages=QUESTION,
+                                     extra_body=GREEDY)
+    assert [block.type for block in message.content] == ["text"]
+    assert message.content[0].text == expected.choices[0].message.content and message.stop_reason == "end_turn"
+    usage = message.usage
+    assert usage.input_tokens + usage.cache_read_input_tokens == expected.usage.prompt_tokens
+    assert usage.output_tokens == expected.usage.completion_tokens and usage.model_extra["cost"] > 0
+    assert message.id.startswith("msg_") and message.model == MODEL
+
+
+def test_a_stream_adds_up_to_the_whole_answer(client):
+    whole = client.messages.create(model=MODEL, max_tokens=12, messages=QUESTION, extra_body=GREEDY)
+    with client.messages.stream(model=MODEL, max_tokens=12, messages=QUESTION, extra_body=GREEDY) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text == whole.content[0].text == final.content[0].text
+    assert final.stop_reason == whole.stop_reason and final.usage.output_tokens == whole.usage.output_tokens
+
+
+def test_max_tokens_and_stop_sequences_end_an_answer_as_anthropic_says(client):
+    cut = client.messages.create(model=MODEL, max_tokens=3, messages=QUESTION, extra_body=GREEDY)
+    assert cut.stop_reason == "max_tokens" and cut.usage.output_tokens == 3
+    stopped = client.messages.create(model=MODEL, max_tokens=30, messages=QUESTION, stop_sequences=["Paris"],
+                                     extra_body=GREEDY)
+    assert (stopped.stop_reason, stopped.stop_sequence) == ("stop_sequence", "Paris")
+    assert "Paris" not in stopped.content[0].text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_forced_tool_is_a_tool_use_block_with_its_input(client, stream):
+    request = {"model": MODEL, "max_tokens": 60, "tools": [WEATHER], "tool_choice": {"type": "tool", "name":
+               "get_weather"}, "messages": [{"role": "user", "content": "Weather in Paris?"}], "extra_body": GREEDY}
+    if stream:
+        with client.messages.stream(**request) as events:
+            message = events.get_final_message()
+    else:
+        message = client.messages.create(**request)
+    (call,) = message.content
+    assert call.type == "tool_use" and call.name == "get_weather" and set(call.input) == {"city"}
+    assert message.stop_reason == "tool_use"
+
+
+def test_a_tool_result_renders_as_chats_tool_turn(client, chat):
+    call = {"id": "t1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    expected = chat.chat.completions.create(
+        model=MODEL, max_tokens=20, temperature=0,
+        tools=[{"type": "function", "function": {"name": "get_weather", "description": WEATHER["description"],
+                                                 "parameters": WEATHER["input_schema"]}}],
+        messages=[{"role": "user", "content": "Weather in Paris?"},
+                  {"role": "assistant", "content": None, "tool_calls": [call]},
+                  {"role": "tool", "tool_call_id": "t1", "content": "18C and sunny"}])
+    message = client.messages.create(model=MODEL, max_tokens=20, tools=[WEATHER], extra_body=GREEDY, messages=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "get_weather",
+                                           "input": {"city": "Paris"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "18C and sunny"}]},
+    ])
+    assert message.content[0].text == expected.choices[0].message.content
+
+
+def test_count_tokens_is_the_prompt_an_answer_counts(client):
+    message = client.messages.create(model=MODEL, max_tokens=2, messages=QUESTION, extra_body=GREEDY)
+    counted = client.messages.count_tokens(model=MODEL, messages=QUESTION)
+    assert counted.input_tokens == message.usage.input_tokens + message.usage.cache_read_input_tokens
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"messages": [{"role": "user", "content": [{"type": "image", "source": {
+        "type": "base64", "media_type": "image/png", "data": "AAAA"}}]}]}, "messages[0].content[0]"),
+    ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools[0]"),
+    ({"extra_body": {"mcp_servers": [{"type": "url", "url": "https://example.com", "name": "x"}]}}, "mcp_servers"),
+    ({"tool_choice": {"type": "sometimes"}, "tools": [WEATHER]}, "tool_choice"),
+])
+def test_what_this_server_cannot_do_is_refused_naming_the_field(client, fields, param):
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        client.messages.create(**{"model": MODEL, "max_tokens": 4, "messages": QUESTION, **fields})
+    assert refused.value.body["error"]["param"] == param
+
+
+def test_the_key_is_taken_as_anthropics_clients_send_it(served):
+    # x-api-key, not Authorization: Bearer; a wrong one is refused as any is.
+    wrong = anthropic.Anthropic(base_url=served.url, api_key="nope", max_retries=0)
+    with pytest.raises(anthropic.AuthenticationError):
+        wrong.messages.create(model=MODEL, max_tokens=2, messages=QUESTION)

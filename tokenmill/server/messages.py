@@ -1,0 +1,140 @@
+"""POST /v1/messages: Anthropic's Messages API (what Claude Code speaks), answered by the chat completions path.
+
+The answer's content blocks are its thinking (with --reasoning-parser), its text and its tool_use blocks; streamed,
+the chat chunks become Anthropic's events: message_start, then per block its start, deltas and stop, then
+message_delta (the stop reason and usage) and message_stop.
+"""
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from fastapi import Request, Response
+
+from tokenmill.router import AUTO
+from tokenmill.server.chat import answer_chat
+from tokenmill.server.errors import from_exception
+from tokenmill.server.messages_protocol import CountTokensRequest, MessagesRequest
+from tokenmill.server.serving import EventStream, state_of
+
+
+async def create_message(body: MessagesRequest, request: Request, response: Response) -> dict | EventStream:
+    """Answer one conversation with a message, or its events when streamed."""
+    answer = await answer_chat(body.chat_request(), request, response)
+    message_id = f"msg_{uuid.uuid4().hex}"
+    if not isinstance(answer, dict):
+        return EventStream(_events(answer.chunks, message_id), answer.streams, answer.headers, encode=_sse)
+    choice = answer["choices"][0]
+    message = choice["message"]
+    calls = message.get("tool_calls") or []
+    content = [{"type": "thinking", "thinking": message["reasoning_content"], "signature": ""}] \
+        if message.get("reasoning_content") else []
+    if message["content"]:
+        content.append({"type": "text", "text": message["content"]})
+    content += [{"type": "tool_use", "id": c["id"], "name": c["function"]["name"],
+                 "input": _input(c["function"]["arguments"])} for c in calls]
+    return {"id": message_id, "type": "message", "role": "assistant", "model": answer["model"], "content": content,
+            **_stop(choice["finish_reason"], choice["stop_reason"], bool(calls)), "usage": _usage(answer["usage"])}
+
+
+async def count_tokens(body: CountTokensRequest, request: Request) -> dict:
+    """The prompt tokens the conversation is to the model it names, as Anthropic's count_tokens answers."""
+    model = state_of(request).model(None if body.model == AUTO else body.model)
+    ids = await asyncio.to_thread(body.chat_request().prompt_token_ids, model.tokenizer)
+    return {"input_tokens": len(ids)}
+
+
+def _input(arguments: str) -> dict:
+    """A call's arguments as the object Anthropic's tool_use block holds; a call max_tokens cut short has none."""
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _stop(finish_reason: str | None, stop_reason: str | int | None, called: bool) -> dict:
+    """Chat's finish as Anthropic's stop_reason and stop_sequence."""
+    if finish_reason == "length":
+        reason = "max_tokens"
+    elif called:
+        reason = "tool_use"
+    elif isinstance(stop_reason, str):  # a stop string, not the model's own end
+        reason = "stop_sequence"
+    else:
+        reason = "end_turn"
+    return {"stop_reason": reason, "stop_sequence": stop_reason if reason == "stop_sequence" else None}
+
+
+def _usage(usage: dict) -> dict:
+    """Chat's usage block in Anthropic's names (input_tokens leave out those read from the prefix cache), its cost
+    kept."""
+    cached = usage["prompt_tokens_details"]["cached_tokens"]
+    return {"input_tokens": usage["prompt_tokens"] - cached, "cache_read_input_tokens": cached,
+            "cache_creation_input_tokens": 0, "output_tokens": usage["completion_tokens"], "cost": usage["cost"],
+            "cost_details": usage["cost_details"]}
+
+
+async def _events(chunks: AsyncIterator[dict], message_id: str) -> AsyncIterator[dict]:
+    """The chat chunks of one choice as Anthropic's stream events; each content block opened, filled and closed."""
+    async with aclosing(chunks):
+        first = await anext(chunks)  # the role chunk, at once: it names the model that answers
+        yield {"type": "message_start", "message": {
+            "id": message_id, "type": "message", "role": "assistant", "model": first["model"], "content": [],
+            "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}}
+        blocks = 0  # content blocks opened so far; the last may be open
+        open_kind: str | None = None
+        finish_reason = stop_reason = usage = None
+        called = False
+
+        def start(block: dict) -> list[dict]:
+            nonlocal blocks, open_kind
+            events = [{"type": "content_block_stop", "index": blocks - 1}] if open_kind else []
+            open_kind, blocks = block["type"], blocks + 1
+            return events + [{"type": "content_block_start", "index": blocks - 1, "content_block": block}]
+
+        def delta(kind: str, block: dict, fields: dict) -> list[dict]:
+            events = start(block) if open_kind != kind else []
+            return events + [{"type": "content_block_delta", "index": blocks - 1, "delta": fields}]
+
+        async for chunk in chunks:
+            if chunk.get("usage") is not None and not chunk["choices"]:
+                usage = _usage(chunk["usage"])
+            for choice in chunk["choices"]:
+                finish_reason = choice["finish_reason"] or finish_reason
+                stop_reason = choice.get("stop_reason") if choice["finish_reason"] else stop_reason
+                fields = choice["delta"]
+                events = []
+                if text := fields.get("reasoning_content"):
+                    events += delta("thinking", {"type": "thinking", "thinking": "", "signature": ""},
+                                    {"type": "thinking_delta", "thinking": text})
+                if text := fields.get("content"):
+                    events += delta("text", {"type": "text", "text": ""}, {"type": "text_delta", "text": text})
+                for call in fields.get("tool_calls", []):
+                    if "id" in call:  # a call's first delta: its id and name
+                        called = True
+                        events += start({"type": "tool_use", "id": call["id"], "name": call["function"]["name"],
+                                         "input": {}})
+                    elif call["function"]["arguments"]:
+                        events.append({"type": "content_block_delta", "index": blocks - 1, "delta": {
+                            "type": "input_json_delta", "partial_json": call["function"]["arguments"]}})
+                for event in events:
+                    yield event
+        if open_kind:
+            yield {"type": "content_block_stop", "index": blocks - 1}
+        yield {"type": "message_delta", "delta": _stop(finish_reason, stop_reason, called), "usage": usage}
+        yield {"type": "message_stop"}
+
+
+async def _sse(events: AsyncIterator[dict]) -> AsyncIterator[str]:
+    """Server-sent events named by their type, as Anthropic's; a failure ends them with its error event."""
+    try:
+        async with aclosing(events):
+            async for event in events:
+                yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+    except Exception as exc:
+        error = from_exception(exc).body["error"]
+        event = {"type": "error", "error": {"type": error["type"], "message": error["message"]}}
+        yield f"event: error\ndata: {json.dumps(event)}\n\n"

@@ -1,0 +1,133 @@
+"""Anthropic's Messages API request body, and its translation to the chat completions request that answers it."""
+
+import json
+from typing import Any
+
+from pydantic import Field, ValidationError
+
+from tokenmill.errors import InvalidRequestError
+from tokenmill.server.protocol import ChatCompletionRequest, RequestBody
+from tokenmill.server.responses_protocol import chat_field
+
+# Anthropic's tool_choice types as chat's.
+_TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}
+
+
+class MessagesRequest(RequestBody):
+    """POST /v1/messages: a system prompt, the conversation as user and assistant turns of content blocks."""
+
+    model: str | None = None
+    max_tokens: int
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    system: str | list[dict[str, Any]] | None = None
+    stop_sequences: list[str] | None = None
+    stream: bool | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
+    # {"type": "enabled" | "disabled"}: given to the chat template as Qwen3's enable_thinking.
+    thinking: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
+    mcp_servers: list[Any] | None = None
+    structured_outputs: dict[str, Any] | None = None  # vLLM's, as on chat: a JSON schema, regex, choice or grammar
+
+    def chat_request(self) -> ChatCompletionRequest:
+        """The chat completions request that answers this one; 400 naming the field this server cannot do."""
+        if self.mcp_servers:
+            raise InvalidRequestError("mcp_servers is not supported: this server calls no tools itself; give them as "
+                                      "tools and run them in the client", param="mcp_servers")
+        choice = self.tool_choice or {}
+        if choice and choice.get("type") not in (*_TOOL_CHOICES, "tool"):
+            raise InvalidRequestError(f"tool_choice of type {choice.get('type')!r} is not one of auto, any, tool, "
+                                      "none", param="tool_choice")
+        thinking = (self.thinking or {}).get("type")
+        chat = {
+            "model": self.model, "messages": self._messages(), "max_tokens": self.max_tokens,
+            "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "stop": self.stop_sequences,
+            "stream": self.stream, "stream_options": {"include_usage": True} if self.stream else None,
+            "tools": [_tool(t, i) for i, t in enumerate(self.tools)] if self.tools else None,
+            "tool_choice": ({"type": "function", "function": {"name": choice.get("name")}}
+                            if choice.get("type") == "tool" else _TOOL_CHOICES.get(choice.get("type"))),
+            "parallel_tool_calls": False if choice.get("disable_parallel_tool_use") else None,
+            "chat_template_kwargs": {"enable_thinking": thinking == "enabled"} if thinking else None,
+            "structured_outputs": self.structured_outputs,
+        }
+        try:
+            return ChatCompletionRequest.model_validate(chat)
+        except ValidationError as exc:  # what chat's schema checks in what passed through: a tool's name, say
+            error = exc.errors()[0]
+            where = chat_field(error["loc"], {})
+            raise InvalidRequestError(f"{where}: {error['msg']}", param=where) from exc
+
+    def _messages(self) -> list[dict[str, Any]]:
+        """`system` and the turns as chat messages: tool_use blocks become the turn's tool calls, tool_result
+        blocks tool messages, thinking blocks (a reasoning model's, replayed) are left out."""
+        messages: list[dict[str, Any]] = []
+        if self.system:
+            messages.append({"role": "system", "content": _text(self.system, "system")})
+        for i, message in enumerate(self.messages):
+            param = f"messages[{i}]"
+            role, content = message.get("role"), message.get("content")
+            if role not in ("user", "assistant"):
+                raise InvalidRequestError(f"{param}.role must be user or assistant", param=f"{param}.role")
+            blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            if not isinstance(blocks, list):
+                raise InvalidRequestError(f"{param}.content must be a string or a list of content blocks",
+                                          param=f"{param}.content")
+            texts, calls = [], []
+            for j, block in enumerate(blocks):
+                where = f"{param}.content[{j}]"
+                kind = block.get("type") if isinstance(block, dict) else None
+                if kind == "text" and isinstance(block.get("text"), str):
+                    texts.append(block["text"])
+                elif kind == "tool_use" and role == "assistant":
+                    calls.append({"id": _string(block, "id", where), "type": "function",
+                                  "function": {"name": _string(block, "name", where),
+                                               "arguments": json.dumps(block.get("input", {}))}})
+                elif kind == "tool_result" and role == "user":
+                    messages.append({"role": "tool", "tool_call_id": _string(block, "tool_use_id", where),
+                                     "content": _text(block.get("content", ""), f"{where}.content")})
+                elif kind not in ("thinking", "redacted_thinking") or role != "assistant":
+                    raise InvalidRequestError(f"{where} is a block of type {kind!r}, which this server does not "
+                                              "take here; this model reads text, tool_use and tool_result blocks",
+                                              param=where)
+            if texts or calls or not blocks:
+                messages.append({"role": role, "content": "\n".join(texts) if texts or not calls else None,
+                                 **({"tool_calls": calls} if calls else {})})
+        return messages
+
+
+class CountTokensRequest(MessagesRequest):
+    """POST /v1/messages/count_tokens: a Messages request without max_tokens."""
+
+    max_tokens: int | None = None
+
+
+def _string(block: dict[str, Any], key: str, where: str) -> str:
+    if not isinstance(block.get(key), str):
+        raise InvalidRequestError(f"{where}.{key} must be a string", param=f"{where}.{key}")
+    return block[key]
+
+
+def _text(content: Any, param: str) -> str:
+    """A string, or text blocks joined (as chat joins its text parts)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(b, dict) and b.get("type") == "text"
+                                         and isinstance(b.get("text"), str) for b in content):
+        return "\n".join(b["text"] for b in content)
+    raise InvalidRequestError(f"{param} must be a string or a list of text blocks; this model reads text only",
+                              param=param)
+
+
+def _tool(tool: dict[str, Any], i: int) -> dict[str, Any]:
+    """An Anthropic tool (name, description, input_schema) as chat's function tool."""
+    if "input_schema" not in tool:  # a server tool (web_search_..., bash_...), run by Anthropic's servers
+        raise InvalidRequestError(f"tools[{i}] has no input_schema; this server runs no server tools, only tools "
+                                  "the client runs", param=f"tools[{i}]")
+    function = {"name": tool.get("name"), "parameters": tool["input_schema"]}
+    if tool.get("description") is not None:
+        function["description"] = tool["description"]
+    return {"type": "function", "function": function}
