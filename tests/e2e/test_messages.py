@@ -48,6 +48,24 @@ def test_a_stream_adds_up_to_the_whole_answer(client):
     assert final.stop_reason == whole.stop_reason and final.usage.output_tokens == whole.usage.output_tokens
 
 
+def test_message_start_counts_the_prompt_before_any_output(client, served):
+    # It said 0: clients that read input tokens there (langchain-anthropic) saw none.
+    events = client.messages.create(model=MODEL, max_tokens=4, messages=QUESTION, stream=True, extra_body=GREEDY)
+    start = next(iter(events))
+    whole = client.messages.create(model=MODEL, max_tokens=4, messages=QUESTION, extra_body=GREEDY).usage
+    assert start.type == "message_start"
+    assert start.message.usage.input_tokens == whole.input_tokens + whole.cache_read_input_tokens
+
+
+def test_a_final_assistant_turn_is_continued_as_anthropics_prefill(client, chat):
+    # It was closed as a finished turn and a new one begun: the prefill trick for JSON answers did nothing.
+    turns = [*QUESTION, {"role": "assistant", "content": "The capital of France is"}]
+    expected = chat.chat.completions.create(model=MODEL, max_tokens=6, temperature=0, messages=turns,
+                                            extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    message = client.messages.create(model=MODEL, max_tokens=6, messages=turns, extra_body=GREEDY)
+    assert message.content[0].text == expected.choices[0].message.content and "Paris" in message.content[0].text
+
+
 def test_max_tokens_and_stop_sequences_end_an_answer_as_anthropic_says(client):
     cut = client.messages.create(model=MODEL, max_tokens=3, messages=QUESTION, extra_body=GREEDY)
     assert cut.stop_reason == "max_tokens" and cut.usage.output_tokens == 3

@@ -38,10 +38,38 @@ def test_tool_choice_becomes_chats(choice, mode, parallel):
     assert chat.tools[0].function.parameters == TOOL["input_schema"]
 
 
-def test_thinking_reaches_the_template_as_qwen3s_switch():
+@pytest.mark.parametrize("thinking, enabled", [("disabled", False), ("enabled", True), ("adaptive", True)])
+def test_thinking_reaches_the_template_as_qwen3s_switch(thinking, enabled):
+    # Claude Code sends "adaptive" for newer models: it switched thinking off.
     chat = MessagesRequest.model_validate({"max_tokens": 8, "messages": [{"role": "user", "content": "hi"}],
-                                           "thinking": {"type": "disabled"}}).chat_request()
-    assert chat.template_kwargs() == {"enable_thinking": False}
+                                           "thinking": {"type": thinking}}).chat_request()
+    assert chat.template_kwargs() == {"enable_thinking": enabled}
+
+
+def test_claude_codes_system_turns_join_the_system_prompt_and_its_billing_block_is_dropped():
+    # Its system turns among the messages were a 400; its billing block, whose hash changes every request, began
+    # the prompt, so nothing after it was ever served from the prefix cache.
+    request = MessagesRequest.model_validate({"max_tokens": 8, "system": [
+        {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1; cch=abc123;"},
+        {"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}], "messages": [
+        {"role": "user", "content": "hi"}, {"role": "system", "content": "Reminder: be brief."},
+        {"role": "user", "content": "again"}]})
+    turns = request.chat_request().conversation()
+    assert [(t["role"], t["content"]) for t in turns] == [
+        ("system", "You are Claude Code.\nReminder: be brief."), ("user", "hi"), ("user", "again")]
+
+
+def test_a_final_assistant_turn_is_a_prefill_the_answer_continues():
+    chat = MessagesRequest.model_validate({"max_tokens": 8, "messages": [
+        {"role": "user", "content": "JSON please"}, {"role": "assistant", "content": "{"}]}).chat_request()
+    assert chat.continue_final_message and chat.add_generation_prompt is False
+
+
+def test_a_tool_choice_of_a_tool_without_its_name_is_refused_naming_it():
+    with pytest.raises(InvalidRequestError) as refused:
+        MessagesRequest.model_validate({"max_tokens": 8, "messages": [{"role": "user", "content": "hi"}],
+                                        "tools": [TOOL], "tool_choice": {"type": "tool"}}).chat_request()
+    assert refused.value.param == "tool_choice.name"
 
 
 def test_a_tool_name_chat_refuses_is_named_as_the_tools_field():

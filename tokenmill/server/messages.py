@@ -83,7 +83,8 @@ async def _events(chunks: AsyncIterator[dict], message_id: str) -> AsyncIterator
         first = await anext(chunks)  # the role chunk, at once: it names the model that answers
         yield {"type": "message_start", "message": {
             "id": message_id, "type": "message", "role": "assistant", "model": first["model"], "content": [],
-            "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}}
+            "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": first["usage"]["prompt_tokens"], "output_tokens": 0}}}
         blocks = 0  # content blocks opened so far; the last may be open
         open_kind: str | None = None
         finish_reason = stop_reason = usage = None
@@ -100,7 +101,7 @@ async def _events(chunks: AsyncIterator[dict], message_id: str) -> AsyncIterator
             return events + [{"type": "content_block_delta", "index": blocks - 1, "delta": fields}]
 
         async for chunk in chunks:
-            if chunk.get("usage") is not None and not chunk["choices"]:
+            if not chunk["choices"] and chunk.get("usage") is not None:  # the last: the whole usage
                 usage = _usage(chunk["usage"])
             for choice in chunk["choices"]:
                 finish_reason = choice["finish_reason"] or finish_reason

@@ -11,6 +11,7 @@ from tokenmill.server.responses_protocol import chat_field
 
 # Anthropic's tool_choice types as chat's.
 _TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}
+_BILLING = "x-anthropic-billing-header"
 
 
 class MessagesRequest(RequestBody):
@@ -42,16 +43,25 @@ class MessagesRequest(RequestBody):
         if choice and choice.get("type") not in (*_TOOL_CHOICES, "tool"):
             raise InvalidRequestError(f"tool_choice of type {choice.get('type')!r} is not one of auto, any, tool, "
                                       "none", param="tool_choice")
-        thinking = (self.thinking or {}).get("type")
+        if choice.get("type") == "tool" and not isinstance(choice.get("name"), str):
+            raise InvalidRequestError("tool_choice of type tool needs the tool's name", param="tool_choice.name")
+        thinking = (self.thinking or {}).get("type")  # enabled, adaptive or disabled
+        last = self.messages[-1]
+        # As Anthropic: a final assistant turn of text is a prefill, which the answer continues.
+        prefill = last.get("role") == "assistant" and not any(
+            isinstance(b, dict) and b.get("type") == "tool_use" for b in last.get("content") or [])
         chat = {
             "model": self.model, "messages": self._messages(), "max_tokens": self.max_tokens,
             "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "stop": self.stop_sequences,
-            "stream": self.stream, "stream_options": {"include_usage": True} if self.stream else None,
+            # The usage on every chunk: message_start counts the prompt's tokens before any output.
+            "stream": self.stream,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True} if self.stream else None,
+            "continue_final_message": prefill or None, "add_generation_prompt": False if prefill else None,
             "tools": [_tool(t, i) for i, t in enumerate(self.tools)] if self.tools else None,
             "tool_choice": ({"type": "function", "function": {"name": choice.get("name")}}
                             if choice.get("type") == "tool" else _TOOL_CHOICES.get(choice.get("type"))),
             "parallel_tool_calls": False if choice.get("disable_parallel_tool_use") else None,
-            "chat_template_kwargs": {"enable_thinking": thinking == "enabled"} if thinking else None,
+            "chat_template_kwargs": {"enable_thinking": thinking != "disabled"} if thinking else None,
             "structured_outputs": self.structured_outputs,
         }
         try:
@@ -63,15 +73,18 @@ class MessagesRequest(RequestBody):
 
     def _messages(self) -> list[dict[str, Any]]:
         """`system` and the turns as chat messages: tool_use blocks become the turn's tool calls, tool_result
-        blocks tool messages, thinking blocks (a reasoning model's, replayed) are left out."""
+        blocks tool messages, thinking blocks (a reasoning model's, replayed) are left out; system turns among the
+        messages (Claude Code's reminders) join the system prompt, as vLLM folds them, since templates take one."""
+        system = [_text(_without_billing(self.system), "system")] if self.system else []
         messages: list[dict[str, Any]] = []
-        if self.system:
-            messages.append({"role": "system", "content": _text(self.system, "system")})
         for i, message in enumerate(self.messages):
             param = f"messages[{i}]"
             role, content = message.get("role"), message.get("content")
+            if role == "system":
+                system.append(_text(content, f"{param}.content"))
+                continue
             if role not in ("user", "assistant"):
-                raise InvalidRequestError(f"{param}.role must be user or assistant", param=f"{param}.role")
+                raise InvalidRequestError(f"{param}.role must be user, assistant or system", param=f"{param}.role")
             blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
             if not isinstance(blocks, list):
                 raise InvalidRequestError(f"{param}.content must be a string or a list of content blocks",
@@ -80,8 +93,8 @@ class MessagesRequest(RequestBody):
             for j, block in enumerate(blocks):
                 where = f"{param}.content[{j}]"
                 kind = block.get("type") if isinstance(block, dict) else None
-                if kind == "text" and isinstance(block.get("text"), str):
-                    texts.append(block["text"])
+                if kind == "text":
+                    texts.append(_string(block, "text", where))
                 elif kind == "tool_use" and role == "assistant":
                     calls.append({"id": _string(block, "id", where), "type": "function",
                                   "function": {"name": _string(block, "name", where),
@@ -96,13 +109,22 @@ class MessagesRequest(RequestBody):
             if texts or calls or not blocks:
                 messages.append({"role": role, "content": "\n".join(texts) if texts or not calls else None,
                                  **({"tool_calls": calls} if calls else {})})
-        return messages
+        return ([{"role": "system", "content": "\n".join(system)}] if system else []) + messages
 
 
 class CountTokensRequest(MessagesRequest):
     """POST /v1/messages/count_tokens: a Messages request without max_tokens."""
 
     max_tokens: int | None = None
+
+
+def _without_billing(system: str | list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+    """The system prompt without Claude Code's billing block, whose hash changes every request: at the prompt's
+    start it left nothing of the rest (20,000 tokens of instructions and tools) to the prefix cache. vLLM drops it
+    too."""
+    if isinstance(system, str):
+        return system
+    return [b for b in system if not (isinstance(b, dict) and str(b.get("text", "")).startswith(_BILLING))]
 
 
 def _string(block: dict[str, Any], key: str, where: str) -> str:
