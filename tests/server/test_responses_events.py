@@ -43,3 +43,28 @@ def test_an_answer_cut_by_max_tokens_marks_only_its_last_item_incomplete_whole_o
     statuses = [(o["type"], o["status"]) for o in whole]
     assert [(o["type"], o["status"]) for o in _streamed(deltas)] == statuses
     assert [s for _, s in statuses] == ["completed"] * (len(statuses) - 1) + ["incomplete"]
+
+
+def test_a_failure_mid_stream_ends_it_with_each_apis_own_error_event():
+    # OpenAI's names the code and numbers it on; Anthropic's nests the error's type and message.
+    import json
+
+    from tokenmill.errors import InvalidRequestError
+    from tokenmill.server import messages, responses
+    from tokenmill.server.serving import named_sse
+
+    async def failing():
+        yield {"type": "response.created"}
+        raise InvalidRequestError("the deadline cannot be met", param="x")
+
+    async def lines(error, numbered: bool) -> list[str]:
+        return [line async for line in named_sse(failing(), error, numbered)]
+
+    openai = asyncio.run(lines(responses._error_event, True))
+    assert openai[0].startswith("event: response.created\n") and openai[1].startswith("event: error\n")
+    assert json.loads(openai[1].split("data: ", 1)[1]) == {
+        "type": "error", "code": "invalid_request_error", "message": "the deadline cannot be met", "param": "x",
+        "sequence_number": 1}
+    anthropic = asyncio.run(lines(messages._error_event, False))
+    assert json.loads(anthropic[1].split("data: ", 1)[1]) == {
+        "type": "error", "error": {"type": "invalid_request_error", "message": "the deadline cannot be met"}}

@@ -15,9 +15,9 @@ from fastapi import Request, Response
 
 from tokenmill.router import AUTO
 from tokenmill.server.chat import answer_chat
-from tokenmill.server.errors import from_exception
+from tokenmill.server.errors import APIError
 from tokenmill.server.messages_protocol import CountTokensRequest, MessagesRequest
-from tokenmill.server.serving import EventStream, state_of
+from tokenmill.server.serving import EventStream, named_sse, state_of
 
 
 async def create_message(body: MessagesRequest, request: Request, response: Response) -> dict | EventStream:
@@ -25,7 +25,8 @@ async def create_message(body: MessagesRequest, request: Request, response: Resp
     answer = await answer_chat(body.chat_request(), request, response)
     message_id = f"msg_{uuid.uuid4().hex}"
     if not isinstance(answer, dict):
-        return EventStream(_events(answer.chunks, message_id), answer.streams, answer.headers, encode=_sse)
+        return EventStream(_events(answer.chunks, message_id), answer.streams, answer.headers,
+                           encode=lambda events: named_sse(events, _error_event))
     choice = answer["choices"][0]
     message = choice["message"]
     calls = message.get("tool_calls") or []
@@ -129,13 +130,6 @@ async def _events(chunks: AsyncIterator[dict], message_id: str) -> AsyncIterator
         yield {"type": "message_stop"}
 
 
-async def _sse(events: AsyncIterator[dict]) -> AsyncIterator[str]:
-    """Server-sent events named by their type, as Anthropic's; a failure ends them with its error event."""
-    try:
-        async with aclosing(events):
-            async for event in events:
-                yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
-    except Exception as exc:
-        error = from_exception(exc).body["error"]
-        event = {"type": "error", "error": {"type": error["type"], "message": error["message"]}}
-        yield f"event: error\ndata: {json.dumps(event)}\n\n"
+def _error_event(error: APIError) -> dict:
+    """Anthropic's stream error event."""
+    return {"type": "error", "error": {"type": error.body["error"]["type"], "message": error.body["error"]["message"]}}

@@ -6,7 +6,6 @@ Streamed, the chat chunks become Responses events: response.created, then per ou
 done events, then response.completed (or response.incomplete when max_output_tokens cut the answer).
 """
 
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -16,9 +15,9 @@ from fastapi import Request, Response
 
 from tokenmill.errors import InvalidRequestError
 from tokenmill.server.chat import answer_chat
-from tokenmill.server.errors import APIError, from_exception
+from tokenmill.server.errors import APIError
 from tokenmill.server.responses_protocol import PARAMS, ResponsesRequest
-from tokenmill.server.serving import EventStream
+from tokenmill.server.serving import EventStream, named_sse
 
 
 async def create_response(body: ResponsesRequest, request: Request, response: Response) -> dict | EventStream:
@@ -36,7 +35,8 @@ async def create_response(body: ResponsesRequest, request: Request, response: Re
         return {**_response(body, response_id, created, answer["model"], status), "output": _output(choice, status),
                 "usage": _usage(answer["usage"])}
     events = _events(answer.chunks, body, response_id, created)
-    return EventStream(events, answer.streams, answer.headers, encode=named_sse)
+    return EventStream(events, answer.streams, answer.headers,
+                       encode=lambda chunks: named_sse(chunks, _error_event, numbered=True))
 
 
 async def stored_response(response_id: str) -> None:
@@ -212,17 +212,8 @@ async def _events(chunks: AsyncIterator[dict], body: ResponsesRequest, response_
         yield {"type": f"response.{status}", "response": final}
 
 
-async def named_sse(events: AsyncIterator[dict]) -> AsyncIterator[str]:
-    """Server-sent events named by their type and numbered in order, as OpenAI's; a failure ends them with an
-    error event."""
-    sequence = 0
-    try:
-        async with aclosing(events):
-            async for event in events:
-                yield f"event: {event['type']}\ndata: {json.dumps({**event, 'sequence_number': sequence})}\n\n"
-                sequence += 1
-    except Exception as exc:
-        error = from_exception(exc).body["error"]
-        event = {"type": "error", "code": error["code"] or error["type"], "message": error["message"],
-                 "param": error["param"], "sequence_number": sequence}
-        yield f"event: error\ndata: {json.dumps(event)}\n\n"
+def _error_event(error: APIError) -> dict:
+    """OpenAI's stream error event."""
+    fields = error.body["error"]
+    return {"type": "error", "code": fields["code"] or fields["type"], "message": fields["message"],
+            "param": fields["param"]}

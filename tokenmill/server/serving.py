@@ -288,6 +288,22 @@ class EventStream(StreamingResponse):
                 stream.close()
 
 
+async def named_sse(events: AsyncIterator[dict], error: Callable[[APIError], dict],
+                    numbered: bool = False) -> AsyncIterator[str]:
+    """Server-sent events named by their type (the Responses and Messages APIs'), numbered in order where asked
+    (OpenAI's sequence_number); a failure ends them with error's event for it."""
+    sequence = 0
+    try:
+        async with aclosing(events):
+            async for event in events:
+                numbering = {"sequence_number": sequence} if numbered else {}
+                yield f"event: {event['type']}\ndata: {json.dumps({**event, **numbering})}\n\n"
+                sequence += 1
+    except Exception as exc:
+        event = {**error(from_exception(exc)), **({"sequence_number": sequence} if numbered else {})}
+        yield f"event: error\ndata: {json.dumps(event)}\n\n"
+
+
 async def sse(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
     """Server-sent events: one `data:` line per chunk, an error event if the engine fails, then [DONE]."""
     try:
