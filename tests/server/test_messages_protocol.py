@@ -65,6 +65,15 @@ def test_a_final_assistant_turn_is_a_prefill_the_answer_continues():
     assert chat.continue_final_message and chat.add_generation_prompt is False
 
 
+def test_a_final_turn_of_only_replayed_thinking_is_no_prefill():
+    # Its thinking is left out, so the user's turn came last and was continued: the model went on with the user's
+    # text instead of answering it.
+    chat = MessagesRequest.model_validate({"max_tokens": 8, "messages": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "hm", "signature": "x"}]}]}).chat_request()
+    assert not chat.continue_final_message and chat.add_generation_prompt is not False
+
+
 def test_a_tool_choice_of_a_tool_without_its_name_is_refused_naming_it():
     with pytest.raises(InvalidRequestError) as refused:
         MessagesRequest.model_validate({"max_tokens": 8, "messages": [{"role": "user", "content": "hi"}],

@@ -46,12 +46,12 @@ class MessagesRequest(RequestBody):
         if choice.get("type") == "tool" and not isinstance(choice.get("name"), str):
             raise InvalidRequestError("tool_choice of type tool needs the tool's name", param="tool_choice.name")
         thinking = (self.thinking or {}).get("type")  # enabled, adaptive or disabled
-        last = self.messages[-1]
-        # As Anthropic: a final assistant turn of text is a prefill, which the answer continues.
-        prefill = last.get("role") == "assistant" and not any(
-            isinstance(b, dict) and b.get("type") == "tool_use" for b in last.get("content") or [])
+        messages = self._messages()
+        # As Anthropic: a final assistant turn of text is a prefill, which the answer continues (decided on the turns
+        # as converted: one of only thinking is none, and the user's turn must not be left open).
+        prefill = messages[-1]["role"] == "assistant" and not messages[-1].get("tool_calls")
         chat = {
-            "model": self.model, "messages": self._messages(), "max_tokens": self.max_tokens,
+            "model": self.model, "messages": messages, "max_tokens": self.max_tokens,
             "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "stop": self.stop_sequences,
             # The usage on every chunk: message_start counts the prompt's tokens before any output.
             "stream": self.stream,
