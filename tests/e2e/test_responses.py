@@ -74,6 +74,20 @@ def test_a_named_function_is_called_with_arguments_that_parse(client):
     assert set(json.loads(call.arguments)) == {"city"}
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_call_to_a_function_inside_a_namespace_names_its_namespace(client, stream):
+    request = {"model": MODEL, "input": "What is the weather in Paris?", "max_output_tokens": 40, "temperature": 0,
+               "tools": [{"type": "namespace", "name": "weather", "description": "Weather tools", "tools": [WEATHER]}],
+               "tool_choice": {"type": "function", "name": "get_weather"}}
+    if stream:
+        with client.responses.stream(**request) as events:
+            result = events.get_final_response()
+    else:
+        result = client.responses.create(**request)
+    (call,) = result.output
+    assert (call.type, call.name, call.namespace) == ("function_call", "get_weather", "weather")
+
+
 def test_a_streamed_call_arrives_as_argument_deltas(client):
     with client.responses.stream(model=MODEL, input="What is the weather in Paris?", tools=[WEATHER],
                                  tool_choice="required", max_output_tokens=40, temperature=0) as stream:

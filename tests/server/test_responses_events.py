@@ -39,7 +39,7 @@ def _streamed(deltas: list[dict]) -> list[dict]:
 ])
 def test_an_answer_cut_by_max_tokens_marks_only_its_last_item_incomplete_whole_or_streamed(deltas, message):
     whole = _output({"message": {"role": "assistant", **message}, "logprobs": None, "finish_reason": "length"},
-                    "incomplete")
+                    "incomplete", {})
     statuses = [(o["type"], o["status"]) for o in whole]
     assert [(o["type"], o["status"]) for o in _streamed(deltas)] == statuses
     assert [s for _, s in statuses] == ["completed"] * (len(statuses) - 1) + ["incomplete"]

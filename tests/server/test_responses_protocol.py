@@ -67,3 +67,13 @@ def test_what_chat_or_this_server_refuses_is_named_as_the_responses_field(fields
 def test_top_logprobs_alone_asks_for_no_logprobs_as_openai_reads_it():
     chat = ResponsesRequest.model_validate({"input": "hi", "top_logprobs": 2}).chat_request()
     assert not chat.logprobs and chat.top_logprobs is None
+
+
+def test_a_namespace_tools_functions_are_offered_as_function_tools():
+    # Codex sends its sub-agent tools so on every turn: refused as a hosted tool, no Codex request got an answer.
+    request = ResponsesRequest.model_validate({"input": "hi", "tools": [
+        {"type": "function", "name": "get_goal", "parameters": {"type": "object"}},
+        {"type": "namespace", "name": "multi_agent_v1", "description": "Sub-agents.", "tools": [
+            {"type": "function", "name": "close_agent", "parameters": {"type": "object"}}]}]})
+    assert [t.function.name for t in request.chat_request().tools] == ["get_goal", "close_agent"]
+    assert request.namespaces() == {"close_agent": "multi_agent_v1"}

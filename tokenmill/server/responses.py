@@ -32,7 +32,7 @@ async def create_response(body: ResponsesRequest, request: Request, response: Re
     if isinstance(answer, dict):
         choice = answer["choices"][0]
         status = _status(choice["finish_reason"])
-        return {**_response(body, response_id, created, answer["model"], status), "output": _output(choice, status),
+        return {**_response(body, response_id, created, answer["model"], status), "output": _output(choice, status, body.namespaces()),
                 "usage": _usage(answer["usage"])}
     events = _events(answer.chunks, body, response_id, created)
     return EventStream(events, answer.streams, answer.headers,
@@ -69,9 +69,9 @@ def _response(body: ResponsesRequest, response_id: str, created: float, model: s
     }
 
 
-def _message(text: str, logprobs: list[dict] | None, status: str, item_id: str | None = None) -> dict:
+def _message(text: str, logprobs: list[dict] | None, status: str) -> dict:
     part = {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
-    return {"type": "message", "id": item_id or _id("msg"), "status": status, "role": "assistant",
+    return {"type": "message", "id": _id("msg"), "status": status, "role": "assistant",
             "content": [part]}
 
 
@@ -81,12 +81,13 @@ def _reasoning(text: str, status: str) -> dict:
             "content": [{"type": "reasoning_text", "text": text}]}
 
 
-def _call(call_id: str, name: str, arguments: str, status: str, item_id: str | None = None) -> dict:
-    return {"type": "function_call", "id": item_id or _id("fc"), "call_id": call_id, "name": name,
-            "arguments": arguments, "status": status}
+def _call(call_id: str, name: str, arguments: str, status: str, namespaces: dict[str, str]) -> dict:
+    """A function_call item; a function offered inside a namespace tool names its namespace, as OpenAI's."""
+    return {"type": "function_call", "id": _id("fc"), "call_id": call_id, "name": name, "arguments": arguments,
+            "status": status, **({"namespace": namespaces[name]} if name in namespaces else {})}
 
 
-def _output(choice: dict, status: str) -> list[dict]:
+def _output(choice: dict, status: str, namespaces: dict[str, str]) -> list[dict]:
     """A chat choice's message as output items: its thinking, its text (left out when the model only called), then
     each call."""
     message = choice["message"]
@@ -99,7 +100,7 @@ def _output(choice: dict, status: str) -> list[dict]:
         logprobs = choice["logprobs"]["content"] if choice["logprobs"] else None
         items.append(_message(message["content"] or "", logprobs, "completed" if calls else status))
     return items + [_call(c["id"], c["function"]["name"], c["function"]["arguments"],
-                          status if i == len(calls) - 1 else "completed") for i, c in enumerate(calls)]
+                          status if i == len(calls) - 1 else "completed", namespaces) for i, c in enumerate(calls)]
 
 
 def _usage(usage: dict) -> dict:
@@ -195,7 +196,8 @@ async def _events(chunks: AsyncIterator[dict], body: ResponsesRequest, response_
                     pending = []
                 for call in delta.get("tool_calls", []):
                     if "id" in call:  # a call's first delta: its id and name
-                        for event in start(_call(call["id"], call["function"]["name"], "", "in_progress")):
+                        for event in start(_call(call["id"], call["function"]["name"], "", "in_progress",
+                                                 body.namespaces())):
                             yield event
                     elif call["function"]["arguments"]:
                         open_item["arguments"] += call["function"]["arguments"]

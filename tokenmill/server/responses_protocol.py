@@ -92,7 +92,7 @@ class ResponsesRequest(RequestBody):
             "temperature": self.temperature, "top_p": self.top_p, "stream": self.stream,
             # The stream's last chunk carries the usage, for the final response.completed event.
             "stream_options": {"include_usage": True} if self.stream else None,
-            "tools": [_tool(t, i) for i, t in enumerate(self.tools)] if self.tools else None,
+            "tools": [_tool(f, i) for i, t in enumerate(self.tools or []) for f in _functions(t, i)] or None,
             "tool_choice": _tool_choice(self.tool_choice), "parallel_tool_calls": self.parallel_tool_calls,
             "response_format": _response_format(self.text.format) if self.text and self.text.format else None,
             "structured_outputs": self.structured_outputs,
@@ -111,6 +111,11 @@ class ResponsesRequest(RequestBody):
             error = exc.errors()[0]
             where = chat_field(error["loc"], PARAMS)
             raise InvalidRequestError(f"{where}: {error['msg']}", param=where) from exc
+
+    def namespaces(self) -> dict[str, str]:
+        """Each function offered inside a namespace tool, by name, with its namespace's name."""
+        return {f.get("name"): t.get("name") for i, t in enumerate(self.tools or []) if t.get("type") == "namespace"
+                for f in _functions(t, i)}
 
     def _messages(self) -> list[dict[str, Any]]:
         """`instructions` and `input` as chat messages: function calls join the assistant turn before them."""
@@ -170,6 +175,16 @@ def _text(content: Any, param: str) -> str:
             raise InvalidRequestError(f"{param} has a part of type {kind!r}; this model reads text only", param=param)
         parts.append(part[key])
     return "\n".join(parts)  # as chat joins its text parts
+
+
+def _functions(tool: dict[str, Any], i: int) -> list[dict[str, Any]]:
+    """A tool, or the function tools a namespace tool groups (Codex sends its sub-agent tools so): the client runs
+    them as it runs any function tool."""
+    if tool.get("type") != "namespace":
+        return [tool]
+    if not isinstance(tool.get("tools"), list) or not all(isinstance(f, dict) for f in tool["tools"]):
+        raise InvalidRequestError(f"tools[{i}].tools must list the namespace's function tools", param=f"tools[{i}]")
+    return tool["tools"]
 
 
 def _tool(tool: dict[str, Any], i: int) -> dict[str, Any]:
