@@ -86,3 +86,12 @@ def test_a_tool_name_chat_refuses_is_named_as_the_tools_field():
         MessagesRequest.model_validate({"max_tokens": 8, "messages": [{"role": "user", "content": "hi"}],
                                         "tools": [{**TOOL, "name": "no spaces"}]}).chat_request()
     assert refused.value.param == "tools[0].name"
+
+
+def test_a_conversation_left_empty_once_its_replayed_thinking_is_dropped_is_a_400():
+    # An IndexError, a 500: every turn was folded away before the prefill check read the last.
+    with pytest.raises(InvalidRequestError) as refused:
+        MessagesRequest.model_validate({"max_tokens": 8, "messages": [
+            {"role": "assistant", "content": [{"type": "thinking", "thinking": "hm", "signature": "x"}]}]}
+        ).chat_request()
+    assert refused.value.param == "messages"

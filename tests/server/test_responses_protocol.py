@@ -77,3 +77,20 @@ def test_a_namespace_tools_functions_are_offered_as_function_tools():
             {"type": "function", "name": "close_agent", "parameters": {"type": "object"}}]}]})
     assert [t.function.name for t in request.chat_request().tools] == ["get_goal", "close_agent"]
     assert request.namespaces() == {"close_agent": "multi_agent_v1"}
+
+
+FUNCTION = {"type": "function", "name": "a", "parameters": {"type": "object"}}
+
+
+@pytest.mark.parametrize("tools, param", [
+    ([{"type": "namespace", "name": "n", "tools": [FUNCTION, {**FUNCTION, "name": "b"}]},
+      {"type": "function", "name": "bad name"}], "tools[1].name"),  # the request's index, not the flattened list's
+    ([{"type": "namespace", "name": "n", "tools": [{"type": "function", "name": "bad name"}]}],
+     "tools[0].tools[0].name"),
+    ([FUNCTION, {"type": "namespace", "name": "n", "tools": [FUNCTION]}], "tools[1].tools[0].name"),  # twice: whose?
+    ([{"type": "namespace", "tools": [FUNCTION]}], "tools[0]"),  # its calls would name no namespace
+])
+def test_namespace_tools_mistakes_are_named_where_the_request_has_them(tools, param):
+    with pytest.raises(InvalidRequestError) as refused:
+        ResponsesRequest.model_validate({"input": "hi", "tools": tools}).chat_request()
+    assert refused.value.param == param

@@ -49,7 +49,7 @@ class MessagesRequest(RequestBody):
         messages = self._messages()
         # As Anthropic: a final assistant turn of text is a prefill, which the answer continues (decided on the turns
         # as converted: one of only thinking is none, and the user's turn must not be left open).
-        prefill = messages[-1]["role"] == "assistant" and not messages[-1].get("tool_calls")
+        prefill = bool(messages) and messages[-1]["role"] == "assistant" and not messages[-1].get("tool_calls")
         chat = {
             "model": self.model, "messages": messages, "max_tokens": self.max_tokens,
             "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "stop": self.stop_sequences,

@@ -32,8 +32,8 @@ async def create_response(body: ResponsesRequest, request: Request, response: Re
     if isinstance(answer, dict):
         choice = answer["choices"][0]
         status = _status(choice["finish_reason"])
-        return {**_response(body, response_id, created, answer["model"], status), "output": _output(choice, status, body.namespaces()),
-                "usage": _usage(answer["usage"])}
+        return {**_response(body, response_id, created, answer["model"], status),
+                "output": _output(choice, status, body.namespaces()), "usage": _usage(answer["usage"])}
     events = _events(answer.chunks, body, response_id, created)
     return EventStream(events, answer.streams, answer.headers,
                        encode=lambda chunks: named_sse(chunks, _error_event, numbered=True))

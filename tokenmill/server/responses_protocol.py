@@ -1,5 +1,6 @@
 """OpenAI's Responses API request body, and its translation to the chat completions request that answers it."""
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
@@ -92,7 +93,7 @@ class ResponsesRequest(RequestBody):
             "temperature": self.temperature, "top_p": self.top_p, "stream": self.stream,
             # The stream's last chunk carries the usage, for the final response.completed event.
             "stream_options": {"include_usage": True} if self.stream else None,
-            "tools": [_tool(f, i) for i, t in enumerate(self.tools or []) for f in _functions(t, i)] or None,
+            "tools": [_tool(f, path) for path, f, _ in _offered(self.tools or [])] or None,
             "tool_choice": _tool_choice(self.tool_choice), "parallel_tool_calls": self.parallel_tool_calls,
             "response_format": _response_format(self.text.format) if self.text and self.text.format else None,
             "structured_outputs": self.structured_outputs,
@@ -114,8 +115,7 @@ class ResponsesRequest(RequestBody):
 
     def namespaces(self) -> dict[str, str]:
         """Each function offered inside a namespace tool, by name, with its namespace's name."""
-        return {f.get("name"): t.get("name") for i, t in enumerate(self.tools or []) if t.get("type") == "namespace"
-                for f in _functions(t, i)}
+        return {f["name"]: namespace for _, f, namespace in _offered(self.tools or []) if namespace is not None}
 
     def _messages(self) -> list[dict[str, Any]]:
         """`instructions` and `input` as chat messages: function calls join the assistant turn before them."""
@@ -177,21 +177,38 @@ def _text(content: Any, param: str) -> str:
     return "\n".join(parts)  # as chat joins its text parts
 
 
-def _functions(tool: dict[str, Any], i: int) -> list[dict[str, Any]]:
-    """A tool, or the function tools a namespace tool groups (Codex sends its sub-agent tools so): the client runs
-    them as it runs any function tool."""
-    if tool.get("type") != "namespace":
-        return [tool]
-    if not isinstance(tool.get("tools"), list) or not all(isinstance(f, dict) for f in tool["tools"]):
-        raise InvalidRequestError(f"tools[{i}].tools must list the namespace's function tools", param=f"tools[{i}]")
-    return tool["tools"]
+def _offered(tools: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any], str | None]]:
+    """Each tool with the request path it came from and its namespace: a namespace tool's functions (Codex sends its
+    sub-agent tools so) are function tools the client runs like any other. 400 for a name given twice, which would
+    leave a call's function, or its namespace, ambiguous."""
+    offered: list[tuple[str, dict[str, Any], str | None]] = []
+    for i, tool in enumerate(tools):
+        if tool.get("type") != "namespace":
+            offered.append((f"tools[{i}]", tool, None))
+            continue
+        inner = tool.get("tools")
+        if not isinstance(tool.get("name"), str) or not isinstance(inner, list) or \
+                not all(isinstance(f, dict) for f in inner):
+            raise InvalidRequestError(f"tools[{i}] needs a name and the list of the namespace's function tools",
+                                      param=f"tools[{i}]")
+        offered += [(f"tools[{i}].tools[{j}]", f, tool["name"]) for j, f in enumerate(inner)]
+    seen: set[str] = set()
+    for path, tool, _ in offered:
+        if tool.get("name") in seen:
+            raise InvalidRequestError(f"{path}.name: a function named {tool['name']!r} is offered twice",
+                                      param=f"{path}.name")
+        if isinstance(tool.get("name"), str):
+            seen.add(tool["name"])
+    return offered
 
 
-def _tool(tool: dict[str, Any], i: int) -> dict[str, Any]:
+def _tool(tool: dict[str, Any], path: str) -> dict[str, Any]:
     """A Responses function tool (flat) as chat's (nested under `function`)."""
     if tool.get("type") != "function":
-        raise InvalidRequestError(f"tools[{i}] is of type {tool.get('type')!r}; this server runs no hosted tools, "
-                                  "only function tools that the client calls", param=f"tools[{i}].type")
+        raise InvalidRequestError(f"{path} is of type {tool.get('type')!r}; this server runs no hosted tools, only "
+                                  "function tools that the client calls", param=f"{path}.type")
+    if not isinstance(tool.get("name"), str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", tool["name"]):
+        raise InvalidRequestError(f"{path}.name must be 1 to 64 letters, digits, _ or -", param=f"{path}.name")
     return {"type": "function", "function": {k: tool[k] for k in ("name", "description", "parameters", "strict")
                                              if tool.get(k) is not None}}
 
