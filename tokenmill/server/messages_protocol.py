@@ -3,11 +3,10 @@
 import json
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from tokenmill.errors import InvalidRequestError
-from tokenmill.server.protocol import ChatCompletionRequest, RequestBody
-from tokenmill.server.responses_protocol import chat_field
+from tokenmill.server.protocol import ChatCompletionRequest, RequestBody, required_string, translated_chat
 
 # Anthropic's tool_choice types as chat's.
 _TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}
@@ -28,7 +27,7 @@ class MessagesRequest(RequestBody):
     top_k: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: dict[str, Any] | None = None
-    # {"type": "enabled" | "disabled"}: given to the chat template as Qwen3's enable_thinking.
+    # {"type": "enabled" | "adaptive" | "disabled"}: given to the chat template as Qwen3's enable_thinking.
     thinking: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
     mcp_servers: list[Any] | None = None
@@ -64,12 +63,7 @@ class MessagesRequest(RequestBody):
             "chat_template_kwargs": {"enable_thinking": thinking != "disabled"} if thinking else None,
             "structured_outputs": self.structured_outputs,
         }
-        try:
-            return ChatCompletionRequest.model_validate(chat)
-        except ValidationError as exc:  # what chat's schema checks in what passed through: a tool's name, say
-            error = exc.errors()[0]
-            where = chat_field(error["loc"], {})
-            raise InvalidRequestError(f"{where}: {error['msg']}", param=where) from exc
+        return translated_chat(chat, {})
 
     def _messages(self) -> list[dict[str, Any]]:
         """`system` and the turns as chat messages: tool_use blocks become the turn's tool calls, tool_result
@@ -94,13 +88,13 @@ class MessagesRequest(RequestBody):
                 where = f"{param}.content[{j}]"
                 kind = block.get("type") if isinstance(block, dict) else None
                 if kind == "text":
-                    texts.append(_string(block, "text", where))
+                    texts.append(required_string(block, "text", where))
                 elif kind == "tool_use" and role == "assistant":
-                    calls.append({"id": _string(block, "id", where), "type": "function",
-                                  "function": {"name": _string(block, "name", where),
+                    calls.append({"id": required_string(block, "id", where), "type": "function",
+                                  "function": {"name": required_string(block, "name", where),
                                                "arguments": json.dumps(block.get("input", {}))}})
                 elif kind == "tool_result" and role == "user":
-                    messages.append({"role": "tool", "tool_call_id": _string(block, "tool_use_id", where),
+                    messages.append({"role": "tool", "tool_call_id": required_string(block, "tool_use_id", where),
                                      "content": _text(block.get("content", ""), f"{where}.content")})
                 elif kind not in ("thinking", "redacted_thinking") or role != "assistant":
                     raise InvalidRequestError(f"{where} is a block of type {kind!r}, which this server does not "
@@ -125,12 +119,6 @@ def _without_billing(system: str | list[dict[str, Any]]) -> str | list[dict[str,
     if isinstance(system, str):
         return system
     return [b for b in system if not (isinstance(b, dict) and str(b.get("text", "")).startswith(_BILLING))]
-
-
-def _string(block: dict[str, Any], key: str, where: str) -> str:
-    if not isinstance(block.get(key), str):
-        raise InvalidRequestError(f"{where}.{key} must be a string", param=f"{where}.{key}")
-    return block[key]
 
 
 def _text(content: Any, param: str) -> str:

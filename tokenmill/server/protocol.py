@@ -6,7 +6,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tokenmill.errors import InvalidRequestError
 from tokenmill.sampling import SamplingParams
@@ -560,3 +560,33 @@ class ChatCompletionRequest(_GenerationRequest):
                 message["tool_call_id"] = m.tool_call_id
             messages.append(message)
         return messages
+
+
+def translated_chat(fields: dict[str, Any], names: Mapping[str, str]) -> ChatCompletionRequest:
+    """The chat request another API's request (Responses, Anthropic's Messages) translates to; an error chat's schema
+    finds in what passed through (a tool's name, say) names that API's field (`names`: chat's name to its own)."""
+    try:
+        return ChatCompletionRequest.model_validate(fields)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = _their_field(error["loc"], names)
+        raise InvalidRequestError(f"{where}: {error['msg']}", param=where) from exc
+
+
+def _their_field(loc: tuple, names: Mapping[str, str]) -> str:
+    """A chat field's error location as the other API's field: ("tools", 0, "function", "name") is tools[0].name;
+    anything in messages is the conversation's whole (a system prompt or instructions shift the indices)."""
+    if loc[0] == "messages":
+        return names.get("messages", "messages")
+    where = names.get(loc[0], str(loc[0]))
+    for part in loc[1:]:
+        if part != "function":  # chat nests a tool's fields under it; the other APIs do not
+            where += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return where
+
+
+def required_string(item: dict[str, Any], key: str, where: str) -> str:
+    """item[key], which must be a string; 400 naming where.key."""
+    if not isinstance(item.get(key), str):
+        raise InvalidRequestError(f"{where}.{key} must be a string", param=f"{where}.{key}")
+    return item[key]

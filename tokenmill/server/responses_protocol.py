@@ -3,10 +3,10 @@
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from tokenmill.errors import InvalidRequestError
-from tokenmill.server.protocol import ChatCompletionRequest, RequestBody
+from tokenmill.server.protocol import ChatCompletionRequest, RequestBody, required_string, translated_chat
 
 # Include values that ask for output this server shows: a token's logprobs. The others name output of hosted tools
 # or reasoning items, which no answer here has, so asking for them changes nothing (Codex asks for
@@ -106,12 +106,7 @@ class ResponsesRequest(RequestBody):
             # As vLLM: the chat template decides what it means.
             "reasoning_effort": (self.reasoning or {}).get("effort"),
         }
-        try:
-            return ChatCompletionRequest.model_validate(chat)
-        except ValidationError as exc:  # what chat's schema checks in what passed through: a tool's name, say
-            error = exc.errors()[0]
-            where = chat_field(error["loc"], PARAMS)
-            raise InvalidRequestError(f"{where}: {error['msg']}", param=where) from exc
+        return translated_chat(chat, PARAMS)
 
     def namespaces(self) -> dict[str, str]:
         """Each function offered inside a namespace tool, by name, with its namespace's name."""
@@ -133,15 +128,15 @@ class ResponsesRequest(RequestBody):
                                               param=param)
                 messages.append({"role": item["role"], "content": _text(item.get("content"), f"{param}.content")})
             elif kind == "function_call":
-                call = {"id": _string(item, "call_id", param), "type": "function",
-                        "function": {"name": _string(item, "name", param),
-                                     "arguments": _string(item, "arguments", param)}}
+                call = {"id": required_string(item, "call_id", param), "type": "function",
+                        "function": {"name": required_string(item, "name", param),
+                                     "arguments": required_string(item, "arguments", param)}}
                 if messages and messages[-1]["role"] == "assistant":
                     messages[-1].setdefault("tool_calls", []).append(call)
                 else:
                     messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
             elif kind == "function_call_output":
-                messages.append({"role": "tool", "tool_call_id": _string(item, "call_id", param),
+                messages.append({"role": "tool", "tool_call_id": required_string(item, "call_id", param),
                                  "content": _text(item.get("output"), f"{param}.output")})
             elif kind == "reasoning":
                 continue  # another server's, in a conversation carried over: as vLLM, not part of the prompt
@@ -152,13 +147,6 @@ class ResponsesRequest(RequestBody):
         if not messages:
             raise InvalidRequestError("input holds no message", param="input")
         return messages
-
-
-def _string(item: dict[str, Any], key: str, param: str) -> str:
-    value = item.get(key)
-    if not isinstance(value, str):
-        raise InvalidRequestError(f"{param}.{key} must be a string", param=f"{param}.{key}")
-    return value
 
 
 def _text(content: Any, param: str) -> str:
@@ -230,16 +218,3 @@ def _response_format(format: TextFormat) -> dict[str, Any]:
     if format.schema_ is None:  # required there, as OpenAI's; chat takes a json_schema without one as any object
         raise InvalidRequestError("text.format of type json_schema needs a schema", param="text.format.schema")
     return {"type": "json_schema", "json_schema": format.model_dump(by_alias=True, exclude={"type"})}
-
-
-def chat_field(loc: tuple, names: dict[str, str]) -> str:
-    """A chat field's error location as the field of another API it came from (`names`: chat's name to that API's):
-    ("tools", 0, "function", "name") is tools[0].name; anything in messages is the conversation's whole (a system
-    prompt or instructions shift the indices)."""
-    if loc[0] == "messages":
-        return names.get("messages", "messages")
-    where = names.get(loc[0], str(loc[0]))
-    for part in loc[1:]:
-        if part != "function":  # chat nests a tool's fields under it; the Responses API does not
-            where += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return where
