@@ -44,3 +44,25 @@ def test_a_chat_with_tools_counts_as_its_tool_choice_renders_it_and_auto_names_t
     # One model served: auto is that model, as chat takes it.
     auto = httpx.post(f"{server.url}/tokenize", json={"model": "auto", "prompt": "hi"})
     assert auto.status_code == 200 and auto.json()["count"] >= 1
+
+
+def test_llama_cpps_field_names_and_defaults(server):
+    # llama.cpp's /tokenize takes `content`, adds no BOS unless add_special, and gives pieces on request; its
+    # /detokenize answers `content`. `content` was dropped as unknown: a 400 "give either prompt or messages".
+    url = server.url
+    bare = httpx.post(f"{url}/tokenize", json={"content": "Hello world"})
+    assert bare.status_code == 200, bare.text
+    assert bare.json()["tokens"] == httpx.post(f"{url}/tokenize", json={"prompt": "Hello world",
+                                                                        "add_special_tokens": False}).json()["tokens"]
+    pieces = httpx.post(f"{url}/tokenize", json={"content": "Hello world", "with_pieces": True}).json()["tokens"]
+    assert pieces == [{"id": i, "piece": p} for i, p in zip(bare.json()["tokens"], ["Hello", " world"])]
+    # A token that is part of a UTF-8 character comes as its bytes.
+    emoji = httpx.post(f"{url}/tokenize", json={"content": "\U0001f9ea", "with_pieces": True}).json()["tokens"]
+    assert all(isinstance(t["piece"], list) for t in emoji) and sum(len(t["piece"]) for t in emoji) == 4
+    text = httpx.post(f"{url}/detokenize", json={"tokens": bare.json()["tokens"]}).json()
+    assert text["content"] == text["prompt"] == "Hello world"
+
+
+def test_return_token_strs_gives_the_vocabularys_strings(server):
+    body = httpx.post(f"{server.url}/tokenize", json={"prompt": "Hello world", "return_token_strs": True}).json()
+    assert body["token_strs"] == ["Hello", "Ġworld"]  # as vLLM's convert_ids_to_tokens spells them

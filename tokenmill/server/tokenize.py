@@ -1,6 +1,8 @@
-"""POST /tokenize and /detokenize, as vLLM serves them: a prompt or a chat as a model's token ids, and back."""
+"""POST /tokenize and /detokenize, as vLLM serves them (llama.cpp's field names taken too): a prompt or a chat as a
+model's token ids, and back."""
 
 import asyncio
+from collections.abc import Callable
 from typing import Any, Literal
 
 from fastapi import Request
@@ -19,6 +21,10 @@ class TokenizeRequest(RequestBody):
 
     model: str | None = None
     prompt: str | None = None
+    content: str | None = None  # llama.cpp's name for the prompt; its special tokens are off unless add_special
+    add_special: bool | None = None
+    with_pieces: bool | None = None  # llama.cpp's: each token as {"id", "piece"}
+    return_token_strs: bool | None = None  # vLLM's: the vocabulary's strings beside the ids
     # Typed as chat's fields are: the body is checked here, where a mistake is the request's 400.
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     # A prompt's BOS where the model wants one (the default, as vLLM); a chat's template writes its own.
@@ -39,10 +45,20 @@ class DetokenizeRequest(RequestBody):
     tokens: list[int]
 
 
+_NOT_CHAT = {"prompt", "content", "add_special", "add_special_tokens", "with_pieces", "return_token_strs"}
+
+
 async def tokenize(body: TokenizeRequest, request: Request) -> dict:
     """The token ids a prompt or a chat is to the model, their count, and the model's context."""
-    if (body.prompt is None) == (body.messages is None):
-        raise APIError(400, "give either prompt or messages", param="prompt")
+    if [body.prompt, body.content, body.messages].count(None) != 2:
+        raise APIError(400, "give one of prompt, content (llama.cpp's name for it) or messages", param="prompt")
+    if body.add_special is not None and body.add_special_tokens is not None:
+        raise APIError(400, "give add_special_tokens or add_special (llama.cpp's name for it), not both",
+                       param="add_special")
+    if body.content is not None:  # llama.cpp's defaults: no BOS unless asked
+        body = body.model_copy(update={"prompt": body.content, "add_special_tokens": bool(body.add_special)})
+    elif body.add_special is not None:
+        body = body.model_copy(update={"add_special_tokens": body.add_special})
     if (served := _embedding_model(request, body.model)) is not None:  # its inputs' tokens, as vLLM counts them
         name, embedding = served
         if body.prompt is None:
@@ -50,8 +66,8 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
                            param="messages")
         encoding = await asyncio.to_thread(embedding.tokenizer.encode, body.prompt,
                                            add_special_tokens=body.add_special_tokens is not False)
-        return {"count": len(encoding.ids), "max_model_len": embedding.max_input_tokens, "tokens": encoding.ids,
-                "token_strs": None}
+        return _tokens(body, encoding.ids, embedding.max_input_tokens, encoding.tokens,
+                       lambda i: embedding.tokenizer.decode([i], skip_special_tokens=False).encode())
     model = _model(request, body.model)
     if body.prompt is not None:
         special = body.add_special_tokens is not False
@@ -60,10 +76,26 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
         raise APIError(400, "add_special_tokens applies to a prompt; a chat's template writes its special tokens",
                        param="add_special_tokens")
     else:
-        chat = ChatCompletionRequest.model_validate(body.model_dump(exclude={"prompt", "add_special_tokens"},
-                                                                    exclude_none=True))
+        chat = ChatCompletionRequest.model_validate(body.model_dump(exclude=_NOT_CHAT, exclude_none=True))
         ids = await asyncio.to_thread(chat.prompt_token_ids, model.tokenizer)
-    return {"count": len(ids), "max_model_len": model.max_model_len, "tokens": ids, "token_strs": None}
+    backend = model.tokenizer.backend
+    return _tokens(body, ids, model.max_model_len, [backend.id_to_token(i) for i in ids], model.tokenizer.token_bytes)
+
+
+def _tokens(body: TokenizeRequest, ids: list[int], max_model_len: int, strs: list[str],
+            token_bytes: Callable[[int], bytes]) -> dict:
+    """The answer: vLLM's fields, the tokens as llama.cpp's {"id", "piece"} when with_pieces asks for them."""
+    tokens: list = [{"id": i, "piece": _piece(token_bytes(i))} for i in ids] if body.with_pieces else ids
+    return {"count": len(ids), "max_model_len": max_model_len, "tokens": tokens,
+            "token_strs": strs if body.return_token_strs else None}
+
+
+def _piece(raw: bytes) -> str | list[int]:
+    """A token's text, or its bytes where they are not whole UTF-8 characters (as llama.cpp gives them)."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return list(raw)
 
 
 async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
@@ -76,7 +108,8 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
         tokenizer, vocab, name = model.tokenizer, model.tokenizer.vocab_size, model.name
     if any(not 0 <= t < vocab for t in body.tokens):
         raise APIError(400, f"tokens must be in [0, {vocab}) for {name!r}", param="tokens")
-    return {"prompt": await asyncio.to_thread(tokenizer.decode, body.tokens, skip_special_tokens=False)}
+    text = await asyncio.to_thread(tokenizer.decode, body.tokens, skip_special_tokens=False)
+    return {"prompt": text, "content": text}  # vLLM's name and llama.cpp's
 
 
 def _embedding_model(request: Request, name: str | None) -> tuple[str, EmbeddingModel] | None:
