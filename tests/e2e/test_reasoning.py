@@ -35,6 +35,16 @@ def test_a_stream_carries_it_apart_in_deltas_that_add_up(client):
 
 
 @pytest.mark.parametrize("stream", [False, True])
+def test_include_reasoning_false_leaves_the_thinking_out_as_vllm(client, stream):
+    # It was ignored: the thinking came back all the same.
+    answer = client.chat.completions.create(model="smollm2-135m", messages=MESSAGES, max_tokens=40, temperature=0,
+                                            stream=stream, extra_body={**FORCED, "include_reasoning": False})
+    deltas = [c.choices[0].delta for c in answer if c.choices] if stream else [answer.choices[0].message]
+    assert "".join(d.content or "" for d in deltas) == "Hello!"
+    assert not any((d.model_extra or {}).get("reasoning_content") for d in deltas)
+
+
+@pytest.mark.parametrize("stream", [False, True])
 def test_the_responses_api_answers_a_reasoning_item_then_the_message(client, stream):
     request = {"model": "smollm2-135m", "input": "Hi", "max_output_tokens": 40, "temperature": 0, "extra_body": FORCED}
     if stream:

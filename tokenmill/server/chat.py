@@ -55,7 +55,7 @@ async def answer_chat(body: ChatCompletionRequest, request: Request, response: R
         reasoning_parser = "qwen3"
     if body.stream:
         chunks = _chunks(body, params.n, streams[0], tokenizer, response_id, created, model.name,
-                         len(routed.prompts[0]), reasoning_parser)
+                         routed.prompts[0], reasoning_parser)
         return ChunkStream(chunks, streams, routed.headers())
     (output,), usage_block = await routed.finish(state, request, streams, response_id)
     model, tokenizer = routed.model, routed.model.tokenizer  # cascade may have moved it to a stronger model
@@ -79,12 +79,15 @@ async def answer_chat(body: ChatCompletionRequest, request: Request, response: R
                 # As OpenAI and vLLM: a named function's call finishes with "stop", the model's own choice with
                 # "tool_calls".
                 finish_reason = "tool_calls" if finish_reason == "stop" and mode != "named" else finish_reason
+        if body.include_reasoning is False:
+            message.pop("reasoning_content", None)
         choices.append({
             "index": sample.index,
             "message": message,
             "logprobs": None if sample.logprobs is None else chat_logprobs(sample.token_ids, sample.logprobs, tokenizer),
             "finish_reason": finish_reason,
             "stop_reason": sample.stop_reason,
+            **({"token_ids": sample.token_ids} if body.return_token_ids else {}),
         })
     response.headers[COST_HEADER] = repr(usage_block["cost"])
     if (status := deadline_status([output])) is not None:  # a late answer says so: "missed"
@@ -93,22 +96,24 @@ async def answer_chat(body: ChatCompletionRequest, request: Request, response: R
     return {
         "id": response_id, "object": "chat.completion", "created": created, "model": model.name,
         "choices": choices, "usage": usage_block,
+        **({"prompt_token_ids": output.prompt_token_ids} if body.return_token_ids else {}),
     }
 
 
 async def _chunks(body: ChatCompletionRequest, n: int, stream: RequestStream, tokenizer: Tokenizer,
-                  response_id: str, created: int, model: str, prompt_tokens: int,
+                  response_id: str, created: int, model: str, prompt: list[int],
                   reasoning_parser: str | None) -> AsyncIterator[dict]:
     head = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model}
     if body.include_usage:  # OpenAI: then every chunk has a usage field, null but in the last
         head["usage"] = None
     # As OpenAI: each choice opens with a chunk that only names the role; before any output, its usage (when asked
     # for on every chunk) counts the prompt alone, as vLLM's.
-    before = {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens}
+    before = {"prompt_tokens": len(prompt), "completion_tokens": 0, "total_tokens": len(prompt)}
     yield {**head, "choices": [
         {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
         for i in range(n)
-    ], **({"usage": before} if body.continuous_usage else {})}
+    ], **({"usage": before} if body.continuous_usage else {}),
+        **({"prompt_token_ids": prompt} if body.return_token_ids else {})}
     counted = Usage()
 
     def chunk(choices: list[dict]) -> dict:
@@ -131,7 +136,8 @@ async def _chunks(body: ChatCompletionRequest, n: int, stream: RequestStream, to
                     parts = [thinking[sample.index].feed(sample.text)]
                     if sample.finish_reason is not None:
                         parts.append(thinking[sample.index].finish())
-                    reasoning[sample.index] = "".join(r for r, _ in parts)
+                    shown = body.include_reasoning is not False
+                    reasoning[sample.index] = "".join(r for r, _ in parts) if shown else ""
                     sample = replace(sample, text="".join(c for _, c in parts))
                 samples.append(sample)
             if parsers:
@@ -140,7 +146,8 @@ async def _chunks(body: ChatCompletionRequest, n: int, stream: RequestStream, to
                         yield chunk([{"index": sample.index, "delta": {"reasoning_content": reasoning[sample.index]},
                                       "logprobs": None, "finish_reason": None}])
                     for choice in _tool_choices(sample, parsers[sample.index], tokenizer,
-                                                body.parallel_tool_calls is False, body.tool_mode == "named"):
+                                                body.parallel_tool_calls is False, body.tool_mode == "named",
+                                                body.return_token_ids):
                         yield chunk([choice])
                 continue
             choices = [
@@ -152,6 +159,7 @@ async def _chunks(body: ChatCompletionRequest, n: int, stream: RequestStream, to
                                                                                    tokenizer),
                     "finish_reason": sample.finish_reason,
                     "stop_reason": sample.stop_reason,
+                    **({"token_ids": sample.token_ids} if body.return_token_ids else {}),
                 }
                 for sample in samples
             ]
@@ -163,7 +171,7 @@ async def _chunks(body: ChatCompletionRequest, n: int, stream: RequestStream, to
 
 
 def _tool_choices(sample: CompletionOutput, parser: ToolCallStream, tokenizer: Tokenizer, single: bool,
-                  named: bool) -> list[dict]:
+                  named: bool, token_ids: bool) -> list[dict]:
     """One choice delta per parsed event: content, or a call (its id, type and name, then its arguments, as OpenAI);
     with single (parallel_tool_calls false), the first call alone, as vLLM; named: tool_choice named the function."""
     events = parser.feed(sample.text) + (parser.finish() if sample.finish_reason is not None else [])
@@ -181,13 +189,14 @@ def _tool_choices(sample: CompletionOutput, parser: ToolCallStream, tokenizer: T
     finish_reason = sample.finish_reason
     if finish_reason == "stop" and parser.num_calls and not named:
         finish_reason = "tool_calls"
-    if not deltas and (finish_reason is not None or sample.logprobs):
+    if not deltas and (finish_reason is not None or sample.logprobs or token_ids and sample.token_ids):
         deltas.append({})
     logprobs = None if sample.logprobs is None else chat_logprobs(sample.token_ids, sample.logprobs, tokenizer)
     return [
         {"index": sample.index, "delta": delta, "logprobs": logprobs if i == 0 else None,
          "finish_reason": finish_reason if i == len(deltas) - 1 else None,
-         "stop_reason": sample.stop_reason if i == len(deltas) - 1 else None}
+         "stop_reason": sample.stop_reason if i == len(deltas) - 1 else None,
+         **({"token_ids": sample.token_ids if i == 0 else []} if token_ids else {})}
         for i, delta in enumerate(deltas)
     ]
 

@@ -52,7 +52,7 @@ async def create_completion(body: CompletionRequest, request: Request,
         usage_block |= {"completion_tokens": 0, "total_tokens": usage_block["prompt_tokens"]}
     model = routed.model  # cascade may have moved it to a stronger model
     choices = [
-        _choice(body, output, sample, model.tokenizer, i * params.n + sample.index)
+        _choice(body, output, sample, model.tokenizer, i * params.n + sample.index, i)
         for i, output in enumerate(outputs)
         for sample in output.outputs
     ]
@@ -69,21 +69,26 @@ async def create_completion(body: CompletionRequest, request: Request,
 def _prompt_token_ids(body: CompletionRequest, model: ServedModel, max_tokens: int | None) -> list[list[int]]:
     """Each prompt's token ids for model (its last truncate_prompt_tokens of them, when set)."""
     prompt, tokenizer = body.prompt, model.tokenizer
+    special = body.add_special_tokens is not False
     if isinstance(prompt, str):
-        prompts = [tokenizer.encode(prompt)]
+        prompts = [tokenizer.encode(prompt, special)]
     elif not prompt:
         raise InvalidRequestError("prompt is an empty list; give a string, strings, or token ids", param="prompt")
     elif isinstance(prompt[0], int):
         prompts = [list(prompt)]
     else:
-        prompts = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+        prompts = [tokenizer.encode(p, special) if isinstance(p, str) else list(p) for p in prompt]
     return [body.truncated(ids, model.max_model_len, max_tokens) for ids in prompts]
 
 
-def _echo(body: CompletionRequest, output: RequestOutput, tokenizer: Tokenizer) -> str:
+def _echo(body: CompletionRequest, output: RequestOutput, tokenizer: Tokenizer, i: int) -> str:
+    """Prompt i as sent, as OpenAI echoes it; token ids (or a truncated prompt) read back, special tokens kept."""
     if not body.echo:
         return ""
-    return output.prompt if output.prompt is not None else tokenizer.decode(output.prompt_token_ids)
+    sent = body.prompt if isinstance(body.prompt, str) else body.prompt[i]
+    if isinstance(sent, str) and body.truncate_prompt_tokens is None:
+        return sent
+    return tokenizer.decode(output.prompt_token_ids, skip_special_tokens=False)
 
 
 def _prompt_only(output: RequestOutput) -> RequestOutput:
@@ -101,8 +106,8 @@ def _echo_logprobs(output: RequestOutput) -> tuple[list[int], list[TokenLogprob 
 
 
 def _choice(body: CompletionRequest, output: RequestOutput, sample: CompletionOutput, tokenizer: Tokenizer,
-            index: int) -> dict:
-    echo = _echo(body, output, tokenizer)
+            index: int, i: int) -> dict:
+    echo = _echo(body, output, tokenizer, i)
     logprobs = None
     if sample.logprobs is not None:
         token_ids, token_logprobs = list(sample.token_ids), list(sample.logprobs)
@@ -111,7 +116,14 @@ def _choice(body: CompletionRequest, output: RequestOutput, sample: CompletionOu
             token_ids, token_logprobs = prompt_ids + token_ids, prompt_logprobs + token_logprobs
         logprobs = completion_logprobs(token_ids, token_logprobs, tokenizer, 0)
     return {"index": index, "text": echo + sample.text, "logprobs": logprobs, "finish_reason": sample.finish_reason,
-            "stop_reason": sample.stop_reason}
+            "stop_reason": sample.stop_reason, **_token_ids(body, output, sample, True)}
+
+
+def _token_ids(body: CompletionRequest, output: RequestOutput, sample: CompletionOutput, first: bool) -> dict:
+    """vLLM's return_token_ids: the choice's prompt ids (in its first chunk) and its output's."""
+    if not body.return_token_ids:
+        return {}
+    return {"prompt_token_ids": output.prompt_token_ids if first else None, "token_ids": sample.token_ids}
 
 
 async def _chunks(body: CompletionRequest, n: int, streams: list[RequestStream], tokenizer: Tokenizer,
@@ -135,9 +147,10 @@ async def _chunks(body: CompletionRequest, n: int, streams: list[RequestStream],
             for sample in output.outputs:
                 index = i * n + sample.index
                 text, token_ids, token_logprobs = sample.text, sample.token_ids, sample.logprobs or []
+                ids = _token_ids(body, output, sample, index not in offsets)
                 if index not in offsets:  # a choice's first chunk leads with the echoed prompt
                     offsets[index] = 0
-                    text = _echo(body, output, tokenizer) + text
+                    text = _echo(body, output, tokenizer, i) + text
                     if body.echo and sample.logprobs is not None:
                         prompt_ids, prompt_logprobs = _echo_logprobs(first)
                         token_ids, token_logprobs = prompt_ids + token_ids, prompt_logprobs + token_logprobs
@@ -146,7 +159,7 @@ async def _chunks(body: CompletionRequest, n: int, streams: list[RequestStream],
                     logprobs = completion_logprobs(token_ids, token_logprobs, tokenizer, offsets[index])
                     offsets[index] += sum(len(t) for t in logprobs["tokens"])
                 choices.append({"index": index, "text": text, "logprobs": logprobs,
-                                "finish_reason": sample.finish_reason, "stop_reason": sample.stop_reason})
+                                "finish_reason": sample.finish_reason, "stop_reason": sample.stop_reason, **ids})
             # The usage so far on each chunk, when asked: a client can meter tokens and cost as they come.
             yield {**head, "choices": choices, **({"usage": counted.block()} if body.continuous_usage else {})}
     if (status := deadline_status(finals)) is not None:  # the headers went out first: a late stream says so here

@@ -30,6 +30,11 @@ _REFUSED: dict[str, tuple[Any, str]] = {
     "bad_words": ([], "logit_bias -100 bans a token"),
     "logits_processors": ([], "logit_bias and the sampling fields shape the output"),
     "return_tokens_as_token_ids": (False, "tokenize the returned text, or read logprobs' bytes"),
+    "truncation_side": ("left", "truncate_prompt_tokens keeps the prompt's last tokens"),
+    "logprob_token_ids": (None, "logprobs gives the most likely tokens' log-probabilities"),
+    "thinking_token_budget": (None, "max_tokens caps the whole answer, thinking included"),
+    "repetition_detection": (None, "repetition_penalty discourages repeats"),
+    "guided_whitespace_pattern": (None, "a JSON schema's output takes JSON's whitespace"),
 }
 # Chat's own: OpenAI's deprecated function calling, vLLM's per-request template and chat echo, audio output.
 _CHAT_REFUSED = {
@@ -39,6 +44,7 @@ _CHAT_REFUSED = {
     "chat_template": (None, "the model's own template renders every chat; chat_template_kwargs sets its variables"),
     "echo": (False, "the conversation sent is the prompt"),
     "modalities": (["text"], "this server answers with text"),
+    "add_special_tokens": (False, "the chat template writes the model's special tokens"),
 }
 
 # Python's ints are unbounded, but every integer a request carries ends in an int64 tensor or a C++ library.
@@ -56,7 +62,9 @@ class StreamOptions(BaseModel):
     """`stream_options`: whether the stream ends with a usage-only chunk, and (vLLM's) whether each chunk carries the
     usage so far."""
 
-    include_usage: bool = False
+    # Unset, it follows continuous_usage_stats: asking for the running usage implies it, as vLLM (whose default
+    # is true) reads it; `{}` alone keeps OpenAI's default, no usage.
+    include_usage: bool | None = None
     continuous_usage_stats: bool = False
 
 
@@ -117,9 +125,17 @@ class StructuredOutputs(BaseModel):
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
+    # vLLM's options for how a JSON schema compiles; ignored, they would change the output silently.
+    disable_any_whitespace: bool | None = None
+    disable_additional_properties: bool | None = None
+    whitespace_pattern: str | None = None
 
     def constraint(self) -> StructuredOutput:
         """The constraint (compiled when first used); 400 if it names none or several."""
+        for option in ("disable_any_whitespace", "disable_additional_properties", "whitespace_pattern"):
+            if getattr(self, option):
+                raise InvalidRequestError(f"structured_outputs.{option} is not supported: schemas compile as "
+                                          "written, with JSON's whitespace", param=f"structured_outputs.{option}")
         return StructuredOutput(json=_schema(self.json_, "structured_outputs"), json_object=bool(self.json_object),
                                 regex=self.regex, choice=self.choice, grammar=self.grammar, param="structured_outputs")
 
@@ -220,6 +236,13 @@ class _GenerationRequest(RequestBody):
     bad_words: Any = None
     logits_processors: Any = None
     return_tokens_as_token_ids: bool | None = None
+    truncation_side: str | None = None
+    logprob_token_ids: Any = None
+    thinking_token_budget: Any = None
+    repetition_detection: Any = None
+    guided_whitespace_pattern: Any = None
+    # vLLM's: the prompt's and each choice's token ids beside the text.
+    return_token_ids: bool | None = None
     # vLLM's: keep only the prompt's last this many tokens (a chat's as rendered), so a long history still fits.
     truncate_prompt_tokens: int | None = None
     tools: list[dict[str, Any]] | None = None
@@ -243,7 +266,8 @@ class _GenerationRequest(RequestBody):
     @property
     def include_usage(self) -> bool:
         """True when a streamed response should end with a usage chunk."""
-        return self.stream_options is not None and self.stream_options.include_usage
+        options = self.stream_options
+        return options is not None and _or(options.include_usage, options.continuous_usage_stats)
 
     @property
     def continuous_usage(self) -> bool:
@@ -348,6 +372,7 @@ class CompletionRequest(_GenerationRequest):
     echo: bool | None = None  # nullable in OpenAI's API: None is False
     logprobs: int | None = None
     suffix: str | None = None
+    add_special_tokens: bool | None = None  # vLLM's: a prompt's BOS where the model wants one, unless false
 
     def sampling_params(self, defaults: Mapping[str, float] | None = None) -> SamplingParams:
         """Validated sampling settings for every prompt of this request (the model's `defaults` where unset)."""
@@ -470,12 +495,15 @@ class ChatCompletionRequest(_GenerationRequest):
     # in (retrieval-augmented chats: Command R's, Granite's), and OpenAI's reasoning_effort (gpt-oss's reads it).
     documents: list[dict[str, Any]] | None = None
     reasoning_effort: str | None = None
+    # vLLM's: false leaves a --reasoning-parser's thinking out of the answer.
+    include_reasoning: bool | None = None
     _refused: ClassVar[dict[str, tuple[Any, str]]] = _CHAT_REFUSED
     functions: Any = None
     function_call: Any = None
     chat_template: Any = None
     echo: bool | None = None
     modalities: Any = None
+    add_special_tokens: bool | None = None
 
     def sampling_params(self, defaults: Mapping[str, float] | None = None) -> SamplingParams:
         """Validated sampling settings (the model's `defaults` where unset); max_completion_tokens wins over the older
