@@ -34,6 +34,8 @@ def test_an_answer_is_chats_answer_with_instructions_as_the_system_message(clien
     assert result.usage.total_tokens == usage.total_tokens
     assert result.usage.model_extra["cost"] > 0  # tokenmill's cost, kept beside OpenAI's fields
     assert result.store is False and result.id.startswith("resp_")
+    raw = httpx.post(f"{client.base_url}responses", json={"model": MODEL, "input": "Hi", "max_output_tokens": 1})
+    assert isinstance(raw.json()["created_at"], int)  # whole seconds, as OpenAI's; it was a float
 
 
 def test_an_answer_cut_by_max_output_tokens_is_incomplete(client):

@@ -76,8 +76,8 @@ def test_return_token_ids_gives_the_ids_beside_the_text(client, server):
     ("completions", {"logprob_token_ids": [28], "logprobs": 1}, "logprob_token_ids"),
     ("chat", {"thinking_token_budget": 10}, "thinking_token_budget"),
     ("chat", {"add_special_tokens": True}, "add_special_tokens"),
-    ("chat", {"structured_outputs": {"json_object": True, "disable_any_whitespace": True}},
-     "structured_outputs.disable_any_whitespace"),
+    ("chat", {"structured_outputs": {"json_object": True, "whitespace_pattern": " *"}},
+     "structured_outputs.whitespace_pattern"),
 ])
 def test_fields_that_would_change_the_answer_are_refused_not_ignored(client, path, extra, param):
     with pytest.raises(BadRequestError) as refused:

@@ -94,3 +94,13 @@ def test_namespace_tools_mistakes_are_named_where_the_request_has_them(tools, pa
     with pytest.raises(InvalidRequestError) as refused:
         ResponsesRequest.model_validate({"input": "hi", "tools": tools}).chat_request()
     assert refused.value.param == param
+
+
+def test_a_named_tool_choice_with_a_text_format_is_the_forced_call_as_instructor_sends_it():
+    # instructor's RESPONSES_TOOLS mode: it was a 400 naming text.format.
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    request = ResponsesRequest.model_validate({
+        "input": "John is 25", "tools": [{"type": "function", "name": "User", "parameters": schema}],
+        "tool_choice": {"type": "function", "name": "User"},
+        "text": {"format": {"type": "json_schema", "name": "User", "schema": schema, "strict": True}}})
+    assert request.chat_request().sampling_params().structured_output.param == "tools"

@@ -79,6 +79,17 @@ def test_a_forced_call_takes_no_arguments_beyond_those_its_parameters_name(smoll
     assert not all(state.advance(t) for t in smollm2_source.tokenizer.encode(text, add_special_tokens=False))
 
 
+@pytest.mark.parametrize("schema, closed", [
+    (WEATHER["function"]["parameters"], True),
+    ({"type": "object", "properties": {"city": {"type": "string"}}, "additionalProperties": True}, False),
+])
+def test_a_response_formats_objects_take_only_the_keys_they_name(smollm2_source, schema, closed):
+    # As a forced call's arguments: SmolLM2 wrote "country", "zip", "state", then "country" again until max_tokens.
+    state = GrammarState(StructuredOutput(json=schema), smollm2_source.tokenizer)
+    text = '{"city": "P", "zz'
+    assert all(state.advance(t) for t in smollm2_source.tokenizer.encode(text, add_special_tokens=False)) != closed
+
+
 @pytest.mark.parametrize("text, content, calls", [
     ("Let me check. " + CALL + CALL, "Let me check.", 2),  # whitespace beside a call is not content
     ("Sure.\n", "Sure.\n", 0),  # at the end, after content, it is

@@ -125,17 +125,16 @@ class StructuredOutputs(BaseModel):
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
-    # vLLM's options for how a JSON schema compiles; ignored, they would change the output silently.
-    disable_any_whitespace: bool | None = None
-    disable_additional_properties: bool | None = None
+    # vLLM's options for how a JSON schema compiles: disable_any_whitespace and disable_additional_properties ask
+    # for what every schema here gets (compact JSON, objects closed: see structured.params.closed), so are let be;
+    # a whitespace pattern would change the output.
     whitespace_pattern: str | None = None
 
     def constraint(self) -> StructuredOutput:
         """The constraint (compiled when first used); 400 if it names none or several."""
-        for option in ("disable_any_whitespace", "disable_additional_properties", "whitespace_pattern"):
-            if getattr(self, option):
-                raise InvalidRequestError(f"structured_outputs.{option} is not supported: schemas compile as "
-                                          "written, with JSON's whitespace", param=f"structured_outputs.{option}")
+        if self.whitespace_pattern is not None:
+            raise InvalidRequestError("structured_outputs.whitespace_pattern is not supported: JSON comes compact, "
+                                      "on one line", param="structured_outputs.whitespace_pattern")
         return StructuredOutput(json=_schema(self.json_, "structured_outputs"), json_object=bool(self.json_object),
                                 regex=self.regex, choice=self.choice, grammar=self.grammar, param="structured_outputs")
 
@@ -554,13 +553,11 @@ class ChatCompletionRequest(_GenerationRequest):
         return [t.model_dump(exclude_none=True) for t in self.tools or []]
 
     def _forced_call(self) -> StructuredOutput | None:
-        """With "required" or a named function, the grammar that makes the answer a call that parses."""
-        mode = self.tool_mode
-        if mode in ("none", "auto"):
+        """With "required" or a named function, the grammar that makes the answer a call that parses; it wins over a
+        response_format, which shapes text answers (as OpenAI's, and vLLM's, which puts the tools' schema in its
+        place): instructor sends both."""
+        if self.tool_mode in ("none", "auto"):
             return None
-        if self._structured_output() is not None:
-            raise InvalidRequestError("a forced tool call already fixes the output; drop response_format",
-                                      param="response_format")
         return forced_call(self.tool_dicts(), self.forced_name, self.parallel_tool_calls is not False)
 
     def prompt_token_ids(self, tokenizer: Tokenizer) -> list[int]:

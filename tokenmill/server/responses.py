@@ -28,7 +28,7 @@ async def create_response(body: ResponsesRequest, request: Request, response: Re
     except InvalidRequestError as exc:
         exc.param = PARAMS.get(exc.param, exc.param)
         raise
-    response_id, created = _id("resp"), time.time()
+    response_id, created = _id("resp"), int(time.time())  # whole seconds, as OpenAI's and vLLM's
     if isinstance(answer, dict):
         choice = answer["choices"][0]
         status = _status(choice["finish_reason"])
@@ -53,7 +53,7 @@ def _status(finish_reason: str | None) -> str:
     return "incomplete" if finish_reason == "length" else "completed"
 
 
-def _response(body: ResponsesRequest, response_id: str, created: float, model: str, status: str) -> dict:
+def _response(body: ResponsesRequest, response_id: str, created: int, model: str, status: str) -> dict:
     """The response object's fields besides its output and usage: the request's settings echoed, as OpenAI's."""
     return {
         "id": response_id, "object": "response", "created_at": created, "status": status, "error": None,
@@ -114,7 +114,7 @@ def _usage(usage: dict) -> dict:
 
 
 async def _events(chunks: AsyncIterator[dict], body: ResponsesRequest, response_id: str,
-                  created: float) -> AsyncIterator[dict]:
+                  created: int) -> AsyncIterator[dict]:
     """The chat chunks of one choice as Responses events; each output item is opened, filled and closed in turn."""
     async with aclosing(chunks):
         first = await anext(chunks)  # the role chunk, at once: it names the model that answers

@@ -66,7 +66,7 @@ class StructuredOutput:
 
         try:
             if self.json is not None or self.json_object:
-                schema = bounded_numbers(self.json) if self.json is not None else {"type": "object"}
+                schema = closed(bounded_numbers(self.json)) if self.json is not None else {"type": "object"}
                 grammar = LLMatcher.grammar_from_json_schema(schema, defaults=JSON_STYLE)
             elif self.regex is not None:
                 grammar = LLMatcher.grammar_from_regex(self.regex)
@@ -107,6 +107,18 @@ def map_schemas(schema: Any, visit: Callable[[dict[str, Any]], None]) -> Any:
             out[key] = map_schemas(value, visit)
     visit(out)
     return out
+
+
+def closed(schema: Any) -> Any:
+    """A copy of the schema whose objects take no keys beyond those they name, unless they say otherwise, as vLLM's
+    default grammar backend (xgrammar's strict mode) reads a schema: plain JSON Schema allows any others, and a small
+    model wrote made-up keys (a tool's arguments, a response_format's fields) until max_tokens."""
+
+    def close(node: dict[str, Any]) -> None:
+        if node.get("type") == "object" and not {"additionalProperties", "patternProperties"} & node.keys():
+            node["additionalProperties"] = False
+
+    return map_schemas(schema, close)
 
 
 def bounded_numbers(schema: Any) -> Any:

@@ -4,7 +4,7 @@ import json
 from typing import Any
 
 from tokenmill.loader.tokenizer import Tokenizer
-from tokenmill.structured.params import JSON_STYLE, StructuredOutput, bounded_numbers, map_schemas
+from tokenmill.structured.params import JSON_STYLE, StructuredOutput, bounded_numbers, closed, map_schemas
 
 # The shape SmolLM2-Instruct was tuned to call functions in (its model card's prompt), a JSON list in tags; the
 # parser (tool_parser.py) also reads the Hermes/Qwen form, one object per <tool_call> block.
@@ -77,7 +77,7 @@ def forced_call(tools: list[dict[str, Any]], name: str | None, parallel: bool = 
             "type": "object",
             "properties": {
                 "name": {"const": f["name"]},
-                "arguments": _rebased(_closed(bounded_numbers(f.get("parameters") or NO_PARAMETERS)), root),
+                "arguments": _rebased(closed(bounded_numbers(f.get("parameters") or NO_PARAMETERS)), root),
             },
             "required": ["name", "arguments"],
             "additionalProperties": False,
@@ -91,18 +91,6 @@ def forced_call(tools: list[dict[str, Any]], name: str | None, parallel: bool = 
     body = json.dumps(schema | {"x-guidance": JSON_STYLE})
     grammar = f"start: {json.dumps(CALL_OPEN)} %json {body} {json.dumps(CALL_CLOSE)}"
     return StructuredOutput(grammar=grammar, param="tools")
-
-
-def _closed(schema: Any) -> Any:
-    """A copy of the schema whose objects take no keys beyond those they name, unless they say otherwise, as vLLM's
-    default grammar backend reads a schema: plain JSON Schema allows any others, and the model wrote made-up
-    arguments until max_tokens (`{"type": "object", "properties": {}}` is how LangChain sends a function without)."""
-
-    def close(node: dict[str, Any]) -> None:
-        if node.get("type") == "object" and not {"additionalProperties", "patternProperties"} & node.keys():
-            node["additionalProperties"] = False
-
-    return map_schemas(schema, close)
 
 
 def _rebased(schema: Any, root: str) -> Any:
