@@ -44,3 +44,9 @@ class InvalidRequestError(TokenmillError):
 
 class PromptTooLongError(InvalidRequestError):
     """A prompt (plus requested tokens) that does not fit the model's context or the KV pool."""
+
+    def __init__(self, message: str, param: str | None = None, prompt_tokens: int = 0, max_tokens: int | None = None,
+                 context: int = 0) -> None:
+        super().__init__(message, param)
+        # The figures, for an API that words the error its own way (Anthropic's, which Claude Code parses).
+        self.prompt_tokens, self.max_tokens, self.context = prompt_tokens, max_tokens, context

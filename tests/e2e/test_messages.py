@@ -119,6 +119,10 @@ def test_count_tokens_is_the_prompt_an_answer_counts(client):
     ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools[0]"),
     ({"extra_body": {"mcp_servers": [{"type": "url", "url": "https://example.com", "name": "x"}]}}, "mcp_servers"),
     ({"tool_choice": {"type": "sometimes"}, "tools": [WEATHER]}, "tool_choice"),
+    # Named as chat names them, they were stop and tools[0].parameters.
+    ({"stop_sequences": [""]}, "stop_sequences"),
+    ({"tools": [{**WEATHER, "input_schema": "a city"}]}, "tools[0].input_schema"),
+    ({"output_config": {"format": {"type": "xml"}}}, "output_config.format"),
 ])
 def test_what_this_server_cannot_do_is_refused_naming_the_field(client, fields, param):
     with pytest.raises(anthropic.BadRequestError) as refused:
@@ -131,3 +135,45 @@ def test_the_key_is_taken_as_anthropics_clients_send_it(served):
     wrong = anthropic.Anthropic(base_url=served.url, api_key="nope", max_retries=0)
     with pytest.raises(anthropic.AuthenticationError):
         wrong.messages.create(model=MODEL, max_tokens=2, messages=QUESTION)
+
+
+def test_errors_come_in_anthropics_shape(served, client):
+    # They came in OpenAI's: no top-level "type": "error", and invalid_request_error for every status.
+    import httpx
+
+    url = f"{served.url}/v1/messages"
+    for headers, body, status, kind in [
+        ({"x-api-key": "nope"}, {}, 401, "authentication_error"),
+        ({"x-api-key": "k"}, {"model": "gpt-9", "max_tokens": 2, "messages": QUESTION}, 404, "not_found_error"),
+        ({"x-api-key": "k"}, {"max_tokens": 2}, 400, "invalid_request_error"),
+    ]:
+        answer = httpx.post(url, headers=headers, json=body)
+        assert answer.status_code == status
+        assert answer.json()["type"] == "error" and answer.json()["error"]["type"] == kind, answer.text
+    # Other paths keep OpenAI's shape.
+    assert "type" not in httpx.post(f"{served.url}/v1/chat/completions", headers={"x-api-key": "nope"}).json()
+
+
+def test_a_prompt_past_the_context_is_worded_as_anthropics_which_claude_code_parses(client):
+    # Claude Code asks for 32,000 tokens by default; on this error it retries with a max_tokens that fits.
+    import re
+
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        client.messages.create(model=MODEL, max_tokens=8190, messages=QUESTION)
+    figures = re.search(r"input length and `max_tokens` exceed context limit: (\d+) \+ (\d+) > (\d+)",
+                        refused.value.message)
+    assert figures and int(figures[2]) == 8190 and int(figures[3]) == 8192
+    assert int(figures[1]) == client.messages.count_tokens(model=MODEL, messages=QUESTION).input_tokens
+
+
+def test_messages_parse_gets_json_of_its_schema(client):
+    # output_config was dropped: the SDK's messages.parse got prose and failed to validate it.
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        name: str
+        country: str
+
+    parsed = client.messages.parse(model=MODEL, max_tokens=40, messages=QUESTION, output_format=City,
+                                   extra_body=GREEDY)
+    assert isinstance(parsed.parsed_output, City) and parsed.stop_reason == "end_turn"

@@ -148,7 +148,7 @@ class LLMEngine:
             raise PromptTooLongError(
                 f"prompt is {len(token_ids)} tokens{asked}; this engine's context is {self.max_model_len} tokens; "
                 f"shorten the prompt{' or lower max_tokens' if counted else ''}",
-                param="prompt",
+                param="prompt", prompt_tokens=len(token_ids), max_tokens=counted, context=self.max_model_len,
             )
 
     def abort(self, request_id: str, failed: bool = False) -> RequestOutput | None:

@@ -32,7 +32,7 @@ from tokenmill.server.completions import create_completion
 from tokenmill.server.dashboard import dashboard_router
 from tokenmill.server.embedding_metrics import EmbeddingMetrics
 from tokenmill.server.embeddings import create_embedding, embedders_of
-from tokenmill.server.errors import APIError, install_handlers
+from tokenmill.server.errors import AnthropicErrors, APIError, install_handlers
 from tokenmill.server.messages import count_tokens, create_message
 from tokenmill.server.metrics import Metrics
 from tokenmill.server.rerank import create_rerank, create_score
@@ -86,6 +86,7 @@ def build_app(engines: dict[str, LLMEngine], config: ServerConfig,
     install_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(RequireAPIKey, api_key=config.api_key, prefixes=KEYED_PREFIXES)
+    app.add_middleware(AnthropicErrors, prefix="/v1/messages")
     # Outermost: a browser's preflight carries no key, and a 401 needs the CORS headers for the page to read it.
     app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["*"],
                        allow_headers=["*"])

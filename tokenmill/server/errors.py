@@ -1,6 +1,8 @@
-"""Every error leaves the server in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+"""Every error leaves the server in OpenAI's shape: {"error": {"message", "type", "param", "code"}}; on Anthropic's
+Messages API paths, in Anthropic's."""
 
 import asyncio
+import json
 import logging
 
 from fastapi import FastAPI, Request
@@ -121,6 +123,58 @@ class CatchUnexpected:
             if started or stopping is None:
                 raise
             await from_exception(stopping).response()(scope, receive, send)
+
+
+# Anthropic's error type for each HTTP status; others are invalid_request_error (4xx) or api_error (5xx).
+_ANTHROPIC_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                    413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error",
+                    529: "overloaded_error"}
+
+
+def anthropic_type(status: int) -> str:
+    """The error type Anthropic's API gives with this status."""
+    return _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+
+
+class AnthropicErrors:
+    """Errors on the Messages API's paths re-shaped as Anthropic's: {"type": "error", "error": {"type", "message"}}
+    (param kept), whichever part answered them (the key check, the body limit, validation, the engine)."""
+
+    def __init__(self, app: ASGIApp, prefix: str) -> None:
+        self.app = app
+        self.prefix = prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(self.prefix):
+            await self.app(scope, receive, send)
+            return
+        start: Message | None = None
+        parts: list[bytes] = []
+
+        async def reshaped(message: Message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                start = message  # held until the body is whole
+                return
+            if start is None or message["type"] != "http.response.body":
+                await send(message)
+                return
+            parts.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            body = b"".join(parts)
+            try:
+                error = json.loads(body)["error"]
+                body = json.dumps({"type": "error", "error": {
+                    "type": anthropic_type(start["status"]), "message": error["message"],
+                    **({"param": error["param"]} if error.get("param") else {})}}).encode()
+            except (ValueError, KeyError, TypeError):
+                pass  # not an error of ours: passed on as it is
+            headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+            await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, reshaped)
 
 
 def _param(loc: tuple) -> str | None:

@@ -13,16 +13,23 @@ from contextlib import aclosing
 
 from fastapi import Request, Response
 
+from tokenmill.errors import InvalidRequestError, PromptTooLongError
 from tokenmill.router import AUTO
 from tokenmill.server.chat import answer_chat
-from tokenmill.server.errors import APIError
-from tokenmill.server.messages_protocol import CountTokensRequest, MessagesRequest
+from tokenmill.server.errors import APIError, anthropic_type
+from tokenmill.server.messages_protocol import CountTokensRequest, MessagesRequest, their_param
 from tokenmill.server.serving import EventStream, named_sse, state_of
 
 
 async def create_message(body: MessagesRequest, request: Request, response: Response) -> dict | EventStream:
     """Answer one conversation with a message, or its events when streamed."""
-    answer = await answer_chat(body.chat_request(), request, response)
+    try:
+        answer = await answer_chat(body.chat_request(), request, response)
+    except PromptTooLongError as exc:
+        raise _too_long(exc) from exc
+    except InvalidRequestError as exc:
+        exc.param = their_param(exc.param)
+        raise
     message_id = f"msg_{uuid.uuid4().hex}"
     if not isinstance(answer, dict):
         return EventStream(_events(answer.chunks, message_id), answer.streams, answer.headers,
@@ -45,6 +52,18 @@ async def count_tokens(body: CountTokensRequest, request: Request) -> dict:
     model = state_of(request).model(None if body.model == AUTO else body.model)
     ids = await asyncio.to_thread(body.chat_request().prompt_token_ids, model.tokenizer)
     return {"input_tokens": len(ids)}
+
+
+def _too_long(exc: PromptTooLongError) -> PromptTooLongError:
+    """A prompt past the context in Anthropic's words, which Claude Code reads: to retry with a max_tokens that fits,
+    or to compact the conversation."""
+    figures = {"prompt_tokens": exc.prompt_tokens, "max_tokens": exc.max_tokens, "context": exc.context}
+    if exc.max_tokens is not None and exc.prompt_tokens < exc.context:
+        return PromptTooLongError(f"input length and `max_tokens` exceed context limit: {exc.prompt_tokens} + "
+                                  f"{exc.max_tokens} > {exc.context}, decrease input length or `max_tokens` and try "
+                                  "again", param="max_tokens", **figures)
+    return PromptTooLongError(f"prompt is too long: {exc.prompt_tokens} tokens > {exc.context - 1} maximum",
+                              param="messages", **figures)
 
 
 def _input(arguments: str) -> dict:
@@ -132,4 +151,4 @@ async def _events(chunks: AsyncIterator[dict], message_id: str) -> AsyncIterator
 
 def _error_event(error: APIError) -> dict:
     """Anthropic's stream error event."""
-    return {"type": "error", "error": {"type": error.body["error"]["type"], "message": error.body["error"]["message"]}}
+    return {"type": "error", "error": {"type": anthropic_type(error.status), "message": error.body["error"]["message"]}}

@@ -1,6 +1,7 @@
 """Anthropic's Messages API request body, and its translation to the chat completions request that answers it."""
 
 import json
+import re
 from typing import Any
 
 from pydantic import Field
@@ -8,6 +9,8 @@ from pydantic import Field
 from tokenmill.errors import InvalidRequestError
 from tokenmill.server.protocol import ChatCompletionRequest, RequestBody, required_string, translated_chat
 
+# Chat fields as Anthropic's Messages API names them, for the `param` of an error the chat path raised.
+_PARAMS = {"stop": "stop_sequences", "response_format": "output_config.format"}
 # Anthropic's tool_choice types as chat's.
 _TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}
 _BILLING = "x-anthropic-billing-header"
@@ -32,6 +35,9 @@ class MessagesRequest(RequestBody):
     metadata: dict[str, Any] | None = None
     mcp_servers: list[Any] | None = None
     structured_outputs: dict[str, Any] | None = None  # vLLM's, as on chat: a JSON schema, regex, choice or grammar
+    # {"format": {"type": "json_schema", "schema": ...}}: what the SDK's messages.parse sends (output_format before).
+    output_config: dict[str, Any] | None = None
+    output_format: dict[str, Any] | None = None
 
     def chat_request(self) -> ChatCompletionRequest:
         """The chat completions request that answers this one; 400 naming the field this server cannot do."""
@@ -61,9 +67,21 @@ class MessagesRequest(RequestBody):
                             if choice.get("type") == "tool" else _TOOL_CHOICES.get(choice.get("type"))),
             "parallel_tool_calls": False if choice.get("disable_parallel_tool_use") else None,
             "chat_template_kwargs": {"enable_thinking": thinking != "disabled"} if thinking else None,
-            "structured_outputs": self.structured_outputs,
+            "structured_outputs": self.structured_outputs, "response_format": self._response_format(),
         }
-        return translated_chat(chat, {})
+        return translated_chat(chat, _PARAMS)
+
+    def _response_format(self) -> dict[str, Any] | None:
+        """output_config's format (or the older output_format) as chat's response_format."""
+        if self.output_config is not None:
+            where, given = "output_config.format", self.output_config.get("format")
+        else:
+            where, given = "output_format", self.output_format
+        if given is None:
+            return None
+        if not (isinstance(given, dict) and given.get("type") == "json_schema" and isinstance(given.get("schema"), dict)):
+            raise InvalidRequestError(f'{where} must be {{"type": "json_schema", "schema": {{...}}}}', param=where)
+        return {"type": "json_schema", "json_schema": {"name": "output", "schema": given["schema"]}}
 
     def _messages(self) -> list[dict[str, Any]]:
         """`system` and the turns as chat messages: tool_use blocks become the turn's tool calls, tool_result
@@ -141,3 +159,10 @@ def _tool(tool: dict[str, Any], i: int) -> dict[str, Any]:
     if tool.get("description") is not None:
         function["description"] = tool["description"]
     return {"type": "function", "function": function}
+
+
+def their_param(param: str | None) -> str | None:
+    """A chat field an error names, as this API names it: a tool's parameters are its input_schema."""
+    if param is None:
+        return None
+    return _PARAMS.get(param) or re.sub(r"^(tools\[\d+\])\.parameters\b", r"\1.input_schema", param)
