@@ -90,6 +90,19 @@ def test_a_response_formats_objects_take_only_the_keys_they_name(smollm2_source,
     assert all(state.advance(t) for t in smollm2_source.tokenizer.encode(text, add_special_tokens=False)) != closed
 
 
+INHERITED = {"$defs": {"NewPet": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}},
+             "allOf": [{"$ref": "#/$defs/NewPet"},
+                       {"type": "object", "properties": {"id": {"type": "integer"}}, "required": ["id"]}]}
+
+
+@pytest.mark.parametrize("schema", [INHERITED, {"type": "object", "required": ["a"]},
+                                    {"type": "object", "minProperties": 1}])
+def test_a_schema_closing_would_leave_nothing_to_match_is_taken_as_written(schema):
+    # OpenAPI's extended object: each allOf branch closed forbade the other's keys, a 400 "Unsatisfiable schema".
+    assert StructuredOutput(json=schema).compiled
+    assert forced_call([{"type": "function", "function": {"name": "f", "parameters": schema}}], "f").compiled
+
+
 @pytest.mark.parametrize("text, content, calls", [
     ("Let me check. " + CALL + CALL, "Let me check.", 2),  # whitespace beside a call is not content
     ("Sure.\n", "Sure.\n", 0),  # at the end, after content, it is

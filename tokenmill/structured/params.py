@@ -112,13 +112,22 @@ def map_schemas(schema: Any, visit: Callable[[dict[str, Any]], None]) -> Any:
 def closed(schema: Any) -> Any:
     """A copy of the schema whose objects take no keys beyond those they name, unless they say otherwise, as vLLM's
     default grammar backend (xgrammar's strict mode) reads a schema: plain JSON Schema allows any others, and a small
-    model wrote made-up keys (a tool's arguments, a response_format's fields) until max_tokens."""
+    model wrote made-up keys (a tool's arguments, a response_format's fields) until max_tokens. Where that leaves
+    nothing to match, the schema as written: objects joined by allOf (OpenAPI's way to extend one) each forbid the
+    others' keys once closed, as do `required` keys without properties."""
+    from llguidance import LLMatcher  # imported where used: llguidance is 6 MiB
 
     def close(node: dict[str, Any]) -> None:
         if node.get("type") == "object" and not {"additionalProperties", "patternProperties"} & node.keys():
             node["additionalProperties"] = False
 
-    return map_schemas(schema, close)
+    shut = map_schemas(schema, close)
+    try:
+        unsatisfiable = LLMatcher.validate_grammar_with_warnings(
+            LLMatcher.grammar_from_json_schema(shut, defaults=JSON_STYLE))[0]
+    except (ValueError, TypeError):  # the schema's own mistake: its compile says so, closed or not
+        return schema
+    return schema if unsatisfiable else shut
 
 
 def bounded_numbers(schema: Any) -> Any:
