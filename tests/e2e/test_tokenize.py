@@ -26,6 +26,7 @@ def test_tokenize_refuses_what_it_cannot_answer_in_openais_shape(server):
                               ("/tokenize", {"messages": MESSAGES, "tools": [{"type": "function"}]},
                                "tools.0.function"),
                               ("/tokenize", {"messages": MESSAGES, "add_special_tokens": True}, "add_special_tokens"),
+                              ("/tokenize", {"messages": MESSAGES, "add_special": True}, "add_special"),
                               ("/tokenize", {"model": "gpt-9", "prompt": "x"}, "model"),
                               ("/detokenize", {"tokens": [10**9]}, "tokens")]:
         response = httpx.post(server.url + path, json=body)
@@ -38,8 +39,8 @@ def test_a_chat_with_tools_counts_as_its_tool_choice_renders_it_and_auto_names_t
         "type": "object", "properties": {"city": {"type": "string"}}}}}]
     for choice in ("none", "required"):
         body = {"messages": MESSAGES, "tools": tools, "tool_choice": choice}
-        counted = httpx.post(f"{server.url}/tokenize", json=body).json()["count"]
-        ran = httpx.post(f"{server.url}/v1/chat/completions", json={**body, "max_tokens": 1}).json()
+        counted = httpx.post(f"{server.url}/tokenize", json=body, timeout=60).json()["count"]
+        ran = httpx.post(f"{server.url}/v1/chat/completions", json={**body, "max_tokens": 1}, timeout=60).json()
         assert counted == ran["usage"]["prompt_tokens"], choice
     # One model served: auto is that model, as chat takes it.
     auto = httpx.post(f"{server.url}/tokenize", json={"model": "auto", "prompt": "hi"})

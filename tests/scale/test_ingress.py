@@ -155,3 +155,24 @@ def test_a_browser_preflight_without_the_key_reaches_a_replica_whose_cors_answer
     ingress = SimpleNamespace(check_key=require_api_key("s3cret"), engine=engine, _key=lambda path, body: None)
     response = asyncio.run(Ingress.forward(ingress, Request(scope, receive)))  # was a 401 raised here
     assert forwarded == ["OPTIONS"] and response.status_code == 200
+
+
+def test_the_ingress_answers_anthropics_paths_in_anthropics_error_shape():
+    # Its own 401, 429 and 503 on /v1/messages came in OpenAI's, where Claude Code looks for rate_limit_error.
+    from fastapi.testclient import TestClient
+
+    from tokenmill.scale.deployment import ingress_app
+    from tokenmill.server.errors import APIError
+
+    async def busy() -> None:
+        raise APIError(429, "too many requests are waiting", type="rate_limit_error")
+
+    ingress_app.add_api_route("/v1/messages/test-busy", busy)
+    routes = ingress_app.router.routes
+    routes.insert(0, routes.pop())  # before the catch-all that forwards to a replica
+    try:
+        answer = TestClient(ingress_app).get("/v1/messages/test-busy")
+    finally:
+        routes.pop(0)
+    assert answer.status_code == 429 and answer.json()["type"] == "error"
+    assert answer.json()["error"]["type"] == "rate_limit_error"

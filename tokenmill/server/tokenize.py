@@ -73,8 +73,8 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
         special = body.add_special_tokens is not False
         ids = await asyncio.to_thread(model.tokenizer.encode, body.prompt, special)
     elif body.add_special_tokens:
-        raise APIError(400, "add_special_tokens applies to a prompt; a chat's template writes its special tokens",
-                       param="add_special_tokens")
+        name = "add_special" if body.add_special is not None else "add_special_tokens"  # as the client named it
+        raise APIError(400, f"{name} applies to a prompt; a chat's template writes its special tokens", param=name)
     else:
         chat = ChatCompletionRequest.model_validate(body.model_dump(exclude=_NOT_CHAT, exclude_none=True))
         ids = await asyncio.to_thread(chat.prompt_token_ids, model.tokenizer)
