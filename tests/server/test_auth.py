@@ -67,7 +67,9 @@ def test_allowed_origins_limit_which_pages_may_call_the_api():
 
 def test_tokenize_and_detokenize_need_the_key_as_v1_does():
     client = _app_client(api_key="s3cret")
-    for path, body in (("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [1]})):
+    for path, body in (("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [1]}),
+                       ("/completion", {"prompt": "hi"}), ("/completions", {"prompt": "hi"}),
+                       ("/apply-template", {"messages": [{"role": "user", "content": "hi"}]})):
         refused = client.post(path, json=body)
         assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
         # Before the body is read, as on /v1: a malformed body without the key was a 400 about the body.

@@ -34,6 +34,7 @@ from tokenmill.server.embedding_metrics import EmbeddingMetrics
 from tokenmill.server.embeddings import create_embedding, embedders_of
 from tokenmill.server.errors import AnthropicErrors, APIError, install_handlers
 from tokenmill.server.messages import count_tokens, create_message
+from tokenmill.server import llama_cpp
 from tokenmill.server.metrics import Metrics
 from tokenmill.server.rerank import create_rerank, create_score
 from tokenmill.server.responses import create_response, stored_response
@@ -118,6 +119,13 @@ def build_app(engines: dict[str, LLMEngine], config: ServerConfig,
     # Where vLLM serves them, beside /v1 (behind the key as /v1 is: KEYED_PREFIXES).
     app.add_api_route("/tokenize", tokenize, methods=["POST"], response_model=None)
     app.add_api_route("/detokenize", detokenize, methods=["POST"], response_model=None)
+    # llama.cpp's native API, where its clients call it (behind the key too).
+    for path in ("/completion", "/completions"):
+        app.add_api_route(path, llama_cpp.create_completion, methods=["POST"], response_model=None,
+                          dependencies=generative)
+    app.add_api_route("/props", llama_cpp.get_props, methods=["GET"], response_model=None, dependencies=generative)
+    app.add_api_route("/apply-template", llama_cpp.apply_template, methods=["POST"], response_model=None,
+                      dependencies=generative)
     app.add_api_route("/health", health, methods=["GET", "HEAD"], response_model=None)
     app.add_api_route("/version", get_version, methods=["GET"], response_model=None)
     app.add_api_route("/metrics", get_metrics, methods=["GET"], response_model=None)

@@ -48,7 +48,7 @@ async def create_completion(body: CompletionRequest, request: Request,
         return EventStream(chunks, streams, routed.headers())
     outputs, usage_block = await routed.finish(state, request, streams, response_id)
     if body.prompt_only:
-        outputs = [_prompt_only(output) for output in outputs]
+        outputs = [prompt_only(output) for output in outputs]
         usage_block |= {"completion_tokens": 0, "total_tokens": usage_block["prompt_tokens"]}
     model = routed.model  # cascade may have moved it to a stronger model
     choices = [
@@ -91,7 +91,7 @@ def _echo(body: CompletionRequest, output: RequestOutput, tokenizer: Tokenizer, 
     return tokenizer.decode(output.prompt_token_ids, skip_special_tokens=False)
 
 
-def _prompt_only(output: RequestOutput) -> RequestOutput:
+def prompt_only(output: RequestOutput) -> RequestOutput:
     """The output without the one token a prompt-only request ran to score its prompt."""
     samples = [dataclasses.replace(sample, text="", token_ids=[], logprobs=None if sample.logprobs is None else [],
                                    finish_reason="length" if sample.finish_reason else None, stop_reason=None)
@@ -138,7 +138,7 @@ async def _chunks(body: CompletionRequest, n: int, streams: list[RequestStream],
     async with aclosing(merged(streams)) as outputs:
         async for i, output in outputs:
             if body.prompt_only:
-                output = _prompt_only(output)
+                output = prompt_only(output)
             counted.add(i, output)
             if output.finished:
                 finals.append(output)

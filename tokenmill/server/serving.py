@@ -304,12 +304,14 @@ async def named_sse(events: AsyncIterator[dict], error: Callable[[APIError], dic
         yield f"event: error\ndata: {json.dumps(event)}\n\n"
 
 
-async def sse(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
-    """Server-sent events: one `data:` line per chunk, an error event if the engine fails, then [DONE]."""
+async def sse(chunks: AsyncIterator[dict], done: bool = True) -> AsyncIterator[str]:
+    """Server-sent events: one `data:` line per chunk, an error event if the engine fails, then (OpenAI's, not
+    llama.cpp's native API's) [DONE]."""
     try:
         async with aclosing(chunks):
             async for chunk in chunks:
                 yield f"data: {json.dumps(chunk)}\n\n"
     except Exception as exc:
         yield f"data: {json.dumps(from_exception(exc).body)}\n\n"
-    yield "data: [DONE]\n\n"
+    if done:
+        yield "data: [DONE]\n\n"

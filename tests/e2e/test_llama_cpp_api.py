@@ -1,0 +1,90 @@
+"""llama.cpp's native API (/completion, /props, /apply-template), as llama.cpp's clients call it."""
+
+import json
+
+import httpx
+import pytest
+
+GREEDY = {"temperature": 0}
+
+
+def _complete(server, **body) -> dict:
+    answer = httpx.post(f"{server.url}/completion", json=body, timeout=60)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def _stream(server, **body) -> list[str]:
+    with httpx.stream("POST", f"{server.url}/completion", json={**body, "stream": True}, timeout=60) as answer:
+        return [line for line in answer.iter_lines() if line]
+
+
+def test_a_completion_is_v1s_answer_in_llama_cpps_fields(server):
+    prompt = "Paris is the capital and the largest city of France, on the Seine. " * 3 + "The capital of France is"
+    openai = httpx.post(f"{server.url}/v1/completions", json={"prompt": prompt, "max_tokens": 6, **GREEDY},
+                        timeout=60).json()
+    native = _complete(server, prompt=prompt, n_predict=6, return_tokens=True, **GREEDY)
+    assert native["content"] == openai["choices"][0]["text"] and len(native["tokens"]) == 6
+    assert native["stop"] is True and native["stop_type"] == "limit" and native["tokens_predicted"] == 6
+    assert native["tokens_evaluated"] == openai["usage"]["prompt_tokens"]
+    assert native["timings"]["predicted_n"] == 6 and native["timings"]["predicted_per_second"] > 0
+    assert native["generation_settings"]["n_ctx"] == 8192 and native["prompt"] == prompt
+    assert native["usage"]["cost"] > 0  # tokenmill's account beside llama.cpp's fields
+    again = _complete(server, prompt=prompt, n_predict=6, **GREEDY)
+    assert again["tokens"] == [] and again["content"] == native["content"]  # ids only when asked, as llama.cpp
+    # The prefix cache's share, as llama.cpp counts its own: the prompt evaluated is the rest.
+    cached = again["tokens_cached"]
+    assert cached > 0 and again["timings"]["cache_n"] == cached
+    assert again["timings"]["prompt_n"] == again["tokens_evaluated"] - cached
+
+
+def test_a_stream_adds_up_to_the_whole_answer_and_ends_without_done(server):
+    whole = _complete(server, prompt="Once upon a time", n_predict=8, **GREEDY)
+    lines = _stream(server, prompt="Once upon a time", n_predict=8, **GREEDY)
+    assert all(line.startswith("data: {") for line in lines)  # no [DONE]: llama.cpp's clients would parse it
+    events = [json.loads(line[6:]) for line in lines]
+    assert "".join(e["content"] for e in events) == whole["content"]
+    assert [e["stop"] for e in events] == [False] * (len(events) - 1) + [True]
+    assert events[-1]["tokens_predicted"] == 8 and events[-1]["timings"]["predicted_n"] == 8
+
+
+def test_stop_words_eos_and_n_predict_0_say_why_they_stopped(server):
+    word = _complete(server, prompt="1, 2, 3,", n_predict=20, stop=[" 5"], **GREEDY)
+    assert (word["stop_type"], word["stopping_word"]) == ("word", " 5") and " 5" not in word["content"]
+    only = _complete(server, prompt="Hi there", n_predict=0)
+    assert (only["content"], only["tokens_predicted"], only["usage"]["completion_tokens"]) == ("", 0, 0)
+    # A prompt that starts with token ids gets no BOS; mixed with text, as llama.cpp takes it.
+    mixed = _complete(server, prompt=[1, "Hello"], n_predict=1, **GREEDY)
+    assert mixed["prompt"] == "<|im_start|>Hello" and mixed["tokens_evaluated"] == 2
+
+
+def test_a_gbnf_grammar_and_a_json_schema_hold_the_output(server):
+    chosen = _complete(server, prompt="Is the sky blue?", grammar='root ::= "yes" | "no"', **GREEDY)
+    assert chosen["content"] in ("yes", "no")
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    shaped = _complete(server, prompt="A number as JSON:", json_schema=schema, n_predict=20, **GREEDY)
+    assert isinstance(json.loads(shaped["content"])["n"], int)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"mirostat": 2}, "mirostat"),  # a sampler this engine lacks: refused, not ignored
+    ({"grammar": "root ::= x"}, "grammar"),
+    ({"n_probs": 50}, "n_probs"),  # named as llama.cpp names it, not as /v1/completions' logprobs
+    ({"n_predict": -2}, "n_predict"),
+    ({"prompt": ["one", "two"]}, "prompt"),
+    ({"logit_bias": [["Hello", 1.0]]}, "logit_bias"),
+])
+def test_what_this_server_cannot_do_is_refused_naming_llama_cpps_field(server, body, param):
+    answer = httpx.post(f"{server.url}/completion", json={"prompt": "Hi", **body}, timeout=60)
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == param, answer.text
+
+
+def test_props_and_apply_template_describe_the_model_and_its_chat(server):
+    props = httpx.get(f"{server.url}/props").json()
+    assert props["default_generation_settings"]["n_ctx"] == 8192 and "<|im_start|>" in props["chat_template"]
+    assert props["default_generation_settings"]["params"]["temperature"] == 0.8  # llama.cpp's defaults
+    messages = [{"role": "user", "content": "Hi"}]
+    prompt = httpx.post(f"{server.url}/apply-template", json={"messages": messages}).json()["prompt"]
+    tokens = httpx.post(f"{server.url}/tokenize", json={"messages": messages}).json()["tokens"]
+    assert httpx.post(f"{server.url}/tokenize", json={"content": prompt}).json()["tokens"] == tokens
+    assert prompt.endswith("<|im_start|>assistant\n")

@@ -1,0 +1,130 @@
+"""llama.cpp's native POST /completion body (its server's own API, not OpenAI's), with llama.cpp's defaults, and the
+sampling settings it asks for."""
+
+from typing import Any, ClassVar
+
+from tokenmill.errors import InvalidRequestError
+from tokenmill.loader.tokenizer import Tokenizer
+from tokenmill.sampling import SamplingParams
+from tokenmill.server.protocol import CompletionRequest, RequestBody
+
+# /v1/completions fields as llama.cpp names them, for the `param` of an error their checks raise.
+_PARAMS = {"max_tokens": "n_predict", "logprobs": "n_probs", "repetition_penalty": "repeat_penalty"}
+
+
+class NativeCompletionRequest(RequestBody):
+    """A prompt (text, token ids, or both mixed) and llama.cpp's sampling fields, unset ones at llama.cpp's defaults."""
+
+    model: str | None = None
+    prompt: str | list[int | str]
+    n_predict: int = -1  # -1: until the context is full; 0: the prompt only, nothing generated
+    temperature: float = 0.8  # at most 0: greedy
+    top_k: int = 40  # 0: off
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: list[str] = []
+    seed: int = -1  # -1: a random seed
+    n_probs: int = 0
+    ignore_eos: bool = False
+    # [[token id, bias or false], ...] or {"token id": bias}; false bans the token.
+    logit_bias: list[list[Any]] | dict[str, Any] | None = None
+    grammar: str | None = None  # GBNF, llama.cpp's grammar format
+    json_schema: dict[str, Any] | None = None
+    stream: bool = False
+    return_tokens: bool = False
+    # Samplers this engine does not have, at the values that leave them off; other values are refused by name.
+    _off: ClassVar[dict[str, Any]] = {"typical_p": 1.0, "mirostat": 0, "dry_multiplier": 0.0, "xtc_probability": 0.0,
+                                      "dynatemp_range": 0.0, "n_cmpl": 1, "post_sampling_probs": False}
+    typical_p: float = 1.0
+    mirostat: int = 0
+    dry_multiplier: float = 0.0
+    xtc_probability: float = 0.0
+    dynatemp_range: float = 0.0
+    n_cmpl: int = 1
+    post_sampling_probs: bool = False
+
+    @property
+    def prompt_only(self) -> bool:
+        """n_predict 0: the prompt evaluated (and cached), nothing generated."""
+        return self.n_predict == 0
+
+    def sampling_params(self) -> SamplingParams:
+        """The settings this body asks for, checked as /v1/completions checks them; 400 naming llama.cpp's field."""
+        for name, off in self._off.items():
+            if getattr(self, name) != off:
+                raise InvalidRequestError(f"{name} is not supported: this engine samples with temperature, top_k, "
+                                          "top_p, min_p and the penalties", param=name)
+        if self.n_predict < -1:
+            raise InvalidRequestError(f"n_predict={self.n_predict} must be -1 (no limit), 0 (the prompt only) or "
+                                      "more", param="n_predict")
+        fields = {
+            "prompt": [0], "max_tokens": 1 if self.prompt_only else None if self.n_predict == -1 else self.n_predict,
+            "temperature": max(self.temperature, 0.0), "top_k": self.top_k if self.top_k > 0 else -1, "top_p": self.top_p,
+            "min_p": self.min_p, "repetition_penalty": self.repeat_penalty, "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty, "stop": self.stop, "ignore_eos": self.ignore_eos,
+            "seed": None if self.seed == -1 else self.seed, "logprobs": self.n_probs or None,
+            "logit_bias": self._logit_bias(), "structured_outputs": self._structured_outputs(),
+            # Special tokens show, as llama.cpp's content shows them.
+            "skip_special_tokens": False,
+        }
+        try:
+            return CompletionRequest.model_validate(fields).sampling_params()
+        except InvalidRequestError as exc:
+            exc.param = self.their_param(exc.param)
+            raise
+
+    def their_param(self, param: str | None) -> str | None:
+        """The field of this body an error about a /v1/completions field is about."""
+        if param == "structured_outputs":
+            return "grammar" if self.grammar else "json_schema"
+        return _PARAMS.get(param, param)
+
+    def token_ids(self, tokenizer: Tokenizer) -> list[int]:
+        """The prompt's ids: text tokenized (with BOS where the model wants one, when the prompt starts with text),
+        ids as given."""
+        parts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
+        if len(parts) > 1 and all(isinstance(p, str) for p in parts):
+            raise InvalidRequestError("a list of strings is several prompts, which this server answers one per "
+                                      "request; send each alone", param="prompt")
+        ids: list[int] = []
+        for i, part in enumerate(parts):
+            ids += tokenizer.encode(part, add_special_tokens=i == 0) if isinstance(part, str) else [part]
+        if not ids:
+            raise InvalidRequestError("prompt is empty; give text or token ids", param="prompt")
+        return ids
+
+    def _logit_bias(self) -> dict[str, float] | None:
+        """llama.cpp's biases as OpenAI's: token ids (as text) to a bias, a ban (false) as -100."""
+        pairs = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias or []
+        bias = {}
+        for pair in pairs:
+            if len(pair) != 2:
+                raise InvalidRequestError("logit_bias entries are [token id, bias]", param="logit_bias")
+            token, value = pair
+            if isinstance(token, bool) or not isinstance(token, (int, str)) or not str(token).isdecimal():
+                raise InvalidRequestError(f"logit_bias takes token ids (see /tokenize); got {token!r}",
+                                          param="logit_bias")
+            if value is False:
+                value = -100.0
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise InvalidRequestError(f"logit_bias of token {token} must be a number or false", param="logit_bias")
+            bias[str(token)] = float(value)
+        return bias or None
+
+    def _structured_outputs(self) -> dict[str, Any] | None:
+        """The grammar (GBNF, in llguidance's Lark dialect) or the JSON schema the output must follow."""
+        if self.grammar and self.json_schema is not None:
+            raise InvalidRequestError("give grammar or json_schema, not both", param="grammar")
+        if self.json_schema is not None:
+            return {"json": self.json_schema}
+        if not self.grammar:
+            return None
+        from llguidance.gbnf_to_lark import gbnf_to_lark  # imported where used: llguidance is 6 MiB
+
+        try:
+            return {"grammar": gbnf_to_lark(self.grammar)}
+        except Exception as exc:  # the converter raises a bare Exception for most of a grammar's mistakes
+            raise InvalidRequestError(f"grammar is not valid GBNF: {exc}", param="grammar") from exc
