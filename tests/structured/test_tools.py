@@ -103,6 +103,23 @@ def test_a_schema_closing_would_leave_nothing_to_match_is_taken_as_written(schem
     assert forced_call([{"type": "function", "function": {"name": "f", "parameters": schema}}], "f").compiled
 
 
+PET = {"allOf": [{"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]},
+                 {"type": "object", "properties": {"id": {"type": "integer"}}, "required": ["id"]}]}
+
+
+@pytest.mark.parametrize("schema, text", [
+    ({"type": "array", "items": PET}, '[{"name": "a", "id": 1}]'),
+    ({"type": "object", "properties": {"pet": PET}}, '{"pet": {"name": "a", "id": 1}}'),
+    ({"$defs": {"A": {"type": "object", "properties": {"a": {"type": "string"}}}}, "type": "array",
+      "items": {"$ref": "#/$defs/A", "properties": {"b": {"type": "integer"}}}}, '[{"a": "x", "b": 1}]'),
+])
+def test_objects_joined_deep_inside_a_schema_keep_their_keys(smollm2_source, schema, text):
+    # Nested in an array or an optional key, closed allOf branches matched nothing there: the answer came back
+    # {"pets": []} without a word.
+    state = GrammarState(StructuredOutput(json=schema), smollm2_source.tokenizer)
+    assert all(state.advance(t) for t in smollm2_source.tokenizer.encode(text, add_special_tokens=False))
+
+
 @pytest.mark.parametrize("text, content, calls", [
     ("Let me check. " + CALL + CALL, "Let me check.", 2),  # whitespace beside a call is not content
     ("Sure.\n", "Sure.\n", 0),  # at the end, after content, it is

@@ -109,13 +109,26 @@ def map_schemas(schema: Any, visit: Callable[[dict[str, Any]], None]) -> Any:
     return out
 
 
+# Keywords whose schemas apply to the same object as the node's own properties, each adding keys of its own (the
+# compiler refuses if/then/else and dependentSchemas as unimplemented).
+_JOINING = {"allOf", "unevaluatedProperties"}
+
+
 def closed(schema: Any) -> Any:
     """A copy of the schema whose objects take no keys beyond those they name, unless they say otherwise, as vLLM's
     default grammar backend (xgrammar's strict mode) reads a schema: plain JSON Schema allows any others, and a small
-    model wrote made-up keys (a tool's arguments, a response_format's fields) until max_tokens. Where that leaves
-    nothing to match, the schema as written: objects joined by allOf (OpenAPI's way to extend one) each forbid the
-    others' keys once closed, as do `required` keys without properties."""
+    model wrote made-up keys (a tool's arguments, a response_format's fields) until max_tokens.
+
+    A schema that joins objects (allOf, OpenAPI's way to extend one; properties beside a $ref) is taken as written:
+    closed, each part forbids the others' keys, and nested in an array or an optional key that empties it without a
+    word. So is one that closing leaves nothing to match (`required` keys without properties)."""
     from llguidance import LLMatcher  # imported where used: llguidance is 6 MiB
+
+    joins: list[bool] = []
+    map_schemas(schema, lambda node: joins.append(bool(_JOINING & node.keys())
+                                                  or {"$ref", "properties"} <= node.keys()))
+    if any(joins):
+        return schema
 
     def close(node: dict[str, Any]) -> None:
         if node.get("type") == "object" and not {"additionalProperties", "patternProperties"} & node.keys():
