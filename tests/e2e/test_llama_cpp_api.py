@@ -33,9 +33,10 @@ def test_a_completion_is_v1s_answer_in_llama_cpps_fields(server):
     again = _complete(server, prompt=prompt, n_predict=6, **GREEDY)
     assert again["tokens"] == [] and again["content"] == native["content"]  # ids only when asked, as llama.cpp
     # The prefix cache's share, as llama.cpp counts its own: the prompt evaluated is the rest.
-    cached = again["tokens_cached"]
-    assert cached > 0 and again["timings"]["cache_n"] == cached
-    assert again["timings"]["prompt_n"] == again["tokens_evaluated"] - cached
+    cached = again["timings"]["cache_n"]
+    assert cached > 0 and again["timings"]["prompt_n"] == again["tokens_evaluated"] - cached
+    # llama.cpp's tokens_cached is what its slot holds: the prompt and every output token but the last.
+    assert again["tokens_cached"] == again["tokens_evaluated"] + 6 - 1
 
 
 def test_a_stream_adds_up_to_the_whole_answer_and_ends_without_done(server):
@@ -49,13 +50,32 @@ def test_a_stream_adds_up_to_the_whole_answer_and_ends_without_done(server):
 
 
 def test_stop_words_eos_and_n_predict_0_say_why_they_stopped(server):
-    word = _complete(server, prompt="1, 2, 3,", n_predict=20, stop=[" 5"], **GREEDY)
-    assert (word["stop_type"], word["stopping_word"]) == ("word", " 5") and " 5" not in word["content"]
+    word = _complete(server, prompt="1, 2, 3,", n_predict=20, stop=" 5", n_probs=1, **GREEDY)
+    assert (word["stop_type"], word["stopping_word"]) == ("word", " 5") and word["content"] == " 4,"
+    # As llama.cpp: the stop word's tokens have no probabilities in the answer (they had: " " and "5").
+    assert "".join(p["token"] for p in word["completion_probabilities"]) == " 4,"
     only = _complete(server, prompt="Hi there", n_predict=0)
     assert (only["content"], only["tokens_predicted"], only["usage"]["completion_tokens"]) == ("", 0, 0)
     # A prompt that starts with token ids gets no BOS; mixed with text, as llama.cpp takes it.
     mixed = _complete(server, prompt=[1, "Hello"], n_predict=1, **GREEDY)
     assert mixed["prompt"] == "<|im_start|>Hello" and mixed["tokens_evaluated"] == 2
+
+
+def test_special_tokens_stay_out_of_the_text_and_ignore_eos_bans_the_end(server):
+    # They showed ("<|im_start|>assistant"), and ignore_eos let <|im_end|> through into the text: SillyTavern's
+    # "ban EOS token" sends it.
+    prompt = "<|im_start|>user\nSay yes.<|im_end|>\n"
+    shown = _complete(server, prompt=prompt, n_predict=3, **GREEDY)
+    assert shown["content"].startswith("assistant") and "<|im_start|>" not in shown["content"]
+    banned = _complete(server, prompt=prompt + "<|im_start|>assistant\n", n_predict=12, ignore_eos=True,
+                       return_tokens=True, **GREEDY)
+    assert 2 not in banned["tokens"] and banned["stop_type"] == "limit"
+
+
+def test_response_fields_pick_the_answers_fields_as_llama_vim_asks(server):
+    picked = _complete(server, prompt="Hi", n_predict=2, response_fields=["content", "timings/prompt_n", "nope"],
+                       **GREEDY)
+    assert set(picked) == {"content", "timings/prompt_n"} and picked["timings/prompt_n"] >= 1
 
 
 def test_a_gbnf_grammar_and_a_json_schema_hold_the_output(server):
@@ -88,3 +108,7 @@ def test_props_and_apply_template_describe_the_model_and_its_chat(server):
     tokens = httpx.post(f"{server.url}/tokenize", json={"messages": messages}).json()["tokens"]
     assert httpx.post(f"{server.url}/tokenize", json={"content": prompt}).json()["tokens"] == tokens
     assert prompt.endswith("<|im_start|>assistant\n")
+    # A final assistant message is continued, as llama.cpp prefills it.
+    prefilled = httpx.post(f"{server.url}/apply-template",
+                           json={"messages": [*messages, {"role": "assistant", "content": "Yo"}]}).json()["prompt"]
+    assert prefilled.endswith("<|im_start|>assistant\nYo")

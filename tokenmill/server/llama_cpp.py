@@ -17,12 +17,14 @@ from tokenmill.errors import InvalidRequestError
 from tokenmill.outputs import CompletionOutput, RequestOutput, accumulate
 from tokenmill.router.serving import route
 from tokenmill.sampling import SamplingParams
+from tokenmill.server.completions import prompt_only
 from tokenmill.server.deadlines import with_deadlines
 from tokenmill.server.llama_cpp_protocol import NativeCompletionRequest
-from tokenmill.server.completions import prompt_only
 from tokenmill.server.protocol import ChatCompletionRequest
 from tokenmill.server.serving import (EventStream, ServedModel, json_logprob, merged, new_id, sse, state_of,
                                       usage)
+
+_MISSING = object()  # a response field the answer lacks
 
 
 async def create_completion(body: NativeCompletionRequest, request: Request) -> dict | EventStream:
@@ -36,6 +38,8 @@ async def create_completion(body: NativeCompletionRequest, request: Request) -> 
         has_ids = not isinstance(body.prompt, str) and any(isinstance(p, int) for p in body.prompt)
         routed = await route(state, body.model, lambda model: [body.token_ids(model.tokenizer)], params,
                              body.stream, token_ids=has_ids)
+        if ends := body.banned_ends(routed.model.tokenizer):
+            params.logit_bias = {**(params.logit_bias or {}), **ends}
         request_id = new_id("cmpl")
         streams = await routed.start(state, request_id, arrival)
     except InvalidRequestError as exc:
@@ -49,7 +53,8 @@ async def create_completion(body: NativeCompletionRequest, request: Request) -> 
         output = prompt_only(output)
         block |= {"completion_tokens": 0, "total_tokens": block["prompt_tokens"]}
     sample = output.outputs[0]
-    return {**_result(body, routed.model, params, output, sample, sample.text, sample.token_ids), "usage": block}
+    return _selected({**_result(body, routed.model, params, output, sample, sample.text, sample.token_ids),
+                      "usage": block}, body.response_fields)
 
 
 async def get_props(request: Request) -> dict:
@@ -68,8 +73,12 @@ async def get_props(request: Request) -> dict:
 
 
 async def apply_template(body: ChatCompletionRequest, request: Request) -> dict:
-    """The prompt text a chat (as /v1/chat/completions takes it) is to the model it names, rendered, not answered."""
+    """The prompt text a chat (as /v1/chat/completions takes it) is to the model it names, rendered, not answered; a
+    final assistant message is continued (llama.cpp's prefill) unless the body says otherwise."""
     model = state_of(request).model(body.model)
+    if body.messages[-1].role == "assistant" and body.continue_final_message is None \
+            and body.add_generation_prompt is None:
+        body = body.model_copy(update={"continue_final_message": True})
     ids = await asyncio.to_thread(body.prompt_token_ids, model.tokenizer)
     return {"prompt": model.tokenizer.decode(ids, skip_special_tokens=False)}
 
@@ -91,7 +100,8 @@ async def _events(body: NativeCompletionRequest, model: ServedModel, params: Sam
     if body.prompt_only:
         whole = prompt_only(whole)
     # As llama.cpp's last event: the text already went out, so content and tokens are empty here.
-    yield {**_result(body, model, params, whole, whole.outputs[0], "", []), "usage": usage([whole])}
+    yield _selected({**_result(body, model, params, whole, whole.outputs[0], "", []), "usage": usage([whole])},
+                    body.response_fields)
 
 
 def _result(body: NativeCompletionRequest, model: ServedModel, params: SamplingParams, output: RequestOutput,
@@ -100,16 +110,35 @@ def _result(body: NativeCompletionRequest, model: ServedModel, params: SamplingP
     reason = sample.stop_reason
     stop_type = "limit" if sample.finish_reason == "length" else "word" if isinstance(reason, str) else "eos"
     cached = output.num_cached_tokens
+    probabilities = _probabilities(model, sample)
+    if stop_type == "word":  # as llama.cpp: the stop word's tokens are not the answer's
+        probabilities = probabilities[:max(0, len(probabilities) - len(model.tokenizer.encode(reason, False)))]
     return {
         "index": 0, "content": content, "tokens": tokens if body.return_tokens or body.stream else [],
         "id_slot": 0, "stop": True, "model": model.name, "tokens_predicted": len(sample.token_ids),
         "tokens_evaluated": len(output.prompt_token_ids), "generation_settings": _settings(body, model, params),
         "prompt": model.tokenizer.decode(output.prompt_token_ids, skip_special_tokens=False),
         "has_new_line": "\n" in sample.text, "truncated": False, "stop_type": stop_type,
-        "stopping_word": reason if stop_type == "word" else "", "tokens_cached": cached,
+        # llama.cpp's slot holds the prompt and every output token but the last, fed back to it.
+        "stopping_word": reason if stop_type == "word" else "",
+        "tokens_cached": len(output.prompt_token_ids) + max(len(sample.token_ids) - 1, 0),
         "timings": _timings(output, sample, cached),
-        **({"completion_probabilities": _probabilities(model, sample)} if body.n_probs and not body.stream else {}),
+        **({"completion_probabilities": probabilities} if body.n_probs and not body.stream else {}),
     }
+
+
+def _selected(result: dict, fields: list[str] | None) -> dict:
+    """Only the fields asked for (all when none are); a nested one ("timings/prompt_n") under its path's name."""
+    if fields is None:
+        return result
+    picked = {}
+    for field in fields:
+        value: object = result
+        for key in field.split("/"):
+            value = value.get(key, _MISSING) if isinstance(value, dict) else _MISSING
+        if value is not _MISSING:  # a field the answer lacks is left out, as llama.cpp does
+            picked[field] = value
+    return picked
 
 
 def _settings(body: NativeCompletionRequest, model: ServedModel, params: SamplingParams | None = None) -> dict:

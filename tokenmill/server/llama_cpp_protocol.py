@@ -25,7 +25,7 @@ class NativeCompletionRequest(RequestBody):
     repeat_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    stop: list[str] = []
+    stop: str | list[str] = []
     seed: int = -1  # -1: a random seed
     n_probs: int = 0
     ignore_eos: bool = False
@@ -35,6 +35,8 @@ class NativeCompletionRequest(RequestBody):
     json_schema: dict[str, Any] | None = None
     stream: bool = False
     return_tokens: bool = False
+    # Only these fields of the answer; "timings/prompt_n" lifts a nested one to the top under that name (llama.vim).
+    response_fields: list[str] | None = None
     # Samplers this engine does not have, at the values that leave them off; other values are refused by name.
     _off: ClassVar[dict[str, Any]] = {"typical_p": 1.0, "mirostat": 0, "dry_multiplier": 0.0, "xtc_probability": 0.0,
                                       "dynatemp_range": 0.0, "n_cmpl": 1, "post_sampling_probs": False}
@@ -67,8 +69,6 @@ class NativeCompletionRequest(RequestBody):
             "frequency_penalty": self.frequency_penalty, "stop": self.stop, "ignore_eos": self.ignore_eos,
             "seed": None if self.seed == -1 else self.seed, "logprobs": self.n_probs or None,
             "logit_bias": self._logit_bias(), "structured_outputs": self._structured_outputs(),
-            # Special tokens show, as llama.cpp's content shows them.
-            "skip_special_tokens": False,
         }
         try:
             return CompletionRequest.model_validate(fields).sampling_params()
@@ -81,6 +81,10 @@ class NativeCompletionRequest(RequestBody):
         if param == "structured_outputs":
             return "grammar" if self.grammar else "json_schema"
         return _PARAMS.get(param, param)
+
+    def banned_ends(self, tokenizer: Tokenizer) -> dict[int, float]:
+        """With ignore_eos, the model's end tokens banned, as llama.cpp bans them (not merely generated through)."""
+        return {token: -100.0 for token in tokenizer.eos_token_ids} if self.ignore_eos else {}
 
     def token_ids(self, tokenizer: Tokenizer) -> list[int]:
         """The prompt's ids: text tokenized (with BOS where the model wants one, when the prompt starts with text),

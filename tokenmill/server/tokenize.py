@@ -56,7 +56,8 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
         raise APIError(400, "give add_special_tokens or add_special (llama.cpp's name for it), not both",
                        param="add_special")
     if body.content is not None:  # llama.cpp's defaults: no BOS unless asked
-        body = body.model_copy(update={"prompt": body.content, "add_special_tokens": bool(body.add_special)})
+        special = body.add_special if body.add_special is not None else body.add_special_tokens
+        body = body.model_copy(update={"prompt": body.content, "add_special_tokens": bool(special)})
     elif body.add_special is not None:
         body = body.model_copy(update={"add_special_tokens": body.add_special})
     if (served := _embedding_model(request, body.model)) is not None:  # its inputs' tokens, as vLLM counts them
