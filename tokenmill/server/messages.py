@@ -101,10 +101,16 @@ async def _events(chunks: AsyncIterator[dict], message_id: str) -> AsyncIterator
     """The chat chunks of one choice as Anthropic's stream events; each content block opened, filled and closed."""
     async with aclosing(chunks):
         first = await anext(chunks)  # the role chunk, at once: it names the model that answers
+        # The next comes with the first output, once the prefix cache's share of the prompt is known: input_tokens
+        # leaves those out, as message_delta's (and Anthropic's) do.
+        following = await anext(chunks, None)
+        counted = following["usage"] if following is not None else first["usage"]
+        cached = counted.get("prompt_tokens_details", {}).get("cached_tokens", 0)
         yield {"type": "message_start", "message": {
             "id": message_id, "type": "message", "role": "assistant", "model": first["model"], "content": [],
             "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": first["usage"]["prompt_tokens"], "output_tokens": 0}}}
+            "usage": {"input_tokens": counted["prompt_tokens"] - cached, "cache_read_input_tokens": cached,
+                      "cache_creation_input_tokens": 0, "output_tokens": 0}}}
         blocks = 0  # content blocks opened so far; the last may be open
         open_kind: str | None = None
         finish_reason = stop_reason = usage = None
@@ -120,7 +126,7 @@ async def _events(chunks: AsyncIterator[dict], message_id: str) -> AsyncIterator
             events = start(block) if open_kind != kind else []
             return events + [{"type": "content_block_delta", "index": blocks - 1, "delta": fields}]
 
-        async for chunk in chunks:
+        async for chunk in _after(following, chunks):
             if not chunk["choices"] and chunk.get("usage") is not None:  # the last: the whole usage
                 usage = _usage(chunk["usage"])
             for choice in chunk["choices"]:
@@ -147,6 +153,14 @@ async def _events(chunks: AsyncIterator[dict], message_id: str) -> AsyncIterator
             yield {"type": "content_block_stop", "index": blocks - 1}
         yield {"type": "message_delta", "delta": _stop(finish_reason, stop_reason, called), "usage": usage}
         yield {"type": "message_stop"}
+
+
+async def _after(head: dict | None, rest: AsyncIterator[dict]) -> AsyncIterator[dict]:
+    """head (unless None), then the rest."""
+    if head is not None:
+        yield head
+    async for item in rest:
+        yield item
 
 
 def _error_event(error: APIError) -> dict:
