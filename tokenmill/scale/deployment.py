@@ -36,7 +36,7 @@ from tokenmill.scale.routing import prefix_key
 from tokenmill.server.app import build_app
 from tokenmill.server.auth import KEYED_PREFIXES, require_api_key
 from tokenmill.server.dashboard import snapshot
-from tokenmill.server.errors import AnthropicErrors, APIError, install_handlers
+from tokenmill.server.errors import APIError, install_handlers, reshape_errors
 from tokenmill.server.protocol import ChatCompletionRequest
 from tokenmill.server.messages_protocol import MessagesRequest
 from tokenmill.server.responses_protocol import ResponsesRequest
@@ -133,8 +133,9 @@ def _cors_headers(origin: str | None, allowed: tuple[str, ...]) -> dict[str, str
 
 ingress_app = FastAPI(title="tokenmill")
 install_handlers(ingress_app)
-# Its own answers (a wrong key, too many waiting, a replica gone) in Anthropic's shape there, as a replica's are.
-ingress_app.add_middleware(AnthropicErrors, prefix="/v1/messages")
+# Its own answers (a wrong key, too many waiting, a replica gone) in Anthropic's and Ollama's shapes on their paths,
+# as a replica's are.
+reshape_errors(ingress_app)
 
 
 @serve.ingress(ingress_app)

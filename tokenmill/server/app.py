@@ -32,9 +32,9 @@ from tokenmill.server.completions import create_completion
 from tokenmill.server.dashboard import dashboard_router
 from tokenmill.server.embedding_metrics import EmbeddingMetrics
 from tokenmill.server.embeddings import create_embedding, embedders_of
-from tokenmill.server.errors import AnthropicErrors, APIError, install_handlers
+from tokenmill.server.errors import APIError, install_handlers, reshape_errors
 from tokenmill.server.messages import count_tokens, create_message
-from tokenmill.server import llama_cpp
+from tokenmill.server import llama_cpp, ollama
 from tokenmill.server.metrics import Metrics
 from tokenmill.server.rerank import create_rerank, create_score
 from tokenmill.server.responses import create_response, stored_response
@@ -87,7 +87,7 @@ def build_app(engines: dict[str, LLMEngine], config: ServerConfig,
     install_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(RequireAPIKey, api_key=config.api_key, prefixes=KEYED_PREFIXES)
-    app.add_middleware(AnthropicErrors, prefix="/v1/messages")
+    reshape_errors(app)
     # Outermost: a browser's preflight carries no key, and a 401 needs the CORS headers for the page to read it.
     app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["*"],
                        allow_headers=["*"])
@@ -126,6 +126,17 @@ def build_app(engines: dict[str, LLMEngine], config: ServerConfig,
     app.add_api_route("/props", llama_cpp.get_props, methods=["GET"], response_model=None, dependencies=generative)
     app.add_api_route("/apply-template", llama_cpp.apply_template, methods=["POST"], response_model=None,
                       dependencies=generative)
+    # Ollama's API, for its clients (behind the key too); the root answers their is-it-there check.
+    app.add_api_route("/api/chat", ollama.chat, methods=["POST"], response_model=None, dependencies=generative)
+    app.add_api_route("/api/generate", ollama.generate, methods=["POST"], response_model=None,
+                      dependencies=generative)
+    app.add_api_route("/api/embed", ollama.embed_inputs, methods=["POST"], response_model=None)
+    app.add_api_route("/api/embeddings", ollama.embed_prompt, methods=["POST"], response_model=None)
+    app.add_api_route("/api/tags", ollama.tags, methods=["GET"], response_model=None)
+    app.add_api_route("/api/ps", ollama.running, methods=["GET"], response_model=None)
+    app.add_api_route("/api/show", ollama.show, methods=["POST"], response_model=None)
+    app.add_api_route("/api/version", ollama.api_version, methods=["GET"], response_model=None)
+    app.add_api_route("/", ollama.root, methods=["GET", "HEAD"], response_model=None)
     app.add_api_route("/health", health, methods=["GET", "HEAD"], response_model=None)
     app.add_api_route("/version", get_version, methods=["GET"], response_model=None)
     app.add_api_route("/metrics", get_metrics, methods=["GET"], response_model=None)

@@ -27,10 +27,10 @@ def _refused() -> APIError:
     return APIError(401, "invalid or missing API key; send `Authorization: Bearer <key>`",
                     type="invalid_request_error", code="invalid_api_key")
 
-# Paths behind the key: the OpenAI API, and vLLM's and llama.cpp's endpoints beside it (rendering, tokenizing,
-# embedding take CPU; /completion covers /completions).
+# Paths behind the key: the OpenAI API, and vLLM's, llama.cpp's and Ollama's endpoints beside it (rendering,
+# tokenizing, embedding take CPU; /completion covers /completions).
 KEYED_PREFIXES = ("/v1/", "/v2/", "/tokenize", "/detokenize", "/score", "/rerank", "/completion", "/props",
-                  "/apply-template")
+                  "/apply-template", "/api/")
 
 
 def require_api_key(api_key: str | None):

@@ -14,13 +14,19 @@ from tokenmill.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from tokenmill.router.serving import route
 from tokenmill.server.deadlines import STATUS_HEADER, deadline_status, with_deadlines
 from tokenmill.server.protocol import CompletionRequest
-from tokenmill.server.serving import (COST_HEADER, EventStream, ServedModel, Usage, json_logprob, merged, new_id,
-                                      state_of)
+from tokenmill.server.serving import (COST_HEADER, ChunkStream, EventStream, ServedModel, Usage, json_logprob, merged,
+                                      new_id, state_of)
 
 
 async def create_completion(body: CompletionRequest, request: Request,
                             response: Response) -> dict | EventStream:
     """Complete each prompt; choices are numbered prompt by prompt, n per prompt."""
+    answer = await answer_completion(body, request, response)
+    return answer if isinstance(answer, dict) else EventStream(answer.chunks, answer.streams, answer.headers)
+
+
+async def answer_completion(body: CompletionRequest, request: Request, response: Response) -> dict | ChunkStream:
+    """The text_completion object, or the chunks of a streamed one (which Ollama's raw /api/generate re-shapes)."""
     state = state_of(request)
     arrival = time.perf_counter()  # deadlines and latencies count from here: compiling and tokenizing take time too
     params = with_deadlines(request, body.sampling_params(state.sampling_defaults(body.model)))
@@ -45,7 +51,7 @@ async def create_completion(body: CompletionRequest, request: Request,
     created = int(time.time())
     if body.stream:
         chunks = _chunks(body, params.n, streams, model.tokenizer, response_id, created, model.name)
-        return EventStream(chunks, streams, routed.headers())
+        return ChunkStream(chunks, streams, routed.headers())
     outputs, usage_block = await routed.finish(state, request, streams, response_id)
     if body.prompt_only:
         outputs = [prompt_only(output) for output in outputs]

@@ -1,9 +1,10 @@
 """Every error leaves the server in OpenAI's shape: {"error": {"message", "type", "param", "code"}}; on Anthropic's
-Messages API paths, in Anthropic's."""
+Messages API paths and Ollama's, in theirs."""
 
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -136,13 +137,25 @@ def anthropic_type(status: int) -> str:
     return _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
 
 
-class AnthropicErrors:
-    """Errors on the Messages API's paths re-shaped as Anthropic's: {"type": "error", "error": {"type", "message"}}
-    (param kept), whichever part answered them (the key check, the body limit, validation, the engine)."""
+def anthropic_error(status: int, error: dict) -> dict:
+    """An error as Anthropic's Messages API gives it (param kept)."""
+    return {"type": "error", "error": {"type": anthropic_type(status), "message": error["message"],
+                                       **({"param": error["param"]} if error.get("param") else {})}}
 
-    def __init__(self, app: ASGIApp, prefix: str) -> None:
+
+def ollama_error(status: int, error: dict) -> dict:
+    """An error as Ollama's API gives it: the message alone."""
+    return {"error": error["message"]}
+
+
+class ReshapedErrors:
+    """Errors on another API's paths (Anthropic's Messages, Ollama's) re-shaped as that API gives them, whichever part
+    answered them (the key check, the body limit, validation, the engine)."""
+
+    def __init__(self, app: ASGIApp, prefix: str, shape: Callable[[int, dict], dict]) -> None:
         self.app = app
         self.prefix = prefix
+        self.shape = shape
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith(self.prefix):
@@ -164,10 +177,7 @@ class AnthropicErrors:
                 return
             body = b"".join(parts)
             try:
-                error = json.loads(body)["error"]
-                body = json.dumps({"type": "error", "error": {
-                    "type": anthropic_type(start["status"]), "message": error["message"],
-                    **({"param": error["param"]} if error.get("param") else {})}}).encode()
+                body = json.dumps(self.shape(start["status"], json.loads(body)["error"])).encode()
             except (ValueError, KeyError, TypeError):
                 pass  # not an error of ours: passed on as it is
             headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
@@ -175,6 +185,12 @@ class AnthropicErrors:
             await send({"type": "http.response.body", "body": body})
 
         await self.app(scope, receive, reshaped)
+
+
+def reshape_errors(app: FastAPI) -> None:
+    """Errors on Anthropic's and Ollama's paths in their shapes (the others keep OpenAI's)."""
+    app.add_middleware(ReshapedErrors, prefix="/v1/messages", shape=anthropic_error)
+    app.add_middleware(ReshapedErrors, prefix="/api/", shape=ollama_error)
 
 
 def _param(loc: tuple) -> str | None:

@@ -270,11 +270,13 @@ class ChunkStream:
 
 
 class EventStream(StreamingResponse):
-    """Server-sent events of a request's chunks; its streams are closed however the response ends."""
+    """Server-sent events of a request's chunks (or Ollama's NDJSON lines); its streams are closed however the
+    response ends."""
 
     def __init__(self, chunks: AsyncIterator[dict], streams: list[RequestStream], headers: dict[str, str],
-                 encode: Callable[[AsyncIterator[dict]], AsyncIterator[str]] | None = None) -> None:
-        super().__init__((encode or sse)(chunks), media_type="text/event-stream", headers=headers)
+                 encode: Callable[[AsyncIterator[dict]], AsyncIterator[str]] | None = None,
+                 media_type: str = "text/event-stream") -> None:
+        super().__init__((encode or sse)(chunks), media_type=media_type, headers=headers)
         self.streams = streams
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -1,18 +1,19 @@
-"""Errors on Anthropic's Messages API paths in Anthropic's shape, whatever answered them; other paths untouched."""
+"""Errors on Anthropic's and Ollama's paths in their shapes, whatever answered them; other paths untouched."""
 
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 from fastapi.testclient import TestClient
 
-from tokenmill.server.errors import AnthropicErrors, APIError, install_handlers
+from tokenmill.server.errors import APIError, install_handlers, reshape_errors
 
 
 def _client() -> TestClient:
     app = FastAPI()
     install_handlers(app)
-    app.add_middleware(AnthropicErrors, prefix="/v1/messages")
+    reshape_errors(app)
 
     @app.get("/v1/messages/{status}")
+    @app.get("/api/chat/{status}")
     @app.get("/v1/chat/{status}")
     async def fail(status: int) -> None:
         raise APIError(status, f"failed with {status}", param="max_tokens" if status == 400 else None)
@@ -41,3 +42,9 @@ def test_other_paths_and_answers_that_are_no_error_pass_as_they_are():
     client = _client()
     assert client.get("/v1/chat/429").json()["error"]["type"] == "invalid_request_error"  # OpenAI's, as set
     assert client.get("/v1/messages-stream").text == "event: a\n\nevent: b\n\n"
+
+
+def test_ollamas_paths_answer_the_message_alone():
+    # Ollama's clients raise ResponseError(body["error"]): OpenAI's object there read as a dict's repr.
+    answer = _client().get("/api/chat/404")
+    assert answer.status_code == 404 and answer.json() == {"error": "failed with 404"}

@@ -1,0 +1,123 @@
+"""Ollama's API through Ollama's official client: the same answers as /v1, in Ollama's shapes."""
+
+import json
+
+import httpx
+import numpy as np
+import ollama
+import pytest
+
+from tokenmill.loader import catalog
+
+MODEL, EMBEDDER = "smollm2-135m", "all-minilm-l6-v2"
+GREEDY = {"temperature": 0, "num_predict": 8}
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def served(start_server):
+    catalog.pull(EMBEDDER)  # before the server starts, so its start-up timeout does not include the download
+    return start_server("--model", MODEL, "--model", EMBEDDER)
+
+
+@pytest.fixture(scope="module")
+def client(served) -> ollama.Client:
+    return ollama.Client(host=served.url)
+
+
+def _v1(served, path: str, body: dict) -> dict:
+    return httpx.post(f"{served.url}/v1/{path}", json={"model": MODEL, **body}, timeout=60).json()
+
+
+def test_a_chat_is_v1s_answer_with_ollamas_counts_and_durations(client, served):
+    expected = _v1(served, "chat/completions", {"messages": QUESTION, "max_tokens": 8, "temperature": 0})
+    answer = client.chat(model=f"{MODEL}:latest", messages=QUESTION, options=GREEDY)
+    assert answer.message.content == expected["choices"][0]["message"]["content"]
+    assert answer.done and answer.done_reason == expected["choices"][0]["finish_reason"]
+    assert (answer.prompt_eval_count, answer.eval_count) == (expected["usage"]["prompt_tokens"],
+                                                             expected["usage"]["completion_tokens"])
+    cut = client.chat(model=MODEL, messages=QUESTION, options={"temperature": 0, "num_predict": 2})
+    assert (cut.done_reason, cut.eval_count) == ("length", 2)
+    assert 0 < answer.prompt_eval_duration < answer.total_duration and answer.eval_duration > 0
+    streamed = list(client.chat(model=MODEL, messages=QUESTION, options=GREEDY, stream=True))
+    assert "".join(part.message.content for part in streamed) == answer.message.content
+    assert [part.done for part in streamed] == [False] * (len(streamed) - 1) + [True]
+
+
+def test_a_stream_is_ndjson_by_default_one_object_a_line(served):
+    # Ollama streams unless told not to, and its clients parse every line: a blank one breaks them.
+    body = {"model": MODEL, "messages": QUESTION, "options": GREEDY}
+    with httpx.stream("POST", f"{served.url}/api/chat", content=json.dumps(body), timeout=60) as answer:
+        assert answer.headers["content-type"].startswith("application/x-ndjson")
+        lines = list(answer.iter_lines())
+    objects = [json.loads(line) for line in lines]  # each line whole JSON, none blank
+    assert objects[-1]["done"] and objects[-1]["usage"]["cost"] > 0  # tokenmill's cost beside Ollama's counts
+    assert objects[0]["created_at"].endswith("Z") and len(objects[0]["created_at"]) == 30
+
+
+def test_a_replayed_tool_call_and_its_result_render_as_chat_renders_them(client, served):
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"city": {"type": "string"}}}}}]
+    ours = [*QUESTION, {"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "Sunny", "tool_name": "get_weather"}]
+    openai = [*QUESTION, {"role": "assistant", "content": "", "tool_calls": [
+        {"id": None, "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "content": "Sunny", "name": "get_weather"}]
+    counted = httpx.post(f"{served.url}/tokenize", json={"model": MODEL, "messages": openai, "tools": tools}).json()
+    answer = client.chat(model=MODEL, messages=ours, tools=tools, options={"num_predict": 1})
+    assert answer.prompt_eval_count == counted["count"]
+
+
+def test_a_format_schema_holds_the_answer(client):
+    schema = {"type": "object", "properties": {"capital": {"type": "string"}}, "required": ["capital"]}
+    answer = client.chat(model=MODEL, messages=QUESTION, format=schema, options={"temperature": 0,
+                                                                                 "num_predict": 30})
+    assert isinstance(json.loads(answer.message.content)["capital"], str)
+
+
+def test_generate_is_a_one_turn_chat_and_raw_a_plain_completion(client, served):
+    chat = client.chat(model=MODEL, messages=QUESTION, options=GREEDY)
+    templated = client.generate(model=MODEL, prompt=QUESTION[0]["content"], options=GREEDY)
+    assert templated.response == chat.message.content and templated.done
+    plain = _v1(served, "completions", {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0})
+    raw = client.generate(model=MODEL, prompt="The capital of France is", raw=True, options=GREEDY)
+    assert raw.response == plain["choices"][0]["text"] and raw.eval_count == 8
+    loaded = client.generate(model=MODEL, prompt="")  # how Ollama's clients load a model
+    assert loaded.done and loaded.done_reason == "load"
+
+
+def test_embed_gives_v1s_vectors(client, served):
+    expected = httpx.post(f"{served.url}/v1/embeddings", json={"model": EMBEDDER, "input": ["a cat", "a dog"]},
+                          timeout=60).json()["data"]
+    answer = client.embed(model=EMBEDDER, input=["a cat", "a dog"])
+    assert np.allclose(answer.embeddings, [d["embedding"] for d in expected], atol=1e-5)
+    assert answer.prompt_eval_count > 0
+    legacy = client.embeddings(model=EMBEDDER, prompt="a cat")
+    assert np.allclose(legacy.embedding, expected[0]["embedding"], atol=1e-5)
+
+
+def test_the_model_listings_clients_read_first(client, served):
+    names = {m.model for m in client.list().models}
+    assert names == {f"{MODEL}:latest", f"{EMBEDDER}:latest"}
+    assert {m.model for m in client.ps().models} == names
+    shown = client.show(MODEL)
+    assert "<|im_start|>" in shown.template and "num_ctx 8192" in shown.parameters
+    assert shown.modelinfo["llama.context_length"] == 8192 and "completion" in shown.capabilities
+    version = httpx.get(f"{served.url}/api/version").json()["version"]
+    assert tuple(int(part) for part in version.split(".")) >= (0, 6, 4)  # what Copilot and Open WebUI compare
+    assert httpx.head(f"{served.url}/").status_code == 200  # Enchanted's check that a server is there
+
+
+@pytest.mark.parametrize("call, status", [
+    (lambda c: c.chat(model="gpt-9", messages=QUESTION), 404),  # Ollama's clients pull on a 404
+    (lambda c: c.chat(model=MODEL, messages=[{**QUESTION[0], "images": ["AAAA"]}]), 400),
+    (lambda c: c.chat(model=MODEL, messages=QUESTION, options={"mirostat": 2}), 400),
+    (lambda c: c.generate(model=MODEL, prompt="def f(", suffix="return 1"), 400),
+    (lambda c: c.chat(model=EMBEDDER, messages=QUESTION), 400),
+])
+def test_what_this_server_cannot_do_is_ollamas_error(client, call, status):
+    with pytest.raises(ollama.ResponseError) as refused:
+        call(client)
+    assert refused.value.status_code == status and refused.value.error  # {"error": "..."}, a message

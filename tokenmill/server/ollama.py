@@ -1,0 +1,308 @@
+"""Ollama's API, for its clients (the `ollama` libraries, Open WebUI, Enchanted, Continue): /api/chat, /api/generate,
+/api/embed and /api/embeddings answered by the same engines as /v1/*, and the model listings they read first.
+
+Answers stream as NDJSON by default (Ollama's), each line an object, the last with done true, why it ended, the
+token counts and the prompt's and output's durations in nanoseconds, and tokenmill's usage with its cost.
+"""
+
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+from typing import TypeVar
+
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ValidationError
+
+from tokenmill.errors import InvalidRequestError
+from tokenmill.server.chat import answer_chat
+from tokenmill.server.completions import answer_completion
+from tokenmill.server.embeddings import embed, embedder, embedders_of
+from tokenmill.server.errors import from_exception
+from tokenmill.server.ollama_protocol import (OllamaChatRequest, OllamaEmbedRequest, OllamaGenerateRequest,
+                                              OllamaRequest)
+from tokenmill.server.serving import ChunkStream, EventStream, ServedModel, state_of, unless_disconnected
+
+# The Ollama API version these endpoints follow: clients (Open WebUI, Copilot) compare it before they use them.
+API_VERSION = "0.9.0"
+Body = TypeVar("Body", bound=BaseModel)
+
+
+async def chat(request: Request, response: Response) -> Response:
+    """POST /api/chat: a conversation answered as one message, streamed line by line unless stream is false."""
+    arrival = time.perf_counter()
+    body = await _body(request, OllamaChatRequest)
+    if not body.messages:  # Ollama's way to load a model: every model here is loaded
+        return JSONResponse(_line(body.model, message={"role": "assistant", "content": ""}, done=True,
+                                  done_reason="load"))
+    answer = await answer_chat(body.chat_request(), request, response)
+    return await _respond(request, body, _lines(body, answer, arrival, "message"), answer)
+
+
+async def generate(request: Request, response: Response) -> Response:
+    """POST /api/generate: a prompt completed, through the model's chat template unless raw."""
+    arrival = time.perf_counter()
+    body = await _body(request, OllamaGenerateRequest)
+    body.refusals()
+    if body.context:
+        raise InvalidRequestError("context is not supported: send the conversation to /api/chat", param="context")
+    if not body.prompt:  # Ollama's way to load (or, with keep_alive 0, unload) a model
+        return JSONResponse(_line(body.model, response="", done=True, done_reason="load"))
+    if body.raw:
+        answer = await answer_completion(body.completion_request(body.prompt), request, response)
+    else:
+        answer = await answer_chat(body.chat_request(), request, response)
+    return await _respond(request, body, _lines(body, answer, arrival, "response"), answer)
+
+
+async def embed_inputs(request: Request) -> JSONResponse:
+    """POST /api/embed: each input's embedding (as the served model pools and normalizes it)."""
+    arrival = time.perf_counter()
+    body = await _body(request, OllamaEmbedRequest)
+    name, engine = embedder(request, _served_name(body.model))
+    inputs = [body.input] if isinstance(body.input, str) else body.input or []
+    inputs = [text for text in inputs if text]  # Ollama's client sends "" for none
+    vectors, tokens = await embed(request, name, engine, inputs, -1 if body.truncate else None) if inputs else ([], 0)
+    return JSONResponse({"model": body.model, "embeddings": [v.tolist() for v in vectors],
+                         "total_duration": _ns(time.perf_counter() - arrival), "load_duration": 0,
+                         "prompt_eval_count": tokens})
+
+
+async def embed_prompt(request: Request) -> JSONResponse:
+    """POST /api/embeddings, the older form: one prompt's embedding."""
+    body = await _body(request, OllamaEmbedRequest)
+    name, engine = embedder(request, _served_name(body.model))
+    if not body.prompt:
+        return JSONResponse({"embedding": []})
+    vectors, _ = await embed(request, name, engine, [body.prompt], -1)
+    return JSONResponse({"embedding": vectors[0].tolist()})
+
+
+async def tags(request: Request) -> dict:
+    """GET /api/tags: every served model, as Ollama lists what it has pulled."""
+    return {"models": _models(request)}
+
+
+async def running(request: Request) -> dict:
+    """GET /api/ps: the models in memory (all of them, loaded until the server stops)."""
+    return {"models": [{**card, "size_vram": 0, "expires_at": "9999-12-31T23:59:59Z"} for card in _models(request)]}
+
+
+async def show(request: Request) -> dict:
+    """POST /api/show: a model's template, stop tokens, context and capabilities."""
+    raw = await _json(request)
+    name = _served_name(str(raw.get("model") or raw.get("name") or ""))
+    if name in embedders_of(request):
+        card = next(card for card in _models(request) if card["model"] == f"{name}:latest")
+        return {"modelfile": "", "parameters": "", "template": "", "license": "", "system": "",
+                "details": card["details"], "model_info": {}, "capabilities": ["embedding"],
+                "modified_at": card["modified_at"]}
+    model = state_of(request).model(name)
+    config, tokenizer = model.engine.engine.model_config, model.tokenizer
+    stops = "".join(f'\nstop {json.dumps(tokenizer.decode([t], skip_special_tokens=False))}'
+                    for t in tokenizer.eos_token_ids)
+    arch = config.architecture
+    return {
+        "modelfile": "", "parameters": f"num_ctx {model.max_model_len}{stops}",
+        "template": tokenizer.chat_template or "", "license": "", "system": "",
+        "details": _details(model), "modified_at": _modified(_path(model)),
+        "model_info": {"general.architecture": arch, f"{arch}.context_length": model.max_model_len,
+                       f"{arch}.embedding_length": config.hidden_size, f"{arch}.block_count": config.num_layers},
+        "capabilities": ["completion", "tools"],
+    }
+
+
+async def api_version() -> dict:
+    """GET /api/version: the Ollama API version followed here, and tokenmill's own."""
+    return {"version": API_VERSION, "tokenmill": version("tokenmill")}
+
+
+async def root() -> PlainTextResponse:
+    """GET and HEAD /: what Ollama's clients check to see a server is there."""
+    return PlainTextResponse("tokenmill is running (Ollama's API under /api, OpenAI's under /v1)")
+
+
+async def _respond(request: Request, body: OllamaRequest, lines: AsyncIterator[dict],
+                   answer: ChunkStream | dict) -> Response:
+    """The lines streamed as NDJSON, or (stream false) gathered into one object."""
+    assert isinstance(answer, ChunkStream)  # asked for streamed: the lines' timings come from the chunks
+    if body.stream:
+        return EventStream(lines, answer.streams, answer.headers, encode=_ndjson, media_type="application/x-ndjson")
+
+    async def gather() -> dict:
+        whole: dict = {}
+        async with aclosing(lines) as each:
+            async for line in each:
+                whole = _merged(whole, line)
+        return whole
+
+    def abort() -> None:
+        for stream in answer.streams:
+            stream.close()
+
+    return JSONResponse(await unless_disconnected(request, gather(), abort), headers=answer.headers)
+
+
+async def _lines(body: OllamaRequest, answer: ChunkStream | dict, arrival: float, field: str) -> AsyncIterator[dict]:
+    """A chat's (or a completion's) chunks as Ollama's lines: each delta's text in `field` (message or response),
+    thinking beside it, tool calls whole at the end, then done with the counts and durations."""
+    assert isinstance(answer, ChunkStream)
+    calls: dict[int, dict] = {}
+    first = finish = usage = None
+    async with aclosing(answer.chunks) as chunks:
+        async for chunk in chunks:
+            usage = chunk.get("usage") or usage
+            for choice in chunk["choices"]:
+                finish = choice.get("finish_reason") or finish
+                delta = choice["delta"] if "delta" in choice else {"content": choice["text"]}  # chat's or raw's
+                for call in delta.get("tool_calls") or []:
+                    whole = calls.setdefault(call["index"], {"name": "", "arguments": ""})
+                    whole["name"] += call.get("function", {}).get("name") or ""
+                    whole["arguments"] += call.get("function", {}).get("arguments") or ""
+                text, thought = delta.get("content") or "", delta.get("reasoning_content") or ""
+                if not (text or thought or delta.get("tool_calls")):
+                    continue
+                first = first or time.perf_counter()
+                if text or thought:
+                    yield _text_line(body.model, field, text, thought)
+    if calls:
+        yield _line(body.model, message={"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"name": c["name"], "arguments": _arguments(c["arguments"])}} for c in calls.values()]},
+            done=False)
+    end = time.perf_counter()
+    first = first or end
+    counted = usage or {"prompt_tokens": 0, "completion_tokens": 0}
+    yield {**_text_line(body.model, field, "", ""), "done": True,
+           "done_reason": "length" if finish == "length" else "stop",
+           "total_duration": _ns(end - arrival), "load_duration": 0,
+           "prompt_eval_count": counted["prompt_tokens"], "prompt_eval_duration": _ns(first - arrival),
+           "eval_count": counted["completion_tokens"], "eval_duration": _ns(end - first), "usage": usage}
+
+
+def _text_line(model: str, field: str, text: str, thought: str) -> dict:
+    thinking = {"thinking": thought} if thought else {}
+    if field == "message":
+        return _line(model, message={"role": "assistant", "content": text, **thinking}, done=False)
+    return _line(model, response=text, **thinking, done=False)
+
+
+def _merged(whole: dict, line: dict) -> dict:
+    """The lines so far as one object: texts joined, tool calls kept, the last line's counts."""
+    if not whole:
+        return line
+    merged = {**whole, **{k: v for k, v in line.items() if k not in ("message", "response", "thinking")}}
+    if "response" in line:
+        merged["response"] = whole["response"] + line["response"]
+        if "thinking" in line:
+            merged["thinking"] = whole.get("thinking", "") + line["thinking"]
+    if "message" in line:
+        message = dict(whole["message"])
+        message["content"] += line["message"]["content"]
+        if "thinking" in line["message"]:
+            message["thinking"] = message.get("thinking", "") + line["message"]["thinking"]
+        if "tool_calls" in line["message"]:
+            message["tool_calls"] = line["message"]["tool_calls"]
+        merged["message"] = message
+    return merged
+
+
+def _arguments(text: str) -> dict:
+    """A call's arguments as the object Ollama's tool call holds; a call cut short has none."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+async def _ndjson(lines: AsyncIterator[dict]) -> AsyncIterator[str]:
+    """One compact JSON object per line, as Ollama's clients read them; a failure once begun ends them with an error
+    line, as Ollama's do."""
+    try:
+        async with aclosing(lines):
+            async for line in lines:
+                yield json.dumps(line, separators=(",", ":")) + "\n"
+    except Exception as exc:
+        yield json.dumps({"error": from_exception(exc).body["error"]["message"]}) + "\n"
+
+
+async def _json(request: Request) -> dict:
+    """The body as JSON whatever its content type (curl -d sends a form's): 400 if it is no JSON object."""
+    try:
+        raw = json.loads(await request.body() or b"{}")
+    except ValueError as exc:
+        raise InvalidRequestError(f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise InvalidRequestError("request body must be a JSON object")
+    return raw
+
+
+async def _body(request: Request, kind: type[Body]) -> Body:
+    """The body as the request model; 400 naming the first bad field. A model named name:latest is that model."""
+    raw = await _json(request)
+    try:
+        body = kind.model_validate(raw)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        raise InvalidRequestError(f"{where}: {error['msg']}" if where else error["msg"], param=where or None) from exc
+    return body.model_copy(update={"model": _served_name(body.model)})
+
+
+def _served_name(name: str) -> str:
+    """Ollama's name:tag as a served name: the latest tag is the model itself."""
+    return name.removesuffix(":latest")
+
+
+def _models(request: Request) -> list[dict]:
+    """Each served model as /api/tags lists it."""
+    cards = []
+    for model in state_of(request).models.values():
+        path = _path(model)
+        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+        cards.append(_card(model.name, sum(p.stat().st_size for p in files), _modified(path), _details(model)))
+    for name, engine in embedders_of(request).items():
+        size = sum(p.numel() * p.element_size() for p in engine.model.encoder.parameters())
+        cards.append(_card(name, size, _timestamp(datetime.now(timezone.utc)), {
+            "parent_model": "", "format": "safetensors", "family": "bert", "families": ["bert"],
+            "parameter_size": "", "quantization_level": ""}))
+    return cards
+
+
+def _card(name: str, size: int, modified: str, details: dict) -> dict:
+    # The digest names the served model (Ollama's is its blob's hash): clients use it to tell models apart.
+    return {"name": f"{name}:latest", "model": f"{name}:latest", "modified_at": modified, "size": size,
+            "digest": hashlib.sha256(name.encode()).hexdigest(), "details": details}
+
+
+def _details(model: ServedModel) -> dict:
+    arch = model.engine.engine.model_config.architecture
+    path = _path(model)
+    return {"parent_model": "", "format": "gguf" if path.suffix == ".gguf" else "safetensors", "family": arch,
+            "families": [arch], "parameter_size": "", "quantization_level": ""}
+
+
+def _path(model: ServedModel) -> Path:
+    return Path(model.engine.engine.source.path)
+
+
+def _modified(path: Path) -> str:
+    return _timestamp(datetime.fromtimestamp(path.stat().st_mtime, timezone.utc))
+
+
+def _line(model: str, **fields: object) -> dict:
+    return {"model": model, "created_at": _timestamp(datetime.now(timezone.utc)), **fields}
+
+
+def _timestamp(moment: datetime) -> str:
+    """RFC 3339 in UTC with nine digits of fraction, as Ollama writes it (Enchanted's parser needs them)."""
+    return f"{moment:%Y-%m-%dT%H:%M:%S}.{moment.microsecond:06d}000Z"
+
+
+def _ns(seconds: float) -> int:
+    return int(seconds * 1e9)

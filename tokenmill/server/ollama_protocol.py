@@ -1,0 +1,151 @@
+"""Ollama's API request bodies (/api/chat, /api/generate, /api/embed) and their translation to the chat and
+completions requests that answer them."""
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from tokenmill.errors import InvalidRequestError
+from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest, RequestBody, translated_chat
+
+# Ollama's options as the chat and completions fields they set; unset ones take the model's own defaults, as an
+# Ollama Modelfile's parameters do. Options for Ollama's runner (num_gpu, num_thread, ...) are let be.
+_OPTIONS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "seed": "seed",
+            "stop": "stop", "repeat_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
+            "frequency_penalty": "frequency_penalty"}
+# Samplers this engine does not have, at the values that leave them off.
+_OFF = {"mirostat": 0, "typical_p": 1.0, "tfs_z": 1.0}
+
+
+class OllamaRequest(RequestBody):
+    """Fields every generating request shares."""
+
+    model: str
+    options: dict[str, Any] | None = None
+    format: str | dict[str, Any] | None = None  # "json", or a JSON schema
+    stream: bool = True  # Ollama's default: NDJSON lines
+    think: bool | str | None = None  # true, false, or "low" / "medium" / "high"
+    keep_alive: Any = None  # models stay loaded here: nothing to unload
+
+    def sampling(self) -> dict[str, Any]:
+        """options and format as chat and completions fields; 400 naming the option this engine cannot honour."""
+        options = {k: v for k, v in (self.options or {}).items() if v is not None}
+        for name, off in _OFF.items():
+            if name in options and options[name] != off:
+                raise InvalidRequestError(f"options.{name} is not supported: this engine samples with temperature, "
+                                          "top_k, top_p, min_p and the penalties", param=f"options.{name}")
+        fields = {field: options[name] for name, field in _OPTIONS.items() if name in options}
+        if fields.get("seed") == -1:  # Ollama's "a random seed"
+            del fields["seed"]
+        limit = options.get("num_predict")
+        if limit is not None and limit not in (-1, -2):  # -1: no limit, -2: fill the context; both are ours
+            fields["max_tokens"] = limit
+        if self.format == "json":
+            fields["response_format"] = {"type": "json_object"}
+        elif isinstance(self.format, dict):
+            fields["response_format"] = {"type": "json_schema", "json_schema": {"name": "format", "schema": self.format}}
+        elif self.format:
+            raise InvalidRequestError(f"format {self.format!r} must be \"json\" or a JSON schema", param="format")
+        return fields
+
+    def thinking(self) -> dict[str, Any]:
+        """think as the chat template's variables: enable_thinking, and a level as reasoning_effort."""
+        if self.think is None:
+            return {}
+        levels = {"reasoning_effort": self.think} if isinstance(self.think, str) else {}
+        return {"chat_template_kwargs": {"enable_thinking": bool(self.think)}, **levels}
+
+
+class OllamaMessage(BaseModel):
+    """One chat turn; a tool call's arguments come as an object, a tool result names its tool."""
+
+    role: str
+    content: str | None = None
+    images: list[str] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    thinking: str | None = None  # a reasoning model's, replayed: left out, as chat leaves it
+    tool_name: str | None = None
+
+
+class OllamaChatRequest(OllamaRequest):
+    """POST /api/chat."""
+
+    messages: list[OllamaMessage] = []
+    tools: list[dict[str, Any]] | None = None
+
+    def chat_request(self) -> ChatCompletionRequest:
+        """The chat completions request that answers this one (streamed: the answer's timings come from its chunks)."""
+        messages = []
+        for i, message in enumerate(self.messages):
+            if message.images:
+                raise InvalidRequestError(f"{self.model!r} does not support images; this server's models read text",
+                                          param=f"messages[{i}].images")
+            turn: dict[str, Any] = {"role": message.role.lower(), "content": message.content or ""}
+            if message.tool_calls:
+                turn["tool_calls"] = [_call(call, f"messages[{i}].tool_calls[{j}]")
+                                      for j, call in enumerate(message.tool_calls)]
+            if message.tool_name is not None:
+                turn["name"] = message.tool_name
+            messages.append(turn)
+        fields = {"model": self.model, "messages": messages, "tools": self.tools or None, "stream": True,
+                  "stream_options": {"include_usage": True}, **self.sampling(), **self.thinking()}
+        return translated_chat(fields, {"max_tokens": "options.num_predict", "response_format": "format"})
+
+
+class OllamaGenerateRequest(OllamaRequest):
+    """POST /api/generate: a prompt, through the model's chat template unless raw."""
+
+    prompt: str = ""
+    system: str | None = None
+    raw: bool = False
+    suffix: str | None = None
+    template: str | None = None
+    context: list[int] | None = None
+    images: list[str] | None = None
+
+    def refusals(self) -> None:
+        """400 for what this server does not do: fill-in-the-middle, a per-request template, images."""
+        if self.suffix:
+            raise InvalidRequestError(f"{self.model!r} does not support insert (suffix)", param="suffix")
+        if self.template:
+            raise InvalidRequestError("template is not supported: the model's own chat template renders the prompt",
+                                      param="template")
+        if self.images:
+            raise InvalidRequestError(f"{self.model!r} does not support images", param="images")
+
+    def chat_request(self) -> ChatCompletionRequest:
+        """The prompt (and system) as a one-turn chat, for the templated form."""
+        messages = [{"role": "system", "content": self.system}] if self.system else []
+        fields = {"model": self.model, "messages": [*messages, {"role": "user", "content": self.prompt}],
+                  "stream": True, "stream_options": {"include_usage": True}, **self.sampling(), **self.thinking()}
+        return translated_chat(fields, {"max_tokens": "options.num_predict", "response_format": "format"})
+
+    def completion_request(self, prompt: list[int]) -> CompletionRequest:
+        """The raw form: the prompt's ids as they are, as a plain completion."""
+        fields = {"model": self.model, "prompt": prompt, "stream": True, "stream_options": {"include_usage": True},
+                  "max_tokens": None, **self.sampling()}
+        try:
+            return CompletionRequest.model_validate(fields)
+        except ValidationError as exc:
+            raise InvalidRequestError(f"options: {exc.errors()[0]['msg']}", param="options") from exc
+
+
+class OllamaEmbedRequest(RequestBody):
+    """POST /api/embed (input: a string or strings) and the older /api/embeddings (prompt: one string)."""
+
+    model: str
+    input: str | list[str] | None = None
+    prompt: str | None = None
+    truncate: bool = True
+    keep_alive: Any = None
+
+
+def _call(call: dict[str, Any], where: str) -> dict[str, Any]:
+    """An Ollama tool call (arguments an object) as chat's (arguments as JSON text)."""
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise InvalidRequestError(f"{where}.function must name the function called", param=f"{where}.function")
+    arguments = function.get("arguments") or {}
+    text = arguments if isinstance(arguments, str) else json.dumps(arguments)
+    return {"id": call.get("id"), "type": "function", "function": {"name": function["name"], "arguments": text}}
