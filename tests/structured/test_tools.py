@@ -103,6 +103,19 @@ def test_a_schema_closing_would_leave_nothing_to_match_is_taken_as_written(schem
     assert forced_call([{"type": "function", "function": {"name": "f", "parameters": schema}}], "f").compiled
 
 
+def test_forcing_a_call_compiles_nothing_where_the_request_is_read(monkeypatch):
+    # That is the event loop: closing each tool's arguments compiled them there, 540 ms for five large tools.
+    import llguidance
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("compiled while the request was read")
+
+    monkeypatch.setattr(llguidance.LLMatcher, "grammar_from_json_schema", refuse)
+    monkeypatch.setattr(llguidance.LLMatcher, "validate_grammar_with_warnings", refuse)
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "required": ["a"]}}}
+    forced_call([tool, WEATHER], None)
+
+
 PET = {"allOf": [{"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]},
                  {"type": "object", "properties": {"id": {"type": "integer"}}, "required": ["id"]}]}
 

@@ -31,6 +31,9 @@ class StructuredOutput:
     grammar: str | None = None
     # The request field the constraint came from, so a compile error names it.
     param: str = "response_format"
+    # The grammar with its JSON objects left open (see closed), compiled instead where closing them leaves nothing
+    # to match.
+    open_grammar: str | None = None
 
     def __post_init__(self) -> None:
         given = [self.json is not None, self.json_object, self.regex is not None, self.choice is not None,
@@ -65,9 +68,13 @@ class StructuredOutput:
         from llguidance import LLMatcher
 
         try:
-            if self.json is not None or self.json_object:
-                schema = closed(bounded_numbers(self.json)) if self.json is not None else {"type": "object"}
-                grammar = LLMatcher.grammar_from_json_schema(schema, defaults=JSON_STYLE)
+            if self.json is not None:
+                schema = bounded_numbers(self.json)
+                grammar = LLMatcher.grammar_from_json_schema(closed(schema), defaults=JSON_STYLE)
+                if _matches_nothing(grammar):
+                    grammar = LLMatcher.grammar_from_json_schema(schema, defaults=JSON_STYLE)
+            elif self.json_object:
+                grammar = LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_STYLE)
             elif self.regex is not None:
                 grammar = LLMatcher.grammar_from_regex(self.regex)
             elif self.choice is not None:
@@ -77,6 +84,8 @@ class StructuredOutput:
                 grammar = LLMatcher.grammar_from_lark(f"start: CHOICE\nCHOICE: {choices}")
             else:
                 grammar = LLMatcher.grammar_from_lark(self.grammar)
+                if self.open_grammar is not None and _matches_nothing(grammar):
+                    grammar = LLMatcher.grammar_from_lark(self.open_grammar)
         except (ValueError, TypeError) as exc:
             raise InvalidRequestError(f"cannot compile the {self.param}: {exc}", self.param) from exc
         is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar)
@@ -121,9 +130,8 @@ def closed(schema: Any) -> Any:
 
     A schema that joins objects (allOf, OpenAPI's way to extend one; properties beside a $ref) is taken as written:
     closed, each part forbids the others' keys, and nested in an array or an optional key that empties it without a
-    word. So is one that closing leaves nothing to match (`required` keys without properties)."""
-    from llguidance import LLMatcher  # imported where used: llguidance is 6 MiB
-
+    word. One that closing leaves nothing to match (`required` keys without properties) the compile takes as written
+    (StructuredOutput.open_grammar)."""
     joins: list[bool] = []
     map_schemas(schema, lambda node: joins.append(bool(_JOINING & node.keys())
                                                   or {"$ref", "properties"} <= node.keys()))
@@ -134,13 +142,14 @@ def closed(schema: Any) -> Any:
         if node.get("type") == "object" and not {"additionalProperties", "patternProperties"} & node.keys():
             node["additionalProperties"] = False
 
-    shut = map_schemas(schema, close)
-    try:
-        unsatisfiable = LLMatcher.validate_grammar_with_warnings(
-            LLMatcher.grammar_from_json_schema(shut, defaults=JSON_STYLE))[0]
-    except (ValueError, TypeError):  # the schema's own mistake: its compile says so, closed or not
-        return schema
-    return schema if unsatisfiable else shut
+    return map_schemas(schema, close)
+
+
+def _matches_nothing(grammar: str) -> bool:
+    """Whether llguidance finds the grammar wrong (a closed schema that matches nothing, say)."""
+    from llguidance import LLMatcher
+
+    return LLMatcher.validate_grammar_with_warnings(grammar)[0]
 
 
 def bounded_numbers(schema: Any) -> Any:

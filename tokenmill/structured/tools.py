@@ -1,6 +1,7 @@
 """The tool-call format for chat templates that know no tools, and the grammar that forces a call."""
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from tokenmill.loader.tokenizer import Tokenizer
@@ -67,30 +68,35 @@ def _arguments(call: dict[str, Any]) -> Any:
 
 
 def forced_call(tools: list[dict[str, Any]], name: str | None, parallel: bool = True) -> StructuredOutput:
-    """A grammar whose every output is a tool-call block: calls to `name` (one) or to any tool (one or more)."""
+    """A grammar whose every output is a tool-call block: calls to `name` (one) or to any tool (one or more); the
+    arguments' objects closed (see closed), or left open where that leaves nothing to match. Built, not compiled:
+    compiling runs off the event loop."""
     functions = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
     # Where each function's parameters sit in the schema below: their local $refs ("#/$defs/X", "#") point there.
     at = ["#/items/properties/arguments"] if len(functions) == 1 else [
         f"#/items/anyOf/{i}/properties/arguments" for i in range(len(functions))]
-    calls = [
-        {
-            "type": "object",
-            "properties": {
-                "name": {"const": f["name"]},
-                "arguments": _rebased(closed(bounded_numbers(f.get("parameters") or NO_PARAMETERS)), root),
-            },
-            "required": ["name", "arguments"],
-            "additionalProperties": False,
-        }
-        for f, root in zip(functions, at)
-    ]
-    schema: dict[str, Any] = {"type": "array", "items": calls[0] if len(calls) == 1 else {"anyOf": calls},
-                              "minItems": 1}
-    if name is not None or not parallel:
-        schema["maxItems"] = 1
-    body = json.dumps(schema | {"x-guidance": JSON_STYLE})
-    grammar = f"start: {json.dumps(CALL_OPEN)} %json {body} {json.dumps(CALL_CLOSE)}"
-    return StructuredOutput(grammar=grammar, param="tools")
+
+    def grammar(shape: Callable[[Any], Any]) -> str:
+        calls = [
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"const": f["name"]},
+                    "arguments": _rebased(shape(bounded_numbers(f.get("parameters") or NO_PARAMETERS)), root),
+                },
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+            for f, root in zip(functions, at)
+        ]
+        schema: dict[str, Any] = {"type": "array", "items": calls[0] if len(calls) == 1 else {"anyOf": calls},
+                                  "minItems": 1}
+        if name is not None or not parallel:
+            schema["maxItems"] = 1
+        body = json.dumps(schema | {"x-guidance": JSON_STYLE})
+        return f"start: {json.dumps(CALL_OPEN)} %json {body} {json.dumps(CALL_CLOSE)}"
+
+    return StructuredOutput(grammar=grammar(closed), param="tools", open_grammar=grammar(lambda schema: schema))
 
 
 def _rebased(schema: Any, root: str) -> Any:
