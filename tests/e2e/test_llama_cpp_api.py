@@ -112,3 +112,29 @@ def test_props_and_apply_template_describe_the_model_and_its_chat(server):
     prefilled = httpx.post(f"{server.url}/apply-template",
                            json={"messages": [*messages, {"role": "assistant", "content": "Yo"}]}).json()["prompt"]
     assert prefilled.endswith("<|im_start|>assistant\nYo")
+
+
+def test_an_answer_past_the_context_stops_at_it_marked_truncated_as_llama_server_does(start_server):
+    # It was a 400 naming max_tokens; llama-server answers what fits.
+    short = start_server("--max-model-len", "64")
+    prompt = "word " * 50
+    evaluated = len(httpx.post(f"{short.url}/tokenize", json={"content": prompt}).json()["tokens"])
+    cut = _complete(short, prompt=prompt, n_predict=100, ignore_eos=True, **GREEDY)
+    assert cut["truncated"] is True and cut["stop_type"] == "limit"
+    assert cut["tokens_predicted"] == 64 - evaluated
+    whole = httpx.post(f"{short.url}/completion", json={"prompt": "word " * 64, "n_predict": 0}, timeout=60)
+    assert whole.status_code == 400 and "max_tokens" not in whole.json()["error"]["message"]
+    assert whole.json()["error"]["param"] == "prompt"
+
+
+def test_the_cost_route_and_deadline_come_as_on_v1_completions(server):
+    answer = httpx.post(f"{server.url}/completion", json={"prompt": "Hi", "n_predict": 2},
+                        headers={"x-tokenmill-deadline-ms": "60000"}, timeout=60)
+    assert float(answer.headers["x-tokenmill-cost-usd"]) > 0 and answer.headers["x-tokenmill-deadline"] == "met"
+    with httpx.stream("POST", f"{server.url}/completion", json={"prompt": "Hi", "n_predict": 2, "stream": True},
+                      headers={"x-tokenmill-deadline-ms": "60000"}, timeout=60) as streamed:
+        last = json.loads([line for line in streamed.iter_lines() if line][-1][6:])
+    assert last["stop"] and last["deadline_status"] == "met"  # the headers went out before it was known
+    auto = httpx.post(f"{server.url}/apply-template", json={"model": "auto", "messages": [{"role": "user",
+                                                                                           "content": "Hi"}]})
+    assert auto.status_code == 200  # auto is the one model, as count_tokens takes it

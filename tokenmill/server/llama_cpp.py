@@ -11,23 +11,24 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from importlib.metadata import version
 
-from fastapi import Request
+from fastapi import Request, Response
 
-from tokenmill.errors import InvalidRequestError
+from tokenmill.errors import InvalidRequestError, PromptTooLongError
 from tokenmill.outputs import CompletionOutput, RequestOutput, accumulate
+from tokenmill.router import AUTO
 from tokenmill.router.serving import route
 from tokenmill.sampling import SamplingParams
 from tokenmill.server.completions import prompt_only
-from tokenmill.server.deadlines import with_deadlines
+from tokenmill.server.deadlines import STATUS_HEADER, deadline_status, with_deadlines
 from tokenmill.server.llama_cpp_protocol import NativeCompletionRequest
 from tokenmill.server.protocol import ChatCompletionRequest
-from tokenmill.server.serving import (EventStream, ServedModel, json_logprob, merged, new_id, sse, state_of,
-                                      usage)
+from tokenmill.server.serving import (COST_HEADER, EventStream, ServedModel, json_logprob, merged, new_id, sse,
+                                      state_of, usage)
 
 _MISSING = object()  # a response field the answer lacks
 
 
-async def create_completion(body: NativeCompletionRequest, request: Request) -> dict | EventStream:
+async def create_completion(body: NativeCompletionRequest, request: Request, response: Response) -> dict | EventStream:
     """Complete one prompt, whole or streamed, in llama.cpp's shapes."""
     state = state_of(request)
     arrival = time.perf_counter()
@@ -38,22 +39,41 @@ async def create_completion(body: NativeCompletionRequest, request: Request) -> 
         has_ids = not isinstance(body.prompt, str) and any(isinstance(p, int) for p in body.prompt)
         routed = await route(state, body.model, lambda model: [body.token_ids(model.tokenizer)], params,
                              body.stream, token_ids=has_ids)
-        if ends := body.banned_ends(routed.model.tokenizer):
-            params.logit_bias = {**(params.logit_bias or {}), **ends}
+        # The params the model runs with (a copy under cascade), and those an escalation would run with.
+        ran = [routed.params, routed.asked]
+        for each in ran:
+            each.logit_bias = {**(each.logit_bias or {}), **body.banned_ends(routed.model.tokenizer)} or None
+        # As llama-server: an answer that would pass the context stops at it (marked truncated), not refused.
+        room = routed.model.max_model_len - len(routed.prompts[0])
+        if params.max_tokens is not None and not body.prompt_only and params.max_tokens > room > 0:
+            for each in ran:
+                each.max_tokens = None  # up to the context
+        truncated = routed.params.max_tokens is None
         request_id = new_id("cmpl")
         streams = await routed.start(state, request_id, arrival)
+    except PromptTooLongError as exc:
+        if body.prompt_only:  # the one token run to evaluate it is ours, not a max_tokens the client sent
+            raise PromptTooLongError(f"prompt is {exc.prompt_tokens} tokens; evaluating it runs one token past it, "
+                                     f"so in this model's context of {exc.context} tokens it may be at most "
+                                     f"{exc.context - 1}", param="prompt") from exc
+        raise
     except InvalidRequestError as exc:
         exc.param = body.their_param(exc.param)
         raise
     if body.stream:
-        events = _events(body, routed.model, params, merged(streams))
+        events = _events(body, routed.model, params, merged(streams), truncated)
         return EventStream(events, streams, routed.headers(), encode=lambda chunks: sse(chunks, done=False))
     (output,), block = await routed.finish(state, request, streams, request_id)
     if body.prompt_only:
         output = prompt_only(output)
         block |= {"completion_tokens": 0, "total_tokens": block["prompt_tokens"]}
     sample = output.outputs[0]
-    return _selected({**_result(body, routed.model, params, output, sample, sample.text, sample.token_ids),
+    # As /v1/completions: what it cost, whether it met its deadline, which model answered.
+    response.headers[COST_HEADER] = repr(block["cost"])
+    if (status := deadline_status([output])) is not None:
+        response.headers[STATUS_HEADER] = status
+    response.headers.update(routed.headers())
+    return _selected({**_result(body, routed.model, params, output, sample, sample.text, sample.token_ids, truncated),
                       "usage": block}, body.response_fields)
 
 
@@ -75,7 +95,7 @@ async def get_props(request: Request) -> dict:
 async def apply_template(body: ChatCompletionRequest, request: Request) -> dict:
     """The prompt text a chat (as /v1/chat/completions takes it) is to the model it names, rendered, not answered; a
     final assistant message is continued (llama.cpp's prefill) unless the body says otherwise."""
-    model = state_of(request).model(body.model)
+    model = state_of(request).model(None if body.model == AUTO else body.model)  # as count_tokens takes auto
     if body.messages[-1].role == "assistant" and body.continue_final_message is None \
             and body.add_generation_prompt is None:
         body = body.model_copy(update={"continue_final_message": True})
@@ -84,7 +104,7 @@ async def apply_template(body: ChatCompletionRequest, request: Request) -> dict:
 
 
 async def _events(body: NativeCompletionRequest, model: ServedModel, params: SamplingParams,
-                  outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[dict]:
+                  outputs: AsyncIterator[tuple[int, RequestOutput]], truncated: bool) -> AsyncIterator[dict]:
     """A stream's events: each delta's text and token ids, then the whole account with stop true."""
     whole: RequestOutput | None = None
     async with aclosing(outputs):
@@ -99,13 +119,15 @@ async def _events(body: NativeCompletionRequest, model: ServedModel, params: Sam
     assert whole is not None
     if body.prompt_only:
         whole = prompt_only(whole)
-    # As llama.cpp's last event: the text already went out, so content and tokens are empty here.
-    yield _selected({**_result(body, model, params, whole, whole.outputs[0], "", []), "usage": usage([whole])},
-                    body.response_fields)
+    # As llama.cpp's last event: the text already went out, so content and tokens are empty here. The headers went
+    # out first: a late answer says so here.
+    status = deadline_status([whole])
+    yield _selected({**_result(body, model, params, whole, whole.outputs[0], "", [], truncated),
+                     "usage": usage([whole]), **({"deadline_status": status} if status else {})}, body.response_fields)
 
 
 def _result(body: NativeCompletionRequest, model: ServedModel, params: SamplingParams, output: RequestOutput,
-            sample: CompletionOutput, content: str, tokens: list[int]) -> dict:
+            sample: CompletionOutput, content: str, tokens: list[int], truncated: bool) -> dict:
     """llama.cpp's completion object: the text, why it stopped, the prompt's and output's counts and timings."""
     reason = sample.stop_reason
     stop_type = "limit" if sample.finish_reason == "length" else "word" if isinstance(reason, str) else "eos"
@@ -118,7 +140,8 @@ def _result(body: NativeCompletionRequest, model: ServedModel, params: SamplingP
         "id_slot": 0, "stop": True, "model": model.name, "tokens_predicted": len(sample.token_ids),
         "tokens_evaluated": len(output.prompt_token_ids), "generation_settings": _settings(body, model, params),
         "prompt": model.tokenizer.decode(output.prompt_token_ids, skip_special_tokens=False),
-        "has_new_line": "\n" in sample.text, "truncated": False, "stop_type": stop_type,
+        "has_new_line": "\n" in sample.text, "truncated": truncated and sample.finish_reason == "length",
+        "stop_type": stop_type,
         # llama.cpp's slot holds the prompt and every output token but the last, fed back to it.
         "stopping_word": reason if stop_type == "word" else "",
         "tokens_cached": len(output.prompt_token_ids) + max(len(sample.token_ids) - 1, 0),
