@@ -33,6 +33,7 @@ def test_a_chat_is_v1s_answer_with_ollamas_counts_and_durations(client, served):
     expected = _v1(served, "chat/completions", {"messages": QUESTION, "max_tokens": 8, "temperature": 0})
     answer = client.chat(model=f"{MODEL}:latest", messages=QUESTION, options=GREEDY)
     assert answer.message.content == expected["choices"][0]["message"]["content"]
+    assert answer.model == f"{MODEL}:latest"  # the name as asked, as Ollama echoes it
     assert answer.done and answer.done_reason == expected["choices"][0]["finish_reason"]
     assert (answer.prompt_eval_count, answer.eval_count) == (expected["usage"]["prompt_tokens"],
                                                              expected["usage"]["completion_tokens"])
@@ -96,6 +97,9 @@ def test_embed_gives_v1s_vectors(client, served):
     assert answer.prompt_eval_count > 0
     legacy = client.embeddings(model=EMBEDDER, prompt="a cat")
     assert np.allclose(legacy.embedding, expected[0]["embedding"], atol=1e-5)
+    # As /v1/embeddings' dimensions: it was ignored, 384 numbers where 128 were asked for.
+    short = client.embed(model=EMBEDDER, input=["a cat"], dimensions=128).embeddings[0]
+    assert len(short) == 128 and np.isclose(np.linalg.norm(short), 1.0, atol=1e-5)
 
 
 def test_the_model_listings_clients_read_first(client, served):
@@ -110,8 +114,19 @@ def test_the_model_listings_clients_read_first(client, served):
     assert httpx.head(f"{served.url}/").status_code == 200  # Enchanted's check that a server is there
 
 
+def test_num_predict_is_a_cap_the_context_may_cut_short(start_server):
+    # As Ollama's: past the context it was a 400 naming max_tokens, for every long prompt of a client with a
+    # max-tokens setting.
+    short = ollama.Client(host=start_server("--max-model-len", "64").url)
+    answer = short.generate(model=MODEL, prompt="word " * 50, raw=True, options={"num_predict": 100,
+                                                                               "temperature": 0})
+    assert answer.done_reason == "length" and answer.prompt_eval_count + answer.eval_count == 64
+
+
 @pytest.mark.parametrize("call, status", [
     (lambda c: c.chat(model="gpt-9", messages=QUESTION), 404),  # Ollama's clients pull on a 404
+    (lambda c: c.chat(model="gpt-9", messages=[]), 404),  # loading a model checks it is there
+    (lambda c: c.generate(model="gpt-9", prompt=""), 404),
     (lambda c: c.chat(model=MODEL, messages=[{**QUESTION[0], "images": ["AAAA"]}]), 400),
     (lambda c: c.chat(model=MODEL, messages=QUESTION, options={"mirostat": 2}), 400),
     (lambda c: c.generate(model=MODEL, prompt="def f(", suffix="return 1"), 400),

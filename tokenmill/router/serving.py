@@ -41,6 +41,16 @@ class Routed:
         return {ROUTED_MODEL_HEADER: _header_value(self.model.name),
                 ROUTE_REASON_HEADER: _header_value(self.route.reason)}
 
+    def fit_context(self) -> bool:
+        """max_tokens as a cap, as llama.cpp's n_predict and Ollama's num_predict are: where the longest prompt leaves
+        less room in the model's context, the answer runs up to its end instead of being refused; whether it did."""
+        room = self.model.max_model_len - max(len(prompt) for prompt in self.prompts)
+        if self.params.max_tokens is None or self.params.max_tokens <= room or room < 1:
+            return self.params.max_tokens is None
+        for params in (self.params, self.asked):  # the run's (a copy under cascade), and an escalation's
+            params.max_tokens = None  # up to the context's end
+        return True
+
     async def start(self, state: ServerState, response_id: str, arrival: float) -> list[RequestStream]:
         """Queue the request, which arrived at `arrival` (perf_counter), on its model. Outside cascade an `auto` request
         counts as routed once the model takes it (a refusal is answered by none); under cascade, once an answer is

@@ -44,11 +44,7 @@ async def create_completion(body: NativeCompletionRequest, request: Request, res
         for each in ran:
             each.logit_bias = {**(each.logit_bias or {}), **body.banned_ends(routed.model.tokenizer)} or None
         # As llama-server: an answer that would pass the context stops at it (marked truncated), not refused.
-        room = routed.model.max_model_len - len(routed.prompts[0])
-        if params.max_tokens is not None and not body.prompt_only and params.max_tokens > room > 0:
-            for each in ran:
-                each.max_tokens = None  # up to the context
-        truncated = routed.params.max_tokens is None
+        truncated = not body.prompt_only and routed.fit_context()
         request_id = new_id("cmpl")
         streams = await routed.start(state, request_id, arrival)
     except PromptTooLongError as exc:

@@ -19,13 +19,14 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ValidationError
 
+from tokenmill.embeddings.inputs import check_dimensions, shorten
 from tokenmill.errors import InvalidRequestError
 from tokenmill.server.chat import answer_chat
 from tokenmill.server.completions import answer_completion
 from tokenmill.server.embeddings import embed, embedder, embedders_of
 from tokenmill.server.errors import from_exception
 from tokenmill.server.ollama_protocol import (OllamaChatRequest, OllamaEmbedRequest, OllamaGenerateRequest,
-                                              OllamaRequest)
+                                              OllamaRequest, served_name)
 from tokenmill.server.serving import ChunkStream, EventStream, ServedModel, state_of, unless_disconnected
 
 # The Ollama API version these endpoints follow: clients (Open WebUI, Copilot) compare it before they use them.
@@ -37,7 +38,8 @@ async def chat(request: Request, response: Response) -> Response:
     """POST /api/chat: a conversation answered as one message, streamed line by line unless stream is false."""
     arrival = time.perf_counter()
     body = await _body(request, OllamaChatRequest)
-    if not body.messages:  # Ollama's way to load a model: every model here is loaded
+    if not body.messages:  # Ollama's way to load a model: every model here is loaded (a 404 if not served)
+        state_of(request).model(body.served)
         return JSONResponse(_line(body.model, message={"role": "assistant", "content": ""}, done=True,
                                   done_reason="load"))
     answer = await answer_chat(body.chat_request(), request, response)
@@ -52,6 +54,7 @@ async def generate(request: Request, response: Response) -> Response:
     if body.context:
         raise InvalidRequestError("context is not supported: send the conversation to /api/chat", param="context")
     if not body.prompt:  # Ollama's way to load (or, with keep_alive 0, unload) a model
+        state_of(request).model(body.served)
         return JSONResponse(_line(body.model, response="", done=True, done_reason="load"))
     if body.raw:
         answer = await answer_completion(body.completion_request(body.prompt), request, response)
@@ -64,10 +67,13 @@ async def embed_inputs(request: Request) -> JSONResponse:
     """POST /api/embed: each input's embedding (as the served model pools and normalizes it)."""
     arrival = time.perf_counter()
     body = await _body(request, OllamaEmbedRequest)
-    name, engine = embedder(request, _served_name(body.model))
+    name, engine = embedder(request, served_name(body.model))
+    check_dimensions(engine.model, body.dimensions)
     inputs = [body.input] if isinstance(body.input, str) else body.input or []
     inputs = [text for text in inputs if text]  # Ollama's client sends "" for none
     vectors, tokens = await embed(request, name, engine, inputs, -1 if body.truncate else None) if inputs else ([], 0)
+    if inputs:
+        vectors = shorten(engine.model, vectors, body.dimensions)
     return JSONResponse({"model": body.model, "embeddings": [v.tolist() for v in vectors],
                          "total_duration": _ns(time.perf_counter() - arrival), "load_duration": 0,
                          "prompt_eval_count": tokens})
@@ -76,7 +82,7 @@ async def embed_inputs(request: Request) -> JSONResponse:
 async def embed_prompt(request: Request) -> JSONResponse:
     """POST /api/embeddings, the older form: one prompt's embedding."""
     body = await _body(request, OllamaEmbedRequest)
-    name, engine = embedder(request, _served_name(body.model))
+    name, engine = embedder(request, served_name(body.model))
     if not body.prompt:
         return JSONResponse({"embedding": []})
     vectors, _ = await embed(request, name, engine, [body.prompt], -1)
@@ -96,7 +102,7 @@ async def running(request: Request) -> dict:
 async def show(request: Request) -> dict:
     """POST /api/show: a model's template, stop tokens, context and capabilities."""
     raw = await _json(request)
-    name = _served_name(str(raw.get("model") or raw.get("name") or ""))
+    name = served_name(str(raw.get("model") or raw.get("name") or ""))
     if name in embedders_of(request):
         card = next(card for card in _models(request) if card["model"] == f"{name}:latest")
         return {"modelfile": "", "parameters": "", "template": "", "license": "", "system": "",
@@ -243,20 +249,15 @@ async def _json(request: Request) -> dict:
 
 
 async def _body(request: Request, kind: type[Body]) -> Body:
-    """The body as the request model; 400 naming the first bad field. A model named name:latest is that model."""
+    """The body as the request model; 400 naming the first bad field."""
     raw = await _json(request)
     try:
-        body = kind.model_validate(raw)
+        return kind.model_validate(raw)
     except ValidationError as exc:
         error = exc.errors()[0]
         where = ".".join(str(part) for part in error["loc"])
         raise InvalidRequestError(f"{where}: {error['msg']}" if where else error["msg"], param=where or None) from exc
-    return body.model_copy(update={"model": _served_name(body.model)})
 
-
-def _served_name(name: str) -> str:
-    """Ollama's name:tag as a served name: the latest tag is the model itself."""
-    return name.removesuffix(":latest")
 
 
 def _models(request: Request) -> list[dict]:

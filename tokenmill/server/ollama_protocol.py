@@ -2,7 +2,7 @@
 completions requests that answer them."""
 
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -18,6 +18,11 @@ _OPTIONS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "m
 _OFF = {"mirostat": 0, "typical_p": 1.0, "tfs_z": 1.0}
 
 
+def served_name(name: str) -> str:
+    """Ollama's name:tag as a served name: the latest tag is the model itself."""
+    return name.removesuffix(":latest")
+
+
 class OllamaRequest(RequestBody):
     """Fields every generating request shares."""
 
@@ -27,6 +32,11 @@ class OllamaRequest(RequestBody):
     stream: bool = True  # Ollama's default: NDJSON lines
     think: bool | str | None = None  # true, false, or "low" / "medium" / "high"
     keep_alive: Any = None  # models stay loaded here: nothing to unload
+
+    @property
+    def served(self) -> str:
+        """The served model it names (answers keep the name as sent)."""
+        return served_name(self.model)
 
     def sampling(self) -> dict[str, Any]:
         """options and format as chat and completions fields; 400 naming the option this engine cannot honour."""
@@ -39,7 +49,7 @@ class OllamaRequest(RequestBody):
         if fields.get("seed") == -1:  # Ollama's "a random seed"
             del fields["seed"]
         limit = options.get("num_predict")
-        if limit is not None and limit not in (-1, -2):  # -1: no limit, -2: fill the context; both are ours
+        if limit is not None and limit not in (0, -1, -2):  # 0 and -1: no limit, -2: fill the context; all ours
             fields["max_tokens"] = limit
         if self.format == "json":
             fields["response_format"] = {"type": "json_object"}
@@ -88,9 +98,9 @@ class OllamaChatRequest(OllamaRequest):
             if message.tool_name is not None:
                 turn["name"] = message.tool_name
             messages.append(turn)
-        fields = {"model": self.model, "messages": messages, "tools": self.tools or None, "stream": True,
+        fields = {"model": self.served, "messages": messages, "tools": self.tools or None, "stream": True,
                   "stream_options": {"include_usage": True}, **self.sampling(), **self.thinking()}
-        return translated_chat(fields, {"max_tokens": "options.num_predict", "response_format": "format"})
+        return _capped(translated_chat(fields, {"max_tokens": "options.num_predict", "response_format": "format"}))
 
 
 class OllamaGenerateRequest(OllamaRequest):
@@ -117,16 +127,16 @@ class OllamaGenerateRequest(OllamaRequest):
     def chat_request(self) -> ChatCompletionRequest:
         """The prompt (and system) as a one-turn chat, for the templated form."""
         messages = [{"role": "system", "content": self.system}] if self.system else []
-        fields = {"model": self.model, "messages": [*messages, {"role": "user", "content": self.prompt}],
+        fields = {"model": self.served, "messages": [*messages, {"role": "user", "content": self.prompt}],
                   "stream": True, "stream_options": {"include_usage": True}, **self.sampling(), **self.thinking()}
-        return translated_chat(fields, {"max_tokens": "options.num_predict", "response_format": "format"})
+        return _capped(translated_chat(fields, {"max_tokens": "options.num_predict", "response_format": "format"}))
 
     def completion_request(self, prompt: list[int]) -> CompletionRequest:
         """The raw form: the prompt's ids as they are, as a plain completion."""
-        fields = {"model": self.model, "prompt": prompt, "stream": True, "stream_options": {"include_usage": True},
+        fields = {"model": self.served, "prompt": prompt, "stream": True, "stream_options": {"include_usage": True},
                   "max_tokens": None, **self.sampling()}
         try:
-            return CompletionRequest.model_validate(fields)
+            return _capped(CompletionRequest.model_validate(fields))
         except ValidationError as exc:
             raise InvalidRequestError(f"options: {exc.errors()[0]['msg']}", param="options") from exc
 
@@ -138,7 +148,17 @@ class OllamaEmbedRequest(RequestBody):
     input: str | list[str] | None = None
     prompt: str | None = None
     truncate: bool = True
+    dimensions: int | None = None  # the embeddings' first this many numbers, renormalized, as /v1/embeddings'
     keep_alive: Any = None
+
+
+Request = TypeVar("Request", ChatCompletionRequest, CompletionRequest)
+
+
+def _capped(request: Request) -> Request:
+    """The request with num_predict a cap, as Ollama's is: the context's end may cut the answer short."""
+    request._fit_context = True
+    return request
 
 
 def _call(call: dict[str, Any], where: str) -> dict[str, Any]:

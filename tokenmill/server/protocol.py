@@ -6,7 +6,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from tokenmill.errors import InvalidRequestError
 from tokenmill.sampling import SamplingParams
@@ -207,6 +207,10 @@ class RequestBody(BaseModel):
 
 class _GenerationRequest(RequestBody):
     """Fields shared by completions and chat completions, plus vLLM's sampling extensions."""
+
+    # Set by the APIs translated to these (Ollama's): max_tokens is a cap that the context's end may cut short,
+    # not a length the prompt must leave room for. No field: OpenAI's clients cannot ask for it.
+    _fit_context: bool = PrivateAttr(default=False)
 
     # OpenAI marks these nullable; None means the default, as there.
     model: str | None = None
