@@ -6,7 +6,6 @@ message_delta (the stop reason and usage) and message_stop.
 """
 
 import asyncio
-import json
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -19,6 +18,7 @@ from tokenmill.server.chat import answer_chat
 from tokenmill.server.errors import APIError, anthropic_type
 from tokenmill.server.messages_protocol import CountTokensRequest, MessagesRequest, their_param
 from tokenmill.server.serving import EventStream, named_sse, state_of
+from tokenmill.structured.tool_parser import arguments_object
 
 
 async def create_message(body: MessagesRequest, request: Request, response: Response) -> dict | EventStream:
@@ -42,7 +42,7 @@ async def create_message(body: MessagesRequest, request: Request, response: Resp
     if message["content"]:
         content.append({"type": "text", "text": message["content"]})
     content += [{"type": "tool_use", "id": c["id"], "name": c["function"]["name"],
-                 "input": _input(c["function"]["arguments"])} for c in calls]
+                 "input": arguments_object(c["function"]["arguments"])} for c in calls]
     return {"id": message_id, "type": "message", "role": "assistant", "model": answer["model"], "content": content,
             **_stop(choice["finish_reason"], choice["stop_reason"], bool(calls)), "usage": _usage(answer["usage"])}
 
@@ -64,15 +64,6 @@ def _too_long(exc: PromptTooLongError) -> PromptTooLongError:
                                   "again", param="max_tokens", **figures)
     return PromptTooLongError(f"prompt is too long: {exc.prompt_tokens} tokens > {exc.context - 1} maximum",
                               param="messages", **figures)
-
-
-def _input(arguments: str) -> dict:
-    """A call's arguments as the object Anthropic's tool_use block holds; a call max_tokens cut short has none."""
-    try:
-        value = json.loads(arguments)
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def _stop(finish_reason: str | None, stop_reason: str | int | None, called: bool) -> dict:

@@ -28,6 +28,7 @@ from tokenmill.server.errors import from_exception
 from tokenmill.server.ollama_protocol import (OllamaChatRequest, OllamaEmbedRequest, OllamaGenerateRequest,
                                               OllamaRequest, served_name)
 from tokenmill.server.serving import ChunkStream, EventStream, ServedModel, state_of, unless_disconnected
+from tokenmill.structured.tool_parser import arguments_object
 
 # The Ollama API version these endpoints follow: clients (Open WebUI, Copilot) compare it before they use them.
 API_VERSION = "0.9.0"
@@ -178,7 +179,7 @@ async def _lines(body: OllamaRequest, answer: ChunkStream | dict, arrival: float
                     yield _text_line(body.model, field, text, thought)
     if calls:
         yield _line(body.model, message={"role": "assistant", "content": "", "tool_calls": [
-            {"function": {"name": c["name"], "arguments": _arguments(c["arguments"])}} for c in calls.values()]},
+            {"function": {"name": c["name"], "arguments": arguments_object(c["arguments"])}} for c in calls.values()]},
             done=False)
     end = time.perf_counter()
     first = first or end
@@ -215,15 +216,6 @@ def _merged(whole: dict, line: dict) -> dict:
             message["tool_calls"] = line["message"]["tool_calls"]
         merged["message"] = message
     return merged
-
-
-def _arguments(text: str) -> dict:
-    """A call's arguments as the object Ollama's tool call holds; a call cut short has none."""
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 async def _ndjson(lines: AsyncIterator[dict]) -> AsyncIterator[str]:

@@ -57,6 +57,16 @@ def partial_calls(inner: str, names: tuple[str, ...]) -> list[ToolCall]:
     return calls + [ToolCall(fits[0], "")] if len(fits) == 1 else calls
 
 
+def arguments_object(arguments: str) -> dict:
+    """A call's arguments (JSON text) as the object Anthropic's and Ollama's calls hold; a call max_tokens cut short
+    has none."""
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def parse_tool_calls(text: str, names: tuple[str, ...] = ()) -> tuple[str | None, list[ToolCall]]:
     """The content outside tool-call blocks (None if empty) and the calls; text that does not parse stays content.
     names: the functions a forced call may name (tool_choice named one, or required any); text cut short is then a
