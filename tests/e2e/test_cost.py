@@ -91,6 +91,21 @@ def test_cost_is_in_the_final_usage_chunk_of_a_stream(client, endpoint):
     assert cost == pytest.approx(details["compute_seconds"] * details["price_per_hour"] / 3600)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_each_answer_says_how_long_its_client_waited(client, stream):
+    # Latency beside cost in every usage block: the first token's wait and the whole, from the request's arrival.
+    import time
+
+    began = time.perf_counter()
+    answer = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi."}],
+                                            max_tokens=4, stream=stream,
+                                            **({"stream_options": {"include_usage": True}} if stream else {}))
+    usage = list(answer)[-1].usage if stream else answer.usage
+    waited = time.perf_counter() - began
+    latency = usage.model_extra["latency"]
+    assert 0 < latency["time_to_first_token_seconds"] <= latency["end_to_end_seconds"] < waited
+
+
 def test_startup_log_states_the_price_and_how_to_change_it(server):
     log = server.log.read_text()
     assert "pricing compute time at $" in log and "pass --price-per-hour USD" in log

@@ -131,8 +131,34 @@ def test_num_predict_is_a_cap_the_context_may_cut_short(start_server):
     (lambda c: c.chat(model=MODEL, messages=QUESTION, options={"mirostat": 2}), 400),
     (lambda c: c.generate(model=MODEL, prompt="def f(", suffix="return 1"), 400),
     (lambda c: c.chat(model=EMBEDDER, messages=QUESTION), 400),
+    # As Ollama: raw leaves the system prompt out, so one beside it is refused (it was dropped without a word).
+    (lambda c: c.generate(model=MODEL, prompt="Hi", raw=True, system="Be brief."), 400),
+    # One embedding per input or none: an empty one was dropped and every vector after it moved up a place.
+    (lambda c: c.embed(model=EMBEDDER, input=["a", "", "b"]), 400),
 ])
 def test_what_this_server_cannot_do_is_ollamas_error(client, call, status):
     with pytest.raises(ollama.ResponseError) as refused:
         call(client)
     assert refused.value.status_code == status and refused.value.error  # {"error": "..."}, a message
+
+
+def test_null_means_the_default_as_in_ollama(served):
+    # stream null was a 400; as Ollama reads it, it is unset: a streamed answer.
+    body = {"model": MODEL, "messages": QUESTION, "options": GREEDY, "stream": None}
+    lines = httpx.post(f"{served.url}/api/chat", json=body, timeout=60).text.splitlines()
+    assert len(lines) > 1 and json.loads(lines[-1])["done"]
+    loaded = httpx.post(f"{served.url}/api/chat", json={"model": MODEL, "messages": None}, timeout=60).json()
+    assert loaded["done_reason"] == "load"
+
+
+def test_the_durations_are_the_engines_own(served):
+    # The prompt's up to the first token, the output's after it: from the engine's clock, also where a tool call's
+    # text was held back (the clock started at the first text shown, so nearly all of it counted as the prompt's).
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    for stream in (False, True):
+        body = {"model": MODEL, "messages": QUESTION, "tools": tools, "options": GREEDY, "stream": stream}
+        answer = json.loads(httpx.post(f"{served.url}/api/chat", json=body, timeout=60).text.splitlines()[-1])
+        latency = answer["usage"]["latency"]
+        assert answer["prompt_eval_duration"] == int(latency["time_to_first_token_seconds"] * 1e9)
+        assert answer["total_duration"] == int(latency["end_to_end_seconds"] * 1e9) > answer["prompt_eval_duration"]
+        assert answer["eval_duration"] > 0

@@ -27,7 +27,7 @@ from tokenmill.server.embeddings import embed, embedder, embedders_of
 from tokenmill.server.errors import from_exception
 from tokenmill.server.ollama_protocol import (OllamaChatRequest, OllamaEmbedRequest, OllamaGenerateRequest,
                                               OllamaRequest, served_name)
-from tokenmill.server.serving import ChunkStream, EventStream, ServedModel, state_of, unless_disconnected
+from tokenmill.server.serving import ChunkStream, EventStream, ServedModel, state_of
 from tokenmill.structured.tool_parser import arguments_object
 
 # The Ollama API version these endpoints follow: clients (Open WebUI, Copilot) compare it before they use them.
@@ -35,33 +35,28 @@ API_VERSION = "0.9.0"
 Body = TypeVar("Body", bound=BaseModel)
 
 
-async def chat(request: Request, response: Response) -> Response:
+async def chat(request: Request, response: Response) -> Response | dict:
     """POST /api/chat: a conversation answered as one message, streamed line by line unless stream is false."""
-    arrival = time.perf_counter()
     body = await _body(request, OllamaChatRequest)
     if not body.messages:  # Ollama's way to load a model: every model here is loaded (a 404 if not served)
         state_of(request).model(body.served)
         return JSONResponse(_line(body.model, message={"role": "assistant", "content": ""}, done=True,
                                   done_reason="load"))
-    answer = await answer_chat(body.chat_request(), request, response)
-    return await _respond(request, body, _lines(body, answer, arrival, "message"), answer)
+    return _answered(body, await answer_chat(body.chat_request(), request, response), "message")
 
 
-async def generate(request: Request, response: Response) -> Response:
+async def generate(request: Request, response: Response) -> Response | dict:
     """POST /api/generate: a prompt completed, through the model's chat template unless raw."""
-    arrival = time.perf_counter()
     body = await _body(request, OllamaGenerateRequest)
     body.refusals()
-    if body.context:
-        raise InvalidRequestError("context is not supported: send the conversation to /api/chat", param="context")
     if not body.prompt:  # Ollama's way to load (or, with keep_alive 0, unload) a model
         state_of(request).model(body.served)
         return JSONResponse(_line(body.model, response="", done=True, done_reason="load"))
     if body.raw:
-        answer = await answer_completion(body.completion_request(body.prompt), request, response)
+        answer = await answer_completion(body.completion_request(), request, response)
     else:
         answer = await answer_chat(body.chat_request(), request, response)
-    return await _respond(request, body, _lines(body, answer, arrival, "response"), answer)
+    return _answered(body, answer, "response")
 
 
 async def embed_inputs(request: Request) -> JSONResponse:
@@ -70,8 +65,8 @@ async def embed_inputs(request: Request) -> JSONResponse:
     body = await _body(request, OllamaEmbedRequest)
     name, engine = embedder(request, served_name(body.model))
     check_dimensions(engine.model, body.dimensions)
-    inputs = [body.input] if isinstance(body.input, str) else body.input or []
-    inputs = [text for text in inputs if text]  # Ollama's client sends "" for none
+    # Ollama's client sends "" for none; an empty string among others is refused, as on /v1/embeddings.
+    inputs = ([body.input] if body.input else []) if isinstance(body.input, str) else body.input or []
     vectors, tokens = await embed(request, name, engine, inputs, -1 if body.truncate else None) if inputs else ([], 0)
     if inputs:
         vectors = shorten(engine.model, vectors, body.dimensions)
@@ -134,33 +129,28 @@ async def root() -> PlainTextResponse:
     return PlainTextResponse("tokenmill is running (Ollama's API under /api, OpenAI's under /v1)")
 
 
-async def _respond(request: Request, body: OllamaRequest, lines: AsyncIterator[dict],
-                   answer: ChunkStream | dict) -> Response:
-    """The lines streamed as NDJSON, or (stream false) gathered into one object."""
-    assert isinstance(answer, ChunkStream)  # asked for streamed: the lines' timings come from the chunks
-    if body.stream:
-        return EventStream(lines, answer.streams, answer.headers, encode=_ndjson, media_type="application/x-ndjson")
-
-    async def gather() -> dict:
-        whole: dict = {}
-        async with aclosing(lines) as each:
-            async for line in each:
-                whole = _merged(whole, line)
-        return whole
-
-    def abort() -> None:
-        for stream in answer.streams:
-            stream.close()
-
-    return JSONResponse(await unless_disconnected(request, gather(), abort), headers=answer.headers)
+def _answered(body: OllamaRequest, answer: ChunkStream | dict, field: str) -> Response | dict:
+    """The answer as Ollama's: its lines streamed as NDJSON, or one object (the response's headers kept)."""
+    if isinstance(answer, ChunkStream):
+        return EventStream(_lines(body, answer, field), answer.streams, answer.headers, encode=_ndjson,
+                           media_type="application/x-ndjson")
+    choice = answer["choices"][0]
+    if field == "response":  # a completion's text, or a one-turn chat's
+        line = _line(body.model, response=choice["text"] if "text" in choice else choice["message"]["content"])
+        return {**line, **_thought(choice.get("message", {})), **_account(answer["usage"], choice["finish_reason"])}
+    message = choice["message"]
+    calls = [{"function": {"name": c["function"]["name"], "arguments": arguments_object(c["function"]["arguments"])}}
+             for c in message.get("tool_calls") or []]
+    reply = {"role": "assistant", "content": message["content"] or "", **_thought(message),
+             **({"tool_calls": calls} if calls else {})}
+    return {**_line(body.model, message=reply), **_account(answer["usage"], choice["finish_reason"])}
 
 
-async def _lines(body: OllamaRequest, answer: ChunkStream | dict, arrival: float, field: str) -> AsyncIterator[dict]:
+async def _lines(body: OllamaRequest, answer: ChunkStream, field: str) -> AsyncIterator[dict]:
     """A chat's (or a completion's) chunks as Ollama's lines: each delta's text in `field` (message or response),
     thinking beside it, tool calls whole at the end, then done with the counts and durations."""
-    assert isinstance(answer, ChunkStream)
     calls: dict[int, dict] = {}
-    first = finish = usage = None
+    finish = usage = None
     async with aclosing(answer.chunks) as chunks:
         async for chunk in chunks:
             usage = chunk.get("usage") or usage
@@ -172,23 +162,30 @@ async def _lines(body: OllamaRequest, answer: ChunkStream | dict, arrival: float
                     whole["name"] += call.get("function", {}).get("name") or ""
                     whole["arguments"] += call.get("function", {}).get("arguments") or ""
                 text, thought = delta.get("content") or "", delta.get("reasoning_content") or ""
-                if not (text or thought or delta.get("tool_calls")):
-                    continue
-                first = first or time.perf_counter()
                 if text or thought:
                     yield _text_line(body.model, field, text, thought)
     if calls:
         yield _line(body.model, message={"role": "assistant", "content": "", "tool_calls": [
             {"function": {"name": c["name"], "arguments": arguments_object(c["arguments"])}} for c in calls.values()]},
             done=False)
-    end = time.perf_counter()
-    first = first or end
+    yield {**_text_line(body.model, field, "", ""), **_account(usage, finish)}
+
+
+def _account(usage: dict | None, finish: str | None) -> dict:
+    """The done line's fields: why it ended, the counts, and the durations (nanoseconds) the engine measured: the
+    prompt's up to the first token, the output's after it; tokenmill's usage and cost beside them."""
     counted = usage or {"prompt_tokens": 0, "completion_tokens": 0}
-    yield {**_text_line(body.model, field, "", ""), "done": True,
-           "done_reason": "length" if finish == "length" else "stop",
-           "total_duration": _ns(end - arrival), "load_duration": 0,
-           "prompt_eval_count": counted["prompt_tokens"], "prompt_eval_duration": _ns(first - arrival),
-           "eval_count": counted["completion_tokens"], "eval_duration": _ns(end - first), "usage": usage}
+    latency = counted.get("latency") or {}
+    first = latency.get("time_to_first_token_seconds") or 0.0
+    total = latency.get("end_to_end_seconds") or first
+    return {"done": True, "done_reason": "length" if finish == "length" else "stop", "total_duration": _ns(total),
+            "load_duration": 0, "prompt_eval_count": counted["prompt_tokens"], "prompt_eval_duration": _ns(first),
+            "eval_count": counted["completion_tokens"], "eval_duration": _ns(total - first), "usage": usage}
+
+
+def _thought(message: dict) -> dict:
+    """A --reasoning-parser's thinking, as Ollama's `thinking`."""
+    return {"thinking": message["reasoning_content"]} if message.get("reasoning_content") else {}
 
 
 def _text_line(model: str, field: str, text: str, thought: str) -> dict:
@@ -196,26 +193,6 @@ def _text_line(model: str, field: str, text: str, thought: str) -> dict:
     if field == "message":
         return _line(model, message={"role": "assistant", "content": text, **thinking}, done=False)
     return _line(model, response=text, **thinking, done=False)
-
-
-def _merged(whole: dict, line: dict) -> dict:
-    """The lines so far as one object: texts joined, tool calls kept, the last line's counts."""
-    if not whole:
-        return line
-    merged = {**whole, **{k: v for k, v in line.items() if k not in ("message", "response", "thinking")}}
-    if "response" in line:
-        merged["response"] = whole["response"] + line["response"]
-        if "thinking" in line:
-            merged["thinking"] = whole.get("thinking", "") + line["thinking"]
-    if "message" in line:
-        message = dict(whole["message"])
-        message["content"] += line["message"]["content"]
-        if "thinking" in line["message"]:
-            message["thinking"] = message.get("thinking", "") + line["message"]["thinking"]
-        if "tool_calls" in line["message"]:
-            message["tool_calls"] = line["message"]["tool_calls"]
-        merged["message"] = message
-    return merged
 
 
 async def _ndjson(lines: AsyncIterator[dict]) -> AsyncIterator[str]:

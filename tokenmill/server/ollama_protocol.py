@@ -29,9 +29,14 @@ class OllamaRequest(RequestBody):
     model: str
     options: dict[str, Any] | None = None
     format: str | dict[str, Any] | None = None  # "json", or a JSON schema
-    stream: bool = True  # Ollama's default: NDJSON lines
+    stream: bool | None = None  # unset or null: Ollama's default, NDJSON lines
     think: bool | str | None = None  # true, false, or "low" / "medium" / "high"
     keep_alive: Any = None  # models stay loaded here: nothing to unload
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the answer streams (Ollama's default)."""
+        return self.stream is not False
 
     @property
     def served(self) -> str:
@@ -59,6 +64,10 @@ class OllamaRequest(RequestBody):
             raise InvalidRequestError(f"format {self.format!r} must be \"json\" or a JSON schema", param="format")
         return fields
 
+    def _streaming(self) -> dict[str, Any]:
+        """stream as chat's and completions' fields: the last chunk's usage carries the counts and durations."""
+        return {"stream": self.streamed, "stream_options": {"include_usage": True} if self.streamed else None}
+
     def thinking(self) -> dict[str, Any]:
         """think as the chat template's variables: enable_thinking, and a level as reasoning_effort."""
         if self.think is None:
@@ -81,13 +90,13 @@ class OllamaMessage(BaseModel):
 class OllamaChatRequest(OllamaRequest):
     """POST /api/chat."""
 
-    messages: list[OllamaMessage] = []
+    messages: list[OllamaMessage] | None = None  # none (or null): Ollama's way to load the model
     tools: list[dict[str, Any]] | None = None
 
     def chat_request(self) -> ChatCompletionRequest:
-        """The chat completions request that answers this one (streamed: the answer's timings come from its chunks)."""
+        """The chat completions request that answers this one."""
         messages = []
-        for i, message in enumerate(self.messages):
+        for i, message in enumerate(self.messages or []):
             if message.images:
                 raise InvalidRequestError(f"{self.model!r} does not support images; this server's models read text",
                                           param=f"messages[{i}].images")
@@ -98,15 +107,15 @@ class OllamaChatRequest(OllamaRequest):
             if message.tool_name is not None:
                 turn["name"] = message.tool_name
             messages.append(turn)
-        fields = {"model": self.served, "messages": messages, "tools": self.tools or None, "stream": True,
-                  "stream_options": {"include_usage": True}, **self.sampling(), **self.thinking()}
+        fields = {"model": self.served, "messages": messages, "tools": self.tools or None, **self._streaming(),
+                  **self.sampling(), **self.thinking()}
         return _capped(translated_chat(fields, {"max_tokens": "options.num_predict", "response_format": "format"}))
 
 
 class OllamaGenerateRequest(OllamaRequest):
     """POST /api/generate: a prompt, through the model's chat template unless raw."""
 
-    prompt: str = ""
+    prompt: str | None = None  # none (or null, or ""): Ollama's way to load the model
     system: str | None = None
     raw: bool = False
     suffix: str | None = None
@@ -115,7 +124,12 @@ class OllamaGenerateRequest(OllamaRequest):
     images: list[str] | None = None
 
     def refusals(self) -> None:
-        """400 for what this server does not do: fill-in-the-middle, a per-request template, images."""
+        """400 for what this server does not do (fill-in-the-middle, a per-request template, images, a returned
+        context), and for what raw leaves out, as Ollama says."""
+        if self.raw and (self.system or self.template or self.context):
+            raise InvalidRequestError("raw mode does not support template, system, or context", param="raw")
+        if self.context:
+            raise InvalidRequestError("context is not supported: send the conversation to /api/chat", param="context")
         if self.suffix:
             raise InvalidRequestError(f"{self.model!r} does not support insert (suffix)", param="suffix")
         if self.template:
@@ -128,12 +142,12 @@ class OllamaGenerateRequest(OllamaRequest):
         """The prompt (and system) as a one-turn chat, for the templated form."""
         messages = [{"role": "system", "content": self.system}] if self.system else []
         fields = {"model": self.served, "messages": [*messages, {"role": "user", "content": self.prompt}],
-                  "stream": True, "stream_options": {"include_usage": True}, **self.sampling(), **self.thinking()}
+                  **self._streaming(), **self.sampling(), **self.thinking()}
         return _capped(translated_chat(fields, {"max_tokens": "options.num_predict", "response_format": "format"}))
 
-    def completion_request(self, prompt: list[int]) -> CompletionRequest:
-        """The raw form: the prompt's ids as they are, as a plain completion."""
-        fields = {"model": self.served, "prompt": prompt, "stream": True, "stream_options": {"include_usage": True},
+    def completion_request(self) -> CompletionRequest:
+        """The raw form: the prompt as it is, as a plain completion."""
+        fields = {"model": self.served, "prompt": self.prompt, **self._streaming(),
                   "max_tokens": None, **self.sampling()}
         try:
             return _capped(CompletionRequest.model_validate(fields))

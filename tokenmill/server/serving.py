@@ -249,7 +249,20 @@ class Usage:
                 "compute_seconds": sum(m.compute_seconds for m in requests),
                 "price_per_hour": requests[0].price_per_hour if requests else 0.0,
             },
+            "latency": _latency(requests),
         }
+
+
+def _latency(requests: list[RequestMetrics]) -> dict | None:
+    """What the client waited, from its request's arrival: for the first token (of any of the engine requests behind
+    the response), and for the whole (once all are done); None before any token."""
+    firsts = [m.first_token_time for m in requests if m.first_token_time is not None]
+    if not firsts:
+        return None
+    arrival = min(m.arrival_time for m in requests)
+    ends = [m.finished_time for m in requests]
+    return {"time_to_first_token_seconds": min(firsts) - arrival,
+            "end_to_end_seconds": max(ends) - arrival if None not in ends else None}
 
 
 def usage(outputs: list[RequestOutput]) -> dict:
