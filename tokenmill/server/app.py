@@ -169,8 +169,8 @@ async def refuse_embedding_models(request: Request) -> None:
     """A 400 for a completions or chat request that names an embedding model, before anything else reads it."""
     try:
         body = await request.json()  # the body FastAPI already read: cached on the request
-    except ValueError:
-        return  # not JSON: FastAPI's validation answers it
+    except (ValueError, RecursionError):  # nesting past Python's parser too
+        return  # not JSON: FastAPI's validation (or the handler reading it) answers it
     name = body.get("model") if isinstance(body, dict) else None
     if isinstance(name, str) and name in embedders_of(request):
         raise APIError(400, f"{name!r} is an embedding model; it answers /v1/embeddings, not {request.url.path}",

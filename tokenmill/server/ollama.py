@@ -212,6 +212,8 @@ async def _json(request: Request) -> dict:
         raw = json.loads(await request.body() or b"{}")
     except ValueError as exc:
         raise InvalidRequestError(f"request body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:  # Python's parser gives up on nesting about a thousand deep
+        raise InvalidRequestError("request body is nested too deeply to parse") from exc
     if not isinstance(raw, dict):
         raise InvalidRequestError("request body must be a JSON object")
     return raw
