@@ -57,6 +57,9 @@ class SamplingParams:
     # scheduling policy the earliest feasible deadline is served first and an infeasible one is refused.
     deadline_ms: float | None = None
     ttft_deadline_ms: float | None = None
+    # max_tokens as a cap that the context's end may cut short (llama.cpp's n_predict, Ollama's num_predict, the
+    # offline LLM's), rather than a length the prompt must leave room for (OpenAI's, whose servers refuse it).
+    fit_context: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

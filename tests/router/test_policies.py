@@ -110,9 +110,26 @@ def test_auto_counts_the_request_by_policy_model_and_reason_once_the_model_takes
 
 
 def test_auto_that_fits_no_model_is_a_400():
-    with pytest.raises(APIError) as caught:
+    from tokenmill.errors import PromptTooLongError
+    from tokenmill.server.errors import from_exception
+
+    with pytest.raises(PromptTooLongError) as caught:
         _route(_state(cheap=100, strong=400), AUTO, 300)
-    assert caught.value.status == 400 and caught.value.body["error"]["code"] == "context_length_exceeded"
+    error = from_exception(caught.value)
+    assert error.status == 400 and error.body["error"]["code"] == "context_length_exceeded"
+    # Its figures, which Anthropic's API words its own way for Claude Code to read (it was a plain APIError).
+    assert (caught.value.max_tokens, caught.value.context) == (300, 400)
+
+
+def test_a_max_tokens_that_is_only_a_cap_asks_no_model_for_room():
+    # Ollama's num_predict and llama.cpp's n_predict: the context's end may cut them short, so any model whose
+    # context holds the prompt takes it (they were refused as fitting no model).
+    import dataclasses
+
+    state = _state(cheap=100, strong=400)
+    params = dataclasses.replace(SamplingParams(max_tokens=300), fit_context=True)
+    routed = asyncio.run(route(state, AUTO, lambda model: [[1] * 50], params, False))
+    assert routed.model.name == "cheap"
 
 
 def test_a_named_model_is_not_routed():

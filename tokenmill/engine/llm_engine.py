@@ -96,6 +96,7 @@ class LLMEngine:
         does, rather than being refused, as its server (and this engine otherwise) refuses it.
         """
         params = params or SamplingParams()
+        fit_context = fit_context or params.fit_context
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from fastapi import Request
 
 from tokenmill.engine.async_engine import RequestStream
-from tokenmill.errors import InvalidRequestError, TokenmillError
+from tokenmill.errors import InvalidRequestError, PromptTooLongError, TokenmillError
 from tokenmill.outputs import RequestOutput
 from tokenmill.router.policies import AUTO, Route, cheapest, escalate_to, fits, mean_logprob
 from tokenmill.sampling import SamplingParams
@@ -40,16 +40,6 @@ class Routed:
             return {}
         return {ROUTED_MODEL_HEADER: _header_value(self.model.name),
                 ROUTE_REASON_HEADER: _header_value(self.route.reason)}
-
-    def fit_context(self) -> bool:
-        """max_tokens as a cap, as llama.cpp's n_predict and Ollama's num_predict are: where the longest prompt leaves
-        less room in the model's context, the answer runs up to its end instead of being refused; whether it did."""
-        room = self.model.max_model_len - max(len(prompt) for prompt in self.prompts)
-        if self.params.max_tokens is None or self.params.max_tokens <= room or room < 1:
-            return self.params.max_tokens is None
-        for params in (self.params, self.asked):  # the run's (a copy under cascade), and an escalation's
-            params.max_tokens = None  # up to the context's end
-        return True
 
     async def start(self, state: ServerState, response_id: str, arrival: float) -> list[RequestStream]:
         """Queue the request, which arrived at `arrival` (perf_counter), on its model. Outside cascade an `auto` request
@@ -153,18 +143,22 @@ async def route(state: ServerState, requested: str | None, encode: Callable[[Ser
     # A model that cannot take the request at all (a chat to a base model without a chat template) fits no context.
     encoded = [[] if isinstance(r, InvalidRequestError) else r for r in results]
     longest = [sys.maxsize if isinstance(r, InvalidRequestError) else max(len(p) for p in r) for r in results]
-    chosen = cheapest(longest, params.max_tokens, [model.max_model_len for model in models])
+    # A max_tokens that is only a cap asks no model for room beyond the prompt's.
+    asked_room = None if params.fit_context else params.max_tokens
+    chosen = cheapest(longest, asked_room, [model.max_model_len for model in models])
     if chosen is None:
         largest = max(model.max_model_len for model in models)
-        raise APIError(400, f"the prompt ({min(longest)} tokens at least) and max_tokens ({params.max_tokens}) fit no "
-                       f"served model's context (the largest is {largest} tokens); shorten the prompt or lower "
-                       f"max_tokens", param="model", code="context_length_exceeded")
+        # The figures ride along: Anthropic's API words them its own way, which Claude Code reads.
+        raise PromptTooLongError(f"the prompt ({min(longest)} tokens at least) and max_tokens ({params.max_tokens}) "
+                                 f"fit no served model's context (the largest is {largest} tokens); shorten the prompt "
+                                 "or lower max_tokens", param="model", prompt_tokens=min(longest),
+                                 max_tokens=params.max_tokens, context=largest)
     routed = Routed(models[chosen.index], encoded[chosen.index], params, params, chosen, policy)
     if policy == "cheapest":
         return routed
     routed.encoded = encoded
     routed.fitting = [i for i, (n, model) in enumerate(zip(longest, models))
-                      if fits(n, params.max_tokens, model.max_model_len)]
+                      if fits(n, asked_room, model.max_model_len)]
     if params.logprobs is None:  # the cascade judges the answer by its token logprobs
         routed.params = replace(params, logprobs=0)
     return routed

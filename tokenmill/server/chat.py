@@ -39,8 +39,6 @@ async def answer_chat(body: ChatCompletionRequest, request: Request, response: R
     routed = await route(state, body.model, lambda model: [
         body.truncated(body.prompt_token_ids(model.tokenizer), model.max_model_len, params.max_tokens)
     ], params, bool(body.stream))
-    if body._fit_context:
-        routed.fit_context()
     model, tokenizer = routed.model, routed.model.tokenizer
     response_id = new_id("chatcmpl")
     try:

@@ -36,8 +36,6 @@ async def answer_completion(body: CompletionRequest, request: Request, response:
     has_ids = isinstance(body.prompt, list) and any(isinstance(p, (int, list)) for p in body.prompt)
     routed = await route(state, body.model, lambda model: _prompt_token_ids(body, model, params.max_tokens), params,
                          bool(body.stream), token_ids=has_ids)
-    if body._fit_context:
-        routed.fit_context()
     model = routed.model
     response_id = new_id("cmpl")
     try:

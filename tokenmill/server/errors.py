@@ -71,7 +71,7 @@ def install_handlers(app: FastAPI) -> None:
         if tuple(first.get("loc", ())) == ("body",):
             return APIError(400, "request body must be a JSON object, sent with Content-Type: application/json"
                             ).response()
-        param = _param(first.get("loc", ()))
+        param = field_path(first.get("loc", ()))
         where = f"{param}: " if param else ""
         return APIError(400, f"{where}{first.get('msg')}", param=param).response()
 
@@ -132,14 +132,14 @@ _ANTHROPIC_TYPES = {401: "authentication_error", 403: "permission_error", 404: "
                     529: "overloaded_error"}
 
 
-def anthropic_type(status: int) -> str:
+def _anthropic_type(status: int) -> str:
     """The error type Anthropic's API gives with this status."""
     return _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
 
 
 def anthropic_error(status: int, error: dict) -> dict:
     """An error as Anthropic's Messages API gives it (param kept)."""
-    return {"type": "error", "error": {"type": anthropic_type(status), "message": error["message"],
+    return {"type": "error", "error": {"type": _anthropic_type(status), "message": error["message"],
                                        **({"param": error["param"]} if error.get("param") else {})}}
 
 
@@ -193,7 +193,7 @@ def reshape_errors(app: FastAPI) -> None:
     app.add_middleware(ReshapedErrors, prefix="/api/", shape=ollama_error)
 
 
-def _param(loc: tuple) -> str | None:
+def field_path(loc: tuple) -> str | None:
     """The field path of a pydantic error location, without "body" and without union member tags."""
     parts = []
     for part in loc[1:] if loc and loc[0] == "body" else loc:

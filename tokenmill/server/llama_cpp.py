@@ -40,11 +40,8 @@ async def create_completion(body: NativeCompletionRequest, request: Request, res
         routed = await route(state, body.model, lambda model: [body.token_ids(model.tokenizer)], params,
                              body.stream, token_ids=has_ids)
         # The params the model runs with (a copy under cascade), and those an escalation would run with.
-        ran = [routed.params, routed.asked]
-        for each in ran:
+        for each in (routed.params, routed.asked):
             each.logit_bias = {**(each.logit_bias or {}), **body.banned_ends(routed.model.tokenizer)} or None
-        # As llama-server: an answer that would pass the context stops at it (marked truncated), not refused.
-        truncated = not body.prompt_only and routed.fit_context()
         request_id = new_id("cmpl")
         streams = await routed.start(state, request_id, arrival)
     except PromptTooLongError as exc:
@@ -57,7 +54,7 @@ async def create_completion(body: NativeCompletionRequest, request: Request, res
         exc.param = body.their_param(exc.param)
         raise
     if body.stream:
-        events = _events(body, routed.model, params, merged(streams), truncated)
+        events = _events(body, routed.model, params, merged(streams))
         return EventStream(events, streams, routed.headers(), encode=lambda chunks: sse(chunks, done=False))
     (output,), block = await routed.finish(state, request, streams, request_id)
     if body.prompt_only:
@@ -69,7 +66,7 @@ async def create_completion(body: NativeCompletionRequest, request: Request, res
     if (status := deadline_status([output])) is not None:
         response.headers[STATUS_HEADER] = status
     response.headers.update(routed.headers())
-    return _selected({**_result(body, routed.model, params, output, sample, sample.text, sample.token_ids, truncated),
+    return _selected({**_result(body, routed.model, params, output, sample, sample.text, sample.token_ids),
                       "usage": block}, body.response_fields)
 
 
@@ -100,7 +97,7 @@ async def apply_template(body: ChatCompletionRequest, request: Request) -> dict:
 
 
 async def _events(body: NativeCompletionRequest, model: ServedModel, params: SamplingParams,
-                  outputs: AsyncIterator[tuple[int, RequestOutput]], truncated: bool) -> AsyncIterator[dict]:
+                  outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[dict]:
     """A stream's events: each delta's text and token ids, then the whole account with stop true."""
     whole: RequestOutput | None = None
     async with aclosing(outputs):
@@ -118,26 +115,27 @@ async def _events(body: NativeCompletionRequest, model: ServedModel, params: Sam
     # As llama.cpp's last event: the text already went out, so content and tokens are empty here. The headers went
     # out first: a late answer says so here.
     status = deadline_status([whole])
-    yield _selected({**_result(body, model, params, whole, whole.outputs[0], "", [], truncated),
+    yield _selected({**_result(body, model, params, whole, whole.outputs[0], "", []),
                      "usage": usage([whole]), **({"deadline_status": status} if status else {})}, body.response_fields)
 
 
 def _result(body: NativeCompletionRequest, model: ServedModel, params: SamplingParams, output: RequestOutput,
-            sample: CompletionOutput, content: str, tokens: list[int], truncated: bool) -> dict:
+            sample: CompletionOutput, content: str, tokens: list[int]) -> dict:
     """llama.cpp's completion object: the text, why it stopped, the prompt's and output's counts and timings."""
     reason = sample.stop_reason
     stop_type = "limit" if sample.finish_reason == "length" else "word" if isinstance(reason, str) else "eos"
     cached = output.num_cached_tokens
-    probabilities = _probabilities(model, sample)
-    if stop_type == "word":  # as llama.cpp: the stop word's tokens are not the answer's
+    # As llama-server: an answer stopped by the context's end (its max_tokens is only a cap) is truncated.
+    truncated = stop_type == "limit" and len(output.prompt_token_ids) + len(sample.token_ids) >= model.max_model_len
+    probabilities = _probabilities(model, sample) if body.n_probs and not body.stream else []
+    if probabilities and stop_type == "word":  # as llama.cpp: the stop word's tokens are not the answer's
         probabilities = probabilities[:max(0, len(probabilities) - len(model.tokenizer.encode(reason, False)))]
     return {
         "index": 0, "content": content, "tokens": tokens if body.return_tokens or body.stream else [],
         "id_slot": 0, "stop": True, "model": model.name, "tokens_predicted": len(sample.token_ids),
         "tokens_evaluated": len(output.prompt_token_ids), "generation_settings": _settings(body, model, params),
         "prompt": model.tokenizer.decode(output.prompt_token_ids, skip_special_tokens=False),
-        "has_new_line": "\n" in sample.text, "truncated": truncated and sample.finish_reason == "length",
-        "stop_type": stop_type,
+        "has_new_line": "\n" in sample.text, "truncated": truncated, "stop_type": stop_type,
         # llama.cpp's slot holds the prompt and every output token but the last, fed back to it.
         "stopping_word": reason if stop_type == "word" else "",
         "tokens_cached": len(output.prompt_token_ids) + max(len(sample.token_ids) - 1, 0),

@@ -64,17 +64,21 @@ class NativeCompletionRequest(RequestBody):
                                       "more", param="n_predict")
         fields = {
             "prompt": [0], "max_tokens": 1 if self.prompt_only else None if self.n_predict == -1 else self.n_predict,
-            "temperature": max(self.temperature, 0.0), "top_k": self.top_k if self.top_k > 0 else -1, "top_p": self.top_p,
-            "min_p": self.min_p, "repetition_penalty": self.repeat_penalty, "presence_penalty": self.presence_penalty,
-            "frequency_penalty": self.frequency_penalty, "stop": self.stop, "ignore_eos": self.ignore_eos,
+            "temperature": max(self.temperature, 0.0), "top_k": self.top_k if self.top_k > 0 else -1,
+            "top_p": self.top_p, "min_p": self.min_p, "repetition_penalty": self.repeat_penalty,
+            "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty, "stop": self.stop,
+            "ignore_eos": self.ignore_eos,
             "seed": None if self.seed == -1 else self.seed, "logprobs": self.n_probs or None,
             "logit_bias": self._logit_bias(), "structured_outputs": self._structured_outputs(),
         }
         try:
-            return CompletionRequest.model_validate(fields).sampling_params()
+            params = CompletionRequest.model_validate(fields).sampling_params()
         except InvalidRequestError as exc:
             exc.param = self.their_param(exc.param)
             raise
+        # As llama-server: past the context the answer stops there, not refused (but the prompt must fit whole).
+        params.fit_context = not self.prompt_only
+        return params
 
     def their_param(self, param: str | None) -> str | None:
         """The field of this body an error about a /v1/completions field is about."""

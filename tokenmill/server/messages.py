@@ -15,7 +15,7 @@ from fastapi import Request, Response
 from tokenmill.errors import InvalidRequestError, PromptTooLongError
 from tokenmill.router import AUTO
 from tokenmill.server.chat import answer_chat
-from tokenmill.server.errors import APIError, anthropic_type
+from tokenmill.server.errors import APIError, anthropic_error
 from tokenmill.server.messages_protocol import CountTokensRequest, MessagesRequest, their_param
 from tokenmill.server.serving import EventStream, named_sse, state_of
 from tokenmill.structured.tool_parser import arguments_object
@@ -156,4 +156,4 @@ async def _after(head: dict | None, rest: AsyncIterator[dict]) -> AsyncIterator[
 
 def _error_event(error: APIError) -> dict:
     """Anthropic's stream error event."""
-    return {"type": "error", "error": {"type": anthropic_type(error.status), "message": error.body["error"]["message"]}}
+    return anthropic_error(error.status, error.body["error"])

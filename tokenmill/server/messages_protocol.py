@@ -79,9 +79,10 @@ class MessagesRequest(RequestBody):
             where, given = "output_format", self.output_format
         if given is None:
             return None
-        if not (isinstance(given, dict) and given.get("type") == "json_schema" and isinstance(given.get("schema"), dict)):
+        schema = given.get("schema") if isinstance(given, dict) and given.get("type") == "json_schema" else None
+        if not isinstance(schema, dict):
             raise InvalidRequestError(f'{where} must be {{"type": "json_schema", "schema": {{...}}}}', param=where)
-        return {"type": "json_schema", "json_schema": {"name": "output", "schema": given["schema"]}}
+        return {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
 
     def _messages(self) -> list[dict[str, Any]]:
         """`system` and the turns as chat messages: tool_use blocks become the turn's tool calls, tool_result

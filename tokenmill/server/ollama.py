@@ -24,7 +24,7 @@ from tokenmill.errors import InvalidRequestError
 from tokenmill.server.chat import answer_chat
 from tokenmill.server.completions import answer_completion
 from tokenmill.server.embeddings import embed, embedder, embedders_of
-from tokenmill.server.errors import from_exception
+from tokenmill.server.errors import field_path, from_exception
 from tokenmill.server.ollama_protocol import (OllamaChatRequest, OllamaEmbedRequest, OllamaGenerateRequest,
                                               OllamaRequest, served_name)
 from tokenmill.server.serving import ChunkStream, EventStream, ServedModel, state_of
@@ -136,7 +136,7 @@ def _answered(body: OllamaRequest, answer: ChunkStream | dict, field: str) -> Re
                            media_type="application/x-ndjson")
     choice = answer["choices"][0]
     if field == "response":  # a completion's text, or a one-turn chat's
-        line = _line(body.model, response=choice["text"] if "text" in choice else choice["message"]["content"])
+        line = _line(body.model, response=choice["text"] if "text" in choice else choice["message"]["content"] or "")
         return {**line, **_thought(choice.get("message", {})), **_account(answer["usage"], choice["finish_reason"])}
     message = choice["message"]
     calls = [{"function": {"name": c["function"]["name"], "arguments": arguments_object(c["function"]["arguments"])}}
@@ -226,9 +226,8 @@ async def _body(request: Request, kind: type[Body]) -> Body:
         return kind.model_validate(raw)
     except ValidationError as exc:
         error = exc.errors()[0]
-        where = ".".join(str(part) for part in error["loc"])
-        raise InvalidRequestError(f"{where}: {error['msg']}" if where else error["msg"], param=where or None) from exc
-
+        where = field_path(error["loc"])
+        raise InvalidRequestError(f"{where}: {error['msg']}" if where else error["msg"], param=where) from exc
 
 
 def _models(request: Request) -> list[dict]:

@@ -59,7 +59,8 @@ class OllamaRequest(RequestBody):
         if self.format == "json":
             fields["response_format"] = {"type": "json_object"}
         elif isinstance(self.format, dict):
-            fields["response_format"] = {"type": "json_schema", "json_schema": {"name": "format", "schema": self.format}}
+            fields["response_format"] = {"type": "json_schema",
+                                         "json_schema": {"name": "format", "schema": self.format}}
         elif self.format:
             raise InvalidRequestError(f"format {self.format!r} must be \"json\" or a JSON schema", param="format")
         return fields

@@ -301,7 +301,7 @@ class _GenerationRequest(RequestBody):
             include_stop_str_in_output=_or(self.include_stop_str_in_output, False), priority=_or(self.priority, 0),
             skip_special_tokens=_or(self.skip_special_tokens, True),
             prediction=self.prediction.text if self.prediction else None,
-            structured_output=structured or self._structured_output(),
+            structured_output=structured or self._structured_output(), fit_context=self._fit_context,
         )
 
     def _refuse_unsupported(self) -> None:

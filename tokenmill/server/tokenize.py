@@ -67,7 +67,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
                            param="messages")
         encoding = await asyncio.to_thread(embedding.tokenizer.encode, body.prompt,
                                            add_special_tokens=body.add_special_tokens is not False)
-        return _tokens(body, encoding.ids, embedding.max_input_tokens, encoding.tokens,
+        return _tokens(body, encoding.ids, embedding.max_input_tokens, lambda: encoding.tokens,
                        lambda i: embedding.tokenizer.decode([i], skip_special_tokens=False).encode())
     model = _model(request, body.model)
     if body.prompt is not None:
@@ -80,15 +80,16 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
         chat = ChatCompletionRequest.model_validate(body.model_dump(exclude=_NOT_CHAT, exclude_none=True))
         ids = await asyncio.to_thread(chat.prompt_token_ids, model.tokenizer)
     backend = model.tokenizer.backend
-    return _tokens(body, ids, model.max_model_len, [backend.id_to_token(i) for i in ids], model.tokenizer.token_bytes)
+    return _tokens(body, ids, model.max_model_len, lambda: [backend.id_to_token(i) for i in ids],
+                   model.tokenizer.token_bytes)
 
 
-def _tokens(body: TokenizeRequest, ids: list[int], max_model_len: int, strs: list[str],
+def _tokens(body: TokenizeRequest, ids: list[int], max_model_len: int, strs: Callable[[], list[str]],
             token_bytes: Callable[[int], bytes]) -> dict:
     """The answer: vLLM's fields, the tokens as llama.cpp's {"id", "piece"} when with_pieces asks for them."""
     tokens: list = [{"id": i, "piece": _piece(token_bytes(i))} for i in ids] if body.with_pieces else ids
     return {"count": len(ids), "max_model_len": max_model_len, "tokens": tokens,
-            "token_strs": strs if body.return_token_strs else None}
+            "token_strs": strs() if body.return_token_strs else None}
 
 
 def _piece(raw: bytes) -> str | list[int]:

@@ -67,31 +67,36 @@ class StructuredOutput:
         # and only requests with a constraint need them.
         from llguidance import LLMatcher
 
-        try:
-            if self.json is not None:
-                schema = bounded_numbers(self.json)
-                grammar = LLMatcher.grammar_from_json_schema(closed(schema), defaults=JSON_STYLE)
-                if _matches_nothing(grammar):
-                    grammar = LLMatcher.grammar_from_json_schema(schema, defaults=JSON_STYLE)
-            elif self.json_object:
-                grammar = LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_STYLE)
-            elif self.regex is not None:
-                grammar = LLMatcher.grammar_from_regex(self.regex)
-            elif self.choice is not None:
-                # One lexer token, not a rule of alternatives: past 2,000 choices sharing a first character the
-                # parser's row overflowed partway through the answer, and validating the rule took quadratic time.
-                choices = " | ".join(json.dumps(c) for c in self.choice)
-                grammar = LLMatcher.grammar_from_lark(f"start: CHOICE\nCHOICE: {choices}")
-            else:
-                grammar = LLMatcher.grammar_from_lark(self.grammar)
-                if self.open_grammar is not None and _matches_nothing(grammar):
-                    grammar = LLMatcher.grammar_from_lark(self.open_grammar)
-        except (ValueError, TypeError) as exc:
-            raise InvalidRequestError(f"cannot compile the {self.param}: {exc}", self.param) from exc
-        is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar)
-        if is_error:
-            raise InvalidRequestError(f"cannot compile the {self.param}: {'; '.join(messages)}", self.param)
-        return grammar
+        # Where objects are closed (see closed), the grammar as written comes second: used where the first matches
+        # nothing, and the one whose mistakes are reported (they are the client's own).
+        if self.json is not None:
+            schema = bounded_numbers(self.json)
+            shut = closed(schema)
+            candidates = [lambda s=s: LLMatcher.grammar_from_json_schema(s, defaults=JSON_STYLE)
+                          for s in ([shut, schema] if shut is not schema else [schema])]
+        elif self.json_object:
+            candidates = [lambda: LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_STYLE)]
+        elif self.regex is not None:
+            candidates = [lambda: LLMatcher.grammar_from_regex(self.regex)]
+        elif self.choice is not None:
+            # One lexer token, not a rule of alternatives: past 2,000 choices sharing a first character the
+            # parser's row overflowed partway through the answer, and validating the rule took quadratic time.
+            choices = " | ".join(json.dumps(c) for c in self.choice)
+            candidates = [lambda: LLMatcher.grammar_from_lark(f"start: CHOICE\nCHOICE: {choices}")]
+        else:
+            candidates = [lambda g=g: LLMatcher.grammar_from_lark(g)
+                          for g in (self.grammar, self.open_grammar) if g is not None]
+        for build in candidates:
+            try:
+                grammar = build()
+            except (ValueError, TypeError) as exc:
+                error = str(exc)
+                continue
+            is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar)
+            if not is_error:
+                return grammar
+            error = "; ".join(messages)
+        raise InvalidRequestError(f"cannot compile the {self.param}: {error}", self.param)
 
 
 # Keywords whose values are data, not schemas; and those whose values map names (of properties, definitions) to
@@ -124,14 +129,12 @@ _JOINING = {"allOf", "unevaluatedProperties"}
 
 
 def closed(schema: Any) -> Any:
-    """A copy of the schema whose objects take no keys beyond those they name, unless they say otherwise, as vLLM's
-    default grammar backend (xgrammar's strict mode) reads a schema: plain JSON Schema allows any others, and a small
-    model wrote made-up keys (a tool's arguments, a response_format's fields) until max_tokens.
-
-    A schema that joins objects (allOf, OpenAPI's way to extend one; properties beside a $ref) is taken as written:
-    closed, each part forbids the others' keys, and nested in an array or an optional key that empties it without a
-    word. One that closing leaves nothing to match (`required` keys without properties) the compile takes as written
-    (StructuredOutput.open_grammar)."""
+    """A copy of the schema whose objects take no keys beyond those they name, unless they say otherwise."""
+    # As vLLM's default grammar backend (xgrammar's strict mode) reads a schema: plain JSON Schema allows any others,
+    # and a small model wrote made-up keys (a tool's arguments, a response_format's fields) until max_tokens. A schema
+    # that joins objects (allOf, OpenAPI's way to extend one; properties beside a $ref) is taken as written: closed,
+    # each part forbids the others' keys, and nested in an array or an optional key that empties it without a word.
+    # One that closing leaves matching nothing (`required` keys without properties) the compile takes as written.
     joins: list[bool] = []
     map_schemas(schema, lambda node: joins.append(bool(_JOINING & node.keys())
                                                   or {"$ref", "properties"} <= node.keys()))
@@ -143,13 +146,6 @@ def closed(schema: Any) -> Any:
             node["additionalProperties"] = False
 
     return map_schemas(schema, close)
-
-
-def _matches_nothing(grammar: str) -> bool:
-    """Whether llguidance finds the grammar wrong (a closed schema that matches nothing, say)."""
-    from llguidance import LLMatcher
-
-    return LLMatcher.validate_grammar_with_warnings(grammar)[0]
 
 
 def bounded_numbers(schema: Any) -> Any:
