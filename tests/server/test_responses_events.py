@@ -66,5 +66,6 @@ def test_a_failure_mid_stream_ends_it_with_each_apis_own_error_event():
         "type": "error", "code": "invalid_request_error", "message": "the deadline cannot be met", "param": "x",
         "sequence_number": 1}
     anthropic = asyncio.run(lines(messages._error_event, False))
-    assert json.loads(anthropic[1].split("data: ", 1)[1]) == {
-        "type": "error", "error": {"type": "invalid_request_error", "message": "the deadline cannot be met"}}
+    assert json.loads(anthropic[1].split("data: ", 1)[1]) == {  # param kept, as in its whole answers' errors
+        "type": "error", "error": {"type": "invalid_request_error", "message": "the deadline cannot be met",
+                                   "param": "x"}}
