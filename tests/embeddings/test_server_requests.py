@@ -2,6 +2,7 @@
 serialized without stalling the server."""
 
 import asyncio
+import gc
 import json
 import time
 
@@ -68,6 +69,9 @@ def test_a_client_that_leaves_while_queued_has_its_inputs_dropped(minilm_path):
 
 
 def test_a_large_float_answer_does_not_stall_other_requests(minilm_path):
+    # Earlier tests' garbage (their clients, with finalizers that close connection pools) is collected first, so the
+    # stall measured is this answer's own.
+    gc.collect()
     app = build_app({}, ServerConfig(), {"minilm": EmbeddingModel.load(str(minilm_path), "float32")})
     engine = app.state.embedders["minilm"]
 
@@ -96,4 +100,6 @@ def test_a_large_float_answer_does_not_stall_other_requests(minilm_path):
     assert response.status_code == 200 and [d["index"] for d in data] == list(range(2048))
     first, last = data[0]["embedding"], data[-1]["embedding"]
     assert len(first) == 384 and max(abs(a - b) for a, b in zip(first, last)) < 1e-5  # batches round apart
-    assert worst < 0.5  # serializing 2,048 embeddings at once held the loop for about 2 s
+    # Serializing 2,048 embeddings on the loop held it about 2 s. Alone this scenario's worst lag is 0.02-0.13 s; in
+    # the whole suite on the 2-core CI machine (a dozen test servers alive beside it) it reached 0.53 s, hence 1 s.
+    assert worst < 1.0
