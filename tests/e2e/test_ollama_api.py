@@ -87,6 +87,8 @@ def test_generate_is_a_one_turn_chat_and_raw_a_plain_completion(client, served):
     assert raw.response == plain["choices"][0]["text"] and raw.eval_count == 8
     loaded = client.generate(model=MODEL, prompt="")  # how Ollama's clients load a model
     assert loaded.done and loaded.done_reason == "load"
+    # And unload it (Open WebUI's "unload"): models stay loaded here, but the answer says what was asked.
+    assert client.generate(model=MODEL, prompt="", keep_alive=0).done_reason == "unload"
 
 
 def test_embed_gives_v1s_vectors(client, served):
@@ -129,6 +131,7 @@ def test_num_predict_is_a_cap_the_context_may_cut_short(start_server):
     (lambda c: c.generate(model="gpt-9", prompt=""), 404),
     (lambda c: c.chat(model=MODEL, messages=[{**QUESTION[0], "images": ["AAAA"]}]), 400),
     (lambda c: c.chat(model=MODEL, messages=QUESTION, options={"mirostat": 2}), 400),
+    (lambda c: c.chat(model=MODEL, messages=QUESTION, think="extreme"), 400),  # not a level: it passed unchecked
     (lambda c: c.generate(model=MODEL, prompt="def f(", suffix="return 1"), 400),
     (lambda c: c.chat(model=EMBEDDER, messages=QUESTION), 400),
     # As Ollama: raw leaves the system prompt out, so one beside it is refused (it was dropped without a word).

@@ -41,7 +41,7 @@ async def chat(request: Request, response: Response) -> Response | dict:
     if not body.messages:  # Ollama's way to load a model: every model here is loaded (a 404 if not served)
         state_of(request).model(body.served)
         return JSONResponse(_line(body.model, message={"role": "assistant", "content": ""}, done=True,
-                                  done_reason="load"))
+                                  done_reason=body.loaded))
     return _answered(body, await answer_chat(body.chat_request(), request, response), "message")
 
 
@@ -51,7 +51,7 @@ async def generate(request: Request, response: Response) -> Response | dict:
     body.refusals()
     if not body.prompt:  # Ollama's way to load (or, with keep_alive 0, unload) a model
         state_of(request).model(body.served)
-        return JSONResponse(_line(body.model, response="", done=True, done_reason="load"))
+        return JSONResponse(_line(body.model, response="", done=True, done_reason=body.loaded))
     if body.raw:
         answer = await answer_completion(body.completion_request(), request, response)
     else:

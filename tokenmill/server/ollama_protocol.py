@@ -34,6 +34,12 @@ class OllamaRequest(RequestBody):
     keep_alive: Any = None  # models stay loaded here: nothing to unload
 
     @property
+    def loaded(self) -> str:
+        """The done_reason of a request that only loads a model: "unload" with keep_alive 0, as Ollama's (every model
+        here stays loaded; the answer says what was asked)."""
+        return "unload" if self.keep_alive in (0, "0", "0s", "0m") else "load"
+
+    @property
     def streamed(self) -> bool:
         """Whether the answer streams (Ollama's default)."""
         return self.stream is not False
@@ -73,6 +79,9 @@ class OllamaRequest(RequestBody):
         """think as the chat template's variables: enable_thinking, and a level as reasoning_effort."""
         if self.think is None:
             return {}
+        if isinstance(self.think, str) and self.think not in ("low", "medium", "high"):
+            raise InvalidRequestError(f"think {self.think!r} must be true, false, \"low\", \"medium\" or \"high\"",
+                                      param="think")
         levels = {"reasoning_effort": self.think} if isinstance(self.think, str) else {}
         return {"chat_template_kwargs": {"enable_thinking": bool(self.think)}, **levels}
 
