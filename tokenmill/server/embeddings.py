@@ -3,6 +3,7 @@
 import asyncio
 import base64
 import json
+from collections.abc import Iterable
 from typing import Literal
 
 import torch
@@ -106,12 +107,18 @@ async def embed(request: Request, name: str, engine: EmbeddingEngine, inputs: Em
         engine.num_waiting -= 1
 
 
+def json_rows(rows: Iterable[object]) -> str:
+    """A JSON array whose items are serialized one call each: json.dumps keeps the interpreter for a whole call,
+    so between items the event loop's thread gets its turn."""
+    return "[" + ",".join(json.dumps(row, separators=(",", ":"), allow_nan=False) for row in rows) + "]"
+
+
 def _body(vectors: torch.Tensor, encoding_format: str, name: str, num_tokens: int) -> bytes:
-    """The response's JSON: each embedding serialized by its own call, so other threads run between them."""
-    data = ",".join(json.dumps({"object": "embedding", "index": i, "embedding": _encode(v, encoding_format)},
-                               separators=(",", ":"), allow_nan=False) for i, v in enumerate(vectors))
+    """The response's JSON, its embeddings serialized one at a time."""
+    data = json_rows({"object": "embedding", "index": i, "embedding": _encode(v, encoding_format)}
+                     for i, v in enumerate(vectors))
     usage = json.dumps({"prompt_tokens": num_tokens, "total_tokens": num_tokens})
-    return f'{{"object":"list","data":[{data}],"model":{json.dumps(name)},"usage":{usage}}}'.encode()
+    return f'{{"object":"list","data":{data},"model":{json.dumps(name)},"usage":{usage}}}'.encode()
 
 
 def _encode(vector: torch.Tensor, encoding_format: str) -> list[float] | str:
