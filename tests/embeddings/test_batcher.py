@@ -156,3 +156,21 @@ def test_engine_holds_the_turn_lock_around_each_pass():
     finally:
         engine.stop()
     assert held == [True]
+
+
+def test_a_pass_waiting_for_its_turn_bills_the_wait_as_queue_time_not_busy_time():
+    # The generative step holding the lock is billed as that engine's busy time already: counted here too, the
+    # shared bill would count those seconds twice.
+    turns, stats = threading.Lock(), []
+    engine = EmbeddingEngine(FakeModel(), BatchPolicy(max_wait_ms=0), turns=turns,  # type: ignore[arg-type]
+                             on_batch=stats.append)
+    engine.start()
+    try:
+        with turns:
+            future = engine.submit([[1, 2, 3]])[0]
+            time.sleep(0.5)
+        future.result(timeout=5)
+    finally:
+        engine.stop()
+    [batch] = stats
+    assert batch.run_seconds < 0.25 and batch.queue_seconds[0] >= 0.45

@@ -101,9 +101,9 @@ class EmbeddingEngine:
         if not batch:
             return
         inputs = [p.item[0] for p in batch]
-        start = time.perf_counter()
         try:
             with self._turns:
+                start = time.perf_counter()  # after the wait for the turn: that is queueing, and another's busy time
                 embeddings = self.model.embed(inputs)
         except Exception as exc:  # a bug or an out-of-memory: the callers get it, the thread keeps serving
             logger.exception("embedding batch of %d inputs failed", len(batch))
