@@ -197,6 +197,23 @@ def test_a_hand_edited_profile_missing_a_field_is_one_line(tmp_path, capsys, dam
     assert len(err) == 1 and "is a malformed tokenmill profile" in err[0]
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda r: [c.update(ms=0.0) for c in r["grid"]], "took no time"),  # a run of no duration: a ZeroDivisionError
+    (lambda r: r["grid"][3].update(ms=-3.0), "took no time"),
+    (lambda r: r["grid"][3].update(ms=float("nan")), "took no time"),  # the rate search never ended
+    (lambda r: r["price"].update(usd_per_hour=None), "price.usd_per_hour None"),
+    (lambda r: r["settings"].update(block_size=0), "block_size=0 must be at least 1"),
+])
+def test_a_hand_edited_profile_out_of_range_is_one_line(tmp_path, capsys, damage, message):
+    _write_profile(tmp_path / "p.json", _linear)
+    report = json.loads((tmp_path / "p.json").read_text())
+    damage(report)
+    (tmp_path / "p.json").write_text(json.dumps(report))
+    assert main(["plan", "--profile", str(tmp_path / "p.json"), "--rate", "1", "--ttft-ms", "100"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
 def test_a_file_that_is_not_a_profile_is_refused_with_what_to_do(tmp_path, capsys):
     (tmp_path / "bad.json").write_text('{"grid": []}')
     assert main(["plan", "--profile", str(tmp_path / "bad.json"), "--rate", "1", "--ttft-ms", "100"]) == 1

@@ -69,7 +69,7 @@ class _NoText:
 
 def simulate(times: StepTimes, settings: dict, requests: list[tuple[float, int, int]]) -> list[RequestTiming]:
     """Run the requests through the engine's scheduler, each step taking its profiled time; one timing per request."""
-    config = EngineConfig(max_num_seqs=settings["max_num_seqs"],
+    config = EngineConfig(max_num_seqs=settings["max_num_seqs"], block_size=settings["block_size"],
                           max_num_batched_tokens=settings["max_num_batched_tokens"])
     # Profiles written before the sliding-window keys were recorded hold every block, as those engines did.
     scheduler = Scheduler(config, BlockManager(settings["num_blocks"], settings["block_size"],

@@ -1,6 +1,7 @@
 """A `bench profile` JSON read back: the engine's settings and the seconds a step of any composition takes."""
 
 import bisect
+import math
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,13 @@ def load_profile(path: Path) -> Profile:
         missing = sorted(k for k in _SETTINGS if k not in s)  # what the simulator and planner read
         if missing:
             raise InvalidRequestError(f"{path} is a malformed tokenmill profile (no settings.{missing[0]}); {remedy}")
+        # A step of no time (or NaN) simulates a run of no duration: the planner's rate search never ends.
+        if not all(math.isfinite(c["ms"]) and c["ms"] > 0 for c in [*grid, *report["context_sweep"]]):
+            raise InvalidRequestError(f"{path} has a step that took no time (ms not a positive number); {remedy}")
+        price = report["price"]["usd_per_hour"]
+        if isinstance(price, bool) or not isinstance(price, (int, float)) or not 0 <= price < math.inf:
+            raise InvalidRequestError(f"{path} is a malformed tokenmill profile (price.usd_per_hour {price!r} is "
+                                      f"not a USD amount >= 0); {remedy}")
         label = (f"{report['model']} {s['quantization']} {s['dtype']} seqs={s['max_num_seqs']} "
                  f"tokens={s['max_num_batched_tokens']}")
         times = StepTimes(grid, report["context_sweep"])
