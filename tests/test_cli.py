@@ -80,6 +80,32 @@ def test_serve_listens_on_every_address_its_host_resolves_to(monkeypatch):
             listening.close()
 
 
+def test_serve_on_port_0_listens_on_one_free_port_and_logs_it(monkeypatch, caplog):
+    import logging
+
+    from tokenmill.server import app
+
+    # It logged "at http://127.0.0.1:0/v1" (uvicorn, given sockets, logs no address), and 127.0.0.1 and ::1 got
+    # two different ports.
+    real = socket.getaddrinfo
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, port, **kw: real("127.0.0.1", port, **kw) +
+                        real("::1", port, **kw) if host == "localhost" else real(host, port, **kw))
+    engine = SimpleNamespace(source=SimpleNamespace(name="m", sampling_defaults={}),
+                             runner=SimpleNamespace(num_blocks=4), max_model_len=64)
+    model = SimpleNamespace(engine=SimpleNamespace(engine=engine, join=lambda timeout: None))
+    monkeypatch.setattr(app, "load_app", lambda *_, **__: SimpleNamespace(
+        state=SimpleNamespace(tokenmill=SimpleNamespace(models={"m": model}), embedders={})))
+    bound: list[socket.socket] = []
+    monkeypatch.setattr(app, "_Server", lambda *_: SimpleNamespace(run=lambda sockets: bound.extend(sockets)))
+    monkeypatch.setattr(signal, "signal", lambda *_: None)
+    with caplog.at_level(logging.INFO, logger="tokenmill"):
+        assert main(["serve", "--host", "localhost", "--port", "0"]) == 0
+    ports = {listening.getsockname()[1] for listening in bound}
+    for listening in bound:
+        listening.close()
+    assert len(bound) == 2 and len(ports) == 1 and f"at http://localhost:{ports.pop()}/v1" in caplog.text
+
+
 def test_serve_skips_an_address_its_host_names_that_the_machine_lacks(monkeypatch):
     from tokenmill.config import ServerConfig
     from tokenmill.server.app import _listen

@@ -3,6 +3,7 @@
 import asyncio
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -88,6 +89,9 @@ def test_each_line_is_answered_as_the_server_would_in_input_order_and_batching_c
     ("\n\n", "holds no requests"),
     # Python's json takes these, and the run then failed with a traceback, its finished lines lost.
     (_line("x", "/v1/completions", prompt="a").replace('"a"', '"a", "temperature": NaN'), "NaN is Python's"),
+    # 1e999 read as infinity, which the request could not then be sent with: a traceback after the models loaded.
+    (_line("x", "/v1/completions", prompt="a").replace('"a"', '"a", "max_tokens": 1e999'), "1e999 is past"),
+    ("[" * 100_000 + "]" * 100_000, "in.jsonl:1: not JSON"),  # a RecursionError traceback
 ])
 def test_a_file_with_a_malformed_line_is_refused_naming_it_before_anything_runs(tmp_path, line, message, capsys):
     source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
@@ -98,6 +102,29 @@ def test_a_file_with_a_malformed_line_is_refused_naming_it_before_anything_runs(
     # From the command line: one line, a non-zero exit, and no model loaded nor output file written.
     assert cli.main(["run-batch", "-i", str(source), "-o", str(out), "--model", "no-such-model.gguf"]) == 1
     assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_answers_go_into_a_pipe_as_to_dev_stdout(tmp_path, monkeypatch):
+    from tokenmill import run_batch
+    from tokenmill.server import app
+
+    # `-o /dev/stdout | jq`: emptying the output (truncate) failed on the pipe with "[Errno 22] Invalid argument",
+    # after the models had loaded.
+    monkeypatch.setattr(app, "load_app", lambda *_, **__: None)
+
+    async def answered(_app, requests, out, concurrency, progress=None) -> run_batch.Summary:
+        out.write("line\n")
+        return run_batch.Summary()
+
+    monkeypatch.setattr(run_batch, "run", answered)
+    (tmp_path / "in.jsonl").write_text(_line("a", "/v1/completions", prompt="x") + "\n")
+    read, write = os.pipe()
+    try:
+        assert cli.main(["run-batch", "-i", str(tmp_path / "in.jsonl"), "-o", f"/dev/fd/{write}"]) == 0
+        assert os.read(read, 100) == b"line\n"
+    finally:
+        os.close(read)
+        os.close(write)
 
 
 def test_a_line_may_hold_any_unicode_and_the_file_a_bom(tmp_path):

@@ -78,8 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=ServerConfig.host)
     serve.add_argument("--port", type=int, default=ServerConfig.port)
     serve.add_argument("--api-key", default=os.environ.get("TOKENMILL_API_KEY"),
-                       help="require `Authorization: Bearer KEY` (or x-api-key) on /v1, /v2, /tokenize, /detokenize, "
-                            "/score and /rerank (default: $TOKENMILL_API_KEY, else none)")
+                       help="require `Authorization: Bearer KEY` (or x-api-key) on every API path: /v1, /v2, "
+                            "vLLM's, llama.cpp's and Ollama's (/api) and the dashboard's data; not /health or /metrics "
+                            "(default: $TOKENMILL_API_KEY, else none)")
     serve.add_argument("--allowed-origins", nargs="*", default=list(ServerConfig.allowed_origins), metavar="ORIGIN",
                        help="origins whose browser pages may call the API (CORS); none given: same-origin pages only "
                             "(default: any, as vLLM)")

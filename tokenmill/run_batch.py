@@ -9,6 +9,7 @@ refuses it at validation.
 import argparse
 import asyncio
 import json
+import math
 import sys
 import time
 import uuid
@@ -91,10 +92,17 @@ def _not_json(constant: str) -> None:
     raise ValueError(f"{constant} is Python's, not JSON's")
 
 
+def _finite(number: str) -> float:
+    # 1e999 reads as infinity, which the request then could not be sent with (after the models loaded).
+    if not math.isfinite(value := float(number)):
+        raise ValueError(f"{number} is past a double's range")
+    return value
+
+
 def _parse(line: str, where: str) -> BatchRequest:
     try:
-        entry = json.loads(line, parse_constant=_not_json)
-    except ValueError as exc:
+        entry = json.loads(line, parse_constant=_not_json, parse_float=_finite)
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than Python's stack
         raise InvalidRequestError(f"{where}: not JSON ({exc})") from exc
     if not isinstance(entry, dict):
         raise InvalidRequestError(f"{where}: a line must be a JSON object with custom_id, method, url and body")
@@ -174,7 +182,8 @@ def main(args: argparse.Namespace) -> int:
     with args.output_file.open("a", encoding="utf-8") as out:
         app = load_app(engine_config(args), config, args.models or [args.model],
                        BatchPolicy(args.embedding_max_batch_tokens, args.embedding_max_wait_ms), args.embedding_dtype)
-        out.truncate(0)
+        if out.seekable():  # not -o /dev/stdout into a pipe
+            out.truncate(0)
         start = time.perf_counter()
         with tqdm(total=len(requests), unit="req", desc="run-batch", disable=None) as progress:
             summary = asyncio.run(run(app, requests, out, concurrency, progress))

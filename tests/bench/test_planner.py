@@ -223,6 +223,10 @@ def test_a_file_that_is_not_a_profile_is_refused_with_what_to_do(tmp_path, capsy
     assert main(["plan", "--profile", str(tmp_path / "bad.json"), "--rate", "1", "--ttft-ms", "100"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot read profile" in err[0]
+    (tmp_path / "bad.json").write_text("[" * 100_000 + "]" * 100_000)  # a RecursionError traceback
+    assert main(["plan", "--profile", str(tmp_path / "bad.json"), "--rate", "1", "--ttft-ms", "100"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot read profile" in err[0]
 
 
 def test_a_profile_that_timed_one_prompt_size_is_refused(tmp_path, capsys):

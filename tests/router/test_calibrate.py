@@ -67,6 +67,7 @@ def test_loader_reads_items_and_skips_blank_lines(tmp_path):
 
 @pytest.mark.parametrize("bad, message", [
     ("{not json", "not valid JSON"),
+    ("[" * 100_000 + "]" * 100_000, "not valid JSON"),  # a RecursionError traceback
     ('["a list"]', "expected a JSON object"),
     ('{"prompt": "q", "answer": "a", "check": "exact"}', "missing ['level']"),
     ('{"prompt": "q", "answer": "a", "check": "exact", "level": "easy", "hint": 1}', "unknown ['hint']"),

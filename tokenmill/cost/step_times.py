@@ -67,7 +67,7 @@ def load_profile(path: Path) -> Profile:
     remedy = "make one with `tokenmill bench profile --out FILE`"
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:  # unreadable, not UTF-8, not JSON
+    except (OSError, ValueError, RecursionError) as exc:  # unreadable, not UTF-8, not JSON, nested too deep
         raise InvalidRequestError(f"cannot read profile {path}: {exc}; {remedy}") from exc
     keys = {"version", "model", "settings", "context", "grid", "context_sweep", "price"}
     missing = keys - set(report) if isinstance(report, dict) else keys

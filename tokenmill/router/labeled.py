@@ -90,6 +90,8 @@ def _item(line: str, where: str) -> Item:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         raise InvalidRequestError(f"{where}: not valid JSON ({exc.msg})") from exc
+    except RecursionError as exc:
+        raise InvalidRequestError(f"{where}: not valid JSON (nested deeper than this reader's stack)") from exc
     if not isinstance(record, dict):
         raise InvalidRequestError(f"{where}: expected a JSON object with {', '.join(FIELDS)}")
     missing = [name for name in FIELDS if name not in record]

@@ -327,6 +327,8 @@ def _listen(config: ServerConfig) -> list[socket.socket]:
             listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait
             if family == socket.AF_INET6:  # beside its IPv4 twin, as asyncio binds them
                 listening.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if bound and not config.port:  # --port 0: every address on the free port the first one got
+                address = (address[0], bound[0].getsockname()[1], *address[2:])
             listening.bind(address)
         except OSError as exc:
             listening.close()
@@ -345,13 +347,14 @@ def serve(engine_config: EngineConfig, config: ServerConfig, models: list[str],
           batching: BatchPolicy = BatchPolicy(), embedding_dtype: str = "auto") -> None:
     """Load each model, serve until SIGTERM/SIGINT; in-flight requests get shutdown_timeout."""
     listening = _listen(config)  # first: a port in use is found at once, not after minutes of loading
+    port = listening[0].getsockname()[1]  # --port 0 takes a free one: this is the one to tell
     app = load_app(engine_config, config, models, batching, embedding_dtype)
     engines = {name: model.engine.engine for name, model in app.state.tokenmill.models.items()}
     for name, engine in engines.items():
         served = name if name == engine.source.name else f"{name} = {engine.source.name}"
         logger.info("serving %s (KV cache %d tokens, context %d) at http://%s:%d/v1",
                     served, engine.runner.num_blocks * engine_config.block_size, engine.max_model_len,
-                    config.host, config.port)
+                    config.host, port)
         if engine.source.sampling_defaults:  # as vLLM says so: requests sample differently from plain defaults
             logger.info("%s: requests that leave them unset sample with the model's recommended %s", name,
                         ", ".join(f"{k}={v:g}" for k, v in engine.source.sampling_defaults.items()))
@@ -359,7 +362,7 @@ def serve(engine_config: EngineConfig, config: ServerConfig, models: list[str],
         model = embedder.model
         logger.info("serving %s for embeddings (%d dimensions, inputs up to %d tokens, batches of %d tokens after "
                     "up to %g ms) at http://%s:%d/v1/embeddings", name, model.dimensions, model.max_input_tokens,
-                    batching.max_batch_tokens, batching.max_wait_ms, config.host, config.port)
+                    batching.max_batch_tokens, batching.max_wait_ms, config.host, port)
     engines_served = [model.engine for model in app.state.tokenmill.models.values()]
     server = _Server(uvicorn.Config(
         app, host=config.host, port=config.port, timeout_graceful_shutdown=config.shutdown_timeout + _ANSWER_SECONDS,
