@@ -119,6 +119,28 @@ def test_function_call_items_and_their_outputs_render_as_chats_tool_turns(client
     assert result.usage.input_tokens == chat.usage.prompt_tokens
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_reference_to_an_item_this_server_returned_is_that_item(client, stream):
+    # The Vercel AI SDK sends {"type": "item_reference", "id": ...} for the turns this server answered (its store is
+    # on by default): every second turn was a 400.
+    first = {"model": MODEL, "input": "Hi", "max_output_tokens": 6, "temperature": 0}
+    answer = client.responses.create(**first, stream=stream)
+    if stream:  # the last event's (response.incomplete: 6 tokens cut the answer)
+        *_, last = answer
+        answer = last.response
+    said = [{"role": "assistant", "content": answer.output_text}]
+    referred = [{"type": "item_reference", "id": answer.output[0].id}]
+    results = [client.responses.create(model=MODEL, max_output_tokens=6, temperature=0, input=[
+        {"role": "user", "content": "Hi"}, *item, {"role": "user", "content": "And?"}]) for item in (said, referred)]
+    assert results[1].output_text == results[0].output_text
+    assert results[1].usage.input_tokens == results[0].usage.input_tokens
+    unkept = client.responses.create(**first, store=False)  # as OpenAI's: nothing of it to name later
+    with pytest.raises(BadRequestError) as refused:
+        client.responses.create(model=MODEL, max_output_tokens=1,
+                                input=[{"type": "item_reference", "id": unkept.output[0].id}])
+    assert refused.value.body["param"] == "input[0].id"
+
+
 def test_a_json_schema_format_constrains_the_text(client):
     schema = {"type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},
               "required": ["answer"], "additionalProperties": False}
@@ -142,7 +164,7 @@ def test_logprobs_come_with_each_output_token_when_included(client):
     ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]},
      "input[0].content"),
-    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0]"),  # needs a stored item
+    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].id"),  # an item this server never returned
     ({"text": {"format": {"type": "bogus"}}}, "text.format.type"),
     ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
     ({"input": []}, "input"),

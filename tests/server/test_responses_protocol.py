@@ -3,6 +3,7 @@
 import pytest
 
 from tokenmill.errors import InvalidRequestError
+from tokenmill.server.response_items import ResponseItems
 from tokenmill.server.responses_protocol import ResponsesRequest
 
 
@@ -54,7 +55,7 @@ def test_a_function_call_item_without_its_call_id_is_refused_naming_it():
 @pytest.mark.parametrize("fields, param", [
     ({"tools": [{"type": "function", "name": "no spaces allowed"}]}, "tools[0].name"),
     ({"text": {"format": {"type": "json_schema", "name": "s"}}}, "text.format.schema"),
-    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0]"),
+    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].id"),
     ({"reasoning": {"effort": 5}}, "reasoning.effort"),
 ])
 def test_what_chat_or_this_server_refuses_is_named_as_the_responses_field(fields, param):
@@ -104,3 +105,10 @@ def test_a_named_tool_choice_with_a_text_format_is_the_forced_call_as_instructor
         "tool_choice": {"type": "function", "name": "User"},
         "text": {"format": {"type": "json_schema", "name": "User", "schema": schema, "strict": True}}})
     assert request.chat_request().sampling_params().structured_output.param == "tools"
+
+
+def test_the_items_kept_for_references_are_the_last_ones():
+    kept = ResponseItems(capacity=2)
+    kept.keep([{"id": "a", "type": "message"}, {"id": "b", "type": "message"}])
+    kept.keep([{"id": "c", "type": "function_call"}])
+    assert kept.get("a") is None and kept.get("b")["type"] == "message" and kept.get("c")["type"] == "function_call"

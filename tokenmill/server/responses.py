@@ -1,6 +1,7 @@
 """POST /v1/responses: OpenAI's Responses API, stateless, answered by the chat completions path and re-shaped.
 
-The conversation comes whole in `input` (messages, function calls and their outputs); the answer's output items
+The conversation comes whole in `input` (messages, function calls and their outputs, or references to output items
+this server returned lately: response_items.py); the answer's output items
 are its thinking (with --reasoning-parser), a message and the function calls the model made, as OpenAI's.
 Streamed, the chat chunks become Responses events: response.created, then per output item its added, delta and
 done events, then response.completed (or response.incomplete when max_output_tokens cut the answer).
@@ -8,7 +9,7 @@ done events, then response.completed (or response.incomplete when max_output_tok
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 
 from fastapi import Request, Response
@@ -17,24 +18,29 @@ from tokenmill.errors import InvalidRequestError
 from tokenmill.server.chat import answer_chat
 from tokenmill.server.errors import APIError
 from tokenmill.server.responses_protocol import PARAMS, ResponsesRequest
-from tokenmill.server.serving import EventStream, named_sse
+from tokenmill.server.serving import EventStream, named_sse, state_of
 
 
 async def create_response(body: ResponsesRequest, request: Request, response: Response) -> dict | EventStream:
     """Answer one conversation with a response object, or its events when streamed."""
-    chat = body.chat_request()
+    kept = state_of(request).response_items
+    chat = body.chat_request(kept.get)
     try:
         answer = await answer_chat(chat, request, response)
     except InvalidRequestError as exc:
         exc.param = PARAMS.get(exc.param, exc.param)
         raise
     response_id, created = _id("resp"), int(time.time())  # whole seconds, as OpenAI's and vLLM's
+    # As OpenAI's store (on unless false): the output items kept for a later request's item_reference.
+    keep = kept.keep if body.store is not False else lambda items: None
     if isinstance(answer, dict):
         choice = answer["choices"][0]
         status = _status(choice["finish_reason"])
-        return {**_response(body, response_id, created, answer["model"], status),
-                "output": _output(choice, status, body.namespaces()), "usage": _usage(answer["usage"])}
-    events = _events(answer.chunks, body, response_id, created)
+        output = _output(choice, status, body.namespaces())
+        keep(output)
+        return {**_response(body, response_id, created, answer["model"], status), "output": output,
+                "usage": _usage(answer["usage"])}
+    events = _events(answer.chunks, body, response_id, created, keep)
     return EventStream(events, answer.streams, answer.headers,
                        encode=lambda chunks: named_sse(chunks, _error_event, numbered=True))
 
@@ -113,9 +119,10 @@ def _usage(usage: dict) -> dict:
     }
 
 
-async def _events(chunks: AsyncIterator[dict], body: ResponsesRequest, response_id: str,
-                  created: int) -> AsyncIterator[dict]:
-    """The chat chunks of one choice as Responses events; each output item is opened, filled and closed in turn."""
+async def _events(chunks: AsyncIterator[dict], body: ResponsesRequest, response_id: str, created: int,
+                  keep: Callable[[list[dict]], None]) -> AsyncIterator[dict]:
+    """The chat chunks of one choice as Responses events; each output item is opened, filled and closed in turn;
+    the items are kept once all are done."""
     async with aclosing(chunks):
         first = await anext(chunks)  # the role chunk, at once: it names the model that answers
         head = _response(body, response_id, created, first["model"], "in_progress")
@@ -208,6 +215,7 @@ async def _events(chunks: AsyncIterator[dict], body: ResponsesRequest, response_
                 yield event
         for event in close(last=True):
             yield event
+        keep(items)
         final = {**_response(body, response_id, created, head["model"], status), "output": items, "usage": usage}
         if deadline is not None:
             final["deadline_status"] = deadline

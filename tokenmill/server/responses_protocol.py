@@ -1,6 +1,7 @@
 """OpenAI's Responses API request body, and its translation to the chat completions request that answers it."""
 
 import re
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -75,8 +76,11 @@ class ResponsesRequest(RequestBody):
     chat_template_kwargs: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None  # beside text.format: a regex, a choice or a grammar
 
-    def chat_request(self) -> ChatCompletionRequest:
-        """The chat completions request that answers this one; 400 naming the field this server cannot do."""
+    def chat_request(self, kept: Callable[[str], dict | None] = lambda _: None) -> ChatCompletionRequest:
+        """The chat completions request that answers this one; 400 naming the field this server cannot do.
+
+        kept: the output item an `item_reference` names, by its id (None for one not kept).
+        """
         for name in _STATEFUL:
             if getattr(self, name) is not None:
                 raise InvalidRequestError(f"{name} is not supported: this server stores no responses or prompts; "
@@ -89,7 +93,7 @@ class ResponsesRequest(RequestBody):
                                       param="max_output_tokens")
         logprobs = LOGPROBS_INCLUDE in (self.include or [])  # top_logprobs alone asks for none, as OpenAI's
         chat = {
-            "model": self.model, "messages": self._messages(), "max_completion_tokens": self.max_output_tokens,
+            "model": self.model, "messages": self._messages(kept), "max_completion_tokens": self.max_output_tokens,
             "temperature": self.temperature, "top_p": self.top_p, "stream": self.stream,
             # The stream's last chunk carries the usage, for the final response.completed event.
             "stream_options": {"include_usage": True} if self.stream else None,
@@ -112,8 +116,9 @@ class ResponsesRequest(RequestBody):
         """Each function offered inside a namespace tool, by name, with its namespace's name."""
         return {f["name"]: namespace for _, f, namespace in _offered(self.tools or []) if namespace is not None}
 
-    def _messages(self) -> list[dict[str, Any]]:
-        """`instructions` and `input` as chat messages: function calls join the assistant turn before them."""
+    def _messages(self, kept: Callable[[str], dict | None]) -> list[dict[str, Any]]:
+        """`instructions` and `input` as chat messages: function calls join the assistant turn before them, and an
+        item_reference is the kept item it names."""
         messages: list[dict[str, Any]] = []
         if self.instructions:
             messages.append({"role": "system", "content": self.instructions})
@@ -122,6 +127,13 @@ class ResponsesRequest(RequestBody):
         for i, item in enumerate(self.input):
             param = f"input[{i}]"
             kind = item.get("type", "message")
+            if kind == "item_reference":
+                item_id = required_string(item, "id", param)
+                if (item := kept(item_id)) is None:
+                    raise InvalidRequestError(f"{param}.id {item_id!r} names no item of this server's recent answers "
+                                              "(it keeps the last ones only); send the item itself",
+                                              param=f"{param}.id")
+                kind = item["type"]
             if kind == "message":
                 if item.get("role") not in ("user", "assistant", "system", "developer"):
                     raise InvalidRequestError(f"{param}.role must be user, assistant, system or developer",
@@ -142,7 +154,8 @@ class ResponsesRequest(RequestBody):
                 continue  # another server's, in a conversation carried over: as vLLM, not part of the prompt
             else:
                 raise InvalidRequestError(f"{param} is an item of type {kind!r}, which this server does not take; "
-                                          "send message, function_call, function_call_output and reasoning items",
+                                          "send message, function_call, function_call_output, reasoning and "
+                                          "item_reference items",
                                           param=param)
         if not messages:
             raise InvalidRequestError("input holds no message", param="input")

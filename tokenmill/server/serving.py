@@ -23,6 +23,7 @@ from tokenmill.sampling import SamplingParams
 from tokenmill.server.deadlines import deadline_refused, dropped_error
 from tokenmill.server.errors import APIError, from_exception
 from tokenmill.server.metrics import Metrics
+from tokenmill.server.response_items import ResponseItems
 
 T = TypeVar("T")
 
@@ -48,6 +49,7 @@ class ServerState:
     models: dict[str, ServedModel]  # in --model order; the first answers requests that name no model
     config: ServerConfig
     metrics: Metrics  # renders every model's series: they share its registry
+    response_items: ResponseItems = field(default_factory=ResponseItems)  # for /v1/responses' item_reference
 
     def model(self, name: str | None) -> ServedModel:
         """The model a request names, or the first when it names none; 404 for a name not served."""
