@@ -3,9 +3,10 @@
 import itertools
 import logging
 import threading
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from tokenmill.config import EngineConfig
@@ -16,6 +17,8 @@ from tokenmill.outputs import RequestOutput, accumulate
 from tokenmill.sampling import SamplingParams
 
 Prompt = str | list[int] | dict[str, Any]
+# vLLM's other names for the dtypes.
+_DTYPE_ALIASES = {"half": "float16", "float": "float32"}
 
 logger = logging.getLogger(__name__)
 
@@ -24,10 +27,14 @@ class LLM:
     """Load a model once and generate for batches of prompts."""
 
     def __init__(self, model: str = EngineConfig.model, **engine_options: Any) -> None:
+        engine_options = _vllm_options(engine_options)
         known = {f.name for f in fields(EngineConfig)}
-        unknown = set(engine_options) - known
+        unknown = set(engine_options) - known - {"seed"}
         if unknown:
             raise InvalidRequestError(f"unknown engine options {sorted(unknown)}; known: {sorted(known)}")
+        if (seed := engine_options.pop("seed", None)) is not None:
+            # As vLLM's engine seed: the draws of requests without their own seed come from torch's generator.
+            torch.manual_seed(seed)
         self.engine = LLMEngine(EngineConfig(model=model, **engine_options))
         self._ids = itertools.count()
         # One call steps the engine at a time: two threads stepping it took each other's outputs (wrong text, or a
@@ -37,6 +44,10 @@ class LLM:
     @property
     def tokenizer(self) -> Tokenizer:
         """The model's tokenizer (encode / decode / encode_chat)."""
+        return self.engine.tokenizer
+
+    def get_tokenizer(self) -> Tokenizer:
+        """The model's tokenizer, by vLLM's method name."""
         return self.engine.tokenizer
 
     def get_default_sampling_params(self) -> SamplingParams:
@@ -62,8 +73,10 @@ class LLM:
         with self._lock:
             try:
                 for request_id, prompt, p in zip(ids, prompts, params):
-                    self.engine.add_request(request_id, _prompt_input(prompt),
-                                            p or self.get_default_sampling_params(), fit_context=True)
+                    p = p or self.get_default_sampling_params()
+                    if isinstance(prompt, dict) and prompt.get("cache_salt") is not None:  # vLLM's prompt field
+                        p = replace(p, cache_salt=prompt["cache_salt"])
+                    self.engine.add_request(request_id, _prompt_input(prompt), p, fit_context=True)
             except BaseException:  # an invalid prompt, or Ctrl-C while a long list queues: none of them stays queued
                 for request_id in ids:
                     self.engine.abort(request_id)
@@ -129,8 +142,29 @@ def _mark_failed(whole: dict[str, RequestOutput], failures: dict[str, Exception]
                 sample.finish_reason = "error"
 
 
+def _vllm_options(options: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's LLM(...) arguments that scripts pass as a matter of course, as this engine's options."""
+    options = dict(options)
+    options.pop("trust_remote_code", None)  # no model code is fetched or run here: every architecture is built in
+    if (parallel := options.pop("tensor_parallel_size", 1)) != 1:
+        raise InvalidRequestError(f"tensor_parallel_size={parallel!r}: tokenmill runs a model on one device")
+    if "gpu_memory_utilization" in options:
+        # vLLM's share of the whole GPU; here the share of what loading left free goes to the KV pool, which on a
+        # GPU with nothing else on it ends in about the same pool.
+        options.setdefault("kv_cache_fraction", options.pop("gpu_memory_utilization"))
+    if options.get("dtype") == "auto":  # the engine's own choice, as vLLM's
+        del options["dtype"]
+    elif options.get("dtype") in _DTYPE_ALIASES:
+        options["dtype"] = _DTYPE_ALIASES[options["dtype"]]
+    return options
+
+
 def _prompt_input(prompt: Prompt) -> str | list[int]:
     if isinstance(prompt, dict):
+        unknown = set(prompt) - {"prompt", "prompt_token_ids", "cache_salt"}
+        if unknown:  # multi_modal_data above all: an image prompt answered as if without its image
+            raise InvalidRequestError(f"a dict prompt takes 'prompt' or 'prompt_token_ids' and 'cache_salt'; this "
+                                      f"text-only engine cannot use {sorted(unknown)}")
         if "prompt_token_ids" in prompt:
             return _token_ids(prompt["prompt_token_ids"])
         if isinstance(prompt.get("prompt"), str):

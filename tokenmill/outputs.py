@@ -1,15 +1,45 @@
 """What the engine hands back: per-step output deltas, their logprobs and timestamps, and load stats."""
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 
+@dataclass(frozen=True)
+class Logprob:
+    """One token's log-probability at a position and its rank there (1: the likeliest), as vLLM's Logprob; its text
+    is not decoded here (decoded_token None, as vLLM's with detokenize off)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
 @dataclass
-class TokenLogprob:
-    """The chosen token's log-probability and the top alternatives at that position."""
+class TokenLogprob(Mapping[int, Logprob]):
+    """The chosen token's log-probability and rank, and the top alternatives at that position.
+
+    Read as a mapping it is vLLM's: token id to Logprob, the chosen token first, then the alternatives (rank i + 1).
+    """
 
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
+    rank: int | None = None
+
+    def _entries(self) -> dict[int, Logprob]:
+        entries = {self.token_id: Logprob(self.logprob, self.rank)}
+        for i, (token_id, logprob) in enumerate(self.top):
+            entries.setdefault(token_id, Logprob(logprob, i + 1))
+        return entries
+
+    def __getitem__(self, token_id: int) -> Logprob:
+        return self._entries()[token_id]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._entries())
+
+    def __len__(self) -> int:
+        return len(self._entries())
 
 
 @dataclass
@@ -74,6 +104,10 @@ class CompletionOutput:
     stop_reason: str | int | None = None
     logprobs: list[TokenLogprob] | None = None
     cumulative_logprob: float | None = None
+
+    def finished(self) -> bool:
+        """Whether the sample has ended, as vLLM's method of this name."""
+        return self.finish_reason is not None
 
     def add(self, delta: "CompletionOutput") -> None:
         """Append a later delta of the same sample."""

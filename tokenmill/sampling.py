@@ -82,6 +82,8 @@ class SamplingParams:
         _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", self.frequency_penalty, "must be in [-2, 2]")
         _check(self.max_tokens is None or whole_number(self.max_tokens) and self.max_tokens >= 1, "max_tokens",
                self.max_tokens, "must be an integer, at least 1")
+        if self.seed == -1:  # vLLM's way to say unseeded
+            self.seed = None
         _check(
             self.seed is None or (whole_number(self.seed) and -(2**63) <= self.seed < 2**63),
             "seed", self.seed, "must be a 64-bit integer",

@@ -110,13 +110,15 @@ class Sampler:
     def prompt_logprobs(self, logits: torch.Tensor, targets: list[int], top_n: int) -> list[TokenLogprob]:
         """Logprob of each target token under its row of logits [rows, vocab], with top_n alternatives."""
         logprobs = torch.log_softmax(logits, dim=-1)
-        chosen = logprobs.gather(1, torch.tensor(targets, device=logits.device)[:, None])[:, 0].tolist()
+        chosen = logprobs.gather(1, torch.tensor(targets, device=logits.device)[:, None])
+        ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
+        chosen = chosen[:, 0].tolist()
         if not top_n:
-            return [TokenLogprob(t, lp) for t, lp in zip(targets, chosen)]
+            return [TokenLogprob(t, lp, rank=r) for t, lp, r in zip(targets, chosen, ranks)]
         values, ids = logprobs.topk(top_n, dim=-1)
         return [
-            TokenLogprob(t, lp, list(zip(i, v)))
-            for t, lp, i, v in zip(targets, chosen, ids.tolist(), values.tolist())
+            TokenLogprob(t, lp, list(zip(i, v)), r)
+            for t, lp, r, i, v in zip(targets, chosen, ranks, ids.tolist(), values.tolist())
         ]
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence], offsets: list[int]) -> None:
@@ -270,4 +272,5 @@ def _token_logprob(row: torch.Tensor, token_id: int, top_n: int) -> TokenLogprob
     if top_n:
         values, ids = row.topk(top_n)
         top = list(zip(ids.tolist(), values.tolist()))
-    return TokenLogprob(token_id, float(row[token_id]), top)
+    # As vLLM's rank: 1 + how many tokens were likelier (the tied ones share the rank).
+    return TokenLogprob(token_id, float(row[token_id]), top, int((row > row[token_id]).sum()) + 1)
