@@ -123,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     ppl = _command(metrics, "perplexity", "perplexity of a text file through the engine", _perplexity)
     ppl.add_argument("--file", required=True, type=Path, help="UTF-8 text to score")
     ppl.add_argument("--context", type=int, default=512, help="tokens per window")
-    ppl.add_argument("--stride", type=int, default=256, help="tokens between window starts")
+    ppl.add_argument("--stride", type=int, help="tokens between window starts (default: half the context)")
     ppl.add_argument("--peer", choices=["llama.cpp"],
                      help="also score the same windows with llama.cpp on the same GGUF file, and give the ratio")
     add_engine_flags(ppl)
@@ -349,6 +349,9 @@ def _perplexity(args: argparse.Namespace) -> int:
         raise InvalidRequestError(f"cannot read {args.file}: {exc}") from exc
     llm = LLM(**engine_options(args))
     token_ids = llm.tokenizer.encode(text)
+    # Half the context: every token scored once, with at least half a window before it (256 at the default 512;
+    # a fixed 256 refused --context 256 and below for a --stride the user never gave).
+    args.stride = args.stride if args.stride is not None else max(args.context // 2, 1)
     result = perplexity(llm, token_ids, args.context, args.stride)
     print(f"perplexity {result.perplexity:.4f} (mean NLL {result.nll:.4f}) over {result.num_tokens} tokens "
           f"in {result.num_windows} windows of {args.context} (stride {args.stride})")
