@@ -55,7 +55,9 @@ def _assert_error(response: httpx.Response, status: int, *words: str) -> dict:
         (COMPLETIONS, {"prompt": "hi", "truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
         (COMPLETIONS, {"prompt": "hi", "n": 2, "use_beam_search": True}, "use_beam_search"),
         (CHAT, {"messages": MESSAGES, "chat_template": "{{ messages[0].content }}"}, "chat_template"),
-        (COMPLETIONS, {"prompt": "hi", "prompt_logprobs": 2}, "prompt_logprobs"),
+        (COMPLETIONS, {"prompt": "hi", "prompt_logprobs": 21}, "prompt_logprobs"),
+        (COMPLETIONS, {"prompt": "hi", "prompt_logprobs": 2, "stream": True}, "prompt_logprobs"),  # as vLLM
+        (COMPLETIONS, {"prompt": "hi", "prompt_logprobs": 2, "echo": True, "logprobs": 3}, "prompt_logprobs"),
         (CHAT, {"messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         (CHAT, {"messages": MESSAGES, "response_format": {"type": "json_schema", "json_schema": {
             "name": "x", "schema": {"type": "frobnicate"}}}}, "response_format"),  # the grammar library's message

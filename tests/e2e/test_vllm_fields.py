@@ -71,6 +71,29 @@ def test_return_token_ids_gives_the_ids_beside_the_text(client, server):
     assert "token_ids" not in plain["choices"][0]
 
 
+def test_prompt_logprobs_score_each_prompt_token_as_vllm_shows_them(server):
+    body = {"model": "smollm2-135m", "prompt": "The capital of France is", "max_tokens": 1, "temperature": 0}
+    scored = httpx.post(f"{server.url}/v1/completions", json={**body, "prompt_logprobs": 2}, timeout=60).json()
+    echoed = httpx.post(f"{server.url}/v1/completions", json={**body, "echo": True, "logprobs": 2},
+                        timeout=60).json()["choices"][0]["logprobs"]
+    ids = httpx.post(f"{server.url}/tokenize", json={"prompt": body["prompt"]}).json()["tokens"]
+    positions = scored["choices"][0]["prompt_logprobs"]
+    assert len(positions) == len(ids) and positions[0] is None
+    for i, (token_id, position) in enumerate(zip(ids[1:], positions[1:]), 1):
+        # The prompt's own token, keyed by its id as vLLM's JSON keys it, then the top alternatives by rank.
+        assert next(iter(position)) == str(token_id) and 2 <= len(position) <= 3
+        chosen = position[str(token_id)]
+        assert chosen["logprob"] == pytest.approx(echoed["token_logprobs"][i], abs=1e-4)
+        assert chosen["decoded_token"] == echoed["tokens"][i] and chosen["rank"] >= 1
+    chat = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={
+        "model": "smollm2-135m", "messages": CHAT, "max_tokens": 1, "prompt_logprobs": 0}).json()
+    chat_ids = httpx.post(f"{server.url}/tokenize", json={"messages": CHAT}).json()["tokens"]
+    assert len(chat["prompt_logprobs"]) == len(chat_ids)  # top level in chat, as vLLM's
+    assert all(list(p) == [str(t)] for p, t in zip(chat["prompt_logprobs"][1:], chat_ids[1:]))
+    plain = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
+    assert "prompt_logprobs" not in plain["choices"][0]
+
+
 @pytest.mark.parametrize("path, extra, param", [
     ("completions", {"truncation_side": "right", "truncate_prompt_tokens": 1}, "truncation_side"),
     ("completions", {"logprob_token_ids": [28], "logprobs": 1}, "logprob_token_ids"),

@@ -16,7 +16,7 @@ from tokenmill.server.deadlines import STATUS_HEADER, deadline_status, with_dead
 from tokenmill.server.protocol import ChatCompletionRequest
 from tokenmill.server.reasoning import ReasoningStream, split_reasoning
 from tokenmill.server.serving import (COST_HEADER, ChunkStream, EventStream, Usage, json_logprob, merged, new_id,
-                                     state_of)
+                                     state_of, vllm_prompt_logprobs)
 from tokenmill.structured.tool_parser import ToolCall, ToolCallStream, parse_tool_calls
 
 
@@ -97,6 +97,7 @@ async def answer_chat(body: ChatCompletionRequest, request: Request, response: R
         "id": response_id, "object": "chat.completion", "created": created, "model": model.name,
         "choices": choices, "usage": usage_block,
         **({"prompt_token_ids": output.prompt_token_ids} if body.return_token_ids else {}),
+        **({"prompt_logprobs": vllm_prompt_logprobs(output, tokenizer)} if body.prompt_logprobs is not None else {}),
     }
 
 

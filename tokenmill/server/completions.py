@@ -15,7 +15,7 @@ from tokenmill.router.serving import route
 from tokenmill.server.deadlines import STATUS_HEADER, deadline_status, with_deadlines
 from tokenmill.server.protocol import CompletionRequest
 from tokenmill.server.serving import (COST_HEADER, ChunkStream, EventStream, ServedModel, Usage, json_logprob, merged,
-                                      new_id, state_of)
+                                      new_id, state_of, vllm_prompt_logprobs)
 
 
 async def create_completion(body: CompletionRequest, request: Request,
@@ -122,7 +122,9 @@ def _choice(body: CompletionRequest, output: RequestOutput, sample: CompletionOu
             token_ids, token_logprobs = prompt_ids + token_ids, prompt_logprobs + token_logprobs
         logprobs = completion_logprobs(token_ids, token_logprobs, tokenizer, 0)
     return {"index": index, "text": echo + sample.text, "logprobs": logprobs, "finish_reason": sample.finish_reason,
-            "stop_reason": sample.stop_reason, **_token_ids(body, output, sample, True)}
+            "stop_reason": sample.stop_reason, **_token_ids(body, output, sample, True),
+            **({"prompt_logprobs": vllm_prompt_logprobs(output, tokenizer)}
+               if body.prompt_logprobs is not None else {})}
 
 
 def _token_ids(body: CompletionRequest, output: RequestOutput, sample: CompletionOutput, first: bool) -> dict:

@@ -228,9 +228,10 @@ class _GenerationRequest(RequestBody):
     response_format: ResponseFormat | None = None
     logit_bias: dict[str, float] | None = None  # token ids as strings, as JSON keys are
     cache_salt: str | None = None  # vLLM's: prompt blocks are shared only with requests of the same salt
+    # vLLM's: each prompt token's logprob and its top alternatives, in the response's prompt_logprobs.
+    prompt_logprobs: int | None = None
     # Accepted so they can be refused by name rather than silently ignored.
     best_of: int | None = None
-    prompt_logprobs: int | None = None
     # vLLM's (and OpenAI's older) fields that would change the answer; ignored, they gave a wrong one silently.
     # Refused unless they hold the value that changes nothing (see _refused).
     _refused: ClassVar[dict[str, tuple[Any, str]]] = _REFUSED
@@ -297,7 +298,7 @@ class _GenerationRequest(RequestBody):
             presence_penalty=_or(self.presence_penalty, 0.0), frequency_penalty=_or(self.frequency_penalty, 0.0),
             seed=self.seed, max_tokens=max_tokens, min_tokens=_or(self.min_tokens, 0), stop=stop,
             stop_token_ids=_or(self.stop_token_ids, []), logit_bias=self._logit_bias(), cache_salt=self.cache_salt,
-            ignore_eos=_or(self.ignore_eos, False), logprobs=logprobs,
+            ignore_eos=_or(self.ignore_eos, False), logprobs=logprobs, prompt_logprobs=self.prompt_logprobs,
             include_stop_str_in_output=_or(self.include_stop_str_in_output, False), priority=_or(self.priority, 0),
             skip_special_tokens=_or(self.skip_special_tokens, True),
             prediction=self.prediction.text if self.prediction else None,
@@ -317,9 +318,9 @@ class _GenerationRequest(RequestBody):
         if self.best_of is not None and self.best_of != _or(self.n, 1):
             raise InvalidRequestError("best_of is not supported (as in vLLM's V1 engine); ask for n samples",
                                       param="best_of")
-        if self.prompt_logprobs is not None:
-            raise InvalidRequestError("prompt_logprobs is not supported; on /v1/completions, echo with logprobs "
-                                      "scores the prompt's tokens", param="prompt_logprobs")
+        if self.prompt_logprobs is not None and self.stream:  # as vLLM
+            raise InvalidRequestError("prompt_logprobs are not available when stream is true",
+                                      param="prompt_logprobs")
 
     def truncated(self, prompt_ids: list[int], max_model_len: int, max_tokens: int | None) -> list[int]:
         """The prompt's last truncate_prompt_tokens ids (all of them when it is unset); -1 keeps as many as leave
@@ -387,6 +388,9 @@ class CompletionRequest(_GenerationRequest):
         # The engine generates at least one token: a prompt-only request runs one, which the response leaves out.
         params = self._sampling_params(1 if self.prompt_only else self.max_tokens, self.logprobs, defaults or {})
         if self.echo and self.logprobs is not None:
+            if self.prompt_logprobs not in (None, self.logprobs):  # the engine scores the prompt once, one top n
+                raise InvalidRequestError(f"prompt_logprobs={self.prompt_logprobs} beside echo with logprobs="
+                                          f"{self.logprobs}: give the two the same number", param="prompt_logprobs")
             params.prompt_logprobs = self.logprobs  # echoed prompt tokens carry logprobs too
         return params
 

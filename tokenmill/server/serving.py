@@ -82,6 +82,16 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def vllm_prompt_logprobs(output: RequestOutput, tokenizer: Tokenizer) -> list[dict | None]:
+    """vLLM's prompt_logprobs: for each prompt token (None for the first, which nothing predicts), its id and its
+    top alternatives' each mapped to the logprob, rank and text."""
+    assert output.prompt_logprobs is not None
+    return [None if position is None else {
+        str(token_id): {"logprob": json_logprob(lp.logprob), "rank": lp.rank,
+                        "decoded_token": tokenizer.token_text(token_id)} for token_id, lp in position.items()}
+            for position in output.prompt_logprobs]
+
+
 def json_logprob(value: float) -> float | None:
     """A logprob as JSON can carry it: NaN (a model whose hidden states went NaN) as null, -inf as -9999 (vLLM's
     floor); the JSON encoder refused them, a 500 for a whole response and a bare NaN in a stream."""
