@@ -97,6 +97,18 @@ def test_a_responses_request_is_keyed_as_the_chat_it_is_answered_as(smollm2_sour
     assert key is not None and key == Ingress._key(ingress, "/v1/chat/completions", json.dumps(chat).encode())
 
 
+def test_ollamas_chats_are_keyed_as_the_chats_they_are_answered_as(smollm2_source):
+    from tokenmill.scale.deployment import Ingress
+
+    # They went to any replica, its cached prefix (the whole conversation so far) on another one.
+    ingress = SimpleNamespace(tokenizer=smollm2_source.tokenizer, block_size=16)
+    chat = {"model": "m", "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"}]}
+    key = Ingress._key(ingress, "/v1/chat/completions", json.dumps(chat).encode())
+    assert key is not None and key == Ingress._key(ingress, "/api/chat", json.dumps(chat).encode())
+    generate = {"model": "m", "system": SYSTEM, "prompt": "hi"}
+    assert Ingress._key(ingress, "/api/generate", json.dumps(generate).encode()) == key
+
+
 def _forward_failing_with(exc: Exception):
     from tokenmill.scale.deployment import Ingress
 

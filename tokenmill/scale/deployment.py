@@ -39,6 +39,7 @@ from tokenmill.server.dashboard import snapshot
 from tokenmill.server.errors import APIError, install_handlers, reshape_errors
 from tokenmill.server.protocol import ChatCompletionRequest
 from tokenmill.server.messages_protocol import MessagesRequest
+from tokenmill.server.ollama_protocol import OllamaChatRequest, OllamaGenerateRequest
 from tokenmill.server.responses_protocol import ResponsesRequest
 from tokenmill.server.served_models import ModelSpec, load_embedding_models, load_engines, split_specs
 
@@ -215,8 +216,8 @@ class Ingress:
         return response
 
     def _key(self, path: str, body: bytes) -> str | None:
-        """The prefix key of a completions, chat, Responses or Anthropic Messages body; None for anything else or
-        anything it cannot read."""
+        """The prefix key of a completions, chat, Responses, Anthropic Messages or Ollama body (llama.cpp's prompt is
+        completions'); None for anything else or anything it cannot read."""
         try:
             request = json.loads(body) if body else None
             if not isinstance(request, dict) or self.tokenizer is None:
@@ -227,6 +228,9 @@ class Ingress:
                 ids = ChatCompletionRequest.model_validate(request).prompt_token_ids(self.tokenizer)
             elif path.endswith(("/responses", "/messages")):  # answered as the chat each translates to
                 kind = ResponsesRequest if path.endswith("/responses") else MessagesRequest
+                ids = kind.model_validate(request).chat_request().prompt_token_ids(self.tokenizer)
+            elif path == "/api/chat" or path == "/api/generate" and not request.get("raw"):  # Ollama's, chats too
+                kind = OllamaChatRequest if path == "/api/chat" else OllamaGenerateRequest
                 ids = kind.model_validate(request).chat_request().prompt_token_ids(self.tokenizer)
             else:
                 prompt = request.get("prompt")
