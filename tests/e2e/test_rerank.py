@@ -61,6 +61,14 @@ def test_rerank_orders_documents_most_relevant_first_and_keeps_top_n(post):
         assert answer["usage"]["total_tokens"] > 0
 
 
+def test_a_blank_document_is_scored_not_the_whole_request_refused(post):
+    # A retriever's blank chunk made the request a 400 ("documents[1] is empty"), losing the other documents' order.
+    results = post("/v1/rerank", model=MODEL, query=QUERY, documents=[DOCUMENTS[1], ""]).json()["results"]
+    assert [r["index"] for r in results] == [0, 1] and results[1]["document"]["text"] == ""
+    scores = post("/v1/score", model=MODEL, text_1=QUERY, text_2=["", DOCUMENTS[1]]).json()["data"]
+    assert len(scores) == 2 and scores[0]["score"] < scores[1]["score"]
+
+
 @pytest.mark.parametrize("path, body, status, param", [
     ("/v1/rerank", {"model": "smollm2-135m", "query": "q", "documents": ["d"]}, 400, "model"),
     ("/v1/rerank", {"model": MODEL, "query": "q", "documents": []}, 400, "documents"),

@@ -10,11 +10,13 @@ from tokenmill.loader.tokenizer import is_text
 EmbeddingInput = str | list[str] | list[int] | list[list[int]]
 
 
-def token_inputs(model: EmbeddingModel, inputs: EmbeddingInput, truncate: int | None = None) -> list[list[int]]:
+def token_inputs(model: EmbeddingModel, inputs: EmbeddingInput, truncate: int | None = None,
+                 empty_texts: bool = False) -> list[list[int]]:
     """Token ids of each input (texts get the special tokens; ids are taken as given), checked against the limit.
 
     truncate: None to refuse an input over the model's limit, k to cut every input to its first k tokens
     (a text keeps its special tokens), -1 to cut to the limit: vLLM's `truncate_prompt_tokens`.
+    empty_texts: "" embeds as its special tokens alone, rather than being refused (OpenAI refuses it for embeddings).
     """
     limit = _truncation(model, truncate)
     if isinstance(inputs, str):
@@ -25,7 +27,7 @@ def token_inputs(model: EmbeddingModel, inputs: EmbeddingInput, truncate: int | 
     if all(isinstance(t, int) for t in inputs):
         inputs = [inputs]
     for i, item in enumerate(inputs):
-        if len(item) == 0:
+        if len(item) == 0 and not (empty_texts and isinstance(item, str)):
             raise InvalidRequestError(f"input[{i}] is empty", param="input")
         if isinstance(item, str) and not is_text(item):  # the server refuses these earlier; LLM.embed here
             raise InvalidRequestError(f"input[{i}] holds bytes that are not UTF-8 (lone surrogates); send valid "

@@ -79,7 +79,8 @@ async def _scores(request: Request, model: str | None, firsts: list[str], second
     ids: list[list[int]] = []
     for texts, field in ((firsts, "query" if rerank else "text_1"), (seconds, "documents" if rerank else "text_2")):
         try:
-            ids += await asyncio.to_thread(token_inputs, engine.model, texts, truncate)
+            # A blank chunk among a retriever's documents is scored (as vLLM scores it), not the whole request refused.
+            ids += await asyncio.to_thread(token_inputs, engine.model, texts, truncate, True)
         except InvalidRequestError as exc:
             where = field if field == "query" else f"{field}[{_index(str(exc))}]"
             param = field if exc.param == "input" else exc.param  # truncate_prompt_tokens names itself
