@@ -97,6 +97,19 @@ def test_a_responses_request_is_keyed_as_the_chat_it_is_answered_as(smollm2_sour
     assert key is not None and key == Ingress._key(ingress, "/v1/chat/completions", json.dumps(chat).encode())
 
 
+def test_a_turn_naming_an_earlier_answer_keys_by_its_prefix(smollm2_source):
+    from tokenmill.scale.deployment import Ingress
+
+    # An item_reference (kept by the replica that answered) made the key None: the turn went to any replica, which
+    # (R - 1) / R of the time refused it, not having the item.
+    ingress = SimpleNamespace(tokenizer=smollm2_source.tokenizer, block_size=16)
+    first = {"model": "m", "instructions": SYSTEM, "input": [{"role": "user", "content": "hi"}]}
+    later = {**first, "input": [*first["input"], {"type": "item_reference", "id": "msg_1"},
+                                {"role": "user", "content": "and?"}]}
+    key = Ingress._key(ingress, "/v1/responses", json.dumps(later).encode())
+    assert key is not None and key == Ingress._key(ingress, "/v1/responses", json.dumps(first).encode())
+
+
 def test_ollamas_chats_are_keyed_as_the_chats_they_are_answered_as(smollm2_source):
     from tokenmill.scale.deployment import Ingress
 

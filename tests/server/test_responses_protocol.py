@@ -107,8 +107,20 @@ def test_a_named_tool_choice_with_a_text_format_is_the_forced_call_as_instructor
     assert request.chat_request().sampling_params().structured_output.param == "tools"
 
 
-def test_the_items_kept_for_references_are_the_last_ones():
-    kept = ResponseItems(capacity=2)
-    kept.keep([{"id": "a", "type": "message"}, {"id": "b", "type": "message"}])
-    kept.keep([{"id": "c", "type": "function_call"}])
-    assert kept.get("a") is None and kept.get("b")["type"] == "message" and kept.get("c")["type"] == "function_call"
+def _message(item_id: str, text: str) -> dict:
+    top = [{"token": "x", "logprob": -1.0, "bytes": [120]}] * 20
+    return {"type": "message", "id": item_id, "status": "completed", "role": "assistant", "content": [
+        {"type": "output_text", "text": text, "annotations": [], "logprobs": [{"token": "x", "top_logprobs": top}]}]}
+
+
+def test_the_items_kept_for_references_are_the_last_ones_and_only_what_a_prompt_reads():
+    kept = ResponseItems(max_items=2, max_chars=12)
+    kept.keep([_message("a", "hi"), _message("b", "hello")])
+    kept.keep([{"type": "function_call", "id": "c", "call_id": "k", "name": "f", "arguments": "{}", "status": "x"}])
+    assert kept.get("a") is None and kept.get("c") == {"type": "function_call", "call_id": "k", "name": "f",
+                                                        "arguments": "{}"}
+    # Logprobs (7.9 MiB for 1,000 tokens with 20 alternatives each) are not kept: 4,096 such answers were 32 GiB.
+    assert kept.get("b") == {"type": "message", "role": "assistant", "content": [{"type": "output_text",
+                                                                                  "text": "hello"}]}
+    kept.keep([_message("d", "0123456789")])  # past max_chars: the oldest go
+    assert kept.get("b") is None and kept.get("c") is not None and kept.get("d") is not None

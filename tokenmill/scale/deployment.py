@@ -226,9 +226,13 @@ class Ingress:
                 # As the replica renders it (tools written in, text parts joined, developer as system): else chats
                 # sharing their first blocks there would go to different replicas.
                 ids = ChatCompletionRequest.model_validate(request).prompt_token_ids(self.tokenizer)
-            elif path.endswith(("/responses", "/messages")):  # answered as the chat each translates to
-                kind = ResponsesRequest if path.endswith("/responses") else MessagesRequest
-                ids = kind.model_validate(request).chat_request().prompt_token_ids(self.tokenizer)
+            elif path.endswith("/responses"):  # answered as the chat it translates to
+                # An item_reference, kept by the replica that answered it, keys as nothing (as a reasoning item):
+                # the turn keys by the prefix before it, and so goes back to that replica.
+                chat = ResponsesRequest.model_validate(request).chat_request(lambda _: {"type": "reasoning"})
+                ids = chat.prompt_token_ids(self.tokenizer)
+            elif path.endswith("/messages"):
+                ids = MessagesRequest.model_validate(request).chat_request().prompt_token_ids(self.tokenizer)
             elif path == "/api/chat" or path == "/api/generate" and not request.get("raw"):  # Ollama's, chats too
                 kind = OllamaChatRequest if path == "/api/chat" else OllamaGenerateRequest
                 ids = kind.model_validate(request).chat_request().prompt_token_ids(self.tokenizer)

@@ -121,8 +121,7 @@ def _usage(usage: dict) -> dict:
 
 async def _events(chunks: AsyncIterator[dict], body: ResponsesRequest, response_id: str, created: int,
                   keep: Callable[[list[dict]], None]) -> AsyncIterator[dict]:
-    """The chat chunks of one choice as Responses events; each output item is opened, filled and closed in turn;
-    the items are kept once all are done."""
+    """The chat chunks of one choice as Responses events, each output item opened, filled and closed in turn."""
     async with aclosing(chunks):
         first = await anext(chunks)  # the role chunk, at once: it names the model that answers
         head = _response(body, response_id, created, first["model"], "in_progress")

@@ -77,10 +77,8 @@ class ResponsesRequest(RequestBody):
     structured_outputs: dict[str, Any] | None = None  # beside text.format: a regex, a choice or a grammar
 
     def chat_request(self, kept: Callable[[str], dict | None] = lambda _: None) -> ChatCompletionRequest:
-        """The chat completions request that answers this one; 400 naming the field this server cannot do.
-
-        kept: the output item an `item_reference` names, by its id (None for one not kept).
-        """
+        """The chat completions request that answers this one, an item_reference read as the item `kept` gives for
+        its id (None: not kept); 400 naming the field this server cannot do."""
         for name in _STATEFUL:
             if getattr(self, name) is not None:
                 raise InvalidRequestError(f"{name} is not supported: this server stores no responses or prompts; "
