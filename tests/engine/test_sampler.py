@@ -159,7 +159,15 @@ def test_logprobs_report_the_chosen_token_and_top_alternatives():
     [lp] = out.logprobs[0]
     expected = torch.log_softmax(LOGITS[0], dim=-1)
     assert lp.token_id == 2 and abs(lp.logprob - expected[2].item()) < 1e-6
-    assert [t for t, _ in lp.top] == [2, 3]
+    assert [t for t, _ in lp.top] == [2, 3] and lp.rank == 1
+
+
+def test_a_tokens_rank_counts_the_tokens_at_least_as_likely_as_vllm_v1():
+    logits = torch.tensor([[0.0, 0.0, -1.0], [-1.0, 0.0, 0.0]])  # ties at the top: argmax takes the first
+    out = Sampler()(logits, [_seq(SamplingParams(temperature=0, logprobs=0)) for _ in range(2)])
+    assert [lp.rank for [lp] in out.logprobs] == [2, 2]
+    [_, tied, last] = Sampler().prompt_logprobs(torch.tensor([[0.0, 0.0, -1.0]] * 3), [0, 1, 2], 0)
+    assert (tied.rank, last.rank) == (2, 3)
 
 
 @pytest.mark.parametrize("kind", ["normal", "ties", "mostly -inf", "some NaN", "all NaN", "all -inf"])

@@ -80,10 +80,12 @@ class Sampler:
         token_ids = self._accept(drafts, chosen.tolist())
         logprobs: list[list[TokenLogprob] | None] = [None] * len(seqs)
         if raw_logprobs is not None:
+            # Each emitted token is its row's chosen one: every row's rank in one op, not a vocabulary pass per token.
+            ranks = _ranks(raw_logprobs, chosen).tolist()
             first = 0
             for i, (seq, tokens) in enumerate(zip(seqs, token_ids)):
                 if seq.params.logprobs is not None:
-                    logprobs[i] = [_token_logprob(raw_logprobs[first + j], t, seq.params.logprobs)
+                    logprobs[i] = [_token_logprob(raw_logprobs[first + j], t, seq.params.logprobs, ranks[first + j])
                                    for j, t in enumerate(tokens)]
                 first += len(drafts[i]) + 1
         return SamplerOutput(token_ids, logprobs)
@@ -110,9 +112,9 @@ class Sampler:
     def prompt_logprobs(self, logits: torch.Tensor, targets: list[int], top_n: int) -> list[TokenLogprob]:
         """Logprob of each target token under its row of logits [rows, vocab], with top_n alternatives."""
         logprobs = torch.log_softmax(logits, dim=-1)
-        chosen = logprobs.gather(1, torch.tensor(targets, device=logits.device)[:, None])
-        ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
-        chosen = chosen[:, 0].tolist()
+        target_ids = torch.tensor(targets, device=logits.device)
+        ranks = _ranks(logprobs, target_ids).tolist()
+        chosen = logprobs.gather(1, target_ids[:, None])[:, 0].tolist()
         if not top_n:
             return [TokenLogprob(t, lp, rank=r) for t, lp, r in zip(targets, chosen, ranks)]
         values, ids = logprobs.topk(top_n, dim=-1)
@@ -267,10 +269,14 @@ def _truncate(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return probs.masked_fill(drop, 0.0)
 
 
-def _token_logprob(row: torch.Tensor, token_id: int, top_n: int) -> TokenLogprob:
+def _ranks(logprobs: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Each row's rank of its token: how many tokens are at least as likely, itself included (vLLM V1's count)."""
+    return (logprobs >= logprobs.gather(1, token_ids[:, None])).sum(dim=-1)
+
+
+def _token_logprob(row: torch.Tensor, token_id: int, top_n: int, rank: int) -> TokenLogprob:
     top: list[tuple[int, float]] = []
     if top_n:
         values, ids = row.topk(top_n)
         top = list(zip(ids.tolist(), values.tolist()))
-    # As vLLM's rank: 1 + how many tokens were likelier (the tied ones share the rank).
-    return TokenLogprob(token_id, float(row[token_id]), top, int((row > row[token_id]).sum()) + 1)
+    return TokenLogprob(token_id, float(row[token_id]), top, rank)
