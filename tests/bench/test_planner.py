@@ -203,6 +203,8 @@ def test_a_hand_edited_profile_missing_a_field_is_one_line(tmp_path, capsys, dam
     (lambda r: r["grid"][3].update(ms=float("nan")), "took no time"),  # the rate search never ended
     (lambda r: r["price"].update(usd_per_hour=None), "price.usd_per_hour None"),
     (lambda r: r["settings"].update(block_size=0), "block_size=0 must be at least 1"),
+    (lambda r: r["settings"].update(max_model_len="x"), "settings.max_model_len 'x' is not a count"),  # TypeError
+    (lambda r: r["settings"].update(num_blocks=0), "settings.num_blocks 0 is not a count"),
 ])
 def test_a_hand_edited_profile_out_of_range_is_one_line(tmp_path, capsys, damage, message):
     _write_profile(tmp_path / "p.json", _linear)

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenmill.errors import InvalidRequestError
+from tokenmill.errors import InvalidRequestError, whole_number
 
 PROFILE_VERSION = 1  # the layout tokenmill/bench/profile.py writes
 
@@ -89,6 +89,10 @@ def load_profile(path: Path) -> Profile:
         missing = sorted(k for k in _SETTINGS if k not in s)  # what the simulator and planner read
         if missing:
             raise InvalidRequestError(f"{path} is a malformed tokenmill profile (no settings.{missing[0]}); {remedy}")
+        for name in ("num_blocks", "max_model_len"):  # the others EngineConfig checks as the simulation builds one
+            if not whole_number(s[name]) or s[name] < 1:
+                raise InvalidRequestError(f"{path} is a malformed tokenmill profile (settings.{name} {s[name]!r} is "
+                                          f"not a count >= 1); {remedy}")
         # A step of no time (or NaN) simulates a run of no duration: the planner's rate search never ends.
         if not all(math.isfinite(c["ms"]) and c["ms"] > 0 for c in [*grid, *report["context_sweep"]]):
             raise InvalidRequestError(f"{path} has a step that took no time (ms not a positive number); {remedy}")
