@@ -22,11 +22,12 @@ def test_vllms_usual_engine_arguments_are_taken(llm, smollm2_path):
         LLM(str(smollm2_path), tensor_parallel_size=2)
 
 
-def test_the_engine_seed_makes_unseeded_draws_repeat(llm, smollm2_path):
+def test_the_engine_seed_makes_unseeded_draws_repeat(smollm2_path):
     params = SamplingParams(temperature=1.0, max_tokens=12)
-    first = llm.generate(PROMPT, params)[0].outputs[0].token_ids
-    again = LLM(str(smollm2_path), seed=0).generate(PROMPT, params)[0].outputs[0].token_ids
+    first, again = (LLM(str(smollm2_path), seed=5).generate(PROMPT, params)[0].outputs[0].token_ids for _ in "ab")
     assert again == first
+    with pytest.raises(InvalidRequestError, match="seed='x' must be an integer"):
+        LLM(str(smollm2_path), seed="x")
 
 
 def test_logprobs_read_as_vllms_dicts_of_logprob_by_token_id(llm):
@@ -37,6 +38,8 @@ def test_logprobs_read_as_vllms_dicts_of_logprob_by_token_id(llm):
         assert position[token_id].rank == 1 and list(position)[0] == token_id
         assert [position[t].rank for t in list(position)] == [1, 2, 3]
         assert position[token_id].logprob == position.logprob
+    assert "".join(position[t].decoded_token for t, position in zip(sample.token_ids, sample.logprobs)) == \
+        sample.text
     assert out.prompt_logprobs[0] is None
     for token_id, position in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:]):
         likelier = sum(lp > position[token_id].logprob for _, lp in position.top)

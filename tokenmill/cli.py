@@ -351,12 +351,12 @@ def _perplexity(args: argparse.Namespace) -> int:
     token_ids = llm.tokenizer.encode(text)
     # Half the context: every token scored once, with at least half a window before it (256 at the default 512;
     # a fixed 256 refused --context 256 and below for a --stride the user never gave).
-    args.stride = args.stride if args.stride is not None else max(args.context // 2, 1)
-    result = perplexity(llm, token_ids, args.context, args.stride)
+    stride = args.stride if args.stride is not None else max(args.context // 2, 1)
+    result = perplexity(llm, token_ids, args.context, stride)
     print(f"perplexity {result.perplexity:.4f} (mean NLL {result.nll:.4f}) over {result.num_tokens} tokens "
-          f"in {result.num_windows} windows of {args.context} (stride {args.stride})")
+          f"in {result.num_windows} windows of {args.context} (stride {stride})")
     if args.peer:
-        peer = llama_cpp_perplexity(llm.engine.source.path, token_ids, args.context, args.stride, args.num_threads)
+        peer = llama_cpp_perplexity(llm.engine.source.path, token_ids, args.context, stride, args.num_threads)
         print(f"llama.cpp perplexity {peer.perplexity:.4f} (mean NLL {peer.nll:.4f}) on the same windows; "
               f"tokenmill / llama.cpp {result.perplexity / peer.perplexity:.4f}")
     return 0

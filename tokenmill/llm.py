@@ -33,6 +33,8 @@ class LLM:
         if unknown:
             raise InvalidRequestError(f"unknown engine options {sorted(unknown)}; known: {sorted(known)}")
         if (seed := engine_options.pop("seed", None)) is not None:
+            if not whole_number(seed):
+                raise InvalidRequestError(f"seed={seed!r} must be an integer", param="seed")
             # As vLLM's engine seed: the draws of requests without their own seed come from torch's generator.
             torch.manual_seed(seed)
         self.engine = LLMEngine(EngineConfig(model=model, **engine_options))
@@ -130,7 +132,18 @@ class LLM:
                 for request_id in ids:
                     self.engine.abort(request_id)
                 raise
-        return [whole[i] for i in ids]
+        outputs = [whole[i] for i in ids]
+        for output in outputs:  # vLLM's Logprob carries each token's text
+            for position in [*(output.prompt_logprobs or []), *(lp for s in output.outputs for lp in s.logprobs or [])]:
+                if position is not None:
+                    position.decode = self._token_text
+        return outputs
+
+    def _token_text(self, token_id: int) -> str:
+        """A token's text as vLLM's decoded_token shows it: a special token's name too."""
+        if self.tokenizer.is_special(token_id):
+            return self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return self.tokenizer.token_text(token_id)
 
 
 def _mark_failed(whole: dict[str, RequestOutput], failures: dict[str, Exception]) -> None:

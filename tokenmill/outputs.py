@@ -1,13 +1,12 @@
 """What the engine hands back: per-step output deltas, their logprobs and timestamps, and load stats."""
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
 class Logprob:
-    """One token's log-probability at a position and its rank there (1: the likeliest), as vLLM's Logprob; its text
-    is not decoded here (decoded_token None, as vLLM's with detokenize off)."""
+    """One token's log-probability at a position, its rank there (1: the likeliest) and its text, as vLLM's."""
 
     logprob: float
     rank: int | None = None
@@ -16,20 +15,22 @@ class Logprob:
 
 @dataclass
 class TokenLogprob(Mapping[int, Logprob]):
-    """The chosen token's log-probability and rank, and the top alternatives at that position.
-
-    Read as a mapping it is vLLM's: token id to Logprob, the chosen token first, then the alternatives (rank i + 1).
-    """
+    """The chosen token's logprob and rank and the top alternatives; as a mapping, vLLM's token id -> Logprob."""
 
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
     rank: int | None = None
+    # A token's text, for the mapping's decoded_token: the offline LLM sets it (the engine decodes no token alone).
+    decode: Callable[[int], str] | None = field(default=None, repr=False, compare=False)
 
     def _entries(self) -> dict[int, Logprob]:
-        entries = {self.token_id: Logprob(self.logprob, self.rank)}
+        """The chosen token first, then the alternatives by rank (i + 1), as vLLM orders them."""
+        text = self.decode or (lambda token_id: None)
+        entries = {self.token_id: Logprob(self.logprob, self.rank, text(self.token_id))}
         for i, (token_id, logprob) in enumerate(self.top):
-            entries.setdefault(token_id, Logprob(logprob, i + 1))
+            if token_id not in entries:
+                entries[token_id] = Logprob(logprob, i + 1, text(token_id))
         return entries
 
     def __getitem__(self, token_id: int) -> Logprob:

@@ -68,7 +68,7 @@ class NativeCompletionRequest(RequestBody):
             "top_p": self.top_p, "min_p": self.min_p, "repetition_penalty": self.repeat_penalty,
             "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty, "stop": self.stop,
             "ignore_eos": self.ignore_eos,
-            "seed": None if self.seed == -1 else self.seed, "logprobs": self.n_probs or None,
+            "seed": self.seed, "logprobs": self.n_probs or None,  # -1, llama.cpp's random seed, is vLLM's too
             "logit_bias": self._logit_bias(), "structured_outputs": self._structured_outputs(),
         }
         try:

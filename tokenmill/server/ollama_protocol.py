@@ -57,8 +57,6 @@ class OllamaRequest(RequestBody):
                 raise InvalidRequestError(f"options.{name} is not supported: this engine samples with temperature, "
                                           "top_k, top_p, min_p and the penalties", param=f"options.{name}")
         fields = {field: options[name] for name, field in _OPTIONS.items() if name in options}
-        if fields.get("seed") == -1:  # Ollama's "a random seed"
-            del fields["seed"]
         limit = options.get("num_predict")
         if limit is not None and limit not in (0, -1, -2):  # 0 and -1: no limit, -2: fill the context; all ours
             fields["max_tokens"] = limit
