@@ -129,7 +129,8 @@ class EngineConfig:
     num_threads: int | None = None
     # Weight-only quantization of the linear layers after loading: auto | none | int8 | int4. auto, on a
     # CPU with a vector kernel (AMX, AVX512-VNNI, AVX-VNNI or AVX2) and in float32, keeps a GGUF's quantized layers
-    # quantized (int4 for Q4_1 at the default group size, which then holds its blocks exactly, else int8): faster
+    # quantized (int4 for Q4_0 and Q4_1 at the default group size, which then holds their blocks exactly, else int8,
+    # exact for Q5_0, Q5_1 and Q8_0): faster
     # than float32 there (docs/benchmarks.md).
     quantization: str = "auto"
     # Weights per quantization step/offset pair; 32 matches GGUF's Q4/Q8 blocks, so those files re-quantize exactly.

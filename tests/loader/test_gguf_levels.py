@@ -13,7 +13,7 @@ from tokenmill.errors import ModelLoadError
 from tokenmill.loader.gguf import GGUFFile
 from tokenmill.loader.model_loader import load_model
 from tokenmill.quant.levels import LevelRows
-from tokenmill.quant.linear import Int8Linear
+from tokenmill.quant.linear import Int4Linear, Int8Linear
 
 # SmolLM2: the tied embedding is Q8_0, the layers Q4_1; Q and K rows are also unpermuted on the way.
 NAMES = {"model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
@@ -42,15 +42,41 @@ def test_levels_dequantize_to_what_the_gguf_package_dequantizes(smollm2_source):
 
 
 def test_a_model_loaded_from_levels_holds_the_same_bits_as_one_quantized_from_floats(smollm2_source, monkeypatch):
-    for quantization in ("int4", "int8"):  # int8: the Q4_1 layers go through float, the Q8_0 table does not
-        config = EngineConfig(model=str(smollm2_source.path), quantization=quantization)
-        direct = load_model(config, smollm2_source)[0].state_dict()
-        with monkeypatch.context() as patch:
-            floats_only = smollm2_source.weights
-            patch.setattr(smollm2_source, "weights", lambda dtype, levels=False: floats_only(dtype))
-            reference = load_model(config, smollm2_source)[0].state_dict()
-        assert direct.keys() == reference.keys()
-        assert all(torch.equal(direct[k], reference[k]) for k in direct), quantization
+    config = EngineConfig(model=str(smollm2_source.path), quantization="int4")
+    direct = load_model(config, smollm2_source)[0].state_dict()
+    with monkeypatch.context() as patch:
+        floats_only = smollm2_source.weights
+        patch.setattr(smollm2_source, "weights", lambda dtype, levels=False: floats_only(dtype))
+        reference = load_model(config, smollm2_source)[0].state_dict()
+    assert direct.keys() == reference.keys()
+    assert all(torch.equal(direct[k], reference[k]) for k in direct)
+
+
+def _tiny_gguf(path, raw: np.ndarray, qtype: GGMLQuantizationType) -> GGUFFile:
+    writer = GGUFWriter(path, "qwen2")
+    writer.add_tensor("blk.0.ffn_up.weight", raw, raw_shape=raw.shape, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return GGUFFile(path)
+
+
+@pytest.mark.parametrize("qtype, layer", [
+    (GGMLQuantizationType.Q4_0, Int4Linear), (GGMLQuantizationType.Q4_0, Int8Linear),
+    (GGMLQuantizationType.Q4_1, Int8Linear), (GGMLQuantizationType.Q5_0, Int8Linear),
+    (GGMLQuantizationType.Q5_1, Int8Linear),
+])
+def test_a_layer_of_at_least_the_blocks_bits_holds_them_exactly(tmp_path, qtype, layer):
+    # They went through float and onto a new grid: SmolLM2 in Q4_0 under auto (int8 then) moved its logits 0.67 from
+    # the file's own, 3 of 16 greedy tokens changed.
+    raw = quantize(np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32), qtype)
+    config = types.SimpleNamespace(num_experts=0, num_heads=1, num_kv_heads=1)
+    loaded = layer(64, 32, 32)
+    for name, rows, piece in _tiny_gguf(tmp_path / "tiny.gguf", raw, qtype).weights(config, torch.float32, True):
+        assert isinstance(piece, LevelRows)
+        loaded.load_rows(rows, piece, name)
+    assert torch.equal(loaded.dequantize(), torch.from_numpy(dequantize(raw, qtype)))
 
 
 def test_q8_0_blocks_whose_offset_passes_float16_come_as_floats(tmp_path):

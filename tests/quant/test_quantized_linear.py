@@ -120,12 +120,16 @@ def test_rows_on_the_layers_grid_go_in_unchanged_and_others_through_float():
     rows = LevelRows(torch.randint(0, 16, (40, 64), generator=gen, dtype=torch.uint8),
                      (torch.rand(40, 2, generator=gen) + 0.1).half(), torch.randn(40, 2, generator=gen).half(), 4)
     w = rows.dequantize()
-    same = Int4Linear(64, 40, 32)
-    same.load_rows(slice(None), rows, "w")
-    assert torch.equal(same.dequantize(), w)  # whatever levels a group uses: no min or max to refit
-    for other, layer in ((Int4Linear(64, 40, 64), _int4(w, group_size=64)), (Int8Linear(64, 40, 32), _int8(w))):
-        other.load_rows(slice(None), rows, "w")
-        assert torch.equal(other.dequantize(), layer.dequantize())  # rows 40-47 of the last block are unset
+    for same in (Int4Linear(64, 40, 32), Int8Linear(64, 40, 32)):  # int8 holds 4-bit levels too
+        same.load_rows(slice(None), rows, "w")
+        assert torch.equal(same.dequantize(), w)  # whatever levels a group uses: no min or max to refit
+    other = Int4Linear(64, 40, 64)  # groups of another size: through float, as any weights
+    other.load_rows(slice(None), rows, "w")
+    assert torch.equal(other.dequantize(), _int4(w, group_size=64).dequantize())  # rows 40-47 of the last block unset
+    wide = LevelRows(rows.levels * 16, rows.step, rows.offset, 8)  # 8-bit levels do not fit int4
+    narrow = Int4Linear(64, 40, 32)
+    narrow.load_rows(slice(None), wide, "w")
+    assert torch.equal(narrow.dequantize(), _int4(wide.dequantize(), group_size=32).dequantize())
 
 
 def test_streamed_shards_quantize_as_the_whole_weight_does():

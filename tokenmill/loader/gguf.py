@@ -87,8 +87,13 @@ _SAMPLING_KEYS = {"general.sampling.temp": "temperature", "general.sampling.top_
                   "general.sampling.top_k": "top_k", "general.sampling.min_p": "min_p",
                   "general.sampling.penalty_repeat": "repetition_penalty"}
 _FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
-# The block types whose grids int4 and int8 layers hold exactly, with their levels' bits.
-_LEVEL_BITS = {GGMLQuantizationType.Q4_1: 4, GGMLQuantizationType.Q8_0: 8}
+# The block types whose grids int4 and int8 layers hold exactly (32 inputs a block, w = d * q + m), with their
+# levels' bits: a layer of at least as many bits takes them unchanged.
+_LEVEL_BITS = {GGMLQuantizationType.Q4_0: 4, GGMLQuantizationType.Q4_1: 4, GGMLQuantizationType.Q5_0: 5,
+               GGMLQuantizationType.Q5_1: 5, GGMLQuantizationType.Q8_0: 8}
+# Where each type's first fp16 step ends: Q4_1 and Q5_1 have their offset m after it; Q4_0, Q5_0 and Q8_0 centre
+# their levels instead (w = d * (q - centre)).
+_CENTRES = {GGMLQuantizationType.Q4_0: 8, GGMLQuantizationType.Q5_0: 16, GGMLQuantizationType.Q8_0: 128}
 
 # Float32 elements dequantized per slice of rows, and per piece of a tensor handed to the model
 # (1 MiB: each piece is alive beside the loaded weights, at the load's peak memory).
@@ -230,12 +235,12 @@ class GGUFFile:
     def native_quantization(self) -> str:
         """The weight-only quantization closest to how the file stores its linear layers.
 
-        int4 for Q4_1 (int4 groups of 32 hold its blocks exactly), int8 for any other quantized
-        type (exact for Q8_0, within an int8 step otherwise), none for float layers.
+        int4 for Q4_0 and Q4_1 (int4 groups of 32 hold their blocks exactly), int8 for any other quantized
+        type (exact for Q5_0, Q5_1 and Q8_0, within an int8 step otherwise), none for float layers.
         """
         if self.linear_types <= _FLOAT_TYPES:
             return "none"
-        return "int4" if self.linear_types == {GGMLQuantizationType.Q4_1} else "int8"
+        return "int4" if self.linear_types <= {GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1} else "int8"
 
     def sampling_defaults(self) -> dict[str, float]:
         """The sampling settings the file recommends, for requests that leave them unset."""
@@ -454,12 +459,14 @@ def _dequantized(tensor: _Tensor, data: np.ndarray, whole: bool) -> Iterator[tup
 
 def _levels(tensor: _Tensor, data: np.ndarray, heads: int | None,
             dtype: torch.dtype) -> Iterator[tuple[slice, LevelRows | torch.Tensor]]:
-    """A Q4_1 or Q8_0 tensor's blocks as their levels, float16 steps and offsets: (rows, LevelRows) pieces, or
+    """A _LEVEL_BITS tensor's blocks as their levels, float16 steps and offsets: (rows, LevelRows) pieces, or
     (rows, weights) where the levels cannot say them.
 
-    Q4_1 blocks are (d, m, 16 bytes): input j in byte j's low nibble, input 16 + j in its high one, w = d * q + m.
-    Q8_0 blocks are (d, 32 int8): w = d * q, which is d * (q + 128) - 128 * d on unsigned levels, exactly. Where
-    -128 * d passes float16's range (d above 511.75), the piece comes as float weights of dtype instead.
+    Q4_1 blocks are (d, m, 16 bytes): input j in byte j's low nibble, input 16 + j in its high one, w = d * q + m;
+    Q4_0 blocks are (d, 16 bytes), w = d * (q - 8). Q5_1 and Q5_0 add 4 bytes after d (and m) whose bit j is the
+    fifth bit of input j. Q8_0 blocks are (d, 32 int8): w = d * q, which is d * (q + 128) - 128 * d on unsigned
+    levels. A centred type's offset -centre * d is exact in float16, unless it passes its range (Q8_0's d above
+    511.75): such a piece comes as float weights of dtype instead.
     """
     block_bytes = GGML_QUANT_SIZES[tensor.qtype][1]
     rows = data[tensor.offset : tensor.offset + tensor.n_bytes].reshape(tensor.shape[0], -1, block_bytes)
@@ -469,17 +476,26 @@ def _levels(tensor: _Tensor, data: np.ndarray, heads: int | None,
     for start in range(0, len(rows), step):
         blocks = rows[start : start + step]
         d = np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0]
-        if tensor.qtype == GGMLQuantizationType.Q4_1:
-            nibbles = blocks[..., 4:]
-            level = np.concatenate([nibbles & 15, nibbles >> 4], axis=-1)
-            offset = np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0]
+        centre = _CENTRES.get(tensor.qtype)
+        body = 2 if centre else 4  # after d, or after d and m
+        if tensor.qtype == GGMLQuantizationType.Q8_0:
+            level = blocks[..., 2:] ^ np.uint8(0x80)  # the int8 q's bits as q + 128
         else:
+            fifth = _LEVEL_BITS[tensor.qtype] == 5
+            nibbles = blocks[..., body + 4 * fifth:]
+            level = np.concatenate([nibbles & 15, nibbles >> 4], axis=-1)
+            if fifth:
+                high = np.ascontiguousarray(blocks[..., body : body + 4]).view("<u4")
+                level |= (((high >> np.arange(32, dtype=np.uint32)) & 1) << 4).astype(np.uint8)
+        if centre:
             with np.errstate(over="ignore"):
-                level, offset = blocks[..., 2:] ^ np.uint8(0x80), d * np.float16(-128)  # the int8 q's bits as q + 128
+                offset = d * np.float16(-centre)
             if not np.isfinite(offset).all():
                 weights = np.array(dequantize(blocks.reshape(len(blocks), -1), tensor.qtype), np.float32)
                 yield slice(start, start + len(blocks)), torch.from_numpy(weights).to(dtype)
                 continue
+        else:
+            offset = np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0]
         levels = torch.from_numpy(level.reshape(len(blocks), -1))
         yield slice(start, start + len(blocks)), LevelRows(levels, torch.from_numpy(d), torch.from_numpy(offset),
                                                            _LEVEL_BITS[tensor.qtype])

@@ -36,7 +36,8 @@ class ModelSource:
     def weights(self, dtype: torch.dtype, levels: bool = False) -> Iterator[tuple[str, slice, torch.Tensor | LevelRows]]:
         """Stream (Hugging Face name, rows, tensor) in the given dtype: rows of the named tensor, often all.
 
-        With levels, a GGUF file's Q4_1 and Q8_0 tensors come as their own levels (for int4 and int8 layers).
+        With levels, a GGUF file's Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 tensors come as their own levels (for int4 and
+        int8 layers).
         """
         return self.files.weights(self.config, dtype, levels)
 

@@ -46,8 +46,9 @@ class QuantizedLinear(Layer):
     def load_rows(self, rows: slice, weight: torch.Tensor | LevelRows, name: str) -> None:
         """Quantize weight rows into rows [rows] of this layer (a checkpoint shard, or all of it).
 
-        Rows already on this layer's grid (GGUF's Q4_1 blocks in int4, Q8_0 in int8) go in unchanged: the file's
-        own levels, without dequantizing 134M SmolLM2 weights to float and quantizing them again.
+        Rows already on this layer's grid (GGUF's 4-bit blocks in int4, those up to 8 bits in int8, groups of 32) go
+        in unchanged: the file's own levels, without dequantizing 134M SmolLM2 weights to float and quantizing them
+        again.
         """
         start, stop, _ = rows.indices(self.out_features)
         if tuple(weight.shape) != (stop - start, self.in_features):
@@ -56,7 +57,7 @@ class QuantizedLinear(Layer):
             )
         # CPU ops (tokenmill/csrc/quantize_weights.cpp): layers for another device are loaded on CPU first.
         if isinstance(weight, LevelRows):
-            if (weight.bits, weight.group) == (self.bits, self.group_size):
+            if weight.bits <= self.bits and weight.group == self.group_size:
                 ops.require().pack_weight_rows(weight.levels, weight.step, weight.offset, self.bits, self.qweight,
                                                self.scale, start)
                 return
