@@ -235,6 +235,16 @@ def test_a_count_that_is_not_an_integer_is_refused(config):
         SpeculativeConfig.parse(config)
 
 
+@pytest.mark.parametrize("config, message", [
+    ('{"model": 5}', "model=5 must be a string"),  # a TypeError traceback from pathlib
+    ('{"method": "draft_model", "model": ["smollm2-135m"]}', "must be a string"),
+    ('{"adaptive": "no"}', "adaptive='no' must be true or false"),  # read as true
+])
+def test_a_setting_of_the_wrong_kind_is_refused(config, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        SpeculativeConfig.parse(config)
+
+
 @pytest.mark.parametrize("config, method", [('{"model": "smollm2-135m"}', "draft_model"), ('{}', "ngram"),
                                             ('{"model": "[ngram]"}', "ngram"), ('{"model": "ngram"}', "ngram")])
 def test_the_method_left_out_is_worked_out_as_vllm_does(config, method):

@@ -37,6 +37,11 @@ class SpeculativeConfig:
         for key, value in counts.items():  # JSON's 4.0 or true would pass the range checks and fail every step
             if value is not None and not whole_number(value):
                 raise InvalidRequestError(f"{key}={value!r} must be an integer", param="speculative_config")
+        for key in ("method", "model", "quantization"):  # {"model": 5} was a TypeError traceback from pathlib
+            if (value := getattr(self, key)) is not None and not isinstance(value, str):
+                raise InvalidRequestError(f"{key}={value!r} must be a string", param="speculative_config")
+        if not isinstance(self.adaptive, bool):  # "no" read as true
+            raise InvalidRequestError(f"adaptive={self.adaptive!r} must be true or false", param="speculative_config")
         if self.method is None:
             self.method = "draft_model" if self.model not in (None, "ngram", "[ngram]") else "ngram"
         if self.method not in METHODS:
