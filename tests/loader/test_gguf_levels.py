@@ -62,6 +62,27 @@ def _tiny_gguf(path, raw: np.ndarray, qtype: GGMLQuantizationType) -> GGUFFile:
     return GGUFFile(path)
 
 
+def test_each_expert_of_a_stack_comes_as_its_levels(tmp_path):
+    # Stacked experts went through float: a Q4_0 MoE file, int4 under auto, had 71% of its experts' weights moved.
+    qtype = GGMLQuantizationType.Q4_0
+    raw = quantize(np.random.default_rng(0).standard_normal((2, 32, 64)).astype(np.float32), qtype)
+    writer = GGUFWriter(tmp_path / "moe.gguf", "qwen2moe")
+    writer.add_tensor("blk.0.ffn_up_exps.weight", raw, raw_shape=raw.shape, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    file = GGUFFile(tmp_path / "moe.gguf")
+    assert file.native_quantization() == "int4"
+    config = types.SimpleNamespace(num_experts=2, num_heads=1, num_kv_heads=1)
+    experts = [Int4Linear(64, 32, 32) for _ in range(2)]
+    for name, rows, piece in file.weights(config, torch.float32, True):
+        assert isinstance(piece, LevelRows)
+        experts[int(name.split(".")[5])].load_rows(rows, piece, name)
+    for expert, layer in enumerate(experts):
+        assert torch.equal(layer.dequantize(), torch.from_numpy(dequantize(raw[expert], qtype)))
+
+
 @pytest.mark.parametrize("qtype, layer", [
     (GGMLQuantizationType.Q4_0, Int4Linear), (GGMLQuantizationType.Q4_0, Int8Linear),
     (GGMLQuantizationType.Q4_1, Int8Linear), (GGMLQuantizationType.Q5_0, Int8Linear),

@@ -91,8 +91,8 @@ _FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantiza
 # levels' bits: a layer of at least as many bits takes them unchanged.
 _LEVEL_BITS = {GGMLQuantizationType.Q4_0: 4, GGMLQuantizationType.Q4_1: 4, GGMLQuantizationType.Q5_0: 5,
                GGMLQuantizationType.Q5_1: 5, GGMLQuantizationType.Q8_0: 8}
-# Where each type's first fp16 step ends: Q4_1 and Q5_1 have their offset m after it; Q4_0, Q5_0 and Q8_0 centre
-# their levels instead (w = d * (q - centre)).
+# The types whose levels are centred (w = d * (q - centre)), by their centre; Q4_1 and Q5_1 store an offset m
+# after the step d instead.
 _CENTRES = {GGMLQuantizationType.Q4_0: 8, GGMLQuantizationType.Q5_0: 16, GGMLQuantizationType.Q8_0: 128}
 
 # Float32 elements dequantized per slice of rows, and per piece of a tensor handed to the model
@@ -341,15 +341,16 @@ class GGUFFile:
     ) -> Iterator[tuple[str, slice, torch.Tensor | LevelRows]]:
         """Yield (Hugging Face name, rows, dequantized rows) for every tensor in the file, large ones in pieces.
 
-        With levels, 2-D Q4_1 and Q8_0 tensors come as the file's own levels, steps and offsets (LevelRows), for
-        quantized layers to take unchanged (Q8_0 pieces whose offsets float16 cannot hold come as floats).
+        With levels, Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 tensors (2-D, or each expert of a stack) come as the file's own
+        levels, steps and offsets (LevelRows), for quantized layers to take unchanged (pieces of a centred type whose
+        offsets float16 cannot hold come as floats).
         """
         data = self._map.view(np.ndarray)  # slicing np.memmap itself costs bookkeeping on every slice
         for tensor in self._tensors:
             # A tensor without a Hugging Face name keeps its own, for the model's load to reject by name.
             name = _hf_name(tensor.name, self.architecture, config.num_experts > 0) or tensor.name
             if "{}" in name:  # stacked experts
-                yield from self._expert_weights(tensor, name, config, data, dtype)
+                yield from self._expert_weights(tensor, name, config, data, dtype, levels)
                 continue
             offset = -1.0 if self.architecture in _NORM_OFFSET_ARCHITECTURES and name.endswith("norm.weight") else 0.0
             heads = None
@@ -381,9 +382,10 @@ class GGUFFile:
                 raise ModelLoadError(f"cannot read tensor {tensor.name} from {self.path}: {exc}") from exc
 
     def _expert_weights(
-        self, tensor: "_Tensor", name: str, config: ModelConfig, data: np.ndarray, dtype: torch.dtype
-    ) -> Iterator[tuple[str, slice, torch.Tensor]]:
-        """Each expert's projection out of a stacked [experts, rows, columns] tensor, one expert at a time."""
+        self, tensor: "_Tensor", name: str, config: ModelConfig, data: np.ndarray, dtype: torch.dtype, levels: bool
+    ) -> Iterator[tuple[str, slice, torch.Tensor | LevelRows]]:
+        """Each expert's projection out of a stacked [experts, rows, columns] tensor, one expert at a time (with
+        levels, a _LEVEL_BITS type's as its own levels, as a 2-D tensor's)."""
         if len(tensor.shape) != 3 or tensor.shape[0] != config.num_experts:
             raise ModelLoadError(
                 f"tensor {tensor.name} has shape {tensor.shape}; expected [{config.num_experts} experts, rows, "
@@ -396,8 +398,11 @@ class GGUFFile:
             offset = tensor.offset + expert * expert_bytes
             one = tensor._replace(shape=tensor.shape[1:], offset=offset, n_bytes=expert_bytes)
             try:
-                for rows, array in _dequantized(one, data, whole=False):
-                    yield name.format(expert), rows, torch.from_numpy(array).to(dtype)
+                if levels and tensor.qtype in _LEVEL_BITS:
+                    yield from ((name.format(expert), rows, piece) for rows, piece in _levels(one, data, None, dtype))
+                else:
+                    for rows, array in _dequantized(one, data, whole=False):
+                        yield name.format(expert), rows, torch.from_numpy(array).to(dtype)
             except NotImplementedError as exc:
                 raise ModelLoadError(f"tensor {tensor.name} of {self.path} uses type {tensor.qtype.name}, which the "
                                      "gguf package cannot dequantize; use a file quantized to another type (such as "

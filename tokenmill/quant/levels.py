@@ -1,4 +1,4 @@
-"""Weight rows already on a grid of levels, as a GGUF file's Q4_1 and Q8_0 blocks store them."""
+"""Weight rows already on a grid of levels, as a GGUF file's Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 blocks store them."""
 
 from typing import NamedTuple
 

@@ -104,13 +104,13 @@ class QuantizedLinear(Layer):
 
 
 class Int8Linear(QuantizedLinear):
-    """int8 weights: 256 levels per group, on the closer of a symmetric and a min-max grid (as GGUF Q8_0, Q4_1)."""
+    """int8 weights: 256 levels per group, on the closer of a symmetric and a min-max grid (or a GGUF file's own)."""
 
     bits = 8
 
 
 class Int4Linear(QuantizedLinear):
-    """4-bit weights: 16 levels per group from its min to its max (as GGUF Q4_1)."""
+    """4-bit weights: 16 levels per group from its min to its max (or a GGUF Q4_0 or Q4_1 file's own)."""
 
     bits = 4
 
