@@ -243,6 +243,8 @@ def test_a_count_that_is_not_an_integer_is_refused(config):
 def test_a_setting_of_the_wrong_kind_is_refused(config, message):
     with pytest.raises(InvalidRequestError, match=message):
         SpeculativeConfig.parse(config)
+    # null is vLLM's "work it out": it reached the draft engine's config, refused after the draft model opened.
+    assert SpeculativeConfig.parse('{"model": "smollm2-135m", "quantization": null}').quantization == "auto"
 
 
 @pytest.mark.parametrize("config, method", [('{"model": "smollm2-135m"}', "draft_model"), ('{}', "ngram"),

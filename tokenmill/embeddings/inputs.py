@@ -27,7 +27,8 @@ def token_inputs(model: EmbeddingModel, inputs: EmbeddingInput, truncate: int | 
     if all(isinstance(t, int) for t in inputs):
         inputs = [inputs]
     for i, item in enumerate(inputs):
-        if len(item) == 0 and not (empty_texts and isinstance(item, str)):
+        # A blank text is its special tokens alone: with none, nothing to pool.
+        if len(item) == 0 and not (empty_texts and isinstance(item, str) and model.num_special_tokens):
             raise InvalidRequestError(f"input[{i}] is empty", param="input")
         if isinstance(item, str) and not is_text(item):  # the server refuses these earlier; LLM.embed here
             raise InvalidRequestError(f"input[{i}] holds bytes that are not UTF-8 (lone surrogates); send valid "

@@ -37,6 +37,7 @@ class SpeculativeConfig:
         for key, value in counts.items():  # JSON's 4.0 or true would pass the range checks and fail every step
             if value is not None and not whole_number(value):
                 raise InvalidRequestError(f"{key}={value!r} must be an integer", param="speculative_config")
+        self.quantization = "auto" if self.quantization is None else self.quantization  # null: work it out, as vLLM
         for key in ("method", "model", "quantization"):  # {"model": 5} was a TypeError traceback from pathlib
             if (value := getattr(self, key)) is not None and not isinstance(value, str):
                 raise InvalidRequestError(f"{key}={value!r} must be a string", param="speculative_config")
