@@ -136,14 +136,8 @@ class LLM:
         for output in outputs:  # vLLM's Logprob carries each token's text
             for position in [*(output.prompt_logprobs or []), *(lp for s in output.outputs for lp in s.logprobs or [])]:
                 if position is not None:
-                    position.decode = self._token_text
+                    position.decode = self.tokenizer.decoded_token
         return outputs
-
-    def _token_text(self, token_id: int) -> str:
-        """A token's text as vLLM's decoded_token shows it: a special token's name too."""
-        if self.tokenizer.is_special(token_id):
-            return self.tokenizer.decode([token_id], skip_special_tokens=False)
-        return self.tokenizer.token_text(token_id)
 
 
 def _mark_failed(whole: dict[str, RequestOutput], failures: dict[str, Exception]) -> None:

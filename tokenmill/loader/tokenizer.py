@@ -130,6 +130,10 @@ class Tokenizer:
             return ""
         return self.token_bytes(token_id).decode("utf-8", errors="replace")
 
+    def decoded_token(self, token_id: int) -> str:
+        """One token's text as vLLM's Logprob.decoded_token shows it: token_text, but a special token's too."""
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")
+
     @property
     def renders_tools(self) -> bool:
         """Whether the template for chats with tools has its own tool format (it reads `tools`); else the server

@@ -27,9 +27,7 @@ class ResponseItems:
         for item in items:
             kept = _needed(item)
             chars = sum(len(value) for value in _texts(kept))
-            if item["id"] in self._items:
-                self._chars -= self._items.pop(item["id"])[1]
-            self._items[item["id"]] = (kept, chars)
+            self._items[item["id"]] = (kept, chars)  # ids are new each answer: none is kept twice
             self._chars += chars
         while len(self._items) > self.max_items or self._chars > self.max_chars:
             self._chars -= self._items.popitem(last=False)[1][1]

@@ -88,7 +88,7 @@ def vllm_prompt_logprobs(output: RequestOutput, tokenizer: Tokenizer) -> list[di
     assert output.prompt_logprobs is not None
     return [None if position is None else {
         str(token_id): {"logprob": json_logprob(lp.logprob), "rank": lp.rank,
-                        "decoded_token": tokenizer.token_text(token_id)} for token_id, lp in position.items()}
+                        "decoded_token": tokenizer.decoded_token(token_id)} for token_id, lp in position.items()}
             for position in output.prompt_logprobs]
 
 
