@@ -21,10 +21,14 @@ def _streamed(deltas: list[dict]) -> list[dict]:
         for i, delta in enumerate(deltas):
             yield _chunk(delta, "length" if i == len(deltas) - 1 else None)
 
-    async def collect() -> list[dict]:
-        return [event async for event in _events(chunks(), BODY, "resp_1", 0.0)]
+    kept: list[dict] = []
 
-    return asyncio.run(collect())[-1]["response"]["output"]
+    async def collect() -> list[dict]:
+        return [event async for event in _events(chunks(), BODY, "resp_1", 0.0, kept.extend)]
+
+    output = asyncio.run(collect())[-1]["response"]["output"]
+    assert kept == output  # what a later item_reference may name: the items as the final response has them
+    return output
 
 
 @pytest.mark.parametrize("deltas, message", [

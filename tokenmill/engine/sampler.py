@@ -1,5 +1,6 @@
 """Sampler: logits to next tokens, with penalties, truncation, per-request seeds and logprobs."""
 
+import itertools
 import logging
 from dataclasses import dataclass, field
 
@@ -80,14 +81,17 @@ class Sampler:
         token_ids = self._accept(drafts, chosen.tolist())
         logprobs: list[list[TokenLogprob] | None] = [None] * len(seqs)
         if raw_logprobs is not None:
-            # Each emitted token is its row's chosen one: every row's rank in one op, not a vocabulary pass per token.
-            ranks = _ranks(raw_logprobs, chosen).tolist()
-            first = 0
+            firsts = list(itertools.accumulate((len(d) + 1 for d in drafts), initial=0))
+            # Each emitted token is its row's chosen one: the rows that asked get their ranks in one op, not a
+            # vocabulary pass per token.
+            asked = [r for i, s in enumerate(seqs) if s.params.logprobs is not None
+                     for r in range(firsts[i], firsts[i + 1])]
+            rows = torch.tensor(asked, device=raw_logprobs.device)
+            ranks = dict(zip(asked, _ranks(raw_logprobs[rows], chosen[rows]).tolist()))
             for i, (seq, tokens) in enumerate(zip(seqs, token_ids)):
                 if seq.params.logprobs is not None:
-                    logprobs[i] = [_token_logprob(raw_logprobs[first + j], t, seq.params.logprobs, ranks[first + j])
-                                   for j, t in enumerate(tokens)]
-                first += len(drafts[i]) + 1
+                    logprobs[i] = [_token_logprob(raw_logprobs[firsts[i] + j], t, seq.params.logprobs,
+                                                  ranks[firsts[i] + j]) for j, t in enumerate(tokens)]
         return SamplerOutput(token_ids, logprobs)
 
     @staticmethod
