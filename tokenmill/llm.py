@@ -50,7 +50,7 @@ class LLM:
 
     def get_tokenizer(self) -> Tokenizer:
         """The model's tokenizer, by vLLM's method name."""
-        return self.engine.tokenizer
+        return self.tokenizer
 
     def get_default_sampling_params(self) -> SamplingParams:
         """The params a call without any uses: the model's recommended settings (generation_config.json, or a GGUF's
@@ -136,7 +136,7 @@ class LLM:
         for output in outputs:  # vLLM's Logprob carries each token's text
             for position in [*(output.prompt_logprobs or []), *(lp for s in output.outputs for lp in s.logprobs or [])]:
                 if position is not None:
-                    position.decode = self.tokenizer.decoded_token
+                    position.texts.update((t, self.tokenizer.decoded_token(t)) for t in position)
         return outputs
 
 

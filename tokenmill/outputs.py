@@ -1,6 +1,6 @@
 """What the engine hands back: per-step output deltas, their logprobs and timestamps, and load stats."""
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 
@@ -21,26 +21,24 @@ class TokenLogprob(Mapping[int, Logprob]):
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
     rank: int | None = None
-    # A token's text, for the mapping's decoded_token: the offline LLM sets it (the engine decodes no token alone).
-    decode: Callable[[int], str] | None = field(default=None, repr=False, compare=False)
-
-    def _entries(self) -> dict[int, Logprob]:
-        """The chosen token first, then the alternatives by rank (i + 1), as vLLM orders them."""
-        text = self.decode or (lambda token_id: None)
-        entries = {self.token_id: Logprob(self.logprob, self.rank, text(self.token_id))}
-        for i, (token_id, logprob) in enumerate(self.top):
-            if token_id not in entries:
-                entries[token_id] = Logprob(logprob, i + 1, text(token_id))
-        return entries
+    # The tokens' texts, for the mapping's decoded_token: the offline LLM fills them (the engine decodes no token
+    # alone).
+    texts: dict[int, str] = field(default_factory=dict, repr=False, compare=False)
 
     def __getitem__(self, token_id: int) -> Logprob:
-        return self._entries()[token_id]
+        if token_id == self.token_id:
+            return Logprob(self.logprob, self.rank, self.texts.get(token_id))
+        for i, (alternative, logprob) in enumerate(self.top):
+            if alternative == token_id:
+                return Logprob(logprob, i + 1, self.texts.get(token_id))
+        raise KeyError(token_id)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self._entries())
+        """The chosen token first, then the alternatives by rank, as vLLM orders them."""
+        return iter(dict.fromkeys([self.token_id, *(token_id for token_id, _ in self.top)]))
 
     def __len__(self) -> int:
-        return len(self._entries())
+        return len({self.token_id, *(token_id for token_id, _ in self.top)})
 
 
 @dataclass

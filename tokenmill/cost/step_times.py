@@ -1,8 +1,8 @@
 """A `bench profile` JSON read back: the engine's settings and the seconds a step of any composition takes."""
 
 import bisect
-import math
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,7 +103,7 @@ def load_profile(path: Path) -> Profile:
         label = (f"{report['model']} {s['quantization']} {s['dtype']} seqs={s['max_num_seqs']} "
                  f"tokens={s['max_num_batched_tokens']}")
         times = StepTimes(grid, report["context_sweep"])
-        return Profile(path, label, s, times, report["price"]["usd_per_hour"], report["price"]["basis"])
+        return Profile(path, label, s, times, price, report["price"]["basis"])
     except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a hand-edited file
         raise InvalidRequestError(f"{path} is a malformed tokenmill profile ({type(exc).__name__}: {exc}); "
                                   f"{remedy}") from exc

@@ -126,9 +126,7 @@ class Tokenizer:
     def token_text(self, token_id: int) -> str:
         """One token's text as it stands in a decoded output: its own bytes (so SentencePiece's word-initial space
         stays, which decoding it alone strips), or nothing for a special token."""
-        if self.is_special(token_id):
-            return ""
-        return self.token_bytes(token_id).decode("utf-8", errors="replace")
+        return "" if self.is_special(token_id) else self.decoded_token(token_id)
 
     def decoded_token(self, token_id: int) -> str:
         """One token's text as vLLM's Logprob.decoded_token shows it: token_text, but a special token's too."""

@@ -228,7 +228,8 @@ class Ingress:
                 ids = ChatCompletionRequest.model_validate(request).prompt_token_ids(self.tokenizer)
             elif path.endswith("/responses"):  # answered as the chat it translates to
                 # An item_reference, kept by the replica that answered it, keys as nothing (as a reasoning item):
-                # the turn keys by the prefix before it, and so goes back to that replica.
+                # the turn keys by the prefix before it, as the earlier turn did where that prefix filled the key's
+                # blocks; else (or with that replica busy) it may reach another, which refuses the reference.
                 chat = ResponsesRequest.model_validate(request).chat_request(lambda _: {"type": "reasoning"})
                 ids = chat.prompt_token_ids(self.tokenizer)
             elif path.endswith("/messages"):

@@ -71,13 +71,12 @@ async def embed_inputs(request: Request) -> Response:
     vectors, tokens = await embed(request, name, engine, inputs, -1 if body.truncate else None) if inputs else ([], 0)
     if inputs:
         vectors = shorten(engine.model, vectors, body.dimensions)
-    rest = json.dumps({"total_duration": _ns(time.perf_counter() - arrival), "load_duration": 0,
-                       "prompt_eval_count": tokens})
+    total = _ns(time.perf_counter() - arrival)
     # Off the event loop and one embedding at a time, as /v1/embeddings serializes: 2,048 embeddings' numbers in one
     # call held every other request about a second.
     embeddings = await asyncio.to_thread(json_rows, (vector.tolist() for vector in vectors))
-    return Response(f'{{"model":{json.dumps(body.model)},"embeddings":{embeddings},{rest[1:]}',
-                    media_type="application/json")
+    return Response(f'{{"model":{json.dumps(body.model)},"embeddings":{embeddings},"total_duration":{total},'
+                    f'"load_duration":0,"prompt_eval_count":{tokens}}}', media_type="application/json")
 
 
 async def embed_prompt(request: Request) -> JSONResponse:

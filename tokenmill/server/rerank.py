@@ -6,6 +6,7 @@ in the shape Jina's and Cohere's rerank APIs share.
 """
 
 import asyncio
+import functools
 import re
 import time
 import uuid
@@ -80,7 +81,8 @@ async def _scores(request: Request, model: str | None, firsts: list[str], second
     for texts, field in ((firsts, "query" if rerank else "text_1"), (seconds, "documents" if rerank else "text_2")):
         try:
             # A blank chunk among a retriever's documents is scored (as vLLM scores it), not the whole request refused.
-            ids += await asyncio.to_thread(token_inputs, engine.model, texts, truncate, True)
+            ids += await asyncio.to_thread(functools.partial(token_inputs, empty_texts=True), engine.model, texts,
+                                           truncate)
         except InvalidRequestError as exc:
             where = field if field == "query" else f"{field}[{_index(str(exc))}]"
             param = field if exc.param == "input" else exc.param  # truncate_prompt_tokens names itself
