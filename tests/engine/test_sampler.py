@@ -167,8 +167,8 @@ def test_a_tokens_rank_counts_the_tokens_at_least_as_likely_as_vllm_v1():
     out = Sampler()(logits, [_seq(SamplingParams(temperature=0, logprobs=0)) for _ in range(2)])
     assert [lp.rank for [lp] in out.logprobs] == [2, 2]
     # Only the rows that ask are ranked: a neighbour without logprobs shifts nothing.
-    out = Sampler()(torch.cat([LOGITS, logits[1:]]), [_seq(SamplingParams(temperature=0)),
-                                                       _seq(SamplingParams(temperature=0, logprobs=0))])
+    plain, asking = _seq(SamplingParams(temperature=0)), _seq(SamplingParams(temperature=0, logprobs=0))
+    out = Sampler()(logits.clone(), [plain, asking])
     assert out.logprobs[0] is None and out.logprobs[1][0].rank == 2
     [_, tied, last] = Sampler().prompt_logprobs(torch.tensor([[0.0, 0.0, -1.0]] * 3), [0, 1, 2], 0)
     assert (tied.rank, last.rank) == (2, 3)
