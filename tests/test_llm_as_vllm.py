@@ -4,6 +4,7 @@ import pytest
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.errors import InvalidRequestError
+from tokenmill.llm import _vllm_options
 
 PROMPT = "The capital of France is"
 
@@ -67,3 +68,13 @@ def test_vllms_small_helpers(llm):
     [out] = llm.generate(PROMPT, SamplingParams(max_tokens=2))
     assert out.outputs[0].finished()
     assert SamplingParams(seed=-1).seed is None  # vLLM's unseeded; it was the fixed seed -1
+
+
+def test_a_cuda_machine_hears_that_llm_runs_on_the_cpu_unless_told(monkeypatch, caplog):
+    # vLLM scripts pass no device: on a GPU machine they ran here on the CPU with no word said.
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    with caplog.at_level("WARNING", logger="tokenmill.llm"):
+        _vllm_options({"gpu_memory_utilization": 0.9})
+        _vllm_options({"device": "cpu"})
+    assert [r.getMessage() for r in caplog.records] == [
+        "LLM() runs on the CPU unless given device='cuda'; this machine has a CUDA GPU"]

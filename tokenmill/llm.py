@@ -155,6 +155,9 @@ def _vllm_options(options: dict[str, Any]) -> dict[str, Any]:
     options.pop("trust_remote_code", None)  # no model code is fetched or run here: every architecture is built in
     if (parallel := options.pop("tensor_parallel_size", 1)) != 1:
         raise InvalidRequestError(f"tensor_parallel_size={parallel!r}: tokenmill runs a model on one device")
+    if "device" not in options and torch.cuda.is_available():
+        # vLLM's LLM takes the GPU by itself; a script written for it would run here on the CPU, slowly and silently.
+        logger.warning("LLM() runs on the CPU unless given device='cuda'; this machine has a CUDA GPU")
     if "gpu_memory_utilization" in options:
         # vLLM's share of the whole GPU; here the share of what loading left free goes to the KV pool, which on a
         # GPU with nothing else on it ends in about the same pool.
