@@ -101,6 +101,18 @@ def test_streamed_completion_equals_whole_for_same_seed(client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
 
 
+def test_a_streamed_completion_of_n_sends_one_choice_a_chunk(client):
+    # vLLM's parallel-streaming test reads choices[0]: several choices in one chunk lost text and finish reasons.
+    args = dict(model="smollm2-135m", prompt="Once upon a time", max_tokens=6, temperature=1.0, seed=3, n=3)
+    whole = client.completions.create(**args)
+    chunks = list(client.completions.create(**args, stream=True))
+    assert all(len(chunk.choices) == 1 for chunk in chunks)
+    for choice in whole.choices:
+        mine = [chunk.choices[0] for chunk in chunks if chunk.choices[0].index == choice.index]
+        assert "".join(c.text for c in mine) == choice.text
+        assert mine[-1].finish_reason == choice.finish_reason
+
+
 def test_async_streamed_chat_equals_whole_for_same_seed(async_client):
     messages = [{"role": "user", "content": "Write one sentence about the sea."}]
 
@@ -257,6 +269,8 @@ def test_streamed_chat_deltas_concatenate_to_the_whole_response(client, args):
                 logprobs=True, top_logprobs=2, **args)
     whole = client.chat.completions.create(**args)
     chunks = list(client.chat.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    # One choice a chunk, as OpenAI and vLLM send them: a client reading choices[0] lost the other samples.
+    assert all(len(chunk.choices) <= 1 for chunk in chunks)
     for choice in whole.choices:
         mine = [c for chunk in chunks for c in chunk.choices if c.index == choice.index][1:]  # after the role chunk
         assert "".join(c.delta.content or "" for c in mine) == choice.message.content

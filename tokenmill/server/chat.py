@@ -108,13 +108,14 @@ async def _chunks(body: ChatCompletionRequest, n: int, stream: RequestStream, to
     if body.include_usage:  # OpenAI: then every chunk has a usage field, null but in the last
         head["usage"] = None
     # As OpenAI: each choice opens with a chunk that only names the role; before any output, its usage (when asked
-    # for on every chunk) counts the prompt alone, as vLLM's.
+    # for on every chunk) counts the prompt alone, as vLLM's. One choice a chunk, here and below: clients read
+    # choices[0].
     before = {"prompt_tokens": len(prompt), "completion_tokens": 0, "total_tokens": len(prompt)}
-    yield {**head, "choices": [
-        {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-        for i in range(n)
-    ], **({"usage": before} if body.continuous_usage else {}),
-        **({"prompt_token_ids": prompt} if body.return_token_ids else {})}
+    for i in range(n):
+        yield {**head, "choices": [
+            {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        ], **({"usage": before} if body.continuous_usage else {}),
+            **({"prompt_token_ids": prompt} if body.return_token_ids else {})}
     counted = Usage()
 
     def chunk(choices: list[dict]) -> dict:
@@ -151,8 +152,8 @@ async def _chunks(body: ChatCompletionRequest, n: int, stream: RequestStream, to
                                                 body.return_token_ids):
                         yield chunk([choice])
                 continue
-            choices = [
-                {
+            for sample in samples:
+                yield chunk([{
                     "index": sample.index,
                     "delta": {**({"reasoning_content": reasoning[sample.index]} if reasoning.get(sample.index) else {}),
                               **({"content": sample.text} if sample.text else {})},
@@ -161,10 +162,7 @@ async def _chunks(body: ChatCompletionRequest, n: int, stream: RequestStream, to
                     "finish_reason": sample.finish_reason,
                     "stop_reason": sample.stop_reason,
                     **({"token_ids": sample.token_ids} if body.return_token_ids else {}),
-                }
-                for sample in samples
-            ]
-            yield chunk(choices)
+                }])
     if (status := deadline_status(finals)) is not None:  # the headers went out first: a late stream says so here
         yield {**chunk([]), "deadline_status": status}
     if body.include_usage:

@@ -168,8 +168,11 @@ async def _chunks(body: CompletionRequest, n: int, streams: list[RequestStream],
                     offsets[index] += sum(len(t) for t in logprobs["tokens"])
                 choices.append({"index": index, "text": text, "logprobs": logprobs,
                                 "finish_reason": sample.finish_reason, "stop_reason": sample.stop_reason, **ids})
-            # The usage so far on each chunk, when asked: a client can meter tokens and cost as they come.
-            yield {**head, "choices": choices, **({"usage": counted.block()} if body.continuous_usage else {})}
+            # One choice a chunk, as OpenAI and vLLM send them: clients read choices[0]. The usage so far on each
+            # chunk, when asked: a client can meter tokens and cost as they come.
+            usage = {"usage": counted.block()} if body.continuous_usage else {}
+            for choice in choices:
+                yield {**head, "choices": [choice], **usage}
     if (status := deadline_status(finals)) is not None:  # the headers went out first: a late stream says so here
         yield {**head, "choices": [], "deadline_status": status,
                **({"usage": counted.block()} if body.continuous_usage else {})}
