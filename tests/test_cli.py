@@ -332,7 +332,7 @@ def test_corrupt_model_file_exits_nonzero_with_one_line(tmp_path):
 def test_prompt_too_long_exits_nonzero(smollm2_path):
     result = _run("generate", "--model", str(smollm2_path), "--max-tokens", "10", "word " * 9000)
     assert result.returncode == 1
-    assert "context is 8192 tokens" in result.stderr and "Traceback" not in result.stderr
+    assert "maximum context length is 8192 tokens" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_env_names_the_kernel_and_what_auto_picks(smollm2_path):

@@ -145,10 +145,12 @@ class LLMEngine:
         counted = params.max_tokens if params.max_tokens is not None and not fit_context else None
         wanted = len(token_ids) + (counted or 1)
         if wanted > self.max_model_len:
-            asked = f" and max_tokens is {counted}, {wanted} in all" if counted else ", which leaves no room for a token"
+            # OpenAI's and vLLM's opening words: client libraries (litellm, LangChain) know a context overflow by them.
+            asked = (f"you requested {wanted} tokens ({len(token_ids)} in the prompt, {counted} in the completion); "
+                     "shorten the prompt or lower max_tokens" if counted else
+                     f"the prompt is {len(token_ids)} tokens, which leaves no room for a token; shorten the prompt")
             raise PromptTooLongError(
-                f"prompt is {len(token_ids)} tokens{asked}; this engine's context is {self.max_model_len} tokens; "
-                f"shorten the prompt{' or lower max_tokens' if counted else ''}",
+                f"This model's maximum context length is {self.max_model_len} tokens. However, {asked}",
                 param="prompt", prompt_tokens=len(token_ids), max_tokens=counted, context=self.max_model_len,
             )
 

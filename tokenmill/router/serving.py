@@ -149,9 +149,12 @@ async def route(state: ServerState, requested: str | None, encode: Callable[[Ser
     if chosen is None:
         largest = max(model.max_model_len for model in models)
         # The figures ride along: Anthropic's API words them its own way, which Claude Code reads.
-        raise PromptTooLongError(f"the prompt ({min(longest)} tokens at least) and max_tokens ({params.max_tokens}) "
-                                 f"fit no served model's context (the largest is {largest} tokens); shorten the prompt "
-                                 "or lower max_tokens", param="model", prompt_tokens=min(longest),
+        asked = (f"you requested {min(longest) + asked_room} tokens ({min(longest)} in the prompt at least, "
+                 f"{asked_room} in the completion)" if asked_room else f"the prompt is {min(longest)} tokens at least")
+        raise PromptTooLongError(f"This model's maximum context length is {largest} tokens (the largest of the served "
+                                 f"models'). However, {asked}; shorten the prompt"
+                                 f"{' or lower max_tokens' if asked_room else ''}", param="model",
+                                 prompt_tokens=min(longest),
                                  max_tokens=params.max_tokens, context=largest)
     routed = Routed(models[chosen.index], encoded[chosen.index], params, params, chosen, policy)
     if policy == "cheapest":
