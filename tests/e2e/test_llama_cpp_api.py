@@ -76,6 +76,8 @@ def test_response_fields_pick_the_answers_fields_as_llama_vim_asks(server):
     picked = _complete(server, prompt="Hi", n_predict=2, response_fields=["content", "timings/prompt_n", "nope"],
                        **GREEDY)
     assert set(picked) == {"content", "timings/prompt_n"} and picked["timings/prompt_n"] >= 1
+    # An empty list is every field in llama.cpp: it answered {}.
+    assert {"content", "timings"} <= set(_complete(server, prompt="Hi", n_predict=2, response_fields=[], **GREEDY))
 
 
 def test_a_gbnf_grammar_and_a_json_schema_hold_the_output(server):

@@ -145,8 +145,9 @@ def _result(body: NativeCompletionRequest, model: ServedModel, params: SamplingP
 
 
 def _selected(result: dict, fields: list[str] | None) -> dict:
-    """Only the fields asked for (all when none are); a nested one ("timings/prompt_n") under its path's name."""
-    if fields is None:
+    """Only the fields asked for (all when none are, or the list is empty, as llama.cpp reads it); a nested one
+    ("timings/prompt_n") under its path's name."""
+    if not fields:
         return result
     picked = {}
     for field in fields:
