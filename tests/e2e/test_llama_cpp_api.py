@@ -94,11 +94,20 @@ def test_a_gbnf_grammar_and_a_json_schema_hold_the_output(server):
     ({"n_probs": 50}, "n_probs"),  # named as llama.cpp names it, not as /v1/completions' logprobs
     ({"n_predict": -2}, "n_predict"),
     ({"prompt": ["one", "two"]}, "prompt"),
-    ({"logit_bias": [["Hello", 1.0]]}, "logit_bias"),
+    ({"logit_bias": [[-5, 1.0]]}, "logit_bias"),
 ])
 def test_what_this_server_cannot_do_is_refused_naming_llama_cpps_field(server, body, param):
     answer = httpx.post(f"{server.url}/completion", json={"prompt": "Hi", **body}, timeout=60)
     assert answer.status_code == 400 and answer.json()["error"]["param"] == param, answer.text
+
+
+@pytest.mark.parametrize("bias", [[[" Paris", False]], {" Paris": -100}], ids=["list", "dict"])
+def test_logit_bias_given_as_text_biases_each_of_its_tokens(server, smollm2_source, bias):
+    # llama.cpp tokenizes a text key (its test_logit_bias sends them); it was refused as "not a token id".
+    prompt = "The capital of France is"
+    assert _complete(server, prompt=prompt, n_predict=1, **GREEDY)["content"] == " Paris"
+    banned = _complete(server, prompt=prompt, n_predict=1, logit_bias=bias, return_tokens=True, **GREEDY)
+    assert banned["content"] != " Paris" and banned["tokens"][0] not in smollm2_source.tokenizer.encode(" Paris")
 
 
 def test_props_and_apply_template_describe_the_model_and_its_chat(server):

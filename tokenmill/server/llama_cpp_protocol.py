@@ -29,7 +29,8 @@ class NativeCompletionRequest(RequestBody):
     seed: int = -1  # -1: a random seed
     n_probs: int = 0
     ignore_eos: bool = False
-    # [[token id, bias or false], ...] or {"token id": bias}; false bans the token.
+    # [[token id or text, bias or false], ...] or {"token id or text": bias}; false bans the token, text biases each
+    # of its tokens.
     logit_bias: list[list[Any]] | dict[str, Any] | None = None
     grammar: str | None = None  # GBNF, llama.cpp's grammar format
     json_schema: dict[str, Any] | None = None
@@ -86,9 +87,12 @@ class NativeCompletionRequest(RequestBody):
             return "grammar" if self.grammar else "json_schema"
         return _PARAMS.get(param, param)
 
-    def banned_ends(self, tokenizer: Tokenizer) -> dict[int, float]:
-        """With ignore_eos, the model's end tokens banned, as llama.cpp bans them (not merely generated through)."""
-        return {token: -100.0 for token in tokenizer.eos_token_ids} if self.ignore_eos else {}
+    def token_biases(self, tokenizer: Tokenizer) -> dict[int, float]:
+        """The biases that need the model's tokenizer: logit_bias keys given as text, each of their tokens biased
+        (as llama.cpp tokenizes them), and with ignore_eos the end tokens banned (not merely generated through)."""
+        biases = {token: value for text, value in self._bias_pairs() if not text.isdecimal()
+                  for token in tokenizer.encode(text, add_special_tokens=False)}
+        return biases | ({token: -100.0 for token in tokenizer.eos_token_ids} if self.ignore_eos else {})
 
     def token_ids(self, tokenizer: Tokenizer) -> list[int]:
         """The prompt's ids: text tokenized (with BOS where the model wants one, when the prompt starts with text),
@@ -105,22 +109,27 @@ class NativeCompletionRequest(RequestBody):
         return ids
 
     def _logit_bias(self) -> dict[str, float] | None:
-        """llama.cpp's biases as OpenAI's: token ids (as text) to a bias, a ban (false) as -100."""
+        """llama.cpp's biases of token ids as OpenAI's: ids (as text) to a bias, a ban (false) as -100."""
+        return {token: value for token, value in self._bias_pairs() if token.isdecimal()} or None
+
+    def _bias_pairs(self) -> list[tuple[str, float]]:
+        """Each logit_bias entry as (token id or text, bias), checked."""
         pairs = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias or []
-        bias = {}
+        checked = []
         for pair in pairs:
             if len(pair) != 2:
-                raise InvalidRequestError("logit_bias entries are [token id, bias]", param="logit_bias")
+                raise InvalidRequestError("logit_bias entries are [token id or text, bias]", param="logit_bias")
             token, value = pair
-            if isinstance(token, bool) or not isinstance(token, (int, str)) or not str(token).isdecimal():
-                raise InvalidRequestError(f"logit_bias takes token ids (see /tokenize); got {token!r}",
+            if isinstance(token, bool) or not isinstance(token, (int, str)) or token == "" or str(token).startswith("-") and str(token)[1:].isdecimal():
+                raise InvalidRequestError(f"logit_bias takes token ids (0 or more) or text; got {token!r}",
                                           param="logit_bias")
             if value is False:
                 value = -100.0
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise InvalidRequestError(f"logit_bias of token {token} must be a number or false", param="logit_bias")
-            bias[str(token)] = float(value)
-        return bias or None
+                raise InvalidRequestError(f"logit_bias of token {token!r} must be a number or false",
+                                          param="logit_bias")
+            checked.append((str(token), float(value)))
+        return checked
 
     def _structured_outputs(self) -> dict[str, Any] | None:
         """The grammar (GBNF, in llguidance's Lark dialect) or the JSON schema the output must follow."""
