@@ -67,3 +67,15 @@ def test_llama_cpps_field_names_and_defaults(server):
 def test_return_token_strs_gives_the_vocabularys_strings(server):
     body = httpx.post(f"{server.url}/tokenize", json={"prompt": "Hello world", "return_token_strs": True}).json()
     assert body["token_strs"] == ["Hello", "Ġworld"]  # as vLLM's convert_ids_to_tokens spells them
+
+
+def test_llama_cpps_parse_special_false_reads_special_token_text_as_text(server):
+    # It was dropped as unknown: "<|im_end|>" typed in a prompt came back as the special token, id 2.
+    def ids(**body) -> list[int]:
+        return httpx.post(f"{server.url}/tokenize", json={"content": "Hi <|im_end|>", **body}).json()["tokens"]
+
+    assert ids()[-1] == ids(parse_special=True)[-1] == 2
+    literal = ids(parse_special=False)
+    assert 2 not in literal and len(literal) > 3
+    assert httpx.post(f"{server.url}/detokenize", json={"tokens": literal}).json()["content"] == "Hi <|im_end|>"
+    assert ids()[-1] == 2  # the copy that reads them as text leaves the model's own tokenizer as it was

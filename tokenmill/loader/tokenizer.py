@@ -51,6 +51,15 @@ _END_OF_GENERATION = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<
 _BOS_PRES = {*_LLAMA3_PRES, "tekken", "chameleon"}
 
 
+@lru_cache(maxsize=8)
+def literal_backend(backend: BackendTokenizer) -> BackendTokenizer:
+    """A copy of backend that reads special-token text as plain text (llama.cpp's parse_special false): the flag is
+    the backend's own state, which concurrent encodes share."""
+    literal = BackendTokenizer.from_str(backend.to_str())
+    literal.encode_special_tokens = True
+    return literal
+
+
 class Tokenizer:
     """Encodes and decodes text and renders chat templates for one model."""
 
@@ -86,10 +95,12 @@ class Tokenizer:
         """A digest of the whole tokenizer (vocabulary, merges, added tokens): equal where token ids mean the same."""
         return hashlib.sha256(self.backend.to_str().encode()).hexdigest()
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids for text; add_special_tokens adds the model's BOS where it wants one."""
+    def encode(self, text: str, add_special_tokens: bool = True, parse_special: bool = True) -> list[int]:
+        """Token ids for text; add_special_tokens adds the model's BOS where it wants one, parse_special false reads
+        special-token text ("<|im_end|>") as plain text."""
+        backend = self.backend if parse_special else literal_backend(self.backend)
         try:
-            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+            return backend.encode(text, add_special_tokens=add_special_tokens).ids
         except TypeError:  # what tokenizers makes of a lone surrogate (bytes that were not UTF-8): say that
             if isinstance(text, str) and not is_text(text):
                 raise InvalidRequestError("the text holds bytes that are not UTF-8 (lone surrogates); send valid "

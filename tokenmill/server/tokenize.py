@@ -9,6 +9,7 @@ from fastapi import Request
 from pydantic import Field
 
 from tokenmill.embeddings.model import EmbeddingModel
+from tokenmill.loader.tokenizer import literal_backend
 from tokenmill.router import AUTO
 from tokenmill.server.embeddings import embedder, embedders_of
 from tokenmill.server.errors import APIError
@@ -23,6 +24,7 @@ class TokenizeRequest(RequestBody):
     prompt: str | None = None
     content: str | None = None  # llama.cpp's name for the prompt; its special tokens are off unless add_special
     add_special: bool | None = None
+    parse_special: bool | None = None  # llama.cpp's: false reads special-token text as plain text
     with_pieces: bool | None = None  # llama.cpp's: each token as {"id", "piece"}
     return_token_strs: bool | None = None  # vLLM's: the vocabulary's strings beside the ids
     # Typed as chat's fields are: the body is checked here, where a mistake is the request's 400.
@@ -45,7 +47,8 @@ class DetokenizeRequest(RequestBody):
     tokens: list[int]
 
 
-_NOT_CHAT = {"prompt", "content", "add_special", "add_special_tokens", "with_pieces", "return_token_strs"}
+_NOT_CHAT = {"prompt", "content", "add_special", "add_special_tokens", "parse_special", "with_pieces",
+             "return_token_strs"}
 
 
 async def tokenize(body: TokenizeRequest, request: Request) -> dict:
@@ -65,14 +68,15 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
         if body.prompt is None:
             raise APIError(400, f"{name!r} is an embedding model, with no chat template; give a prompt",
                            param="messages")
-        encoding = await asyncio.to_thread(embedding.tokenizer.encode, body.prompt,
+        backend = embedding.tokenizer if body.parse_special is not False else literal_backend(embedding.tokenizer)
+        encoding = await asyncio.to_thread(backend.encode, body.prompt,
                                            add_special_tokens=body.add_special_tokens is not False)
         return _tokens(body, encoding.ids, embedding.max_input_tokens, lambda: encoding.tokens,
                        lambda i: embedding.tokenizer.decode([i], skip_special_tokens=False).encode())
     model = _model(request, body.model)
     if body.prompt is not None:
         special = body.add_special_tokens is not False
-        ids = await asyncio.to_thread(model.tokenizer.encode, body.prompt, special)
+        ids = await asyncio.to_thread(model.tokenizer.encode, body.prompt, special, body.parse_special is not False)
     elif body.add_special_tokens:
         name = "add_special" if body.add_special is not None else "add_special_tokens"  # as the client named it
         raise APIError(400, f"{name} applies to a prompt; a chat's template writes its special tokens", param=name)
