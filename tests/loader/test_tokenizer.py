@@ -297,7 +297,11 @@ def test_a_llama3_vocabulary_gets_a_bos_where_its_file_does_not_say(tmp_path):
 
 
 @pytest.mark.parametrize(("alias", "name"), [("deepseek-r1-qwen", "qwen2"), ("megrez", "qwen2"),
-                                             ("falcon3", "llama3"), ("pixtral", "llama3")])
+                                             ("falcon3", "llama3"), ("pixtral", "llama3"),
+                                             # These split " 2024" as GPT-2 does, into one piece: llama.cpp splits
+                                             # every digit off, as for SmolLM.
+                                             ("starcoder", "smollm"), ("command-r", "smollm"),
+                                             ("minerva-7b", "smollm")])
 def test_llama_cpps_other_names_for_a_pre_tokenizer_split_as_it_does(alias, name):
     text = "x.\n\n12345 I'M here!!\n"
     assert _byte_level_pre_tokenizer(alias).pre_tokenize_str(text) == _byte_level_pre_tokenizer(

@@ -44,6 +44,8 @@ _PRE_SPLITS = {**dict.fromkeys(_LLAMA3_PRES, _LLAMA3_SPLIT),
 # Names whose vocabularies split as GPT-2's, as the byte-level default does.
 _GPT2_PRES = {"default", "gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0",
               "mellum", "exaone4"}
+# Names whose vocabularies split every digit off, then split as GPT-2's.
+_DIGIT_PRES = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"}
 # Tokens that end generation in llama.cpp (src/llama-vocab.cpp) whatever the file's metadata names.
 _END_OF_GENERATION = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>", "<EOT>",
                       "_<EOT>", "<|end_of_text|>", "<end_of_utterance>")
@@ -356,8 +358,8 @@ def _byte_level_pre_tokenizer(pre: str | None) -> pre_tokenizers.PreTokenizer:
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
             ]
         )
-    if pre == "smollm":
-        # SmolLM's own tokenizer.json splits every digit, then applies GPT-2's regex (so does llama.cpp).
+    if pre in _DIGIT_PRES:
+        # SmolLM's own tokenizer.json splits every digit, then applies GPT-2's regex (so does llama.cpp, for these).
         return pre_tokenizers.Sequence(
             [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
         )
