@@ -77,6 +77,15 @@ def test_invalid_request_is_400_with_param(server, path, body, param):
     assert error["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize("part", [{"type": "text", "text": None}, {"type": "text", "text": 5},
+                                  {"type": "refusal", "refusal": []}])
+def test_a_text_part_without_its_string_says_so(server, part):
+    # It said "content part of type 'text' is not supported".
+    body = {"messages": [{"role": "user", "content": [part]}], "max_tokens": 1}
+    error = _assert_error(httpx.post(server.url + CHAT, json=body), 400, f"needs {part['type']!r} as a string")
+    assert error["param"] == "messages"
+
+
 def test_malformed_json_is_400(server):
     response = httpx.post(server.url + COMPLETIONS, content=b'{"prompt": "hi",', headers={"content-type": "application/json"})
     _assert_error(response, 400, "not valid JSON")

@@ -469,15 +469,14 @@ def content_text(content: str | list[dict[str, Any]] | None) -> str:
         return content or ""
     parts = []
     for part in content:
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
         # An assistant's refusal part is its text too, as vLLM reads it, so a replayed conversation keeps it.
-        if isinstance(part, dict) and part.get("type") == "refusal" and isinstance(part.get("refusal"), str):
-            parts.append(part["refusal"])
-            continue
-        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind not in ("text", "refusal"):
             raise InvalidRequestError(f"content part of type {kind!r} is not supported; this model reads text only",
                                       param="messages")
-        parts.append(part["text"])
+        if not isinstance(part.get(kind), str):  # it said type 'text' is not supported: the part's text is wrong
+            raise InvalidRequestError(f"a content part of type {kind!r} needs {kind!r} as a string", param="messages")
+        parts.append(part[kind])
     return "\n".join(parts)  # as vLLM joins them for templates that take a string
 
 
