@@ -132,6 +132,9 @@ def test_num_predict_is_a_cap_the_context_may_cut_short(start_server):
     (lambda c: c.chat(model=MODEL, messages=[{**QUESTION[0], "images": ["AAAA"]}]), 400),
     (lambda c: c.chat(model=MODEL, messages=QUESTION, options={"mirostat": 2}), 400),
     (lambda c: c.chat(model=MODEL, messages=QUESTION, think="extreme"), 400),  # not a level: it passed unchecked
+    # Ollama's "does not support thinking": SmolLM2's template has no thinking, and no parser is on (it was ignored).
+    (lambda c: c.chat(model=MODEL, messages=QUESTION, think=True), 400),
+    (lambda c: c.generate(model=MODEL, prompt="Hi", think="high"), 400),
     (lambda c: c.generate(model=MODEL, prompt="def f(", suffix="return 1"), 400),
     (lambda c: c.chat(model=EMBEDDER, messages=QUESTION), 400),
     # As Ollama: raw leaves the system prompt out, so one beside it is refused (it was dropped without a word).
@@ -165,3 +168,20 @@ def test_the_durations_are_the_engines_own(served):
         assert answer["prompt_eval_duration"] == int(latency["time_to_first_token_seconds"] * 1e9)
         assert answer["total_duration"] == int(latency["end_to_end_seconds"] * 1e9) > answer["prompt_eval_duration"]
         assert answer["eval_duration"] > 0
+
+
+def test_a_final_assistant_turn_is_a_prefill_continued(client, served):
+    # Ollama's templates leave it open; it was closed and a new reply began after it.
+    steered = [*QUESTION, {"role": "assistant", "content": "The capital of France is"}]
+    answer = client.chat(model=MODEL, messages=steered, options=GREEDY)
+    continued = _v1(served, "chat/completions", {"messages": steered, "continue_final_message": True,
+                                                 "add_generation_prompt": False, "temperature": 0, "max_tokens": 8})
+    assert answer.message.content == continued["choices"][0]["message"]["content"]
+    assert answer.prompt_eval_count == continued["usage"]["prompt_tokens"]
+    assert "thinking" not in client.show(MODEL).capabilities
+
+
+def test_any_negative_num_predict_is_no_limit(client):
+    # Ollama reads every negative as no limit; -3 was a 400 naming max_tokens.
+    answer = client.generate(model=MODEL, prompt="Say hi.", options={"num_predict": -3, "temperature": 0})
+    assert answer.done and answer.eval_count > 0

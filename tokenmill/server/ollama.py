@@ -39,6 +39,7 @@ Body = TypeVar("Body", bound=BaseModel)
 async def chat(request: Request, response: Response) -> Response | dict:
     """POST /api/chat: a conversation answered as one message, streamed line by line unless stream is false."""
     body = await _body(request, OllamaChatRequest)
+    _check_thinking(request, body)
     if not body.messages:  # Ollama's way to load a model: every model here is loaded (a 404 if not served)
         state_of(request).model(body.served)
         return JSONResponse(_line(body.model, message={"role": "assistant", "content": ""}, done=True,
@@ -50,6 +51,8 @@ async def generate(request: Request, response: Response) -> Response | dict:
     """POST /api/generate: a prompt completed, through the model's chat template unless raw."""
     body = await _body(request, OllamaGenerateRequest)
     body.refusals()
+    if not body.raw:
+        _check_thinking(request, body)
     if not body.prompt:  # Ollama's way to load (or, with keep_alive 0, unload) a model
         state_of(request).model(body.served)
         return JSONResponse(_line(body.model, response="", done=True, done_reason=body.loaded))
@@ -119,8 +122,23 @@ async def show(request: Request) -> dict:
         "details": _details(model), "modified_at": _modified(_path(model)),
         "model_info": {"general.architecture": arch, f"{arch}.context_length": model.max_model_len,
                        f"{arch}.embedding_length": config.hidden_size, f"{arch}.block_count": config.num_layers},
-        "capabilities": ["completion", "tools"],
+        "capabilities": ["completion", "tools", *(["thinking"] if _thinks(request, model) else [])],
     }
+
+
+def _thinks(request: Request, model: ServedModel) -> bool:
+    """Whether a model can think as Ollama's `think` asks: its template switches or sets thinking, or a reasoning
+    parser splits the thinking off."""
+    template = model.tokenizer.chat_template or ""
+    return state_of(request).config.reasoning_parser is not None or any(
+        word in template for word in ("enable_thinking", "reasoning_effort", "<think>"))
+
+
+def _check_thinking(request: Request, body: OllamaRequest) -> None:
+    """400 for think asked of a model that cannot, as Ollama says (it was answered without thinking, unsaid)."""
+    models = state_of(request).models
+    if body.think and body.served in models and not _thinks(request, models[body.served]):
+        raise InvalidRequestError(f"{body.model!r} does not support thinking", param="think")
 
 
 async def api_version() -> dict:

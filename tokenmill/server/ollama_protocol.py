@@ -58,7 +58,9 @@ class OllamaRequest(RequestBody):
                                           "top_k, top_p, min_p and the penalties", param=f"options.{name}")
         fields = {field: options[name] for name, field in _OPTIONS.items() if name in options}
         limit = options.get("num_predict")
-        if limit is not None and limit not in (0, -1, -2):  # 0 and -1: no limit, -2: fill the context; all ours
+        # 0 and any negative (-1 no limit, -2 fill the context, as Ollama reads them): ours, the context's end.
+        unlimited = isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit <= 0
+        if limit is not None and not unlimited:
             fields["max_tokens"] = limit
         if self.format == "json":
             fields["response_format"] = {"type": "json_object"}
@@ -115,8 +117,12 @@ class OllamaChatRequest(OllamaRequest):
             if message.tool_name is not None:
                 turn["name"] = message.tool_name
             messages.append(turn)
+        # A final assistant turn is a prefill, continued as Ollama's templates leave it open (a reply steered to
+        # start with "{"); it was answered from scratch after it.
+        prefill = bool(messages) and messages[-1]["role"] == "assistant" and "tool_calls" not in messages[-1]
         fields = {"model": self.served, "messages": messages, "tools": self.tools or None, **self._streaming(),
-                  **self.sampling(), **self.thinking()}
+                  **self.sampling(), **self.thinking(),
+                  **({"continue_final_message": True, "add_generation_prompt": False} if prefill else {})}
         return _capped(translated_chat(fields, {"max_tokens": "options.num_predict", "response_format": "format"}))
 
 
