@@ -123,7 +123,7 @@ def test_parallel_tool_calls_false_hands_back_the_first_call_alone_under_auto(cl
 
 
 @pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("tool_choice, max_tokens", [({"type": "function", "function": {"name": "get_time"}}, 8),
+@pytest.mark.parametrize("tool_choice, max_tokens", [({"type": "function", "function": {"name": "get_time"}}, 2),
                                                      ("required", 6)])
 def test_a_forced_call_cut_by_max_tokens_is_a_call_cut_short_not_the_templates_tags(client, stream, tool_choice,
                                                                                     max_tokens):
@@ -133,6 +133,27 @@ def test_a_forced_call_cut_by_max_tokens_is_a_call_cut_short_not_the_templates_t
     for call in message.get("tool_calls", []):  # required, cut before a name any tool's begins: no call
         assert call["function"]["name"] in ("get_time", "get_weather")
     assert message.get("tool_calls") or tool_choice == "required"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_named_call_spends_its_tokens_on_the_arguments_alone(client, stream):
+    # As vLLM's named mode: the <tool_call> wrapper took 23 of max_tokens 16, and the arguments came back empty.
+    message, finish_reason = _call(client, QUESTION, {"type": "function", "function": {"name": "get_time"}}, stream,
+                                   max_tokens=16)
+    (call,) = message["tool_calls"]
+    assert finish_reason == "stop" and call["function"]["name"] == "get_time"
+    assert set(json.loads(call["function"]["arguments"])) <= {"city"}
+
+
+def test_a_named_calls_arguments_stream_as_they_come(client):
+    # They came in one delta at the end of the call.
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=QUESTION, tools=[WEATHER, TIME], max_tokens=16, temperature=0, stream=True,
+        tool_choice={"type": "function", "function": {"name": "get_time"}}))
+    deltas = [c.choices[0].delta.tool_calls[0] for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert deltas[0].id and deltas[0].function.name == "get_time" and all(d.id is None for d in deltas[1:])
+    fragments = [d.function.arguments for d in deltas[1:]]
+    assert len(fragments) > 2 and isinstance(json.loads("".join(fragments)), dict)
 
 
 def test_auto_answers_in_text_when_no_tool_fits(client):

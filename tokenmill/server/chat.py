@@ -17,7 +17,8 @@ from tokenmill.server.protocol import ChatCompletionRequest
 from tokenmill.server.reasoning import ReasoningStream, split_reasoning
 from tokenmill.server.serving import (COST_HEADER, ChunkStream, EventStream, Usage, json_logprob, merged, new_id,
                                      state_of, vllm_prompt_logprobs)
-from tokenmill.structured.tool_parser import ToolCall, ToolCallStream, parse_tool_calls
+from tokenmill.structured.tool_parser import (ArgumentsDelta, NamedCallStream, ToolCall, ToolCallStream,
+                                              parse_tool_calls)
 
 
 async def create_chat_completion(body: ChatCompletionRequest, request: Request,
@@ -67,7 +68,12 @@ async def answer_chat(body: ChatCompletionRequest, request: Request, response: R
         if reasoning is not None:
             message["reasoning_content"] = reasoning
         finish_reason = sample.finish_reason
-        if tools:
+        if mode == "named":
+            # The text is the named function's arguments alone, whole or cut short; the call finishes with "stop"
+            # (or "length"), as in OpenAI and vLLM.
+            message = {**message, "content": None, "tool_calls": [
+                {"id": new_id("call"), "type": "function", "function": {"name": body.forced_name, "arguments": text}}]}
+        elif tools:
             content, calls = parse_tool_calls(text, body.forced_names)
             calls = calls[:1] if body.parallel_tool_calls is False else calls  # under auto too, as vLLM
             if not calls and body.forced_names:  # a forced call cut before a name: no tags as content either
@@ -76,9 +82,8 @@ async def answer_chat(body: ChatCompletionRequest, request: Request, response: R
                 message = {**message, "content": content,
                            "tool_calls": [{"id": new_id("call"), "type": "function",
                                            "function": {"name": c.name, "arguments": c.arguments}} for c in calls]}
-                # As OpenAI and vLLM: a named function's call finishes with "stop", the model's own choice with
-                # "tool_calls".
-                finish_reason = "tool_calls" if finish_reason == "stop" and mode != "named" else finish_reason
+                # The model's own choice of calls finishes with "tool_calls".
+                finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
         if body.include_reasoning is False:
             message.pop("reasoning_content", None)
         choices.append({
@@ -124,7 +129,11 @@ async def _chunks(body: ChatCompletionRequest, n: int, stream: RequestStream, to
 
     finals: list[RequestOutput] = []
     # With tools on offer each choice's text goes through a parser, which holds back what may be a call.
-    parsers = {i: ToolCallStream(body.forced_names) for i in range(n)} if body.tool_dicts() else {}
+    parsers: dict[int, ToolCallStream | NamedCallStream] = {}
+    if body.tool_mode == "named":
+        parsers = {i: NamedCallStream(body.forced_name) for i in range(n)}
+    elif body.tool_dicts():
+        parsers = {i: ToolCallStream(body.forced_names) for i in range(n)}
     # Before it, with a reasoning parser, the thinking is split off each choice's text.
     thinking = {i: ReasoningStream(reasoning_parser) for i in range(n)} if reasoning_parser else {}
     async with aclosing(merged([stream])) as outputs:
@@ -169,8 +178,8 @@ async def _chunks(body: ChatCompletionRequest, n: int, stream: RequestStream, to
         yield {**head, "choices": [], "usage": counted.block()}
 
 
-def _tool_choices(sample: CompletionOutput, parser: ToolCallStream, tokenizer: Tokenizer, single: bool,
-                  named: bool, token_ids: bool) -> list[dict]:
+def _tool_choices(sample: CompletionOutput, parser: ToolCallStream | NamedCallStream, tokenizer: Tokenizer,
+                  single: bool, named: bool, token_ids: bool) -> list[dict]:
     """One choice delta per parsed event: content, or a call (its id, type and name, then its arguments, as OpenAI);
     with single (parallel_tool_calls false), the first call alone, as vLLM; named: tool_choice named the function."""
     events = parser.feed(sample.text) + (parser.finish() if sample.finish_reason is not None else [])
@@ -183,6 +192,8 @@ def _tool_choices(sample: CompletionOutput, parser: ToolCallStream, tokenizer: T
                                                "function": {"name": event.name, "arguments": ""}}]})
                 deltas.append({"tool_calls": [{"index": index, "function": {"arguments": event.arguments}}]})
             index += 1
+        elif isinstance(event, ArgumentsDelta):  # more of the call just opened
+            deltas.append({"tool_calls": [{"index": index - 1, "function": {"arguments": event.text}}]})
         else:
             deltas.append({"content": event})
     finish_reason = sample.finish_reason

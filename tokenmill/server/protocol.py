@@ -548,9 +548,8 @@ class ChatCompletionRequest(_GenerationRequest):
 
     @property
     def forced_names(self) -> tuple[str, ...]:
-        """The functions a forced call may name: the one tool_choice names, any under required; none otherwise."""
-        if self.tool_mode == "named":
-            return (self.forced_name,)
+        """The functions a required call may name (any of the tools); none otherwise (a named function's output is
+        its arguments alone)."""
         return tuple(t.function.name for t in self.tools or []) if self.tool_mode == "required" else ()
 
     def tool_dicts(self) -> list[dict[str, Any]]:

@@ -15,6 +15,38 @@ class ToolCall:
     arguments: str
 
 
+@dataclass
+class ArgumentsDelta:
+    """More of the open call's arguments (JSON text), as they are generated."""
+
+    text: str
+
+
+class NamedCallStream:
+    """The streamed text of a named tool_choice, which is the function's arguments alone: the first text opens the
+    call, the rest are its arguments' deltas, sent as they come."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.num_calls = 0
+
+    def feed(self, delta: str) -> list[ToolCall | ArgumentsDelta]:
+        """Events for newly arrived text."""
+        if not delta:
+            return []
+        if self.num_calls:
+            return [ArgumentsDelta(delta)]
+        self.num_calls = 1
+        return [ToolCall(self.name, delta)]
+
+    def finish(self) -> list[ToolCall | ArgumentsDelta]:
+        """The call, with no arguments, where no text came at all: the whole answer is a call all the same."""
+        if self.num_calls:
+            return []
+        self.num_calls = 1
+        return [ToolCall(self.name, "")]
+
+
 def parse_block(inner: str) -> list[ToolCall] | None:
     """The calls in one <tool_call> block (a JSON list, or one object as Hermes writes it); None if it is not that."""
     try:

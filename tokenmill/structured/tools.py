@@ -68,10 +68,14 @@ def _arguments(call: dict[str, Any]) -> Any:
 
 
 def forced_call(tools: list[dict[str, Any]], name: str | None, parallel: bool = True) -> StructuredOutput:
-    """A grammar whose every output is a tool-call block: calls to `name` (one) or to any tool (one or more); the
-    arguments' objects closed (see closed), or left open where that leaves nothing to match. Built, not compiled:
-    compiling runs off the event loop."""
-    functions = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
+    """The constraint that makes the output a call: for a named function its arguments alone (a JSON object of its
+    parameters, as vLLM's named mode: no tokens go on a wrapper), else a tool-call block of calls to any tool (one or
+    more); the arguments' objects closed (see closed), or left open where that leaves nothing to match. Built, not
+    compiled: compiling runs off the event loop."""
+    if name is not None:
+        function = next(t["function"] for t in tools if t["function"]["name"] == name)
+        return StructuredOutput(json=function.get("parameters") or NO_PARAMETERS, param="tools")
+    functions = [t["function"] for t in tools]
     # Where each function's parameters sit in the schema below: their local $refs ("#/$defs/X", "#") point there.
     at = ["#/items/properties/arguments"] if len(functions) == 1 else [
         f"#/items/anyOf/{i}/properties/arguments" for i in range(len(functions))]
@@ -91,7 +95,7 @@ def forced_call(tools: list[dict[str, Any]], name: str | None, parallel: bool = 
         ]
         schema: dict[str, Any] = {"type": "array", "items": calls[0] if len(calls) == 1 else {"anyOf": calls},
                                   "minItems": 1}
-        if name is not None or not parallel:
+        if not parallel:
             schema["maxItems"] = 1
         body = json.dumps(schema | {"x-guidance": JSON_STYLE})
         return f"start: {json.dumps(CALL_OPEN)} %json {body} {json.dumps(CALL_CLOSE)}"
