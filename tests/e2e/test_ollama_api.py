@@ -185,3 +185,22 @@ def test_any_negative_num_predict_is_no_limit(client):
     # Ollama reads every negative as no limit; -3 was a 400 naming max_tokens.
     answer = client.generate(model=MODEL, prompt="Say hi.", options={"num_predict": -3, "temperature": 0})
     assert answer.done and answer.eval_count > 0
+
+
+def test_a_chat_past_the_context_drops_its_oldest_turns(start_server):
+    # As Ollama truncates (system turns and the last kept); it was a 400 for every long conversation.
+    short = start_server("--max-model-len", "96")
+    system = {"role": "system", "content": "Be brief."}
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"Message number {i} is about the sea."}
+             for i in range(9)]
+    body = {"model": MODEL, "messages": [system, *turns], "stream": False, "options": {"num_predict": 2}}
+    answer = httpx.post(f"{short.url}/api/chat", json=body, timeout=60)
+    assert answer.status_code == 200, answer.text
+    counted = answer.json()["prompt_eval_count"]
+    fitting = [k for k in range(1, 10) if httpx.post(f"{short.url}/tokenize", json={
+        "messages": [system, *turns[-k:]]}, timeout=60).json()["count"] < 96]
+    expected = httpx.post(f"{short.url}/tokenize", json={"messages": [system, *turns[-max(fitting):]]},
+                          timeout=60).json()["count"]
+    assert counted == expected < 96 and max(fitting) < 9
+    refused = httpx.post(f"{short.url}/api/chat", json={**body, "truncate": False}, timeout=60)
+    assert refused.status_code == 400 and "maximum context length is 96" in refused.json()["error"]

@@ -24,6 +24,7 @@ from tokenmill.embeddings.inputs import check_dimensions, shorten
 from tokenmill.errors import InvalidRequestError
 from tokenmill.server.chat import answer_chat
 from tokenmill.server.completions import answer_completion
+from tokenmill.server.protocol import ChatCompletionRequest
 from tokenmill.server.embeddings import embed, embedder, embedders_of, json_rows
 from tokenmill.server.errors import field_path, from_exception
 from tokenmill.server.ollama_protocol import (OllamaChatRequest, OllamaEmbedRequest, OllamaGenerateRequest,
@@ -44,7 +45,35 @@ async def chat(request: Request, response: Response) -> Response | dict:
         state_of(request).model(body.served)
         return JSONResponse(_line(body.model, message={"role": "assistant", "content": ""}, done=True,
                                   done_reason=body.loaded))
-    return _answered(body, await answer_chat(body.chat_request(), request, response), "message")
+    return _answered(body, await answer_chat(await _fitted(request, body), request, response), "message")
+
+
+async def _fitted(request: Request, body: OllamaChatRequest) -> ChatCompletionRequest:
+    """The chat request, its oldest turns dropped (system turns and the last kept) until the prompt fits the model's
+    context, as Ollama truncates a conversation unless truncate is false: a long chat was a 400."""
+    model = state_of(request).models.get(body.served)  # a router's name: routing picks a model that fits
+    messages = body.messages or []
+
+    def from_turn(start: int) -> tuple[ChatCompletionRequest, bool]:
+        kept = [m for m in messages[:start] if m.role.lower() == "system"] + messages[start:]
+        chat_request = body.model_copy(update={"messages": kept}).chat_request()
+        return chat_request, len(chat_request.prompt_token_ids(model.tokenizer)) < model.max_model_len
+
+    if body.truncate is False or model is None or len(messages) < 2:
+        return body.chat_request()
+    whole, fits = await asyncio.to_thread(from_turn, 0)
+    if fits:
+        return whole
+    # Fewer turns, a shorter prompt: the fewest to drop, found by halving (each try renders the whole chat). Where
+    # even the last turn alone does not fit, the engine's 400 says by how much.
+    low, high = 1, len(messages) - 1
+    while low < high:
+        middle = (low + high) // 2
+        if (await asyncio.to_thread(from_turn, middle))[1]:
+            high = middle
+        else:
+            low = middle + 1
+    return (await asyncio.to_thread(from_turn, high))[0]
 
 
 async def generate(request: Request, response: Response) -> Response | dict:

@@ -102,6 +102,7 @@ class OllamaChatRequest(OllamaRequest):
 
     messages: list[OllamaMessage] | None = None  # none (or null): Ollama's way to load the model
     tools: list[dict[str, Any]] | None = None
+    truncate: bool | None = None  # unset: the oldest turns are dropped where the chat passes the context
 
     def chat_request(self) -> ChatCompletionRequest:
         """The chat completions request that answers this one."""
