@@ -204,3 +204,19 @@ def test_a_chat_past_the_context_drops_its_oldest_turns(start_server):
     assert counted == expected < 96 and max(fitting) < 9
     refused = httpx.post(f"{short.url}/api/chat", json={**body, "truncate": False}, timeout=60)
     assert refused.status_code == 400 and "maximum context length is 96" in refused.json()["error"]
+
+
+@pytest.mark.parametrize("path, field", [("chat", "messages"), ("generate", "prompt")])
+def test_logprobs_come_as_ollamas_list_whole_and_streamed(served, path, field):
+    # They were dropped as unknown fields: no logprobs in the answer.
+    body = {"model": MODEL, field: QUESTION if field == "messages" else "Name a colour.", "options": GREEDY,
+            "logprobs": True, "top_logprobs": 2}
+    whole = httpx.post(f"{served.url}/api/{path}", json={**body, "stream": False}, timeout=60).json()
+    entries = whole["logprobs"]
+    assert len(entries) == whole["eval_count"] and all(len(e["top_logprobs"]) == 2 for e in entries)
+    text = whole["message"]["content"] if path == "chat" else whole["response"]
+    assert b"".join(bytes(e["bytes"]) for e in entries).decode().startswith(text)  # and the end token, counted
+    lines = [json.loads(line) for line in httpx.post(f"{served.url}/api/{path}", json=body, timeout=60).text.splitlines()]
+    assert [e for line in lines for e in line.get("logprobs", [])] == entries
+    refused = httpx.post(f"{served.url}/api/{path}", json={**body, "top_logprobs": 21, "stream": False}, timeout=60)
+    assert refused.status_code == 400 and "top_logprobs" in refused.json()["error"]

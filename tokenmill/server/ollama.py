@@ -186,15 +186,17 @@ def _answered(body: OllamaRequest, answer: ChunkStream | dict, field: str) -> Re
         return EventStream(_lines(body, answer, field), answer.streams, answer.headers, encode=_ndjson,
                            media_type="application/x-ndjson")
     choice = answer["choices"][0]
+    logprobs = _logprobs(choice)
     if field == "response":  # a completion's text, or a one-turn chat's
         line = _line(body.model, response=choice["text"] if "text" in choice else choice["message"]["content"] or "")
-        return {**line, **_thought(choice.get("message", {})), **_account(answer["usage"], choice["finish_reason"])}
+        return {**line, **_thought(choice.get("message", {})), **logprobs,
+                **_account(answer["usage"], choice["finish_reason"])}
     message = choice["message"]
     calls = [{"function": {"name": c["function"]["name"], "arguments": arguments_object(c["function"]["arguments"])}}
              for c in message.get("tool_calls") or []]
     reply = {"role": "assistant", "content": message["content"] or "", **_thought(message),
              **({"tool_calls": calls} if calls else {})}
-    return {**_line(body.model, message=reply), **_account(answer["usage"], choice["finish_reason"])}
+    return {**_line(body.model, message=reply), **logprobs, **_account(answer["usage"], choice["finish_reason"])}
 
 
 async def _lines(body: OllamaRequest, answer: ChunkStream, field: str) -> AsyncIterator[dict]:
@@ -213,8 +215,9 @@ async def _lines(body: OllamaRequest, answer: ChunkStream, field: str) -> AsyncI
                     whole["name"] += call.get("function", {}).get("name") or ""
                     whole["arguments"] += call.get("function", {}).get("arguments") or ""
                 text, thought = delta.get("content") or "", delta.get("reasoning_content") or ""
-                if text or thought:
-                    yield _text_line(body.model, field, text, thought)
+                logprobs = _logprobs(choice)
+                if text or thought or logprobs:
+                    yield {**_text_line(body.model, field, text, thought), **logprobs}
     if calls:
         yield _line(body.model, message={"role": "assistant", "content": "", "tool_calls": [
             {"function": {"name": c["name"], "arguments": arguments_object(c["arguments"])}} for c in calls.values()]},
@@ -232,6 +235,12 @@ def _account(usage: dict | None, finish: str | None) -> dict:
     return {"done": True, "done_reason": "length" if finish == "length" else "stop", "total_duration": _ns(total),
             "load_duration": 0, "prompt_eval_count": counted["prompt_tokens"], "prompt_eval_duration": _ns(first),
             "eval_count": counted["completion_tokens"], "eval_duration": _ns(total - first), "usage": usage}
+
+
+def _logprobs(choice: dict) -> dict:
+    """A chat choice's logprobs as Ollama's: the same list of {token, logprob, bytes, top_logprobs}, at the top."""
+    content = (choice.get("logprobs") or {}).get("content")
+    return {"logprobs": content} if content else {}
 
 
 def _thought(message: dict) -> dict:

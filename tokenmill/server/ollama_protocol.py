@@ -32,6 +32,8 @@ class OllamaRequest(RequestBody):
     stream: bool | None = None  # unset or null: Ollama's default, NDJSON lines
     think: bool | str | None = None  # true, false, or "low" / "medium" / "high"
     keep_alive: Any = None  # models stay loaded here: nothing to unload
+    logprobs: bool | None = None  # each output token's logprob (top_logprobs: with its most likely alternatives)
+    top_logprobs: int | None = None
 
     @property
     def loaded(self) -> str:
@@ -70,6 +72,12 @@ class OllamaRequest(RequestBody):
         elif self.format:
             raise InvalidRequestError(f"format {self.format!r} must be \"json\" or a JSON schema", param="format")
         return fields
+
+    def _logprobs(self) -> dict[str, Any]:
+        """logprobs and top_logprobs as chat's fields: chat's logprobs block is Ollama's list, token by token."""
+        if not self.logprobs and not self.top_logprobs:
+            return {}
+        return {"logprobs": True, "top_logprobs": self.top_logprobs or 0}
 
     def _streaming(self) -> dict[str, Any]:
         """stream as chat's and completions' fields: the last chunk's usage carries the counts and durations."""
@@ -122,7 +130,7 @@ class OllamaChatRequest(OllamaRequest):
         # start with "{"); it was answered from scratch after it.
         prefill = bool(messages) and messages[-1]["role"] == "assistant" and "tool_calls" not in messages[-1]
         fields = {"model": self.served, "messages": messages, "tools": self.tools or None, **self._streaming(),
-                  **self.sampling(), **self.thinking(),
+                  **self.sampling(), **self.thinking(), **self._logprobs(),
                   **({"continue_final_message": True, "add_generation_prompt": False} if prefill else {})}
         return _capped(translated_chat(fields, {"max_tokens": "options.num_predict", "response_format": "format"}))
 
@@ -152,12 +160,15 @@ class OllamaGenerateRequest(OllamaRequest):
                                       param="template")
         if self.images:
             raise InvalidRequestError(f"{self.model!r} does not support images", param="images")
+        if self.raw and (self.logprobs or self.top_logprobs):
+            raise InvalidRequestError("logprobs are given for the templated form here; send the prompt without raw",
+                                      param="logprobs")
 
     def chat_request(self) -> ChatCompletionRequest:
         """The prompt (and system) as a one-turn chat, for the templated form."""
         messages = [{"role": "system", "content": self.system}] if self.system else []
         fields = {"model": self.served, "messages": [*messages, {"role": "user", "content": self.prompt}],
-                  **self._streaming(), **self.sampling(), **self.thinking()}
+                  **self._streaming(), **self.sampling(), **self.thinking(), **self._logprobs()}
         return _capped(translated_chat(fields, {"max_tokens": "options.num_predict", "response_format": "format"}))
 
     def completion_request(self) -> CompletionRequest:
