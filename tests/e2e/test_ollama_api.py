@@ -216,7 +216,8 @@ def test_logprobs_come_as_ollamas_list_whole_and_streamed(served, path, field):
     assert len(entries) == whole["eval_count"] and all(len(e["top_logprobs"]) == 2 for e in entries)
     text = whole["message"]["content"] if path == "chat" else whole["response"]
     assert b"".join(bytes(e["bytes"]) for e in entries).decode().startswith(text)  # and the end token, counted
-    lines = [json.loads(line) for line in httpx.post(f"{served.url}/api/{path}", json=body, timeout=60).text.splitlines()]
+    streamed = httpx.post(f"{served.url}/api/{path}", json=body, timeout=60).text
+    lines = [json.loads(line) for line in streamed.splitlines()]
     assert [e for line in lines for e in line.get("logprobs", [])] == entries
     refused = httpx.post(f"{served.url}/api/{path}", json={**body, "top_logprobs": 21, "stream": False}, timeout=60)
     assert refused.status_code == 400 and "top_logprobs" in refused.json()["error"]
