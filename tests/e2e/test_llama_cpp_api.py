@@ -94,11 +94,14 @@ def test_a_gbnf_grammar_and_a_json_schema_hold_the_output(server):
     ({"n_probs": 50}, "n_probs"),  # named as llama.cpp names it, not as /v1/completions' logprobs
     ({"n_predict": -2}, "n_predict"),
     ({"prompt": ["one", "two"]}, "prompt"),
+    ({"prompt": [[1, 2], [3]]}, "prompt"),  # several prompts too: it said "Input should be a valid string"
     ({"logit_bias": [[-5, 1.0]]}, "logit_bias"),
 ])
 def test_what_this_server_cannot_do_is_refused_naming_llama_cpps_field(server, body, param):
     answer = httpx.post(f"{server.url}/completion", json={"prompt": "Hi", **body}, timeout=60)
     assert answer.status_code == 400 and answer.json()["error"]["param"] == param, answer.text
+    if isinstance(body.get("prompt"), list):
+        assert "several prompts" in answer.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("bias", [[[" Paris", False]], {" Paris": -100}], ids=["list", "dict"])

@@ -16,7 +16,7 @@ class NativeCompletionRequest(RequestBody):
     """A prompt (text, token ids, or both mixed) and llama.cpp's sampling fields, unset ones at llama.cpp's defaults."""
 
     model: str | None = None
-    prompt: str | list[int | str]
+    prompt: str | list[int | str | list[int | str]]  # a list of lists is several prompts: refused as such
     n_predict: int = -1  # -1: until the context is full; 0: the prompt only, nothing generated
     temperature: float = 0.8  # at most 0: greedy
     top_k: int = 40  # 0: off
@@ -98,7 +98,7 @@ class NativeCompletionRequest(RequestBody):
         """The prompt's ids: text tokenized (with BOS where the model wants one, when the prompt starts with text),
         ids as given."""
         parts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
-        if len(parts) > 1 and all(isinstance(p, str) for p in parts):
+        if len(parts) > 1 and all(isinstance(p, str) for p in parts) or any(isinstance(p, list) for p in parts):
             raise InvalidRequestError("a list of strings is several prompts, which this server answers one per "
                                       "request; send each alone", param="prompt")
         ids: list[int] = []
