@@ -41,7 +41,6 @@ def _assert_error(response: httpx.Response, status: int, *words: str) -> dict:
         (COMPLETIONS, {"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
         (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages"),
         (CHAT, {"messages": MESSAGES, "n": 129}, "n"),
-        (CHAT, {"messages": MESSAGES, "tools": []}, "tools"),  # OpenAI's and vLLM's 400; it was taken
         (CHAT, {"messages": MESSAGES, "logit_bias": {"99999999": 5}}, "logit_bias"),  # past the vocabulary
         (CHAT, {"messages": MESSAGES, "logit_bias": {"hello": 5}}, "logit_bias"),
         (COMPLETIONS, {"prompt": "hi", "logit_bias": {"\u00b2": 5}}, "logit_bias"),  # a digit int() refuses: was a 500

@@ -488,7 +488,7 @@ class ChatCompletionRequest(_GenerationRequest):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    tools: list[ToolDefinition] | None = Field(default=None, min_length=1)  # [] is a 400, as OpenAI and vLLM
+    tools: list[ToolDefinition] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     # vLLM's extensions: open the assistant's reply (the default unless continuing), or continue the final
