@@ -79,3 +79,13 @@ def test_llama_cpps_parse_special_false_reads_special_token_text_as_text(server)
     assert 2 not in literal and len(literal) > 3
     assert httpx.post(f"{server.url}/detokenize", json={"tokens": literal}).json()["content"] == "Hi <|im_end|>"
     assert ids()[-1] == 2  # the copy that reads them as text leaves the model's own tokenizer as it was
+
+
+def test_an_empty_tools_list_is_no_tools_in_chat_and_tokenize(server):
+    # Some clients send []: taken as no tools (as llama.cpp and Ollama), not a 400 (vLLM's) or a 500.
+    messages = [{"role": "user", "content": "hi"}]
+    counted = [httpx.post(f"{server.url}/tokenize", json={"messages": messages, **extra}).json()["count"]
+               for extra in ({}, {"tools": []})]
+    assert counted[0] == counted[1]
+    answer = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": messages, "tools": [], "max_tokens": 2})
+    assert answer.status_code == 200 and answer.json()["usage"]["prompt_tokens"] == counted[0]
