@@ -113,6 +113,14 @@ def test_logit_bias_given_as_text_biases_each_of_its_tokens(server, smollm2_sour
     assert banned["content"] != " Paris" and banned["tokens"][0] not in smollm2_source.tokenizer.encode(" Paris")
 
 
+@pytest.mark.parametrize("bias", [b'{"Paris": NaN}', b'[["Paris", Infinity]]'])
+def test_a_text_keys_bias_must_be_finite_as_an_ids_is(server, bias):
+    # NaN went into the logits: a 200 with empty content after one token.
+    body = b'{"prompt": "Hi", "n_predict": 2, "logit_bias": ' + bias + b"}"
+    answer = httpx.post(f"{server.url}/completion", content=body, headers={"content-type": "application/json"})
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "logit_bias", answer.text
+
+
 def test_props_and_apply_template_describe_the_model_and_its_chat(server):
     props = httpx.get(f"{server.url}/props").json()
     assert props["default_generation_settings"]["n_ctx"] == 8192 and "<|im_start|>" in props["chat_template"]

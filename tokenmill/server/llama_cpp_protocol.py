@@ -1,6 +1,8 @@
 """llama.cpp's native POST /completion body (its server's own API, not OpenAI's), with llama.cpp's defaults, and the
 sampling settings it asks for."""
 
+import math
+import re
 from typing import Any, ClassVar
 
 from tokenmill.errors import InvalidRequestError
@@ -90,8 +92,8 @@ class NativeCompletionRequest(RequestBody):
     def token_biases(self, tokenizer: Tokenizer) -> dict[int, float]:
         """The biases that need the model's tokenizer: logit_bias keys given as text, each of their tokens biased
         (as llama.cpp tokenizes them), and with ignore_eos the end tokens banned (not merely generated through)."""
-        biases = {token: value for text, value in self._bias_pairs() if not text.isdecimal()
-                  for token in tokenizer.encode(text, add_special_tokens=False)}
+        biases = {token: value for text, value in self._bias_pairs() if isinstance(text, str)
+                  for token in tokenizer.encode(text, add_special_tokens=False, parse_special=False)}
         return biases | ({token: -100.0 for token in tokenizer.eos_token_ids} if self.ignore_eos else {})
 
     def token_ids(self, tokenizer: Tokenizer) -> list[int]:
@@ -110,25 +112,31 @@ class NativeCompletionRequest(RequestBody):
 
     def _logit_bias(self) -> dict[str, float] | None:
         """llama.cpp's biases of token ids as OpenAI's: ids (as text) to a bias, a ban (false) as -100."""
-        return {token: value for token, value in self._bias_pairs() if token.isdecimal()} or None
+        return {str(token): value for token, value in self._bias_pairs() if isinstance(token, int)} or None
 
-    def _bias_pairs(self) -> list[tuple[str, float]]:
-        """Each logit_bias entry as (token id or text, bias), checked."""
-        pairs = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias or []
-        checked = []
+    def _bias_pairs(self) -> list[tuple[int | str, float]]:
+        """Each logit_bias entry as (token id, or text to tokenize, bias), as llama.cpp reads them: in the list form
+        a number is an id and a string is text; in the object form a key that is a whole number is an id. A bias is
+        clamped to [-100, 100] (as OpenAI's), false bans the token."""
+        listed = not isinstance(self.logit_bias, dict)
+        pairs = self.logit_bias.items() if not listed else self.logit_bias or []
+        checked: list[tuple[int | str, float]] = []
         for pair in pairs:
             if len(pair) != 2:
                 raise InvalidRequestError("logit_bias entries are [token id or text, bias]", param="logit_bias")
             token, value = pair
-            if isinstance(token, bool) or not isinstance(token, (int, str)) or token == "" or str(token).startswith("-") and str(token)[1:].isdecimal():
+            if not listed and re.fullmatch(r"\s*[+-]?\d{1,18}\s*", token, re.ASCII):
+                token = int(token)
+            id_or_text = isinstance(token, str) and token or isinstance(token, int) and not isinstance(token, bool)
+            if not id_or_text or isinstance(token, int) and token < 0:
                 raise InvalidRequestError(f"logit_bias takes token ids (0 or more) or text; got {token!r}",
                                           param="logit_bias")
-            if value is False:
-                value = -100.0
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise InvalidRequestError(f"logit_bias of token {token!r} must be a number or false",
+            value = -100.0 if value is False else value
+            # abs() < inf, not math.isfinite: an integer past a float's range is finite, and clamped below.
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) < math.inf:
+                raise InvalidRequestError(f"logit_bias of token {token!r} must be a finite number or false",
                                           param="logit_bias")
-            checked.append((str(token), float(value)))
+            checked.append((token, float(min(100, max(-100, value)))))
         return checked
 
     def _structured_outputs(self) -> dict[str, Any] | None:
