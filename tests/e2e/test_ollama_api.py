@@ -135,6 +135,7 @@ def test_num_predict_is_a_cap_the_context_may_cut_short(start_server):
     # Ollama's "does not support thinking": SmolLM2's template has no thinking, and no parser is on (it was ignored).
     (lambda c: c.chat(model=MODEL, messages=QUESTION, think=True), 400),
     (lambda c: c.generate(model=MODEL, prompt="Hi", think="high"), 400),
+    (lambda c: c.generate(model=MODEL, prompt="Hi", raw=True, think=True), 400),
     (lambda c: c.generate(model=MODEL, prompt="def f(", suffix="return 1"), 400),
     (lambda c: c.chat(model=EMBEDDER, messages=QUESTION), 400),
     # As Ollama: raw leaves the system prompt out, so one beside it is refused (it was dropped without a word).

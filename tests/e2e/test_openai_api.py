@@ -207,6 +207,7 @@ def test_echo_with_max_tokens_0_past_the_context_says_how_long_the_prompt_may_be
     with pytest.raises(BadRequestError) as refused:
         client.completions.create(model="smollm2-135m", prompt=[1000] * context, max_tokens=0, echo=True, logprobs=1)
     assert f"may be at most {context - 1}" in refused.value.message and "max_tokens is 1" not in refused.value.message
+    assert refused.value.body["message"].startswith(f"This model's maximum context length is {context} tokens.")
 
 
 @pytest.mark.parametrize("stream", [False, True])

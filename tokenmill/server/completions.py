@@ -43,10 +43,10 @@ async def answer_completion(body: CompletionRequest, request: Request, response:
     except PromptTooLongError as exc:
         longest = max(len(ids) for ids in routed.prompts)
         if body.prompt_only and longest >= model.max_model_len:  # the engine's says "max_tokens is 1": the client sent 0
-            raise PromptTooLongError(f"prompt is {longest} tokens; echo with max_tokens 0 scores it by running one "
-                                     f"hidden token past it, so in this model's context of {model.max_model_len} "
-                                     f"tokens it may be at most {model.max_model_len - 1}; shorten the prompt",
-                                     param=exc.param) from exc
+            raise PromptTooLongError(f"This model's maximum context length is {model.max_model_len} tokens. However, "
+                                     f"the prompt is {longest} tokens; echo with max_tokens 0 scores it by running one "
+                                     f"hidden token past it, so it may be at most {model.max_model_len - 1}; shorten "
+                                     "the prompt", param=exc.param) from exc
         raise
     created = int(time.time())
     if body.stream:

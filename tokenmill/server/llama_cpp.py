@@ -46,9 +46,9 @@ async def create_completion(body: NativeCompletionRequest, request: Request, res
         streams = await routed.start(state, request_id, arrival)
     except PromptTooLongError as exc:
         if body.prompt_only:  # the one token run to evaluate it is ours, not a max_tokens the client sent
-            raise PromptTooLongError(f"prompt is {exc.prompt_tokens} tokens; evaluating it runs one token past it, "
-                                     f"so in this model's context of {exc.context} tokens it may be at most "
-                                     f"{exc.context - 1}", param="prompt") from exc
+            raise PromptTooLongError(f"This model's maximum context length is {exc.context} tokens. However, the "
+                                     f"prompt is {exc.prompt_tokens} tokens; evaluating it runs one token past it, so "
+                                     f"it may be at most {exc.context - 1}", param="prompt") from exc
         raise
     except InvalidRequestError as exc:
         exc.param = body.their_param(exc.param)

@@ -80,8 +80,7 @@ async def generate(request: Request, response: Response) -> Response | dict:
     """POST /api/generate: a prompt completed, through the model's chat template unless raw."""
     body = await _body(request, OllamaGenerateRequest)
     body.refusals()
-    if not body.raw:
-        _check_thinking(request, body)
+    _check_thinking(request, body)
     if not body.prompt:  # Ollama's way to load (or, with keep_alive 0, unload) a model
         state_of(request).model(body.served)
         return JSONResponse(_line(body.model, response="", done=True, done_reason=body.loaded))
