@@ -1,5 +1,6 @@
 """Sampler: truncation rules, penalties, min_tokens, seeds and logprobs on hand-made logits."""
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 from tokenmill import ops
 from tokenmill.engine.sampler import Sampler
 from tokenmill.sampling import SamplingParams
+from tokenmill.structured.params import StructuredOutput
 
 
 def _seq(params: SamplingParams, tokens=(0,), outputs=0, seed=None) -> SimpleNamespace:
@@ -204,3 +206,24 @@ def test_logit_bias_tensors_are_built_once_per_sequence():
     assert sampler(LOGITS.clone(), [seq]).token_ids == [[4]]
     built = seq.logit_bias_tensors
     assert sampler(LOGITS.clone(), [seq]).token_ids == [[4]] and seq.logit_bias_tensors is built
+
+
+class _TwoTokens:
+    """A grammar that allows tokens 2 and 3 only (llguidance's bitmask: one 32-bit word per 32 tokens)."""
+
+    vocab_size = 8
+
+    def mask(self) -> torch.Tensor:
+        return torch.tensor([[(1 << 2) | (1 << 3)]], dtype=torch.int32)
+
+
+def test_a_constrained_rows_logprobs_are_over_the_tokens_its_grammar_allows():
+    # As vLLM, which masks before reading logprobs: a guided_choice answer came back at rank 24,907, its top
+    # alternatives tokens the grammar forbids.
+    params = SamplingParams(temperature=0, logprobs=2, structured_output=StructuredOutput(choice=["a"]))
+    seq = SimpleNamespace(**vars(_seq(params)), grammar=_TwoTokens())
+    logits = torch.tensor([[0.0, 9.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]])
+    out = Sampler()(logits, [seq])
+    (logprob,) = out.logprobs[0]
+    assert out.token_ids == [[2]] and {t for t, _ in logprob.top} == {2, 3}
+    assert logprob.logprob == pytest.approx(math.log(0.5), abs=1e-6) and logprob.rank == 2  # the tie counts

@@ -68,6 +68,12 @@ class Sampler:
             from tokenmill.structured.mask import apply_masks
 
             apply_masks(logits, constrained, [row_seqs[i].grammar for i in constrained])
+            # As vLLM, which masks the logits before its sampler reads logprobs: a constrained row's logprobs are
+            # over the tokens its grammar allows (a guided_choice answer read at rank 24,907, below forbidden ones).
+            if asking := [i for i in constrained if row_seqs[i].params.logprobs is not None]:
+                apply_masks(raw_logprobs, asking, [row_seqs[i].grammar for i in asking])
+                rows = torch.tensor(asking, device=logits.device)
+                raw_logprobs[rows] = raw_logprobs[rows].log_softmax(-1)
         chosen = _argmax(logits)
         sampled = [i for i, s in enumerate(row_seqs) if not s.params.greedy]
         if sampled:
