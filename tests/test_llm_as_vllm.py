@@ -70,6 +70,20 @@ def test_vllms_small_helpers(llm):
     assert SamplingParams(seed=-1).seed is None  # vLLM's unseeded; it was the fixed seed -1
 
 
+def test_the_tokenizer_answers_the_hugging_face_calls_vllm_scripts_make(llm):
+    # vLLM's get_tokenizer() is a Hugging Face tokenizer: apply_chat_template(tokenize=False) was a TypeError, and
+    # eos_token_id an AttributeError.
+    tokenizer, messages = llm.get_tokenizer(), [{"role": "user", "content": "Name a colour."}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n") and ids == tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>") == 2
+    assert tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [1, 2]
+    assert tokenizer.get_vocab()["<|im_end|>"] == 2 and len(tokenizer) == 49152
+    params = SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[tokenizer.eos_token_id])
+    assert llm.generate(text, params)[0].outputs[0].token_ids == llm.chat(messages, params)[0].outputs[0].token_ids
+
+
 def test_a_cuda_machine_hears_that_llm_runs_on_the_cpu_unless_told(monkeypatch, caplog):
     # vLLM scripts pass no device: on a GPU machine they ran here on the CPU with no word said.
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)

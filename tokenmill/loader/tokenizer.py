@@ -92,6 +92,28 @@ class Tokenizer:
         self._added = {i: t.content for i, t in added.items()}
         self._special = {i for i, t in added.items() if t.special}  # what decode leaves out
 
+    @property
+    def eos_token_id(self) -> int | None:
+        """The first end token's id, by Hugging Face's name (vLLM scripts stop on it)."""
+        return self.eos_token_ids[0] if self.eos_token_ids else None
+
+    @property
+    def bos_token_id(self) -> int | None:
+        """The BOS token's id, by Hugging Face's name."""
+        return self.backend.token_to_id(self.bos_token) if self.bos_token else None
+
+    def convert_tokens_to_ids(self, tokens: str | list[str]) -> int | None | list[int | None]:
+        """Vocabulary strings' ids (None for one not in it), by Hugging Face's name."""
+        return self.backend.token_to_id(tokens) if isinstance(tokens, str) else [self.backend.token_to_id(t)
+                                                                                for t in tokens]
+
+    def get_vocab(self) -> dict[str, int]:
+        """Every vocabulary string's id, added tokens too, by Hugging Face's name."""
+        return self.backend.get_vocab(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
     @cached_property
     def fingerprint(self) -> str:
         """A digest of the whole tokenizer (vocabulary, merges, added tokens): equal where token ids mean the same."""
@@ -154,9 +176,14 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             tools: list[dict[str, Any]] | None = None,
-                            template_kwargs: Mapping[str, Any] | None = None) -> str:
-        """Render messages (and the tools on offer, as Hugging Face passes them) into one prompt string; the
-        template's own variables (Qwen3's enable_thinking) come in template_kwargs."""
+                            template_kwargs: Mapping[str, Any] | None = None, *,
+                            tokenize: bool = False) -> str | list[int]:
+        """Render messages (and the tools on offer, as Hugging Face passes them) into one prompt string (or its
+        ids, with tokenize, as the scripts that call Hugging Face's method of this name ask); the template's own
+        variables (Qwen3's enable_thinking) come in template_kwargs."""
+        if tokenize:
+            return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools, template_kwargs),
+                               add_special_tokens=False)
         text = self.tool_chat_template if tools and self.tool_chat_template else self.chat_template
         if not text:
             raise InvalidRequestError("this model has no chat template; use a plain completion prompt instead")
