@@ -13,6 +13,7 @@ import urllib.request
 import pytest
 
 from tokenmill.cli import _fitting_chat, main
+from tokenmill.errors import InvalidRequestError
 
 
 def _run(*args: str, stdin: str | None = None, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -528,3 +529,33 @@ def test_pull_of_a_catalog_name_pulls_even_beside_a_folder_of_that_name(tmp_path
     (tmp_path / "smollm2-135m").mkdir()
     assert main(["pull", "smollm2-135m"]) == 0
     assert capsys.readouterr().out.strip() == str(smollm2_path)
+
+
+def test_serve_reads_what_vllm_and_llama_server_users_pass(monkeypatch, capsys):
+    # vLLM's `serve MODEL` was "unrecognized arguments"; its JSON list of origins was one origin named '["*"]' (every
+    # browser page refused, unsaid); VLLM_API_KEY was ignored (the server ran open); a foreign flag's error named
+    # no equivalent.
+    from tokenmill import cli
+
+    monkeypatch.delenv("TOKENMILL_API_KEY", raising=False)
+    monkeypatch.setenv("VLLM_API_KEY", "secret")
+    args = cli._parser().parse_args(["serve", "smollm2-135m", "--allowed-origins", '["*", "https://a.example"]'])
+    assert args.model_tag == "smollm2-135m" and args.api_key == "secret"
+    assert cli._origins(args.allowed_origins) == ("*", "https://a.example")
+    assert cli._origins(["https://a.example", "https://b.example"]) == ("https://a.example", "https://b.example")
+    with pytest.raises(InvalidRequestError, match="JSON list"):
+        cli._origins(['["*"'])
+    with pytest.raises(SystemExit):
+        main(["serve", "--ctx-size", "4096", "--jinja"])
+    error = capsys.readouterr().err
+    assert "--ctx-size: use --max-model-len" in error and "--jinja: not needed" in error
+
+
+def test_serve_model_serves_that_model_first(monkeypatch):
+    from tokenmill.server import app
+
+    served = {}
+    monkeypatch.setattr(app, "serve", lambda engine, server, models, *rest: served.update(
+        engine=engine.model, models=models, origins=server.allowed_origins))
+    assert main(["serve", "gemma3-270m", "--model", "smollm2-135m", "--allowed-origins", '["*"]']) == 0
+    assert served == {"engine": "gemma3-270m", "models": ["gemma3-270m", "smollm2-135m"], "origins": ("*",)}

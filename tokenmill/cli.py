@@ -4,6 +4,7 @@ import argparse
 import dataclasses
 import importlib
 import itertools
+import json
 import logging
 import os
 import sys
@@ -34,10 +35,43 @@ from tokenmill.sampling import SamplingParams
 if TYPE_CHECKING:  # the engine imports torch, which only commands that build one need
     from tokenmill.engine.llm_engine import LLMEngine
 
+# serve's API key, from tokenmill's variable, else vLLM's or llama-server's.
+_API_KEY_VARIABLES = ("TOKENMILL_API_KEY", "VLLM_API_KEY", "LLAMA_API_KEY")
+# vLLM's and llama-server's flags that a user moving here passes, with what does that here: argparse's bare
+# "unrecognized arguments" named none of them.
+_FOREIGN_FLAGS = {
+    "--served-model-name": "use --model NAME=MODEL", "--alias": "use --model NAME=MODEL", "-m": "use --model",
+    "--gpu-memory-utilization": "use --kv-cache-fraction (the share of the memory left after loading that the KV "
+                                "pool takes) or --kv-cache-memory GiB",
+    "--enable-prefix-caching": "not needed, prefix caching is on unless --no-prefix-caching",
+    "--no-enable-prefix-caching": "use --no-prefix-caching",
+    "-c": "use --max-model-len", "--ctx-size": "use --max-model-len", "-np": "use --max-num-seqs",
+    "--parallel": "use --max-num-seqs", "-t": "use --num-threads", "--threads": "use --num-threads",
+    "-ngl": "use --device cuda", "--n-gpu-layers": "use --device cuda",
+    "--tensor-parallel-size": "not supported, a model runs on one device",
+    "-tp": "not supported, a model runs on one device",
+    "--enable-auto-tool-choice": "not needed, tool calls are always parsed",
+    "--tool-call-parser": "not needed, tool calls are always parsed",
+    "--jinja": "not needed, the model's own chat template is always used",
+    "--chat-template": "not supported, the model's own chat template is used",
+    "--generation-config": "not needed, the model's recommended sampling settings apply where a request sets none",
+    "--trust-remote-code": "not needed, no model code is fetched or run",
+    "--disable-log-requests": "not needed, requests are not logged",
+    "--metrics": "not needed, /metrics is always served",
+    "--enable-prompt-tokens-details": "not needed, usage always has prompt_tokens_details",
+    "--seed": "set per request (seed)", "--temp": "set per request (temperature)",
+    "--top-k": "set per request (top_k)", "--top-p": "set per request (top_p)",
+}
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        hints = [f"{flag}: {_FOREIGN_FLAGS[flag]}" for flag in (a.split("=", 1)[0] for a in unknown)
+                 if flag in _FOREIGN_FLAGS]
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" ({'; '.join(hints)})" if hints else ""))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)
@@ -75,15 +109,22 @@ def _parser() -> argparse.ArgumentParser:
     _sampling_flags(chat, max_tokens=None, shown=f"{_CHAT_REPLY_TOKENS}, or half a smaller context")
 
     serve = _command(commands, "serve", "OpenAI-compatible HTTP server (pulls the model first if needed)", _serve)
-    serve.add_argument("--host", default=ServerConfig.host)
+    serve.add_argument("model_tag", nargs="?", metavar="MODEL",
+                       help="the model, given as `vllm serve MODEL` takes it: served first, before any --model")
+    serve.add_argument("--host", default=ServerConfig.host,
+                       help="address to listen on (default: %(default)s, this machine only; vLLM's is every "
+                            "interface: 0.0.0.0)")
     serve.add_argument("--port", type=int, default=ServerConfig.port)
-    serve.add_argument("--api-key", default=os.environ.get("TOKENMILL_API_KEY"),
+    # A deployment moved from vLLM or llama-server keeps its key's variable: it ran open, unsaid.
+    serve.add_argument("--api-key", default=next((os.environ[v] for v in _API_KEY_VARIABLES if os.environ.get(v)),
+                                                 None),
                        help="require `Authorization: Bearer KEY` (or x-api-key) on every API path: /v1, /v2, "
                             "vLLM's, llama.cpp's and Ollama's (/api) and the dashboard's data; not /health or /metrics "
-                            "(default: $TOKENMILL_API_KEY, else none)")
+                            "(default: $TOKENMILL_API_KEY, else vLLM's $VLLM_API_KEY or llama-server's "
+                            "$LLAMA_API_KEY, else none)")
     serve.add_argument("--allowed-origins", nargs="*", default=list(ServerConfig.allowed_origins), metavar="ORIGIN",
-                       help="origins whose browser pages may call the API (CORS); none given: same-origin pages only "
-                            "(default: any, as vLLM)")
+                       help="origins whose browser pages may call the API (CORS), or vLLM's JSON list of them; none "
+                            "given: same-origin pages only (default: any, as vLLM)")
     serve.add_argument("--max-waiting", type=int, default=ServerConfig.max_waiting,
                        help="answer 429 when this many requests already wait")
     serve.add_argument("--max-waiting-tokens", type=int, default=ServerConfig.max_waiting_tokens,
@@ -368,8 +409,11 @@ def _serve(args: argparse.Namespace) -> int:
     _open_standard_streams()
     logging.getLogger("tokenmill").setLevel(logging.INFO)  # the start-up lines say models, KV capacity and URL
     # An empty key (TOKENMILL_API_KEY="") is none, as vLLM takes it: not one that admits a bare "Bearer".
+    if args.model_tag is not None:  # `serve MODEL`, as vLLM's: the first model served
+        args.models = [args.model_tag, *args.models]
+        args.model = args.model_tag
     config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key or None, max_waiting=args.max_waiting,
-                          allowed_origins=tuple(args.allowed_origins),
+                          allowed_origins=_origins(args.allowed_origins),
                           max_waiting_tokens=args.max_waiting_tokens,
                           max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
                           watchdog_timeout=args.watchdog_timeout,
@@ -384,6 +428,20 @@ def _serve(args: argparse.Namespace) -> int:
         return 0
     serve(engine_config(args), config, args.models or [args.model], batching, args.embedding_dtype)
     return 0
+
+
+def _origins(given: list[str]) -> tuple[str, ...]:
+    """--allowed-origins as origins: vLLM's form is one JSON list ('["*"]'), read here as one origin named so."""
+    if len(given) != 1 or not given[0].lstrip().startswith("["):
+        return tuple(given)
+    try:
+        origins = json.loads(given[0])
+    except ValueError:
+        origins = None
+    if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
+        raise InvalidRequestError(f"--allowed-origins {given[0]!r}: give origins, or a JSON list of them as vLLM "
+                                  'takes it (\'["https://app.example"]\')')
+    return tuple(origins)
 
 
 def _open_standard_streams() -> None:
