@@ -77,6 +77,9 @@ def test_the_tokenizer_answers_the_hugging_face_calls_vllm_scripts_make(llm):
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
     assert text.endswith("<|im_start|>assistant\n") and ids == tokenizer.encode(text, add_special_tokens=False)
+    # A template's own variables as keywords, as Qwen3's documented call passes enable_thinking.
+    assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         enable_thinking=False) == text
     assert tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>") == 2
     assert tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [1, 2]
     assert tokenizer.get_vocab()["<|im_end|>"] == 2 and len(tokenizer) == 49152

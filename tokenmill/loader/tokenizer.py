@@ -177,13 +177,14 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             tools: list[dict[str, Any]] | None = None,
                             template_kwargs: Mapping[str, Any] | None = None, *,
-                            tokenize: bool = False) -> str | list[int]:
+                            tokenize: bool = False, **variables: Any) -> str | list[int]:
         """Render messages (and the tools on offer, as Hugging Face passes them) into one prompt string (or its
         ids, with tokenize, as the scripts that call Hugging Face's method of this name ask); the template's own
-        variables (Qwen3's enable_thinking) come in template_kwargs."""
-        if tokenize:
-            return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools, template_kwargs),
-                               add_special_tokens=False)
+        variables (Qwen3's enable_thinking) come in template_kwargs, or as keywords, as Hugging Face takes them."""
+        if tokenize or variables:
+            text = self.apply_chat_template(messages, add_generation_prompt, tools, {**(template_kwargs or {}),
+                                                                                     **variables})
+            return self.encode(text, add_special_tokens=False) if tokenize else text
         text = self.tool_chat_template if tools and self.tool_chat_template else self.chat_template
         if not text:
             raise InvalidRequestError("this model has no chat template; use a plain completion prompt instead")

@@ -101,8 +101,8 @@ class NativeCompletionRequest(RequestBody):
         ids as given."""
         parts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
         if len(parts) > 1 and all(isinstance(p, str) for p in parts) or any(isinstance(p, list) for p in parts):
-            raise InvalidRequestError("a list of strings is several prompts, which this server answers one per "
-                                      "request; send each alone", param="prompt")
+            raise InvalidRequestError("a list of prompts (strings or token-id lists) is several prompts, which this "
+                                      "server answers one per request; send each alone", param="prompt")
         ids: list[int] = []
         for i, part in enumerate(parts):
             ids += tokenizer.encode(part, add_special_tokens=i == 0) if isinstance(part, str) else [part]

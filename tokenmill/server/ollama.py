@@ -166,7 +166,7 @@ def _check_thinking(request: Request, body: OllamaRequest) -> None:
     """400 for think asked of a model that cannot, as Ollama says (it was answered without thinking, unsaid)."""
     models = state_of(request).models
     if body.think and body.served in models and not _thinks(request, models[body.served]):
-        raise InvalidRequestError(f"{body.model!r} does not support thinking", param="think")
+        raise InvalidRequestError(f'"{body.model}" does not support thinking', param="think")  # Ollama's words
 
 
 async def api_version() -> dict:
