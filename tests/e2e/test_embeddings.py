@@ -80,6 +80,19 @@ def test_base64_is_little_endian_float32_of_the_same_vector(client):
     assert np.allclose(decoded, floats, atol=1e-6)
 
 
+@pytest.mark.parametrize("embed_dtype", ["float16", "bfloat16"])
+def test_base64_carries_the_element_type_vllms_embed_dtype_asks(client, embed_dtype):
+    # It was dropped: a client decoding float16 read 768 meaningless numbers.
+    floats = _floats(client, input=TEXTS)
+    response = client.embeddings.create(model=MODEL, input=TEXTS, encoding_format="base64",
+                                        extra_body={"embed_dtype": embed_dtype})
+    raw = [np.frombuffer(base64.b64decode(d.embedding), dtype="<f2" if embed_dtype == "float16" else "<u2")
+           for d in response.data]
+    # bfloat16 is a float32's top 16 bits.
+    decoded = np.array([r if embed_dtype == "float16" else (r.astype("<u4") << 16).view("<f4") for r in raw])
+    assert decoded.shape == (3, 384) and np.allclose(decoded, floats, atol=5e-3)
+
+
 def test_openai_client_default_encoding_decodes(client):
     # The client asks for base64 unless told otherwise, and decodes it itself.
     response = client.embeddings.create(model=MODEL, input=TEXTS[0])
@@ -136,6 +149,10 @@ def test_truncate_prompt_tokens_cuts_inputs(client):
     (dict(input=[101, 99999, 102]), "input", "99999"),
     (dict(input="x", extra_body={"truncate_prompt_tokens": 1000}), "truncate_prompt_tokens", "256"),
     (dict(input="x", encoding_format="int8"), "encoding_format", "float"),
+    (dict(input="x", encoding_format="base64", extra_body={"embed_dtype": "fp8_e4m3"}), "embed_dtype", "float16"),
+    # vLLM's switches at other than what the model does: they were dropped, and the answer was the model's own.
+    (dict(input="x", extra_body={"normalize": False}), "normalize", "normalized"),
+    (dict(input="x", extra_body={"add_special_tokens": False}), "add_special_tokens", "special tokens"),
 ])
 def test_bad_inputs_get_400_naming_the_field(client, kwargs, param, words):
     with pytest.raises(BadRequestError) as error:

@@ -31,6 +31,21 @@ class EmbeddingRequest(RequestBody):
     dimensions: int | None = None
     user: str | None = None
     truncate_prompt_tokens: int | None = None
+    # vLLM's: the element type base64 carries (float32, as OpenAI's client decodes it, unless asked).
+    embed_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # vLLM's too, here only at what the model does: they were dropped, and a client got what it had not asked for.
+    normalize: bool | None = None
+    add_special_tokens: bool | None = None
+
+    def refusals(self) -> None:
+        """400 for vLLM's switches this server cannot turn: the model's pooling normalizes, and its inputs carry
+        their special tokens."""
+        if self.normalize is False:
+            raise APIError(400, "normalize false is not supported: this server's embeddings are normalized as the "
+                           "model's pooling does", param="normalize")
+        if self.add_special_tokens is False:
+            raise APIError(400, "add_special_tokens false is not supported: inputs are embedded with the model's "
+                           "special tokens, as it was trained", param="add_special_tokens")
 
     @field_validator("input", mode="wrap")
     @classmethod
@@ -71,6 +86,7 @@ async def create_embedding(body: EmbeddingRequest, request: Request) -> Response
     """Embed each input; `data` is in input order, `usage` counts the tokens embedded."""
     name, engine = embedder(request, body.model)
     check_dimensions(engine.model, body.dimensions)
+    body.refusals()
     if isinstance(body.input, list) and len(body.input) > MAX_INPUTS and not isinstance(body.input[0], int):
         raise APIError(400, f"input has {len(body.input)} items; the limit is {MAX_INPUTS} per request",
                        param="input")
@@ -78,7 +94,7 @@ async def create_embedding(body: EmbeddingRequest, request: Request) -> Response
     # Off the event loop, one embedding at a time: serializing one 384-float embedding takes 0.5 ms, so 2,048
     # in one call would hold the interpreter (and every other request) for a second.
     return Response(await asyncio.to_thread(_body, shorten(engine.model, vectors, body.dimensions),
-                                            body.encoding_format, name, num_tokens),
+                                            body.encoding_format, body.embed_dtype, name, num_tokens),
                     media_type="application/json")
 
 
@@ -113,16 +129,20 @@ def json_rows(rows: Iterable[object]) -> str:
     return "[" + ",".join(json.dumps(row, separators=(",", ":"), allow_nan=False) for row in rows) + "]"
 
 
-def _body(vectors: torch.Tensor, encoding_format: str, name: str, num_tokens: int) -> bytes:
+def _body(vectors: torch.Tensor, encoding_format: str, embed_dtype: str, name: str, num_tokens: int) -> bytes:
     """The response's JSON, its embeddings serialized one at a time."""
-    data = json_rows({"object": "embedding", "index": i, "embedding": _encode(v, encoding_format)}
+    data = json_rows({"object": "embedding", "index": i, "embedding": _encode(v, encoding_format, embed_dtype)}
                      for i, v in enumerate(vectors))
     usage = json.dumps({"prompt_tokens": num_tokens, "total_tokens": num_tokens})
     return f'{{"object":"list","data":{data},"model":{json.dumps(name)},"usage":{usage}}}'.encode()
 
 
-def _encode(vector: torch.Tensor, encoding_format: str) -> list[float] | str:
+def _encode(vector: torch.Tensor, encoding_format: str, embed_dtype: str) -> list[float] | str:
     if encoding_format == "float":
         return vector.tolist()
-    # As OpenAI: the raw little-endian float32 bytes, base64-encoded.
-    return base64.b64encode(vector.numpy().astype("<f4").tobytes()).decode("ascii")
+    # As OpenAI: the raw little-endian bytes (float32 unless vLLM's embed_dtype asks otherwise), base64-encoded.
+    if embed_dtype == "bfloat16":  # numpy has no bfloat16: its bits as 16-bit integers
+        raw = vector.to(torch.bfloat16).view(torch.int16).numpy().astype("<i2")
+    else:
+        raw = vector.numpy().astype("<f2" if embed_dtype == "float16" else "<f4")
+    return base64.b64encode(raw.tobytes()).decode("ascii")
