@@ -24,6 +24,10 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # llama.cpp's and Ollama's repeat_last_n: the three penalties look at the last this many tokens, prompt and
+    # output alike, as theirs do; None: repetition at every token so far and presence and frequency at the output's
+    # (vLLM's and OpenAI's).
+    repetition_window: int | None = None
     seed: int | None = None
     # None means "until the context is full", as the OpenAI chat API.
     max_tokens: int | None = 16
@@ -80,6 +84,8 @@ class SamplingParams:
                "must be > 0 and finite")
         _check(-2 <= self.presence_penalty <= 2, "presence_penalty", self.presence_penalty, "must be in [-2, 2]")
         _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", self.frequency_penalty, "must be in [-2, 2]")
+        _check(self.repetition_window is None or whole_number(self.repetition_window) and self.repetition_window >= 1,
+               "repetition_window", self.repetition_window, "must be an integer, at least 1")
         _check(self.max_tokens is None or whole_number(self.max_tokens) and self.max_tokens >= 1, "max_tokens",
                self.max_tokens, "must be an integer, at least 1")
         if self.seed == -1:  # vLLM's way to say unseeded

@@ -160,3 +160,23 @@ def test_the_cost_route_and_deadline_come_as_on_v1_completions(server):
     auto = httpx.post(f"{server.url}/apply-template", json={"model": "auto", "messages": [{"role": "user",
                                                                                            "content": "Hi"}]})
     assert auto.status_code == 200  # auto is the one model, as count_tokens takes it
+
+
+def test_repeat_last_n_is_the_penalties_window_and_0_turns_them_off(server):
+    # SillyTavern sends repeat_last_n 0 beside its repeat penalty: every prompt token was penalized, where llama.cpp
+    # penalizes none.
+    prompt = "1, 2, 3, 1, 2, 3, 1, 2,"
+    plain = _complete(server, prompt=prompt, n_predict=6, **GREEDY)["content"]
+    penalized = _complete(server, prompt=prompt, n_predict=6, repeat_penalty=3.0, repeat_last_n=-1, **GREEDY)
+    assert penalized["content"] != plain
+    assert _complete(server, prompt=prompt, n_predict=6, repeat_penalty=3.0, repeat_last_n=0, **GREEDY)["content"] == plain
+    assert penalized["generation_settings"]["repeat_last_n"] == -1
+
+
+@pytest.mark.parametrize("body, param", [({"n": 2}, "n"), ({"top_n_sigma": 1.0}, "top_n_sigma"),
+                                         ({"repeat_last_n": -2}, "repeat_last_n")])
+def test_llama_cpps_other_fields_are_refused_by_name_not_dropped(server, body, param):
+    # n (SillyTavern's swipes) and top_n_sigma were answered as if absent; off values still pass.
+    answer = httpx.post(f"{server.url}/completion", json={"prompt": "Hi", "n_predict": 1, **body}, timeout=60)
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == param, answer.text
+    assert _complete(server, prompt="Hi", n_predict=1, n=1, top_n_sigma=0)["content"] is not None

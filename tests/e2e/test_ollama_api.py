@@ -222,3 +222,15 @@ def test_logprobs_come_as_ollamas_list_whole_and_streamed(served, path, field):
     assert [e for line in lines for e in line.get("logprobs", [])] == entries
     refused = httpx.post(f"{served.url}/api/{path}", json={**body, "top_logprobs": 21, "stream": False}, timeout=60)
     assert refused.status_code == 400 and "top_logprobs" in refused.json()["error"]
+
+
+def test_repeat_last_n_0_turns_the_penalties_off(client):
+    # Open WebUI and SillyTavern forward repeat_last_n: it was dropped, and repeat_penalty hit every prompt token.
+    prompt, options = "1, 2, 3, 1, 2, 3, 1, 2,", {"temperature": 0, "num_predict": 6}
+
+    def answer(**extra) -> str:
+        return client.generate(model=MODEL, prompt=prompt, raw=True, options={**options, **extra}).response
+
+    plain = answer()
+    assert answer(repeat_penalty=3.0, repeat_last_n=-1) != plain
+    assert answer(repeat_penalty=3.0, repeat_last_n=0) == plain

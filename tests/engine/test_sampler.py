@@ -64,6 +64,18 @@ def test_repetition_penalty_demotes_seen_tokens():
     assert Sampler()(LOGITS.clone(), [_seq(params, tokens=[2])]).token_ids == [[3]]
 
 
+def test_a_repetition_window_penalizes_the_last_tokens_alone_prompt_included():
+    # llama.cpp's and Ollama's repeat_last_n: token 2 is out of the last one, token 3 in it.
+    windowed = SamplingParams(temperature=0, repetition_penalty=2.0, repetition_window=1)
+    assert Sampler()(LOGITS.clone(), [_seq(windowed, tokens=[2, 0])]).token_ids == [[2]]
+    assert Sampler()(LOGITS.clone(), [_seq(windowed, tokens=[0, 2])]).token_ids == [[3]]
+    # Presence over the window, the prompt's tokens too (llama.cpp's); without one, only the output's (OpenAI's).
+    present = dict(temperature=0, presence_penalty=2.0)
+    assert Sampler()(LOGITS.clone(), [_seq(SamplingParams(**present), tokens=[2])]).token_ids == [[2]]
+    windowed = SamplingParams(**present, repetition_window=4)
+    assert Sampler()(LOGITS.clone(), [_seq(windowed, tokens=[2])]).token_ids == [[3]]
+
+
 def test_a_repetition_penalty_near_zero_promotes_the_seen_token_when_sampling_too():
     # 3 / 1e-38 is within float32, but not once divided by the temperature: the row would be NaN and the
     # draw token 0 (SmolLM2's EOS).

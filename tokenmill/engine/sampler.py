@@ -148,15 +148,17 @@ class Sampler:
                 biased.append((i, row))
             # The drafter never drafts for a penalized sequence: a draft row's penalties would need its drafts.
             assert offsets[i] == 0 or not p.has_penalties, "drafts for a sequence with penalties"
+            # llama.cpp's window: the last n tokens, prompt and output alike, for all three penalties.
+            window = seq.token_ids[-p.repetition_window:] if p.repetition_window else None
             if p.repetition_penalty != 1.0:
                 # As in vLLM and transformers: every token seen so far (prompt and output) is penalized.
-                seen = torch.tensor(sorted(set(seq.token_ids)), device=logits.device)
+                seen = torch.tensor(sorted(set(window or seq.token_ids)), device=logits.device)
                 prior = (logits[i] if row is None else row)[seen]
                 repeats.append((i, seen, torch.where(prior > 0, prior / p.repetition_penalty,
                                                      prior * p.repetition_penalty)))
             if p.presence_penalty or p.frequency_penalty:
                 # OpenAI semantics: only generated tokens count.
-                output = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
+                output = torch.tensor(window or seq.output_token_ids, dtype=torch.long, device=logits.device)
                 counts = torch.bincount(output, minlength=logits.shape[1])[: logits.shape[1]].to(logits.dtype)
                 counted.append((i, p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)))
         # Repetition after the bias, then presence and frequency, as a row with both always had them.

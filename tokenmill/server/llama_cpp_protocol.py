@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 from tokenmill.errors import InvalidRequestError
 from tokenmill.loader.tokenizer import Tokenizer
 from tokenmill.sampling import SamplingParams
-from tokenmill.server.protocol import CompletionRequest, RequestBody
+from tokenmill.server.protocol import CompletionRequest, RequestBody, penalty_window
 
 # /v1/completions fields as llama.cpp names them, for the `param` of an error their checks raise.
 _PARAMS = {"max_tokens": "n_predict", "logprobs": "n_probs", "repetition_penalty": "repeat_penalty"}
@@ -25,6 +25,7 @@ class NativeCompletionRequest(RequestBody):
     top_p: float = 0.95
     min_p: float = 0.05
     repeat_penalty: float = 1.0
+    repeat_last_n: int = 64  # the penalties' window, as llama.cpp's: 0 turns them off, -1 is the whole context
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     stop: str | list[str] = []
@@ -42,14 +43,16 @@ class NativeCompletionRequest(RequestBody):
     response_fields: list[str] | None = None
     # Samplers this engine does not have, at the values that leave them off; other values are refused by name.
     _off: ClassVar[dict[str, Any]] = {"typical_p": 1.0, "mirostat": 0, "dry_multiplier": 0.0, "xtc_probability": 0.0,
-                                      "dynatemp_range": 0.0, "n_cmpl": 1, "post_sampling_probs": False}
+                                      "dynatemp_range": 0.0, "n_cmpl": 1, "n": 1, "post_sampling_probs": False}
     typical_p: float = 1.0
     mirostat: int = 0
     dry_multiplier: float = 0.0
     xtc_probability: float = 0.0
     dynatemp_range: float = 0.0
     n_cmpl: int = 1
+    n: int = 1  # llama.cpp's other name for n_cmpl (SillyTavern's swipes)
     post_sampling_probs: bool = False
+    top_n_sigma: float = -1.0  # at most 0: off (SillyTavern sends 0)
 
     @property
     def prompt_only(self) -> bool:
@@ -62,20 +65,28 @@ class NativeCompletionRequest(RequestBody):
             if getattr(self, name) != off:
                 raise InvalidRequestError(f"{name} is not supported: this engine samples with temperature, top_k, "
                                           "top_p, min_p and the penalties", param=name)
+        if self.top_n_sigma > 0:
+            raise InvalidRequestError("top_n_sigma is not supported: this engine samples with temperature, top_k, "
+                                      "top_p, min_p and the penalties", param="top_n_sigma")
+        window = penalty_window(self.repeat_last_n, "repeat_last_n")
         if self.n_predict < -1:
             raise InvalidRequestError(f"n_predict={self.n_predict} must be -1 (no limit), 0 (the prompt only) or "
                                       "more", param="n_predict")
         fields = {
             "prompt": [0], "max_tokens": 1 if self.prompt_only else None if self.n_predict == -1 else self.n_predict,
             "temperature": max(self.temperature, 0.0), "top_k": self.top_k if self.top_k > 0 else -1,
-            "top_p": self.top_p, "min_p": self.min_p, "repetition_penalty": self.repeat_penalty,
-            "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty, "stop": self.stop,
+            "top_p": self.top_p, "min_p": self.min_p, "stop": self.stop,
+            # repeat_last_n 0 turns the three penalties off, as in llama.cpp.
+            **({"repetition_penalty": self.repeat_penalty, "presence_penalty": self.presence_penalty,
+                "frequency_penalty": self.frequency_penalty} if window != 0 else {}),
             "ignore_eos": self.ignore_eos,
             "seed": self.seed, "logprobs": self.n_probs or None,  # -1, llama.cpp's random seed, is vLLM's too
             "logit_bias": self._logit_bias(), "structured_outputs": self._structured_outputs(),
         }
+        request = CompletionRequest.model_validate(fields)
+        request._repetition_window = window or None
         try:
-            params = CompletionRequest.model_validate(fields).sampling_params()
+            params = request.sampling_params()
         except InvalidRequestError as exc:
             exc.param = self.their_param(exc.param)
             raise

@@ -7,7 +7,8 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from tokenmill.errors import InvalidRequestError
-from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest, RequestBody, translated_chat
+from tokenmill.server.protocol import (ChatCompletionRequest, CompletionRequest, RequestBody, penalty_window,
+                                       translated_chat)
 
 # Ollama's options as the chat and completions fields they set; unset ones take the model's own defaults, as an
 # Ollama Modelfile's parameters do. Options for Ollama's runner (num_gpu, num_thread, ...) are let be.
@@ -59,6 +60,8 @@ class OllamaRequest(RequestBody):
                 raise InvalidRequestError(f"options.{name} is not supported: this engine samples with temperature, "
                                           "top_k, top_p, min_p and the penalties", param=f"options.{name}")
         fields = {field: options[name] for name, field in _OPTIONS.items() if name in options}
+        if self.penalty_window() == 0:  # repeat_last_n 0 turns the three penalties off, as in Ollama
+            fields = {k: v for k, v in fields.items() if not k.endswith("_penalty")}
         limit = options.get("num_predict")
         # 0 and any negative (-1 no limit, -2 fill the context, as Ollama reads them): ours, the context's end.
         unlimited = isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit <= 0
@@ -72,6 +75,10 @@ class OllamaRequest(RequestBody):
         elif self.format:
             raise InvalidRequestError(f"format {self.format!r} must be \"json\" or a JSON schema", param="format")
         return fields
+
+    def penalty_window(self) -> int | None:
+        """options.repeat_last_n (Ollama's default 64) as the penalties' window: 0 none, None the whole context."""
+        return penalty_window((self.options or {}).get("repeat_last_n", 64), "options.repeat_last_n")
 
     def _logprobs(self) -> dict[str, Any]:
         """logprobs and top_logprobs as chat's fields: chat's logprobs block is Ollama's list, token by token."""
@@ -132,7 +139,8 @@ class OllamaChatRequest(OllamaRequest):
         fields = {"model": self.served, "messages": messages, "tools": self.tools or None, **self._streaming(),
                   **self.sampling(), **self.thinking(), **self._logprobs(),
                   **({"continue_final_message": True, "add_generation_prompt": False} if prefill else {})}
-        return _capped(translated_chat(fields, {"max_tokens": "options.num_predict", "response_format": "format"}))
+        return _capped(translated_chat(fields, {"max_tokens": "options.num_predict", "response_format": "format"}),
+                       self.penalty_window())
 
 
 class OllamaGenerateRequest(OllamaRequest):
@@ -169,14 +177,15 @@ class OllamaGenerateRequest(OllamaRequest):
         messages = [{"role": "system", "content": self.system}] if self.system else []
         fields = {"model": self.served, "messages": [*messages, {"role": "user", "content": self.prompt}],
                   **self._streaming(), **self.sampling(), **self.thinking(), **self._logprobs()}
-        return _capped(translated_chat(fields, {"max_tokens": "options.num_predict", "response_format": "format"}))
+        return _capped(translated_chat(fields, {"max_tokens": "options.num_predict", "response_format": "format"}),
+                       self.penalty_window())
 
     def completion_request(self) -> CompletionRequest:
         """The raw form: the prompt as it is, as a plain completion."""
         fields = {"model": self.served, "prompt": self.prompt, **self._streaming(),
                   "max_tokens": None, **self.sampling()}
         try:
-            return _capped(CompletionRequest.model_validate(fields))
+            return _capped(CompletionRequest.model_validate(fields), self.penalty_window())
         except ValidationError as exc:
             raise InvalidRequestError(f"options: {exc.errors()[0]['msg']}", param="options") from exc
 
@@ -195,9 +204,11 @@ class OllamaEmbedRequest(RequestBody):
 Request = TypeVar("Request", ChatCompletionRequest, CompletionRequest)
 
 
-def _capped(request: Request) -> Request:
-    """The request with num_predict a cap, as Ollama's is: the context's end may cut the answer short."""
+def _capped(request: Request, window: int | None) -> Request:
+    """The request with num_predict a cap, as Ollama's is: the context's end may cut the answer short; its penalties
+    over the last `window` tokens."""
     request._fit_context = True
+    request._repetition_window = window or None
     return request
 
 

@@ -211,6 +211,8 @@ class _GenerationRequest(RequestBody):
     # Set by the APIs translated to these (Ollama's): max_tokens is a cap that the context's end may cut short,
     # not a length the prompt must leave room for. No field: OpenAI's clients cannot ask for it.
     _fit_context: bool = PrivateAttr(default=False)
+    # Theirs too: llama.cpp's and Ollama's repeat_last_n, the penalties' window (SamplingParams.repetition_window).
+    _repetition_window: int | None = PrivateAttr(default=None)
 
     # OpenAI marks these nullable; None means the default, as there.
     model: str | None = None
@@ -303,6 +305,7 @@ class _GenerationRequest(RequestBody):
             skip_special_tokens=_or(self.skip_special_tokens, True),
             prediction=self.prediction.text if self.prediction else None,
             structured_output=structured or self._structured_output(), fit_context=self._fit_context,
+            repetition_window=self._repetition_window,
         )
 
     def _refuse_unsupported(self) -> None:
@@ -461,6 +464,15 @@ class ChatMessage(BaseModel):
     def text(self) -> str:
         """The message's content as one string; only text parts are supported."""
         return content_text(self.content)
+
+
+def penalty_window(last_n: Any, param: str) -> int | None:
+    """llama.cpp's and Ollama's repeat_last_n as the penalties' window: 0 (no penalties at all) as 0, -1 (the whole
+    context) as None, else the count of last tokens; 400 naming param for anything else."""
+    if isinstance(last_n, bool) or not isinstance(last_n, int) or last_n < -1:
+        raise InvalidRequestError(f"{param}={last_n!r} must be -1 (the whole context), 0 (no penalties) or a number "
+                                  "of last tokens", param=param)
+    return None if last_n == -1 else last_n
 
 
 def content_text(content: str | list[dict[str, Any]] | None) -> str:
