@@ -64,6 +64,10 @@ class SamplingParams:
     # max_tokens as a cap that the context's end may cut short (llama.cpp's n_predict, Ollama's num_predict, the
     # offline LLM's), rather than a length the prompt must leave room for (OpenAI's, whose servers refuse it).
     fit_context: bool = False
+    # llama.cpp's sampler order: top_k, top_p and min_p cut the model's own distribution, temperature reshapes what
+    # is left (vLLM's, the default: temperature first). min_p 0.05 at temperature 1.5, a common setting, keeps far
+    # fewer tokens so.
+    temperature_last: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

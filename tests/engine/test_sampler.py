@@ -239,3 +239,10 @@ def test_a_constrained_rows_logprobs_are_over_the_tokens_its_grammar_allows():
     (logprob,) = out.logprobs[0]
     assert out.token_ids == [[2]] and {t for t, _ in logprob.top} == {2, 3}
     assert logprob.logprob == pytest.approx(math.log(0.5), abs=1e-6) and logprob.rank == 2  # the tie counts
+
+
+def test_temperature_last_cuts_the_models_own_distribution_as_llama_cpp():
+    # llama.cpp's order (its /completion's samplers list says it): min_p at a high temperature kept every token.
+    hot = dict(temperature=100.0, min_p=0.5)
+    assert _draws(SamplingParams(**hot, temperature_last=True)) == {2, 3}
+    assert len(_draws(SamplingParams(**hot))) > 2

@@ -79,7 +79,14 @@ class Sampler:
         if sampled:
             rows = torch.tensor(sampled, device=logits.device)
             sampled_seqs = [row_seqs[i] for i in sampled]
-            probs = _truncate(self._probs(logits[rows], sampled_seqs), sampled_seqs)
+            probs = self._probs(logits[rows], sampled_seqs)
+            truncated = _truncate(probs, sampled_seqs)
+            if last := [i for i, s in enumerate(sampled_seqs) if s.params.temperature_last]:
+                # The cut from the untempered distribution, the kept tokens' tempered odds: the race renormalizes.
+                index = torch.tensor(last, device=logits.device)
+                kept = _truncate(torch.softmax(logits[rows][index], dim=-1), [sampled_seqs[i] for i in last]) > 0
+                truncated[index] = probs[index] * kept
+            probs = truncated
             noise = self._noise(probs, sampled_seqs, [offsets[i] for i in sampled])
             # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p (truncated, renormalized by the argmax
             # itself), needing no cumsum or sync.

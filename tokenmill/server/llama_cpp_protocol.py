@@ -92,6 +92,7 @@ class NativeCompletionRequest(RequestBody):
             raise
         # As llama-server: past the context the answer stops there, not refused (but the prompt must fit whole).
         params.fit_context = not self.prompt_only
+        params.temperature_last = True  # llama.cpp's order, as its samplers list says
         return params
 
     def their_param(self, param: str | None) -> str | None:
