@@ -49,31 +49,36 @@ async def chat(request: Request, response: Response) -> Response | dict:
 
 
 async def _fitted(request: Request, body: OllamaChatRequest) -> ChatCompletionRequest:
-    """The chat request, its oldest turns dropped (system turns and the last kept) until the prompt fits the model's
-    context, as Ollama truncates a conversation unless truncate is false: a long chat was a 400."""
+    """The chat request, its oldest turns dropped (system turns and the last kept) until the prompt and room for the
+    reply fit the model's context, as Ollama truncates a conversation unless truncate is false: a long chat was a
+    400. It is cut before a user turn only: templates that want roles to alternate refuse any other start."""
     model = state_of(request).models.get(body.served)  # a router's name: routing picks a model that fits
     messages = body.messages or []
+    whole = body.chat_request()
+    if body.truncate is False or model is None:
+        return whole
+    # Room for num_predict, or a quarter of the context: Ollama shifts its context to go on, which this engine
+    # does not, so a prompt cut to the brim would leave the answer a few tokens.
+    room = min(whole.max_tokens or model.max_model_len // 4, model.max_model_len // 2)
 
     def from_turn(start: int) -> tuple[ChatCompletionRequest, bool]:
         kept = [m for m in messages[:start] if m.role.lower() == "system"] + messages[start:]
-        chat_request = body.model_copy(update={"messages": kept}).chat_request()
-        return chat_request, len(chat_request.prompt_token_ids(model.tokenizer)) < model.max_model_len
+        chat_request = body.model_copy(update={"messages": kept}).chat_request() if start else whole
+        return chat_request, len(chat_request.prompt_token_ids(model.tokenizer)) + room <= model.max_model_len
 
-    if body.truncate is False or model is None or len(messages) < 2:
-        return body.chat_request()
-    whole, fits = await asyncio.to_thread(from_turn, 0)
-    if fits:
+    cuts = [i for i in range(1, len(messages)) if messages[i].role.lower() == "user"]
+    if not cuts or (await asyncio.to_thread(from_turn, 0))[1]:
         return whole
     # Fewer turns, a shorter prompt: the fewest to drop, found by halving (each try renders the whole chat). Where
-    # even the last turn alone does not fit, the engine's 400 says by how much.
-    low, high = 1, len(messages) - 1
+    # even the last cut does not fit, the engine's 400 says by how much.
+    low, high = 0, len(cuts) - 1
     while low < high:
         middle = (low + high) // 2
-        if (await asyncio.to_thread(from_turn, middle))[1]:
+        if (await asyncio.to_thread(from_turn, cuts[middle]))[1]:
             high = middle
         else:
             low = middle + 1
-    return (await asyncio.to_thread(from_turn, high))[0]
+    return (await asyncio.to_thread(from_turn, cuts[high]))[0]
 
 
 async def generate(request: Request, response: Response) -> Response | dict:
