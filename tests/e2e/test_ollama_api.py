@@ -191,7 +191,7 @@ def test_any_negative_num_predict_is_no_limit(client):
 def test_a_chat_past_the_context_drops_its_oldest_turns(start_server):
     # As Ollama truncates (system turns and the last kept); it was a 400 for every long conversation. Cut before a
     # user turn (templates that want roles to alternate refuse another start), leaving room for num_predict.
-    short = start_server("--max-model-len", "96")
+    short = start_server("--max-model-len", "105")
     system = {"role": "system", "content": "Be brief."}
     turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"Message number {i} is about the sea."}
              for i in range(9)]
@@ -201,12 +201,12 @@ def test_a_chat_past_the_context_drops_its_oldest_turns(start_server):
     assert answer.status_code == 200, answer.text
     counted = answer.json()["prompt_eval_count"]
     fitting = [k for k in range(1, 10, 2) if httpx.post(f"{short.url}/tokenize", json={
-        "messages": [system, *turns[-k:]]}, timeout=60).json()["count"] + 8 <= 96]
+        "messages": [system, *turns[-k:]]}, timeout=60).json()["count"] + 8 <= 105]
     expected = httpx.post(f"{short.url}/tokenize", json={"messages": [system, *turns[-max(fitting):]]},
                           timeout=60).json()["count"]
-    assert counted == expected and counted + 8 <= 96 and max(fitting) < 9
+    assert counted == expected and counted + 8 <= 105 and max(fitting) < 9
     refused = httpx.post(f"{short.url}/api/chat", json={**body, "truncate": False}, timeout=60)
-    assert refused.status_code == 400 and "maximum context length is 96" in refused.json()["error"]
+    assert refused.status_code == 400 and "maximum context length is 105" in refused.json()["error"]
 
 
 @pytest.mark.parametrize("path, field", [("chat", "messages"), ("generate", "prompt")])
