@@ -2,12 +2,14 @@
 serialized without stalling the server."""
 
 import asyncio
+import dataclasses
 import gc
 import json
 import time
 
 import httpx
 import pytest
+import torch
 
 from tokenmill.config import ServerConfig
 from tokenmill.embeddings.model import EmbeddingModel
@@ -112,3 +114,32 @@ def test_a_large_float_answer_does_not_stall_other_requests(minilm_path, path):
     # (Ollama's /api/embed, once) about 1 s. Alone this scenario's worst lag is 0.02-0.13 s; in
     # the whole suite on the 2-core CI machine (a dozen test servers alive beside it) it reached 0.53 s, hence 1 s.
     assert worst < 1.0, worst
+
+
+def test_normalize_is_honoured_at_what_the_models_pooling_can_do(minilm_path):
+    # vLLM's normalize was dropped: true gave a model that does not normalize its raw vectors, and false was
+    # answered with normalized ones.
+    model = EmbeddingModel.load(str(minilm_path), "float32")
+    raw = EmbeddingModel.load(str(minilm_path), "float32")
+    raw.pooling = dataclasses.replace(raw.pooling, normalize=False)
+    app = build_app({}, ServerConfig(), {"minilm": model, "raw": raw})
+
+    async def post(name: str, **extra) -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            return await client.post("/v1/embeddings", json={"model": name, "input": "hello", **extra})
+
+    async def scenario() -> tuple[float, float, httpx.Response]:
+        asked = (await post("raw", normalize=True)).json()["data"][0]["embedding"]
+        left = (await post("raw", normalize=False)).json()["data"][0]["embedding"]
+        return torch.tensor(asked).norm().item(), torch.tensor(left).norm().item(), await post("minilm", normalize=False)
+
+    engines = list(app.state.embedders.values())
+    for engine in engines:
+        engine.start()
+    try:
+        asked, left, refused = asyncio.run(scenario())
+    finally:
+        for engine in engines:
+            engine.stop()
+    assert asked == pytest.approx(1.0, abs=1e-5) and left > 1.5
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "normalize"

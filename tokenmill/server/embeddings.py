@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from fastapi import Request
 from fastapi.responses import Response
 from pydantic import ValidationError, ValidatorFunctionWrapHandler, field_validator
@@ -33,16 +34,17 @@ class EmbeddingRequest(RequestBody):
     truncate_prompt_tokens: int | None = None
     # vLLM's: the element type base64 carries (float32, as OpenAI's client decodes it, unless asked).
     embed_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    # vLLM's too, here only at what the model does: they were dropped, and a client got what it had not asked for.
+    # vLLM's too: they were dropped, and a client got what it had not asked for. normalize true normalizes a model
+    # whose pooling does not; false is refused for one whose pooling does, as add_special_tokens false always is.
     normalize: bool | None = None
     add_special_tokens: bool | None = None
 
-    def refusals(self) -> None:
-        """400 for vLLM's switches this server cannot turn: the model's pooling normalizes, and its inputs carry
-        their special tokens."""
-        if self.normalize is False:
-            raise APIError(400, "normalize false is not supported: this server's embeddings are normalized as the "
-                           "model's pooling does", param="normalize")
+    def refusals(self, normalized: bool) -> None:
+        """400 for vLLM's switches this server cannot turn: unnormalized embeddings of a model whose pooling
+        normalizes them, inputs without their special tokens."""
+        if self.normalize is False and normalized:
+            raise APIError(400, "normalize false is not supported: this model's pooling normalizes its embeddings",
+                           param="normalize")
         if self.add_special_tokens is False:
             raise APIError(400, "add_special_tokens false is not supported: inputs are embedded with the model's "
                            "special tokens, as it was trained", param="add_special_tokens")
@@ -86,11 +88,13 @@ async def create_embedding(body: EmbeddingRequest, request: Request) -> Response
     """Embed each input; `data` is in input order, `usage` counts the tokens embedded."""
     name, engine = embedder(request, body.model)
     check_dimensions(engine.model, body.dimensions)
-    body.refusals()
+    body.refusals(engine.model.pooling.normalize)
     if isinstance(body.input, list) and len(body.input) > MAX_INPUTS and not isinstance(body.input[0], int):
         raise APIError(400, f"input has {len(body.input)} items; the limit is {MAX_INPUTS} per request",
                        param="input")
     vectors, num_tokens = await embed(request, name, engine, body.input, body.truncate_prompt_tokens)
+    if body.normalize and not engine.model.pooling.normalize:  # asked of a model whose pooling leaves them be
+        vectors = F.normalize(vectors, dim=-1)
     # Off the event loop, one embedding at a time: serializing one 384-float embedding takes 0.5 ms, so 2,048
     # in one call would hold the interpreter (and every other request) for a second.
     return Response(await asyncio.to_thread(_body, shorten(engine.model, vectors, body.dimensions),
