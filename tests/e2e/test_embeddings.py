@@ -151,7 +151,7 @@ def test_truncate_prompt_tokens_cuts_inputs(client):
     (dict(input="x", encoding_format="int8"), "encoding_format", "float"),
     (dict(input="x", encoding_format="base64", extra_body={"embed_dtype": "fp8_e4m3"}), "embed_dtype", "float16"),
     # vLLM's switches at other than what the model does: they were dropped, and the answer was the model's own.
-    (dict(input="x", extra_body={"normalize": False}), "normalize", "normalized"),
+    (dict(input="x", extra_body={"normalize": False}), "normalize", "pooling normalizes"),
     (dict(input="x", extra_body={"add_special_tokens": False}), "add_special_tokens", "special tokens"),
 ])
 def test_bad_inputs_get_400_naming_the_field(client, kwargs, param, words):
