@@ -543,8 +543,11 @@ def test_serve_reads_what_vllm_and_llama_server_users_pass(monkeypatch, capsys):
     assert args.model_tag == "smollm2-135m" and args.api_key == "secret"
     assert cli._origins(args.allowed_origins) == ("*", "https://a.example")
     assert cli._origins(["https://a.example", "https://b.example"]) == ("https://a.example", "https://b.example")
-    with pytest.raises(InvalidRequestError, match="JSON list"):
-        cli._origins(['["*"'])
+    for wrong in (['["*"'], ['["*"]', "smollm2-135m"], ["https://a.example", "smollm2-135m"]):  # a model taken as one
+        with pytest.raises(InvalidRequestError, match="JSON list"):
+            cli._origins(wrong)
+    monkeypatch.setenv("TOKENMILL_API_KEY", "")  # tokenmill's own variable, empty: no key, whatever vLLM's says
+    assert cli._parser().parse_args(["serve"]).api_key == ""
     with pytest.raises(SystemExit):
         main(["serve", "--ctx-size", "4096", "--jinja"])
     error = capsys.readouterr().err

@@ -116,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
                             "interface: 0.0.0.0)")
     serve.add_argument("--port", type=int, default=ServerConfig.port)
     # A deployment moved from vLLM or llama-server keeps its key's variable: it ran open, unsaid.
-    serve.add_argument("--api-key", default=next((os.environ[v] for v in _API_KEY_VARIABLES if os.environ.get(v)),
+    serve.add_argument("--api-key", default=next((os.environ[v] for v in _API_KEY_VARIABLES if v in os.environ),
                                                  None),
                        help="require `Authorization: Bearer KEY` (or x-api-key) on every API path: /v1, /v2, "
                             "vLLM's, llama.cpp's and Ollama's (/api) and the dashboard's data; not /health or /metrics "
@@ -431,16 +431,18 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _origins(given: list[str]) -> tuple[str, ...]:
-    """--allowed-origins as origins: vLLM's form is one JSON list ('["*"]'), read here as one origin named so."""
-    if len(given) != 1 or not given[0].lstrip().startswith("["):
-        return tuple(given)
-    try:
-        origins = json.loads(given[0])
-    except ValueError:
-        origins = None
-    if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
-        raise InvalidRequestError(f"--allowed-origins {given[0]!r}: give origins, or a JSON list of them as vLLM "
-                                  'takes it (\'["https://app.example"]\')')
+    """--allowed-origins as origins: vLLM's form is one JSON list ('["*"]'), read here as one origin named so; a
+    value that is no origin (a model after the flag, which took it as one) is refused."""
+    origins: object = given
+    if given and given[0].lstrip().startswith("["):
+        try:
+            origins = json.loads(given[0]) if len(given) == 1 else None
+        except ValueError:
+            origins = None
+    if not isinstance(origins, list) or not all(isinstance(o, str) and (o == "*" or "://" in o) for o in origins):
+        raise InvalidRequestError(f"--allowed-origins {' '.join(given)!r}: give origins (scheme://host[:port] or *), "
+                                  'or one JSON list of them as vLLM takes it (\'["https://app.example"]\'); a model '
+                                  "given by position goes before the flags")
     return tuple(origins)
 
 
