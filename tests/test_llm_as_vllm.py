@@ -80,6 +80,11 @@ def test_the_tokenizer_answers_the_hugging_face_calls_vllm_scripts_make(llm):
     # A template's own variables as keywords, as Qwen3's documented call passes enable_thinking.
     assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
                                          enable_thinking=False) == text
+    # Hugging Face's continue_final_message leaves the final message open; its other arguments are no variables.
+    prefilled = [*messages, {"role": "assistant", "content": "Blue is"}]
+    assert tokenizer.apply_chat_template(prefilled, tokenize=False, continue_final_message=True).endswith("Blue is")
+    with pytest.raises(TypeError, match="return_tensors"):
+        tokenizer.apply_chat_template(messages, tokenize=True, return_tensors="pt")
     assert tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>") == 2
     assert tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [1, 2]
     assert tokenizer.get_vocab()["<|im_end|>"] == 2 and len(tokenizer) == 49152

@@ -44,6 +44,9 @@ _PRE_SPLITS = {**dict.fromkeys(_LLAMA3_PRES, _LLAMA3_SPLIT),
 # Names whose vocabularies split as GPT-2's, as the byte-level default does.
 _GPT2_PRES = {"default", "gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0",
               "mellum", "exaone4"}
+# Hugging Face's apply_chat_template arguments that shape its return, not the template: no template variables.
+_HF_ONLY_ARGUMENTS = {"chat_template", "return_dict", "return_tensors", "padding", "truncation", "max_length",
+                      "return_assistant_tokens_mask", "tokenizer_kwargs"}
 # Names whose vocabularies split every digit off, then split as GPT-2's.
 _DIGIT_PRES = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"}
 # Tokens that end generation in llama.cpp (src/llama-vocab.cpp) whatever the file's metadata names.
@@ -182,8 +185,13 @@ class Tokenizer:
         ids, with tokenize, as the scripts that call Hugging Face's method of this name ask); the template's own
         variables (Qwen3's enable_thinking) come in template_kwargs, or as keywords, as Hugging Face takes them."""
         if tokenize or variables:
-            text = self.apply_chat_template(messages, add_generation_prompt, tools, {**(template_kwargs or {}),
-                                                                                     **variables})
+            if unknown := _HF_ONLY_ARGUMENTS & set(variables):  # as Hugging Face's own would, not template variables
+                raise TypeError(f"apply_chat_template() takes no {', '.join(sorted(unknown))} here")
+            kwargs = {**(template_kwargs or {}), **variables}
+            if kwargs.pop("continue_final_message", False):  # Hugging Face's keyword: the final message left open
+                text = self._through_final_message(messages, tools, kwargs)
+            else:
+                text = self.apply_chat_template(messages, add_generation_prompt, tools, kwargs)
             return self.encode(text, add_special_tokens=False) if tokenize else text
         text = self.tool_chat_template if tools and self.tool_chat_template else self.chat_template
         if not text:
