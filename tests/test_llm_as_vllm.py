@@ -85,6 +85,7 @@ def test_the_tokenizer_answers_the_hugging_face_calls_vllm_scripts_make(llm):
     assert tokenizer.apply_chat_template(prefilled, tokenize=False, continue_final_message=True).endswith("Blue is")
     with pytest.raises(TypeError, match="return_tensors"):
         tokenizer.apply_chat_template(messages, tokenize=True, return_tensors="pt")
+    assert tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False) == ids
     assert tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>") == 2
     assert tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [1, 2]
     assert tokenizer.get_vocab()["<|im_end|>"] == 2 and len(tokenizer) == 49152

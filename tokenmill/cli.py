@@ -439,7 +439,9 @@ def _origins(given: list[str]) -> tuple[str, ...]:
             origins = json.loads(given[0]) if len(given) == 1 else None
         except ValueError:
             origins = None
-    if not isinstance(origins, list) or not all(isinstance(o, str) and (o == "*" or "://" in o) for o in origins):
+    # "null": the origin browsers send from file:// pages and sandboxed frames.
+    if not isinstance(origins, list) or not all(isinstance(o, str) and (o in ("*", "null") or "://" in o)
+                                                for o in origins):
         raise InvalidRequestError(f"--allowed-origins {' '.join(given)!r}: give origins (scheme://host[:port] or *), "
                                   'or one JSON list of them as vLLM takes it (\'["https://app.example"]\'); a model '
                                   "given by position goes before the flags")

@@ -236,3 +236,17 @@ def test_repeat_last_n_0_turns_the_penalties_off(client):
     plain = answer()
     assert answer(repeat_penalty=3.0, repeat_last_n=-1) != plain
     assert answer(repeat_penalty=3.0, repeat_last_n=0) == plain
+
+
+def test_repeat_last_n_0_sets_the_penalties_off_over_the_models_defaults_and_null_is_unset():
+    # Dropped, the penalty came back from the model's defaults, over the whole context; null was a 400.
+    from tokenmill.server.ollama_protocol import OllamaChatRequest
+
+    def params(**options):
+        body = OllamaChatRequest(model=MODEL, messages=QUESTION, options=options)
+        return body.chat_request().sampling_params({"repetition_penalty": 1.3})
+
+    off = params(repeat_last_n=0, repeat_penalty=1.5, presence_penalty=0.5)
+    assert (off.repetition_penalty, off.presence_penalty, off.repetition_window) == (1.0, 0.0, None)
+    unset = params(repeat_last_n=None)
+    assert (unset.repetition_penalty, unset.repetition_window) == (1.3, 64)

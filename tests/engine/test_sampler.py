@@ -9,6 +9,7 @@ import torch
 from tokenmill import ops
 from tokenmill.engine.sampler import Sampler
 from tokenmill.sampling import SamplingParams
+from tokenmill.server.protocol import penalty_window
 from tokenmill.structured.params import StructuredOutput
 
 
@@ -74,6 +75,9 @@ def test_a_repetition_window_penalizes_the_last_tokens_alone_prompt_included():
     assert Sampler()(LOGITS.clone(), [_seq(SamplingParams(**present), tokens=[2])]).token_ids == [[2]]
     windowed = SamplingParams(**present, repetition_window=4)
     assert Sampler()(LOGITS.clone(), [_seq(windowed, tokens=[2])]).token_ids == [[3]]
+    # repeat_last_n -1, the whole context, is a window past any: the prompt counts as with any other.
+    whole = SamplingParams(**present, repetition_window=penalty_window(-1, "repeat_last_n"))
+    assert Sampler()(LOGITS.clone(), [_seq(whole, tokens=[2])]).token_ids == [[3]]
 
 
 def test_a_repetition_penalty_near_zero_promotes_the_seen_token_when_sampling_too():
@@ -246,3 +250,14 @@ def test_temperature_last_cuts_the_models_own_distribution_as_llama_cpp():
     hot = dict(temperature=100.0, min_p=0.5)
     assert _draws(SamplingParams(**hot, temperature_last=True)) == {2, 3}
     assert len(_draws(SamplingParams(**hot))) > 2
+
+
+def test_temperature_last_weighs_top_p_before_min_p_as_llama_cpp():
+    # llama.cpp's top_p weighs what top_k left; min_p last. Weighed after min_p's cut, token 2 had 0.958 of the mass
+    # before it and was dropped, where llama.cpp keeps it (0.92 < 0.95).
+    probs = torch.tensor([[0.6, 0.32, 0.04] + [0.001] * 40])
+    logits = probs.log()
+    params = SamplingParams(temperature=1.0, top_p=0.95, min_p=0.05, temperature_last=True)
+    sampler = Sampler()
+    drawn = {sampler(logits.clone(), [_seq(params)]).token_ids[0][0] for _ in range(400)}
+    assert drawn == {0, 1, 2}

@@ -84,7 +84,8 @@ class Sampler:
             if last := [i for i, s in enumerate(sampled_seqs) if s.params.temperature_last]:
                 # The cut from the untempered distribution, the kept tokens' tempered odds: the race renormalizes.
                 index = torch.tensor(last, device=logits.device)
-                kept = _truncate(torch.softmax(logits[rows][index], dim=-1), [sampled_seqs[i] for i in last]) > 0
+                kept = _truncate(torch.softmax(logits[rows][index], dim=-1), [sampled_seqs[i] for i in last],
+                                 min_p_last=True) > 0
                 truncated[index] = probs[index] * kept
             probs = truncated
             noise = self._noise(probs, sampled_seqs, [offsets[i] for i in sampled])
@@ -263,14 +264,24 @@ def _argmax(x: torch.Tensor) -> torch.Tensor:
     return x.max(dim=-1).indices
 
 
-def _truncate(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """Zero the probabilities that top_k, top_p and min_p rule out."""
+def _truncate(probs: torch.Tensor, seqs: list[Sequence], min_p_last: bool = False) -> torch.Tensor:
+    """Zero the probabilities that top_k, top_p and min_p rule out: min_p first, as vLLM, or last, as llama.cpp
+    (its top_p then weighs what top_k left, not what min_p did)."""
+    min_p = [s.params.min_p for s in seqs]
+    if not any(p > 0 for p in min_p):
+        return _top_k_top_p(probs, seqs)
+    # The floor is relative to the top probability, which top_k and top_p always keep.
+    floor = torch.tensor(min_p, device=probs.device)[:, None] * probs.max(dim=-1, keepdim=True).values
+    if min_p_last:
+        kept = _top_k_top_p(probs, seqs)
+        return kept.masked_fill(kept < floor, 0.0)
+    return _top_k_top_p(probs.masked_fill(probs < floor, 0.0), seqs)
+
+
+def _top_k_top_p(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Zero the probabilities that top_k and top_p rule out."""
     top_k = [s.params.top_k for s in seqs]
     top_p = [s.params.top_p for s in seqs]
-    min_p = [s.params.min_p for s in seqs]
-    if any(p > 0 for p in min_p):
-        floor = torch.tensor(min_p, device=probs.device)[:, None] * probs.max(dim=-1, keepdim=True).values
-        probs = probs.masked_fill(probs < floor, 0.0)
     if all(k <= 0 for k in top_k) and all(p == 1.0 for p in top_p):
         return probs
     sorted_probs, order = probs.sort(dim=-1, descending=True)

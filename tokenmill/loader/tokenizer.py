@@ -185,10 +185,14 @@ class Tokenizer:
         ids, with tokenize, as the scripts that call Hugging Face's method of this name ask); the template's own
         variables (Qwen3's enable_thinking) come in template_kwargs, or as keywords, as Hugging Face takes them."""
         if tokenize or variables:
-            if unknown := _HF_ONLY_ARGUMENTS & set(variables):  # as Hugging Face's own would, not template variables
-                raise TypeError(f"apply_chat_template() takes no {', '.join(sorted(unknown))} here")
+            # Hugging Face's arguments that shape what it returns are no template variables: at its defaults (what
+            # is returned here) they are let be, else refused as its own method would refuse a stranger.
+            shaping = {k: variables.pop(k) for k in _HF_ONLY_ARGUMENTS & set(variables)}
+            if unknown := sorted(k for k, v in shaping.items() if v not in (None, False)):
+                raise TypeError(f"apply_chat_template() takes no {', '.join(unknown)} here")
+            continued = variables.pop("continue_final_message", False)  # Hugging Face's: the final message left open
             kwargs = {**(template_kwargs or {}), **variables}
-            if kwargs.pop("continue_final_message", False):  # Hugging Face's keyword: the final message left open
+            if continued:
                 text = self._through_final_message(messages, tools, kwargs)
             else:
                 text = self.apply_chat_template(messages, add_generation_prompt, tools, kwargs)

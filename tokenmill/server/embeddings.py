@@ -93,12 +93,12 @@ async def create_embedding(body: EmbeddingRequest, request: Request) -> Response
         raise APIError(400, f"input has {len(body.input)} items; the limit is {MAX_INPUTS} per request",
                        param="input")
     vectors, num_tokens = await embed(request, name, engine, body.input, body.truncate_prompt_tokens)
+    vectors = shorten(engine.model, vectors, body.dimensions)
     if body.normalize and not engine.model.pooling.normalize:  # asked of a model whose pooling leaves them be
-        vectors = F.normalize(vectors, dim=-1)
+        vectors = F.normalize(vectors, dim=-1)  # after the cut to dimensions, as vLLM
     # Off the event loop, one embedding at a time: serializing one 384-float embedding takes 0.5 ms, so 2,048
     # in one call would hold the interpreter (and every other request) for a second.
-    return Response(await asyncio.to_thread(_body, shorten(engine.model, vectors, body.dimensions),
-                                            body.encoding_format, body.embed_dtype, name, num_tokens),
+    return Response(await asyncio.to_thread(_body, vectors, body.encoding_format, body.embed_dtype, name, num_tokens),
                     media_type="application/json")
 
 

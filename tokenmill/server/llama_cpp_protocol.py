@@ -78,7 +78,8 @@ class NativeCompletionRequest(RequestBody):
             "top_p": self.top_p, "min_p": self.min_p, "stop": self.stop,
             # repeat_last_n 0 turns the three penalties off, as in llama.cpp.
             **({"repetition_penalty": self.repeat_penalty, "presence_penalty": self.presence_penalty,
-                "frequency_penalty": self.frequency_penalty} if window != 0 else {}),
+                "frequency_penalty": self.frequency_penalty} if window != 0 else
+               {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}),
             "ignore_eos": self.ignore_eos,
             "seed": self.seed, "logprobs": self.n_probs or None,  # -1, llama.cpp's random seed, is vLLM's too
             "logit_bias": self._logit_bias(), "structured_outputs": self._structured_outputs(),

@@ -60,8 +60,8 @@ class OllamaRequest(RequestBody):
                 raise InvalidRequestError(f"options.{name} is not supported: this engine samples with temperature, "
                                           "top_k, top_p, min_p and the penalties", param=f"options.{name}")
         fields = {field: options[name] for name, field in _OPTIONS.items() if name in options}
-        if self.penalty_window() == 0:  # repeat_last_n 0 turns the three penalties off, as in Ollama
-            fields = {k: v for k, v in fields.items() if not k.endswith("_penalty")}
+        if self.penalty_window() == 0:  # repeat_last_n 0 turns the three penalties off, the model's defaults too
+            fields |= {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
         limit = options.get("num_predict")
         # 0 and any negative (-1 no limit, -2 fill the context, as Ollama reads them): ours, the context's end.
         unlimited = isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit <= 0
@@ -76,9 +76,10 @@ class OllamaRequest(RequestBody):
             raise InvalidRequestError(f"format {self.format!r} must be \"json\" or a JSON schema", param="format")
         return fields
 
-    def penalty_window(self) -> int | None:
+    def penalty_window(self) -> int:
         """options.repeat_last_n (Ollama's default 64) as the penalties' window: 0 none, None the whole context."""
-        return penalty_window((self.options or {}).get("repeat_last_n", 64), "options.repeat_last_n")
+        last_n = (self.options or {}).get("repeat_last_n")
+        return penalty_window(64 if last_n is None else last_n, "options.repeat_last_n")  # null: unset
 
     def _logprobs(self) -> dict[str, Any]:
         """logprobs and top_logprobs as chat's fields: chat's logprobs block is Ollama's list, token by token."""

@@ -3,6 +3,7 @@
 import json
 import math
 import re
+import sys
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -466,13 +467,14 @@ class ChatMessage(BaseModel):
         return content_text(self.content)
 
 
-def penalty_window(last_n: Any, param: str) -> int | None:
+def penalty_window(last_n: Any, param: str) -> int:
     """llama.cpp's and Ollama's repeat_last_n as the penalties' window: 0 (no penalties at all) as 0, -1 (the whole
-    context) as None, else the count of last tokens; 400 naming param for anything else."""
+    context, the prompt counted as with any window) as a window past any context, else the count of last tokens;
+    400 naming param for anything else."""
     if isinstance(last_n, bool) or not isinstance(last_n, int) or last_n < -1:
         raise InvalidRequestError(f"{param}={last_n!r} must be -1 (the whole context), 0 (no penalties) or a number "
                                   "of last tokens", param=param)
-    return None if last_n == -1 else last_n
+    return sys.maxsize if last_n == -1 else last_n
 
 
 def content_text(content: str | list[dict[str, Any]] | None) -> str:
