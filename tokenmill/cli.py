@@ -408,10 +408,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     _open_standard_streams()
     logging.getLogger("tokenmill").setLevel(logging.INFO)  # the start-up lines say models, KV capacity and URL
-    # An empty key (TOKENMILL_API_KEY="") is none, as vLLM takes it: not one that admits a bare "Bearer".
     if args.model_tag is not None:  # `serve MODEL`, as vLLM's: the first model served
         args.models = [args.model_tag, *args.models]
         args.model = args.model_tag
+    # An empty key (TOKENMILL_API_KEY="") is none, as vLLM takes it: not one that admits a bare "Bearer".
     config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key or None, max_waiting=args.max_waiting,
                           allowed_origins=_origins(args.allowed_origins),
                           max_waiting_tokens=args.max_waiting_tokens,

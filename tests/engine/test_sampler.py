@@ -86,6 +86,9 @@ def test_a_repetition_penalty_near_zero_promotes_the_seen_token_when_sampling_to
     params = SamplingParams(temperature=0.5, repetition_penalty=1e-38)
     sampler = Sampler()
     assert {sampler(LOGITS.clone(), [_seq(params, tokens=[2])]).token_ids[0][0] for _ in range(20)} == {2}
+    # llama.cpp's order cuts the untempered row, which the penalty pushes past float's range as well.
+    params = SamplingParams(temperature=0.5, repetition_penalty=1e-45, min_p=0.1, temperature_last=True)
+    assert {sampler(LOGITS.clone(), [_seq(params, tokens=[2])]).token_ids[0][0] for _ in range(20)} == {2}
 
 
 def test_logit_bias_shifts_the_named_tokens_before_penalties_and_on_draft_rows():

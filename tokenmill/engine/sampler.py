@@ -80,14 +80,17 @@ class Sampler:
             rows = torch.tensor(sampled, device=logits.device)
             sampled_seqs = [row_seqs[i] for i in sampled]
             probs = self._probs(logits[rows], sampled_seqs)
-            truncated = _truncate(probs, sampled_seqs)
-            if last := [i for i, s in enumerate(sampled_seqs) if s.params.temperature_last]:
+            last = [i for i, s in enumerate(sampled_seqs) if s.params.temperature_last]
+            if not last:
+                probs = _truncate(probs, sampled_seqs)
+            else:
+                if first := [i for i, s in enumerate(sampled_seqs) if not s.params.temperature_last]:
+                    index = torch.tensor(first, device=logits.device)
+                    probs[index] = _truncate(probs[index], [sampled_seqs[i] for i in first])
                 # The cut from the untempered distribution, the kept tokens' tempered odds: the race renormalizes.
                 index = torch.tensor(last, device=logits.device)
-                kept = _truncate(torch.softmax(logits[rows][index], dim=-1), [sampled_seqs[i] for i in last],
-                                 min_p_last=True) > 0
-                truncated[index] = probs[index] * kept
-            probs = truncated
+                kept = _truncate(_softmax(logits[rows[index]]), [sampled_seqs[i] for i in last], min_p_last=True) > 0
+                probs[index] = probs[index] * kept
             noise = self._noise(probs, sampled_seqs, [offsets[i] for i in sampled])
             # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p (truncated, renormalized by the argmax
             # itself), needing no cumsum or sync.
@@ -157,15 +160,16 @@ class Sampler:
             # The drafter never drafts for a penalized sequence: a draft row's penalties would need its drafts.
             assert offsets[i] == 0 or not p.has_penalties, "drafts for a sequence with penalties"
             # llama.cpp's window: the last n tokens, prompt and output alike, for all three penalties.
-            window = seq.token_ids[-p.repetition_window:] if p.repetition_window else None
+            window = seq.token_ids[-p.repetition_window:] if p.repetition_window and p.has_penalties else None
             if p.repetition_penalty != 1.0:
-                # As in vLLM and transformers: every token seen so far (prompt and output) is penalized.
+                # As in vLLM and transformers: every token seen so far (prompt and output) is penalized, unless a
+                # window is set.
                 seen = torch.tensor(sorted(set(window or seq.token_ids)), device=logits.device)
                 prior = (logits[i] if row is None else row)[seen]
                 repeats.append((i, seen, torch.where(prior > 0, prior / p.repetition_penalty,
                                                      prior * p.repetition_penalty)))
             if p.presence_penalty or p.frequency_penalty:
-                # OpenAI semantics: only generated tokens count.
+                # OpenAI semantics: only generated tokens count, unless a window is set.
                 output = torch.tensor(window or seq.output_token_ids, dtype=torch.long, device=logits.device)
                 counts = torch.bincount(output, minlength=logits.shape[1])[: logits.shape[1]].to(logits.dtype)
                 counted.append((i, p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)))
@@ -212,9 +216,7 @@ class Sampler:
     @staticmethod
     def _probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         temps = torch.tensor([s.params.temperature for s in seqs], device=logits.device)
-        scaled = logits / temps[:, None]
-        # A logit past float's range (a repetition penalty near 0, a temperature near it) would make the row NaN.
-        return torch.softmax(scaled.clamp(max=torch.finfo(scaled.dtype).max), dim=-1)
+        return _softmax(logits / temps[:, None])
 
     @staticmethod
     def _noise(probs: torch.Tensor, seqs: list[Sequence], offsets: list[int]) -> torch.Tensor:
@@ -264,6 +266,12 @@ def _argmax(x: torch.Tensor) -> torch.Tensor:
     return x.max(dim=-1).indices
 
 
+def _softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's probabilities; a logit past float's range (a repetition penalty near 0, a temperature near it)
+    would make the row NaN, so it is clamped to the range first."""
+    return torch.softmax(logits.clamp(max=torch.finfo(logits.dtype).max), dim=-1)
+
+
 def _truncate(probs: torch.Tensor, seqs: list[Sequence], min_p_last: bool = False) -> torch.Tensor:
     """Zero the probabilities that top_k, top_p and min_p rule out: min_p first, as vLLM, or last, as llama.cpp
     (its top_p then weighs what top_k left, not what min_p did)."""
@@ -289,8 +297,9 @@ def _top_k_top_p(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     # top_k keeps every token tied with the k-th, as vLLM and transformers do.
     beyond_k = sorted_probs < sorted_probs.gather(1, k - 1)
     kept = sorted_probs.masked_fill(beyond_k, 0.0)
-    # top_p weighs what min_p and top_k left, renormalized, as vLLM (transformers renormalizes too, but runs min_p
-    # last). A token stays if the mass strictly before it is below top_p: the top token always does.
+    # top_p weighs what top_k left (and min_p, where it ran first), renormalized, as vLLM (transformers renormalizes
+    # too, but runs min_p last). A token stays if the mass strictly before it is below top_p: the top token always
+    # does.
     mass_before = (kept.cumsum(dim=-1) - kept) / kept.sum(dim=-1, keepdim=True)
     p = torch.tensor(top_p, device=probs.device, dtype=probs.dtype)[:, None]
     # Rows with top_p == 1 keep everything: float32 cumsum can reach 1.0 before the tail ends.

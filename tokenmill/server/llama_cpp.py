@@ -40,8 +40,9 @@ async def create_completion(body: NativeCompletionRequest, request: Request, res
         routed = await route(state, body.model, lambda model: [body.token_ids(model.tokenizer)], params,
                              body.stream, token_ids=has_ids)
         # The params the model runs with (a copy under cascade), and those an escalation would run with.
+        biases = body.token_biases(routed.model.tokenizer)
         for each in (routed.params, routed.asked):
-            each.logit_bias = {**(each.logit_bias or {}), **body.token_biases(routed.model.tokenizer)} or None
+            each.logit_bias = {**(each.logit_bias or {}), **biases} or None
         request_id = new_id("cmpl")
         streams = await routed.start(state, request_id, arrival)
     except PromptTooLongError as exc:

@@ -61,10 +61,15 @@ async def _fitted(request: Request, body: OllamaChatRequest) -> ChatCompletionRe
     # does not, so a prompt cut to the brim would leave the answer a few tokens.
     room = min(whole.max_tokens or model.max_model_len // 4, model.max_model_len // 2)
 
+    tried: dict[int, tuple[ChatCompletionRequest, bool]] = {}  # the search ends on a cut it rendered already
+
     def from_turn(start: int) -> tuple[ChatCompletionRequest, bool]:
-        kept = [m for m in messages[:start] if m.role.lower() == "system"] + messages[start:]
-        chat_request = body.model_copy(update={"messages": kept}).chat_request() if start else whole
-        return chat_request, len(chat_request.prompt_token_ids(model.tokenizer)) + room <= model.max_model_len
+        if start not in tried:
+            kept = [m for m in messages[:start] if m.role.lower() == "system"] + messages[start:]
+            chat_request = body.model_copy(update={"messages": kept}).chat_request() if start else whole
+            fits = len(chat_request.prompt_token_ids(model.tokenizer)) + room <= model.max_model_len
+            tried[start] = chat_request, fits
+        return tried[start]
 
     cuts = [i for i in range(1, len(messages)) if messages[i].role.lower() == "user"]
     if not cuts or (await asyncio.to_thread(from_turn, 0))[1]:

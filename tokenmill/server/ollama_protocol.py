@@ -77,7 +77,7 @@ class OllamaRequest(RequestBody):
         return fields
 
     def penalty_window(self) -> int:
-        """options.repeat_last_n (Ollama's default 64) as the penalties' window: 0 none, None the whole context."""
+        """options.repeat_last_n (Ollama's default 64) as the penalties' window: 0 none, -1 the whole context."""
         last_n = (self.options or {}).get("repeat_last_n")
         return penalty_window(64 if last_n is None else last_n, "options.repeat_last_n")  # null: unset
 

@@ -101,7 +101,7 @@ def arguments_object(arguments: str) -> dict:
 
 def parse_tool_calls(text: str, names: tuple[str, ...] = ()) -> tuple[str | None, list[ToolCall]]:
     """The content outside tool-call blocks (None if empty) and the calls; text that does not parse stays content.
-    names: the functions a forced call may name (tool_choice named one, or required any); text cut short is then a
+    names: the functions a forced call may name (required: any of the tools); text cut short is then a
     call cut short."""
     stream = ToolCallStream(names)
     events = stream.feed(text) + stream.finish()
@@ -112,7 +112,7 @@ def parse_tool_calls(text: str, names: tuple[str, ...] = ()) -> tuple[str | None
 class ToolCallStream:
     """Splits streamed text into content deltas (str) and whole calls (ToolCall), holding back a possible tag.
 
-    names: the functions a forced call may name (tool_choice named one, or required any); a block cut off by
+    names: the functions a forced call may name (required: any of the tools); a block cut off by
     max_tokens is then the calls cut short, as OpenAI and vLLM answer them, not the template's tags as content.
     """
 
