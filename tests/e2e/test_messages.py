@@ -128,6 +128,9 @@ def test_count_tokens_is_the_prompt_an_answer_counts(client):
     ({"stop_sequences": [""]}, "stop_sequences"),
     ({"tools": [{**WEATHER, "input_schema": "a city"}]}, "tools[0].input_schema"),
     ({"output_config": {"format": {"type": "xml"}}}, "output_config.format"),
+    # Anthropic's 400s, taken before: a temperature in OpenAI's range past 1, a prefill ending in a space.
+    ({"extra_body": {"temperature": 1.5}}, "temperature"),
+    ({"messages": [*QUESTION, {"role": "assistant", "content": "It is "}]}, "messages[1].content"),
 ])
 def test_what_this_server_cannot_do_is_refused_naming_the_field(client, fields, param):
     with pytest.raises(anthropic.BadRequestError) as refused:

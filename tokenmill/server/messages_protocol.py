@@ -25,7 +25,7 @@ class MessagesRequest(RequestBody):
     system: str | list[dict[str, Any]] | None = None
     stop_sequences: list[str] | None = None
     stream: bool | None = None
-    temperature: float | None = None
+    temperature: float | None = Field(default=None, ge=0, le=1)  # Anthropic's range, not OpenAI's 0 to 2
     top_p: float | None = None
     top_k: int | None = None
     tools: list[dict[str, Any]] | None = None
@@ -55,6 +55,10 @@ class MessagesRequest(RequestBody):
         # As Anthropic: a final assistant turn of text is a prefill, which the answer continues (decided on the turns
         # as converted: one of only thinking is none, and the user's turn must not be left open).
         prefill = bool(messages) and messages[-1]["role"] == "assistant" and not messages[-1].get("tool_calls")
+        text = messages[-1].get("content") if prefill else None
+        if isinstance(text, str) and text != text.rstrip():  # Anthropic's 400: the answer would start mid-token
+            raise InvalidRequestError("final assistant content cannot end with trailing whitespace",
+                                      param=f"messages[{len(self.messages) - 1}].content")
         chat = {
             "model": self.model, "messages": messages, "max_tokens": self.max_tokens,
             "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "stop": self.stop_sequences,
