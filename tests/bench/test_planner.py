@@ -188,12 +188,7 @@ def test_bad_plan_flags_fail_in_one_line(tmp_path, capsys, args, message):
 @pytest.mark.parametrize("damage", [lambda r: r["settings"].pop("max_model_len"), lambda r: r["price"].clear(),
                                     lambda r: r.update(grid=7), lambda r: r["grid"][0].pop("ms")])
 def test_a_hand_edited_profile_missing_a_field_is_one_line(tmp_path, capsys, damage):
-    _write_profile(tmp_path / "p.json", _flat)
-    report = json.loads((tmp_path / "p.json").read_text())
-    damage(report)
-    (tmp_path / "p.json").write_text(json.dumps(report))
-    assert main(["plan", "--profile", str(tmp_path / "p.json"), "--rate", "1", "--ttft-ms", "100"]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
+    err = _plan_damaged(tmp_path, capsys, _flat, damage)
     assert len(err) == 1 and "is a malformed tokenmill profile" in err[0]
 
 
@@ -207,13 +202,18 @@ def test_a_hand_edited_profile_missing_a_field_is_one_line(tmp_path, capsys, dam
     (lambda r: r["settings"].update(num_blocks=0), "settings.num_blocks 0 is not a count"),
 ])
 def test_a_hand_edited_profile_out_of_range_is_one_line(tmp_path, capsys, damage, message):
-    _write_profile(tmp_path / "p.json", _linear)
+    err = _plan_damaged(tmp_path, capsys, _linear, damage)
+    assert len(err) == 1 and message in err[0]
+
+
+def _plan_damaged(tmp_path, capsys, step_ms, damage) -> list[str]:
+    """`plan` on a profile edited by damage: it must exit 1; its stderr lines."""
+    _write_profile(tmp_path / "p.json", step_ms)
     report = json.loads((tmp_path / "p.json").read_text())
     damage(report)
     (tmp_path / "p.json").write_text(json.dumps(report))
     assert main(["plan", "--profile", str(tmp_path / "p.json"), "--rate", "1", "--ttft-ms", "100"]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0]
+    return capsys.readouterr().err.strip().splitlines()
 
 
 def test_a_file_that_is_not_a_profile_is_refused_with_what_to_do(tmp_path, capsys):

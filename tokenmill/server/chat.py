@@ -157,7 +157,7 @@ async def _chunks(body: ChatCompletionRequest, n: int, stream: RequestStream, to
                         yield chunk([{"index": sample.index, "delta": {"reasoning_content": reasoning[sample.index]},
                                       "logprobs": None, "finish_reason": None}])
                     for choice in _tool_choices(sample, parsers[sample.index], tokenizer,
-                                                body.parallel_tool_calls is False, body.tool_mode == "named",
+                                                body.parallel_tool_calls is False,
                                                 body.return_token_ids):
                         yield chunk([choice])
                 continue
@@ -179,9 +179,9 @@ async def _chunks(body: ChatCompletionRequest, n: int, stream: RequestStream, to
 
 
 def _tool_choices(sample: CompletionOutput, parser: ToolCallStream | NamedCallStream, tokenizer: Tokenizer,
-                  single: bool, named: bool, token_ids: bool) -> list[dict]:
+                  single: bool, token_ids: bool) -> list[dict]:
     """One choice delta per parsed event: content, or a call (its id, type and name, then its arguments, as OpenAI);
-    with single (parallel_tool_calls false), the first call alone, as vLLM; named: tool_choice named the function."""
+    with single (parallel_tool_calls false), the first call alone, as vLLM."""
     events = parser.feed(sample.text) + (parser.finish() if sample.finish_reason is not None else [])
     deltas: list[dict] = []
     index = parser.num_calls - sum(isinstance(e, ToolCall) for e in events)  # the first new call's index
@@ -197,7 +197,8 @@ def _tool_choices(sample: CompletionOutput, parser: ToolCallStream | NamedCallSt
         else:
             deltas.append({"content": event})
     finish_reason = sample.finish_reason
-    if finish_reason == "stop" and parser.num_calls and not named:
+    # A named function's call finishes with "stop", as in OpenAI and vLLM.
+    if finish_reason == "stop" and parser.num_calls and not isinstance(parser, NamedCallStream):
         finish_reason = "tool_calls"
     if not deltas and (finish_reason is not None or sample.logprobs or token_ids and sample.token_ids):
         deltas.append({})
